@@ -1,0 +1,49 @@
+"""`rsscale` command line. Each sub-command lives in the module that does the work; that module
+exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their
+command runs, so `rsscale --help` stays fast and optional dependencies stay optional."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "models": ("scaling.config", "list model presets with exact parameter counts and FLOPs"),
+    "data": ("scaling.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
+    "pretrain": ("scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
+    "demo": ("scaling.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
+    "finetune": ("finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
+    "bench": ("benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
+    "profile": ("benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
+    "kernels": ("benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
+    "report": ("reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: rsscale <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`rsscale <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rsscale: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
