@@ -6,37 +6,37 @@ Public API (the model calls only these; signatures are a contract):
     attention(q, k, v)                          -> softmax(q k^T / sqrt(d)) v, q/k/v [B, H, N, Dh]
     set_backend("triton" | "torch"), get_backend()
 
-PLACEHOLDER: torch references only until the Triton kernels land (issue 4).
+The Triton kernels live in fused_layer_norm.py and flash_attention.py, each beside its torch
+reference; dispatch.py decides per call which one runs (Triton on CUDA, the Triton interpreter
+on CPU under TRITON_INTERPRET=1, torch otherwise). Importing this package never imports triton.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-_BACKEND = "torch"
+from kernels.dispatch import get_backend, set_backend, use_triton
+from kernels.dispatch import module as _module
 
-
-def set_backend(name: str) -> None:
-    global _BACKEND
-    if name not in ("torch", "triton"):
-        raise ValueError(f"kernels backend must be 'torch' or 'triton', not {name!r}")
-    _BACKEND = name
-
-
-def get_backend() -> str:
-    return _BACKEND
+__all__ = ["layer_norm", "multi_layer_norm", "attention", "set_backend", "get_backend"]
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    ops = _module("fused_layer_norm")
+    if use_triton(ops, x):
+        return ops.triton_layer_norm(x, weight, bias, eps)
+    return ops.torch_layer_norm(x, weight, bias, eps)
 
 
 def multi_layer_norm(x: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    normed = F.layer_norm(x, x.shape[-1:], None, None, eps)
-    shape = (weights.shape[0],) + (1,) * (x.dim() - 1) + (x.shape[-1],)
-    return normed.unsqueeze(0) * weights.view(shape) + biases.view(shape)
+    ops = _module("fused_layer_norm")
+    if use_triton(ops, x):
+        return ops.triton_multi_layer_norm(x, weights, biases, eps)
+    return ops.torch_multi_layer_norm(x, weights, biases, eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
+    ops = _module("flash_attention")
+    if use_triton(ops, q):
+        return ops.triton_attention(q, k, v)
+    return ops.torch_attention(q, k, v)

@@ -1,0 +1,317 @@
+"""Flash attention (non-causal): softmax(q k^T / sqrt(d)) v without materialising the scores.
+
+Forward: each program owns BLOCK_M queries of one (batch, head) and streams the keys in blocks of
+BLOCK_N, keeping a running max and sum (online softmax, base-2 exponentials); it writes the output
+and the log-sum-exp per query, which is all the backward needs.
+Backward: delta = rowsum(dO * O) (preprocess), then the probabilities are recomputed per block
+from q, k and the saved log-sum-exp: one kernel owns a key block and loops over queries (dk, dv),
+another owns a query block and loops over keys (dq), so no atomics are needed.
+
+Any sequence length (ragged query and key tails are masked) and any head dim up to 256 (the head
+dim is padded to a power of two with masked loads, so 24 or 48 work as well as 64 and 128).
+Windowed attention (ViTDet) is the same call on a batch of windows.
+
+Import note: triton reads TRITON_INTERPRET when the kernels below are decorated, i.e. when this
+module is first imported; kernels/dispatch.py imports it lazily for that reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton: only the torch references below are usable (kernels/dispatch.py)
+    from kernels._no_triton import tl, triton
+
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. q/k/v are [B, H, N, D] with arbitrary strides (s?b, s?h, s?n, s?d); outputs and
+# gradients are contiguous [B, H, N, D] (strides sob...); lse/delta are [B*H, N] fp32.
+# Program axis 1 is b * H + h.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # [B, H, N, D] inputs
+    O,  # [B, H, N, D] output, strides (sob, soh, son, sod)
+    LSE,  # [B*H, N] fp32 log-sum-exp (natural log) of the scaled scores per query
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    H, N, D,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N
+    d_mask = offs_d < D
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: exp(x) = exp2(x * log2 e)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < N
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + bh * N + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # [B, H, N, D] output and its gradient, contiguous
+    Delta,  # [B*H, N] fp32: rowsum(dO * O)
+    sb, sh, sn, sd,
+    H, N, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    offs = b * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # [B, H, N, D] inputs
+    DO,  # [B, H, N, D] output gradient, contiguous
+    DK, DV,  # [B, H, N, D] key/value gradients, contiguous
+    LSE, Delta,  # [B*H, N] fp32 from forward / preprocess
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    H, N, D,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sob + h * soh
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        m_mask = rows < N
+        qd_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * son + offs_d[None, :] * sod, mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + bh * N + rows, mask=m_mask, other=0.0)
+        delta = tl.load(Delta + bh * N + rows, mask=m_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_mask[:, None], p, 0.0)  # padded query rows carry no probability
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
+    out_offs = b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V,  # [B, H, N, D] inputs
+    DO,  # [B, H, N, D] output gradient, contiguous
+    DQ,  # [B, H, N, D] query gradient, contiguous
+    LSE, Delta,  # [B*H, N] fp32 from forward / preprocess
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    H, N, D,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N
+    d_mask = offs_d < D
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    o_offs = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    do = tl.load(DO + o_offs, mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + bh * N + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(Delta + bh * N + offs_m, mask=m_mask, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < N
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)  # padded keys carry no probability
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + o_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"attention expects q, k, v of one shape [B, H, N, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention expects one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"attention head dim {q.shape[-1]} exceeds the kernel's maximum {MAX_HEAD_DIM}")
+
+
+def _config(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes: 128x64 tiles on a GPU (smaller for wide heads), 32x32 under the interpreter
+    so that tests on short sequences still cross block boundaries."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
+
+
+def _bwd_config(head_dim: int, device: torch.device) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+
+
+def attn_forward(q, k, v):
+    """-> (out [B, H, N, D] contiguous, lse [B*H, N] fp32). q, k, v may be strided views."""
+    _check(q, k, v)
+    bsz, heads, n, d = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz * heads, n), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    cfg = _config(d, q.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d,
+        1.0 / math.sqrt(d), **cfg,
+    )
+    return o, lse
+
+
+def attn_backward(do, q, k, v, o, lse):
+    """-> (dq, dk, dv), contiguous. o (contiguous) and do share the output strides."""
+    bsz, heads, n, d = q.shape
+    do = do.contiguous()
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty((bsz * heads, n), dtype=torch.float32, device=q.device)
+    cfg = _bwd_config(d, q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)](
+        o, do, delta, *o.stride(), heads, n, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]
+    )
+    args = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d, 1.0 / math.sqrt(d))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), bsz * heads)](
+        q, k, v, do, dk, dv, lse, delta, *args, **cfg
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)](
+        q, k, v, do, dq, lse, delta, *args, **cfg
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v; saves only the output and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = attn_forward(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return attn_backward(do, q, k, v, o, lse)
+
+
+def triton_attention(q, k, v) -> torch.Tensor:
+    return FlashAttentionFunction.apply(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references (the "torch" backend and the tests' ground truth)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_attention(q, k, v) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def naive_attention(q, k, v) -> torch.Tensor:
+    """Explicit softmax(q k^T / sqrt(d)) v, usable in float64 (the tests' reference)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return scores.softmax(dim=-1) @ v
