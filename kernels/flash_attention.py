@@ -222,6 +222,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"attention expects one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        raise ValueError("bf16 attention needs a GPU: the Triton interpreter computes bf16 dots wrongly; use fp32 or fp16 on CPU")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"attention head dim {q.shape[-1]} exceeds the kernel's maximum {MAX_HEAD_DIM}")
 
