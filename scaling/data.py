@@ -1,0 +1,431 @@
+"""Image-folder pipeline for MAE pretraining: DALI where it runs, a torch DataLoader otherwise.
+
+    loader = build_pretrain_loader("data/synthetic/pretrain", img_size=224, batch_size=64,
+                                   dp_rank=rank, dp_size=world, seed=0)
+    imgs = next(loader)                  # float32 [B, in_chans, img_size, img_size], normalized
+    loader.step, loader.samples, loader.epoch, loader.skipped   # counters
+    state = loader.state_dict(); ...; loader.load_state_dict(state)   # resume
+
+Contract for the trainer (both backends):
+- The loader is infinite: it re-shuffles every epoch and never raises StopIteration, so a trainer
+  just calls `next(loader)` N times. `batch_size` is the per-rank (micro) batch.
+- Augmentation is MAE's: random resized crop (area 0.2-1, aspect 3/4-4/3, bicubic), random
+  horizontal flip, then (x - mean) / std on [0, 1] pixels (ImageNet statistics by default).
+- Data-parallel ranks read disjoint shards. Torch backend: each epoch is one permutation of all
+  files from (seed, epoch); rank r takes positions r, r + dp_size, ... and the last
+  `num_files % dp_size` files of the permutation are dropped for that epoch (every rank sees the
+  same number of samples; a different permutation next epoch means no file is left out for good).
+- Resume. Torch backend: EXACT - sample order and every crop/flip are pure functions of
+  (seed, epoch, file index), so `load_state_dict(state)` or `start_step=k` gives bit-identical
+  batches to an uninterrupted run, with any `num_workers`. DALI backend: NOT exact - DALI's reader
+  shuffles with its own buffer and its augmentation RNG depends on how many samples it has drawn;
+  on resume it is re-seeded from (seed, step) so the stream is fresh, sharded and reproducible
+  for the same (seed, start_step), but not identical to the uninterrupted run. Exact-resume tests
+  use backend="torch".
+- Corrupt files never crash a run: all files are checked up front (cheap: header + PIL verify +
+  the JPEG/PNG end marker, which catches truncation) and bad ones are skipped and counted in
+  `skipped`; the torch backend also survives a decode failure at run time (it substitutes the
+  next good file deterministically and counts it in `decode_failures`).
+- Multi-band TIFFs (e.g. RGB+NIR) are read with tifffile; `in_chans` selects the first bands.
+  Integer pixels are scaled by their dtype's maximum (uint8 / 255, uint16 / 65535).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+TIFF_EXTS = (".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_AREA = (0.2, 1.0)  # MAE's RandomResizedCrop(scale=(0.2, 1.0))
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def log(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def scan_images(root_or_files) -> list[str]:
+    """Sorted image paths under a folder (recursive), or the given list of paths as is."""
+    if isinstance(root_or_files, (list, tuple)):
+        return [os.fspath(p) for p in root_or_files]
+    root = os.fspath(root_or_files)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTS)]
+    return found
+
+
+def _has_end_marker(path: str) -> bool:
+    """JPEG must end with EOI (FFD9), PNG with the IEND chunk: a cheap test for truncated files."""
+    lower = path.lower()
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 16))
+        tail = f.read()
+    if lower.endswith((".jpg", ".jpeg")):
+        return b"\xff\xd9" in tail[-4:]  # some writers pad after EOI with a byte or two
+    if lower.endswith(".png"):
+        return b"IEND" in tail
+    return True
+
+
+def image_bands(path: str) -> int:
+    """Number of bands of a readable image (raises on anything unreadable); header-only reads."""
+    if path.lower().endswith(TIFF_EXTS):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return _band_count(series.shape, series.axes)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    if not _has_end_marker(path):
+        raise OSError("file is truncated")
+    return 3  # PIL images are converted to RGB
+
+
+def validate_images(files: list[str], in_chans: int = 3) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split files into (good, [(bad path, why)]); a file with fewer than in_chans bands is bad."""
+    good, bad = [], []
+    for i, path in enumerate(files):
+        try:
+            bands = image_bands(path)
+            if bands < in_chans:
+                raise ValueError(f"has {bands} bands, in_chans={in_chans} needs more")
+            good.append(path)
+        except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
+            bad.append((path, f"{type(e).__name__}: {e}"))
+        if (i + 1) % 20000 == 0:
+            log(f"checked {i + 1}/{len(files)} files ({len(bad)} bad so far)")
+    return good, bad
+
+
+def _band_count(shape, axes: str) -> int:
+    if len(shape) == 2:
+        return 1
+    return shape[-1] if axes.endswith("S") else shape[0]
+
+
+def read_image(path: str, in_chans: int = 3) -> np.ndarray:
+    """HxWxC array (uint8/uint16/float) with the first in_chans bands; TIFFs via tifffile."""
+    if path.lower().endswith(TIFF_EXTS):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        elif not axes.endswith("S"):
+            arr = np.moveaxis(arr, 0, -1)  # band-first (planar or one page per band) -> HWC
+        if arr.shape[-1] < in_chans:
+            raise ValueError(f"{path} has {arr.shape[-1]} bands, in_chans={in_chans} needs more")
+        if arr.shape[-1] == 1 and in_chans == 3:
+            arr = np.repeat(arr, 3, axis=-1)
+        return arr[:, :, :in_chans]
+    from PIL import Image
+
+    if in_chans != 3:
+        raise ValueError(f"{path} is an RGB image format; in_chans={in_chans} needs TIFFs")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def to_unit_float(arr: np.ndarray) -> torch.Tensor:
+    """HWC array -> float32 CHW tensor in [0, 1] (integers scaled by their dtype's maximum)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if np.issubdtype(arr.dtype, np.integer):
+        return t.float() / float(np.iinfo(arr.dtype).max)
+    return t.float()
+
+
+def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet mean/std for RGB; extra bands (NIR, ...) get the RGB average until measured."""
+    mean = IMAGENET_MEAN[:in_chans] + (sum(IMAGENET_MEAN) / 3,) * max(0, in_chans - 3)
+    std = IMAGENET_STD[:in_chans] + (sum(IMAGENET_STD) / 3,) * max(0, in_chans - 3)
+    return mean, std
+
+
+# ----------------------------------------------------------------------------- sharding + augmentation
+
+
+class ShardPlan:
+    """Which file a rank reads at stream position `pos` (one permutation per epoch)."""
+
+    def __init__(self, num_files: int, dp_rank: int, dp_size: int, seed: int):
+        self.num_files, self.dp_rank, self.dp_size, self.seed = num_files, dp_rank, dp_size, seed
+        self.per_rank = num_files // dp_size
+        self._perm_epoch, self._perm = -1, None
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(epoch, file index) of this rank's pos-th sample."""
+        epoch, offset = divmod(pos, self.per_rank)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_files)
+            self._perm_epoch = epoch
+        return epoch, int(self._perm[offset * self.dp_size + self.dp_rank])
+
+
+def crop_params(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: torchvision's RandomResizedCrop rule."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_AREA)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    ratio = width / height  # fallback: the largest centred crop inside the ratio range
+    if ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment(arr: np.ndarray, rng: np.random.Generator, img_size: int,
+            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Random resized crop + horizontal flip + normalize: HWC array -> [C, img_size, img_size]."""
+    top, left, h, w = crop_params(rng, arr.shape[0], arr.shape[1])
+    x = to_unit_float(arr[top:top + h, left:left + w])[None]
+    x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False,
+                      antialias=True)[0].clamp_(0, 1)
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+class _StreamDataset(torch.utils.data.Dataset):
+    """Sample at a rank's stream position; pure function of (seed, epoch, file index)."""
+
+    def __init__(self, files, plan: ShardPlan, img_size, in_chans, mean, std):
+        self.files, self.plan, self.img_size, self.in_chans = files, plan, img_size, in_chans
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+
+    def __getitem__(self, pos: int):
+        epoch, index = self.plan.locate(pos)
+        for failures in range(len(self.files)):
+            path = self.files[(index + failures) % len(self.files)]
+            try:
+                arr = read_image(path, self.in_chans)
+            except Exception as e:  # noqa: BLE001 - a bad file must not stop training
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+                continue
+            rng = np.random.default_rng([self.plan.seed, epoch, index])
+            return augment(arr, rng, self.img_size, self.mean, self.std), failures
+        raise RuntimeError("no image in the dataset can be decoded")
+
+
+class _Positions(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class PretrainLoader:
+    """Infinite batch iterator of one data-parallel rank (see the module docstring)."""
+
+    backend = "torch"
+
+    def __init__(self, files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, mean, std,
+                 num_workers, device, start_step, skipped):
+        self.files, self.img_size, self.batch_size = files, img_size, batch_size
+        self.plan = ShardPlan(len(files), dp_rank, dp_size, seed)
+        self.in_chans, self.mean, self.std = in_chans, mean, std
+        self.num_workers, self.device = num_workers, torch.device(device)
+        self.skipped, self.decode_failures = skipped, 0
+        self.step = start_step
+        self._it = None
+
+    @property
+    def samples(self) -> int:
+        """Samples this rank has returned since step 0."""
+        return self.step * self.batch_size
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epoch over this rank's shard."""
+        return self.samples / self.plan.per_rank
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.plan.seed, "dp_rank": self.plan.dp_rank,
+                "dp_size": self.plan.dp_size, "num_files": len(self.files), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "dp_size", "num_files", "batch_size") if state.get(k, mine[k]) != mine[k]]
+        if changed:
+            warnings.warn(f"resuming data loader with changed {changed}: the batch stream will differ")
+        self.step, self._it = int(state["step"]), None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._start(self.step * self.batch_size)
+        batch = next(self._it)
+        self.step += 1
+        return batch
+
+    def _start(self, pos: int):
+        dataset = _StreamDataset(self.files, self.plan, self.img_size, self.in_chans, self.mean, self.std)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, sampler=_Positions(pos), num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for imgs, failures in loader:
+            self.decode_failures += int(failures.sum())
+            yield imgs.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- DALI backend
+
+
+class _TiffSource:
+    """DALI external_source callback: the rank's pos-th TIFF as float32 HWC in [0, 1]."""
+
+    def __init__(self, files, plan: ShardPlan, in_chans: int, batch_size: int, start: int):
+        self.files, self.plan, self.in_chans, self.batch_size, self.start = files, plan, in_chans, batch_size, start
+
+    def __call__(self, info):
+        _, index = self.plan.locate(self.start + info.iteration * self.batch_size + info.idx_in_batch)
+        arr = read_image(self.files[index], self.in_chans)
+        return to_unit_float(arr).permute(1, 2, 0).contiguous().numpy()
+
+
+class DaliPretrainLoader(PretrainLoader):
+    """The same contract on a DALI pipeline: readers.file + decoders.image_random_crop (GPU
+    "mixed" decode when device is cuda) for JPEG/PNG; tifffile through external_source for TIFFs
+    (multi-band). Resume is reproducible but not identical to an uninterrupted run (module doc)."""
+
+    backend = "dali"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        gen = self._start(self.step * self.batch_size)
+        self._it = itertools.chain([next(gen)], gen)  # build and run once now so "auto" can fall back
+
+    def _pipeline(self, pos: int):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        gpu = self.device.type == "cuda"
+        plan = self.plan
+        # One reader seed for all ranks keeps the shards disjoint; augmentation seeds differ per rank.
+        reader_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size]).integers(2**31))
+        aug_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size, plan.dp_rank]).integers(2**31))
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers),
+                        device_id=torch.cuda.current_device() if gpu else None, seed=aug_seed)
+        scale = 255.0
+        with pipe:
+            if any(f.lower().endswith(TIFF_EXTS) for f in self.files):
+                images = fn.external_source(source=_TiffSource(self.files, plan, self.in_chans, self.batch_size, pos),
+                                            batch=False, layout="HWC", dtype=types.FLOAT)
+                images = images.gpu() if gpu else images
+                images = fn.random_resized_crop(images, size=(self.img_size, self.img_size),
+                                                random_area=CROP_AREA, random_aspect_ratio=CROP_RATIO,
+                                                interp_type=types.INTERP_CUBIC, antialias=True)
+                scale = 1.0
+            else:
+                order = np.random.default_rng(reader_seed).permutation(len(self.files))
+                encoded, _ = fn.readers.file(files=[self.files[i] for i in order], shard_id=plan.dp_rank,
+                                             num_shards=plan.dp_size, shuffle_after_epoch=True,
+                                             seed=reader_seed, name="Reader")
+                images = fn.decoders.image_random_crop(encoded, device="mixed" if gpu else "cpu",
+                                                       output_type=types.RGB, random_area=CROP_AREA,
+                                                       random_aspect_ratio=CROP_RATIO, num_attempts=10)
+                images = fn.resize(images, resize_x=self.img_size, resize_y=self.img_size,
+                                   interp_type=types.INTERP_CUBIC, antialias=True)
+            out = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                           mean=[m * scale for m in self.mean], std=[s * scale for s in self.std],
+                                           mirror=fn.random.coin_flip())
+            pipe.set_outputs(out)
+        pipe.build()
+        return pipe
+
+    def _start(self, pos: int):
+        pipe = self._pipeline(pos)
+        while True:
+            (out,) = pipe.run()
+            tensor = out.as_tensor()
+            if self.device.type == "cuda":
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+
+                batch = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+                feed_ndarray(tensor, batch, cuda_stream=torch.cuda.current_stream())
+            else:
+                batch = torch.from_numpy(np.array(tensor))
+            yield batch
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank: int = 0,
+                          dp_size: int = 1, seed: int = 0, backend: str = "auto",
+                          num_workers: int = 2, device: str = "cpu", in_chans: int = 3,
+                          mean=None, std=None, start_step: int = 0, validate: bool = True):
+    """Infinite, sharded, resumable iterator of normalized [B, in_chans, img_size, img_size] batches.
+
+    backend "auto" tries DALI and falls back to torch with one warning line; "dali" raises if DALI
+    cannot run; "torch" never touches DALI. See the module docstring for the full contract.
+    """
+    if backend not in ("auto", "dali", "torch"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', not {backend!r}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+    if img_size < 1 or batch_size < 1:
+        raise ValueError(f"img_size and batch_size must be positive, got {img_size} and {batch_size}")
+    files = scan_images(root_or_files)
+    skipped = 0
+    if validate:
+        files, bad = validate_images(files, in_chans)
+        skipped = len(bad)
+        for path, why in bad[:5]:
+            log(f"skipping {path}: {why}")
+    if skipped:
+        log(f"skipped {skipped} unreadable image(s); {len(files)} usable")
+    if len(files) < dp_size:
+        raise ValueError(f"{len(files)} usable images cannot be sharded over {dp_size} data-parallel ranks")
+    if mean is None or std is None:
+        mean, std = default_stats(in_chans)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"mean/std need {in_chans} values (one per band), got {len(mean)}/{len(std)}")
+    args = (files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, tuple(mean), tuple(std),
+            num_workers, device, start_step, skipped)
+    if backend != "torch":
+        try:
+            return DaliPretrainLoader(*args)
+        except Exception as e:  # noqa: BLE001 - any DALI failure means "use the torch pipeline"
+            if backend == "dali":
+                raise
+            log(f"WARNING: DALI pipeline unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "using the torch DataLoader pipeline")
+    return PretrainLoader(*args)
