@@ -1,0 +1,356 @@
+"""Readers for the fine-tuning benchmarks' native formats, and DOTA's patch split/merge.
+
+Every dataset returns `(image, target)`: `image` a uint8 tensor [3, H, W]; `target` a dict.
+- Detection (DOTA, DIOR-R): `polys` float32 [K, 8] (corner points as annotated), `boxes` float32
+  [K, 5] (their le90 minimum-area rectangles, see finetune.rotated), `labels` int64 [K],
+  `difficult` bool [K], `image_id` str.
+- Segmentation (LoveDA, Potsdam): `mask` int64 [H, W] with class indices and `ignore_index`
+  (255) for pixels that do not count, `image_id` str.
+No torchvision: images are read with Pillow (PNG/JPEG) or tifffile (TIFF).
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from finetune.rotated import (batched_rotated_nms, convex_intersection_points, hull_area,
+                              min_area_rect, obb_to_poly, poly_area, poly_to_obb)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+DOTA_V1_CLASSES = (
+    "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle",
+    "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
+    "harbor", "swimming-pool", "helicopter",
+)
+DOTA_V2_CLASSES = DOTA_V1_CLASSES + ("container-crane", "airport", "helipad")
+DIOR_CLASSES = (
+    "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney",
+    "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",
+    "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation",
+    "vehicle", "windmill",
+)
+LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
+POTSDAM_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
+POTSDAM_COLOURS = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
+POTSDAM_BOUNDARY = (0, 0, 0)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+# --------------------------------------------------------------------------- image files
+def read_image(path) -> torch.Tensor:
+    """An RGB image file (PNG/JPEG/TIFF) -> uint8 tensor [3, H, W]; extra bands (e.g. IR) dropped."""
+    arr = _read_array(path)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] < 3:
+        raise ValueError(f"{path}: expected an RGB image, got an array of shape {arr.shape}.")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{path}: expected 8-bit pixels, got {arr.dtype}.")
+    return torch.from_numpy(np.ascontiguousarray(arr[..., :3].transpose(2, 0, 1)))
+
+
+def _read_array(path) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such image file: {path}.")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return np.asarray(tifffile.imread(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "RGB", "RGBA", "I;16"):
+            im = im.convert("RGB")
+        return np.asarray(im if im.mode != "P" else im.convert("RGB"))
+
+
+def _find_image(folder: Path, stem: str) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if cand.exists():
+                return cand
+    raise FileNotFoundError(f"no image named {stem}.* ({'/'.join(IMAGE_SUFFIXES)}) in {folder}.")
+
+
+# --------------------------------------------------------------------------- detection readers
+@dataclass(frozen=True)
+class DotaObject:
+    """One annotated object: 4 corners (x1, y1, ..., x4, y4), class name, difficult flag."""
+
+    poly: tuple
+    cls: str
+    difficult: bool = False
+
+
+def read_dota_label_file(path) -> list[DotaObject]:
+    """Parse one DOTA labelTxt file: optional `imagesource:`/`gsd:` header lines, then
+    `x1 y1 x2 y2 x3 y3 x4 y4 class difficult` per object (difficult may be missing: 0)."""
+    objects = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or (len(parts) == 1 and ":" in parts[0]) or line.startswith(("imagesource", "gsd")):
+            continue
+        if len(parts) not in (9, 10):
+            raise ValueError(f"{path}:{n}: expected 'x1 y1 ... x4 y4 class [difficult]', got {line!r}.")
+        try:
+            poly = tuple(float(v) for v in parts[:8])
+        except ValueError:
+            raise ValueError(f"{path}:{n}: corner coordinates must be numbers, got {line!r}.") from None
+        objects.append(DotaObject(poly, parts[8], len(parts) == 10 and parts[9] not in ("0", "0.0")))
+    return objects
+
+
+def read_dota_labels(folder, image_ids=None) -> dict[str, list[DotaObject]]:
+    """A labelTxt folder -> {image id: [DotaObject]} (all `*.txt`, or only `image_ids`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no labelTxt folder at {folder}.")
+    paths = [folder / f"{i}.txt" for i in image_ids] if image_ids is not None else sorted(folder.glob("*.txt"))
+    return {p.stem: read_dota_label_file(p) for p in paths}
+
+
+def read_dior_xml(path) -> list[DotaObject]:
+    """Parse one DIOR-R annotation (Pascal-VOC-like XML): each `object` has a `robndbox` with the
+    corner points x/y_left_top, _right_top, _right_bottom, _left_bottom (in that polygon order)."""
+    root = ET.parse(path).getroot()
+    objects = []
+    for obj in root.iter("object"):
+        box = obj.find("robndbox")
+        if box is None:
+            raise ValueError(f"{path}: an object has no <robndbox> (not a DIOR-R oriented annotation).")
+        try:
+            poly = tuple(float(box.find(f"{ax}_{corner}").text)
+                         for corner in ("left_top", "right_top", "right_bottom", "left_bottom") for ax in "xy")
+        except AttributeError:
+            raise ValueError(f"{path}: a <robndbox> lacks one of its 8 corner coordinates.") from None
+        difficult = obj.findtext("difficult", "0").strip() not in ("0", "")
+        objects.append(DotaObject(poly, obj.findtext("name").strip(), difficult))
+    return objects
+
+
+def objects_to_target(objects: list[DotaObject], classes, image_id: str) -> dict:
+    """DotaObjects -> the detection target dict (see module doc)."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({o.cls for o in objects} - set(index))
+    if unknown:
+        raise ValueError(f"{image_id}: classes {unknown} are not in the dataset's class list.")
+    polys = torch.tensor([o.poly for o in objects], dtype=torch.float32).reshape(-1, 8)
+    return {
+        "polys": polys,
+        "boxes": poly_to_obb(polys),
+        "labels": torch.tensor([index[o.cls] for o in objects], dtype=torch.int64),
+        "difficult": torch.tensor([o.difficult for o in objects], dtype=torch.bool),
+        "image_id": image_id,
+    }
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images in `image_dir` named by id, with objects from `read_objects(image_id)`."""
+
+    def __init__(self, image_dir, ids, read_objects, classes):
+        self.image_dir, self.ids, self.classes = Path(image_dir), list(ids), tuple(classes)
+        self.read_objects = read_objects
+        if not self.ids:
+            raise ValueError(f"no annotated images for {image_dir}.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        image_id = self.ids[i]
+        image = read_image(_find_image(self.image_dir, image_id))
+        return image, objects_to_target(self.read_objects(image_id), self.classes, image_id)
+
+
+def DotaDataset(image_dir, label_dir, classes=DOTA_V1_CLASSES, image_ids=None) -> DetectionDataset:
+    """DOTA in its native layout: `images/<id>.png` and `labelTxt/<id>.txt`. Use `split_image`
+    for 1024-px training patches."""
+    labels = read_dota_labels(label_dir, image_ids)
+    return DetectionDataset(image_dir, labels, labels.__getitem__, classes)
+
+
+def DiorRDataset(image_dir, ann_dir, classes=DIOR_CLASSES, image_ids=None) -> DetectionDataset:
+    """DIOR-R: JPEG images and oriented-box XML files (`<id>.jpg`, `<id>.xml`; folders may be equal)."""
+    ann_dir = Path(ann_dir)
+    ids = list(image_ids) if image_ids is not None else sorted(p.stem for p in ann_dir.glob("*.xml"))
+    return DetectionDataset(image_dir, ids, lambda i: read_dior_xml(ann_dir / f"{i}.xml"), classes)
+
+
+# --------------------------------------------------------------------------- segmentation readers
+def loveda_mask(raw: np.ndarray) -> np.ndarray:
+    """LoveDA mask values -> class indices: 0 (no-data) -> ignore, 1..7 -> 0..6."""
+    if raw.ndim != 2:
+        raise ValueError(f"a LoveDA mask has one channel, got shape {raw.shape}.")
+    if raw.max(initial=0) > 7:
+        raise ValueError(f"LoveDA mask values must be in 0..7, got {raw.max()}.")
+    out = raw.astype(np.int64) - 1
+    out[raw == 0] = IGNORE_INDEX
+    return out
+
+
+def potsdam_mask(raw: np.ndarray, clutter: bool = True, strict: bool = True) -> np.ndarray:
+    """Potsdam label tile -> class indices.
+
+    Colour tiles [H, W, 3] use the ISPRS colours (POTSDAM_COLOURS, in POTSDAM_CLASSES order);
+    boundary (0, 0, 0) is ignored. Index tiles [H, W] use mmseg's converted format: 0 = boundary
+    (ignored), 1..6 = the classes. With `clutter=False`, clutter pixels are ignored too (5 classes).
+    Unknown colours are an error with `strict`, else ignored.
+    """
+    if raw.ndim == 2:
+        out = raw.astype(np.int64) - 1
+        if out.max(initial=0) > 5:
+            raise ValueError(f"Potsdam index labels must be in 0..6, got {raw.max()}.")
+        out[raw == 0] = IGNORE_INDEX
+    elif raw.ndim == 3 and raw.shape[-1] >= 3:
+        rgb = raw[..., :3].astype(np.int64)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        out = np.full(code.shape, -1, dtype=np.int64)
+        for idx, (r, g, b) in enumerate(POTSDAM_COLOURS):
+            out[code == (r << 16 | g << 8 | b)] = idx
+        out[code == 0] = IGNORE_INDEX
+        bad = out < 0
+        if bad.any():
+            if strict:
+                y, x = np.argwhere(bad)[0]
+                raise ValueError(f"{int(bad.sum())} label pixels have colours outside the Potsdam table, "
+                                 f"e.g. {tuple(int(v) for v in rgb[y, x])} at ({x}, {y}).")
+            out[bad] = IGNORE_INDEX
+    else:
+        raise ValueError(f"a Potsdam label tile is [H, W] or [H, W, 3], got shape {raw.shape}.")
+    if not clutter:
+        out[out == 5] = IGNORE_INDEX
+    return out
+
+
+class SegFolderDataset(torch.utils.data.Dataset):
+    """Image tiles and label tiles in two folders, paired by name: `image_dir/<stem><suffix>`
+    with `label_dir/<stem'><suffix>` where stem' = stem with `image_tag` replaced by `label_tag`
+    (e.g. Potsdam's `..._RGB.tif` / `..._label.tif`, mmseg's `_img` / `_label`)."""
+
+    def __init__(self, image_dir, label_dir, convert, image_tag: str = "", label_tag: str = ""):
+        self.image_dir, self.label_dir, self.convert = Path(image_dir), Path(label_dir), convert
+        self.image_tag, self.label_tag = image_tag, label_tag
+        self.images = sorted(p for p in self.image_dir.iterdir()
+                             if p.suffix.lower() in IMAGE_SUFFIXES and image_tag in p.stem)
+        if not self.images:
+            raise ValueError(f"no image tiles in {image_dir}.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        path = self.images[i]
+        stem = path.stem.replace(self.image_tag, self.label_tag) if self.image_tag else path.stem
+        mask = self.convert(_read_array(_find_image(self.label_dir, stem)))
+        image = read_image(path)
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"{path.name}: label size {mask.shape} differs from image size {tuple(image.shape[1:])}.")
+        return image, {"mask": torch.from_numpy(mask), "image_id": path.stem}
+
+
+def LoveDADataset(root) -> SegFolderDataset:
+    """LoveDA split folder with `images_png/` (or `img/`) and `masks_png/` (or `mask/`); 7 classes."""
+    root = Path(root)
+    pick = lambda *names: next((root / n for n in names if (root / n).is_dir()), root / names[0])  # noqa: E731
+    return SegFolderDataset(pick("images_png", "img"), pick("masks_png", "mask"), loveda_mask)
+
+
+def PotsdamDataset(image_dir, label_dir, clutter: bool = True, image_tag: str = "_RGB",
+                   label_tag: str = "_label", strict: bool = True) -> SegFolderDataset:
+    """Potsdam tiles (RGB TIFF/PNG) with colour-coded or index labels; 6 classes, 5 without clutter."""
+    return SegFolderDataset(image_dir, label_dir, lambda raw: potsdam_mask(raw, clutter, strict),
+                            image_tag, label_tag)
+
+
+# --------------------------------------------------------------------------- DOTA split / merge
+class Patch(NamedTuple):
+    image: torch.Tensor  # [C, patch, patch], zero-padded at the right/bottom edges
+    target: dict  # polys/boxes/labels/difficult in patch coordinates
+    offset: tuple  # (x0, y0) of the patch in the image
+
+
+def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
+    """Patch origins along one axis, like DOTA_devkit's ImgSplit: step patch - overlap, the last
+    patch moved back to end at the image border (one patch at 0 for small images)."""
+    if not 0 <= overlap < patch:
+        raise ValueError(f"overlap must be in [0, patch), got overlap={overlap}, patch={patch}.")
+    starts, s = [], 0
+    while True:
+        if s + patch >= size:
+            starts.append(max(size - patch, 0))
+            return starts
+        starts.append(s)
+        s += patch - overlap
+
+
+def split_image(image: torch.Tensor, objects: dict, patch: int = 1024, overlap: int = 200,
+                keep_thr: float = 0.7) -> list[Patch]:
+    """Cut a large image [C, H, W] and its objects (a detection target dict) into overlapping
+    patches, following DOTA_devkit's ImgSplit rule: an object is kept in a patch when the patch
+    covers >= keep_thr of its area; a partly covered kept object becomes the minimum-area rectangle
+    of its part inside the patch and is marked difficult; fully covered objects are unchanged.
+    Patches without objects are returned too (the caller decides whether to train on them)."""
+    if image.dim() != 3:
+        raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}.")
+    _, h, w = image.shape
+    polys = objects["polys"].to(torch.float64).reshape(-1, 4, 2)
+    areas = poly_area(polys.flatten(1))
+    patches = []
+    for y0 in patch_starts(h, patch, overlap):
+        for x0 in patch_starts(w, patch, overlap):
+            crop = image[:, y0:y0 + patch, x0:x0 + patch]
+            canvas = image.new_zeros(image.shape[0], patch, patch)
+            canvas[:, :crop.shape[1], :crop.shape[2]] = crop
+            patches.append(Patch(canvas, _objects_in_window(objects, polys, areas, x0, y0, patch, keep_thr), (x0, y0)))
+    return patches
+
+
+def _objects_in_window(objects, polys, areas, x0, y0, patch, keep_thr) -> dict:
+    k = polys.shape[0]
+    rect = polys.new_tensor([[x0, y0], [x0 + patch, y0], [x0 + patch, y0 + patch], [x0, y0 + patch]])
+    pts, valid = convex_intersection_points(polys, rect.expand(k, 4, 2))
+    ratio = hull_area(pts, valid) / areas.clamp_min(1e-12)  # exact covered fraction
+    clipped = min_area_rect(pts, valid)  # [K, 5], used for partly covered objects
+    full = ratio >= 1 - 1e-6
+    keep = (ratio >= keep_thr) & (valid.sum(1) >= 3)
+    new = torch.where(full[:, None], polys.flatten(1), obb_to_poly(clipped))
+    new = new.reshape(-1, 4, 2) - new.new_tensor([x0, y0])
+    new = torch.minimum(new.clamp_min(0), new.new_tensor(float(patch)))[keep].flatten(1).float()
+    return {
+        "polys": new,
+        "boxes": poly_to_obb(new),
+        "labels": objects["labels"][keep],
+        "difficult": (objects["difficult"] | ~full)[keep],
+        "image_id": f"{objects.get('image_id', 'image')}__{x0}__{y0}",
+    }
+
+
+def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1) -> dict:
+    """Map per-patch detections ({"boxes" [K, 5], "scores" [K], "labels" [K]}) back to image
+    coordinates by their patch offsets (x0, y0), then class-wise rotated NMS over the whole image
+    (the duplicates come from overlapping patches; 0.1 is the usual DOTA merge threshold)."""
+    if len(patch_dets) != len(offsets):
+        raise ValueError(f"got {len(patch_dets)} patch results but {len(offsets)} offsets.")
+    boxes, scores, labels = [], [], []
+    for dets, (x0, y0) in zip(patch_dets, offsets):
+        b = dets["boxes"].clone()
+        b[:, 0] += x0
+        b[:, 1] += y0
+        boxes.append(b)
+        scores.append(dets["scores"])
+        labels.append(dets["labels"])
+    if not boxes:
+        return {"boxes": torch.zeros(0, 5), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_rotated_nms(boxes, scores, labels, nms_iou)
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -1,0 +1,267 @@
+"""Evaluation metrics: DOTA-style rotated-detection mAP and semantic-segmentation scores.
+
+Detection follows DOTA's official Task1 evaluator (`dota_evaluation_task1.py`) by default:
+per class, detections sorted by score are matched greedily to the ground truth of their image
+with polygon IoU > 0.5 (strict); a detection matching an already-matched object is a false
+positive; difficult objects are not positives, and a detection whose best match is difficult is
+neither a true nor a false positive; AP is VOC07 11-point (or all-point) and mAP is the mean over
+all evaluated classes (a class without non-difficult ground truth scores 0, as in the official
+script with its fixed class list).
+
+`mode="mmrotate"` reproduces mmrotate's numbers instead: IoU of the minimum-area rotated
+rectangles, match at IoU >= threshold, difficult objects counted as ordinary ones, and the mean
+taken only over classes that have ground truth.
+
+Formats: detections are `{class: [(image_id, score, [x1, y1, ..., x4, y4]), ...]}`, the content
+of a DOTA Task1 submission (a folder of `Task1_<class>.txt` with lines
+`image score x1 y1 ... x4 y4`); ground truth is `{image_id: [DotaObject, ...]}` as read from a
+labelTxt folder by `finetune.datasets.read_dota_labels`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.datasets import DotaObject, read_dota_labels
+from finetune.rotated import poly_iou, poly_to_obb, rotated_iou
+
+MODES = ("dota", "mmrotate")
+
+
+# --------------------------------------------------------------------------- submission format
+def read_dota_submission(folder) -> dict[str, list[tuple[str, float, list[float]]]]:
+    """Read a DOTA Task1 submission folder (`Task1_<class>.txt`) into {class: [(image, score, poly)]}."""
+    folder = Path(folder)
+    files = sorted(folder.glob("Task1_*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no Task1_<class>.txt files in {folder}.")
+    dets = {}
+    for path in files:
+        cls = path.stem[len("Task1_"):]
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 10:
+                raise ValueError(f"{path}:{n}: expected 'image score x1 y1 ... x4 y4' (10 fields), got {len(parts)}.")
+            rows.append((parts[0], float(parts[1]), [float(v) for v in parts[2:]]))
+        dets[cls] = rows
+    return dets
+
+
+def write_dota_submission(dets: dict, folder) -> list[Path]:
+    """Write {class: [(image, score, poly)]} as a DOTA Task1 submission folder; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cls, rows in sorted(dets.items()):
+        path = folder / f"Task1_{cls}.txt"
+        lines = [f"{img} {score:.6g} " + " ".join(f"{v:.1f}" for v in poly) for img, score, poly in rows]
+        path.write_text("".join(line + "\n" for line in lines))
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- AP
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
+    """Area under the precision/recall curve: VOC07 11-point interpolation (max precision at
+    recall >= 0, 0.1, ..., 1) or all-point (area under the monotone precision envelope)."""
+    recall, precision = np.asarray(recall, float), np.asarray(precision, float)
+    if use_07_metric:
+        return float(sum(
+            (precision[recall >= t].max() if (recall >= t).any() else 0.0) / 11
+            for t in np.linspace(0, 1, 11)
+        ))
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    step = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(((mrec[step + 1] - mrec[step]) * mpre[step + 1]).sum())
+
+
+def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric: bool = True,
+                  mode: str = "dota", classes=None, ignore_difficult: bool | None = None) -> dict:
+    """Rotated-detection mAP (see the module doc for the rules of each mode).
+
+    detections: {class: [(image, score, poly8)]} or a Task1 submission folder.
+    ground_truth: {image: [DotaObject]} or a DOTA labelTxt folder.
+    classes: classes to evaluate (default: every class in the ground truth or the detections).
+    ignore_difficult: override the mode's handling of difficult objects.
+    Returns {"mAP": float, "classes": {class: {"ap", "num_gt", "num_dets", "tp", "fp",
+    "recall", "precision"}}} with recall/precision those at the last detection.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if isinstance(detections, (str, Path)):
+        detections = read_dota_submission(detections)
+    if isinstance(ground_truth, (str, Path)):
+        ground_truth = read_dota_labels(ground_truth)
+    unknown = {img for rows in detections.values() for img, _, _ in rows} - set(ground_truth)
+    if unknown:
+        raise ValueError(f"detections name {len(unknown)} images without ground truth, e.g. {sorted(unknown)[0]!r}.")
+    if ignore_difficult is None:
+        ignore_difficult = mode == "dota"
+    if classes is None:
+        classes = sorted({o.cls for objs in ground_truth.values() for o in objs} | set(detections))
+    per_class = {
+        cls: _evaluate_class(detections.get(cls, []), ground_truth, cls, iou_thr, use_07_metric,
+                             mode, ignore_difficult)
+        for cls in classes
+    }
+    if mode == "dota":
+        aps = [r["ap"] for r in per_class.values()]
+    else:
+        aps = [r["ap"] for r in per_class.values() if r["num_gt"] > 0]
+    return {"mAP": float(np.mean(aps)) if aps else float("nan"), "classes": per_class}
+
+
+def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignore_difficult) -> dict:
+    gts = {}
+    for img, objs in ground_truth.items():
+        mine = [o for o in objs if o.cls == cls]
+        polys = np.array([o.poly for o in mine], dtype=np.float64).reshape(-1, 8)
+        difficult = np.array([o.difficult and ignore_difficult for o in mine], dtype=bool)
+        gts[img] = (polys, difficult)
+    npos = int(sum((~d).sum() for _, d in gts.values()))
+
+    order = sorted(range(len(dets)), key=lambda k: -dets[k][1])  # stable for equal scores
+    dets = [dets[k] for k in order]
+    ious = _ious_by_image(dets, gts, mode)
+    matched = {img: np.zeros(len(p), dtype=bool) for img, (p, _) in gts.items()}
+    tp = np.zeros(len(dets))
+    fp = np.zeros(len(dets))
+    for k, (img, _, _) in enumerate(dets):
+        iou = ious[k]
+        difficult = gts[img][1]
+        if iou.size == 0:
+            fp[k] = 1
+            continue
+        j = int(iou.argmax())
+        hit = iou[j] > iou_thr if mode == "dota" else iou[j] >= iou_thr
+        if not hit:
+            fp[k] = 1
+        elif difficult[j]:
+            continue  # neither true nor false positive
+        elif matched[img][j]:
+            fp[k] = 1
+        else:
+            tp[k] = 1
+            matched[img][j] = True
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    if npos == 0:
+        ap = 0.0 if mode == "dota" else float("nan")
+        recall = np.zeros_like(tp)
+    else:
+        recall = tp / npos
+        ap = voc_ap(recall, tp / np.maximum(tp + fp, np.finfo(np.float64).eps), use_07_metric)
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return {
+        "ap": ap, "num_gt": npos, "num_dets": len(dets),
+        "tp": int(tp[-1]) if len(dets) else 0, "fp": int(fp[-1]) if len(dets) else 0,
+        "recall": float(recall[-1]) if len(dets) else 0.0,
+        "precision": float(precision[-1]) if len(dets) else 0.0,
+    }
+
+
+def _ious_by_image(dets, gts, mode) -> list[np.ndarray]:
+    """IoU of each (score-sorted) detection with every object of its image, one batched call per image."""
+    by_image: dict[str, list[int]] = {}
+    for k, (img, _, _) in enumerate(dets):
+        by_image.setdefault(img, []).append(k)
+    out: list[np.ndarray] = [np.zeros(0)] * len(dets)
+    for img, ks in by_image.items():
+        g = torch.from_numpy(gts[img][0])
+        if len(g) == 0:
+            continue
+        d = torch.tensor([dets[k][2] for k in ks], dtype=torch.float64)
+        if mode == "dota":
+            m = poly_iou(d, g)
+        else:
+            m = rotated_iou(poly_to_obb(d), poly_to_obb(g))
+        for row, k in enumerate(ks):
+            out[k] = m[row].numpy()
+    return out
+
+
+def format_ap_table(result: dict) -> str:
+    """Per-class AP table (percent) as Markdown."""
+    lines = ["| class | AP | gt | dets |", "|---|---:|---:|---:|"]
+    for cls, r in result["classes"].items():
+        ap = "n/a" if math.isnan(r["ap"]) else f"{100 * r['ap']:.2f}"
+        lines.append(f"| {cls} | {ap} | {r['num_gt']} | {r['num_dets']} |")
+    lines.append(f"| **mAP** | **{100 * result['mAP']:.2f}** | | |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- segmentation
+class SegMetric:
+    """Confusion-matrix accumulator for semantic segmentation.
+
+    `update(pred, target)` takes class indices (or logits [B, C, H, W], arg-maxed over C) and
+    targets with `ignore_index` for pixels that do not count. `compute()` gives per-class IoU,
+    precision, recall and F1, their means, and overall accuracy. A class absent from both
+    predictions and targets has 0/0 for its scores: it is reported as NaN and left out of the
+    means (so mIoU averages only classes that occur), the convention of mmseg.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255, class_names=None):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"got {len(class_names)} class names for {num_classes} classes.")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [target, pred]
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+        if pred.is_floating_point() and pred.dim() == target.dim() + 1:
+            pred = pred.argmax(1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}.")
+        pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
+        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        pred, target = pred[valid], target[valid]
+        c = self.num_classes
+        if target.numel() and (target.min() < 0 or target.max() >= c):
+            raise ValueError(f"target holds labels outside [0, {c}) that are not ignore_index={self.ignore_index}.")
+        if pred.numel() and (pred.min() < 0 or pred.max() >= c):
+            raise ValueError(f"pred holds labels outside [0, {c}).")
+        self.confusion += torch.bincount(target * c + pred, minlength=c * c).reshape(c, c)
+
+    def compute(self) -> dict:
+        """{"IoU", "F1", "precision", "recall": per-class float64 tensors (NaN where undefined),
+        "mIoU", "mF1", "OA", "mAcc": floats}."""
+        cm = self.confusion.double()
+        tp = cm.diag()
+        gt, pr = cm.sum(1), cm.sum(0)
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        div = lambda a, b: torch.where(b > 0, a / b.clamp_min(1), nan)  # noqa: E731
+        iou = div(tp, gt + pr - tp)
+        f1 = div(2 * tp, gt + pr)
+        recall, precision = div(tp, gt), div(tp, pr)
+        total = cm.sum()
+        return {
+            "IoU": iou, "F1": f1, "precision": precision, "recall": recall,
+            "mIoU": float(iou.nanmean()), "mF1": float(f1.nanmean()), "mAcc": float(recall.nanmean()),
+            "OA": float(tp.sum() / total) if total > 0 else float("nan"),
+        }
+
+    def table(self) -> str:
+        """Per-class IoU / F1 table (percent) as Markdown."""
+        r = self.compute()
+        lines = ["| class | IoU | F1 |", "|---|---:|---:|"]
+        for name, iou, f1 in zip(self.class_names, r["IoU"].tolist(), r["F1"].tolist()):
+            lines.append(f"| {name} | {100 * iou:.2f} | {100 * f1:.2f} |")
+        lines.append(f"| **mean** | **{100 * r['mIoU']:.2f}** | **{100 * r['mF1']:.2f}** |")
+        lines.append(f"\nOA {100 * r['OA']:.2f}")
+        return "\n".join(lines)

@@ -1,0 +1,377 @@
+"""Oriented-box geometry for rotated detection: conversions, exact rotated/polygon IoU, rotated NMS
+and the box coder used by the detector.
+
+Conventions (the detector, the evaluator and the readers all use these):
+- An oriented box is `(cx, cy, w, h, a)` in pixels and radians. Image axes: x to the right, y down.
+  The box's width axis points along `(cos a, sin a)`, so a positive angle turns the x axis towards
+  +y (clockwise on screen).
+- "le90" normal form (as in mmrotate): `w >= h` and `a` in `[-pi/2, pi/2)`. `norm_obb` maps any
+  box to it; `poly_to_obb` returns it.
+- A polygon is 4 corners `(x1, y1, ..., x4, y4)` as in DOTA. `obb_to_poly` lists them as
+  (-w/2,-h/2), (+w/2,-h/2), (+w/2,+h/2), (-w/2,+h/2) in the box frame: clockwise on screen.
+
+IoU is exact (no rasterisation): the intersection of two convex polygons is the convex hull of
+the vertices of each inside the other plus the edge-edge crossings, its area by the shoelace
+formula after sorting by angle. Non-convex (but simple) quadrilaterals are handled like DOTA's
+`polyiou`: each polygon is split into a triangle fan and the signed triangle intersections are
+summed. Everything is computed in float64 and batched; N x M calls only evaluate pairs whose
+enclosing axis-aligned boxes overlap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_PAIR_CHUNK = 1 << 16  # pairs evaluated at once (bounds the [pairs, candidates, 2] buffers)
+
+
+# --------------------------------------------------------------------------- conversions
+def norm_obb(boxes: torch.Tensor) -> torch.Tensor:
+    """Map oriented boxes [..., 5] to the le90 normal form (w >= h, angle in [-pi/2, pi/2))."""
+    _check_last(boxes, 5, "boxes")
+    cx, cy, w, h, a = boxes.unbind(-1)
+    swap = w < h
+    w, h = torch.where(swap, h, w), torch.where(swap, w, h)
+    a = torch.where(swap, a + math.pi / 2, a)
+    a = torch.remainder(a + math.pi / 2, math.pi) - math.pi / 2
+    return torch.stack([cx, cy, w, h, a], -1)
+
+
+def obb_to_poly(boxes: torch.Tensor) -> torch.Tensor:
+    """Oriented boxes [N, 5] -> corner polygons [N, 8] (clockwise on screen, see module doc)."""
+    _check_last(boxes, 5, "boxes")
+    cx, cy, w, h, a = boxes.unbind(-1)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # Half-extent vectors along the box's width and height axes.
+    wx, wy = cos * w / 2, sin * w / 2
+    hx, hy = -sin * h / 2, cos * h / 2
+    corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    pts = [torch.stack([cx + sw * wx + sh * hx, cy + sw * wy + sh * hy], -1) for sw, sh in corners]
+    return torch.stack(pts, -2).flatten(-2)
+
+
+def poly_to_obb(polys: torch.Tensor) -> torch.Tensor:
+    """Quadrilaterals [N, 8] -> minimum-area enclosing rectangles [N, 5] in le90 form."""
+    _check_last(polys, 8, "polys")
+    out = min_area_rect(polys.reshape(*polys.shape[:-1], 4, 2))
+    return out.to(polys.dtype if polys.is_floating_point() else torch.float32)
+
+
+def min_area_rect(points: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimum-area enclosing rectangles [..., 5] (le90, float64) of point sets [..., V, 2]
+    (only the `valid` points [..., V] count; each set needs at least one).
+
+    Such a rectangle has one side along an edge of the convex hull (rotating calipers); every hull
+    edge joins two of the points, so trying all point-pair directions is exact, needs no hull
+    construction and no OpenCV. Meant for small V (quadrilaterals, clipped polygons).
+    """
+    pts = points.to(torch.float64)
+    if valid is not None:  # invalid points become copies of the first valid one: no new direction
+        first = valid.to(torch.uint8).argmax(-1)[..., None, None].expand(*pts.shape[:-2], 1, 2)
+        pts = torch.where(valid[..., None], pts, pts.gather(-2, first))
+    i, j = torch.triu_indices(pts.shape[-2], pts.shape[-2], 1, device=pts.device)
+    d = pts[..., j, :] - pts[..., i, :]  # [..., P, 2] point-pair directions
+    norm = d.norm(dim=-1, keepdim=True)
+    u = d / norm.clamp_min(1e-12)  # width direction candidates
+    v = torch.stack([-u[..., 1], u[..., 0]], -1)
+    pu = torch.einsum("...kc,...pc->...kp", u, pts)  # projections [..., P, V]
+    pv = torch.einsum("...kc,...pc->...kp", v, pts)
+    w = pu.amax(-1) - pu.amin(-1)
+    h = pv.amax(-1) - pv.amin(-1)
+    area = torch.where(norm[..., 0] > 1e-12, w * h, torch.full_like(w, math.inf))
+    k = area.argmin(-1, keepdim=True)
+    pick = lambda t: t.gather(-1, k).squeeze(-1)  # noqa: E731
+    mu, mv = (pu.amax(-1) + pu.amin(-1)) / 2, (pv.amax(-1) + pv.amin(-1)) / 2
+    ux, uy = pick(u[..., 0]), pick(u[..., 1])
+    cu, cv = pick(mu), pick(mv)
+    cx, cy = cu * ux - cv * uy, cu * uy + cv * ux
+    return norm_obb(torch.stack([cx, cy, pick(w), pick(h), torch.atan2(uy, ux)], -1))
+
+
+def hbox_to_obb(hboxes: torch.Tensor) -> torch.Tensor:
+    """Axis-aligned boxes (x1, y1, x2, y2) [N, 4] -> oriented boxes with angle 0 [N, 5]."""
+    _check_last(hboxes, 4, "hboxes")
+    x1, y1, x2, y2 = hboxes.unbind(-1)
+    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, torch.zeros_like(x1)], -1)
+
+
+def poly_to_hbox(polys: torch.Tensor) -> torch.Tensor:
+    """Enclosing axis-aligned boxes (x1, y1, x2, y2) [N, 4] of polygons [N, 2K]."""
+    pts = polys.reshape(*polys.shape[:-1], -1, 2)
+    return torch.cat([pts.amin(-2), pts.amax(-2)], -1)
+
+
+def obb_to_hbox(boxes: torch.Tensor) -> torch.Tensor:
+    """Enclosing axis-aligned boxes (x1, y1, x2, y2) [N, 4] of oriented boxes [N, 5]."""
+    return poly_to_hbox(obb_to_poly(boxes))
+
+
+def poly_area(polys: torch.Tensor) -> torch.Tensor:
+    """Unsigned area of simple polygons [..., 2K] (shoelace)."""
+    return _signed_area(polys.reshape(*polys.shape[:-1], -1, 2)).abs()
+
+
+# --------------------------------------------------------------------------- IoU
+def rotated_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Exact IoU of oriented boxes: [N, 5] x [M, 5] -> [N, M] (input dtype, float64 inside)."""
+    _check_last(boxes1, 5, "boxes1")
+    _check_last(boxes2, 5, "boxes2")
+    p1, p2 = obb_to_poly(boxes1.to(torch.float64)), obb_to_poly(boxes2.to(torch.float64))
+    return _pairwise(p1, p2, _convex_iou_aligned).to(_out_dtype(boxes1))
+
+
+def poly_iou(polys1: torch.Tensor, polys2: torch.Tensor) -> torch.Tensor:
+    """Exact IoU of simple quadrilaterals (DOTA's polygon IoU): [N, 8] x [M, 8] -> [N, M]."""
+    _check_last(polys1, 8, "polys1")
+    _check_last(polys2, 8, "polys2")
+    p1, p2 = polys1.to(torch.float64), polys2.to(torch.float64)
+    return _pairwise(p1, p2, _poly_iou_aligned).to(_out_dtype(polys1))
+
+
+def rotated_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows: [K, 5] and [K, 5] -> [K] (e.g. predictions vs their targets)."""
+    _check_last(boxes1, 5, "boxes1")
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(f"aligned IoU needs equal shapes, got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}.")
+    p1, p2 = obb_to_poly(boxes1.to(torch.float64)), obb_to_poly(boxes2.to(torch.float64))
+    return _convex_iou_aligned(p1, p2).to(_out_dtype(boxes1))
+
+
+def _pairwise(p1: torch.Tensor, p2: torch.Tensor, aligned) -> torch.Tensor:
+    """Fill an [N, M] IoU matrix, evaluating `aligned` only where enclosing boxes overlap."""
+    out = p1.new_zeros(p1.shape[0], p2.shape[0])
+    if out.numel() == 0:
+        return out
+    h1, h2 = poly_to_hbox(p1), poly_to_hbox(p2)
+    overlap = (
+        (h1[:, None, 0] <= h2[None, :, 2]) & (h2[None, :, 0] <= h1[:, None, 2])
+        & (h1[:, None, 1] <= h2[None, :, 3]) & (h2[None, :, 1] <= h1[:, None, 3])
+    )
+    ii, jj = overlap.nonzero(as_tuple=True)
+    for s in range(0, ii.numel(), _PAIR_CHUNK):
+        i, j = ii[s:s + _PAIR_CHUNK], jj[s:s + _PAIR_CHUNK]
+        out[i, j] = aligned(p1[i], p2[j])
+    return out
+
+
+def _convex_iou_aligned(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    a = p1.reshape(-1, 4, 2)
+    b = p2.reshape(-1, 4, 2)
+    inter = _convex_intersection_area(a, b)
+    union = _signed_area(a).abs() + _signed_area(b).abs() - inter
+    return inter / union.clamp_min(1e-12)
+
+
+def _poly_iou_aligned(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    a = p1.reshape(-1, 4, 2)
+    b = p2.reshape(-1, 4, 2)
+    ta, tb = _fan(a), _fan(b)  # [K, 2, 3, 2]
+    sa, sb = torch.sign(_signed_area(ta)), torch.sign(_signed_area(tb))  # [K, 2]
+    inter = a.new_zeros(a.shape[0])
+    for i in range(2):
+        for j in range(2):
+            inter = inter + sa[:, i] * sb[:, j] * _convex_intersection_area(ta[:, i], tb[:, j])
+    inter = inter.abs()
+    union = _signed_area(a).abs() + _signed_area(b).abs() - inter
+    return inter / union.clamp_min(1e-12)
+
+
+def _fan(poly: torch.Tensor) -> torch.Tensor:
+    """Quadrilaterals [K, 4, 2] -> triangles (v0, v1, v2), (v0, v2, v3) as [K, 2, 3, 2]."""
+    return torch.stack([poly[:, [0, 1, 2]], poly[:, [0, 2, 3]]], 1)
+
+
+def _signed_area(pts: torch.Tensor) -> torch.Tensor:
+    """Shoelace signed area of polygons [..., V, 2] (positive = counter-clockwise in x-right/y-up)."""
+    x, y = pts[..., 0], pts[..., 1]
+    return 0.5 * (x * y.roll(-1, -1) - x.roll(-1, -1) * y).sum(-1)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+
+def _inside(points: torch.Tensor, poly: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+    """Which of points [K, P, 2] lie in (or on) convex polygons [K, V, 2] of either orientation."""
+    edge = poly.roll(-1, 1) - poly  # [K, V, 2]
+    rel = points[:, :, None, :] - poly[:, None, :, :]  # [K, P, V, 2]
+    side = _cross(edge[:, None], rel) / edge.norm(dim=-1)[:, None].clamp_min(1e-30)  # signed distance
+    orient = torch.sign(_signed_area(poly))[:, None, None]
+    return (side * orient >= -tol[:, None, None]).all(-1)
+
+
+def _convex_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Area of the intersection of convex polygons a [K, n, 2] and b [K, m, 2] (any orientation)."""
+    return hull_area(*convex_intersection_points(a, b))
+
+
+def convex_intersection_points(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertices of the intersection of convex polygons a [K, n, 2] and b [K, m, 2]: candidate
+    points [K, n + m + n*m, 2] (the vertices of each inside the other, the edge crossings) and
+    which of them are valid; unordered, possibly repeated."""
+    scale = torch.cat([a, b], 1).abs().amax((1, 2))
+    tol = 1e-9 * (1.0 + scale)
+    # Edge-edge crossings: a_i + t r_i = b_j + u s_j with t, u in [0, 1].
+    r = (a.roll(-1, 1) - a)[:, :, None]  # [K, n, 1, 2]
+    s = (b.roll(-1, 1) - b)[:, None]  # [K, 1, m, 2]
+    qp = b[:, None] - a[:, :, None]  # [K, n, m, 2]
+    denom = _cross(r, s)
+    ok = denom.abs() > 1e-12 * (1.0 + scale[:, None, None]) ** 2
+    safe = torch.where(ok, denom, torch.ones_like(denom))
+    t, u = _cross(qp, s) / safe, _cross(qp, r) / safe
+    eps = 1e-9
+    ok = ok & (t >= -eps) & (t <= 1 + eps) & (u >= -eps) & (u <= 1 + eps)
+    cross_pts = (a[:, :, None] + t[..., None] * r).flatten(1, 2)
+    pts = torch.cat([a, b, cross_pts], 1)  # [K, C, 2]
+    valid = torch.cat([_inside(a, b, tol), _inside(b, a, tol), ok.flatten(1)], 1)
+    return pts, valid
+
+
+def hull_area(pts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Area of the convex polygon spanned by the valid points (they are its vertices, in any
+    order, possibly repeated): sort by angle about their mean, pad with the first point, shoelace."""
+    count = valid.sum(1, keepdim=True)
+    w = valid.to(pts.dtype)[..., None]
+    center = (pts * w).sum(1, keepdim=True) / count.clamp_min(1)[..., None]
+    d = pts - center
+    ang = torch.atan2(d[..., 1], d[..., 0])
+    ang = torch.where(valid, ang, torch.full_like(ang, 10.0))  # invalid points sort last
+    order = ang.argsort(1)
+    d = d.gather(1, order[..., None].expand_as(d))
+    keep = valid.gather(1, order)
+    d = torch.where(keep[..., None], d, d[:, :1].expand_as(d))  # padding adds zero area
+    area = _signed_area(d).abs()
+    return torch.where(count[:, 0] >= 3, area, torch.zeros_like(area))
+
+
+# --------------------------------------------------------------------------- NMS
+def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS of oriented boxes [N, 5]: keep the best-scoring box, drop boxes with IoU
+    > iou_threshold to a kept one; returns kept indices sorted by decreasing score."""
+    return _nms(obb_to_poly(boxes.to(torch.float64)), scores, iou_threshold, _convex_iou_aligned)
+
+
+def poly_nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS of quadrilaterals [N, 8] with polygon IoU (as DOTA's merge scripts do)."""
+    return _nms(polys.to(torch.float64), scores, iou_threshold, _poly_iou_aligned)
+
+
+def batched_rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                        iou_threshold: float) -> torch.Tensor:
+    """Class-aware rotated NMS: boxes of different labels never suppress each other."""
+    if boxes.shape[0] != labels.shape[0]:
+        raise ValueError(f"got {boxes.shape[0]} boxes but {labels.shape[0]} labels.")
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        keep.append(idx[rotated_nms(boxes[idx], scores[idx], iou_threshold)])
+    if not keep:
+        return labels.new_zeros(0, dtype=torch.long)
+    keep = torch.cat(keep)
+    return keep[scores[keep].argsort(descending=True, stable=True)]
+
+
+def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned) -> torch.Tensor:
+    if polys.shape[0] != scores.shape[0]:
+        raise ValueError(f"got {polys.shape[0]} boxes but {scores.shape[0]} scores.")
+    order = scores.argsort(descending=True, stable=True)
+    polys = polys[order]
+    suppress = _pairwise(polys, polys, aligned) > iou_threshold  # [N, N], row i suppresses j > i
+    removed = torch.zeros(len(order), dtype=torch.bool)
+    suppress = suppress.cpu()
+    keep = []
+    for i in range(len(order)):
+        if removed[i]:
+            continue
+        keep.append(i)
+        removed |= suppress[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+
+
+# --------------------------------------------------------------------------- box coder
+class DeltaXYWHACoder:
+    """Regression targets of oriented boxes relative to oriented proposals/anchors (Oriented R-CNN's
+    RoI head convention, mmrotate's DeltaXYWHAOBBoxCoder with angle 'le90'):
+
+        dx = ( (gx-px) cos pa + (gy-py) sin pa) / pw     dw = log(gw / pw)
+        dy = (-(gx-px) sin pa + (gy-py) cos pa) / ph     dh = log(gh / ph)
+        da = wrap(ga - pa) / pi,  wrap to [-pi/2, pi/2)  (a rectangle turned by pi is itself)
+
+    then `(delta - means) / stds`. Horizontal anchors are proposals with angle 0 (`hbox_to_obb`).
+    `decode` clamps dw, dh to +-log(1000/16) like the usual coders, and returns le90 boxes.
+    """
+
+    def __init__(self, means=(0.0, 0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0, 1.0),
+                 wh_ratio_clip: float = 16 / 1000):
+        if len(means) != 5 or len(stds) != 5:
+            raise ValueError("means and stds need 5 values each (dx, dy, dw, dh, da).")
+        self.means, self.stds = tuple(means), tuple(stds)
+        self.max_ratio = abs(math.log(wh_ratio_clip))
+
+    def encode(self, proposals: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Proposals [N, 5], targets [N, 5] -> normalised deltas [N, 5]."""
+        _check_last(proposals, 5, "proposals")
+        if proposals.shape != gt.shape:
+            raise ValueError(f"encode needs one target per proposal, got {tuple(proposals.shape)} and {tuple(gt.shape)}.")
+        px, py, pw, ph, pa = proposals.unbind(-1)
+        gx, gy, gw, gh, ga = gt.unbind(-1)
+        cos, sin = torch.cos(pa), torch.sin(pa)
+        dx = ((gx - px) * cos + (gy - py) * sin) / pw
+        dy = (-(gx - px) * sin + (gy - py) * cos) / ph
+        da = _wrap(ga - pa) / math.pi
+        deltas = torch.stack([dx, dy, torch.log(gw / pw), torch.log(gh / ph), da], -1)
+        return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
+
+    def decode(self, proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Proposals [N, 5], normalised deltas [N, 5] -> boxes [N, 5] in le90 form."""
+        _check_last(proposals, 5, "proposals")
+        d = deltas * deltas.new_tensor(self.stds) + deltas.new_tensor(self.means)
+        dx, dy, dw, dh, da = d.unbind(-1)
+        dw, dh = dw.clamp(-self.max_ratio, self.max_ratio), dh.clamp(-self.max_ratio, self.max_ratio)
+        px, py, pw, ph, pa = proposals.unbind(-1)
+        cos, sin = torch.cos(pa), torch.sin(pa)
+        gx = px + dx * pw * cos - dy * ph * sin
+        gy = py + dx * pw * sin + dy * ph * cos
+        out = torch.stack([gx, gy, pw * dw.exp(), ph * dh.exp(), pa + da * math.pi], -1)
+        return norm_obb(out)
+
+
+def encode_points(points: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Anchor-free targets: for points [N, 2] inside boxes gt [N, 5], the distances
+    (left, top, right, bottom) to the box sides measured in the box frame, and the angle:
+    [N, 5] = (l, t, r, b, a). All four distances are positive iff the point is inside."""
+    _check_last(points, 2, "points")
+    cx, cy, w, h, a = gt.unbind(-1)
+    cos, sin = torch.cos(a), torch.sin(a)
+    ox, oy = points[:, 0] - cx, points[:, 1] - cy
+    lx, ly = ox * cos + oy * sin, -ox * sin + oy * cos  # the point in the box frame
+    return torch.stack([w / 2 + lx, h / 2 + ly, w / 2 - lx, h / 2 - ly, a], -1)
+
+
+def decode_points(points: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_points`: points [N, 2], (l, t, r, b, a) [N, 5] -> boxes [N, 5]."""
+    _check_last(points, 2, "points")
+    l, t, r, b, a = dist.unbind(-1)
+    cos, sin = torch.cos(a), torch.sin(a)
+    ox, oy = (r - l) / 2, (b - t) / 2  # centre minus point, in the box frame
+    cx = points[:, 0] + ox * cos - oy * sin
+    cy = points[:, 1] + ox * sin + oy * cos
+    return torch.stack([cx, cy, l + r, t + b, a], -1)
+
+
+# --------------------------------------------------------------------------- helpers
+def _wrap(a: torch.Tensor) -> torch.Tensor:
+    """Angle difference modulo pi, into [-pi/2, pi/2)."""
+    return torch.remainder(a + math.pi / 2, math.pi) - math.pi / 2
+
+
+def _check_last(t: torch.Tensor, n: int, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[-1] != n:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a tensor of shape [..., {n}], got {shape}.")
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float32
