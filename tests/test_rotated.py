@@ -1,0 +1,164 @@
+"""Rotated geometry: exact IoU against hand-computed cases and shapely, NMS against a brute-force
+greedy reference, conversions and the box coder round trips."""
+
+import math
+
+import pytest
+import torch
+
+from finetune.rotated import (DeltaXYWHACoder, batched_rotated_nms, decode_points, encode_points,
+                              hbox_to_obb, min_area_rect, norm_obb, obb_to_hbox, obb_to_poly,
+                              poly_iou, poly_nms, poly_to_obb, rotated_iou, rotated_iou_aligned,
+                              rotated_nms)
+
+shapely = pytest.importorskip("shapely.geometry")
+
+
+def _random_boxes(n, seed, spread=50.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([
+        torch.rand(n, 2, generator=g) * spread,
+        torch.rand(n, 2, generator=g) * 30 + 1,
+        (torch.rand(n, 1, generator=g) - 0.5) * 2 * math.pi,
+    ], 1).double()
+
+
+def _shapely_iou(p, q):
+    a = shapely.Polygon(torch.as_tensor(p).view(-1, 2).tolist())
+    b = shapely.Polygon(torch.as_tensor(q).view(-1, 2).tolist())
+    return a.intersection(b).area / a.union(b).area
+
+
+def test_iou_hand_computed_cases():
+    sq = torch.tensor([[0.0, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    assert rotated_iou(sq, sq).item() == pytest.approx(1.0, abs=1e-12)
+    far = torch.tensor([[10.0, 0.0, 2.0, 2.0, 0.3]], dtype=torch.float64)
+    assert rotated_iou(sq, far).item() == 0.0
+    # A square and itself turned by 45 degrees meet in a regular octagon of inradius 1:
+    # area 8 tan(pi/8), so IoU = tan(pi/8) / (1 - tan(pi/8)) = 1/sqrt(2).
+    turned = torch.tensor([[0.0, 0.0, 2.0, 2.0, math.pi / 4]], dtype=torch.float64)
+    assert rotated_iou(sq, turned).item() == pytest.approx(1 / math.sqrt(2), abs=1e-9)
+    # A 4x2 box inside a 10x10 box (both turned): IoU is the area ratio.
+    big = torch.tensor([[1.0, 1.0, 10.0, 10.0, 0.3]], dtype=torch.float64)
+    small = torch.tensor([[1.5, 0.5, 4.0, 2.0, -0.7]], dtype=torch.float64)
+    assert rotated_iou(big, small).item() == pytest.approx(8 / 100, abs=1e-9)
+    # Touching edges only: zero area.
+    touch = torch.tensor([[2.0, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    assert rotated_iou(sq, touch).item() == pytest.approx(0.0, abs=1e-12)
+    # Half overlap along x: inter 2, union 6.
+    half = torch.tensor([[1.0, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    assert rotated_iou(sq, half).item() == pytest.approx(1 / 3, abs=1e-12)
+
+
+def test_iou_matches_shapely_on_random_boxes():
+    b = _random_boxes(200, seed=0)
+    iou = rotated_iou(b[:100], b[100:])
+    p = obb_to_poly(b)
+    ref = torch.tensor([[_shapely_iou(p[i], p[100 + j]) for j in range(100)] for i in range(100)])
+    assert (ref > 0).sum() > 500  # the cases overlap enough to mean something
+    torch.testing.assert_close(iou, ref.double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(poly_iou(p[:100], p[100:]), ref.double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rotated_iou_aligned(b[:100], b[100:]), ref.diagonal().double(), atol=1e-4, rtol=0)
+    assert rotated_iou(b[:3].float(), b[3:5].float()).dtype == torch.float32
+
+
+def test_poly_iou_non_convex_and_either_orientation():
+    g = torch.Generator().manual_seed(1)
+    # Arrow-head quadrilaterals: the third corner pushed inside -> non-convex but simple.
+    base = torch.tensor([0.0, 0.0, 10.0, 0.0, 4.0, 4.0, 0.0, 10.0])
+    polys1 = base + torch.rand(60, 8, generator=g) * 4
+    polys2 = base.view(4, 2).flip(0).reshape(8) + torch.rand(60, 8, generator=g) * 4 + 2  # reversed order
+    ref = torch.tensor([[_shapely_iou(a, b) for b in polys2] for a in polys1])
+    torch.testing.assert_close(poly_iou(polys1, polys2), ref, atol=1e-4, rtol=0)
+
+
+def test_poly_obb_round_trip_and_min_area_rect():
+    b = norm_obb(_random_boxes(100, seed=2))
+    back = poly_to_obb(obb_to_poly(b))
+    torch.testing.assert_close(rotated_iou_aligned(back, b), torch.ones(100, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(back[:, :4], b[:, :4], atol=1e-7, rtol=0)
+    assert (back[:, 2] >= back[:, 3]).all() and (back[:, 4] >= -math.pi / 2).all() and (back[:, 4] < math.pi / 2).all()
+    # Arbitrary quadrilaterals: same area as shapely's minimum rotated rectangle.
+    g = torch.Generator().manual_seed(3)
+    quads = torch.rand(50, 8, generator=g).double() * 20
+    rect = poly_to_obb(quads)
+    ref = torch.tensor([shapely.Polygon(q.view(4, 2).tolist()).convex_hull.minimum_rotated_rectangle.area
+                        for q in quads]).double()
+    torch.testing.assert_close(rect[:, 2] * rect[:, 3], ref, atol=0, rtol=1e-6)
+    # Masked points do not count.
+    pts = torch.tensor([[[0.0, 0.0], [4.0, 0.0], [4.0, 2.0], [0.0, 2.0], [100.0, 100.0]]])
+    r = min_area_rect(pts, torch.tensor([[True, True, True, True, False]]))
+    torch.testing.assert_close(r, torch.tensor([[2.0, 1.0, 4.0, 2.0, 0.0]], dtype=torch.float64))
+
+
+def test_conversions_hand_cases():
+    box = torch.tensor([[10.0, 20.0, 4.0, 2.0, math.pi / 2]])
+    # Turned by 90 degrees: the width runs along +y (image down).
+    expected = torch.tensor([[11.0, 18.0, 11.0, 22.0, 9.0, 22.0, 9.0, 18.0]])
+    torch.testing.assert_close(obb_to_poly(box), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(obb_to_hbox(box), torch.tensor([[9.0, 18.0, 11.0, 22.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hbox_to_obb(torch.tensor([[0.0, 0.0, 4.0, 2.0]])), torch.tensor([[2.0, 1.0, 4.0, 2.0, 0.0]]))
+    # le90: w < h swaps and turns by 90 degrees; angles wrap into [-pi/2, pi/2).
+    n = norm_obb(torch.tensor([[0.0, 0.0, 2.0, 4.0, 0.0], [0.0, 0.0, 4.0, 2.0, math.pi / 2]]))
+    torch.testing.assert_close(n, torch.tensor([[0.0, 0.0, 4.0, 2.0, -math.pi / 2]] * 2))
+    with pytest.raises(ValueError, match="shape"):
+        obb_to_poly(torch.zeros(3, 4))
+
+
+def _brute_nms(polys, scores, thr):
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep = []
+    for i in order:
+        if all(_shapely_iou(polys[i], polys[k]) <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+def test_rotated_nms_matches_brute_force():
+    b = _random_boxes(80, seed=4, spread=40.0)
+    scores = torch.rand(80, generator=torch.Generator().manual_seed(5))
+    polys = obb_to_poly(b)
+    for thr in (0.1, 0.5):
+        ref = _brute_nms(polys, scores, thr)
+        assert rotated_nms(b, scores, thr).tolist() == ref
+        assert poly_nms(polys, scores, thr).tolist() == ref
+    labels = torch.arange(80) % 3
+    keep = batched_rotated_nms(b, scores, labels, 0.3)
+    ref = []
+    for c in range(3):
+        idx = (labels == c).nonzero()[:, 0]
+        ref += [int(idx[k]) for k in _brute_nms(polys[idx], scores[idx], 0.3)]
+    assert sorted(keep.tolist()) == sorted(ref)
+    assert (scores[keep].diff() <= 0).all()
+    assert rotated_nms(torch.zeros(0, 5), torch.zeros(0), 0.5).numel() == 0
+
+
+def test_box_coder_hand_cases_and_round_trip():
+    coder = DeltaXYWHACoder()
+    p = torch.tensor([[0.0, 0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 2.0, 1.0, math.pi / 2]])
+    # Moving 1 px along the proposal's width axis is dx = 1 / w = 0.5 in both frames.
+    g = torch.tensor([[1.0, 0.0, 4.0, 1.0, 0.1], [0.0, 1.0, 2.0, 0.5, math.pi / 2 + 0.9 * math.pi]])
+    d = coder.encode(p, g)
+    expected = torch.tensor([[0.5, 0.0, math.log(2), 0.0, 0.1 / math.pi],
+                             [0.5, 0.0, 0.0, math.log(0.5), -0.1]])
+    torch.testing.assert_close(d, expected, atol=1e-6, rtol=0)
+    # Round trip with means/stds on random le90 boxes.
+    coder = DeltaXYWHACoder(means=(0.0, 0.0, 0.0, 0.0, 0.0), stds=(0.1, 0.1, 0.2, 0.2, 0.1))
+    props, gts = norm_obb(_random_boxes(50, seed=6)), norm_obb(_random_boxes(50, seed=7))
+    dec = coder.decode(props, coder.encode(props, gts))
+    torch.testing.assert_close(rotated_iou_aligned(dec, gts), torch.ones(50, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(dec[:, :4], gts[:, :4], atol=1e-9, rtol=0)
+
+
+def test_point_coder():
+    gts = norm_obb(_random_boxes(40, seed=8))
+    g = torch.Generator().manual_seed(9)
+    inside = gts[:, :2] + (torch.rand(40, 2, generator=g).double() - 0.5) * 0.5  # within 0.25 px of the centre
+    dist = encode_points(inside, gts)
+    assert (dist[:, :4] > 0).all()
+    torch.testing.assert_close(decode_points(inside, dist), gts, atol=1e-9, rtol=0)
+    outside = gts[:, :2] + 1000.0
+    assert (encode_points(outside, gts)[:, :4].min(1).values < 0).all()
+    # Hand case: point 1 px right of the centre of an axis-aligned 4x2 box.
+    d = encode_points(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.0]]))
+    torch.testing.assert_close(d, torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]]))
