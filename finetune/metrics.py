@@ -6,7 +6,9 @@ with polygon IoU > 0.5 (strict); a detection matching an already-matched object 
 positive; difficult objects are not positives, and a detection whose best match is difficult is
 neither a true nor a false positive; AP is VOC07 11-point (or all-point) and mAP is the mean over
 all evaluated classes (a class without non-difficult ground truth scores 0, as in the official
-script with its fixed class list).
+script with its fixed class list). Equal scores keep submission order (a stable sort); the
+official script's `np.argsort(-score)` leaves ties to numpy's unstable sort, and ties matter: on
+the shared DOTA sample the plane AP is 96.45 with stable order and 97.54 with numpy's order.
 
 `mode="mmrotate"` reproduces mmrotate's numbers instead: IoU of the minimum-area rotated
 rectangles, match at IoU >= threshold, difficult objects counted as ordinary ones, and the mean
@@ -91,7 +93,8 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
     detections: {class: [(image, score, poly8)]} or a Task1 submission folder.
     ground_truth: {image: [DotaObject]} or a DOTA labelTxt folder.
     classes: classes to evaluate (default: every class in the ground truth or the detections).
-    ignore_difficult: override the mode's handling of difficult objects.
+    ignore_difficult: override the mode's handling of difficult objects (DOTA-v1.5's official
+    script counts every object: pass False there).
     Returns {"mAP": float, "classes": {class: {"ap", "num_gt", "num_dets", "tp", "fp",
     "recall", "precision"}}} with recall/precision those at the last detection.
     """
