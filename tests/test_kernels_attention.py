@@ -58,3 +58,37 @@ def test_public_attention_matches_sdpa_under_triton_backend():
     finally:
         kernels.set_backend("torch")
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+
+def _block_backend_diffs(rank, world_size):
+    """Max |triton - torch| over a ParallelBlock's output and parameter gradients (TP=world),
+    with global and with window attention."""
+    from scaling.parallel import state
+    from scaling.vit import ParallelBlock
+
+    state.init_parallel(tp=world_size)
+    diffs = []
+    for window in (None, 4):
+        torch.manual_seed(0)
+        block = ParallelBlock(width=32, heads=4, mlp=64, branches=2, window_size=window)
+        x = torch.randn(2, 36, 32)  # a 6x6 token grid: windows of 4 pad it to 8x8
+        results = {}
+        for backend in ("torch", "triton"):
+            kernels.set_backend(backend)
+            assert kernels.get_backend() == backend
+            block.zero_grad()
+            out = block(x, hw=(6, 6) if window else None)
+            out.square().sum().backward()
+            results[backend] = [out.detach()] + [p.grad.clone() for p in block.parameters()]
+        kernels.set_backend("torch")
+        diffs.append(max((a - b).abs().max().item() for a, b in zip(results["torch"], results["triton"])))
+    return diffs
+
+
+def test_parallel_block_triton_equals_torch_backend():
+    """Two TP ranks; a zero difference would mean the Triton path was never taken."""
+    from distributed import run_distributed
+
+    for diffs in run_distributed(_block_backend_diffs, 2):
+        assert all(0 < d < 1e-4 for d in diffs), diffs
