@@ -1,0 +1,490 @@
+"""Procedural aerial scenes written to disk in the benchmarks' native formats.
+
+A stand-in for MillionAID / LoveDA / DOTA so every reader, loader and metric runs on real files
+without downloading anything. Deterministic: sample i of a split is a pure function of
+(seed, split, i), so a rerun skips files already on disk and gives identical bytes.
+
+    rsscale data --out data/synthetic --num-pretrain 512 --num-seg 64 --num-det 64 --size 256 --seed 0
+
+Layout under <out> (mimicking the originals):
+    pretrain/<theme>/P<id>.jpg                            MillionAID-like: JPEGs of varied size,
+                                                          one folder per scene category (THEMES)
+    seg/{Train,Val}/{Urban,Rural}/images_png/<id>.png    LoveDA: RGB PNG
+    seg/{Train,Val}/{Urban,Rural}/masks_png/<id>.png     LoveDA: uint8 mask, 0 no-data,
+                                                          1..7 = LOVEDA_CLASSES[1:]
+    det/{train,val}/images/P<id>.png                      DOTA: RGB PNG
+    det/{train,val}/labelTxt/P<id>.txt                    DOTA v1 label: "imagesource:", "gsd:"
+                                                          lines, then "x1 y1 ... x4 y4 class difficult"
+    manifest.json                                         generation parameters and counts
+
+Geometry convention (DOTA's): x right, y down, pixel (row i, col j) covers [j, j+1) x [i, i+1);
+a box (cx, cy, w, h, angle) has its w side along (cos angle, sin angle), angle in radians in
+[-pi/2, pi/2); its corners are listed clockwise on screen starting at the (-w/2, -h/2) corner.
+A pixel belongs to an object iff its centre lies inside the object's shape, and every shape
+touches all four sides of its box, so the boxes are exactly the rendered objects
+(rectangles for vehicles, a hull with a blunt bow for ships, the circumscribed square for storage tanks).
+An object is `difficult` when less than 60% of it is inside the image or its short side is
+under 5 px. Detection classes (DOTA names): DET_CLASSES. Buildings appear in the masks only
+(DOTA has no building class); vehicles keep the road class and ships the water class in the
+masks, as in LoveDA; storage tanks are buildings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren", "forest", "agriculture")
+BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)
+DET_CLASSES = ("small-vehicle", "large-vehicle", "ship", "storage-tank")
+GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
+
+# Scene categories: land-cover weights (background, barren, forest, agriculture), water kind,
+# and object counts (roads, buildings, small/large vehicles, ships, tanks) as (low, high).
+THEMES = {
+    "farmland": dict(cover=(1, 1, 1, 8), water=("none", "river"), roads=(0, 2), buildings=(0, 4),
+                     small=(0, 4), large=(0, 2), ships=(0, 0), tanks=(0, 0)),
+    "forest": dict(cover=(1, 1, 8, 1), water=("none", "lake"), roads=(0, 1), buildings=(0, 2),
+                   small=(0, 2), large=(0, 1), ships=(0, 0), tanks=(0, 0)),
+    "residential": dict(cover=(6, 1, 2, 1), water=("none",), roads=(2, 4), buildings=(10, 30),
+                        small=(8, 25), large=(0, 4), ships=(0, 0), tanks=(0, 0)),
+    "industrial": dict(cover=(4, 4, 1, 1), water=("none",), roads=(1, 3), buildings=(4, 10),
+                       small=(2, 10), large=(4, 12), ships=(0, 0), tanks=(3, 12)),
+    "river": dict(cover=(3, 1, 3, 3), water=("river",), roads=(0, 2), buildings=(0, 8),
+                  small=(0, 8), large=(0, 2), ships=(2, 6), tanks=(0, 0)),
+    "harbor": dict(cover=(4, 3, 1, 0), water=("coast",), roads=(1, 2), buildings=(2, 8),
+                   small=(2, 10), large=(2, 8), ships=(6, 16), tanks=(0, 6)),
+    "bare_land": dict(cover=(1, 8, 1, 1), water=("none", "lake"), roads=(0, 2), buildings=(0, 3),
+                      small=(0, 3), large=(0, 3), ships=(0, 0), tanks=(0, 2)),
+}
+URBAN_THEMES = ("residential", "industrial", "harbor")
+COVERS = (BACKGROUND, BARREN, FOREST, AGRICULTURE)
+CROP_COLOURS = np.array([(96, 128, 60), (140, 150, 80), (170, 150, 95), (120, 100, 70), (75, 110, 55),
+                         (190, 175, 110)], np.float32)
+ROOF_COLOURS = np.array([(170, 70, 60), (150, 150, 155), (200, 200, 195), (110, 90, 80), (90, 110, 130),
+                         (185, 130, 90)], np.float32)
+CAR_COLOURS = np.array([(235, 235, 235), (30, 30, 35), (160, 160, 165), (150, 30, 30), (40, 60, 140),
+                        (200, 200, 190)], np.float32)
+SHIP_COLOURS = np.array([(235, 235, 235), (200, 200, 205), (150, 40, 40), (60, 70, 90)], np.float32)
+
+
+def log(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- rasterization
+
+
+class Canvas:
+    """RGB (float), LoveDA mask, instance ids and an occupancy map painted together."""
+
+    def __init__(self, h: int, w: int):
+        self.h, self.w = h, w
+        self.rgb = np.zeros((h, w, 3), np.float32)
+        self.mask = np.full((h, w), BACKGROUND, np.uint8)
+        self.inst = np.zeros((h, w), np.int32)  # 0 = none, k = boxes[k - 1]
+        self.occupied = np.zeros((h, w), bool)
+
+    def frame(self, cx: float, cy: float, angle: float, radius: float):
+        """Window around (cx, cy) clipped to the image, plus the unclipped pixel-centre
+        coordinates (u along the box's w axis, v along h) and the clipped part of them."""
+        x0, x1 = math.floor(cx - radius), math.ceil(cx + radius) + 1
+        y0, y1 = math.floor(cy - radius), math.ceil(cy + radius) + 1
+        xs, ys = np.meshgrid(np.arange(x0, x1) + 0.5 - cx, np.arange(y0, y1) + 0.5 - cy)
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = xs * c + ys * s, -xs * s + ys * c
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, self.h), max(x0, 0), min(x1, self.w)
+        inner = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
+        return (slice(cy0, cy1), slice(cx0, cx1)), u, v, inner
+
+
+def box_corners(cx, cy, w, h, angle) -> np.ndarray:
+    """4x2 corners of a rotated box, clockwise on screen from the (-w/2, -h/2) corner."""
+    c, s = math.cos(angle), math.sin(angle)
+    local = np.array([(-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)])
+    return np.array([cx, cy]) + local @ np.array([[c, s], [-s, c]])
+
+
+def _shape(kind: str, u, v, w, h):
+    """Boolean footprint of an object in its own frame; each shape touches all 4 box sides."""
+    if kind == "storage-tank":
+        return u * u + v * v <= (w / 2) ** 2
+    inside = (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+    if kind == "ship":  # bow over the front quarter, blunt enough that its nose hits pixel centres
+        bow = 0.25 * w
+        inside &= np.abs(v) <= (h / 2) * np.minimum(1.0, 0.35 + 0.65 * (w / 2 - u) / bow)
+    return inside
+
+
+def _smooth_noise(rng, h: int, w: int, cell: float) -> np.ndarray:
+    """Value noise in [0, 1] with features about `cell` pixels wide."""
+    small = rng.random((max(2, int(h / cell) + 2), max(2, int(w / cell) + 2))).astype(np.float32)
+    return np.asarray(Image.fromarray(small, "F").resize((w, h), Image.BICUBIC)).clip(0, 1)
+
+
+def _line_mask(h, w, points, width) -> np.ndarray:
+    img = Image.new("L", (w, h))
+    ImageDraw.Draw(img).line([tuple(p) for p in points], fill=1, width=max(1, int(round(width))), joint="curve")
+    return np.asarray(img, bool)
+
+
+# ----------------------------------------------------------------------------- scene layers
+
+
+def _land_cover(rng, cv: Canvas, theme: dict, k: float) -> None:
+    """Voronoi fields with wobbly edges; each gets a cover class and its texture."""
+    h, w = cv.h, cv.w
+    n = int(rng.integers(3, 8))
+    seeds = rng.random((n, 2)) * (w, h)
+    weights = np.array(theme["cover"], float)
+    covers = rng.choice(COVERS, size=n, p=weights / weights.sum())
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    wob = 20 * k * (_smooth_noise(rng, h, w, 40 * k) - 0.5)
+    d = (xx[None] + wob - seeds[:, 0, None, None]) ** 2 + (yy[None] - wob - seeds[:, 1, None, None]) ** 2
+    region = d.argmin(0)
+    fine, coarse = _smooth_noise(rng, h, w, 3 * k), _smooth_noise(rng, h, w, 25 * k)
+    for r in range(n):
+        sel = region == r
+        cover = covers[r]
+        if cover == AGRICULTURE:
+            a, period = rng.uniform(0, math.pi), rng.uniform(5, 14) * k
+            stripes = np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period) > 0
+            c1, c2 = CROP_COLOURS[rng.choice(len(CROP_COLOURS), 2)]
+            tex = np.where(stripes[..., None], c1, 0.5 * c1 + 0.5 * c2) * (0.9 + 0.2 * fine[..., None])
+        elif cover == FOREST:
+            canopy = _smooth_noise(rng, h, w, 2.5 * k)
+            tex = np.array((35, 70, 35), np.float32) * (0.6 + 0.8 * canopy[..., None] * (0.7 + 0.6 * coarse[..., None]))
+        elif cover == BARREN:
+            tex = np.array((175, 155, 125), np.float32) * (0.8 + 0.25 * coarse[..., None] + 0.1 * fine[..., None])
+        else:
+            tex = np.array((115, 128, 90), np.float32) * (0.75 + 0.3 * coarse[..., None] + 0.15 * fine[..., None])
+        cv.rgb[sel] = tex[sel]
+        cv.mask[sel] = cover
+
+
+def _water(rng, cv: Canvas, kind: str, k: float) -> None:
+    h, w = cv.h, cv.w
+    if kind == "none":
+        return
+    if kind == "lake":
+        cx, cy = rng.random() * w, rng.random() * h
+        r = rng.uniform(0.15, 0.35) * min(h, w)
+        ang = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+        rad = r * (0.7 + 0.6 * rng.random(24))
+        img = Image.new("L", (w, h))
+        ImageDraw.Draw(img).polygon(list(zip(cx + rad * np.cos(ang), cy + rad * np.sin(ang))), fill=1)
+        water = np.asarray(img.filter(ImageFilter.GaussianBlur(4 * k)), np.uint8) > 0
+    elif kind == "river":
+        water = _line_mask(h, w, _crossing(rng, h, w, 3), rng.uniform(0.1, 0.25) * min(h, w))
+    else:  # coast: the sea covers one side of a wavy line
+        yy, xx = np.mgrid[0:h, 0:w]
+        edge = rng.uniform(0.35, 0.6) * w + 0.08 * w * (_smooth_noise(rng, h, 1, 30 * k)[:, :1] - 0.5)
+        water = xx > edge if rng.random() < 0.5 else xx < w - edge
+    depth = _smooth_noise(rng, h, w, 30 * k)[..., None]
+    cv.rgb[water] = (np.array((35, 70, 85), np.float32) * (0.8 + 0.4 * depth))[water]
+    cv.mask[water] = WATER
+
+
+def _crossing(rng, h, w, n_mid: int) -> np.ndarray:
+    """A polyline from one image side to the opposite one through n_mid jittered points."""
+    t = np.linspace(0, 1, n_mid + 2)
+    a, b = rng.random(2)
+    along = t * 1.2 - 0.1
+    across = a + (b - a) * t + rng.normal(0, 0.08, t.size) * (t > 0) * (t < 1)
+    pts = np.stack([along * w, across * h], 1)
+    return pts if rng.random() < 0.5 else pts[:, ::-1] * (w / h, h / w)
+
+
+def _roads(rng, cv: Canvas, n: int, k: float) -> list[tuple[np.ndarray, float]]:
+    roads = []
+    for _ in range(n):
+        pts, width = _crossing(rng, cv.h, cv.w, int(rng.integers(0, 3))), rng.uniform(6, 12) * k
+        road = _line_mask(cv.h, cv.w, pts, width)
+        tone = rng.uniform(80, 110)
+        cv.rgb[road] = tone + rng.normal(0, 3, (int(road.sum()), 1))
+        cv.mask[road] = ROAD
+        roads.append((pts, width))
+    return roads
+
+
+def _place(cv: Canvas, kind, cx, cy, w, h, angle, allowed, paint, shadow):
+    """Paint one object if its visible footprint lies on `allowed` classes and on nothing else;
+    returns (window, visible footprint, unclipped footprint) or None when it does not fit."""
+    if not (0 <= cx < cv.w and 0 <= cy < cv.h):
+        return None
+    sl, u, v, inner = cv.frame(cx, cy, angle, math.hypot(w, h) / 2 + shadow + 1)
+    full = _shape(kind, u, v, w, h)
+    inside = full[inner]
+    if not inside.any() or cv.occupied[sl][inside].any() or not np.isin(cv.mask[sl][inside], allowed).all():
+        return None
+    if shadow:  # the same footprint shifted down-right, drawn first, darkens what is under it
+        su = u - shadow * (math.cos(angle) + math.sin(angle))
+        sv = v - shadow * (math.cos(angle) - math.sin(angle))
+        cast = _shape(kind, su, sv, w, h)[inner] & ~inside & ~cv.occupied[sl]
+        cv.rgb[sl][cast] *= 0.55
+    cv.rgb[sl][inside] = paint(u[inner][inside], v[inner][inside])
+    cv.occupied[sl] |= inside
+    return sl, inside, full
+
+
+def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
+    """Buildings, storage tanks, vehicles (mostly on roads) and ships (on water)."""
+    boxes = []
+
+    def count(name):
+        lo, hi = theme[name]
+        return int(rng.integers(lo, hi + 1))
+
+    def add(kind, cx, cy, w, h, angle, allowed, paint, shadow, label=None):
+        placed = _place(cv, kind, cx, cy, w, h, angle, allowed, paint, shadow)
+        if placed is None:
+            return False
+        sl, inside, full = placed
+        if label is None or kind == "storage-tank":
+            cv.mask[sl][inside] = BUILDING
+        if label is not None:
+            cv.inst[sl][inside] = len(boxes) + 1
+            difficult = int(inside.sum() < 0.6 * full.sum() or min(w, h) < 5)
+            angle = (angle + math.pi / 2) % math.pi - math.pi / 2  # a box is the same turned by pi
+            boxes.append((float(cx), float(cy), float(w), float(h), float(angle), label, difficult))
+        return True
+
+    def flat(colour, detail=None):
+        def paint(u, v):
+            out = np.broadcast_to(colour, (u.size, 3)).copy()
+            if detail is not None:
+                out *= detail(u, v)[:, None]
+            return out
+        return paint
+
+    covers = (BACKGROUND, BARREN, AGRICULTURE, FOREST)
+    for _ in range(count("buildings")):
+        w, h = rng.uniform(12, 40) * k, rng.uniform(10, 28) * k
+        angle = _road_angle(rng, roads)
+        roof = ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))]
+        for _try in range(10):
+            if add("building", *rng.random(2) * (cv.w, cv.h), w, h, angle, covers,
+                   flat(roof, lambda u, v: np.where(v > 0, 0.82, 1.0)), shadow=3 * k):
+                break
+    for _ in range(count("tanks")):
+        d = rng.uniform(14, 30) * k
+        for _try in range(10):
+            if add("storage-tank", *rng.random(2) * (cv.w, cv.h), d, d, 0.0, covers,
+                   flat(np.array((215, 215, 210), np.float32),
+                        lambda u, v, r=d / 2: np.where(u * u + v * v > (0.8 * r) ** 2, 0.75, 1.0)),
+                   shadow=3 * k, label="storage-tank"):
+                break
+    for label, n, size in (("small-vehicle", count("small"), ((9, 14), (4.5, 6.5))),
+                           ("large-vehicle", count("large"), ((18, 32), (7, 10)))):
+        for _ in range(n):
+            w, h = rng.uniform(*size[0]) * k, rng.uniform(*size[1]) * k
+            body = CAR_COLOURS[rng.integers(len(CAR_COLOURS))]
+            front = 0.15 if label == "small-vehicle" else 0.3
+            paint = flat(body, lambda u, v, w=w, f=front: np.where((u > w * f) & (u < w * (f + 0.15)), 0.35, 1.0))
+            for _try in range(10):
+                if roads and rng.random() < 0.85:
+                    cx, cy, angle, allowed = _on_road(rng, roads, h)
+                else:
+                    cx, cy = rng.random(2) * (cv.w, cv.h)
+                    angle, allowed = rng.uniform(-math.pi, math.pi), (BACKGROUND, BARREN)
+                if add("vehicle", cx, cy, w, h, angle, allowed, paint, shadow=1.5 * k, label=label):
+                    break
+    water = np.argwhere(cv.mask == WATER)
+    for _ in range(count("ships") if len(water) else 0):
+        w, h = rng.uniform(25, 70) * k, rng.uniform(7, 15) * k
+        hull = SHIP_COLOURS[rng.integers(len(SHIP_COLOURS))]
+        paint = flat(hull, lambda u, v, w=w, h=h: np.where((np.abs(u) < w / 5) & (np.abs(v) < h / 4), 0.7, 1.0))
+        for _try in range(15):
+            cy, cx = water[rng.integers(len(water))] + 0.5
+            if add("ship", cx, cy, w, h, rng.uniform(-math.pi, math.pi), (WATER,), paint, shadow=2 * k, label="ship"):
+                break
+    return boxes
+
+
+def _road_angle(rng, roads) -> float:
+    if not roads or rng.random() < 0.3:
+        return rng.uniform(-math.pi / 2, math.pi / 2)
+    pts, _ = roads[rng.integers(len(roads))]
+    i = rng.integers(len(pts) - 1)
+    return math.atan2(*(pts[i + 1] - pts[i])[::-1])
+
+
+def _on_road(rng, roads, car_h):
+    """A point in a lane of a random road, heading along it."""
+    pts, width = roads[rng.integers(len(roads))]
+    i = rng.integers(len(pts) - 1)
+    d = pts[i + 1] - pts[i]
+    angle = math.atan2(d[1], d[0])
+    normal = np.array((-math.sin(angle), math.cos(angle)))
+    lane = rng.uniform(-1, 1) * max(0.0, width / 2 - car_h / 2 - 1)
+    cx, cy = pts[i] + rng.random() * d + lane * normal
+    return cx, cy, angle + (math.pi if rng.random() < 0.5 else 0.0), (ROAD,)
+
+
+def scene(rng: np.random.Generator, size, theme: str | None = None, return_instances: bool = False):
+    """One aerial scene: (rgb uint8 HxWx3, LoveDA mask uint8 HxW, boxes) [, instance ids HxW].
+
+    size is an int (square) or (height, width). boxes are (cx, cy, w, h, angle, class, difficult)
+    in the convention of the module docstring; instance ids are k for boxes[k - 1], 0 elsewhere.
+    """
+    h, w = (size, size) if np.isscalar(size) else size
+    if min(h, w) < 32:
+        raise ValueError(f"scene size must be at least 32 px, got {h}x{w}")
+    theme = theme or str(rng.choice(list(THEMES)))
+    if theme not in THEMES:
+        raise ValueError(f"unknown theme {theme!r}; choose from {sorted(THEMES)}")
+    spec, k = THEMES[theme], min(h, w) / 256
+    cv = Canvas(h, w)
+    _land_cover(rng, cv, spec, k)
+    _water(rng, cv, str(rng.choice(spec["water"])), k)
+    roads = _roads(rng, cv, int(rng.integers(spec["roads"][0], spec["roads"][1] + 1)), k)
+    boxes = _objects(rng, cv, spec, roads, k)
+    rgb = cv.rgb * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 3, cv.rgb.shape)  # per-scene tint + sensor noise
+    rgb = np.asarray(Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5)))
+    return (rgb, cv.mask, boxes, cv.inst) if return_instances else (rgb, cv.mask, boxes)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def dota_lines(boxes, gsd: float) -> list[str]:
+    """DOTA v1 label file lines for scene boxes."""
+    lines = ["imagesource:rsscale-synthetic", f"gsd:{gsd:.6g}"]
+    for cx, cy, w, h, angle, name, difficult in boxes:
+        xy = " ".join(f"{c:.2f}" for c in box_corners(cx, cy, w, h, angle).ravel())
+        lines.append(f"{xy} {name} {difficult}")
+    return lines
+
+
+def _sample(seed: int, split: str, index: int, size, theme=None):
+    rng = np.random.default_rng([seed, sum(map(ord, split)), index])
+    theme = theme or str(rng.choice(list(THEMES)))
+    return theme, scene(rng, size, theme)
+
+
+def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
+    """MillionAID images vary in size and aspect: sides in [0.75, 1.5] x size."""
+    rng = np.random.default_rng([seed, 7, index])
+    return tuple(int(s) for s in rng.integers(int(0.75 * size), int(1.5 * size) + 1, 2))
+
+
+def _write_all(kind, paths_of, make, n, overwrite):
+    t0, done = time.time(), 0
+    for i in range(n):
+        paths = paths_of(i)
+        if not overwrite and all(os.path.exists(p) for p in paths):
+            continue
+        for p in paths:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        make(i, paths)
+        done += 1
+        if done % 100 == 0:
+            log(f"{kind}: {i + 1}/{n} ({(time.time() - t0) / done * 1000:.0f} ms/image)")
+    if done:
+        log(f"{kind}: wrote {done} sample(s) in {time.time() - t0:.1f} s")
+    return n - done
+
+
+def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64, size: int = 256,
+             seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False) -> dict:
+    """Write the dataset (skipping files already there unless overwrite) -> dict of paths."""
+    if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
+        raise ValueError("counts must be >= 0 and size >= 32")
+    root = os.path.abspath(os.fspath(root))
+    seg_val, det_val = int(num_seg * val_fraction), int(num_det * val_fraction)
+    theme_of = {}
+
+    def pre_paths(i):
+        theme_of[i] = theme_of.get(i) or str(np.random.default_rng([seed, 11, i]).choice(list(THEMES)))
+        return [os.path.join(root, "pretrain", theme_of[i], f"P{i:06d}.jpg")]
+
+    def pre_make(i, paths):
+        _, (rgb, _, _) = _sample(seed, "pretrain", i, _pretrain_size(seed, i, size), theme_of[i])
+        Image.fromarray(rgb).save(paths[0], quality=90)
+
+    def seg_dir(i):
+        split = "Val" if i < seg_val else "Train"
+        theme = str(np.random.default_rng([seed, 13, i]).choice(list(THEMES)))
+        return os.path.join(root, "seg", split, "Urban" if theme in URBAN_THEMES else "Rural"), theme
+
+    def seg_paths(i):
+        d, _ = seg_dir(i)
+        return [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")]
+
+    def seg_make(i, paths):
+        _, (rgb, mask, _) = _sample(seed, "seg", i, size, seg_dir(i)[1])
+        Image.fromarray(rgb).save(paths[0])
+        Image.fromarray(mask).save(paths[1])
+
+    def det_paths(i):
+        d = os.path.join(root, "det", "val" if i < det_val else "train")
+        return [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")]
+
+    def det_make(i, paths):
+        _, (rgb, _, boxes) = _sample(seed, "det", i, size)
+        Image.fromarray(rgb).save(paths[0])
+        with open(paths[1], "w") as f:
+            f.write("\n".join(dota_lines(boxes, GSD * 256 / size)) + "\n")
+
+    log(f"writing synthetic aerial dataset to {root} (seed {seed}, size {size})")
+    skipped = _write_all("pretrain", pre_paths, pre_make, num_pretrain, overwrite)
+    skipped += _write_all("seg", seg_paths, seg_make, num_seg, overwrite)
+    skipped += _write_all("det", det_paths, det_make, num_det, overwrite)
+    if skipped:
+        log(f"kept {skipped} sample(s) already on disk (--overwrite regenerates them)")
+    paths = dataset_paths(root)
+    manifest = dict(num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det, size=size, seed=seed,
+                    val_fraction=val_fraction, det_classes=list(DET_CLASSES), seg_classes=list(LOVEDA_CLASSES),
+                    themes=sorted(THEMES))
+    with open(paths["manifest"], "w") as f:
+        json.dump(manifest, f, indent=1)
+    log(f"done: {root}")
+    return paths
+
+
+def dataset_paths(root) -> dict:
+    root = os.path.abspath(os.fspath(root))
+    return {"root": root, "manifest": os.path.join(root, "manifest.json"),
+            "pretrain": os.path.join(root, "pretrain"),
+            "seg_train": os.path.join(root, "seg", "Train"), "seg_val": os.path.join(root, "seg", "Val"),
+            "det_train": os.path.join(root, "det", "train"), "det_val": os.path.join(root, "det", "val")}
+
+
+def ensure_dataset(root, **kwargs) -> dict:
+    """generate() unless a finished dataset with the same parameters is already at root."""
+    paths = dataset_paths(root)
+    try:
+        with open(paths["manifest"]) as f:
+            have = json.load(f)
+        wanted = dict(num_pretrain=512, num_seg=64, num_det=64, size=256, seed=0, val_fraction=0.2) | kwargs
+        wanted.pop("overwrite", None)
+        if all(have.get(k) == v for k, v in wanted.items()):
+            return paths
+    except (OSError, ValueError):
+        pass
+    return generate(root, **kwargs)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="data/synthetic", help="output folder (default: data/synthetic)")
+    parser.add_argument("--num-pretrain", type=int, default=512, help="pretraining JPEGs (MillionAID-like)")
+    parser.add_argument("--num-seg", type=int, default=64, help="segmentation tiles (LoveDA layout)")
+    parser.add_argument("--num-det", type=int, default=64, help="detection tiles (DOTA layout)")
+    parser.add_argument("--size", type=int, default=256, help="tile side in pixels (pretraining images vary 0.75-1.5x)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of seg/det tiles in the val split")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
+
+
+def main(args) -> int:
+    generate(args.out, num_pretrain=args.num_pretrain, num_seg=args.num_seg, num_det=args.num_det,
+             size=args.size, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    return 0

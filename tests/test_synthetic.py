@@ -1,0 +1,115 @@
+"""Synthetic aerial scenes: determinism, native formats, and boxes == rendered objects."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import MultiPoint, Polygon
+
+from scaling import synthetic
+from scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
+
+
+def _scenes():
+    for i, theme in enumerate(THEMES):
+        yield theme, scene(np.random.default_rng(100 + i), 160, theme, return_instances=True)
+
+
+def test_scene_is_deterministic_and_seed_dependent():
+    a = scene(np.random.default_rng(3), (96, 128))
+    b = scene(np.random.default_rng(3), (96, 128))
+    c = scene(np.random.default_rng(4), (96, 128))
+    assert a[0].shape == (96, 128, 3) and a[0].dtype == np.uint8 and a[1].shape == (96, 128)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_masks_and_boxes_are_valid():
+    counts = dict.fromkeys(DET_CLASSES, 0)
+    for theme, (rgb, mask, boxes, inst) in _scenes():
+        assert mask.min() >= 1 and mask.max() <= 7, theme
+        assert inst.max() == len(boxes)
+        for cx, cy, w, h, angle, name, difficult in boxes:
+            assert name in DET_CLASSES and difficult in (0, 1)
+            assert 0 <= cx < 160 and 0 <= cy < 160 and w > 0 and h > 0 and -math.pi / 2 <= angle < math.pi / 2
+            counts[name] += 1
+    assert all(counts.values()), counts  # every class appears across the themes
+
+
+def test_boxes_are_exactly_the_rendered_objects():
+    """Checked with shapely (independent geometry): every pixel centre of an object lies in its
+    DOTA polygon, the object reaches every side of it (within a pixel), and its mask class fits."""
+    checked = 0
+    for theme, (rgb, mask, boxes, inst) in _scenes():
+        lines = synthetic.dota_lines(boxes, 0.5)[2:]
+        for k, (box, line) in enumerate(zip(boxes, lines), start=1):
+            cx, cy, w, h, angle, name, difficult = box
+            poly = Polygon(np.array(line.split()[:8], float).reshape(4, 2))
+            assert poly.area == pytest.approx(w * h, abs=0.02 * (w + h))
+            ys, xs = np.nonzero(inst == k)
+            centres = np.stack([xs + 0.5, ys + 0.5], 1)
+            assert poly.buffer(0.1).contains(MultiPoint(centres)), (theme, name)
+            labels = set(np.unique(mask[ys, xs]))
+            expected = {"ship": {WATER}, "storage-tank": {BUILDING}}.get(name)
+            assert labels <= (expected or {ROAD, 1, 5}), (theme, name, labels)
+            if not poly.within(Polygon([(0, 0), (160, 0), (160, 160), (0, 160)])):
+                continue  # truncated by the border: tightness only holds inside the image
+            c, s = math.cos(angle), math.sin(angle)
+            u = (centres[:, 0] - cx) * c + (centres[:, 1] - cy) * s
+            v = -(centres[:, 0] - cx) * s + (centres[:, 1] - cy) * c
+            for extent, half in ((u.max(), w / 2), (-u.min(), w / 2), (v.max(), h / 2), (-v.min(), h / 2)):
+                assert half - 1.1 <= extent <= half + 1e-6, (theme, name, extent, half)
+            checked += 1
+    assert checked > 30
+
+
+def test_generate_writes_native_formats_and_skips_existing(tmp_path):
+    paths = synthetic.generate(tmp_path, num_pretrain=6, num_seg=5, num_det=5, size=64, seed=1)
+    jpgs = sorted(p for p in (tmp_path / "pretrain").rglob("*.jpg"))
+    assert len(jpgs) == 6 and {p.parent.name for p in jpgs} <= set(THEMES)
+    assert len({Image.open(p).size for p in jpgs}) > 1  # MillionAID-like: varied sizes
+    # LoveDA: <split>/<Urban|Rural>/images_png + masks_png with the same ids
+    imgs = sorted((tmp_path / "seg").rglob("images_png/*.png"))
+    assert len(imgs) == 5 and {p.parts[-4] for p in imgs} == {"Train", "Val"}
+    for p in imgs:
+        mask = np.asarray(Image.open(p.parent.parent / "masks_png" / p.name))
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8 and mask.min() >= 1 and mask.max() <= 7
+    # DOTA: header, then 8 coordinates, class, difficult; equal to the scene's own boxes
+    labels = sorted((tmp_path / "det").rglob("labelTxt/*.txt"))
+    assert len(labels) == 5 and (tmp_path / "det" / "val" / "images" / "P0000.png").exists()
+    for p in labels:
+        lines = p.read_text().splitlines()
+        assert lines[0].startswith("imagesource:") and lines[1].startswith("gsd:")
+        i = int(p.stem[1:])
+        _, (_, _, boxes) = synthetic._sample(1, "det", i, 64)
+        assert len(lines) - 2 == len(boxes)
+        for line, box in zip(lines[2:], boxes):
+            parts = line.split()
+            assert len(parts) == 10 and parts[8] == box[5] and int(parts[9]) == box[6]
+            corners = np.array(parts[:8], float).reshape(4, 2)
+            assert np.allclose(corners, synthetic.box_corners(*box[:5]), atol=0.0051)
+        rgb = np.asarray(Image.open(p.parent.parent / "images" / f"{p.stem}.png"))
+        assert np.array_equal(rgb, synthetic._sample(1, "det", i, 64)[1][0])
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    assert synthetic.ensure_dataset(tmp_path, num_pretrain=6, num_seg=5, num_det=5, size=64, seed=1) == paths
+    synthetic.generate(tmp_path, num_pretrain=6, num_seg=5, num_det=5, size=64, seed=1)
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}  # nothing rewritten
+
+
+def test_cli_data_command(tmp_path, capsys):
+    from scaling.cli import main
+
+    out = tmp_path / "d"
+    assert main(["data", "--out", str(out), "--num-pretrain", "2", "--num-seg", "1", "--num-det", "1",
+                 "--size", "48"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert os.path.exists(out / "manifest.json") and len(list(out.rglob("*.jpg"))) == 2
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="theme"):
+        scene(np.random.default_rng(0), 64, "moon")
+    with pytest.raises(ValueError, match="32"):
+        scene(np.random.default_rng(0), 8)
