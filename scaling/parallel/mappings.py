@@ -1,0 +1,161 @@
+"""Sequence-parallel collectives, as small autograd Functions named by their contract.
+
+Hidden states are [B, N, D] (batch first); under sequence parallelism (SP) each TP rank holds
+the tokens [B, N/T, D] of its rank (N a multiple of T; the model pads, see vit.py/mae.py).
+
+    scatter_to_sequence_parallel_region(x)        fwd: keep my token chunk   bwd: all-gather
+    gather_from_sequence_parallel_region(x, tp_grad=True)
+                                                  fwd: all-gather tokens     bwd: reduce-scatter
+                                                  (tp_grad=False:            bwd: keep my chunk)
+    reduce_scatter_to_sequence_parallel_region(x) fwd: reduce-scatter       bwd: all-gather
+    copy_to_tensor_model_parallel_region(x)       fwd: identity              bwd: all-reduce
+    reduce_from_tensor_model_parallel_region(x)   fwd: all-reduce            bwd: identity
+(the last two are megatron-core's, re-exported so the model imports every collective from here).
+
+Why the backward passes are exact when combined with megatron's linears built with
+sequence_parallel=False. A block under SP runs
+    x_r (my tokens) -> LN -> gather (all tokens) -> Column linears on my heads -> attention/MLP
+      -> Row linear partial sum -> reduce-scatter (my tokens, summed over ranks) -> + x_r.
+The Column linears are built with `disable_grad_reduce=True`: their input grad on rank r is only
+the part that flows through rank r's heads. The gather's backward therefore sums those partial
+grads over ranks and keeps rank r's tokens - a reduce-scatter - which is the exact grad of x_r.
+The reduce-scatter's backward is an all-gather: every rank's partial sum received the same
+upstream grad. Parameters used on token shards only (the LayerNorms inside blocks and the Row
+biases, added after the reduce-scatter) would get grads from their own tokens only; the block
+routes them through `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the
+tiny grad in backward), so every rank ends `backward()` with the full gradient - no extra
+"sequence-parallel grad sync" step is needed in the trainer.
+When the SP region ends (gather before a replicated computation, e.g. the final norm) every rank
+computes the same thing and holds the full upstream grad, so `tp_grad=False` keeps its chunk.
+
+Communication per block sublayer, activations of size A = B*N*D per rank (ring algorithms):
+    TP only (megatron, non-SP):   fwd all-reduce (2A)           bwd all-reduce (2A)
+    megatron native SP:           fwd all-gather + reduce-scatter (A + A), bwd the same (2A)
+    ours:                         the same volumes as megatron's native SP when the backend has
+                                  reduce_scatter (gloo in recent torch and nccl do); otherwise
+                                  reduce-scatter falls back to all-reduce + keep-my-chunk (2A),
+                                  i.e. 3A per direction, plus a few all-reduces of K*D-sized
+                                  LayerNorm/bias grads per block.
+SP saves activation memory (LayerNorm, residual and dropout-free elementwise work on N/T
+tokens), not communication.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+
+from scaling.parallel import state
+
+TOKEN_DIM = 1
+# torch >= 2.10 renamed reduce_scatter_tensor (the old name warns); same signature.
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+__all__ = [
+    "copy_to_tensor_model_parallel_region",
+    "reduce_from_tensor_model_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "pad_tokens",
+]
+
+
+def _check_divisible(x: torch.Tensor, size: int) -> None:
+    if x.shape[TOKEN_DIM] % size:
+        raise ValueError(f"sequence parallelism needs the token count {x.shape[TOKEN_DIM]} to be a multiple of the TP size {size}; pad with pad_tokens() first")
+
+
+def _split(x: torch.Tensor) -> torch.Tensor:
+    size = state.tp_size()
+    if size == 1:
+        return x
+    _check_divisible(x, size)
+    return x.chunk(size, dim=TOKEN_DIM)[state.tp_rank()].contiguous()
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    size = state.tp_size()
+    if size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x, group=state.tp_group())
+    return torch.cat(parts, dim=TOKEN_DIM)
+
+
+def _reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    size = state.tp_size()
+    if size == 1:
+        return x
+    _check_divisible(x, size)
+    # reduce_scatter_tensor splits along dim 0: move tokens there and back.
+    xt = x.transpose(0, TOKEN_DIM).contiguous()
+    out = torch.empty((xt.shape[0] // size,) + xt.shape[1:], dtype=x.dtype, device=x.device)
+    try:
+        _REDUCE_SCATTER(out, xt, group=state.tp_group())
+    except (RuntimeError, NotImplementedError):  # backends without reduce_scatter
+        dist.all_reduce(xt, group=state.tp_group())
+        out = xt.chunk(size, dim=0)[state.tp_rank()]
+    return out.transpose(0, TOKEN_DIM).contiguous()
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    """fwd: keep my token chunk of a replicated tensor; bwd: all-gather the chunks' grads."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _split(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad)
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """fwd: all-gather tokens; bwd: reduce-scatter (consumer is TP-parallel) or keep my chunk."""
+
+    @staticmethod
+    def forward(ctx, x, tp_grad):
+        ctx.tp_grad = tp_grad
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_reduce_scatter(grad) if ctx.tp_grad else _split(grad)), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """fwd: sum the ranks' partial outputs and keep my tokens; bwd: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return _ScatterToSequenceParallelRegion.apply(x)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, tp_grad: bool = True) -> torch.Tensor:
+    """tp_grad=True when the gathered tensor feeds TP-parallel layers (partial grads per rank);
+    False when it feeds replicated computation (every rank holds the full grad)."""
+    return _GatherFromSequenceParallelRegion.apply(x, tp_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return _ReduceScatterToSequenceParallelRegion.apply(x)
+
+
+def pad_tokens(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the token dimension up to a multiple (SP needs N % T == 0)."""
+    extra = -x.shape[TOKEN_DIM] % multiple
+    if not extra:
+        return x
+    pad = x.new_zeros(x.shape[:TOKEN_DIM] + (extra,) + x.shape[TOKEN_DIM + 1 :])
+    return torch.cat([x, pad], dim=TOKEN_DIM)

@@ -1,0 +1,178 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+A thin layer over megatron-core's `parallel_state`: we start torch.distributed ourselves (so a
+plain `python script.py` gets a world of size 1 without torchrun) and ask megatron for the
+TP/PP/DP groups. Everything else reads ranks and groups through the accessors below.
+
+Also here: the one `ModelParallelConfig` every megatron linear is built with (always
+`sequence_parallel=False`: megatron's SP paths allocate on `torch.cuda.current_device()`, so we
+run sequence parallelism with our own collectives in `mappings.py`), and the layout helpers that
+cut a full (TP=1) tensor into a rank's shard and glue shards back together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parallel_state():
+    from megatron.core import parallel_state  # imported lazily: megatron warns loudly on import
+
+    return parallel_state
+
+
+def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: float = 600.0, seed: int | None = None):
+    """Start torch.distributed if needed and build megatron's TP/PP/DP groups.
+
+    Under torchrun (WORLD_SIZE set) the group comes from env://; otherwise this process becomes a
+    world of size 1 on a free local port. gloo on CPU, nccl on CUDA. Calling it again with the
+    same sizes is a no-op; with other sizes the model-parallel groups are rebuilt.
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}; use a multiple of {tp * pp} processes")
+    if dp is not None and dp * tp * pp != world:
+        raise ValueError(f"dp*tp*pp = {dp}*{tp}*{pp} must equal the world size {world}")
+    ps = _parallel_state()
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, distributed_timeout_minutes=max(1, int(timeout_s // 60)))
+    if seed is not None:
+        seed_rng(seed)
+    if dist.get_rank() == 0:
+        log.info("parallel layout: world=%d tp=%d pp=%d dp=%d backend=%s", world, tp, pp, world // (tp * pp), dist.get_backend())
+
+
+def seed_rng(seed: int) -> None:
+    """Seed torch, and megatron's CUDA RNG tracker where CUDA exists.
+
+    megatron's `model_parallel_cuda_manual_seed` asserts on a CPU-only torch; its tracker only
+    matters for dropout inside TP regions and megatron's own checkpointing, neither of which we
+    use (no dropout; torch.utils.checkpoint), so on CPU seeding torch is all there is to do.
+    """
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group (if we are in one)."""
+    ps = _parallel_state()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized() and _parallel_state().model_parallel_is_initialized()
+
+
+def ensure_initialized() -> None:
+    """Build a world of size 1 (tp=pp=1) when nobody called init_parallel; logged, not silent."""
+    if not is_initialized():
+        log.info("init_parallel() was not called: starting a single-process world (tp=1, pp=1)")
+        init_parallel()
+
+
+# Accessors: every rank/size/group question goes through megatron's parallel_state.
+def tp_rank() -> int:
+    return _parallel_state().get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return _parallel_state().get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return _parallel_state().get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    return _parallel_state().get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return _parallel_state().get_pipeline_model_parallel_world_size()
+
+
+def pp_group():
+    return _parallel_state().get_pipeline_model_parallel_group()
+
+
+def dp_rank() -> int:
+    return _parallel_state().get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return _parallel_state().get_data_parallel_world_size()
+
+
+def dp_group():
+    return _parallel_state().get_data_parallel_group()
+
+
+def model_parallel_config(tp: int | None = None, params_dtype: torch.dtype = torch.float32, **kw):
+    """The ModelParallelConfig for every megatron linear in the model.
+
+    CPU initialization makes each rank build the full weight from the (shared) torch RNG and keep
+    its slice, so a TP=T model's shards equal slices of the TP=1 model built from the same seed.
+    """
+    from megatron.core import ModelParallelConfig
+
+    ensure_initialized()
+    return ModelParallelConfig(tensor_model_parallel_size=tp or tp_size(), sequence_parallel=False, use_cpu_initialization=True, params_dtype=params_dtype, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers: a TP parameter carries megatron's `partition_dim` and `partition_stride`.
+# With stride s, the full tensor is cut into T*s chunks along partition_dim and rank r owns
+# chunks r, r+T, r+2T, ... (e.g. the fused qkv weight: rank r owns its heads' q, k and v rows).
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """The slice of a full tensor that TP rank `rank` of `size` holds."""
+    if full.shape[dim] % (size * stride):
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into {size}x{stride} chunks")
+    chunks = full.chunk(size * stride, dim=dim)
+    return torch.cat(chunks[rank::size], dim=dim)
+
+
+def unshard_tensors(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `shard_tensor`: glue all ranks' shards (in rank order) into the full tensor."""
+    pieces = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))

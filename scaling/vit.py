@@ -1,0 +1,201 @@
+"""ViT building blocks: the tensor-parallel parallel-branch block, patch embedding, sin-cos positions.
+
+`ParallelBlock` is Touvron et al.'s parallel ViT block with K branches,
+    x = x + sum_k attn_k(LN_k x);   x = x + sum_k mlp_k(LN'_k x),
+whose linears are megatron-core's: qkv and fc1 are ColumnParallelLinear (rank r owns its heads /
+its slice of the MLP), proj and fc2 are RowParallelLinear (input_is_parallel=True).
+
+Branch fusion: the sum over branches commutes with the TP all-reduce, so each sublayer does ONE
+collective for all K branches instead of K: the K LayerNorms run on one read of x
+(`kernels.multi_layer_norm`), one copy-to-TP-region covers all K normed inputs (the Column
+linears are built with `disable_grad_reduce=True`), and the K Row linears' partial outputs are
+summed locally (`F.linear` on their weights) before one all-reduce / reduce-scatter; their biases
+are added once after it. Parameters stay per branch (`attn.<k>.qkv.weight`, ...), each branch
+holding exactly `scaling.config.branch_params` elements (TP=1).
+
+Sequence parallelism (`sequence_parallel=True`): x is this rank's token chunk [B, N/T, D]; see
+`scaling.parallel.mappings` for the collectives and why the gradients are exact. Padding tokens
+(added by the caller so the token count divides T) are dropped before attention and never
+attended to; `n_tokens` tells the block how many tokens are real.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from scaling.parallel import mappings, state
+
+
+def check_tp_divides(tp: int, what: str, **sizes: int) -> list[str]:
+    """One sentence per size that the TP degree does not divide (empty list when all do)."""
+    return [f"TP size {tp} does not divide {what} {name} = {n}" for name, n in sizes.items() if n % tp]
+
+
+class _AttentionBranch(nn.Module):
+    def __init__(self, width, qkv_bias, eps, config):
+        super().__init__()
+        init = nn.init.xavier_uniform_
+        self.norm = nn.LayerNorm(width, eps=eps)
+        # stride=3: rank r owns the q, k and v rows of its heads (the full weight is [q; k; v]).
+        self.qkv = ColumnParallelLinear(width, 3 * width, config=config, init_method=init, bias=qkv_bias, gather_output=False, stride=3, disable_grad_reduce=True)
+        self.proj = RowParallelLinear(width, width, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=True)
+
+
+class _MlpBranch(nn.Module):
+    def __init__(self, width, mlp, eps, config):
+        super().__init__()
+        init = nn.init.xavier_uniform_
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.fc1 = ColumnParallelLinear(width, mlp, config=config, init_method=init, bias=True, gather_output=False, disable_grad_reduce=True)
+        self.fc2 = RowParallelLinear(mlp, width, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=True)
+
+
+class ParallelBlock(nn.Module):
+    """K-branch pre-norm transformer block, tensor parallel over heads and MLP columns.
+
+    forward(x, n_tokens=None, hw=None): x is [B, N, D] (or this rank's [B, N/T, D] chunk under
+    sequence parallelism, of which only the first `n_tokens` gathered tokens are real);
+    hw=(H, W) gives the token grid (no cls token) when window attention is on.
+    """
+
+    def __init__(self, width, heads, mlp, branches=1, qkv_bias=True, eps=1e-6, config=None, sequence_parallel=False, window_size=None, activation_checkpointing=False):
+        super().__init__()
+        config = config or state.model_parallel_config()
+        tp = config.tensor_model_parallel_size
+        problems = check_tp_divides(tp, "the block's", heads=heads, width=width, mlp=mlp)
+        if width % heads:
+            problems.append(f"width {width} is not divisible by heads {heads}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.width, self.heads, self.branches, self.eps = width, heads, branches, eps
+        self.local_heads, self.head_dim = heads // tp, width // heads
+        self.sequence_parallel, self.window_size = sequence_parallel, window_size
+        self.activation_checkpointing = activation_checkpointing
+        self.attn = nn.ModuleList(_AttentionBranch(width, qkv_bias, eps, config) for _ in range(branches))
+        self.mlp = nn.ModuleList(_MlpBranch(width, mlp, eps, config) for _ in range(branches))
+
+    def forward(self, x, n_tokens=None, hw=None):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, n_tokens, hw, use_reentrant=False)
+        return self._forward(x, n_tokens, hw)
+
+    def _forward(self, x, n_tokens, hw):
+        x = x + self._sublayer(x, self.attn, [br.proj.bias for br in self.attn], lambda h: self._attention(h, n_tokens, hw))
+        x = x + self._sublayer(x, self.mlp, [br.fc2.bias for br in self.mlp], self._mlp)
+        return x
+
+    def _sublayer(self, x, branches, row_biases, body):
+        """LN_k on x -> into the TP region -> body (sum of Row partials) -> out of the region."""
+        w = torch.stack([br.norm.weight for br in branches])
+        b = torch.stack([br.norm.bias for br in branches])
+        bias = sum(row_biases)
+        K, B = len(branches), x.shape[0]
+        if self.sequence_parallel:
+            w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
+            h = kernels.multi_layer_norm(x, w, b, self.eps)  # [K, B, N/T, D]
+            h = mappings.gather_from_sequence_parallel_region(h.flatten(0, 1)).unflatten(0, (K, B))
+            out = mappings.reduce_scatter_to_sequence_parallel_region(body(h))
+            return out + mappings.copy_to_tensor_model_parallel_region(bias)
+        h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps))
+        return mappings.reduce_from_tensor_model_parallel_region(body(h)) + bias
+
+    def _mlp(self, h):
+        """h: [K, B, N, D] normed inputs -> sum_k fc2_k(gelu(fc1_k h_k)) before the TP reduction."""
+        out = 0
+        for k, br in enumerate(self.mlp):
+            a, _ = br.fc1(h[k])
+            out = out + F.linear(F.gelu(a), br.fc2.weight)
+        return out
+
+    def _attention(self, h, n_tokens, hw):
+        """h: [K, B, N, D] normed inputs -> sum_k proj_k(attn_k) before the TP reduction."""
+        K, B, N, D = h.shape
+        n = N if n_tokens is None else n_tokens
+        h = h[:, :, :n]  # drop sequence-parallel padding: never attended to
+        if self.window_size:
+            h, pad_hw = window_partition(h.flatten(0, 1), hw, self.window_size)
+            h = h.unflatten(0, (K, -1))
+        Bw, L = h.shape[1], h.shape[2]
+        qkv = torch.stack([br.qkv(h[k])[0] for k, br in enumerate(self.attn)])  # [K, Bw, L, 3*D/T]
+        q, k_, v = qkv.view(K * Bw, L, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = kernels.attention(q, k_, v).transpose(1, 2).reshape(K, Bw, L, -1)
+        out = sum(F.linear(o[k], br.proj.weight) for k, br in enumerate(self.attn))
+        if self.window_size:
+            out = window_unpartition(out, self.window_size, pad_hw, hw)
+        return F.pad(out, (0, 0, 0, N - n)) if N > n else out
+
+
+def window_partition(x: torch.Tensor, hw, window: int):
+    """[B, H*W, C] tokens on an (H, W) grid -> [B*nW, window*window, C] windows (zero-padded
+    to multiples of the window, as ViTDet does), plus the padded grid size."""
+    if hw is None:
+        raise ValueError("window attention needs the token grid hw=(H, W) in forward")
+    H, W = hw
+    B, N, C = x.shape
+    if N != H * W:
+        raise ValueError(f"window attention got {N} tokens but the grid {H}x{W} has {H * W} (window blocks take no cls token)")
+    x = x.view(B, H, W, C)
+    ph, pw = -H % window, -W % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    Hp, Wp = H + ph, W + pw
+    x = x.view(B, Hp // window, window, Wp // window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, C), (Hp, Wp)
+
+
+def window_unpartition(windows: torch.Tensor, window: int, pad_hw, hw) -> torch.Tensor:
+    """Inverse of `window_partition`: [B*nW, window*window, C] -> [B, H*W, C] (padding cropped)."""
+    (Hp, Wp), (H, W) = pad_hw, hw
+    C = windows.shape[-1]
+    x = windows.view(-1, Hp // window, Wp // window, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, Hp, Wp, C)[:, :H, :W]
+    return x.reshape(-1, H * W, C)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> width, as a strided conv (same numel as a linear on
+    flattened patches: in_chans*p*p*width + width); works for any image size divisible by p."""
+
+    def __init__(self, patch_size: int, in_chans: int, width: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+        nn.init.xavier_uniform_(self.proj.weight.view(width, -1))  # as a linear layer (MAE)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        if imgs.shape[-1] % self.patch_size or imgs.shape[-2] % self.patch_size:
+            raise ValueError(f"image size {tuple(imgs.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(imgs).flatten(2).transpose(1, 2)  # [B, H*W, D]
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table [(1 +) H*W, dim]: half the channels encode the column,
+    half the row (MAE's layout), each as [sin, cos] of position * 10000^(-i/(dim/4))."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos):
+        out = pos.reshape(-1, 1).double() * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    table = torch.cat([encode(cols), encode(rows)], dim=1).float()
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim), table], dim=0)
+    return table
+
+
+def init_fixed_(param: torch.Tensor, table: torch.Tensor) -> None:
+    """Copy a fixed table into a (requires_grad=False) parameter; no-op on the meta device."""
+    if param.device.type != "meta":
+        with torch.no_grad():
+            param.copy_(table.reshape(param.shape))
+    param.requires_grad_(False)
+
