@@ -99,7 +99,7 @@ def hbox_to_obb(hboxes: torch.Tensor) -> torch.Tensor:
 
 def poly_to_hbox(polys: torch.Tensor) -> torch.Tensor:
     """Enclosing axis-aligned boxes (x1, y1, x2, y2) [N, 4] of polygons [N, 2K]."""
-    pts = polys.reshape(*polys.shape[:-1], -1, 2)
+    pts = polys.reshape(*polys.shape[:-1], polys.shape[-1] // 2, 2)
     return torch.cat([pts.amin(-2), pts.amax(-2)], -1)
 
 
@@ -110,7 +110,7 @@ def obb_to_hbox(boxes: torch.Tensor) -> torch.Tensor:
 
 def poly_area(polys: torch.Tensor) -> torch.Tensor:
     """Unsigned area of simple polygons [..., 2K] (shoelace)."""
-    return _signed_area(polys.reshape(*polys.shape[:-1], -1, 2)).abs()
+    return _signed_area(polys.reshape(*polys.shape[:-1], polys.shape[-1] // 2, 2)).abs()
 
 
 # --------------------------------------------------------------------------- IoU
@@ -199,7 +199,8 @@ def _inside(points: torch.Tensor, poly: torch.Tensor, tol: torch.Tensor) -> torc
     rel = points[:, :, None, :] - poly[:, None, :, :]  # [K, P, V, 2]
     side = _cross(edge[:, None], rel) / edge.norm(dim=-1)[:, None].clamp_min(1e-30)  # signed distance
     orient = torch.sign(_signed_area(poly))[:, None, None]
-    return (side * orient >= -tol[:, None, None]).all(-1)
+    # A degenerate (zero-area) polygon contains nothing.
+    return (side * orient >= -tol[:, None, None]).all(-1) & (orient[:, :, 0] != 0)
 
 
 def _convex_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ def test_iou_hand_computed_cases():
     # Touching edges only: zero area.
     touch = torch.tensor([[2.0, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
     assert rotated_iou(sq, touch).item() == pytest.approx(0.0, abs=1e-12)
+    # Degenerate boxes (zero width or height) overlap nothing.
+    flat = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.5]], dtype=torch.float64)
+    assert rotated_iou(flat, torch.cat([sq, flat])).abs().max().item() == 0.0
     # Half overlap along x: inter 2, union 6.
     half = torch.tensor([[1.0, 0.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
     assert rotated_iou(sq, half).item() == pytest.approx(1 / 3, abs=1e-12)
@@ -131,6 +134,7 @@ def test_rotated_nms_matches_brute_force():
     assert sorted(keep.tolist()) == sorted(ref)
     assert (scores[keep].diff() <= 0).all()
     assert rotated_nms(torch.zeros(0, 5), torch.zeros(0), 0.5).numel() == 0
+    assert batched_rotated_nms(torch.zeros(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
 
 
 def test_box_coder_hand_cases_and_round_trip():
