@@ -151,7 +151,7 @@ def read_image(path: str, in_chans: int = 3) -> np.ndarray:
 
 def to_unit_float(arr: np.ndarray) -> torch.Tensor:
     """HWC array -> float32 CHW tensor in [0, 1] (integers scaled by their dtype's maximum)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    t = torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # copy: PIL arrays are read-only
     if np.issubdtype(arr.dtype, np.integer):
         return t.float() / float(np.iinfo(arr.dtype).max)
     return t.float()
