@@ -373,6 +373,11 @@ def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
     return tuple(int(s) for s in rng.integers(int(0.75 * size), int(1.5 * size) + 1, 2))
 
 
+def _val_count(n: int, fraction: float) -> int:
+    """Validation tiles: the first round(n * fraction), at least one once there are two tiles."""
+    return 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+
+
 def _write_all(kind, paths_of, make, n, overwrite):
     t0, done = time.time(), 0
     for i in range(n):
@@ -396,7 +401,7 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
     if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
         raise ValueError("counts must be >= 0 and size >= 32")
     root = os.path.abspath(os.fspath(root))
-    seg_val, det_val = int(num_seg * val_fraction), int(num_det * val_fraction)
+    seg_val, det_val = _val_count(num_seg, val_fraction), _val_count(num_det, val_fraction)
     theme_of = {}
 
     def pre_paths(i):
@@ -448,11 +453,17 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
 
 
 def dataset_paths(root) -> dict:
+    """Where each part lives. seg_*_dirs list the LoveDA domain folders (Urban, Rural) that exist,
+    each holding images_png/ and masks_png/ (what a LoveDA reader takes)."""
     root = os.path.abspath(os.fspath(root))
-    return {"root": root, "manifest": os.path.join(root, "manifest.json"),
-            "pretrain": os.path.join(root, "pretrain"),
-            "seg_train": os.path.join(root, "seg", "Train"), "seg_val": os.path.join(root, "seg", "Val"),
-            "det_train": os.path.join(root, "det", "train"), "det_val": os.path.join(root, "det", "val")}
+    paths = {"root": root, "manifest": os.path.join(root, "manifest.json"),
+             "pretrain": os.path.join(root, "pretrain"),
+             "seg_train": os.path.join(root, "seg", "Train"), "seg_val": os.path.join(root, "seg", "Val"),
+             "det_train": os.path.join(root, "det", "train"), "det_val": os.path.join(root, "det", "val")}
+    for split in ("seg_train", "seg_val"):
+        domains = (os.path.join(paths[split], d) for d in ("Urban", "Rural"))
+        paths[f"{split}_dirs"] = [d for d in domains if os.path.isdir(d)]
+    return paths
 
 
 def ensure_dataset(root, **kwargs) -> dict:

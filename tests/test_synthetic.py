@@ -113,3 +113,17 @@ def test_bad_input_is_rejected():
         scene(np.random.default_rng(0), 64, "moon")
     with pytest.raises(ValueError, match="32"):
         scene(np.random.default_rng(0), 8)
+
+
+def test_finetune_readers_accept_the_output(tmp_path):
+    """The LoveDA and DOTA readers of the fine-tuning part read what we write."""
+    datasets = pytest.importorskip("finetune.datasets")
+    paths = synthetic.generate(tmp_path, num_pretrain=0, num_seg=4, num_det=3, size=64, seed=2)
+    for folder in paths["seg_train_dirs"] + paths["seg_val_dirs"]:
+        for image, target in datasets.LoveDADataset(folder):
+            assert image.shape == (3, 64, 64) and target["mask"].shape == (64, 64)
+    det = datasets.DotaDataset(os.path.join(paths["det_train"], "images"), os.path.join(paths["det_train"], "labelTxt"))
+    assert len(det) == 2
+    for image, target in det:
+        i = int(target["image_id"][1:])
+        assert len(target["labels"]) == len(synthetic._sample(2, "det", i, 64)[1][2])
