@@ -293,6 +293,23 @@ def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
         s += patch - overlap
 
 
+def patch_id(image_id: str, x0: int, y0: int) -> str:
+    """Patch name in DOTA_devkit's convention, `<image>__<rate>__<x0>___<y0>` (rate 1 here)."""
+    return f"{image_id}__1__{x0}___{y0}"
+
+
+def parse_patch_id(name: str) -> tuple[str, int, int]:
+    """`<image>__<rate>__<x0>___<y0>` -> (image, x0, y0); only rate 1 (no rescaling) is supported."""
+    try:
+        head, y0 = name.rsplit("___", 1)
+        image_id, rate, x0 = head.rsplit("__", 2)
+        if float(rate) != 1.0:
+            raise ValueError
+        return image_id, int(x0), int(y0)
+    except ValueError:
+        raise ValueError(f"{name!r} is not a rate-1 patch name '<image>__1__<x0>___<y0>'.") from None
+
+
 def split_image(image: torch.Tensor, objects: dict, patch: int = 1024, overlap: int = 200,
                 keep_thr: float = 0.7) -> list[Patch]:
     """Cut a large image [C, H, W] and its objects (a detection target dict) into overlapping
@@ -331,7 +348,7 @@ def _objects_in_window(objects, polys, areas, x0, y0, patch, keep_thr) -> dict:
         "boxes": poly_to_obb(new),
         "labels": objects["labels"][keep],
         "difficult": (objects["difficult"] | ~full)[keep],
-        "image_id": f"{objects.get('image_id', 'image')}__{x0}__{y0}",
+        "image_id": patch_id(objects.get("image_id", "image"), x0, y0),
     }
 
 
@@ -354,3 +371,93 @@ def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1) -> d
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     keep = batched_rotated_nms(boxes, scores, labels, nms_iou)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def merge_dota_submission(dets: dict, nms_iou: float = 0.1) -> dict:
+    """Patch-level Task1 detections {class: [(patch name, score, poly8)]} -> image-level ones:
+    polygons shifted by the offsets in the patch names, then polygon NMS per image and class
+    (DOTA_devkit's ResultMerge step)."""
+    from finetune.rotated import poly_nms
+
+    merged = {}
+    for cls, rows in dets.items():
+        by_image: dict[str, list] = {}
+        for name, score, poly in rows:
+            image_id, x0, y0 = parse_patch_id(name)
+            shifted = [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(poly)]
+            by_image.setdefault(image_id, []).append((score, shifted))
+        out = []
+        for image_id, items in sorted(by_image.items()):
+            scores = torch.tensor([sc for sc, _ in items], dtype=torch.float64)
+            polys = torch.tensor([pl for _, pl in items], dtype=torch.float64)
+            out += [(image_id, items[k][0], items[k][1]) for k in poly_nms(polys, scores, nms_iou).tolist()]
+        merged[cls] = out
+    return merged
+
+
+def write_dota_label_file(path, target: dict, classes) -> None:
+    """Write a detection target dict as a DOTA labelTxt file (difficult as 0/1)."""
+    lines = [" ".join(f"{v:.1f}" for v in poly) + f" {classes[int(c)]} {int(d)}"
+             for poly, c, d in zip(target["polys"].tolist(), target["labels"], target["difficult"])]
+    Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+def split_dota(image_dir, label_dir, out_dir, patch: int = 1024, overlap: int = 200,
+               classes=DOTA_V1_CLASSES, keep_empty: bool = False) -> int:
+    """Split a DOTA folder pair into `out_dir/images/*.png` + `out_dir/labelTxt/*.txt` patches
+    named `<image>__1__<x0>___<y0>` (DOTA_devkit's ImgSplit layout); returns the patch count."""
+    from PIL import Image
+
+    ds = DotaDataset(image_dir, label_dir, classes)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labelTxt").mkdir(parents=True, exist_ok=True)
+    count = 0
+    for i in range(len(ds)):
+        image, target = ds[i]
+        for p in split_image(image, target, patch, overlap):
+            if not keep_empty and len(p.target["labels"]) == 0:
+                continue
+            name = p.target["image_id"]
+            Image.fromarray(p.image.permute(1, 2, 0).numpy()).save(out / "images" / f"{name}.png")
+            write_dota_label_file(out / "labelTxt" / f"{name}.txt", p.target, classes)
+            count += 1
+        log.info("split %s (%d/%d): %d patches so far", target["image_id"], i + 1, len(ds), count)
+    return count
+
+
+def main(argv=None) -> int:
+    """DOTA patch tools: `split` an images/labelTxt folder pair into patches, or `merge`
+    a patch-level Task1 submission into an image-level one."""
+    import argparse
+
+    from finetune.metrics import read_dota_submission, write_dota_submission
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.datasets", description=main.__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("split", help="cut images + labelTxt into overlapping patches")
+    sp.add_argument("root", help="folder with images/ and labelTxt/")
+    sp.add_argument("out", help="output folder (gets images/ and labelTxt/)")
+    sp.add_argument("--patch", type=int, default=1024)
+    sp.add_argument("--overlap", type=int, default=200)
+    sp.add_argument("--keep-empty", action="store_true", help="also write patches without objects")
+    mp = sub.add_parser("merge", help="merge patch-level Task1_<class>.txt files into image level")
+    mp.add_argument("dets", help="folder of patch-level Task1_<class>.txt")
+    mp.add_argument("out", help="output folder for image-level Task1_<class>.txt")
+    mp.add_argument("--nms-iou", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "split":
+        root = Path(args.root)
+        n = split_dota(root / "images", root / "labelTxt", args.out, args.patch, args.overlap,
+                       keep_empty=args.keep_empty)
+        print(f"wrote {n} patches to {args.out}")
+    else:
+        merged = merge_dota_submission(read_dota_submission(args.dets), args.nms_iou)
+        write_dota_submission(merged, args.out)
+        print(f"wrote {sum(len(v) for v in merged.values())} detections to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -268,3 +268,29 @@ class SegMetric:
         lines.append(f"| **mean** | **{100 * r['mIoU']:.2f}** | **{100 * r['mF1']:.2f}** |")
         lines.append(f"\nOA {100 * r['OA']:.2f}")
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv=None) -> int:
+    """`python -m finetune.metrics DETS_DIR LABELTXT_DIR`: score a DOTA Task1 submission."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.metrics", description=main.__doc__)
+    parser.add_argument("detections", help="folder of Task1_<class>.txt files")
+    parser.add_argument("labels", help="DOTA labelTxt folder (one <image>.txt per image)")
+    parser.add_argument("--mode", choices=MODES, default="dota")
+    parser.add_argument("--all-point", action="store_true", help="all-point AP instead of VOC07 11-point")
+    parser.add_argument("--iou-thr", type=float, default=0.5)
+    parser.add_argument("--json", help="also write the full result to this file")
+    args = parser.parse_args(argv)
+    result = evaluate_dota(args.detections, args.labels, iou_thr=args.iou_thr,
+                           use_07_metric=not args.all_point, mode=args.mode)
+    print(format_ap_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -166,7 +166,7 @@ def test_split_image_keeps_objects_by_area_ratio():
     second = patches[1].target
     assert second["labels"].tolist() == [1, 2] and second["difficult"].tolist() == [False, True]
     torch.testing.assert_close(second["polys"][0], torch.tensor(_rect(50.0, 10.0, 120.0, 50.0)))
-    assert second["image_id"] == "img__100__0"
+    assert second["image_id"] == "img__1__100___0" and D.parse_patch_id(second["image_id"]) == ("img", 100, 0)
     # Small images are padded to a full patch.
     small = D.split_image(image[:, :50, :60], {"polys": torch.zeros(0, 8), "labels": torch.zeros(0, dtype=torch.int64),
                                                "difficult": torch.zeros(0, dtype=torch.bool)}, patch=64, overlap=8)
@@ -186,3 +186,39 @@ def test_merge_detections_maps_back_and_suppresses_duplicates():
     assert rotated_iou(merged["boxes"][:1], expected).item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="offsets"):
         D.merge_detections(patch_dets, [(0, 0)])
+
+
+@_needs("dota-example")
+def test_split_and_merge_folders_round_trip(tmp_path):
+    """Patch ground truth submitted as patch-level detections and merged back recovers every
+    object small enough to lie wholly inside some patch (smaller than the overlap)."""
+    from finetune.metrics import read_dota_submission, write_dota_submission
+    from finetune.rotated import poly_area, poly_iou
+
+    src = tmp_path / "src"
+    for sub in ("images", "labelTxt"):
+        (src / sub).mkdir(parents=True)
+    for image_id in ("P0075", "P1888"):
+        (src / "images" / f"{image_id}.png").symlink_to(DATA / "dota-example" / "images" / f"{image_id}.png")
+        (src / "labelTxt" / f"{image_id}.txt").symlink_to(DATA / "dota-example" / "labelTxt" / f"{image_id}.txt")
+    assert D.main(["split", str(src), str(tmp_path / "split"), "--patch", "512", "--overlap", "128"]) == 0
+    patches = D.read_dota_labels(tmp_path / "split" / "labelTxt")
+    assert len(list((tmp_path / "split" / "images").glob("*.png"))) == len(patches) > 2
+    dets = {}
+    for name, objs in patches.items():
+        for o in objs:
+            # Score by area, so a whole copy outranks the clipped copies from neighbouring patches.
+            dets.setdefault(o.cls, []).append((name, float(poly_area(torch.tensor(o.poly))), list(o.poly)))
+    write_dota_submission(dets, tmp_path / "patch_dets")
+    assert D.main(["merge", str(tmp_path / "patch_dets"), str(tmp_path / "merged")]) == 0
+    merged = read_dota_submission(tmp_path / "merged")
+    gt = D.read_dota_labels(src / "labelTxt")
+    small = 0
+    for image_id, objs in gt.items():
+        for o in objs:
+            xs, ys = o.poly[0::2], o.poly[1::2]
+            if max(xs) - min(xs) < 128 and max(ys) - min(ys) < 128:
+                small += 1
+                found = torch.tensor([p for img, _, p in merged.get(o.cls, []) if img == image_id]).reshape(-1, 8)
+                assert poly_iou(torch.tensor([o.poly]), found).max() > 0.99, (image_id, o)
+    assert small > 20
