@@ -34,7 +34,7 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. q/k/v are [B, H, N, D] with arbitrary strides (s?b, s?h, s?n, s?d); outputs and
 # gradients are contiguous [B, H, N, D] (strides sob...); lse/delta are [B*H, N] fp32.
-# Program axis 1 is b * H + h.
+# Program axis 1 is b * H + h. H, N, D are the arguments n_heads, seq_len, head_dim.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -47,7 +47,7 @@ def _attn_fwd_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    H, N, D,
+    n_heads, seq_len, head_dim,
     sm_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -55,12 +55,12 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = bh // n_heads, bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N
-    d_mask = offs_d < D
+    m_mask = offs_m < seq_len
+    d_mask = offs_d < head_dim
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     k_base = K + b * skb + h * skh
@@ -69,9 +69,9 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < N
+        n_mask = cols < seq_len
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
@@ -86,7 +86,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * N + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_mask)
+    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_mask)
 
 
 @triton.jit
@@ -94,20 +94,20 @@ def _attn_bwd_preprocess_kernel(
     O, DO,  # [B, H, N, D] output and its gradient, contiguous
     Delta,  # [B*H, N] fp32: rowsum(dO * O)
     sb, sh, sn, sd,
-    H, N, D,
+    n_heads, seq_len, head_dim,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = bh // n_heads, bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
     offs = b * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd
     o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+    tl.store(Delta + bh * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _attn_bwd_dkdv_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    H, N, D,
+    n_heads, seq_len, head_dim,
     sm_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,26 +128,26 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = bh // n_heads, bh % n_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
+    d_mask = offs_d < head_dim
+    kv_mask = (offs_n[:, None] < seq_len) & d_mask[None, :]
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sob + h * soh
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, seq_len, BLOCK_M):
         rows = start_m + offs_m
-        m_mask = rows < N
+        m_mask = rows < seq_len
         qd_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * son + offs_d[None, :] * sod, mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + bh * N + rows, mask=m_mask, other=0.0)
-        delta = tl.load(Delta + bh * N + rows, mask=m_mask, other=0.0)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=m_mask, other=0.0)
+        delta = tl.load(Delta + bh * seq_len + rows, mask=m_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * sm_scale
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_mask[:, None], p, 0.0)  # padded query rows carry no probability
@@ -171,7 +171,7 @@ def _attn_bwd_dq_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    H, N, D,
+    n_heads, seq_len, head_dim,
     sm_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -179,24 +179,24 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = bh // n_heads, bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N
-    d_mask = offs_d < D
+    m_mask = offs_m < seq_len
+    d_mask = offs_d < head_dim
     qd_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
     o_offs = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     do = tl.load(DO + o_offs, mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + bh * N + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(Delta + bh * N + offs_m, mask=m_mask, other=0.0)
+    lse = tl.load(LSE + bh * seq_len + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(Delta + bh * seq_len + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < N
+        n_mask = cols < seq_len
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)

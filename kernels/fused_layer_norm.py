@@ -30,7 +30,8 @@ MAX_WIDTH = 65536  # widest row one program holds (fp32 accumulators); enough fo
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Shapes in comments: M = n_rows, N = n_cols, K = n_sets (affine sets),
+# P = programs of the backward. Pointer arguments are capitalised, sizes lower case.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -43,27 +44,27 @@ def _ln_fwd_kernel(
     Mean,  # [M] fp32, saved for backward
     Rstd,  # [M] fp32, saved for backward
     stride_x,
-    M,
-    N,
-    K,
+    n_rows,
+    n_cols,
+    n_sets,
     eps,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
+    mean = tl.sum(x, axis=0) / n_cols
     xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
     xhat = xc * rstd
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
-    for k in range(K):
-        w = tl.load(W + k * N + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + k * N + cols, mask=mask, other=0.0).to(tl.float32)
+    for k in range(n_sets):
+        w = tl.load(W + k * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + k * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         y = xhat * w + b
-        tl.store(Y + (k * M + row) * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + (k * n_rows + row) * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -77,9 +78,9 @@ def _ln_bwd_kernel(
     DW_part,  # [P, K, N] fp32 per-program partial sums of dw
     DB_part,  # [P, K, N] fp32 per-program partial sums of db
     stride_x,
-    M,
-    N,
-    K,
+    n_rows,
+    n_cols,
+    n_sets,
     rows_per_program,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -87,28 +88,28 @@ def _ln_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    col_mask = cols < N
-    kn_mask = (ks[:, None] < K) & col_mask[None, :]
-    kn_offs = ks[:, None] * N + cols[None, :]
+    col_mask = cols < n_cols
+    kn_mask = (ks[:, None] < n_sets) & col_mask[None, :]
+    kn_offs = ks[:, None] * n_cols + cols[None, :]
     w = tl.load(W + kn_offs, mask=kn_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for row in range(row_start, row_end):
         x = tl.load(X + row * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + ks[:, None] * M * N + row * N + cols[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + ks[:, None] * n_rows * n_cols + row * n_cols + cols[None, :], mask=kn_mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
         xhat = tl.where(col_mask, (x - mean) * rstd, 0.0)
-        g = tl.sum(dy * w, axis=0)  # dL/dxhat, summed over the K affine sets
-        c1 = tl.sum(xhat * g, axis=0) / N
-        c2 = tl.sum(g, axis=0) / N
+        g = tl.sum(dy * w, axis=0)  # dL/dxhat, summed over the n_sets affine sets
+        c1 = tl.sum(xhat * g, axis=0) / n_cols
+        c2 = tl.sum(g, axis=0) / n_cols
         dx = (g - (xhat * c1 + c2)) * rstd
-        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+        tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
         dw_acc += dy * xhat[None, :]
         db_acc += dy
-    part = pid * K * N + kn_offs
+    part = pid * n_sets * n_cols + kn_offs
     tl.store(DW_part + part, dw_acc, mask=kn_mask)
     tl.store(DB_part + part, db_acc, mask=kn_mask)
 
@@ -117,18 +118,18 @@ def _ln_bwd_kernel(
 def _sum_partials_kernel(
     Part,  # [P, L] fp32 partial sums (contiguous)
     Out,  # [L] reduced sums, in the parameter dtype
-    P,
-    L,
+    n_parts,
+    length,
     BLOCK_P: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     acc = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(0, n_parts, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
-        mask = (rows[:, None] < P) & (cols[None, :] < L)
-        acc += tl.load(Part + rows[:, None] * L + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < L)
+        mask = (rows[:, None] < n_parts) & (cols[None, :] < length)
+        acc += tl.load(Part + rows[:, None] * length + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < length)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,3 +76,60 @@ def check_attention(shape, dtype=torch.float32, device="cpu", seed=0, qkv=None) 
     ref = [t.to(device, dtype).double().requires_grad_() for t in qkv]
     out, out_ref = fa.triton_attention(*ours), fa.naive_attention(*ref)
     return _backward_errors(out, out_ref, ours, ref, ("dq", "dk", "dv"), dtype)
+
+
+FP32_BUFFERS = {"Mean", "Rstd", "LSE", "Delta", "DW_part", "DB_part", "Part"}
+FLOAT_SCALARS = {"eps", "sm_scale"}
+
+
+def compile_for_gpu(kernel, dtype: str, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90):
+    """Compile a kernel to a cubin for an sm_<arch> GPU on a machine without one (triton ships
+    ptxas): catches what only the compiler rejects (types, layouts, shared memory), which the
+    interpreter lets through. Needs a process without TRITON_INTERPRET=1 (triton's own library
+    functions are built for the interpreter there); see compile_all_for_gpu. By the kernels' convention pointer arguments have capitalised
+    names and hold `dtype` ("fp16", "bf16", "fp32") except the fp32 statistics buffers; lower-case
+    arguments are i32 sizes and strides, or fp32 scalars."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(kernel.fn)  # also when TRITON_INTERPRET=1 made `kernel` an interpreted one
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = "*fp32" if name in FP32_BUFFERS else f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton_compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_all_for_gpu(arch: int = 90) -> list[str]:
+    """Compile every kernel in the tile configurations its launcher uses on a GPU, for the
+    preset widths/head dims and each dtype; returns the names compiled. Run it in a process
+    without TRITON_INTERPRET=1, e.g. `python -c "from kernels.testing import *; compile_all_for_gpu()"`."""
+    fa, fln = module("flash_attention"), module("fused_layer_norm")
+    cuda = torch.device("cuda")
+    done = []
+    for dtype, width, k in (("bf16", 2048, 4), ("fp16", 768, 1), ("fp32", 8192, 1)):
+        block_n = fln.triton.next_power_of_2(width)
+        block_k = fln.triton.next_power_of_2(k)
+        compile_for_gpu(fln._ln_fwd_kernel, dtype, dict(BLOCK_N=block_n), fln._num_warps(block_n), arch=arch)
+        compile_for_gpu(fln._ln_bwd_kernel, dtype, dict(BLOCK_K=block_k, BLOCK_N=block_n),
+                        fln._num_warps(block_n * k), arch=arch)
+        compile_for_gpu(fln._sum_partials_kernel, dtype, dict(BLOCK_P=32, BLOCK_L=128), arch=arch)
+        done.append(f"layer_norm {dtype} N={width} K={k}")
+    for dtype, head_dim in (("fp16", 64), ("bf16", 128), ("bf16", 48)):
+        for kernels_, cfg in (((fa._attn_fwd_kernel,), fa._config(head_dim, cuda)),
+                              ((fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel), fa._bwd_config(head_dim, cuda))):
+            blocks = {name: v for name, v in cfg.items() if name.startswith("BLOCK")}
+            for kernel in kernels_:
+                compile_for_gpu(kernel, dtype, blocks, cfg["num_warps"], cfg["num_stages"], arch=arch)
+        pre = fa._bwd_config(head_dim, cuda)
+        compile_for_gpu(fa._attn_bwd_preprocess_kernel, dtype, dict(BLOCK_M=pre["BLOCK_M"], BLOCK_D=pre["BLOCK_D"]), arch=arch)
+        done.append(f"attention {dtype} D={head_dim}")
+    return done

@@ -2,6 +2,8 @@
 smoke run of the benchmark pipeline (do_bench and the device peaks replaced by stand-ins)."""
 
 import json
+import subprocess
+import sys
 import os
 import time
 
@@ -90,3 +92,13 @@ def test_cpu_check_runs_correctness_and_says_timing_needs_gpu(tmp_path, capsys):
     assert cli(["kernels", "check", "--baseline", str(base)]) == 0
     out = capsys.readouterr().out
     assert "timing needs a CUDA GPU" in out and "FAIL" not in out and out.count(" ok") >= 6
+
+
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Every kernel, in the tile configurations its launcher uses on a GPU, compiles to an sm_90
+    cubin (triton ships ptxas). A fresh process: the interpreter must be off for compilation."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from kernels.testing import compile_all_for_gpu; print(len(compile_all_for_gpu()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "6"
