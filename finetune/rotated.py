@@ -142,18 +142,35 @@ def rotated_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
 def _pairwise(p1: torch.Tensor, p2: torch.Tensor, aligned) -> torch.Tensor:
     """Fill an [N, M] IoU matrix, evaluating `aligned` only where enclosing boxes overlap."""
     out = p1.new_zeros(p1.shape[0], p2.shape[0])
-    if out.numel() == 0:
-        return out
-    h1, h2 = poly_to_hbox(p1), poly_to_hbox(p2)
-    overlap = (
-        (h1[:, None, 0] <= h2[None, :, 2]) & (h2[None, :, 0] <= h1[:, None, 2])
-        & (h1[:, None, 1] <= h2[None, :, 3]) & (h2[None, :, 1] <= h1[:, None, 3])
-    )
-    ii, jj = overlap.nonzero(as_tuple=True)
-    for s in range(0, ii.numel(), _PAIR_CHUNK):
-        i, j = ii[s:s + _PAIR_CHUNK], jj[s:s + _PAIR_CHUNK]
-        out[i, j] = aligned(p1[i], p2[j])
+    ii, jj = _candidate_pairs(poly_to_hbox(p1), poly_to_hbox(p2))
+    out[ii, jj] = _aligned_in_chunks(p1, p2, ii, jj, aligned)
     return out
+
+
+def _candidate_pairs(h1: torch.Tensor, h2: torch.Tensor, upper: bool = False):
+    """Index pairs (i, j), sorted by i, whose axis-aligned boxes [N, 4] x [M, 4] overlap (only
+    j > i with `upper`); built in row blocks so that memory stays bounded for large N."""
+    ii, jj = [], []
+    step = max(1, (1 << 24) // max(h2.shape[0], 1))
+    cols = torch.arange(h2.shape[0], device=h2.device)
+    for s in range(0, h1.shape[0], step):
+        b = h1[s:s + step]
+        ov = ((b[:, None, 0] <= h2[None, :, 2]) & (h2[None, :, 0] <= b[:, None, 2])
+              & (b[:, None, 1] <= h2[None, :, 3]) & (h2[None, :, 1] <= b[:, None, 3]))
+        if upper:
+            ov &= cols[None, :] > torch.arange(s, s + b.shape[0], device=h2.device)[:, None]
+        i, j = ov.nonzero(as_tuple=True)
+        ii.append(i + s)
+        jj.append(j)
+    if not ii:
+        empty = torch.zeros(0, dtype=torch.long, device=h1.device)
+        return empty, empty
+    return torch.cat(ii), torch.cat(jj)
+
+
+def _aligned_in_chunks(p1, p2, ii, jj, aligned) -> torch.Tensor:
+    out = [aligned(p1[ii[s:s + _PAIR_CHUNK]], p2[jj[s:s + _PAIR_CHUNK]]) for s in range(0, ii.numel(), _PAIR_CHUNK)]
+    return torch.cat(out) if out else p1.new_zeros(0)
 
 
 def _convex_iou_aligned(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
@@ -279,15 +296,17 @@ def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligne
         raise ValueError(f"got {polys.shape[0]} boxes but {scores.shape[0]} scores.")
     order = scores.argsort(descending=True, stable=True)
     polys = polys[order]
-    suppress = _pairwise(polys, polys, aligned) > iou_threshold  # [N, N], row i suppresses j > i
+    # Sparse suppression graph: pairs i < j (in score order) with IoU above the threshold.
+    ii, jj = _candidate_pairs(poly_to_hbox(polys), poly_to_hbox(polys), upper=True)
+    hit = _aligned_in_chunks(polys, polys, ii, jj, aligned) > iou_threshold
+    ii, jj = ii[hit].cpu(), jj[hit].cpu()
+    ptr = torch.searchsorted(ii, torch.arange(len(order) + 1)).tolist()
     removed = torch.zeros(len(order), dtype=torch.bool)
-    suppress = suppress.cpu()
     keep = []
     for i in range(len(order)):
-        if removed[i]:
-            continue
-        keep.append(i)
-        removed |= suppress[i]
+        if not removed[i]:
+            keep.append(i)
+            removed[jj[ptr[i]:ptr[i + 1]]] = True
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 

@@ -166,3 +166,18 @@ def test_point_coder():
     # Hand case: point 1 px right of the centre of an axis-aligned 4x2 box.
     d = encode_points(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.0]]))
     torch.testing.assert_close(d, torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_nms_on_many_boxes_matches_dense_greedy():
+    """5000 boxes take the blocked candidate-pair path; the reference uses dense IoU rows."""
+    b = _random_boxes(5000, seed=10, spread=1500.0)
+    scores = torch.rand(5000, generator=torch.Generator().manual_seed(11))
+    order = scores.argsort(descending=True, stable=True)
+    iou = torch.cat([rotated_iou(b[order[s:s + 500]], b[order]) for s in range(0, 5000, 500)])
+    removed, keep = torch.zeros(5000, dtype=torch.bool), []
+    for i in range(5000):
+        if not removed[i]:
+            keep.append(int(order[i]))
+            removed |= iou[i] > 0.2
+    assert rotated_nms(b, scores, 0.2).tolist() == keep
+    assert 500 < len(keep) < 5000
