@@ -159,6 +159,9 @@ class MaskedAutoencoder(nn.Module):
     # --- the algorithm -------------------------------------------------------------------------
     def embed(self, imgs, noise):
         """Patch embed + positions, keep the visible patches, prepend cls -> [B, 1+V, D]."""
+        expected = (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size)
+        if tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"model {self.cfg.name!r} takes images [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(imgs.shape)}")
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x, mask, ids_restore = random_masking(x, self.cfg.mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)

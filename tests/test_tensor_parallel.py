@@ -1,4 +1,6 @@
-"""TP=2 (and TP=2 + sequence parallelism) equals the TP=1 model: weights, loss, every gradient."""
+"""TP=2 and TP=4 (with and without sequence parallelism) equal the TP=1 model: weights, outputs,
+every gradient. Results travel back from the workers as numpy arrays (shared-memory tensors die
+with the worker process)."""
 
 import numpy as np
 import pytest
@@ -8,9 +10,10 @@ from distributed import run_distributed
 from scaling.config import get_preset
 from scaling.parallel import state
 
-# Tiny shapes; mask ratio 0.7 leaves 19 visible + cls = 20 encoder tokens (divisible by 2 and 4)
-# and the decoder has 65 tokens (padded under SP), so both SP paths are exercised.
-CFG = get_preset("tiny", depth=2, branches=2, mask_ratio=0.7)
+# The CPU ladder's shapes at depth 2: 16 visible + cls = 17 encoder tokens and 65 decoder tokens,
+# so sequence parallelism pads both (to 18/66 at TP=2, 20/68 at TP=4).
+CFG = get_preset("tiny", depth=2, branches=2)
+CFG4 = get_preset("tiny", depth=2)
 
 
 def _inputs(cfg, batch=2):
@@ -20,25 +23,47 @@ def _inputs(cfg, batch=2):
     return imgs, noise
 
 
+def _param_records(model):
+    """Per parameter on this rank: (weight, grad, partition_dim or None, stride)."""
+    records = {}
+    for name, p in model.named_parameters():
+        dim = p.partition_dim if state.is_tp_sharded(p) else None
+        records[name] = (p.detach().numpy().copy(), None if p.grad is None else p.grad.numpy().copy(), dim, getattr(p, "partition_stride", 1))
+    return records
+
+
 def _run_model(cfg, sequence_parallel, activation_checkpointing=False):
-    """Loss, and per parameter: (weight, grad, partition_dim, stride) on this rank.
-    Tensors go back as numpy arrays: shared-memory tensors die with the worker process."""
+    """(loss, outputs = MAE predictions, parameter records) after one forward/backward."""
     from scaling.mae import MaskedAutoencoder
 
     model = MaskedAutoencoder(cfg, sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing, seed=7)
     imgs, noise = _inputs(cfg)
     loss, pred, mask = model(imgs, noise=noise)
     loss.backward()
-    params = {}
-    for name, p in model.named_parameters():
-        dim = p.partition_dim if state.is_tp_sharded(p) else None
-        params[name] = (p.detach().numpy().copy(), None if p.grad is None else p.grad.numpy().copy(), dim, getattr(p, "partition_stride", 1))
-    return loss.item(), pred.detach().numpy(), params
+    return loss.item(), pred.detach().numpy(), _param_records(model)
+
+
+def _run_window_block(sequence_parallel):
+    """A window-attention block on a 6x6 grid (windows of 4 pad it to 8x8);
+    (loss, outputs = block output and input gradient, parameter records)."""
+    from scaling.parallel import mappings
+    from scaling.vit import ParallelBlock
+
+    torch.manual_seed(0)
+    block = ParallelBlock(32, 4, 64, branches=2, sequence_parallel=sequence_parallel, window_size=4)
+    x = torch.randn(2, 36, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    h = mappings.scatter_to_sequence_parallel_region(x) if sequence_parallel else x
+    out = block(h, n_tokens=36, hw=(6, 6))
+    if sequence_parallel:
+        out = mappings.gather_from_sequence_parallel_region(out, tp_grad=False)
+    loss = out.square().sum()
+    loss.backward()
+    return loss.item(), np.concatenate([out.detach().numpy().ravel(), x.grad.numpy().ravel()]), _param_records(block)
 
 
 def _tp_worker(rank, world_size, cfg):
     state.init_parallel(tp=world_size)
-    out = {"tp": _run_model(cfg, False), "sp": _run_model(cfg, True, activation_checkpointing=True)}
+    out = {"tp": _run_model(cfg, False), "sp": _run_model(cfg, True, activation_checkpointing=True), "window_sp": _run_window_block(True)}
     from scaling.mae import MaskedAutoencoder
 
     errors = []
@@ -51,11 +76,21 @@ def _tp_worker(rank, world_size, cfg):
     return out
 
 
+def _sp_worker(rank, world_size, cfg):
+    state.init_parallel(tp=world_size)
+    return {"sp": _run_model(cfg, True)}
+
+
 @pytest.fixture(scope="module")
-def reference():
+def references():
     state.init_parallel(tp=1)
-    yield _run_model(CFG, False)
+    yield {"tp2": _run_model(CFG, False), "tp4": _run_model(CFG4, False), "window": _run_window_block(False)}
     state.destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["tp2"]
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +108,12 @@ def _full(rank_params, name):
     return w.numpy(), g.numpy(), None
 
 
-@pytest.mark.parametrize("mode", ["tp", "sp"])
-def test_tp2_matches_tp1(reference, tp2_results, mode):
-    ref_loss, ref_pred, ref_params = reference
-    ranks = [r[mode] for r in tp2_results]
-    for loss, pred, _ in ranks:
-        assert abs(loss - ref_loss) < 1e-5
-        np.testing.assert_allclose(pred, ref_pred, atol=1e-5, rtol=1e-5)
+def _assert_matches(ranks, reference):
+    """Every rank: same loss and outputs; unsharded weights and gradients equal TP=1's."""
+    ref_loss, ref_outputs, ref_params = reference
+    for loss, outputs, _ in ranks:
+        assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+        np.testing.assert_allclose(outputs, ref_outputs, atol=1e-5, rtol=1e-5)
     rank_params = [r[2] for r in ranks]
     assert set(rank_params[0]) == set(ref_params)
     n_sharded = 0
@@ -92,7 +126,20 @@ def test_tp2_matches_tp1(reference, tp2_results, mode):
         for rg in replicas or [g]:  # replicated params: every rank holds the full gradient
             np.testing.assert_allclose(rg, ref_g, atol=1e-5, rtol=1e-5, err_msg=f"grad {name}")
         n_sharded += replicas is None
-    assert n_sharded >= 4 * CFG.depth * CFG.branches  # qkv/fc1 weights+biases, proj/fc2 weights
+    assert n_sharded >= 4  # at least qkv/fc1 weights+biases, proj/fc2 weights
+
+
+@pytest.mark.parametrize("mode", ["tp", "sp"])
+def test_tp2_matches_tp1(reference, tp2_results, mode):
+    _assert_matches([r[mode] for r in tp2_results], reference)
+
+
+def test_tp2_sequence_parallel_window_block_matches_tp1(references, tp2_results):
+    _assert_matches([r["window_sp"] for r in tp2_results], references["window"])
+
+
+def test_tp4_sequence_parallel_with_padding_matches_tp1(references):
+    _assert_matches([r["sp"] for r in run_distributed(_sp_worker, 4, CFG4)], references["tp4"])
 
 
 def test_tp_errors_name_each_problem(tp2_results):

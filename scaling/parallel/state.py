@@ -150,7 +150,9 @@ def model_parallel_config(tp: int | None = None, params_dtype: torch.dtype = tor
     from megatron.core import ModelParallelConfig
 
     ensure_initialized()
-    return ModelParallelConfig(tensor_model_parallel_size=tp or tp_size(), sequence_parallel=False, use_cpu_initialization=True, params_dtype=params_dtype, **kw)
+    if tp is not None and tp != tp_size():
+        raise ValueError(f"model_parallel_config(tp={tp}) does not match the initialized TP size {tp_size()}; call init_parallel(tp={tp}) first")
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size(), sequence_parallel=False, use_cpu_initialization=True, params_dtype=params_dtype, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
