@@ -62,8 +62,8 @@ def test_public_attention_matches_sdpa_under_triton_backend():
 
 
 def _block_backend_diffs(rank, world_size):
-    """Max |triton - torch| over a ParallelBlock's output and parameter gradients (TP=world),
-    with global and with window attention."""
+    """Max |triton - torch| over a ParallelBlock's output and parameter gradients, with global
+    and with window attention."""
     from scaling.parallel import state
     from scaling.vit import ParallelBlock
 
@@ -87,8 +87,8 @@ def _block_backend_diffs(rank, world_size):
 
 
 def test_parallel_block_triton_equals_torch_backend():
-    """Two TP ranks; a zero difference would mean the Triton path was never taken."""
+    """In a fresh process (megatron's groups); a zero difference would mean Triton never ran."""
     from distributed import run_distributed
 
-    for diffs in run_distributed(_block_backend_diffs, 2):
+    for diffs in run_distributed(_block_backend_diffs, 1):
         assert all(0 < d < 1e-4 for d in diffs), diffs
