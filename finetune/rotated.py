@@ -313,22 +313,26 @@ def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligne
 # --------------------------------------------------------------------------- box coder
 class DeltaXYWHACoder:
     """Regression targets of oriented boxes relative to oriented proposals/anchors (Oriented R-CNN's
-    RoI head convention, mmrotate's DeltaXYWHAOBBoxCoder with angle 'le90'):
+    RoI-head convention: mmrotate's DeltaXYWHAOBBoxCoder, angle 'le90', edge_swap, no angle
+    normalisation factor):
 
         dx = ( (gx-px) cos pa + (gy-py) sin pa) / pw     dw = log(gw / pw)
         dy = (-(gx-px) sin pa + (gy-py) cos pa) / ph     dh = log(gh / ph)
-        da = wrap(ga - pa) / pi,  wrap to [-pi/2, pi/2)  (a rectangle turned by pi is itself)
+        da = wrap(ga - pa), wrapped to [-pi/2, pi/2) (a rectangle turned by pi is itself), radians
 
-    then `(delta - means) / stds`. Horizontal anchors are proposals with angle 0 (`hbox_to_obb`).
+    then `(delta - means) / stds`. With `edge_swap` (default) the target is first rewritten as
+    (gh, gw, ga + pi/2) when that turns it less, so |da| <= pi/4 and a near-square target never
+    asks for a jump of pi/2. Horizontal anchors are proposals with angle 0 (`hbox_to_obb`).
     `decode` clamps dw, dh to +-log(1000/16) like the usual coders, and returns le90 boxes.
     """
 
     def __init__(self, means=(0.0, 0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0, 1.0),
-                 wh_ratio_clip: float = 16 / 1000):
+                 wh_ratio_clip: float = 16 / 1000, edge_swap: bool = True):
         if len(means) != 5 or len(stds) != 5:
             raise ValueError("means and stds need 5 values each (dx, dy, dw, dh, da).")
         self.means, self.stds = tuple(means), tuple(stds)
         self.max_ratio = abs(math.log(wh_ratio_clip))
+        self.edge_swap = edge_swap
 
     def encode(self, proposals: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """Proposals [N, 5], targets [N, 5] -> normalised deltas [N, 5]."""
@@ -337,10 +341,14 @@ class DeltaXYWHACoder:
             raise ValueError(f"encode needs one target per proposal, got {tuple(proposals.shape)} and {tuple(gt.shape)}.")
         px, py, pw, ph, pa = proposals.unbind(-1)
         gx, gy, gw, gh, ga = gt.unbind(-1)
+        da = _wrap(ga - pa)
+        if self.edge_swap:
+            da2 = _wrap(ga - pa + math.pi / 2)
+            swap = da2.abs() < da.abs()
+            gw, gh, da = torch.where(swap, gh, gw), torch.where(swap, gw, gh), torch.where(swap, da2, da)
         cos, sin = torch.cos(pa), torch.sin(pa)
         dx = ((gx - px) * cos + (gy - py) * sin) / pw
         dy = (-(gx - px) * sin + (gy - py) * cos) / ph
-        da = _wrap(ga - pa) / math.pi
         deltas = torch.stack([dx, dy, torch.log(gw / pw), torch.log(gh / ph), da], -1)
         return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)
 
@@ -354,7 +362,7 @@ class DeltaXYWHACoder:
         cos, sin = torch.cos(pa), torch.sin(pa)
         gx = px + dx * pw * cos - dy * ph * sin
         gy = py + dx * pw * sin + dy * ph * cos
-        out = torch.stack([gx, gy, pw * dw.exp(), ph * dh.exp(), pa + da * math.pi], -1)
+        out = torch.stack([gx, gy, pw * dw.exp(), ph * dh.exp(), pa + da], -1)
         return norm_obb(out)
 
 

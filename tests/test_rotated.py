@@ -138,20 +138,29 @@ def test_rotated_nms_matches_brute_force():
 
 
 def test_box_coder_hand_cases_and_round_trip():
-    coder = DeltaXYWHACoder()
+    coder = DeltaXYWHACoder(edge_swap=False)
     p = torch.tensor([[0.0, 0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 2.0, 1.0, math.pi / 2]])
-    # Moving 1 px along the proposal's width axis is dx = 1 / w = 0.5 in both frames.
+    # Moving 1 px along the proposal's width axis is dx = 1 / w = 0.5 in both frames; an angle
+    # difference of 0.9 pi is the same rectangle as -0.1 pi.
     g = torch.tensor([[1.0, 0.0, 4.0, 1.0, 0.1], [0.0, 1.0, 2.0, 0.5, math.pi / 2 + 0.9 * math.pi]])
-    d = coder.encode(p, g)
-    expected = torch.tensor([[0.5, 0.0, math.log(2), 0.0, 0.1 / math.pi],
-                             [0.5, 0.0, 0.0, math.log(0.5), -0.1]])
-    torch.testing.assert_close(d, expected, atol=1e-6, rtol=0)
-    # Round trip with means/stds on random le90 boxes.
-    coder = DeltaXYWHACoder(means=(0.0, 0.0, 0.0, 0.0, 0.0), stds=(0.1, 0.1, 0.2, 0.2, 0.1))
+    expected = torch.tensor([[0.5, 0.0, math.log(2), 0.0, 0.1],
+                             [0.5, 0.0, 0.0, math.log(0.5), -0.1 * math.pi]])
+    torch.testing.assert_close(coder.encode(p, g), expected, atol=1e-6, rtol=0)
+    # Edge swap: a 4x1 target turned by 0.4 pi is the 1x4 target turned by -0.1 pi.
+    g = torch.tensor([[0.0, 0.0, 4.0, 1.0, 0.4 * math.pi]])
+    swapped = DeltaXYWHACoder().encode(p[:1], g)
+    torch.testing.assert_close(swapped, torch.tensor([[0.0, 0.0, math.log(0.5), math.log(4.0), -0.1 * math.pi]]),
+                               atol=1e-6, rtol=0)
+    assert DeltaXYWHACoder(edge_swap=False).encode(p[:1], g)[0, 4].item() == pytest.approx(0.4 * math.pi)
+    # Round trip with means/stds on random le90 boxes, both conventions.
     props, gts = norm_obb(_random_boxes(50, seed=6)), norm_obb(_random_boxes(50, seed=7))
-    dec = coder.decode(props, coder.encode(props, gts))
-    torch.testing.assert_close(rotated_iou_aligned(dec, gts), torch.ones(50, dtype=torch.float64), atol=1e-9, rtol=0)
-    torch.testing.assert_close(dec[:, :4], gts[:, :4], atol=1e-9, rtol=0)
+    for edge_swap in (True, False):
+        coder = DeltaXYWHACoder(stds=(0.1, 0.1, 0.2, 0.2, 0.1), edge_swap=edge_swap)
+        d = coder.encode(props, gts)
+        assert (d[:, 4].abs() * 0.1 <= (math.pi / 4 if edge_swap else math.pi / 2) + 1e-9).all()
+        dec = coder.decode(props, d)
+        torch.testing.assert_close(rotated_iou_aligned(dec, gts), torch.ones(50, dtype=torch.float64), atol=1e-9, rtol=0)
+        torch.testing.assert_close(dec[:, :4], gts[:, :4], atol=1e-9, rtol=0)
 
 
 def test_point_coder():
