@@ -1,0 +1,89 @@
+"""Parallel layouts: how T*P*D processes split a model and a global batch, checked up front.
+
+    layout = Layout(tp=2, pp=2, dp=1, sp=True, micro_batch=8, global_batch=32)
+    problems = validate_layout(layout, cfg, world_size)   # [] when the layout can run
+
+Every problem is one sentence. The trainer calls `validate_layout` before any process group is
+created, so a bad layout fails at once on every rank instead of hanging in a collective.
+
+Pipeline split rule (`stage_layer_range`): the `depth` encoder blocks are cut into P contiguous
+ranges as evenly as possible, the earlier stages taking the extra block when P does not divide
+the depth (depth 12 on P=5: 3,3,2,2,2). The first stage also holds patch embed, positions,
+masking and cls token; the last stage also holds the encoder norm, the whole decoder and the
+loss (see scaling/mae.py). Every stage must get at least one block, so P <= depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from scaling.config import ViTConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1  # tensor parallel: heads / MLP columns split over T ranks
+    pp: int = 1  # pipeline parallel: encoder blocks split over P stages
+    dp: int = 1  # data parallel: the global batch split over D replicas
+    sp: bool = False  # sequence parallel inside the TP group (needs tp > 1)
+    micro_batch: int = 8  # images per forward pass on one rank
+    global_batch: int = 8  # images per optimizer step, over all DP ranks and micro-batches
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_micro(self) -> int:
+        """Micro-batches per optimizer step on one DP rank (pipelined when pp > 1)."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        sp = "+SP" if self.sp else ""
+        return f"TP{self.tp}{sp} PP{self.pp} DP{self.dp} mb{self.micro_batch} gb{self.global_batch}"
+
+
+def stage_layer_range(depth: int, pp: int, stage: int) -> tuple[int, int]:
+    """Encoder blocks [start, end) of pipeline stage `stage` (earlier stages take the remainder)."""
+    base, extra = divmod(depth, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
+def validate_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> list[str]:
+    """All reasons `layout` cannot train `cfg` on `world_size` processes (empty list: it can)."""
+    t, p, d = layout.tp, layout.pp, layout.dp
+    if min(t, p, d, layout.micro_batch, layout.global_batch) < 1:
+        return [f"tp, pp, dp, micro_batch and global_batch must all be >= 1, got {layout}"]
+    problems = []
+    if t * p * d != world_size:
+        problems.append(f"the world size {world_size} must equal tp*pp*dp = {t}*{p}*{d} = {t * p * d}")
+    sizes = {
+        "encoder heads": cfg.heads,
+        "encoder width": cfg.width,
+        "encoder MLP size": cfg.mlp,
+        "decoder heads": cfg.dec_heads,
+        "decoder width": cfg.dec_width,
+        "decoder MLP size": cfg.dec_mlp,
+    }
+    problems += [f"TP size {t} does not divide the {what} ({n})" for what, n in sizes.items() if n % t]
+    if p > cfg.depth:
+        problems.append(f"PP size {p} exceeds the encoder depth {cfg.depth}: every stage needs at least one block")
+    if layout.sp and t < 2:
+        problems.append("sequence parallelism (--sp) needs TP size >= 2")
+    if layout.global_batch % (layout.micro_batch * d):
+        problems.append(
+            f"the global batch {layout.global_batch} must be a multiple of micro_batch * dp = "
+            f"{layout.micro_batch}*{d} = {layout.micro_batch * d}"
+        )
+    return problems
+
+
+def check_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> None:
+    """Raise ValueError listing every problem of `validate_layout` (no-op for a valid layout)."""
+    problems = validate_layout(layout, cfg, world_size)
+    if problems:
+        raise ValueError(f"invalid parallel layout ({layout}) for model {cfg.name!r}:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,498 @@
+"""MAE pretraining: one config tree, one short loop, parallelism applied from outside the model.
+
+    torchrun --nproc-per-node 4 -m scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
+        --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
+    rsscale pretrain --nproc 4 ...            # the same, launching torchrun itself
+    rsscale pretrain --config run.yaml --lr 2e-3   # file first, flags override
+
+For the benchmark harness:
+    trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(tp=2, micro_batch=8, global_batch=8)))
+    rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_optim, t_step, images
+    trainer.config, trainer.layout, trainer.cfg (ViTConfig), trainer.model (this rank's stage),
+    trainer.optimizer (FlatAdamW: .flat params, .state_bytes())
+
+One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
+is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
+runs the 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages gradients over DP
+in one flat all-reduce, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
+(ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
+layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from scaling import checkpoint, layout as layout_mod
+from scaling.config import get_preset, param_count
+from scaling.layout import Layout
+from scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
+
+
+# ---------------------------------------------------------------------------------------------
+# Config tree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup: int = 5  # linear warmup steps, then cosine to min_lr at the last step
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95  # MAE's betas
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # global L2 norm; 0 disables
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over DP ranks
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # preset name (scaling.config.PRESETS)
+    parallel: Layout = field(default_factory=Layout)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 50
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
+    activation_checkpointing: bool = False
+    kernels: str = "torch"  # torch | triton
+    data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
+    data_backend: str = "torch"  # torch (exact resume) | dali | auto
+    num_workers: int = 2
+    out: str = "runs/pretrain"
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    log_every: int = 10
+    timeout: float = 300.0  # process-group timeout (s): a dead peer fails the step instead of hanging
+    results: str | None = None  # results store path (None: $RSSCALE_RESULTS or reports/results.db)
+    record: bool = True  # write the run and its step records into the results store
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        par, opt = d.pop("parallel", {}) or {}, d.pop("optim", {}) or {}
+        return cls(parallel=Layout(**par), optim=OptimConfig(**opt), **d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# CLI flag -> (config path, type, help). Flags left out keep the file's (or the default) value.
+FLAGS = [
+    ("--model", "model", str, "model preset (rsscale models)"),
+    ("--tp", "parallel.tp", int, "tensor-parallel size"),
+    ("--pp", "parallel.pp", int, "pipeline-parallel size"),
+    ("--dp", "parallel.dp", int, "data-parallel size (default: world / (tp*pp))"),
+    ("--micro-batch", "parallel.micro_batch", int, "images per micro-batch per rank"),
+    ("--global-batch", "parallel.global_batch", int, "images per optimizer step (all ranks)"),
+    ("--lr", "optim.lr", float, "peak learning rate"),
+    ("--min-lr", "optim.min_lr", float, "final learning rate of the cosine"),
+    ("--warmup", "optim.warmup", int, "linear warmup steps"),
+    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay (matrices only)"),
+    ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm (0: off)"),
+    ("--steps", "steps", int, "optimizer steps"),
+    ("--seed", "seed", int, "seed of weights, data order, augmentation and masks"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
+    ("--kernels", "kernels", str, "torch | triton"),
+    ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
+    ("--data-backend", "data_backend", str, "torch (exact resume) | dali | auto"),
+    ("--num-workers", "num_workers", int, "data loader workers per rank"),
+    ("--out", "out", str, "run folder (checkpoints under <out>/checkpoints)"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (and always at the end)"),
+    ("--log-every", "log_every", int, "log line every N steps"),
+    ("--timeout", "timeout", float, "process-group timeout in seconds"),
+    ("--results", "results", str, "results store path"),
+]
+SWITCHES = [
+    ("--sp", "parallel.sp", "sequence parallelism (needs --tp >= 2)"),
+    ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
+    ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
+    ("--resume", "resume", "continue from <out>/checkpoints/latest if present"),
+    ("--no-record", "record", "do not write to the results store"),
+]
+
+
+def add_arguments(parser) -> None:
+    S = argparse_suppress()
+    parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
+    parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many processes")
+    for flag, _, typ, help_ in FLAGS:
+        parser.add_argument(flag, type=typ, default=S, help=help_)
+    for flag, _, help_ in SWITCHES:
+        parser.add_argument(flag, action="store_true", default=S, help=help_)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def load_config_file(path: str) -> dict:
+    with open(path, "rb") as f:
+        if path.endswith(".toml"):
+            import tomllib
+
+            return tomllib.load(f)
+        import yaml
+
+        return yaml.safe_load(f) or {}
+
+
+def config_from_args(args) -> TrainConfig:
+    """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) under torchrun."""
+    d = TrainConfig().to_dict()
+    if getattr(args, "config", None):
+        for key, value in load_config_file(args.config).items():
+            d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+    given = vars(args)
+    for flag, path, *_ in FLAGS + SWITCHES:
+        dest = flag[2:].replace("-", "_")
+        if dest in given:
+            value = not given[dest] if flag == "--no-record" else given[dest]
+            section, _, key = path.rpartition(".")
+            (d[section] if section else d)[key] = value
+    if "dp" not in given and not (getattr(args, "config", None) and "dp" in load_config_file(args.config).get("parallel", {})):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        d["parallel"]["dp"] = max(1, world // (d["parallel"]["tp"] * d["parallel"]["pp"]))
+    return TrainConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: per-rank micro-batches; every random draw is keyed by (seed, step, global sample index)
+# ---------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, step: int, index: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 100_003 + index) * 7 + stream)
+
+
+def masking_noise_for(cfg, seed: int, step: int, first_index: int, n: int) -> torch.Tensor:
+    """Masking noise [n, N] for global samples first_index.. of a step (layout independent)."""
+    return torch.stack([torch.rand(cfg.num_patches, generator=_generator(seed, step, first_index + i, 1)) for i in range(n)])
+
+
+def random_images(cfg, seed: int, step: int, first_index: int, n: int) -> torch.Tensor:
+    """In-memory N(0, 1) images for tests and benchmarks (no I/O), layout independent."""
+    shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    return torch.stack([torch.randn(shape, generator=_generator(seed, step, first_index + i, 2)) for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[pretrain] {msg}", flush=True)
+
+
+class Trainer:
+    """One rank's view of a pretraining run; build with `Trainer.build(config)`."""
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> "Trainer":
+        self = cls()
+        self.config, self.layout = config, config.parallel
+        self.cfg = get_preset(config.model)
+        world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+        layout_mod.check_layout(self.layout, self.cfg, world)  # before any group exists: no hangs
+        self._check_precision()
+        from scaling.parallel import state
+        import kernels
+
+        kernels.set_backend(config.kernels)
+        state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, timeout_s=config.timeout)
+        self.state = state
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.links = self._stage_links()
+        self.model = self._build_model()
+        opt = config.optim
+        zero = opt.distributed_optimizer and self.layout.dp > 1
+        self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                                   shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group())
+        self.count_mask = torch.cat([torch.full((p.numel(),), float(state.is_tp_sharded(p) or state.tp_rank() == 0)) for _, p in self.optimizer.named]).to(self.device)
+        pad = self.optimizer.flat.numel() - self.count_mask.numel()
+        self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
+        self.scaler = LossScaler(enabled=config.precision == "fp16")
+        self.step = 0
+        self.ckpt_dir = os.path.join(config.out, "checkpoints")
+        if config.resume:
+            self._resume()
+        self.loader = self._build_loader()
+        log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} MAE params), layout {self.layout}, "
+            f"world {world}, precision {config.precision}, data {config.data}, "
+            f"optimizer {'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
+        return self
+
+    # --- setup helpers -------------------------------------------------------------------------
+    def _check_precision(self):
+        p = self.config.precision
+        if p not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, not {p!r}")
+        if p == "fp16" and not torch.cuda.is_available():
+            raise ValueError("fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
+
+    def _stage_links(self):
+        from scaling.pipeline import StageLinks
+
+        group = self.state.pp_group()
+        ranks = dist.get_process_group_ranks(group) if dist.get_world_size() > 1 else [dist.get_rank()]
+        return StageLinks(ranks, dist.get_rank())
+
+    def _build_model(self):
+        from scaling.mae import MaskedAutoencoder
+
+        stage = self.state.pp_rank()
+        layer_range = layout_mod.stage_layer_range(self.cfg.depth, self.layout.pp, stage)
+        model = MaskedAutoencoder(self.cfg, sequence_parallel=self.layout.sp, activation_checkpointing=self.config.activation_checkpointing,
+                                  pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=layer_range, seed=self.config.seed)
+        return model.to(self.device)
+
+    def _build_loader(self):
+        c = self.config
+        if c.data == "random":
+            return None
+        root = c.data
+        if c.data == "synthetic":
+            from scaling.synthetic import dataset_paths, ensure_dataset
+
+            root = "data/synthetic"
+            if dist.get_rank() == 0:
+                ensure_dataset(root)
+            dist.barrier()
+            root = dataset_paths(root)["pretrain"]
+        from scaling.data import build_pretrain_loader
+
+        return build_pretrain_loader(root, self.cfg.img_size, self.layout.micro_batch, dp_rank=self.state.dp_rank(), dp_size=self.layout.dp,
+                                     seed=c.seed, backend=c.data_backend, num_workers=c.num_workers, device=str(self.device),
+                                     in_chans=self.cfg.in_chans, start_step=self.step * self.layout.num_micro)
+
+    # --- one step ------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """This rank's (images, noise) per micro-batch of the current step."""
+        L, cfg, out = self.layout, self.cfg, []
+        base = self.state.dp_rank() * L.num_micro * L.micro_batch
+        for m in range(L.num_micro):
+            first = base + m * L.micro_batch
+            noise = masking_noise_for(cfg, self.config.seed, self.step, first, L.micro_batch).to(self.device)
+            imgs = random_images(cfg, self.config.seed, self.step, first, L.micro_batch) if self.loader is None else next(self.loader)
+            out.append((imgs.to(self.device), noise))
+        return out
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics (same on every rank)."""
+        from scaling.pipeline import forward_backward_1f1b
+
+        L, opt = self.layout, self.config.optim
+        t0 = time.perf_counter()
+        micro = self._micro_batches()
+        self._sync()
+        t1 = time.perf_counter()
+
+        def forward_step(i, x):
+            imgs, noise = micro[i]
+            with self._autocast():
+                out = self.model.forward_stage(x, imgs, noise)
+            return out[0].float() / L.num_micro if self.links.is_last else out
+
+        self.optimizer.zero_grad()
+        losses = forward_backward_1f1b(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device, self.scaler.scale)
+        self._sync()
+        t2 = time.perf_counter()
+        grad = self.optimizer.collect_grads()
+        self.optimizer.allreduce_grads(self.state.dp_group(), L.dp)
+        finite = self.scaler.unscale_and_check(grad)
+        mp_group = self.state._parallel_state().get_model_parallel_group()
+        grad_norm = clip_grad_norm_(grad, self.count_mask, opt.clip_grad, group=mp_group)
+        lr = lr_at(self.step, opt.lr, opt.warmup, self.config.steps, opt.min_lr)
+        if finite:
+            self.optimizer.step(lr)
+        self._sync()
+        t3 = time.perf_counter()
+        loss = self._global_loss(losses)
+        self.step += 1
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "loss_scale": self.scaler.scale,
+                "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
+                "images_per_s": L.global_batch / (t3 - t0)}
+
+    def _global_loss(self, losses) -> float:
+        """Mean loss over the global batch, known on every rank (sum over PP, mean over DP)."""
+        t = torch.tensor([float(sum(losses)) if losses else 0.0], dtype=torch.float64, device=self.device)
+        if self.layout.pp > 1:
+            dist.all_reduce(t, group=self.state.pp_group())
+        if self.layout.dp > 1:
+            dist.all_reduce(t, group=self.state.dp_group())
+            t /= self.layout.dp
+        return float(t)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> str:
+        """Collective: write a checkpoint of the current step (loadable into any layout)."""
+        moments = self.optimizer.param_states()
+        tensors = {}
+        for name, p in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            tensors[f"model/{name}"] = (p, checkpoint.tensor_meta(p))
+        for key, per_param in moments.items():
+            for name, t in per_param.items():
+                tensors[f"{key}/{name}"] = (t, checkpoint.tensor_meta(dict(self.model.named_parameters())[name]))
+        meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
+                "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
+        rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
+        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, writer=self.state.dp_rank() == 0)
+
+    def _resume(self):
+        try:
+            folder, index = checkpoint.read_index(self.ckpt_dir)
+        except FileNotFoundError:
+            log(f"--resume: no checkpoint under {self.ckpt_dir}, starting from step 0")
+            return
+        self.load(folder)
+        if index["layout"] == self.layout.as_dict():
+            torch.set_rng_state(checkpoint.load_rank_state(folder, dist.get_rank())["torch_rng"])
+        log(f"resumed from {folder} at step {self.step}")
+
+    def load(self, path: str) -> None:
+        """Load weights, optimizer moments and trainer state from a checkpoint of any layout."""
+        index, full = checkpoint.load_full_tensors(path)
+        if index["model"] != asdict(self.cfg):
+            raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
+        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(checkpoint.shard_for(full[f"model/{name}"], p))
+        moments = {key: {n: checkpoint.shard_for(full[f"{key}/{n}"], params[n]) for n, _ in self.optimizer.named} for key in ("exp_avg", "exp_avg_sq")}
+        t = index["trainer"]
+        self.optimizer.load_param_states(moments, t["optimizer_steps"])
+        self.scaler.load_state_dict(t["scaler"])
+        self.step = int(t["step"])
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to `config.steps`, logging, recording and checkpointing; returns the step records."""
+        c, records = self.config, []
+        with self._store_run() as run:
+            while self.step < c.steps:
+                rec = self.train_step()
+                records.append(rec)
+                run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
+                if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
+                    log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
+                        f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
+                        + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
+                if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
+                    self.save()
+            if records or c.save_every:
+                self.save()
+        return records
+
+    def _store_run(self):
+        if not self.config.record:
+            return contextlib.nullcontext(_NoRun())
+        try:
+            from benchmarks.store import ResultsStore
+        except ImportError as e:
+            log(f"results store unavailable ({e}); step records are not saved")
+            return contextlib.nullcontext(_NoRun())
+        L = self.layout
+        return ResultsStore(self.config.results).run(
+            kind="pretrain", enabled=dist.get_rank() == 0, preset=self.cfg.name, params=param_count(self.cfg, "mae"),
+            layout=dict(tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp), micro_batch=L.micro_batch, global_batch=L.global_batch,
+            precision=self.config.precision, kernels=self.config.kernels, config=self.config.to_dict())
+
+    def full_state_dict(self) -> dict:
+        """TP=1 named full weights gathered over TP (this stage's parameters only), for tests."""
+        from scaling.parallel.state import unshard_tensors
+
+        out = {}
+        for name, p in self.model.named_parameters():
+            if self.state.is_tp_sharded(p) and self.layout.tp > 1:
+                shards = [torch.empty_like(p) for _ in range(self.layout.tp)]
+                dist.all_gather(shards, p.detach().contiguous(), group=self.state.tp_group())
+                out[name] = unshard_tensors(shards, p.partition_dim, p.partition_stride)
+            else:
+                out[name] = p.detach().clone()
+        return out
+
+
+class _NoRun:
+    def log(self, *a, **k):
+        pass
+
+    def log_many(self, records):
+        for _ in records:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# `rsscale pretrain`
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with `nproc` local processes."""
+    argv = sys.argv[1:]
+    if "pretrain" not in argv:
+        raise ValueError("--nproc works from the command line only (rsscale pretrain --nproc N ...)")
+    rest = argv[argv.index("pretrain") + 1 :]
+    cleaned, skip = [], False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "scaling.cli", "pretrain", *cleaned]
+    print("[pretrain] launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def main(args) -> int:
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.nproc)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        config = config_from_args(args)
+        trainer = Trainer.build(config)
+        records = trainer.fit()
+        if records:
+            log(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over steps {records[0]['step']}..{records[-1]['step']}; "
+                f"checkpoints in {trainer.ckpt_dir}")
+        from scaling.parallel.state import destroy_parallel
+
+        destroy_parallel()
+        return 0
+    except Exception as e:  # noqa: BLE001 - name the failing rank, then leave without waiting on peers
+        print(f"[pretrain] rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RSSCALE_TRACEBACK"):
+            traceback.print_exc()
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            sys.stderr.flush()
+            os._exit(1)  # peers blocked in a collective are stopped by torchrun or their group timeout
+        return 1
