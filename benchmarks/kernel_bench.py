@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -260,16 +258,11 @@ def run_bench(grid: str, dtype_name: str, device="cuda") -> dict:
 
 
 def environment() -> dict:
-    import triton
+    """Device, versions and git commit (the results store's own description of this process)."""
+    from benchmarks.store import environment as store_environment
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), git_commit=commit)
+    env = store_environment()
+    return {k: env[k] for k in ("device", "torch_version", "triton_version", "mcore_version", "git_commit", "host")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,22 +298,20 @@ def load_results(path: str) -> dict:
     return dict(meta={}, records=rows)
 
 
-def record_in_store(result: dict) -> None:
-    try:
-        from benchmarks.store import ResultsStore
-    except ImportError as err:
-        print(f"results store unavailable ({err}); results are only in the output file")
-        return
+def record_in_store(result: dict, path: str | None = None) -> None:
+    """One kind="kernel" run; per record the metrics ms, GB/s or TFLOP/s and pct_peak, tagged
+    with kernel, impl, shape, dtype and direction."""
+    from benchmarks.store import ResultsStore
+
     meta = result["meta"]
-    with ResultsStore().run(kind="kernel", preset="kernels", params=0, layout=dict(tp=1, pp=1, dp=1, sp=False),
-                            micro_batch=0, global_batch=0, precision=meta["dtype"], kernels="triton",
-                            config=meta) as run:
-        for r in result["records"]:
-            tags = dict(kernel=r["kernel"], impl=r["impl"], shape=r["shape"], dtype=r["dtype"], direction=r["direction"])
-            run.log("ms", r["ms"], **tags)
-            run.log(r["unit"], r["rate"], **tags)
-            run.log("pct_peak", r["pct_peak"], **tags)
-    print("recorded in the results store (kind=kernel)")
+    metrics = []
+    for r in result["records"]:
+        tags = {k: r[k] for k in ("kernel", "impl", "shape", "dtype", "direction")}
+        metrics += [("ms", r["ms"], None, tags), (r["unit"], r["rate"], None, tags), ("pct_peak", r["pct_peak"], None, tags)]
+    store = ResultsStore(path)
+    with store.run(kind="kernel", precision=meta["dtype"], kernels="triton", config=meta) as run:
+        run.log_many(metrics)
+    print(f"recorded {len(metrics)} metrics in the results store {store.path} (kind=kernel)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def test_bench_pipeline_smoke_on_cpu(monkeypatch, tmp_path):
     kb.save_results(result, str(out))
     rows = kb.compare(json.loads(out.read_text())["records"], result["records"], 0.0)
     assert rows and all(r["verdict"] == "ok" for r in rows)
+    from benchmarks.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results.db")
+    kb.record_in_store(result, store.path)
+    ms = store.metrics(kind="kernel", name="ms")
+    assert len(ms) == len(result["records"]) and set(ms["impl"]) >= {"triton", "torch"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, check runs the real benchmark")
