@@ -36,8 +36,10 @@ Communication per block sublayer, activations of size A = B*N*D per rank (ring a
                                   reduce-scatter falls back to all-reduce + keep-my-chunk (2A),
                                   i.e. 3A per direction, plus a few all-reduces of K*D-sized
                                   LayerNorm/bias grads per block.
-SP saves activation memory (LayerNorm, residual and dropout-free elementwise work on N/T
-tokens), not communication.
+SP saves activation memory, not communication: LayerNorm inputs and residuals live on N/T tokens.
+Unlike megatron's native SP, the Column linears here save their gathered (all-token) input for
+the weight gradient instead of re-gathering it in backward, so that input is not saved sharded;
+the trade is one all-gather less per sublayer in backward.
 """
 
 from __future__ import annotations
