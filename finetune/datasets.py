@@ -58,7 +58,8 @@ def read_image(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr[..., :3].transpose(2, 0, 1)))
 
 
-def _read_array(path) -> np.ndarray:
+def _read_array(path, label: bool = False) -> np.ndarray:
+    """Pixels of an image file; label files keep palette ('P') PNGs as their indices."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such image file: {path}.")
@@ -68,10 +69,14 @@ def _read_array(path) -> np.ndarray:
         return np.asarray(tifffile.imread(path))
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "RGB", "RGBA", "I;16"):
-            im = im.convert("RGB")
-        return np.asarray(im if im.mode != "P" else im.convert("RGB"))
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # DOTA-v2 has 20000 x 20000 images
+    try:
+        with Image.open(path) as im:
+            if im.mode not in (("L", "RGB", "RGBA", "P") if label else ("L", "RGB", "RGBA")):
+                im = im.convert("RGB")
+            return np.asarray(im)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _find_image(folder: Path, stem: str) -> Path:
@@ -110,11 +115,21 @@ def read_dota_label_file(path) -> list[DotaObject]:
     return objects
 
 
+def read_image_ids(image_ids) -> list[str] | None:
+    """None, a list of ids, or the path of a list file (one id per line, as DOTA's images.txt or
+    DIOR's ImageSets/Main/*.txt) -> list of ids (or None)."""
+    if image_ids is None or not isinstance(image_ids, (str, Path)):
+        return None if image_ids is None else list(image_ids)
+    return Path(image_ids).read_text().split()
+
+
 def read_dota_labels(folder, image_ids=None) -> dict[str, list[DotaObject]]:
-    """A labelTxt folder -> {image id: [DotaObject]} (all `*.txt`, or only `image_ids`)."""
+    """A labelTxt folder -> {image id: [DotaObject]} (all `*.txt`, or only `image_ids`: a list
+    or a list file)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no labelTxt folder at {folder}.")
+    image_ids = read_image_ids(image_ids)
     paths = [folder / f"{i}.txt" for i in image_ids] if image_ids is not None else sorted(folder.glob("*.txt"))
     return {p.stem: read_dota_label_file(p) for p in paths}
 
@@ -182,7 +197,7 @@ def DotaDataset(image_dir, label_dir, classes=DOTA_V1_CLASSES, image_ids=None) -
 def DiorRDataset(image_dir, ann_dir, classes=DIOR_CLASSES, image_ids=None) -> DetectionDataset:
     """DIOR-R: JPEG images and oriented-box XML files (`<id>.jpg`, `<id>.xml`; folders may be equal)."""
     ann_dir = Path(ann_dir)
-    ids = list(image_ids) if image_ids is not None else sorted(p.stem for p in ann_dir.glob("*.xml"))
+    ids = read_image_ids(image_ids) or sorted(p.stem for p in ann_dir.glob("*.xml"))
     return DetectionDataset(image_dir, ids, lambda i: read_dior_xml(ann_dir / f"{i}.xml"), classes)
 
 
@@ -251,7 +266,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path = self.images[i]
         stem = path.stem.replace(self.image_tag, self.label_tag) if self.image_tag else path.stem
-        mask = self.convert(_read_array(_find_image(self.label_dir, stem)))
+        mask = self.convert(_read_array(_find_image(self.label_dir, stem), label=True))
         image = read_image(path)
         if tuple(mask.shape) != tuple(image.shape[1:]):
             raise ValueError(f"{path.name}: label size {mask.shape} differs from image size {tuple(image.shape[1:])}.")

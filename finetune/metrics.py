@@ -231,7 +231,7 @@ class SegMetric:
             pred = pred.argmax(1)
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}.")
-        pred, target = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()  # counted on their device
         valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         pred, target = pred[valid], target[valid]
         c = self.num_classes
@@ -239,7 +239,7 @@ class SegMetric:
             raise ValueError(f"target holds labels outside [0, {c}) that are not ignore_index={self.ignore_index}.")
         if pred.numel() and (pred.min() < 0 or pred.max() >= c):
             raise ValueError(f"pred holds labels outside [0, {c}).")
-        self.confusion += torch.bincount(target * c + pred, minlength=c * c).reshape(c, c)
+        self.confusion += torch.bincount(target * c + pred, minlength=c * c).reshape(c, c).cpu()
 
     def compute(self) -> dict:
         """{"IoU", "F1", "precision", "recall": per-class float64 tensors (NaN where undefined),

@@ -222,3 +222,18 @@ def test_split_and_merge_folders_round_trip(tmp_path):
                 found = torch.tensor([p for img, _, p in merged.get(o.cls, []) if img == image_id]).reshape(-1, 8)
                 assert poly_iou(torch.tensor([o.poly]), found).max() > 0.99, (image_id, o)
     assert small > 20
+
+
+def test_palette_masks_keep_indices_and_id_lists(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    Image.fromarray(np.full((4, 5, 3), 7, np.uint8)).save(tmp_path / "img" / "0.png")
+    mask = Image.fromarray(np.array([[0, 1, 2, 3, 7]] * 4, np.uint8), mode="L").convert("P")
+    mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [9] * 756)
+    mask.save(tmp_path / "mask" / "0.png")
+    _, t = D.LoveDADataset(tmp_path)[0]
+    assert t["mask"][0].tolist() == [255, 0, 1, 2, 6]
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    assert D.read_image_ids(tmp_path / "ids.txt") == ["a", "b"] and D.read_image_ids(None) is None
