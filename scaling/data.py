@@ -53,6 +53,12 @@ def log(msg: str) -> None:
     print(f"[data] {msg}", flush=True)
 
 
+def _short(e: Exception) -> str:
+    """An exception on one line, short enough for a log (DALI's messages span many lines)."""
+    msg = str(e).split("encountered:", 1)[-1]  # DALI: the cause follows the operator's traceback
+    return f"{type(e).__name__}: {' '.join(msg.split())[:240]}"
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -373,7 +379,14 @@ class DaliPretrainLoader(PretrainLoader):
     def _start(self, pos: int):
         pipe = self._pipeline(pos)
         while True:
-            (out,) = pipe.run()
+            try:
+                (out,) = pipe.run()
+            except Exception as e:  # noqa: BLE001 - e.g. a file that passed the check fails to decode
+                log(f"WARNING: DALI failed at step {self.step} ({_short(e)}); "
+                    "continuing with the torch DataLoader pipeline")
+                self.backend = "torch"
+                yield from PretrainLoader._start(self, self.step * self.batch_size)
+                return
             tensor = out.as_tensor()
             if self.device.type == "cuda":
                 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -426,6 +439,6 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
         except Exception as e:  # noqa: BLE001 - any DALI failure means "use the torch pipeline"
             if backend == "dali":
                 raise
-            log(f"WARNING: DALI pipeline unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            log(f"WARNING: DALI pipeline unavailable ({_short(e)}); "
                 "using the torch DataLoader pipeline")
     return PretrainLoader(*args)

@@ -174,6 +174,20 @@ def test_dali_backend_batches_and_shards(tmp_path):
     assert batch.shape == (2, 4, 8, 8)
 
 
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+def test_dali_reproducible_start_and_runtime_fallback(tmp_path, capsys):
+    _write_flat(tmp_path, 6)
+    a, b = (build_pretrain_loader(tmp_path, 8, 4, seed=2, backend="dali", start_step=3, num_workers=1)
+            for _ in range(2))
+    assert all(torch.equal(next(a), next(b)) for _ in range(2))  # same (seed, start_step): same stream
+    (tmp_path / "x.jpg").write_text("not an image")  # unchecked: DALI fails on it at run time
+    loader = build_pretrain_loader(tmp_path, 8, 4, backend="dali", validate=False, num_workers=1)
+    batches = _take(loader, 4)  # the torch pipeline also meets the bad file, in a worker process
+    assert loader.backend == "torch" and all(x.shape == (4, 3, 8, 8) for x in batches)
+    assert loader.decode_failures >= 1
+    assert "continuing with the torch DataLoader pipeline" in capsys.readouterr().out
+
+
 def test_bad_arguments_are_rejected(tmp_path):
     _write_flat(tmp_path, 1)
     with pytest.raises(ValueError, match="backend"):
