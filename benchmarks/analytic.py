@@ -1,0 +1,266 @@
+"""Analytic per-device memory, FLOPs and step time of an MAE pretraining step for any layout.
+
+    est = estimate(get_preset("g12x4"), Plan(Layout(tp=4, pp=2, dp=1, micro_batch=8, global_batch=64),
+                                             precision="bf16", recompute=True))
+    est.memory["total"], est.step_flops, est.step_time_s, est.mfu
+
+Every formula is written out in reports/METHODS.md; the short version:
+
+Parameters per device (elements). A block branch has 4D^2 + 2DM + 3D + M elements split over TP
+(qkv, proj and fc1, fc2 weights; qkv and fc1 biases) and 6D replicated (two LayerNorms, the
+RowParallel biases of proj and fc2). The decoder blocks are TP-split in the same way. The
+patch embedding, cls token and positions live on the first pipeline stage; the encoder norm,
+decoder embedding, mask token, decoder positions, decoder blocks, decoder norm and pixel head on
+the last (scaling/layout.py: `stage_layer_range` splits the encoder blocks). Position tables
+are frozen: they take parameter memory but no gradient or optimizer state.
+
+Bytes per trainable parameter (`scheme`):
+  "rsscale"  (our trainer, scaling/train.py + optim.py): fp32 weights in one flat buffer under
+             autocast; gradients twice in fp32 (p.grad and the flat all-reduce buffer);
+             AdamW moments 2 x fp32, divided by DP with the distributed optimizer (ZeRO-1):
+             4 + 8 + 8/d.
+  "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
+             2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
+
+Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", Table 2, adapted). Per block on s tokens, width h, MLP m, K branches, TP t,
+activation bytes e (2 under bf16/fp16 autocast, 4 in fp32) and residual-stream bytes r (the
+LayerNorm inputs; fp32 when the weights are fp32):
+  2 s h r / (t if SP else 1)          inputs of the two K-way LayerNorms (shared by the branches)
+  2 K s h e                           the LayerNorm outputs saved by qkv and fc1 (not split by
+                                      SP: our SP all-gathers them before the ColumnParallel matmul)
+  K s (3h + h) e / t                  q, k, v and the attention output (input of proj)
+  K s 2m e / t                        fc1 output (GELU input) and GELU output (fc2 input)
+  K a s 4 / t                         flash-attention log-sum-exp rows (fp32)
+  + K a s^2 e / t                     only without a flash kernel: the softmax probabilities.
+No dropout in MAE, so Korthikanti's mask terms vanish. Encoder: s = 1 + V tokens (V visible
+patches; padded to a multiple of t under SP), h = D, m = M, K = branches. Decoder: s = 1 + N,
+h = Dd, m = 4 Dd, K = 1. Full activation checkpointing keeps only each block's input
+(s h r / (t if SP)) plus one block's full activations while it is recomputed. The first stage
+also holds the patch pixels and embeddings (N (P + D) r); the last stage the encoder output, the
+decoder input and head (s_e D r + 2 s_d Dd r + 3 N P r). With 1F1B, stage i keeps
+min(P - i, micro-batches) micro-batches in flight; the reported memory is the worst stage.
+
+FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
+encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
+when recomputing). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
+replicated heads not) over peak x efficiency, times (micro-batches + P - 1) for the 1F1B bubble,
+plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
+two sublayer outputs forward and backward within TP (+ once more when recomputing), the
+DP gradient all-reduce (2 (d-1)/d x fp32 grads, plus an all-gather of the weights under ZeRO-1),
+and the pipeline's activation sends; no overlap is assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
+from scaling.layout import Layout, stage_layer_range
+
+GIB = 2**30
+SCHEMES = ("rsscale", "megatron")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A layout plus the switches that change memory or time but not the process grid."""
+
+    layout: Layout
+    precision: str = "bf16"
+    recompute: bool = False  # full activation checkpointing of every block
+    distributed_optimizer: bool = False  # ZeRO-1 over DP
+    flash: bool = True  # attention without materialized probabilities
+    scheme: str = "rsscale"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    peak_flops: float = 989e12  # dense bf16 FLOP/s per device (H100 SXM datasheet)
+    efficiency: float = 0.5  # fraction of peak the matmuls reach
+    bandwidth: float = 300e9  # effective collective bandwidth per device, bytes/s
+
+
+@dataclass
+class Estimate:
+    plan: Plan
+    memory: dict  # bytes on the worst stage: params, grads, optimizer, activations, total
+    stage_memory: list = field(default_factory=list)  # total bytes per pipeline stage
+    step_flops: float = 0.0  # whole step, all devices
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    step_time_s: float = 0.0
+    images_per_s: float = 0.0
+    mfu: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def block_param_split(width: int, mlp: int, branches: int, qkv_bias: bool = True) -> tuple[int, int]:
+    """(TP-split elements, replicated elements) of one K-branch block (full, before / t)."""
+    split = 4 * width * width + 2 * width * mlp + (3 * width if qkv_bias else 0) + mlp
+    return branches * split, branches * 6 * width
+
+
+def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> dict[str, int]:
+    """Parameter elements held by one device of `stage`: trainable and frozen (positions)."""
+    D, Dd, N, P = cfg.width, cfg.dec_width, cfg.num_patches, cfg.patch_dim
+    start, end = stage_layer_range(cfg.depth, pp, stage)
+    split, rep = block_param_split(D, cfg.mlp, cfg.branches, cfg.qkv_bias)
+    trainable = (end - start) * (split // tp + rep)
+    frozen = 0
+    if stage == 0:
+        trainable += P * D + D + D  # patch projection, its bias, cls token
+        frozen += (N + 1) * D
+    if stage == pp - 1:
+        dsplit, drep = block_param_split(Dd, cfg.dec_mlp, 1, True)
+        trainable += 2 * D + D * Dd + Dd + Dd  # encoder norm, decoder embed, mask token
+        trainable += cfg.dec_depth * (dsplit // tp + drep) + 2 * Dd + Dd * P + P  # blocks, norm, head
+        frozen += (N + 1) * Dd
+    return {"trainable": trainable, "frozen": frozen}
+
+
+def bytes_per_param(precision: str, scheme: str, zero_shards: int) -> dict[str, float]:
+    """Weight, gradient and optimizer-state bytes per trainable parameter (see module doc)."""
+    if scheme == "rsscale":
+        return {"params": 4, "grads": 8, "optimizer": 8 / zero_shards}
+    if precision == "fp32":
+        return {"params": 4, "grads": 4, "optimizer": 8 / zero_shards}
+    return {"params": 2, "grads": 4, "optimizer": 12 / zero_shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
+                           e: int, r: int, flash: bool = True) -> float:
+    """Bytes one block keeps for backward per image (Korthikanti-style, module doc)."""
+    K, t = branches, tp
+    ln_in = 2 * s * h * r / (t if sp else 1)
+    ln_out = 2 * K * s * h * e
+    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
+    if not flash:
+        attn += K * heads * s * s * e / t
+    mlp = K * s * 2 * m * e / t
+    return ln_in + ln_out + attn + mlp
+
+
+def _tokens(n: int, tp: int, sp: bool) -> int:
+    """Tokens per block input under SP are padded to a multiple of t (scaling/mae.py)."""
+    return -(-n // tp) * tp if sp else n
+
+
+def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """Activation bytes of one micro-batch on `stage` (without the 1F1B multiplicity)."""
+    L = plan.layout
+    t, sp = L.tp, L.sp
+    e = 4 if plan.precision == "fp32" else 2
+    r = 4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e
+    s_enc, s_dec = _tokens(cfg.num_visible + 1, t, sp), _tokens(cfg.num_patches + 1, t, sp)
+    start, end = stage_layer_range(cfg.depth, L.pp, stage)
+    enc = block_activation_bytes(s_enc, cfg.width, cfg.mlp, cfg.heads, cfg.branches, t, sp, e, r, plan.flash)
+    blocks = [(end - start, enc, s_enc * cfg.width)]
+    if stage == L.pp - 1:
+        dec = block_activation_bytes(s_dec, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1, t, sp, e, r, plan.flash)
+        blocks.append((cfg.dec_depth, dec, s_dec * cfg.dec_width))
+    if plan.recompute:
+        kept = sum(n * x * r / (t if sp else 1) for n, _, x in blocks)
+        kept += max(full for n, full, _ in blocks if n)  # one block live while it is recomputed
+    else:
+        kept = sum(n * full for n, full, _ in blocks)
+    N, P = cfg.num_patches, cfg.patch_dim
+    if stage == 0:
+        kept += N * (P + cfg.width) * r
+    if stage == L.pp - 1:
+        kept += (cfg.num_visible + 1) * cfg.width * r + 2 * (N + 1) * cfg.dec_width * r + 3 * N * P * r
+    return L.micro_batch * kept
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at once under 1F1B."""
+    return max(1, min(layout.pp - stage, layout.num_micro))
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
+    L = plan.layout
+    zero = L.dp if plan.distributed_optimizer and L.dp > 1 else 1
+    per = bytes_per_param(plan.precision, plan.scheme, zero)
+    out = []
+    for stage in range(L.pp):
+        n = stage_params(cfg, L.tp, L.pp, stage)
+        mem = {
+            "params": (n["trainable"] + n["frozen"]) * per["params"],
+            "grads": n["trainable"] * per["grads"],
+            "optimizer": n["trainable"] * per["optimizer"],
+            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage),
+        }
+        mem["total"] = sum(mem.values())
+        out.append(mem)
+    return out
+
+
+def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """Forward matmul FLOPs of one image on one device of `stage` (TP-split blocks / t)."""
+    L = plan.layout
+    f = mae_forward_flops(cfg)
+    start, end = stage_layer_range(cfg.depth, L.pp, stage)
+    flops = f["encoder"] / cfg.depth * (end - start) / L.tp
+    if stage == 0:
+        flops += f["patch_embed"]
+    if stage == L.pp - 1:
+        flops += f["decoder"] / L.tp + f["decoder_embed"] + f["pred"]
+    return flops
+
+
+def _ring(nbytes: float, n: int) -> float:
+    """Bytes each device sends in a ring all-reduce of nbytes over n devices."""
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
+    L = plan.layout
+    stages = memory_per_stage(cfg, plan)
+    worst = max(range(L.pp), key=lambda i: stages[i]["total"])
+    e = 4 if plan.precision == "fp32" else 2
+    passes = 3 + (1 if plan.recompute else 0)  # forward, 2x backward, recompute forward
+    stage_s = []
+    for stage in range(L.pp):
+        fwd = stage_forward_flops(cfg, plan, stage) * L.micro_batch
+        compute = (passes * fwd) / (hw.peak_flops * hw.efficiency)
+        start, end = stage_layer_range(cfg.depth, L.pp, stage)
+        nblk = [(end - start, cfg.num_visible + 1, cfg.width)]
+        if stage == L.pp - 1:
+            nblk.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width))
+        allreduces = 2 * (2 + (1 if plan.recompute else 0))  # 2 sublayers x (fwd, bwd[, recompute])
+        tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
+        pp_bytes = 2 * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
+        stage_s.append((compute, (tp_bytes + pp_bytes) / hw.bandwidth))
+    slowest = max(stage_s, key=lambda cs: cs[0] + cs[1])
+    rounds = L.num_micro + L.pp - 1
+    trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
+    dp_bytes = _ring(trainable * 4, L.dp) + (trainable * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
+    compute_s = rounds * slowest[0]
+    comm_s = rounds * slowest[1] + dp_bytes / hw.bandwidth
+    step_s = compute_s + comm_s
+    model_flops = L.global_batch * mae_step_flops(cfg, False)
+    return Estimate(plan=plan, memory=stages[worst], stage_memory=[m["total"] for m in stages],
+                    step_flops=L.global_batch * mae_step_flops(cfg, plan.recompute), compute_s=compute_s,
+                    comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s,
+                    mfu=model_flops / (step_s * hw.peak_flops * L.world_size))

@@ -1,0 +1,113 @@
+"""Analytic model: hand-computed cases, counted parameters, FLOPs counted by torch's
+FlopCounterMode and activation bytes counted by autograd's saved-tensor hooks on the CPU MAE."""
+
+import pytest
+import torch
+from torch.utils import flop_counter
+
+from benchmarks import analytic as A
+from scaling.config import ViTConfig, get_preset, mae_step_flops, param_count
+from scaling.layout import Layout
+from scaling.mae import build_mae, masking_noise
+
+# Hand-checkable shape: 16x16 px, patch 8 -> N=4 patches, V=1 visible, widths 8 / 8.
+HAND = ViTConfig("hand", width=8, heads=2, mlp=16, depth=2, branches=2, img_size=16, patch_size=8,
+                 dec_width=8, dec_depth=1, dec_heads=2)
+
+
+def test_block_activation_bytes_by_hand():
+    # s=5, h=8, m=16, 2 heads, K=1, t=1, fp32: LN in 2*5*8*4=320, LN out 320, q/k/v/o 5*32*4=640,
+    # LSE 2*5*4=40, fc1/gelu out 5*32*4=640 -> 1960; without flash + 2*25*4=200 probabilities.
+    assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4) == 1960
+    assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4, flash=False) == 2160
+    # K=2, t=2, SP, bf16 activations, fp32 residual: 320/2 + 2*2*5*8*2=320 + 2*5*32*2/2=320
+    # + 2*2*5*4/2=40 + 2*5*32*2/2=320 -> 1160
+    assert A.block_activation_bytes(5, 8, 16, 2, 2, 2, True, 2, 4) == 1160
+
+
+def test_bytes_per_param_and_zero_sharding():
+    assert A.bytes_per_param("bf16", "rsscale", 1) == {"params": 4, "grads": 8, "optimizer": 8}
+    assert A.bytes_per_param("bf16", "megatron", 4) == {"params": 2, "grads": 4, "optimizer": 3}
+    assert A.bytes_per_param("fp32", "megatron", 2) == {"params": 4, "grads": 4, "optimizer": 4}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_stage_params_sum_to_the_model(tp, pp):
+    """Over all stages and TP ranks, split parts add up once and replicated parts t times."""
+    cfg = get_preset("mini")
+    total = sum(sum(A.stage_params(cfg, tp, pp, s).values()) for s in range(pp)) * tp
+    split, rep = A.block_param_split(cfg.width, cfg.mlp, cfg.branches)
+    dsplit, drep = A.block_param_split(cfg.dec_width, cfg.dec_mlp, 1)
+    replicated = cfg.depth * rep + cfg.dec_depth * drep + param_count(cfg, "mae") - cfg.depth * (split + rep) - cfg.dec_depth * (dsplit + drep)
+    assert total == param_count(cfg, "mae") + (tp - 1) * replicated
+
+
+def test_stage_params_match_built_stages():
+    cfg = get_preset("mini")
+    for stage, (first, last, rng) in enumerate([(True, False, (0, 2)), (False, True, (2, 4))]):
+        m = build_mae(cfg, pre_process=first, post_process=last, layer_range=rng)
+        counted = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                   "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad)}
+        assert A.stage_params(cfg, 1, 2, stage) == counted
+
+
+def test_hand_config_memory_and_in_flight():
+    plan = A.Plan(Layout(tp=1, pp=2, dp=2, micro_batch=1, global_batch=8), precision="fp32", distributed_optimizer=True)
+    assert [A.in_flight(plan.layout, s) for s in (0, 1)] == [2, 1]
+    mem = A.memory_per_stage(HAND, plan)
+    n0 = A.stage_params(HAND, 1, 2, 0)
+    assert mem[0]["params"] == 4 * (n0["trainable"] + n0["frozen"])
+    assert mem[0]["optimizer"] == 8 * n0["trainable"] / 2
+    # stage 0: one encoder block on s=2 tokens (cls + 1 visible), K=2, fp32, two micro-batches in flight,
+    # + patch pixels and embeddings 4*(192+8)*4
+    blk = 2 * 2 * 8 * 4 + 2 * 2 * 2 * 8 * 4 + 2 * 2 * 32 * 4 + 2 * 2 * 2 * 4 + 2 * 2 * 32 * 4
+    assert mem[0]["activations"] == 2 * (blk + 4 * (192 + 8) * 4)
+    est = A.estimate(HAND, plan)
+    assert est.step_flops == 8 * mae_step_flops(HAND) and 0 < est.mfu < 1
+
+
+def _sdpa(query, key, value, *args, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def test_step_flops_match_counted_reference():
+    """FlopCounterMode (with CPU flash attention counted by torch's own SDPA formulas) within 2%.
+    The analytic count includes the patch embedding's input gradient, which autograd skips."""
+    cfg, B = get_preset("mini"), 2
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward}
+    model = build_mae(cfg)
+    imgs, noise = torch.randn(B, 3, cfg.img_size, cfg.img_size), masking_noise(B, cfg, torch.Generator().manual_seed(0))
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(imgs, noise=noise)[0].backward()
+    counted = counter.get_total_flops() / B
+    assert counted == pytest.approx(mae_step_flops(cfg), rel=0.02)
+
+
+def test_activation_bytes_match_saved_tensors():
+    """Bytes autograd saves for backward (parameters and the input excluded) vs the prediction."""
+    cfg, B = get_preset("mini"), 2
+    model = build_mae(cfg)
+    imgs, noise = torch.randn(B, 3, cfg.img_size, cfg.img_size), masking_noise(B, cfg, torch.Generator().manual_seed(1))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {imgs.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(imgs, noise=noise)
+    measured = sum(n for ptr, n in saved.items() if ptr not in skip)
+    predicted = A.stage_activation_bytes(cfg, A.Plan(Layout(micro_batch=B, global_batch=B), precision="fp32"), 0)
+    assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_bad_plan_is_rejected():
+    with pytest.raises(ValueError, match="precision"):
+        A.Plan(Layout(), precision="int8")
