@@ -91,25 +91,30 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         read_dota_submission(tmp_path / "empty")
 
 
-def _shapely_reference(dets, gt, use_07_metric):
-    """Independent DOTA Task1 evaluator: shapely polygon IoU, plain loops (test reference only)."""
+def _shapely_reference(dets, gt, use_07_metric, mmrotate=False):
+    """Independent evaluator with shapely geometry and plain loops (test reference only): DOTA's
+    rules, or mmrotate's (minimum rotated rectangles, IoU >= 0.5, difficult counted)."""
     from shapely.geometry import Polygon
+
+    def shape(poly):
+        p = Polygon(np.reshape(poly, (4, 2)))
+        return p.minimum_rotated_rectangle if mmrotate else p
 
     classes = sorted({o.cls for objs in gt.values() for o in objs} | set(dets))
     aps = {}
     for cls in classes:
         objs = {img: [o for o in v if o.cls == cls] for img, v in gt.items()}
-        shapes = {img: [Polygon(np.reshape(o.poly, (4, 2))) for o in v] for img, v in objs.items()}
+        shapes = {img: [shape(o.poly) for o in v] for img, v in objs.items()}
         used = {img: [False] * len(v) for img, v in objs.items()}
-        npos = sum(not o.difficult for v in objs.values() for o in v)
+        npos = sum(mmrotate or not o.difficult for v in objs.values() for o in v)
         tp, fp = [], []
         for img, _, poly in sorted(dets.get(cls, []), key=lambda d: -d[1]):
-            p = Polygon(np.reshape(poly, (4, 2)))
+            p = shape(poly)
             ious = [p.intersection(g).area / p.union(g).area if p.intersects(g) else 0.0 for g in shapes[img]]
             j = int(np.argmax(ious)) if ious else -1
             t = f = 0
-            if j >= 0 and ious[j] > 0.5:
-                if not objs[img][j].difficult:
+            if j >= 0 and (ious[j] >= 0.5 if mmrotate else ious[j] > 0.5):
+                if mmrotate or not objs[img][j].difficult:
                     if used[img][j]:
                         f = 1
                     else:
@@ -119,7 +124,7 @@ def _shapely_reference(dets, gt, use_07_metric):
             tp.append(t)
             fp.append(f)
         if npos == 0:
-            aps[cls] = 0.0
+            aps[cls] = float("nan") if mmrotate else 0.0
             continue
         tp, fp = np.cumsum(tp), np.cumsum(fp)
         aps[cls] = voc_ap(tp / npos, tp / np.maximum(tp + fp, 1e-12), use_07_metric)
@@ -138,6 +143,11 @@ def test_real_dota_example_matches_independent_evaluator(tmp_path):
     for cls, ap in reference.items():
         assert r["classes"][cls]["ap"] == pytest.approx(ap, abs=1e-9), cls
     assert "| **mAP** |" in format_ap_table(r)
+    mm = evaluate_dota(dets, gt, mode="mmrotate", use_07_metric=False)
+    reference = _shapely_reference(dets, gt, use_07_metric=False, mmrotate=True)
+    for cls, ap in reference.items():
+        assert mm["classes"][cls]["ap"] == pytest.approx(ap, abs=1e-6, nan_ok=True), cls
+    assert mm["mAP"] == pytest.approx(np.nanmean(list(reference.values())), abs=1e-6)
     # The submission writer round-trips (coordinates are written with 0.1 px precision, as read).
     write_dota_submission(dets, tmp_path / "sub")
     again = evaluate_dota(tmp_path / "sub", DOTA / "labelTxt")
@@ -189,3 +199,23 @@ def test_seg_metric_errors():
         m.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="shape"):
         m.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+
+
+def test_seg_metric_random_against_direct_counts():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (3, 17, 19), generator=g)
+    target[target == 4] = 255  # class 4 of 5 only ever predicted, never a target -> IoU 0, not NaN
+    pred = torch.randint(0, 5, (3, 17, 19), generator=g)
+    m = SegMetric(num_classes=5, ignore_index=255)
+    for b in range(3):
+        m.update(pred[b], target[b])
+    r = m.compute()
+    valid = target != 255
+    for c in range(5):
+        tp = ((pred == c) & (target == c) & valid).sum().item()
+        fp = ((pred == c) & (target != c) & valid).sum().item()
+        fn = ((pred != c) & (target == c) & valid).sum().item()
+        assert r["IoU"][c].item() == pytest.approx(tp / (tp + fp + fn))
+        assert r["F1"][c].item() == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert r["OA"] == pytest.approx(((pred == target) & valid).sum().item() / valid.sum().item())
+    assert r["mIoU"] == pytest.approx(r["IoU"].mean().item())
