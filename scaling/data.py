@@ -15,17 +15,21 @@ Contract for the trainer (both backends):
   files from (seed, epoch); rank r takes positions r, r + dp_size, ... and the last
   `num_files % dp_size` files of the permutation are dropped for that epoch (every rank sees the
   same number of samples; a different permutation next epoch means no file is left out for good).
+  DALI backend: fn.readers.file with shard_id/num_shards = dp rank/size over a seeded
+  permutation of the files, re-shuffled after every epoch with one seed shared by all ranks.
 - Resume. Torch backend: EXACT - sample order and every crop/flip are pure functions of
   (seed, epoch, file index), so `load_state_dict(state)` or `start_step=k` gives bit-identical
   batches to an uninterrupted run, with any `num_workers`. DALI backend: NOT exact - DALI's reader
-  shuffles with its own buffer and its augmentation RNG depends on how many samples it has drawn;
+  cannot skip ahead and its augmentation RNG depends on how many samples it has drawn;
   on resume it is re-seeded from (seed, step) so the stream is fresh, sharded and reproducible
-  for the same (seed, start_step), but not identical to the uninterrupted run. Exact-resume tests
-  use backend="torch".
+  for the same (seed, start_step), but not identical to the uninterrupted run (datasets with TIFFs
+  go through external_source in the torch backend's exact order; only their crops differ).
+  Exact-resume tests use backend="torch".
 - Corrupt files never crash a run: all files are checked up front (cheap: header + PIL verify +
   the JPEG/PNG end marker, which catches truncation) and bad ones are skipped and counted in
   `skipped`; the torch backend also survives a decode failure at run time (it substitutes the
-  next good file deterministically and counts it in `decode_failures`).
+  next good file deterministically and counts it in `decode_failures`); a DALI failure at run
+  time switches that loader to the torch backend for the rest of the run (one warning line).
 - Multi-band TIFFs (e.g. RGB+NIR) are read with tifffile; `in_chans` selects the first bands.
   Integer pixels are scaled by their dtype's maximum (uint8 / 255, uint16 / 65535).
 """
@@ -416,6 +420,8 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
         raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
     if img_size < 1 or batch_size < 1:
         raise ValueError(f"img_size and batch_size must be positive, got {img_size} and {batch_size}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
     files = scan_images(root_or_files)
     skipped = 0
     if validate:
