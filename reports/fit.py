@@ -1,0 +1,158 @@
+"""Scaling-law fits with bootstrap confidence intervals, numpy only.
+
+    fit = fit_power_law(params, throughput)     # y = a * N^c, least squares in log-log
+    fit = fit_saturating(params, loss)          # E = a * (N + b)^-c + d (Zhai et al. 2022)
+    fit.params["c"], fit.ci["c"], fit.predict(n), str(fit)
+
+The saturating law is fitted by Levenberg-Marquardt on relative residuals (model - E) / E, with
+a, b, d positive through a log parameterization and N rescaled by its geometric mean so the
+problem is well conditioned; several starting values of d are tried and the best kept.
+Confidence intervals (95 %) are percentile bootstrap over the points: resample with replacement,
+refit, take the 2.5 / 97.5 percentiles of each parameter (resamples that do not fit are skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Fit:
+    law: str  # "power" or "saturating"
+    params: dict
+    ci: dict = field(default_factory=dict)  # name -> (low, high), 95 % bootstrap
+    n_points: int = 0
+    rmse_rel: float = 0.0  # root-mean-square relative residual on the data
+
+    def predict(self, n):
+        n = np.asarray(n, dtype=float)
+        p = self.params
+        if self.law == "power":
+            return p["a"] * n ** p["c"]
+        return p["a"] * (n + p["b"]) ** (-p["c"]) + p["d"]
+
+    def __str__(self) -> str:
+        formula = "y = a * N^c" if self.law == "power" else "E = a * (N + b)^-c + d"
+        parts = []
+        for k, v in self.params.items():
+            lo, hi = self.ci.get(k, (float("nan"), float("nan")))
+            parts.append(f"{k} = {v:.4g} [{lo:.4g}, {hi:.4g}]")
+        return f"{formula}: " + ", ".join(parts) + f" (n={self.n_points}, rel. RMSE {self.rmse_rel:.2%})"
+
+
+def _check(n, y, min_points: int):
+    n, y = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
+    if n.shape != y.shape or n.ndim != 1:
+        raise ValueError(f"N and y must be 1-d arrays of equal length, got shapes {n.shape} and {y.shape}")
+    if len(n) < min_points:
+        raise ValueError(f"this fit needs at least {min_points} points, got {len(n)}")
+    if (n <= 0).any() or (y <= 0).any() or not np.isfinite(n).all() or not np.isfinite(y).all():
+        raise ValueError("N and y must be finite and positive for a power-law fit")
+    return n, y
+
+
+def _bootstrap(n, y, fit_once, n_boot: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(n), len(n))
+        if len(np.unique(n[idx])) < 3:
+            continue
+        try:
+            samples.append(fit_once(n[idx], y[idx]))
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+            continue
+    if len(samples) < max(10, n_boot // 4):
+        return {}
+    return {k: (float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5)))
+            for k in samples[0]}
+
+
+def _rmse_rel(fit: Fit, n, y) -> float:
+    return float(np.sqrt(np.mean(((fit.predict(n) - y) / y) ** 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# y = a * N^c
+# ---------------------------------------------------------------------------------------------
+
+
+def _power_once(n, y) -> dict:
+    c, log_a = np.polyfit(np.log(n), np.log(y), 1)
+    return {"a": float(np.exp(log_a)), "c": float(c)}
+
+
+def fit_power_law(n, y, n_boot: int = 500, seed: int = 0) -> Fit:
+    n, y = _check(n, y, 2)
+    fit = Fit("power", _power_once(n, y), n_points=len(n))
+    fit.ci = _bootstrap(n, y, _power_once, n_boot, seed) if len(n) >= 3 else {}
+    fit.rmse_rel = _rmse_rel(fit, n, y)
+    return fit
+
+
+# ---------------------------------------------------------------------------------------------
+# E = a * (N + b)^-c + d
+# ---------------------------------------------------------------------------------------------
+
+
+def _sat_model(theta, x):
+    log_a, log_b, c, log_d = theta
+    return np.exp(log_a) * (x + np.exp(log_b)) ** (-c) + np.exp(log_d)
+
+
+def _levenberg_marquardt(theta, x, y, iters: int = 300):
+    """Minimize sum(((model - y) / y)^2) from theta; returns (theta, cost)."""
+
+    def resid(t):
+        return (_sat_model(t, x) - y) / y
+
+    lam, r = 1e-3, resid(theta)
+    cost = float(r @ r)
+    for _ in range(iters):
+        eps = 1e-6 * np.maximum(1.0, np.abs(theta))
+        J = np.stack([(resid(theta + np.eye(4)[i] * eps[i]) - r) / eps[i] for i in range(4)], axis=1)
+        A, g = J.T @ J, J.T @ r
+        while True:
+            step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
+            trial = np.clip(theta + step, -50, 50)
+            with np.errstate(over="ignore", invalid="ignore"):
+                r_new = resid(trial)
+            new_cost = float(r_new @ r_new) if np.isfinite(r_new).all() else np.inf
+            if new_cost < cost:
+                theta, r, lam = trial, r_new, max(lam / 3, 1e-12)
+                break
+            lam *= 4
+            if lam > 1e12:
+                return theta, cost
+        if cost - new_cost < 1e-14 * max(cost, 1e-30):
+            cost = new_cost
+            break
+        cost = new_cost
+    return theta, cost
+
+
+def _saturating_once(n, y) -> dict:
+    scale = float(np.exp(np.mean(np.log(n))))
+    x = n / scale
+    best = None
+    for frac in (0.01, 0.5, 0.9):
+        d0 = frac * y.min()
+        slope = _power_once(x, np.maximum(y - d0, 1e-12 * y.max()))
+        theta0 = np.array([np.log(slope["a"]), np.log(1e-3 * x.min()), -slope["c"], np.log(d0)])
+        theta, cost = _levenberg_marquardt(theta0, x, y)
+        if best is None or cost < best[1]:
+            best = (theta, cost)
+    log_a, log_b, c, log_d = best[0]
+    if not np.isfinite(best[1]):
+        raise ValueError("the saturating power law did not converge")
+    return {"a": float(np.exp(log_a) * scale**c), "b": float(np.exp(log_b) * scale), "c": float(c), "d": float(np.exp(log_d))}
+
+
+def fit_saturating(n, e, n_boot: int = 200, seed: int = 0) -> Fit:
+    n, e = _check(n, e, 4)
+    fit = Fit("saturating", _saturating_once(n, e), n_points=len(n))
+    fit.ci = _bootstrap(n, e, _saturating_once, n_boot, seed)
+    fit.rmse_rel = _rmse_rel(fit, n, e)
+    return fit

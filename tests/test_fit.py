@@ -1,0 +1,41 @@
+"""Fits recover known laws from synthetic data generated from the law with noise."""
+
+import numpy as np
+import pytest
+
+from reports.fit import fit_power_law, fit_saturating
+
+N = np.logspace(5, 10, 12)
+
+
+def test_power_law_recovers_exponent_and_ci_covers_it():
+    rng = np.random.default_rng(0)
+    y = 3.0 * N**0.8 * np.exp(rng.normal(0, 0.02, N.size))
+    fit = fit_power_law(N, y, n_boot=200)
+    assert fit.params["c"] == pytest.approx(0.8, abs=0.01) and fit.params["a"] == pytest.approx(3.0, rel=0.2)
+    lo, hi = fit.ci["c"]
+    assert lo < 0.8 < hi and hi - lo < 0.05
+    assert np.allclose(fit.predict(N), fit.params["a"] * N ** fit.params["c"])
+
+
+def test_saturating_law_recovers_exponent_and_floor():
+    rng = np.random.default_rng(1)
+    e = (50.0 * (N + 2e4) ** -0.35 + 0.2) * (1 + rng.normal(0, 0.005, N.size))
+    fit = fit_saturating(N, e, n_boot=60)
+    assert fit.params["c"] == pytest.approx(0.35, abs=0.03)
+    assert fit.params["d"] == pytest.approx(0.2, abs=0.01)
+    assert fit.rmse_rel < 0.01 and fit.ci["c"][0] < 0.35 < fit.ci["c"][1]
+    assert "E = a * (N + b)^-c + d" in str(fit)
+
+
+def test_exact_saturating_data_is_fitted_exactly():
+    e = 4.0 * N**-0.5 + 1.0
+    fit = fit_saturating(N, e, n_boot=0)
+    assert fit.params["c"] == pytest.approx(0.5, rel=1e-3) and fit.params["d"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([1, 2, 3], [1, -1, 2])
+    with pytest.raises(ValueError, match="at least 4"):
+        fit_saturating([1, 2, 3], [3, 2, 1])
