@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.datasets import DotaObject, read_dota_labels
+from finetune.datasets import read_dota_labels
 from finetune.rotated import poly_iou, poly_to_obb, rotated_iou
 
 MODES = ("dota", "mmrotate")
@@ -232,8 +232,9 @@ class SegMetric:
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}.")
         pred, target = pred.reshape(-1).long(), target.reshape(-1).long()  # counted on their device
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-        pred, target = pred[valid], target[valid]
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            pred, target = pred[keep], target[keep]
         c = self.num_classes
         if target.numel() and (target.min() < 0 or target.max() >= c):
             raise ValueError(f"target holds labels outside [0, {c}) that are not ignore_index={self.ignore_index}.")

@@ -338,7 +338,8 @@ class DeltaXYWHACoder:
         """Proposals [N, 5], targets [N, 5] -> normalised deltas [N, 5]."""
         _check_last(proposals, 5, "proposals")
         if proposals.shape != gt.shape:
-            raise ValueError(f"encode needs one target per proposal, got {tuple(proposals.shape)} and {tuple(gt.shape)}.")
+            raise ValueError(f"encode needs one target per proposal, got {tuple(proposals.shape)} "
+                             f"and {tuple(gt.shape)}.")
         px, py, pw, ph, pa = proposals.unbind(-1)
         gx, gy, gw, gh, ga = gt.unbind(-1)
         da = _wrap(ga - pa)

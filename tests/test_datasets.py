@@ -148,7 +148,7 @@ def _rect(x0, y0, x1, y1):
 
 
 def test_split_image_keeps_objects_by_area_ratio():
-    image = torch.arange(300 * 300, dtype=torch.int64).remainder(251).to(torch.uint8).view(1, 300, 300).expand(3, 300, 300)
+    image = torch.arange(300 * 300).remainder(251).to(torch.uint8).view(1, 300, 300).expand(3, 300, 300)
     polys = torch.tensor([_rect(10, 10, 50, 50),        # inside patch (0, 0) only
                           _rect(150, 10, 220, 50),      # 50/70 of it in patch x0=0: kept, difficult
                           _rect(180, 100, 280, 140)])   # 20/100 in patch x0=0: dropped there

@@ -100,7 +100,8 @@ def test_conversions_hand_cases():
     expected = torch.tensor([[11.0, 18.0, 11.0, 22.0, 9.0, 22.0, 9.0, 18.0]])
     torch.testing.assert_close(obb_to_poly(box), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(obb_to_hbox(box), torch.tensor([[9.0, 18.0, 11.0, 22.0]]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(hbox_to_obb(torch.tensor([[0.0, 0.0, 4.0, 2.0]])), torch.tensor([[2.0, 1.0, 4.0, 2.0, 0.0]]))
+    torch.testing.assert_close(hbox_to_obb(torch.tensor([[0.0, 0.0, 4.0, 2.0]])),
+                               torch.tensor([[2.0, 1.0, 4.0, 2.0, 0.0]]))
     # le90: w < h swaps and turns by 90 degrees; angles wrap into [-pi/2, pi/2).
     n = norm_obb(torch.tensor([[0.0, 0.0, 2.0, 4.0, 0.0], [0.0, 0.0, 4.0, 2.0, math.pi / 2]]))
     torch.testing.assert_close(n, torch.tensor([[0.0, 0.0, 4.0, 2.0, -math.pi / 2]] * 2))
@@ -159,7 +160,8 @@ def test_box_coder_hand_cases_and_round_trip():
         d = coder.encode(props, gts)
         assert (d[:, 4].abs() * 0.1 <= (math.pi / 4 if edge_swap else math.pi / 2) + 1e-9).all()
         dec = coder.decode(props, d)
-        torch.testing.assert_close(rotated_iou_aligned(dec, gts), torch.ones(50, dtype=torch.float64), atol=1e-9, rtol=0)
+        torch.testing.assert_close(rotated_iou_aligned(dec, gts), torch.ones(50, dtype=torch.float64),
+                                   atol=1e-9, rtol=0)
         torch.testing.assert_close(dec[:, :4], gts[:, :4], atol=1e-9, rtol=0)
 
 
