@@ -131,3 +131,17 @@ def test_activation_checkpointing_same_gradients():
     ckpt(x).square().sum().backward()
     for (n, a), b in zip(blk.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=n)
+
+
+def test_clear_errors():
+    cfg = get_preset("tiny")
+    with pytest.raises(ValueError, match="layer_range \\(2, 9\\) is not within the 4 encoder blocks"):
+        MaskedAutoencoder(cfg, layer_range=(2, 9))
+    model = MaskedAutoencoder(MICRO)
+    with pytest.raises(ValueError, match="takes images \\[B, 1, 4, 4\\]"):
+        model(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="needs the token grid"):
+        ParallelBlock(32, 4, 64, window_size=2)(torch.randn(1, 4, 32))
+    stage = MaskedAutoencoder(cfg, pre_process=False, layer_range=(2, 4))
+    with pytest.raises(ValueError, match="needs the previous stage's hidden states"):
+        stage.forward_stage(None, torch.randn(1, 3, 64, 64), torch.rand(1, 64))
