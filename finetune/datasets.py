@@ -136,7 +136,9 @@ def read_dota_labels(folder, image_ids=None) -> dict[str, list[DotaObject]]:
 
 def read_dior_xml(path) -> list[DotaObject]:
     """Parse one DIOR-R annotation (Pascal-VOC-like XML): each `object` has a `robndbox` with the
-    corner points x/y_left_top, _right_top, _right_bottom, _left_bottom (in that polygon order)."""
+    corner points x/y_left_top, _right_top, _right_bottom, _left_bottom (in that polygon order).
+    Class names are lower-cased (DIOR writes e.g. 'Expressway-Service-area'); the `angle` field
+    is redundant with the corners and not read."""
     root = ET.parse(path).getroot()
     objects = []
     for obj in root.iter("object"):
@@ -149,7 +151,7 @@ def read_dior_xml(path) -> list[DotaObject]:
         except AttributeError:
             raise ValueError(f"{path}: a <robndbox> lacks one of its 8 corner coordinates.") from None
         difficult = obj.findtext("difficult", "0").strip() not in ("0", "")
-        objects.append(DotaObject(poly, obj.findtext("name").strip(), difficult))
+        objects.append(DotaObject(poly, obj.findtext("name").strip().lower(), difficult))
     return objects
 
 
