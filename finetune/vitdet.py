@@ -1,0 +1,235 @@
+"""ViTDet adaptation of the pretrained (tensor-parallel) MAE encoder: a plain ViT turned into a
+4-level feature pyramid for dense prediction (Li et al. 2022, "Exploring Plain Vision Transformer
+Backbones for Object Detection").
+
+What changes from pretraining, and why:
+- no cls token and no masking: every patch token is kept, on its (H, W) grid;
+- window attention (non-overlapping `window_size` windows, zero-padded as ViTDet does) in most
+  blocks, global attention in a few evenly spaced ones (`global_blocks`, default the last block
+  of each quarter): attention cost stays linear in image area while information still crosses
+  windows. The blocks are `scaling.vit.ParallelBlock`s, so TP still works;
+- the position table is resized from the pretraining grid to the fine-tuning grid (bicubic, cls
+  dropped) and becomes learnable; inputs of other sizes resize it again on the fly;
+- drop-path (stochastic depth) per block: with probability p(i) (linear in depth, up to
+  `drop_path`) a sample skips block i's residual update. Whole blocks are dropped because the
+  block fuses its two sublayers; the mask comes from the torch RNG, which equally seeded TP
+  ranks draw identically;
+- scale blocks (the "simple feature pyramid") turn the single stride-p map (p = patch size) into
+  4 levels at strides p/4, p/2, p, 2p: two 2x2 transposed convs with LayerNorm + GELU between,
+  one transposed conv, identity, 2x2 max-pool; each followed by 1x1 and 3x3 convs to
+  `out_channels`, each with a channel LayerNorm. With the paper's patch 16 these are the usual
+  strides 4/8/16/32; the CPU presets use patch 8, giving 2/4/8/16.
+
+Also here: weight loading from an MAE checkpoint (`load_pretrained`) and layer-wise learning-rate
+decay (`param_groups_lrd`, BEiT/MAE fine-tuning: block i's lr is scaled by decay^(depth + 1 - i')).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaling.checkpoint import shard_for
+from scaling.config import ViTConfig
+from scaling.parallel import state
+from scaling.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_ONLY = ("cls_token", "mask_token", "decoder_")  # MAE keys fine-tuning drops on purpose
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] map (ViTDet's norm in the scale blocks)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_norm_act(cin: int, cout: int, k: int, act: bool = True, norm: str = "gn") -> nn.Sequential:
+    """k x k conv (no bias) + GroupNorm / channel LayerNorm (+ ReLU): the heads' building block.
+    GroupNorm, not BatchNorm, so tiny CPU batches train and evaluate the same way."""
+    norm_layer = nn.GroupNorm(math.gcd(32, cout), cout) if norm == "gn" else LayerNorm2d(cout)
+    layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if act else nn.Sequential(*layers)
+
+
+def resize_pos_embed(pos: torch.Tensor, old_hw, new_hw, has_cls: bool) -> torch.Tensor:
+    """Position table [1, (1+) h*w, D] on grid old_hw -> [1, H*W, D] on new_hw (bicubic, cls dropped)."""
+    h, w = old_hw
+    if has_cls:
+        pos = pos[:, 1:]
+    if pos.shape[1] != h * w:
+        raise ValueError(f"position table has {pos.shape[1]} patch entries, not {h}x{w} = {h * w}")
+    grid = pos.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_hw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], -1).to(pos.dtype)
+
+
+def even_global_blocks(depth: int, n: int = 4) -> tuple[int, ...]:
+    """Indices of n evenly spaced global-attention blocks: the last of each of n equal stages
+    (ViTDet's (2, 5, 8, 11) for depth 12)."""
+    n = min(n, depth)
+    return tuple(sorted({(k + 1) * depth // n - 1 for k in range(n)}))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a sample's residual update with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Stride-p map [B, D, H, W] -> 4 maps at strides p/4, p/2, p, 2p with `out_channels` each."""
+
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        d = width
+        up2 = lambda cin, cout: nn.ConvTranspose2d(cin, cout, 2, stride=2)  # noqa: E731
+        self.scales = nn.ModuleList([
+            nn.Sequential(up2(d, d // 2), LayerNorm2d(d // 2), nn.GELU(), up2(d // 2, d // 4)),
+            up2(d, d // 2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ])
+        dims = (d // 4, d // 2, d, d)
+        self.outputs = nn.ModuleList(
+            nn.Sequential(conv_norm_act(c, out_channels, 1, act=False, norm="ln"),
+                          conv_norm_act(out_channels, out_channels, 3, act=False, norm="ln"))
+            for c in dims
+        )
+
+    def forward(self, x):
+        return [out(scale(x)) for scale, out in zip(self.scales, self.outputs)]
+
+
+class ViTDetBackbone(nn.Module):
+    """Pretrained parallel-branch ViT -> list of 4 feature maps [B, out_channels, H/s, W/s],
+    s = patch/4, patch/2, patch, 2*patch (`self.strides`).
+
+    img_size: the fine-tuning crop (the stored position table's grid); window_size: tokens per
+    window side; global_blocks: indices with global attention (default: even_global_blocks).
+    Images must be multiples of 2*patch so every level has an integer size.
+    """
+
+    def __init__(self, cfg: ViTConfig, img_size: int | None = None, window_size: int = 4,
+                 global_blocks=None, drop_path: float = 0.1, out_channels: int | None = None,
+                 activation_checkpointing: bool = False, config=None):
+        super().__init__()
+        img_size = img_size or cfg.img_size
+        problems = []
+        if img_size % (2 * cfg.patch_size):
+            problems.append(f"fine-tuning size {img_size} is not a multiple of 2 x patch size {cfg.patch_size}")
+        global_blocks = even_global_blocks(cfg.depth) if global_blocks is None else tuple(global_blocks)
+        if any(not 0 <= i < cfg.depth for i in global_blocks):
+            problems.append(f"global_blocks {global_blocks} must index the {cfg.depth} blocks")
+        if cfg.patch_size % 4:
+            problems.append(f"the pyramid needs a patch size divisible by 4, got {cfg.patch_size}")
+        if window_size < 1:
+            problems.append(f"window_size must be >= 1, got {window_size}")
+        if not 0.0 <= drop_path < 1.0:
+            problems.append(f"drop_path must be in [0, 1), got {drop_path}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        config = config or state.model_parallel_config()
+        self.cfg, self.window_size, self.global_blocks = cfg, window_size, global_blocks
+        self.grid = (img_size // cfg.patch_size,) * 2
+        self.strides = (cfg.patch_size // 4, cfg.patch_size // 2, cfg.patch_size, 2 * cfg.patch_size)
+        d = cfg.width
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, *self.grid)[None])  # learnable in fine-tuning
+        self.blocks = nn.ModuleList(
+            ParallelBlock(d, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps, config,
+                          window_size=None if i in global_blocks else window_size,
+                          activation_checkpointing=activation_checkpointing)
+            for i in range(cfg.depth)
+        )
+        self.drop_path_rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.out_channels = out_channels or d
+        self.pyramid = SimpleFeaturePyramid(d, self.out_channels)
+
+    def forward(self, imgs: torch.Tensor) -> list[torch.Tensor]:
+        B, _, H, W = imgs.shape
+        if H % (2 * self.cfg.patch_size) or W % (2 * self.cfg.patch_size):
+            raise ValueError(f"input {H}x{W} is not a multiple of 2 x patch size {self.cfg.patch_size}")
+        hw = (H // self.cfg.patch_size, W // self.cfg.patch_size)
+        pos = self.pos_embed if hw == self.grid else resize_pos_embed(self.pos_embed, self.grid, hw, has_cls=False)
+        x = self.patch_embed(imgs) + pos
+        for blk, p in zip(self.blocks, self.drop_path_rates):
+            x = x + drop_path(blk(x, hw=hw) - x, p, self.training)
+        x = self.norm(x).transpose(1, 2).reshape(B, -1, *hw)
+        return self.pyramid(x)
+
+
+def load_pretrained(backbone: ViTDetBackbone, full_state: dict, pretrain_cfg: ViTConfig) -> dict:
+    """Copy MAE encoder weights (unsharded, TP=1 names, from scaling.checkpoint.load_full_state_dict)
+    into the backbone: TP shards are cut for this rank, the position table is resized to the
+    fine-tuning grid. Returns {"loaded", "missing", "unexpected", "ignored"} key lists (missing:
+    new fine-tuning parameters; ignored: pretraining-only keys such as the decoder) and logs them."""
+    own = dict(backbone.named_parameters())
+    loaded, unexpected, ignored, problems = [], [], [], []
+    for name, full in full_state.items():
+        if full is None or name.endswith("_extra_state"):  # megatron's (empty) extra state
+            continue
+        if name.startswith(PRETRAIN_ONLY):
+            ignored.append(name)
+            continue
+        if name not in own:
+            unexpected.append(name)
+            continue
+        if name == "pos_embed":
+            g = pretrain_cfg.grid
+            full = resize_pos_embed(full, (g, g), backbone.grid, has_cls=full.shape[1] == g * g + 1)
+        param = own[name]
+        full = shard_for(full, param)  # this TP rank's slice of a sharded parameter
+        if full.shape != param.shape:
+            problems.append(f"{name}: checkpoint shape {tuple(full.shape)} != model shape {tuple(param.shape)}")
+            continue
+        with torch.no_grad():
+            param.copy_(full)
+        loaded.append(name)
+    if problems:
+        raise ValueError("checkpoint does not fit the backbone: " + "; ".join(problems))
+    missing = [n for n in own if n not in loaded]
+    log.info("loaded %d pretrained tensors; %d new (random init, e.g. %s); %d pretraining-only ignored; %d unexpected %s",
+             len(loaded), len(missing), missing[:2], len(ignored), len(unexpected), unexpected[:5])
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "ignored": ignored}
+
+
+# ------------------------------------------------------------------------- layer-wise lr decay
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBED = re.compile(r"(?:^|\.)(patch_embed|pos_embed|cls_token)(?:\.|$)")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i+1 for block i, depth+1 for everything after (norm, pyramid, heads)."""
+    if _EMBED.search(name):
+        return 0
+    m = _BLOCK.search(name)
+    return int(m.group(1)) + 1 if m else depth + 1
+
+
+def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
+    """AdamW parameter groups with layer-wise lr decay: lr_scale = layer_decay^(depth + 1 - layer_id).
+    Biases, norm weights and position tables (1-D or named pos_embed) get no weight decay."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.dim() == 1 or name.endswith("pos_embed")
+        lid = layer_id(name, depth)
+        key = (lid, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())

@@ -1,0 +1,123 @@
+"""ViTDet adaptation: pyramid shapes per preset, window vs global attention, position-table
+resizing, loading MAE weights, layer-wise lr decay, drop-path."""
+
+import pytest
+import torch
+
+from finetune.vitdet import (ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained,
+                             param_groups_lrd, resize_pos_embed)
+from scaling.config import PRESETS, get_preset
+from scaling.parallel import state
+from scaling.vit import sincos_pos_embed_2d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world():
+    state.ensure_initialized()
+
+
+def small(cfg, depth=2):
+    """Same patch size and head count as the preset, small width (shapes only depend on the patch)."""
+    return cfg.replace(width=8 * cfg.heads, mlp=32, depth=depth, branches=min(cfg.branches, 2))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_pyramid_shapes_relative_to_patch(name):
+    cfg = small(get_preset(name))
+    p = cfg.patch_size
+    size = 4 * p  # 4x4 tokens: every level has an integer size
+    bb = ViTDetBackbone(cfg, img_size=size, window_size=2, out_channels=16)
+    assert bb.strides == (p // 4, p // 2, p, 2 * p)
+    feats = bb(torch.randn(2, 3, size, 2 * size))  # non-square input resizes the position table
+    assert [tuple(f.shape) for f in feats] == [(2, 16, size // s, 2 * size // s) for s in bb.strides]
+    if p == 16:
+        assert bb.strides == (4, 8, 16, 32)
+
+
+def test_even_global_blocks():
+    assert even_global_blocks(12) == (2, 5, 8, 11)  # ViTDet's choice for ViT-B
+    assert even_global_blocks(4) == (0, 1, 2, 3)
+    assert even_global_blocks(8, 2) == (3, 7)
+
+
+def test_window_covering_the_map_equals_global_attention():
+    cfg = get_preset("tiny").replace(depth=2)
+    grid = 4
+    torch.manual_seed(0)
+    windowed = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=grid, global_blocks=(), drop_path=0.0)
+    glob = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=grid, global_blocks=(0, 1), drop_path=0.0)
+    glob.load_state_dict(windowed.state_dict())
+    small_win = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=2, global_blocks=(), drop_path=0.0)
+    small_win.load_state_dict(windowed.state_dict())
+    x = torch.randn(2, 3, grid * cfg.patch_size, grid * cfg.patch_size)
+    a, b, c = windowed(x), glob(x), small_win(x)
+    for fa, fb, fc in zip(a, b, c):
+        torch.testing.assert_close(fa, fb, rtol=1e-5, atol=1e-5)
+        assert (fa - fc).abs().max() > 1e-3  # smaller windows really change the result
+
+
+def test_pos_embed_resize_identity_and_shape():
+    table = sincos_pos_embed_2d(32, 6, 6, cls_token=True)[None]
+    same = resize_pos_embed(table, (6, 6), (6, 6), has_cls=True)
+    torch.testing.assert_close(same, table[:, 1:], rtol=0, atol=1e-6)
+    # Upsampling keeps constants, and a column ramp stays a ramp: increasing along x, flat along y.
+    const = resize_pos_embed(torch.full((1, 64, 2), 3.0), (8, 8), (12, 16), has_cls=False)
+    torch.testing.assert_close(const, torch.full((1, 192, 2), 3.0))
+    ramp = torch.arange(8.0).repeat(8, 1).reshape(1, 64, 1)
+    up = resize_pos_embed(ramp, (8, 8), (16, 16), has_cls=False).reshape(16, 16)
+    assert (up[:, 1:] > up[:, :-1]).all() and (up == up[:1]).all()
+    assert abs(float(up[0, 0])) < 0.2 and abs(float(up[0, -1]) - 7) < 0.2
+    with pytest.raises(ValueError, match="patch entries"):
+        resize_pos_embed(table, (5, 5), (6, 6), has_cls=True)
+
+
+def test_load_pretrained_mae_weights():
+    from scaling.mae import build_mae
+
+    cfg = get_preset("tiny")
+    mae = build_mae(cfg)
+    full = {k: v.detach().clone() for k, v in mae.named_parameters()}
+    bb = ViTDetBackbone(cfg, img_size=2 * cfg.img_size)
+    report = load_pretrained(bb, full, cfg)
+    torch.testing.assert_close(bb.blocks[1].attn[0].qkv.weight, full["blocks.1.attn.0.qkv.weight"])
+    torch.testing.assert_close(bb.patch_embed.proj.weight, full["patch_embed.proj.weight"])
+    expected_pos = resize_pos_embed(full["pos_embed"], (cfg.grid,) * 2, (2 * cfg.grid,) * 2, has_cls=True)
+    torch.testing.assert_close(bb.pos_embed.detach(), expected_pos)
+    assert "cls_token" in report["ignored"] and any(k.startswith("decoder_") for k in report["ignored"])
+    assert report["unexpected"] == []
+    assert report["missing"] and all(k.startswith("pyramid.") for k in report["missing"])
+    bad = dict(full, **{"norm.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="norm.weight"):
+        load_pretrained(bb, bad, cfg)
+
+
+def test_layer_decay_multipliers():
+    cfg = get_preset("tiny")  # depth 4
+    model = torch.nn.Module()
+    model.backbone = ViTDetBackbone(cfg, img_size=cfg.img_size)
+    model.head = torch.nn.Conv2d(4, 4, 1)
+    decay = 0.5
+    groups = param_groups_lrd(model, cfg.depth, weight_decay=0.05, layer_decay=decay)
+    seen = {}
+    for g in groups:
+        for name in g["names"]:
+            seen[name] = (g["lr_scale"], g["weight_decay"])
+    assert seen["backbone.patch_embed.proj.weight"] == (decay ** 5, 0.05)
+    assert seen["backbone.pos_embed"] == (decay ** 5, 0.0)
+    for i in range(cfg.depth):
+        assert seen[f"backbone.blocks.{i}.mlp.0.fc1.weight"] == (decay ** (cfg.depth - i), 0.05)
+        assert seen[f"backbone.blocks.{i}.mlp.0.fc1.bias"] == (decay ** (cfg.depth - i), 0.0)
+    assert seen["backbone.norm.weight"] == (1.0, 0.0)
+    assert seen["head.weight"] == (1.0, 0.05)
+    assert len(seen) == sum(p.requires_grad for p in model.parameters())
+    assert layer_id("backbone.pyramid.outputs.0.0.0.weight", 4) == 5
+
+
+def test_drop_path():
+    x = torch.ones(4000, 3)
+    torch.testing.assert_close(drop_path(x, 0.3, training=False), x)
+    y = drop_path(x, 0.3, training=True)
+    rows = y[:, 0]
+    assert ((y == 0) | torch.isclose(y, torch.tensor(1 / 0.7))).all()
+    assert (y == y[:, :1]).all()  # whole samples are dropped
+    assert abs(float((rows == 0).float().mean()) - 0.3) < 0.05
