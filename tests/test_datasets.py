@@ -237,3 +237,17 @@ def test_palette_masks_keep_indices_and_id_lists(tmp_path):
     assert t["mask"][0].tolist() == [255, 0, 1, 2, 6]
     (tmp_path / "ids.txt").write_text("a\nb\n")
     assert D.read_image_ids(tmp_path / "ids.txt") == ["a", "b"] and D.read_image_ids(None) is None
+
+
+def test_dior_xml_names_and_errors(tmp_path):
+    corners = "".join(f"<{ax}_{c}>{v}</{ax}_{c}>" for (ax, c), v in zip(
+        [(a, c) for c in ("left_top", "right_top", "right_bottom", "left_bottom") for a in "xy"],
+        [1, 2, 5, 2, 5, 4, 1, 4]))
+    (tmp_path / "a.xml").write_text(
+        f"<annotation><object><name>Expressway-Service-area</name><difficult>1</difficult>"
+        f"<robndbox>{corners}</robndbox><angle>0</angle></object></annotation>")
+    assert D.read_dior_xml(tmp_path / "a.xml") == [
+        D.DotaObject((1.0, 2.0, 5.0, 2.0, 5.0, 4.0, 1.0, 4.0), "expressway-service-area", True)]
+    (tmp_path / "b.xml").write_text("<annotation><object><name>ship</name><bndbox/></object></annotation>")
+    with pytest.raises(ValueError, match="robndbox"):
+        D.read_dior_xml(tmp_path / "b.xml")
