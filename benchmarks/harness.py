@@ -1,0 +1,275 @@
+"""`rsscale bench`: measure one (preset, layout) for a few optimizer steps.
+
+    rsscale bench --model small --tp 2 --micro-batch 8 --global-batch 16 --nproc 2
+    torchrun --nproc-per-node 8 -m scaling.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
+        --micro-batch 8 --global-batch 64 --activation-checkpointing --peak-tflops 989
+
+It drives the trainer (scaling/train.py `Trainer.build(config).train_step()`) on in-memory random
+images, so no data I/O is timed except the per-step drawing of images and masks ("data" time).
+Warm-up steps are run and dropped; each measured step is timed by the trainer with device
+synchronization (torch.cuda.synchronize on GPU). Reported per layout:
+  step time median, IQR and min/max; images/s = global batch / median step time;
+  achieved TFLOP/s = global batch x mae_step_flops(cfg, recompute) / median step time (all devices);
+  MFU = model FLOPs (no recompute) / (median step time x peak x devices), peak from --peak-tflops or
+  a matmul timed here in the training dtype;
+  peak memory per rank: allocator peak on GPU (torch.cuda.max_memory_allocated), on CPU the peak
+  RSS (resource.getrusage) and its increase over the RSS before the model was built;
+  time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
+  the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side.
+Every rank measures; rank 0 gathers the per-rank peaks and writes one record (kind "bench", or
+"profile" when the profiler runs it) to the results store.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class BenchOptions:
+    model: str = "tiny"
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None  # None: world size / (tp * pp)
+    sp: bool = False
+    micro_batch: int = 8
+    global_batch: int = 8
+    warmup: int = 3
+    steps: int = 10
+    precision: str = "fp32"
+    kernels: str = "torch"
+    activation_checkpointing: bool = False
+    distributed_optimizer: bool = False
+    peak_tflops: float | None = None  # per device; None: measure a matmul
+    results: str | None = None
+    record: bool = True
+    record_kind: str = "bench"
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.steps < 1:
+            raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={self.warmup}, steps={self.steps}")
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
+        if self.record_kind not in ("bench", "profile"):
+            raise ValueError(f"record kind must be 'bench' or 'profile', not {self.record_kind!r}")
+
+
+def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
+    """The command line that runs `opts` on `nproc` local processes (torchrun when nproc > 1)."""
+    args = []
+    for f in fields(BenchOptions):
+        value, flag = getattr(opts, f.name), "--" + f.name.replace("_", "-")
+        if f.name == "record":
+            args += [] if value else ["--no-record"]
+        elif isinstance(value, bool):
+            args += [flag] if value else []
+        elif value is not None:
+            args += [flag, str(value)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    return launcher + ["-m", "scaling.cli", "bench", *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device) -> int:
+    """Allocator peak on GPU; peak RSS of this process on CPU (bytes)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_tflops(device, precision: str) -> float:
+    """Dense matmul TFLOP/s of this device in the training dtype (a stand-in for the datasheet)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def summarize(step_times, global_batch: int, step_flops: float, model_flops: float, peak_tflops: float, devices: int) -> dict:
+    """Robust statistics of the measured steps and the rates derived from the median."""
+    t = np.asarray(step_times, dtype=float)
+    med = float(np.median(t))
+    return {
+        "step_time_median_s": med,
+        "step_time_p25_s": float(np.percentile(t, 25)),
+        "step_time_p75_s": float(np.percentile(t, 75)),
+        "step_time_min_s": float(t.min()),
+        "step_time_max_s": float(t.max()),
+        "images_per_s": global_batch / med,
+        "tflops": global_batch * step_flops / med / 1e12,
+        "tflops_per_device": global_batch * step_flops / med / 1e12 / devices,
+        "mfu": global_batch * model_flops / med / 1e12 / (peak_tflops * devices),
+    }
+
+
+def run_bench(opts: BenchOptions) -> dict | None:
+    """Measure `opts` on this process's rank; returns the summary on rank 0 (None elsewhere)."""
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks import analytic
+    from scaling.config import mae_step_flops, param_count
+    from scaling.layout import Layout
+    from scaling.train import OptimConfig, Trainer, TrainConfig
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dp = opts.dp or max(1, world // (opts.tp * opts.pp))
+    layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
+    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
+                         kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
+                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = current_rss()
+    trainer = Trainer.build(config)
+    rank = dist.get_rank()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"[bench] {opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps", flush=True)
+    for _ in range(opts.warmup):
+        trainer.train_step()
+    recs = []
+    for i in range(opts.steps):
+        recs.append(trainer.train_step())
+        say(f"[bench] step {i + 1}/{opts.steps}: {recs[-1]['t_step']:.4f} s, loss {recs[-1]['loss']:.4f}", flush=True)
+    mine = {"rank": rank, "peak": peak_memory(trainer.device),
+            "before": int(torch.cuda.memory_allocated()) if trainer.device.type == "cuda" else rss_before}
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, mine)
+    if rank != 0:
+        return None
+
+    cfg = trainer.cfg
+    peak_tflops = opts.peak_tflops or matmul_peak_tflops(trainer.device, opts.precision)
+    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.activation_checkpointing),
+                        mae_step_flops(cfg, False), peak_tflops, layout.world_size)
+    for key in ("t_data", "t_fwd_bwd", "t_optim"):
+        summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
+    summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
+    summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
+    summary["peak_tflops_used"] = peak_tflops
+    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
+                         distributed_optimizer=opts.distributed_optimizer)
+    est = analytic.estimate(cfg, plan, analytic.Hardware(peak_flops=peak_tflops * 1e12))
+    summary["predicted_mem_bytes"] = est.memory["total"]
+    summary["predicted_act_bytes"] = est.memory["activations"]
+    summary["predicted_images_per_s"] = est.images_per_s
+    if opts.record:
+        _record(opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
+    return summary
+
+
+def _record(opts, layout, cfg, params, summary, recs, peaks, device) -> None:
+    from benchmarks.store import ResultsStore
+
+    store = ResultsStore(opts.results)
+    device_name = None
+    if device.type == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name(device)
+    extra = {"device": device_name} if device_name else {}
+    with store.run(kind=opts.record_kind, preset=cfg.name, params=params,
+                   layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
+                   micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.precision,
+                   kernels=opts.kernels, config=asdict(opts), device_count=layout.world_size, **extra) as run:
+        run.log_many([(k, v) for k, v in summary.items()]
+                     + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
+                     + [("peak_mem_rank_bytes", p["peak"], None, {"rank": p["rank"]}) for p in peaks])
+    print(f"[bench] recorded run {run.id} in {store.path} (kind={opts.record_kind})", flush=True)
+
+
+def print_summary(s: dict) -> None:
+    gib = 2**30
+    print(f"[bench] step time median {s['step_time_median_s']:.4f} s (IQR {s['step_time_p25_s']:.4f}-{s['step_time_p75_s']:.4f}, "
+          f"min {s['step_time_min_s']:.4f}, max {s['step_time_max_s']:.4f})")
+    print(f"[bench] {s['images_per_s']:.1f} img/s, {s['tflops']:.3f} TFLOP/s ({s['tflops_per_device']:.3f} per device), "
+          f"MFU {100 * s['mfu']:.1f}% of {s['peak_tflops_used']:.2f} TFLOP/s per device")
+    print(f"[bench] split: data {s['t_data_median_s']:.4f} s, forward+backward {s['t_fwd_bwd_median_s']:.4f} s, "
+          f"optimizer {s['t_optim_median_s']:.4f} s")
+    print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
+          f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# `rsscale bench`
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    d = BenchOptions()
+    parser.add_argument("--model", default=d.model, help="model preset (rsscale models)")
+    for name, help_ in (("tp", "tensor-parallel size"), ("pp", "pipeline-parallel size")):
+        parser.add_argument(f"--{name}", type=int, default=1, help=help_)
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / (tp*pp))")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp >= 2)")
+    parser.add_argument("--micro-batch", type=int, default=d.micro_batch, help="images per micro-batch per rank")
+    parser.add_argument("--global-batch", type=int, default=d.global_batch, help="images per optimizer step")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="steps run before timing (dropped)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="measured steps")
+    parser.add_argument("--precision", choices=DTYPES, default=d.precision)
+    parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
+    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
+    parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
+    parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
+    parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many local processes")
+
+
+def argparse_hide():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def options_from_args(args) -> BenchOptions:
+    names = {f.name for f in fields(BenchOptions)} - {"record"}
+    return BenchOptions(record=not args.no_record, **{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(args) -> int:
+    opts = options_from_args(args)
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = bench_command(opts, args.nproc)
+        print("[bench] launching: " + " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    summary = run_bench(opts)
+    if summary is not None:
+        print_summary(summary)
+    from scaling.parallel.state import destroy_parallel
+
+    destroy_parallel()
+    return 0
