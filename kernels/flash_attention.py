@@ -39,6 +39,29 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _load_tile(base, rows, offs_d, stride_n, stride_d, seq_len, head_dim):
+    """The [rows, BLOCK_D] tile of one head's [N, D] matrix; rows >= N and columns >= D read 0."""
+    mask = (rows[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, offs_d, stride_n, stride_d, seq_len, head_dim, value):
+    mask = (rows[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    tl.store(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _recompute(q, k, v, do, lse, delta, valid, sm_scale):
+    """Backward of one [queries, keys] block: probabilities p = exp(s - lse) and score gradients
+    ds = p * (dO v^T - delta); pairs that are not `valid` (ragged tails) get 0."""
+    p = tl.exp(tl.dot(q, tl.trans(k)) * sm_scale - lse[:, None])
+    p = tl.where(valid, p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return p, ds
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # [B, H, N, D] inputs
     O,  # [B, H, N, D] output, strides (sob, soh, son, sod)
@@ -53,40 +76,30 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < seq_len
-    d_mask = offs_d < head_dim
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    q = _load_tile(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd, seq_len, head_dim)
     qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: exp(x) = exp2(x * log2 e)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < seq_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
+        v = _load_tile(V + b * svb + h * svh, cols, offs_d, svn, svd, seq_len, head_dim)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        s = tl.where(cols[None, :] < seq_len, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * seq_len + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_mask)
+    _store_tile(O + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim, acc / l_i[:, None])
+    tl.store(LSE + bh * seq_len + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < seq_len)
 
 
 @triton.jit
@@ -98,16 +111,13 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
-    offs = b * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd
-    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
+    o = _load_tile(O + b * sb + h * sh, rows, offs_d, sn, sd, seq_len, head_dim).to(tl.float32)
+    do = _load_tile(DO + b * sb + h * sh, rows, offs_d, sn, sd, seq_len, head_dim).to(tl.float32)
+    tl.store(Delta + bh * seq_len + rows, tl.sum(o * do, axis=1), mask=rows < seq_len)
 
 
 @triton.jit
@@ -126,39 +136,27 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    """One key block: dv = sum_q p^T dO, dk = sum_q ds^T q * scale."""
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    kv_mask = (offs_n[:, None] < seq_len) & d_mask[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
+    v = _load_tile(V + b * svb + h * svh, cols, offs_d, svn, svd, seq_len, head_dim)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sob + h * soh
     for start_m in range(0, seq_len, BLOCK_M):
         rows = start_m + offs_m
-        m_mask = rows < seq_len
-        qd_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * son + offs_d[None, :] * sod, mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=m_mask, other=0.0)
-        delta = tl.load(Delta + bh * seq_len + rows, mask=m_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(m_mask[:, None], p, 0.0)  # padded query rows carry no probability
+        q = _load_tile(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd, seq_len, head_dim)
+        do = _load_tile(DO + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        delta = tl.load(Delta + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        p, ds = _recompute(q, k, v, do, lse, delta, rows[:, None] < seq_len, sm_scale)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    dk = dk * sm_scale
-    out_offs = b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK + b * sob + h * soh, cols, offs_d, son, sod, seq_len, head_dim, dk * sm_scale)
+    _store_tile(DV + b * sob + h * soh, cols, offs_d, son, sod, seq_len, head_dim, dv)
 
 
 @triton.jit
@@ -177,36 +175,24 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """One query block: dq = sum_k ds k * scale."""
     bh = tl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < seq_len
-    d_mask = offs_d < head_dim
-    qd_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-    o_offs = b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    do = tl.load(DO + o_offs, mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + bh * seq_len + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(Delta + bh * seq_len + offs_m, mask=m_mask, other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd, seq_len, head_dim)
+    do = _load_tile(DO + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim)
+    lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+    delta = tl.load(Delta + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < seq_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)  # padded keys carry no probability
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
+        v = _load_tile(V + b * svb + h * svh, cols, offs_d, svn, svd, seq_len, head_dim)
+        p, ds = _recompute(q, k, v, do, lse, delta, cols[None, :] < seq_len, sm_scale)
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + o_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    _store_tile(DQ + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim, dq * sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------
