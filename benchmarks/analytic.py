@@ -44,7 +44,8 @@ min(P - i, micro-batches) micro-batches in flight; the reported memory is the wo
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
 when recomputing). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
-replicated heads not) over peak x efficiency, times (micro-batches + P - 1) for the 1F1B bubble,
+replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
+matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + P - 1) for the 1F1B bubble,
 plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
 two sublayer outputs forward and backward within TP (+ once more when recomputing), the
 DP gradient all-reduce (2 (d-1)/d x fp32 grads, plus an all-gather of the weights under ZeRO-1),
@@ -86,6 +87,7 @@ class Hardware:
     peak_flops: float = 989e12  # dense bf16 FLOP/s per device (H100 SXM datasheet)
     efficiency: float = 0.5  # fraction of peak the matmuls reach
     bandwidth: float = 300e9  # effective collective bandwidth per device, bytes/s
+    half_rows: int = 1024  # matmul rows (micro-batch x tokens) at which half the efficiency is reached
 
 
 @dataclass
@@ -216,17 +218,22 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     return out
 
 
-def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """Forward matmul FLOPs of one image on one device of `stage` (TP-split blocks / t)."""
+def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tuple[float, int]]:
+    """Forward matmul FLOPs of one image on one device of `stage` (TP-split blocks / t), by part,
+    each with the token count (matmul rows per image) that sets its efficiency."""
     L = plan.layout
     f = mae_forward_flops(cfg)
     start, end = stage_layer_range(cfg.depth, L.pp, stage)
-    flops = f["encoder"] / cfg.depth * (end - start) / L.tp
-    if stage == 0:
-        flops += f["patch_embed"]
+    enc = f["encoder"] / cfg.depth * (end - start) / L.tp + (f["patch_embed"] if stage == 0 else 0)
+    parts = {"encoder": (enc, cfg.num_visible + 1)}
     if stage == L.pp - 1:
-        flops += f["decoder"] / L.tp + f["decoder_embed"] + f["pred"]
-    return flops
+        parts["decoder"] = (f["decoder"] / L.tp + f["decoder_embed"] + f["pred"], cfg.num_patches + 1)
+    return parts
+
+
+def saturation(rows: int, hw: "Hardware") -> float:
+    """Heuristic fraction of the efficiency a matmul with `rows` rows reaches: rows / (rows + r0)."""
+    return rows / (rows + hw.half_rows)
 
 
 def _ring(nbytes: float, n: int) -> float:
@@ -242,8 +249,9 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     passes = 3 + (1 if plan.recompute else 0)  # forward, 2x backward, recompute forward
     stage_s = []
     for stage in range(L.pp):
-        fwd = stage_forward_flops(cfg, plan, stage) * L.micro_batch
-        compute = (passes * fwd) / (hw.peak_flops * hw.efficiency)
+        parts = stage_forward_flops(cfg, plan, stage).values()
+        compute = sum(passes * L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
+                      for flops, rows in parts)
         start, end = stage_layer_range(cfg.depth, L.pp, stage)
         nblk = [(end - start, cfg.num_visible + 1, cfg.width)]
         if stage == L.pp - 1:

@@ -1,0 +1,158 @@
+"""`rsscale profile`: rank every parallel layout of a model on N devices with the analytic model.
+
+    rsscale profile --model g12x4 --gpus 8 --memory-gb 80 --peak-tflops 989 --global-batch 256
+    rsscale profile --model small --gpus 4 --global-batch 16 --precision fp32 --measure --max-measure 4
+
+Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
+activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
+scaling/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
+(per-device memory of the worst pipeline stage, step time, images/s, MFU) and marked as not
+fitting when its memory exceeds --memory-gb minus --reserve-gb (CUDA context, allocator slack,
+workspaces). The table is ranked by predicted images/s, fitting layouts first.
+--measure runs `rsscale bench` (torchrun with `gpus` processes) on the best fitting layouts that
+this machine can hold (on CPU at most 4 gloo processes; memory from this machine) and stores each
+measured run (kind "profile") with the prediction beside it; `rsscale report` shows the error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+from benchmarks import analytic
+from benchmarks.harness import BenchOptions, bench_command
+from scaling.config import get_preset
+from scaling.layout import Layout, validate_layout
+
+GIB = 2**30
+MAX_CPU_PROCESSES = 4
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None) -> list[analytic.Plan]:
+    """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout)."""
+    plans = []
+    for tp in divisors(gpus):
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            per_replica = global_batch // dp if global_batch % dp == 0 else 0
+            mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
+            for sp, mb, recompute, zero in itertools.product((False, True), mbs, (False, True), (False, True)):
+                if zero and dp == 1:
+                    continue
+                layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch)
+                if validate_layout(layout, cfg, gpus):
+                    continue
+                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=zero))
+    return plans
+
+
+def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float) -> list[dict]:
+    """Predictions, fitting layouts first, each group by predicted images/s (best first)."""
+    rows = []
+    for plan in plans:
+        est = analytic.estimate(cfg, plan, hw)
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["est"].images_per_s))
+
+
+def format_row(r: dict) -> str:
+    p, e, m = r["plan"], r["est"], r["est"].memory
+    flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+    return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
+            f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
+            f"{e.images_per_s:10.1f} {100 * e.mfu:6.1f}")
+
+
+def print_table(rows: list[dict], top: int) -> None:
+    print(f"{'layout':<34} {'R/Z':<3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>8} {'fits':>4} "
+          f"{'img/s':>10} {'MFU%':>6}")
+    shown = [r for r in rows if r["fits"]][:top]
+    for r in shown:
+        print(format_row(r))
+    misfits = [r for r in rows if not r["fits"]]
+    if misfits:
+        print(f"... {len(misfits)} layouts do not fit; the {min(3, len(misfits))} fastest of them:")
+        for r in misfits[:3]:
+            print(format_row(r))
+    print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
+
+
+def machine_limits() -> tuple[int, float]:
+    """(processes this machine can run for --measure, bytes per process)."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return n, torch.cuda.get_device_properties(0).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return MAX_CPU_PROCESSES, total / MAX_CPU_PROCESSES
+
+
+def measure(cfg, rows: list[dict], args) -> int:
+    """Run the harness on the best fitting layouts; returns how many failed."""
+    procs, mem_each = machine_limits()
+    if args.gpus > procs:
+        raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
+    todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each][: args.max_measure]
+    failed = 0
+    for i, r in enumerate(todo):
+        p = r["plan"]
+        L = p.layout
+        opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch,
+                            global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
+                            activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
+                            peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
+                            results=args.results, record_kind="profile")
+        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
+        rc = subprocess.call(bench_command(opts, args.gpus))
+        if rc:
+            failed += 1
+            print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
+    return failed
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="model preset (rsscale models)")
+    parser.add_argument("--gpus", type=int, required=True, help="number of devices (tp*pp*dp)")
+    parser.add_argument("--memory-gb", type=float, default=80.0, help="memory per device in GB (GiB)")
+    parser.add_argument("--reserve-gb", type=float, default=2.0, help="memory kept free per device (context, workspaces)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s (default 989, H100 bf16)")
+    parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach")
+    parser.add_argument("--bandwidth-gbs", type=float, default=300.0, help="effective collective bandwidth per device, GB/s")
+    parser.add_argument("--global-batch", type=int, default=256, help="images per optimizer step")
+    parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
+    parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
+    parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
+    parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
+    parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
+    parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
+    parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
+    parser.add_argument("--results", default=None, help="results store for --measure")
+
+
+def main(args) -> int:
+    cfg = get_preset(args.model)
+    if args.gpus < 1 or args.global_batch < 1:
+        raise SystemExit("rsscale profile: --gpus and --global-batch must be >= 1")
+    args.peak_tflops_given = args.peak_tflops is not None
+    hw = analytic.Hardware(peak_flops=(args.peak_tflops or 989.0) * 1e12, efficiency=args.efficiency,
+                           bandwidth=args.bandwidth_gbs * 1e9)
+    budget = (args.memory_gb - args.reserve_gb) * GIB
+    plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch)
+    if not plans:
+        print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
+        return 1
+    rows = rank_plans(cfg, plans, hw, budget)
+    n_fit = sum(r["fits"] for r in rows)
+    print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "
+          f"{n_fit} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak {hw.peak_flops / 1e12:g} TFLOP/s x "
+          f"{hw.efficiency:g}, {hw.bandwidth / 1e9:g} GB/s)")
+    print_table(rows, args.top)
+    if args.measure:
+        return 1 if measure(cfg, rows, args) else 0
+    return 0
