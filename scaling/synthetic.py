@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import time
 
@@ -361,10 +362,14 @@ def dota_lines(boxes, gsd: float) -> list[str]:
     return lines
 
 
-def _sample(seed: int, split: str, index: int, size, theme=None):
-    rng = np.random.default_rng([seed, sum(map(ord, split)), index])
-    theme = theme or str(rng.choice(list(THEMES)))
-    return theme, scene(rng, size, theme)
+def _theme(seed: int, split: str, index: int) -> str:
+    return str(np.random.default_rng([seed, sum(map(ord, split)), index, 1]).choice(list(THEMES)))
+
+
+def _sample(seed: int, split: str, index: int, size):
+    """(theme, scene) of sample `index` of a split: a pure function of its arguments."""
+    theme = _theme(seed, split, index)
+    return theme, scene(np.random.default_rng([seed, sum(map(ord, split)), index]), size, theme)
 
 
 def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
@@ -378,70 +383,62 @@ def _val_count(n: int, fraction: float) -> int:
     return 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
 
 
-def _write_all(kind, paths_of, make, n, overwrite):
-    t0, done = time.time(), 0
-    for i in range(n):
-        paths = paths_of(i)
-        if not overwrite and all(os.path.exists(p) for p in paths):
-            continue
-        for p in paths:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-        make(i, paths)
-        done += 1
-        if done % 100 == 0:
-            log(f"{kind}: {i + 1}/{n} ({(time.time() - t0) / done * 1000:.0f} ms/image)")
-    if done:
-        log(f"{kind}: wrote {done} sample(s) in {time.time() - t0:.1f} s")
-    return n - done
+def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction):
+    """(split, index, sample size, output paths, seed) for every sample of the dataset."""
+    for i in range(num_pretrain):
+        path = os.path.join(root, "pretrain", _theme(seed, "pretrain", i), f"P{i:06d}.jpg")
+        yield "pretrain", i, _pretrain_size(seed, i, size), [path], seed
+    seg_val, det_val = _val_count(num_seg, val_fraction), _val_count(num_det, val_fraction)
+    for i in range(num_seg):
+        domain = "Urban" if _theme(seed, "seg", i) in URBAN_THEMES else "Rural"
+        d = os.path.join(root, "seg", "Val" if i < seg_val else "Train", domain)
+        yield "seg", i, size, [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")], seed
+    for i in range(num_det):
+        d = os.path.join(root, "det", "val" if i < det_val else "train")
+        yield "det", i, size, [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")], seed
+
+
+def _write_sample(job) -> None:
+    split, i, size, paths, seed = job
+    _, (rgb, mask, boxes) = _sample(seed, split, i, size)
+    for p in paths:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    if split == "pretrain":
+        Image.fromarray(rgb).save(paths[0], quality=90)
+        return
+    Image.fromarray(rgb).save(paths[0])
+    if split == "seg":
+        Image.fromarray(mask).save(paths[1])
+    else:
+        with open(paths[1], "w") as f:
+            f.write("\n".join(dota_lines(boxes, GSD * 256 / min(rgb.shape[:2]))) + "\n")
 
 
 def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64, size: int = 256,
-             seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False) -> dict:
-    """Write the dataset (skipping files already there unless overwrite) -> dict of paths."""
+             seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False, workers: int | None = None) -> dict:
+    """Write the dataset (skipping files already there unless overwrite) -> dict of paths.
+    workers: processes (default min(4, CPUs)); the bytes written do not depend on it."""
     if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
-        raise ValueError("counts must be >= 0 and size >= 32")
+        raise ValueError(f"counts must be >= 0 and size >= 32, got {num_pretrain}/{num_seg}/{num_det} and {size}")
     root = os.path.abspath(os.fspath(root))
-    seg_val, det_val = _val_count(num_seg, val_fraction), _val_count(num_det, val_fraction)
-    theme_of = {}
-
-    def pre_paths(i):
-        theme_of[i] = theme_of.get(i) or str(np.random.default_rng([seed, 11, i]).choice(list(THEMES)))
-        return [os.path.join(root, "pretrain", theme_of[i], f"P{i:06d}.jpg")]
-
-    def pre_make(i, paths):
-        _, (rgb, _, _) = _sample(seed, "pretrain", i, _pretrain_size(seed, i, size), theme_of[i])
-        Image.fromarray(rgb).save(paths[0], quality=90)
-
-    def seg_dir(i):
-        split = "Val" if i < seg_val else "Train"
-        theme = str(np.random.default_rng([seed, 13, i]).choice(list(THEMES)))
-        return os.path.join(root, "seg", split, "Urban" if theme in URBAN_THEMES else "Rural"), theme
-
-    def seg_paths(i):
-        d, _ = seg_dir(i)
-        return [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")]
-
-    def seg_make(i, paths):
-        _, (rgb, mask, _) = _sample(seed, "seg", i, size, seg_dir(i)[1])
-        Image.fromarray(rgb).save(paths[0])
-        Image.fromarray(mask).save(paths[1])
-
-    def det_paths(i):
-        d = os.path.join(root, "det", "val" if i < det_val else "train")
-        return [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")]
-
-    def det_make(i, paths):
-        _, (rgb, _, boxes) = _sample(seed, "det", i, size)
-        Image.fromarray(rgb).save(paths[0])
-        with open(paths[1], "w") as f:
-            f.write("\n".join(dota_lines(boxes, GSD * 256 / size)) + "\n")
-
-    log(f"writing synthetic aerial dataset to {root} (seed {seed}, size {size})")
-    skipped = _write_all("pretrain", pre_paths, pre_make, num_pretrain, overwrite)
-    skipped += _write_all("seg", seg_paths, seg_make, num_seg, overwrite)
-    skipped += _write_all("det", det_paths, det_make, num_det, overwrite)
-    if skipped:
-        log(f"kept {skipped} sample(s) already on disk (--overwrite regenerates them)")
+    jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction))
+    todo = [j for j in jobs if overwrite or not all(os.path.exists(p) for p in j[3])]
+    workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
+    log(f"writing synthetic aerial dataset to {root}: {len(todo)} of {len(jobs)} samples to make "
+        f"(seed {seed}, size {size}, {workers} worker(s))")
+    t0 = time.time()
+    pool = multiprocessing.Pool(workers) if workers > 1 and len(todo) > 8 else None
+    try:
+        results = pool.imap_unordered(_write_sample, todo, chunksize=4) if pool else map(_write_sample, todo)
+        for done, _ in enumerate(results, 1):
+            if done % 100 == 0 or done == len(todo):
+                log(f"{done}/{len(todo)} samples ({(time.time() - t0) / done * 1000:.0f} ms each)")
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    if len(todo) < len(jobs):
+        log(f"kept {len(jobs) - len(todo)} sample(s) already on disk (--overwrite regenerates them)")
     paths = dataset_paths(root)
     manifest = dict(num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det, size=size, seed=seed,
                     val_fraction=val_fraction, det_classes=list(DET_CLASSES), seg_classes=list(LOVEDA_CLASSES),
@@ -474,6 +471,7 @@ def ensure_dataset(root, **kwargs) -> dict:
             have = json.load(f)
         wanted = dict(num_pretrain=512, num_seg=64, num_det=64, size=256, seed=0, val_fraction=0.2) | kwargs
         wanted.pop("overwrite", None)
+        wanted.pop("workers", None)
         if all(have.get(k) == v for k, v in wanted.items()):
             return paths
     except (OSError, ValueError):
@@ -493,9 +491,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of seg/det tiles in the val split")
     parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
 
 
 def main(args) -> int:
     generate(args.out, num_pretrain=args.num_pretrain, num_seg=args.num_seg, num_det=args.num_det,
-             size=args.size, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite)
+             size=args.size, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
+             workers=args.workers)
     return 0

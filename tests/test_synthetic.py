@@ -98,6 +98,15 @@ def test_generate_writes_native_formats_and_skips_existing(tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}  # nothing rewritten
 
 
+def test_worker_processes_write_identical_bytes(tmp_path):
+    kw = dict(num_pretrain=8, num_seg=3, num_det=3, size=48, seed=4)
+    synthetic.generate(tmp_path / "one", workers=1, **kw)
+    synthetic.generate(tmp_path / "two", workers=2, **kw)
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
+
+
 def test_cli_data_command(tmp_path, capsys):
     from scaling.cli import main
 
