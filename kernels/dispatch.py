@@ -9,7 +9,6 @@ the environment variable must be set before that call (the tests set it at impor
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import warnings
 
@@ -25,7 +24,11 @@ def _warn_once(message: str) -> None:
 
 
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def interpret_requested() -> bool:

@@ -2,6 +2,8 @@
 backend switch. Allocations are poisoned with NaN so that any element a kernel fails to write fails."""
 
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (see kernels/dispatch.py)
 
@@ -81,3 +83,34 @@ def test_triton_backend_falls_back_with_one_warning(monkeypatch):
     assert kernels.get_backend() == "torch"
     with pytest.raises(ValueError, match="must be 'torch' or 'triton'"):
         kernels.set_backend("cuda")
+
+
+def test_cpu_tensors_with_compiled_kernels_fall_back_to_torch(monkeypatch):
+    """Kernels imported before TRITON_INTERPRET=1 cannot run on CPU: warn, use the reference."""
+    monkeypatch.setattr(dispatch, "kernels_interpreted", lambda mod: False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    x, w, b = torch.randn(3, 16), torch.randn(16), torch.randn(16)
+    try:
+        kernels.set_backend("triton")
+        with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
+            got = kernels.layer_norm(x, w, b)
+    finally:
+        kernels.set_backend("torch")
+    torch.testing.assert_close(got, fln.torch_layer_norm(x, w, b))
+
+
+def test_kernels_import_and_run_without_triton():
+    code = (
+        "import sys, warnings; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always'); kernels.set_backend('triton')\n"
+        "assert kernels.get_backend() == 'torch' and 'not installed' in str(caught[0].message)\n"
+        "x = torch.randn(2, 3, 8)\n"
+        "y = kernels.multi_layer_norm(x, torch.ones(2, 8), torch.zeros(2, 8))\n"
+        "q = torch.randn(1, 2, 5, 8)\n"
+        "print(tuple(y.shape), tuple(kernels.attention(q, q, q).shape))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["(2,", "2,", "3,", "8)", "(1,", "2,", "5,", "8)"]
