@@ -439,12 +439,16 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
         raise ValueError(f"mean/std need {in_chans} values (one per band), got {len(mean)}/{len(std)}")
     args = (files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, tuple(mean), tuple(std),
             num_workers, device, start_step, skipped)
+    loader = None
     if backend != "torch":
         try:
-            return DaliPretrainLoader(*args)
+            loader = DaliPretrainLoader(*args)
         except Exception as e:  # noqa: BLE001 - any DALI failure means "use the torch pipeline"
             if backend == "dali":
                 raise
             log(f"WARNING: DALI pipeline unavailable ({_short(e)}); "
                 "using the torch DataLoader pipeline")
-    return PretrainLoader(*args)
+    loader = loader or PretrainLoader(*args)
+    log(f"{loader.backend} pipeline, rank {dp_rank}/{dp_size}: {len(files)} images, {loader.plan.per_rank} per rank "
+        f"per epoch, batch {batch_size} x {in_chans} x {img_size}^2, starting at step {start_step}")
+    return loader
