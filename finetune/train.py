@@ -181,9 +181,9 @@ def train(model, task, train_set, args, steps: int, log_metric=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
         if log_metric:
-            log_metric("loss", float(loss), step=step)
+            log_metric("loss", history[-1], step=step)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             dt = time.time() - t0
             extra = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items())

@@ -53,8 +53,9 @@ class LayerNorm2d(nn.LayerNorm):
 
 def conv_norm_act(cin: int, cout: int, k: int, act: bool = True, norm: str = "gn") -> nn.Sequential:
     """k x k conv (no bias) + GroupNorm / channel LayerNorm (+ ReLU): the heads' building block.
-    GroupNorm, not BatchNorm, so tiny CPU batches train and evaluate the same way."""
-    norm_layer = nn.GroupNorm(math.gcd(32, cout), cout) if norm == "gn" else LayerNorm2d(cout)
+    GroupNorm, not BatchNorm, so tiny CPU batches train and evaluate the same way; >= 4 channels
+    per group, so a 1x1 map (the PPM's global pool) still has something to normalise."""
+    norm_layer = nn.GroupNorm(math.gcd(32, max(cout // 4, 1)), cout) if norm == "gn" else LayerNorm2d(cout)
     layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if act else nn.Sequential(*layers)
 
