@@ -347,12 +347,13 @@ class DaliPretrainLoader(PretrainLoader):
         from nvidia.dali.pipeline import Pipeline
 
         gpu = self.device.type == "cuda"
+        gpu_id = (torch.cuda.current_device() if self.device.index is None else self.device.index) if gpu else None
         plan = self.plan
         # One reader seed for all ranks keeps the shards disjoint; augmentation seeds differ per rank.
         reader_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size]).integers(2**31))
         aug_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size, plan.dp_rank]).integers(2**31))
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers),
-                        device_id=torch.cuda.current_device() if gpu else None, seed=aug_seed)
+                        device_id=gpu_id, seed=aug_seed)
         scale = 255.0
         with pipe:
             if any(f.lower().endswith(TIFF_EXTS) for f in self.files):

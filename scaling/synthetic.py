@@ -392,10 +392,12 @@ def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction):
     for i in range(num_seg):
         domain = "Urban" if _theme(seed, "seg", i) in URBAN_THEMES else "Rural"
         d = os.path.join(root, "seg", "Val" if i < seg_val else "Train", domain)
-        yield "seg", i, size, [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")], seed
+        paths = [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")]
+        yield "seg", i, size, paths, seed
     for i in range(num_det):
         d = os.path.join(root, "det", "val" if i < det_val else "train")
-        yield "det", i, size, [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")], seed
+        paths = [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")]
+        yield "det", i, size, paths, seed
 
 
 def _write_sample(job) -> None:
