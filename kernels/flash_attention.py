@@ -34,8 +34,17 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. q/k/v are [B, H, N, D] with arbitrary strides (s?b, s?h, s?n, s?d); outputs and
 # gradients are contiguous [B, H, N, D] (strides sob...); lse/delta are [B*H, N] fp32.
-# Program axis 1 is b * H + h. H, N, D are the arguments n_heads, seq_len, head_dim.
+# H, N, D are the arguments n_heads, seq_len, head_dim.
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_block(seq_len, BLOCK: tl.constexpr):
+    """(b * H + h, first row of this program's block) from a 1D grid of cdiv(N, BLOCK) * B * H
+    programs, blocks of one head adjacent (they share K/V in cache). 1D because CUDA's second
+    grid axis stops at 65535, fewer than B * H can be for window attention."""
+    n_blocks = tl.cdiv(seq_len, BLOCK)
+    return tl.program_id(0) // n_blocks, (tl.program_id(0) % n_blocks) * BLOCK
 
 
 @triton.jit
@@ -76,9 +85,9 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh, start = _program_block(seq_len, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd, seq_len, head_dim)
@@ -111,9 +120,9 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh, start = _program_block(seq_len, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(O + b * sb + h * sh, rows, offs_d, sn, sd, seq_len, head_dim).to(tl.float32)
     do = _load_tile(DO + b * sb + h * sh, rows, offs_d, sn, sd, seq_len, head_dim).to(tl.float32)
@@ -137,9 +146,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One key block: dv = sum_q p^T dO, dk = sum_q ds^T q * scale."""
-    bh = tl.program_id(1)
+    bh, start = _program_block(seq_len, BLOCK_N)
     b, h = bh // n_heads, bh % n_heads
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = start + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
@@ -176,9 +185,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One query block: dq = sum_k ds k * scale."""
-    bh = tl.program_id(1)
+    bh, start = _program_block(seq_len, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd, seq_len, head_dim)
@@ -241,7 +250,7 @@ def attn_forward(q, k, v):
     if o.numel() == 0:
         return o, lse
     cfg = _config(d, q.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d,
         1.0 / math.sqrt(d), **cfg,
@@ -258,14 +267,14 @@ def attn_backward(do, q, k, v, o, lse):
         return dq, dk, dv
     delta = torch.empty((bsz * heads, n), dtype=torch.float32, device=q.device)
     cfg = _bwd_config(d, q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)](
         o, do, delta, *o.stride(), heads, n, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]
     )
     args = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d, 1.0 / math.sqrt(d))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), bsz * heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]) * bsz * heads,)](
         q, k, v, do, dk, dv, lse, delta, *args, **cfg
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bsz * heads)](
+    _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)](
         q, k, v, do, dq, lse, delta, *args, **cfg
     )
     return dq, dk, dv
