@@ -10,7 +10,8 @@ Contract for the trainer (both backends):
 - The loader is infinite: it re-shuffles every epoch and never raises StopIteration, so a trainer
   just calls `next(loader)` N times. `batch_size` is the per-rank (micro) batch.
 - Augmentation is MAE's: random resized crop (area 0.2-1, aspect 3/4-4/3, bicubic), random
-  horizontal flip, then (x - mean) / std on [0, 1] pixels (ImageNet statistics by default).
+  horizontal flip, then (x - mean) / std on [0, 1] pixels (ImageNet statistics by default; pass
+  `mean`/`std`, e.g. from `measure_stats(folder, in_chans)`, for other sensors or bands).
 - Data-parallel ranks read disjoint shards. Torch backend: each epoch is one permutation of all
   files from (seed, epoch); rank r takes positions r, r + dp_size, ... and the last
   `num_files % dp_size` files of the permutation are dropped for that epoch (every rank sees the
@@ -40,6 +41,7 @@ import itertools
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -112,19 +114,31 @@ def image_bands(path: str) -> int:
     return 3  # PIL images are converted to RGB
 
 
-def validate_images(files: list[str], in_chans: int = 3) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split files into (good, [(bad path, why)]); a file with fewer than in_chans bands is bad."""
+def _problem(path: str, in_chans: int) -> str | None:
+    """Why a file cannot feed an in_chans-band model, or None if it can."""
+    try:
+        bands = image_bands(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
+        return f"{type(e).__name__}: {e}"
+    if bands < in_chans and not (bands == 1 and in_chans == 3):  # grey is repeated to RGB
+        return f"has {bands} band(s), in_chans={in_chans} needs more"
+    return None
+
+
+def validate_images(files: list[str], in_chans: int = 3, threads: int = 8,
+                    chunk: int = 20000) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split files into (good, [(bad path, why)]); threads because the checks mostly wait on I/O."""
     good, bad = [], []
-    for i, path in enumerate(files):
-        try:
-            bands = image_bands(path)
-            if bands < in_chans:
-                raise ValueError(f"has {bands} bands, in_chans={in_chans} needs more")
-            good.append(path)
-        except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
-            bad.append((path, f"{type(e).__name__}: {e}"))
-        if (i + 1) % 20000 == 0:
-            log(f"checked {i + 1}/{len(files)} files ({len(bad)} bad so far)")
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(files), chunk):
+            part = files[start:start + chunk]
+            for path, why in zip(part, pool.map(_problem, part, itertools.repeat(in_chans))):
+                if why is None:
+                    good.append(path)
+                else:
+                    bad.append((path, why))
+            if len(files) > chunk:
+                log(f"checked {start + len(part)}/{len(files)} files ({len(bad)} bad so far)")
     return good, bad
 
 
@@ -172,6 +186,22 @@ def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = IMAGENET_MEAN[:in_chans] + (sum(IMAGENET_MEAN) / 3,) * max(0, in_chans - 3)
     std = IMAGENET_STD[:in_chans] + (sum(IMAGENET_STD) / 3,) * max(0, in_chans - 3)
     return mean, std
+
+
+def measure_stats(root_or_files, in_chans: int = 3, num_files: int = 256, seed: int = 0):
+    """Per-band (mean, std) of [0, 1] pixels over up to num_files random readable files: the
+    normalization for data whose statistics are not ImageNet's (e.g. NIR bands)."""
+    files, _ = validate_images(scan_images(root_or_files), in_chans)
+    if not files:
+        raise ValueError("no readable image to measure statistics on")
+    picked = np.random.default_rng(seed).choice(len(files), min(num_files, len(files)), replace=False)
+    total, total_sq, count = np.zeros(in_chans), np.zeros(in_chans), 0
+    for i in picked:
+        x = to_unit_float(read_image(files[i], in_chans)).double().flatten(1)
+        total, total_sq, count = total + x.sum(1).numpy(), total_sq + (x * x).sum(1).numpy(), count + x.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 # ----------------------------------------------------------------------------- sharding + augmentation

@@ -136,6 +136,14 @@ def test_multiband_tiff(tmp_path):
     assert torch.allclose(rgb, first3[None, :, None, None].expand_as(rgb), atol=1e-4)
 
 
+def test_measure_stats_by_hand(tmp_path):
+    """Two flat images of equal size: per band, mean (a + b) / 2 and std |a - b| / 2."""
+    for name, value in (("a.png", (0, 100, 255)), ("b.png", (50, 100, 155))):
+        Image.fromarray(np.full((6, 9, 3), value, np.uint8)).save(tmp_path / name)
+    mean, std = data.measure_stats(tmp_path)
+    assert mean == pytest.approx((25 / 255, 100 / 255, 205 / 255)) and std == pytest.approx((25 / 255, 0, 50 / 255))
+
+
 def test_auto_falls_back_to_torch_with_one_warning(tmp_path, capsys, monkeypatch):
     _write_flat(tmp_path, 2)
 
