@@ -72,10 +72,10 @@ def resize_pos_embed(pos: torch.Tensor, old_hw, new_hw, has_cls: bool) -> torch.
     return grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], -1).to(pos.dtype)
 
 
-def even_global_blocks(depth: int, n: int = 4) -> tuple[int, ...]:
-    """Indices of n evenly spaced global-attention blocks: the last of each of n equal stages
-    (ViTDet's (2, 5, 8, 11) for depth 12)."""
-    n = min(n, depth)
+def even_global_blocks(depth: int, n: int | None = None) -> tuple[int, ...]:
+    """Indices of n evenly spaced global-attention blocks: the last of each of n equal stages.
+    Default n = ceil(depth / 3), ViTDet's ratio: (2, 5, 8, 11) for depth 12, (1, 3) for depth 4."""
+    n = min(n or -(-depth // 3), depth)
     return tuple(sorted({(k + 1) * depth // n - 1 for k in range(n)}))
 
 

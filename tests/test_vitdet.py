@@ -1,6 +1,7 @@
 """ViTDet adaptation: pyramid shapes per preset, window vs global attention, position-table
 resizing, loading MAE weights, layer-wise lr decay, drop-path."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,8 @@ def test_pyramid_shapes_relative_to_patch(name):
 
 def test_even_global_blocks():
     assert even_global_blocks(12) == (2, 5, 8, 11)  # ViTDet's choice for ViT-B
-    assert even_global_blocks(4) == (0, 1, 2, 3)
+    assert even_global_blocks(4) == (1, 3)
+    assert even_global_blocks(4, 4) == (0, 1, 2, 3)
     assert even_global_blocks(8, 2) == (3, 7)
 
 
@@ -121,3 +123,28 @@ def test_drop_path():
     assert ((y == 0) | torch.isclose(y, torch.tensor(1 / 0.7))).all()
     assert (y == y[:, :1]).all()  # whole samples are dropped
     assert abs(float((rows == 0).float().mean()) - 0.3) < 0.05
+
+
+def _tp_backbone_outputs(rank, world_size, full, cfg, x):
+    """Backbone at TP=world_size loaded from the TP=1 tensors -> its 4 pyramid outputs (numpy)."""
+    state.init_parallel(tp=world_size)
+    bb = ViTDetBackbone(cfg, img_size=cfg.img_size, window_size=2, drop_path=0.0, out_channels=16)
+    report = load_pretrained(bb, {k: torch.from_numpy(v) for k, v in full.items()}, cfg)
+    assert report["missing"] == [] and report["unexpected"] == []
+    with torch.no_grad():
+        return [f.numpy() for f in bb(torch.from_numpy(x))]
+
+
+def test_tensor_parallel_backbone_equals_tp1():
+    from distributed import run_distributed
+
+    cfg = get_preset("tiny", depth=2, branches=2, img_size=32)
+    torch.manual_seed(3)
+    ref = ViTDetBackbone(cfg, img_size=32, window_size=2, drop_path=0.0, out_channels=16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = [f.numpy() for f in ref(x)]
+    full = {k: v.detach().numpy().copy() for k, v in ref.named_parameters()}
+    for outputs in run_distributed(_tp_backbone_outputs, 2, full, cfg, x.numpy()):
+        for got, want in zip(outputs, expected):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
