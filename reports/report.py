@@ -1,0 +1,411 @@
+"""`rsscale report`: the scaling report, from the results store to Markdown + HTML + figures.
+
+    rsscale report [--results reports/results.db] [--name latest] [--out reports/]
+    write_report(results_path, out_dir, name) -> path of report.md   (used by `rsscale demo`)
+
+Writes <out>/<name>/report.md, a self-contained report.html (figures embedded as base64 PNG),
+every figure as PNG and SVG, fits.json and the tables as CSV. Sections: runs (incomplete runs
+listed as such), throughput and MFU vs parameters per layout, memory per device vs parameters
+(measured beside the analytic prediction, with the error), pretraining loss vs parameters and
+vs compute, downstream metrics vs parameters with the published points (reports/paper.py),
+kernel speed over commits, and the fitted scaling exponents. A section without data says
+"no data yet". Parameters are the encoder's (the paper's sizes), from the preset when known.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from reports import fit as fitting  # noqa: E402
+from reports.paper import PRESET_NOTE, reference_points  # noqa: E402
+
+NO_DATA = "no data yet"
+GIB = 2**30
+DOWNSTREAM = ("mAP", "mIoU", "OA", "mF1")
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny document model rendered twice (Markdown and HTML)
+# ---------------------------------------------------------------------------------------------
+
+
+class Doc:
+    def __init__(self, folder: str):
+        self.folder, self.blocks, self.fits = folder, [], []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", level, text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, df: pd.DataFrame, name: str, floatfmt: str = "{:.4g}") -> None:
+        df = df.reset_index(drop=True)
+        df.to_csv(os.path.join(self.folder, f"{name}.csv"), index=False)
+        shown = df.map(lambda v: floatfmt.format(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else ("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)))
+        self.blocks.append(("t", shown))
+
+    def figure(self, fig, name: str, caption: str) -> None:
+        png = os.path.join(self.folder, f"{name}.png")
+        fig.savefig(png, dpi=100)
+        fig.savefig(os.path.join(self.folder, f"{name}.svg"))
+        plt.close(fig)
+        self.blocks.append(("f", name, caption))
+
+    def fit(self, what: str, result) -> None:
+        self.fits.append(dict(what=what, law=result.law, params=result.params, ci=result.ci, n=result.n_points, text=str(result)))
+        self.text(f"Fit, {what}: `{result}`")
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "t":
+                df = b[1]
+                out.append("| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns))
+                out[-1] += "".join("\n| " + " | ".join(r) + " |" for r in df.astype(str).values.tolist())
+            else:
+                out.append(f"![{b[2]}]({b[1]}.png)\n\n*{b[2]}* ([SVG]({b[1]}.svg))")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse;font-size:90%}"
+               "td,th{border:1px solid #ccc;padding:2px 6px}code{background:#f4f4f4}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{html.escape(b[1]).replace('`', '')}</p>")
+            elif b[0] == "t":
+                out.append(b[1].to_html(index=False, escape=True))
+            else:
+                with open(os.path.join(self.folder, f"{b[1]}.png"), "rb") as f:
+                    data = base64.b64encode(f.read()).decode()
+                out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                           f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        return "\n".join(out + ["</body></html>"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def encoder_params(preset, fallback) -> float:
+    """The encoder's parameter count (the paper's size axis) from the preset, else the stored count."""
+    from scaling.config import PRESETS, param_count
+
+    return float(param_count(PRESETS[preset], "encoder")) if preset in PRESETS else float(fallback)
+
+
+def layout_label(r) -> str:
+    sp = "+SP" if r.get("sp") else ""
+    n = {k: "?" if pd.isna(r.get(k)) else int(r[k]) for k in ("tp", "pp", "dp", "micro_batch")}
+    return f"TP{n['tp']}{sp} PP{n['pp']} DP{n['dp']} mb{n['micro_batch']} {r['precision']}"
+
+
+def wide(metrics: pd.DataFrame, names) -> pd.DataFrame:
+    """One row per run with one column per (unstepped) metric name; run columns kept."""
+    m = metrics[metrics["name"].isin(names) & metrics["step"].isna()]
+    if m.empty:
+        return pd.DataFrame()
+    values = m.pivot_table(index="run_id", columns="name", values="value", aggfunc="last")
+    runs = m.drop_duplicates("run_id").set_index("run_id")[["preset", "params", "tp", "pp", "dp", "sp", "micro_batch",
+                                                             "global_batch", "precision", "device", "device_count", "git_commit"]]
+    return runs.join(values).reset_index()
+
+
+def _loglog_axes(xlabel: str, ylabel: str, logy: bool = True):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if logy:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _fit_any(x, y, saturating: bool):
+    """Saturating law with >= 4 distinct sizes (when asked), else a plain power law with >= 3."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if saturating and len(np.unique(x)) >= 4:
+        return fitting.fit_saturating(x, y, n_boot=100)
+    if len(np.unique(x)) >= 3:
+        return fitting.fit_power_law(x, y, n_boot=200)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+def section_runs(doc: Doc, runs: pd.DataFrame) -> None:
+    doc.heading("Runs")
+    if runs.empty:
+        doc.text(NO_DATA)
+        return
+    counts = runs.groupby(["kind", "status"]).size().rename("runs").reset_index()
+    doc.table(counts, "runs_by_kind")
+    bad = runs[runs["incomplete"]]
+    if bad.empty:
+        doc.text("All runs are complete.")
+        return
+    doc.text(f"{len(bad)} incomplete runs (status 'running' means still running or killed; 'failed' raised an error). "
+             "Their metrics are left out of the sections below.")
+    doc.table(bad[["id", "kind", "preset", "status", "started", "host", "pid"]], "incomplete_runs")
+
+
+def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Throughput and MFU vs parameters")
+    b = wide(metrics, ["images_per_s", "tflops", "mfu", "step_time_median_s", "step_time_p25_s", "step_time_p75_s"])
+    if b.empty or "images_per_s" not in b:
+        doc.text(NO_DATA + " (run `rsscale bench` or `rsscale profile --measure`).")
+        return
+    b["encoder_params"] = [encoder_params(p, n) for p, n in zip(b["preset"], b["params"])]
+    b["layout"] = [layout_label(r) for _, r in b.iterrows()]
+    cols = ["preset", "encoder_params", "layout", "device", "images_per_s", "tflops", "mfu", "step_time_median_s",
+            "step_time_p25_s", "step_time_p75_s"]
+    doc.table(b[[c for c in cols if c in b]].sort_values(["layout", "encoder_params"]), "throughput")
+    for metric, label, name in (("images_per_s", "images / s", "throughput"), ("mfu", "MFU", "mfu")):
+        if metric not in b:
+            continue
+        fig, ax = _loglog_axes("encoder parameters", label, logy=metric == "images_per_s")
+        for layout, g in b.groupby("layout"):
+            g = g.groupby("encoder_params")[metric].median()
+            ax.plot(g.index, g.values, "o-", label=layout)
+            if metric == "images_per_s":
+                f = _fit_any(g.index, g.values, saturating=False)
+                if f:
+                    doc.fit(f"images/s vs encoder parameters, {layout}", f)
+        ax.legend(fontsize=7)
+        doc.figure(fig, f"fig_{name}_vs_params", f"{label} vs encoder parameters, one line per layout")
+
+
+def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Memory per device vs parameters")
+    from benchmarks import analytic
+    from scaling.config import PAPER_PRESETS, PRESETS
+    from scaling.layout import Layout
+
+    m = wide(metrics, ["peak_mem_bytes", "peak_mem_delta_bytes", "predicted_mem_bytes"])
+    fig, ax = _loglog_axes("encoder parameters", "GiB per device")
+    plan = analytic.Plan(Layout(micro_batch=32, global_batch=32), precision="bf16")
+    xs = [encoder_params(p, 0) for p in PAPER_PRESETS]
+    ax.plot(xs, [analytic.estimate(PRESETS[p], plan).memory["total"] / GIB for p in PAPER_PRESETS], "k--",
+            label="predicted, paper presets, 1 device mb32 bf16")
+    if m.empty or "peak_mem_bytes" not in m:
+        doc.text(NO_DATA + " for measured memory; the figure shows the analytic prediction only.")
+    else:
+        m["encoder_params"] = [encoder_params(p, n) for p, n in zip(m["preset"], m["params"])]
+        m["layout"] = [layout_label(r) for _, r in m.iterrows()]
+        # On CPU the peak RSS includes the interpreter and libraries: compare its increase instead.
+        cpu = m["device"].fillna("").str.startswith("CPU")
+        m["measured_bytes"] = np.where(cpu, m.get("peak_mem_delta_bytes", m["peak_mem_bytes"]), m["peak_mem_bytes"])
+        m["measured_GiB"] = m["measured_bytes"] / GIB
+        m["predicted_GiB"] = m["predicted_mem_bytes"] / GIB
+        m["error_pct"] = 100 * (m["predicted_mem_bytes"] - m["measured_bytes"]) / m["measured_bytes"]
+        doc.table(m[["run_id", "preset", "encoder_params", "layout", "device", "measured_GiB", "predicted_GiB", "error_pct"]],
+                  "memory_predicted_vs_measured")
+        doc.text("Measured: allocator peak on GPU; on CPU the increase of the peak RSS over the RSS before the model was "
+                 "built (allocator caching and library buffers included), so CPU errors are large for tiny models.")
+        for layout, g in m.groupby("layout"):
+            g = g.sort_values("encoder_params")
+            line = ax.plot(g["encoder_params"], g["measured_GiB"], "o-", label=f"measured {layout}")[0]
+            ax.plot(g["encoder_params"], g["predicted_GiB"], "x:", color=line.get_color(), label=f"predicted {layout}")
+    ax.legend(fontsize=7)
+    doc.figure(fig, "fig_memory_vs_params", "memory per device vs encoder parameters (measured o, predicted x)")
+
+
+def _pretrain_runs(metrics: pd.DataFrame) -> pd.DataFrame:
+    loss = metrics[(metrics["kind"] == "pretrain") & (metrics["name"] == "loss") & metrics["step"].notna()]
+    if loss.empty:
+        return pd.DataFrame()
+    from scaling.config import PRESETS, mae_step_flops
+
+    rows = []
+    for run_id, g in loss.groupby("run_id"):
+        g = g.sort_values("step")
+        r = g.iloc[0]
+        per_image = mae_step_flops(PRESETS[r["preset"]]) if r["preset"] in PRESETS else np.nan
+        steps = g["step"].to_numpy(float)
+        rows.append(dict(run_id=run_id, preset=r["preset"], encoder_params=encoder_params(r["preset"], r["params"]),
+                         steps=int(steps.max()), global_batch=r["global_batch"], final_loss=float(g["value"].tail(3).mean()),
+                         compute_flops=float(steps.max() * r["global_batch"] * per_image),
+                         curve=(steps * r["global_batch"] * per_image, g["value"].to_numpy(float))))
+    return pd.DataFrame(rows)
+
+
+def section_loss(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Pretraining loss vs parameters and compute")
+    p = _pretrain_runs(metrics)
+    if p.empty:
+        doc.text(NO_DATA + " (run `rsscale pretrain` or `rsscale demo`).")
+        return
+    doc.text("Final loss: mean of the last 3 logged steps. Compute = steps x global batch x MAE step FLOPs per image.")
+    doc.table(p.drop(columns="curve"), "pretrain_loss")
+    fig, ax = _loglog_axes("encoder parameters", "final MAE loss", logy=False)
+    ax.plot(p["encoder_params"], p["final_loss"], "o")
+    for _, r in p.iterrows():
+        ax.annotate(r["preset"], (r["encoder_params"], r["final_loss"]), fontsize=7)
+    best = p.groupby("encoder_params")["final_loss"].min()
+    f = _fit_any(best.index, best.values, saturating=True)
+    if f:
+        xs = np.logspace(np.log10(best.index.min()), np.log10(best.index.max()), 50)
+        ax.plot(xs, f.predict(xs), "k--", label="fit")
+        ax.legend(fontsize=7)
+        doc.fit("final loss vs encoder parameters (best run per size)", f)
+    doc.figure(fig, "fig_loss_vs_params", "final pretraining loss vs encoder parameters")
+    fig, ax = _loglog_axes("training compute (FLOPs)", "MAE loss", logy=False)
+    for _, r in p.iterrows():
+        x, y = r["curve"]
+        ax.plot(x, y, "-", label=f"{r['preset']} (run {r['run_id']})")
+    ax.legend(fontsize=7)
+    doc.figure(fig, "fig_loss_vs_compute", "pretraining loss curves vs training compute")
+    f = _fit_any(p["compute_flops"], p["final_loss"], saturating=True)
+    if f:
+        doc.fit("final loss vs training compute", f)
+
+
+def section_downstream(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Downstream metrics vs parameters")
+    refs = pd.DataFrame(reference_points())
+    doc.text("Published reference points (percent). " + PRESET_NOTE)
+    doc.table(refs, "paper_points")
+    d = metrics[(metrics["kind"] == "finetune") & metrics["name"].isin(DOWNSTREAM) & metrics["step"].isna()].copy()
+    if d.empty:
+        doc.text(NO_DATA + " for our fine-tuning runs (run `rsscale finetune`); the figure shows the published points only.")
+    else:
+        d["encoder_params"] = [encoder_params(p, n) for p, n in zip(d["preset"], d["params"])]
+        d["dataset"] = d.get("dataset", pd.Series(["?"] * len(d), index=d.index)).fillna("?")
+        cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "name", "value", "init") if c in d]
+        doc.table(d[cols], "downstream")
+        doc.text("Our runs use the bundled synthetic data or small subsets unless stated; they are not comparable in "
+                 "absolute terms with the published full-benchmark numbers.")
+    combos = sorted({(p["dataset"], p["metric"]) for p in reference_points()}
+                    | (set(zip(d["dataset"], d["name"])) if not d.empty else set()))
+    for dataset, metric in combos:
+        fig, ax = _loglog_axes("encoder parameters", f"{metric} (%)", logy=False)
+        for p in reference_points(dataset, metric):
+            ax.plot(p["params"], p["value"], "s", label=p["model"])
+        if not d.empty:
+            ours = d[(d["dataset"] == dataset) & (d["name"] == metric)]
+            if not ours.empty:
+                ax.plot(ours["encoder_params"], ours["value"], "o", color="k", label="rsscale runs")
+        ax.legend(fontsize=7)
+        doc.figure(fig, f"fig_{dataset}_{metric}", f"{dataset} {metric} vs encoder parameters (squares: published)")
+
+
+def section_kernels(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
+    doc.heading("Kernel speed over commits")
+    k = metrics[(metrics["kind"] == "kernel") & (metrics["name"] == "ms")].copy()
+    if k.empty or "kernel" not in k:
+        doc.text(NO_DATA + " (run `rsscale kernels bench`).")
+        return
+    started = runs.set_index("id")["started"]
+    k["started"] = k["run_id"].map(started)
+    k["commit"] = k["git_commit"].fillna("?")
+    for col in ("impl", "shape", "direction", "dtype"):
+        if col not in k:
+            k[col] = ""
+    k["series"] = k["impl"].astype(str) + " " + k["shape"].astype(str) + " " + k["direction"].astype(str)
+    order = k.drop_duplicates("run_id").sort_values("started")
+    labels = [f"{c[:8]} (run {r})" for r, c in zip(order["run_id"], order["commit"])]
+    pos = {r: i for i, r in enumerate(order["run_id"])}
+    latest = k.sort_values("started").groupby(["kernel", "series", "dtype"]).agg(first_ms=("value", "first"), latest_ms=("value", "last"),
+                                                                                 runs=("value", "size")).reset_index()
+    latest["change_pct"] = 100 * (latest["latest_ms"] - latest["first_ms"]) / latest["first_ms"]
+    doc.table(latest, "kernel_speed")
+    for kernel, g in k.groupby("kernel"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for series, s in g.groupby("series"):
+            s = s.sort_values("started")
+            ax.plot([pos[r] for r in s["run_id"]], s["value"], "o-", label=series)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("ms (median)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        doc.figure(fig, f"fig_kernel_{kernel}", f"{kernel}: time per call over commits (kind=kernel runs)")
+
+
+def section_fits(doc: Doc) -> None:
+    doc.heading("Fitted scaling exponents")
+    if not doc.fits:
+        doc.text(NO_DATA + " (a fit needs at least 3 model sizes; the saturating law 4).")
+        return
+    rows = [dict(what=f["what"], law=f["law"], exponent_c=f["params"]["c"],
+                 ci_low=f["ci"].get("c", (np.nan, np.nan))[0], ci_high=f["ci"].get("c", (np.nan, np.nan))[1], points=f["n"])
+            for f in doc.fits]
+    doc.table(pd.DataFrame(rows), "fits")
+    doc.text("Power law y = a N^c; saturating law E = a (N + b)^-c + d (Zhai et al. 2022); 95 % bootstrap intervals. "
+             "See reports/METHODS.md.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(results_path: str | None, out_dir: str = "reports", name: str = "latest") -> str:
+    """Build the whole report from a results store; returns the path of report.md."""
+    from benchmarks.store import ResultsStore
+
+    store = ResultsStore(results_path)
+    folder = os.path.join(out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    runs = store.runs()
+    metrics = store.metrics()
+    complete = metrics[metrics["status"] == "complete"] if not metrics.empty else metrics
+    doc = Doc(folder)
+    doc.heading(f"rsscale scaling report: {name}", 1)
+    doc.text(f"Results store: `{store.path}`; {len(runs)} runs, {len(metrics)} metric rows. Methods: reports/METHODS.md.")
+    section_runs(doc, runs)
+    sections = [lambda: section_throughput(doc, complete), lambda: section_memory(doc, complete),
+                lambda: section_loss(doc, complete), lambda: section_downstream(doc, complete),
+                lambda: section_kernels(doc, complete, runs)]
+    for section in sections:
+        section()
+    section_fits(doc)
+    md = os.path.join(folder, "report.md")
+    with open(md, "w") as f:
+        f.write(doc.markdown())
+    with open(os.path.join(folder, "report.html"), "w") as f:
+        f.write(doc.html(f"rsscale report {name}"))
+    with open(os.path.join(folder, "fits.json"), "w") as f:
+        json.dump(doc.fits, f, indent=1, default=float)
+    for fit in doc.fits:
+        print(f"[report] fit {fit['what']}: {fit['text']}")
+    print(f"[report] wrote {md}, report.html and figures in {folder}", flush=True)
+    return md
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
+    parser.add_argument("--name", default="latest", help="report folder name under --out")
+    parser.add_argument("--out", default="reports", help="output folder")
+
+
+def main(args) -> int:
+    write_report(args.results, args.out, args.name)
+    return 0

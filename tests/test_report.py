@@ -1,0 +1,118 @@
+"""Report generation from a filled store (files, real images, fits, incomplete runs), an empty
+store ("no data yet"), and the benchmark harness end to end on the tiny preset."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.store import ResultsStore
+from reports.report import write_report
+from scaling.config import PRESETS, param_count
+
+LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
+LADDER = ("tiny", "mini", "small", "medium")
+
+
+def fill(path):
+    """Synthetic records of every kind: throughput follows 1e7 * N^-0.7 in encoder parameters."""
+    store = ResultsStore(path)
+    for i, p in enumerate(LADDER):
+        n = param_count(PRESETS[p], "encoder")
+        with store.run(kind="bench", preset=p, params=param_count(PRESETS[p], "mae"), layout=LAYOUT, micro_batch=8,
+                       global_batch=8, precision="fp32", kernels="torch") as run:
+            run.log_many([("images_per_s", 1e7 * n**-0.7), ("mfu", 0.1), ("tflops", 0.01), ("peak_mem_bytes", 40 * n),
+                          ("peak_mem_delta_bytes", 30 * n), ("predicted_mem_bytes", 24 * n)])
+        with store.run(kind="pretrain", preset=p, params=n, layout=LAYOUT, micro_batch=8, global_batch=32, precision="fp32") as run:
+            run.log_many(("loss", 0.5 + 3 * n**-0.2 * (1 + 5 / s), s) for s in range(1, 11))
+        with store.run(kind="finetune", preset=p, params=n, layout=LAYOUT) as run:
+            run.log("mIoU", 20.0 + i, dataset="loveda", task="seg")
+    for commit, ms in (("aaaa", 1.0), ("bbbb", 0.8)):
+        with store.run(kind="kernel", precision="bf16", kernels="triton", git_commit=commit) as run:
+            run.log("ms", ms, kernel="layer_norm", impl="triton", shape="M=8 N=40 K=2", dtype="bf16", direction="fwd")
+    store.start_run("pretrain", preset="tiny").log("loss", 9.0, step=1)  # a killed run: never finished
+
+
+def check_png(path):
+    with Image.open(path) as im:
+        w, h = im.size
+        px = np.asarray(im.convert("L"), dtype=float)
+    assert 400 <= w <= 2000 and 300 <= h <= 1500, (path, im.size)
+    assert px.std() > 5 and len(np.unique(px)) > 10, f"{path} looks blank"
+
+
+def test_report_from_filled_store(tmp_path):
+    fill(tmp_path / "r.db")
+    md = write_report(str(tmp_path / "r.db"), str(tmp_path), "t")
+    folder = os.path.dirname(md)
+    text = open(md).read()
+    pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
+    for name in ("fig_throughput_vs_params", "fig_memory_vs_params", "fig_loss_vs_params", "fig_loss_vs_compute",
+                 "fig_loveda_mIoU", "fig_diorr_mAP", "fig_kernel_layer_norm"):
+        assert f"{name}.png" in pngs and os.path.exists(os.path.join(folder, f"{name}.svg"))
+    for f in pngs:
+        check_png(os.path.join(folder, f))
+    assert "1 incomplete runs" in text and "| running |" in text
+    assert "no data yet" not in text.split("## Fitted")[0].split("## Kernel")[0]
+    page = open(os.path.join(folder, "report.html")).read()
+    assert page.count("data:image/png;base64,") == len(pngs) and "src='fig_" not in page
+    fits = json.load(open(os.path.join(folder, "fits.json")))
+    tput = [f for f in fits if f["what"].startswith("images/s")]
+    assert len(tput) == 1 and tput[0]["params"]["c"] == pytest.approx(-0.7, abs=1e-6)
+    assert any(f["law"] == "saturating" for f in fits)
+    assert "73.6" in text and "rsscale's choice" in text  # published points with the preset caveat
+
+
+def test_report_from_empty_store(tmp_path):
+    md = write_report(str(tmp_path / "empty.db"), str(tmp_path), "e")
+    text = open(md).read()
+    assert text.count("no data yet") >= 5
+    check_png(os.path.join(os.path.dirname(md), "fig_memory_vs_params.png"))  # the prediction alone
+
+
+def test_summarize_by_hand():
+    from benchmarks.harness import summarize
+
+    s = summarize([1.0, 2.0, 3.0, 4.0, 100.0], global_batch=8, step_flops=1e12, model_flops=5e11, peak_tflops=2.0, devices=2)
+    assert s["step_time_median_s"] == 3.0 and s["step_time_min_s"] == 1.0 and s["step_time_max_s"] == 100.0
+    assert (s["step_time_p25_s"], s["step_time_p75_s"]) == (2.0, 4.0)
+    assert s["images_per_s"] == pytest.approx(8 / 3) and s["tflops"] == pytest.approx(8 / 3)
+    assert s["mfu"] == pytest.approx(8 * 0.5 / 3 / 4)
+
+
+def test_bench_command_round_trips_through_the_cli():
+    import argparse
+
+    from benchmarks import harness
+
+    opts = harness.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
+                                record_kind="profile", activation_checkpointing=True)
+    cmd = harness.bench_command(opts, 2)
+    assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = parser.parse_args(cmd[cmd.index("bench") + 1:])
+    assert harness.options_from_args(args) == opts
+
+
+def test_harness_end_to_end_tiny(tmp_path):
+    from benchmarks.harness import BenchOptions, run_bench
+    from scaling.parallel.state import destroy_parallel
+
+    db = str(tmp_path / "b.db")
+    try:
+        s = run_bench(BenchOptions(model="tiny", micro_batch=2, global_batch=4, warmup=1, steps=2, peak_tflops=1.0, results=db))
+    finally:
+        destroy_parallel()
+    store = ResultsStore(db)
+    runs = store.runs()
+    assert runs["kind"].tolist() == ["bench"] and runs["status"].tolist() == ["complete"]
+    m = store.metrics()
+    steps = m[m["name"] == "step_time_s"]["value"]
+    assert len(steps) == 2 and s["step_time_median_s"] == pytest.approx(np.median(steps))
+    assert s["images_per_s"] == pytest.approx(4 / s["step_time_median_s"])
+    assert s["peak_mem_bytes"] > s["peak_mem_delta_bytes"] > 0 and s["predicted_mem_bytes"] > 0
+    md = write_report(db, str(tmp_path), "b")
+    assert "| tiny |" in open(md).read()
