@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from finetune.datasets import read_dota_labels
-from finetune.rotated import poly_iou, poly_to_obb, rotated_iou
+from finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
 
@@ -172,22 +172,38 @@ def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignor
 
 
 def _ious_by_image(dets, gts, mode) -> list[np.ndarray]:
-    """IoU of each (score-sorted) detection with every object of its image, one batched call per image."""
+    """IoU of each (score-sorted) detection with every object of its image. The candidate pairs
+    of all images (same image, overlapping enclosing boxes) go through one batched IoU call."""
     by_image: dict[str, list[int]] = {}
     for k, (img, _, _) in enumerate(dets):
         by_image.setdefault(img, []).append(k)
+    det_polys = np.array([d[2] for d in dets], dtype=np.float64).reshape(-1, 8)
     out: list[np.ndarray] = [np.zeros(0)] * len(dets)
+    pair_d, pair_g, blocks = [], [], []
     for img, ks in by_image.items():
-        g = torch.from_numpy(gts[img][0])
-        if len(g) == 0:
-            continue
-        d = torch.tensor([dets[k][2] for k in ks], dtype=torch.float64)
+        g = gts[img][0]
+        d = det_polys[ks].reshape(-1, 4, 2)
+        lo_d, hi_d = d.min(1), d.max(1)
+        lo_g, hi_g = g.reshape(-1, 4, 2).min(1), g.reshape(-1, 4, 2).max(1)
+        overlap = ((lo_d[:, None] <= hi_g[None]) & (lo_g[None] <= hi_d[:, None])).all(-1)  # [len(ks), len(g)]
+        a, b = np.nonzero(overlap)
+        pair_d.append(np.asarray(ks)[a])
+        pair_g.append(g[b])
+        blocks.append((ks, a, b, len(g)))
+    if dets:
+        p_det = torch.from_numpy(np.concatenate([det_polys[p] for p in pair_d]).reshape(-1, 8))
+        p_gt = torch.from_numpy(np.concatenate(pair_g).reshape(-1, 8))
         if mode == "dota":
-            m = poly_iou(d, g)
+            values = poly_iou_aligned(p_det, p_gt).numpy()
         else:
-            m = rotated_iou(poly_to_obb(d), poly_to_obb(g))
+            values = rotated_iou_aligned(poly_to_obb(p_det), poly_to_obb(p_gt)).numpy()
+    start = 0
+    for ks, a, b, num_gt in blocks:
+        m = np.zeros((len(ks), num_gt))
+        m[a, b] = values[start:start + len(a)]
+        start += len(a)
         for row, k in enumerate(ks):
-            out[k] = m[row].numpy()
+            out[k] = m[row]
     return out
 
 

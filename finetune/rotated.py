@@ -132,11 +132,24 @@ def poly_iou(polys1: torch.Tensor, polys2: torch.Tensor) -> torch.Tensor:
 
 def rotated_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """IoU of matching rows: [K, 5] and [K, 5] -> [K] (e.g. predictions vs their targets)."""
-    _check_last(boxes1, 5, "boxes1")
-    if boxes1.shape != boxes2.shape:
-        raise ValueError(f"aligned IoU needs equal shapes, got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}.")
+    _check_aligned(boxes1, boxes2, 5)
     p1, p2 = obb_to_poly(boxes1.to(torch.float64)), obb_to_poly(boxes2.to(torch.float64))
-    return _convex_iou_aligned(p1, p2).to(_out_dtype(boxes1))
+    idx = torch.arange(p1.shape[0], device=p1.device)
+    return _aligned_in_chunks(p1, p2, idx, idx, _convex_iou_aligned).to(_out_dtype(boxes1))
+
+
+def poly_iou_aligned(polys1: torch.Tensor, polys2: torch.Tensor) -> torch.Tensor:
+    """Polygon IoU of matching rows: [K, 8] and [K, 8] -> [K] (many pairs in one batched call)."""
+    _check_aligned(polys1, polys2, 8)
+    p1, p2 = polys1.to(torch.float64), polys2.to(torch.float64)
+    idx = torch.arange(p1.shape[0], device=p1.device)
+    return _aligned_in_chunks(p1, p2, idx, idx, _poly_iou_aligned).to(_out_dtype(polys1))
+
+
+def _check_aligned(a: torch.Tensor, b: torch.Tensor, n: int) -> None:
+    _check_last(a, n, "first argument")
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"aligned IoU needs two [K, {n}] tensors, got {tuple(a.shape)} and {tuple(b.shape)}.")
 
 
 def _pairwise(p1: torch.Tensor, p2: torch.Tensor, aligned) -> torch.Tensor:

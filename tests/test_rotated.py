@@ -192,3 +192,12 @@ def test_nms_on_many_boxes_matches_dense_greedy():
             removed |= iou[i] > 0.2
     assert rotated_nms(b, scores, 0.2).tolist() == keep
     assert 500 < len(keep) < 5000
+
+
+def test_aligned_iou_checks_shapes():
+    from finetune.rotated import poly_iou_aligned
+
+    p = obb_to_poly(_random_boxes(6, seed=12))
+    torch.testing.assert_close(poly_iou_aligned(p[:3], p[3:]), poly_iou(p[:3], p[3:]).diagonal())
+    with pytest.raises(ValueError, match="aligned IoU"):
+        poly_iou_aligned(p[:3], p[:2])
