@@ -8,7 +8,8 @@ without downloading anything. Deterministic: sample i of a split is a pure funct
 
 Layout under <out> (mimicking the originals):
     pretrain/<theme>/P<id>.jpg                            MillionAID-like: JPEGs of varied size,
-                                                          one folder per scene category (THEMES)
+                                                          one folder per scene category (THEMES);
+                                                          P<id>.tif with --bands 4: 16-bit RGB+NIR
     seg/{Train,Val}/{Urban,Rural}/images_png/<id>.png    LoveDA: RGB PNG
     seg/{Train,Val}/{Urban,Rural}/masks_png/<id>.png     LoveDA: uint8 mask, 0 no-data,
                                                           1..7 = LOVEDA_CLASSES[1:]
@@ -38,6 +39,7 @@ import os
 import time
 
 import numpy as np
+import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
 LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren", "forest", "agriculture")
@@ -353,6 +355,16 @@ def scene(rng: np.random.Generator, size, theme: str | None = None, return_insta
 # ----------------------------------------------------------------------------- writers
 
 
+# Near-infrared brightness relative to visible, per LoveDA class: vegetation reflects NIR strongly,
+# water absorbs it (the contrast NDVI and water indices rely on).
+NIR_GAIN = np.array([0, 1.3, 0.9, 0.8, 0.15, 1.0, 2.2, 1.8], np.float32)
+
+
+def nir_band(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A plausible NIR band (uint8 HxW) for a scene: visible brightness times a per-class gain."""
+    return (rgb.astype(np.float32).mean(-1) * NIR_GAIN[mask]).clip(0, 255).astype(np.uint8)
+
+
 def dota_lines(boxes, gsd: float) -> list[str]:
     """DOTA v1 label file lines for scene boxes."""
     lines = ["imagesource:rsscale-synthetic", f"gsd:{gsd:.6g}"]
@@ -383,10 +395,11 @@ def _val_count(n: int, fraction: float) -> int:
     return 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
 
 
-def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction):
+def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands):
     """(split, index, sample size, output paths, seed) for every sample of the dataset."""
+    ext = "jpg" if bands == 3 else "tif"
     for i in range(num_pretrain):
-        path = os.path.join(root, "pretrain", _theme(seed, "pretrain", i), f"P{i:06d}.jpg")
+        path = os.path.join(root, "pretrain", _theme(seed, "pretrain", i), f"P{i:06d}.{ext}")
         yield "pretrain", i, _pretrain_size(seed, i, size), [path], seed
     seg_val, det_val = _val_count(num_seg, val_fraction), _val_count(num_det, val_fraction)
     for i in range(num_seg):
@@ -405,6 +418,10 @@ def _write_sample(job) -> None:
     _, (rgb, mask, boxes) = _sample(seed, split, i, size)
     for p in paths:
         os.makedirs(os.path.dirname(p), exist_ok=True)
+    if paths[0].endswith(".tif"):  # 16-bit RGB + NIR, band-last
+        tifffile.imwrite(paths[0], np.dstack([rgb, nir_band(rgb, mask)]).astype(np.uint16) * 257,
+                         photometric="minisblack", planarconfig="contig")
+        return
     if split == "pretrain":
         Image.fromarray(rgb).save(paths[0], quality=90)
         return
@@ -417,13 +434,17 @@ def _write_sample(job) -> None:
 
 
 def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64, size: int = 256,
-             seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False, workers: int | None = None) -> dict:
+             seed: int = 0, val_fraction: float = 0.2, bands: int = 3, overwrite: bool = False,
+             workers: int | None = None) -> dict:
     """Write the dataset (skipping files already there unless overwrite) -> dict of paths.
+    bands=4 writes the pretraining images as 16-bit RGB+NIR TIFFs instead of JPEGs.
     workers: processes (default min(4, CPUs)); the bytes written do not depend on it."""
     if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
         raise ValueError(f"counts must be >= 0 and size >= 32, got {num_pretrain}/{num_seg}/{num_det} and {size}")
+    if bands not in (3, 4):
+        raise ValueError(f"bands must be 3 (RGB JPEG) or 4 (RGB+NIR TIFF), got {bands}")
     root = os.path.abspath(os.fspath(root))
-    jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction))
+    jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands))
     todo = [j for j in jobs if overwrite or not all(os.path.exists(p) for p in j[3])]
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
     log(f"writing synthetic aerial dataset to {root}: {len(todo)} of {len(jobs)} samples to make "
@@ -443,8 +464,8 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
         log(f"kept {len(jobs) - len(todo)} sample(s) already on disk (--overwrite regenerates them)")
     paths = dataset_paths(root)
     manifest = dict(num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det, size=size, seed=seed,
-                    val_fraction=val_fraction, det_classes=list(DET_CLASSES), seg_classes=list(LOVEDA_CLASSES),
-                    themes=sorted(THEMES))
+                    val_fraction=val_fraction, bands=bands, det_classes=list(DET_CLASSES),
+                    seg_classes=list(LOVEDA_CLASSES), themes=sorted(THEMES))
     with open(paths["manifest"], "w") as f:
         json.dump(manifest, f, indent=1)
     log(f"done: {root}")
@@ -471,7 +492,7 @@ def ensure_dataset(root, **kwargs) -> dict:
     try:
         with open(paths["manifest"]) as f:
             have = json.load(f)
-        wanted = dict(num_pretrain=512, num_seg=64, num_det=64, size=256, seed=0, val_fraction=0.2) | kwargs
+        wanted = dict(num_pretrain=512, num_seg=64, num_det=64, size=256, seed=0, val_fraction=0.2, bands=3) | kwargs
         wanted.pop("overwrite", None)
         wanted.pop("workers", None)
         if all(have.get(k) == v for k, v in wanted.items()):
@@ -491,6 +512,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-det", type=int, default=64, help="detection tiles (DOTA layout)")
     parser.add_argument("--size", type=int, default=256, help="tile side in pixels (pretraining images vary 0.75-1.5x)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bands", type=int, default=3, choices=(3, 4),
+                        help="4: pretraining images as 16-bit RGB+NIR TIFFs (for --in-chans 4)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of seg/det tiles in the val split")
     parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
@@ -498,6 +521,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     generate(args.out, num_pretrain=args.num_pretrain, num_seg=args.num_seg, num_det=args.num_det,
-             size=args.size, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
+             size=args.size, seed=args.seed, val_fraction=args.val_fraction, bands=args.bands, overwrite=args.overwrite,
              workers=args.workers)
     return 0

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
+import torch
 from PIL import Image
 from shapely.geometry import MultiPoint, Polygon
 
@@ -105,6 +107,27 @@ def test_worker_processes_write_identical_bytes(tmp_path):
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert one == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in one)
+
+
+def test_four_band_pretraining_tiffs_feed_the_loader(tmp_path):
+    from scaling.data import build_pretrain_loader
+
+    synthetic.generate(tmp_path, num_pretrain=3, num_seg=0, num_det=0, size=48, bands=4, workers=1)
+    tifs = sorted((tmp_path / "pretrain").rglob("*.tif"))
+    assert len(tifs) == 3 and not list((tmp_path / "pretrain").rglob("*.jpg"))
+    arr = tifffile.imread(tifs[0])
+    assert arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] == 4
+    rgb, mask, _ = synthetic._sample(0, "pretrain", 0, arr.shape[:2])[1]
+    assert np.array_equal(arr[..., :3], rgb.astype(np.uint16) * 257)
+    batch = next(build_pretrain_loader(tmp_path / "pretrain", 16, 2, in_chans=4, backend="torch", num_workers=0))
+    assert batch.shape == (2, 4, 16, 16) and torch.isfinite(batch).all()
+
+
+def test_nir_is_bright_on_vegetation_and_dark_on_water():
+    rgb, mask, _ = scene(np.random.default_rng(1), 96, "river")
+    nir = synthetic.nir_band(rgb, mask).astype(float)
+    assert nir[mask == synthetic.FOREST].mean() > 2 * nir[mask == WATER].mean()
+    assert nir[mask == synthetic.AGRICULTURE].mean() > 2 * nir[mask == WATER].mean()
 
 
 def test_cli_data_command(tmp_path, capsys):
