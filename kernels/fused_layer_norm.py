@@ -244,6 +244,8 @@ def torch_layer_norm(x, weight, bias, eps: float = 1e-6) -> torch.Tensor:
 
 
 def torch_multi_layer_norm(x, weights, biases, eps: float = 1e-6) -> torch.Tensor:
+    if weights.shape[0] == 1:  # torch's own fused affine LayerNorm
+        return torch_layer_norm(x, weights[0], biases[0], eps).unsqueeze(0)
     normed = F.layer_norm(x, x.shape[-1:], None, None, eps)
     shape = (weights.shape[0],) + (1,) * (x.dim() - 1) + (x.shape[-1],)
     return normed.unsqueeze(0) * weights.view(shape) + biases.view(shape)
