@@ -8,7 +8,8 @@ Public API (the model calls only these; signatures are a contract):
 
 The Triton kernels live in fused_layer_norm.py and flash_attention.py, each beside its torch
 reference; dispatch.py decides per call which one runs (Triton on CUDA, the Triton interpreter
-on CPU under TRITON_INTERPRET=1, torch otherwise). Importing this package never imports triton.
+on CPU under TRITON_INTERPRET=1, torch otherwise). Importing this package never imports triton;
+set TRITON_INTERPRET=1 before the first kernel call (triton reads it when the kernels are built).
 """
 
 from __future__ import annotations
