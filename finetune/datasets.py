@@ -20,8 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from finetune.rotated import (batched_rotated_nms, convex_intersection_points, hull_area,
-                              min_area_rect, obb_to_poly, poly_area, poly_to_obb)
+from finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
+                              hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
 
 log = logging.getLogger(__name__)
 
@@ -393,22 +393,19 @@ def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1) -> d
 def merge_dota_submission(dets: dict, nms_iou: float = 0.1) -> dict:
     """Patch-level Task1 detections {class: [(patch name, score, poly8)]} -> image-level ones:
     polygons shifted by the offsets in the patch names, then polygon NMS per image and class
-    (DOTA_devkit's ResultMerge step)."""
-    from finetune.rotated import poly_nms
-
+    (DOTA_devkit's ResultMerge step); one batched NMS call per class."""
     merged = {}
     for cls, rows in dets.items():
-        by_image: dict[str, list] = {}
-        for name, score, poly in rows:
-            image_id, x0, y0 = parse_patch_id(name)
-            shifted = [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(poly)]
-            by_image.setdefault(image_id, []).append((score, shifted))
-        out = []
-        for image_id, items in sorted(by_image.items()):
-            scores = torch.tensor([sc for sc, _ in items], dtype=torch.float64)
-            polys = torch.tensor([pl for _, pl in items], dtype=torch.float64)
-            out += [(image_id, items[k][0], items[k][1]) for k in poly_nms(polys, scores, nms_iou).tolist()]
-        merged[cls] = out
+        names = [parse_patch_id(name) for name, _, _ in rows]
+        images = sorted({image_id for image_id, _, _ in names})
+        index = {image_id: i for i, image_id in enumerate(images)}
+        polys = torch.tensor([poly for _, _, poly in rows], dtype=torch.float64).reshape(-1, 8)
+        shift = torch.tensor([[x0, y0] for _, x0, y0 in names], dtype=torch.float64).reshape(-1, 2)
+        polys = polys + shift.repeat(1, 4)
+        scores = torch.tensor([score for _, score, _ in rows], dtype=torch.float64)
+        groups = torch.tensor([index[image_id] for image_id, _, _ in names], dtype=torch.long)
+        keep = batched_poly_nms(polys, scores, groups, nms_iou).tolist()
+        merged[cls] = [(names[k][0], rows[k][1], polys[k].tolist()) for k in keep]
     return merged
 
 

@@ -291,32 +291,45 @@ def poly_nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
 
 def batched_rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                         iou_threshold: float) -> torch.Tensor:
-    """Class-aware rotated NMS: boxes of different labels never suppress each other."""
-    if boxes.shape[0] != labels.shape[0]:
-        raise ValueError(f"got {boxes.shape[0]} boxes but {labels.shape[0]} labels.")
-    keep = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero(as_tuple=True)[0]
-        keep.append(idx[rotated_nms(boxes[idx], scores[idx], iou_threshold)])
-    if not keep:
-        return labels.new_zeros(0, dtype=torch.long)
-    keep = torch.cat(keep)
-    return keep[scores[keep].argsort(descending=True, stable=True)]
+    """Class-aware rotated NMS: boxes of different labels never suppress each other; kept
+    indices sorted by decreasing score."""
+    return _nms(obb_to_poly(boxes.to(torch.float64)), scores, iou_threshold, _convex_iou_aligned, labels)
 
 
-def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned) -> torch.Tensor:
-    if polys.shape[0] != scores.shape[0]:
-        raise ValueError(f"got {polys.shape[0]} boxes but {scores.shape[0]} scores.")
+def batched_poly_nms(polys: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                     iou_threshold: float) -> torch.Tensor:
+    """Polygon NMS within groups (e.g. one group per image and class, as in DOTA's merge)."""
+    return _nms(polys.to(torch.float64), scores, iou_threshold, _poly_iou_aligned, groups)
+
+
+def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned,
+         groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy NMS over a sparse suppression graph: the pairs i < j (in score order) of one group
+    whose enclosing boxes overlap and whose IoU is above the threshold, all in one batched call."""
+    n = polys.shape[0]
+    if scores.shape[0] != n or (groups is not None and groups.shape[0] != n):
+        got = f"{scores.shape[0]} scores" + ("" if groups is None else f" and {groups.shape[0]} labels")
+        raise ValueError(f"got {n} boxes but {got}.")
     order = scores.argsort(descending=True, stable=True)
     polys = polys[order]
-    # Sparse suppression graph: pairs i < j (in score order) with IoU above the threshold.
-    ii, jj = _candidate_pairs(poly_to_hbox(polys), poly_to_hbox(polys), upper=True)
+    h = poly_to_hbox(polys)
+    if groups is None:
+        ii, jj = _candidate_pairs(h, h, upper=True)
+    else:
+        g = groups[order].to(h.device)
+        ii = jj = h.new_zeros(0, dtype=torch.long)
+        for v in g.unique():
+            idx = torch.nonzero(g == v)[:, 0]  # this group's positions, in score order
+            a, b = _candidate_pairs(h[idx], h[idx], upper=True)
+            ii, jj = torch.cat([ii, idx[a]]), torch.cat([jj, idx[b]])
+        by_row = ii.argsort(stable=True)
+        ii, jj = ii[by_row], jj[by_row]
     hit = _aligned_in_chunks(polys, polys, ii, jj, aligned) > iou_threshold
     ii, jj = ii[hit].cpu(), jj[hit].cpu()
-    ptr = torch.searchsorted(ii, torch.arange(len(order) + 1)).tolist()
-    removed = torch.zeros(len(order), dtype=torch.bool)
+    ptr = torch.searchsorted(ii, torch.arange(n + 1)).tolist()
+    removed = torch.zeros(n, dtype=torch.bool)
     keep = []
-    for i in range(len(order)):
+    for i in range(n):
         if not removed[i]:
             keep.append(i)
             removed[jj[ptr[i]:ptr[i + 1]]] = True
