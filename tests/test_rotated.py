@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from finetune.rotated import (DeltaXYWHACoder, batched_rotated_nms, decode_points, encode_points,
-                              hbox_to_obb, min_area_rect, norm_obb, obb_to_hbox, obb_to_poly,
-                              poly_iou, poly_nms, poly_to_obb, rotated_iou, rotated_iou_aligned,
-                              rotated_nms)
+from finetune.rotated import (DeltaXYWHACoder, batched_poly_nms, batched_rotated_nms, decode_points,
+                              encode_points, hbox_to_obb, min_area_rect, norm_obb, obb_to_hbox,
+                              obb_to_poly, poly_iou, poly_nms, poly_to_obb, rotated_iou,
+                              rotated_iou_aligned, rotated_nms)
 
 shapely = pytest.importorskip("shapely.geometry")
 
@@ -134,6 +134,7 @@ def test_rotated_nms_matches_brute_force():
         ref += [int(idx[k]) for k in _brute_nms(polys[idx], scores[idx], 0.3)]
     assert sorted(keep.tolist()) == sorted(ref)
     assert (scores[keep].diff() <= 0).all()
+    assert batched_poly_nms(polys, scores, labels, 0.3).tolist() == keep.tolist()
     assert rotated_nms(torch.zeros(0, 5), torch.zeros(0), 0.5).numel() == 0
     assert batched_rotated_nms(torch.zeros(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
 
