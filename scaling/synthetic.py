@@ -25,7 +25,7 @@ A pixel belongs to an object iff its centre lies inside the object's shape, and 
 touches all four sides of its box, so the boxes are exactly the rendered objects
 (rectangles for vehicles, a hull with a blunt bow for ships, the circumscribed square for storage tanks).
 An object is `difficult` when less than 60% of it is inside the image or its short side is
-under 5 px. Detection classes (DOTA names): DET_CLASSES. Buildings appear in the masks only
+under 4 px. Detection classes (DOTA names): DET_CLASSES. Buildings appear in the masks only
 (DOTA has no building class); vehicles keep the road class and ships the water class in the
 masks, as in LoveDA; storage tanks are buildings.
 """
@@ -252,7 +252,7 @@ def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
             cv.mask[sl][inside] = BUILDING
         if label is not None:
             cv.inst[sl][inside] = len(boxes) + 1
-            difficult = int(inside.sum() < 0.6 * full.sum() or min(w, h) < 5)
+            difficult = int(inside.sum() < 0.6 * full.sum() or min(w, h) < 4)
             angle = (angle + math.pi / 2) % math.pi - math.pi / 2  # a box is the same turned by pi
             boxes.append((float(cx), float(cy), float(w), float(h), float(angle), label, difficult))
         return True
