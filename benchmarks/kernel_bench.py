@@ -290,7 +290,13 @@ def load_results(path: str) -> dict:
         raise SystemExit(f"rsscale kernels: no such results file {path!r}")
     if not path.endswith(".csv"):
         with open(path) as f:
-            return json.load(f)
+            try:
+                result = json.load(f)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"rsscale kernels: {path!r} is not a results file from `rsscale kernels bench` ({err})")
+        if not isinstance(result, dict) or "records" not in result:
+            raise SystemExit(f"rsscale kernels: {path!r} has no 'records'; write it with `rsscale kernels bench`")
+        return result
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
