@@ -338,33 +338,43 @@ def split_image(image: torch.Tensor, objects: dict, patch: int = 1024, overlap: 
         raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}.")
     _, h, w = image.shape
     polys = objects["polys"].to(torch.float64).reshape(-1, 4, 2)
-    areas = poly_area(polys.flatten(1))
     patches = []
     for y0 in patch_starts(h, patch, overlap):
         for x0 in patch_starts(w, patch, overlap):
             crop = image[:, y0:y0 + patch, x0:x0 + patch]
             canvas = image.new_zeros(image.shape[0], patch, patch)
             canvas[:, :crop.shape[1], :crop.shape[2]] = crop
-            patches.append(Patch(canvas, _objects_in_window(objects, polys, areas, x0, y0, patch, keep_thr), (x0, y0)))
+            patches.append(Patch(canvas, _objects_in_window(objects, polys, x0, y0, patch, keep_thr), (x0, y0)))
     return patches
 
 
-def _objects_in_window(objects, polys, areas, x0, y0, patch, keep_thr) -> dict:
-    k = polys.shape[0]
-    rect = polys.new_tensor([[x0, y0], [x0 + patch, y0], [x0 + patch, y0 + patch], [x0, y0 + patch]])
-    pts, valid = convex_intersection_points(polys, rect.expand(k, 4, 2))
-    ratio = hull_area(pts, valid) / areas.clamp_min(1e-12)  # exact covered fraction
-    clipped = min_area_rect(pts, valid)  # [K, 5], used for partly covered objects
-    full = ratio >= 1 - 1e-6
-    keep = (ratio >= keep_thr) & (valid.sum(1) >= 3)
-    new = torch.where(full[:, None], polys.flatten(1), obb_to_poly(clipped))
-    new = new.reshape(-1, 4, 2) - new.new_tensor([x0, y0])
-    new = torch.minimum(new.clamp_min(0), new.new_tensor(float(patch)))[keep].flatten(1).float()
+def _objects_in_window(objects, polys, x0, y0, patch, keep_thr) -> dict:
+    """The objects of one patch (see split_image). Objects whose enclosing box lies inside the
+    window are kept as they are; only those crossing its border are clipped exactly."""
+    lo, hi = polys.amin(1), polys.amax(1)  # [K, 2] enclosing boxes
+    win_lo, win_hi = polys.new_tensor([x0, y0]), polys.new_tensor([x0 + patch, y0 + patch])
+    inside = ((lo >= win_lo) & (hi <= win_hi)).all(1)
+    crossing = torch.nonzero(((lo < win_hi) & (hi > win_lo)).all(1) & ~inside)[:, 0]
+    new = polys.clone()
+    keep = inside.clone()
+    if crossing.numel():
+        part = polys[crossing]
+        rect = torch.stack([win_lo, torch.stack([win_hi[0], win_lo[1]]), win_hi, torch.stack([win_lo[0], win_hi[1]])])
+        pts, valid = convex_intersection_points(part, rect.expand(len(crossing), 4, 2))
+        ratio = hull_area(pts, valid) / poly_area(part.flatten(1)).clamp_min(1e-12)  # covered fraction
+        ok = (ratio >= keep_thr) & (valid.sum(1) >= 3)
+        full = ratio >= 1 - 1e-6  # on the border but not beyond it
+        clip = ok & ~full
+        keep[crossing[ok]] = True
+        inside[crossing[full]] = True
+        if clip.any():  # the minimum-area rectangle of the part inside the window
+            new[crossing[clip]] = obb_to_poly(min_area_rect(pts[clip], valid[clip])).view(-1, 4, 2)
+    new = (new[keep] - win_lo).clamp_min(0).clamp_max(float(patch)).flatten(1).float()
     return {
         "polys": new,
         "boxes": poly_to_obb(new),
         "labels": objects["labels"][keep],
-        "difficult": (objects["difficult"] | ~full)[keep],
+        "difficult": (objects["difficult"] | ~inside)[keep],
         "image_id": patch_id(objects.get("image_id", "image"), x0, y0),
     }
 
