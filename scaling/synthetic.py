@@ -32,10 +32,12 @@ masks, as in LoveDA; storage tanks are buildings.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 
 import numpy as np
@@ -46,6 +48,7 @@ LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren"
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)
 DET_CLASSES = ("small-vehicle", "large-vehicle", "ship", "storage-tank")
 GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
+GENERATOR_VERSION = 1  # bump whenever a seed's pixels or labels change: old datasets get replaced
 
 # Scene categories: land-cover weights (background, barren, forest, agriculture), water kind,
 # and object counts (roads, buildings, small/large vehicles, ships, tanks) as (low, high).
@@ -444,6 +447,14 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
     if bands not in (3, 4):
         raise ValueError(f"bands must be 3 (RGB JPEG) or 4 (RGB+NIR TIFF), got {bands}")
     root = os.path.abspath(os.fspath(root))
+    paths = dataset_paths(root)
+    manifest = _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands)
+    old = _read_manifest(paths["manifest"])
+    if old is not None and old != manifest:  # other parameters or generator: stale files would mix in
+        log(f"{root} holds a dataset made with other parameters or an older generator; replacing it")
+        for part in ("pretrain", "seg", "det"):
+            shutil.rmtree(os.path.join(root, part), ignore_errors=True)
+        os.remove(paths["manifest"])
     jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands))
     todo = [j for j in jobs if overwrite or not all(os.path.exists(p) for p in j[3])]
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
@@ -462,14 +473,25 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
             pool.join()
     if len(todo) < len(jobs):
         log(f"kept {len(jobs) - len(todo)} sample(s) already on disk (--overwrite regenerates them)")
-    paths = dataset_paths(root)
-    manifest = dict(num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det, size=size, seed=seed,
-                    val_fraction=val_fraction, bands=bands, det_classes=list(DET_CLASSES),
-                    seg_classes=list(LOVEDA_CLASSES), themes=sorted(THEMES))
     with open(paths["manifest"], "w") as f:
         json.dump(manifest, f, indent=1)
     log(f"done: {root}")
-    return paths
+    return dataset_paths(root)
+
+
+def _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, **_) -> dict:
+    """What identifies a finished dataset (written last, so a missing one means unfinished)."""
+    return dict(generator=GENERATOR_VERSION, num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det,
+                size=size, seed=seed, val_fraction=val_fraction, bands=bands, det_classes=list(DET_CLASSES),
+                seg_classes=list(LOVEDA_CLASSES), themes=sorted(THEMES))
+
+
+def _read_manifest(path) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def dataset_paths(root) -> dict:
@@ -487,18 +509,12 @@ def dataset_paths(root) -> dict:
 
 
 def ensure_dataset(root, **kwargs) -> dict:
-    """generate() unless a finished dataset with the same parameters is already at root."""
+    """generate(root, **kwargs) unless that exact dataset is already finished there (then silent)."""
+    args = inspect.signature(generate).bind(root, **kwargs)
+    args.apply_defaults()
     paths = dataset_paths(root)
-    try:
-        with open(paths["manifest"]) as f:
-            have = json.load(f)
-        wanted = dict(num_pretrain=512, num_seg=64, num_det=64, size=256, seed=0, val_fraction=0.2, bands=3) | kwargs
-        wanted.pop("overwrite", None)
-        wanted.pop("workers", None)
-        if all(have.get(k) == v for k, v in wanted.items()):
-            return paths
-    except (OSError, ValueError):
-        pass
+    if _read_manifest(paths["manifest"]) == _manifest(**args.arguments):
+        return paths
     return generate(root, **kwargs)
 
 

@@ -137,6 +137,16 @@ def test_nir_is_bright_on_vegetation_and_dark_on_water():
     assert nir[mask == synthetic.AGRICULTURE].mean() > 2 * nir[mask == WATER].mean()
 
 
+def test_other_parameters_replace_the_old_dataset(tmp_path, capsys):
+    synthetic.generate(tmp_path, num_pretrain=4, num_seg=3, num_det=3, size=48, workers=1)
+    synthetic.ensure_dataset(tmp_path, num_pretrain=4, num_seg=3, num_det=3, size=48)
+    assert capsys.readouterr().out.count("writing") == 1  # the second call found it finished
+    synthetic.ensure_dataset(tmp_path, num_pretrain=2, num_seg=2, num_det=2, size=40, workers=1)
+    assert "replacing it" in capsys.readouterr().out
+    assert len(list(tmp_path.rglob("*.jpg"))) == 2 and len(list(tmp_path.rglob("labelTxt/*.txt"))) == 2
+    assert {Image.open(p).size for p in tmp_path.rglob("*.png")} == {(40, 40)}
+
+
 def test_cli_data_command(tmp_path, capsys):
     from scaling.cli import main
 
