@@ -152,6 +152,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
+    import scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
+
     rss_before = current_rss()
     trainer = Trainer.build(config)
     rank = dist.get_rank()

@@ -82,6 +82,12 @@ def print_table(rows: list[dict], top: int) -> None:
     print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def machine_limits() -> tuple[int, float]:
     """(processes this machine can run for --measure, bytes per process)."""
     import torch
@@ -140,6 +146,12 @@ def main(args) -> int:
     if args.gpus < 1 or args.global_batch < 1:
         raise SystemExit("rsscale profile: --gpus and --global-batch must be >= 1")
     args.peak_tflops_given = args.peak_tflops is not None
+    if args.measure and not args.peak_tflops_given and not _cuda():
+        from benchmarks.harness import matmul_peak_tflops
+        import torch
+
+        args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True
+        print(f"[profile] CPU matmul peak measured here: {args.peak_tflops:.3f} TFLOP/s (used for ranking and MFU)")
     hw = analytic.Hardware(peak_flops=(args.peak_tflops or 989.0) * 1e12, efficiency=args.efficiency,
                            bandwidth=args.bandwidth_gbs * 1e9)
     budget = (args.memory_gb - args.reserve_gb) * GIB

@@ -177,15 +177,19 @@ def section_runs(doc: Doc, runs: pd.DataFrame) -> None:
 
 def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Throughput and MFU vs parameters")
-    b = wide(metrics, ["images_per_s", "tflops", "mfu", "step_time_median_s", "step_time_p25_s", "step_time_p75_s"])
+    b = wide(metrics, ["images_per_s", "tflops", "mfu", "step_time_median_s", "step_time_p25_s", "step_time_p75_s",
+                       "predicted_images_per_s"])
     if b.empty or "images_per_s" not in b:
         doc.text(NO_DATA + " (run `rsscale bench` or `rsscale profile --measure`).")
         return
     b["encoder_params"] = [encoder_params(p, n) for p, n in zip(b["preset"], b["params"])]
     b["layout"] = [layout_label(r) for _, r in b.iterrows()]
+    if "predicted_images_per_s" in b:
+        b["prediction_error_pct"] = 100 * (b["predicted_images_per_s"] - b["images_per_s"]) / b["images_per_s"]
     cols = ["preset", "encoder_params", "layout", "device", "images_per_s", "tflops", "mfu", "step_time_median_s",
-            "step_time_p25_s", "step_time_p75_s"]
+            "step_time_p25_s", "step_time_p75_s", "predicted_images_per_s", "prediction_error_pct"]
     doc.table(b[[c for c in cols if c in b]].sort_values(["layout", "encoder_params"]), "throughput")
+    doc.text("Predicted images/s: benchmarks/analytic.py at the run's peak (given or measured matmul) x efficiency 0.5.")
     for metric, label, name in (("images_per_s", "images / s", "throughput"), ("mfu", "MFU", "mfu")):
         if metric not in b:
             continue

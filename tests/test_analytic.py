@@ -111,3 +111,21 @@ def test_activation_bytes_match_saved_tensors():
 def test_bad_plan_is_rejected():
     with pytest.raises(ValueError, match="precision"):
         A.Plan(Layout(), precision="int8")
+
+
+def test_profile_enumerates_valid_plans_and_ranks_fits_first():
+    from benchmarks.profile import enumerate_plans, rank_plans
+    from scaling.layout import validate_layout
+
+    cfg = get_preset("mini")
+    plans = enumerate_plans(cfg, 4, 16, "fp32")
+    assert plans and all(not validate_layout(p.layout, cfg, 4) for p in plans)
+    layouts = {(p.layout.tp, p.layout.pp, p.layout.dp, p.layout.sp) for p in plans}
+    assert {(1, 1, 4, False), (2, 2, 1, True), (4, 1, 1, True), (1, 4, 1, False)} <= layouts
+    assert not any(p.distributed_optimizer and p.layout.dp == 1 for p in plans)
+    budget = sorted(A.estimate(cfg, p).memory["total"] for p in plans)[len(plans) // 2]
+    rows = rank_plans(cfg, plans, A.Hardware(), budget)
+    fits = [r["fits"] for r in rows]
+    assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(rows)
+    speeds = [r["est"].images_per_s for r in rows if r["fits"]]
+    assert speeds == sorted(speeds, reverse=True)
