@@ -390,7 +390,7 @@ def _sample(seed: int, split: str, index: int, size):
 def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
     """MillionAID images vary in size and aspect: sides in [0.75, 1.5] x size."""
     rng = np.random.default_rng([seed, 7, index])
-    return tuple(int(s) for s in rng.integers(int(0.75 * size), int(1.5 * size) + 1, 2))
+    return tuple(int(s) for s in rng.integers(max(32, int(0.75 * size)), int(1.5 * size) + 1, 2))
 
 
 def _val_count(n: int, fraction: float) -> int:
