@@ -305,7 +305,10 @@ def main(argv=None) -> int:
                            use_07_metric=not args.all_point, mode=args.mode)
     print(format_ap_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        nan_to_null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        clean = {"mAP": nan_to_null(result["mAP"]),
+                 "classes": {c: {k: nan_to_null(v) for k, v in r.items()} for c, r in result["classes"].items()}}
+        Path(args.json).write_text(json.dumps(clean, indent=1, allow_nan=False))
     return 0
 
 

@@ -219,3 +219,17 @@ def test_seg_metric_random_against_direct_counts():
         assert r["F1"][c].item() == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert r["OA"] == pytest.approx(((pred == target) & valid).sum().item() / valid.sum().item())
     assert r["mIoU"] == pytest.approx(r["IoU"].mean().item())
+
+
+@needs_dota
+def test_command_line(tmp_path, capsys):
+    import json
+
+    from finetune.metrics import main
+
+    out = tmp_path / "r.json"
+    assert main([str(DOTA / "dets"), str(DOTA / "labelTxt"), "--mode", "mmrotate", "--json", str(out)]) == 0
+    assert "| **mAP** |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["classes"]["basketball-court"]["ap"] is None  # no ground truth: NaN -> null
+    assert 0 < result["mAP"] < 1
