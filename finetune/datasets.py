@@ -31,7 +31,8 @@ DOTA_V1_CLASSES = (
     "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
     "harbor", "swimming-pool", "helicopter",
 )
-DOTA_V2_CLASSES = DOTA_V1_CLASSES + ("container-crane", "airport", "helipad")
+DOTA_V15_CLASSES = DOTA_V1_CLASSES + ("container-crane",)
+DOTA_V2_CLASSES = DOTA_V15_CLASSES + ("airport", "helipad")
 DIOR_CLASSES = (
     "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney",
     "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",

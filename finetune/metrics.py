@@ -299,10 +299,18 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=MODES, default="dota")
     parser.add_argument("--all-point", action="store_true", help="all-point AP instead of VOC07 11-point")
     parser.add_argument("--iou-thr", type=float, default=0.5)
+    parser.add_argument("--classes", default="auto",
+                        help="class list averaged in the mAP: dota-v1, dota-v1.5, dota-v2, dior, a comma "
+                             "list, or auto (every class in labels or detections)")
     parser.add_argument("--json", help="also write the full result to this file")
     args = parser.parse_args(argv)
+    from finetune import datasets
+
+    named = {"dota-v1": datasets.DOTA_V1_CLASSES, "dota-v1.5": datasets.DOTA_V15_CLASSES,
+             "dota-v2": datasets.DOTA_V2_CLASSES, "dior": datasets.DIOR_CLASSES, "auto": None}
+    classes = named[args.classes] if args.classes in named else args.classes.split(",")
     result = evaluate_dota(args.detections, args.labels, iou_thr=args.iou_thr,
-                           use_07_metric=not args.all_point, mode=args.mode)
+                           use_07_metric=not args.all_point, mode=args.mode, classes=classes)
     print(format_ap_table(result))
     if args.json:
         nan_to_null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731

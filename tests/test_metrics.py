@@ -233,3 +233,8 @@ def test_command_line(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["classes"]["basketball-court"]["ap"] is None  # no ground truth: NaN -> null
     assert 0 < result["mAP"] < 1
+    # DOTA rules over the fixed 16-class v1.5 list: container-crane (absent) scores 0 in the mean.
+    assert main([str(DOTA / "dets"), str(DOTA / "labelTxt"), "--classes", "dota-v1.5", "--json", str(out)]) == 0
+    v15 = json.loads(out.read_text())
+    v1 = evaluate_dota(DOTA / "dets", DOTA / "labelTxt")
+    assert len(v15["classes"]) == 16 and v15["mAP"] == pytest.approx(v1["mAP"] * 15 / 16)
