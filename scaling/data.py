@@ -82,19 +82,14 @@ def scan_images(root_or_files) -> list[str]:
     return found
 
 
-def _has_end_marker(path: str) -> bool:
-    """JPEG must end with EOI (FFD9), PNG with the IEND chunk: a cheap test for truncated files."""
-    lower = path.lower()
+def _has_end_marker(path: str, fmt: str) -> bool:
+    """A JPEG ends with EOI (FFD9), a PNG with its IEND chunk: a cheap test for truncated files."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 16))
+        f.seek(max(0, f.tell() - 16))
         tail = f.read()
-    if lower.endswith((".jpg", ".jpeg")):
-        return b"\xff\xd9" in tail[-4:]  # some writers pad after EOI with a byte or two
-    if lower.endswith(".png"):
-        return b"IEND" in tail
-    return True
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
+    return marker is None or marker in tail  # 16 bytes: some writers pad after the marker
 
 
 def image_bands(path: str) -> int:
@@ -108,9 +103,10 @@ def image_bands(path: str) -> int:
     from PIL import Image
 
     with Image.open(path) as im:
+        fmt = im.format
         im.verify()
-    if not _has_end_marker(path):
-        raise OSError("file is truncated")
+    if not _has_end_marker(path, fmt):
+        raise OSError(f"{fmt} file is truncated")
     return 3  # PIL images are converted to RGB
 
 

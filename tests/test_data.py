@@ -102,14 +102,15 @@ def _write_corrupt(folder):
     (folder / "text.jpg").write_text("not an image")
     png = (folder / "001.png").read_bytes()
     (folder / "truncated.png").write_bytes(png[:-20])
+    (folder / "png_named.jpg").write_bytes(png)  # misnamed but whole: readable, kept
 
 
 def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
     _write_flat(tmp_path, 2, "jpg")
     _write_flat(tmp_path, 2, "png")
     _write_corrupt(tmp_path)
-    loader = build_pretrain_loader(tmp_path, 16, batch_size=4, backend="torch", num_workers=0)
-    assert loader.skipped == 3 and len(loader.files) == 4
+    loader = build_pretrain_loader(tmp_path, 16, batch_size=5, backend="torch", num_workers=0)
+    assert loader.skipped == 3 and len(loader.files) == 5
     assert "skipped 3 unreadable image(s)" in capsys.readouterr().out
     next(loader)
     # Without the up-front check, decode failures at run time are survived and counted too.
