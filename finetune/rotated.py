@@ -131,7 +131,8 @@ def poly_iou(polys1: torch.Tensor, polys2: torch.Tensor) -> torch.Tensor:
 
 
 def rotated_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows: [K, 5] and [K, 5] -> [K] (e.g. predictions vs their targets)."""
+    """IoU of matching rows: [K, 5] and [K, 5] -> [K] (e.g. predictions vs their targets).
+    Differentiable with respect to both (away from touching corners), so usable as an IoU loss."""
     _check_aligned(boxes1, boxes2, 5)
     p1, p2 = obb_to_poly(boxes1.to(torch.float64)), obb_to_poly(boxes2.to(torch.float64))
     idx = torch.arange(p1.shape[0], device=p1.device)

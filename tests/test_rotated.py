@@ -202,3 +202,9 @@ def test_aligned_iou_checks_shapes():
     torch.testing.assert_close(poly_iou_aligned(p[:3], p[3:]), poly_iou(p[:3], p[3:]).diagonal())
     with pytest.raises(ValueError, match="aligned IoU"):
         poly_iou_aligned(p[:3], p[:2])
+
+
+def test_aligned_iou_gradient_matches_finite_differences():
+    a = torch.tensor([[0.0, 0.0, 4.0, 2.0, 0.3], [1.0, 1.0, 3.0, 3.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[0.5, 0.2, 3.0, 2.5, 0.1], [1.5, 0.5, 2.0, 4.0, 0.4]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rotated_iou_aligned, (a, b))
