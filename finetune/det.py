@@ -212,7 +212,7 @@ class RotatedFCOS(nn.Module):
 
 @torch.no_grad()
 def evaluate_det(model: RotatedFCOS, dataset, crop: int, classes, normalize, overlap: int | None = None,
-                 score_thr: float = 0.05) -> dict:
+                 score_thr: float = 0.05, batch_size: int = 8) -> dict:
     """DOTA-style evaluation: each image is cut into overlapping crop x crop patches (a smaller
     image is one zero-padded patch), detected per patch, merged with rotated NMS, and scored with
     `evaluate_dota` (DOTA's rules: polygon IoU > 0.5, difficult objects ignored, VOC07 AP)."""
@@ -227,8 +227,10 @@ def evaluate_det(model: RotatedFCOS, dataset, crop: int, classes, normalize, ove
         gts[image_id] = [DotaObject(tuple(p.tolist()), classes[int(l)], bool(d))
                          for p, l, d in zip(target["polys"], target["labels"], target["difficult"])]
         patches = split_image(image, target, patch=crop, overlap=overlap)
-        batch = torch.stack([normalize(p.image) for p in patches])
-        found = model.predict(model(batch), score_thr=score_thr)
+        found = []
+        for k in range(0, len(patches), batch_size):  # bounded memory on big (DOTA) images
+            batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]])
+            found += model.predict(model(batch), score_thr=score_thr)
         merged = merge_detections(found, [p.offset for p in patches])
         for poly, score, label in zip(obb_to_poly(merged["boxes"]), merged["scores"], merged["labels"]):
             dets[classes[int(label)]].append((image_id, float(score), poly.tolist()))
