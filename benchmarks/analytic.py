@@ -17,8 +17,9 @@ are frozen: they take parameter memory but no gradient or optimizer state.
 Bytes per trainable parameter (`scheme`):
   "rsscale"  (our trainer, scaling/train.py + optim.py): fp32 weights in one flat buffer under
              autocast; gradients twice in fp32 (p.grad and the flat all-reduce buffer);
-             AdamW moments 2 x fp32, divided by DP with the distributed optimizer (ZeRO-1):
-             4 + 8 + 8/d.
+             AdamW moments 2 x fp32, divided by DP with the distributed optimizer (ZeRO-1);
+             fp32 masks (the trainer's per-element count mask for the grad norm, the
+             optimizer's weight-decay mask over its shard): 4 + 8 + 8/d + (4 + 4/d).
   "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
              2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
 
@@ -135,10 +136,10 @@ def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> dict[str, int]
 def bytes_per_param(precision: str, scheme: str, zero_shards: int) -> dict[str, float]:
     """Weight, gradient and optimizer-state bytes per trainable parameter (see module doc)."""
     if scheme == "rsscale":
-        return {"params": 4, "grads": 8, "optimizer": 8 / zero_shards}
+        return {"params": 4, "grads": 8, "optimizer": 8 / zero_shards, "masks": 4 + 4 / zero_shards}
     if precision == "fp32":
-        return {"params": 4, "grads": 4, "optimizer": 8 / zero_shards}
-    return {"params": 2, "grads": 4, "optimizer": 12 / zero_shards}
+        return {"params": 4, "grads": 4, "optimizer": 8 / zero_shards, "masks": 0}
+    return {"params": 2, "grads": 4, "optimizer": 12 / zero_shards, "masks": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "params": (n["trainable"] + n["frozen"]) * per["params"],
             "grads": n["trainable"] * per["grads"],
             "optimizer": n["trainable"] * per["optimizer"],
+            "masks": n["trainable"] * per["masks"],
             "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage),
         }
         mem["total"] = sum(mem.values())

@@ -26,9 +26,10 @@ def test_block_activation_bytes_by_hand():
 
 
 def test_bytes_per_param_and_zero_sharding():
-    assert A.bytes_per_param("bf16", "rsscale", 1) == {"params": 4, "grads": 8, "optimizer": 8}
-    assert A.bytes_per_param("bf16", "megatron", 4) == {"params": 2, "grads": 4, "optimizer": 3}
-    assert A.bytes_per_param("fp32", "megatron", 2) == {"params": 4, "grads": 4, "optimizer": 4}
+    assert A.bytes_per_param("bf16", "rsscale", 1) == {"params": 4, "grads": 8, "optimizer": 8, "masks": 8}
+    assert A.bytes_per_param("fp32", "rsscale", 2) == {"params": 4, "grads": 8, "optimizer": 4, "masks": 6}
+    assert A.bytes_per_param("bf16", "megatron", 4) == {"params": 2, "grads": 4, "optimizer": 3, "masks": 0}
+    assert A.bytes_per_param("fp32", "megatron", 2) == {"params": 4, "grads": 4, "optimizer": 4, "masks": 0}
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 1), (2, 2)])
