@@ -186,7 +186,7 @@ def train(model, task, train_set, args, steps: int, log_metric=None):
             log_metric("loss", history[-1], step=step)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             dt = time.time() - t0
-            extra = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
+            extra = " ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
             say(f"step {step + 1}/{steps} loss {sum(history[-args.log_every:]) / len(history[-args.log_every:]):.4f} "
                 f"{extra} lr {lr:.2e} | {(step + 1) * args.batch / dt:.1f} img/s, {dt:.0f} s")
     return history
