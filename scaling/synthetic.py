@@ -11,8 +11,9 @@ Layout under <out> (mimicking the originals):
                                                           one folder per scene category (THEMES);
                                                           P<id>.tif with --bands 4: 16-bit RGB+NIR
     seg/{Train,Val}/{Urban,Rural}/images_png/<id>.png    LoveDA: RGB PNG
-    seg/{Train,Val}/{Urban,Rural}/masks_png/<id>.png     LoveDA: uint8 mask, 0 no-data,
-                                                          1..7 = LOVEDA_CLASSES[1:]
+    seg/{Train,Val}/{Urban,Rural}/masks_png/<id>.png     LoveDA: uint8 mask, 0 no-data (a black
+                                                          corner on ~15% of tiles), 1..7 =
+                                                          LOVEDA_CLASSES[1:]
     det/{train,val}/images/P<id>.png                      DOTA: RGB PNG
     det/{train,val}/labelTxt/P<id>.txt                    DOTA v1 label: "imagesource:", "gsd:"
                                                           lines, then "x1 y1 ... x4 y4 class difficult"
@@ -48,7 +49,7 @@ LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren"
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)
 DET_CLASSES = ("small-vehicle", "large-vehicle", "ship", "storage-tank")
 GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
-GENERATOR_VERSION = 1  # bump whenever a seed's pixels or labels change: old datasets get replaced
+GENERATOR_VERSION = 2  # bump whenever a seed's pixels or labels change: old datasets get replaced
 
 # Scene categories: land-cover weights (background, barren, forest, agriculture), water kind,
 # and object counts (roads, buildings, small/large vehicles, ships, tanks) as (low, high).
@@ -377,6 +378,24 @@ def dota_lines(boxes, gsd: float) -> list[str]:
     return lines
 
 
+def no_data_corner(rng, rgb: np.ndarray, mask: np.ndarray, p: float = 0.15):
+    """With probability p, blank a triangle at one corner (black pixels, mask 0), like the
+    no-data edges of LoveDA tiles, so that readers and metrics meet the ignored class."""
+    if rng.random() >= p:
+        return rgb, mask
+    h, w = mask.shape
+    a, b = rng.uniform(0.1, 0.35, 2) * (w, h)
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    if rng.random() < 0.5:
+        xx = w - xx
+    if rng.random() < 0.5:
+        yy = h - yy
+    blank = xx / a + yy / b <= 1
+    rgb, mask = rgb.copy(), mask.copy()
+    rgb[blank], mask[blank] = 0, 0
+    return rgb, mask
+
+
 def _theme(seed: int, split: str, index: int) -> str:
     return str(np.random.default_rng([seed, sum(map(ord, split)), index, 1]).choice(list(THEMES)))
 
@@ -421,17 +440,17 @@ def _write_sample(job) -> None:
     _, (rgb, mask, boxes) = _sample(seed, split, i, size)
     for p in paths:
         os.makedirs(os.path.dirname(p), exist_ok=True)
-    if paths[0].endswith(".tif"):  # 16-bit RGB + NIR, band-last
+    if split == "pretrain" and paths[0].endswith(".tif"):  # 16-bit RGB + NIR, band-last
         tifffile.imwrite(paths[0], np.dstack([rgb, nir_band(rgb, mask)]).astype(np.uint16) * 257,
                          photometric="minisblack", planarconfig="contig")
-        return
-    if split == "pretrain":
+    elif split == "pretrain":
         Image.fromarray(rgb).save(paths[0], quality=90)
-        return
-    Image.fromarray(rgb).save(paths[0])
-    if split == "seg":
+    elif split == "seg":
+        rgb, mask = no_data_corner(np.random.default_rng([seed, sum(map(ord, split)), i, 3]), rgb, mask)
+        Image.fromarray(rgb).save(paths[0])
         Image.fromarray(mask).save(paths[1])
     else:
+        Image.fromarray(rgb).save(paths[0])
         with open(paths[1], "w") as f:
             f.write("\n".join(dota_lines(boxes, GSD * 256 / min(rgb.shape[:2]))) + "\n")
 

@@ -84,7 +84,8 @@ def test_generate_writes_native_formats_and_skips_existing(tmp_path):
     assert len(imgs) == 5 and {p.parts[-4] for p in imgs} == {"Train", "Val"}
     for p in imgs:
         mask = np.asarray(Image.open(p.parent.parent / "masks_png" / p.name))
-        assert mask.shape == (64, 64) and mask.dtype == np.uint8 and mask.min() >= 1 and mask.max() <= 7
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8 and mask.max() <= 7
+        assert (np.asarray(Image.open(p))[mask == 0] == 0).all()  # no-data pixels are black
     # DOTA: header, then 8 coordinates, class, difficult; equal to the scene's own boxes
     labels = sorted((tmp_path / "det").rglob("labelTxt/*.txt"))
     assert len(labels) == 5 and (tmp_path / "det" / "val" / "images" / "P0000.png").exists()
@@ -145,6 +146,18 @@ def test_other_parameters_replace_the_old_dataset(tmp_path, capsys):
     assert "replacing it" in capsys.readouterr().out
     assert len(list(tmp_path.rglob("*.jpg"))) == 2 and len(list(tmp_path.rglob("labelTxt/*.txt"))) == 2
     assert {Image.open(p).size for p in tmp_path.rglob("*.png")} == {(40, 40)}
+
+
+def test_no_data_corner():
+    rgb, mask, _ = scene(np.random.default_rng(0), 64)
+    same = synthetic.no_data_corner(np.random.default_rng(0), rgb, mask, p=0.0)
+    assert same[0] is rgb and same[1] is mask
+    out_rgb, out_mask = synthetic.no_data_corner(np.random.default_rng(0), rgb, mask, p=1.0)
+    blank = out_mask == 0
+    assert 0.005 < blank.mean() < 0.07  # a triangle with legs 10-35% of the sides
+    assert (out_rgb[blank] == 0).all() and np.array_equal(out_rgb[~blank], rgb[~blank])
+    corners = [blank[0, 0], blank[0, -1], blank[-1, 0], blank[-1, -1]]
+    assert sum(corners) == 1 and mask.min() >= 1  # one corner, input untouched
 
 
 def test_cli_data_command(tmp_path, capsys):
