@@ -30,6 +30,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,10 +82,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
         par, opt = d.pop("parallel", {}) or {}, d.pop("optim", {}) or {}
+        for prefix, given, known in (("", d, cls), ("parallel.", par, Layout), ("optim.", opt, OptimConfig)):
+            unknown = set(given) - {f.name for f in dataclasses.fields(known)}
+            if unknown:
+                raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
         return cls(parallel=Layout(**par), optim=OptimConfig(**opt), **d)
 
     def to_dict(self) -> dict:
@@ -156,8 +158,9 @@ def load_config_file(path: str) -> dict:
 def config_from_args(args) -> TrainConfig:
     """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) under torchrun."""
     d = TrainConfig().to_dict()
-    if getattr(args, "config", None):
-        for key, value in load_config_file(args.config).items():
+    from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    if from_file:
+        for key, value in from_file.items():
             d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
     given = vars(args)
     for flag, path, *_ in FLAGS + SWITCHES:
@@ -166,7 +169,7 @@ def config_from_args(args) -> TrainConfig:
             value = not given[dest] if flag == "--no-record" else given[dest]
             section, _, key = path.rpartition(".")
             (d[section] if section else d)[key] = value
-    if "dp" not in given and not (getattr(args, "config", None) and "dp" in load_config_file(args.config).get("parallel", {})):
+    if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
         world = int(os.environ.get("WORLD_SIZE", 1))
         d["parallel"]["dp"] = max(1, world // (d["parallel"]["tp"] * d["parallel"]["pp"]))
     return TrainConfig.from_dict(d)
@@ -407,6 +410,8 @@ class Trainer:
                         + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
                 if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
                     self.save()
+            if records:
+                run.log_many((k, v, None) for k, v in summarize(records).items())
             if records or c.save_every:
                 self.save()
         return records
@@ -438,6 +443,16 @@ class Trainer:
             else:
                 out[name] = p.detach().clone()
         return out
+
+
+def summarize(records: list[dict]) -> dict:
+    """Run-level throughput from step records (the first step, with its warm-up, left out)."""
+    steady = records[1:] or records
+    t = np.array([r["t_step"] for r in steady])
+    images = records[0]["images"]
+    return {"images_per_s": float(images / np.median(t)), "step_time_median_s": float(np.median(t)),
+            "step_time_p25_s": float(np.percentile(t, 25)), "step_time_p75_s": float(np.percentile(t, 75)),
+            "final_loss": float(np.mean([r["loss"] for r in records[-3:]]))}
 
 
 class _NoRun:
