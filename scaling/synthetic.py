@@ -49,24 +49,24 @@ LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren"
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)
 DET_CLASSES = ("small-vehicle", "large-vehicle", "ship", "storage-tank")
 GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
-GENERATOR_VERSION = 2  # bump whenever a seed's pixels or labels change: old datasets get replaced
+GENERATOR_VERSION = 3  # bump whenever a seed's pixels or labels change: old datasets get replaced
 
 # Scene categories: land-cover weights (background, barren, forest, agriculture), water kind,
-# and object counts (roads, buildings, small/large vehicles, ships, tanks) as (low, high).
+# and object counts (roads, parking lots, buildings, small/large vehicles, ships, tanks) as (low, high).
 THEMES = {
-    "farmland": dict(cover=(1, 1, 1, 8), water=("none", "river"), roads=(0, 2), buildings=(0, 4),
+    "farmland": dict(cover=(1, 1, 1, 8), water=("none", "river"), roads=(0, 2), lots=(0, 0), buildings=(0, 4),
                      small=(0, 4), large=(0, 2), ships=(0, 0), tanks=(0, 0)),
-    "forest": dict(cover=(1, 1, 8, 1), water=("none", "lake"), roads=(0, 1), buildings=(0, 2),
+    "forest": dict(cover=(1, 1, 8, 1), water=("none", "lake"), roads=(0, 1), lots=(0, 0), buildings=(0, 2),
                    small=(0, 2), large=(0, 1), ships=(0, 0), tanks=(0, 0)),
-    "residential": dict(cover=(6, 1, 2, 1), water=("none",), roads=(2, 4), buildings=(10, 30),
+    "residential": dict(cover=(6, 1, 2, 1), water=("none",), roads=(2, 4), lots=(0, 2), buildings=(10, 30),
                         small=(8, 25), large=(0, 4), ships=(0, 0), tanks=(0, 0)),
-    "industrial": dict(cover=(4, 4, 1, 1), water=("none",), roads=(1, 3), buildings=(4, 10),
+    "industrial": dict(cover=(4, 4, 1, 1), water=("none",), roads=(1, 3), lots=(0, 2), buildings=(4, 10),
                        small=(2, 10), large=(4, 12), ships=(0, 0), tanks=(3, 12)),
-    "river": dict(cover=(3, 1, 3, 3), water=("river",), roads=(0, 2), buildings=(0, 8),
+    "river": dict(cover=(3, 1, 3, 3), water=("river",), roads=(0, 2), lots=(0, 1), buildings=(0, 8),
                   small=(0, 8), large=(0, 2), ships=(2, 6), tanks=(0, 0)),
-    "harbor": dict(cover=(4, 3, 1, 0), water=("coast",), roads=(1, 2), buildings=(2, 8),
+    "harbor": dict(cover=(4, 3, 1, 0), water=("coast",), roads=(1, 2), lots=(0, 2), buildings=(2, 8),
                    small=(2, 10), large=(2, 8), ships=(6, 16), tanks=(0, 6)),
-    "bare_land": dict(cover=(1, 8, 1, 1), water=("none", "lake"), roads=(0, 2), buildings=(0, 3),
+    "bare_land": dict(cover=(1, 8, 1, 1), water=("none", "lake"), roads=(0, 2), lots=(0, 0), buildings=(0, 3),
                       small=(0, 3), large=(0, 3), ships=(0, 0), tanks=(0, 2)),
 }
 URBAN_THEMES = ("residential", "industrial", "harbor")
@@ -219,9 +219,10 @@ def _roads(rng, cv: Canvas, n: int, k: float) -> list[tuple[np.ndarray, float]]:
     return roads
 
 
-def _place(cv: Canvas, kind, cx, cy, w, h, angle, allowed, paint, shadow):
+def _place(cv: Canvas, kind, cx, cy, w, h, angle, allowed, paint, shadow, occupy=True):
     """Paint one object if its visible footprint lies on `allowed` classes and on nothing else;
-    returns (window, visible footprint, unclipped footprint) or None when it does not fit."""
+    returns (window, visible footprint, unclipped footprint) or None when it does not fit.
+    occupy=False paints ground (a parking lot) that later objects may stand on."""
     if not (0 <= cx < cv.w and 0 <= cy < cv.h):
         return None
     sl, u, v, inner = cv.frame(cx, cy, angle, math.hypot(w, h) / 2 + shadow + 1)
@@ -235,12 +236,13 @@ def _place(cv: Canvas, kind, cx, cy, w, h, angle, allowed, paint, shadow):
         cast = _shape(kind, su, sv, w, h)[inner] & ~inside & ~cv.occupied[sl]
         cv.rgb[sl][cast] *= 0.55
     cv.rgb[sl][inside] = paint(u[inner][inside], v[inner][inside])
-    cv.occupied[sl] |= inside
+    if occupy:
+        cv.occupied[sl] |= inside
     return sl, inside, full
 
 
 def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
-    """Buildings, storage tanks, vehicles (mostly on roads) and ships (on water)."""
+    """Parking lots, buildings, storage tanks, vehicles (on roads and lots) and ships (on water)."""
     boxes = []
 
     def count(name):
@@ -269,7 +271,32 @@ def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
             return out
         return paint
 
+    def vehicle_paint(label, w):
+        body = CAR_COLOURS[rng.integers(len(CAR_COLOURS))]
+        front = 0.15 if label == "small-vehicle" else 0.3  # dark windscreen band behind the bonnet
+        return flat(body, lambda u, v: np.where((u > w * front) & (u < w * (front + 0.15)), 0.35, 1.0))
+
     covers = (BACKGROUND, BARREN, AGRICULTURE, FOREST)
+    for _ in range(count("lots")):  # asphalt with painted bays; two rows of cars parked across it
+        lw, lh, bay = rng.uniform(50, 90) * k, rng.uniform(28, 44) * k, 8 * k
+        angle = _road_angle(rng, roads)
+        lines = lambda u, v: np.where(np.abs((u + lw / 2) % bay - bay / 2) < 0.4 * k, 1.9, 1.0)  # noqa: E731
+        for _try in range(10):
+            cx, cy = rng.random(2) * (cv.w, cv.h)
+            lot = _place(cv, "lot", cx, cy, lw, lh, angle, covers,
+                         flat(np.full(3, 100, np.float32), lines), shadow=0, occupy=False)
+            if lot is None:
+                continue
+            cv.mask[lot[0]][lot[1]] = ROAD
+            axis, across = np.array((math.cos(angle), math.sin(angle))), np.array((-math.sin(angle), math.cos(angle)))
+            for row in (-lh / 4, lh / 4):
+                for slot in np.arange(-lw / 2 + bay, lw / 2 - bay / 2, bay):
+                    if rng.random() < 0.65:
+                        w, h = rng.uniform(9, 12) * k, rng.uniform(4.5, 6) * k
+                        x, y = np.array((cx, cy)) + slot * axis + row * across
+                        add("vehicle", x, y, w, h, angle + math.pi / 2 + rng.normal(0, 0.05), (ROAD,),
+                            vehicle_paint("small-vehicle", w), shadow=1.5 * k, label="small-vehicle")
+            break
     for _ in range(count("buildings")):
         w, h = rng.uniform(12, 40) * k, rng.uniform(10, 28) * k
         angle = _road_angle(rng, roads)
@@ -290,9 +317,7 @@ def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
                            ("large-vehicle", count("large"), ((18, 32), (7, 10)))):
         for _ in range(n):
             w, h = rng.uniform(*size[0]) * k, rng.uniform(*size[1]) * k
-            body = CAR_COLOURS[rng.integers(len(CAR_COLOURS))]
-            front = 0.15 if label == "small-vehicle" else 0.3
-            paint = flat(body, lambda u, v, w=w, f=front: np.where((u > w * f) & (u < w * (f + 0.15)), 0.35, 1.0))
+            paint = vehicle_paint(label, w)
             for _try in range(10):
                 if roads and rng.random() < 0.85:
                     cx, cy, angle, allowed = _on_road(rng, roads, h)
