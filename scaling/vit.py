@@ -45,6 +45,9 @@ class _AttentionBranch(nn.Module):
         self.qkv = ColumnParallelLinear(width, 3 * width, config=config, init_method=init, bias=qkv_bias, gather_output=False, stride=3, disable_grad_reduce=True)
         self.proj = RowParallelLinear(width, width, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=True)
 
+    def linears(self):
+        return self.qkv, self.proj
+
 
 class _MlpBranch(nn.Module):
     def __init__(self, width, mlp, eps, config):
@@ -53,6 +56,9 @@ class _MlpBranch(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
         self.fc1 = ColumnParallelLinear(width, mlp, config=config, init_method=init, bias=True, gather_output=False, disable_grad_reduce=True)
         self.fc2 = RowParallelLinear(mlp, width, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=True)
+
+    def linears(self):
+        return self.fc1, self.fc2
 
 
 class ParallelBlock(nn.Module):
@@ -73,7 +79,7 @@ class ParallelBlock(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.width, self.heads, self.branches, self.eps = width, heads, branches, eps
-        self.local_heads, self.head_dim = heads // tp, width // heads
+        self.tp, self.local_heads, self.head_dim = tp, heads // tp, width // heads
         self.sequence_parallel, self.window_size = sequence_parallel, window_size
         self.activation_checkpointing = activation_checkpointing
         self.attn = nn.ModuleList(_AttentionBranch(width, qkv_bias, eps, config) for _ in range(branches))
@@ -85,49 +91,50 @@ class ParallelBlock(nn.Module):
         return self._forward(x, n_tokens, hw)
 
     def _forward(self, x, n_tokens, hw):
-        x = x + self._sublayer(x, self.attn, [br.proj.bias for br in self.attn], lambda h: self._attention(h, n_tokens, hw))
-        x = x + self._sublayer(x, self.mlp, [br.fc2.bias for br in self.mlp], self._mlp)
+        x = x + self._sublayer(x, self.attn, n_tokens, lambda a: self._attention(a, hw))
+        x = x + self._sublayer(x, self.mlp, n_tokens, self._mlp)
         return x
 
-    def _sublayer(self, x, branches, row_biases, body):
-        """LN_k on x -> into the TP region -> body (sum of Row partials) -> out of the region."""
+    def _sublayer(self, x, branches, n_tokens, body):
+        """LN_k(x) -> Column_k on all tokens (in the TP region) -> body: sum_k of the Row_k
+        partial outputs -> one all-reduce (or reduce-scatter under SP) + the summed Row biases."""
+        cols, rows = zip(*(br.linears() for br in branches))
         w = torch.stack([br.norm.weight for br in branches])
         b = torch.stack([br.norm.bias for br in branches])
-        bias = sum(row_biases)
-        K, B = len(branches), x.shape[0]
-        if self.sequence_parallel:
-            w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
-            h = kernels.multi_layer_norm(x, w, b, self.eps)  # [K, B, N/T, D]
-            h = mappings.gather_from_sequence_parallel_region(h.flatten(0, 1)).unflatten(0, (K, B))
-            out = mappings.reduce_scatter_to_sequence_parallel_region(body(h))
-            return out + mappings.copy_to_tensor_model_parallel_region(bias)
-        h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps))
-        return mappings.reduce_from_tensor_model_parallel_region(body(h)) + bias
-
-    def _mlp(self, h):
-        """h: [K, B, N, D] normed inputs -> sum_k fc2_k(gelu(fc1_k h_k)) before the TP reduction."""
-        out = 0
-        for k, br in enumerate(self.mlp):
-            a, _ = br.fc1(h[k])
-            out = out + F.linear(F.gelu(a), br.fc2.weight)
-        return out
-
-    def _attention(self, h, n_tokens, hw):
-        """h: [K, B, N, D] normed inputs -> sum_k proj_k(attn_k) before the TP reduction."""
-        K, B, N, D = h.shape
+        bias = sum(row.bias for row in rows)
+        if not self.sequence_parallel:
+            h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps))
+            a = torch.stack([col(h[k])[0] for k, col in enumerate(cols)])  # [K, B, N, out/T]
+            return mappings.reduce_from_tensor_model_parallel_region(body(a)) + bias
+        # SP: x holds my N/T tokens; LN params see only those, so their grads are all-reduced.
+        w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
+        h = kernels.multi_layer_norm(x, w, b, self.eps)  # [K, B, N/T, D]
+        N = x.shape[1] * self.tp
         n = N if n_tokens is None else n_tokens
-        h = h[:, :, :n]  # drop sequence-parallel padding: never attended to
+        a = mappings.gather_column_linears(h, n, cols)  # real tokens only: padding never attended
+        partial = F.pad(body(a), (0, 0, 0, N - n))
+        return mappings.reduce_scatter_to_sequence_parallel_region(partial) + mappings.copy_to_tensor_model_parallel_region(bias)
+
+    def _mlp(self, a):
+        """a: [K, B, n, M/T] fc1 outputs -> sum_k fc2_k(gelu(a_k)) before the TP reduction."""
+        return sum(F.linear(F.gelu(a[k]), br.fc2.weight) for k, br in enumerate(self.mlp))
+
+    def _attention(self, qkv, hw):
+        """qkv: [K, B, n, 3D/T] (my heads' q, k, v) -> sum_k proj_k(attn_k) before the TP reduction."""
+        K = qkv.shape[0]
         if self.window_size:
-            h, pad_hw = window_partition(h.flatten(0, 1), hw, self.window_size)
-            h = h.unflatten(0, (K, -1))
-        Bw, L = h.shape[1], h.shape[2]
-        qkv = torch.stack([br.qkv(h[k])[0] for k, br in enumerate(self.attn)])  # [K, Bw, L, 3*D/T]
-        q, k_, v = qkv.view(K * Bw, L, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = kernels.attention(q, k_, v).transpose(1, 2).reshape(K, Bw, L, -1)
-        out = sum(F.linear(o[k], br.proj.weight) for k, br in enumerate(self.attn))
+            # ViTDet pads the normed tokens with zeros before the qkv linear, so padded tokens
+            # carry q = k = v = qkv bias: partition (qkv - bias) with zero padding, add it back.
+            bias = 0 if self.attn[0].qkv.bias is None else torch.stack([br.qkv.bias for br in self.attn]).view(K, 1, 1, -1)
+            windows, pad_hw = window_partition((qkv - bias).flatten(0, 1), hw, self.window_size)
+            qkv = windows.unflatten(0, (K, -1)) + bias
+        Bw, L = qkv.shape[1], qkv.shape[2]
+        q, k, v = qkv.reshape(K * Bw, L, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = kernels.attention(q, k, v).transpose(1, 2).reshape(K, Bw, L, -1)
+        out = sum(F.linear(o[j], br.proj.weight) for j, br in enumerate(self.attn))
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, hw)
-        return F.pad(out, (0, 0, 0, N - n)) if N > n else out
+        return out
 
 
 def window_partition(x: torch.Tensor, hw, window: int):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
 from scaling.parallel import state
@@ -60,6 +61,7 @@ __all__ = [
     "scatter_to_sequence_parallel_region",
     "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
+    "gather_column_linears",
     "pad_tokens",
 ]
 
@@ -152,6 +154,50 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, tp_grad: bool = True) 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
     return _ReduceScatterToSequenceParallelRegion.apply(x)
+
+
+class _GatherColumnLinears(torch.autograd.Function):
+    """y_k = gather_tokens(x)[k, :, :n] @ W_k^T + b_k for K stacked inputs x [K, B, N/T, D].
+
+    Like megatron's native SP linear: only x's token chunk is saved and the all-gather is redone
+    in backward, so no all-token activation is kept alive between forward and backward. The input
+    gradient (partial: this rank's output columns only) is padded back to N tokens and
+    reduce-scattered. Backward computes in the gradient's dtype (autocast-safe).
+    """
+
+    @staticmethod
+    def forward(ctx, x, n_tokens, *params):  # params: W_0, b_0, W_1, b_1, ... (a b_k may be None)
+        ctx.n_tokens = n_tokens
+        ctx.save_for_backward(x, *params)
+        full = _gather_stacked(x, n_tokens)
+        return torch.stack([F.linear(full[k], params[2 * k], params[2 * k + 1]) for k in range(x.shape[0])])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *params = ctx.saved_tensors
+        full = _gather_stacked(x, ctx.n_tokens).to(grad.dtype)
+        dx, dparams = [], []
+        for k in range(x.shape[0]):
+            w, b, g = params[2 * k], params[2 * k + 1], grad[k]
+            dx.append(g @ w.to(g.dtype))
+            dparams.append((g.flatten(0, 1).t() @ full[k].flatten(0, 1)).to(w.dtype))
+            dparams.append(None if b is None else g.sum((0, 1)).to(b.dtype))
+        dx = torch.stack(dx)
+        dx = F.pad(dx, (0, 0, 0, x.shape[2] * state.tp_size() - ctx.n_tokens))
+        dx = _reduce_scatter(dx.flatten(0, 1)).unflatten(0, x.shape[:2]).to(x.dtype)
+        return (dx, None, *dparams)
+
+
+def _gather_stacked(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[K, B, N/T, D] token chunks -> [K, B, n_tokens, D] (all ranks' tokens, padding dropped)."""
+    return _all_gather(x.flatten(0, 1))[:, :n_tokens].unflatten(0, x.shape[:2])
+
+
+def gather_column_linears(x: torch.Tensor, n_tokens: int, linears) -> torch.Tensor:
+    """Under SP: K Column-parallel linears (their `.weight`, `.bias`) applied to the all-gathered
+    tokens of x [K, B, N/T, D], keeping the first n_tokens -> [K, B, n_tokens, out/T]."""
+    params = [t for lin in linears for t in (lin.weight, lin.bias)]
+    return _GatherColumnLinears.apply(x, n_tokens, *params)
 
 
 def pad_tokens(x: torch.Tensor, multiple: int) -> torch.Tensor:
