@@ -154,7 +154,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
     import scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
-    rss_before = current_rss()
+    before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
     rank = dist.get_rank()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -165,8 +165,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     for i in range(opts.steps):
         recs.append(trainer.train_step())
         say(f"[bench] step {i + 1}/{opts.steps}: {recs[-1]['t_step']:.4f} s, loss {recs[-1]['loss']:.4f}", flush=True)
-    mine = {"rank": rank, "peak": peak_memory(trainer.device),
-            "before": int(torch.cuda.memory_allocated()) if trainer.device.type == "cuda" else rss_before}
+    mine = {"rank": rank, "peak": peak_memory(trainer.device), "before": before}
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     if rank != 0:

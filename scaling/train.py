@@ -21,6 +21,7 @@ layout and loads weights + optimizer moments into any other layout (scaling/chec
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -129,19 +130,13 @@ SWITCHES = [
 
 
 def add_arguments(parser) -> None:
-    S = argparse_suppress()
+    S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
     parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many processes")
     for flag, _, typ, help_ in FLAGS:
         parser.add_argument(flag, type=typ, default=S, help=help_)
     for flag, _, help_ in SWITCHES:
         parser.add_argument(flag, action="store_true", default=S, help=help_)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def load_config_file(path: str) -> dict:
@@ -357,13 +352,10 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self) -> str:
         """Collective: write a checkpoint of the current step (loadable into any layout)."""
-        moments = self.optimizer.param_states()
-        tensors = {}
-        for name, p in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            tensors[f"model/{name}"] = (p, checkpoint.tensor_meta(p))
-        for key, per_param in moments.items():
-            for name, t in per_param.items():
-                tensors[f"{key}/{name}"] = (t, checkpoint.tensor_meta(dict(self.model.named_parameters())[name]))
+        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        tensors = {f"model/{name}": (p, checkpoint.tensor_meta(p)) for name, p in params.items()}
+        for key, per_param in self.optimizer.param_states().items():
+            tensors.update({f"{key}/{name}": (t, checkpoint.tensor_meta(params[name])) for name, t in per_param.items()})
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
