@@ -116,3 +116,20 @@ def test_harness_end_to_end_tiny(tmp_path):
     assert s["peak_mem_bytes"] > s["peak_mem_delta_bytes"] > 0 and s["predicted_mem_bytes"] > 0
     md = write_report(db, str(tmp_path), "b")
     assert "| tiny |" in open(md).read()
+
+
+@pytest.mark.slow
+def test_harness_under_torchrun_rank0_records_every_rank(tmp_path):
+    """`rsscale bench --nproc 2` (TP=2 + SP): one record, written by rank 0, with both ranks' peaks."""
+    import subprocess
+    import sys
+
+    db = str(tmp_path / "mp.db")
+    cmd = [sys.executable, "-m", "scaling.cli", "bench", "--model", "tiny", "--tp", "2", "--sp", "--micro-batch", "2",
+           "--global-batch", "2", "--warmup", "1", "--steps", "2", "--peak-tflops", "1", "--results", db, "--nproc", "2"]
+    subprocess.run(cmd, check=True, timeout=300)
+    store = ResultsStore(db)
+    runs = store.runs()
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "complete" and runs.iloc[0]["device_count"] == 2
+    ranks = store.metrics(name="peak_mem_rank_bytes")
+    assert sorted(ranks["rank"].astype(int)) == [0, 1] and (ranks["value"] > 0).all()
