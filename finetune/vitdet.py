@@ -200,7 +200,7 @@ def load_pretrained(backbone: ViTDetBackbone, full_state: dict, pretrain_cfg: Vi
     if problems:
         raise ValueError("checkpoint does not fit the backbone: " + "; ".join(problems))
     missing = [n for n in own if n not in loaded]
-    log.info("loaded %d pretrained tensors; %d new (random init, e.g. %s); %d pretraining-only ignored; %d unexpected %s",
+    log.debug("loaded %d pretrained tensors; %d new (random init, e.g. %s); %d pretraining-only ignored; %d unexpected %s",
              len(loaded), len(missing), missing[:2], len(ignored), len(unexpected), unexpected[:5])
     return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "ignored": ignored}
 

@@ -33,13 +33,26 @@ class Fit:
             return p["a"] * n ** p["c"]
         return p["a"] * (n + p["b"]) ** (-p["c"]) + p["d"]
 
+    def caveats(self) -> list[str]:
+        """Why the exponent may not mean much (printed beside every fit, so nobody quotes it blindly)."""
+        notes = []
+        if self.law == "saturating" and self.n_points <= 4:
+            notes.append(f"{self.n_points} points for 4 parameters: the curve can pass through every point, c is not determined")
+        if self.law == "saturating" and self.params["c"] < 0:
+            notes.append("c < 0: E grows with N in this data (too few steps or sizes to show scaling)")
+        lo, hi = self.ci.get("c", (float("nan"), float("nan")))
+        if lo <= 0 <= hi:
+            notes.append("the 95 % interval of c includes 0: no significant trend")
+        return notes
+
     def __str__(self) -> str:
         formula = "y = a * N^c" if self.law == "power" else "E = a * (N + b)^-c + d"
         parts = []
         for k, v in self.params.items():
             lo, hi = self.ci.get(k, (float("nan"), float("nan")))
             parts.append(f"{k} = {v:.4g} [{lo:.4g}, {hi:.4g}]")
-        return f"{formula}: " + ", ".join(parts) + f" (n={self.n_points}, rel. RMSE {self.rmse_rel:.2%})"
+        caveats = "".join(f"; caveat: {c}" for c in self.caveats())
+        return f"{formula}: " + ", ".join(parts) + f" (n={self.n_points}, rel. RMSE {self.rmse_rel:.2%}{caveats})"
 
 
 def _check(n, y, min_points: int):

@@ -65,7 +65,8 @@ class Doc:
         self.blocks.append(("f", name, caption))
 
     def fit(self, what: str, result) -> None:
-        self.fits.append(dict(what=what, law=result.law, params=result.params, ci=result.ci, n=result.n_points, text=str(result)))
+        self.fits.append(dict(what=what, law=result.law, params=result.params, ci=result.ci, n=result.n_points, text=str(result),
+                              caveats="; ".join(result.caveats())))
         self.text(f"Fit, {what}: `{result}`")
 
     def markdown(self) -> str:
@@ -359,7 +360,8 @@ def section_fits(doc: Doc) -> None:
         doc.text(NO_DATA + " (a fit needs at least 3 model sizes; the saturating law 4).")
         return
     rows = [dict(what=f["what"], law=f["law"], exponent_c=f["params"]["c"],
-                 ci_low=f["ci"].get("c", (np.nan, np.nan))[0], ci_high=f["ci"].get("c", (np.nan, np.nan))[1], points=f["n"])
+                 ci_low=f["ci"].get("c", (np.nan, np.nan))[0], ci_high=f["ci"].get("c", (np.nan, np.nan))[1], points=f["n"],
+                 caveats=f["caveats"] or "-")
             for f in doc.fits]
     doc.table(pd.DataFrame(rows), "fits")
     doc.text("Power law y = a N^c; saturating law E = a (N + b)^-c + d (Zhai et al. 2022); 95 % bootstrap intervals. "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 COMMANDS = {
     "models": ("scaling.config", "list model presets with exact parameter counts and FLOPs"),
@@ -30,6 +31,9 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # megatron-core warns at import that Apex/Transformer Engine are absent; its torch fallbacks
+    # are what we use on CPU, so the warning is noise on every command.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -482,6 +482,15 @@ def _launch_torchrun(nproc: int) -> int:
 
 def main(args) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
+        os.environ["WORLD_SIZE"] = str(args.nproc)  # validate as the launched ranks will, before launching them
+        try:
+            config = config_from_args(args)
+            layout_mod.check_layout(config.parallel, get_preset(config.model), args.nproc)
+        except (ValueError, KeyError, OSError) as e:
+            print(f"[pretrain] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            del os.environ["WORLD_SIZE"]
         return _launch_torchrun(args.nproc)
     rank = int(os.environ.get("RANK", 0))
     try:

@@ -39,3 +39,14 @@ def test_bad_input_is_rejected():
         fit_power_law([1, 2, 3], [1, -1, 2])
     with pytest.raises(ValueError, match="at least 4"):
         fit_saturating([1, 2, 3], [3, 2, 1])
+
+
+def test_caveats_flag_meaningless_exponents():
+    """Four points for four parameters, or a trend indistinguishable from zero, are called out."""
+    good = fit_saturating(N, 4.0 * N**-0.5 + 1.0, n_boot=30)
+    assert good.caveats() == [] and "caveat" not in str(good)
+    rng = np.random.default_rng(2)
+    few = fit_saturating(N[:4], 0.9 + rng.normal(0, 0.01, 4), n_boot=30)
+    assert any("not determined" in c for c in few.caveats()) and "caveat:" in str(few)
+    flat = fit_power_law(N, np.where(np.arange(N.size) % 2, 1.1, 1.0), n_boot=100)  # no trend, only scatter
+    assert any("includes 0" in c for c in flat.caveats())

@@ -127,3 +127,56 @@ def test_failing_rank_is_named_and_exits_nonzero(tmp_path):
     assert proc.returncode == 1
     assert "rank 1 failed: ValueError: invalid parallel layout" in proc.stderr
     assert "world size 2 must equal tp*pp*dp" in proc.stderr
+
+
+def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path):
+    """`rsscale pretrain` SIGKILLed right after its step-3 checkpoint, then rerun with --resume,
+    logs the same losses at steps 4..6 as an uninterrupted run; the killed run's store row stays
+    'running' (incomplete), never half-written."""
+    import signal
+
+    from PIL import Image
+
+    from benchmarks.store import ResultsStore
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+
+    def cmd(out, db, *extra):
+        return [sys.executable, "-m", "scaling.cli", "pretrain", "--model", "tiny", "--steps", "6", "--save-every", "3",
+                "--micro-batch", "2", "--global-batch", "4", "--warmup", "1", "--data", str(tmp_path), "--num-workers", "0",
+                "--log-every", "1", "--out", str(tmp_path / out), "--results", str(tmp_path / db), *extra]
+
+    subprocess.run(cmd("full", "full.db"), check=True, capture_output=True, timeout=300)
+    victim = subprocess.Popen(cmd("cut", "cut.db"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in victim.stdout:
+        if "saved step 3" in line:
+            victim.send_signal(signal.SIGKILL)
+            break
+    assert victim.wait(timeout=300) == -signal.SIGKILL
+    subprocess.run(cmd("cut", "cut.db", "--resume"), check=True, capture_output=True, timeout=300)
+
+    def losses(db, status):
+        store = ResultsStore(str(tmp_path / db))
+        runs = store.runs()
+        run_id = runs[runs["status"] == status]["id"].iloc[-1]
+        m = store.metrics(name="loss")
+        m = m[m["run_id"] == run_id]
+        return dict(zip(m["step"].astype(int), m["value"]))
+
+    full = losses("full.db", "complete")
+    resumed = losses("cut.db", "complete")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    killed = losses("cut.db", "running")
+    assert sorted(killed) == [1, 2, 3] and [killed[s] for s in (1, 2, 3)] == [full[s] for s in (1, 2, 3)]
+
+
+def test_nproc_validates_the_layout_before_launching(tmp_path):
+    """`rsscale pretrain --nproc 3 --tp 3` explains the bad layout once and never starts torchrun."""
+    cmd = [sys.executable, "-m", "scaling.cli", "pretrain", "--nproc", "3", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "TP size 3 does not divide the encoder heads (4)" in proc.stderr
+    assert "launching" not in proc.stdout and proc.stderr.count("invalid parallel layout") == 1
