@@ -92,6 +92,9 @@ class Normalize:
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
 
     def __call__(self, img):
+        if img.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"the encoder takes {self.mean.shape[0]}-band images but the dataset's have {img.shape[0]} bands; "
+                             "fine-tune on data with the pretraining bands (or pretrain with --in-chans to match)")
         return (img.float() / 255.0 - self.mean) / self.std
 
 

@@ -413,5 +413,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    write_report(args.results, args.out, args.name)
+    from benchmarks.store import DEFAULT_PATH, ENV_VAR
+
+    path = args.results or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results store at {path}: run `rsscale demo`, `rsscale pretrain`, `rsscale bench` "
+                                "or `rsscale finetune` first, or pass --results")
+    write_report(path, args.out, args.name)
     return 0

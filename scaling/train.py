@@ -62,6 +62,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     model: str = "tiny"  # preset name (scaling.config.PRESETS)
+    in_chans: int = 3  # image bands; overrides the preset's (4: RGB+NIR)
     parallel: Layout = field(default_factory=Layout)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 50
@@ -97,6 +98,7 @@ class TrainConfig:
 # CLI flag -> (config path, type, help). Flags left out keep the file's (or the default) value.
 FLAGS = [
     ("--model", "model", str, "model preset (rsscale models)"),
+    ("--in-chans", "in_chans", int, "image bands (4: the RGB+NIR TIFFs of `rsscale data --bands 4`)"),
     ("--tp", "parallel.tp", int, "tensor-parallel size"),
     ("--pp", "parallel.pp", int, "pipeline-parallel size"),
     ("--dp", "parallel.dp", int, "data-parallel size (default: world / (tp*pp))"),
@@ -207,7 +209,7 @@ class Trainer:
     def build(cls, config: TrainConfig) -> "Trainer":
         self = cls()
         self.config, self.layout = config, config.parallel
-        self.cfg = get_preset(config.model)
+        self.cfg = dataclasses.replace(get_preset(config.model), in_chans=config.in_chans)
         world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
         layout_mod.check_layout(self.layout, self.cfg, world)  # before any group exists: no hangs
         self._check_precision()

@@ -50,3 +50,17 @@ def test_bad_config_and_unknown_preset_are_clear():
         ViTConfig("bad", width=10, heads=3, mlp=8)
     with pytest.raises(ValueError, match="unknown model preset 'huge'.*tiny"):
         get_preset("huge")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--results", "{tmp}/missing.db"], "no results store at"),
+    (["kernels", "check", "--baseline", "{tmp}/missing.json"], "no kernel benchmark results at"),
+    (["finetune", "--task", "det", "--dataset", "loveda", "--data", "{tmp}"], "is not a det benchmark"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    from scaling.cli import main
+
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "missing.db").exists()  # a typo in --results does not create an empty store
