@@ -1,6 +1,6 @@
 """`rsscale demo`: the whole path in a few minutes on a laptop CPU.
 
-    rsscale demo [--out runs/demo] [--steps 10]
+    rsscale demo [--out runs/demo] [--steps 30]
 
 1. writes the bundled synthetic aerial dataset if missing (scaling.synthetic.ensure_dataset);
 2. pretrains each model of the CPU ladder (tiny, mini, small, medium) for a few MAE steps in
@@ -19,7 +19,7 @@ from scaling.layout import Layout
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (results.db, runs, report)")
-    parser.add_argument("--steps", type=int, default=10, help="pretraining steps per model")
+    parser.add_argument("--steps", type=int, default=30, help="pretraining steps per model")
     parser.add_argument("--data", default="data/synthetic", help="where the bundled dataset lives (generated if missing)")
     parser.add_argument("--models", default=",".join(CPU_LADDER), help="comma-separated presets to pretrain")
     parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch)")
