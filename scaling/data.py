@@ -55,8 +55,11 @@ CROP_AREA = (0.2, 1.0)  # MAE's RandomResizedCrop(scale=(0.2, 1.0))
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def log(msg: str) -> None:
-    print(f"[data] {msg}", flush=True)
+def log(msg: str, every_rank: bool = False) -> None:
+    """Print on global rank 0 only (every rank scans the same file list, so their lines agree),
+    unless every_rank: for what can differ between ranks (a DALI failure)."""
+    if every_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(f"[data] {msg}", flush=True)
 
 
 def _short(e: Exception) -> str:
@@ -413,8 +416,8 @@ class DaliPretrainLoader(PretrainLoader):
             try:
                 (out,) = pipe.run()
             except Exception as e:  # noqa: BLE001 - e.g. a file that passed the check fails to decode
-                log(f"WARNING: DALI failed at step {self.step} ({_short(e)}); "
-                    "continuing with the torch DataLoader pipeline")
+                log(f"WARNING: rank {os.environ.get('RANK', '0')}: DALI failed at step {self.step} ({_short(e)}); "
+                    "continuing with the torch DataLoader pipeline", every_rank=True)
                 self.backend = "torch"
                 yield from PretrainLoader._start(self, self.step * self.batch_size)
                 return
@@ -476,6 +479,6 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
             log(f"WARNING: DALI pipeline unavailable ({_short(e)}); "
                 "using the torch DataLoader pipeline")
     loader = loader or PretrainLoader(*args)
-    log(f"{loader.backend} pipeline, rank {dp_rank}/{dp_size}: {len(files)} images, {loader.plan.per_rank} per rank "
+    log(f"{loader.backend} pipeline: {len(files)} images over {dp_size} DP rank(s), {loader.plan.per_rank} per rank "
         f"per epoch, batch {batch_size} x {in_chans} x {img_size}^2, starting at step {start_step}")
     return loader
