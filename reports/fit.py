@@ -39,7 +39,7 @@ class Fit:
         if self.law == "saturating" and self.n_points <= 4:
             notes.append(f"{self.n_points} points for 4 parameters: the curve can pass through every point, c is not determined")
         if self.law == "saturating" and self.params["c"] < 0:
-            notes.append("c < 0: E grows with N in this data (too few steps or sizes to show scaling)")
+            notes.append("c < 0: E grows with the x variable (size or compute) in this data (too few steps or sizes to show scaling)")
         lo, hi = self.ci.get("c", (float("nan"), float("nan")))
         if lo <= 0 <= hi:
             notes.append("the 95 % interval of c includes 0: no significant trend")
