@@ -390,8 +390,8 @@ def _prepare_device() -> str:
 
 
 def main(args) -> int:
-    for path in (getattr(args, "baseline", None), getattr(args, "current", None)):
-        if args.action == "check" and path and not os.path.isfile(path):
+    for path in (args.baseline, args.current) if args.action == "check" else ():
+        if path and not os.path.isfile(path):
             raise FileNotFoundError(f"no kernel benchmark results at {path} (write one with `rsscale kernels bench --out FILE` on a GPU)")
     if args.action == "check" and args.current:
         rows = compare(load_results(args.baseline)["records"], load_results(args.current)["records"], args.threshold)

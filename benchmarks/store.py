@@ -125,11 +125,16 @@ def _is_locked(err: sqlite3.OperationalError) -> bool:
     return "locked" in msg or "busy" in msg
 
 
+def resolve_path(path: str | os.PathLike | None = None) -> str:
+    """The store file a command uses: the given path, else $RSSCALE_RESULTS, else reports/results.db."""
+    return os.fspath(path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
 class ResultsStore:
     """Handle on one results file; cheap to create, opens a short connection per transaction."""
 
     def __init__(self, path: str | os.PathLike | None = None, timeout_s: float = 60.0):
-        self.path = os.fspath(path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+        self.path = resolve_path(path)
         self.timeout_s = timeout_s
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)

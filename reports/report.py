@@ -413,9 +413,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from benchmarks.store import DEFAULT_PATH, ENV_VAR
+    from benchmarks.store import resolve_path
 
-    path = args.results or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    path = resolve_path(args.results)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results store at {path}: run `rsscale demo`, `rsscale pretrain`, `rsscale bench` "
                                 "or `rsscale finetune` first, or pass --results")

@@ -152,8 +152,9 @@ def load_config_file(path: str) -> dict:
         return yaml.safe_load(f) or {}
 
 
-def config_from_args(args) -> TrainConfig:
-    """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) under torchrun."""
+def config_from_args(args, world: int | None = None) -> TrainConfig:
+    """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) (world: $WORLD_SIZE
+    under torchrun, or the size about to be launched)."""
     d = TrainConfig().to_dict()
     from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
     if from_file:
@@ -167,7 +168,7 @@ def config_from_args(args) -> TrainConfig:
             section, _, key = path.rpartition(".")
             (d[section] if section else d)[key] = value
     if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = world or int(os.environ.get("WORLD_SIZE", 1))
         d["parallel"]["dp"] = max(1, world // (d["parallel"]["tp"] * d["parallel"]["pp"]))
     return TrainConfig.from_dict(d)
 
@@ -484,15 +485,12 @@ def _launch_torchrun(nproc: int) -> int:
 
 def main(args) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
-        os.environ["WORLD_SIZE"] = str(args.nproc)  # validate as the launched ranks will, before launching them
-        try:
-            config = config_from_args(args)
+        try:  # validate as the launched ranks will, before launching them
+            config = config_from_args(args, world=args.nproc)
             layout_mod.check_layout(config.parallel, get_preset(config.model), args.nproc)
         except (ValueError, KeyError, OSError) as e:
             print(f"[pretrain] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return 1
-        finally:
-            del os.environ["WORLD_SIZE"]
         return _launch_torchrun(args.nproc)
     rank = int(os.environ.get("RANK", 0))
     try:

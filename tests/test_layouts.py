@@ -65,6 +65,7 @@ def test_invalid_layouts_are_explained(layout, world, message):
 def test_invalid_layout_fails_before_any_process_group():
     """The trainer rejects a layout that does not fit the world before touching torch.distributed
     (in a fresh process: this one may already hold a group from other tests)."""
+    import os
     import subprocess
     import sys
 
@@ -78,7 +79,7 @@ except ValueError as e:
     print("ValueError:", e)
 print("group created:", dist.is_initialized())
 """
-    env = dict(__import__("os").environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "world size 2 must equal" in out and "group created: False" in out, out
 
