@@ -57,8 +57,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
-from scaling.layout import Layout, stage_layer_range
+from rsscale.scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
+from rsscale.scaling.layout import Layout, stage_layer_range
 
 GIB = 2**30
 SCHEMES = ("rsscale", "megatron")

@@ -1,7 +1,7 @@
 """`rsscale bench`: measure one (preset, layout) for a few optimizer steps.
 
     rsscale bench --model small --tp 2 --micro-batch 8 --global-batch 16 --nproc 2
-    torchrun --nproc-per-node 8 -m scaling.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
+    torchrun --nproc-per-node 8 -m rsscale.scaling.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
         --micro-batch 8 --global-batch 64 --activation-checkpointing --peak-tflops 989
 
 It drives the trainer (scaling/train.py `Trainer.build(config).train_step()`) on in-memory random
@@ -75,7 +75,7 @@ def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
         elif value is not None:
             args += [flag, str(value)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "scaling.cli", "bench", *args]
+    return launcher + ["-m", "rsscale.scaling.cli", "bench", *args]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +138,10 @@ def run_bench(opts: BenchOptions) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from benchmarks import analytic
-    from scaling.config import mae_step_flops, param_count
-    from scaling.layout import Layout
-    from scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.benchmarks import analytic
+    from rsscale.scaling.config import mae_step_flops, param_count
+    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
@@ -152,7 +152,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
-    import scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
+    import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
@@ -192,7 +192,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
 
 def _record(opts, layout, cfg, params, summary, recs, peaks, device) -> None:
-    from benchmarks.store import ResultsStore
+    from rsscale.benchmarks.store import ResultsStore
 
     store = ResultsStore(opts.results)
     device_name = None
@@ -270,7 +270,7 @@ def main(args) -> int:
     summary = run_bench(opts)
     if summary is not None:
         print_summary(summary)
-    from scaling.parallel.state import destroy_parallel
+    from rsscale.scaling.parallel.state import destroy_parallel
 
     destroy_parallel()
     return 0

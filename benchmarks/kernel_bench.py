@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scaling.config import PAPER_PRESETS, PRESETS
+from rsscale.scaling.config import PAPER_PRESETS, PRESETS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BWD_FLOP_FACTOR = 2.5  # attention backward FLOPs relative to the forward (5 matmuls vs 2)
@@ -95,7 +95,7 @@ GPU_CHECKS = [
 
 def correctness_rows(device: str) -> list[dict]:
     """Each kernel vs its float64 torch reference; one row per (kernel, shape, dtype)."""
-    from kernels.testing import TOLERANCE, check_attention, check_layer_norm
+    from rsscale.kernels.testing import TOLERANCE, check_attention, check_layer_norm
 
     rows = []
     for kernel, shape, dtype_name in CPU_CHECKS if device == "cpu" else GPU_CHECKS:
@@ -157,7 +157,7 @@ def _maybe_compile(fn):
 
 
 def layer_norm_impls(n: int, k: int) -> list[Impl]:
-    from kernels import fused_layer_norm as fln
+    from rsscale.kernels import fused_layer_norm as fln
 
     impls = [Impl("triton", fln.triton_multi_layer_norm), Impl("torch", fln.torch_multi_layer_norm)]
     compiled = _maybe_compile(fln.torch_multi_layer_norm)
@@ -183,7 +183,7 @@ def layer_norm_impls(n: int, k: int) -> list[Impl]:
 def attention_impls() -> list[Impl]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels import flash_attention as fa
+    from rsscale.kernels import flash_attention as fa
 
     def sdpa_flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -259,7 +259,7 @@ def run_bench(grid: str, dtype_name: str, device="cuda") -> dict:
 
 def environment() -> dict:
     """Device, versions and git commit (the results store's own description of this process)."""
-    from benchmarks.store import environment as store_environment
+    from rsscale.benchmarks.store import environment as store_environment
 
     env = store_environment()
     return {k: env[k] for k in ("device", "torch_version", "triton_version", "mcore_version", "git_commit", "host")}
@@ -307,7 +307,7 @@ def load_results(path: str) -> dict:
 def record_in_store(result: dict, path: str | None = None) -> None:
     """One kind="kernel" run; per record the metrics ms, GB/s or TFLOP/s and pct_peak, tagged
     with kernel, impl, shape, dtype and direction."""
-    from benchmarks.store import ResultsStore
+    from rsscale.benchmarks.store import ResultsStore
 
     meta = result["meta"]
     metrics = []
@@ -383,7 +383,7 @@ def _prepare_device() -> str:
     """'cuda', or 'cpu' with TRITON_INTERPRET=1 set before any kernel module is imported."""
     if torch.cuda.is_available():
         return "cuda"
-    if "kernels.fused_layer_norm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    if "rsscale.kernels.fused_layer_norm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("rsscale kernels: kernels were imported before TRITON_INTERPRET=1 could be set")
     os.environ["TRITON_INTERPRET"] = "1"
     return "cpu"

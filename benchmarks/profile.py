@@ -20,10 +20,10 @@ import itertools
 import os
 import subprocess
 
-from benchmarks import analytic
-from benchmarks.harness import BenchOptions, bench_command
-from scaling.config import get_preset
-from scaling.layout import Layout, validate_layout
+from rsscale.benchmarks import analytic
+from rsscale.benchmarks.harness import BenchOptions, bench_command
+from rsscale.scaling.config import get_preset
+from rsscale.scaling.layout import Layout, validate_layout
 
 GIB = 2**30
 MAX_CPU_PROCESSES = 4
@@ -147,7 +147,7 @@ def main(args) -> int:
         raise SystemExit("rsscale profile: --gpus and --global-batch must be >= 1")
     args.peak_tflops_given = args.peak_tflops is not None
     if args.measure and not args.peak_tflops_given and not _cuda():
-        from benchmarks.harness import matmul_peak_tflops
+        from rsscale.benchmarks.harness import matmul_peak_tflops
         import torch
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True

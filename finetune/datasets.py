@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
+from rsscale.finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
                               hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
 
 log = logging.getLogger(__name__)
@@ -458,9 +458,9 @@ def main(argv=None) -> int:
     a patch-level Task1 submission into an image-level one."""
     import argparse
 
-    from finetune.metrics import read_dota_submission, write_dota_submission
+    from rsscale.finetune.metrics import read_dota_submission, write_dota_submission
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.datasets", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.datasets", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("split", help="cut images + labelTxt into overlapping patches")
     sp.add_argument("root", help="folder with images/ and labelTxt/")

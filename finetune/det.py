@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.datasets import DotaObject, merge_detections, split_image
-from finetune.metrics import evaluate_dota
-from finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly
-from finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.finetune.datasets import DotaObject, merge_detections, split_image
+from rsscale.finetune.metrics import evaluate_dota
+from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly
+from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
 
 log = logging.getLogger(__name__)
 

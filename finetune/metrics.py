@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.datasets import read_dota_labels
-from finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
+from rsscale.finetune.datasets import read_dota_labels
+from rsscale.finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
 
@@ -289,11 +289,11 @@ class SegMetric:
 
 # --------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
-    """`python -m finetune.metrics DETS_DIR LABELTXT_DIR`: score a DOTA Task1 submission."""
+    """`python -m rsscale.finetune.metrics DETS_DIR LABELTXT_DIR`: score a DOTA Task1 submission."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.metrics", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.metrics", description=main.__doc__)
     parser.add_argument("detections", help="folder of Task1_<class>.txt files")
     parser.add_argument("labels", help="DOTA labelTxt folder (one <image>.txt per image)")
     parser.add_argument("--mode", choices=MODES, default="dota")
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                              "list, or auto (every class in labels or detections)")
     parser.add_argument("--json", help="also write the full result to this file")
     args = parser.parse_args(argv)
-    from finetune import datasets
+    from rsscale.finetune import datasets
 
     named = {"dota-v1": datasets.DOTA_V1_CLASSES, "dota-v1.5": datasets.DOTA_V15_CLASSES,
              "dota-v2": datasets.DOTA_V2_CLASSES, "dior": datasets.DIOR_CLASSES, "auto": None}

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.datasets import IGNORE_INDEX
-from finetune.metrics import SegMetric
-from finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.finetune.datasets import IGNORE_INDEX
+from rsscale.finetune.metrics import SegMetric
+from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Data layouts (--data DIR):
              det/{train,val}/{images,labelTxt}
   loveda     DIR/{Train,Val}/{Urban,Rural}/{images_png,masks_png}
   potsdam    DIR/{train,val}/{images,labels} (tiles *_RGB.* with *_label.*; colour or index labels)
-  dota       DIR/{train,val}/{images,labelTxt}; split big images first (python -m finetune.datasets)
+  dota       DIR/{train,val}/{images,labelTxt}; split big images first (python -m rsscale.finetune.datasets)
   diorr      DIR/{train,val}/{images,annotations} (JPEG + oriented-box XML)
 Training samples are random crop x crop windows (random flips); evaluation slides crop-sized
 windows over whole tiles (segmentation) or cuts DOTA-style overlapping patches (detection).
@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from benchmarks.store import ResultsStore
-from finetune import datasets as D
-from finetune.det import RotatedFCOS, evaluate_det
-from finetune.rotated import norm_obb
-from finetune.seg import Segmenter, evaluate_seg
-from finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
-from scaling.config import get_preset, param_count
-from scaling.data import default_stats
-from scaling.optim import lr_at
-from scaling.parallel import state
+from rsscale import kernels
+from rsscale.benchmarks.store import ResultsStore
+from rsscale.finetune import datasets as D
+from rsscale.finetune.det import RotatedFCOS, evaluate_det
+from rsscale.finetune.rotated import norm_obb
+from rsscale.finetune.seg import Segmenter, evaluate_seg
+from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
+from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.data import default_stats
+from rsscale.scaling.optim import lr_at
+from rsscale.scaling.parallel import state
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
 
@@ -56,7 +56,7 @@ def build_datasets(task: str, dataset: str, data: str, synthetic_counts=(64, 64)
         raise ValueError(f"dataset {dataset!r} is not a {task} benchmark; choose one of {', '.join(TASKS[task])}")
     root = Path(data)
     if dataset == "synthetic":
-        from scaling.synthetic import DET_CLASSES, dataset_paths, ensure_dataset
+        from rsscale.scaling.synthetic import DET_CLASSES, dataset_paths, ensure_dataset
 
         paths = dataset_paths(root)
         if not (Path(paths["seg_train"]).is_dir() and Path(paths["det_train"]).is_dir()):
@@ -134,7 +134,7 @@ def build_model(task: str, args, num_classes: int):
     """(model, ViTConfig, init description). The preset comes from the checkpoint if given."""
     state.ensure_initialized()
     if args.checkpoint:
-        from scaling.checkpoint import load_full_state_dict
+        from rsscale.scaling.checkpoint import load_full_state_dict
 
         cfg, full = load_full_state_dict(args.checkpoint)
         say(f"pretrained encoder {cfg.name} from {args.checkpoint}")
@@ -197,7 +197,7 @@ def train(model, task, train_set, args, steps: int, log_metric=None):
 
 def majority_baseline(train_set, val_set, class_names) -> dict:
     """mIoU/OA of predicting the most frequent training class everywhere: what 'learned' must beat."""
-    from finetune.metrics import SegMetric
+    from rsscale.finetune.metrics import SegMetric
 
     counts = torch.zeros(len(class_names), dtype=torch.int64)
     for i in range(len(train_set)):
@@ -240,7 +240,7 @@ def run_finetune(args) -> dict:
                        "mIoU_majority_baseline": 100 * base["mIoU"], "OA_majority_baseline": 100 * base["OA"]}
             per_class = {f"IoU/{c}": 100 * v for c, v in zip(classes, r["IoU"].tolist()) if not math.isnan(v)}
         else:
-            from finetune.metrics import format_ap_table
+            from rsscale.finetune.metrics import format_ap_table
 
             r = evaluate_det(model, val_set, args.crop, classes, normalize)
             print(format_ap_table(r))

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling.checkpoint import shard_for
-from scaling.config import ViTConfig
-from scaling.parallel import state
-from scaling.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
+from rsscale.scaling.checkpoint import shard_for
+from rsscale.scaling.config import ViTConfig
+from rsscale.scaling.parallel import state
+from rsscale.scaling.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import get_backend, set_backend, use_triton
-from kernels.dispatch import module as _module
+from rsscale.kernels.dispatch import get_backend, set_backend, use_triton
+from rsscale.kernels.dispatch import module as _module
 
 __all__ = ["layer_norm", "multi_layer_norm", "attention", "set_backend", "get_backend"]
 

@@ -71,7 +71,7 @@ def get_backend() -> str:
 
 def module(name: str):
     """kernels.<name>, imported on first use (see the module docstring)."""
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def kernels_interpreted(mod) -> bool:

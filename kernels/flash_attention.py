@@ -26,7 +26,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # no triton: only the torch references below are usable (kernels/dispatch.py)
-    from kernels._no_triton import tl, triton
+    from rsscale.kernels._no_triton import tl, triton
 
 MAX_HEAD_DIM = 256
 

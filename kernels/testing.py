@@ -9,7 +9,7 @@ from unittest import mock
 
 import torch
 
-from kernels.dispatch import module
+from rsscale.kernels.dispatch import module
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 

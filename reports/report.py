@@ -28,8 +28,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from reports import fit as fitting  # noqa: E402
-from reports.paper import PRESET_NOTE, reference_points  # noqa: E402
+from rsscale.reports import fit as fitting  # noqa: E402
+from rsscale.reports.paper import PRESET_NOTE, reference_points  # noqa: E402
 
 NO_DATA = "no data yet"
 GIB = 2**30
@@ -110,7 +110,7 @@ class Doc:
 
 def encoder_params(preset, fallback) -> float:
     """The encoder's parameter count (the paper's size axis) from the preset, else the stored count."""
-    from scaling.config import PRESETS, param_count
+    from rsscale.scaling.config import PRESETS, param_count
 
     return float(param_count(PRESETS[preset], "encoder")) if preset in PRESETS else float(fallback)
 
@@ -208,9 +208,9 @@ def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
 
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Memory per device vs parameters")
-    from benchmarks import analytic
-    from scaling.config import PAPER_PRESETS, PRESETS
-    from scaling.layout import Layout
+    from rsscale.benchmarks import analytic
+    from rsscale.scaling.config import PAPER_PRESETS, PRESETS
+    from rsscale.scaling.layout import Layout
 
     m = wide(metrics, ["peak_mem_bytes", "peak_mem_delta_bytes", "predicted_mem_bytes"])
     fig, ax = _loglog_axes("encoder parameters", "GiB per device")
@@ -245,7 +245,7 @@ def _pretrain_runs(metrics: pd.DataFrame) -> pd.DataFrame:
     loss = metrics[(metrics["kind"] == "pretrain") & (metrics["name"] == "loss") & metrics["step"].notna()]
     if loss.empty:
         return pd.DataFrame()
-    from scaling.config import PRESETS, mae_step_flops
+    from rsscale.scaling.config import PRESETS, mae_step_flops
 
     rows = []
     for run_id, g in loss.groupby("run_id"):
@@ -375,7 +375,7 @@ def section_fits(doc: Doc) -> None:
 
 def write_report(results_path: str | None, out_dir: str = "reports", name: str = "latest") -> str:
     """Build the whole report from a results store; returns the path of report.md."""
-    from benchmarks.store import ResultsStore
+    from rsscale.benchmarks.store import ResultsStore
 
     store = ResultsStore(results_path)
     folder = os.path.join(out_dir, name)
@@ -413,7 +413,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from benchmarks.store import resolve_path
+    from rsscale.benchmarks.store import resolve_path
 
     path = resolve_path(args.results)
     if not os.path.isfile(path):

@@ -30,8 +30,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from scaling.config import ViTConfig
-from scaling.parallel import state
+from rsscale.scaling.config import ViTConfig
+from rsscale.scaling.parallel import state
 
 FORMAT = "rsscale-checkpoint-1"
 

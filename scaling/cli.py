@@ -11,15 +11,15 @@ import sys
 import warnings
 
 COMMANDS = {
-    "models": ("scaling.config", "list model presets with exact parameter counts and FLOPs"),
-    "data": ("scaling.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
-    "pretrain": ("scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
-    "demo": ("scaling.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
-    "finetune": ("finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
-    "bench": ("benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
-    "profile": ("benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
-    "kernels": ("benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
-    "report": ("reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
+    "models": ("rsscale.scaling.config", "list model presets with exact parameter counts and FLOPs"),
+    "data": ("rsscale.scaling.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
+    "pretrain": ("rsscale.scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
+    "demo": ("rsscale.scaling.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
+    "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
+    "bench": ("rsscale.benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
+    "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
+    "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
+    "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
 }
 
 

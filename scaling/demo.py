@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import time
 
-from scaling.config import CPU_LADDER, get_preset, param_count
-from scaling.layout import Layout
+from rsscale.scaling.config import CPU_LADDER, get_preset, param_count
+from rsscale.scaling.layout import Layout
 
 
 def add_arguments(parser) -> None:
@@ -27,8 +27,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     t0 = time.perf_counter()
-    from scaling.synthetic import dataset_paths, ensure_dataset
-    from scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
+    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
     print(f"[demo] dataset: {args.data} (generated on first use)", flush=True)
     ensure_dataset(args.data)
@@ -48,7 +48,7 @@ def main(args) -> int:
         print(f"[demo] {name:<8} {params:>14,}   {first:.4f} -> {last:.4f}   {wall:5.1f} s")
     report = None
     try:
-        from reports.report import write_report
+        from rsscale.reports.report import write_report
     except ImportError as e:
         print(f"[demo] report module unavailable ({e}); later run: rsscale report --results {results} --out {args.out}")
     else:

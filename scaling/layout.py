@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from scaling.config import ViTConfig
+from rsscale.scaling.config import ViTConfig
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ import contextlib
 import torch
 from torch import nn
 
-import kernels
-from scaling.config import ViTConfig, get_preset
-from scaling.parallel import mappings, state
-from scaling.vit import ParallelBlock, PatchEmbed, check_tp_divides, init_fixed_, sincos_pos_embed_2d
+from rsscale import kernels
+from rsscale.scaling.config import ViTConfig, get_preset
+from rsscale.scaling.parallel import mappings, state
+from rsscale.scaling.vit import ParallelBlock, PatchEmbed, check_tp_divides, init_fixed_, sincos_pos_embed_2d
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """MAE pretraining: one config tree, one short loop, parallelism applied from outside the model.
 
-    torchrun --nproc-per-node 4 -m scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
+    torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
     rsscale pretrain --nproc 4 ...            # the same, launching torchrun itself
     rsscale pretrain --config run.yaml --lr 2e-3   # file first, flags override
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scaling import checkpoint, layout as layout_mod
-from scaling.config import get_preset, param_count
-from scaling.layout import Layout
-from scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
+from rsscale.scaling import checkpoint, layout as layout_mod
+from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.layout import Layout
+from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +214,8 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
         layout_mod.check_layout(self.layout, self.cfg, world)  # before any group exists: no hangs
         self._check_precision()
-        from scaling.parallel import state
-        import kernels
+        from rsscale.scaling.parallel import state
+        from rsscale import kernels
 
         kernels.set_backend(config.kernels)
         state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, timeout_s=config.timeout)
@@ -250,14 +250,14 @@ class Trainer:
             raise ValueError("fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
 
     def _stage_links(self):
-        from scaling.pipeline import StageLinks
+        from rsscale.scaling.pipeline import StageLinks
 
         group = self.state.pp_group()
         ranks = dist.get_process_group_ranks(group) if dist.get_world_size() > 1 else [dist.get_rank()]
         return StageLinks(ranks, dist.get_rank())
 
     def _build_model(self):
-        from scaling.mae import MaskedAutoencoder
+        from rsscale.scaling.mae import MaskedAutoencoder
 
         stage = self.state.pp_rank()
         layer_range = layout_mod.stage_layer_range(self.cfg.depth, self.layout.pp, stage)
@@ -271,14 +271,14 @@ class Trainer:
             return None
         root = c.data
         if c.data == "synthetic":
-            from scaling.synthetic import dataset_paths, ensure_dataset
+            from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
 
             root = "data/synthetic"
             if dist.get_rank() == 0:
                 ensure_dataset(root)
             dist.barrier()
             root = dataset_paths(root)["pretrain"]
-        from scaling.data import build_pretrain_loader
+        from rsscale.scaling.data import build_pretrain_loader
 
         return build_pretrain_loader(root, self.cfg.img_size, self.layout.micro_batch, dp_rank=self.state.dp_rank(), dp_size=self.layout.dp,
                                      seed=c.seed, backend=c.data_backend, num_workers=c.num_workers, device=str(self.device),
@@ -308,7 +308,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
-        from scaling.pipeline import forward_backward_1f1b
+        from rsscale.scaling.pipeline import forward_backward_1f1b
 
         L, opt = self.layout, self.config.optim
         t0 = time.perf_counter()
@@ -415,7 +415,7 @@ class Trainer:
         if not self.config.record:
             return contextlib.nullcontext(_NoRun())
         try:
-            from benchmarks.store import ResultsStore
+            from rsscale.benchmarks.store import ResultsStore
         except ImportError as e:
             log(f"results store unavailable ({e}); step records are not saved")
             return contextlib.nullcontext(_NoRun())
@@ -427,7 +427,7 @@ class Trainer:
 
     def full_state_dict(self) -> dict:
         """TP=1 named full weights gathered over TP (this stage's parameters only), for tests."""
-        from scaling.parallel.state import unshard_tensors
+        from rsscale.scaling.parallel.state import unshard_tensors
 
         out = {}
         for name, p in self.model.named_parameters():
@@ -478,7 +478,7 @@ def _launch_torchrun(nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "scaling.cli", "pretrain", *cleaned]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rsscale.scaling.cli", "pretrain", *cleaned]
     print("[pretrain] launching: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -500,7 +500,7 @@ def main(args) -> int:
         if records:
             log(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over steps {records[0]['step']}..{records[-1]['step']}; "
                 f"checkpoints in {trainer.ckpt_dir}")
-        from scaling.parallel.state import destroy_parallel
+        from rsscale.scaling.parallel.state import destroy_parallel
 
         destroy_parallel()
         return 0

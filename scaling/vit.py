@@ -27,8 +27,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from scaling.parallel import mappings, state
+from rsscale import kernels
+from rsscale.scaling.parallel import mappings, state
 
 
 def check_tp_divides(tp: int, what: str, **sizes: int) -> list[str]:

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from finetune.det import RotatedFCOS, giou_loss_ltrb
-from finetune.seg import Segmenter, slide_inference
-from finetune.vitdet import ViTDetBackbone, param_groups_lrd
-from scaling.config import get_preset
-from scaling.parallel import state
+from rsscale.finetune.det import RotatedFCOS, giou_loss_ltrb
+from rsscale.finetune.seg import Segmenter, slide_inference
+from rsscale.finetune.vitdet import ViTDetBackbone, param_groups_lrd
+from rsscale.scaling.config import get_preset
+from rsscale.scaling.parallel import state
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,9 +99,9 @@ def test_detector_learns_and_predicts():
 
 @pytest.mark.parametrize("task", ["seg", "det"])
 def test_cli_end_to_end(tmp_path, task):
-    from benchmarks.store import ResultsStore
-    from scaling.cli import main
-    from scaling.synthetic import ensure_dataset
+    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.cli import main
+    from rsscale.scaling.synthetic import ensure_dataset
 
     data = tmp_path / "data"
     ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=5, size=64)

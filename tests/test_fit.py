@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reports.fit import fit_power_law, fit_saturating
+from rsscale.reports.fit import fit_power_law, fit_saturating
 
 N = np.logspace(5, 10, 12)
 

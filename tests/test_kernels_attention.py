@@ -8,9 +8,9 @@ os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (
 import pytest
 import torch
 
-import kernels
-from kernels import flash_attention as fa
-from kernels.testing import TOLERANCE, check_attention, nan_poisoned_allocations
+from rsscale import kernels
+from rsscale.kernels import flash_attention as fa
+from rsscale.kernels.testing import TOLERANCE, check_attention, nan_poisoned_allocations
 
 
 def _assert_ok(errors, dtype=torch.float32):
@@ -64,8 +64,8 @@ def test_public_attention_matches_sdpa_under_triton_backend():
 def _block_backend_diffs(rank, world_size):
     """Max |triton - torch| over a ParallelBlock's output and parameter gradients, with global
     and with window attention."""
-    from scaling.parallel import state
-    from scaling.vit import ParallelBlock
+    from rsscale.scaling.parallel import state
+    from rsscale.scaling.vit import ParallelBlock
 
     state.init_parallel(tp=world_size)
     diffs = []

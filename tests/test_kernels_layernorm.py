@@ -10,10 +10,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels import fused_layer_norm as fln
-from kernels.testing import TOLERANCE, check_layer_norm, nan_poisoned_allocations
+from rsscale import kernels
+from rsscale.kernels import dispatch
+from rsscale.kernels import fused_layer_norm as fln
+from rsscale.kernels.testing import TOLERANCE, check_layer_norm, nan_poisoned_allocations
 
 
 def _assert_ok(errors, dtype):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from scaling.config import get_preset
-from scaling.layout import Layout, check_layout, stage_layer_range, validate_layout
+from rsscale.scaling.config import get_preset
+from rsscale.scaling.layout import Layout, check_layout, stage_layer_range, validate_layout
 
 STEPS, TOTAL = 3, 5  # steps compared; the LR schedule runs over TOTAL (resumes continue to it)
 MB, GB = 2, 8
@@ -26,7 +26,7 @@ EPS = 1e-6
 
 
 def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False):
-    from scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train import OptimConfig, TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS, distributed_optimizer=zero),
                        steps=TOTAL, data="random", out=str(out), record=False, log_every=100)
@@ -71,8 +71,8 @@ def test_invalid_layout_fails_before_any_process_group():
 
     code = """
 import torch.distributed as dist
-from scaling.layout import Layout
-from scaling.train import Trainer, TrainConfig
+from rsscale.scaling.layout import Layout
+from rsscale.scaling.train import Trainer, TrainConfig
 try:
     Trainer.build(TrainConfig(model="tiny", parallel=Layout(tp=2, pp=2), data="random", record=False))
 except ValueError as e:
@@ -101,7 +101,7 @@ def test_stage_layer_ranges_cover_depth_in_order():
 
 def _run_layouts(rank, world, specs, root):
     """Worker: for each layout spec, train (optionally from a checkpoint), return metrics + weights."""
-    from scaling.train import Trainer
+    from rsscale.scaling.train import Trainer
 
     results = []
     for spec in specs:
@@ -131,7 +131,7 @@ def _merge(per_rank):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from scaling.train import Trainer
+    from rsscale.scaling.train import Trainer
 
     root = tmp_path_factory.mktemp("layouts")
     t0 = time.perf_counter()
@@ -184,8 +184,8 @@ def test_distributed_optimizer_same_weights_and_sharded_state(runs, name, dp):
 
 def test_checkpoint_from_tp2pp2_loads_into_single_process(runs):
     """TP=2,PP=2 -> TP=1,PP=1: full weights equal, and training continues like the reference."""
-    from scaling.checkpoint import load_full_state_dict
-    from scaling.train import Trainer
+    from rsscale.scaling.checkpoint import load_full_state_dict
+    from rsscale.scaling.train import Trainer
 
     reference, merged, root = runs
     cfg, full = load_full_state_dict(str(root / "tp2pp2"))

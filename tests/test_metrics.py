@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.datasets import DotaObject, read_dota_labels
-from finetune.metrics import (SegMetric, evaluate_dota, format_ap_table, read_dota_submission, voc_ap,
+from rsscale.finetune.datasets import DotaObject, read_dota_labels
+from rsscale.finetune.metrics import (SegMetric, evaluate_dota, format_ap_table, read_dota_submission, voc_ap,
                               write_dota_submission)
 
 DOTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dota-example"
@@ -225,7 +225,7 @@ def test_seg_metric_random_against_direct_counts():
 def test_command_line(tmp_path, capsys):
     import json
 
-    from finetune.metrics import main
+    from rsscale.finetune.metrics import main
 
     out = tmp_path / "r.json"
     assert main([str(DOTA / "dets"), str(DOTA / "labelTxt"), "--mode", "mmrotate", "--json", str(out)]) == 0

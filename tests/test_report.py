@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.store import ResultsStore
-from reports.report import write_report
-from scaling.config import PRESETS, param_count
+from rsscale.benchmarks.store import ResultsStore
+from rsscale.reports.report import write_report
+from rsscale.scaling.config import PRESETS, param_count
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
 LADDER = ("tiny", "mini", "small", "medium")
@@ -73,7 +73,7 @@ def test_report_from_empty_store(tmp_path):
 
 
 def test_summarize_by_hand():
-    from benchmarks.harness import summarize
+    from rsscale.benchmarks.harness import summarize
 
     s = summarize([1.0, 2.0, 3.0, 4.0, 100.0], global_batch=8, step_flops=1e12, model_flops=5e11, peak_tflops=2.0, devices=2)
     assert s["step_time_median_s"] == 3.0 and s["step_time_min_s"] == 1.0 and s["step_time_max_s"] == 100.0
@@ -85,7 +85,7 @@ def test_summarize_by_hand():
 def test_bench_command_round_trips_through_the_cli():
     import argparse
 
-    from benchmarks import harness
+    from rsscale.benchmarks import harness
 
     opts = harness.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
                                 record_kind="profile", activation_checkpointing=True)
@@ -98,8 +98,8 @@ def test_bench_command_round_trips_through_the_cli():
 
 
 def test_harness_end_to_end_tiny(tmp_path):
-    from benchmarks.harness import BenchOptions, run_bench
-    from scaling.parallel.state import destroy_parallel
+    from rsscale.benchmarks.harness import BenchOptions, run_bench
+    from rsscale.scaling.parallel.state import destroy_parallel
 
     db = str(tmp_path / "b.db")
     try:
@@ -125,7 +125,7 @@ def test_harness_under_torchrun_rank0_records_every_rank(tmp_path):
     import sys
 
     db = str(tmp_path / "mp.db")
-    cmd = [sys.executable, "-m", "scaling.cli", "bench", "--model", "tiny", "--tp", "2", "--sp", "--micro-batch", "2",
+    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "bench", "--model", "tiny", "--tp", "2", "--sp", "--micro-batch", "2",
            "--global-batch", "2", "--warmup", "1", "--steps", "2", "--peak-tflops", "1", "--results", db, "--nproc", "2"]
     subprocess.run(cmd, check=True, timeout=300)
     store = ResultsStore(db)

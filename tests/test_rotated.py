@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from finetune.rotated import (DeltaXYWHACoder, batched_poly_nms, batched_rotated_nms, decode_points,
+from rsscale.finetune.rotated import (DeltaXYWHACoder, batched_poly_nms, batched_rotated_nms, decode_points,
                               encode_points, hbox_to_obb, min_area_rect, norm_obb, obb_to_hbox,
                               obb_to_poly, poly_iou, poly_nms, poly_to_obb, rotated_iou,
                               rotated_iou_aligned, rotated_nms)
@@ -196,7 +196,7 @@ def test_nms_on_many_boxes_matches_dense_greedy():
 
 
 def test_aligned_iou_checks_shapes():
-    from finetune.rotated import poly_iou_aligned
+    from rsscale.finetune.rotated import poly_iou_aligned
 
     p = obb_to_poly(_random_boxes(6, seed=12))
     torch.testing.assert_close(poly_iou_aligned(p[:3], p[3:]), poly_iou(p[:3], p[3:]).diagonal())

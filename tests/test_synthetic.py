@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from shapely.geometry import MultiPoint, Polygon
 
-from scaling import synthetic
-from scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
+from rsscale.scaling import synthetic
+from rsscale.scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
 
 
 def _scenes():
@@ -118,7 +118,7 @@ def test_worker_processes_write_identical_bytes(tmp_path):
 
 
 def test_four_band_pretraining_tiffs_feed_the_loader(tmp_path):
-    from scaling.data import build_pretrain_loader
+    from rsscale.scaling.data import build_pretrain_loader
 
     synthetic.generate(tmp_path, num_pretrain=3, num_seg=0, num_det=0, size=48, bands=4, workers=1)
     tifs = sorted((tmp_path / "pretrain").rglob("*.tif"))
@@ -161,7 +161,7 @@ def test_no_data_corner():
 
 
 def test_cli_data_command(tmp_path, capsys):
-    from scaling.cli import main
+    from rsscale.scaling.cli import main
 
     out = tmp_path / "d"
     assert main(["data", "--out", str(out), "--num-pretrain", "2", "--num-seg", "1", "--num-det", "1",
@@ -179,7 +179,7 @@ def test_bad_input_is_rejected():
 
 def test_finetune_readers_accept_the_output(tmp_path):
     """The LoveDA and DOTA readers of the fine-tuning part read what we write."""
-    datasets = pytest.importorskip("finetune.datasets")
+    datasets = pytest.importorskip("rsscale.finetune.datasets")
     paths = synthetic.generate(tmp_path, num_pretrain=0, num_seg=4, num_det=3, size=64, seed=2)
     for folder in paths["seg_train_dirs"] + paths["seg_val_dirs"]:
         for image, target in datasets.LoveDADataset(folder):

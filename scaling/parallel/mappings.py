@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
-from scaling.parallel import state
+from rsscale.scaling.parallel import state
 
 TOKEN_DIM = 1
 # torch >= 2.10 renamed reduce_scatter_tensor (the old name warns); same signature.
