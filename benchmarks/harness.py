@@ -192,7 +192,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
 
 def _record(opts, layout, cfg, params, summary, recs, peaks, device) -> None:
-    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.store import ResultsStore
 
     store = ResultsStore(opts.results)
     device_name = None

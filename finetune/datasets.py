@@ -13,33 +13,23 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from rsscale.scaling.synthetic import LOVEDA_CLASSES
 from rsscale.finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
                               hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
+
+from rsscale.finetune.dota_io import (DIOR_CLASSES, DOTA_V1_CLASSES, DotaObject, read_dota_labels,
+                                     read_image_ids, read_dota_submission, write_dota_label_file,
+                                     write_dota_submission)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-DOTA_V1_CLASSES = (
-    "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle",
-    "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
-    "harbor", "swimming-pool", "helicopter",
-)
-DOTA_V15_CLASSES = DOTA_V1_CLASSES + ("container-crane",)
-DOTA_V2_CLASSES = DOTA_V15_CLASSES + ("airport", "helipad")
-DIOR_CLASSES = (
-    "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney",
-    "expressway-service-area", "expressway-toll-station", "dam", "golffield", "groundtrackfield",
-    "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation",
-    "vehicle", "windmill",
-)
-LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 POTSDAM_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
 POTSDAM_COLOURS = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
 POTSDAM_BOUNDARY = (0, 0, 0)
@@ -47,7 +37,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 # --------------------------------------------------------------------------- image files
-def read_image(path) -> torch.Tensor:
+def read_rgb_image(path) -> torch.Tensor:
     """An RGB image file (PNG/JPEG/TIFF) -> uint8 tensor [3, H, W]; extra bands (e.g. IR) dropped."""
     arr = _read_array(path)
     if arr.ndim == 2:
@@ -89,52 +79,6 @@ def _find_image(folder: Path, stem: str) -> Path:
 
 
 # --------------------------------------------------------------------------- detection readers
-@dataclass(frozen=True)
-class DotaObject:
-    """One annotated object: 4 corners (x1, y1, ..., x4, y4), class name, difficult flag."""
-
-    poly: tuple
-    cls: str
-    difficult: bool = False
-
-
-def read_dota_label_file(path) -> list[DotaObject]:
-    """Parse one DOTA labelTxt file: optional `imagesource:`/`gsd:` header lines, then
-    `x1 y1 x2 y2 x3 y3 x4 y4 class difficult` per object (difficult may be missing: 0)."""
-    objects = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts or (len(parts) == 1 and ":" in parts[0]) or line.startswith(("imagesource", "gsd")):
-            continue
-        if len(parts) not in (9, 10):
-            raise ValueError(f"{path}:{n}: expected 'x1 y1 ... x4 y4 class [difficult]', got {line!r}.")
-        try:
-            poly = tuple(float(v) for v in parts[:8])
-        except ValueError:
-            raise ValueError(f"{path}:{n}: corner coordinates must be numbers, got {line!r}.") from None
-        objects.append(DotaObject(poly, parts[8], len(parts) == 10 and parts[9] not in ("0", "0.0")))
-    return objects
-
-
-def read_image_ids(image_ids) -> list[str] | None:
-    """None, a list of ids, or the path of a list file (one id per line, as DOTA's images.txt or
-    DIOR's ImageSets/Main/*.txt) -> list of ids (or None)."""
-    if image_ids is None or not isinstance(image_ids, (str, Path)):
-        return None if image_ids is None else list(image_ids)
-    return Path(image_ids).read_text().split()
-
-
-def read_dota_labels(folder, image_ids=None) -> dict[str, list[DotaObject]]:
-    """A labelTxt folder -> {image id: [DotaObject]} (all `*.txt`, or only `image_ids`: a list
-    or a list file)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no labelTxt folder at {folder}.")
-    image_ids = read_image_ids(image_ids)
-    paths = [folder / f"{i}.txt" for i in image_ids] if image_ids is not None else sorted(folder.glob("*.txt"))
-    return {p.stem: read_dota_label_file(p) for p in paths}
-
-
 def read_dior_xml(path) -> list[DotaObject]:
     """Parse one DIOR-R annotation (Pascal-VOC-like XML): each `object` has a `robndbox` with the
     corner points x/y_left_top, _right_top, _right_bottom, _left_bottom (in that polygon order).
@@ -186,7 +130,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image_id = self.ids[i]
-        image = read_image(_find_image(self.image_dir, image_id))
+        image = read_rgb_image(_find_image(self.image_dir, image_id))
         return image, objects_to_target(self.read_objects(image_id), self.classes, image_id)
 
 
@@ -270,7 +214,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
         path = self.images[i]
         stem = path.stem.replace(self.image_tag, self.label_tag) if self.image_tag else path.stem
         mask = self.convert(_read_array(_find_image(self.label_dir, stem), label=True))
-        image = read_image(path)
+        image = read_rgb_image(path)
         if tuple(mask.shape) != tuple(image.shape[1:]):
             raise ValueError(f"{path.name}: label size {mask.shape} differs from image size {tuple(image.shape[1:])}.")
         return image, {"mask": torch.from_numpy(mask), "image_id": path.stem}
@@ -422,13 +366,6 @@ def merge_dota_submission(dets: dict, nms_iou: float = 0.1) -> dict:
     return merged
 
 
-def write_dota_label_file(path, target: dict, classes) -> None:
-    """Write a detection target dict as a DOTA labelTxt file (difficult as 0/1)."""
-    lines = [" ".join(f"{v:.1f}" for v in poly) + f" {classes[int(c)]} {int(d)}"
-             for poly, c, d in zip(target["polys"].tolist(), target["labels"], target["difficult"])]
-    Path(path).write_text("".join(line + "\n" for line in lines))
-
-
 def split_dota(image_dir, label_dir, out_dir, patch: int = 1024, overlap: int = 200,
                classes=DOTA_V1_CLASSES, keep_empty: bool = False) -> int:
     """Split a DOTA folder pair into `out_dir/images/*.png` + `out_dir/labelTxt/*.txt` patches
@@ -457,8 +394,6 @@ def main(argv=None) -> int:
     """DOTA patch tools: `split` an images/labelTxt folder pair into patches, or `merge`
     a patch-level Task1 submission into an image-level one."""
     import argparse
-
-    from rsscale.finetune.metrics import read_dota_submission, write_dota_submission
 
     parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.datasets", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)

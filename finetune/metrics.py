@@ -17,7 +17,7 @@ taken only over classes that have ground truth.
 Formats: detections are `{class: [(image_id, score, [x1, y1, ..., x4, y4]), ...]}`, the content
 of a DOTA Task1 submission (a folder of `Task1_<class>.txt` with lines
 `image score x1 y1 ... x4 y4`); ground truth is `{image_id: [DotaObject, ...]}` as read from a
-labelTxt folder by `finetune.datasets.read_dota_labels`.
+labelTxt folder by `finetune.dota_io.read_dota_labels`.
 """
 
 from __future__ import annotations
@@ -28,45 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsscale.finetune.datasets import read_dota_labels
+from rsscale.finetune import dota_io
+from rsscale.finetune.dota_io import read_dota_labels, read_dota_submission
 from rsscale.finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
-
-
-# --------------------------------------------------------------------------- submission format
-def read_dota_submission(folder) -> dict[str, list[tuple[str, float, list[float]]]]:
-    """Read a DOTA Task1 submission folder (`Task1_<class>.txt`) into {class: [(image, score, poly)]}."""
-    folder = Path(folder)
-    files = sorted(folder.glob("Task1_*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no Task1_<class>.txt files in {folder}.")
-    dets = {}
-    for path in files:
-        cls = path.stem[len("Task1_"):]
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 10:
-                raise ValueError(f"{path}:{n}: expected 'image score x1 y1 ... x4 y4' (10 fields), got {len(parts)}.")
-            rows.append((parts[0], float(parts[1]), [float(v) for v in parts[2:]]))
-        dets[cls] = rows
-    return dets
-
-
-def write_dota_submission(dets: dict, folder) -> list[Path]:
-    """Write {class: [(image, score, poly)]} as a DOTA Task1 submission folder; returns the files."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for cls, rows in sorted(dets.items()):
-        path = folder / f"Task1_{cls}.txt"
-        lines = [f"{img} {score:.6g} " + " ".join(f"{v:.1f}" for v in poly) for img, score, poly in rows]
-        path.write_text("".join(line + "\n" for line in lines))
-        paths.append(path)
-    return paths
 
 
 # --------------------------------------------------------------------------- AP
@@ -304,10 +270,8 @@ def main(argv=None) -> int:
                              "list, or auto (every class in labels or detections)")
     parser.add_argument("--json", help="also write the full result to this file")
     args = parser.parse_args(argv)
-    from rsscale.finetune import datasets
-
-    named = {"dota-v1": datasets.DOTA_V1_CLASSES, "dota-v1.5": datasets.DOTA_V15_CLASSES,
-             "dota-v2": datasets.DOTA_V2_CLASSES, "dior": datasets.DIOR_CLASSES, "auto": None}
+    named = {"dota-v1": dota_io.DOTA_V1_CLASSES, "dota-v1.5": dota_io.DOTA_V15_CLASSES,
+             "dota-v2": dota_io.DOTA_V2_CLASSES, "dior": dota_io.DIOR_CLASSES, "auto": None}
     classes = named[args.classes] if args.classes in named else args.classes.split(",")
     result = evaluate_dota(args.detections, args.labels, iou_thr=args.iou_thr,
                            use_07_metric=not args.all_point, mode=args.mode, classes=classes)

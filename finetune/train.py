@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from rsscale import kernels
-from rsscale.benchmarks.store import ResultsStore
+from rsscale.scaling.store import ResultsStore
 from rsscale.finetune import datasets as D
 from rsscale.finetune.det import RotatedFCOS, evaluate_det
 from rsscale.finetune.rotated import norm_obb

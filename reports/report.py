@@ -375,7 +375,7 @@ def section_fits(doc: Doc) -> None:
 
 def write_report(results_path: str | None, out_dir: str = "reports", name: str = "latest") -> str:
     """Build the whole report from a results store; returns the path of report.md."""
-    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.store import ResultsStore
 
     store = ResultsStore(results_path)
     folder = os.path.join(out_dir, name)
@@ -413,7 +413,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from rsscale.benchmarks.store import resolve_path
+    from rsscale.scaling.store import resolve_path
 
     path = resolve_path(args.results)
     if not os.path.isfile(path):

@@ -14,7 +14,7 @@ COMMANDS = {
     "models": ("rsscale.scaling.config", "list model presets with exact parameter counts and FLOPs"),
     "data": ("rsscale.scaling.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
     "pretrain": ("rsscale.scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
-    "demo": ("rsscale.scaling.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
+    "demo": ("rsscale.reports.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
     "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
     "bench": ("rsscale.benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
     "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),

@@ -12,8 +12,7 @@ Layout under <out> (mimicking the originals):
                                                           P<id>.tif with --bands 4: 16-bit RGB+NIR
     seg/{Train,Val}/{Urban,Rural}/images_png/<id>.png    LoveDA: RGB PNG
     seg/{Train,Val}/{Urban,Rural}/masks_png/<id>.png     LoveDA: uint8 mask, 0 no-data (a black
-                                                          corner on ~15% of tiles), 1..7 =
-                                                          LOVEDA_CLASSES[1:]
+                                                          corner on ~15% of tiles), 1..7 = LOVEDA_CLASSES
     det/{train,val}/images/P<id>.png                      DOTA: RGB PNG
     det/{train,val}/labelTxt/P<id>.txt                    DOTA v1 label: "imagesource:", "gsd:"
                                                           lines, then "x1 y1 ... x4 y4 class difficult"
@@ -45,7 +44,8 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
-LOVEDA_CLASSES = ("no-data", "background", "building", "road", "water", "barren", "forest", "agriculture")
+# LoveDA's classes; its masks store them as 1..7, with 0 for no-data.
+LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(1, 8)
 DET_CLASSES = ("small-vehicle", "large-vehicle", "ship", "storage-tank")
 GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
@@ -527,7 +527,7 @@ def _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, *
     """What identifies a finished dataset (written last, so a missing one means unfinished)."""
     return dict(generator=GENERATOR_VERSION, num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det,
                 size=size, seed=seed, val_fraction=val_fraction, bands=bands, det_classes=list(DET_CLASSES),
-                seg_classes=list(LOVEDA_CLASSES), themes=sorted(THEMES))
+                seg_classes=["no-data", *LOVEDA_CLASSES], themes=sorted(THEMES))
 
 
 def _read_manifest(path) -> dict | None:

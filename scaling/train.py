@@ -415,7 +415,7 @@ class Trainer:
         if not self.config.record:
             return contextlib.nullcontext(_NoRun())
         try:
-            from rsscale.benchmarks.store import ResultsStore
+            from rsscale.scaling.store import ResultsStore
         except ImportError as e:
             log(f"results store unavailable ({e}); step records are not saved")
             return contextlib.nullcontext(_NoRun())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rsscale.finetune import datasets as D
+from rsscale.finetune import dota_io
 from rsscale.finetune.rotated import rotated_iou
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -35,11 +36,11 @@ def test_dota_labels_match_the_files():
 
 def test_dota_label_without_header_and_errors(tmp_path):
     (tmp_path / "a.txt").write_text("0 0 4 0 4 2 0 2 plane\n1 1 5 1 5 3 1 3 ship 1\n")
-    objs = D.read_dota_label_file(tmp_path / "a.txt")
+    objs = dota_io.read_dota_label_file(tmp_path / "a.txt")
     assert [(o.cls, o.difficult) for o in objs] == [("plane", False), ("ship", True)]
     (tmp_path / "b.txt").write_text("0 0 4 0 plane 0\n")
     with pytest.raises(ValueError, match="b.txt:1"):
-        D.read_dota_label_file(tmp_path / "b.txt")
+        dota_io.read_dota_label_file(tmp_path / "b.txt")
     with pytest.raises(ValueError, match="not in the dataset's class list"):
         D.objects_to_target([D.DotaObject((0,) * 8, "ufo")], D.DOTA_V1_CLASSES, "x")
 
@@ -192,7 +193,7 @@ def test_merge_detections_maps_back_and_suppresses_duplicates():
 def test_split_and_merge_folders_round_trip(tmp_path):
     """Patch ground truth submitted as patch-level detections and merged back recovers every
     object small enough to lie wholly inside some patch (smaller than the overlap)."""
-    from rsscale.finetune.metrics import read_dota_submission, write_dota_submission
+    from rsscale.finetune.dota_io import read_dota_submission, write_dota_submission
     from rsscale.finetune.rotated import poly_area, poly_iou
 
     src = tmp_path / "src"

@@ -5,7 +5,7 @@ import sys
 
 from PIL import Image
 
-from rsscale.benchmarks.store import ResultsStore
+from rsscale.scaling.store import ResultsStore
 
 
 def test_demo_writes_data_runs_and_report(tmp_path):

@@ -99,7 +99,7 @@ def test_detector_learns_and_predicts():
 
 @pytest.mark.parametrize("task", ["seg", "det"])
 def test_cli_end_to_end(tmp_path, task):
-    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.store import ResultsStore
     from rsscale.scaling.cli import main
     from rsscale.scaling.synthetic import ensure_dataset
 

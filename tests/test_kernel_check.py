@@ -83,7 +83,7 @@ def test_bench_pipeline_smoke_on_cpu(monkeypatch, tmp_path):
     kb.save_results(result, str(out))
     rows = kb.compare(json.loads(out.read_text())["records"], result["records"], 0.0)
     assert rows and all(r["verdict"] == "ok" for r in rows)
-    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results.db")
     kb.record_in_store(result, store.path)

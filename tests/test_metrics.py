@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune.datasets import DotaObject, read_dota_labels
-from rsscale.finetune.metrics import (SegMetric, evaluate_dota, format_ap_table, read_dota_submission, voc_ap,
-                              write_dota_submission)
+from rsscale.finetune.dota_io import DotaObject, read_dota_labels, read_dota_submission, write_dota_submission
+from rsscale.finetune.metrics import SegMetric, evaluate_dota, format_ap_table, voc_ap
 
 DOTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dota-example"
 needs_dota = pytest.mark.skipif(not DOTA.is_dir(), reason=f"shared DOTA sample not found at {DOTA}")

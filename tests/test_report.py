@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsscale.benchmarks.store import ResultsStore
+from rsscale.scaling.store import ResultsStore
 from rsscale.reports.report import write_report
 from rsscale.scaling.config import PRESETS, param_count
 

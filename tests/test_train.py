@@ -137,7 +137,7 @@ def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path
 
     from PIL import Image
 
-    from rsscale.benchmarks.store import ResultsStore
+    from rsscale.scaling.store import ResultsStore
 
     rng = np.random.default_rng(0)
     for i in range(12):
