@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+from rsscale.scaling.launch import add_launch_arguments, relaunch, torchrun_command, wants_launch
+from rsscale.scaling.layout import Layout, add_layout_arguments
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -74,8 +76,9 @@ def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
             args += [flag] if value else []
         elif value is not None:
             args += [flag, str(value)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "rsscale.scaling.cli", "bench", *args]
+    if nproc > 1:
+        return torchrun_command("bench", args, nproc)
+    return [sys.executable, "-m", "rsscale.scaling.cli", "bench", *args]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,12 +234,7 @@ def print_summary(s: dict) -> None:
 def add_arguments(parser) -> None:
     d = BenchOptions()
     parser.add_argument("--model", default=d.model, help="model preset (rsscale models)")
-    for name, help_ in (("tp", "tensor-parallel size"), ("pp", "pipeline-parallel size")):
-        parser.add_argument(f"--{name}", type=int, default=1, help=help_)
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / (tp*pp))")
-    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp >= 2)")
-    parser.add_argument("--micro-batch", type=int, default=d.micro_batch, help="images per micro-batch per rank")
-    parser.add_argument("--global-batch", type=int, default=d.global_batch, help="images per optimizer step")
+    add_layout_arguments(parser, defaults=Layout(micro_batch=d.micro_batch, global_batch=d.global_batch))
     parser.add_argument("--warmup", type=int, default=d.warmup, help="steps run before timing (dropped)")
     parser.add_argument("--steps", type=int, default=d.steps, help="measured steps")
     parser.add_argument("--precision", choices=DTYPES, default=d.precision)
@@ -247,7 +245,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
     parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
-    parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many local processes")
+    add_launch_arguments(parser)
 
 
 def argparse_hide():
@@ -263,10 +261,8 @@ def options_from_args(args) -> BenchOptions:
 
 def main(args) -> int:
     opts = options_from_args(args)
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = bench_command(opts, args.nproc)
-        print("[bench] launching: " + " ".join(cmd), flush=True)
-        return subprocess.call(cmd)
+    if wants_launch(args):
+        return relaunch("bench", args, args.command_argv)
     summary = run_bench(opts)
     if summary is not None:
         print_summary(summary)

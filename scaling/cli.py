@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
+
+from rsscale.scaling.config_file import parse_args_with_config
 
 COMMANDS = {
     "models": ("rsscale.scaling.config", "list model presets with exact parameter counts and FLOPs"),
@@ -21,6 +24,9 @@ COMMANDS = {
     "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
 }
+
+# Commands whose --config file is flat (keys are flag names); pretrain has its own config tree.
+FLAT_CONFIG = ("bench", "profile", "finetune")
 
 
 def _usage() -> str:
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import that Apex/Transformer Engine are absent; its torch fallbacks
     # are what we use on CPU, so the warning is noise on every command.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    if not logging.getLogger().handlers:  # progress lines (logging.info) reach the terminal
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -46,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    if name in FLAT_CONFIG:
+        parser.add_argument("--config", help="YAML or TOML file of flag values (keys: flag names); flags override it")
+    try:
+        args = parse_args_with_config(parser, rest) if name in FLAT_CONFIG else parser.parse_args(rest)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rsscale {name}: error: {e}", file=sys.stderr)
+        return 2
+    args.command_argv = rest  # what a torchrun relaunch (scaling/launch.py) passes on to the ranks
     try:
         return int(module.main(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one clear line, no traceback

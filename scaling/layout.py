@@ -46,6 +46,34 @@ class Layout:
         return f"TP{self.tp}{sp} PP{self.pp} DP{self.dp} mb{self.micro_batch} gb{self.global_batch}"
 
 
+# The layout flags every command that trains or measures takes: flag -> (Layout field, type, help).
+LAYOUT_FLAGS = {
+    "--tp": ("tp", int, "tensor-parallel size"),
+    "--pp": ("pp", int, "pipeline-parallel size"),
+    "--dp": ("dp", int, "data-parallel size (default: world size / (tp*pp))"),
+    "--micro-batch": ("micro_batch", int, "images per micro-batch per rank"),
+    "--global-batch": ("global_batch", int, "images per optimizer step (all ranks)"),
+}
+SP_HELP = "sequence parallelism (needs --tp >= 2)"
+
+
+def add_layout_arguments(parser, defaults: Layout | None = None) -> None:
+    """Add --tp --pp --dp --sp --micro-batch --global-batch. With `defaults`, absent flags take its
+    values (--dp stays None: derived from the world size); without, absent flags stay absent
+    (argparse.SUPPRESS), so a config file's values survive."""
+    import argparse
+
+    for flag, (name, typ, help_) in LAYOUT_FLAGS.items():
+        default = argparse.SUPPRESS if defaults is None else (None if name == "dp" else getattr(defaults, name))
+        parser.add_argument(flag, type=typ, default=default, help=help_)
+    parser.add_argument("--sp", action="store_true", default=argparse.SUPPRESS if defaults is None else False, help=SP_HELP)
+
+
+def derive_dp(tp: int, pp: int, dp: int | None, world_size: int) -> int:
+    """--dp when given, else the world size / (tp*pp) (at least 1; validation reports a mismatch)."""
+    return dp if dp is not None else max(1, world_size // (tp * pp))
+
+
 def stage_layer_range(depth: int, pp: int, stage: int) -> tuple[int, int]:
     """Encoder blocks [start, end) of pipeline stage `stage` (earlier stages take the remainder)."""
     base, extra = divmod(depth, pp)

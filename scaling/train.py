@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +36,8 @@ import torch.distributed as dist
 
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.config_file import load_config_file
+from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
 
@@ -99,11 +100,7 @@ class TrainConfig:
 FLAGS = [
     ("--model", "model", str, "model preset (rsscale models)"),
     ("--in-chans", "in_chans", int, "image bands (4: the RGB+NIR TIFFs of `rsscale data --bands 4`)"),
-    ("--tp", "parallel.tp", int, "tensor-parallel size"),
-    ("--pp", "parallel.pp", int, "pipeline-parallel size"),
-    ("--dp", "parallel.dp", int, "data-parallel size (default: world / (tp*pp))"),
-    ("--micro-batch", "parallel.micro_batch", int, "images per micro-batch per rank"),
-    ("--global-batch", "parallel.global_batch", int, "images per optimizer step (all ranks)"),
+    *[(flag, f"parallel.{name}", typ, help_) for flag, (name, typ, help_) in layout_mod.LAYOUT_FLAGS.items()],
     ("--lr", "optim.lr", float, "peak learning rate"),
     ("--min-lr", "optim.min_lr", float, "final learning rate of the cosine"),
     ("--warmup", "optim.warmup", int, "linear warmup steps"),
@@ -123,7 +120,7 @@ FLAGS = [
     ("--results", "results", str, "results store path"),
 ]
 SWITCHES = [
-    ("--sp", "parallel.sp", "sequence parallelism (needs --tp >= 2)"),
+    ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
     ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
     ("--resume", "resume", "continue from <out>/checkpoints/latest if present"),
@@ -134,22 +131,11 @@ SWITCHES = [
 def add_arguments(parser) -> None:
     S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
-    parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many processes")
+    add_launch_arguments(parser)
     for flag, _, typ, help_ in FLAGS:
         parser.add_argument(flag, type=typ, default=S, help=help_)
     for flag, _, help_ in SWITCHES:
         parser.add_argument(flag, action="store_true", default=S, help=help_)
-
-
-def load_config_file(path: str) -> dict:
-    with open(path, "rb") as f:
-        if path.endswith(".toml"):
-            import tomllib
-
-            return tomllib.load(f)
-        import yaml
-
-        return yaml.safe_load(f) or {}
 
 
 def config_from_args(args, world: int | None = None) -> TrainConfig:
@@ -169,7 +155,7 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
             (d[section] if section else d)[key] = value
     if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
         world = world or int(os.environ.get("WORLD_SIZE", 1))
-        d["parallel"]["dp"] = max(1, world // (d["parallel"]["tp"] * d["parallel"]["pp"]))
+        d["parallel"]["dp"] = layout_mod.derive_dp(d["parallel"]["tp"], d["parallel"]["pp"], None, world)
     return TrainConfig.from_dict(d)
 
 
@@ -464,34 +450,16 @@ class _NoRun:
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch_torchrun(nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` local processes."""
-    argv = sys.argv[1:]
-    if "pretrain" not in argv:
-        raise ValueError("--nproc works from the command line only (rsscale pretrain --nproc N ...)")
-    rest = argv[argv.index("pretrain") + 1 :]
-    cleaned, skip = [], False
-    for a in rest:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rsscale.scaling.cli", "pretrain", *cleaned]
-    print("[pretrain] launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
-
-
 def main(args) -> int:
-    if args.nproc and "WORLD_SIZE" not in os.environ:
+    if wants_launch(args):
+        world = args.nproc * (args.nnodes or 1)
         try:  # validate as the launched ranks will, before launching them
-            config = config_from_args(args, world=args.nproc)
-            layout_mod.check_layout(config.parallel, get_preset(config.model), args.nproc)
+            config = config_from_args(args, world=world)
+            layout_mod.check_layout(config.parallel, get_preset(config.model), world)
         except (ValueError, KeyError, OSError) as e:
             print(f"[pretrain] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return 1
-        return _launch_torchrun(args.nproc)
+        return relaunch("pretrain", args, args.command_argv)
     rank = int(os.environ.get("RANK", 0))
     try:
         config = config_from_args(args)

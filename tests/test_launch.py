@@ -1,0 +1,91 @@
+"""The shared launcher, layout flags and flat config files (scaling/launch.py, layout.py,
+config_file.py), as every command that trains or measures uses them."""
+
+import argparse
+import sys
+
+import pytest
+
+from rsscale.scaling import launch
+from rsscale.scaling.config_file import parse_args_with_config
+from rsscale.scaling.layout import Layout, add_layout_arguments
+
+
+def test_launch_flags_are_stripped_in_both_forms():
+    argv = ["--model", "tiny", "--nproc", "4", "--nnodes=2", "--node-rank", "1", "--rdzv-endpoint=h:29500", "--tp", "2"]
+    assert launch.strip_launch_flags(argv) == ["--model", "tiny", "--tp", "2"]
+
+
+def test_torchrun_command_single_and_multi_node():
+    one = launch.torchrun_command("bench", ["--tp", "2"], 2)
+    assert one[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in one
+    assert one[-5:] == ["-m", "rsscale.scaling.cli", "bench", "--tp", "2"]
+    multi = launch.torchrun_command("pretrain", [], 8, nnodes=4, node_rank=3, rdzv_endpoint="node0:29500")
+    assert "--standalone" not in multi
+    assert {"--nproc-per-node=8", "--nnodes=4", "--node-rank=3", "--rdzv-endpoint=node0:29500"} <= set(multi)
+
+
+def _parser(defaults=None):
+    p = argparse.ArgumentParser()
+    add_layout_arguments(p, defaults)
+    launch.add_launch_arguments(p)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--config")
+    return p
+
+
+def test_wants_launch_and_its_errors(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    p = _parser(Layout())
+    assert launch.wants_launch(p.parse_args(["--nproc", "2"]))
+    assert not launch.wants_launch(p.parse_args(["--nproc", "1"]))
+    with pytest.raises(ValueError, match="--nproc must be >= 1"):
+        launch.wants_launch(p.parse_args(["--nproc", "0"]))
+    with pytest.raises(ValueError, match="--rdzv-endpoint"):
+        launch.wants_launch(p.parse_args(["--nproc", "2", "--nnodes", "2"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already a rank: never launch again
+    assert not launch.wants_launch(p.parse_args(["--nproc", "2"]))
+
+
+def test_layout_flags_defaults_and_suppressed():
+    args = _parser(Layout(micro_batch=4, global_batch=16)).parse_args(["--tp", "2", "--sp"])
+    assert (args.tp, args.pp, args.dp, args.sp, args.micro_batch, args.global_batch) == (2, 1, None, True, 4, 16)
+    bare = _parser(None).parse_args(["--tp", "2"])
+    assert vars(bare).get("pp") is None and "pp" not in vars(bare) and bare.tp == 2
+
+
+def test_flat_config_file_then_flags(tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("tp: 2\nsteps: 7\nsp: true\nprecision: bf16\n")
+    args = parse_args_with_config(_parser(Layout()), ["--config", str(cfg), "--steps", "9"])
+    assert (args.tp, args.steps, args.sp, args.precision) == (2, 9, True, "bf16")
+    toml = tmp_path / "b.toml"
+    toml.write_text("micro-batch = 2\n")
+    assert parse_args_with_config(_parser(Layout()), ["--config", str(toml)]).micro_batch == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: ten\n", r"key 'steps' must be int, got 'ten'"),
+    ("steps: 2.5\n", r"key 'steps' must be int"),
+    ("sp: 'false'\n", r"key 'sp' must be true or false"),
+    ("precision: fp64\n", r"key 'precision' must be one of fp32, bf16"),
+    ("stepz: 3\n", r"unknown key 'stepz'"),
+    ("- a\n- b\n", r"must be a mapping"),
+    ("steps: [1\n", r"not valid YAML"),
+])
+def test_flat_config_errors_name_file_and_key(tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        parse_args_with_config(_parser(Layout()), ["--config", str(cfg)])
+    assert str(cfg) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bench_reads_a_config_file_through_the_cli(tmp_path, capsys):
+    from rsscale.scaling import cli
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("steps: ten\n")
+    assert cli.main(["bench", "--config", str(cfg)]) == 2
+    assert "key 'steps' must be int" in capsys.readouterr().err
