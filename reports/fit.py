@@ -169,3 +169,65 @@ def fit_saturating(n, e, n_boot: int = 200, seed: int = 0) -> Fit:
     fit.ci = _bootstrap(n, e, _saturating_once, n_boot, seed)
     fit.rmse_rel = _rmse_rel(fit, n, e)
     return fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute-optimal frontier (IsoFLOP profiles, Hoffmann et al. 2022, approach 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def isoflop_optimum(n, loss, bounds: tuple[float, float] | None = None) -> tuple[float, bool]:
+    """(loss-minimising N of one compute budget, whether it lies inside the measured sizes): the
+    vertex of a parabola in log N through the budget's (N, loss) points (at least 3 sizes); an
+    upward-opening fit is required, else the best measured size is returned, flagged as an edge.
+    The vertex is clipped to `bounds` (default: the measured sizes)."""
+    n, loss = _check(n, loss, 3)
+    x = np.log(n)
+    lo, hi = np.log(bounds) if bounds else (x.min(), x.max())
+    a, b, _ = np.polyfit(x, loss, 2)
+    if a <= 0:
+        return float(n[np.argmin(loss)]), False
+    vertex = -b / (2 * a)
+    return float(np.exp(np.clip(vertex, lo, hi))), bool(lo <= vertex <= hi)
+
+
+def fit_frontier(profiles: dict, n_boot: int = 500, seed: int = 0) -> tuple[Fit, dict]:
+    """N_opt = a * C^c over compute budgets. `profiles` maps C -> (sizes, losses). The interval is a
+    bootstrap over the points within each budget (resampled, optimum refound, law refitted)."""
+    budgets = sorted(profiles)
+    optima = {c: isoflop_optimum(*profiles[c]) for c in budgets}
+    cs = np.array(budgets, dtype=float)
+    ns = np.array([optima[c][0] for c in budgets])
+    fit = Fit("power", _power_once(cs, ns), n_points=len(cs))
+    rng, samples = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        try:
+            boot = []
+            for c in budgets:
+                n, y = (np.asarray(v, dtype=float) for v in profiles[c])
+                idx = rng.integers(0, len(n), len(n))
+                if len(np.unique(n[idx])) < 3:
+                    raise ValueError("too few distinct sizes")
+                boot.append(isoflop_optimum(n[idx], y[idx], bounds=(n.min(), n.max()))[0])
+            samples.append(_power_once(cs, np.array(boot)))
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+    if len(samples) >= max(10, n_boot // 4):
+        fit.ci = {k: (float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5)))
+                  for k in samples[0]}
+    fit.rmse_rel = _rmse_rel(fit, cs, ns)
+    return fit, optima
+
+
+def predict_with_interval(n, y, n_new: float, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(prediction, 2.5 %, 97.5 %) of a power law fitted to (n, y), evaluated at n_new: how a
+    scaling law is checked before it is trusted (fit without the largest model, predict it)."""
+    n, y = _check(n, y, 3)
+    point = float(Fit("power", _power_once(n, y)).predict(n_new))
+    rng, preds = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(n), len(n))
+        if len(np.unique(n[idx])) < 2:
+            continue
+        preds.append(float(Fit("power", _power_once(n[idx], y[idx])).predict(n_new)))
+    return point, float(np.percentile(preds, 2.5)), float(np.percentile(preds, 97.5))

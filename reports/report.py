@@ -354,6 +354,92 @@ def section_kernels(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None
         doc.figure(fig, f"fig_kernel_{kernel}", f"{kernel}: time per call over commits (kind=kernel runs)")
 
 
+def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
+    """A study's cells (kind "study", one complete record per cell; reports/study.py)."""
+    study = runs[(runs["kind"] == "study") & (runs["status"] == "complete")] if not runs.empty else runs
+    if study.empty:
+        return
+    doc.heading("Scaling study: held-out loss, IsoFLOP frontier, downstream")
+    cfg = {int(r["id"]): r["config"] for _, r in study.iterrows()}
+    m = metrics[metrics["run_id"].isin(list(cfg))]
+    final = {int(r.run_id): r.value for r in m[m["name"] == "heldout_loss_final"].itertuples()}
+    flops = {int(r.run_id): r.value for r in m[m["name"] == "train_flops"].itertuples()}
+    pre = pd.DataFrame([dict(cell=c["cell"], model=c["model"], encoder_params=int(study.set_index("id").loc[i, "params"]),
+                             steps=c["steps"], images=c.get("images") or "all", budget=c["budget"],
+                             train_flops=flops.get(i), heldout_loss=final.get(i))
+                        for i, c in cfg.items() if c.get("cell_kind") == "pretrain"])
+    name = study.iloc[0]["config"].get("study")
+    doc.text(f"Study `{name}`: {len(cfg)} cells complete. Held-out loss: MAE loss of the last checkpoint on a fixed "
+             "held-out image set with fixed masks (never trained on). Training FLOPs = steps x batch x MAE step FLOPs.")
+    if pre.empty:
+        return
+    doc.table(pre.sort_values(["budget", "encoder_params"]), "study_cells")
+    # (a) held-out loss vs parameters at the largest budget (largest image count)
+    top = pre[(pre["budget"] == pre["budget"].max())]
+    top = top[top["images"] == top["images"].iloc[-1]].sort_values("encoder_params")
+    fig, ax = _loglog_axes("encoder parameters", "held-out MAE loss")
+    ax.plot(top["encoder_params"], top["heldout_loss"], "o", color="k", label="measured")
+    if len(top) >= 3:
+        f = fitting.fit_power_law(top["encoder_params"], top["heldout_loss"])
+        xs = np.logspace(np.log10(top["encoder_params"].min()), np.log10(top["encoder_params"].max()), 50)
+        ax.plot(xs, f.predict(xs), "k--", label=f"L = a N^c, c = {f.params['c']:.3f}")
+        doc.fit(f"held-out loss vs encoder parameters (study {name}, largest budget)", f)
+    if len(top) >= 4:  # (d) the law fitted without the largest model predicts it
+        n, y = top["encoder_params"].to_numpy(float), top["heldout_loss"].to_numpy(float)
+        pred, lo, hi = fitting.predict_with_interval(n[:-1], y[:-1], n[-1])
+        inside = lo <= y[-1] <= hi
+        ax.errorbar([n[-1]], [pred], yerr=[[pred - lo], [hi - pred]], fmt="s", color="tab:red", capsize=3,
+                    label="predicted from the smaller sizes")
+        doc.table(pd.DataFrame([dict(model=top["model"].iloc[-1], encoder_params=int(n[-1]), predicted=pred, ci_low=lo,
+                                     ci_high=hi, measured=y[-1], within_interval=inside,
+                                     error_pct=100 * (pred - y[-1]) / y[-1])]), "study_prediction")
+        doc.text("Prediction check: a power law fitted on every size but the largest predicts the largest one's "
+                 f"held-out loss; the measurement {'lies inside' if inside else 'falls OUTSIDE'} the 95 % interval.")
+    ax.legend(fontsize=7)
+    doc.figure(fig, "fig_study_heldout_vs_params", "held-out loss vs encoder parameters at the largest budget")
+    # (b) IsoFLOP profiles and the compute-optimal frontier
+    profiles = {b: (g["encoder_params"].to_numpy(float), g["heldout_loss"].to_numpy(float))
+                for b, g in pre.groupby("budget") if g["encoder_params"].nunique() >= 3}
+    if pre["train_flops"].notna().all() and len(profiles) >= 2:
+        fig, ax = _loglog_axes("encoder parameters", "held-out MAE loss")
+        compute = {b: float(g["train_flops"].median()) for b, g in pre.groupby("budget")}
+        for b, (n, y) in sorted(profiles.items()):
+            order = np.argsort(n)
+            line, = ax.plot(n[order], y[order], "o-", label=f"budget {b:g} (~{compute[b]:.2g} FLOPs)")
+            opt, inside = fitting.isoflop_optimum(n, y)
+            ax.axvline(opt, color=line.get_color(), ls=":", lw=1)
+            ax.plot([opt], [np.interp(np.log(opt), np.log(n[order]), y[order])], "*", ms=12, color=line.get_color(),
+                    markeredgecolor="k" if inside else "none")
+        ax.legend(fontsize=7)
+        doc.figure(fig, "fig_study_isoflop", "IsoFLOP profiles: held-out loss vs size per compute budget; "
+                   "stars mark the loss-minimising size (parabola in log N; outlined when inside the measured sizes)")
+        if len(profiles) >= 3:
+            f, optima = fitting.fit_frontier({compute[b]: v for b, v in profiles.items()})
+            doc.fit(f"compute-optimal size N_opt vs training FLOPs (study {name})", f)
+            doc.table(pd.DataFrame([dict(train_flops=c, n_opt=o[0], inside_measured_sizes=o[1]) for c, o in optima.items()]),
+                      "study_frontier")
+            fig, ax = _loglog_axes("training FLOPs", "compute-optimal encoder parameters")
+            cs = np.array(sorted(optima))
+            ax.plot(cs, [optima[c][0] for c in cs], "*", ms=10, color="k")
+            ax.plot(cs, f.predict(cs), "k--", label=f"N_opt = a C^c, c = {f.params['c']:.2f}")
+            ax.legend(fontsize=7)
+            doc.figure(fig, "fig_study_frontier", "compute-optimal frontier fitted to the IsoFLOP optima")
+    # (c) downstream metrics of the study's fine-tuning cells
+    ft = [dict(model=c["model"], task=c["task"], fraction=c["fraction"], encoder_params=int(study.set_index("id").loc[i, "params"]),
+               metric=r.name, value=r.value)
+          for i, c in cfg.items() if c.get("cell_kind") == "finetune"
+          for r in m[(m["run_id"] == i) & m["name"].isin(DOWNSTREAM)].itertuples()]
+    if ft:
+        ft = pd.DataFrame(ft)
+        doc.table(ft, "study_downstream")
+        fig, ax = _loglog_axes("encoder parameters", "metric (%)", logy=False)
+        for (task, metric, fraction), g in ft.groupby(["task", "metric", "fraction"]):
+            g = g.sort_values("encoder_params")
+            ax.plot(g["encoder_params"], g["value"], "o-", label=f"{task} {metric}, {fraction:g} of labels")
+        ax.legend(fontsize=7)
+        doc.figure(fig, "fig_study_downstream", "downstream metric vs encoder parameters (study cells)")
+
+
 def section_fits(doc: Doc) -> None:
     doc.heading("Fitted scaling exponents")
     if not doc.fits:
@@ -389,7 +475,7 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     section_runs(doc, runs)
     sections = [lambda: section_throughput(doc, complete), lambda: section_memory(doc, complete),
                 lambda: section_loss(doc, complete), lambda: section_downstream(doc, complete),
-                lambda: section_kernels(doc, complete, runs)]
+                lambda: section_kernels(doc, complete, runs), lambda: section_study(doc, complete, runs)]
     for section in sections:
         section()
     section_fits(doc)

@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": ("rsscale.benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
     "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
     "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
+    "study": ("rsscale.reports.study", "a resumable scaling study: model sizes x budgets x data, held-out loss, fits"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
 }
 

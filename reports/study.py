@@ -1,0 +1,517 @@
+"""`rsscale study PLAN`: a scaling study as a list of cells, run in order, resumable at any point.
+
+    rsscale study cpu-ladder                 # the bundled CPU plan (reports/plans/cpu-ladder.yaml)
+    rsscale study my-plan.yaml --dry-run     # list the cells with predicted times, run nothing
+    rsscale study my-plan.yaml --emit-slurm slurm/   # one sbatch script per cell + submit.sh
+
+A plan crosses model sizes x budgets (steps, or training FLOPs from which each size's steps are
+derived) x pretraining image counts, and adds fine-tuning cells (tasks x label fractions) on the
+encoders of the largest budget. Each pretraining cell is `rsscale pretrain` in its own folder,
+always with --resume, so a killed cell continues from its last checkpoint; when it has trained,
+its checkpoints are evaluated on a fixed held-out image set with fixed masks
+(scaling/heldout.py) and ONE store run of kind "study" is written for the cell, in one
+transaction at the end. A cell counts as done only through that record, so restarting the study
+skips finished cells, resumes the half-done one and never records a cell twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("rsscale.study")
+
+PLANS_DIR = Path(__file__).with_name("plans")
+TOP_KEYS = {"name", "models", "budgets", "images", "heldout", "pretrain", "finetune", "data", "synthetic", "out", "results", "slurm"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    key: str  # unique within the study, also its folder name
+    kind: str  # "pretrain" or "finetune"
+    model: str
+    steps: int
+    images: int | None = None  # pretraining images (None: all)
+    budget: float | None = None  # the plan's budget value this cell came from (steps or FLOPs)
+    task: str | None = None
+    fraction: float | None = None
+    parent: str | None = None  # the pretraining cell a fine-tuning cell starts from
+
+
+@dataclass
+class Plan:
+    name: str
+    path: str
+    models: list[str]
+    budget_kind: str  # "steps" or "flops"
+    budgets: list[float]
+    images: list[int | None]
+    heldout: dict = field(default_factory=dict)
+    pretrain: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    data: str = "synthetic"
+    out: str = ""
+    results: str = ""
+    slurm: dict = field(default_factory=dict)
+    synthetic: dict = field(default_factory=dict)  # rsscale data options when data is "synthetic"
+
+
+def _need(path, cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{path}: {message}")
+
+
+def _number(v):
+    """PyYAML reads 2.0e13 (no sign in the exponent) as a string; accept it as the number it means."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _positive_list(path, key, values, typ) -> list:
+    _need(path, isinstance(values, list) and values, f"{key} must be a non-empty list")
+    values = [_number(v) for v in values]
+    for v in values:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (typ is float or float(v).is_integer())
+        _need(path, ok, f"{key} must hold positive {'integers' if typ is int else 'numbers'}, got {v!r}")
+    return [typ(v) for v in values]
+
+
+def load_plan(spec: str, out: str | None = None, results: str | None = None) -> Plan:
+    """A plan from a file, or the name of a bundled plan (reports/plans/<name>.yaml); checked whole."""
+    from rsscale.scaling.config import PRESETS
+    from rsscale.scaling.config_file import load_config_file
+
+    path = Path(spec)
+    if not path.exists() and (PLANS_DIR / f"{spec}.yaml").exists():
+        path = PLANS_DIR / f"{spec}.yaml"
+    raw = load_config_file(path)
+    unknown = set(raw) - TOP_KEYS
+    _need(path, not unknown, f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
+    name = str(raw.get("name") or path.stem)
+    models = raw.get("models")
+    _need(path, isinstance(models, list) and models, "models must be a non-empty list of presets")
+    for m in models:
+        _need(path, m in PRESETS, f"unknown model preset {m!r} in models (rsscale models lists them)")
+    budgets = raw.get("budgets")
+    _need(path, isinstance(budgets, dict) and len(budgets) == 1 and next(iter(budgets)) in ("steps", "flops"),
+          "budgets must be {steps: [...]} or {flops: [...]}")
+    kind, values = next(iter(budgets.items()))
+    values = _positive_list(path, f"budgets.{kind}", values, int if kind == "steps" else float)
+    images = raw.get("images")
+    images = [None] if images in (None, "all") else _positive_list(path, "images", images, int)
+    sections = {}
+    for key in ("heldout", "pretrain", "finetune", "slurm", "synthetic"):
+        sections[key] = raw.get(key) or {}
+        _need(path, isinstance(sections[key], dict), f"{key} must be a mapping")
+    ho = {"images": 64, "seed": 0, "every": 0, **sections["heldout"]}
+    for k in ("images", "every", "seed"):
+        _need(path, isinstance(ho[k], int) and not isinstance(ho[k], bool) and ho[k] >= (1 if k == "images" else 0),
+              f"heldout.{k} must be an integer >= {1 if k == 'images' else 0}, got {ho[k]!r}")
+    ft = {"tasks": [], "fractions": [1.0], "steps": 100, **sections["finetune"]}
+    for t in ft["tasks"]:
+        _need(path, t in ("seg", "det"), f"finetune.tasks holds {t!r}; the tasks are seg and det")
+    ft["fractions"] = _positive_list(path, "finetune.fractions", ft["fractions"], float)
+    _need(path, all(f <= 1 for f in ft["fractions"]), "finetune.fractions must lie in (0, 1]")
+    default_out = os.path.join("runs", "study", name)
+    return Plan(name=name, path=str(path), models=list(models), budget_kind=kind, budgets=values, images=images,
+                heldout=ho, pretrain=dict(sections["pretrain"]), finetune=ft, data=str(raw.get("data", "synthetic")),
+                out=out or raw.get("out") or default_out,
+                results=results or raw.get("results") or os.path.join(out or raw.get("out") or default_out, "results.db"),
+                slurm=sections["slurm"], synthetic=sections["synthetic"])
+
+
+def steps_for(plan: Plan, model: str, budget: float) -> int:
+    """Optimizer steps of `model` for a budget: the budget itself, or FLOPs / (batch x FLOPs per image)."""
+    if plan.budget_kind == "steps":
+        return int(budget)
+    from rsscale.scaling.config import get_preset, mae_step_flops
+
+    batch = int(plan.pretrain.get("global_batch", 8))
+    return max(1, round(budget / (batch * mae_step_flops(get_preset(model)))))
+
+
+def cells(plan: Plan) -> list[Cell]:
+    """Every cell in run order: pretraining (small models and budgets first), then fine-tuning."""
+    out = []
+    for images in plan.images:
+        for budget in plan.budgets:
+            for model in plan.models:
+                tag = f"{budget:g}".replace("+", "")
+                key = f"pt-{model}-{plan.budget_kind}{tag}" + (f"-n{images}" if images else "")
+                out.append(Cell(key, "pretrain", model, steps_for(plan, model, budget), images, budget))
+    largest = max(plan.budgets)
+    for parent in [c for c in out if c.budget == largest and c.images == plan.images[-1]]:
+        for task in plan.finetune["tasks"]:
+            for fraction in plan.finetune["fractions"]:
+                key = f"ft-{task}-f{fraction:g}-{parent.key}"
+                out.append(Cell(key, "finetune", parent.model, int(plan.finetune["steps"]), task=task,
+                                fraction=fraction, parent=parent.key))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: nested image subsets and the held-out set, fixed by sorted file order
+# ---------------------------------------------------------------------------------------------
+
+
+def data_root(plan: Plan) -> str:
+    from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
+
+    if plan.data == "synthetic":
+        root = os.path.join(plan.out, "data")
+        return ensure_dataset(root, **plan.synthetic)["root"]
+    return plan.data
+
+
+def split_images(plan: Plan) -> tuple[list[str], list[str]]:
+    """(training pool, held-out files): the held-out set is every k-th file of the sorted list, so
+    it spans the scene types; the pool is the rest, in sorted order (subsets are its prefixes)."""
+    from rsscale.scaling.data import scan_images
+    from rsscale.scaling.synthetic import dataset_paths
+
+    root = data_root(plan)
+    folder = dataset_paths(root)["pretrain"] if plan.data == "synthetic" else root
+    files = sorted(scan_images(folder))
+    n_held = plan.heldout["images"]
+    if len(files) < 2 * n_held:
+        raise ValueError(f"{folder} has {len(files)} images; the plan holds out {n_held} and needs at least as many to train on")
+    stride = len(files) // n_held
+    held = set(files[::stride][:n_held])
+    return [f for f in files if f not in held], sorted(held)
+
+
+def subset_folder(plan: Plan, pool: list[str], images: int | None) -> str:
+    """A folder of links to the first `images` files of the pool (nested: smaller subsets are prefixes)."""
+    if images is not None and images > len(pool):
+        raise ValueError(f"the plan asks for {images} pretraining images; only {len(pool)} remain after the held-out set")
+    chosen = pool if images is None else pool[:images]
+    folder = Path(plan.out) / "data" / f"subset-{images or 'all'}"
+    marker = folder / ".complete"
+    if not marker.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, src in enumerate(chosen):
+            link = folder / f"{i:07d}{Path(src).suffix}"
+            if not link.exists():
+                link.symlink_to(os.path.abspath(src))
+        marker.write_text(str(len(chosen)))
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running cells
+# ---------------------------------------------------------------------------------------------
+
+
+def cell_dir(plan: Plan, cell: Cell) -> str:
+    return os.path.join(plan.out, "cells", cell.key)
+
+
+def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
+    """`rsscale pretrain` arguments of a cell (launch flags excluded)."""
+    p = dict(plan.pretrain)
+    p.pop("nproc", None)
+    every = plan.heldout["every"]
+    args = ["--model", cell.model, "--steps", str(cell.steps), "--data", data, "--out", cell_dir(plan, cell),
+            "--results", plan.results, "--resume", "--save-every", str(every or cell.steps)]
+    for key, value in p.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def finetune_args(plan: Plan, cell: Cell) -> list[str]:
+    ft = {k: v for k, v in plan.finetune.items() if k not in ("tasks", "fractions", "steps", "nproc")}
+    args = ["--task", cell.task, "--dataset", "synthetic" if plan.data == "synthetic" else "loveda",
+            "--data", data_root(plan), "--checkpoint", cell_dir(plan, Cell(cell.parent, "pretrain", cell.model, 0)),
+            "--steps", str(cell.steps), "--out", cell_dir(plan, cell), "--results", plan.results]
+    if cell.fraction is not None and cell.fraction < 1:
+        args += ["--train-fraction", f"{cell.fraction:g}"]
+    for key, value in ft.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _command(name: str, args: list[str], nproc: int) -> list[str]:
+    from rsscale.scaling.launch import torchrun_command
+
+    if nproc > 1:
+        return torchrun_command(name, args, nproc)
+    return [sys.executable, "-m", "rsscale.scaling.cli", name, *args]
+
+
+def done_cells(plan: Plan) -> dict[str, dict]:
+    """{cell key: its study record's config} for the cells this study has completed."""
+    from rsscale.scaling.store import ResultsStore
+
+    if not os.path.exists(plan.results):
+        return {}
+    runs = ResultsStore(plan.results).runs(kind="study", status="complete")
+    done = {}
+    for c in runs.get("config", []):
+        if c.get("study") == plan.name:
+            done[c["cell"]] = c
+    return done
+
+
+def checkpoints_of(folder: str) -> list[tuple[int, str]]:
+    ck = Path(folder) / "checkpoints"
+    found = sorted((int(p.name.split("_")[1]), str(p)) for p in ck.glob("step_*") if (p / "index.json").exists())
+    return found
+
+
+def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_s: float) -> dict:
+    """Held-out loss of each checkpoint of a trained cell, then the cell's one study record."""
+    from rsscale.scaling.config import get_preset, mae_step_flops, param_count
+    from rsscale.scaling.heldout import heldout_images, heldout_loss
+    from rsscale.scaling.store import ResultsStore
+
+    cfg = get_preset(cell.model)
+    images = heldout_images(heldout_files, cfg)
+    curve = [(step, heldout_loss(path, images, seed=plan.heldout["seed"])) for step, path in checkpoints_of(cell_dir(plan, cell))]
+    if not curve or curve[-1][0] != cell.steps:
+        raise RuntimeError(f"cell {cell.key}: no checkpoint of step {cell.steps} in {cell_dir(plan, cell)} after training")
+    batch = int(plan.pretrain.get("global_batch", 8))
+    flops = cell.steps * batch * mae_step_flops(cfg)
+    config = dict(study=plan.name, cell=cell.key, cell_kind="pretrain", model=cell.model, steps=cell.steps,
+                  images=cell.images, budget=cell.budget, budget_kind=plan.budget_kind, plan=plan.path)
+    with ResultsStore(plan.results).run(kind="study", preset=cell.model, params=param_count(cfg, "encoder"),
+                                        global_batch=batch, config=config) as run:
+        run.log_many([("heldout_loss", loss, step) for step, loss in curve]
+                     + [("heldout_loss_final", curve[-1][1], None), ("train_flops", float(flops), None),
+                        ("wall_s", wall_s, None)])
+    return {"heldout_loss": curve[-1][1], "flops": flops}
+
+
+def finetune_metric(plan: Plan, cell: Cell) -> tuple[str, float]:
+    """The headline metric (mIoU or mAP) of the fine-tuning run that wrote into the cell's folder."""
+    from rsscale.scaling.store import ResultsStore
+
+    store = ResultsStore(plan.results)
+    name = "mIoU" if cell.task == "seg" else "mAP"
+    out = os.path.abspath(cell_dir(plan, cell))
+    runs = store.runs(kind="finetune", status="complete")
+    mine = [r for r, c in zip(runs.get("id", []), runs.get("config", [])) if os.path.abspath(c.get("out", "")) == out]
+    values = store.metrics(name=name, run_id=int(mine[-1])) if mine else None
+    if values is None or values[values["step"].isna()].empty:
+        raise RuntimeError(f"cell {cell.key}: no complete fine-tuning run in {out} recorded {name} in {plan.results}")
+    return name, float(values[values["step"].isna()]["value"].iloc[-1])
+
+
+def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
+    from rsscale.scaling.config import get_preset, param_count
+    from rsscale.scaling.store import ResultsStore
+
+    name, value = finetune_metric(plan, cell)
+    config = dict(study=plan.name, cell=cell.key, cell_kind="finetune", model=cell.model, task=cell.task,
+                  fraction=cell.fraction, parent=cell.parent, plan=plan.path)
+    with ResultsStore(plan.results).run(kind="study", preset=cell.model, params=param_count(get_preset(cell.model), "encoder"),
+                                        config=config) as run:
+        run.log_many([(name, value, None), ("wall_s", wall_s, None)])
+    return {name: value}
+
+
+def predicted_seconds(plan: Plan, cell: Cell) -> float | None:
+    """The analytic model's time for a cell on this machine's measured matmul rate (None if unknown)."""
+    try:
+        from rsscale.benchmarks import analytic
+        from rsscale.scaling.config import get_preset
+        from rsscale.scaling.layout import Layout
+
+        p = plan.pretrain
+        batch = int(p.get("global_batch", 8))
+        layout = Layout(micro_batch=int(p.get("micro_batch", batch)), global_batch=batch)
+        est = analytic.estimate(get_preset(cell.model), analytic.Plan(layout, precision=p.get("precision", "fp32")),
+                                analytic.Hardware(peak_flops=_peak_flops(), efficiency=0.5))
+        return est.step_time_s * cell.steps * (1.5 if cell.kind == "finetune" else 1.0)
+    except Exception:  # noqa: BLE001 - a prediction is advisory; never stop a study over it
+        return None
+
+
+_PEAK: list[float] = []
+
+
+def _peak_flops() -> float:
+    if not _PEAK:
+        import torch
+
+        from rsscale.benchmarks.harness import matmul_peak_tflops
+
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _PEAK.append(matmul_peak_tflops(dev, "bf16" if dev.type == "cuda" else "fp32") * 1e12)
+    return _PEAK[0]
+
+
+def run_study(plan: Plan, max_cells: int | None = None) -> int:
+    """Run every cell not yet recorded; returns the number of cells run now."""
+    todo_all = cells(plan)
+    done = done_cells(plan)
+    todo = [c for c in todo_all if c.key not in done]
+    log.info("[study] %s: %d cells, %d done, %d to run; results in %s", plan.name, len(todo_all), len(done), len(todo), plan.results)
+    if not todo:
+        return 0
+    pool, held = split_images(plan)
+    nproc = int(plan.pretrain.get("nproc", 1))
+    predicted = {c.key: predicted_seconds(plan, c) for c in todo}
+    ratio, ran, t_start = None, 0, time.perf_counter()
+    for i, cell in enumerate(todo):
+        if max_cells is not None and ran >= max_cells:
+            break
+        t0 = time.perf_counter()
+        if cell.kind == "pretrain":
+            args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
+            cmd = _command("pretrain", args, nproc)
+        else:
+            cmd = _command("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
+        log.info("[study] cell %d/%d %s: %s", len(done) + i + 1, len(todo_all), cell.key, shlex.join(cmd))
+        rc = subprocess.call(cmd)
+        if rc:
+            raise RuntimeError(f"cell {cell.key} failed (exit code {rc}); rerun `rsscale study {plan.path}` to resume it")
+        wall = time.perf_counter() - t0
+        result = finish_pretrain_cell(plan, cell, held, wall) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, wall)
+        ran += 1
+        if predicted.get(cell.key):
+            ratio = wall / predicted[cell.key] if ratio is None else 0.5 * (ratio + wall / predicted[cell.key])
+        left = [predicted.get(c.key) for c in todo[i + 1 :]]
+        eta = sum(p for p in left if p) * (ratio or 1.0) if all(left) else float("nan")
+        log.info("[study] done %d/%d (%s: %s) in %.0f s; elapsed %.0f s, estimated left %s",
+                 len(done) + i + 1, len(todo_all), cell.key, ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
+                 wall, time.perf_counter() - t_start, "unknown" if math.isnan(eta) else f"{eta:.0f} s")
+    return ran
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+# ---------------------------------------------------------------------------------------------
+
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={job}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output={logs}/%x-%j.out
+{extra}
+# rsscale study {study}, cell {cell}: {nodes} node(s) x {gpus} GPU(s), one torchrun per node.
+set -euo pipefail
+{env}export RSSCALE_RESULTS={results}
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus} \\
+    --rdzv-backend=c10d --rdzv-endpoint="$head_node:{port}" --rdzv-id="$SLURM_JOB_ID" \\
+    -m rsscale.scaling.cli {command} {args}
+python -m rsscale.scaling.cli study {plan} --finish-cell {cell}
+"""
+
+
+def emit_slurm(plan: Plan, folder: str) -> list[str]:
+    """One sbatch script per cell that is not done, and submit.sh chaining them (afterok) in order."""
+    s = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 32, "time": "24:00:00", "port": 29500, "env": {},
+         "sbatch": [], **plan.slurm}
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "port"):
+        _need(plan.path, isinstance(s[key], int) and s[key] >= 1, f"slurm.{key} must be a positive integer")
+    out = Path(folder)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    done = done_cells(plan)
+    todo = [c for c in cells(plan) if c.key not in done]
+    pool_data = os.path.join(plan.out, "data")
+    paths, job_of = [], {}
+    submit = ["#!/bin/bash", f"# submit the {len(todo)} remaining cells of study {plan.name} in order", "set -euo pipefail"]
+    prev = None
+    for cell in todo:
+        if cell.kind == "pretrain":
+            command, args = "pretrain", pretrain_args(plan, cell, os.path.join(pool_data, f"subset-{cell.images or 'all'}"))
+        else:
+            command, args = "finetune", finetune_args(plan, cell)
+        env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in s["env"].items())
+        text = SBATCH.format(job=f"rsscale-{plan.name}-{cell.key}", nodes=s["nodes"], gpus=s["gpus_per_node"],
+                             cpus=s["cpus_per_task"], time=s["time"], logs=os.path.abspath(out / "logs"),
+                             extra="".join(f"#SBATCH {x}\n" for x in s["sbatch"]), study=plan.name, cell=cell.key,
+                             env=env, results=shlex.quote(os.path.abspath(plan.results)), port=s["port"],
+                             command=command, args=shlex.join(args), plan=shlex.quote(os.path.abspath(plan.path)))
+        path = out / f"{cell.key}.sbatch"
+        path.write_text(text)
+        paths.append(str(path))
+        dep = f"--dependency=afterok:${prev} " if prev else ""
+        var = "job_" + cell.key.replace("-", "_").replace(".", "_")
+        submit.append(f"{var}=$(sbatch --parsable {dep}{shlex.quote(str(path.resolve()))})")
+        job_of[cell.key], prev = var, var
+    (out / "submit.sh").write_text("\n".join(submit) + "\n")
+    os.chmod(out / "submit.sh", 0o755)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# `rsscale study`
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("plan", help="plan file (YAML/TOML) or a bundled plan name (cpu-ladder)")
+    parser.add_argument("--out", default=None, help="study folder (default: the plan's out, or runs/study/<name>)")
+    parser.add_argument("--results", default=None, help="results store (default: <out>/results.db)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and predicted times; run nothing")
+    parser.add_argument("--emit-slurm", metavar="DIR", help="write one sbatch script per remaining cell and DIR/submit.sh")
+    parser.add_argument("--max-cells", type=int, default=None, help="stop after running this many cells")
+    parser.add_argument("--finish-cell", metavar="KEY", help="(used by the sbatch scripts) evaluate and record one trained cell")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+def main(args) -> int:
+    plan = load_plan(args.plan, args.out, args.results)
+    if args.max_cells is not None and args.max_cells < 0:
+        raise ValueError(f"--max-cells must be >= 0, got {args.max_cells}")
+    all_cells = cells(plan)
+    if args.dry_run:
+        done = done_cells(plan)
+        total = 0.0
+        print(f"study {plan.name}: {len(all_cells)} cells ({len(done)} done); results {plan.results}")
+        for c in all_cells:
+            t = predicted_seconds(plan, c)
+            total += t or 0.0
+            what = f"{c.task} fraction {c.fraction:g} from {c.parent}" if c.kind == "finetune" else f"{c.images or 'all'} images"
+            print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
+                  f"predicted {'?' if t is None else f'{t:,.0f} s'}")
+        print(f"predicted total {total:,.0f} s (analytic model on this machine's measured matmul rate)")
+        return 0
+    if args.emit_slurm:
+        paths = emit_slurm(plan, args.emit_slurm)
+        print(f"wrote {len(paths)} sbatch scripts and {os.path.join(args.emit_slurm, 'submit.sh')}")
+        return 0
+    if args.finish_cell:
+        cell = next((c for c in all_cells if c.key == args.finish_cell), None)
+        if cell is None:
+            raise ValueError(f"no cell {args.finish_cell!r} in study {plan.name}")
+        if cell.key not in done_cells(plan):
+            _, held = split_images(plan)
+            finish_pretrain_cell(plan, cell, held, float("nan")) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, float("nan"))
+        return 0
+    os.makedirs(plan.out, exist_ok=True)
+    run_study(plan, args.max_cells)
+    remaining = len(all_cells) - len(done_cells(plan))
+    if remaining == 0 and not args.no_report:
+        from rsscale.reports.report import write_report
+
+        path = write_report(plan.results, plan.out, "report")
+        print(f"[study] {plan.name}: all {len(all_cells)} cells done; report {path}")
+    elif remaining:
+        print(f"[study] {plan.name}: {remaining} cells left; rerun the same command to continue")
+    return 0

@@ -1,0 +1,156 @@
+"""`rsscale study`: plans, cells, held-out loss, restart without losing or duplicating a cell,
+Slurm scripts, and the IsoFLOP / prediction fits against hand-computed cases."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rsscale.reports import fit as F
+from rsscale.reports import study as S
+from rsscale.scaling.config import get_preset, mae_step_flops
+
+
+def _plan(tmp_path, text: str, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+SMALL = """
+name: t
+models: [tiny, mini]
+budgets: {steps: [3]}
+synthetic: {num_pretrain: 36, num_seg: 4, num_det: 2, size: 64}
+heldout: {images: 6}
+pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: [tiny]\nbudgets: {steps: [1]}\nbogus: 1\n", "unknown key"),
+    ("models: [giant]\nbudgets: {steps: [1]}\n", "unknown model preset 'giant'"),
+    ("models: [tiny]\nbudgets: {epochs: [1]}\n", "budgets must be"),
+    ("models: [tiny]\nbudgets: {steps: [0]}\n", "positive integers"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nfinetune: {tasks: [cls]}\n", "the tasks are seg and det"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nheldout: {images: 0}\n", "heldout.images"),
+])
+def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
+    path = _plan(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as e:
+        S.load_plan(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_cells_from_flops_budgets_and_finetune_on_the_largest(tmp_path):
+    plan = S.load_plan(str(_plan(tmp_path, "models: [tiny, small]\nbudgets: {flops: [1.0e+12, 4e12]}\n"
+                                           "pretrain: {global_batch: 16}\nfinetune: {tasks: [seg], fractions: [0.5, 1]}\n")))
+    cells = S.cells(plan)
+    pre = [c for c in cells if c.kind == "pretrain"]
+    assert [(c.model, c.budget) for c in pre] == [("tiny", 1e12), ("small", 1e12), ("tiny", 4e12), ("small", 4e12)]
+    for c in pre:  # steps x batch x per-image FLOPs = the budget, to rounding
+        assert c.steps == round(c.budget / (16 * mae_step_flops(get_preset(c.model))))
+    ft = [c for c in cells if c.kind == "finetune"]
+    assert [(c.model, c.fraction) for c in ft] == [("tiny", 0.5), ("tiny", 1.0), ("small", 0.5), ("small", 1.0)]
+    assert all(c.parent.endswith("flops4e12") for c in ft)
+    assert len({c.key for c in cells}) == len(cells)
+
+
+def test_bundled_plan_loads():
+    plan = S.load_plan("cpu-ladder")
+    cells = S.cells(plan)
+    assert len({c.budget for c in cells if c.kind == "pretrain"}) >= 3 and len(plan.models) >= 4
+
+
+def test_isoflop_optimum_is_the_parabola_vertex():
+    n = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    loss = 0.3 * (np.log(n) - np.log(7e5)) ** 2 + 0.5
+    opt, inside = F.isoflop_optimum(n, loss)
+    assert opt == pytest.approx(7e5, rel=1e-6) and inside
+    opt, inside = F.isoflop_optimum(n, 30 - np.log(n))  # monotone: no interior minimum
+    assert not inside and opt == pytest.approx(1e7, rel=1e-6)
+
+
+def test_frontier_recovers_a_known_exponent():
+    sizes = np.array([1e3, 1e4, 1e5, 1e6, 1e7])
+    profiles = {}
+    for c in (1e12, 1e13, 1e14):
+        n_opt = 0.02 * c ** 0.5
+        profiles[c] = (sizes, 0.1 * (np.log(sizes) - np.log(n_opt)) ** 2 + 1.0)
+    fit, optima = F.fit_frontier(profiles, n_boot=50)
+    assert fit.params["c"] == pytest.approx(0.5, abs=1e-6)
+    assert fit.params["a"] == pytest.approx(0.02, rel=1e-5)
+    assert all(inside for _, inside in optima.values())
+    lo, hi = fit.ci["c"]
+    assert lo == pytest.approx(0.5, abs=1e-6) and hi == pytest.approx(0.5, abs=1e-6)  # noise-free: a point interval
+
+
+def test_prediction_of_an_exact_power_law():
+    n = np.array([1e5, 1e6, 1e7])
+    pred, lo, hi = F.predict_with_interval(n, 3.0 * n ** -0.1, 1e8)
+    assert pred == pytest.approx(3.0 * 1e8 ** -0.1, rel=1e-9) and lo == pytest.approx(pred) and hi == pytest.approx(pred)
+
+
+def test_emit_slurm_writes_one_script_per_cell(tmp_path):
+    plan_path = _plan(tmp_path, SMALL + "slurm: {nodes: 2, gpus_per_node: 4, time: '02:00:00', env: {NCCL_DEBUG: WARN}}\n")
+    out = tmp_path / "slurm"
+    assert S.main(_args(plan_path, tmp_path, emit_slurm=str(out))) == 0
+    scripts = sorted(out.glob("*.sbatch"))
+    assert [p.stem for p in scripts] == ["pt-mini-steps3", "pt-tiny-steps3"]
+    text = (out / "pt-tiny-steps3.sbatch").read_text()
+    for needle in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:00:00", "export NCCL_DEBUG=WARN",
+                   "--nnodes=2 --nproc-per-node=4", "--rdzv-backend=c10d", "srun", "-m rsscale.scaling.cli pretrain",
+                   "--model tiny --steps 3", "--resume", "export RSSCALE_RESULTS=", "study ", "--finish-cell pt-tiny-steps3"):
+        assert needle in text, needle
+    submit = (out / "submit.sh").read_text().splitlines()
+    assert "--dependency=afterok:$job_pt_tiny_steps3" in submit[-1]
+
+
+def _args(plan, tmp_path, **kw):
+    import argparse
+
+    d = dict(plan=str(plan), out=str(tmp_path / "study"), results=None, dry_run=False, emit_slurm=None, max_cells=None,
+             finish_cell=None, no_report=False)
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+def _study_cmd(plan, tmp_path, *extra):
+    return [sys.executable, "-m", "rsscale.scaling.cli", "study", str(plan), "--out", str(tmp_path / "study"), *extra]
+
+
+def _complete_cells(tmp_path):
+    from rsscale.scaling.store import ResultsStore
+
+    runs = ResultsStore(str(tmp_path / "study" / "results.db")).runs(kind="study", status="complete")
+    return sorted(c["cell"] for c in runs["config"])
+
+
+def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path):
+    plan = _plan(tmp_path, SMALL.replace("steps: [3]", "steps: [6]"))
+    proc = subprocess.Popen(_study_cmd(plan, tmp_path, "--no-report"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = tmp_path / "study" / "cells" / "pt-mini-steps6" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not second.exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole study, mid-way through the second cell
+    proc.wait()
+    assert _complete_cells(tmp_path) == ["pt-tiny-steps6"]
+    out = subprocess.run(_study_cmd(plan, tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 cells, 1 done, 1 to run" in out.stdout + out.stderr
+    assert _complete_cells(tmp_path) == ["pt-mini-steps6", "pt-tiny-steps6"]
+    again = subprocess.run(_study_cmd(plan, tmp_path, "--no-report"), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 to run" in again.stdout + again.stderr
+    assert _complete_cells(tmp_path) == ["pt-mini-steps6", "pt-tiny-steps6"]
+    from rsscale.scaling.store import ResultsStore
+
+    m = ResultsStore(str(tmp_path / "study" / "results.db")).metrics(kind="study", name="heldout_loss_final")
+    assert len(m) == 2 and np.isfinite(m["value"]).all() and (m["value"] > 0).all()
+    assert (tmp_path / "study" / "report" / "report.md").exists()
+    assert "held-out" in (tmp_path / "study" / "report" / "report.md").read_text()
