@@ -20,6 +20,7 @@ COMMANDS = {
     "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
     "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
+    "convert": ("rsscale.scaling.convert", "import MAE/timm ViT weights into an rsscale checkpoint, or export one"),
 }
 
 
