@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rsscale: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = COMMANDS[name]
+    from rsscale.scaling.log import setup_logging
+
+    setup_logging()
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_)
     module.add_arguments(parser)
