@@ -1,4 +1,9 @@
-"""MAE pretraining: one config tree, one short loop, parallelism applied from outside the model.
+"""MAE pretraining: one config tree, one short loop.
+
+Where each parallelism lives: TP and SP are inside the model (megatron Column/Row linears and our
+SP collectives in the blocks, scaling/vit.py + scaling/parallel/mappings.py); PP and DP are the
+trainer's (each rank builds only its pipeline stage and runs the 1F1B schedule; gradients are
+averaged over DP here, optimizer state optionally sharded over DP).
 
     torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
