@@ -21,7 +21,7 @@ or a shape mismatch is a ValueError naming the key.
 The target shape is `--model PRESET` (checked against the file) or read off the weights: width,
 depth, MLP size, patch, bands, image size from the position table, decoder width and depth;
 heads cannot be read off and default to the standard ViT value for the width (ViT-S 6, B 12,
-L/H 16; `--heads` otherwise). A shape equal to a preset takes its name (ViT-B/16 is b12x1).
+L/H 16; `--heads` otherwise) and to MAE's 16 for the decoder (`--dec-heads`). A shape equal to a preset takes its name (ViT-B/16 is b12x1).
 Expected names and shapes come from our model built on the meta device, never from a table here.
 The checkpoint holds weights only (`model/<name>`, written as replicated tensors, so any TP/PP
 layout and fine-tuning load it); it has no optimizer state, so `pretrain --resume` cannot continue it.
@@ -92,7 +92,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None) -> ViTConfig:
+def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None, dec_heads: int = DEC_HEADS) -> ViTConfig:
     """The ViTConfig of an MAE/timm state dict (see the module docstring for what is read off)."""
     for key in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if key not in sd:
@@ -111,7 +111,7 @@ def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None) -> ViTCo
     if "decoder_embed.weight" in sd:
         dec_width = sd["decoder_embed.weight"].shape[0]
         dec_depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1)
-        shape.update(dec_width=dec_width, dec_depth=dec_depth, dec_heads=DEC_HEADS)
+        shape.update(dec_width=dec_width, dec_depth=dec_depth, dec_heads=dec_heads)
     base = ViTConfig(name="converted", **shape)
     for preset in PRESETS.values():
         if dataclasses.replace(preset, name=base.name, note="") == base:
@@ -175,10 +175,11 @@ def write_checkpoint(out: str, cfg: ViTConfig, tensors: dict[str, torch.Tensor],
     return checkpoint.save_checkpoint(os.path.join(out, "checkpoints"), 0, entries, rank_state={}, meta=meta, writer=True)
 
 
-def convert_to_rsscale(path: str, fmt: str, out: str, model: str | ViTConfig | None = None, heads: int | None = None) -> str:
+def convert_to_rsscale(path: str, fmt: str, out: str, model: str | ViTConfig | None = None, heads: int | None = None,
+                       dec_heads: int = DEC_HEADS) -> str:
     sd = read_state_dict(path)
     if model is None:
-        cfg = infer_config(sd, heads)
+        cfg = infer_config(sd, heads, dec_heads)
     else:
         cfg = get_preset(model) if isinstance(model, str) else model
     tensors = import_state_dict(sd, cfg)
@@ -210,12 +211,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("source", help="weights file (--from) or rsscale checkpoint / run folder (--to)")
     parser.add_argument("--out", required=True, help="run folder to write (--from) or weights file (--to; .safetensors or .pth)")
     parser.add_argument("--model", default=None, help="target preset (--from; default: read the shape off the weights)")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads, when the width is not a standard ViT's")
+    parser.add_argument("--heads", type=int, default=None, help="encoder attention heads, when the width is not a standard ViT's")
+    parser.add_argument("--dec-heads", type=int, default=DEC_HEADS, help=f"MAE decoder attention heads (default {DEC_HEADS}, MAE's)")
 
 
 def main(args) -> int:
     if args.src:
-        convert_to_rsscale(args.source, args.src, args.out, args.model, args.heads)
+        convert_to_rsscale(args.source, args.src, args.out, args.model, args.heads, args.dec_heads)
     else:
         convert_from_rsscale(args.source, args.dst, args.out)
     return 0
