@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distributed import run_distributed
 from rsscale.scaling import cli
-from rsscale.scaling.checkpoint import load_full_state_dict
+from rsscale.scaling.checkpoint import load_full_state_dict, shard_for
 from rsscale.scaling.config import ViTConfig, get_preset
 from rsscale.scaling.convert import export_state_dict, import_state_dict, infer_config, read_state_dict
 from rsscale.scaling.mae import MaskedAutoencoder
@@ -74,11 +75,15 @@ def plain_vit_forward(sd, imgs, heads, patch, eps=1e-6):
     return F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], eps=eps)
 
 
-def our_encoder_forward(cfg: ViTConfig, full: dict, imgs: torch.Tensor) -> torch.Tensor:
-    """Our MAE encoder with every patch kept in order (mask ratio 0, sorted noise)."""
-    model = MaskedAutoencoder(cfg.replace(mask_ratio=0.0))
-    missing, unexpected = model.load_state_dict(full, strict=False)
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+def our_encoder_forward(cfg: ViTConfig, full: dict, imgs: torch.Tensor, sequence_parallel=False) -> torch.Tensor:
+    """Our MAE encoder with every patch kept in order (mask ratio 0, sorted noise); each TP rank
+    loads its slice of the full tensors (`shard_for`, as training and fine-tuning do)."""
+    model = MaskedAutoencoder(cfg.replace(mask_ratio=0.0), sequence_parallel=sequence_parallel)
+    params = dict(model.named_parameters())
+    assert set(params) == set(full)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(shard_for(full[name], p))
     noise = torch.arange(cfg.num_patches, dtype=torch.float32).expand(imgs.shape[0], -1)
     with torch.no_grad():
         latent, mask, _ = model.forward_encoder(imgs, noise)
@@ -107,6 +112,27 @@ def test_mae_checkpoint_converts_and_matches_a_plain_vit(official, tmp_path):
     err = (ours - ref).abs().max().item()
     print(f"max |ours - plain ViT| = {err:.2e} (output scale {ref.abs().max().item():.2f})")
     assert ref.abs().max() > 0.5 and err < 1e-5
+
+
+def _tp_worker(rank, world_size, run, imgs):
+    from rsscale.scaling.parallel import state
+
+    state.init_parallel(tp=world_size)
+    cfg, full = load_full_state_dict(run)
+    return [our_encoder_forward(cfg, full, imgs, sp) for sp in (False, True)]
+
+
+@pytest.mark.slow  # ~25 s; the TP=1 layout check above plus test_tensor_parallel's slicing cover it
+def test_converted_weights_give_the_same_forward_under_tp2_and_sp(official, tmp_path):
+    """The qkv rows are cut per head by megatron's stride-3 sharding: TP=2 (and SP) ranks running
+    the converted weights reproduce the plain ViT."""
+    sd, path = official
+    cli.main(["convert", "--from", "mae", path, "--out", str(tmp_path / "run"), "--heads", "4"])
+    imgs = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    ref = plain_vit_forward(sd, imgs, HEADS, PATCH)
+    for out in run_distributed(_tp_worker, 2, str(tmp_path / "run"), imgs):
+        for latent in out:
+            assert (latent - ref).abs().max() < 1e-5
 
 
 def test_timm_file_converts_without_decoder(official, tmp_path):
