@@ -29,9 +29,11 @@ layout and fine-tuning load it); it has no optimizer state, so `pretrain --resum
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
+import pickle
 import re
 
 import torch
@@ -83,7 +85,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # MAE's training checkpoints also pickle their argparse.Namespace of arguments
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path} holds objects other than tensors ({what.group(1) if what else 'unknown'}), which "
+                         "weights-only loading refuses; save its state dict alone") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
@@ -132,6 +140,8 @@ def expected_shapes(cfg: ViTConfig, decoder: bool = True) -> dict[str, tuple]:
 
 def import_state_dict(sd: dict[str, torch.Tensor], cfg: ViTConfig) -> dict[str, torch.Tensor]:
     """MAE/timm state dict -> {our name: tensor} for cfg; every key and shape checked."""
+    if cfg.branches != 1:
+        raise ValueError(f"model {cfg.name!r} has {cfg.branches} branches per block; MAE/timm ViTs have one")
     has_decoder = any(k.startswith(_DECODER) for k in sd)
     expected = expected_shapes(cfg, decoder=has_decoder)
     if "fc_norm.weight" in sd and "norm.weight" in sd:

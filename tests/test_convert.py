@@ -203,3 +203,20 @@ def test_vit_b16_maps_onto_b12x1_and_l16_onto_its_shape():
     cfg = infer_config(l16)
     assert (cfg.width, cfg.heads, cfg.depth, cfg.mlp, cfg.branches) == (1024, 16, 24, 4096, 1)
     assert len(import_state_dict(l16, cfg)) == len(l16)
+
+
+class _NotATensor:
+    pass
+
+
+def test_reads_mae_training_checkpoints_and_refuses_other_objects(tmp_path):
+    """MAE's own checkpoints pickle {'model', 'optimizer', 'epoch', 'args': Namespace}; weights-only
+    loading takes them, and names the class when a file holds anything else."""
+    import argparse
+
+    sd = {"cls_token": torch.ones(1, 1, 4)}
+    torch.save({"model": sd, "epoch": 399, "args": argparse.Namespace(mask_ratio=0.75)}, tmp_path / "ckpt.pth")
+    assert torch.equal(read_state_dict(str(tmp_path / "ckpt.pth"))["cls_token"], sd["cls_token"])
+    torch.save({"model": sd, "extra": _NotATensor()}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="_NotATensor"):
+        read_state_dict(str(tmp_path / "bad.pth"))
