@@ -22,8 +22,8 @@ Every rank measures; rank 0 gathers the per-rank peaks and writes one record (ki
 
 from __future__ import annotations
 
+import logging
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +33,9 @@ import numpy as np
 from rsscale.scaling.launch import add_launch_arguments, relaunch, torchrun_command, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
 
+from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
+
+log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -55,6 +58,7 @@ class BenchOptions:
     results: str | None = None
     record: bool = True
     record_kind: str = "bench"
+    tensorboard: str | None = None  # folder for TensorBoard scalars (rank 0)
 
     def __post_init__(self):
         if self.warmup < 0 or self.steps < 1:
@@ -90,15 +94,6 @@ def current_rss() -> int:
     """Resident set size of this process now, in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_memory(device) -> int:
-    """Allocator peak on GPU; peak RSS of this process on CPU (bytes)."""
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def matmul_peak_tflops(device, precision: str) -> float:
@@ -160,15 +155,17 @@ def run_bench(opts: BenchOptions) -> dict | None:
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
     rank = dist.get_rank()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"[bench] {opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps", flush=True)
+    log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
     for _ in range(opts.warmup):
         trainer.train_step()
     recs = []
-    for i in range(opts.steps):
-        recs.append(trainer.train_step())
-        say(f"[bench] step {i + 1}/{opts.steps}: {recs[-1]['t_step']:.4f} s, loss {recs[-1]['loss']:.4f}", flush=True)
-    mine = {"rank": rank, "peak": peak_memory(trainer.device), "before": before}
+    with ScalarWriter(opts.tensorboard, prefix="bench") as tb:
+        for i in range(opts.steps):
+            recs.append(trainer.train_step())
+            r = recs[-1]
+            tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
+            log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
+    mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     if rank != 0:
@@ -211,7 +208,7 @@ def _record(opts, layout, cfg, params, summary, recs, peaks, device) -> None:
         run.log_many([(k, v) for k, v in summary.items()]
                      + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
                      + [("peak_mem_rank_bytes", p["peak"], None, {"rank": p["rank"]}) for p in peaks])
-    print(f"[bench] recorded run {run.id} in {store.path} (kind={opts.record_kind})", flush=True)
+    log.info(f"recorded run {run.id} in {store.path} (kind={opts.record_kind})")
 
 
 def print_summary(s: dict) -> None:
@@ -246,6 +243,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
     parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
     add_launch_arguments(parser)
+    parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
 
 
 def argparse_hide():

@@ -112,7 +112,7 @@ def compile_all_for_gpu(arch: int = 90) -> list[str]:
     """Compile every kernel in the tile configurations its launcher uses on a GPU (the widest
     preset's multi-LN; both attention tile shapes, one with a padded head dim); returns the
     names compiled (each compile takes about a second). Run it in a process
-    without TRITON_INTERPRET=1, e.g. `python -c "from kernels.testing import *; compile_all_for_gpu()"`."""
+    without TRITON_INTERPRET=1, e.g. `python -c "from rsscale.kernels.testing import *; compile_all_for_gpu()"`."""
     fa, fln = module("flash_attention"), module("fused_layer_norm")
     cuda = torch.device("cuda")
     done = []

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 import warnings
 
 from rsscale.scaling.config_file import parse_args_with_config
+from rsscale.scaling.log import setup_logging
 
 COMMANDS = {
     "models": ("rsscale.scaling.config", "list model presets with exact parameter counts and FLOPs"),
@@ -24,6 +24,7 @@ COMMANDS = {
     "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
     "study": ("rsscale.reports.study", "a resumable scaling study: model sizes x budgets x data, held-out loss, fits"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
+    "convert": ("rsscale.scaling.convert", "import MAE/timm ViT weights into an rsscale checkpoint, or export one"),
 }
 
 # Commands whose --config file is flat (keys are flag names); pretrain has its own config tree.
@@ -42,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import that Apex/Transformer Engine are absent; its torch fallbacks
     # are what we use on CPU, so the warning is noise on every command.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    if not logging.getLogger().handlers:  # progress lines (logging.info) reach the terminal
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -52,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rsscale: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = COMMANDS[name]
+    setup_logging()  # rank-aware progress lines on stderr
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_)
     module.add_arguments(parser)

@@ -1,4 +1,9 @@
-"""MAE pretraining: one config tree, one short loop, parallelism applied from outside the model.
+"""MAE pretraining: one config tree, one short loop.
+
+Where each parallelism lives: TP and SP are inside the model (megatron Column/Row linears and our
+SP collectives in the blocks, scaling/vit.py + scaling/parallel/mappings.py); PP and DP are the
+trainer's (each rank builds only its pipeline stage and runs the 1F1B schedule; gradients are
+averaged over DP here, optimizer state optionally sharded over DP).
 
     torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -39,6 +45,7 @@ from rsscale.scaling.config import get_preset, param_count
 from rsscale.scaling.config_file import load_config_file
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
+from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
 
 
@@ -81,6 +88,7 @@ class TrainConfig:
     timeout: float = 300.0  # process-group timeout (s): a dead peer fails the step instead of hanging
     results: str | None = None  # results store path (None: $RSSCALE_RESULTS or reports/results.db)
     record: bool = True  # write the run and its step records into the results store
+    tensorboard: str | None = None  # folder for TensorBoard scalar curves (rank 0 writes)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -118,6 +126,7 @@ FLAGS = [
     ("--log-every", "log_every", int, "log line every N steps"),
     ("--timeout", "timeout", float, "process-group timeout in seconds"),
     ("--results", "results", str, "results store path"),
+    ("--tensorboard", "tensorboard", str, "write TensorBoard scalars (loss, lr, grad norm, img/s, memory) to this folder"),
 ]
 SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
@@ -185,8 +194,8 @@ def random_images(cfg, seed: int, step: int, first_index: int, n: int) -> torch.
 
 
 def log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[pretrain] {msg}", flush=True)
+    """Progress line (rank 0 shows INFO; see scaling/log.py)."""
+    logging.getLogger(__name__).info(msg)
 
 
 class Trainer:
@@ -380,10 +389,11 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train to `config.steps`, logging, recording and checkpointing; returns the step records."""
         c, records = self.config, []
-        with self._store_run() as run:
+        with self._store_run() as run, ScalarWriter(c.tensorboard) as tb:
             while self.step < c.steps:
                 rec = self.train_step()
                 records.append(rec)
+                tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(self.device))
                 run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
                 if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
                     log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "

@@ -104,7 +104,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     """Every kernel, in the tile configurations its launcher uses on a GPU, compiles to an sm_90
     cubin (triton ships ptxas). A fresh process: the interpreter must be off for compilation."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from kernels.testing import compile_all_for_gpu; print(len(compile_all_for_gpu()))"
+    code = "from rsscale.kernels.testing import compile_all_for_gpu; print(len(compile_all_for_gpu()))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "3"

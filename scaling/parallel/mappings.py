@@ -12,34 +12,39 @@ the tokens [B, N/T, D] of its rank (N a multiple of T; the model pads, see vit.p
     reduce_from_tensor_model_parallel_region(x)   fwd: all-reduce            bwd: identity
 (the last two are megatron-core's, re-exported so the model imports every collective from here).
 
-Why the backward passes are exact when combined with megatron's linears built with
-sequence_parallel=False. A block under SP runs
-    x_r (my tokens) -> LN -> gather (all tokens) -> Column linears on my heads -> attention/MLP
-      -> Row linear partial sum -> reduce-scatter (my tokens, summed over ranks) -> + x_r.
-The Column linears are built with `disable_grad_reduce=True`: their input grad on rank r is only
-the part that flows through rank r's heads. The gather's backward therefore sums those partial
-grads over ranks and keeps rank r's tokens - a reduce-scatter - which is the exact grad of x_r.
-The reduce-scatter's backward is an all-gather: every rank's partial sum received the same
-upstream grad. Parameters used on token shards only (the LayerNorms inside blocks and the Row
-biases, added after the reduce-scatter) would get grads from their own tokens only; the block
-routes them through `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the
-tiny grad in backward), so every rank ends `backward()` with the full gradient - no extra
-"sequence-parallel grad sync" step is needed in the trainer.
-When the SP region ends (gather before a replicated computation, e.g. the final norm) every rank
-computes the same thing and holds the full upstream grad, so `tp_grad=False` keeps its chunk.
+Why the gradients are exact (megatron's linears are built with sequence_parallel=False; under
+SP the block uses only their weights). A block sublayer under SP runs
+    x_r (my tokens) -> K LayerNorms -> gather_column_linears: all-gather the tokens and apply the
+      K Column weights of my heads -> attention/MLP -> sum of the K Row partial outputs
+      -> reduce-scatter (my tokens, summed over ranks) -> + x_r.
+The input gradient of the gathered Column matmul on rank r is only the part that flows through
+rank r's heads; summing those partial grads over ranks and keeping rank r's tokens - a
+reduce-scatter - gives the exact grad of x_r. The reduce-scatter's backward is an all-gather:
+every rank's partial sum received the same upstream grad. Parameters used on token shards only
+(the LayerNorms inside blocks and the Row biases, added after the reduce-scatter) would get
+grads from their own tokens only; the block routes them through
+`copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the tiny grad in
+backward), so every rank ends `backward()` with the full gradient - no extra "sequence-parallel
+grad sync" step is needed in the trainer. When the SP region ends (gather before a replicated
+computation, e.g. the final norm) every rank computes the same thing and holds the full upstream
+grad, so `tp_grad=False` keeps its chunk.
 
-Communication per block sublayer, activations of size A = B*N*D per rank (ring algorithms):
-    TP only (megatron, non-SP):   fwd all-reduce (2A)           bwd all-reduce (2A)
-    megatron native SP:           fwd all-gather + reduce-scatter (A + A), bwd the same (2A)
-    ours:                         the same volumes as megatron's native SP when the backend has
+Memory: like megatron's native SP, `gather_column_linears` saves only this rank's token chunk of
+the normed input and all-gathers it again in backward for the weight gradient, so no all-token
+activation stays alive between forward and backward; LayerNorm inputs and residuals live on N/T
+tokens too. SP saves activation memory, not communication.
+
+Communication per block sublayer, activations of size A = B*N*D per rank (ring algorithms,
+padding tokens included):
+    TP only (megatron, non-SP):   fwd all-reduce (2A)                bwd all-reduce (2A)
+    megatron native SP:           fwd all-gather + reduce-scatter    bwd all-gather (of the grad)
+                                  (A + A)                            + re-gather of the input
+                                                                     + reduce-scatter (3A)
+    ours:                         the same as megatron's native SP when the backend has
                                   reduce_scatter (gloo in recent torch and nccl do); otherwise
-                                  reduce-scatter falls back to all-reduce + keep-my-chunk (2A),
-                                  i.e. 3A per direction, plus a few all-reduces of K*D-sized
+                                  each reduce-scatter falls back to all-reduce + keep-my-chunk
+                                  (2A instead of A); plus a few all-reduces of K*D-sized
                                   LayerNorm/bias grads per block.
-SP saves activation memory, not communication: LayerNorm inputs and residuals live on N/T tokens.
-Unlike megatron's native SP, the Column linears here save their gathered (all-token) input for
-the weight gradient instead of re-gathering it in backward, so that input is not saved sharded;
-the trade is one all-gather less per sublayer in backward.
 """
 
 from __future__ import annotations

@@ -1,0 +1,109 @@
+"""The dependency direction of docs/DESIGN.md ("Dependency direction"), checked on the source.
+
+Every import statement of every module (module level or inside a function: a lazy import is a
+dependency too) is parsed with `ast`; an import of an rsscale part that the importing part may
+not use fails the test with the file, line and target."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("kernels", "scaling", "benchmarks", "finetune", "reports")
+# Bottom layer: shared infrastructure in scaling/ that imports no other rsscale module except
+# another bottom module (the CLI names its commands as strings and imports them lazily).
+BOTTOM = {"rsscale.scaling.store", "rsscale.scaling.cli", "rsscale.scaling.log", "rsscale.scaling.launch",
+          "rsscale.scaling.config_file"}
+MAY_IMPORT = {
+    "kernels": {"kernels"},
+    "scaling": {"kernels", "scaling"},
+    "benchmarks": {"kernels", "scaling", "benchmarks"},
+    "finetune": {"kernels", "scaling", "finetune"},
+    "reports": set(PARTS),
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts[:-1]) if rel.name == "__init__" else list(rel.parts)
+    return ".".join(["rsscale", *parts])
+
+
+def imported_modules(path: Path):
+    """(line, rsscale module) for every import in the file; `from a import b` counts a.b when b is
+    a module of ours, else a."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise AssertionError(f"{path}:{node.lineno}: relative import; write the rsscale.<part> name")
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                yield node.lineno, target if is_our_module(target) else node.module
+
+
+def is_our_module(name: str) -> bool:
+    parts = name.split(".")
+    if parts[0] != "rsscale" or len(parts) < 2:
+        return False
+    base = ROOT.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def sources():
+    return sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
+
+
+def violations(path: Path) -> list[str]:
+    me = module_name(path)
+    part = me.split(".")[1]
+    out = []
+    for line, target in imported_modules(path):
+        bits = target.split(".")
+        if bits[0] != "rsscale":
+            continue
+        if len(bits) < 2 or bits[1] not in PARTS:
+            out.append(f"{path.relative_to(ROOT)}:{line} imports {target} (not an rsscale part)")
+        elif me in BOTTOM and target not in BOTTOM:
+            out.append(f"{path.relative_to(ROOT)}:{line}: bottom module {me} imports {target}")
+        elif bits[1] not in MAY_IMPORT[part]:
+            out.append(f"{path.relative_to(ROOT)}:{line}: {part} imports {target} (upward)")
+    return out
+
+
+def test_every_import_points_down():
+    found = [v for p in sources() for v in violations(p)]
+    assert not found, "\n".join(found)
+
+
+def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
+    """The rule above fails on what it must fail on (so it cannot pass by parsing nothing)."""
+    assert len(sources()) > 30
+    cases = {
+        "scaling/upward.py": "from rsscale.benchmarks import harness\n",
+        "kernels/upward.py": "def f():\n    import rsscale.scaling.vit\n",
+        "finetune/sideways.py": "from rsscale.benchmarks.analytic import estimate\n",
+        "scaling/store.py": "from rsscale import kernels\n",
+    }
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for part in PARTS:
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "harness.py").write_text("")
+    for rel, code in cases.items():
+        (tmp_path / rel).write_text(code)
+        assert len(violations(tmp_path / rel)) == 1, rel
+    (tmp_path / "reports" / "ok.py").write_text("from rsscale.benchmarks import harness\nfrom rsscale import kernels\n")
+    assert violations(tmp_path / "reports" / "ok.py") == []
+
+
+@pytest.mark.parametrize("bottom", sorted(BOTTOM))
+def test_bottom_modules_exist(bottom):
+    assert is_our_module(bottom), f"{bottom} is listed as a bottom module but there is no such file"

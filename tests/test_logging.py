@@ -1,0 +1,76 @@
+"""Rank-aware logging and TensorBoard curves: what `--tensorboard` writes equals what the results
+store (the source of truth) records for the same run."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rsscale.scaling import log as rsscale_log
+from rsscale.scaling.log import ScalarWriter, setup_logging
+from rsscale.scaling.store import ResultsStore
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    files = glob.glob(f"{folder}/events.out.tfevents.*")
+    assert files, f"no TensorBoard event file under {folder}"
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_cli(*argv):
+    proc = subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_pretrain_writes_the_curves_the_store_records(tmp_path):
+    db, tb = tmp_path / "results.db", tmp_path / "tb"
+    proc = run_cli("pretrain", "--model", "tiny", "--steps", "3", "--micro-batch", "2", "--global-batch", "2", "--data", "random",
+                   "--log-every", "1", "--out", str(tmp_path / "run"), "--results", str(db), "--tensorboard", str(tb))
+    assert "[rank 0] rsscale.scaling.train: step 3/3 loss" in proc.stderr  # progress through logging, rank-prefixed
+    scalars = read_scalars(tb)
+    expected = {f"train/{k}" for k in ("loss", "lr", "grad_norm", "images_per_s", "peak_memory_bytes")}
+    assert expected <= set(scalars) and all(len(scalars[t]) == 3 for t in expected)
+    stored = ResultsStore(str(db)).metrics(kind="pretrain")
+    for name in ("loss", "lr", "grad_norm"):
+        rows = stored[stored["name"] == name].sort_values("step")
+        assert [s for s, _ in scalars[f"train/{name}"]] == [1, 2, 3] == list(rows["step"])
+        assert [v for _, v in scalars[f"train/{name}"]] == pytest.approx(list(rows["value"]), rel=1e-6)
+    assert all(v > 1e6 for _, v in scalars["train/peak_memory_bytes"])
+
+
+def test_bench_writes_step_curves(tmp_path):
+    tb = tmp_path / "tb"
+    run_cli("bench", "--model", "tiny", "--micro-batch", "2", "--global-batch", "2", "--warmup", "0", "--steps", "2",
+            "--no-record", "--peak-tflops", "1", "--tensorboard", str(tb))
+    scalars = read_scalars(tb)
+    for tag in ("t_step", "loss", "lr", "grad_norm", "images_per_s", "peak_memory_bytes"):
+        assert [s for s, _ in scalars[f"bench/{tag}"]] == [1, 2]
+
+
+def test_only_rank_zero_logs_info(monkeypatch, capsys):
+    logger = logging.getLogger("rsscale.test")
+    monkeypatch.setattr(rsscale_log, "rank", lambda: 1)
+    setup_logging()
+    logger.info("hidden")
+    logger.warning("shown")
+    monkeypatch.setattr(rsscale_log, "rank", lambda: 0)
+    setup_logging()
+    logger.info("visible")
+    err = capsys.readouterr().err
+    assert "hidden" not in err and "[rank 1] rsscale.test: shown" in err and "[rank 0] rsscale.test: visible" in err
+
+
+def test_writer_is_a_no_op_without_a_folder_or_off_rank_zero(tmp_path):
+    with ScalarWriter(None) as tb:
+        tb.add(1, loss=1.0)
+    with ScalarWriter(str(tmp_path / "tb"), enabled=False) as tb:
+        tb.add(1, loss=1.0)
+    assert not (tmp_path / "tb").exists()
