@@ -323,7 +323,7 @@ def newest_complete(root: str, collective: bool = False) -> str | None:
     rank, world = _world() if collective else (0, 1)
     for folder in _broadcast(candidates(root)) if collective else candidates(root):
         found = problems(folder, part=(rank, world))
-        bad = torch.tensor([float(bool(found))])
+        bad = torch.tensor([float(bool(found))], device="cuda" if world > 1 and dist.get_backend() == "nccl" else "cpu")
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if not bad.item():

@@ -45,6 +45,8 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
     """
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout_s}")
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
