@@ -39,7 +39,7 @@ def main(args) -> int:
         config = TrainConfig(model=name, parallel=Layout(micro_batch=args.batch, global_batch=args.batch),
                              optim=OptimConfig(lr=2e-3, warmup=max(1, args.steps // 6)), steps=args.steps,
                              data=dataset_paths(args.data)["pretrain"], num_workers=1, out=os.path.join(args.out, name),
-                             results=results, log_every=max(1, args.steps // 3))
+                             results=results, log_every=max(1, args.steps // 3), overwrite=True)  # a demo rerun starts over
         t = time.perf_counter()
         records = Trainer.build(config).fit()
         summary.append((name, param_count(get_preset(name), "encoder"), records[0]["loss"], records[-1]["loss"], time.perf_counter() - t))

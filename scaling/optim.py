@@ -116,30 +116,34 @@ class FlatAdamW:
         """Bytes of optimizer state held by this rank (exp_avg + exp_avg_sq)."""
         return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
 
-    # --- layout-independent state: per-parameter moments ---------------------------------------
-    def _full(self, shard: torch.Tensor) -> torch.Tensor:
-        if self.shards == 1:
-            return shard
-        full = torch.empty_like(self.flat)
-        dist.all_gather(list(full.split(self.shard_size)), shard.clone(), group=self.group)
-        return full
+    # --- layout-independent state: per-parameter moments, no communication ---------------------
+    def _overlaps(self):
+        """(name, param, a, b): elements a..b of each parameter that lie in this rank's shard."""
+        for name, p in self.named:
+            o, n = self.offsets[name]
+            lo, hi = max(o, self.lo), min(o + n, self.hi)
+            if lo < hi:
+                yield name, p, lo - o, hi - o
 
-    def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"exp_avg": {name: tensor shaped like the param}, "exp_avg_sq": {...}} (collective when sharded)."""
-        out = {}
-        for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            full = self._full(shard)
-            out[key] = {name: full[o : o + n].view_as(p).clone() for (name, p), (o, n) in zip(self.named, self.offsets.values())}
+    def moment_pieces(self) -> dict[str, dict[str, tuple[torch.Tensor, int, int]]]:
+        """{"exp_avg": {name: (values, a, b)}, "exp_avg_sq": {...}}: this rank's moments of elements
+        a..b of each flattened parameter (the whole parameter unless it straddles ZeRO shards); views, no copies."""
+        out = {"exp_avg": {}, "exp_avg_sq": {}}
+        for name, p, a, b in self._overlaps():
+            o = self.offsets[name][0] - self.lo
+            for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                out[key][name] = (shard[o + a : o + b], a, b)
         return out
 
-    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
-        """Inverse of `param_states`: every rank passes the moments of its own parameters."""
-        for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            full = torch.zeros_like(self.flat)
-            for name, p in self.named:
-                o, n = self.offsets[name]
-                full[o : o + n].copy_(states[key][name].reshape(-1))
-            shard.copy_(full[self.lo : self.hi])
+    def load_moments(self, read, step_count: int) -> None:
+        """Fill this rank's shard from `read(key, name)` -> that moment of parameter `name`, shaped
+        like it; only parameters overlapping the shard are read."""
+        for shard in (self.exp_avg, self.exp_avg_sq):
+            shard.zero_()
+        for name, p, a, b in self._overlaps():
+            o = self.offsets[name][0] - self.lo
+            for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                shard[o + a : o + b].copy_(read(key, name).reshape(-1)[a:b])
         self.step_count = int(step_count)
 
 

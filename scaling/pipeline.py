@@ -10,8 +10,9 @@ handshake and receive buffers with `device=torch.cuda.current_device()`
     then M - warmup steady rounds of (forward i, backward i - warmup), then `warmup` backwards.
 
 At most P - s micro-batches' activations are alive on stage s (GPipe keeps all M). Every
-exchange posts its isend/irecv together and waits on both, as megatron's combined
-send_forward_recv_backward does, so neighbouring stages never deadlock on blocking sends.
+exchange posts its sends and receives as one grouped `dist.batch_isend_irecv` (as megatron's
+combined send_forward_recv_backward does): on NCCL, separate isend-then-irecv on both neighbours
+can deadlock for large messages; grouped operations cannot, and they run on gloo too.
 Activations cross stages in float32 with a known shape (see `MaskedAutoencoder.hidden_shape`:
 [mb, 1+V, D], or this TP rank's token chunk under sequence parallelism, each TP rank talking to
 the same TP rank of the next stage).
@@ -45,11 +46,12 @@ class StageLinks:
 
 
 def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
-    """Post all sends and receives, then wait for every one of them."""
-    works = [dist.isend(t.contiguous(), peer) for t, peer in sends]
-    works += [dist.irecv(t, peer) for t, peer in recvs]
-    for w in works:
-        w.wait()
+    """Post all sends and receives as one group (`dist.batch_isend_irecv`), then wait for them all."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    if ops:
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
 
 
 def forward_backward_1f1b(

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -83,7 +84,9 @@ class TrainConfig:
     num_workers: int = 2
     out: str = "runs/pretrain"
     save_every: int = 0  # 0: only at the end
+    keep: int = 0  # keep only the N newest checkpoints (0: all); the newest complete one is never deleted
     resume: bool = False
+    overwrite: bool = False  # start over in an --out folder that holds checkpoints (deletes them)
     log_every: int = 10
     timeout: float = 300.0  # process-group timeout (s): a dead peer fails the step instead of hanging
     results: str | None = None  # results store path (None: $RSSCALE_RESULTS or reports/results.db)
@@ -123,6 +126,7 @@ FLAGS = [
     ("--num-workers", "num_workers", int, "data loader workers per rank"),
     ("--out", "out", str, "run folder (checkpoints under <out>/checkpoints)"),
     ("--save-every", "save_every", int, "checkpoint every N steps (and always at the end)"),
+    ("--keep", "keep", int, "keep only the N newest checkpoints (0: all)"),
     ("--log-every", "log_every", int, "log line every N steps"),
     ("--timeout", "timeout", float, "process-group timeout in seconds"),
     ("--results", "results", str, "results store path"),
@@ -132,7 +136,8 @@ SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
     ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
-    ("--resume", "resume", "continue from <out>/checkpoints/latest if present"),
+    ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
+    ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
     ("--no-record", "record", "do not write to the results store"),
 ]
 
@@ -260,9 +265,13 @@ class Trainer:
                                   pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=layer_range, seed=self.config.seed)
         return model.to(self.device)
 
+    def _is_data_source(self) -> bool:
+        """The first TP rank of the first stage reads each replica's batches; its model-parallel peers receive them."""
+        return self.state.tp_rank() == 0 and self.state.pp_rank() == 0
+
     def _build_loader(self):
         c = self.config
-        if c.data == "random":
+        if c.data == "random" or not self._is_data_source():
             return None
         root = c.data
         if c.data == "synthetic":
@@ -271,7 +280,8 @@ class Trainer:
             root = "data/synthetic"
             if dist.get_rank() == 0:
                 ensure_dataset(root)
-            dist.barrier()
+            if self.state.dp_size() > 1:
+                dist.barrier(group=self.state.dp_group())  # the data sources: rank 0 and the other replicas' first ranks
             root = dataset_paths(root)["pretrain"]
         from rsscale.scaling.data import build_pretrain_loader
 
@@ -281,15 +291,23 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self):
-        """This rank's (images, noise) per micro-batch of the current step."""
-        L, cfg, out = self.layout, self.cfg, []
+        """This rank's (images, noise) per micro-batch of the current step. Loaded images come from
+        the replica's data source (`_is_data_source`), broadcast over its TP x PP ranks, so every
+        rank of a replica consumes the same batch whatever its own loader would have done."""
+        L, cfg = self.layout, self.cfg
         base = self.state.dp_rank() * L.num_micro * L.micro_batch
-        for m in range(L.num_micro):
-            first = base + m * L.micro_batch
-            noise = masking_noise_for(cfg, self.config.seed, self.step, first, L.micro_batch).to(self.device)
-            imgs = random_images(cfg, self.config.seed, self.step, first, L.micro_batch) if self.loader is None else next(self.loader)
-            out.append((imgs.to(self.device), noise))
-        return out
+        firsts = [base + m * L.micro_batch for m in range(L.num_micro)]
+        noise = [masking_noise_for(cfg, self.config.seed, self.step, f, L.micro_batch).to(self.device) for f in firsts]
+        if self.config.data == "random":
+            imgs = torch.stack([random_images(cfg, self.config.seed, self.step, f, L.micro_batch) for f in firsts]).to(self.device)
+        elif self.loader is not None:
+            imgs = torch.stack([next(self.loader).to(self.device, torch.float32) for _ in firsts])
+        else:
+            imgs = torch.empty((L.num_micro, L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size), device=self.device)
+        if self.config.data != "random" and L.tp * L.pp > 1:
+            group = self.state._parallel_state().get_model_parallel_group()
+            dist.broadcast(imgs, src=dist.get_global_rank(group, 0), group=group)
+        return list(zip(imgs.unbind(0), noise))
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
@@ -321,6 +339,10 @@ class Trainer:
         losses = forward_backward_1f1b(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device, self.scaler.scale)
         self._sync()
         t2 = time.perf_counter()
+        loss = self._global_loss(losses)
+        if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
+            raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
+                                     f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
         grad = self.optimizer.collect_grads()
         self.optimizer.allreduce_grads(self.state.dp_group(), L.dp)
         finite = self.scaler.unscale_and_check(grad)
@@ -331,7 +353,6 @@ class Trainer:
             self.optimizer.step(lr)
         self._sync()
         t3 = time.perf_counter()
-        loss = self._global_loss(losses)
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "loss_scale": self.scaler.scale,
                 "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
@@ -348,63 +369,96 @@ class Trainer:
         return float(t)
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _claim(self) -> None:
+        """Collective, once: lock the run folder; refuse a fresh run over checkpoints unless --overwrite."""
+        if getattr(self, "_lock", None) is None:
+            if self.config.keep < 0:
+                raise ValueError(f"--keep must be >= 0 (0 keeps every checkpoint), got {self.config.keep}")
+            self._lock = checkpoint.claim_run_folder(self.config.out, self.config.resume, self.config.overwrite) or False
+
     def save(self) -> str:
-        """Collective: write a checkpoint of the current step (loadable into any layout)."""
+        """Collective: each rank writes what it owns (loadable into any layout; scaling/checkpoint.py)."""
+        self._claim()
         params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
-        tensors = {f"model/{name}": (p, checkpoint.tensor_meta(p)) for name, p in params.items()}
-        for key, per_param in self.optimizer.param_states().items():
-            tensors.update({f"{key}/{name}": (t, checkpoint.tensor_meta(params[name])) for name, t in per_param.items()})
+        owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
+        first_replica = self.state.dp_rank() == 0
+        tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica}
+        if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
+            for key, pieces in self.optimizer.moment_pieces().items():
+                for n, (t, a, b) in pieces.items():
+                    p, info = params[n], checkpoint.tensor_meta(params[n])
+                    if owns[n]:
+                        whole = (a, b) == (0, p.numel())
+                        tensors[f"{key}/{n}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
-        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, writer=self.state.dp_rank() == 0)
+        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
 
     def _resume(self):
-        try:
-            folder, index = checkpoint.read_index(self.ckpt_dir)
-        except FileNotFoundError:
+        """Continue from the newest complete checkpoint; start fresh only when there is none at all."""
+        self._claim()
+        folder = checkpoint.newest_complete(self.ckpt_dir, collective=True)
+        if folder is None:
+            if checkpoint.candidates(self.ckpt_dir):
+                raise checkpoint.CheckpointError(f"--resume: no complete checkpoint under {self.ckpt_dir} (every one is incomplete or corrupt, "
+                                                 "see the warnings); repair them, or pass --overwrite without --resume to start over")
             log(f"--resume: no checkpoint under {self.ckpt_dir}, starting from step 0")
             return
-        self.load(folder)
+        index = self.load(folder)
         if index["layout"] == self.layout.as_dict():
             torch.set_rng_state(checkpoint.load_rank_state(folder, dist.get_rank())["torch_rng"])
         log(f"resumed from {folder} at step {self.step}")
 
-    def load(self, path: str) -> None:
-        """Load weights, optimizer moments and trainer state from a checkpoint of any layout."""
-        index, full = checkpoint.load_full_tensors(path)
+    def load(self, path: str) -> dict:
+        """Load weights, optimizer moments and trainer state from a checkpoint of any layout, reading
+        only this rank's slices; returns the checkpoint's index."""
+        folder, index = checkpoint.read_index(path)
         if index["model"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
         params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(checkpoint.shard_for(full[f"model/{name}"], p))
-        moments = {key: {n: checkpoint.shard_for(full[f"{key}/{n}"], params[n]) for n, _ in self.optimizer.named} for key in ("exp_avg", "exp_avg_sq")}
+                p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
         t = index["trainer"]
-        self.optimizer.load_param_states(moments, t["optimizer_steps"])
+        self.optimizer.load_moments(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
         self.scaler.load_state_dict(t["scaler"])
         self.step = int(t["step"])
+        return index
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        """Train to `config.steps`, logging, recording and checkpointing; returns the step records."""
+        """Train to `config.steps`, logging, recording and checkpointing; returns the step records.
+        Holds the run-folder lock meanwhile; a collective that times out is reported naming the
+        rank that stopped responding."""
         c, records = self.config, []
-        with self._store_run() as run, ScalarWriter(c.tensorboard) as tb:
-            while self.step < c.steps:
-                rec = self.train_step()
-                records.append(rec)
-                tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(self.device))
-                run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
-                if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
-                    log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
-                        f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
-                        + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
-                if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
+        self._claim()
+        try:
+            with self._store_run() as run, ScalarWriter(c.tensorboard) as tb:
+                while self.step < c.steps:
+                    rec = self.train_step()
+                    records.append(rec)
+                    tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(self.device))
+                    run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
+                    if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
+                        log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
+                            f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
+                            + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
+                    if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
+                        self.save()
+                if records:
+                    run.log_many((k, v, None) for k, v in summarize(records).items())
+                if records or c.save_every:
                     self.save()
-            if records:
-                run.log_many((k, v, None) for k, v in summarize(records).items())
-            if records or c.save_every:
-                self.save()
+        except RuntimeError as e:
+            if self.state.is_timeout(e):
+                raise TimeoutError(f"step {self.step + 1}: a collective timed out (--timeout {c.timeout:g} s); "
+                                   f"{self.state.unresponsive_ranks(c.timeout)}") from e
+            raise
+        finally:
+            if self._lock:
+                self._lock.release()
+            self._lock = False  # claimed once for this trainer: a later save() does not re-check
         return records
 
     def _store_run(self):

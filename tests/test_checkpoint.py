@@ -67,17 +67,17 @@ def test_crash_during_save_keeps_latest(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    monkeypatch.setattr(checkpoint, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         trainer.save()
     monkeypatch.undo()
     ckpts = os.path.join(str(tmp_path / "run"), "checkpoints")
     assert checkpoint.resolve(ckpts) == good  # the half-written step 2 is not "latest"
-    assert os.path.isdir(os.path.join(ckpts, ".tmp_step_00000002"))
+    assert [d for d in os.listdir(ckpts) if d.startswith(".tmp_step_00000002.")]  # the half-written one, under a temporary name
     cfg, weights = checkpoint.load_full_state_dict(ckpts)
     assert cfg.name == "tiny" and "blocks.0.attn.0.qkv.weight" in weights
     again = trainer.save()
-    assert checkpoint.resolve(ckpts) == again and not os.path.exists(os.path.join(ckpts, ".tmp_step_00000002"))
+    assert checkpoint.resolve(ckpts) == again and not [d for d in os.listdir(ckpts) if d.startswith(".tmp_")]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -85,3 +85,31 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_full_state_dict(str(tmp_path))
+
+
+@pytest.mark.parametrize("writers, readers, dim, stride", [(2, 1, 0, 3), (1, 4, 1, 1), (4, 2, 0, 3), (2, 4, 1, 1), (3, 1, 1, 2)])
+def test_read_local_reshards_any_tp_size_from_whole_and_flat_pieces(tmp_path, writers, readers, dim, stride):
+    """Slices written by `writers` TP ranks (one of them as ZeRO-style flat pieces) read back as any
+    reader TP rank's slice equal `shard_tensor` of the full tensor (megatron's strided layout)."""
+    from rsscale.scaling import checkpoint
+    from rsscale.scaling.parallel.state import shard_tensor
+
+    shape = [24, 36]
+    full = torch.arange(24 * 36, dtype=torch.float32).reshape(shape)
+    reports = []
+    for q in range(writers):
+        local = shard_tensor(full, dim, stride, q, writers)
+        entry = {"key": "exp_avg/w", "dtype": "F32", "partition_dim": dim, "stride": stride, "tp_rank": q, "tp_size": writers, "shape": list(local.shape)}
+        if q == writers - 1:  # this writer's slice straddles two ZeRO shards: two flat pieces
+            cut = local.numel() // 3
+            tensors = {"exp_avg/w@0": local.reshape(-1)[:cut], f"exp_avg/w@{cut}": local.reshape(-1)[cut:]}
+            entries = {"exp_avg/w@0": dict(entry, flat=[0, cut]), f"exp_avg/w@{cut}": dict(entry, flat=[cut, local.numel()])}
+        else:
+            tensors, entries = {"exp_avg/w": local}, {"exp_avg/w": dict(entry, flat=None)}
+        file = f"rank_{q:05d}.safetensors"
+        checkpoint.write_safetensors(str(tmp_path / file), tensors, {})
+        reports.append({"file": file, "entries": entries})
+    e = checkpoint._merge(reports)["exp_avg/w"]
+    assert e["shape"] == shape
+    for r in range(readers):
+        assert torch.equal(checkpoint.read_local(str(tmp_path), e, r, readers), shard_tensor(full, dim, stride, r, readers)), r

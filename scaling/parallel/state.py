@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+_HEARTBEAT = None  # a gloo group over all ranks for `unresponsive_ranks` (monitored_barrier is gloo-only)
 
 
 def _free_port() -> int:
@@ -44,6 +45,8 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
     """
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {timeout_s}")
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -63,11 +66,40 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
             return
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, distributed_timeout_minutes=max(1, int(timeout_s // 60)))
+    # the timeout exactly (megatron takes minutes, a float is fine); no megatron gloo groups (unused,
+    # and its expert gloo group would get torch's default timeout)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, distributed_timeout_minutes=timeout_s / 60.0,
+                                 create_gloo_process_groups=False)
+    global _HEARTBEAT
+    _HEARTBEAT = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     if seed is not None:
         seed_rng(seed)
     if dist.get_rank() == 0:
         log.info("parallel layout: world=%d tp=%d pp=%d dp=%d backend=%s", world, tp, pp, world // (tp * pp), dist.get_backend())
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether a collective failed because a peer did not answer in time (gloo or NCCL wording)."""
+    text = str(error).lower()
+    return any(w in text for w in ("timed out", "timeout", "connection closed by peer", "connection reset by peer"))
+
+
+def unresponsive_ranks(timeout_s: float) -> str:
+    """Collective over the ranks still running: which rank stopped responding, in one sentence.
+
+    Every live rank enters a `dist.monitored_barrier` (gloo) on a side group; rank 0 names the
+    ranks that do not arrive within `timeout_s`, the others point to rank 0's message."""
+    if _HEARTBEAT is None:
+        return "no peer to check"
+    try:
+        dist.monitored_barrier(group=_HEARTBEAT, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        text = str(e)
+        if "failed to pass monitoredBarrier" in text:
+            ranks = text.split("failed to pass monitoredBarrier")[0].rsplit("Ranks", 1)[-1].rsplit("Rank", 1)[-1].strip(" :")
+            return f"rank(s) {ranks} stopped responding (no heartbeat within {timeout_s:g} s)"
+        return f"rank 0 did not confirm the heartbeat; see rank 0's message for the rank that stopped responding ({text.splitlines()[0][:160]})"
+    return "every rank answered a heartbeat afterwards (the stall was transient or inside one group)"
 
 
 def seed_rng(seed: int) -> None:
@@ -86,9 +118,11 @@ def seed_rng(seed: int) -> None:
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (if we are in one)."""
+    global _HEARTBEAT
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _HEARTBEAT = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
