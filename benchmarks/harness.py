@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.launch import add_launch_arguments, relaunch, torchrun_command, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
 
 DTYPES = ("fp32", "bf16", "fp16")
+NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--micro-batch": dict(ge=1),
+                "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0)}
 
 
 @dataclass
@@ -57,8 +60,7 @@ class BenchOptions:
     record_kind: str = "bench"
 
     def __post_init__(self):
-        if self.warmup < 0 or self.steps < 1:
-            raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={self.warmup}, steps={self.steps}")
+        check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
         if self.record_kind not in ("bench", "profile"):

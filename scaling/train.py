@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import get_preset, param_count
-from rsscale.scaling.config_file import load_config_file
+from rsscale.scaling.config_file import check_number, check_tree, load_config_file
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
@@ -82,14 +82,19 @@ class TrainConfig:
     results: str | None = None  # results store path (None: $RSSCALE_RESULTS or reports/results.db)
     record: bool = True  # write the run and its step records into the results store
 
+    def __post_init__(self):
+        for path, bounds in NUMBER_RULES.items():
+            check_number(_flag_of(path), _get(self, path), **bounds)
+        for path, allowed in CHOICES.items():
+            if _get(self, path) not in allowed:
+                raise ValueError(f"{_flag_of(path)} must be one of {', '.join(allowed)}, got {_get(self, path)!r}")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
+
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        d = check_tree(source, d, cls)  # unknown keys and mistyped values, named
         par, opt = d.pop("parallel", {}) or {}, d.pop("optim", {}) or {}
-        for prefix, given, known in (("", d, cls), ("parallel.", par, Layout), ("optim.", opt, OptimConfig)):
-            unknown = set(given) - {f.name for f in dataclasses.fields(known)}
-            if unknown:
-                raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
         return cls(parallel=Layout(**par), optim=OptimConfig(**opt), **d)
 
     def to_dict(self) -> dict:
@@ -128,6 +133,30 @@ SWITCHES = [
 ]
 
 
+# Valid ranges of the numeric config values (config path -> bounds); errors name the flag and key.
+NUMBER_RULES = {
+    "in_chans": dict(ge=1), "parallel.tp": dict(ge=1), "parallel.pp": dict(ge=1), "parallel.dp": dict(ge=1),
+    "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1),
+    "optim.lr": dict(gt=0), "optim.min_lr": dict(ge=0), "optim.warmup": dict(ge=0), "optim.weight_decay": dict(ge=0),
+    "optim.beta1": dict(ge=0, lt=1), "optim.beta2": dict(ge=0, lt=1), "optim.eps": dict(gt=0), "optim.clip_grad": dict(ge=0),
+    "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
+    "timeout": dict(gt=0),
+}
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
+
+
+def _get(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _flag_of(path: str) -> str:
+    """'--steps (config key 'steps')': how an error names a config value."""
+    flag = next((f for f, p, *_ in FLAGS + SWITCHES if p == path), None)
+    return f"{flag} (config key {path!r})" if flag else f"config key {path!r}"
+
+
 def add_arguments(parser) -> None:
     S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
@@ -142,7 +171,8 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
     """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) (world: $WORLD_SIZE
     under torchrun, or the size about to be launched)."""
     d = TrainConfig().to_dict()
-    from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    path = getattr(args, "config", None)
+    from_file = check_tree(path, load_config_file(path), TrainConfig) if path else {}
     if from_file:
         for key, value in from_file.items():
             d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
@@ -156,7 +186,7 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
     if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
         world = world or int(os.environ.get("WORLD_SIZE", 1))
         d["parallel"]["dp"] = layout_mod.derive_dp(d["parallel"]["tp"], d["parallel"]["pp"], None, world)
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(d, source=path or "command line")
 
 
 # ---------------------------------------------------------------------------------------------
