@@ -114,3 +114,50 @@ def test_flat_config_file_booleans_and_repeatable_flags(tmp_path, capsys):
     assert cli(["profile", "--config", str(prof)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if " mb" in line]
     assert rows and all(" mb2 " in r or " mb4 " in r for r in rows)
+
+
+# ---------------------------------------------------------------------------------- item 15
+def _kernel_rec(ms, kernel="layer_norm", impl="triton"):
+    return dict(kernel=kernel, impl=impl, shape="M=8 N=40 K=2", dtype="bf16", direction="fwd", ms=ms,
+                unit="GB/s", rate=1.0, pct_peak=1.0)
+
+
+def _results_file(tmp_path, name, records, device="GPU A", raw=None):
+    path = tmp_path / name
+    path.write_text(raw if raw is not None else json.dumps(dict(meta=dict(device=device, shapes="tiny", dtype="bf16"), records=records)))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("nan", "not a positive finite number"),
+    ("malformed", "is not a results file"),
+    ("no_ms", "lacks ms"),
+    ("device", "baseline from 'GPU A', current run on 'GPU B'"),
+    ("no_triton", "no triton records"),
+])
+def test_kernel_check_that_could_not_compare_fails_with_its_own_exit_code(tmp_path, capsys, case, why):
+    from rsscale.benchmarks import kernel_bench as kb
+
+    base = _results_file(tmp_path, "base.json", [_kernel_rec(1.0)])
+    current = {
+        "nan": lambda: _results_file(tmp_path, "cur.json", [_kernel_rec(float("nan"))]),
+        "malformed": lambda: _results_file(tmp_path, "cur.json", None, raw='{"records": [ truncated'),
+        "no_ms": lambda: _results_file(tmp_path, "cur.json", [{k: v for k, v in _kernel_rec(1.0).items() if k != "ms"}]),
+        "device": lambda: _results_file(tmp_path, "cur.json", [_kernel_rec(1.0)], device="GPU B"),
+        "no_triton": lambda: _results_file(tmp_path, "cur.json", [_kernel_rec(1.0)]),
+    }[case]()
+    if case == "no_triton":
+        base = _results_file(tmp_path, "base.json", [_kernel_rec(1.0, impl="torch")])
+    assert cli(["kernels", "check", "--baseline", base, "--current", current]) == kb.EXIT_CANNOT_COMPARE == 3
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "could not compare" in err and why in err, err
+    assert cli(["kernels", "check", "--baseline", base, "--current", current, "--allow-skip"]) == 0
+    assert "SKIPPED" in capsys.readouterr().out
+
+
+def test_kernel_check_device_mismatch_can_be_allowed_and_then_compares(tmp_path, capsys):
+    base = _results_file(tmp_path, "base.json", [_kernel_rec(1.0)])
+    slow = _results_file(tmp_path, "slow.json", [_kernel_rec(1.5)], device="GPU B")
+    assert cli(["kernels", "check", "--baseline", base, "--current", slow, "--allow-device-mismatch"]) == 1
+    out = capsys.readouterr().out
+    assert "compared anyway" in out and "slower" in out
