@@ -161,3 +161,94 @@ def test_kernel_check_device_mismatch_can_be_allowed_and_then_compares(tmp_path,
     assert cli(["kernels", "check", "--baseline", base, "--current", slow, "--allow-device-mismatch"]) == 1
     out = capsys.readouterr().out
     assert "compared anyway" in out and "slower" in out
+
+
+# ---------------------------------------------------------------------------------- item 14
+BENCH = ["bench", "--model", "tiny", "--micro-batch", "2", "--global-batch", "2", "--warmup", "0", "--steps", "1", "--peak-tflops", "1"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"this is not a database, just bytes " * 200, "file is not a database"),
+    ("foreign", "not an rsscale results store"),
+])
+def test_bench_checks_the_store_before_measuring(tmp_path, capsys, content, why):
+    db = tmp_path / "results.db"
+    if content == "foreign":
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE runs (x INTEGER)")
+    else:
+        db.write_bytes(content)
+    assert cli(BENCH + ["--results", str(db)]) == 2
+    _one_error_line(capsys, str(db), why)
+    assert "[bench] step" not in capsys.readouterr().out
+
+
+def test_bench_keeps_the_measurement_when_the_final_write_fails(tmp_path, capsys, monkeypatch):
+    """The store breaks during the measurement: the record lands in a JSON file beside it, named."""
+    from rsscale.benchmarks import harness
+
+    db = tmp_path / "results.db"
+    opened = harness.open_store
+
+    def open_then_break(opts):
+        store = opened(opts)
+        db.write_bytes(b"garbage " * 1000)
+        return store
+
+    monkeypatch.setattr(harness, "open_store", open_then_break)
+    assert cli(BENCH + ["--results", str(db)]) == 1
+    err = capsys.readouterr().err
+    saved = [p for p in tmp_path.iterdir() if p.name.startswith("results.db.unrecorded-")]
+    assert len(saved) == 1 and str(saved[0]) in err and str(db) in err
+    record = json.loads(saved[0].read_text())
+    metrics = {m[0]: m[1] for m in record["metrics"]}
+    assert metrics["images_per_s"] > 0 and record["run"]["preset"] == "tiny" and record["run"]["kind"] == "bench"
+
+
+def _store_with_a_run(path):
+    from rsscale.scaling.store import ResultsStore
+
+    store = ResultsStore(path)
+    with store.run(kind="bench", preset="tiny", params=1000, layout=dict(tp=1, pp=1, dp=1, sp=False), micro_batch=2,
+                   global_batch=2, precision="fp32", kernels="torch") as run:
+        run.log("images_per_s", 10.0)
+    return store
+
+
+def test_report_reads_a_store_on_read_only_media_without_writing(tmp_path):
+    """`rsscale report` as an unprivileged user on a store whose folder and file are read-only:
+    it reports, and the store's bytes (journal mode included) are unchanged, no WAL files made."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to run the report as an unprivileged user")
+    top = tempfile.mkdtemp(prefix="rsscale-ro-")
+    try:
+        os.chmod(top, 0o755)
+        media, out = os.path.join(top, "media"), os.path.join(top, "out")
+        os.makedirs(media)
+        os.makedirs(out)
+        os.chmod(out, 0o777)
+        db = os.path.join(media, "results.db")
+        _store_with_a_run(db)
+        before = open(db, "rb").read()
+        os.chmod(db, 0o444)
+        os.chmod(media, 0o555)
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-m", "rsscale.scaling.cli",
+               "report", "--results", db, "--out", out, "--name", "ro"]
+        env = dict(os.environ, MPLCONFIGDIR=out, HOME=out)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "1 runs" in open(os.path.join(out, "ro", "report.md")).read()
+        assert open(db, "rb").read() == before and sorted(os.listdir(media)) == ["results.db"]
+    finally:
+        os.chmod(os.path.join(top, "media"), 0o755)
+        shutil.rmtree(top)
+
+
+def test_report_on_a_corrupt_store_is_one_line(tmp_path, capsys):
+    db = tmp_path / "results.db"
+    db.write_bytes(b"\0garbage" * 500)
+    assert cli(["report", "--results", str(db), "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, str(db), "cannot read it")
