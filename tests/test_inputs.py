@@ -252,3 +252,74 @@ def test_report_on_a_corrupt_store_is_one_line(tmp_path, capsys):
     db.write_bytes(b"\0garbage" * 500)
     assert cli(["report", "--results", str(db), "--out", str(tmp_path)]) == 2
     _one_error_line(capsys, str(db), "cannot read it")
+
+
+# ---------------------------------------------------------------------------------- item 12
+def _loader(folder, **kw):
+    from rsscale.scaling.data import build_pretrain_loader
+
+    return build_pretrain_loader(folder, 8, batch_size=2, backend="torch", num_workers=0, **kw)
+
+
+def test_16bit_png_is_scaled_by_its_bit_depth_not_saturated(tmp_path):
+    from rsscale.scaling.data import IMAGENET_MEAN, IMAGENET_STD
+
+    Image.fromarray(np.full((12, 16), 30000, np.uint16)).save(tmp_path / "grey16.png")  # mode I;16
+    batch = next(_loader(tmp_path))
+    expected = (30000 / 65535 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(batch, expected[None, :, None, None].expand_as(batch), atol=1e-4)
+
+
+def test_float_tiff_uses_stated_or_measured_statistics_not_a_clamp(tmp_path):
+    """Two flat float TIFFs at 2.0 and 6.0 (outside [0, 1]): with no statistics given, per-band
+    mean 4 and std 2 are measured, so samples are exactly -1 or +1; stated statistics are used as given."""
+    for name, value in (("a.tif", 2.0), ("b.tif", 6.0)):
+        tifffile.imwrite(tmp_path / name, np.full((3, 10, 14), value, np.float32), photometric="minisblack", planarconfig="separate")
+    batch = next(_loader(tmp_path))
+    per_sample = batch.flatten(1)
+    assert torch.allclose(per_sample.abs(), torch.ones_like(per_sample), atol=1e-5)
+    assert {round(float(v)) for v in per_sample[:, 0]} <= {-1, 1}
+    stated = next(_loader(tmp_path, mean=(0.0, 0.0, 0.0), std=(2.0, 2.0, 2.0)))
+    assert {round(float(v), 4) for v in stated.flatten()} <= {1.0, 3.0}
+
+
+def test_band_count_is_checked_up_front_and_grey_tiff_feeds_rgb(tmp_path, capsys):
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    tifffile.imwrite(grey / "one_band.tif", np.full((10, 14), 1000, np.uint16))
+    batch = next(_loader(grey))  # in_chans=3: one band repeated, as for grey PNGs
+    assert batch.shape == (2, 3, 8, 8) and torch.isfinite(batch).all()
+    tifffile.imwrite(grey / "four_band.tif", np.full((10, 14, 4), 1000, np.uint16), photometric="minisblack")
+    loader = _loader(grey, in_chans=4)
+    out = capsys.readouterr().out
+    assert loader.skipped == 1 and loader.files == [str(grey / "four_band.tif")]
+    assert f"skipping {grey / 'one_band.tif'}: has 1 band(s), in_chans=4" in out
+    os.remove(grey / "four_band.tif")
+    with pytest.raises(ValueError, match="one_band.tif: has 1 band"):
+        _loader(grey, in_chans=4)
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height 8-bit grey pixels but carries almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_absurd_pixel_counts_are_skipped_counted_and_named_before_decoding(tmp_path, capsys):
+    from rsscale.scaling.data import MAX_PIXELS
+
+    Image.fromarray(np.full((12, 16, 3), 100, np.uint8)).save(tmp_path / "ok.png")
+    _png_header_only(tmp_path / "huge.png", 9000, 9000)  # 81 Mpx > MAX_PIXELS, under PIL's bomb limit
+    assert 9000 * 9000 > MAX_PIXELS
+    loader = _loader(tmp_path)
+    out = capsys.readouterr().out
+    assert loader.skipped == 1 and loader.files == [str(tmp_path / "ok.png")]
+    assert f"skipping {tmp_path / 'huge.png'}: has 9000 x 9000 = 81,000,000 pixels" in out
+    with pytest.raises(ValueError, match=r"png: has .* pixels, more than max_pixels=100 "):
+        _loader(tmp_path, max_pixels=100)  # the limit is a parameter; no usable image is an error naming one
