@@ -34,6 +34,7 @@ from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.parallel import state
 
 FORMAT = "rsscale-checkpoint-1"
+LOADER_STATE = "loader_{rank:05d}.json"  # a rank's data loader state (scaling/data.py state_dict)
 
 
 def log(msg: str) -> None:
@@ -58,10 +59,12 @@ def tensor_meta(param: torch.Tensor) -> dict:
     return {"partition_dim": None, "stride": 1}
 
 
-def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor, dict]], rank_state: dict, meta: dict, writer: bool) -> str:
+def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor, dict]], rank_state: dict, meta: dict, writer: bool,
+                    loader_state: dict | None = None) -> str:
     """Collective: every rank calls it. `tensors` maps key -> (local tensor, tensor_meta);
     `writer` says whether this rank writes its tensors (False on DP replicas);
-    `meta` (same on all ranks) goes into the index (model config, layout, trainer state).
+    `meta` (same on all ranks) goes into the index (model config, layout, trainer state);
+    `loader_state` (this rank's data loader state, plain JSON values) goes to its own JSON file.
     Returns the final checkpoint folder."""
     rank, world = _world()
     tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
@@ -75,6 +78,9 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
     for key, (t, m) in tensors.items():
         if writer and (m["partition_dim"] is not None or tp_rank == 0):
             mine[key] = (t.detach().to("cpu").clone(), m)  # clone: params are views of one flat buffer
+    if loader_state is not None:
+        with open(os.path.join(tmp, LOADER_STATE.format(rank=rank)), "w") as f:
+            json.dump(loader_state, f)
     file = f"rank_{rank:05d}.pt"
     torch.save({"tensors": {k: t for k, (t, _) in mine.items()}, "rank_state": rank_state}, os.path.join(tmp, file))
     entries = {k: dict(m, local_shape=list(t.shape), tp_rank=tp_rank, tp_size=tp_size, file=file) for k, (t, m) in mine.items()}
@@ -161,6 +167,15 @@ def load_full_state_dict(path: str) -> tuple[ViTConfig, dict[str, torch.Tensor]]
     """(ViTConfig, {TP=1 parameter name: full tensor}) of the model in a checkpoint (any layout)."""
     index, tensors = load_full_tensors(path, prefix="model/")
     return ViTConfig(**index["model"]), {k[len("model/") :]: v for k, v in tensors.items()}
+
+
+def load_loader_state(path: str, rank: int) -> dict | None:
+    """The data loader state `rank` saved with a checkpoint (JSON, never pickle), or None."""
+    file = os.path.join(resolve(path), LOADER_STATE.format(rank=rank))
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def load_rank_state(path: str, rank: int) -> dict:

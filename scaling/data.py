@@ -18,14 +18,15 @@ Contract for the trainer (both backends):
   same number of samples; a different permutation next epoch means no file is left out for good).
   DALI backend: fn.readers.file with shard_id/num_shards = dp rank/size over a seeded
   permutation of the files, re-shuffled after every epoch with one seed shared by all ranks.
-- Resume. Torch backend: EXACT - sample order and every crop/flip are pure functions of
-  (seed, epoch, file index), so `load_state_dict(state)` or `start_step=k` gives bit-identical
-  batches to an uninterrupted run, with any `num_workers`. DALI backend: NOT exact - DALI's reader
-  cannot skip ahead and its augmentation RNG depends on how many samples it has drawn;
-  on resume it is re-seeded from (seed, step) so the stream is fresh, sharded and reproducible
-  for the same (seed, start_step), but not identical to the uninterrupted run (datasets with TIFFs
-  go through external_source in the torch backend's exact order; only their crops differ).
-  Exact-resume tests use backend="torch".
+- Resume (exact on both backends). `state = loader.state_dict()` is plain JSON-ready values; a
+  loader built with `build_pretrain_loader(..., state=state)` continues the identical stream.
+  Torch backend: sample order and every crop/flip are pure functions of (seed, epoch, file
+  index), so `state` (or just `start_step=k`) gives bit-identical batches with any
+  `num_workers`. DALI backend: the pipeline runs with DALI's checkpointing (reader positions and
+  random operators' states; external_source by iteration) and `state` carries its serialized
+  checkpoint (base64 text); without it, a start at step k is a fresh stream reseeded from
+  (seed, k), reproducible but not identical. The trainer stores each rank's state in its
+  checkpoint (scaling/checkpoint.py `loader_state`).
 - Corrupt files never crash a run: all files are checked up front (cheap: header + PIL verify +
   the JPEG/PNG end marker, which catches truncation) and bad ones are skipped and counted in
   `skipped`; the torch backend also survives a decode failure at run time (it substitutes the
@@ -42,6 +43,8 @@ Contract for the trainer (both backends):
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import itertools
 import math
 import os
@@ -356,12 +359,17 @@ class PretrainLoader:
         return self.samples / self.plan.per_rank
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.plan.seed, "dp_rank": self.plan.dp_rank,
+        """Plain values (JSON-ready): where this rank's stream is and what it was built from."""
+        return {"backend": self.backend, "step": self.step, "seed": self.plan.seed, "dp_rank": self.plan.dp_rank,
                 "dp_size": self.plan.dp_size, "num_files": len(self.files), "batch_size": self.batch_size}
 
+    def _changed(self, state: dict) -> list[str]:
+        """What differs between `state` and this loader's dataset, sharding and batch."""
+        mine = PretrainLoader.state_dict(self)
+        return [k for k in ("seed", "dp_rank", "dp_size", "num_files", "batch_size") if state.get(k, mine[k]) != mine[k]]
+
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        changed = [k for k in ("seed", "dp_size", "num_files", "batch_size") if state.get(k, mine[k]) != mine[k]]
+        changed = self._changed(state)
         if changed:
             warnings.warn(f"resuming data loader with changed {changed}: the batch stream will differ")
         self.step, self._it = int(state["step"]), None
@@ -402,17 +410,45 @@ class _ArraySource:
 
 class DaliPretrainLoader(PretrainLoader):
     """The same contract on a DALI pipeline: readers.file + decoders.image_random_crop (GPU
-    "mixed" decode when device is cuda) for JPEG/PNG; tifffile through external_source for TIFFs
-    (multi-band). Resume is reproducible but not identical to an uninterrupted run (module doc)."""
+    "mixed" decode when device is cuda) for 8-bit JPEG/PNG; read_image through external_source
+    for the rest (TIFFs, 16-bit or float pixels, other band counts). Resume is exact: the pipeline
+    runs with DALI checkpointing (reader positions and every random operator's state),
+    `state_dict()` carries its serialized checkpoint and a loader built with that state continues
+    the same stream (Pipeline(checkpoint=...)). Without one, a start at step k is a fresh stream
+    reseeded from (seed, k): reproducible, not identical."""
 
     backend = "dali"
 
-    def __init__(self, *args):
+    def __init__(self, *args, state: dict | None = None):
         super().__init__(*args)
-        gen = self._start(self.step * self.batch_size)
-        self._it = itertools.chain([next(gen)], gen)  # build and run once now so "auto" can fall back
+        saved = (state or {}).get("dali")
+        if saved and self._changed(state):
+            log(f"WARNING: the saved DALI state is for another dataset or layout ({', '.join(self._changed(state))} changed); "
+                "starting a fresh stream")
+            saved = None
+        if not saved and self.step:
+            log(f"no DALI loader state for step {self.step}: the stream restarts reseeded from (seed, step), "
+                "reproducible but not identical to an uninterrupted run")
+        # The pipeline's arguments (file order, seeds) are those of the step its stream began at.
+        self.origin = int(saved["origin"]) if saved else self.step
+        self._pipe = self._pipeline(self.origin * self.batch_size, base64.b64decode(saved["checkpoint"]) if saved else None)
+        self._start_state = self._pipe.checkpoint()
+        gen = self._run()
+        self._it = itertools.chain([next(gen)], gen)  # run once now so "auto" can fall back
+        self._ahead = True  # the pipeline has run one batch further than the trainer has taken
 
-    def _pipeline(self, pos: int):
+    def __next__(self) -> torch.Tensor:
+        batch = super().__next__()
+        self._ahead = False
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.backend != "dali":  # fell back to torch at run time: that stream's state
+            return super().state_dict()
+        checkpoint = self._start_state if self._ahead else self._pipe.checkpoint()
+        return {**super().state_dict(), "dali": {"origin": self.origin, "checkpoint": base64.b64encode(checkpoint).decode("ascii")}}
+
+    def _pipeline(self, pos: int, checkpoint: bytes | None = None):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
@@ -422,8 +458,8 @@ class DaliPretrainLoader(PretrainLoader):
         # One reader seed for all ranks keeps the shards disjoint; augmentation seeds differ per rank.
         reader_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size]).integers(2**31))
         aug_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size, plan.dp_rank]).integers(2**31))
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers),
-                        device_id=gpu_id, seed=aug_seed)
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=gpu_id, seed=aug_seed,
+                        enable_checkpointing=True, checkpoint=checkpoint)
         scale = 255.0
         with pipe:
             if self.external:
@@ -451,11 +487,10 @@ class DaliPretrainLoader(PretrainLoader):
         pipe.build()
         return pipe
 
-    def _start(self, pos: int):
-        pipe = self._pipeline(pos)
+    def _run(self):
         while True:
             try:
-                (out,) = pipe.run()
+                (out,) = self._pipe.run()
             except Exception as e:  # noqa: BLE001 - e.g. a file that passed the check fails to decode
                 log(f"WARNING: rank {os.environ.get('RANK', '0')}: DALI failed at step {self.step} ({_short(e)}); "
                     "continuing with the torch DataLoader pipeline", every_rank=True)
@@ -480,11 +515,14 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
                           dp_size: int = 1, seed: int = 0, backend: str = "auto",
                           num_workers: int = 2, device: str = "cpu", in_chans: int = 3,
                           mean=None, std=None, start_step: int = 0, validate: bool = True,
-                          max_pixels: int = MAX_PIXELS):
+                          max_pixels: int = MAX_PIXELS, state: dict | None = None):
     """Infinite, sharded, resumable iterator of normalized [B, in_chans, img_size, img_size] batches.
 
-    backend "auto" tries DALI and falls back to torch with one warning line; "dali" raises if DALI
-    cannot run; "torch" never touches DALI. See the module docstring for the full contract.
+    backend "auto" uses DALI where it is installed and its pipeline runs, else torch, and says
+    which and why in one log line (a WARNING when DALI is installed but fails); resuming from a
+    `state` the torch loader wrote, it stays on torch. "dali" raises if DALI cannot run; "torch"
+    never touches DALI. `state` is a loader's `state_dict()` (exact resume; its step wins over
+    `start_step`). See the module docstring for the full contract.
     """
     if backend not in ("auto", "dali", "torch"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torch', not {backend!r}")
@@ -494,6 +532,10 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
         raise ValueError(f"img_size and batch_size must be positive, got {img_size} and {batch_size}")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+    if state:
+        if start_step and int(state["step"]) != start_step:
+            raise ValueError(f"loader state is at step {state['step']} but start_step={start_step} was asked for")
+        start_step = int(state["step"])
     files = scan_images(root_or_files)
     skipped, infos = 0, {}
     if validate:
@@ -522,16 +564,28 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
     external = in_chans != 3 or any(f.lower().endswith(TIFF_EXTS) or (f in infos and infos[f].bits != 8) for f in files)
     args = (files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, tuple(mean), tuple(std),
             num_workers, device, start_step, skipped, external)
+    if backend == "auto" and state and state.get("backend") == "torch":
+        backend = "torch"
+        log("data backend torch (auto: resuming a stream the torch loader started, which only it continues exactly)")
     loader = None
     if backend != "torch":
         try:
-            loader = DaliPretrainLoader(*args)
+            loader = DaliPretrainLoader(*args, state=state)
         except Exception as e:  # noqa: BLE001 - any DALI failure means "use the torch pipeline"
             if backend == "dali":
                 raise
-            log(f"WARNING: DALI pipeline unavailable ({_short(e)}); "
-                "using the torch DataLoader pipeline")
-    loader = loader or PretrainLoader(*args)
+            if isinstance(e, ImportError) and importlib.util.find_spec("nvidia.dali") is None:
+                log("data backend torch (auto: nvidia-dali is not installed)")
+            else:
+                log(f"WARNING: data backend torch (auto: the DALI pipeline does not run here: {_short(e)})")
+        else:
+            if backend == "auto":
+                log(f"data backend dali (auto: nvidia-dali is installed and its pipeline runs; "
+                    f"{'GPU' if loader.device.type == 'cuda' else 'CPU'} decode)")
+    if loader is None:
+        loader = PretrainLoader(*args)
+        if state:
+            loader.load_state_dict(state)
     log(f"{loader.backend} pipeline: {len(files)} images over {dp_size} DP rank(s), {loader.plan.per_rank} per rank "
         f"per epoch, batch {batch_size} x {in_chans} x {img_size}^2, starting at step {start_step}")
     return loader

@@ -72,7 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
-    data_backend: str = "torch"  # torch (exact resume) | dali | auto
+    data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
     num_workers: int = 2
     out: str = "runs/pretrain"
     save_every: int = 0  # 0: only at the end
@@ -116,7 +116,7 @@ FLAGS = [
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
     ("--kernels", "kernels", str, "torch | triton"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
-    ("--data-backend", "data_backend", str, "torch (exact resume) | dali | auto"),
+    ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
     ("--num-workers", "num_workers", int, "data loader workers per rank"),
     ("--out", "out", str, "run folder (checkpoints under <out>/checkpoints)"),
     ("--save-every", "save_every", int, "checkpoint every N steps (and always at the end)"),
@@ -248,6 +248,7 @@ class Trainer:
         self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
+        self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(config.out, "checkpoints")
         if config.resume:
             self._resume()
@@ -298,7 +299,7 @@ class Trainer:
 
         return build_pretrain_loader(root, self.cfg.img_size, self.layout.micro_batch, dp_rank=self.state.dp_rank(), dp_size=self.layout.dp,
                                      seed=c.seed, backend=c.data_backend, num_workers=c.num_workers, device=str(self.device),
-                                     in_chans=self.cfg.in_chans, start_step=self.step * self.layout.num_micro)
+                                     in_chans=self.cfg.in_chans, start_step=self.step * self.layout.num_micro, state=self.loader_state)
 
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -378,7 +379,8 @@ class Trainer:
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
-        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, writer=self.state.dp_rank() == 0)
+        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, writer=self.state.dp_rank() == 0,
+                                          loader_state=self.loader.state_dict() if self.loader is not None else None)
 
     def _resume(self):
         try:
@@ -389,6 +391,7 @@ class Trainer:
         self.load(folder)
         if index["layout"] == self.layout.as_dict():
             torch.set_rng_state(checkpoint.load_rank_state(folder, dist.get_rank())["torch_rng"])
+            self.loader_state = checkpoint.load_loader_state(folder, dist.get_rank())
         log(f"resumed from {folder} at step {self.step}")
 
     def load(self, path: str) -> None:

@@ -148,7 +148,7 @@ def test_measure_stats_by_hand(tmp_path):
 def test_auto_falls_back_to_torch_with_one_warning(tmp_path, capsys, monkeypatch):
     _write_flat(tmp_path, 2)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("no DALI here\nsecond line")
 
     monkeypatch.setattr(data, "DaliPretrainLoader", broken)

@@ -323,3 +323,64 @@ def test_absurd_pixel_counts_are_skipped_counted_and_named_before_decoding(tmp_p
     assert f"skipping {tmp_path / 'huge.png'}: has 9000 x 9000 = 81,000,000 pixels" in out
     with pytest.raises(ValueError, match=r"png: has .* pixels, more than max_pixels=100 "):
         _loader(tmp_path, max_pixels=100)  # the limit is a parameter; no usable image is an error naming one
+
+
+# ---------------------------------------------------------------------------------- item 16
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+def test_dali_run_killed_and_resumed_logs_the_same_losses(tmp_path):
+    """The torch-loader kill/resume check of tests/test_train.py on DALI's CPU pipeline: the
+    pipeline's checkpoint saved with the run makes the resumed losses equal the uninterrupted ones."""
+    from test_train import killed_and_resumed_losses_agree
+
+    out = killed_and_resumed_losses_agree(tmp_path, "--data-backend", "dali")
+    assert "dali pipeline" in out and "reseeded" not in out
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+@pytest.mark.parametrize("kind", ["png", "tif"])
+def test_dali_loader_state_resumes_the_identical_stream(tmp_path, kind):
+    """Loader level, both DALI paths (decoder; external_source), across an epoch boundary and from
+    a state taken before the first batch: the JSON round-tripped state continues the same batches."""
+    from rsscale.scaling.data import build_pretrain_loader
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        if kind == "png":
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        else:
+            tifffile.imwrite(tmp_path / f"{i}.tif", rng.integers(0, 65535, (30, 40, 4), dtype=np.uint16), photometric="minisblack")
+    kw = dict(img_size=8, batch_size=2, seed=3, backend="dali", num_workers=1, in_chans=3 if kind == "png" else 4)
+    full = [next(loader) for loader in [build_pretrain_loader(tmp_path, **kw)] for _ in range(6)]
+    cut = build_pretrain_loader(tmp_path, **kw)
+    at0 = json.loads(json.dumps(cut.state_dict()))
+    [next(cut) for _ in range(2)]
+    at2 = json.loads(json.dumps(cut.state_dict()))
+    for state, first in ((at2, 2), (at0, 0)):
+        resumed = build_pretrain_loader(tmp_path, state=state, **kw)
+        assert resumed.backend == "dali" and resumed.step == first
+        assert all(torch.equal(next(resumed), want) for want in full[first:])
+    assert not torch.equal(full[0], full[1])
+
+
+def test_auto_backend_says_which_and_why(tmp_path, capsys, monkeypatch):
+    """`auto` is the default; it names the backend it chose and why, in one line."""
+    from rsscale.scaling import data
+    from rsscale.scaling.train import TrainConfig
+
+    assert TrainConfig().data_backend == "auto"
+    Image.fromarray(np.full((12, 16, 3), 100, np.uint8)).save(tmp_path / "a.png")
+    loader = data.build_pretrain_loader(tmp_path, 8, batch_size=2, num_workers=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "data backend" in line]
+    assert len(lines) == 1
+    if HAVE_DALI:
+        assert loader.backend == "dali" and "data backend dali (auto: nvidia-dali is installed" in lines[0]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("nvidia") else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # an import of it now fails: "not installed"
+    loader = data.build_pretrain_loader(tmp_path, 8, batch_size=2, num_workers=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "data backend" in line]
+    assert loader.backend == "torch" and lines == ["[data] data backend torch (auto: nvidia-dali is not installed)"]
+    torch_state = loader.state_dict()
+    monkeypatch.undo()
+    resumed = data.build_pretrain_loader(tmp_path, 8, batch_size=2, num_workers=0, state=torch_state)
+    assert resumed.backend == "torch" and "resuming a stream the torch loader started" in capsys.readouterr().out
