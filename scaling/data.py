@@ -120,7 +120,7 @@ class ImageInfo:
         return self.height * self.width
 
 
-_PIL_BITS = {"1": 8, "L": 8, "LA": 8, "P": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
+_PIL_BITS = {"1": 8, "L": 8, "LA": 8, "P": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8, "YCbCr": 8,
              "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 0, "F": 0}
 _PIL_GREY = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
