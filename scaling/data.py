@@ -585,6 +585,8 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
     if loader is None:
         loader = PretrainLoader(*args)
         if state:
+            if state.get("backend", "torch") != "torch":
+                log(f"WARNING: resuming a {state['backend']} stream with the torch loader: the batches differ from an uninterrupted run")
             loader.load_state_dict(state)
     log(f"{loader.backend} pipeline: {len(files)} images over {dp_size} DP rank(s), {loader.plan.per_rank} per rank "
         f"per epoch, batch {batch_size} x {in_chans} x {img_size}^2, starting at step {start_step}")
