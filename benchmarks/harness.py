@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.launch import add_launch_arguments, relaunch, torchrun_command, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
 
@@ -37,6 +38,8 @@ from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
+NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--micro-batch": dict(ge=1),
+                "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0)}
 
 
 @dataclass
@@ -61,8 +64,7 @@ class BenchOptions:
     tensorboard: str | None = None  # folder for TensorBoard scalars (rank 0)
 
     def __post_init__(self):
-        if self.warmup < 0 or self.steps < 1:
-            raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={self.warmup}, steps={self.steps}")
+        check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
         if self.record_kind not in ("bench", "profile"):
@@ -142,6 +144,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
     world = int(os.environ.get("WORLD_SIZE", 1))
+    store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
@@ -186,29 +189,60 @@ def run_bench(opts: BenchOptions) -> dict | None:
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
     summary["predicted_images_per_s"] = est.images_per_s
-    if opts.record:
-        _record(opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
+    if store is not None:
+        summary["recorded"] = _record(store, opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
     return summary
 
 
-def _record(opts, layout, cfg, params, summary, recs, peaks, device) -> None:
+def open_store(opts: BenchOptions):
+    """The results store this process will record into (rank 0 with recording on), opened and
+    checked now; None when nothing is recorded. Raises StoreError (one line) for a bad store."""
+    if not opts.record or int(os.environ.get("RANK", 0)) != 0:
+        return None
     from rsscale.scaling.store import ResultsStore
 
-    store = ResultsStore(opts.results)
+    return ResultsStore(opts.results)
+
+
+def _record(store, opts, layout, cfg, params, summary, recs, peaks, device) -> bool:
+    """Write the run into `store`; if that fails, save it as JSON beside the store and say where.
+    Returns whether the store holds the run."""
     device_name = None
     if device.type == "cuda":
         import torch
 
         device_name = torch.cuda.get_device_name(device)
     extra = {"device": device_name} if device_name else {}
-    with store.run(kind=opts.record_kind, preset=cfg.name, params=params,
-                   layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
-                   micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.precision,
-                   kernels=opts.kernels, config=asdict(opts), device_count=layout.world_size, **extra) as run:
-        run.log_many([(k, v) for k, v in summary.items()]
-                     + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
-                     + [("peak_mem_rank_bytes", p["peak"], None, {"rank": p["rank"]}) for p in peaks])
+    fields = dict(kind=opts.record_kind, preset=cfg.name, params=params, layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
+                  micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.precision,
+                  kernels=opts.kernels, config=asdict(opts), device_count=layout.world_size, **extra)
+    metrics = ([(k, v) for k, v in summary.items()] + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
+               + [("peak_mem_rank_bytes", p["peak"], None, {"rank": p["rank"]}) for p in peaks])
+    try:
+        with store.run(**fields) as run:
+            run.log_many(metrics)
+    except Exception as err:  # noqa: BLE001 - whatever broke the store, keep the measurement
+        path = save_unrecorded(store.path, dict(store=store.path, run=fields, metrics=metrics, error=str(err)))
+        log.error(f"could not record in {store.path} ({err}); the record is saved in {path}")
+        return False
     log.info(f"recorded run {run.id} in {store.path} (kind={opts.record_kind})")
+    return True
+
+
+def save_unrecorded(store_path: str, record: dict) -> str:
+    """Write `record` as JSON beside the store (else in the current folder); returns the path."""
+    import json
+
+    name = f"{os.path.basename(store_path)}.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    for folder in (os.path.dirname(os.path.abspath(store_path)), os.getcwd()):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1, default=str)
+            return path
+        except OSError:
+            continue
+    raise OSError(f"could not save the unrecorded bench result beside {store_path} nor in {os.getcwd()}")
 
 
 def print_summary(s: dict) -> None:
@@ -267,4 +301,4 @@ def main(args) -> int:
     from rsscale.scaling.parallel.state import destroy_parallel
 
     destroy_parallel()
-    return 0
+    return 1 if summary is not None and summary.get("recorded") is False else 0

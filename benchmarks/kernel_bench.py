@@ -10,15 +10,21 @@ presets, with triton.testing.do_bench medians, and reports GB/s (LayerNorm: byte
 or TFLOP/s (attention: 4*B*H*N*N*D forward, 2.5x that backward) and the percentage of this
 device's peak, measured in the same run (a large device copy; a large bf16 matmul). Results go to
 a JSON (or CSV) file and to the results store (kind="kernel").
-check compares the Triton rows of a fresh (or given) result against a committed baseline and exits
-non-zero when one is slower by more than the threshold. Without a GPU, bench and check run the
-correctness part under the Triton interpreter and say that timing needs a GPU.
+check compares the Triton rows of a fresh (or given) result against a committed baseline. Exit
+codes: 0 every row within the threshold; 1 a row slower by more than the threshold, missing, or
+a kernel incorrect; 3 (EXIT_CANNOT_COMPARE) nothing could be compared, with a line saying why:
+no GPU to time on, a malformed baseline or results file, a timing that is not a positive finite
+number, no Triton rows, or a baseline from another (or an unrecorded) device. --allow-skip turns
+"could not compare" into exit 0 with a SKIPPED line; --allow-device-mismatch compares across
+devices anyway. Without a GPU, bench and check run the correctness part under the Triton
+interpreter and say that timing needs a GPU.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -28,6 +34,8 @@ import torch
 from rsscale.scaling.config import PAPER_PRESETS, PRESETS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXIT_SLOWER, EXIT_CANNOT_COMPARE = 1, 3
+RECORD_KEYS = ("kernel", "impl", "shape", "dtype", "direction", "ms")
 BWD_FLOP_FACTOR = 2.5  # attention backward FLOPs relative to the forward (5 matmuls vs 2)
 
 
@@ -284,24 +292,38 @@ def save_results(result: dict, path: str) -> None:
     print(f"wrote {len(result['records'])} records to {path}")
 
 
+class CannotCompare(Exception):
+    """The regression check could not compare anything (exit EXIT_CANNOT_COMPARE); the message says why."""
+
+
 def load_results(path: str) -> dict:
-    """A file written by save_results (JSON or CSV) -> {meta, records}."""
+    """A file written by save_results (JSON or CSV) -> {meta, records}; CannotCompare naming the
+    file when it is not one (unparsable, no records, a record without its keys)."""
     if not os.path.exists(path):
-        raise SystemExit(f"rsscale kernels: no such results file {path!r}")
-    if not path.endswith(".csv"):
-        with open(path) as f:
-            try:
+        raise FileNotFoundError(f"no kernel benchmark results at {path} (write one with `rsscale kernels bench --out FILE` on a GPU)")
+    try:
+        if path.endswith(".csv"):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            meta_keys = set(rows[0]) - set(RECORD_KEYS) - {"unit", "rate", "pct_peak"} if rows else set()
+            for r in rows:
+                r["ms"] = _float_or_nan(r.get("ms"))
+            result = dict(meta={k: rows[0][k] for k in meta_keys}, records=rows)
+        else:
+            with open(path) as f:
                 result = json.load(f)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"rsscale kernels: {path!r} is not a results file from `rsscale kernels bench` ({err})")
-        if not isinstance(result, dict) or "records" not in result:
-            raise SystemExit(f"rsscale kernels: {path!r} has no 'records'; write it with `rsscale kernels bench`")
-        return result
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["ms"] = float(r["ms"])
-    return dict(meta={}, records=rows)
+    except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as err:
+        raise CannotCompare(f"{path} is not a results file from `rsscale kernels bench` ({' '.join(str(err).split())})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("records"), list) or not result["records"]:
+        raise CannotCompare(f"{path} has no 'records' list; write it with `rsscale kernels bench`")
+    for i, r in enumerate(result["records"]):
+        missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise CannotCompare(f"{path}: record {i} lacks {', '.join(missing)}")
+    result.setdefault("meta", {})
+    if not isinstance(result["meta"], dict):
+        raise CannotCompare(f"{path}: 'meta' is not a mapping")
+    return result
 
 
 def record_in_store(result: dict, path: str | None = None) -> None:
@@ -332,19 +354,47 @@ def _key(r: dict) -> tuple:
 def compare(baseline: list[dict], current: list[dict], threshold: float = 0.10, impl: str = "triton") -> list[dict]:
     """One row per baseline record of `impl`: ratio = current ms / baseline ms; verdict 'slower'
     when ratio > 1 + threshold, 'missing' when the current run lacks the record, else 'ok'."""
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    now = {_key(r): float(r["ms"]) for r in current}
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"--threshold must be a finite number >= 0, got {threshold}")
+    now = {_key(r): _timing(r, "current") for r in current}
     rows = []
     for r in baseline:
         if r["impl"] != impl:
             continue
-        base_ms, cur_ms = float(r["ms"]), now.get(_key(r))
+        base_ms, cur_ms = _timing(r, "baseline"), now.get(_key(r))
         ratio = None if cur_ms is None else cur_ms / base_ms
         verdict = "missing" if ratio is None else ("slower" if ratio > 1 + threshold else "ok")
         rows.append(dict(kernel=r["kernel"], shape=r["shape"], dtype=r["dtype"], direction=r["direction"],
                          baseline_ms=base_ms, current_ms=cur_ms, ratio=ratio, verdict=verdict))
+    if not rows:
+        raise CannotCompare(f"the baseline has no {impl} records")
     return rows
+
+
+def _float_or_nan(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _timing(r: dict, which: str) -> float:
+    """A record's ms as a positive finite float, or CannotCompare naming the record."""
+    ms = _float_or_nan(r["ms"])
+    if not (math.isfinite(ms) and ms > 0):
+        raise CannotCompare(f"{which} timing of {' '.join(map(str, _key(r)))} is {r['ms']!r}, not a positive finite number of ms")
+    return ms
+
+
+def check_devices(baseline_meta: dict, current_meta: dict, allow_mismatch: bool) -> None:
+    """CannotCompare when the two results come from different (or unrecorded) devices, unless allowed."""
+    base, cur = baseline_meta.get("device"), current_meta.get("device")
+    if base and cur and base == cur:
+        return
+    why = f"baseline from {base or 'an unrecorded device'!r}, current run on {cur or 'an unrecorded device'!r}"
+    if not allow_mismatch:
+        raise CannotCompare(f"{why}; timings are only comparable on one device (--allow-device-mismatch compares anyway)")
+    print(f"note: {why} (compared anyway: --allow-device-mismatch)")
 
 
 def print_comparison(rows: list[dict], threshold: float) -> bool:
@@ -377,6 +427,8 @@ def add_arguments(parser) -> None:
     check.add_argument("--baseline", required=True, help="results file written by `rsscale kernels bench`")
     check.add_argument("--current", help="compare this results file instead of re-running the benchmark")
     check.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown (0.10 = 10%%)")
+    check.add_argument("--allow-skip", action="store_true", help="exit 0 (with a SKIPPED line) when nothing could be compared")
+    check.add_argument("--allow-device-mismatch", action="store_true", help="compare against a baseline from another device")
 
 
 def _prepare_device() -> str:
@@ -390,36 +442,56 @@ def _prepare_device() -> str:
 
 
 def main(args) -> int:
-    for path in (args.baseline, args.current) if args.action == "check" else ():
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"no kernel benchmark results at {path} (write one with `rsscale kernels bench --out FILE` on a GPU)")
-    if args.action == "check" and args.current:
-        rows = compare(load_results(args.baseline)["records"], load_results(args.current)["records"], args.threshold)
-        return 0 if print_comparison(rows, args.threshold) else 1
+    if args.action == "check":
+        return check(args)
     device = _prepare_device()
-    print(f"correctness of the Triton kernels vs float64 torch ({'GPU' if device == 'cuda' else 'CPU, Triton interpreter'}):")
-    correct = print_correctness(correctness_rows(device))
-    if not correct:
-        print("rsscale kernels: a kernel disagrees with its reference (see FAIL rows)", file=sys.stderr)
+    if not run_correctness(device):
         return 1
     if args.action == "test":
         return 0
     if device == "cpu":
-        print(f"timing needs a CUDA GPU: `rsscale kernels {args.action}` measured nothing on this machine.")
+        print("timing needs a CUDA GPU: `rsscale kernels bench` measured nothing on this machine.")
         return 0
-    if args.action == "bench":
-        result = run_bench(args.shapes, args.dtype)
-        save_results(result, args.out)
-        if not args.no_store:
-            record_in_store(result)
-        return 0
-    baseline = load_results(args.baseline)
-    meta = baseline.get("meta", {})
-    current = run_bench(meta.get("shapes", "presets"), meta.get("dtype", "bf16"))
-    if meta.get("device") and meta["device"] != current["meta"]["device"]:
-        print(f"note: baseline from {meta['device']!r}, this run on {current['meta']['device']!r}")
-    rows = compare(baseline["records"], current["records"], args.threshold)
-    return 0 if print_comparison(rows, args.threshold) else 1
+    result = run_bench(args.shapes, args.dtype)
+    save_results(result, args.out)
+    if not args.no_store:
+        record_in_store(result)
+    return 0
+
+
+def run_correctness(device: str) -> bool:
+    print(f"correctness of the Triton kernels vs float64 torch ({'GPU' if device == 'cuda' else 'CPU, Triton interpreter'}):")
+    if print_correctness(correctness_rows(device)):
+        return True
+    print("rsscale kernels: a kernel disagrees with its reference (see FAIL rows)", file=sys.stderr)
+    return False
+
+
+def check(args) -> int:
+    """`rsscale kernels check`: 0 within the threshold, 1 slower/missing/incorrect, 3 could not compare."""
+    if not (args.threshold >= 0 and math.isfinite(args.threshold)):
+        raise ValueError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    try:
+        baseline = load_results(args.baseline)
+        if args.current:
+            current = load_results(args.current)
+        else:
+            device = _prepare_device()
+            if not run_correctness(device):
+                return EXIT_SLOWER
+            if device == "cpu":
+                raise CannotCompare("timing needs a CUDA GPU and this machine has none (the correctness check above ran)")
+            meta = baseline["meta"]
+            current = run_bench(meta.get("shapes", "presets"), meta.get("dtype", "bf16"))
+        check_devices(baseline["meta"], current["meta"], args.allow_device_mismatch)
+        rows = compare(baseline["records"], current["records"], args.threshold)
+    except CannotCompare as err:
+        if args.allow_skip:
+            print(f"kernels check SKIPPED (--allow-skip): could not compare: {err}")
+            return 0
+        print(f"rsscale kernels check: could not compare: {err}", file=sys.stderr)
+        return EXIT_CANNOT_COMPARE
+    return 0 if print_comparison(rows, args.threshold) else EXIT_SLOWER
 
 
 if __name__ == "__main__":

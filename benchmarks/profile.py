@@ -23,6 +23,7 @@ import subprocess
 from rsscale.benchmarks import analytic
 from rsscale.benchmarks.harness import BenchOptions, bench_command
 from rsscale.scaling.config import get_preset
+from rsscale.scaling.config_file import check_number, check_numbers
 from rsscale.scaling.layout import Layout, validate_layout
 
 GIB = 2**30
@@ -141,10 +142,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", default=None, help="results store for --measure")
 
 
+NUMBER_RULES = {"--gpus": dict(ge=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
+                "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--global-batch": dict(ge=1),
+                "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1)}
+
+
+def check_args(args) -> None:
+    """One-line ValueError naming the first flag whose value makes no sense."""
+    check_numbers(NUMBER_RULES, lambda flag: getattr(args, flag[2:].replace("-", "_")))
+    for mb in args.micro_batch or ():
+        check_number("--micro-batch", mb, ge=1)
+    if args.reserve_gb >= args.memory_gb:
+        raise ValueError(f"--reserve-gb ({args.reserve_gb:g}) must be below --memory-gb ({args.memory_gb:g})")
+
+
 def main(args) -> int:
+    check_args(args)
     cfg = get_preset(args.model)
-    if args.gpus < 1 or args.global_batch < 1:
-        raise SystemExit("rsscale profile: --gpus and --global-batch must be >= 1")
     args.peak_tflops_given = args.peak_tflops is not None
     if args.measure and not args.peak_tflops_given and not _cuda():
         from rsscale.benchmarks.harness import matmul_peak_tflops

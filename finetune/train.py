@@ -38,6 +38,7 @@ from rsscale.finetune.rotated import norm_obb
 from rsscale.finetune.seg import Segmenter, evaluate_seg
 from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
 from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.data import default_stats
 from rsscale.scaling.optim import lr_at
 from rsscale.scaling.parallel import state
@@ -264,7 +265,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default="data/synthetic", help="dataset root in its native layout (see module doc)")
     parser.add_argument("--checkpoint", help="pretraining checkpoint (run folder or step folder); random init if absent")
     parser.add_argument("--model", default="tiny", help="preset when no --checkpoint is given (rsscale models)")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (one crop each)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128, help="training crop / eval window (multiple of 2 x patch)")
@@ -284,7 +285,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", help="results store (default $RSSCALE_RESULTS or reports/results.db)")
 
 
+NUMBER_RULES = {"--steps": dict(ge=1), "--epochs": dict(ge=1), "--batch": dict(ge=1), "--crop": dict(ge=1), "--lr": dict(gt=0),
+                "--layer-decay": dict(gt=0, le=1), "--weight-decay": dict(ge=0), "--warmup": dict(ge=0), "--clip-grad": dict(gt=0),
+                "--drop-path": dict(ge=0, lt=1), "--window": dict(ge=1), "--channels": dict(ge=1), "--max-eval-images": dict(ge=0),
+                "--synthetic-count": dict(ge=1), "--seed": dict(ge=0), "--log-every": dict(ge=1)}
+
+
+def check_args(args) -> None:
+    """One-line ValueError naming the first flag whose value makes no sense."""
+    check_numbers(NUMBER_RULES, lambda flag: getattr(args, flag[2:].replace("-", "_")))
+
+
 def main(args) -> int:
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
     run_finetune(args)

@@ -463,7 +463,7 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     """Build the whole report from a results store; returns the path of report.md."""
     from rsscale.scaling.store import ResultsStore
 
-    store = ResultsStore(results_path)
+    store = ResultsStore(results_path, readonly=True)  # reading never writes (read-only media work)
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
     runs = store.runs()

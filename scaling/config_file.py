@@ -2,6 +2,8 @@
 
     load_config_file("run.yaml") -> dict
     args = parse_args_with_config(parser, argv)   # flat commands: file keys are the flags' names
+    tree = check_tree("run.yaml", data, TrainConfig)   # a nested tree against its dataclasses
+    check_numbers({"--steps": dict(ge=1)}, lambda flag: ...)   # one-line range errors naming the flag
 
 `pretrain` has a nested config tree (scaling/train.py); bench, finetune and profile take a flat
 file whose keys are their long flags without dashes (`micro_batch: 8`, `tp: 2`). Every key and
@@ -12,6 +14,10 @@ Bottom layer: imports nothing from the rest of rsscale.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 
 
@@ -37,34 +43,98 @@ def load_config_file(path) -> dict:
     return data
 
 
-def _coerce(path, key: str, value, action: argparse.Action):
-    """`value` from the file as the flag `action` would have parsed it, or a ValueError naming key and type."""
-    if action.nargs == 0:  # store_true / store_false switches: only real booleans
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: key {key!r} must be true or false, got {value!r}")
-        return value if action.const is True else not value
+def coerce_value(path, key: str, value, typ):
+    """`value` from file `path` as type `typ` (bool, int, float, str, a `X | None` hint, or any
+    callable), or a one-line ValueError naming the file, the key and the expected type. Booleans
+    must be real booleans ("no" or "false" in quotes are strings, not false)."""
+    optional = isinstance(typ, types.UnionType) and type(None) in typ.__args__
+    if optional:
+        if value is None:
+            return None
+        typ = next(t for t in typ.__args__ if t is not type(None))
     if isinstance(value, (dict, list)) or value is None:
-        raise ValueError(f"{path}: key {key!r} must be a single value, got {value!r}")
-    typ = action.type or str
+        raise ValueError(f"{path}: key {key!r} must be a single {_type_name(typ)} value, got {value!r}")
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: key {key!r} must be true or false (unquoted), got {value!r}")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: key {key!r} must be a string, got {value!r}")
+        return value
     if typ in (int, float) and isinstance(value, bool):
         raise ValueError(f"{path}: key {key!r} must be {typ.__name__}, got {value!r}")
     if typ is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{path}: key {key!r} must be int, got {value!r}")
     try:
-        value = typ(value)
+        return typ(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: key {key!r} must be {getattr(typ, '__name__', 'valid')}, got {value!r}") from None
-    if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{path}: key {key!r} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-    return value
+        raise ValueError(f"{path}: key {key!r} must be {_type_name(typ)}, got {value!r}") from None
+
+
+def _type_name(typ) -> str:
+    return getattr(typ, "__name__", "valid")
+
+
+def _coerce(path, key: str, value, action: argparse.Action):
+    """`value` from the file as the flag `action` would have parsed it, or a ValueError naming key and type."""
+    if action.nargs == 0:  # store_true / store_false switches: only real booleans
+        value = coerce_value(path, key, value, bool)
+        return value if action.const is True else not value
+    repeatable = isinstance(action, argparse._AppendAction)  # e.g. --micro-batch 4 --micro-batch 8: a list
+    values = value if repeatable and isinstance(value, list) else [value]
+    values = [coerce_value(path, key, v, action.type or str) for v in values]
+    for v in values:
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{path}: key {key!r} must be one of {', '.join(map(str, action.choices))}, got {v!r}")
+    return values if repeatable else values[0]
+
+
+def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
+    """A nested config mapping checked against dataclass `cls` (nested dataclasses are sections):
+    unknown keys, non-mapping sections and mistyped values are one-line ValueErrors naming the
+    file, the dotted key and the expected type. Returns the mapping with values coerced."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(str(k) for k in data if k not in hints)
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {', '.join(prefix + k for k in unknown)}")
+    out = {}
+    for key, value in data.items():
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            out[key] = check_tree(path, value if value is not None else {}, typ, f"{prefix}{key}.")
+        else:
+            out[key] = coerce_value(path, prefix + key, value, typ)
+    return out
+
+
+def check_number(name: str, value, *, ge=None, gt=None, le=None, lt=None) -> None:
+    """ValueError naming `name` (a flag, or a flag and its config key) unless `value` is a finite
+    number within the bounds given; None is allowed (an unset optional value)."""
+    if value is None:
+        return
+    bounds = [(">=", ge, value >= ge if ge is not None else True), (">", gt, value > gt if gt is not None else True),
+              ("<=", le, value <= le if le is not None else True), ("<", lt, value < lt if lt is not None else True)]
+    if not math.isfinite(value) or not all(ok for *_, ok in bounds):
+        want = " and ".join(f"{op} {bound:g}" for op, bound, _ in bounds if bound is not None) or "finite"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_numbers(rules: dict, get) -> None:
+    """check_number for every (name -> bounds) of `rules`, the value of each from get(name)."""
+    for name, bounds in rules.items():
+        check_number(name, get(name), **bounds)
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse `argv`; if it has --config FILE, the file's values become the defaults first."""
-    args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
+    pre = argparse.ArgumentParser(add_help=False)  # --config alone first: the file may give required flags
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
     if not path:
-        return args
+        return parser.parse_args(argv)
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     defaults = {}
     for key, value in load_config_file(path).items():

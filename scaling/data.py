@@ -18,30 +18,39 @@ Contract for the trainer (both backends):
   same number of samples; a different permutation next epoch means no file is left out for good).
   DALI backend: fn.readers.file with shard_id/num_shards = dp rank/size over a seeded
   permutation of the files, re-shuffled after every epoch with one seed shared by all ranks.
-- Resume. Torch backend: EXACT - sample order and every crop/flip are pure functions of
-  (seed, epoch, file index), so `load_state_dict(state)` or `start_step=k` gives bit-identical
-  batches to an uninterrupted run, with any `num_workers`. DALI backend: NOT exact - DALI's reader
-  cannot skip ahead and its augmentation RNG depends on how many samples it has drawn;
-  on resume it is re-seeded from (seed, step) so the stream is fresh, sharded and reproducible
-  for the same (seed, start_step), but not identical to the uninterrupted run (datasets with TIFFs
-  go through external_source in the torch backend's exact order; only their crops differ).
-  Exact-resume tests use backend="torch".
+- Resume (exact on both backends). `state = loader.state_dict()` is plain JSON-ready values; a
+  loader built with `build_pretrain_loader(..., state=state)` continues the identical stream.
+  Torch backend: sample order and every crop/flip are pure functions of (seed, epoch, file
+  index), so `state` (or just `start_step=k`) gives bit-identical batches with any
+  `num_workers`. DALI backend: the pipeline runs with DALI's checkpointing (reader positions and
+  random operators' states; external_source by iteration) and `state` carries its serialized
+  checkpoint (base64 text); without it, a start at step k is a fresh stream reseeded from
+  (seed, k), reproducible but not identical. The trainer stores each rank's state in its
+  checkpoint (the rank state of scaling/checkpoint.py, key `loader`).
 - Corrupt files never crash a run: all files are checked up front (cheap: header + PIL verify +
   the JPEG/PNG end marker, which catches truncation) and bad ones are skipped and counted in
   `skipped`; the torch backend also survives a decode failure at run time (it substitutes the
   next good file deterministically and counts it in `decode_failures`); a DALI failure at run
   time switches that loader to the torch backend for the rest of the run (one warning line).
 - Multi-band TIFFs (e.g. RGB+NIR) are read with tifffile; `in_chans` selects the first bands.
-  Integer pixels are scaled by their dtype's maximum (uint8 / 255, uint16 / 65535).
+  Pixel values (docs/DATA.md): unsigned integers are divided by their stored bit depth's maximum
+  (8-bit / 255, 16-bit PNG or TIFF / 65535, a 12-bit TIFF / 4095); float and signed-integer
+  imagery is used as stored and normalized with stated per-band statistics (`mean`/`std`, or,
+  when not given, measured on the dataset and logged). The up-front check also refuses (skips and
+  counts, naming the files) images with fewer bands than `in_chans` and images of more than
+  `max_pixels` pixels (default MAX_PIXELS), before any is decoded.
 """
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import itertools
 import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +62,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_AREA = (0.2, 1.0)  # MAE's RandomResizedCrop(scale=(0.2, 1.0))
 CROP_RATIO = (3 / 4, 4 / 3)
+MAX_PIXELS = 2**26  # 8192 x 8192: a bigger scene costs gigabytes per decoded crop; tile it first
 
 
 def log(msg: str, every_rank: bool = False) -> None:
@@ -95,50 +105,78 @@ def _has_end_marker(path: str, fmt: str) -> bool:
     return marker is None or marker in tail  # 16 bytes: some writers pad after the marker
 
 
-def image_bands(path: str) -> int:
-    """Number of bands of a readable image (raises on anything unreadable); header-only reads."""
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of an image says: bands, size, and the bit depth its pixels are scaled by
+    (0: float or signed imagery, used as stored and normalized with stated statistics)."""
+
+    bands: int
+    height: int
+    width: int
+    bits: int
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+_PIL_BITS = {"1": 8, "L": 8, "LA": 8, "P": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8, "YCbCr": 8,
+             "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 0, "F": 0}
+_PIL_GREY = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def image_info(path: str) -> ImageInfo:
+    """Header-only description of a readable image (raises on anything unreadable)."""
     if path.lower().endswith(TIFF_EXTS):
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return _band_count(series.shape, series.axes)
+            shape, axes, dtype, bits = series.shape, series.axes, series.dtype, tif.pages[0].bitspersample
+        height, width = shape[axes.index("Y")], shape[axes.index("X")]
+        return ImageInfo(_band_count(shape, axes), height, width, int(bits) if dtype.kind == "u" else 0)
     from PIL import Image
 
     with Image.open(path) as im:
-        fmt = im.format
+        fmt, mode, (width, height) = im.format, im.mode, im.size
         im.verify()
     if not _has_end_marker(path, fmt):
         raise OSError(f"{fmt} file is truncated")
-    return 3  # PIL images are converted to RGB
+    if mode not in _PIL_BITS:
+        raise ValueError(f"unsupported {fmt} pixel mode {mode!r}")
+    return ImageInfo(1 if mode in _PIL_GREY else 3, height, width, _PIL_BITS[mode])
 
 
-def _problem(path: str, in_chans: int) -> str | None:
-    """Why a file cannot feed an in_chans-band model, or None if it can."""
+def _problem(path: str, in_chans: int, max_pixels: int) -> tuple[ImageInfo | None, str | None]:
+    """(header info, None) if the file can feed an in_chans-band model, else (None, why not)."""
     try:
-        bands = image_bands(path)
+        info = image_info(path)
     except Exception as e:  # noqa: BLE001 - any failure to read means "skip this file"
-        return f"{type(e).__name__}: {e}"
-    if bands < in_chans and not (bands == 1 and in_chans == 3):  # grey is repeated to RGB
-        return f"has {bands} band(s), in_chans={in_chans} needs more"
-    return None
+        return None, f"{type(e).__name__}: {e}"
+    if info.bands < in_chans and not (info.bands == 1 and in_chans == 3):  # grey is repeated to RGB
+        return None, f"has {info.bands} band(s), in_chans={in_chans} needs more"
+    if info.pixels > max_pixels:
+        return None, f"has {info.width} x {info.height} = {info.pixels:,} pixels, more than max_pixels={max_pixels:,} (tile it first)"
+    return info, None
 
 
-def validate_images(files: list[str], in_chans: int = 3, threads: int = 8,
-                    chunk: int = 20000) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split files into (good, [(bad path, why)]); threads because the checks mostly wait on I/O."""
-    good, bad = [], []
+def validate_images(files: list[str], in_chans: int = 3, threads: int = 8, chunk: int = 20000,
+                    max_pixels: int = MAX_PIXELS) -> tuple[list[str], list[tuple[str, str]], dict[str, ImageInfo]]:
+    """Split files into (good, [(bad path, why)], {good path: ImageInfo}); threads because the
+    checks mostly wait on I/O."""
+    good, bad, infos = [], [], {}
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(files), chunk):
             part = files[start:start + chunk]
-            for path, why in zip(part, pool.map(_problem, part, itertools.repeat(in_chans))):
+            for path, (info, why) in zip(part, pool.map(_problem, part, itertools.repeat(in_chans), itertools.repeat(max_pixels))):
                 if why is None:
                     good.append(path)
+                    infos[path] = info
                 else:
                     bad.append((path, why))
             if len(files) > chunk:
                 log(f"checked {start + len(part)}/{len(files)} files ({len(bad)} bad so far)")
-    return good, bad
+    return good, bad, infos
 
 
 def _band_count(shape, axes: str) -> int:
@@ -147,37 +185,39 @@ def _band_count(shape, axes: str) -> int:
     return shape[-1] if axes.endswith("S") else shape[0]
 
 
-def read_image(path: str, in_chans: int = 3) -> np.ndarray:
-    """HxWxC array (uint8/uint16/float) with the first in_chans bands; TIFFs via tifffile."""
+def read_image(path: str, in_chans: int = 3) -> tuple[np.ndarray, int]:
+    """(HxWxC array in its stored dtype with the first in_chans bands, bit depth to scale it by;
+    0 for float or signed imagery). TIFFs via tifffile, the rest via PIL (grey stays one band)."""
     if path.lower().endswith(TIFF_EXTS):
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            arr, axes = series.asarray(), series.axes
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        elif not axes.endswith("S"):
+            arr, axes, bits = series.asarray(), series.axes, tif.pages[0].bitspersample
+        if arr.ndim == 3 and not axes.endswith("S"):
             arr = np.moveaxis(arr, 0, -1)  # band-first (planar or one page per band) -> HWC
-        if arr.shape[-1] < in_chans:
-            raise ValueError(f"{path} has {arr.shape[-1]} bands, in_chans={in_chans} needs more")
-        if arr.shape[-1] == 1 and in_chans == 3:
-            arr = np.repeat(arr, 3, axis=-1)
-        return arr[:, :, :in_chans]
-    from PIL import Image
+    else:
+        from PIL import Image
 
-    if in_chans != 3:
-        raise ValueError(f"{path} is an RGB image format; in_chans={in_chans} needs TIFFs")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        with Image.open(path) as im:
+            if im.mode not in _PIL_BITS:
+                raise ValueError(f"{path}: unsupported pixel mode {im.mode!r}")
+            bits = _PIL_BITS[im.mode]
+            arr = np.asarray(im if bits != 8 else im.convert("L" if im.mode in _PIL_GREY else "RGB"))
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[-1] == 1 and in_chans == 3:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] < in_chans:
+        raise ValueError(f"{path} has {arr.shape[-1]} band(s), in_chans={in_chans} needs more")
+    return arr[:, :, :in_chans], (int(bits) if arr.dtype.kind == "u" else 0)
 
 
-def to_unit_float(arr: np.ndarray) -> torch.Tensor:
-    """HWC array -> float32 CHW tensor in [0, 1] (integers scaled by their dtype's maximum)."""
-    t = torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # copy: PIL arrays are read-only
-    if np.issubdtype(arr.dtype, np.integer):
-        return t.float() / float(np.iinfo(arr.dtype).max)
-    return t.float()
+def to_unit_float(arr: np.ndarray, bits: int) -> torch.Tensor:
+    """HWC array -> float32 CHW tensor: unsigned integers / (2**bits - 1) into [0, 1]; with bits 0
+    (float or signed imagery) the values as stored."""
+    t = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
+    return t / float(2**bits - 1) if bits else t
 
 
 def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -188,15 +228,16 @@ def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def measure_stats(root_or_files, in_chans: int = 3, num_files: int = 256, seed: int = 0):
-    """Per-band (mean, std) of [0, 1] pixels over up to num_files random readable files: the
-    normalization for data whose statistics are not ImageNet's (e.g. NIR bands)."""
-    files, _ = validate_images(scan_images(root_or_files), in_chans)
+    """Per-band (mean, std) of the pixels (integers scaled to [0, 1], floats as stored) over up to
+    num_files random readable files: the normalization for data whose statistics are not
+    ImageNet's (NIR bands, float reflectance or radiance, SAR)."""
+    files, _, _ = validate_images(scan_images(root_or_files), in_chans)
     if not files:
         raise ValueError("no readable image to measure statistics on")
     picked = np.random.default_rng(seed).choice(len(files), min(num_files, len(files)), replace=False)
     total, total_sq, count = np.zeros(in_chans), np.zeros(in_chans), 0
     for i in picked:
-        x = to_unit_float(read_image(files[i], in_chans)).double().flatten(1)
+        x = to_unit_float(*read_image(files[i], in_chans)).double().flatten(1)
         total, total_sq, count = total + x.sum(1).numpy(), total_sq + (x * x).sum(1).numpy(), count + x.shape[1]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
@@ -244,13 +285,16 @@ def crop_params(rng: np.random.Generator, height: int, width: int) -> tuple[int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augment(arr: np.ndarray, rng: np.random.Generator, img_size: int,
+def augment(arr: np.ndarray, bits: int, rng: np.random.Generator, img_size: int,
             mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Random resized crop + horizontal flip + normalize: HWC array -> [C, img_size, img_size]."""
+    """Random resized crop + horizontal flip + normalize: HWC array (scaled by `bits`, see
+    to_unit_float) -> [C, img_size, img_size]. Bicubic overshoot is clamped to [0, 1] for integer
+    imagery only (float imagery has no known range)."""
     top, left, h, w = crop_params(rng, arr.shape[0], arr.shape[1])
-    x = to_unit_float(arr[top:top + h, left:left + w])[None]
-    x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False,
-                      antialias=True)[0].clamp_(0, 1)
+    x = to_unit_float(arr[top:top + h, left:left + w], bits)[None]
+    x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False, antialias=True)[0]
+    if bits:
+        x = x.clamp_(0, 1)
     if rng.random() < 0.5:
         x = x.flip(-1)
     return (x - mean[:, None, None]) / std[:, None, None]
@@ -271,12 +315,12 @@ class _StreamDataset(torch.utils.data.Dataset):
         for failures in range(len(self.files)):
             path = self.files[(index + failures) % len(self.files)]
             try:
-                arr = read_image(path, self.in_chans)
+                arr, bits = read_image(path, self.in_chans)
             except Exception as e:  # noqa: BLE001 - a bad file must not stop training
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
                 continue
             rng = np.random.default_rng([self.plan.seed, epoch, index])
-            return augment(arr, rng, self.img_size, self.mean, self.std), failures
+            return augment(arr, bits, rng, self.img_size, self.mean, self.std), failures
         raise RuntimeError("no image in the dataset can be decoded")
 
 
@@ -294,13 +338,14 @@ class PretrainLoader:
     backend = "torch"
 
     def __init__(self, files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, mean, std,
-                 num_workers, device, start_step, skipped):
+                 num_workers, device, start_step, skipped, external=True):
         self.files, self.img_size, self.batch_size = files, img_size, batch_size
         self.plan = ShardPlan(len(files), dp_rank, dp_size, seed)
         self.in_chans, self.mean, self.std = in_chans, mean, std
         self.num_workers, self.device = num_workers, torch.device(device)
         self.skipped, self.decode_failures = skipped, 0
         self.step = start_step
+        self.external = external  # DALI: read with read_image through external_source
         self._it = None
 
     @property
@@ -314,12 +359,17 @@ class PretrainLoader:
         return self.samples / self.plan.per_rank
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.plan.seed, "dp_rank": self.plan.dp_rank,
+        """Plain values (JSON-ready): where this rank's stream is and what it was built from."""
+        return {"backend": self.backend, "step": self.step, "seed": self.plan.seed, "dp_rank": self.plan.dp_rank,
                 "dp_size": self.plan.dp_size, "num_files": len(self.files), "batch_size": self.batch_size}
 
+    def _changed(self, state: dict) -> list[str]:
+        """What differs between `state` and this loader's dataset, sharding and batch."""
+        mine = PretrainLoader.state_dict(self)
+        return [k for k in ("seed", "dp_rank", "dp_size", "num_files", "batch_size") if state.get(k, mine[k]) != mine[k]]
+
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        changed = [k for k in ("seed", "dp_size", "num_files", "batch_size") if state.get(k, mine[k]) != mine[k]]
+        changed = self._changed(state)
         if changed:
             warnings.warn(f"resuming data loader with changed {changed}: the batch stream will differ")
         self.step, self._it = int(state["step"]), None
@@ -347,31 +397,58 @@ class PretrainLoader:
 # ----------------------------------------------------------------------------- DALI backend
 
 
-class _TiffSource:
-    """DALI external_source callback: the rank's pos-th TIFF as float32 HWC in [0, 1]."""
+class _ArraySource:
+    """DALI external_source callback: the rank's pos-th image as float32 HWC (read_image + to_unit_float)."""
 
     def __init__(self, files, plan: ShardPlan, in_chans: int, batch_size: int, start: int):
         self.files, self.plan, self.in_chans, self.batch_size, self.start = files, plan, in_chans, batch_size, start
 
     def __call__(self, info):
         _, index = self.plan.locate(self.start + info.iteration * self.batch_size + info.idx_in_batch)
-        arr = read_image(self.files[index], self.in_chans)
-        return to_unit_float(arr).permute(1, 2, 0).contiguous().numpy()
+        return to_unit_float(*read_image(self.files[index], self.in_chans)).permute(1, 2, 0).contiguous().numpy()
 
 
 class DaliPretrainLoader(PretrainLoader):
     """The same contract on a DALI pipeline: readers.file + decoders.image_random_crop (GPU
-    "mixed" decode when device is cuda) for JPEG/PNG; tifffile through external_source for TIFFs
-    (multi-band). Resume is reproducible but not identical to an uninterrupted run (module doc)."""
+    "mixed" decode when device is cuda) for 8-bit JPEG/PNG; read_image through external_source
+    for the rest (TIFFs, 16-bit or float pixels, other band counts). Resume is exact: the pipeline
+    runs with DALI checkpointing (reader positions and every random operator's state),
+    `state_dict()` carries its serialized checkpoint and a loader built with that state continues
+    the same stream (Pipeline(checkpoint=...)). Without one, a start at step k is a fresh stream
+    reseeded from (seed, k): reproducible, not identical."""
 
     backend = "dali"
 
-    def __init__(self, *args):
+    def __init__(self, *args, state: dict | None = None):
         super().__init__(*args)
-        gen = self._start(self.step * self.batch_size)
-        self._it = itertools.chain([next(gen)], gen)  # build and run once now so "auto" can fall back
+        saved = (state or {}).get("dali")
+        if saved and self._changed(state):
+            log(f"WARNING: the saved DALI state is for another dataset or layout ({', '.join(self._changed(state))} changed); "
+                "starting a fresh stream")
+            saved = None
+        if not saved and self.step:
+            log(f"no DALI loader state for step {self.step}: the stream restarts reseeded from (seed, step), "
+                "reproducible but not identical to an uninterrupted run")
+        # The pipeline's arguments (file order, seeds) are those of the step its stream began at.
+        self.origin = int(saved["origin"]) if saved else self.step
+        self._pipe = self._pipeline(self.origin * self.batch_size, base64.b64decode(saved["checkpoint"]) if saved else None)
+        self._start_state = self._pipe.checkpoint()
+        gen = self._run()
+        self._it = itertools.chain([next(gen)], gen)  # run once now so "auto" can fall back
+        self._ahead = True  # the pipeline has run one batch further than the trainer has taken
 
-    def _pipeline(self, pos: int):
+    def __next__(self) -> torch.Tensor:
+        batch = super().__next__()
+        self._ahead = False
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.backend != "dali":  # fell back to torch at run time: that stream's state
+            return super().state_dict()
+        checkpoint = self._start_state if self._ahead else self._pipe.checkpoint()
+        return {**super().state_dict(), "dali": {"origin": self.origin, "checkpoint": base64.b64encode(checkpoint).decode("ascii")}}
+
+    def _pipeline(self, pos: int, checkpoint: bytes | None = None):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
@@ -381,12 +458,12 @@ class DaliPretrainLoader(PretrainLoader):
         # One reader seed for all ranks keeps the shards disjoint; augmentation seeds differ per rank.
         reader_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size]).integers(2**31))
         aug_seed = int(np.random.default_rng([plan.seed, pos // self.batch_size, plan.dp_rank]).integers(2**31))
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers),
-                        device_id=gpu_id, seed=aug_seed)
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=gpu_id, seed=aug_seed,
+                        enable_checkpointing=True, checkpoint=checkpoint)
         scale = 255.0
         with pipe:
-            if any(f.lower().endswith(TIFF_EXTS) for f in self.files):
-                images = fn.external_source(source=_TiffSource(self.files, plan, self.in_chans, self.batch_size, pos),
+            if self.external:
+                images = fn.external_source(source=_ArraySource(self.files, plan, self.in_chans, self.batch_size, pos),
                                             batch=False, layout="HWC", dtype=types.FLOAT)
                 images = images.gpu() if gpu else images
                 images = fn.random_resized_crop(images, size=(self.img_size, self.img_size),
@@ -410,11 +487,10 @@ class DaliPretrainLoader(PretrainLoader):
         pipe.build()
         return pipe
 
-    def _start(self, pos: int):
-        pipe = self._pipeline(pos)
+    def _run(self):
         while True:
             try:
-                (out,) = pipe.run()
+                (out,) = self._pipe.run()
             except Exception as e:  # noqa: BLE001 - e.g. a file that passed the check fails to decode
                 log(f"WARNING: rank {os.environ.get('RANK', '0')}: DALI failed at step {self.step} ({_short(e)}); "
                     "continuing with the torch DataLoader pipeline", every_rank=True)
@@ -438,11 +514,15 @@ class DaliPretrainLoader(PretrainLoader):
 def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank: int = 0,
                           dp_size: int = 1, seed: int = 0, backend: str = "auto",
                           num_workers: int = 2, device: str = "cpu", in_chans: int = 3,
-                          mean=None, std=None, start_step: int = 0, validate: bool = True):
+                          mean=None, std=None, start_step: int = 0, validate: bool = True,
+                          max_pixels: int = MAX_PIXELS, state: dict | None = None):
     """Infinite, sharded, resumable iterator of normalized [B, in_chans, img_size, img_size] batches.
 
-    backend "auto" tries DALI and falls back to torch with one warning line; "dali" raises if DALI
-    cannot run; "torch" never touches DALI. See the module docstring for the full contract.
+    backend "auto" uses DALI where it is installed and its pipeline runs, else torch, and says
+    which and why in one log line (a WARNING when DALI is installed but fails); resuming from a
+    `state` the torch loader wrote, it stays on torch. "dali" raises if DALI cannot run; "torch"
+    never touches DALI. `state` is a loader's `state_dict()` (exact resume; its step wins over
+    `start_step`). See the module docstring for the full contract.
     """
     if backend not in ("auto", "dali", "torch"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torch', not {backend!r}")
@@ -452,33 +532,62 @@ def build_pretrain_loader(root_or_files, img_size: int, batch_size: int, dp_rank
         raise ValueError(f"img_size and batch_size must be positive, got {img_size} and {batch_size}")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+    if state:
+        if start_step and int(state["step"]) != start_step:
+            raise ValueError(f"loader state is at step {state['step']} but start_step={start_step} was asked for")
+        start_step = int(state["step"])
     files = scan_images(root_or_files)
-    skipped = 0
+    skipped, infos = 0, {}
     if validate:
-        files, bad = validate_images(files, in_chans)
+        files, bad, infos = validate_images(files, in_chans, max_pixels=max_pixels)
         skipped = len(bad)
-        for path, why in bad[:5]:
+        for path, why in bad[:10]:
             log(f"skipping {path}: {why}")
     if skipped:
-        log(f"skipped {skipped} unreadable image(s); {len(files)} usable")
+        log(f"skipped {skipped} image(s) (unreadable, too few bands or too many pixels{'; 10 named above' if skipped > 10 else ''}); "
+            f"{len(files)} usable")
     if len(files) < dp_size:
-        raise ValueError(f"{len(files)} usable images cannot be sharded over {dp_size} data-parallel ranks")
+        example = f" (e.g. {bad[0][0]}: {bad[0][1]})" if skipped else ""
+        raise ValueError(f"{len(files)} usable images cannot be sharded over {dp_size} data-parallel ranks{example}")
+    if (mean is None or std is None) and any(info.bits == 0 for info in infos.values()):
+        mean, std = measure_stats(files, in_chans, num_files=64, seed=seed)  # same files on every rank
+        log(f"float or signed imagery: normalizing with per-band statistics measured on up to 64 files: "
+            f"mean {', '.join(f'{m:.4g}' for m in mean)}; std {', '.join(f'{v:.4g}' for v in std)} (pass mean/std to state them)")
     if mean is None or std is None:
         mean, std = default_stats(in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(f"mean/std need {in_chans} values (one per band), got {len(mean)}/{len(std)}")
+    if any(v == 0 for v in std):
+        raise ValueError(f"std must be non-zero in every band, got {tuple(std)} (constant imagery? pass std)")
+    # DALI's own decoder takes 8-bit RGB JPEG/PNG only; TIFFs, 16-bit or float pixels and other band
+    # counts go through external_source with this module's reader.
+    external = in_chans != 3 or any(f.lower().endswith(TIFF_EXTS) or (f in infos and infos[f].bits != 8) for f in files)
     args = (files, img_size, batch_size, dp_rank, dp_size, seed, in_chans, tuple(mean), tuple(std),
-            num_workers, device, start_step, skipped)
+            num_workers, device, start_step, skipped, external)
+    if backend == "auto" and state and state.get("backend") == "torch":
+        backend = "torch"
+        log("data backend torch (auto: resuming a stream the torch loader started, which only it continues exactly)")
     loader = None
     if backend != "torch":
         try:
-            loader = DaliPretrainLoader(*args)
+            loader = DaliPretrainLoader(*args, state=state)
         except Exception as e:  # noqa: BLE001 - any DALI failure means "use the torch pipeline"
             if backend == "dali":
                 raise
-            log(f"WARNING: DALI pipeline unavailable ({_short(e)}); "
-                "using the torch DataLoader pipeline")
-    loader = loader or PretrainLoader(*args)
+            if isinstance(e, ImportError) and importlib.util.find_spec("nvidia.dali") is None:
+                log("data backend torch (auto: nvidia-dali is not installed)")
+            else:
+                log(f"WARNING: data backend torch (auto: the DALI pipeline does not run here: {_short(e)})")
+        else:
+            if backend == "auto":
+                log(f"data backend dali (auto: nvidia-dali is installed and its pipeline runs; "
+                    f"{'GPU' if loader.device.type == 'cuda' else 'CPU'} decode)")
+    if loader is None:
+        loader = PretrainLoader(*args)
+        if state:
+            if state.get("backend", "torch") != "torch":
+                log(f"WARNING: resuming a {state['backend']} stream with the torch loader: the batches differ from an uninterrupted run")
+            loader.load_state_dict(state)
     log(f"{loader.backend} pipeline: {len(files)} images over {dp_size} DP rank(s), {loader.plan.per_rank} per rank "
         f"per epoch, batch {batch_size} x {in_chans} x {img_size}^2, starting at step {start_step}")
     return loader

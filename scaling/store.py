@@ -13,6 +13,12 @@ write is one short transaction retried while the database is locked. A run row i
 'running' before any metric and set 'complete' (or 'failed' on an exception) only when its block
 ends, so a killed process leaves a run that reports list as incomplete, never a half-written one.
 Writing uses only the standard library; reading returns pandas DataFrames.
+
+Opening checks the file: a corrupt file or a database without our tables is a StoreError (a
+ValueError whose one line names the file), as is every later database error. A store opened with
+`readonly=True` (what `rsscale report` does) is read through SQLite's read-only mode and never
+written: no schema statements, no journal-mode switch; on read-only media (the folder cannot be
+written, so SQLite could not make its WAL index) it is opened as immutable.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -120,6 +127,10 @@ def environment() -> dict:
     return env
 
 
+class StoreError(ValueError):
+    """A results-store file that cannot be opened, read or written; the message is one line naming it."""
+
+
 def _is_locked(err: sqlite3.OperationalError) -> bool:
     msg = str(err).lower()
     return "locked" in msg or "busy" in msg
@@ -133,16 +144,60 @@ def resolve_path(path: str | os.PathLike | None = None) -> str:
 class ResultsStore:
     """Handle on one results file; cheap to create, opens a short connection per transaction."""
 
-    def __init__(self, path: str | os.PathLike | None = None, timeout_s: float = 60.0):
+    def __init__(self, path: str | os.PathLike | None = None, timeout_s: float = 60.0, readonly: bool = False):
         self.path = resolve_path(path)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.readonly = timeout_s, readonly
         folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(f"no results store at {self.path}")
+            self._immutable = not os.access(folder, os.W_OK)  # read-only media: no WAL index can be made
+            self._check_schema()
+            return
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"results store {self.path}: cannot create its folder ({err.strerror})") from None
         self._transaction(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        """StoreError unless the file holds the runs and metrics tables with their columns."""
+        def columns(db, table):
+            return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+        def check(db):
+            return {t: cols - columns(db, t) for t, cols in (("runs", set(RUN_COLUMNS) | {"id"}),
+                                                              ("metrics", {"run_id", "name", "value", "step", "tags"}))}
+
+        missing = {t: sorted(c) for t, c in self._with_db(check).items() if c}
+        if missing:
+            raise StoreError(f"results store {self.path} is not an rsscale results store (missing: "
+                             + "; ".join(f"{t}.{', '.join(c)}" for t, c in missing.items()) + ")")
+
+    def _with_db(self, work):
+        """work(db) on a fresh connection; sqlite errors become one-line StoreErrors naming the file."""
+        try:
+            db = self._connect()
+            try:
+                return work(db)
+            finally:
+                db.close()
+        except sqlite3.Error as err:
+            raise self._error(err) from None
+
+    def _error(self, err: sqlite3.Error) -> StoreError:
+        what = "read" if self.readonly else "open or write"
+        return StoreError(f"results store {self.path}: cannot {what} it ({' '.join(str(err).split())})")
 
     # -- writing ---------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        if self.readonly:  # SQLite's read-only mode: no schema, journal or WAL switch can happen
+            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=ro" + ("&immutable=1" if self._immutable else "")
+            db = sqlite3.connect(uri, uri=True, timeout=self.timeout_s, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            return db
         db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         db.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
         db.execute("PRAGMA journal_mode = WAL")
@@ -169,9 +224,11 @@ class ResultsStore:
                     db.close()
             except sqlite3.OperationalError as err:
                 if not _is_locked(err) or time.monotonic() > deadline:
-                    raise
+                    raise self._error(err) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+            except sqlite3.Error as err:
+                raise self._error(err) from None
 
     def start_run(self, kind: str, preset: str | None = None, params: int | None = None,
                   layout: dict | None = None, micro_batch: int | None = None,
@@ -221,11 +278,10 @@ class ResultsStore:
     def _read(self, sql: str, params: tuple = ()):
         import pandas as pd
 
-        db = self._connect()
         try:
-            return pd.read_sql_query(sql, db, params=params)
-        finally:
-            db.close()
+            return self._with_db(lambda db: pd.read_sql_query(sql, db, params=params))
+        except pd.errors.DatabaseError as err:  # pandas wraps sqlite errors in its own type
+            raise StoreError(f"results store {self.path}: cannot read it ({' '.join(str(err).split())})") from None
 
     def runs(self, kind: str | None = None, status: str | None = None):
         """One row per run; `config` parsed into a dict, `sp` as bool, `incomplete` = not complete."""

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import get_preset, param_count
-from rsscale.scaling.config_file import load_config_file
+from rsscale.scaling.config_file import check_number, check_tree, load_config_file
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
@@ -80,7 +80,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
-    data_backend: str = "torch"  # torch (exact resume) | dali | auto
+    data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
     num_workers: int = 2
     out: str = "runs/pretrain"
     save_every: int = 0  # 0: only at the end
@@ -93,14 +93,19 @@ class TrainConfig:
     record: bool = True  # write the run and its step records into the results store
     tensorboard: str | None = None  # folder for TensorBoard scalar curves (rank 0 writes)
 
+    def __post_init__(self):
+        for path, bounds in NUMBER_RULES.items():
+            check_number(_flag_of(path), _get(self, path), **bounds)
+        for path, allowed in CHOICES.items():
+            if _get(self, path) not in allowed:
+                raise ValueError(f"{_flag_of(path)} must be one of {', '.join(allowed)}, got {_get(self, path)!r}")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
+
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        d = check_tree(source, d, cls)  # unknown keys and mistyped values, named
         par, opt = d.pop("parallel", {}) or {}, d.pop("optim", {}) or {}
-        for prefix, given, known in (("", d, cls), ("parallel.", par, Layout), ("optim.", opt, OptimConfig)):
-            unknown = set(given) - {f.name for f in dataclasses.fields(known)}
-            if unknown:
-                raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
         return cls(parallel=Layout(**par), optim=OptimConfig(**opt), **d)
 
     def to_dict(self) -> dict:
@@ -122,7 +127,7 @@ FLAGS = [
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
     ("--kernels", "kernels", str, "torch | triton"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
-    ("--data-backend", "data_backend", str, "torch (exact resume) | dali | auto"),
+    ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
     ("--num-workers", "num_workers", int, "data loader workers per rank"),
     ("--out", "out", str, "run folder (checkpoints under <out>/checkpoints)"),
     ("--save-every", "save_every", int, "checkpoint every N steps (and always at the end)"),
@@ -142,6 +147,30 @@ SWITCHES = [
 ]
 
 
+# Valid ranges of the numeric config values (config path -> bounds); errors name the flag and key.
+NUMBER_RULES = {
+    "in_chans": dict(ge=1), "parallel.tp": dict(ge=1), "parallel.pp": dict(ge=1), "parallel.dp": dict(ge=1),
+    "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1),
+    "optim.lr": dict(gt=0), "optim.min_lr": dict(ge=0), "optim.warmup": dict(ge=0), "optim.weight_decay": dict(ge=0),
+    "optim.beta1": dict(ge=0, lt=1), "optim.beta2": dict(ge=0, lt=1), "optim.eps": dict(gt=0), "optim.clip_grad": dict(ge=0),
+    "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
+    "timeout": dict(gt=0),
+}
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
+
+
+def _get(config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _flag_of(path: str) -> str:
+    """'--steps (config key 'steps')': how an error names a config value."""
+    flag = next((f for f, p, *_ in FLAGS + SWITCHES if p == path), None)
+    return f"{flag} (config key {path!r})" if flag else f"config key {path!r}"
+
+
 def add_arguments(parser) -> None:
     S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
@@ -156,7 +185,8 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
     """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) (world: $WORLD_SIZE
     under torchrun, or the size about to be launched)."""
     d = TrainConfig().to_dict()
-    from_file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    path = getattr(args, "config", None)
+    from_file = check_tree(path, load_config_file(path), TrainConfig) if path else {}
     if from_file:
         for key, value in from_file.items():
             d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
@@ -170,7 +200,7 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
     if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
         world = world or int(os.environ.get("WORLD_SIZE", 1))
         d["parallel"]["dp"] = layout_mod.derive_dp(d["parallel"]["tp"], d["parallel"]["pp"], None, world)
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(d, source=path or "command line")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +262,7 @@ class Trainer:
         self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
+        self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(config.out, "checkpoints")
         if config.resume:
             self._resume()
@@ -287,7 +318,7 @@ class Trainer:
 
         return build_pretrain_loader(root, self.cfg.img_size, self.layout.micro_batch, dp_rank=self.state.dp_rank(), dp_size=self.layout.dp,
                                      seed=c.seed, backend=c.data_backend, num_workers=c.num_workers, device=str(self.device),
-                                     in_chans=self.cfg.in_chans, start_step=self.step * self.layout.num_micro)
+                                     in_chans=self.cfg.in_chans, start_step=self.step * self.layout.num_micro, state=self.loader_state)
 
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -393,6 +424,7 @@ class Trainer:
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
+        rank_state["loader"] = self.loader.state_dict() if self.loader is not None else None  # JSON values: the exact stream
         return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
 
     def _resume(self):
@@ -407,7 +439,9 @@ class Trainer:
             return
         index = self.load(folder)
         if index["layout"] == self.layout.as_dict():
-            torch.set_rng_state(checkpoint.load_rank_state(folder, dist.get_rank())["torch_rng"])
+            rank_state = checkpoint.load_rank_state(folder, dist.get_rank())
+            torch.set_rng_state(rank_state["torch_rng"])
+            self.loader_state = rank_state.get("loader")
         log(f"resumed from {folder} at step {self.step}")
 
     def load(self, path: str) -> dict:

@@ -60,7 +60,7 @@ def test_augmentation_crops_and_flips():
     arr = np.zeros((8, 8, 3), np.uint8)
     arr[:, :4] = 255  # left half white: a flip moves it right
     mean, std = torch.zeros(3), torch.ones(3)
-    flips = [float(data.augment(arr, np.random.default_rng(s), 8, mean, std)[0, :, 0].mean()) < 0.5
+    flips = [float(data.augment(arr, 8, np.random.default_rng(s), 8, mean, std)[0, :, 0].mean()) < 0.5
              for s in range(40)]
     assert 5 < sum(flips) < 35
 
@@ -111,7 +111,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
     _write_corrupt(tmp_path)
     loader = build_pretrain_loader(tmp_path, 16, batch_size=5, backend="torch", num_workers=0)
     assert loader.skipped == 3 and len(loader.files) == 5
-    assert "skipped 3 unreadable image(s)" in capsys.readouterr().out
+    assert "skipped 3 image(s)" in capsys.readouterr().out
     next(loader)
     # Without the up-front check, decode failures at run time are survived and counted too.
     loader = build_pretrain_loader(tmp_path, 16, batch_size=7, backend="torch", num_workers=0, validate=False)
@@ -148,7 +148,7 @@ def test_measure_stats_by_hand(tmp_path):
 def test_auto_falls_back_to_torch_with_one_warning(tmp_path, capsys, monkeypatch):
     _write_flat(tmp_path, 2)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("no DALI here\nsecond line")
 
     monkeypatch.setattr(data, "DaliPretrainLoader", broken)

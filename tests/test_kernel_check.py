@@ -93,11 +93,15 @@ def test_bench_pipeline_smoke_on_cpu(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, check runs the real benchmark")
 def test_cpu_check_runs_correctness_and_says_timing_needs_gpu(tmp_path, capsys):
+    """On CPU the check runs correctness, then fails as 'could not compare' (exit 3) unless skipping is allowed."""
     base = tmp_path / "b.json"
     kb.save_results(dict(meta={}, records=[_rec(1.0)]), str(base))
-    assert cli(["kernels", "check", "--baseline", str(base)]) == 0
-    out = capsys.readouterr().out
-    assert "timing needs a CUDA GPU" in out and "FAIL" not in out and out.count(" ok") >= 6
+    assert cli(["kernels", "check", "--baseline", str(base)]) == kb.EXIT_CANNOT_COMPARE
+    captured = capsys.readouterr()
+    assert "could not compare: timing needs a CUDA GPU" in captured.err
+    assert "FAIL" not in captured.out and captured.out.count(" ok") >= 6
+    assert cli(["kernels", "check", "--baseline", str(base), "--allow-skip"]) == 0
+    assert "SKIPPED" in capsys.readouterr().out
 
 
 def test_kernels_compile_for_h100_without_a_gpu():

@@ -66,7 +66,9 @@ def test_report_from_filled_store(tmp_path):
 
 
 def test_report_from_empty_store(tmp_path):
-    md = write_report(str(tmp_path / "empty.db"), str(tmp_path), "e")
+    from rsscale.scaling.store import ResultsStore
+
+    md = write_report(ResultsStore(tmp_path / "empty.db").path, str(tmp_path), "e")  # reports read only: the store must exist
     text = open(md).read()
     assert text.count("no data yet") >= 5
     check_png(os.path.join(os.path.dirname(md), "fig_memory_vs_params.png"))  # the prediction alone

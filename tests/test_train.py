@@ -133,6 +133,11 @@ def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path
     """`rsscale pretrain` SIGKILLed right after its step-3 checkpoint, then rerun with --resume,
     logs the same losses at steps 4..6 as an uninterrupted run; the killed run's store row stays
     'running' (incomplete), never half-written."""
+    assert "torch pipeline" in killed_and_resumed_losses_agree(tmp_path, "--data-backend", "torch")
+
+
+def killed_and_resumed_losses_agree(tmp_path, *flags) -> str:
+    """The kill-and-resume check above with extra pretrain flags; returns the resumed run's output."""
     import signal
 
     from PIL import Image
@@ -146,7 +151,7 @@ def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path
     def cmd(out, db, *extra):
         return [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--steps", "6", "--save-every", "3",
                 "--micro-batch", "2", "--global-batch", "4", "--warmup", "1", "--data", str(tmp_path), "--num-workers", "0",
-                "--log-every", "1", "--out", str(tmp_path / out), "--results", str(tmp_path / db), *extra]
+                "--log-every", "1", "--out", str(tmp_path / out), "--results", str(tmp_path / db), *flags, *extra]
 
     subprocess.run(cmd("full", "full.db"), check=True, capture_output=True, timeout=300)
     victim = subprocess.Popen(cmd("cut", "cut.db"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -155,7 +160,7 @@ def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path
             victim.send_signal(signal.SIGKILL)
             break
     assert victim.wait(timeout=300) == -signal.SIGKILL
-    subprocess.run(cmd("cut", "cut.db", "--resume"), check=True, capture_output=True, timeout=300)
+    resumed_run = subprocess.run(cmd("cut", "cut.db", "--resume"), check=True, capture_output=True, text=True, timeout=300)
 
     def losses(db, status):
         store = ResultsStore(str(tmp_path / db))
@@ -171,6 +176,7 @@ def test_killed_run_resumed_from_the_command_line_ends_at_the_same_loss(tmp_path
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
     killed = losses("cut.db", "running")
     assert sorted(killed) == [1, 2, 3] and [killed[s] for s in (1, 2, 3)] == [full[s] for s in (1, 2, 3)]
+    return resumed_run.stdout + resumed_run.stderr
 
 
 def test_nproc_validates_the_layout_before_launching(tmp_path):
