@@ -187,13 +187,20 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
     name = f"step_{step:08d}"
     tmp = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # temporaries of a killed save (the run lock says nobody else writes here)
-            if stale.startswith(".tmp_"):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        tmp = os.path.join(root, f".tmp_{name}.{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
+        try:
+            os.makedirs(root, exist_ok=True)
+            for stale in os.listdir(root):  # temporaries of a killed save (the run lock says nobody else writes here)
+                if stale.startswith(".tmp_"):
+                    shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+            tmp = os.path.join(root, f".tmp_{name}.{uuid.uuid4().hex[:8]}")
+            os.makedirs(tmp)
+        except OSError as e:
+            if world == 1:
+                raise
+            tmp = OSError(f"checkpoint of step {step} failed: rank 0 could not create a folder under {root}: {e}")
     tmp = _broadcast(tmp)
+    if isinstance(tmp, OSError):
+        raise tmp
     file = f"rank_{rank:05d}.safetensors"
     report: dict = {}
     try:
@@ -495,6 +502,9 @@ class RunLock:
                     log(f"stale lock {self.path}: its holder (PID {holder['pid']} on {holder['host']}) is dead; taking it over", warn=True)
                     os.replace(self.path, f"{self.path}.stale-{uuid.uuid4().hex[:8]}")
                     continue
+                if not holder:
+                    raise CheckpointError(f"run folder {os.path.dirname(self.path)} has an unreadable lock file {self.path}; "
+                                          "if no run uses the folder, delete it")
                 raise CheckpointError(f"run folder {os.path.dirname(self.path)} is in use by PID {holder.get('pid')} on {holder.get('host')} "
                                       f"(since {holder.get('started')}; lock file {self.path}); if that run is gone, delete the lock file")
             with os.fdopen(fd, "w") as f:

@@ -25,7 +25,7 @@ def heldout_images(files: list[str], cfg: ViTConfig) -> torch.Tensor:
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in default_stats(cfg.in_chans))
     out = []
     for path in files:
-        x = to_unit_float(read_image(path, cfg.in_chans))
+        x = to_unit_float(*read_image(path, cfg.in_chans))
         h, w = x.shape[-2:]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2

@@ -175,7 +175,8 @@ def killed_and_resumed_losses_agree(tmp_path, *flags) -> str:
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
     killed = losses("cut.db", "running")
-    assert sorted(killed) == [1, 2, 3] and [killed[s] for s in (1, 2, 3)] == [full[s] for s in (1, 2, 3)]
+    # the kill lands after "saved step 3"; on a loaded machine step 4 may already be recorded
+    assert sorted(killed)[:3] == [1, 2, 3] and len(killed) < 6 and all(killed[s] == full[s] for s in killed)
     return resumed_run.stdout + resumed_run.stderr
 
 
