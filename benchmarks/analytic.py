@@ -147,48 +147,97 @@ def bytes_per_param(precision: str, scheme: str, zero_shards: int) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
-def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
-                           e: int, r: int, flash: bool = True) -> float:
-    """Bytes one block keeps for backward per image (Korthikanti-style, module doc)."""
-    K, t = branches, tp
-    ln_in = 2 * s * h * r / (t if sp else 1)
-    ln_out = 2 * K * s * h * e
-    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
-    if not flash:
-        attn += K * heads * s * s * e / t
-    mlp = K * s * 2 * m * e / t
-    return ln_in + ln_out + attn + mlp
-
-
 def _tokens(n: int, tp: int, sp: bool) -> int:
     """Tokens per block input under SP are padded to a multiple of t (scaling/mae.py)."""
     return -(-n // tp) * tp if sp else n
 
 
-def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """Activation bytes of one micro-batch on `stage` (without the 1F1B multiplicity)."""
+def _local_tokens(n: int, tp: int, sp: bool) -> int:
+    """Tokens of the residual stream on one TP rank: its chunk under SP, all of them without."""
+    return _tokens(n, tp, sp) // tp if sp else n
+
+
+def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
+                           e: int, r: int = 4, flash: bool = True) -> float:
+    """Bytes one block saves for backward per image on s real tokens (module doc, "per image")."""
+    K, t = branches, tp
+    s_ln = _local_tokens(s, t, sp)  # tokens this rank's LayerNorms see
+    ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * r + (s_ln * h * r if K > 1 else 0)
+    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
+    if not flash:
+        attn += K * heads * s * s * e / t
+    mlp = K * s * m * (e if sp else max(e, r)) / t + K * s * m * e / t
+    return 2 * ln + attn + mlp
+
+
+def block_micro_bytes(h: int, m: int, branches: int, tp: int, e: int, r: int = 4) -> float:
+    """Bytes one block saves per micro-batch whatever its size (module doc, "per micro-batch")."""
+    stacks = 2 * branches * h * r * (2 if branches == 1 else 1)
+    copies = branches * (h * h + m * h) / tp * e if e < r else 0
+    return stacks + copies
+
+
+def _precision_bytes(plan: Plan) -> tuple[int, int]:
+    """(autocast activation bytes e, residual-stream / weight bytes r)."""
+    e = 4 if plan.precision == "fp32" else 2
+    return e, (4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e)
+
+
+def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float]]:
+    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind."""
     L = plan.layout
     t, sp = L.tp, L.sp
-    e = 4 if plan.precision == "fp32" else 2
-    r = 4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e
-    s_enc, s_dec = _tokens(cfg.num_visible + 1, t, sp), _tokens(cfg.num_patches + 1, t, sp)
+    e, r = _precision_bytes(plan)
     start, end = stage_layer_range(cfg.depth, L.pp, stage)
-    enc = block_activation_bytes(s_enc, cfg.width, cfg.mlp, cfg.heads, cfg.branches, t, sp, e, r, plan.flash)
-    blocks = [(end - start, enc, s_enc * cfg.width)]
+    kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     if stage == L.pp - 1:
-        dec = block_activation_bytes(s_dec, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1, t, sp, e, r, plan.flash)
-        blocks.append((cfg.dec_depth, dec, s_dec * cfg.dec_width))
-    if plan.recompute:
-        kept = sum(n * x * r / (t if sp else 1) for n, _, x in blocks)
-        kept += max(full for n, full, _ in blocks if n)  # one block live while it is recomputed
-    else:
-        kept = sum(n * full for n, full, _ in blocks)
-    N, P = cfg.num_patches, cfg.patch_dim
-    if stage == 0:
-        kept += N * (P + cfg.width) * r
-    if stage == L.pp - 1:
-        kept += (cfg.num_visible + 1) * cfg.width * r + 2 * (N + 1) * cfg.dec_width * r + 3 * N * P * r
-    return L.micro_batch * kept
+        kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
+    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash), block_micro_bytes(h, m, K, t, e, r),
+             _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
+
+
+def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, float]:
+    """(per image, per micro-batch) bytes saved outside the transformer blocks on `stage`."""
+    L = plan.layout
+    t, sp = L.tp, L.sp
+    e, r = _precision_bytes(plan)
+    copy = e if e < r else 0  # autocast's 16-bit copy of a weight, saved per micro-batch
+    N, P, D, Dd = cfg.num_patches, cfg.patch_dim, cfg.width, cfg.dec_width
+    s_e, s_d = cfg.num_visible + 1, N + 1
+    img, micro = 0.0, 0.0
+    if stage == 0:  # the conv's input, the masking gather's index and input
+        img += cfg.in_chans * cfg.img_size**2 * e + cfg.num_visible * 8 + N * D * r
+        micro += D * P * copy
+    if stage < L.pp - 1:  # the stage output, kept by the 1F1B schedule
+        img += _local_tokens(s_e, t, sp) * D * r
+    else:  # encoder norm (+ its gathered input), decoder embed, unshuffle, decoder norm, head, loss
+        img += _tokens(s_e, t, sp) * D * r + 2 * s_e * 4 + s_e * D * e
+        img += N * 8 + N * Dd * r
+        img += _tokens(s_d, t, sp) * Dd * r + 2 * s_d * 4 + s_d * Dd * e
+        img += N * P * 4 + N * 4
+        micro += (D * Dd + Dd * P) * copy
+    return img, micro
+
+
+def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """Activation bytes one micro-batch leaves saved on `stage` after its forward (with
+    activation checkpointing: the block inputs only; see `recompute_bytes`)."""
+    mb = plan.layout.micro_batch
+    img, micro = stage_extra_bytes(cfg, plan, stage)
+    for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage):
+        if plan.recompute:
+            img += n * inp
+        else:
+            img, micro = img + n * per_img, micro + n * per_micro
+    return mb * img + micro
+
+
+def recompute_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """With activation checkpointing: one block's activations, alive while it is recomputed."""
+    if not plan.recompute:
+        return 0.0
+    mb = plan.layout.micro_batch
+    return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage) if n), default=0.0)
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -213,7 +262,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "grads": n["trainable"] * per["grads"],
             "optimizer": n["trainable"] * per["optimizer"],
             "masks": n["trainable"] * per["masks"],
-            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage),
+            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage) + recompute_bytes(cfg, plan, stage),
         }
         mem["total"] = sum(mem.values())
         out.append(mem)
