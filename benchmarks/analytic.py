@@ -23,24 +23,34 @@ Bytes per trainable parameter (`scheme`):
   "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
              2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
 
-Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", Table 2, adapted). Per block on s tokens, width h, MLP m, K branches, TP t,
-activation bytes e (2 under bf16/fp16 autocast, 4 in fp32) and residual-stream bytes r (the
-LayerNorm inputs; fp32 when the weights are fp32):
-  2 s h r / (t if SP else 1)          inputs of the two K-way LayerNorms (shared by the branches)
-  2 K s h e                           the LayerNorm outputs saved by qkv and fc1 (not split by
-                                      SP: our SP all-gathers them before the ColumnParallel matmul)
-  K s (3h + h) e / t                  q, k, v and the attention output (input of proj)
-  K s 2m e / t                        fc1 output (GELU input) and GELU output (fc2 input)
-  K a s 4 / t                         flash-attention log-sum-exp rows (fp32)
-  + K a s^2 e / t                     only without a flash kernel: the softmax probabilities.
-No dropout in MAE, so Korthikanti's mask terms vanish. Encoder: s = 1 + V tokens (V visible
-patches; padded to a multiple of t under SP), h = D, m = M, K = branches. Decoder: s = 1 + N,
-h = Dd, m = 4 Dd, K = 1. Full activation checkpointing keeps only each block's input
-(s h r / (t if SP)) plus one block's full activations while it is recomputed. The first stage
-also holds the patch pixels and embeddings (N (P + D) r); the last stage the encoder output, the
-decoder input and head (s_e D r + 2 s_d Dd r + 3 N P r). With 1F1B, stage i keeps
-min(P - i, micro-batches) micro-batches in flight; the reported memory is the worst stage.
+Activations: the bytes autograd saves for backward in our trainer, term by term as
+benchmarks/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
+tests/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
+tokens, width h, MLP m, a heads, K branches, TP t, autocast bytes e (2 under bf16/fp16, 4 in fp32),
+residual-stream bytes r (4: our weights and residual stream are fp32), and s' = the tokens this
+rank's LayerNorms see (the padded count / t under SP, s without):
+  per image, each of the two sublayers' K-way LayerNorm:
+    s' h r input + 2 s' 4 mean/rstd + K s' h r outputs (fp32 even under autocast: LayerNorm runs
+    in fp32 and megatron's Column linear, or our SP gather-linear, saves its fp32 input)
+    + s' h r normalized input (the K > 1 path scales one normalization K ways)
+  per image, attention: K s 4h e / t (q, k, v cast for attention, its output) + K a s 4 / t (LSE),
+    + K a s^2 e / t only without a flash kernel
+  per image, MLP: K s m / t fc1 output (fp32 without SP: megatron adds the bias in fp32 after
+    the bf16 matmul; e under SP, where the linear runs under autocast) + K s m e / t GELU output
+  per micro-batch, whatever its size: the stacked LayerNorm weights 2 K h r (x2 for K = 1:
+    weight and bias), and under autocast the 16-bit copies of the proj and fc2 weights that
+    F.linear saves, K (h^2 + m h) / t e: every micro-batch in flight holds its own copy.
+Encoder: s = 1 + V (V visible patches), h = D, m = M, K = branches. Decoder: s = 1 + N, h = Dd,
+m = 4 Dd, K = 1. Outside the blocks (`stage_extra_bytes`): the first stage saves the image
+(C H W e), the masking index and the embedded patches (N D r) and, under autocast, the patch
+conv's weight copy; a stage that is not the last keeps its output (s' D r) for the schedule; the
+last stage saves the encoder norm's (gathered) input, the decoder embedding, unshuffle, decoder
+norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
+head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
+once the largest block's activations while it is recomputed (`recompute_bytes`). With 1F1B,
+stage i keeps min(P - i, micro-batches) micro-batches in flight; the reported memory is the
+worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
+not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again

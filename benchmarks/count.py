@@ -6,10 +6,11 @@
 How. The process joins a fake process group of the layout's full world size as the rank that holds
 TP rank 0, DP rank 0 of pipeline stage `stage` (torch's "fake" backend: collectives return at
 once and move nothing), megatron-core builds the TP/PP/DP groups in it
-(`create_gloo_process_groups=False`), and that rank's model stage is built under torch's
-FakeTensorMode: every tensor has a shape, dtype and a "cpu" device but no data, so CPU autocast
-applies exactly as on a real run and nothing is allocated. (Plain meta tensors would do the same
-but autocast ignores the meta device, which would count bf16 runs in fp32.) Then:
+(`create_gloo_process_groups=False`), and that rank's model stage is built twice without data:
+on the meta device, where the trainer's optimizer is built over it, and under torch's
+FakeTensorMode for the forward passes: fake tensors have a shape, dtype and a "cpu" device but
+no data, so CPU autocast applies exactly as on a real run (autocast ignores the meta device,
+which would count bf16 runs in fp32). Nothing is allocated. Then:
 
   params, grads, optimizer, masks: the trainer's own allocations, built by the trainer's own code
       (scaling/optim.py `FlatAdamW` over the stage's parameters: the flat fp32 weight buffer, its
@@ -195,11 +196,15 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
     with fake_world(L.world_size, stage_rank(L.tp, L.pp, L.dp, stage), L.tp, L.pp) as state:
         if state.pp_rank() != stage or state.tp_rank() or state.dp_rank():
             raise RuntimeError(f"rank {stage_rank(L.tp, L.pp, L.dp, stage)} is not TP0/DP0 of stage {stage} in megatron's rank order")
-        with FakeTensorMode():
-            # megatron's weight init is skipped (perform_initialization=False): shapes are all that count here.
-            config = state.model_parallel_config(perform_initialization=False)
-            model = MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
-                                      post_process=stage == L.pp - 1, layer_range=stage_layer_range(cfg.depth, L.pp, stage), config=config)
+        # megatron's weight init is skipped (perform_initialization=False): shapes are all that count here.
+        config = state.model_parallel_config(perform_initialization=False)
+
+        def build():
+            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
+                                     post_process=stage == L.pp - 1, layer_range=stage_layer_range(cfg.depth, L.pp, stage), config=config)
+
+        with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
+            model = build()
             frozen = [p for p in model.parameters() if not p.requires_grad]
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0)
@@ -209,6 +214,8 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
                 optimizer=opt.state_bytes(),
                 masks=opt.decay_mask.untyped_storage().nbytes() + opt.flat.numel() * 4,  # + the trainer's count_mask
             )
+        with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
+            model = build()
             skip = {_storage(p)[0] for p in model.parameters()}
             micro = in_flight(L, stage)
             saves = _forward_saves(model, cfg, plan, stage == 0, micro, skip, attribute=not plan.recompute)

@@ -2,6 +2,7 @@
 
     rsscale profile --model g12x4 --gpus 8 --memory-gb 80 --peak-tflops 989 --global-batch 256
     rsscale profile --model small --gpus 4 --global-batch 16 --precision fp32 --measure --max-measure 4
+    rsscale profile --model g12x4 --gpus 32 --global-batch 256 --top 5 --count
 
 Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
@@ -12,6 +13,9 @@ workspaces). The table is ranked by predicted images/s, fitting layouts first.
 --measure runs `rsscale bench` (torchrun with `gpus` processes) on the best fitting layouts that
 this machine can hold (on CPU at most 4 gloo processes; memory from this machine) and stores each
 measured run (kind "profile") with the prediction beside it; `rsscale report` shows the error.
+--count counts the memory of every shown layout exactly (benchmarks/count.py: the rank built on
+fake tensors inside a fake process group of the full world size) and prints it beside the analytic
+figures, component by component.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def format_row(r: dict) -> str:
             f"{e.images_per_s:10.1f} {100 * e.mfu:6.1f}")
 
 
-def print_table(rows: list[dict], top: int) -> None:
+def print_table(rows: list[dict], top: int) -> list[dict]:
+    """Print the ranking; returns the rows shown."""
     print(f"{'layout':<34} {'R/Z':<3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>8} {'fits':>4} "
           f"{'img/s':>10} {'MFU%':>6}")
     shown = [r for r in rows if r["fits"]][:top]
@@ -80,6 +85,24 @@ def print_table(rows: list[dict], top: int) -> None:
         for r in misfits[:3]:
             print(format_row(r))
     print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
+    return shown + misfits[:3]
+
+
+def print_counted(cfg, rows: list[dict]) -> None:
+    """Counted (benchmarks/count.py, every stage) beside analytic bytes for the worst stage of each row."""
+    from rsscale.benchmarks.count import COMPONENTS, count_plan
+
+    print(f"\ncounted (fake tensors in a fake {rows[0]['plan'].layout.world_size}-rank world) / analytic, GiB on the worst stage:")
+    print(f"{'layout':<34} {'R/Z':<3} " + " ".join(f"{c:>15}" for c in COMPONENTS + ("total",)) + f" {'worst err':>9}")
+    for r in rows:
+        p = r["plan"]
+        stages = count_plan(cfg, p)
+        worst = max(range(len(stages)), key=lambda s: stages[s].total)
+        counted, predicted = stages[worst].as_dict(), analytic.memory_per_stage(cfg, p)[worst]
+        err = max(abs(predicted[c] / counted[c] - 1) for c in counted if counted[c])
+        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        cells = " ".join(f"{counted[c] / GIB:7.2f}/{predicted[c] / GIB:<7.2f}" for c in COMPONENTS + ("total",))
+        print(f"{str(p.layout):<34} {flags:<3} {cells} {100 * err:8.2f}%")
 
 
 def _cuda() -> bool:
@@ -134,6 +157,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
+    parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
     parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
     parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
@@ -164,7 +188,9 @@ def main(args) -> int:
     print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "
           f"{n_fit} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak {hw.peak_flops / 1e12:g} TFLOP/s x "
           f"{hw.efficiency:g}, {hw.bandwidth / 1e9:g} GB/s)")
-    print_table(rows, args.top)
+    shown = print_table(rows, args.top)
+    if args.count and shown:
+        print_counted(cfg, shown)
     if args.measure:
         return 1 if measure(cfg, rows, args) else 0
     return 0
