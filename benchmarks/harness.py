@@ -16,6 +16,11 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side.
+--trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
+  DIR/trace_rank<r>.json (Chrome/Perfetto), DIR/ops_rank<r>.txt and .csv (per-operator times), on
+  CUDA DIR/memory_rank<r>.pickle (torch.cuda.memory._dump_snapshot; open at pytorch.org/memory_viz)
+  and DIR/memory_rank<r>.json with the allocator peak beside the counted (benchmarks/count.py)
+  and analytic bytes of that rank's stage.
 Every rank measures; rank 0 gathers the per-rank peaks and writes one record (kind "bench", or
 "profile" when the profiler runs it) to the results store.
 """
@@ -53,6 +58,8 @@ class BenchOptions:
     results: str | None = None
     record: bool = True
     record_kind: str = "bench"
+    trace: str | None = None  # folder for torch.profiler traces, per-operator tables, memory figures
+    trace_steps: int = 2
 
     def __post_init__(self):
         if self.warmup < 0 or self.steps < 1:
@@ -139,7 +146,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     import torch.distributed as dist
 
     from rsscale.benchmarks import analytic
-    from rsscale.scaling.config import mae_step_flops, param_count
+    from rsscale.scaling.config import get_preset, mae_step_flops, param_count
     from rsscale.scaling.layout import Layout
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
@@ -154,6 +161,15 @@ def run_bench(opts: BenchOptions) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
+    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
+                         distributed_optimizer=opts.distributed_optimizer)
+    counted_stages, counted = None, {}
+    if opts.trace:  # counted before any process group exists (counting builds its own fake one)
+        from rsscale.benchmarks.count import count_plan
+
+        counted_stages = count_plan(get_preset(opts.model), plan)
+        counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
+                   "counted_act_bytes": max(c.activations for c in counted_stages)}
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
     rank = dist.get_rank()
@@ -166,6 +182,10 @@ def run_bench(opts: BenchOptions) -> dict | None:
         recs.append(trainer.train_step())
         say(f"[bench] step {i + 1}/{opts.steps}: {recs[-1]['t_step']:.4f} s, loss {recs[-1]['loss']:.4f}", flush=True)
     mine = {"rank": rank, "peak": peak_memory(trainer.device), "before": before}
+    if opts.trace:  # after the timed steps, so the profiler does not slow them down
+        from rsscale.benchmarks.trace import trace_steps
+
+        mine["peak"] = max(mine["peak"], trace_steps(trainer, opts.trace, opts.trace_steps, counted_stages))
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     if rank != 0:
@@ -177,11 +197,11 @@ def run_bench(opts: BenchOptions) -> dict | None:
                         mae_step_flops(cfg, False), peak_tflops, layout.world_size)
     for key in ("t_data", "t_fwd_bwd", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
+    if opts.trace:
+        summary.update(counted)
     summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
     summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
     summary["peak_tflops_used"] = peak_tflops
-    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
-                         distributed_optimizer=opts.distributed_optimizer)
     est = analytic.estimate(cfg, plan, analytic.Hardware(peak_flops=peak_tflops * 1e12))
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
@@ -220,7 +240,8 @@ def print_summary(s: dict) -> None:
     print(f"[bench] split: data {s['t_data_median_s']:.4f} s, forward+backward {s['t_fwd_bwd_median_s']:.4f} s, "
           f"optimizer {s['t_optim_median_s']:.4f} s")
     print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
-          f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB", flush=True)
+          f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
+          + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +269,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
     parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
     parser.add_argument("--nproc", type=int, default=None, help="launch torchrun with this many local processes")
+    parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "
+                        "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
+    parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
 
 
 def argparse_hide():
