@@ -60,6 +60,7 @@ class BenchOptions:
     record_kind: str = "bench"
     trace: str | None = None  # folder for torch.profiler traces, per-operator tables, memory figures
     trace_steps: int = 2
+    summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
 
     def __post_init__(self):
         if self.warmup < 0 or self.steps < 1:
@@ -272,6 +273,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "
                         "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
     parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
+    parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
 
 
 def argparse_hide():
@@ -294,6 +296,11 @@ def main(args) -> int:
     summary = run_bench(opts)
     if summary is not None:
         print_summary(summary)
+        if opts.summary_json:
+            import json
+
+            with open(opts.summary_json, "w") as f:
+                json.dump(summary, f, indent=1)
     from rsscale.scaling.parallel.state import destroy_parallel
 
     destroy_parallel()

@@ -21,8 +21,10 @@ figures, component by component.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
+import tempfile
 
 from rsscale.benchmarks import analytic
 from rsscale.benchmarks.harness import BenchOptions, bench_command
@@ -55,13 +57,18 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
     return plans
 
 
-def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float) -> list[dict]:
-    """Predictions, fitting layouts first, each group by predicted images/s (best first)."""
+def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
+    """Predictions, fitting layouts first, each group by predicted images/s (best first). With a
+    calibration the step time is the time model's (benchmarks/timemodel.py), else the analytic one."""
+    from rsscale.benchmarks import timemodel
+
     rows = []
     for plan in plans:
         est = analytic.estimate(cfg, plan, hw)
-        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes))
-    return sorted(rows, key=lambda r: (not r["fits"], -r["est"].images_per_s))
+        step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step,
+                         img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
 def format_row(r: dict) -> str:
@@ -69,7 +76,7 @@ def format_row(r: dict) -> str:
     flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
     return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
             f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
-            f"{e.images_per_s:10.1f} {100 * e.mfu:6.1f}")
+            f"{r['img_s']:10.1f} {100 * r['mfu']:6.1f}")
 
 
 def print_table(rows: list[dict], top: int) -> list[dict]:
@@ -127,8 +134,10 @@ def measure(cfg, rows: list[dict], args) -> int:
     procs, mem_each = machine_limits()
     if args.gpus > procs:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
-    todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each][: args.max_measure]
-    failed = 0
+    todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each]
+    todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
+    failed, table = 0, []
+    tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for i, r in enumerate(todo):
         p = r["plan"]
         L = p.layout
@@ -136,13 +145,83 @@ def measure(cfg, rows: list[dict], args) -> int:
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
                             activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
-                            results=args.results, record_kind="profile")
+                            results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"))
         print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
         rc = subprocess.call(bench_command(opts, args.gpus))
         if rc:
             failed += 1
             print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
+            continue
+        with open(opts.summary_json) as f:
+            measured = json.load(f)["step_time_median_s"]
+        table.append(dict(row=r, measured_s=measured, error=r["step_s"] / measured - 1))
+    if table:
+        text = validation_table(table)
+        print(text)
+        if args.validation_out:
+            write_validation(args.validation_out, text, cfg, args)
     return failed
+
+
+def spread(rows: list[dict], n: int) -> list[dict]:
+    """n rows spread over the ranking (best, worst and between), one per (tp, pp, dp, sp) first."""
+    seen, distinct = set(), []
+    for r in rows:
+        L = r["plan"].layout
+        key = (L.tp, L.pp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(r)
+    if len(distinct) <= n:
+        return distinct
+    return [distinct[round(i * (len(distinct) - 1) / (n - 1))] for i in range(n)] if n > 1 else distinct[:1]
+
+
+def validation_table(table: list[dict]) -> str:
+    """Markdown: predicted vs measured step time per layout, with the error statistics and ranks."""
+    import numpy as np
+
+    lines = ["| layout | R/Z | predicted s | measured s | error |", "| --- | --- | --- | --- | --- |"]
+    for t in table:
+        p = t["row"]["plan"]
+        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        lines.append(f"| {p.layout} | {flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | {100 * t['error']:+.1f} % |")
+    errs = np.abs([t["error"] for t in table])
+    fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
+    rank = sorted(range(len(table)), key=lambda i: table[i]["row"]["step_s"]).index(fastest) + 1
+    lines += ["", f"median |error| {100 * np.median(errs):.1f} %, worst {100 * errs.max():.1f} % over {len(table)} layouts; "
+              f"the measured fastest layout is predicted #{rank}"]
+    return "\n".join(lines)
+
+
+def write_validation(path: str, text: str, cfg, args) -> None:
+    import torch  # noqa: F401 - so environment() names a GPU
+
+    from rsscale.scaling.store import environment
+
+    env = environment()
+    head = (f"# Step-time model: predicted vs measured ({cfg.name}, {args.gpus} processes, global batch {args.global_batch}, {args.precision})\n\n"
+            f"device: {env['device']}; torch {env['torch_version']}, megatron-core {env['mcore_version']}; commit {env['git_commit']}; "
+            f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n\n")
+    with open(path, "a" if os.path.exists(path) else "w") as f:
+        f.write(head + text + "\n\n")
+
+
+def load_calibration(args) -> dict | None:
+    """The newest calibration of this device in the results store; says so when there is none."""
+    import torch  # noqa: F401 - so environment() names a GPU
+
+    from rsscale.benchmarks.calibrate import latest
+    from rsscale.scaling.store import environment
+
+    device = environment()["device"]
+    calib = latest(device, args.precision, args.results)
+    if calib is None:
+        print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the analytic "
+              "heuristic (run `rsscale calibrate` for the calibrated time model)")
+    else:
+        print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/timemodel.py)")
+    return calib
 
 
 def add_arguments(parser) -> None:
@@ -162,7 +241,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
     parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
     parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
-    parser.add_argument("--results", default=None, help="results store for --measure")
+    parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
+    parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
+    parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
+    parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
 
 
 def main(args) -> int:
@@ -183,7 +265,8 @@ def main(args) -> int:
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1
-    rows = rank_plans(cfg, plans, hw, budget)
+    calib = None if args.no_calibration else load_calibration(args)
+    rows = rank_plans(cfg, plans, hw, budget, calib)
     n_fit = sum(r["fits"] for r in rows)
     print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "
           f"{n_fit} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak {hw.peak_flops / 1e12:g} TFLOP/s x "

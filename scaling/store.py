@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 
 DEFAULT_PATH = os.path.join("reports", "results.db")
 ENV_VAR = "RSSCALE_RESULTS"
-KINDS = ("pretrain", "bench", "finetune", "kernel", "profile")
+KINDS = ("pretrain", "bench", "finetune", "kernel", "profile", "calibration")
 STATUSES = ("running", "complete", "failed")
 
 SCHEMA = """

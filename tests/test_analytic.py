@@ -136,5 +136,5 @@ def test_profile_enumerates_valid_plans_and_ranks_fits_first():
     rows = rank_plans(cfg, plans, A.Hardware(), budget)
     fits = [r["fits"] for r in rows]
     assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(rows)
-    speeds = [r["est"].images_per_s for r in rows if r["fits"]]
+    speeds = [r["img_s"] for r in rows if r["fits"]]
     assert speeds == sorted(speeds, reverse=True)
