@@ -109,11 +109,15 @@ def fit_latency_bandwidth(sizes, times) -> dict:
     return {"latency_s": max(float(lat), 0.0), "bandwidth_bytes_per_s": float(1.0 / inv_bw)}
 
 
-def _collective_worker(rank, world, reps):
-    """One rank: time every collective at every size; returns rank 0's medians."""
+def _collective_worker(rank, world, port, reps, path):
+    """One spawned rank: time every collective at every size; rank 0 writes its medians to `path`."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
     res = {}
@@ -140,16 +144,27 @@ def _collective_worker(rank, world, reps):
 
             dist.barrier()
             res[op].append(_timed(call, dist.barrier, reps))
-    return res
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(res, f)
+    dist.destroy_process_group()
 
 
 def measure_collectives(group_sizes, reps: int = 5) -> dict:
     """{op: {group size: {latency_s, bandwidth_bytes_per_s, sizes, times}}} over gloo processes."""
-    from rsscale.benchmarks.spawn import run_processes
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from rsscale.scaling.parallel.state import _free_port
 
     out = {op: {} for op in COLLECTIVES}
     for n in group_sizes:
-        times = run_processes(_collective_worker, n, reps)[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "times.json")
+            mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
+            with open(path) as f:
+                times = json.load(f)
         for op in COLLECTIVES:
             out[op][str(n)] = {**fit_latency_bandwidth(SIZES, times[op]), "sizes": SIZES, "times": times[op]}
     return out
