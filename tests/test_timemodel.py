@@ -53,7 +53,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     from rsscale.benchmarks import profile
 
     db = str(tmp_path / "results.db")
-    result = C.calibrate(["tiny"], [1, 2], [1, 2], [2], "fp32")
+    result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32")
     assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
     C.store_calibration(result, db)
     assert C.latest(result["device"], "fp32", db) == result
