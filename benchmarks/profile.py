@@ -160,6 +160,7 @@ def measure(cfg, rows: list[dict], args) -> int:
         print(text)
         if args.validation_out:
             write_validation(args.validation_out, text, cfg, args)
+            scatter(table, os.path.splitext(args.validation_out)[0] + f"-{cfg.name}-{args.gpus}.png")
     return failed
 
 
@@ -192,6 +193,26 @@ def validation_table(table: list[dict]) -> str:
     lines += ["", f"median |error| {100 * np.median(errs):.1f} %, worst {100 * errs.max():.1f} % over {len(table)} layouts; "
               f"the measured fastest layout is predicted #{rank}"]
     return "\n".join(lines)
+
+
+def scatter(table: list[dict], path: str) -> None:
+    """Predicted vs measured step time, log-log, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = [t["measured_s"] for t in table], [t["row"]["step_s"] for t in table]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.loglog(x, y, "o")
+    for t in table:
+        ax.annotate(str(t["row"]["plan"].layout).rsplit(" mb", 1)[0], (t["measured_s"], t["row"]["step_s"]), fontsize=6)
+    lo, hi = min(x + y) / 1.5, max(x + y) * 1.5
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlabel="measured step time (s)", ylabel="predicted step time (s)", title="time model vs measurement")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_validation(path: str, text: str, cfg, args) -> None:
