@@ -36,7 +36,6 @@ log-sum-exp).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +45,6 @@ from rsscale.benchmarks.analytic import Plan, in_flight
 from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.layout import check_layout, stage_layer_range
 
-log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
 COMPONENTS = ("params", "grads", "optimizer", "masks", "activations")
@@ -235,7 +233,3 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
 def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:
     """`count_stage` for every pipeline stage of the plan."""
     return [count_stage(cfg, plan, s) for s in range(plan.layout.pp)]
-
-
-def worst_stage(stages: list[Counted]) -> Counted:
-    return max(stages, key=lambda c: c.total)

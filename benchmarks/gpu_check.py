@@ -24,14 +24,12 @@ the steps are listed and nothing is run, so a CPU machine never reports a GPU ch
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
 
 EXIT_NO_GPU = 3
-log = logging.getLogger(__name__)
 
 BENCHES = {  # model -> (micro-batch, global batch): sizes that fill an 80 GB GPU without recompute
     "b12x1": (128, 128),
