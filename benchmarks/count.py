@@ -28,9 +28,9 @@ which would count bf16 runs in fp32). Nothing is allocated. Then:
 
 What this does not count: transient buffers (gradients of activations during backward, matmul
 workspaces, collective buffers, the allocator's fragmentation), and the CUDA context; these are
-what --reserve-gb in `rsscale profile` is for. The torch kernel backend is counted (the Triton
-kernels save the same tensors for LayerNorm and attention: input, mean/rstd, output and
-log-sum-exp).
+what --reserve-gb in `rsscale profile` is for. The torch kernel backend is what is counted; what
+the Triton kernels save is not checked here (`rsscale bench --trace` on a GPU puts the allocator
+peak beside these counts).
 """
 
 from __future__ import annotations
