@@ -57,7 +57,7 @@ def trace_steps(trainer, out_dir: str, steps: int, counted_stages=None) -> int:
         for _ in range(steps):
             trainer.train_step()
     prof.export_chrome_trace(os.path.join(out_dir, f"trace_rank{rank}.json"))
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(os.path.join(out_dir, f"ops_rank{rank}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
     rows = operator_rows(prof, cuda)
