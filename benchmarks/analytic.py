@@ -23,24 +23,34 @@ Bytes per trainable parameter (`scheme`):
   "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
              2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
 
-Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", Table 2, adapted). Per block on s tokens, width h, MLP m, K branches, TP t,
-activation bytes e (2 under bf16/fp16 autocast, 4 in fp32) and residual-stream bytes r (the
-LayerNorm inputs; fp32 when the weights are fp32):
-  2 s h r / (t if SP else 1)          inputs of the two K-way LayerNorms (shared by the branches)
-  2 K s h e                           the LayerNorm outputs saved by qkv and fc1 (not split by
-                                      SP: our SP all-gathers them before the ColumnParallel matmul)
-  K s (3h + h) e / t                  q, k, v and the attention output (input of proj)
-  K s 2m e / t                        fc1 output (GELU input) and GELU output (fc2 input)
-  K a s 4 / t                         flash-attention log-sum-exp rows (fp32)
-  + K a s^2 e / t                     only without a flash kernel: the softmax probabilities.
-No dropout in MAE, so Korthikanti's mask terms vanish. Encoder: s = 1 + V tokens (V visible
-patches; padded to a multiple of t under SP), h = D, m = M, K = branches. Decoder: s = 1 + N,
-h = Dd, m = 4 Dd, K = 1. Full activation checkpointing keeps only each block's input
-(s h r / (t if SP)) plus one block's full activations while it is recomputed. The first stage
-also holds the patch pixels and embeddings (N (P + D) r); the last stage the encoder output, the
-decoder input and head (s_e D r + 2 s_d Dd r + 3 N P r). With 1F1B, stage i keeps
-min(P - i, micro-batches) micro-batches in flight; the reported memory is the worst stage.
+Activations: the bytes autograd saves for backward in our trainer, term by term as
+benchmarks/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
+tests/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
+tokens, width h, MLP m, a heads, K branches, TP t, autocast bytes e (2 under bf16/fp16, 4 in fp32),
+residual-stream bytes r (4: our weights and residual stream are fp32), and s' = the tokens this
+rank's LayerNorms see (the padded count / t under SP, s without):
+  per image, each of the two sublayers' K-way LayerNorm:
+    s' h r input + 2 s' 4 mean/rstd + K s' h r outputs (fp32 even under autocast: LayerNorm runs
+    in fp32 and megatron's Column linear, or our SP gather-linear, saves its fp32 input)
+    + s' h r normalized input (the K > 1 path scales one normalization K ways)
+  per image, attention: K s 4h e / t (q, k, v cast for attention, its output) + K a s 4 / t (LSE),
+    + K a s^2 e / t only without a flash kernel
+  per image, MLP: K s m / t fc1 output (fp32 without SP: megatron adds the bias in fp32 after
+    the bf16 matmul; e under SP, where the linear runs under autocast) + K s m e / t GELU output
+  per micro-batch, whatever its size: the stacked LayerNorm weights 2 K h r (x2 for K = 1:
+    weight and bias), and under autocast the 16-bit copies of the proj and fc2 weights that
+    F.linear saves, K (h^2 + m h) / t e: every micro-batch in flight holds its own copy.
+Encoder: s = 1 + V (V visible patches), h = D, m = M, K = branches. Decoder: s = 1 + N, h = Dd,
+m = 4 Dd, K = 1. Outside the blocks (`stage_extra_bytes`): the first stage saves the image
+(C H W e), the masking index and the embedded patches (N D r) and, under autocast, the patch
+conv's weight copy; a stage that is not the last keeps its output (s' D r) for the schedule; the
+last stage saves the encoder norm's (gathered) input, the decoder embedding, unshuffle, decoder
+norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
+head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
+once the largest block's activations while it is recomputed (`recompute_bytes`). With 1F1B,
+stage i keeps min(P - i, micro-batches) micro-batches in flight; the reported memory is the
+worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
+not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
@@ -147,48 +157,97 @@ def bytes_per_param(precision: str, scheme: str, zero_shards: int) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
-def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
-                           e: int, r: int, flash: bool = True) -> float:
-    """Bytes one block keeps for backward per image (Korthikanti-style, module doc)."""
-    K, t = branches, tp
-    ln_in = 2 * s * h * r / (t if sp else 1)
-    ln_out = 2 * K * s * h * e
-    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
-    if not flash:
-        attn += K * heads * s * s * e / t
-    mlp = K * s * 2 * m * e / t
-    return ln_in + ln_out + attn + mlp
-
-
 def _tokens(n: int, tp: int, sp: bool) -> int:
     """Tokens per block input under SP are padded to a multiple of t (scaling/mae.py)."""
     return -(-n // tp) * tp if sp else n
 
 
-def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """Activation bytes of one micro-batch on `stage` (without the 1F1B multiplicity)."""
+def _local_tokens(n: int, tp: int, sp: bool) -> int:
+    """Tokens of the residual stream on one TP rank: its chunk under SP, all of them without."""
+    return _tokens(n, tp, sp) // tp if sp else n
+
+
+def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
+                           e: int, r: int = 4, flash: bool = True) -> float:
+    """Bytes one block saves for backward per image on s real tokens (module doc, "per image")."""
+    K, t = branches, tp
+    s_ln = _local_tokens(s, t, sp)  # tokens this rank's LayerNorms see
+    ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * r + (s_ln * h * r if K > 1 else 0)
+    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
+    if not flash:
+        attn += K * heads * s * s * e / t
+    mlp = K * s * m * (e if sp else max(e, r)) / t + K * s * m * e / t
+    return 2 * ln + attn + mlp
+
+
+def block_micro_bytes(h: int, m: int, branches: int, tp: int, e: int, r: int = 4) -> float:
+    """Bytes one block saves per micro-batch whatever its size (module doc, "per micro-batch")."""
+    stacks = 2 * branches * h * r * (2 if branches == 1 else 1)
+    copies = branches * (h * h + m * h) / tp * e if e < r else 0
+    return stacks + copies
+
+
+def _precision_bytes(plan: Plan) -> tuple[int, int]:
+    """(autocast activation bytes e, residual-stream / weight bytes r)."""
+    e = 4 if plan.precision == "fp32" else 2
+    return e, (4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e)
+
+
+def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float]]:
+    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind."""
     L = plan.layout
     t, sp = L.tp, L.sp
-    e = 4 if plan.precision == "fp32" else 2
-    r = 4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e
-    s_enc, s_dec = _tokens(cfg.num_visible + 1, t, sp), _tokens(cfg.num_patches + 1, t, sp)
+    e, r = _precision_bytes(plan)
     start, end = stage_layer_range(cfg.depth, L.pp, stage)
-    enc = block_activation_bytes(s_enc, cfg.width, cfg.mlp, cfg.heads, cfg.branches, t, sp, e, r, plan.flash)
-    blocks = [(end - start, enc, s_enc * cfg.width)]
+    kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     if stage == L.pp - 1:
-        dec = block_activation_bytes(s_dec, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1, t, sp, e, r, plan.flash)
-        blocks.append((cfg.dec_depth, dec, s_dec * cfg.dec_width))
-    if plan.recompute:
-        kept = sum(n * x * r / (t if sp else 1) for n, _, x in blocks)
-        kept += max(full for n, full, _ in blocks if n)  # one block live while it is recomputed
-    else:
-        kept = sum(n * full for n, full, _ in blocks)
-    N, P = cfg.num_patches, cfg.patch_dim
-    if stage == 0:
-        kept += N * (P + cfg.width) * r
-    if stage == L.pp - 1:
-        kept += (cfg.num_visible + 1) * cfg.width * r + 2 * (N + 1) * cfg.dec_width * r + 3 * N * P * r
-    return L.micro_batch * kept
+        kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
+    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash), block_micro_bytes(h, m, K, t, e, r),
+             _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
+
+
+def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, float]:
+    """(per image, per micro-batch) bytes saved outside the transformer blocks on `stage`."""
+    L = plan.layout
+    t, sp = L.tp, L.sp
+    e, r = _precision_bytes(plan)
+    copy = e if e < r else 0  # autocast's 16-bit copy of a weight, saved per micro-batch
+    N, P, D, Dd = cfg.num_patches, cfg.patch_dim, cfg.width, cfg.dec_width
+    s_e, s_d = cfg.num_visible + 1, N + 1
+    img, micro = 0.0, 0.0
+    if stage == 0:  # the conv's input, the masking gather's index and input
+        img += cfg.in_chans * cfg.img_size**2 * e + cfg.num_visible * 8 + N * D * r
+        micro += D * P * copy
+    if stage < L.pp - 1:  # the stage output, kept by the 1F1B schedule
+        img += _local_tokens(s_e, t, sp) * D * r
+    else:  # encoder norm (+ its gathered input), decoder embed, unshuffle, decoder norm, head, loss
+        img += _tokens(s_e, t, sp) * D * r + 2 * s_e * 4 + s_e * D * e
+        img += N * 8 + N * Dd * r
+        img += _tokens(s_d, t, sp) * Dd * r + 2 * s_d * 4 + s_d * Dd * e
+        img += N * P * 4 + N * 4
+        micro += (D * Dd + Dd * P) * copy
+    return img, micro
+
+
+def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """Activation bytes one micro-batch leaves saved on `stage` after its forward (with
+    activation checkpointing: the block inputs only; see `recompute_bytes`)."""
+    mb = plan.layout.micro_batch
+    img, micro = stage_extra_bytes(cfg, plan, stage)
+    for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage):
+        if plan.recompute:
+            img += n * inp
+        else:
+            img, micro = img + n * per_img, micro + n * per_micro
+    return mb * img + micro
+
+
+def recompute_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """With activation checkpointing: one block's activations, alive while it is recomputed."""
+    if not plan.recompute:
+        return 0.0
+    mb = plan.layout.micro_batch
+    return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage) if n), default=0.0)
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -213,7 +272,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "grads": n["trainable"] * per["grads"],
             "optimizer": n["trainable"] * per["optimizer"],
             "masks": n["trainable"] * per["masks"],
-            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage),
+            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage) + recompute_bytes(cfg, plan, stage),
         }
         mem["total"] = sum(mem.values())
         out.append(mem)

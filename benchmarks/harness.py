@@ -16,6 +16,11 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side.
+--trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
+  DIR/trace_rank<r>.json (Chrome/Perfetto), DIR/ops_rank<r>.txt and .csv (per-operator times), on
+  CUDA DIR/memory_rank<r>.pickle (torch.cuda.memory._dump_snapshot; open at pytorch.org/memory_viz)
+  and DIR/memory_rank<r>.json with the allocator peak beside the counted (benchmarks/count.py)
+  and analytic bytes of that rank's stage.
 Every rank measures; rank 0 gathers the per-rank peaks and writes one record (kind "bench", or
 "profile" when the profiler runs it) to the results store.
 """
@@ -62,6 +67,9 @@ class BenchOptions:
     record: bool = True
     record_kind: str = "bench"
     tensorboard: str | None = None  # folder for TensorBoard scalars (rank 0)
+    trace: str | None = None  # folder for torch.profiler traces, per-operator tables, memory figures
+    trace_steps: int = 2
+    summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
 
     def __post_init__(self):
         check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
@@ -139,7 +147,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     import torch.distributed as dist
 
     from rsscale.benchmarks import analytic
-    from rsscale.scaling.config import mae_step_flops, param_count
+    from rsscale.scaling.config import get_preset, mae_step_flops, param_count
     from rsscale.scaling.layout import Layout
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
@@ -155,6 +163,15 @@ def run_bench(opts: BenchOptions) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
+    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
+                         distributed_optimizer=opts.distributed_optimizer)
+    counted_stages, counted = None, {}
+    if opts.trace:  # counted before any process group exists (counting builds its own fake one)
+        from rsscale.benchmarks.count import count_plan
+
+        counted_stages = count_plan(get_preset(opts.model), plan)
+        counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
+                   "counted_act_bytes": max(c.activations for c in counted_stages)}
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
     rank = dist.get_rank()
@@ -169,6 +186,10 @@ def run_bench(opts: BenchOptions) -> dict | None:
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
             log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
     mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
+    if opts.trace:  # after the timed steps, so the profiler does not slow them down
+        from rsscale.benchmarks.trace import trace_steps
+
+        mine["peak"] = max(mine["peak"], trace_steps(trainer, opts.trace, opts.trace_steps, counted_stages))
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     if rank != 0:
@@ -180,11 +201,11 @@ def run_bench(opts: BenchOptions) -> dict | None:
                         mae_step_flops(cfg, False), peak_tflops, layout.world_size)
     for key in ("t_data", "t_fwd_bwd", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
+    if opts.trace:
+        summary.update(counted)
     summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
     summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
     summary["peak_tflops_used"] = peak_tflops
-    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
-                         distributed_optimizer=opts.distributed_optimizer)
     est = analytic.estimate(cfg, plan, analytic.Hardware(peak_flops=peak_tflops * 1e12))
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
@@ -254,7 +275,8 @@ def print_summary(s: dict) -> None:
     print(f"[bench] split: data {s['t_data_median_s']:.4f} s, forward+backward {s['t_fwd_bwd_median_s']:.4f} s, "
           f"optimizer {s['t_optim_median_s']:.4f} s")
     print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
-          f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB", flush=True)
+          f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
+          + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +300,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
     add_launch_arguments(parser)
     parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
+    parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "
+                        "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
+    parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
+    parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
 
 
 def argparse_hide():
@@ -298,6 +324,11 @@ def main(args) -> int:
     summary = run_bench(opts)
     if summary is not None:
         print_summary(summary)
+        if opts.summary_json:
+            import json
+
+            with open(opts.summary_json, "w") as f:
+                json.dump(summary, f, indent=1)
     from rsscale.scaling.parallel.state import destroy_parallel
 
     destroy_parallel()

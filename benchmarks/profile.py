@@ -2,6 +2,7 @@
 
     rsscale profile --model g12x4 --gpus 8 --memory-gb 80 --peak-tflops 989 --global-batch 256
     rsscale profile --model small --gpus 4 --global-batch 16 --precision fp32 --measure --max-measure 4
+    rsscale profile --model g12x4 --gpus 32 --global-batch 256 --top 5 --count
 
 Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
@@ -12,13 +13,18 @@ workspaces). The table is ranked by predicted images/s, fitting layouts first.
 --measure runs `rsscale bench` (torchrun with `gpus` processes) on the best fitting layouts that
 this machine can hold (on CPU at most 4 gloo processes; memory from this machine) and stores each
 measured run (kind "profile") with the prediction beside it; `rsscale report` shows the error.
+--count counts the memory of every shown layout exactly (benchmarks/count.py: the rank built on
+fake tensors inside a fake process group of the full world size) and prints it beside the analytic
+figures, component by component.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
+import tempfile
 
 from rsscale.benchmarks import analytic
 from rsscale.benchmarks.harness import BenchOptions, bench_command
@@ -52,13 +58,18 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
     return plans
 
 
-def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float) -> list[dict]:
-    """Predictions, fitting layouts first, each group by predicted images/s (best first)."""
+def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
+    """Predictions, fitting layouts first, each group by predicted images/s (best first). With a
+    calibration the step time is the time model's (benchmarks/timemodel.py), else the analytic one."""
+    from rsscale.benchmarks import timemodel
+
     rows = []
     for plan in plans:
         est = analytic.estimate(cfg, plan, hw)
-        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes))
-    return sorted(rows, key=lambda r: (not r["fits"], -r["est"].images_per_s))
+        step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step,
+                         img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
 def format_row(r: dict) -> str:
@@ -66,10 +77,11 @@ def format_row(r: dict) -> str:
     flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
     return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
             f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
-            f"{e.images_per_s:10.1f} {100 * e.mfu:6.1f}")
+            f"{r['img_s']:10.1f} {100 * r['mfu']:6.1f}")
 
 
-def print_table(rows: list[dict], top: int) -> None:
+def print_table(rows: list[dict], top: int) -> list[dict]:
+    """Print the ranking; returns the rows shown."""
     print(f"{'layout':<34} {'R/Z':<3} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>8} {'fits':>4} "
           f"{'img/s':>10} {'MFU%':>6}")
     shown = [r for r in rows if r["fits"]][:top]
@@ -81,6 +93,24 @@ def print_table(rows: list[dict], top: int) -> None:
         for r in misfits[:3]:
             print(format_row(r))
     print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
+    return shown + misfits[:3]
+
+
+def print_counted(cfg, rows: list[dict]) -> None:
+    """Counted (benchmarks/count.py, every stage) beside analytic bytes for the worst stage of each row."""
+    from rsscale.benchmarks.count import COMPONENTS, count_plan
+
+    print(f"\ncounted (fake tensors in a fake {rows[0]['plan'].layout.world_size}-rank world) / analytic, GiB on the worst stage:")
+    print(f"{'layout':<34} {'R/Z':<3} " + " ".join(f"{c:>15}" for c in COMPONENTS + ("total",)) + f" {'worst err':>9}")
+    for r in rows:
+        p = r["plan"]
+        stages = count_plan(cfg, p)
+        worst = max(range(len(stages)), key=lambda s: stages[s].total)
+        counted, predicted = stages[worst].as_dict(), analytic.memory_per_stage(cfg, p)[worst]
+        err = max(abs(predicted[c] / counted[c] - 1) for c in counted if counted[c])
+        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        cells = " ".join(f"{counted[c] / GIB:7.2f}/{predicted[c] / GIB:<7.2f}" for c in COMPONENTS + ("total",))
+        print(f"{str(p.layout):<34} {flags:<3} {cells} {100 * err:8.2f}%")
 
 
 def _cuda() -> bool:
@@ -105,8 +135,10 @@ def measure(cfg, rows: list[dict], args) -> int:
     procs, mem_each = machine_limits()
     if args.gpus > procs:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
-    todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each][: args.max_measure]
-    failed = 0
+    todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each]
+    todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
+    failed, table = 0, []
+    tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for i, r in enumerate(todo):
         p = r["plan"]
         L = p.layout
@@ -114,13 +146,104 @@ def measure(cfg, rows: list[dict], args) -> int:
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
                             activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
-                            results=args.results, record_kind="profile")
+                            results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"))
         print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
         rc = subprocess.call(bench_command(opts, args.gpus))
         if rc:
             failed += 1
             print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
+            continue
+        with open(opts.summary_json) as f:
+            measured = json.load(f)["step_time_median_s"]
+        table.append(dict(row=r, measured_s=measured, error=r["step_s"] / measured - 1))
+    if table:
+        text = validation_table(table)
+        print(text)
+        if args.validation_out:
+            write_validation(args.validation_out, text, cfg, args)
+            scatter(table, os.path.splitext(args.validation_out)[0] + f"-{cfg.name}-{args.gpus}.png")
     return failed
+
+
+def spread(rows: list[dict], n: int) -> list[dict]:
+    """n rows spread over the ranking (best, worst and between), one per (tp, pp, dp, sp) first."""
+    seen, distinct = set(), []
+    for r in rows:
+        L = r["plan"].layout
+        key = (L.tp, L.pp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(r)
+    if len(distinct) <= n:
+        return distinct
+    return [distinct[round(i * (len(distinct) - 1) / (n - 1))] for i in range(n)] if n > 1 else distinct[:1]
+
+
+def validation_table(table: list[dict]) -> str:
+    """Markdown: predicted vs measured step time per layout, with the error statistics and ranks."""
+    import numpy as np
+
+    lines = ["| layout | R/Z | predicted s | measured s | error |", "| --- | --- | --- | --- | --- |"]
+    for t in table:
+        p = t["row"]["plan"]
+        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        lines.append(f"| {p.layout} | {flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | {100 * t['error']:+.1f} % |")
+    errs = np.abs([t["error"] for t in table])
+    fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
+    rank = sorted(range(len(table)), key=lambda i: table[i]["row"]["step_s"]).index(fastest) + 1
+    lines += ["", f"median |error| {100 * np.median(errs):.1f} %, worst {100 * errs.max():.1f} % over {len(table)} layouts; "
+              f"the measured fastest layout is predicted #{rank}"]
+    return "\n".join(lines)
+
+
+def scatter(table: list[dict], path: str) -> None:
+    """Predicted vs measured step time, log-log, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = [t["measured_s"] for t in table], [t["row"]["step_s"] for t in table]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.loglog(x, y, "o")
+    for t in table:
+        ax.annotate(str(t["row"]["plan"].layout).rsplit(" mb", 1)[0], (t["measured_s"], t["row"]["step_s"]), fontsize=6)
+    lo, hi = min(x + y) / 1.5, max(x + y) * 1.5
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlabel="measured step time (s)", ylabel="predicted step time (s)", title="time model vs measurement")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_validation(path: str, text: str, cfg, args) -> None:
+    import torch  # noqa: F401 - so environment() names a GPU
+
+    from rsscale.scaling.store import environment
+
+    env = environment()
+    head = (f"# Step-time model: predicted vs measured ({cfg.name}, {args.gpus} processes, global batch {args.global_batch}, {args.precision})\n\n"
+            f"device: {env['device']}; torch {env['torch_version']}, megatron-core {env['mcore_version']}; commit {env['git_commit']}; "
+            f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n\n")
+    with open(path, "a" if os.path.exists(path) else "w") as f:
+        f.write(head + text + "\n\n")
+
+
+def load_calibration(args) -> dict | None:
+    """The newest calibration of this device in the results store; says so when there is none."""
+    import torch  # noqa: F401 - so environment() names a GPU
+
+    from rsscale.benchmarks.calibrate import latest
+    from rsscale.scaling.store import environment
+
+    device = environment()["device"]
+    calib = latest(device, args.precision, args.results)
+    if calib is None:
+        print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the analytic "
+              "heuristic (run `rsscale calibrate` for the calibrated time model)")
+    else:
+        print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/timemodel.py)")
+    return calib
 
 
 def add_arguments(parser) -> None:
@@ -135,11 +258,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
+    parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
     parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
     parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
     parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
-    parser.add_argument("--results", default=None, help="results store for --measure")
+    parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
+    parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
+    parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
+    parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
 
 
 NUMBER_RULES = {"--gpus": dict(ge=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
@@ -173,12 +300,15 @@ def main(args) -> int:
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1
-    rows = rank_plans(cfg, plans, hw, budget)
+    calib = None if args.no_calibration else load_calibration(args)
+    rows = rank_plans(cfg, plans, hw, budget, calib)
     n_fit = sum(r["fits"] for r in rows)
     print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "
           f"{n_fit} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak {hw.peak_flops / 1e12:g} TFLOP/s x "
           f"{hw.efficiency:g}, {hw.bandwidth / 1e9:g} GB/s)")
-    print_table(rows, args.top)
+    shown = print_table(rows, args.top)
+    if args.count and shown:
+        print_counted(cfg, shown)
     if args.measure:
         return 1 if measure(cfg, rows, args) else 0
     return 0

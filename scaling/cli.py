@@ -21,6 +21,8 @@ COMMANDS = {
     "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
     "bench": ("rsscale.benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
     "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
+    "calibrate": ("rsscale.benchmarks.calibrate", "measure GEMM/attention/LayerNorm/collective speeds of this device for the time model"),
+    "gpu-check": ("rsscale.benchmarks.gpu_check", "run every GPU-only check (kernels, benches, fp16, calibration) into one summary"),
     "kernels": ("rsscale.benchmarks.kernel_bench", "Triton kernel correctness, speed benchmark and regression check"),
     "study": ("rsscale.reports.study", "a resumable scaling study: model sizes x budgets x data, held-out loss, fits"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 
 DEFAULT_PATH = os.path.join("reports", "results.db")
 ENV_VAR = "RSSCALE_RESULTS"
-KINDS = ("pretrain", "bench", "finetune", "kernel", "profile", "study")
+KINDS = ("pretrain", "bench", "finetune", "kernel", "profile", "calibration", "study")
 STATUSES = ("running", "complete", "failed")
 
 SCHEMA = """

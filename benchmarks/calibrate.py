@@ -1,0 +1,248 @@
+"""`rsscale calibrate`: the speeds of this machine that the step-time model (benchmarks/timemodel.py) adds up.
+
+    rsscale calibrate --model small --micro-batch 2 --micro-batch 8 --nproc 2 --nproc 4   # CPU, gloo
+    rsscale calibrate --model b12x1 --model l12x4 --precision bf16                          # one GPU
+
+Measured, each as the median of timed repetitions after a warm-up:
+  gemm       FLOP/s of the matmuls the presets produce: (rows = micro-batch x tokens, in, out)
+             for qkv, proj, fc1, fc2 at every TP degree that divides the model, and the patch
+             embedding / decoder embedding / head, in the training dtype
+  attention  FLOP/s of the selected kernel backend's attention (kernels.attention) on the
+             presets' (batch x branches, heads / TP, tokens, head dim)
+  layernorm  bytes/s of kernels.layer_norm (read + write) over the same rows; the time model
+             uses it for every elementwise / normalization pass
+  collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
+             (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
+             bandwidth, fitted by least squares over 2^12..2^22 bytes
+On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
+multi-process run computes. The calibration is stored in the results store (kind "calibration",
+one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+SIZES = [2**k for k in range(12, 23, 2)]  # collective message sizes, bytes
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+
+
+def _timed(fn, sync, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_shapes(cfgs, micro_batches, tps) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of every matmul one rank runs for these presets, micro-batches and TP degrees."""
+    shapes = set()
+    for cfg in cfgs:
+        for mb in micro_batches:
+            e, d = mb * (cfg.num_visible + 1), mb * (cfg.num_patches + 1)
+            shapes |= {(mb * cfg.num_patches, cfg.patch_dim, cfg.width), (e, cfg.width, cfg.dec_width), (d, cfg.dec_width, cfg.patch_dim)}
+            for t in tps:
+                for rows, h, m in ((e, cfg.width, cfg.mlp), (d, cfg.dec_width, cfg.dec_mlp)):
+                    if h % t == 0 and m % t == 0:
+                        shapes |= {(rows, h, 3 * h // t), (rows, h // t, h), (rows, h, m // t), (rows, m // t, h)}
+    return sorted(shapes)
+
+
+def attention_shapes(cfgs, micro_batches, tps) -> list[tuple[int, int, int, int]]:
+    """(batch, heads, tokens, head dim) of the attention calls for these presets and layouts."""
+    shapes = set()
+    for cfg in cfgs:
+        for mb in micro_batches:
+            for t in tps:
+                if cfg.heads % t == 0:
+                    shapes.add((mb * cfg.branches, cfg.heads // t, cfg.num_visible + 1, cfg.width // cfg.heads))
+                if cfg.dec_heads % t == 0:
+                    shapes.add((mb, cfg.dec_heads // t, cfg.num_patches + 1, cfg.dec_width // cfg.dec_heads))
+    return sorted(shapes)
+
+
+def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int = 5) -> dict:
+    """GEMM and attention FLOP/s and LayerNorm bytes/s on `device` (module doc)."""
+    import torch
+
+    from rsscale import kernels
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {"gemm": [], "attention": [], "layernorm": []}
+    for m, k, n in gemm_shapes(cfgs, micro_batches, tps):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        t = _timed(lambda: a @ b, sync, reps)
+        out["gemm"].append({"shape": [m, k, n], "flops_per_s": 2 * m * k * n / t})
+    for B, H, N, Dh in attention_shapes(cfgs, micro_batches, tps):
+        q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
+        t = _timed(lambda: kernels.attention(q, k, v), sync, reps)
+        out["attention"].append({"shape": [B, H, N, Dh], "flops_per_s": 4 * B * H * N * N * Dh / t})
+    widths = sorted({c.width for c in cfgs} | {c.dec_width for c in cfgs})
+    rows = sorted({mb * (c.num_patches + 1) for c in cfgs for mb in micro_batches})
+    for r in rows:
+        for h in widths:
+            x, w, b = torch.randn(r, h, device=device, dtype=dtype), torch.ones(h, device=device), torch.zeros(h, device=device)
+            t = _timed(lambda: kernels.layer_norm(x, w, b), sync, reps)
+            out["layernorm"].append({"shape": [r, h], "bytes_per_s": 2 * r * h * x.element_size() / t})
+    return out
+
+
+def fit_latency_bandwidth(sizes, times) -> dict:
+    """Least-squares t = latency + bytes / bandwidth (latency >= 0)."""
+    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)], axis=1)
+    (lat, inv_bw), *_ = np.linalg.lstsq(A, np.asarray(times, dtype=float), rcond=None)
+    inv_bw = max(inv_bw, 1e-15)
+    return {"latency_s": max(float(lat), 0.0), "bandwidth_bytes_per_s": float(1.0 / inv_bw)}
+
+
+def _collective_worker(rank, world, port, reps, path):
+    """One spawned rank: time every collective at every size; rank 0 writes its medians to `path`."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    torch.set_num_threads(1)
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
+    res = {}
+    for op in COLLECTIVES:
+        res[op] = []
+        for nbytes in SIZES:
+            n = nbytes // 4
+            x = torch.ones(n)
+            parts = [torch.empty(n) for _ in range(world)]
+            big = torch.ones(n * world)
+            peer = rank ^ 1
+
+            def call():
+                if op == "all_reduce":
+                    dist.all_reduce(x)
+                elif op == "all_gather":
+                    dist.all_gather(parts, x)
+                elif op == "reduce_scatter":
+                    reduce_scatter(x, big)
+                elif peer < world:
+                    works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
+                    for w in works:
+                        w.wait()
+
+            dist.barrier()
+            res[op].append(_timed(call, dist.barrier, reps))
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def measure_collectives(group_sizes, reps: int = 5) -> dict:
+    """{op: {group size: {latency_s, bandwidth_bytes_per_s, sizes, times}}} over gloo processes."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from rsscale.scaling.parallel.state import _free_port
+
+    out = {op: {} for op in COLLECTIVES}
+    for n in group_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "times.json")
+            mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
+            with open(path) as f:
+                times = json.load(f)
+        for op in COLLECTIVES:
+            out[op][str(n)] = {**fit_latency_bandwidth(SIZES, times[op]), "sizes": SIZES, "times": times[op]}
+    return out
+
+
+def calibrate(models, micro_batches, tps, group_sizes, precision: str) -> dict:
+    import torch
+
+    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.store import environment
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)  # as each process of a multi-process CPU run computes
+    try:
+        compute = measure_compute([get_preset(m) for m in models], micro_batches, tps, precision, device)
+    finally:
+        torch.set_num_threads(threads)
+    result = {"device": environment()["device"], "precision": precision, "cpu_cores": os.cpu_count(), "models": list(models),
+              "threads_per_process": 1 if not cuda else None, **compute}
+    if group_sizes and cuda:
+        log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
+    elif group_sizes:
+        result["collectives"] = measure_collectives(group_sizes)
+    return result
+
+
+def store_calibration(result: dict, path: str | None) -> int:
+    from rsscale.scaling.store import ResultsStore
+
+    with ResultsStore(path).run(kind="calibration", precision=result["precision"], config=result) as run:
+        run.log_many([("gemm_flops_per_s", g["flops_per_s"], i) for i, g in enumerate(result["gemm"])])
+    return run.id
+
+
+def latest(device: str, precision: str | None = None, path: str | None = None) -> dict | None:
+    """The newest complete calibration of `device` (and precision) in the results store, or None."""
+    from rsscale.scaling.store import ResultsStore
+
+    store = ResultsStore(path)
+    if not os.path.isfile(store.path):
+        return None
+    runs = store.runs(kind="calibration", status="complete")
+    runs = runs[runs["device"] == device]
+    if precision is not None:
+        runs = runs[runs["precision"] == precision]
+    return None if runs.empty else runs.iloc[-1]["config"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", action="append", default=None, help="presets whose shapes are measured (repeatable; default small on CPU, b12x1 and l12x4 on GPU)")
+    parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes (repeatable; default 1 2 4 8 16)")
+    parser.add_argument("--tp", type=int, action="append", default=None, help="TP degrees (repeatable; default 1 2 4 8)")
+    parser.add_argument("--nproc", type=int, action="append", default=None, help="collective group sizes (repeatable; default 2 and 4 on CPU)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
+    parser.add_argument("--json", default=None, help="also write the calibration to this JSON file")
+
+
+def main(args) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    models = args.model or (["b12x1", "l12x4"] if cuda else ["small"])
+    group_sizes = args.nproc if args.nproc is not None else ([] if cuda else [2, 4])
+    if any(n < 2 for n in group_sizes):
+        raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    result = calibrate(models, args.micro_batch or [1, 2, 4, 8, 16], args.tp or [1, 2, 4, 8], group_sizes, precision)
+    run_id = store_calibration(result, args.results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    g = [x["flops_per_s"] for x in result["gemm"]]
+    print(f"[calibrate] {result['device']} {precision}: {len(g)} GEMM shapes {min(g) / 1e9:.2f}-{max(g) / 1e9:.2f} GFLOP/s, "
+          f"{len(result['attention'])} attention shapes, {len(result['layernorm'])} LayerNorm shapes; stored as calibration run {run_id}")
+    for op, fits in result.get("collectives", {}).items():
+        print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
+    return 0

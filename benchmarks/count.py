@@ -1,0 +1,235 @@
+"""Exact per-rank memory of an MAE training step, counted without a GPU and without the memory.
+
+    counted = count_stage(get_preset("g12x4"), Plan(Layout(tp=4, pp=4, dp=2, micro_batch=2, global_batch=64)), stage=0)
+    counted.params, counted.grads, counted.optimizer, counted.masks, counted.activations, counted.total
+
+How. The process joins a fake process group of the layout's full world size as the rank that holds
+TP rank 0, DP rank 0 of pipeline stage `stage` (torch's "fake" backend: collectives return at
+once and move nothing), megatron-core builds the TP/PP/DP groups in it
+(`create_gloo_process_groups=False`), and that rank's model stage is built twice without data:
+on the meta device, where the trainer's optimizer is built over it, and under torch's
+FakeTensorMode for the forward passes: fake tensors have a shape, dtype and a "cpu" device but
+no data, so CPU autocast applies exactly as on a real run (autocast ignores the meta device,
+which would count bf16 runs in fp32). Nothing is allocated. Then:
+
+  params, grads, optimizer, masks: the trainer's own allocations, built by the trainer's own code
+      (scaling/optim.py `FlatAdamW` over the stage's parameters: the flat fp32 weight buffer, its
+      flat gradient buffer, AdamW moments and decay mask for this DP rank's ZeRO-1 shard) plus
+      what scaling/train.py adds: the frozen position tables, one fp32 `.grad` per trainable
+      parameter (autograd's) and the trainer's fp32 per-element count mask for the grad norm.
+  activations: the storages autograd saves for backward, seen by
+      `torch.autograd.graph.saved_tensors_hooks` (each storage counted once, parameters
+      excluded), plus the stage output the 1F1B schedule keeps until its backward, over the
+      micro-batches 1F1B keeps in flight on that stage (`analytic.in_flight`), each forward run
+      as the trainer runs it (the run's autocast dtype, activation checkpointing on or off).
+      With activation checkpointing the blocks save only their inputs in forward; during
+      backward one block at a time is recomputed, so the largest block's full saved set
+      (counted in a run without checkpointing, its input left out) is added once.
+
+What this does not count: transient buffers (gradients of activations during backward, matmul
+workspaces, collective buffers, the allocator's fragmentation), and the CUDA context; these are
+what --reserve-gb in `rsscale profile` is for. The torch kernel backend is what is counted; what
+the Triton kernels save is not checked here (`rsscale bench --trace` on a GPU puts the allocator
+peak beside these counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rsscale.benchmarks.analytic import Plan, in_flight
+from rsscale.scaling.config import ViTConfig
+from rsscale.scaling.layout import check_layout, stage_layer_range
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_INPUT = "block input"
+COMPONENTS = ("params", "grads", "optimizer", "masks", "activations")
+
+
+@dataclass
+class Counted:
+    """Bytes one rank of a pipeline stage holds, by component (see the module doc)."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    masks: int = 0
+    activations: int = 0
+    block_activations: int = 0  # the part of `activations` saved inside transformer blocks (one micro-batch)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+    def as_dict(self) -> dict:
+        return {**{c: getattr(self, c) for c in COMPONENTS}, "total": self.total}
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int, tp: int, pp: int):
+    """This process as `rank` of a fake process group of `world_size` with megatron's groups.
+
+    A single-process world that existed before (the tests', a `build_mae` call) is torn down and
+    rebuilt afterwards; inside a real multi-process run this refuses instead of breaking it."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from rsscale.scaling.parallel import state
+
+    ps = state._parallel_state()
+    previous = None
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            raise RuntimeError("memory counting needs its own fake process group; it cannot run inside a multi-process run")
+        previous = (state.tp_size(), state.pp_size()) if ps.model_parallel_is_initialized() else (1, 1)
+        state.destroy_parallel()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False)
+        yield state
+    finally:
+        state.destroy_parallel()
+        if previous is not None:
+            state.init_parallel(*previous)
+
+
+def stage_rank(tp: int, pp: int, dp: int, stage: int) -> int:
+    """Global rank of TP rank 0, DP rank 0 on pipeline stage `stage` (megatron's tp-dp-pp order)."""
+    return stage * tp * dp
+
+
+def _storage(t: torch.Tensor):
+    s = t.untyped_storage()
+    return s._cdata, s.nbytes()
+
+
+class _SavedBytes:
+    """Unique storages saved for backward, attributed to the transformer block running (if any)."""
+
+    def __init__(self, skip: set):
+        self.skip, self.seen, self.where = skip, {}, None
+
+    def add(self, t: torch.Tensor, where=None):
+        key, n = _storage(t)
+        if key not in self.skip and key not in self.seen:
+            self.seen[key] = (n, where)
+
+    def pack(self, t):
+        self.add(t, self.where)
+        return t
+
+    def total(self) -> int:
+        return sum(n for n, _ in self.seen.values())
+
+    def by_block(self) -> dict:
+        out: dict = {}
+        for n, where in self.seen.values():
+            if where not in (None, _INPUT):
+                out[where] = out.get(where, 0) + n
+        return out
+
+    @contextlib.contextmanager
+    def attribute_blocks(self, blocks):
+        """Attribute saves made inside each block's forward to that block (inputs excluded)."""
+        handles = []
+        for name, blk in blocks:
+            def pre(mod, args, name=name):
+                self.add(args[0], _INPUT)  # counted, but not as the block's own activations
+                self.where = name
+
+            def post(mod, args, out):
+                self.where = None
+
+            handles += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _blocks(model):
+    named = [(f"enc{i}", b) for i, b in model.blocks.items()]
+    if model.post_process:
+        named += [(f"dec{j}", b) for j, b in enumerate(model.decoder_blocks)]
+    return named
+
+
+def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: set, attribute: bool = False) -> _SavedBytes:
+    """Run `micro` forwards of this stage as the trainer does and collect what autograd saves."""
+    from rsscale.scaling.mae import masking_noise
+
+    L = plan.layout
+    saved = _SavedBytes(set(skip))
+    dtype = AUTOCAST.get(plan.precision)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    ctx = saved.attribute_blocks(_blocks(model)) if attribute else contextlib.nullcontext()
+    alive = []  # every micro-batch's graph stays alive, so no storage address is reused
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), ctx:
+        for _ in range(micro):
+            imgs = torch.empty(L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+            noise = masking_noise(L.micro_batch, cfg)
+            x = None if stage_input else torch.empty(model.hidden_shape(L.micro_batch)).requires_grad_()
+            with autocast:
+                out = model.forward_stage(x, imgs, noise)
+            y = out[0].float() / L.num_micro if model.post_process else out
+            saved.add(y)  # kept by the 1F1B schedule until this micro-batch's backward
+            alive.append(y)
+    return saved
+
+
+def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
+    """Count the bytes one rank of pipeline stage `stage` holds for `plan` (see the module doc)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rsscale.scaling.mae import MaskedAutoencoder
+    from rsscale.scaling.optim import FlatAdamW
+
+    L = plan.layout
+    check_layout(L, cfg, L.world_size)
+    zero = plan.distributed_optimizer and L.dp > 1
+    with fake_world(L.world_size, stage_rank(L.tp, L.pp, L.dp, stage), L.tp, L.pp) as state:
+        if state.pp_rank() != stage or state.tp_rank() or state.dp_rank():
+            raise RuntimeError(f"rank {stage_rank(L.tp, L.pp, L.dp, stage)} is not TP0/DP0 of stage {stage} in megatron's rank order")
+        # megatron's weight init is skipped (perform_initialization=False): shapes are all that count here.
+        config = state.model_parallel_config(perform_initialization=False)
+
+        def build():
+            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
+                                     post_process=stage == L.pp - 1, layer_range=stage_layer_range(cfg.depth, L.pp, stage), config=config)
+
+        with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
+            model = build()
+            frozen = [p for p in model.parameters() if not p.requires_grad]
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0)
+            out = Counted(
+                params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
+                grads=sum(p.numel() * p.element_size() for p in trainable) + opt.grad.untyped_storage().nbytes(),
+                optimizer=opt.state_bytes(),
+                masks=opt.decay_mask.untyped_storage().nbytes() + opt.flat.numel() * 4,  # + the trainer's count_mask
+            )
+        with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
+            model = build()
+            skip = {_storage(p)[0] for p in model.parameters()}
+            micro = in_flight(L, stage)
+            saves = _forward_saves(model, cfg, plan, stage == 0, micro, skip, attribute=not plan.recompute)
+            out.activations = saves.total()
+            if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
+                for _, blk in _blocks(model):
+                    blk.activation_checkpointing = False
+                full = _forward_saves(model, cfg, plan, stage == 0, 1, skip, attribute=True)
+                per_block = full.by_block()
+                out.activations += max(per_block.values(), default=0)
+                out.block_activations = sum(per_block.values())
+            else:
+                out.block_activations = sum(saves.by_block().values()) // micro
+    return out
+
+
+def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:
+    """`count_stage` for every pipeline stage of the plan."""
+    return [count_stage(cfg, plan, s) for s in range(plan.layout.pp)]

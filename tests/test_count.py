@@ -1,0 +1,108 @@
+"""Per-rank memory counted on fake tensors (benchmarks/count.py): checked against a real 2-process
+run of the trainer, and the analytic model (benchmarks/analytic.py) checked against it per
+component at full scale on every paper preset."""
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from rsscale.benchmarks import analytic as A
+from rsscale.benchmarks.count import COMPONENTS, count_plan, count_stage
+from rsscale.scaling.config import PAPER_PRESETS, get_preset
+from rsscale.scaling.layout import Layout
+
+
+def _real_rank_bytes(rank, world, precision, sp, recompute):
+    """One rank of a real gloo run of the trainer: the bytes its allocations and autograd hold."""
+    from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer
+
+    cfg = TrainConfig(model="mini", parallel=Layout(tp=2, sp=sp, micro_batch=2, global_batch=4), precision=precision, data="random",
+                      record=False, activation_checkpointing=recompute, optim=OptimConfig(distributed_optimizer=False))
+    tr = Trainer.build(cfg)
+    tr.train_step()  # leaves every p.grad allocated
+    opt, model = tr.optimizer, tr.model
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    out = {"params": opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
+           "grads": sum({p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for _, p in opt.named}.values())
+           + opt.grad.untyped_storage().nbytes(),
+           "optimizer": opt.state_bytes(),
+           "masks": opt.decay_mask.untyped_storage().nbytes() + tr.count_mask.untyped_storage().nbytes()}
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    imgs, noise = tr._micro_batches()[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tr._autocast():
+        loss = tr.model.forward_stage(None, imgs, noise)[0]
+    saved[loss.untyped_storage().data_ptr()] = 4  # the fp32 micro-batch loss the schedule keeps
+    out["activations"] = sum(saved.values())
+    return out
+
+
+@pytest.mark.parametrize("precision,sp,recompute", [("bf16", True, False), pytest.param("fp32", False, True, marks=pytest.mark.slow)])
+def test_count_matches_a_real_two_process_run(precision, sp, recompute):
+    """Fake-tensor counting of TP rank 0 == what a real TP=2 gloo run of the trainer holds."""
+    real = run_distributed(_real_rank_bytes, 2, precision, sp, recompute)[0]
+    plan = A.Plan(Layout(tp=2, sp=sp, micro_batch=2, global_batch=4), precision=precision, recompute=recompute)
+    counted = count_stage(get_preset("mini"), plan, 0).as_dict()
+    for c in ("params", "grads", "optimizer", "masks"):
+        assert counted[c] == real[c], c
+    # activations: one micro-batch in flight (PP=1); the real run's saved set is the reference
+    assert counted["activations"] == pytest.approx(real["activations"], rel=0.005)
+
+
+def test_count_restores_a_single_process_world():
+    from rsscale.scaling.parallel import state
+
+    state.init_parallel(1, 1)
+    count_stage(get_preset("tiny"), A.Plan(Layout(tp=2, pp=2, dp=2, micro_batch=1, global_batch=4)), 1)
+    assert state.is_initialized() and torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
+
+
+def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2):
+    return A.Plan(Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=mb * dp * 4), precision=precision,
+                  recompute=recompute, distributed_optimizer=zero)
+
+
+def _slow(plan):
+    return pytest.param(plan, marks=pytest.mark.slow)
+
+
+# TP 1/2/4/8, SP on/off, PP 1/2/4, recompute on/off, ZeRO-1 on/off, bf16 and fp32. CI runs the
+# first of each group; `-m slow` runs the rest (about 1-3 s each on an idle 2-core machine).
+G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1)] + [_slow(p) for p in [
+    _plan(8, 1, 1), _plan(8, 1, 4, sp=True, zero=True, precision="fp32"),
+    _plan(4, 4, 2, sp=True, recompute=True, zero=True), _plan(4, 4, 2, precision="fp32"),
+    _plan(2, 2, 2, sp=True, recompute=True), _plan(2, 2, 4, zero=True, precision="fp32"),
+    _plan(1, 4, 2, recompute=True, zero=True), _plan(1, 1, 8, zero=True, mb=1), _plan(1, 2, 1, precision="fp32", recompute=True),
+    _plan(4, 1, 2, sp=True, precision="fp32", mb=4), _plan(2, 1, 1, sp=True, recompute=True, precision="fp32"),
+]]
+PRESET_PLANS = [(name, _plan(4, 2, 2, sp=True)) for name in PAPER_PRESETS]
+PRESET_PLANS += [pytest.param(name, _plan(2, 2, 1, recompute=True, zero=True, precision="fp32"), marks=pytest.mark.slow) for name in PAPER_PRESETS]
+
+
+def _check_every_component(cfg, plan):
+    counted = count_plan(cfg, plan)
+    predicted = A.memory_per_stage(cfg, plan)
+    for stage, (c, a) in enumerate(zip(counted, predicted)):
+        for comp in COMPONENTS:
+            assert a[comp] == pytest.approx(getattr(c, comp), rel=0.03), f"{cfg.name} {plan.layout} stage {stage} {comp}"
+
+
+def _id(p):
+    return f"{p.layout}-{p.precision}-R{p.recompute:d}Z{p.distributed_optimizer:d}".replace(" ", "_") if isinstance(p, A.Plan) else p
+
+
+@pytest.mark.parametrize("plan", G12X4_PLANS, ids=_id)
+def test_analytic_memory_within_3pct_of_counted_g12x4(plan):
+    _check_every_component(get_preset("g12x4"), plan)
+
+
+@pytest.mark.parametrize("name,plan", PRESET_PLANS, ids=_id)
+def test_analytic_memory_within_3pct_of_counted_every_paper_preset(name, plan):
+    _check_every_component(get_preset(name), plan)
