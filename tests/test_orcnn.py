@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
+from rsscale.finetune import datasets as D
 from rsscale.finetune.det import RotatedFCOS, evaluate_det
+from rsscale.finetune.dota_protocol import detect_image, evaluate_protocol, unflip_boxes
 from rsscale.finetune.orcnn import (IGNORED, NEGATIVE, MidpointOffsetCoder, OrientedRCNN, max_iou_assign,
                                     roi_levels, rotated_roi_align, sample_rois)
 from rsscale.finetune.rotated import hbox_to_obb, norm_obb, obb_to_hbox, obb_to_poly, rotated_iou
@@ -214,3 +216,102 @@ def test_rcnn_targets_point_at_the_objects():
     torch.testing.assert_close(model.roi_coder.encode(gt, gt), torch.zeros(1, 5))
     t = model.roi_coder.encode(props, gt.expand(2, 5))
     torch.testing.assert_close(model.roi_coder.decode(props, t), norm_obb(gt.expand(2, 5)), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- DOTA protocol
+def _objects(boxes, labels, image_id="big"):
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    return {"polys": obb_to_poly(boxes), "boxes": boxes, "labels": torch.tensor(labels),
+            "difficult": torch.zeros(len(labels), dtype=torch.bool), "image_id": image_id}
+
+
+def test_multiscale_split_then_merge_returns_the_ground_truth():
+    """Every object seen whole in some patch of every scale, the patches' objects taken as
+    detections: the merge (rate and offset undone, class-wise NMS) gives back each object once."""
+    image = torch.zeros(3, 500, 620, dtype=torch.uint8)
+    target = _objects([[100.0, 90.0, 60.0, 20.0, 0.3], [300.0, 250.0, 40.0, 30.0, -1.0], [305.0, 255.0, 40.0, 30.0, 0.2],
+                       [560.0, 430.0, 70.0, 24.0, 1.2], [200.0, 400.0, 16.0, 8.0, 0.0]], [0, 1, 2, 0, 1])
+    patches = D.split_image_multiscale(image, target, rates=(0.5, 1.0, 1.5), patch=256, overlap=100)
+    assert {p.rate for p in patches} == {0.5, 1.0, 1.5}
+    assert patches[-1].image.shape == (3, 256, 256) and patches[-1].target["image_id"].startswith("big__1.5__")
+    dets = []
+    for p in patches:
+        whole = ~p.target["difficult"]
+        dets.append({"boxes": p.target["boxes"][whole], "labels": p.target["labels"][whole],
+                     "scores": torch.ones(int(whole.sum()))})
+    counts = torch.zeros(len(target["labels"]), 3)  # how often each object is seen whole, per rate
+    for p, d in zip(patches, dets):
+        back = d["boxes"].clone()
+        back[:, :2] += torch.tensor(p.offset, dtype=torch.float32)
+        back[:, :4] /= p.rate
+        if len(back):
+            counts[:, [0.5, 1.0, 1.5].index(p.rate)] += (rotated_iou(target["boxes"], back) > 0.99).sum(1)
+    assert (counts >= 1).all()
+    merged = D.merge_detections(dets, [p.offset for p in patches], rates=[p.rate for p in patches])
+    assert len(merged["boxes"]) == len(target["boxes"])  # the overlapping pair differs in class: both kept
+    iou = rotated_iou(target["boxes"], merged["boxes"])
+    best = iou.argmax(1)
+    assert (iou.max(1).values > 0.999).all() and sorted(best.tolist()) == list(range(5))
+    assert torch.equal(merged["labels"][best], target["labels"])
+    torch.testing.assert_close(norm_obb(merged["boxes"][best]), norm_obb(target["boxes"]), rtol=1e-4, atol=1e-3)
+
+
+def test_multiscale_patch_names_round_trip_through_the_submission_merge():
+    assert D.patch_id("P0001", 100, 0, rate=0.5) == "P0001__0.5__100___0" and D.patch_id("P0001", 3, 4) == "P0001__1__3___4"
+    assert D.parse_scaled_patch_id("P0001__1.5__824___0") == ("P0001", 1.5, 824, 0)
+    poly = obb_to_poly(torch.tensor([[50.0, 40.0, 20.0, 10.0, 0.4]]))[0]
+    rows = [(D.patch_id("P7", 24, 12, rate=r), 0.9 - 0.1 * k, (poly * r - torch.tensor([24.0, 12.0] * 4)).tolist())
+            for k, r in enumerate((0.5, 1.0, 1.5))]  # one object, seen at three scales
+    merged = D.merge_dota_submission({"plane": rows})["plane"]
+    assert len(merged) == 1 and merged[0][0] == "P7" and merged[0][1] == pytest.approx(0.9)
+    torch.testing.assert_close(torch.tensor(merged[0][2], dtype=torch.float64), poly.double(), rtol=1e-6, atol=1e-4)  # in the image again
+
+
+def test_unflip_mirrors_boxes_back():
+    box = torch.tensor([[20.0, 10.0, 16.0, 4.0, 0.3]])
+    corners = obb_to_poly(box).view(4, 2)
+    for flip, mirror in (("h", lambda p: torch.stack([64 - p[:, 0], p[:, 1]], 1)),
+                         ("v", lambda p: torch.stack([p[:, 0], 64 - p[:, 1]], 1)),
+                         ("hv", lambda p: 64 - p)):
+        seen = norm_obb(torch.cat([mirror(box[:, :2]), box[:, 2:4], box[:, 4:] * (1 if flip == "hv" else -1)], 1))
+        assert torch.allclose(mirror(obb_to_poly(seen).view(4, 2)).sort(0).values, corners.sort(0).values, atol=1e-4)
+        torch.testing.assert_close(unflip_boxes(seen, 64, flip), norm_obb(box))
+    with pytest.raises(ValueError, match="flip"):
+        unflip_boxes(box, 64, "d")
+
+
+class BrightBlobDetector(torch.nn.Module):
+    """A stand-in detector with the RotatedFCOS interface: one axis-aligned box around the bright
+    pixels of a patch (if they do not touch the patch border)."""
+
+    def forward(self, imgs):
+        return imgs
+
+    def predict(self, imgs, score_thr=0.05):
+        out = []
+        for img in imgs:
+            ys, xs = torch.nonzero(img[0] > 0.5, as_tuple=True)
+            n = img.shape[-1]
+            if len(xs) == 0 or xs.min() == 0 or ys.min() == 0 or xs.max() == n - 1 or ys.max() == n - 1:
+                out.append({"boxes": torch.zeros(0, 5), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)})
+                continue
+            x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            box = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, torch.tensor(0)]).float()
+            out.append({"boxes": norm_obb(box[None]), "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.long)})
+        return out
+
+
+def test_protocol_detects_whole_images_at_all_scales_and_flips():
+    image = torch.zeros(3, 300, 340, dtype=torch.uint8)
+    image[:, 100:120, 140:180] = 255  # a 40 x 20 object at (160, 110)
+    target = _objects([[160.0, 110.0, 40.0, 20.0, 0.0]], [0], image_id="im")
+    for rates, flips in (((1.0,), ()), ((0.5, 1.0, 1.5), ("h", "v", "hv"))):
+        found = detect_image(BrightBlobDetector(), image, lambda x: x.float() / 255, patch=128, overlap=64,
+                             rates=rates, flips=flips)
+        assert len(found["boxes"]) == 1
+        assert float(rotated_iou(found["boxes"], target["boxes"])) > 0.9
+    result = evaluate_protocol(BrightBlobDetector(), [(image, target)], ("thing",), lambda x: x.float() / 255,
+                               protocol="dota-ms", patch=128, overlap=64, flips=("h",))
+    assert result["mAP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate_protocol(BrightBlobDetector(), [], ("thing",), lambda x: x, protocol="coco")
