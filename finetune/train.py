@@ -262,7 +262,7 @@ def run_finetune(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (rotated FCOS)")
+    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (see --detector)")
     parser.add_argument("--detector", choices=["orcnn", "fcos"], default="orcnn",
                         help="det: Oriented R-CNN (two-stage, as published RS tables) or rotated FCOS (one-stage)")
     parser.add_argument("--dataset", choices=["loveda", "potsdam", "dota", "diorr", "synthetic"], required=True)
