@@ -174,8 +174,8 @@ def max_iou_assign(iou: torch.Tensor, pos_thr: float, neg_thr: float, min_pos_io
     """Max-IoU assignment of rows (anchors/proposals) to columns (objects), iou [N, G] -> [N]:
     the matched object's index for positives, NEGATIVE (-1) or IGNORED (-2). A row is positive
     when its best IoU >= pos_thr, negative when < neg_thr, ignored in between. With
-    `match_low_quality`, every row whose IoU with an object equals that object's best IoU (and
-    is >= min_pos_iou) is made positive for it, so every object gets an anchor (later objects
+    `match_low_quality`, every row whose IoU with an object equals that object's best IoU (if
+    that is > 0 and >= min_pos_iou) is made positive for it, so every object gets an anchor (later objects
     win ties, as in mmdet)."""
     n, g = iou.shape
     if g == 0:
@@ -187,7 +187,7 @@ def max_iou_assign(iou: torch.Tensor, pos_thr: float, neg_thr: float, min_pos_io
     out[pos] = arg[pos]
     if match_low_quality and n:
         gt_best = iou.max(0).values
-        hit = (iou == gt_best[None]) & (gt_best[None] >= min_pos_iou)
+        hit = (iou == gt_best[None]) & (gt_best[None] >= min_pos_iou) & (gt_best[None] > 0)
         last = g - 1 - hit.flip(1).to(torch.uint8).argmax(1)
         rows = hit.any(1)
         out[rows] = last[rows]

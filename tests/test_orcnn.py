@@ -130,6 +130,8 @@ def test_max_iou_assign_hand_case():
     assert max_iou_assign(iou, 0.7, 0.3, 0.3, match_low_quality=True).tolist() == [0, IGNORED, 1, NEGATIVE, 1]
     assert max_iou_assign(iou, 0.7, 0.3, 0.4, match_low_quality=True).tolist() == [0, IGNORED, IGNORED, NEGATIVE, IGNORED]
     assert max_iou_assign(torch.zeros(3, 0), 0.5, 0.5).tolist() == [NEGATIVE] * 3
+    untouched = torch.tensor([[0.9, 0.0], [0.1, 0.0]])  # object 1 overlaps nothing: no row is its "best"
+    assert max_iou_assign(untouched, 0.7, 0.3, 0.0, match_low_quality=True).tolist() == [0, NEGATIVE]
 
 
 def test_sampler_counts_and_membership():
