@@ -322,9 +322,10 @@ def test_protocol_detects_whole_images_at_all_scales_and_flips():
 # --------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
 def test_orcnn_finetunes_to_a_nontrivial_map_on_synthetic_scenes(tmp_path):
-    """`finetune --task det` (Oriented R-CNN, the default) from the tiny encoder on the bundled
-    synthetic scenes: a few CPU minutes give an mAP far above a detector that has learnt nothing
-    (whose mAP is ~0: nothing to rank)."""
+    """`finetune --task det` (Oriented R-CNN, the default) from the tiny encoder (randomly
+    initialised: no pretraining in the test) on the bundled synthetic scenes, 300 steps: an mAP
+    far above a detector that has learnt nothing (~0; at 60 steps it is still 0). Measured: mAP
+    30.4 in 19 min on a shared, heavily loaded 2-core machine (eval 32 s for 10 images)."""
     import json
 
     from rsscale.scaling.cli import main
