@@ -238,7 +238,8 @@ def PotsdamDataset(image_dir, label_dir, clutter: bool = True, image_tag: str = 
 class Patch(NamedTuple):
     image: torch.Tensor  # [C, patch, patch], zero-padded at the right/bottom edges
     target: dict  # polys/boxes/labels/difficult in patch coordinates
-    offset: tuple  # (x0, y0) of the patch in the image
+    offset: tuple  # (x0, y0) of the patch in the (rescaled) image
+    rate: float = 1.0  # the image was resized by this factor before the split
 
 
 def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
@@ -255,21 +256,30 @@ def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
         s += patch - overlap
 
 
-def patch_id(image_id: str, x0: int, y0: int) -> str:
-    """Patch name in DOTA_devkit's convention, `<image>__<rate>__<x0>___<y0>` (rate 1 here)."""
-    return f"{image_id}__1__{x0}___{y0}"
+def patch_id(image_id: str, x0: int, y0: int, rate: float = 1.0) -> str:
+    """Patch name in DOTA_devkit's convention, `<image>__<rate>__<x0>___<y0>` (x0, y0 in the
+    image resized by rate; rate written as 1, 0.5, 1.5)."""
+    return f"{image_id}__{rate:g}__{x0}___{y0}"
 
 
-def parse_patch_id(name: str) -> tuple[str, int, int]:
-    """`<image>__<rate>__<x0>___<y0>` -> (image, x0, y0); only rate 1 (no rescaling) is supported."""
+def parse_scaled_patch_id(name: str) -> tuple[str, float, int, int]:
+    """`<image>__<rate>__<x0>___<y0>` -> (image, rate, x0, y0)."""
     try:
         head, y0 = name.rsplit("___", 1)
         image_id, rate, x0 = head.rsplit("__", 2)
-        if float(rate) != 1.0:
+        if not float(rate) > 0:
             raise ValueError
-        return image_id, int(x0), int(y0)
+        return image_id, float(rate), int(x0), int(y0)
     except ValueError:
-        raise ValueError(f"{name!r} is not a rate-1 patch name '<image>__1__<x0>___<y0>'.") from None
+        raise ValueError(f"{name!r} is not a patch name '<image>__<rate>__<x0>___<y0>'.") from None
+
+
+def parse_patch_id(name: str) -> tuple[str, int, int]:
+    """`<image>__1__<x0>___<y0>` -> (image, x0, y0); only rate 1 (no rescaling)."""
+    image_id, rate, x0, y0 = parse_scaled_patch_id(name)
+    if rate != 1.0:
+        raise ValueError(f"{name!r} is not a rate-1 patch name '<image>__1__<x0>___<y0>'.")
+    return image_id, x0, y0
 
 
 def split_image(image: torch.Tensor, objects: dict, patch: int = 1024, overlap: int = 200,
@@ -290,6 +300,39 @@ def split_image(image: torch.Tensor, objects: dict, patch: int = 1024, overlap: 
             canvas = image.new_zeros(image.shape[0], patch, patch)
             canvas[:, :crop.shape[1], :crop.shape[2]] = crop
             patches.append(Patch(canvas, _objects_in_window(objects, polys, x0, y0, patch, keep_thr), (x0, y0)))
+    return patches
+
+
+def rescale_sample(image: torch.Tensor, objects: dict, rate: float) -> tuple[torch.Tensor, dict]:
+    """Resize an image [C, H, W] by `rate` (bilinear, antialiased when shrinking; the dtype kept)
+    and scale its objects' coordinates alike, as DOTA_devkit's multi-scale split does."""
+    if not rate > 0:
+        raise ValueError(f"rates must be > 0, got {rate}.")
+    if rate == 1.0:
+        return image, objects
+    _, h, w = image.shape
+    size = (max(1, round(h * rate)), max(1, round(w * rate)))
+    out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
+                                          antialias=rate < 1)[0]
+    if not image.is_floating_point():
+        out = out.round().clamp(torch.iinfo(image.dtype).min, torch.iinfo(image.dtype).max)
+    scaled = dict(objects, polys=objects["polys"] * rate)
+    if "boxes" in objects:
+        scaled["boxes"] = torch.cat([objects["boxes"][:, :4] * rate, objects["boxes"][:, 4:]], 1)
+    return out.to(image.dtype), scaled
+
+
+def split_image_multiscale(image: torch.Tensor, objects: dict, rates=(1.0,), patch: int = 1024, overlap: int = 200,
+                           keep_thr: float = 0.7) -> list[Patch]:
+    """DOTA's multi-scale split: the image (and its objects) resized by each rate, then
+    `split_image`; patches carry their rate and are named `<image>__<rate>__<x0>___<y0>`. The
+    usual protocol: rates (0.5, 1.0, 1.5), patch 1024, overlap 500 (200 for rate 1 alone)."""
+    patches = []
+    for rate in rates:
+        img, obj = rescale_sample(image, objects, float(rate))
+        for p in split_image(img, obj, patch, overlap, keep_thr):
+            p.target["image_id"] = patch_id(objects.get("image_id", "image"), *p.offset, rate=float(rate))
+            patches.append(p._replace(rate=float(rate)))
     return patches
 
 
@@ -324,17 +367,20 @@ def _objects_in_window(objects, polys, x0, y0, patch, keep_thr) -> dict:
     }
 
 
-def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1) -> dict:
+def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1, rates=None) -> dict:
     """Map per-patch detections ({"boxes" [K, 5], "scores" [K], "labels" [K]}) back to image
-    coordinates by their patch offsets (x0, y0), then class-wise rotated NMS over the whole image
-    (the duplicates come from overlapping patches; 0.1 is the usual DOTA merge threshold)."""
-    if len(patch_dets) != len(offsets):
-        raise ValueError(f"got {len(patch_dets)} patch results but {len(offsets)} offsets.")
+    coordinates by their patch offsets (x0, y0) and, for a multi-scale split, divided by the
+    patches' rates; then class-wise rotated NMS over the whole image (the duplicates come from
+    overlapping patches and scales; 0.1 is the usual DOTA merge threshold)."""
+    rates = [1.0] * len(offsets) if rates is None else list(rates)
+    if not len(patch_dets) == len(offsets) == len(rates):
+        raise ValueError(f"got {len(patch_dets)} patch results but {len(offsets)} offsets and {len(rates)} rates.")
     boxes, scores, labels = [], [], []
-    for dets, (x0, y0) in zip(patch_dets, offsets):
+    for dets, (x0, y0), rate in zip(patch_dets, offsets, rates):
         b = dets["boxes"].clone()
         b[:, 0] += x0
         b[:, 1] += y0
+        b[:, :4] /= rate
         boxes.append(b)
         scores.append(dets["scores"])
         labels.append(dets["labels"])
@@ -347,29 +393,32 @@ def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1) -> d
 
 def merge_dota_submission(dets: dict, nms_iou: float = 0.1) -> dict:
     """Patch-level Task1 detections {class: [(patch name, score, poly8)]} -> image-level ones:
-    polygons shifted by the offsets in the patch names, then polygon NMS per image and class
+    polygons shifted by the offsets in the patch names and divided by their rates (multi-scale
+    splits), then polygon NMS per image and class
     (DOTA_devkit's ResultMerge step); one batched NMS call per class. mmrotate merges at IoU 0.1;
     DOTA_devkit's example at 0.3 (with 0.3 this reproduces the devkit's merged plane file of the
     shared DOTA sample up to which of two equal-score duplicates survives)."""
     merged = {}
     for cls, rows in dets.items():
-        names = [parse_patch_id(name) for name, _, _ in rows]
-        images = sorted({image_id for image_id, _, _ in names})
+        names = [parse_scaled_patch_id(name) for name, _, _ in rows]
+        images = sorted({image_id for image_id, _, _, _ in names})
         index = {image_id: i for i, image_id in enumerate(images)}
         polys = torch.tensor([poly for _, _, poly in rows], dtype=torch.float64).reshape(-1, 8)
-        shift = torch.tensor([[x0, y0] for _, x0, y0 in names], dtype=torch.float64).reshape(-1, 2)
-        polys = polys + shift.repeat(1, 4)
+        shift = torch.tensor([[x0, y0] for _, _, x0, y0 in names], dtype=torch.float64).reshape(-1, 2)
+        rate = torch.tensor([r for _, r, _, _ in names], dtype=torch.float64).reshape(-1, 1)
+        polys = (polys + shift.repeat(1, 4)) / rate
         scores = torch.tensor([score for _, score, _ in rows], dtype=torch.float64)
-        groups = torch.tensor([index[image_id] for image_id, _, _ in names], dtype=torch.long)
+        groups = torch.tensor([index[image_id] for image_id, _, _, _ in names], dtype=torch.long)
         keep = batched_poly_nms(polys, scores, groups, nms_iou).tolist()
         merged[cls] = [(names[k][0], rows[k][1], polys[k].tolist()) for k in keep]
     return merged
 
 
 def split_dota(image_dir, label_dir, out_dir, patch: int = 1024, overlap: int = 200,
-               classes=DOTA_V1_CLASSES, keep_empty: bool = False) -> int:
+               classes=DOTA_V1_CLASSES, keep_empty: bool = False, rates=(1.0,)) -> int:
     """Split a DOTA folder pair into `out_dir/images/*.png` + `out_dir/labelTxt/*.txt` patches
-    named `<image>__1__<x0>___<y0>` (DOTA_devkit's ImgSplit layout); returns the patch count."""
+    named `<image>__<rate>__<x0>___<y0>` (DOTA_devkit's ImgSplit layout; one set of patches per
+    rate of `split_image_multiscale`); returns the patch count."""
     from PIL import Image
 
     ds = DotaDataset(image_dir, label_dir, classes)
@@ -379,7 +428,7 @@ def split_dota(image_dir, label_dir, out_dir, patch: int = 1024, overlap: int = 
     count = 0
     for i in range(len(ds)):
         image, target = ds[i]
-        for p in split_image(image, target, patch, overlap):
+        for p in split_image_multiscale(image, target, rates, patch, overlap):
             if not keep_empty and len(p.target["labels"]) == 0:
                 continue
             name = p.target["image_id"]
@@ -401,7 +450,8 @@ def main(argv=None) -> int:
     sp.add_argument("root", help="folder with images/ and labelTxt/")
     sp.add_argument("out", help="output folder (gets images/ and labelTxt/)")
     sp.add_argument("--patch", type=int, default=1024)
-    sp.add_argument("--overlap", type=int, default=200)
+    sp.add_argument("--overlap", type=int, default=200, help="200 single-scale; the multi-scale protocol uses 500")
+    sp.add_argument("--rates", default="1.0", help="resize factors, e.g. 0.5,1.0,1.5 (DOTA multi-scale)")
     sp.add_argument("--keep-empty", action="store_true", help="also write patches without objects")
     mp = sub.add_parser("merge", help="merge patch-level Task1_<class>.txt files into image level")
     mp.add_argument("dets", help="folder of patch-level Task1_<class>.txt")
@@ -411,8 +461,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "split":
         root = Path(args.root)
+        try:
+            rates = tuple(float(r) for r in args.rates.split(","))
+        except ValueError:
+            parser.error(f"--rates must be comma-separated numbers, got {args.rates!r}")
         n = split_dota(root / "images", root / "labelTxt", args.out, args.patch, args.overlap,
-                       keep_empty=args.keep_empty)
+                       keep_empty=args.keep_empty, rates=rates)
         print(f"wrote {n} patches to {args.out}")
     else:
         merged = merge_dota_submission(read_dota_submission(args.dets), args.nms_iou)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _PAIR_CHUNK = 1 << 16  # pairs evaluated at once (bounds the [pairs, candidates, 2] buffers)
@@ -303,6 +304,46 @@ def batched_poly_nms(polys: torch.Tensor, scores: torch.Tensor, groups: torch.Te
     return _nms(polys.to(torch.float64), scores, iou_threshold, _poly_iou_aligned, groups)
 
 
+def batched_hbox_nms(hboxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                     iou_threshold: float) -> torch.Tensor:
+    """NMS of axis-aligned boxes (x1, y1, x2, y2) [N, 4] within groups (e.g. the oriented RPN's
+    per-level NMS on its proposals' enclosing boxes); kept indices by decreasing score. Each
+    group's IoU matrix is built densely (cheap for the few thousand boxes of a group)."""
+    _check_last(hboxes, 4, "hboxes")
+    if scores.shape[0] != hboxes.shape[0] or groups.shape[0] != hboxes.shape[0]:
+        raise ValueError(f"got {hboxes.shape[0]} boxes but {scores.shape[0]} scores and {groups.shape[0]} groups.")
+    keep = []
+    for v in groups.unique():
+        idx = torch.nonzero(groups == v)[:, 0]
+        idx = idx[scores[idx].argsort(descending=True, stable=True)]
+        b = hboxes[idx].to(torch.float64)
+        over = (hbox_iou(b, b) > iou_threshold).triu(1).cpu().numpy()
+        removed = np.zeros(idx.numel(), dtype=bool)
+        mine = []
+        for i in range(idx.numel()):
+            if not removed[i]:
+                mine.append(i)
+                removed |= over[i]
+        keep.append(idx[torch.tensor(mine, dtype=torch.long, device=idx.device)])
+    if not keep:
+        return torch.zeros(0, dtype=torch.long, device=hboxes.device)
+    keep = torch.cat(keep)
+    return keep[scores[keep].argsort(descending=True, stable=True)]
+
+
+def hbox_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of axis-aligned boxes (x1, y1, x2, y2): [N, 4] x [M, 4] -> [N, M]."""
+    _check_last(boxes1, 4, "boxes1")
+    _check_last(boxes2, 4, "boxes2")
+    return _hbox_iou_aligned(boxes1[:, None], boxes2[None])
+
+
+def _hbox_iou_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp_min(0).prod(-1)
+    area = lambda t: (t[..., 2:] - t[..., :2]).clamp_min(0).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp_min(1e-12)
+
+
 def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned,
          groups: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy NMS over a sparse suppression graph: the pairs i < j (in score order) of one group
@@ -326,9 +367,9 @@ def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligne
         by_row = ii.argsort(stable=True)
         ii, jj = ii[by_row], jj[by_row]
     hit = _aligned_in_chunks(polys, polys, ii, jj, aligned) > iou_threshold
-    ii, jj = ii[hit].cpu(), jj[hit].cpu()
-    ptr = torch.searchsorted(ii, torch.arange(n + 1)).tolist()
-    removed = torch.zeros(n, dtype=torch.bool)
+    ii, jj = ii[hit].cpu().numpy(), jj[hit].cpu().numpy()  # the greedy pass is sequential: numpy, not torch ops
+    ptr = np.searchsorted(ii, np.arange(n + 1))
+    removed = np.zeros(n, dtype=bool)
     keep = []
     for i in range(n):
         if not removed[i]:

@@ -34,6 +34,7 @@ from rsscale import kernels
 from rsscale.scaling.store import ResultsStore
 from rsscale.finetune import datasets as D
 from rsscale.finetune.det import RotatedFCOS, evaluate_det
+from rsscale.finetune.orcnn import OrientedRCNN
 from rsscale.finetune.rotated import norm_obb
 from rsscale.finetune.seg import Segmenter, evaluate_seg
 from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
@@ -154,6 +155,8 @@ def build_model(task: str, args, num_classes: int):
         init = "mae"
     if task == "seg":
         model = Segmenter(backbone, num_classes, channels=args.channels)
+    elif args.detector == "orcnn":  # --detector: Oriented R-CNN or rotated FCOS
+        model = OrientedRCNN.scaled_to(backbone, num_classes, args.crop)
     else:
         model = RotatedFCOS(backbone, num_classes, channels=args.channels)
     return model, cfg, init
@@ -260,7 +263,9 @@ def run_finetune(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (rotated FCOS)")
+    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (see --detector)")
+    parser.add_argument("--detector", choices=["orcnn", "fcos"], default="orcnn",
+                        help="det: Oriented R-CNN (two-stage, as published RS tables) or rotated FCOS (one-stage)")
     parser.add_argument("--dataset", choices=["loveda", "potsdam", "dota", "diorr", "synthetic"], required=True)
     parser.add_argument("--data", default="data/synthetic", help="dataset root in its native layout (see module doc)")
     parser.add_argument("--checkpoint", help="pretraining checkpoint (run folder or step folder); random init if absent")
