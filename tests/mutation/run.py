@@ -1,0 +1,242 @@
+"""Mutation testing of the core modules with mutmut 3, one module at a time.
+
+    python tests/mutation/run.py --list
+    python tests/mutation/run.py rotated            # one module (or several)
+    python tests/mutation/run.py all                # every module; slow (see reports/mutation.md)
+
+Each module's mutants run against that module's tests only (MODULES below), on --jobs workers
+(2 by default). mutmut names a mutant after the module path of the file it mutates, while the
+folders install under `rsscale.` (setup.cfg package_dir), so every module runs in a stage folder
+(--work, one per module) that holds the five folders as src/rsscale/<folder>; mutmut strips
+`src.` and the mutant names match the imported modules (`rsscale.scaling.pipeline.x_...`).
+
+mutmut records which tests reach a function only in its own process; a function reached only in
+spawned workers (the gloo tests) would count as "no tests". Those mutants are run a second time
+with every test of the module. Functions mutmut cannot mutate (decorated ones, e.g. @triton.jit
+kernels) are not counted; the report says so.
+
+Results are merged into reports/mutation.md (one section per module; other modules' sections
+are kept). tests/mutation/equivalent.txt lists mutants that cannot change behaviour, one per line:
+`<mutant name>  <one-line reason>`; they are subtracted from the score's denominator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("mutation")
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = ("scaling", "kernels", "benchmarks", "finetune", "reports")
+REPORT = ROOT / "reports" / "mutation.md"
+EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+
+# module key -> (files to mutate, relative to the repo root; test files that check them)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "parallel": (["scaling/parallel/mappings.py", "scaling/parallel/state.py"],
+                 ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py"]),
+    "optim": (["scaling/optim.py"], ["tests/test_optim.py"]),
+    "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_params.py"]),
+    "layout": (["scaling/layout.py"], ["tests/test_layouts.py"]),
+    "kernels": (["kernels/fused_layer_norm.py", "kernels/flash_attention.py"],
+                ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py"]),
+    "metrics": (["finetune/metrics.py"], ["tests/test_metrics.py"]),
+    "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py"]),
+    "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
+    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"]),
+    "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint.py"]),
+    "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py"]),
+    "store": (["scaling/store.py"], ["tests/test_store.py"]),
+}
+
+KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # test failure, pytest error, timeout, crash
+SURVIVED = 0
+NO_TESTS = {5, 33}
+
+
+def load_equivalent() -> dict[str, str]:
+    out = {}
+    if EQUIVALENT.exists():
+        for line in EQUIVALENT.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, reason = line.strip().partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+def stage(key: str, work: Path) -> Path:
+    """A fresh stage folder for one module: src/rsscale/<folder>, tests/, a [mutmut] setup.cfg."""
+    files, tests = MODULES[key]
+    missing = [p for p in files if not (ROOT / p).exists()]
+    if missing:
+        raise ValueError(f"module {key!r}: missing {', '.join(missing)}")
+    tests = [t for t in tests if (ROOT / t).exists()]
+    d = work / key
+    shutil.rmtree(d, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.db", "*.pt")
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, d / "src" / "rsscale" / folder, ignore=ignore)
+    shutil.copytree(ROOT / "tests", d / "tests", ignore=ignore)
+    only = "\n".join(f"    src/rsscale/{p}" for p in files)
+    selection = "\n".join(f"    {t}" for t in tests)
+    (d / "setup.cfg").write_text(
+        "[mutmut]\nsource_paths = src\n"
+        f"only_mutate =\n{only}\n"
+        f"pytest_add_cli_args_test_selection =\n{selection}\n"
+        "pytest_add_cli_args =\n    -m\n    not slow\n    -p\n    no:cacheprovider\n"
+        "process_isolation = forkserver\nuse_git_change_detection = false\ntrack_dependencies = false\n"
+        "timeout_multiplier = 5.0\ntimeout_constant = 20.0\n"
+        # the project's pytest section (markers, warning filters), copied verbatim
+        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[1]
+        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2]
+    )
+    return d
+
+
+def mutmut(d: Path, *args: str, jobs: int) -> None:
+    env = dict(os.environ, PYTHONPATH=str(d / "mutants" / "src"), OMP_NUM_THREADS="1",
+               TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *args]
+    log.info("%s: %s", d.name, " ".join(cmd[2:]))
+    with open(d / "mutmut.log", "a") as f:
+        subprocess.run(cmd, cwd=d, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+
+
+def generate(d: Path, key: str) -> list[str]:
+    """Write the mutants (mutmut's own generator, no tests run); return their names."""
+    code = ("from mutmut.__main__ import copy_src_dir, copy_also_copy_files, create_mutants\n"
+            "copy_src_dir(); copy_also_copy_files(); create_mutants(2)")
+    subprocess.run([sys.executable, "-c", code], cwd=d, check=True, capture_output=True)
+    names = []
+    for p in MODULES[key][0]:
+        module = "rsscale." + p[:-3].replace("/", ".")
+        text = (d / "mutants" / "src" / "rsscale" / p).read_text()
+        names += sorted({f"{module}.{k}" for k in re.findall(r"'(x[_\wǁ]+?__mutmut_\d+)'", text)})
+    return names
+
+
+def results(d: Path, key: str) -> dict[str, int]:
+    out = {}
+    for p in MODULES[key][0]:
+        meta = d / "mutants" / "src" / "rsscale" / (p + ".meta")
+        if not meta.exists():
+            raise RuntimeError(f"module {key}: mutmut wrote no {meta} (see {d / 'mutmut.log'})")
+        out.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return out
+
+
+def rerun_untested(d: Path, key: str, codes: dict[str, int], jobs: int) -> None:
+    """Give mutants of functions reached only in spawned workers every test of the module."""
+    untested = sorted(n for n, c in codes.items() if c in NO_TESTS)
+    if not untested:
+        return
+    stats_path = d / "mutants" / "mutmut-stats.json"
+    stats = json.loads(stats_path.read_text())
+    by_fn = stats["tests_by_mangled_function_name"]
+    all_tests = sorted(set().union(*by_fn.values()) | set(stats["duration_by_test"]))
+    for name in untested:
+        by_fn[name.partition("__mutmut_")[0]] = all_tests
+    stats_path.write_text(json.dumps(stats))
+    log.info("%s: %d mutants reached only in workers; rerunning them with all %d tests",
+             key, len(untested), len(all_tests))
+    mutmut(d, *untested, jobs=jobs)
+
+
+def mutated_line(d: Path, name: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(d / "mutants" / "src"))
+    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=d, env=env,
+                          capture_output=True, text=True).stdout
+    plus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return plus[0] if plus else "?"
+
+
+def section(key: str, d: Path, codes: dict[str, int], generated: int, seconds: float) -> str:
+    eq = load_equivalent()
+    equiv = sorted(n for n in codes if n in eq)
+    killed = sorted(n for n, c in codes.items() if c in KILLED and n not in eq)
+    survived = sorted(n for n, c in codes.items() if c not in KILLED and n not in eq)
+    denom = len(codes) - len(equiv)
+    score = 100.0 * len(killed) / denom if denom else 100.0
+    lines = [f"## {key}", "",
+             f"Files: {', '.join(MODULES[key][0])}; tests: {', '.join(MODULES[key][1])}.", "",
+             "| generated | run | killed | equivalent | survived | score | run time |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             f"| {generated} | {len(codes)} | {len(killed)} | {len(equiv)} | {len(survived)} | {score:.1f} % | {seconds:.0f} s |", ""]
+    if equiv:
+        lines += ["Equivalent:", ""] + [f"- `{n}`: {eq[n]}" for n in equiv] + [""]
+    if survived:
+        lines += ["Survivors:", ""]
+        for n in survived:
+            status = "no test reached it" if codes[n] in NO_TESTS else "survived" if codes[n] == SURVIVED else f"exit {codes[n]}"
+            lines.append(f"- `{n}` ({status}): `{mutated_line(d, n)}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(sections: dict[str, str]) -> None:
+    old = REPORT.read_text() if REPORT.exists() else ""
+    kept = {m.group(1): m.group(0).rstrip() + "\n" for m in re.finditer(r"^## (\w+)\n.*?(?=^## |\Z)", old, re.S | re.M)}
+    kept.update(sections)
+    summary = ["| module | generated | run | killed | equivalent | survived | score | run time |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in MODULES:
+        if key in kept:
+            row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+ %) \| (\d+ s) \|$", kept[key], re.M)
+            summary.append(f"| {key} | " + " | ".join(row.groups()) + " |")
+        else:
+            summary.append(f"| {key} | not run | | | | | | |")
+    head = old.partition("\n## ")[0].partition("| module |")[0].rstrip() or (
+        "# Mutation testing\n\nmutmut 3 over the core modules, each module's mutants against that module's "
+        "tests (`python tests/mutation/run.py --help`). Score = killed / (mutants - equivalent); "
+        "timeouts and crashes count as killed. Decorated functions (the @triton.jit kernel bodies) "
+        "are not mutated by mutmut and are not counted.")
+    body = "\n".join(kept[k] for k in MODULES if k in kept)
+    REPORT.write_text(head + "\n\n" + "\n".join(summary) + "\n\n" + body)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("modules", nargs="*", help=f"'all' or any of: {', '.join(MODULES)}")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel mutant workers (default 2)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/rsscale-mutation"), help="stage folders")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="run a seeded random sample of N mutants per module (0: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--list", action="store_true", help="list modules, their files and tests")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.list or not args.modules:
+        for key, (files, tests) in MODULES.items():
+            print(f"{key:11s} {' '.join(files)}  <-  {' '.join(tests)}")
+        return 0
+    keys = list(MODULES) if args.modules == ["all"] else args.modules
+    unknown = [k for k in keys if k not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {', '.join(unknown)}; --list shows them")
+    for key in keys:
+        start = time.monotonic()
+        d = stage(key, args.work)
+        names = generate(d, key)
+        chosen = sorted(random.Random(args.seed).sample(names, args.sample)) if 0 < args.sample < len(names) else []
+        log.info("%s: %d mutants, running %s", key, len(names), len(chosen) or "all")
+        mutmut(d, *chosen, jobs=args.jobs)
+        keep = set(chosen or names)
+        rerun_untested(d, key, {n: c for n, c in results(d, key).items() if n in keep}, args.jobs)
+        codes = {n: c for n, c in results(d, key).items() if n in keep}
+        write_report({key: section(key, d, codes, len(names), time.monotonic() - start)})
+        log.info("%s done in %.0f s", key, time.monotonic() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

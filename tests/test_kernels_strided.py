@@ -1,0 +1,84 @@
+"""Both Triton kernels on non-contiguous, odd-sized inputs vs float64 torch, under the interpreter:
+row-strided LayerNorm inputs (a slice of wider rows, as from a fused projection) and attention
+inputs with padded or transposed strides. Allocations are NaN-poisoned, so unwritten elements fail."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (see kernels/dispatch.py)
+
+import pytest
+import torch
+
+from rsscale.kernels import flash_attention as fa
+from rsscale.kernels import fused_layer_norm as fln
+from rsscale.kernels.testing import TOLERANCE, nan_poisoned_allocations, scaled_error
+
+TOL = TOLERANCE[torch.float32]
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("shape,pad,k", [((7, 37), 11, 2), ((2, 3, 13), 5, 1), ((3, 129), 1, 3)])
+def test_layer_norm_on_row_strided_odd_input(shape, pad, k):
+    gen = torch.Generator().manual_seed(sum(shape) + pad)
+    n = shape[-1]
+    wide = torch.randn(*shape[:-1], n + pad, generator=gen, dtype=torch.float64) * 3 + 1
+    w = 1 + 0.5 * torch.randn(k, n, generator=gen, dtype=torch.float64)
+    b = 0.5 * torch.randn(k, n, generator=gen, dtype=torch.float64)
+    dy = torch.randn(k, *shape, generator=gen, dtype=torch.float64)
+
+    wide32, w32, b32 = _leaf(wide.float()), _leaf(w.float()), _leaf(b.float())
+    x32 = wide32[..., :n]  # rows n + pad apart: not contiguous
+    assert not x32.is_contiguous() and x32.reshape(-1, n).stride(0) == n + pad
+    with nan_poisoned_allocations():
+        y = fln.triton_multi_layer_norm(x32, w32, b32, 1e-6)
+        y.backward(dy.float())
+
+    wide64, w64, b64 = _leaf(wide), _leaf(w), _leaf(b)
+    y_ref = fln.torch_multi_layer_norm(wide64[..., :n], w64, b64, 1e-6)
+    y_ref.backward(dy)
+    errors = {"out": scaled_error(y, y_ref), "dx": scaled_error(wide32.grad, wide64.grad),
+              "dw": scaled_error(w32.grad, w64.grad), "db": scaled_error(b32.grad, b64.grad)}
+    assert all(e < TOL for e in errors.values()), errors
+    assert (wide32.grad[..., n:] == 0).all()  # the gap between rows gets no gradient
+
+
+def _strided(kind, shape, gen):
+    b, h, n, d = shape
+    if kind == "padded":  # head dim is a slice of a wider last dimension
+        return torch.randn(b, h, n, d + 3, generator=gen, dtype=torch.float64)[..., :d]
+    if kind == "transposed":  # stride along the head dim is not 1
+        return torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2)
+    return torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).transpose(1, 2)  # heads interleaved
+
+
+@pytest.mark.parametrize("kind,shape", [("padded", (1, 2, 35, 9)), ("transposed", (2, 1, 33, 16)),
+                                        ("interleaved", (1, 3, 19, 5))])
+def test_attention_on_non_contiguous_odd_input(kind, shape):
+    gen = torch.Generator().manual_seed(len(kind))
+    base = [_strided(kind, shape, gen) for _ in range(3)]
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    # float32 copies with the same strides (padded: slice after the cast, so the gap survives)
+    ours = []
+    for t in base:
+        full = _leaf(t._base.float())
+        ours.append((full, _strided_view(full, kind, shape)))
+    assert all(not v.is_contiguous() for _, v in ours)
+    with nan_poisoned_allocations():
+        out = fa.triton_attention(*(v for _, v in ours))
+        out.backward(dy.float())
+    ref_leaves = [_leaf(t._base) for t in base]
+    ref = fa.naive_attention(*(_strided_view(t, kind, shape) for t in ref_leaves))
+    ref.backward(dy)
+    errors = {"out": scaled_error(out, ref)}
+    errors.update({f"d{x}": scaled_error(full.grad, r.grad) for x, (full, _), r in zip("qkv", ours, ref_leaves)})
+    assert all(e < TOL for e in errors.values()), errors
+
+
+def _strided_view(full, kind, shape):
+    d = shape[-1]
+    if kind == "padded":
+        return full[..., :d]
+    return full.transpose(-1, -2) if kind == "transposed" else full.transpose(1, 2)
