@@ -90,3 +90,37 @@ def test_store_tags_named_like_columns_never_duplicate_columns(tmp_path, tags):
     assert row["tags"] == tags
     tag_values = {c: row[c] for c in df.columns if c not in store.metrics(name="none").columns}
     assert sorted(map(str, tag_values.values())) == sorted(map(str, tags.values()))
+
+
+def test_metrics_command_line_on_a_hand_made_submission(tmp_path, capsys):
+    """The CLI reads a Task1 folder and a labelTxt folder: the hand case of
+    test_dota_voc07_ap_hand_computed gives 5/11 (VOC07) and 5/12 (--all-point); --classes adds a
+    class without objects (AP 0 in DOTA's rules, n/a and null in mmrotate's)."""
+    import json
+
+    from rsscale.finetune.dota_io import write_dota_submission
+    from rsscale.finetune.metrics import main
+
+    labels = tmp_path / "labelTxt"
+    labels.mkdir()
+    rows = [" ".join(map(str, _rect(20 * i, 0, 20 * i + 10, 10))) + " car 0" for i in range(4)]
+    rows.append(" ".join(map(str, _rect(80, 0, 90, 10))) + " car 1")
+    (labels / "img.txt").write_text("imagesource:test\ngsd:0.5\n" + "\n".join(rows) + "\n")
+    write_dota_submission({"car": [("img", 0.9, _rect(0, 0, 10, 10)), ("img", 0.8, _rect(0, 0, 10, 10)),
+                                   ("img", 0.7, _rect(20, 0, 30, 10)), ("img", 0.6, _rect(200, 200, 210, 210)),
+                                   ("img", 0.5, _rect(80, 0, 90, 10))]}, tmp_path / "dets")
+    out = tmp_path / "r.json"
+    assert main([str(tmp_path / "dets"), str(labels), "--json", str(out)]) == 0
+    assert "| car | 45.45 | 4 | 5 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(5 / 11, abs=1e-12)
+    assert main([str(tmp_path / "dets"), str(labels), "--all-point", "--classes", "car,ship", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| car | 41.67 | 4 | 5 |" in printed and "| ship | 0.00 | 0 | 0 |" in printed
+    assert "| **mAP** | **20.83** | | |" in printed
+    assert main([str(tmp_path / "dets"), str(labels), "--mode", "mmrotate", "--iou-thr", "0.99",
+                 "--classes", "car,ship", "--json", str(out)]) == 0
+    assert "| ship | n/a | 0 | 0 |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["classes"]["ship"]["ap"] is None and result["classes"]["car"]["num_gt"] == 5
+    # mmrotate counts the difficult object and d5 matches it; IoU 1 >= 0.99: TP d1, d3, d5 of 5
+    assert result["classes"]["car"]["tp"] == 3 and result["mAP"] == result["classes"]["car"]["ap"]
