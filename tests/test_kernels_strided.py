@@ -2,6 +2,7 @@
 row-strided LayerNorm inputs (a slice of wider rows, as from a fused projection) and attention
 inputs with padded or transposed strides. Allocations are NaN-poisoned, so unwritten elements fail."""
 
+import math
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (see kernels/dispatch.py)
@@ -82,3 +83,49 @@ def _strided_view(full, kind, shape):
     if kind == "padded":
         return full[..., :d]
     return full.transpose(-1, -2) if kind == "transposed" else full.transpose(1, 2)
+
+
+def test_empty_inputs_and_one_row():
+    x = torch.zeros(0, 3, 8, requires_grad=True)
+    w, b = torch.ones(2, 8, requires_grad=True), torch.zeros(2, 8, requires_grad=True)
+    with nan_poisoned_allocations():
+        y = fln.triton_multi_layer_norm(x, w, b)
+        y.sum().backward()
+    assert y.shape == (2, 0, 3, 8) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(2, 8)) and torch.equal(b.grad, torch.zeros(2, 8))
+    one = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])  # mean 3, biased variance 2
+    got = fln.triton_layer_norm(one, torch.ones(5), torch.zeros(5), eps=0.0)
+    torch.testing.assert_close(got, (one - 3) / math.sqrt(2), atol=1e-6, rtol=1e-6)
+    q = torch.zeros(1, 2, 0, 8, requires_grad=True)
+    with nan_poisoned_allocations():
+        o = fa.triton_attention(q, q, q)
+        o.sum().backward()
+    assert o.shape == q.shape and q.grad.shape == q.shape
+
+
+def test_kernel_input_errors():
+    with pytest.raises(ValueError, match=r"weights/biases must both be \[K, 8\]"):
+        fln.triton_multi_layer_norm(torch.zeros(2, 8), torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"weights/biases must both be \[K, 8\]"):
+        fln.triton_multi_layer_norm(torch.zeros(2, 8), torch.ones(1, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="width 65537 exceeds the fused kernel's maximum 65536"):
+        fln.triton_multi_layer_norm(torch.zeros(1, 65537), torch.ones(1, 65537), torch.zeros(1, 65537))
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="one dtype"):
+        fa.triton_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="bf16 attention needs a GPU"):
+        fa.triton_attention(*(q.bfloat16() for _ in range(3)))
+    wide = torch.zeros(1, 1, 2, 257)
+    with pytest.raises(ValueError, match="head dim 257 exceeds the kernel's maximum 256"):
+        fa.triton_attention(wide, wide, wide)
+    with pytest.raises(ValueError, match=r"one shape \[B, H, N, D\]"):
+        fa.triton_attention(torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8))
+
+
+@pytest.mark.parametrize("d", [1, 16, 17, 64, 100, 256])
+def test_tile_configs_cover_the_head_dim(d):
+    for cfg in (fa._config(d, torch.device("cpu")), fa._config(d, torch.device("cuda")),
+                fa._bwd_config(d, torch.device("cpu")), fa._bwd_config(d, torch.device("cuda"))):
+        block_d = cfg["BLOCK_D"]
+        assert block_d >= max(16, d) and block_d & (block_d - 1) == 0 and (block_d < 2 * d or block_d == 16)
+    assert fa._config(d, torch.device("cpu"))["BLOCK_M"] == 32  # interpreter tiles: short tests cross tiles
