@@ -97,3 +97,11 @@ def test_two_point_power_law_is_exact_without_interval():
         fit_power_law([1.0], [1.0])
     with pytest.raises(ValueError, match="finite"):
         fit_power_law([1.0, np.inf], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("k", [1e-3, 1e3])
+def test_saturating_fit_is_scale_equivariant(k):
+    """E -> k E multiplies a and d by k and leaves b and c alone (relative residuals do not change)."""
+    fit = fit_saturating(N, k * (4.0 * N**-0.5 + 1.0), n_boot=0)
+    assert fit.params["c"] == pytest.approx(0.5, rel=1e-3) and fit.params["d"] == pytest.approx(k, rel=1e-4)
+    assert fit.params["a"] == pytest.approx(4.0 * k, rel=1e-2) and fit.rmse_rel < 1e-6
