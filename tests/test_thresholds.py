@@ -122,5 +122,31 @@ def test_metrics_command_line_on_a_hand_made_submission(tmp_path, capsys):
     assert "| ship | n/a | 0 | 0 |" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["classes"]["ship"]["ap"] is None and result["classes"]["car"]["num_gt"] == 5
+    ship = result["classes"]["ship"]
+    assert (ship["tp"], ship["fp"], ship["recall"], ship["precision"], ship["num_dets"]) == (0, 0, 0.0, 0.0, 0)
     # mmrotate counts the difficult object and d5 matches it; IoU 1 >= 0.99: TP d1, d3, d5 of 5
     assert result["classes"]["car"]["tp"] == 3 and result["mAP"] == result["classes"]["car"]["ap"]
+
+
+@pytest.mark.parametrize("name,count", [("dota-v1", 15), ("dota-v1.5", 16), ("dota-v2", 18), ("dior", 20)])
+def test_metrics_command_line_named_class_lists(tmp_path, name, count):
+    """A named list fixes the classes averaged in the mAP (the official counts: DOTA-v1 15,
+    v1.5 16, v2 18, DIOR 20): one perfect class of `count` scores 1 / count."""
+    import json
+
+    from rsscale.finetune import dota_io
+    from rsscale.finetune.dota_io import write_dota_submission
+    from rsscale.finetune.metrics import main
+
+    cls = {"dior": "airplane"}.get(name, "plane")
+    labels = tmp_path / "labelTxt"
+    labels.mkdir()
+    (labels / "img.txt").write_text(" ".join(map(str, _rect(0, 0, 10, 10))) + f" {cls} 0\n")
+    write_dota_submission({cls: [("img", 0.9, _rect(0, 0, 10, 10))]}, tmp_path / "dets")
+    out = tmp_path / "r.json"
+    assert main([str(tmp_path / "dets"), str(labels), "--classes", name, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["classes"]) == count and cls in result["classes"]
+    assert result["mAP"] == pytest.approx(1 / count, abs=1e-12)
+    assert len({"dota-v1": dota_io.DOTA_V1_CLASSES, "dota-v1.5": dota_io.DOTA_V15_CLASSES,
+                "dota-v2": dota_io.DOTA_V2_CLASSES, "dior": dota_io.DIOR_CLASSES}[name]) == count
