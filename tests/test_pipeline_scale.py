@@ -70,3 +70,16 @@ def test_1f1b_with_loss_scale_clamped_warmup_and_one_stage():
             assert len(r["losses"]) == (micro if last else 0)
             if last:  # the returned losses are the unscaled micro-batch losses
                 assert r["losses"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_stage_links_on_a_non_contiguous_rank_list():
+    from rsscale.scaling.pipeline import StageLinks
+
+    ranks = [4, 6, 9]
+    first, mid, last = (StageLinks(ranks, r) for r in ranks)
+    assert (first.stage, first.num_stages, first.prev, first.next) == (0, 3, None, 6)
+    assert (mid.stage, mid.prev, mid.next, mid.is_first, mid.is_last) == (1, 4, 9, False, False)
+    assert (last.stage, last.prev, last.next, last.is_first, last.is_last) == (2, 6, None, False, True)
+    assert first.is_first and not first.is_last
+    alone = StageLinks([3], 3)
+    assert alone.is_first and alone.is_last and alone.num_stages == 1
