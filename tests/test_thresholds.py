@@ -150,3 +150,30 @@ def test_metrics_command_line_named_class_lists(tmp_path, name, count):
     assert result["mAP"] == pytest.approx(1 / count, abs=1e-12)
     assert len({"dota-v1": dota_io.DOTA_V1_CLASSES, "dota-v1.5": dota_io.DOTA_V15_CLASSES,
                 "dota-v2": dota_io.DOTA_V2_CLASSES, "dior": dota_io.DIOR_CLASSES}[name]) == count
+
+
+def test_store_rejects_bad_input_with_one_sentence(tmp_path):
+    store = ResultsStore(str(tmp_path / "r.db"))
+    with pytest.raises(ValueError, match=r"layout keys must be tp, pp, dp, sp; got unexpected \['ep'\]"):
+        store.start_run("bench", layout={"tp": 1, "ep": 2})
+    with pytest.raises(ValueError, match=r"unknown run fields \['gpu'\]"):
+        store.start_run("bench", gpu="x")
+    run = store.start_run("bench", layout={"tp": 2, "sp": 0}, params=12.7, host="h")
+    with pytest.raises(ValueError, match="metric name must be a non-empty string, got ''"):
+        run.log("", 1.0)
+    with pytest.raises(ValueError, match=r"cannot update run fields \['status'\]"):
+        run.update(status="complete")
+    with pytest.raises(ValueError, match="a run finishes as 'complete' or 'failed', not 'done'"):
+        run.finish("done")
+    run.log("x", None)
+    run.log_many([("y", 2, None), ("z", 3.5, 4, {"k": 1})])
+    run.update(device_count=3, config={"b": 1})
+    r = store.runs().iloc[0]
+    assert (r["tp"], r["sp"], r["params"], r["host"], r["device_count"], r["config"]) == (2, False, 12, "h", 3, {"b": 1})
+    assert (r["status"], bool(r["incomplete"]), r["finished"]) == ("running", True, None)
+    m = store.metrics()
+    assert m["name"].tolist() == ["x", "y", "z"] and m["value"].isna().tolist() == [True, False, False]
+    assert m["step"].isna().tolist() == [True, True, False] and m["step"].iloc[2] == 4
+    assert m["k"].tolist()[2] == 1 and store.metrics(name="z", run_id=run.id)["value"].tolist() == [3.5]
+    run.finish("failed")
+    assert store.runs(status="failed")["id"].tolist() == [run.id] and store.runs(kind="pretrain").empty
