@@ -3,6 +3,8 @@ rules: rotated NMS and DOTA matching exactly at the IoU threshold, the VOC07 11-
 hand-worked case (computed here by hand, not with our voc_ap), and results-store tags named like
 metrics columns."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -166,7 +168,7 @@ def test_store_rejects_bad_input_with_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="a run finishes as 'complete' or 'failed', not 'done'"):
         run.finish("done")
     run.log("x", None)
-    run.log_many([("y", 2, None), ("z", 3.5, 4, {"k": 1})])
+    run.log_many([("y", 2, None), ("z", 3.5, 4, {"k": 1, "path": Path("a") / "b"})])  # non-JSON tag: str
     run.update(device_count=3, config={"b": 1})
     r = store.runs().iloc[0]
     assert (r["tp"], r["sp"], r["params"], r["host"], r["device_count"], r["config"]) == (2, False, 12, "h", 3, {"b": 1})
@@ -174,6 +176,7 @@ def test_store_rejects_bad_input_with_one_sentence(tmp_path):
     m = store.metrics()
     assert m["name"].tolist() == ["x", "y", "z"] and m["value"].isna().tolist() == [True, False, False]
     assert m["step"].isna().tolist() == [True, True, False] and m["step"].iloc[2] == 4
+    assert m["path"].tolist()[2] == str(Path("a") / "b")
     assert m["k"].tolist()[2] == 1 and store.metrics(name="z", run_id=run.id)["value"].tolist() == [3.5]
     run.finish("failed")
     assert store.runs(status="failed")["id"].tolist() == [run.id] and store.runs(kind="pretrain").empty
