@@ -100,17 +100,21 @@ def _sharded_worker(rank, world):
         opt.allreduce_grads(dist.group.WORLD, world)
         opt.step(0.01)
     states = opt.param_states()
+    scaler = LossScaler(enabled=True, init_scale=4.0)  # only rank 0 overflows: every rank must skip
+    skip = not scaler.unscale_and_check(torch.tensor([float("inf") if rank == 0 else 1.0]))
     return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(),
+            "skip": skip, "scale": scaler.scale,
             "exp_avg": {k: t.numpy() for k, t in states["exp_avg"].items()}}
 
 
-def test_zero1_sharded_step_equals_the_unsharded_step():
+def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywhere():
     results = run_distributed(_sharded_worker, 2)
     named = _named()
     start = [p.detach().clone() for _, p in named[:2]]
     grads = [g + 0.5 for g in _grads()]  # the average of rank 0's g and rank 1's g + 1
     ref, m, _ = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 2)
     for r in results:
+        assert r["skip"] and r["scale"] == 2.0
         assert r["bytes"] == 2 * 5 * 4  # 9 elements padded to 10, half each
         for got, want in zip(r["params"], ref):
             torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
