@@ -65,3 +65,37 @@ def test_forward_loss_by_hand(norm_pix):
             total += np.mean((pred[b, k].numpy() - t) ** 2)
             count += 1
     assert got == pytest.approx(total / count, rel=1e-12)
+
+
+@pytest.fixture
+def one_process_world():
+    from rsscale.scaling.parallel import state
+
+    state.init_parallel(tp=1)
+    yield
+    state.destroy_parallel()
+
+
+def test_decoder_input_is_unshuffled_tokens_plus_positions(one_process_world):
+    """The first decoder block sees [cls, token of patch 0, ..., patch N-1] + decoder positions,
+    where a kept patch carries its own embedded latent and a masked one the mask token."""
+    from rsscale.scaling.config import ViTConfig
+
+    cfg = ViTConfig("micro", width=8, heads=2, mlp=16, depth=1, img_size=6, patch_size=2, in_chans=1,
+                    dec_width=8, dec_heads=2, dec_depth=1)
+    model = MaskedAutoencoder(cfg).double()
+    seen = []
+    model.decoder_blocks[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0]), with_kwargs=True)
+    gen = torch.Generator().manual_seed(0)
+    n, v = cfg.num_patches, cfg.num_visible
+    latent = torch.randn(2, 1 + v, 8, generator=gen, dtype=torch.float64)
+    noise = torch.rand(2, n, generator=gen)
+    keep, _, restore = mask_from_noise(noise, v)
+    with torch.no_grad():
+        model.forward_decoder(latent, restore)
+        emb = model.decoder_embed(latent)
+        for b in range(2):
+            want = [emb[b, 0]] + [model.mask_token[0, 0]] * n
+            for slot, patch in enumerate(keep[b].tolist()):
+                want[1 + patch] = emb[b, 1 + slot]
+            torch.testing.assert_close(seen[0][b], torch.stack(want) + model.decoder_pos_embed[0], rtol=0, atol=1e-12)

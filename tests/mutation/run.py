@@ -46,7 +46,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "parallel": (["scaling/parallel/mappings.py", "scaling/parallel/state.py"],
                  ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py"]),
     "optim": (["scaling/optim.py"], ["tests/test_optim.py"]),
-    "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py"]),
+    "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
     "layout": (["scaling/layout.py"], ["tests/test_layouts.py", "tests/test_layout_edges.py"]),
     "kernels": (["kernels/fused_layer_norm.py", "kernels/flash_attention.py"],
                 ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py", "tests/test_kernels_strided.py"]),
@@ -80,7 +80,7 @@ def stage(key: str, work: Path) -> Path:
     missing = [p for p in files if not (ROOT / p).exists()]
     if missing:
         raise ValueError(f"module {key!r}: missing {', '.join(missing)}")
-    tests = [t for t in tests if (ROOT / t).exists()]
+    tests = [t for t in tests if (ROOT / t.partition("::")[0]).exists()]
     d = work / key
     shutil.rmtree(d, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.db", "*.pt")
@@ -89,6 +89,11 @@ def stage(key: str, work: Path) -> Path:
     shutil.copytree(ROOT / "tests", d / "tests", ignore=ignore)
     if (ROOT.parent / "shared").is_dir():  # tests find ../shared/data beside the checkout
         (d / "shared").symlink_to(ROOT.parent / "shared")
+    write_config(d, files, tests)
+    return d
+
+
+def write_config(d: Path, files: list[str], tests: list[str]) -> None:
     only = "\n".join(f"    src/rsscale/{p}" for p in files)
     selection = "\n".join(f"    {t}" for t in tests)
     (d / "setup.cfg").write_text(
@@ -102,7 +107,6 @@ def stage(key: str, work: Path) -> Path:
         + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[1]
         + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2]
     )
-    return d
 
 
 def mutmut(d: Path, *args: str, jobs: int) -> None:
@@ -112,6 +116,27 @@ def mutmut(d: Path, *args: str, jobs: int) -> None:
     log.info("%s: %s", d.name, " ".join(cmd[2:]))
     with open(d / "mutmut.log", "a") as f:
         subprocess.run(cmd, cwd=d, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+
+
+def retest(key: str, work: Path, jobs: int) -> tuple[Path, dict]:
+    """Refresh the tests of an existing stage and rerun the mutants of its last run that were
+    not killed (the run's sample and timing are kept in run.json)."""
+    d = work / key
+    if not (d / "run.json").exists():
+        raise ValueError(f"module {key}: no earlier run in {d} to retest")
+    run = json.loads((d / "run.json").read_text())
+    files, tests = MODULES[key]
+    for target in (d / "tests", d / "mutants" / "tests"):
+        shutil.copytree(ROOT / "tests", target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    write_config(d, files, [t for t in tests if (ROOT / t.partition("::")[0]).exists()])
+    shutil.copy(d / "setup.cfg", d / "mutants" / "setup.cfg")
+    codes = results(d, key)
+    run["previous"] = {n: codes.get(n) for n in run["chosen"]}  # mutmut resets all when the tests change
+    again = [n for n in run["chosen"] if codes.get(n) not in KILLED]
+    log.info("%s: retesting %d of %d mutants", key, len(again), len(run["chosen"]))
+    if again:
+        mutmut(d, *again, jobs=jobs)
+    return d, run
 
 
 def generate(d: Path, key: str) -> list[str]:
@@ -168,12 +193,15 @@ def section(key: str, d: Path, codes: dict[str, int], generated: int, seconds: f
     killed = sorted(n for n, c in codes.items() if c in KILLED and n not in eq)
     survived = sorted(n for n, c in codes.items() if c not in KILLED and n not in eq)
     denom = len(codes) - len(equiv)
-    score = 100.0 * len(killed) / denom if denom else 100.0
+    score = f"{100.0 * len(killed) / denom:.1f} %" if denom else "n/a"
+    if denom and len(codes) < generated:  # a sample: add the 95 % Wilson interval of the score
+        lo, hi = wilson(len(killed), denom)
+        score += f" ({100 * lo:.0f}-{100 * hi:.0f})"
     lines = [f"## {key}", "",
              f"Files: {', '.join(MODULES[key][0])}; tests: {', '.join(MODULES[key][1])}.", "",
              "| generated | run | killed | equivalent | survived | score | run time |",
              "| --- | --- | --- | --- | --- | --- | --- |",
-             f"| {generated} | {len(codes)} | {len(killed)} | {len(equiv)} | {len(survived)} | {score:.1f} % | {seconds:.0f} s |", ""]
+             f"| {generated} | {len(codes)} | {len(killed)} | {len(equiv)} | {len(survived)} | {score} | {seconds:.0f} s |", ""]
     if equiv:
         lines += ["Equivalent:", ""] + [f"- `{n}`: {eq[n]}" for n in equiv] + [""]
     if survived:
@@ -185,6 +213,13 @@ def section(key: str, d: Path, codes: dict[str, int], generated: int, seconds: f
     return "\n".join(lines)
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n (the score of a random mutant sample)."""
+    p, z2 = k / n, z * z / n
+    mid, half = (p + z2 / 2) / (1 + z2), z * ((p * (1 - p) + z2 / 4) / n) ** 0.5 / (1 + z2)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def write_report(sections: dict[str, str]) -> None:
     old = REPORT.read_text() if REPORT.exists() else ""
     kept = {m.group(1): m.group(0).rstrip() + "\n" for m in re.finditer(r"^## (\w+)\n.*?(?=^## |\Z)", old, re.S | re.M)}
@@ -193,14 +228,15 @@ def write_report(sections: dict[str, str]) -> None:
                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in MODULES:
         if key in kept:
-            row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+ %) \| (\d+ s) \|$", kept[key], re.M)
+            row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([^|]+?) \| (\d+ s) \|$", kept[key], re.M)
             summary.append(f"| {key} | " + " | ".join(row.groups()) + " |")
         else:
             summary.append(f"| {key} | not run | | | | | | |")
     head = old.partition("\n## ")[0].partition("| module |")[0].rstrip() or (
         "# Mutation testing\n\nmutmut 3 over the core modules, each module's mutants against that module's "
         "tests (`python tests/mutation/run.py --help`). Score = killed / (mutants - equivalent); "
-        "timeouts and crashes count as killed. Decorated functions (the @triton.jit kernel bodies) "
+        "timeouts and crashes count as killed; where only a seeded random sample of the mutants ran "
+        "(--sample), the score is followed by its 95 % Wilson interval. Decorated functions (the @triton.jit kernel bodies) "
         "are not mutated by mutmut and are not counted.")
     body = "\n".join(kept[k] for k in MODULES if k in kept)
     REPORT.write_text(head + "\n\n" + "\n".join(summary) + "\n\n" + body)
@@ -214,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=0,
                     help="run a seeded random sample of N mutants per module (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--retest", action="store_true",
+                    help="rerun only the survivors of the last run of each module, with the current tests")
     ap.add_argument("--list", action="store_true", help="list modules, their files and tests")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -227,15 +265,23 @@ def main(argv=None) -> int:
         ap.error(f"unknown module(s) {', '.join(unknown)}; --list shows them")
     for key in keys:
         start = time.monotonic()
-        d = stage(key, args.work)
-        names = generate(d, key)
-        chosen = sorted(random.Random(args.seed).sample(names, args.sample)) if 0 < args.sample < len(names) else []
-        log.info("%s: %d mutants, running %s", key, len(names), len(chosen) or "all")
-        mutmut(d, *chosen, jobs=args.jobs)
-        keep = set(chosen or names)
+        if args.retest:
+            d, run = retest(key, args.work, args.jobs)
+        else:
+            d = stage(key, args.work)
+            names = generate(d, key)
+            chosen = sorted(random.Random(args.seed).sample(names, args.sample)) if 0 < args.sample < len(names) else []
+            log.info("%s: %d mutants, running %s", key, len(names), len(chosen) or "all")
+            mutmut(d, *chosen, jobs=args.jobs)
+            run = {"generated": len(names), "chosen": chosen or names, "seconds": 0.0}
+        keep = set(run["chosen"])
         rerun_untested(d, key, {n: c for n, c in results(d, key).items() if n in keep}, args.jobs)
         codes = {n: c for n, c in results(d, key).items() if n in keep}
-        write_report({key: section(key, d, codes, len(names), time.monotonic() - start)})
+        codes = {n: run.get("previous", {}).get(n) if c is None else c for n, c in codes.items()}
+        run.pop("previous", None)
+        run["seconds"] += time.monotonic() - start
+        (d / "run.json").write_text(json.dumps(run))
+        write_report({key: section(key, d, codes, run["generated"], run["seconds"])})
         log.info("%s done in %.0f s", key, time.monotonic() - start)
     return 0
 
