@@ -47,7 +47,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                  ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py"]),
     "optim": (["scaling/optim.py"], ["tests/test_optim.py"]),
     "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
-    "layout": (["scaling/layout.py"], ["tests/test_layouts.py", "tests/test_layout_edges.py"]),
+    # test_layouts.py's trainings (its `runs` fixture) take minutes: only its rule tests here
+    "layout": (["scaling/layout.py"], ["tests/test_layout_edges.py"] + [
+        f"tests/test_layouts.py::test_{t}" for t in (
+            "valid_layouts_have_no_problems", "invalid_layouts_are_explained",
+            "invalid_layout_fails_before_any_process_group", "stage_layer_ranges_cover_depth_in_order")]),
     "kernels": (["kernels/fused_layer_norm.py", "kernels/flash_attention.py"],
                 ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py", "tests/test_kernels_strided.py"]),
     "metrics": (["finetune/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
