@@ -19,8 +19,14 @@ def _full(seed=0):
 def _worker(rank, world):
     from rsscale.scaling.parallel.state import init_parallel
 
+    from rsscale.scaling.parallel import state
+
     init_parallel(tp=world)
-    out = {}
+    out = {"ranks": (state.tp_rank(), state.tp_size(), state.pp_rank(), state.pp_size(), state.dp_rank(),
+                     state.dp_size(), state.model_parallel_config().tensor_model_parallel_size)}
+    init_parallel(tp=world)  # same sizes again: a no-op
+    with pytest.raises(ValueError, match=r"dp\*tp\*pp = 2\*2\*1 must equal the world size 2"):
+        init_parallel(tp=world, dp=2)
     # scatter: forward keeps my tokens; backward all-gathers the chunks' grads
     x = _full().requires_grad_()
     y = mp.scatter_to_sequence_parallel_region(x)
@@ -56,6 +62,7 @@ def test_sequence_parallel_mappings_on_two_ranks():
     res = run_distributed(_worker, 2)
     full = _full()
     for r, o in enumerate(res):
+        assert o["ranks"] == (r, 2, 0, 1, 0, 1, 2)
         mine = slice(2 * r, 2 * r + 2)
         torch.testing.assert_close(torch.from_numpy(o["scatter"]), full[:, mine])
         torch.testing.assert_close(torch.from_numpy(o["scatter_grad"]),
@@ -100,3 +107,23 @@ def test_shard_and_unshard_with_stride_by_hand():
     assert shard_tensor(full.t(), 1, 1, 1, 4).flatten().tolist() == [3, 4, 5]
     with pytest.raises(ValueError, match="does not split into 5x1"):
         shard_tensor(full, 0, 1, 0, 5)
+
+
+def test_single_process_world_errors():
+    from rsscale.scaling.parallel import state
+
+    with pytest.raises(ValueError, match="tensor and pipeline parallel sizes must be >= 1, got tp=0, pp=1"):
+        state.init_parallel(tp=0)
+    with pytest.raises(ValueError, match="tensor and pipeline parallel sizes must be >= 1, got tp=1, pp=0"):
+        state.init_parallel(pp=0)
+    state.ensure_initialized()
+    try:
+        assert state.is_initialized() and (state.tp_size(), state.pp_size(), state.dp_size()) == (1, 1, 1)
+        with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp\*pp = 2\*1"):
+            state.init_parallel(tp=2)
+        with pytest.raises(ValueError, match=r"model_parallel_config\(tp=2\) does not match the initialized TP size 1"):
+            state.model_parallel_config(tp=2)
+        assert state.model_parallel_config(tp=1).params_dtype == torch.float32
+    finally:
+        state.destroy_parallel()
+    assert not state.is_initialized()
