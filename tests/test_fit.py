@@ -105,3 +105,22 @@ def test_saturating_fit_is_scale_equivariant(k):
     fit = fit_saturating(N, k * (4.0 * N**-0.5 + 1.0), n_boot=0)
     assert fit.params["c"] == pytest.approx(0.5, rel=1e-3) and fit.params["d"] == pytest.approx(k, rel=1e-4)
     assert fit.params["a"] == pytest.approx(4.0 * k, rel=1e-2) and fit.rmse_rel < 1e-6
+
+
+def test_bootstrap_is_seeded_and_skips_degenerate_resamples():
+    n = np.array([1e6, 1e7, 1e8, 1e9, 1e10])
+    y = 2.0 * n**0.3  # exact: every usable resample gives c = 0.3
+    a, b = fit_power_law(n, y, n_boot=200, seed=3), fit_power_law(n, y, n_boot=200, seed=3)
+    assert a.ci == b.ci and a.ci["c"] == pytest.approx((0.3, 0.3), abs=1e-9)
+    noisy = y * np.array([1.0, 1.1, 0.9, 1.05, 0.97])
+    assert fit_power_law(n, noisy, n_boot=200, seed=1).ci != fit_power_law(n, noisy, n_boot=200, seed=2).ci
+
+
+def test_caveats_boundaries_and_their_joining():
+    from rsscale.reports.fit import Fit
+
+    flat = Fit("saturating", {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.5}, ci={"c": (0.1, 0.2)}, n_points=5)
+    assert flat.caveats() == []  # c = 0 is not "c < 0"
+    two = Fit("saturating", {"a": 1.0, "b": 1.0, "c": 0.5, "d": 0.5}, ci={"c": (-0.1, 1.0)}, n_points=4)
+    notes = two.caveats()
+    assert len(notes) == 2 and str(two).endswith(f"; caveat: {notes[0]}; caveat: {notes[1]})")
