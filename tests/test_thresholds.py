@@ -180,3 +180,35 @@ def test_store_rejects_bad_input_with_one_sentence(tmp_path):
     assert m["k"].tolist()[2] == 1 and store.metrics(name="z", run_id=run.id)["value"].tolist() == [3.5]
     run.finish("failed")
     assert store.runs(status="failed")["id"].tolist() == [run.id] and store.runs(kind="pretrain").empty
+
+
+def test_metrics_command_line_threshold_and_help(tmp_path, capsys):
+    """--iou-thr reaches the matcher (a detection at IoU exactly 0.5 is a TP at 0.4 only), and
+    --help documents every argument."""
+    from rsscale.finetune.dota_io import write_dota_submission
+    from rsscale.finetune.metrics import main
+
+    labels = tmp_path / "labelTxt"
+    labels.mkdir()
+    (labels / "img.txt").write_text(" ".join(map(str, _rect(0, 0, 3, 1))) + " ship 0\n")
+    write_dota_submission({"ship": [("img", 0.9, _rect(1, 0, 4, 1))]}, tmp_path / "dets")
+    args = [str(tmp_path / "dets"), str(labels)]
+    assert main(args) == 0 and "| ship | 0.00 | 1 | 1 |" in capsys.readouterr().out
+    assert main(args + ["--iou-thr", "0.4"]) == 0 and "| ship | 100.00 | 1 | 1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("score a DOTA Task1 submission", "folder of Task1_<class>.txt files", "DOTA labelTxt folder",
+                   "class list averaged in the mAP", "also write the full result to this file"):
+        assert phrase in text, phrase
+
+
+def test_seg_metric_with_one_class():
+    from rsscale.finetune.metrics import SegMetric
+
+    m = SegMetric(1)
+    m.update(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 0, 255], [0, 0, 0]]))
+    r = m.compute()
+    assert (r["mIoU"], r["OA"]) == (1.0, 1.0) and m.confusion.tolist() == [[5]]
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        SegMetric(0)
