@@ -59,7 +59,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
     "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"]),
     "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint.py"]),
-    "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py"]),
+    "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py"]),
     "store": (["scaling/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
 }
 
