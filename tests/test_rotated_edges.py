@@ -86,3 +86,46 @@ def test_point_targets_on_the_boundary():
     assert dist.tolist() == [[4, 1, 0, 1, 0], [2, 0, 2, 2, 0], [2, 1, 2, 1, 0]]
     back = R.decode_points(t([2, 0], [0, -1], [0, 0]), dist)
     assert back.tolist() == [[0, 0, 4, 2, 0]] * 3
+
+
+def test_float32_boxes_are_measured_in_float64():
+    """Far from the origin float32 corner arithmetic is off by ~1e-5 in IoU; the module computes
+    corners and IoU in float64 from the float32 values, so NMS decides within 1e-6 of the float64 IoU."""
+    b = torch.tensor([[10000.3, 5000.7, 30.1, 10.3, 0.3], [10007.1, 5002.2, 28.4, 11.9, 0.5]])
+    iou64 = R.rotated_iou_aligned(b[:1].double(), b[1:].double()).item()
+    assert R.rotated_iou_aligned(b[:1], b[1:]).item() == pytest.approx(iou64, abs=1e-7)
+    assert R.rotated_iou(b[:1], b[1:]).item() == pytest.approx(iou64, abs=1e-7)
+    scores = torch.tensor([0.9, 0.8])
+    assert R.batched_rotated_nms(b, scores, torch.tensor([1, 1]), iou64 - 1e-6).tolist() == [0]
+    assert R.rotated_nms(b, scores, iou64 - 1e-6).tolist() == [0]
+    assert R.batched_rotated_nms(b, scores, torch.tensor([1, 2]), 0.1).tolist() == [0, 1]  # other class
+
+
+def _scan_min_area(pts, steps=20000):
+    """Independent reference: the smallest enclosing-rectangle area over a fine angle scan."""
+    ang = torch.linspace(0, PI / 2, steps, dtype=D)
+    u = torch.stack([ang.cos(), ang.sin()], -1)
+    v = torch.stack([-ang.sin(), ang.cos()], -1)
+    pu, pv = u @ pts.T, v @ pts.T
+    return ((pu.amax(1) - pu.amin(1)) * (pv.amax(1) - pv.amin(1))).min().item()
+
+
+def test_min_area_rect_of_single_quads_matches_an_angle_scan():
+    quads = [t([4, 1], [5, 3], [1, 4], [0, 0]), t([0, 0], [6, 0], [5, 2], [1, 2]),  # irregular, trapezoid
+             t([2, 0], [5, 3], [3, 5], [0, 2]), t([6, 4], [2, 3], [0, 0], [7, 1])]  # 45-degree rectangle; in the
+    # first and last the best side joins two points other than point 0: every point pair must be tried
+    for q in quads:
+        rect = R.min_area_rect(q[None])[0]  # one polygon: a batch of size 1
+        area, scan = (rect[2] * rect[3]).item(), _scan_min_area(q)  # the scan is an upper bound
+        assert scan - 5e-4 * scan <= area <= scan + 1e-9
+        assert rect[2] >= rect[3] and -PI / 2 <= rect[4] < PI / 2
+
+
+def test_shape_errors_name_the_argument_and_any_leading_dims():
+    with pytest.raises(ValueError, match=r"boxes must be a tensor of shape \[..., 5\], got \(3,\)"):
+        R.norm_obb(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"polys must be a tensor of shape \[..., 8\], got \(1, 6\)"):
+        R.poly_to_obb(torch.zeros(1, 6))
+    polys = t([0, 0, 2, 0, 2, 1, 0, 1], [1, 1, 3, 1, 3, 4, 1, 4])
+    assert R.poly_to_hbox(polys[None]).tolist() == [[[0, 0, 2, 1], [1, 1, 3, 4]]]
+    assert R.poly_to_hbox(polys[0]).tolist() == [0, 0, 2, 1]
