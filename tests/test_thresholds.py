@@ -212,3 +212,38 @@ def test_seg_metric_with_one_class():
     assert (r["mIoU"], r["OA"]) == (1.0, 1.0) and m.confusion.tolist() == [[5]]
     with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
         SegMetric(0)
+
+
+def test_store_lock_errors_environment_and_config_values(tmp_path):
+    import importlib.metadata
+    import sqlite3
+    import threading
+
+    from rsscale.scaling import store as S
+
+    assert S._is_locked(sqlite3.OperationalError("database is locked"))
+    assert S._is_locked(sqlite3.OperationalError("database is busy"))
+    assert not S._is_locked(sqlite3.OperationalError("no such table: runs"))
+    env = S.environment()
+    assert env["torch_version"] == torch.__version__
+    assert env["triton_version"] == importlib.metadata.version("triton")
+
+    class NoWait(ResultsStore):  # sqlite's own busy wait off: the store's retry loop must wait
+        def _connect(self):
+            db = super()._connect()
+            db.execute("PRAGMA busy_timeout = 0")
+            return db
+
+    store = NoWait(str(tmp_path / "r.db"), timeout_s=20.0)
+    run = store.start_run("bench", config={"out": Path("runs") / "x"})  # non-JSON config value: str
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the write lock for a moment
+    release = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        run.log("x", 1.0)  # retried until the lock is released
+    finally:
+        release.join()
+        holder.close()
+    assert store.metrics()["value"].tolist() == [1.0]
+    assert store.runs()["config"][0] == {"out": str(Path("runs") / "x")}

@@ -32,6 +32,8 @@ BUGS = {
                          ["tests/test_thresholds.py::test_rotated_nms_keeps_a_box_exactly_at_the_threshold"]),
     "store_tag_columns": ("scaling/store.py", "while c in taken:", "while c in RUN_COLUMNS:",
                           ["tests/test_thresholds.py::test_store_tags_named_like_columns_never_duplicate_columns"]),
+    "store_lock_retry": ("scaling/store.py", "delay = 0.01", "delay = None",
+                         ["tests/test_thresholds.py::test_store_lock_errors_environment_and_config_values"]),
     "voc07_threshold": ("finetune/metrics.py", "precision[recall >= t].max() if (recall >= t).any()",
                         "precision[recall > t].max() if (recall > t).any()",
                         ["tests/test_thresholds.py::test_dota_voc07_ap_hand_computed"]),
