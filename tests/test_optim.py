@@ -100,10 +100,14 @@ def _sharded_worker(rank, world):
         opt.allreduce_grads(dist.group.WORLD, world)
         opt.step(0.01)
     states = opt.param_states()
+    # each rank holds half of a model's gradient; 12 is a replica counted on rank 0 only
+    g = torch.tensor([3.0, 12.0]) if rank == 0 else torch.tensor([4.0, 12.0])
+    mask = torch.tensor([1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 0.0])
+    norm = clip_grad_norm_(g, mask, max_norm=0.5, group=dist.group.WORLD)
     scaler = LossScaler(enabled=True, init_scale=4.0)  # only rank 0 overflows: every rank must skip
     skip = not scaler.unscale_and_check(torch.tensor([float("inf") if rank == 0 else 1.0]))
     return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(),
-            "skip": skip, "scale": scaler.scale,
+            "skip": skip, "scale": scaler.scale, "norm": norm, "clipped": g.numpy(),
             "exp_avg": {k: t.numpy() for k, t in states["exp_avg"].items()}}
 
 
@@ -115,10 +119,12 @@ def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywh
     ref, m, _ = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 2)
     for r in results:
         assert r["skip"] and r["scale"] == 2.0
+        assert r["norm"] == pytest.approx(13.0)  # sqrt(3^2 + 12^2 + 4^2)
         assert r["bytes"] == 2 * 5 * 4  # 9 elements padded to 10, half each
         for got, want in zip(r["params"], ref):
             torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.from_numpy(r["exp_avg"]["a.weight"]).double(), m[0], rtol=1e-5, atol=1e-7)
+    assert results[0]["clipped"].tolist() == pytest.approx([3 * 0.5 / (13 + 1e-6), 12 * 0.5 / (13 + 1e-6)])
 
 
 def test_clip_grad_norm_edges():
@@ -127,6 +133,11 @@ def test_clip_grad_norm_edges():
     assert clip_grad_norm_(g, None, max_norm=0.0) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
     assert clip_grad_norm_(g, None, max_norm=2.5) == 5.0
     torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * (2.5 / (5.0 + 1e-6)))
+    masked = torch.tensor([3.0, 4.0, 100.0])
+    assert clip_grad_norm_(masked, torch.tensor([1.0, 1.0, 0.0]), max_norm=100.0) == 5.0  # element 2 not counted
+    half = torch.tensor([3.0, 4.0])
+    clip_grad_norm_(half, None, max_norm=0.5)  # a limit below 1 clips too
+    torch.testing.assert_close(half, torch.tensor([3.0, 4.0]) * (0.5 / (5.0 + 1e-6)))
     bad = torch.tensor([float("inf"), 1.0])
     assert clip_grad_norm_(bad, None, max_norm=1.0) == float("inf") and bad[1].item() == 1.0
 

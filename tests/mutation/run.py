@@ -10,9 +10,9 @@ folders install under `rsscale.` (setup.cfg package_dir), so every module runs i
 (--work, one per module) that holds the five folders as src/rsscale/<folder>; mutmut strips
 `src.` and the mutant names match the imported modules (`rsscale.scaling.pipeline.x_...`).
 
-mutmut records which tests reach a function only in its own process; a function reached only in
-spawned workers (the gloo tests) would count as "no tests". Those mutants are run a second time
-with every test of the module. Functions mutmut cannot mutate (decorated ones, e.g. @triton.jit
+mutmut records which tests reach a function only in its own process; a function reached (also)
+in spawned workers (the gloo tests) or subprocesses would miss those tests, so every mutant that
+survives its first run is run again with every test of the module. Functions mutmut cannot mutate (decorated ones, e.g. @triton.jit
 kernels) are not counted; the report says so.
 
 Results are merged into reports/mutation.md (one section per module; other modules' sections
@@ -166,21 +166,22 @@ def results(d: Path, key: str) -> dict[str, int]:
     return out
 
 
-def rerun_untested(d: Path, key: str, codes: dict[str, int], jobs: int) -> None:
-    """Give mutants of functions reached only in spawned workers every test of the module."""
-    untested = sorted(n for n, c in codes.items() if c in NO_TESTS)
-    if not untested:
+def rerun_survivors(d: Path, key: str, codes: dict[str, int], jobs: int) -> None:
+    """Rerun the mutants that no test killed with every test of the module. mutmut runs a mutant
+    against the tests it saw reach the function, in its own process only: a function reached (also
+    or only) in spawned workers or subprocesses would miss the tests that reach it there."""
+    survivors = sorted(n for n, c in codes.items() if c not in KILLED)
+    if not survivors:
         return
     stats_path = d / "mutants" / "mutmut-stats.json"
     stats = json.loads(stats_path.read_text())
     by_fn = stats["tests_by_mangled_function_name"]
     all_tests = sorted(set().union(*by_fn.values()) | set(stats["duration_by_test"]))
-    for name in untested:
+    for name in survivors:
         by_fn[name.partition("__mutmut_")[0]] = all_tests
     stats_path.write_text(json.dumps(stats))
-    log.info("%s: %d mutants reached only in workers; rerunning them with all %d tests",
-             key, len(untested), len(all_tests))
-    mutmut(d, *untested, jobs=jobs)
+    log.info("%s: rerunning %d surviving mutants with all %d tests", key, len(survivors), len(all_tests))
+    mutmut(d, *survivors, jobs=jobs)
 
 
 def mutated_line(d: Path, name: str) -> str:
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
             mutmut(d, *chosen, jobs=args.jobs)
             run = {"generated": len(names), "chosen": chosen or names, "seconds": 0.0}
         keep = set(run["chosen"])
-        rerun_untested(d, key, {n: c for n, c in results(d, key).items() if n in keep}, args.jobs)
+        rerun_survivors(d, key, {n: c for n, c in results(d, key).items() if n in keep}, args.jobs)
         codes = {n: c for n, c in results(d, key).items() if n in keep}
         codes = {n: run.get("previous", {}).get(n) if c is None else c for n, c in codes.items()}
         run.pop("previous", None)
