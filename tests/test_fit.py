@@ -71,6 +71,13 @@ def test_bootstrap_needs_max_10_or_a_quarter_of_the_resamples():
     assert (lo, hi) == (np.percentile(np.arange(1, 11), 2.5), np.percentile(np.arange(1, 11), 97.5))
     assert _bootstrap(N, N, fits_only(100), 0, 0) == {}
 
+    def every_other(n, y, calls=[]):  # noqa: B006 - the call counter
+        calls.append(1)
+        if len(calls) % 2:
+            raise ValueError("no fit")
+        return {"c": 1.0}
+    assert _bootstrap(N, N, every_other, 42, 0) == {"c": (1.0, 1.0)}  # a failed fit skips, never stops
+
 
 def test_predict_str_and_caveats_by_hand():
     from rsscale.reports.fit import Fit

@@ -99,3 +99,20 @@ def test_decoder_input_is_unshuffled_tokens_plus_positions(one_process_world):
             for slot, patch in enumerate(keep[b].tolist()):
                 want[1 + patch] = emb[b, 1 + slot]
             torch.testing.assert_close(seen[0][b], torch.stack(want) + model.decoder_pos_embed[0], rtol=0, atol=1e-12)
+
+
+def test_token_init_and_seeded_forward(one_process_world):
+    """cls and mask tokens start as N(0, 0.02) (the MAE paper's init); forward(generator=g)
+    draws its mask from g, so equal seeds give equal losses."""
+    from rsscale.scaling.config import get_preset
+
+    cfg = get_preset("tiny")
+    model = MaskedAutoencoder(cfg)
+    for token in (model.cls_token, model.mask_token):
+        assert 0.01 < token.std().item() < 0.03 and abs(token.mean().item()) < 0.01
+    imgs = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(imgs, generator=torch.Generator().manual_seed(5))
+        b = model(imgs, generator=torch.Generator().manual_seed(5))
+        c = model(imgs, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a[2], b[2]) and a[0].item() == b[0].item() and not torch.equal(a[2], c[2])
