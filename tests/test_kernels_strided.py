@@ -129,3 +129,17 @@ def test_tile_configs_cover_the_head_dim(d):
         block_d = cfg["BLOCK_D"]
         assert block_d >= max(16, d) and block_d & (block_d - 1) == 0 and (block_d < 2 * d or block_d == 16)
     assert fa._config(d, torch.device("cpu"))["BLOCK_M"] == 32  # interpreter tiles: short tests cross tiles
+
+
+def test_gpu_tiles_follow_the_documented_rule():
+    """_config's doc: 128x64 tiles on a GPU, fewer key columns (32) for heads wider than 64;
+    the backward uses 64x64 on a GPU and the interpreter's 32x32 on CPU."""
+    launch = {"BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"}
+    cuda = torch.device("cuda")
+    for d, block_n in ((32, 64), (64, 64), (65, 32), (256, 32)):
+        cfg = fa._config(d, cuda)
+        assert set(cfg) == launch and (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, block_n)
+        bwd = fa._bwd_config(d, cuda)
+        assert set(bwd) == launch and (bwd["BLOCK_M"], bwd["BLOCK_N"]) == (64, 64)
+    cpu = fa._bwd_config(16, torch.device("cpu"))
+    assert (cpu["BLOCK_M"], cpu["BLOCK_N"], cpu["BLOCK_D"]) == (32, 32, 16) and "num_warps" not in cpu
