@@ -48,3 +48,10 @@ def test_zero_sizes_and_check_layout():
     check_layout(Layout(), CFG, 1)
     with pytest.raises(ValueError, match=r"invalid parallel layout \(TP1\+SP PP1.*'toy':\n  - the world size 2 .*\n  - sequence parallelism "):
         check_layout(Layout(sp=True), CFG, 2)
+
+
+def test_every_size_tp_must_divide_is_named():
+    odd = SimpleNamespace(name="odd", heads=3, width=10, mlp=20, dec_heads=3, dec_width=5, dec_mlp=9, depth=2)
+    assert validate_layout(Layout(tp=3), odd, 3) == [
+        "TP size 3 does not divide the encoder width (10)", "TP size 3 does not divide the encoder MLP size (20)",
+        "TP size 3 does not divide the decoder width (5)"]
