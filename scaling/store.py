@@ -293,7 +293,7 @@ class ResultsStore:
     def metrics(self, kind: str | None = None, name: str | None = None, run_id: int | None = None,
                 status: str | None = None):
         """Metric rows joined with their run's columns; each tag becomes a column (prefixed with
-        'tag_' where it would shadow a run column). `tags` keeps the parsed dict too."""
+        'tag_' where it would shadow a column). `tags` keeps the parsed dict too."""
         import pandas as pd
 
         where, params = _where(**{"r.kind": kind, "m.name": name, "m.run_id": run_id, "r.status": status})
@@ -302,8 +302,17 @@ class ResultsStore:
                         f"JOIN runs r ON r.id = m.run_id{where} ORDER BY m.run_id, m.id", params)
         df["tags"] = [json.loads(t) if isinstance(t, str) else {} for t in df["tags"]]
         tags = pd.DataFrame(list(df["tags"]), index=df.index)
-        tags.columns = [f"tag_{c}" if c in df.columns else c for c in tags.columns]
-        return pd.concat([_derived(df), tags], axis=1)
+        df = _derived(df)
+        taken, names = set(df.columns), []
+        for c in tags.columns:  # a tag that shadows a column gets tag_ prefixes until it is free
+            while c in taken:
+                c = f"tag_{c}"
+                while c in tags.columns:
+                    c = f"tag_{c}"
+            taken.add(c)
+            names.append(c)
+        tags.columns = names
+        return pd.concat([df, tags], axis=1)
 
 
 def _derived(df):

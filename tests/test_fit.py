@@ -50,3 +50,84 @@ def test_caveats_flag_meaningless_exponents():
     assert any("not determined" in c for c in few.caveats()) and "caveat:" in str(few)
     flat = fit_power_law(N, np.where(np.arange(N.size) % 2, 1.1, 1.0), n_boot=100)  # no trend, only scatter
     assert any("includes 0" in c for c in flat.caveats())
+
+
+def test_bootstrap_needs_max_10_or_a_quarter_of_the_resamples():
+    """42 resamples: an interval needs max(10, 42 // 4) = 10 fitted ones; 9 give none."""
+    from rsscale.reports.fit import _bootstrap
+
+    def fits_only(k):
+        calls = []
+
+        def fit_once(n, y):
+            calls.append(1)
+            if len(calls) > k:
+                raise ValueError("no fit")
+            return {"c": float(len(calls))}
+        return fit_once
+
+    assert _bootstrap(N, N, fits_only(9), 42, 0) == {}
+    lo, hi = _bootstrap(N, N, fits_only(10), 42, 0)["c"]
+    assert (lo, hi) == (np.percentile(np.arange(1, 11), 2.5), np.percentile(np.arange(1, 11), 97.5))
+    assert _bootstrap(N, N, fits_only(100), 0, 0) == {}
+
+    def every_other(n, y, calls=[]):  # noqa: B006 - the call counter
+        calls.append(1)
+        if len(calls) % 2:
+            raise ValueError("no fit")
+        return {"c": 1.0}
+    assert _bootstrap(N, N, every_other, 42, 0) == {"c": (1.0, 1.0)}  # a failed fit skips, never stops
+
+
+def test_predict_str_and_caveats_by_hand():
+    from rsscale.reports.fit import Fit
+
+    p = Fit("power", {"a": 2.0, "c": 0.5}, n_points=3)
+    assert p.predict([4.0, 9.0]).tolist() == [4.0, 6.0]
+    assert str(p) == "y = a * N^c: a = 2 [nan, nan], c = 0.5 [nan, nan] (n=3, rel. RMSE 0.00%)"
+    s = Fit("saturating", {"a": 8.0, "b": 1.0, "c": 1.0, "d": 0.5}, ci={"c": (0.5, 1.5)}, n_points=5)
+    assert s.predict([3.0]).tolist() == [8.0 / 4 + 0.5] and s.caveats() == []
+    assert "c = 1 [0.5, 1.5]" in str(s)
+    neg = Fit("saturating", {"a": 1.0, "b": 1.0, "c": -0.1, "d": 0.5}, ci={"c": (-0.2, 0.0)}, n_points=4)
+    notes = neg.caveats()
+    assert len(notes) == 3 and "c < 0" in notes[1] and "includes 0" in notes[2]  # 0 is inside [-0.2, 0]
+    assert Fit("power", {"a": 1.0, "c": 1.0}, ci={"c": (0.0, 2.0)}).caveats() == ["the 95 % interval of c includes 0: no significant trend"]
+
+
+def test_two_point_power_law_is_exact_without_interval():
+    fit = fit_power_law([2.0, 8.0], [3.0, 12.0])  # y = 1.5 * N
+    assert fit.params["c"] == pytest.approx(1.0, abs=1e-12) and fit.params["a"] == pytest.approx(1.5, abs=1e-12)
+    assert fit.ci == {} and fit.n_points == 2 and fit.rmse_rel == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="equal length"):
+        fit_power_law([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_power_law([1.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_power_law([1.0, np.inf], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("k", [1e-3, 1e3])
+def test_saturating_fit_is_scale_equivariant(k):
+    """E -> k E multiplies a and d by k and leaves b and c alone (relative residuals do not change)."""
+    fit = fit_saturating(N, k * (4.0 * N**-0.5 + 1.0), n_boot=0)
+    assert fit.params["c"] == pytest.approx(0.5, rel=1e-3) and fit.params["d"] == pytest.approx(k, rel=1e-4)
+    assert fit.params["a"] == pytest.approx(4.0 * k, rel=1e-2) and fit.rmse_rel < 1e-6
+
+
+def test_bootstrap_is_seeded_and_skips_degenerate_resamples():
+    n = np.array([1e6, 1e7, 1e8, 1e9, 1e10])
+    y = 2.0 * n**0.3  # exact: every usable resample gives c = 0.3
+    a, b = fit_power_law(n, y, n_boot=200, seed=3), fit_power_law(n, y, n_boot=200, seed=3)
+    assert a.ci == b.ci and a.ci["c"] == pytest.approx((0.3, 0.3), abs=1e-9)
+    noisy = y * np.array([1.0, 1.1, 0.9, 1.05, 0.97])
+    assert fit_power_law(n, noisy, n_boot=200, seed=1).ci != fit_power_law(n, noisy, n_boot=200, seed=2).ci
+
+
+def test_caveats_boundaries_and_their_joining():
+    from rsscale.reports.fit import Fit
+
+    flat = Fit("saturating", {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.5}, ci={"c": (0.1, 0.2)}, n_points=5)
+    assert flat.caveats() == []  # c = 0 is not "c < 0"
+    two = Fit("saturating", {"a": 1.0, "b": 1.0, "c": 0.5, "d": 0.5}, ci={"c": (-0.1, 1.0)}, n_points=4)
+    notes = two.caveats()
+    assert len(notes) == 2 and str(two).endswith(f"; caveat: {notes[0]}; caveat: {notes[1]})")

@@ -102,7 +102,7 @@ def test_cpu_tensors_with_compiled_kernels_fall_back_to_torch(monkeypatch):
 def test_kernels_import_and_run_without_triton():
     code = (
         "import sys, warnings; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch\nfrom rsscale import kernels\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always'); kernels.set_backend('triton')\n"
         "assert kernels.get_backend() == 'torch' and 'not installed' in str(caught[0].message)\n"

@@ -1,0 +1,57 @@
+"""Layout rules at their boundaries, by hand: the pipeline split, every validation sentence at
+the first failing value, and the derived counts."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from rsscale.scaling.layout import Layout, check_layout, stage_layer_range, validate_layout
+
+CFG = SimpleNamespace(name="toy", heads=4, width=8, mlp=12, dec_heads=2, dec_width=4, dec_mlp=6, depth=3)
+
+
+def test_stage_layer_range_by_hand():
+    assert [stage_layer_range(12, 5, s) for s in range(5)] == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    assert [stage_layer_range(3, 3, s) for s in range(3)] == [(0, 1), (1, 2), (2, 3)]
+    assert stage_layer_range(7, 1, 0) == (0, 7)
+    assert [stage_layer_range(5, 2, s) for s in range(2)] == [(0, 3), (3, 5)]
+
+
+def test_derived_counts_and_str():
+    lay = Layout(tp=2, pp=3, dp=2, sp=True, micro_batch=2, global_batch=12)
+    assert (lay.world_size, lay.num_micro) == (12, 3)
+    assert str(lay) == "TP2+SP PP3 DP2 mb2 gb12" and str(Layout()) == "TP1 PP1 DP1 mb8 gb8"
+    assert lay.as_dict() == dict(tp=2, pp=3, dp=2, sp=True, micro_batch=2, global_batch=12)
+
+
+def test_valid_layouts_at_the_edges():
+    assert validate_layout(Layout(tp=2, pp=3, dp=1, sp=True, micro_batch=1, global_batch=1), CFG, 6) == []
+    assert validate_layout(Layout(micro_batch=3, global_batch=6, dp=2), CFG, 2) == []  # 6 = 3 * 2
+
+
+@pytest.mark.parametrize("layout,world,expected", [
+    (Layout(pp=4), 4, ["PP size 4 exceeds the encoder depth 3: every stage needs at least one block"]),
+    (Layout(sp=True), 1, ["sequence parallelism (--sp) needs TP size >= 2"]),
+    (Layout(tp=2), 3, ["the world size 3 must equal tp*pp*dp = 2*1*1 = 2"]),
+    (Layout(tp=4), 4, ["TP size 4 does not divide the decoder heads (2)", "TP size 4 does not divide the decoder MLP size (6)"]),
+    (Layout(dp=2, micro_batch=2, global_batch=6), 2,
+     ["the global batch 6 must be a multiple of micro_batch * dp = 2*2 = 4"]),
+])
+def test_each_problem_is_one_sentence(layout, world, expected):
+    assert validate_layout(layout, CFG, world) == expected
+
+
+def test_zero_sizes_and_check_layout():
+    for field in ("tp", "pp", "dp", "micro_batch", "global_batch"):
+        problems = validate_layout(Layout(**{field: 0}), CFG, 1)
+        assert len(problems) == 1 and problems[0].startswith("tp, pp, dp, micro_batch and global_batch must all be >= 1")
+    check_layout(Layout(), CFG, 1)
+    with pytest.raises(ValueError, match=r"invalid parallel layout \(TP1\+SP PP1.*'toy':\n  - the world size 2 .*\n  - sequence parallelism "):
+        check_layout(Layout(sp=True), CFG, 2)
+
+
+def test_every_size_tp_must_divide_is_named():
+    odd = SimpleNamespace(name="odd", heads=3, width=10, mlp=20, dec_heads=3, dec_width=5, dec_mlp=9, depth=2)
+    assert validate_layout(Layout(tp=3), odd, 3) == [
+        "TP size 3 does not divide the encoder width (10)", "TP size 3 does not divide the encoder MLP size (20)",
+        "TP size 3 does not divide the decoder width (5)"]

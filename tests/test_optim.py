@@ -1,0 +1,155 @@
+"""Optimizer boundary cases against hand-computed values and a float64 AdamW written out here:
+the LR schedule at the warmup/total edges, decay masks, clipping at and below the limit, the loss
+scaler's growth interval, and ZeRO-1 sharding (2 gloo ranks) equal to the unsharded step."""
+
+import math
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, decays, lr_at
+
+
+def test_decays_only_matrices_that_are_not_tokens_or_positions():
+    assert decays("blocks.0.fc.weight", torch.zeros(2, 3))
+    assert not decays("blocks.0.fc.bias", torch.zeros(3))
+    assert not decays("norm.weight", torch.zeros(3))
+    assert not decays("pos_embed", torch.zeros(1, 4, 3))
+    assert not decays("decoder.mask_token", torch.zeros(1, 1, 3))
+    assert not decays("cls_token", torch.zeros(1, 1, 3))
+
+
+def test_lr_schedule_edges():
+    assert [lr_at(s, 2.0, 4, 10) for s in range(4)] == [0.5, 1.0, 1.5, 2.0]  # exact linear warmup
+    assert lr_at(4, 2.0, 4, 10, 0.5) == 2.0  # cosine starts at the peak
+    assert lr_at(7, 2.0, 4, 10, 0.5) == pytest.approx(0.5 + 1.5 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=1e-15)
+    assert lr_at(10, 2.0, 4, 10, 0.5) == 0.5 and lr_at(11, 2.0, 4, 10, 0.5) == 0.5  # clamped at total
+    assert lr_at(0, 3.0, 0, 5) == 3.0  # no warmup
+    assert lr_at(2, 3.0, 2, 2, 1.0) == 3.0 and lr_at(3, 3.0, 2, 2, 1.0) == 1.0  # total == warmup
+
+
+def _adamw_reference(params, grads, lr, betas, eps, wd, masks, steps):
+    """AdamW in float64, written out from Loshchilov & Hutter (decoupled decay)."""
+    p = [x.double().clone() for x in params]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    for t in range(1, steps + 1):
+        for i, g in enumerate(grads):
+            g = g.double()
+            p[i] = p[i] * (1 - lr * wd * masks[i])
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            mhat, vhat = m[i] / (1 - betas[0] ** t), v[i] / (1 - betas[1] ** t)
+            p[i] = p[i] - lr * mhat / (vhat.sqrt() + eps)
+    return p, m, v
+
+
+def _named(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [("a.weight", torch.nn.Parameter(torch.randn(3, 2, generator=gen))),
+            ("a.bias", torch.nn.Parameter(torch.randn(3, generator=gen))),
+            ("frozen", torch.nn.Parameter(torch.randn(2, generator=gen), requires_grad=False))]
+
+
+def _grads(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 2, generator=gen), torch.randn(3, generator=gen)]
+
+
+def test_flat_adamw_matches_written_out_adamw_and_round_trips_its_state():
+    named = _named()
+    start = [p.detach().clone() for _, p in named[:2]]
+    opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    assert [n for n, _ in opt.named] == ["a.bias", "a.weight"]  # sorted, frozen left out
+    assert opt.numel == 9 and opt.state_bytes() == 2 * 9 * 4
+    grads = _grads()
+    for _ in range(3):
+        named[0][1].grad, named[1][1].grad = grads[0].clone(), grads[1].clone()
+        opt.collect_grads()
+        opt.step(0.01)
+    ref, m, v = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 3)
+    torch.testing.assert_close(named[0][1].detach().double(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(named[1][1].detach().double(), ref[1], rtol=1e-5, atol=1e-6)
+    states = opt.param_states()
+    torch.testing.assert_close(states["exp_avg"]["a.weight"].double(), m[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(states["exp_avg_sq"]["a.bias"].double(), v[1], rtol=1e-5, atol=1e-9)
+    other = FlatAdamW(_named(5), betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    other.load_param_states(states, opt.step_count)
+    assert other.step_count == 3
+    assert torch.equal(other.exp_avg, opt.exp_avg) and torch.equal(other.exp_avg_sq, opt.exp_avg_sq)
+    opt.zero_grad()
+    assert all(p.grad is None for _, p in opt.named)
+    assert torch.equal(opt.collect_grads(), torch.zeros(9))  # a missing grad counts as zero
+
+
+def test_flat_adamw_rejects_no_trainable_parameters():
+    with pytest.raises(ValueError, match="no trainable"):
+        FlatAdamW([("x", torch.nn.Parameter(torch.zeros(2), requires_grad=False))])
+
+
+def _sharded_worker(rank, world):
+    import torch.distributed as dist
+
+    named = _named()
+    opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, shards=world, shard_rank=rank,
+                    group=dist.group.WORLD)
+    for _ in range(2):
+        named[0][1].grad, named[1][1].grad = (g + rank for g in _grads())  # ranks differ: average
+        opt.collect_grads()
+        opt.allreduce_grads(dist.group.WORLD, world)
+        opt.step(0.01)
+    states = opt.param_states()
+    # each rank holds half of a model's gradient; 12 is a replica counted on rank 0 only
+    g = torch.tensor([3.0, 12.0]) if rank == 0 else torch.tensor([4.0, 12.0])
+    mask = torch.tensor([1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 0.0])
+    norm = clip_grad_norm_(g, mask, max_norm=0.5, group=dist.group.WORLD)
+    scaler = LossScaler(enabled=True, init_scale=4.0)  # only rank 0 overflows: every rank must skip
+    skip = not scaler.unscale_and_check(torch.tensor([float("inf") if rank == 0 else 1.0]))
+    return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(),
+            "skip": skip, "scale": scaler.scale, "norm": norm, "clipped": g.numpy(),
+            "exp_avg": {k: t.numpy() for k, t in states["exp_avg"].items()}}
+
+
+def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywhere():
+    results = run_distributed(_sharded_worker, 2)
+    named = _named()
+    start = [p.detach().clone() for _, p in named[:2]]
+    grads = [g + 0.5 for g in _grads()]  # the average of rank 0's g and rank 1's g + 1
+    ref, m, _ = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 2)
+    for r in results:
+        assert r["skip"] and r["scale"] == 2.0
+        assert r["norm"] == pytest.approx(13.0)  # sqrt(3^2 + 12^2 + 4^2)
+        assert r["bytes"] == 2 * 5 * 4  # 9 elements padded to 10, half each
+        for got, want in zip(r["params"], ref):
+            torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(r["exp_avg"]["a.weight"]).double(), m[0], rtol=1e-5, atol=1e-7)
+    assert results[0]["clipped"].tolist() == pytest.approx([3 * 0.5 / (13 + 1e-6), 12 * 0.5 / (13 + 1e-6)])
+
+
+def test_clip_grad_norm_edges():
+    g = torch.tensor([3.0, 4.0])
+    assert clip_grad_norm_(g, None, max_norm=5.0 + 1e-3) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
+    assert clip_grad_norm_(g, None, max_norm=0.0) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
+    assert clip_grad_norm_(g, None, max_norm=2.5) == 5.0
+    torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * (2.5 / (5.0 + 1e-6)))
+    masked = torch.tensor([3.0, 4.0, 100.0])
+    assert clip_grad_norm_(masked, torch.tensor([1.0, 1.0, 0.0]), max_norm=100.0) == 5.0  # element 2 not counted
+    half = torch.tensor([3.0, 4.0])
+    clip_grad_norm_(half, None, max_norm=0.5)  # a limit below 1 clips too
+    torch.testing.assert_close(half, torch.tensor([3.0, 4.0]) * (0.5 / (5.0 + 1e-6)))
+    bad = torch.tensor([float("inf"), 1.0])
+    assert clip_grad_norm_(bad, None, max_norm=1.0) == float("inf") and bad[1].item() == 1.0
+
+
+def test_loss_scaler_growth_nan_disabled_and_state():
+    off = LossScaler(enabled=False, init_scale=8.0)
+    g = torch.tensor([float("nan")])
+    assert off.scale == 1.0 and off.unscale_and_check(g) and math.isnan(g.item())
+    s = LossScaler(enabled=True, init_scale=4.0, growth_interval=3)
+    assert [s.unscale_and_check(torch.tensor([1.0])) for _ in range(2)] == [True, True] and s.scale == 4.0
+    assert s.unscale_and_check(torch.tensor([1.0])) and s.scale == 8.0  # exactly at the 3rd clean step
+    assert not s.unscale_and_check(torch.tensor([float("nan")])) and (s.scale, s.good_steps) == (4.0, 0)
+    t = LossScaler(enabled=True)
+    t.load_state_dict(s.state_dict())
+    assert (t.scale, t.good_steps) == (4.0, 0) and t.state_dict() == {"scale": 4.0, "good_steps": 0}

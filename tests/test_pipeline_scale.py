@@ -1,0 +1,86 @@
+"""The 1F1B schedule's boundary cases against a plain float64 loop: a fixed loss scale != 1 in
+fp32 (every stage's gradients are scale x the reference, the returned losses are not scaled),
+fewer micro-batches than stages (the warmup is clamped) and a single stage (no p2p at all)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+WIDTH, MB = 4, 3
+# (stages, micro-batches, loss scale); powers of two: scaling is exact in fp32. M=1 on 3 stages:
+# the middle stage has only warmup (no steady round) and must not wait for a second activation
+CASES = [(3, 4, 8.0), (3, 2, 0.25), (3, 1, 2.0), (1, 3, 8.0)]
+
+
+def _layer(case, stage):
+    torch.manual_seed(1000 * case + stage)
+    return torch.nn.Linear(WIDTH, WIDTH)
+
+
+def _micro_input(i):
+    return torch.randn(MB, WIDTH, generator=torch.Generator().manual_seed(7 + i))
+
+
+def _worker(rank, world):
+    from rsscale.scaling.pipeline import StageLinks, forward_backward_1f1b
+
+    out = []
+    for c, (stages, micro, scale) in enumerate(CASES):
+        ranks = list(range(stages)) if stages == world else [rank]  # one-stage case: every rank alone
+        layer = _layer(c, ranks.index(rank))
+        links = StageLinks(ranks, rank)
+
+        def forward_step(i, x):
+            h = torch.tanh(layer(_micro_input(i) if x is None else x))
+            return (h**2).mean() / micro if links.is_last else h
+
+        losses = forward_backward_1f1b(forward_step, micro, links, (MB, WIDTH), loss_scale=scale)
+        out.append({"grad": layer.weight.grad.numpy(), "bias": layer.bias.grad.numpy(),
+                    "losses": [float(x) for x in losses]})
+    return out
+
+
+def _reference(c, stages, micro):
+    layers = [_layer(c, s).double() for s in range(stages)]
+    losses = []
+    for i in range(micro):
+        h = _micro_input(i).double()
+        for layer in layers:
+            h = torch.tanh(layer(h))
+        loss = (h**2).mean() / micro
+        loss.backward()
+        losses.append(loss.item())
+    return layers, losses
+
+
+def test_1f1b_with_loss_scale_clamped_warmup_and_one_stage():
+    results = run_distributed(_worker, 3)
+    for c, (stages, micro, scale) in enumerate(CASES):
+        layers, losses = _reference(c, stages, micro)
+        for rank, res in enumerate(results):
+            r = res[c]
+            stage = rank if stages > 1 else 0
+            ref = layers[stage]
+            torch.testing.assert_close(torch.from_numpy(r["grad"]).double(), scale * ref.weight.grad, rtol=1e-5, atol=1e-7,
+                                       msg=f"case {c} stage {stage}: weight grad is not scale x reference")
+            torch.testing.assert_close(torch.from_numpy(r["bias"]).double(), scale * ref.bias.grad, rtol=1e-5, atol=1e-7)
+            last = stage == stages - 1
+            assert len(r["losses"]) == (micro if last else 0)
+            if last:  # the returned losses are the unscaled micro-batch losses
+                assert r["losses"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_stage_links_on_a_non_contiguous_rank_list():
+    from rsscale.scaling.pipeline import StageLinks
+
+    ranks = [4, 6, 9]
+    first, mid, last = (StageLinks(ranks, r) for r in ranks)
+    assert (first.stage, first.num_stages, first.prev, first.next) == (0, 3, None, 6)
+    assert (mid.stage, mid.prev, mid.next, mid.is_first, mid.is_last) == (1, 4, 9, False, False)
+    assert (last.stage, last.prev, last.next, last.is_first, last.is_last) == (2, 6, None, False, True)
+    assert first.is_first and not first.is_last
+    alone = StageLinks([3], 3)
+    assert alone.is_first and alone.is_last and alone.num_stages == 1
