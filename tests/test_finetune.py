@@ -106,7 +106,7 @@ def test_cli_end_to_end(tmp_path, task):
     data = tmp_path / "data"
     ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=5, size=64)
     results = tmp_path / "results.db"
-    argv = ["finetune", "--task", task, "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--batch", "2",
+    argv = ["finetune", "--task", task, "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--global-batch", "2",
             "--crop", "32", "--channels", "16", "--results", str(results), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     metrics = ResultsStore(results).metrics(kind="finetune")
@@ -115,4 +115,4 @@ def test_cli_end_to_end(tmp_path, task):
     assert "loss" in names
     run = ResultsStore(results).runs(kind="finetune").iloc[0]
     assert run["preset"] == "tiny" and run["status"] == "complete"
-    assert (tmp_path / "out" / "metrics.json").exists()
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "model.safetensors").exists()
