@@ -115,5 +115,5 @@ def evaluate_seg(model, dataset, crop: int, class_names, normalize, stride: int 
         img, target = dataset[i]
         logits = slide_inference(model, normalize(img)[None].to(device), crop, stride or crop * 2 // 3, len(class_names))
         metric.update(logits.argmax(1), target["mask"][None].to(device))
-    log.info("evaluated %d images in %.1f s", len(indices), time.time() - t0)
+    log.debug("evaluated %d images in %.1f s", len(indices), time.time() - t0)
     return metric
