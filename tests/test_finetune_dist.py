@@ -6,7 +6,6 @@ same layer-wise lr decay); distributed evaluation gives the one-process mIoU / m
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
