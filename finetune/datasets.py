@@ -128,6 +128,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def source(self, i) -> str:
+        """The files sample i is read from (for error messages)."""
+        return f"{self.image_dir / self.ids[i]}.* (image) with its objects"
+
     def __getitem__(self, i):
         image_id = self.ids[i]
         image = read_rgb_image(_find_image(self.image_dir, image_id))
@@ -209,6 +213,10 @@ class SegFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def source(self, i) -> str:
+        """The files sample i is read from (for error messages)."""
+        return f"{self.images[i]} (label in {self.label_dir})"
 
     def __getitem__(self, i):
         path = self.images[i]
@@ -367,11 +375,12 @@ def _objects_in_window(objects, polys, x0, y0, patch, keep_thr) -> dict:
     }
 
 
-def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1, rates=None) -> dict:
+def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1, rates=None, max_dets: int | None = None) -> dict:
     """Map per-patch detections ({"boxes" [K, 5], "scores" [K], "labels" [K]}) back to image
     coordinates by their patch offsets (x0, y0) and, for a multi-scale split, divided by the
-    patches' rates; then class-wise rotated NMS over the whole image (the duplicates come from
-    overlapping patches and scales; 0.1 is the usual DOTA merge threshold)."""
+    patches' rates; keep the best `max_dets` (all when None); then class-wise rotated NMS over the
+    whole image (the duplicates come from overlapping patches and scales; 0.1 is the usual DOTA
+    merge threshold)."""
     rates = [1.0] * len(offsets) if rates is None else list(rates)
     if not len(patch_dets) == len(offsets) == len(rates):
         raise ValueError(f"got {len(patch_dets)} patch results but {len(offsets)} offsets and {len(rates)} rates.")
@@ -387,6 +396,9 @@ def merge_detections(patch_dets: list[dict], offsets, nms_iou: float = 0.1, rate
     if not boxes:
         return {"boxes": torch.zeros(0, 5), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    if max_dets is not None and len(scores) > max_dets:
+        best = scores.topk(max_dets).indices
+        boxes, scores, labels = boxes[best], scores[best], labels[best]
     keep = batched_rotated_nms(boxes, scores, labels, nms_iou)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 

@@ -120,13 +120,15 @@ class RotatedFCOS(nn.Module):
         return self.head(self.backbone(imgs))
 
     # -- locations and targets ------------------------------------------------------------------
-    def locations(self, outs):
-        """Per level: cell centres [H*W, 2] (x, y) in image pixels, stride, size range."""
+    def locations(self, outs=None, hw=None):
+        """Per level: cell centres [H*W, 2] (x, y) in image pixels, from the outputs' map sizes or
+        from the image size hw (level k has H // stride_k rows)."""
+        sizes = [o[0].shape[-2:] for o in outs] if outs is not None else [(hw[0] // s, hw[1] // s) for s in self.strides]
+        device = outs[0][0].device if outs is not None else None
         pts = []
-        for (cls, *_), s in zip(outs, self.strides):
-            h, w = cls.shape[-2:]
-            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            pts.append(torch.stack([xs.flatten(), ys.flatten()], -1).to(cls.dtype).add(0.5).mul(s))
+        for (h, w), s in zip(sizes, self.strides):
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            pts.append(torch.stack([xs.flatten(), ys.flatten()], -1).float().add(0.5).mul(s))
         return pts
 
     @torch.no_grad()
@@ -155,28 +157,46 @@ class RotatedFCOS(nn.Module):
         return cls, enc[torch.arange(P), best]
 
     def _flat(self, outs):
-        """Per-level outputs -> [B, P, *] tensors (P = all locations of all levels, level order)."""
-        cat = lambda i: torch.cat([o[i].flatten(2).transpose(1, 2) for o in outs], 1)  # noqa: E731
-        stride = torch.cat([outs[k][0].new_full((outs[k][0].shape[-2] * outs[k][0].shape[-1],), s)
+        """Per-level outputs -> [B, P, *] float32 tensors (P = all locations of all levels, level order)."""
+        cat = lambda i: torch.cat([o[i].float().flatten(2).transpose(1, 2) for o in outs], 1)  # noqa: E731
+        stride = torch.cat([outs[k][0].new_full((outs[k][0].shape[-2] * outs[k][0].shape[-1],), s, dtype=torch.float32)
                             for k, s in enumerate(self.strides)])
         dist = cat(1).clamp(max=20).exp() * stride[None, :, None]
         return cat(0), dist, cat(2), cat(3)[..., 0]
 
+    # -- loss: sums over the batch / normalizers (number of positives, summed centerness target),
+    # so data-parallel ranks and micro-batches can share the global normalizers -------------------
     def loss(self, outs, targets) -> dict:
-        points = self.locations(outs)
-        cls, dist, angle, ctr = self._flat(outs)
-        assigned = [self.assign(points, t["boxes"].to(cls.dtype), t["labels"]) for t in targets]
-        labels = torch.stack([a[0] for a in assigned])
-        reg = torch.stack([a[1] for a in assigned])
+        """The batch's losses (dict with "total"), normalised by this batch's own positives."""
+        hw = [s * self.strides[0] for s in outs[0][0].shape[-2:]]
+        prepared = self.prepare(targets, hw)
+        return self.loss_from(outs, prepared, self.normalizers(prepared))
+
+    @torch.no_grad()
+    def prepare(self, targets, hw):
+        """FCOS targets of a batch of images of size hw: (labels [B, P], (l, t, r, b, angle) [B, P, 5])."""
+        points = self.locations(hw=hw)
+        assigned = [self.assign(points, t["boxes"].float(), t["labels"]) for t in targets]
+        return torch.stack([a[0] for a in assigned]), torch.stack([a[1] for a in assigned])
+
+    def normalizers(self, prepared) -> torch.Tensor:
+        """[positives, sum of their centerness targets] (float64) of a prepared batch."""
+        labels, reg = prepared
         pos = labels < self.num_classes
-        n_pos = max(float(pos.sum()), 1.0)
+        return torch.stack([pos.sum().double(), centerness_target(reg[pos][:, :4]).double().sum()])
+
+    def loss_from(self, outs, prepared, norms) -> dict:
+        cls, dist, angle, ctr = self._flat(outs)
+        labels, reg = (t.to(cls.device) for t in prepared)
+        pos = labels < self.num_classes
+        n_pos = norms[0].clamp_min(1.0).to(cls.dtype)
         onehot = F.one_hot(labels, self.num_classes + 1)[..., :-1].to(cls.dtype)
         losses = {"cls": sigmoid_focal_loss(cls, onehot) / n_pos}
         if pos.any():
             t = reg[pos]
             c_t = centerness_target(t[:, :4])
             a_t = torch.stack([torch.cos(2 * t[:, 4]), torch.sin(2 * t[:, 4])], -1)
-            losses["box"] = (giou_loss_ltrb(dist[pos], t[:, :4]) * c_t).sum() / c_t.sum().clamp_min(1e-6)
+            losses["box"] = (giou_loss_ltrb(dist[pos], t[:, :4]) * c_t).sum() / norms[1].clamp_min(1e-6).to(cls.dtype)
             losses["angle"] = F.smooth_l1_loss(angle[pos], a_t, beta=0.1, reduction="sum") / n_pos
             losses["centerness"] = F.binary_cross_entropy_with_logits(ctr[pos], c_t, reduction="sum") / n_pos
         else:  # keep every parameter in the graph
@@ -186,7 +206,9 @@ class RotatedFCOS(nn.Module):
         return losses
 
     @torch.no_grad()
-    def predict(self, outs, score_thr: float = 0.05, pre_nms: int = 1000, nms_iou: float = 0.1, max_per_image: int = 500):
+    def predict(self, outs, score_thr: float = 0.05, pre_nms: int = 1000, nms_iou: float = 0.1, max_per_image: int = 2000):
+        """Per image: boxes scoring above score_thr (score = class prob x centerness, mmdet's rule),
+        the best pre_nms per level, class-wise rotated NMS, the best max_per_image kept."""
         points = self.locations(outs)
         sizes = [p.shape[0] for p in points]
         cls, dist, angle, ctr = self._flat(outs)
@@ -197,7 +219,7 @@ class RotatedFCOS(nn.Module):
                                                                angle[b].split(sizes), ctr[b].split(sizes), points):
                 prob = lvl_cls.sigmoid()
                 score = (prob * lvl_ctr.sigmoid()[:, None]).flatten()
-                score = torch.where(prob.flatten() > score_thr, score, torch.zeros_like(score))
+                score = torch.where(score > score_thr, score, torch.zeros_like(score))
                 top = score.topk(min(pre_nms, int((score > 0).sum()))).indices
                 loc, lab = top // self.num_classes, top % self.num_classes
                 a = torch.atan2(lvl_ang[loc, 1], lvl_ang[loc, 0]) / 2
@@ -211,17 +233,18 @@ class RotatedFCOS(nn.Module):
 
 
 @torch.no_grad()
-def evaluate_det(model: RotatedFCOS, dataset, crop: int, classes, normalize, overlap: int | None = None,
-                 score_thr: float = 0.05, batch_size: int = 8) -> dict:
-    """DOTA-style evaluation: each image is cut into overlapping crop x crop patches (a smaller
-    image is one zero-padded patch), detected per patch, merged with rotated NMS, and scored with
-    `evaluate_dota` (DOTA's rules: polygon IoU > 0.5, difficult objects ignored, VOC07 AP)."""
+def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, indices=None, overlap: int | None = None,
+                  score_thr: float = 0.05, max_per_image: int = 2000, batch_size: int = 8):
+    """DOTA-style inference on the images `indices` (default all): each image is cut into
+    overlapping crop x crop patches (a smaller image is one zero-padded patch), detected per patch;
+    the image's best `max_per_image` boxes above `score_thr` are merged with rotated NMS.
+    Returns (detections {class: [(image, score, poly8)]}, ground truth {image: [DotaObject]})."""
     model.eval()
+    device = next(model.parameters()).device
     overlap = crop // 4 if overlap is None else overlap
     dets = {c: [] for c in classes}
     gts = {}
-    t0 = time.time()
-    for i in range(len(dataset)):
+    for i in range(len(dataset)) if indices is None else indices:
         image, target = dataset[i]
         image_id = target["image_id"]
         gts[image_id] = [DotaObject(tuple(p.tolist()), classes[int(l)], bool(d))
@@ -229,10 +252,19 @@ def evaluate_det(model: RotatedFCOS, dataset, crop: int, classes, normalize, ove
         patches = split_image(image, target, patch=crop, overlap=overlap)
         found = []
         for k in range(0, len(patches), batch_size):  # bounded memory on big (DOTA) images
-            batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]])
-            found += model.predict(model(batch), score_thr=score_thr)
-        merged = merge_detections(found, [p.offset for p in patches])
+            batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]]).to(device)
+            found += [{k: v.cpu() for k, v in d.items()}
+                      for d in model.predict(model(batch), score_thr=score_thr, max_per_image=max_per_image)]
+        merged = merge_detections(found, [p.offset for p in patches], max_dets=max_per_image)
         for poly, score, label in zip(obb_to_poly(merged["boxes"]), merged["scores"], merged["labels"]):
             dets[classes[int(label)]].append((image_id, float(score), poly.tolist()))
+    return dets, gts
+
+
+def evaluate_det(model: RotatedFCOS, dataset, crop: int, classes, normalize, tie_order: str = "devkit", **kw) -> dict:
+    """`detect_images` on the whole dataset scored with `evaluate_dota` (DOTA's rules: polygon
+    IoU > 0.5, difficult objects ignored, VOC07 AP; ties in the devkit's order)."""
+    t0 = time.time()
+    dets, gts = detect_images(model, dataset, crop, classes, normalize, **kw)
     log.info("detected on %d images in %.1f s", len(dataset), time.time() - t0)
-    return evaluate_dota(dets, gts, classes=list(classes))
+    return evaluate_dota(dets, gts, classes=list(classes), tie_order=tie_order)

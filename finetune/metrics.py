@@ -6,9 +6,11 @@ with polygon IoU > 0.5 (strict); a detection matching an already-matched object 
 positive; difficult objects are not positives, and a detection whose best match is difficult is
 neither a true nor a false positive; AP is VOC07 11-point (or all-point) and mAP is the mean over
 all evaluated classes (a class without non-difficult ground truth scores 0, as in the official
-script with its fixed class list). Equal scores keep submission order (a stable sort); the
-official script's `np.argsort(-score)` leaves ties to numpy's unstable sort, and ties matter: on
-the shared DOTA sample the plane AP is 96.45 with stable order and 97.54 with numpy's order.
+script with its fixed class list). Detections with equal scores are ordered as the official
+script orders them (`tie_order="devkit"`, the default): `np.argsort(-confidence)` over the class's
+detections in submission order, numpy's default (unstable) sort. `tie_order="stable"` keeps
+submission order among equal scores instead. Ties matter: on the shared DOTA sample the plane AP
+is 97.54 in the devkit's order and 96.45 with a stable sort.
 
 `mode="mmrotate"` reproduces mmrotate's numbers instead: IoU of the minimum-area rotated
 rectangles, match at IoU >= threshold, difficult objects counted as ordinary ones, and the mean
@@ -33,6 +35,7 @@ from rsscale.finetune.dota_io import read_dota_labels, read_dota_submission
 from rsscale.finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
+TIE_ORDERS = ("devkit", "stable")
 
 
 # --------------------------------------------------------------------------- AP
@@ -53,7 +56,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True
 
 
 def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric: bool = True,
-                  mode: str = "dota", classes=None, ignore_difficult: bool | None = None) -> dict:
+                  mode: str = "dota", classes=None, ignore_difficult: bool | None = None,
+                  tie_order: str = "devkit") -> dict:
     """Rotated-detection mAP (see the module doc for the rules of each mode).
 
     detections: {class: [(image, score, poly8)]} or a Task1 submission folder.
@@ -66,6 +70,8 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"tie_order must be one of {TIE_ORDERS}, got {tie_order!r}.")
     if isinstance(detections, (str, Path)):
         detections = read_dota_submission(detections)
     if isinstance(ground_truth, (str, Path)):
@@ -79,7 +85,7 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
         classes = sorted({o.cls for objs in ground_truth.values() for o in objs} | set(detections))
     per_class = {
         cls: _evaluate_class(detections.get(cls, []), ground_truth, cls, iou_thr, use_07_metric,
-                             mode, ignore_difficult)
+                             mode, ignore_difficult, tie_order)
         for cls in classes
     }
     if mode == "dota":
@@ -89,7 +95,7 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
     return {"mAP": float(np.mean(aps)) if aps else float("nan"), "classes": per_class}
 
 
-def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignore_difficult) -> dict:
+def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignore_difficult, tie_order) -> dict:
     gts = {}
     for img, objs in ground_truth.items():
         mine = [o for o in objs if o.cls == cls]
@@ -98,7 +104,8 @@ def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignor
         gts[img] = (polys, difficult)
     npos = int(sum((~d).sum() for _, d in gts.values()))
 
-    order = sorted(range(len(dets)), key=lambda k: -dets[k][1])  # stable for equal scores
+    confidence = np.array([d[1] for d in dets], dtype=np.float64)
+    order = np.argsort(-confidence, kind="stable" if tie_order == "stable" else None)
     dets = [dets[k] for k in order]
     ious = _ious_by_image(dets, gts, mode)
     matched = {img: np.zeros(len(p), dtype=bool) for img, (p, _) in gts.items()}
@@ -265,6 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=MODES, default="dota")
     parser.add_argument("--all-point", action="store_true", help="all-point AP instead of VOC07 11-point")
     parser.add_argument("--iou-thr", type=float, default=0.5)
+    parser.add_argument("--tie-order", choices=TIE_ORDERS, default="devkit",
+                        help="order of equal-score detections: the official devkit's np.argsort(-score) or stable")
     parser.add_argument("--classes", default="auto",
                         help="class list averaged in the mAP: dota-v1, dota-v1.5, dota-v2, dior, a comma "
                              "list, or auto (every class in labels or detections)")
@@ -274,7 +283,8 @@ def main(argv=None) -> int:
              "dota-v2": dota_io.DOTA_V2_CLASSES, "dior": dota_io.DIOR_CLASSES, "auto": None}
     classes = named[args.classes] if args.classes in named else args.classes.split(",")
     result = evaluate_dota(args.detections, args.labels, iou_thr=args.iou_thr,
-                           use_07_metric=not args.all_point, mode=args.mode, classes=classes)
+                           use_07_metric=not args.all_point, mode=args.mode, classes=classes,
+                           tie_order=args.tie_order)
     print(format_ap_table(result))
     if args.json:
         nan_to_null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731

@@ -344,10 +344,16 @@ def _hbox_iou_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a) + area(b) - inter).clamp_min(1e-12)
 
 
+LAZY_PAIRS_PER_BOX = 32
+
+
 def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned,
          groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy NMS over a sparse suppression graph: the pairs i < j (in score order) of one group
-    whose enclosing boxes overlap and whose IoU is above the threshold, all in one batched call."""
+    """Greedy NMS over a sparse suppression graph: the candidate pairs i < j (in score order) of one
+    group are those whose enclosing boxes overlap. Few pairs: all exact IoUs in one batched call.
+    Many pairs (more than LAZY_PAIRS_PER_BOX per box: dense clusters of duplicates): the IoU is
+    computed lazily, for each kept box against its candidates not yet suppressed, so a cluster
+    costs about (kept boxes x cluster size), not (cluster size)^2."""
     n = polys.shape[0]
     if scores.shape[0] != n or (groups is not None and groups.shape[0] != n):
         got = f"{scores.shape[0]} scores" + ("" if groups is None else f" and {groups.shape[0]} labels")
@@ -366,15 +372,25 @@ def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligne
             ii, jj = torch.cat([ii, idx[a]]), torch.cat([jj, idx[b]])
         by_row = ii.argsort(stable=True)
         ii, jj = ii[by_row], jj[by_row]
-    hit = _aligned_in_chunks(polys, polys, ii, jj, aligned) > iou_threshold
-    ii, jj = ii[hit].cpu().numpy(), jj[hit].cpu().numpy()  # the greedy pass is sequential: numpy, not torch ops
-    ptr = np.searchsorted(ii, np.arange(n + 1))
-    removed = np.zeros(n, dtype=bool)
+    lazy = ii.numel() > LAZY_PAIRS_PER_BOX * max(n, 1)  # dense clusters: IoU only where still needed
+    if not lazy:
+        hit = _aligned_in_chunks(polys, polys, ii, jj, aligned) > iou_threshold
+        ii, jj = ii[hit], jj[hit]
+    ii, jj = ii.cpu(), jj.cpu()
+    ptr = torch.searchsorted(ii, torch.arange(n + 1)).tolist()
+    removed = torch.zeros(n, dtype=torch.bool)
     keep = []
     for i in range(n):
-        if not removed[i]:
-            keep.append(i)
-            removed[jj[ptr[i]:ptr[i + 1]]] = True
+        if removed[i]:
+            continue
+        keep.append(i)
+        cand = jj[ptr[i]:ptr[i + 1]]
+        if lazy:
+            cand = cand[~removed[cand]]
+            if cand.numel():
+                dev = cand.to(polys.device)
+                cand = cand[(_aligned_in_chunks(polys, polys, torch.full_like(dev, i), dev, aligned) > iou_threshold).cpu()]
+        removed[cand] = True
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 

@@ -65,7 +65,20 @@ class Segmenter(nn.Module):
 
     def loss(self, logits, masks):
         """Pixel cross-entropy; IGNORE_INDEX pixels (no-data, boundaries) do not count."""
-        return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        return self.loss_from(logits, masks, self.normalizers(masks))["total"]
+
+    # The loss as sum / normalizer, so data-parallel ranks and micro-batches can share one
+    # normalizer (the global count) and their gradients add up to the one-process gradient.
+    def prepare(self, masks, hw=None):
+        return masks
+
+    def normalizers(self, masks) -> torch.Tensor:
+        """[counted pixels] (float64) of a batch of masks."""
+        return (masks != IGNORE_INDEX).sum().to(torch.float64).reshape(1)
+
+    def loss_from(self, logits, masks, norms) -> dict:
+        total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+        return {"total": total / norms[0].clamp_min(1).to(total.dtype)}
 
 
 @torch.no_grad()
@@ -79,8 +92,8 @@ def slide_inference(model, img: torch.Tensor, crop: int, stride: int, num_classe
     ph, pw = max(crop - H, 0), max(crop - W, 0)
     x = F.pad(img, (0, pw, 0, ph)) if ph or pw else img
     Hp, Wp = x.shape[-2:]
-    logits = x.new_zeros(B, num_classes, Hp, Wp)
-    count = x.new_zeros(1, 1, Hp, Wp)
+    logits = x.new_zeros(B, num_classes, Hp, Wp, dtype=torch.float32)
+    count = x.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
     starts = lambda size: sorted({min(s, size - crop) for s in range(0, size - crop + stride, stride)})  # noqa: E731
     for y0 in starts(Hp):
         for x0 in starts(Wp):
@@ -90,14 +103,17 @@ def slide_inference(model, img: torch.Tensor, crop: int, stride: int, num_classe
 
 
 @torch.no_grad()
-def evaluate_seg(model, dataset, crop: int, class_names, normalize, stride: int | None = None) -> SegMetric:
-    """Run sliding-window inference over a dataset of (uint8 image, {"mask"}) -> filled SegMetric."""
+def evaluate_seg(model, dataset, crop: int, class_names, normalize, stride: int | None = None, indices=None) -> SegMetric:
+    """Run sliding-window inference over a dataset of (uint8 image, {"mask"}) (the images
+    `indices`, default all) on the model's device -> filled SegMetric."""
     model.eval()
+    device = next(model.parameters()).device
     metric = SegMetric(len(class_names), IGNORE_INDEX, class_names)
     t0 = time.time()
-    for i in range(len(dataset)):
+    indices = range(len(dataset)) if indices is None else indices
+    for i in indices:
         img, target = dataset[i]
-        logits = slide_inference(model, normalize(img)[None], crop, stride or crop * 2 // 3, len(class_names))
-        metric.update(logits.argmax(1), target["mask"][None])
-    log.info("evaluated %d images in %.1f s", len(dataset), time.time() - t0)
+        logits = slide_inference(model, normalize(img)[None].to(device), crop, stride or crop * 2 // 3, len(class_names))
+        metric.update(logits.argmax(1), target["mask"][None].to(device))
+    log.debug("evaluated %d images in %.1f s", len(indices), time.time() - t0)
     return metric

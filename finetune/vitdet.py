@@ -10,10 +10,15 @@ What changes from pretraining, and why:
   windows. The blocks are `scaling.vit.ParallelBlock`s, so TP still works;
 - the position table is resized from the pretraining grid to the fine-tuning grid (bicubic, cls
   dropped) and becomes learnable; inputs of other sizes resize it again on the fly;
-- drop-path (stochastic depth) per block: with probability p(i) (linear in depth, up to
-  `drop_path`) a sample skips block i's residual update. Whole blocks are dropped because the
-  block fuses its two sublayers; the mask comes from the torch RNG, which equally seeded TP
-  ranks draw identically;
+- decomposed relative position bias (ViTDet's `use_rel_pos`, MViTv2): attention logits get
+  q . R_h[dy] + q . R_w[dx] with learned tables per block (and branch) of 2S-1 offsets per axis,
+  S the block's attention grid (the window, or the whole grid in global blocks); a table is
+  linearly interpolated when the grid it meets differs (another input size, or tables trained on
+  another grid). Zero-initialised, as ViTDet's default. `rel_pos=False` turns it off;
+- drop path (stochastic depth) per sublayer, as ViTDet: with probability p(i) (linear in depth,
+  up to `drop_path`) a sample skips block i's attention update, and independently its MLP
+  update (`drop_path_per_sublayer=False`: both together). The masks come from the torch RNG,
+  which equally seeded TP ranks draw identically;
 - scale blocks (the "simple feature pyramid") turn the single stride-p map (p = patch size) into
   4 levels at strides p/4, p/2, p, 2p: two 2x2 transposed convs with LayerNorm + GELU between,
   one transposed conv, identity, 2x2 max-pool; each followed by 1x1 and 3x3 convs to
@@ -36,7 +41,7 @@ from torch import nn
 
 from rsscale.scaling.checkpoint import shard_for
 from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.parallel import state
+from rsscale.scaling.parallel import mappings, state
 from rsscale.scaling.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,54 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1.0 - p)
 
 
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """ViTDet's table lookup: rel_pos [L, C] -> [q_size, k_size, C] for every (query, key) offset
+    along one axis, linearly interpolated to 2*max(q_size, k_size) - 1 entries when L differs."""
+    n = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != n:
+        rel_pos = F.interpolate(rel_pos.t()[None].float(), size=n, mode="linear")[0].t().to(rel_pos.dtype)
+    q = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    return rel_pos[((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+class ViTDetBlock(ParallelBlock):
+    """`scaling.vit.ParallelBlock` (same parameters, same TP) plus ViTDet's decomposed relative
+    position bias (tables `rel_pos_h`, `rel_pos_w` [K, 2S-1, head_dim] for an S x S attention
+    grid, replicated over TP: each rank's heads add their part of the gradient, summed by the
+    copy-to-TP-region) and drop path per sublayer or per block."""
+
+    def __init__(self, *args, rel_pos_grid: int | None = None, drop_path: float = 0.0, per_sublayer: bool = True, **kw):
+        super().__init__(*args, **kw)
+        self.drop_path, self.per_sublayer = drop_path, per_sublayer
+        self.rel_pos_h = self.rel_pos_w = None
+        if rel_pos_grid:
+            shape = (self.branches, 2 * rel_pos_grid - 1, self.head_dim)
+            self.rel_pos_h, self.rel_pos_w = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
+
+    def _forward(self, x, n_tokens, hw):
+        p, training = self.drop_path, self.training
+        if not self.per_sublayer:
+            return x + drop_path(super()._forward(x, n_tokens, hw) - x, p, training)
+        x = x + drop_path(self._sublayer(x, self.attn, n_tokens, lambda a: self._attention(a, hw)), p, training)
+        return x + drop_path(self._sublayer(x, self.mlp, n_tokens, self._mlp), p, training)
+
+    def _attend(self, q, k, v, grid):
+        if self.rel_pos_h is None:
+            return super()._attend(q, k, v, grid)
+        (gh, gw), K = grid, self.branches
+        rh = mappings.copy_to_tensor_model_parallel_region(self.rel_pos_h)
+        rw = mappings.copy_to_tensor_model_parallel_region(self.rel_pos_w)
+        Rh = torch.stack([get_rel_pos(gh, gh, rh[j]) for j in range(K)])  # [K, gh, gh, d]
+        Rw = torch.stack([get_rel_pos(gw, gw, rw[j]) for j in range(K)])
+        n, heads, L, d = q.shape
+        r_q = q.reshape(K, n // K, heads, gh, gw, d)
+        rel_h = torch.einsum("kbnhwc,khqc->kbnhwq", r_q, Rh.to(q.dtype))
+        rel_w = torch.einsum("kbnhwc,kwqc->kbnhwq", r_q, Rw.to(q.dtype))
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(n, heads, L, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 class SimpleFeaturePyramid(nn.Module):
     """Stride-p map [B, D, H, W] -> 4 maps at strides p/4, p/2, p, 2p with `out_channels` each."""
 
@@ -116,13 +169,16 @@ class ViTDetBackbone(nn.Module):
     s = patch/4, patch/2, patch, 2*patch (`self.strides`).
 
     img_size: the fine-tuning crop (the stored position table's grid); window_size: tokens per
-    window side; global_blocks: indices with global attention (default: even_global_blocks).
+    window side; global_blocks: indices with global attention (default: even_global_blocks);
+    rel_pos / drop_path_per_sublayer: see the module doc (defaults: ViTDet's); sequence_parallel:
+    the blocks run on this TP rank's token chunk (gathered again before the pyramid).
     Images must be multiples of 2*patch so every level has an integer size.
     """
 
     def __init__(self, cfg: ViTConfig, img_size: int | None = None, window_size: int = 4,
                  global_blocks=None, drop_path: float = 0.1, out_channels: int | None = None,
-                 activation_checkpointing: bool = False, config=None):
+                 activation_checkpointing: bool = False, config=None, rel_pos: bool = True,
+                 drop_path_per_sublayer: bool = True, sequence_parallel: bool = False):
         super().__init__()
         img_size = img_size or cfg.img_size
         problems = []
@@ -146,13 +202,15 @@ class ViTDetBackbone(nn.Module):
         d = cfg.width
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, *self.grid)[None])  # learnable in fine-tuning
+        self.sequence_parallel = sequence_parallel
         self.blocks = nn.ModuleList(
-            ParallelBlock(d, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps, config,
-                          window_size=None if i in global_blocks else window_size,
-                          activation_checkpointing=activation_checkpointing)
+            ViTDetBlock(d, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel,
+                        window_size=None if i in global_blocks else window_size,
+                        activation_checkpointing=activation_checkpointing,
+                        rel_pos_grid=(self.grid[0] if i in global_blocks else window_size) if rel_pos else None,
+                        drop_path=drop_path * i / max(cfg.depth - 1, 1), per_sublayer=drop_path_per_sublayer)
             for i in range(cfg.depth)
         )
-        self.drop_path_rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.norm = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.out_channels = out_channels or d
         self.pyramid = SimpleFeaturePyramid(d, self.out_channels)
@@ -164,8 +222,13 @@ class ViTDetBackbone(nn.Module):
         hw = (H // self.cfg.patch_size, W // self.cfg.patch_size)
         pos = self.pos_embed if hw == self.grid else resize_pos_embed(self.pos_embed, self.grid, hw, has_cls=False)
         x = self.patch_embed(imgs) + pos
-        for blk, p in zip(self.blocks, self.drop_path_rates):
-            x = x + drop_path(blk(x, hw=hw) - x, p, self.training)
+        n = x.shape[1]
+        if self.sequence_parallel:
+            x = mappings.scatter_to_sequence_parallel_region(mappings.pad_tokens(x, state.tp_size()))
+        for blk in self.blocks:
+            x = blk(x, n_tokens=n, hw=hw)
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, tp_grad=False)[:, :n]
         x = self.norm(x).transpose(1, 2).reshape(B, -1, *hw)
         return self.pyramid(x)
 

@@ -302,7 +302,8 @@ def section_downstream(doc: Doc, metrics: pd.DataFrame) -> None:
     else:
         d["encoder_params"] = [encoder_params(p, n) for p, n in zip(d["preset"], d["params"])]
         d["dataset"] = d.get("dataset", pd.Series(["?"] * len(d), index=d.index)).fillna("?")
-        cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "name", "value", "init") if c in d]
+        d["train_fraction"] = pd.to_numeric(d.get("train_fraction", pd.Series(1.0, index=d.index)), errors="coerce").fillna(1.0)
+        cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "train_fraction", "name", "value", "init") if c in d]
         doc.table(d[cols], "downstream")
         doc.text("Our runs use the bundled synthetic data or small subsets unless stated; they are not comparable in "
                  "absolute terms with the published full-benchmark numbers.")
@@ -312,12 +313,22 @@ def section_downstream(doc: Doc, metrics: pd.DataFrame) -> None:
         fig, ax = _loglog_axes("encoder parameters", f"{metric} (%)", logy=False)
         for p in reference_points(dataset, metric):
             ax.plot(p["params"], p["value"], "s", label=p["model"])
-        if not d.empty:
-            ours = d[(d["dataset"] == dataset) & (d["name"] == metric)]
-            if not ours.empty:
-                ax.plot(ours["encoder_params"], ours["value"], "o", color="k", label="rsscale runs")
+        ours = d[(d["dataset"] == dataset) & (d["name"] == metric)] if not d.empty else d
+        # one line per training-data fraction (mean over runs of a size), the paper's RQ4
+        means = ours.groupby(["train_fraction", "encoder_params", "preset"], as_index=False)["value"].mean() if not ours.empty else ours
+        for frac, line in (means.groupby("train_fraction") if not ours.empty else ()):
+            line = line.sort_values("encoder_params")
+            ax.plot(line["encoder_params"], line["value"], "o-", label=f"rsscale, {100 * frac:g} % of training data")
         ax.legend(fontsize=7)
-        doc.figure(fig, f"fig_{dataset}_{metric}", f"{dataset} {metric} vs encoder parameters (squares: published)")
+        doc.figure(fig, f"fig_{dataset}_{metric}", f"{dataset} {metric} vs encoder parameters, one line per training "
+                   "fraction (squares: published)")
+        if not ours.empty and means["train_fraction"].nunique() > 1:
+            fig, ax = _loglog_axes("fraction of training data", f"{metric} (%)", logy=False)
+            for preset, line in means.groupby("preset"):
+                line = line.sort_values("train_fraction")
+                ax.plot(line["train_fraction"], line["value"], "o-", label=f"{preset} ({line['encoder_params'].iloc[0]:.3g} params)")
+            ax.legend(fontsize=7)
+            doc.figure(fig, f"fig_{dataset}_{metric}_vs_fraction", f"{dataset} {metric} vs training-data fraction, one line per model size")
 
 
 def section_kernels(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:

@@ -46,7 +46,9 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) ->
 class FlatAdamW:
     """AdamW over `named_params` packed into one buffer; `shards`/`group` shard its state (ZeRO-1)."""
 
-    def __init__(self, named_params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, shards: int = 1, shard_rank: int = 0, group=None):
+    def __init__(self, named_params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, shards: int = 1, shard_rank: int = 0, group=None,
+                 lr_scales: dict[str, float] | None = None):
+        """lr_scales: optional {name: multiplier} of the step's lr per parameter (layer-wise lr decay)."""
         self.named = sorted(((n, p) for n, p in named_params if p.requires_grad), key=lambda np_: np_[0])
         if not self.named:
             raise ValueError("FlatAdamW got no trainable parameters")
@@ -58,6 +60,7 @@ class FlatAdamW:
         self.flat = torch.zeros(self.shard_size * shards, dtype=torch.float32, device=self.named[0][1].device)
         self.grad = torch.zeros_like(self.flat)
         decay_mask = torch.zeros_like(self.flat)
+        lr_scale = torch.ones_like(self.flat) if lr_scales is not None else None
         self.offsets = {}
         o = 0
         for name, p in self.named:
@@ -65,11 +68,14 @@ class FlatAdamW:
             self.flat[o : o + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[o : o + n].view_as(p)  # the model now trains the flat buffer
             decay_mask[o : o + n] = float(decays(name, p))
+            if lr_scale is not None:
+                lr_scale[o : o + n] = float(lr_scales[name])
             self.offsets[name] = (o, n)
             o += n
         lo = shard_rank * self.shard_size
         self.lo, self.hi = lo, lo + self.shard_size
         self.decay_mask = decay_mask[self.lo : self.hi].clone()
+        self.lr_scale = None if lr_scale is None else lr_scale[self.lo : self.hi].clone()
         self.exp_avg = torch.zeros(self.shard_size, dtype=torch.float32, device=self.flat.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.step_count = 0
@@ -102,12 +108,16 @@ class FlatAdamW:
         b1, b2 = self.betas
         self.step_count += 1
         p, g = self.flat[self.lo : self.hi], self.grad[self.lo : self.hi]
-        p.mul_(1.0 - lr * self.weight_decay * self.decay_mask)
+        lr_t = lr if self.lr_scale is None else lr * self.lr_scale
+        p.mul_(1.0 - lr_t * self.weight_decay * self.decay_mask)
         self.exp_avg.lerp_(g, 1.0 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         bc1, bc2 = 1.0 - b1**self.step_count, 1.0 - b2**self.step_count
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(self.eps)
-        p.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
+        if self.lr_scale is None:
+            p.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
+        else:
+            p.add_(self.exp_avg / denom * lr_t, alpha=-1.0 / bc1)
         if self.shards > 1:
             mine = p.clone()
             dist.all_gather(list(self.flat.split(self.shard_size)), mine, group=self.group)

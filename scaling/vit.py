@@ -130,11 +130,16 @@ class ParallelBlock(nn.Module):
             qkv = windows.unflatten(0, (K, -1)) + bias
         Bw, L = qkv.shape[1], qkv.shape[2]
         q, k, v = qkv.reshape(K * Bw, L, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = kernels.attention(q, k, v).transpose(1, 2).reshape(K, Bw, L, -1)
+        o = self._attend(q, k, v, (self.window_size,) * 2 if self.window_size else hw).transpose(1, 2).reshape(K, Bw, L, -1)
         out = sum(F.linear(o[j], br.proj.weight) for j, br in enumerate(self.attn))
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, hw)
         return out
+
+    def _attend(self, q, k, v, grid):
+        """softmax(q k^T / sqrt(d)) v for q, k, v [K*B', heads/T, L, d] (branch-major) on a token
+        grid (H, W) (None without one); the hook where a subclass adds a position bias."""
+        return kernels.attention(q, k, v)
 
 
 def window_partition(x: torch.Tensor, hw, window: int):

@@ -106,7 +106,7 @@ def test_cli_end_to_end(tmp_path, task):
     data = tmp_path / "data"
     ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=5, size=64)
     results = tmp_path / "results.db"
-    argv = ["finetune", "--task", task, "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--batch", "2",
+    argv = ["finetune", "--task", task, "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--global-batch", "2",
             "--crop", "32", "--channels", "16", "--results", str(results), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     metrics = ResultsStore(results).metrics(kind="finetune")
@@ -115,4 +115,106 @@ def test_cli_end_to_end(tmp_path, task):
     assert "loss" in names
     run = ResultsStore(results).runs(kind="finetune").iloc[0]
     assert run["preset"] == "tiny" and run["status"] == "complete"
-    assert (tmp_path / "out" / "metrics.json").exists()
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- up-front data check
+def _loveda(root, n=2, size=16, mask_value=3):
+    import numpy as np
+    from PIL import Image
+
+    for sub in ("images_png", "masks_png"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size, 3), 100, np.uint8)).save(root / "images_png" / f"{i}.png")
+        Image.fromarray(np.full((size, size), mask_value, np.uint8)).save(root / "masks_png" / f"{i}.png")
+    return root
+
+
+def test_data_check_names_every_bad_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rsscale.finetune.checks import check_data
+    from rsscale.finetune.datasets import LOVEDA_CLASSES, LoveDADataset
+
+    good = LoveDADataset(_loveda(tmp_path / "good"))
+    counts = check_data({"train": good, "val": good}, "seg", LOVEDA_CLASSES, 3)
+    assert counts["val"].tolist() == [0, 0, 2 * 256, 0, 0, 0, 0]  # mask value 3 -> class 2
+    bad = _loveda(tmp_path / "bad", n=4)
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(bad / "masks_png" / "0.png")  # value out of range
+    Image.fromarray(np.full((8, 16), 1, np.uint8)).save(bad / "masks_png" / "1.png")  # wrong size
+    (bad / "masks_png" / "2.png").unlink()  # missing label
+    (bad / "images_png" / "3.png").write_bytes(b"not a png")  # undecodable image
+    with pytest.raises(ValueError) as err:
+        check_data({"train": good, "val": LoveDADataset(bad)}, "seg", LOVEDA_CLASSES, 3)
+    msg = str(err.value)
+    assert "4 sample(s)" in msg
+    for i in range(4):
+        assert f"{bad / 'images_png' / f'{i}.png'}" in msg
+    assert "0..7" in msg and "differs from image size" in msg and "no image named 2" in msg
+    with pytest.raises(ValueError, match="4 bands"):
+        check_data({"train": good}, "seg", LOVEDA_CLASSES, 4)
+    empty = LoveDADataset(_loveda(tmp_path / "empty", mask_value=0))  # all no-data
+    with pytest.raises(ValueError, match="no valid .*pixel"):
+        check_data({"train": good, "val": empty}, "seg", LOVEDA_CLASSES, 3)
+
+
+def test_data_check_unknown_class_and_missing_image(tmp_path):
+    from rsscale.finetune.checks import check_data
+    from rsscale.finetune.datasets import DotaDataset
+    from rsscale.scaling.synthetic import DET_CLASSES, ensure_dataset
+
+    ensure_dataset(tmp_path / "d", num_pretrain=0, num_seg=2, num_det=10, size=64)
+    val = tmp_path / "d" / "det" / "val"
+    assert len(list((val / "labelTxt").glob("*.txt"))) >= 2
+    label = sorted((val / "labelTxt").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "1 1 9 1 9 9 1 9 spaceship 0\n")
+    image = sorted((val / "images").glob("*.png"))[-1]
+    image.unlink()
+    ds = DotaDataset(val / "images", val / "labelTxt", DET_CLASSES)
+    with pytest.raises(ValueError) as err:
+        check_data({"val": ds}, "det", DET_CLASSES, 3)
+    msg = str(err.value)
+    assert "spaceship" in msg and label.stem in msg and f"no image named {image.stem}" in msg
+
+
+def test_model_written_before_evaluation(tmp_path, monkeypatch):
+    from rsscale.finetune import train as T
+    from rsscale.scaling.cli import main
+    from rsscale.scaling.synthetic import ensure_dataset
+
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=3, num_det=3, size=64)
+
+    def broken_eval(self, *a, **k):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(T.Finetuner, "evaluate", broken_eval)
+    argv = ["finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(data), "--steps", "1", "--global-batch", "1",
+            "--crop", "32", "--channels", "16", "--results", str(tmp_path / "r.db"), "--out", str(tmp_path / "out")]
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        main(argv)
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > 0 and (tmp_path / "out" / "model.json").exists()
+
+
+def test_train_fraction_subsets_are_nested_and_recorded(tmp_path):
+    from rsscale.finetune.train import train_subset
+    from rsscale.scaling.cli import main
+    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.synthetic import ensure_dataset
+
+    full = list(range(40))
+    small, large = train_subset(full, 0.05, 0), train_subset(full, 0.25, 0)
+    assert len(small.indices) == 2 and len(large.indices) == 10 and set(small.indices) <= set(large.indices)
+    assert train_subset(full, 0.25, 0).indices == large.indices  # deterministic
+    assert train_subset(full, 0.25, 1).indices != large.indices  # the seed picks the subset
+    assert train_subset(full, 1.0, 0) is full
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=3, size=64)
+    argv = ["finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(data), "--steps", "1", "--global-batch", "1",
+            "--crop", "32", "--channels", "16", "--results", str(tmp_path / "r.db"), "--train-fraction", "0.5"]
+    assert main(argv) == 0
+    m = ResultsStore(tmp_path / "r.db").metrics(kind="finetune")
+    assert (m[m["name"] == "mIoU"]["train_fraction"] == 0.5).all()
+    assert main(argv[:-1] + ["0"]) == 2  # bad fraction: a one-line error

@@ -29,6 +29,8 @@ def fill(path):
             run.log_many(("loss", 0.5 + 3 * n**-0.2 * (1 + 5 / s), s) for s in range(1, 11))
         with store.run(kind="finetune", preset=p, params=n, layout=LAYOUT) as run:
             run.log("mIoU", 20.0 + i, dataset="loveda", task="seg")
+        with store.run(kind="finetune", preset=p, params=n, layout=LAYOUT) as run:  # the data-efficiency study
+            run.log("mIoU", 10.0 + i, dataset="loveda", task="seg", train_fraction=0.1)
     for commit, ms in (("aaaa", 1.0), ("bbbb", 0.8)):
         with store.run(kind="kernel", precision="bf16", kernels="triton", git_commit=commit) as run:
             run.log("ms", ms, kernel="layer_norm", impl="triton", shape="M=8 N=40 K=2", dtype="bf16", direction="fwd")
@@ -50,7 +52,7 @@ def test_report_from_filled_store(tmp_path):
     text = open(md).read()
     pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
     for name in ("fig_throughput_vs_params", "fig_memory_vs_params", "fig_loss_vs_params", "fig_loss_vs_compute",
-                 "fig_loveda_mIoU", "fig_diorr_mAP", "fig_kernel_layer_norm"):
+                 "fig_loveda_mIoU", "fig_loveda_mIoU_vs_fraction", "fig_diorr_mAP", "fig_kernel_layer_norm"):
         assert f"{name}.png" in pngs and os.path.exists(os.path.join(folder, f"{name}.svg"))
     for f in pngs:
         check_png(os.path.join(folder, f))
@@ -63,6 +65,8 @@ def test_report_from_filled_store(tmp_path):
     assert len(tput) == 1 and tput[0]["params"]["c"] == pytest.approx(-0.7, abs=1e-6)
     assert any(f["law"] == "saturating" for f in fits)
     assert "73.6" in text and "rsscale's choice" in text  # published points with the preset caveat
+    down = __import__("pandas").read_csv(os.path.join(folder, "downstream.csv"))
+    assert sorted(down["train_fraction"].unique()) == [0.1, 1.0] and len(down) == 2 * len(LADDER)
 
 
 def test_report_from_empty_store(tmp_path):

@@ -118,7 +118,11 @@ def _brute_nms(polys, scores, thr):
     return keep
 
 
-def test_rotated_nms_matches_brute_force():
+@pytest.mark.parametrize("lazy", [False, True], ids=["batched-iou", "lazy-iou"])
+def test_rotated_nms_matches_brute_force(lazy, monkeypatch):
+    from rsscale.finetune import rotated
+
+    monkeypatch.setattr(rotated, "LAZY_PAIRS_PER_BOX", 0 if lazy else 10**9)
     b = _random_boxes(80, seed=4, spread=40.0)
     scores = torch.rand(80, generator=torch.Generator().manual_seed(5))
     polys = obb_to_poly(b)

@@ -42,20 +42,81 @@ def test_even_global_blocks():
     assert even_global_blocks(8, 2) == (3, 7)
 
 
+def _randomize_rel_pos(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
 def test_window_covering_the_map_equals_global_attention():
     cfg = get_preset("tiny").replace(depth=2)
     grid = 4
+    size = grid * cfg.patch_size
     torch.manual_seed(0)
-    windowed = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=grid, global_blocks=(), drop_path=0.0)
-    glob = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=grid, global_blocks=(0, 1), drop_path=0.0)
+    windowed = ViTDetBackbone(cfg, img_size=size, window_size=grid, global_blocks=(), drop_path=0.0)
+    _randomize_rel_pos(windowed)  # the same (non-zero) rel-pos tables in both
+    glob = ViTDetBackbone(cfg, img_size=size, window_size=grid, global_blocks=(0, 1), drop_path=0.0)
     glob.load_state_dict(windowed.state_dict())
-    small_win = ViTDetBackbone(cfg, img_size=grid * cfg.patch_size, window_size=2, global_blocks=(), drop_path=0.0)
-    small_win.load_state_dict(windowed.state_dict())
-    x = torch.randn(2, 3, grid * cfg.patch_size, grid * cfg.patch_size)
-    a, b, c = windowed(x), glob(x), small_win(x)
-    for fa, fb, fc in zip(a, b, c):
+    x = torch.randn(2, 3, size, size)
+    a, b = windowed(x), glob(x)
+    no_bias = ViTDetBackbone(cfg, img_size=size, window_size=grid, global_blocks=(), drop_path=0.0, rel_pos=False)
+    no_bias.load_state_dict(windowed.state_dict(), strict=False)
+    small_win = ViTDetBackbone(cfg, img_size=size, window_size=2, global_blocks=(), drop_path=0.0, rel_pos=False)
+    small_win.load_state_dict(no_bias.state_dict())
+    c, d = no_bias(x), small_win(x)
+    for fa, fb, fc, fd in zip(a, b, c, d):
         torch.testing.assert_close(fa, fb, rtol=1e-5, atol=1e-5)
-        assert (fa - fc).abs().max() > 1e-3  # smaller windows really change the result
+        assert (fa - fc).abs().max() > 1e-3  # the rel-pos bias is in effect
+        assert (fc - fd).abs().max() > 1e-3  # smaller windows really change the result
+
+
+def test_rel_pos_attention_against_direct_logits():
+    """One global block's attention with the bias against logits built entry by entry."""
+    from rsscale.finetune.vitdet import ViTDetBlock, get_rel_pos
+
+    torch.manual_seed(0)
+    blk = ViTDetBlock(16, 2, 32, 1, rel_pos_grid=3)
+    _randomize_rel_pos(blk)
+    gh, gw, d = 3, 2, 8  # a non-square grid: the 5-entry tables are used as they are along h, resized along w
+    q, k, v = (torch.randn(1, 2, gh * gw, d) for _ in range(3))
+    got = blk._attend(q, k, v, (gh, gw))
+    Rh, Rw = blk.rel_pos_h[0].detach(), blk.rel_pos_w[0].detach()
+    logits = torch.empty(1, 2, gh * gw, gh * gw)
+    for i in range(gh * gw):
+        for j in range(gh * gw):
+            (hi, wi), (hj, wj) = divmod(i, gw), divmod(j, gw)
+            qi = q[0, :, i]  # [heads, d]
+            bias = (qi * get_rel_pos(gh, gh, Rh)[hi, hj]).sum(-1) + (qi * get_rel_pos(gw, gw, Rw)[wi, wj]).sum(-1)
+            logits[0, :, i, j] = (qi * k[0, :, j]).sum(-1) / d ** 0.5 + bias
+    torch.testing.assert_close(got, logits.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
+    # the lookup: offset dy = hi - hj selects entry dy + S - 1 of the table (no interpolation at size)
+    torch.testing.assert_close(get_rel_pos(3, 3, Rh)[2, 0], Rh[4])
+    torch.testing.assert_close(get_rel_pos(3, 3, Rh)[0, 2], Rh[0])
+    ramp = torch.arange(5.0)[:, None]  # a table for S=3, met on a grid of 5: linearly stretched to 9
+    table = get_rel_pos(5, 5, ramp)[:, :, 0]
+    assert table[4, 0] > table[2, 2] > table[0, 4]
+    assert float(table[2, 2]) == pytest.approx(2.0)
+
+
+def test_drop_path_per_sublayer_drops_each_sublayer_alone():
+    from rsscale.finetune.vitdet import ViTDetBlock
+
+    torch.manual_seed(0)
+    blk = ViTDetBlock(16, 2, 32, 1, drop_path=0.5, per_sublayer=True).train()
+    x = torch.randn(64, 4, 16)
+    y = blk(x)
+    attn_only = x + blk._sublayer(x, blk.attn, None, lambda a: blk._attention(a, None)) / 0.5  # kept: rescaled
+    # some samples keep only the attention update (MLP dropped): impossible when whole blocks drop
+    kept_attn_only = [(y[i] - attn_only[i]).abs().max() < 1e-6 and (attn_only[i] - x[i]).abs().max() > 1e-4
+                      for i in range(64)]
+    assert any(kept_attn_only)
+    whole = ViTDetBlock(16, 2, 32, 1, drop_path=0.5, per_sublayer=False).train()
+    whole.load_state_dict(blk.state_dict())
+    y = whole(x)
+    unchanged = [(y[i] - x[i]).abs().max() < 1e-6 for i in range(64)]
+    assert 10 < sum(unchanged) < 54  # whole blocks dropped with p = 0.5
 
 
 def test_pos_embed_resize_identity_and_shape():
@@ -87,7 +148,7 @@ def test_load_pretrained_mae_weights():
     torch.testing.assert_close(bb.pos_embed.detach(), expected_pos)
     assert "cls_token" in report["ignored"] and any(k.startswith("decoder_") for k in report["ignored"])
     assert report["unexpected"] == []
-    assert report["missing"] and all(k.startswith("pyramid.") for k in report["missing"])
+    assert report["missing"] and all(k.startswith("pyramid.") or ".rel_pos_" in k for k in report["missing"])
     bad = dict(full, **{"norm.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="norm.weight"):
         load_pretrained(bb, bad, cfg)
@@ -141,6 +202,7 @@ def test_tensor_parallel_backbone_equals_tp1():
     cfg = get_preset("tiny", depth=2, branches=2, img_size=32)
     torch.manual_seed(3)
     ref = ViTDetBackbone(cfg, img_size=32, window_size=2, drop_path=0.0, out_channels=16)
+    _randomize_rel_pos(ref)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = [f.numpy() for f in ref(x)]
