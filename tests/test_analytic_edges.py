@@ -35,3 +35,30 @@ def test_plan_rejects_unknown_precision_and_scheme():
         A.Plan(Layout(), scheme="deepspeed")
     assert A.block_param_split(4, 8, 2, qkv_bias=False) == (2 * (64 + 64 + 8), 2 * 24)
     assert A.block_param_split(4, 8, 1) == (64 + 64 + 12 + 8, 24)
+
+
+def test_estimate_derived_rates_by_definition():
+    """images/s = global batch / step time; MFU = model FLOPs (no recompute) / (step time x peak x
+    devices); a single stage sends nothing between stages."""
+    from rsscale.scaling.config import get_preset, mae_step_flops
+
+    cfg, hw = get_preset("tiny"), A.Hardware()
+    for lay, recompute in ((Layout(pp=2, micro_batch=2, global_batch=8), True), (Layout(micro_batch=4, global_batch=8), False)):
+        est = A.estimate(cfg, A.Plan(lay, recompute=recompute), hw)
+        assert est.step_time_s == pytest.approx(est.compute_s + est.comm_s, rel=1e-12)
+        assert est.images_per_s == pytest.approx(8 / est.step_time_s, rel=1e-12)
+        assert est.mfu == pytest.approx(8 * mae_step_flops(cfg, False) / (est.step_time_s * hw.peak_flops * lay.world_size), rel=1e-12)
+        assert est.step_flops == pytest.approx(8 * mae_step_flops(cfg, recompute), rel=1e-12)
+    assert A.estimate(cfg, A.Plan(Layout(micro_batch=4, global_batch=8))).comm_s == 0.0  # one device: no traffic
+    parts = A.stage_forward_flops(cfg, A.Plan(Layout(pp=2, micro_batch=1, global_batch=2)), 1)
+    assert set(parts) == {"encoder", "decoder"} and set(A.stage_forward_flops(
+        cfg, A.Plan(Layout(pp=2, micro_batch=1, global_batch=2)), 0)) == {"encoder"}
+
+
+def test_stage_forward_flops_add_up_to_the_model():
+    from rsscale.scaling.config import get_preset, mae_forward_flops
+
+    cfg = get_preset("tiny")
+    plan = A.Plan(Layout(pp=2, micro_batch=1, global_batch=2))
+    total = sum(f for s in range(2) for f, _ in A.stage_forward_flops(cfg, plan, s).values())
+    assert total == pytest.approx(sum(mae_forward_flops(cfg).values()), rel=1e-12)
