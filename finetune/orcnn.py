@@ -384,6 +384,20 @@ class OrientedRCNN(nn.Module):
         losses["total"] = sum(losses.values())
         return losses
 
+    # The fine-tuning loop's interface (finetune/train.py): `prepare` per micro-batch, the global
+    # batch's `normalizers`, then `loss_from`. Oriented R-CNN normalises within each image's sampled
+    # anchors and RoIs, so a micro-batch's loss is weighted by its share of the global batch's
+    # images: summed over micro-batches and DP ranks, that is the per-image mean (as DDP trains it).
+    def prepare(self, targets, hw):
+        return targets
+
+    def normalizers(self, prepared) -> torch.Tensor:
+        return torch.tensor([float(len(prepared))], dtype=torch.float64)
+
+    def loss_from(self, outs, prepared, norms) -> dict:
+        weight = len(prepared) / float(norms[0])
+        return {k: v * weight for k, v in self.loss(outs, prepared).items()}
+
     @torch.no_grad()
     def predict(self, outs, score_thr: float = 0.05, pre_nms: int = 2000, nms_iou: float = 0.1, max_per_image: int = 2000):
         """Per image {"boxes" [N, 5], "scores" [N], "labels" [N]}, best first."""

@@ -182,7 +182,7 @@ def write_checkpoint(out: str, cfg: ViTConfig, tensors: dict[str, torch.Tensor],
 
     meta = {"model": dataclasses.asdict(cfg), "converted_from": source}
     entries = {f"model/{n}": (t, checkpoint.tensor_meta(t)) for n, t in tensors.items()}
-    return checkpoint.save_checkpoint(os.path.join(out, "checkpoints"), 0, entries, rank_state={}, meta=meta, writer=True)
+    return checkpoint.save_checkpoint(os.path.join(out, "checkpoints"), 0, entries, rank_state={}, meta=meta)
 
 
 def convert_to_rsscale(path: str, fmt: str, out: str, model: str | ViTConfig | None = None, heads: int | None = None,

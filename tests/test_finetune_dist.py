@@ -17,7 +17,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def _argv(task, data, *extra):
     return ["--task", task, "--dataset", "synthetic", "--data", str(data), "--model", "tiny", "--crop", "32",
             "--window", "2", "--channels", "16", "--drop-path", "0", "--global-batch", "4", "--lr", "1e-3",
-            "--warmup", "1", "--steps", "1", "--clip-grad", "0", "--score-thr", "0.05", *extra]
+            "--warmup", "1", "--steps", "1", "--clip-grad", "0", "--score-thr", "0.05", "--detector", "fcos", *extra]
 
 
 def _args(argv):

@@ -71,11 +71,13 @@ def test_flat_adamw_matches_written_out_adamw_and_round_trips_its_state():
     ref, m, v = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 3)
     torch.testing.assert_close(named[0][1].detach().double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(named[1][1].detach().double(), ref[1], rtol=1e-5, atol=1e-6)
-    states = opt.param_states()
+    pieces = opt.moment_pieces()  # unsharded: every parameter whole (elements 0..numel)
+    assert all((a, b) == (0, t.numel()) for per in pieces.values() for t, a, b in per.values())
+    states = {key: {n: t.view_as(dict(named)[n]) for n, (t, _, _) in per.items()} for key, per in pieces.items()}
     torch.testing.assert_close(states["exp_avg"]["a.weight"].double(), m[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(states["exp_avg_sq"]["a.bias"].double(), v[1], rtol=1e-5, atol=1e-9)
     other = FlatAdamW(_named(5), betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
-    other.load_param_states(states, opt.step_count)
+    other.load_moments(lambda key, name: states[key][name], opt.step_count)
     assert other.step_count == 3
     assert torch.equal(other.exp_avg, opt.exp_avg) and torch.equal(other.exp_avg_sq, opt.exp_avg_sq)
     opt.zero_grad()
@@ -99,7 +101,7 @@ def _sharded_worker(rank, world):
         opt.collect_grads()
         opt.allreduce_grads(dist.group.WORLD, world)
         opt.step(0.01)
-    states = opt.param_states()
+    pieces = opt.moment_pieces()["exp_avg"]  # this rank's shard: parameters or flat pieces of them
     # each rank holds half of a model's gradient; 12 is a replica counted on rank 0 only
     g = torch.tensor([3.0, 12.0]) if rank == 0 else torch.tensor([4.0, 12.0])
     mask = torch.tensor([1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 0.0])
@@ -108,7 +110,7 @@ def _sharded_worker(rank, world):
     skip = not scaler.unscale_and_check(torch.tensor([float("inf") if rank == 0 else 1.0]))
     return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(),
             "skip": skip, "scale": scaler.scale, "norm": norm, "clipped": g.numpy(),
-            "exp_avg": {k: t.numpy() for k, t in states["exp_avg"].items()}}
+            "exp_avg": {k: (t.numpy().copy(), a, b) for k, (t, a, b) in pieces.items()}}
 
 
 def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywhere():
@@ -123,7 +125,12 @@ def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywh
         assert r["bytes"] == 2 * 5 * 4  # 9 elements padded to 10, half each
         for got, want in zip(r["params"], ref):
             torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.from_numpy(r["exp_avg"]["a.weight"]).double(), m[0], rtol=1e-5, atol=1e-7)
+    full = torch.full((m[0].numel(),), float("nan"), dtype=torch.float64)  # a.weight's moment from both shards
+    for r in results:
+        if "a.weight" in r["exp_avg"]:
+            t, a, b = r["exp_avg"]["a.weight"]
+            full[a:b] = torch.from_numpy(t).double()
+    torch.testing.assert_close(full.view_as(m[0]), m[0], rtol=1e-5, atol=1e-7)
     assert results[0]["clipped"].tolist() == pytest.approx([3 * 0.5 / (13 + 1e-6), 12 * 0.5 / (13 + 1e-6)])
 
 
