@@ -45,6 +45,7 @@ from rsscale.finetune.seg import Segmenter, evaluate_seg
 from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
 from rsscale.scaling.config import ViTConfig, get_preset, param_count
 from rsscale.scaling.config_file import check_numbers
+from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.data import default_stats
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp
@@ -300,8 +301,9 @@ class Finetuner:
         out = dict(zip(losses, parts.tolist()))
         return {"loss": out.pop("total"), "parts": out, "lr": lr, "grad_norm": grad_norm, "skipped": not finite}
 
-    def fit(self, steps: int, log_metric=None) -> list[float]:
-        """`steps` optimizer steps (linear warmup + cosine); progress every --log-every steps."""
+    def fit(self, steps: int, log_metric=None, tb: ScalarWriter | None = None) -> list[float]:
+        """`steps` optimizer steps (linear warmup + cosine); progress every --log-every steps;
+        per-step scalars into the TensorBoard writer `tb` when given."""
         self.steps, self.warmup = steps, min(self.args.warmup, max(steps // 5, 1))
         t0, history, every = time.time(), [], self.args.log_every
         for step in range(steps):
@@ -309,6 +311,10 @@ class Finetuner:
             history.append(r["loss"])
             if log_metric:
                 log_metric("loss", r["loss"], step=step)
+            if tb is not None:
+                tb.add(step + 1, loss=r["loss"], lr=r["lr"], grad_norm=r["grad_norm"], **r["parts"],
+                       images_per_s=(step + 1) * self.layout.global_batch / max(time.time() - t0, 1e-9),
+                       peak_memory_bytes=peak_memory_bytes(self.device))
             if (step + 1) % every == 0 or step + 1 == steps:
                 dt = time.time() - t0
                 extra = " ".join(f"{k} {v:.3f}" for k, v in r["parts"].items())
@@ -433,9 +439,10 @@ def run_finetune(args) -> dict:
             kind="finetune", enabled=record, preset=cfg.name, params=n_params,
             layout=dict(tp=layout.tp, pp=1, dp=layout.dp, sp=layout.sp), micro_batch=layout.micro_batch,
             global_batch=layout.global_batch, precision=args.precision, kernels=kernels.get_backend(),
-            config={k: v for k, v in vars(args).items() if k not in ("func", "command_argv")}) as run:
+            config={k: v for k, v in vars(args).items() if k not in ("func", "command_argv")}) as run, \
+            ScalarWriter(args.tensorboard, prefix=f"finetune_{args.task}") as tb:
         curve = []
-        history = tuner.fit(steps, log_metric=lambda n, v, step: curve.append((n, v, step, tags)))
+        history = tuner.fit(steps, log_metric=lambda n, v, step: curve.append((n, v, step, tags)), tb=tb)
         run.log_many(curve)
         if out:  # the model is on disk before evaluation starts
             for path in tuner.save(out, cfg, classes):
@@ -458,6 +465,7 @@ def run_finetune(args) -> dict:
         results["final_loss"] = sum(history[-10:]) / max(len(history[-10:]), 1)
         results["eval_seconds"] = eval_s
         say(" ".join(f"{k} {v:.2f}" for k, v in results.items()))
+        tb.add(steps, **results)
         run.log_many([(k, v, None, tags) for k, v in {**results, **per_class}.items()])
     if out and dist.get_rank() == 0:
         (out / "metrics.json").write_text(json.dumps({**results, **per_class, "init": init, "preset": cfg.name, "steps": steps,
@@ -507,6 +515,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-count", type=int, default=64, help="seg/det tiles when writing the synthetic set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
     parser.add_argument("--out", help="folder for the model (safetensors, one file per TP rank), model.json and metrics.json")
     parser.add_argument("--results", help="results store (default $RSSCALE_RESULTS or reports/results.db)")
 

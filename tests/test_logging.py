@@ -55,6 +55,18 @@ def test_bench_writes_step_curves(tmp_path):
         assert [s for s, _ in scalars[f"bench/{tag}"]] == [1, 2]
 
 
+def test_finetune_writes_loss_and_metric_curves(tmp_path):
+    tb, db = tmp_path / "tb", tmp_path / "results.db"
+    run_cli("finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(tmp_path / "data"), "--synthetic-count", "6",
+            "--model", "tiny", "--crop", "32", "--channels", "16", "--global-batch", "2", "--steps", "2",
+            "--results", str(db), "--tensorboard", str(tb))
+    scalars = read_scalars(tb)
+    for tag in ("loss", "lr", "grad_norm", "images_per_s", "peak_memory_bytes"):
+        assert [s for s, _ in scalars[f"finetune_seg/{tag}"]] == [1, 2]
+    stored = ResultsStore(str(db)).metrics(kind="finetune", name="mIoU")
+    assert scalars["finetune_seg/mIoU"] == [(2, pytest.approx(float(stored["value"].iloc[-1]), rel=1e-6))]
+
+
 def test_only_rank_zero_logs_info(monkeypatch, capsys):
     logger = logging.getLogger("rsscale.test")
     monkeypatch.setattr(rsscale_log, "rank", lambda: 1)
