@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from rsscale.scaling.config_file import check_numbers
-from rsscale.scaling.launch import add_launch_arguments, relaunch, torchrun_command, wants_launch
+from rsscale.scaling.launch import add_launch_arguments, command_line, relaunch, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
 
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
@@ -90,9 +89,7 @@ def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
             args += [flag] if value else []
         elif value is not None:
             args += [flag, str(value)]
-    if nproc > 1:
-        return torchrun_command("bench", args, nproc)
-    return [sys.executable, "-m", "rsscale.scaling.cli", "bench", *args]
+    return command_line("bench", args, nproc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ import math
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rsscale.scaling.launch import command_line
 
 log = logging.getLogger("rsscale.study")
 
@@ -250,14 +251,6 @@ def finetune_args(plan: Plan, cell: Cell) -> list[str]:
     return args
 
 
-def _command(name: str, args: list[str], nproc: int) -> list[str]:
-    from rsscale.scaling.launch import torchrun_command
-
-    if nproc > 1:
-        return torchrun_command(name, args, nproc)
-    return [sys.executable, "-m", "rsscale.scaling.cli", name, *args]
-
-
 def done_cells(plan: Plan) -> dict[str, dict]:
     """{cell key: its study record's config} for the cells this study has completed."""
     from rsscale.scaling.store import ResultsStore
@@ -378,9 +371,9 @@ def run_study(plan: Plan, max_cells: int | None = None) -> int:
         t0 = time.perf_counter()
         if cell.kind == "pretrain":
             args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
-            cmd = _command("pretrain", args, nproc)
+            cmd = command_line("pretrain", args, nproc)
         else:
-            cmd = _command("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
+            cmd = command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
         log.info("[study] cell %d/%d %s: %s", len(done) + i + 1, len(todo_all), cell.key, shlex.join(cmd))
         rc = subprocess.call(cmd)
         if rc:

@@ -75,6 +75,13 @@ def torchrun_command(command: str, args: list[str], nproc: int, nnodes: int = 1,
     return run + ["-m", "rsscale.scaling.cli", command, *args]
 
 
+def command_line(command: str, args: list[str], nproc: int) -> list[str]:
+    """`rsscale <command> <args>` on `nproc` local processes: under torchrun when nproc > 1."""
+    if nproc > 1:
+        return torchrun_command(command, args, nproc)
+    return [sys.executable, "-m", "rsscale.scaling.cli", command, *args]
+
+
 def relaunch(command: str, args, argv: list[str]) -> int:
     """Run `rsscale <command> <argv minus launch flags>` under torchrun as `args` asks; returns its exit code."""
     cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, getattr(args, "nnodes", None) or 1,
