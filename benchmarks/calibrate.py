@@ -11,6 +11,9 @@ Measured, each as the median of timed repetitions after a warm-up:
              presets' (batch x branches, heads / TP, tokens, head dim)
   layernorm  bytes/s of kernels.layer_norm (read + write) over the same rows; the time model
              uses it for every elementwise / normalization pass
+  steps      real one-process training steps (`rsscale bench`, one thread per process on CPU) at
+             each micro-batch size, with and without recompute, to which timemodel.fit_overhead
+             fits what the operator sum misses
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
              bandwidth, fitted by least squares over 2^12..2^22 bytes
@@ -101,6 +104,32 @@ def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int 
     return out
 
 
+def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[dict]:
+    """Median step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on,
+    at a global batch of twice the largest micro-batch (so the micro-batch count varies too)."""
+    import subprocess
+    import tempfile
+
+    from rsscale.benchmarks.harness import BenchOptions, bench_command
+
+    runs = []
+    gb = 2 * max(micro_batches)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each process of a multi-process CPU run computes
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for mb in micro_batches:
+                for recompute in (False, True):
+                    path = os.path.join(tmp, "summary.json")
+                    opts = BenchOptions(model=model, micro_batch=mb, global_batch=gb, warmup=1, steps=reps, precision=precision,
+                                        activation_checkpointing=recompute, peak_tflops=1.0, record=False, summary_json=path)
+                    subprocess.run(bench_command(opts, 1), env=env, check=True, stdout=subprocess.DEVNULL)
+                    with open(path) as f:
+                        measured = json.load(f)["step_time_median_s"]
+                    log.info("step of %s mb %d gb %d recompute=%s: %.4f s", model, mb, gb, recompute, measured)
+                    runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=measured))
+    return runs
+
+
 def fit_latency_bandwidth(sizes, times) -> dict:
     """Least-squares t = latency + bytes / bandwidth (latency >= 0)."""
     A = np.stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)], axis=1)
@@ -170,8 +199,10 @@ def measure_collectives(group_sizes, reps: int = 5) -> dict:
     return out
 
 
-def calibrate(models, micro_batches, tps, group_sizes, precision: str) -> dict:
+def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True) -> dict:
     import torch
+
+    from rsscale.benchmarks.timemodel import fit_overhead
 
     from rsscale.scaling.config import get_preset
     from rsscale.scaling.store import environment
@@ -191,6 +222,9 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str) -> dict:
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
         result["collectives"] = measure_collectives(group_sizes)
+    if steps:
+        result["steps"] = measure_steps(models, micro_batches, precision)
+        result["overhead"] = fit_overhead(result, result["steps"])
     return result
 
 
@@ -243,6 +277,11 @@ def main(args) -> int:
     g = [x["flops_per_s"] for x in result["gemm"]]
     print(f"[calibrate] {result['device']} {precision}: {len(g)} GEMM shapes {min(g) / 1e9:.2f}-{max(g) / 1e9:.2f} GFLOP/s, "
           f"{len(result['attention'])} attention shapes, {len(result['layernorm'])} LayerNorm shapes; stored as calibration run {run_id}")
+    if "overhead" in result:
+        o = result["overhead"]
+        print(f"[calibrate] fitted to {len(result['steps'])} one-process steps: operator compute x {o['compute_factor']:.3f}, "
+              f"+ {o['per_block_pass_s'] * 1e3:.3f} ms per block pass, + {o['per_step_s'] * 1e3:.2f} ms per step "
+              f"(worst residual {o['residual_rel']:.1%})")
     for op, fits in result.get("collectives", {}).items():
         print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
     return 0

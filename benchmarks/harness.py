@@ -69,6 +69,7 @@ class BenchOptions:
     trace: str | None = None  # folder for torch.profiler traces, per-operator tables, memory figures
     trace_steps: int = 2
     summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
+    predicted_step_s: float | None = None  # the calibrated time model's prediction (`profile --measure`), recorded beside the measurement
 
     def __post_init__(self):
         check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
@@ -207,6 +208,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
     summary["predicted_images_per_s"] = est.images_per_s
+    if opts.predicted_step_s is not None:
+        summary["predicted_step_time_s"] = opts.predicted_step_s
     if store is not None:
         summary["recorded"] = _record(store, opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
     return summary
@@ -295,6 +298,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
     parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
+    parser.add_argument("--predicted-step-s", type=float, default=None, help=argparse_hide())
     add_launch_arguments(parser)
     parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
     parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "

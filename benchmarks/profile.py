@@ -67,7 +67,7 @@ def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: di
     for plan in plans:
         est = analytic.estimate(cfg, plan, hw)
         step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
-        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step,
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step, calibrated=calib is not None,
                          img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
     return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
@@ -146,7 +146,8 @@ def measure(cfg, rows: list[dict], args) -> int:
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
                             activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
-                            results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"))
+                            results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"),
+                            predicted_step_s=r["step_s"] if r.get("calibrated") else None)
         print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
         rc = subprocess.call(bench_command(opts, args.gpus))
         if rc:

@@ -206,6 +206,29 @@ def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
         doc.figure(fig, f"fig_{name}_vs_params", f"{label} vs encoder parameters, one line per layout")
 
 
+def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Step-time model: predicted vs measured")
+    t = wide(metrics, ["predicted_step_time_s", "step_time_median_s"])
+    if t.empty or "predicted_step_time_s" not in t or t["predicted_step_time_s"].isna().all():
+        doc.text(NO_DATA + " (run `rsscale calibrate`, then `rsscale profile --measure`).")
+        return
+    t = t.dropna(subset=["predicted_step_time_s", "step_time_median_s"]).copy()
+    t["layout"] = [layout_label(r) for _, r in t.iterrows()]
+    t["error_pct"] = 100 * (t["predicted_step_time_s"] / t["step_time_median_s"] - 1)
+    doc.table(t[["run_id", "preset", "device_count", "layout", "device", "predicted_step_time_s", "step_time_median_s", "error_pct"]],
+              "time_model_validation")
+    err = t["error_pct"].abs()
+    doc.text(f"Calibrated time model (benchmarks/timemodel.py) over {len(t)} measured layouts: median |error| {err.median():.1f} %, "
+             f"worst {err.max():.1f} %.")
+    fig, ax = _loglog_axes("measured step time (s)", "predicted step time (s)")
+    for n, g in t.groupby("device_count"):
+        ax.plot(g["step_time_median_s"], g["predicted_step_time_s"], "o", label=f"{int(n)} processes")
+    lo, hi = t[["step_time_median_s", "predicted_step_time_s"]].min().min(), t[["step_time_median_s", "predicted_step_time_s"]].max().max()
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
+    ax.legend(fontsize=7)
+    doc.figure(fig, "fig_time_model", "Predicted vs measured step time, one point per measured layout")
+
+
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Memory per device vs parameters")
     from rsscale.benchmarks import analytic
@@ -484,7 +507,7 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     doc.heading(f"rsscale scaling report: {name}", 1)
     doc.text(f"Results store: `{store.path}`; {len(runs)} runs, {len(metrics)} metric rows. Methods: reports/METHODS.md.")
     section_runs(doc, runs)
-    sections = [lambda: section_throughput(doc, complete), lambda: section_memory(doc, complete),
+    sections = [lambda: section_throughput(doc, complete), lambda: section_time_model(doc, complete), lambda: section_memory(doc, complete),
                 lambda: section_loss(doc, complete), lambda: section_downstream(doc, complete),
                 lambda: section_kernels(doc, complete, runs), lambda: section_study(doc, complete, runs)]
     for section in sections:

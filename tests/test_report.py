@@ -31,6 +31,10 @@ def fill(path):
             run.log("mIoU", 20.0 + i, dataset="loveda", task="seg")
         with store.run(kind="finetune", preset=p, params=n, layout=LAYOUT) as run:  # the data-efficiency study
             run.log("mIoU", 10.0 + i, dataset="loveda", task="seg", train_fraction=0.1)
+    for n, predicted in ((2, 0.12), (4, 0.09)):  # `profile --measure` runs with the time model's prediction beside
+        with store.run(kind="profile", preset="small", params=1, layout=dict(LAYOUT, dp=n), micro_batch=8, global_batch=16,
+                       precision="fp32", device_count=n) as run:
+            run.log_many([("step_time_median_s", 0.10), ("predicted_step_time_s", predicted), ("images_per_s", 160.0)])
     for commit, ms in (("aaaa", 1.0), ("bbbb", 0.8)):
         with store.run(kind="kernel", precision="bf16", kernels="triton", git_commit=commit) as run:
             run.log("ms", ms, kernel="layer_norm", impl="triton", shape="M=8 N=40 K=2", dtype="bf16", direction="fwd")
@@ -52,11 +56,12 @@ def test_report_from_filled_store(tmp_path):
     text = open(md).read()
     pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
     for name in ("fig_throughput_vs_params", "fig_memory_vs_params", "fig_loss_vs_params", "fig_loss_vs_compute",
-                 "fig_loveda_mIoU", "fig_loveda_mIoU_vs_fraction", "fig_diorr_mAP", "fig_kernel_layer_norm"):
+                 "fig_loveda_mIoU", "fig_loveda_mIoU_vs_fraction", "fig_diorr_mAP", "fig_kernel_layer_norm", "fig_time_model"):
         assert f"{name}.png" in pngs and os.path.exists(os.path.join(folder, f"{name}.svg"))
     for f in pngs:
         check_png(os.path.join(folder, f))
     assert "1 incomplete runs" in text and "| running |" in text
+    assert "median |error| 15.0 %, worst 20.0 %" in text  # +20 % and -10 % by hand
     assert "no data yet" not in text.split("## Fitted")[0].split("## Kernel")[0]
     page = open(os.path.join(folder, "report.html")).read()
     assert page.count("data:image/png;base64,") == len(pngs) and "src='fig_" not in page

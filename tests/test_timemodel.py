@@ -47,6 +47,41 @@ def test_pipeline_bubble_and_communication_terms():
     assert dp["dp_comm_s"] == pytest.approx(2e-3)  # gradient all-reduce + ZeRO-1 all-gather
 
 
+def test_overhead_fit_recovers_known_terms_from_one_process_steps():
+    """Steps 'measured' as 1.3 x the operator sum + 0.4 ms per block pass + 5 ms per step: the fit
+    finds those terms, and a TP=2 PP=2 layout (not in the fit) gets them per stage and micro-batch."""
+    cfg, calib = get_preset("small"), _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)
+    runs = []
+    for mb in (2, 8):
+        for recompute in (False, True):
+            plan = A.Plan(Layout(micro_batch=mb, global_batch=16), precision="fp32", recompute=recompute)
+            t = T.predict(cfg, plan, calib)
+            passes = (16 // mb) * (cfg.depth + cfg.dec_depth) * (3 if recompute else 2)
+            measured = t["step_s"] + 0.3 * t["compute_s"] + 4e-4 * passes + 5e-3
+            runs.append(dict(model="small", micro_batch=mb, global_batch=16, recompute=recompute, precision="fp32", measured_s=measured))
+    fit = T.fit_overhead(calib, runs)
+    assert fit["compute_factor"] == pytest.approx(1.3, rel=1e-6) and fit["per_block_pass_s"] == pytest.approx(4e-4, rel=1e-6)
+    assert fit["per_step_s"] == pytest.approx(5e-3, rel=1e-5) and fit["residual_rel"] < 1e-9
+    plan = A.Plan(Layout(tp=2, pp=2, micro_batch=2, global_batch=8), precision="fp32")
+    bare, fitted = T.predict(cfg, plan, calib), T.predict(cfg, plan, {**calib, "overhead": fit})
+    assert fitted["compute_s"] == pytest.approx(1.3 * bare["compute_s"] + 4 * 4e-4 * T.block_passes(cfg, plan, 1), rel=1e-6)
+    assert T.block_passes(cfg, plan, 1) == 2 * (cfg.depth // 2 + cfg.dec_depth)  # the last stage holds the decoder
+    assert fitted["tp_comm_s"] == bare["tp_comm_s"] and fitted["overhead_s"] == pytest.approx(5e-3)
+
+
+def test_overhead_fit_never_goes_negative():
+    """Steps faster than the operator sum cannot make a negative per-pass cost: the term is dropped."""
+    cfg, calib = get_preset("small"), _uniform(flops=1e11, bw=1e10)
+    runs = []
+    for mb in (2, 8):
+        plan = A.Plan(Layout(micro_batch=mb, global_batch=16), precision="fp32")
+        t = T.predict(cfg, plan, calib)
+        runs.append(dict(model="small", micro_batch=mb, global_batch=16, recompute=False, precision="fp32",
+                         measured_s=t["step_s"] - 1e-5 * (16 // mb) * 12))
+    fit = T.fit_overhead(calib, runs)
+    assert fit["per_block_pass_s"] >= 0 and fit["per_step_s"] >= 0 and fit["compute_factor"] > 0
+
+
 def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     import argparse
 
@@ -55,6 +90,8 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     db = str(tmp_path / "results.db")
     result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32")
     assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
+    assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
+    assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
     C.store_calibration(result, db)
     assert C.latest(result["device"], "fp32", db) == result
     assert C.latest("no such device", "fp32", db) is None
