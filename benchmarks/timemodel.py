@@ -23,8 +23,10 @@ P - 1 extra rounds), + the DP all-reduce of the fp32 flat gradient (+ the ZeRO-1
 weights), which our trainer runs after the whole backward (one bucket, no overlap), + the
 optimizer's elementwise passes (grad copy, clip, AdamW: about 16 fp32 values per parameter of the
 shard and 6 per parameter of the stage) at the LayerNorm bandwidth.
-On CPU, when more processes run than there are cores, every compute time is scaled by
-processes / cores (the calibration measured one thread per process on an otherwise idle core).
+On CPU, when more processes run than there are cores, the cores bound the step: it is the larger
+of the pipeline's critical path and all ranks' compute over the cores plus the slowest stage's
+communication (a rank waiting in the pipeline bubble lends its core to the others; the calibration
+measured one thread per process on an otherwise idle core).
 
 What the operator sum misses (framework dispatch and autograd bookkeeping per block, the many
 small elementwise ops of masking, loss and branch stacking, the per-step work of the loop) is
@@ -142,23 +144,27 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
 def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = None) -> dict:
     """Predicted step time of `plan` and its parts, in seconds (module doc)."""
     L = plan.layout
-    scale = 1.0
+    shared = 1.0
     if calib.get("threads_per_process") == 1 and world_cpus:  # CPU: processes beyond the cores share them
-        scale = max(1.0, L.world_size / world_cpus)
+        shared = max(1.0, L.world_size / world_cpus)
     stages = [stage_micro_s(cfg, plan, calib, s) for s in range(L.pp)]
-    per = [scale * st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
+    per = [st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
     slow = max(range(L.pp), key=lambda i: per[i])
-    rounds = L.num_micro + L.pp - 1
+    st, M = stages[slow], L.num_micro
+    rounds = M + L.pp - 1
     trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
     dp = collective_s(calib, "all_reduce", trainable * 4, L.dp) + (collective_s(calib, "all_gather", trainable * 4 / L.dp, L.dp) if zero else 0.0)
     shard = trainable / (L.dp if zero else 1)
-    optim = scale * 4 * (16 * shard + 6 * trainable) / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
-    st = stages[slow]
-    out = {"compute_s": L.num_micro * scale * st["compute"], "tp_comm_s": L.num_micro * st["tp_comm"], "pp_comm_s": L.num_micro * st["pp_comm"],
-           "bubble_s": (rounds - L.num_micro) * per[slow], "dp_comm_s": dp, "optimizer_s": optim}
+    optim = shared * 4 * (16 * shard + 6 * trainable) / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
+    out = {"compute_s": M * st["compute"], "tp_comm_s": M * st["tp_comm"], "pp_comm_s": M * st["pp_comm"],
+           "bubble_s": (rounds - M) * per[slow], "dp_comm_s": dp, "optimizer_s": optim}
+    if shared > 1:  # the cores bound the step when every rank's compute cannot run at once; a rank idle in the bubble lends its core
+        work = L.tp * L.dp * M * sum(s["compute"] for s in stages) / world_cpus
+        if work + out["tp_comm_s"] + out["pp_comm_s"] > rounds * per[slow]:
+            out["compute_s"], out["bubble_s"] = work, 0.0
     out["overhead_s"] = calib.get("overhead", {}).get("per_step_s", 0.0)
-    out["step_s"] = rounds * per[slow] + dp + optim + out["overhead_s"]
+    out["step_s"] = sum(out.values())
     return out
 
 

@@ -100,3 +100,18 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     args = parser.parse_args(["--model", "tiny", "--gpus", "2", "--global-batch", "4", "--precision", "fp32", "--results", db, "--top", "3"])
     assert profile.main(args) == 0
     assert "time model calibrated" in capsys.readouterr().out
+
+
+def test_more_processes_than_cores_share_the_cores():
+    """4 single-thread processes on 2 cores: data parallel computes at half speed; a pipeline
+    is bound by all stages' work over the cores (its idle ranks lend their cores), not by 2x its
+    critical path; with enough cores nothing changes."""
+    cfg, calib = get_preset("small"), {**_uniform(flops=1e11, bw=1e10), "threads_per_process": 1}
+    dp = A.Plan(Layout(dp=4, micro_batch=2, global_batch=16), precision="fp32")
+    assert T.predict(cfg, dp, calib, 2)["compute_s"] == pytest.approx(2 * T.predict(cfg, dp, calib, 4)["compute_s"], rel=1e-12)
+    pp = A.Plan(Layout(pp=2, dp=2, micro_batch=1, global_batch=64), precision="fp32")
+    stage = [T.stage_micro_s(cfg, pp, calib, s)["compute"] for s in range(2)]
+    shared, alone = T.predict(cfg, pp, calib, 2), T.predict(cfg, pp, calib, 4)
+    assert shared["compute_s"] == pytest.approx(2 * 32 * sum(stage) / 2, rel=1e-12) and shared["bubble_s"] == 0
+    assert alone["compute_s"] == pytest.approx(32 * max(stage), rel=1e-12) and alone["bubble_s"] > 0
+    assert shared["step_s"] < 2 * alone["step_s"]
