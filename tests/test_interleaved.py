@@ -146,3 +146,23 @@ def test_checkpoints_cross_virtual_stages(runs):
     trainer.load(str(root / "pp2v2"))
     assert trainer.step == STEPS
     assert [trainer.train_step()["loss"] for _ in range(TOTAL - STEPS)] == pytest.approx(reference["losses"][STEPS:], abs=TOL)
+
+
+def test_analytic_models_the_interleaved_bubble_traffic_and_memory():
+    """g12x4 on PP=4 with 8 micro-batches: V=3 shrinks the bubble rounds from P-1 = 3 to 3/V = 1
+    (compute x (8 + 1) / (8 + 3)), sends 3x the pipeline bytes, and holds more activations on
+    rank 0 (2(P-1) + (V-1)P + 1 = 15 chunks of 1 block vs P = 4 micro-batches of 3 blocks)."""
+    from rsscale.benchmarks import analytic as A
+    from rsscale.scaling.config import get_preset
+
+    cfg = get_preset("g12x4")
+    plans = {v: A.Plan(Layout(tp=1, pp=4, micro_batch=1, global_batch=8, vpp=v), precision="bf16") for v in (1, 3)}
+    est = {v: A.estimate(cfg, p) for v, p in plans.items()}
+    assert est[3].compute_s / est[1].compute_s == pytest.approx((8 + 1) / (8 + 3))
+    assert est[3].comm_s / est[1].comm_s == pytest.approx(3 * (8 + 1) / (8 + 3))  # TP=DP=1: only p2p, per round
+    assert len(A.in_flight(plans[3].layout, 0)) == 15 and len(A.in_flight(plans[1].layout, 0)) == 4
+    mid = [A.stage_activation_bytes(cfg, plans[3], v) for v in (1, 5, 9)]  # rank 1's chunks: blocks only, same size
+    assert mid[0] == mid[1] == mid[2]
+    rank1 = {v: A.memory_per_stage(cfg, p)[1]["activations"] for v, p in plans.items()}
+    assert rank1[3] == pytest.approx(len(A.in_flight(plans[3].layout, 1)) * mid[0])  # 13 chunks of 1 block
+    assert rank1[3] / rank1[1] == pytest.approx(13 / 9, rel=0.02)  # vs 3 micro-batches of 3 blocks (+ outputs)
