@@ -48,19 +48,24 @@ last stage saves the encoder norm's (gathered) input, the decoder embedding, uns
 norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
 head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
 once the largest block's activations while it is recomputed (`recompute_bytes`). With 1F1B,
-stage i keeps min(P - i, micro-batches) micro-batches in flight; the reported memory is the
-worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
+stage i keeps min(P - i, micro-batches) micro-batches in flight; with interleaved 1F1B (V
+chunks per rank, each a virtual stage v = chunk * P + i of P*V with its own blocks, extras and
+kept output) the heaviest set of (chunk, micro-batch) activations its order holds at once
+(scaling/pipeline.py `in_flight_chunks`: on rank 0 2(P-1) + (V-1)P + 1 chunks); the reported
+memory is the worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
 not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
 when recomputing). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
 replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
-matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + P - 1) for the 1F1B bubble,
+matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + (P - 1)/V) for the
+(interleaved) 1F1B bubble of (P-1)/(V M),
 plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
 two sublayer outputs forward and backward within TP (+ once more when recomputing), the
 DP gradient all-reduce (2 (d-1)/d x fp32 grads, plus an all-gather of the weights under ZeRO-1),
-and the pipeline's activation sends; no overlap is assumed.
+and the pipeline's activation sends (forward and backward, once per chunk: V x with interleaving);
+no overlap is assumed.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rsscale.scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
-from rsscale.scaling.layout import Layout, stage_layer_range
+from rsscale.scaling.layout import Layout, stage_chunk_ranges, stage_layer_range
+from rsscale.scaling.pipeline import in_flight_chunks
 
 GIB = 2**30
 SCHEMES = ("rsscale", "megatron")
@@ -125,12 +131,16 @@ def block_param_split(width: int, mlp: int, branches: int, qkv_bias: bool = True
     return branches * split, branches * 6 * width
 
 
-def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> dict[str, int]:
+def stage_blocks(cfg: ViTConfig, pp: int, stage: int, vpp: int = 1) -> int:
+    """Encoder blocks one device of pipeline stage `stage` holds (all its chunks)."""
+    return sum(end - start for start, end in stage_chunk_ranges(cfg.depth, pp, vpp, stage))
+
+
+def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int, vpp: int = 1) -> dict[str, int]:
     """Parameter elements held by one device of `stage`: trainable and frozen (positions)."""
     D, Dd, N, P = cfg.width, cfg.dec_width, cfg.num_patches, cfg.patch_dim
-    start, end = stage_layer_range(cfg.depth, pp, stage)
     split, rep = block_param_split(D, cfg.mlp, cfg.branches, cfg.qkv_bias)
-    trainable = (end - start) * (split // tp + rep)
+    trainable = stage_blocks(cfg, pp, stage, vpp) * (split // tp + rep)
     frozen = 0
     if stage == 0:
         trainable += P * D + D + D  # patch projection, its bias, cls token
@@ -193,21 +203,27 @@ def _precision_bytes(plan: Plan) -> tuple[int, int]:
     return e, (4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e)
 
 
+def _virtual_stages(layout: Layout) -> int:
+    """Virtual pipeline stages: P*V (chunk j of pipeline stage i is virtual stage j*P + i)."""
+    return layout.pp * layout.vpp
+
+
 def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float]]:
-    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind."""
+    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind of
+    virtual stage `stage` (the pipeline stage when V = 1)."""
     L = plan.layout
     t, sp = L.tp, L.sp
     e, r = _precision_bytes(plan)
-    start, end = stage_layer_range(cfg.depth, L.pp, stage)
+    start, end = stage_layer_range(cfg.depth, _virtual_stages(L), stage)
     kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
-    if stage == L.pp - 1:
+    if stage == _virtual_stages(L) - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
     return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash), block_micro_bytes(h, m, K, t, e, r),
              _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
 
 
 def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, float]:
-    """(per image, per micro-batch) bytes saved outside the transformer blocks on `stage`."""
+    """(per image, per micro-batch) bytes saved outside the transformer blocks on virtual stage `stage`."""
     L = plan.layout
     t, sp = L.tp, L.sp
     e, r = _precision_bytes(plan)
@@ -218,7 +234,7 @@ def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, fl
     if stage == 0:  # the conv's input, the masking gather's index and input
         img += cfg.in_chans * cfg.img_size**2 * e + cfg.num_visible * 8 + N * D * r
         micro += D * P * copy
-    if stage < L.pp - 1:  # the stage output, kept by the 1F1B schedule
+    if stage < _virtual_stages(L) - 1:  # the stage output, kept by the 1F1B schedule
         img += _local_tokens(s_e, t, sp) * D * r
     else:  # encoder norm (+ its gathered input), decoder embed, unshuffle, decoder norm, head, loss
         img += _tokens(s_e, t, sp) * D * r + 2 * s_e * 4 + s_e * D * e
@@ -230,8 +246,8 @@ def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, fl
 
 
 def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """Activation bytes one micro-batch leaves saved on `stage` after its forward (with
-    activation checkpointing: the block inputs only; see `recompute_bytes`)."""
+    """Activation bytes one micro-batch leaves saved on virtual stage `stage` after its forward
+    (with activation checkpointing: the block inputs only; see `recompute_bytes`)."""
     mb = plan.layout.micro_batch
     img, micro = stage_extra_bytes(cfg, plan, stage)
     for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage):
@@ -250,9 +266,10 @@ def recompute_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage) if n), default=0.0)
 
 
-def in_flight(layout: Layout, stage: int) -> int:
-    """Micro-batches whose activations stage `stage` holds at once under 1F1B."""
-    return max(1, min(layout.pp - stage, layout.num_micro))
+def in_flight(layout: Layout, stage: int, weight=lambda chunk: 1.0) -> list[int]:
+    """The chunks (one entry per micro-batch; all 0 when V = 1) whose activations stage `stage`
+    holds at once at the heaviest point of its (interleaved) 1F1B order, by `weight(chunk)`."""
+    return in_flight_chunks(layout.pp, layout.vpp, layout.num_micro, stage, weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,13 +283,16 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     per = bytes_per_param(plan.precision, plan.scheme, zero)
     out = []
     for stage in range(L.pp):
-        n = stage_params(cfg, L.tp, L.pp, stage)
+        n = stage_params(cfg, L.tp, L.pp, stage, L.vpp)
+        virtual = [chunk * L.pp + stage for chunk in range(L.vpp)]
+        chunk_bytes = [stage_activation_bytes(cfg, plan, v) for v in virtual]
         mem = {
             "params": (n["trainable"] + n["frozen"]) * per["params"],
             "grads": n["trainable"] * per["grads"],
             "optimizer": n["trainable"] * per["optimizer"],
             "masks": n["trainable"] * per["masks"],
-            "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage) + recompute_bytes(cfg, plan, stage),
+            "activations": sum(chunk_bytes[c] for c in in_flight(L, stage, chunk_bytes.__getitem__))
+            + max(recompute_bytes(cfg, plan, v) for v in virtual),
         }
         mem["total"] = sum(mem.values())
         out.append(mem)
@@ -284,8 +304,7 @@ def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tup
     each with the token count (matmul rows per image) that sets its efficiency."""
     L = plan.layout
     f = mae_forward_flops(cfg)
-    start, end = stage_layer_range(cfg.depth, L.pp, stage)
-    enc = f["encoder"] / cfg.depth * (end - start) / L.tp + (f["patch_embed"] if stage == 0 else 0)
+    enc = f["encoder"] / cfg.depth * stage_blocks(cfg, L.pp, stage, L.vpp) / L.tp + (f["patch_embed"] if stage == 0 else 0)
     parts = {"encoder": (enc, cfg.num_visible + 1)}
     if stage == L.pp - 1:
         parts["decoder"] = (f["decoder"] / L.tp + f["decoder_embed"] + f["pred"], cfg.num_patches + 1)
@@ -313,17 +332,16 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
         parts = stage_forward_flops(cfg, plan, stage).values()
         compute = sum(passes * L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
                       for flops, rows in parts)
-        start, end = stage_layer_range(cfg.depth, L.pp, stage)
-        nblk = [(end - start, cfg.num_visible + 1, cfg.width)]
+        nblk = [(stage_blocks(cfg, L.pp, stage, L.vpp), cfg.num_visible + 1, cfg.width)]
         if stage == L.pp - 1:
             nblk.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width))
         allreduces = 2 * (2 + (1 if plan.recompute else 0))  # 2 sublayers x (fwd, bwd[, recompute])
         tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
-        pp_bytes = 2 * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
+        pp_bytes = 2 * L.vpp * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
         stage_s.append((compute, (tp_bytes + pp_bytes) / hw.bandwidth))
     slowest = max(stage_s, key=lambda cs: cs[0] + cs[1])
-    rounds = L.num_micro + L.pp - 1
-    trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
+    rounds = L.num_micro + (L.pp - 1) / L.vpp  # the bubble: (P-1)/V micro-batch rounds
+    trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     dp_bytes = _ring(trainable * 4, L.dp) + (trainable * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
     compute_s = rounds * slowest[0]
     comm_s = rounds * slowest[1] + dp_bytes / hw.bandwidth

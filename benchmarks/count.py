@@ -19,9 +19,11 @@ which would count bf16 runs in fp32). Nothing is allocated. Then:
       parameter (autograd's) and the trainer's fp32 per-element count mask for the grad norm.
   activations: the storages autograd saves for backward, seen by
       `torch.autograd.graph.saved_tensors_hooks` (each storage counted once, parameters
-      excluded), plus the stage output the 1F1B schedule keeps until its backward, over the
-      micro-batches 1F1B keeps in flight on that stage (`analytic.in_flight`), each forward run
-      as the trainer runs it (the run's autocast dtype, activation checkpointing on or off).
+      excluded), plus the stage output the 1F1B schedule keeps until its backward: one forward of
+      each of the stage's chunks (one chunk unless --vpp > 1) run as the trainer runs it (the
+      run's autocast dtype, activation checkpointing on or off), then summed over the
+      (chunk, micro-batch) activations the (interleaved) 1F1B order holds at once at its
+      heaviest point, weighed by these counts (`analytic.in_flight`).
       With activation checkpointing the blocks save only their inputs in forward; during
       backward one block at a time is recomputed, so the largest block's full saved set
       (counted in a run without checkpointing, its input left out) is added once.
@@ -43,7 +45,7 @@ import torch.distributed as dist
 
 from rsscale.benchmarks.analytic import Plan, in_flight
 from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.layout import check_layout, stage_layer_range
+from rsscale.scaling.layout import check_layout, stage_chunk_ranges
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
@@ -158,8 +160,8 @@ def _blocks(model):
     return named
 
 
-def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: set, attribute: bool = False) -> _SavedBytes:
-    """Run `micro` forwards of this stage as the trainer does and collect what autograd saves."""
+def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: set, attribute: bool = False) -> _SavedBytes:
+    """Run one forward of this stage's `chunk` as the trainer does and collect what autograd saves."""
     from rsscale.scaling.mae import masking_noise
 
     L = plan.layout
@@ -167,17 +169,15 @@ def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: 
     dtype = AUTOCAST.get(plan.precision)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
     ctx = saved.attribute_blocks(_blocks(model)) if attribute else contextlib.nullcontext()
-    alive = []  # every micro-batch's graph stays alive, so no storage address is reused
+    last = model.post_process and chunk == len(model.chunk_ranges) - 1
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), ctx:
-        for _ in range(micro):
-            imgs = torch.empty(L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size)
-            noise = masking_noise(L.micro_batch, cfg)
-            x = None if stage_input else torch.empty(model.hidden_shape(L.micro_batch)).requires_grad_()
-            with autocast:
-                out = model.forward_stage(x, imgs, noise)
-            y = out[0].float() / L.num_micro if model.post_process else out
-            saved.add(y)  # kept by the 1F1B schedule until this micro-batch's backward
-            alive.append(y)
+        imgs = torch.empty(L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+        noise = masking_noise(L.micro_batch, cfg)
+        x = None if stage_input else torch.empty(model.hidden_shape(L.micro_batch)).requires_grad_()
+        with autocast:
+            out = model.forward_stage(x, imgs, noise, chunk=chunk)
+        y = out[0].float() / L.num_micro if last else out
+        saved.add(y)  # kept by the 1F1B schedule until this micro-batch's backward
     return saved
 
 
@@ -199,7 +199,7 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
 
         def build():
             return MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
-                                     post_process=stage == L.pp - 1, layer_range=stage_layer_range(cfg.depth, L.pp, stage), config=config)
+                                     post_process=stage == L.pp - 1, layer_range=stage_chunk_ranges(cfg.depth, L.pp, L.vpp, stage), config=config)
 
         with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
             model = build()
@@ -215,18 +215,18 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
         with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
             model = build()
             skip = {_storage(p)[0] for p in model.parameters()}
-            micro = in_flight(L, stage)
-            saves = _forward_saves(model, cfg, plan, stage == 0, micro, skip, attribute=not plan.recompute)
-            out.activations = saves.total()
+            chunks = range(L.vpp)
+            saves = [_forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=not plan.recompute) for c in chunks]
+            chunk_bytes = [sv.total() for sv in saves]
+            out.activations = sum(chunk_bytes[c] for c in in_flight(L, stage, chunk_bytes.__getitem__))
             if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
                 for _, blk in _blocks(model):
                     blk.activation_checkpointing = False
-                full = _forward_saves(model, cfg, plan, stage == 0, 1, skip, attribute=True)
-                per_block = full.by_block()
+                per_block = {k: n for c in chunks for k, n in _forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=True).by_block().items()}
                 out.activations += max(per_block.values(), default=0)
                 out.block_activations = sum(per_block.values())
             else:
-                out.block_activations = sum(saves.by_block().values()) // micro
+                out.block_activations = sum(n for sv in saves for n in sv.by_block().values())
     return out
 
 

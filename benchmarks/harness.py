@@ -15,7 +15,13 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   peak memory per rank: allocator peak on GPU (torch.cuda.max_memory_allocated), on CPU the peak
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
-  the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side.
+  the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side;
+  with --pp > 1 the pipeline bubble: measured = mean over ranks of (forward+backward time - the
+  rank's own compute time) / its compute time, each forward and backward timed with a device
+  synchronize around it (scaling/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers
+  and stage imbalance all count as bubble), beside the theory (p-1)/(v*m) of balanced stages.
+--vpp-sweep 1,2: measure the layout once per --vpp value in this one launch and print a table of
+img/s and bubble side by side (reports/interleaved.md).
 --trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
   DIR/trace_rank<r>.json (Chrome/Perfetto), DIR/ops_rank<r>.txt and .csv (per-operator times), on
   CUDA DIR/memory_rank<r>.pickle (torch.cuda.memory._dump_snapshot; open at pytorch.org/memory_viz)
@@ -27,6 +33,7 @@ Every rank measures; rank 0 gathers the per-rank peaks and writes one record (ki
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -42,7 +49,7 @@ from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
-NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--micro-batch": dict(ge=1),
+NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--vpp": dict(ge=1), "--micro-batch": dict(ge=1),
                 "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0)}
 
 
@@ -55,6 +62,8 @@ class BenchOptions:
     sp: bool = False
     micro_batch: int = 8
     global_batch: int = 8
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
+    vpp_sweep: str | None = None  # "1,2": measure each --vpp in turn, side by side
     warmup: int = 3
     steps: int = 10
     precision: str = "fp32"
@@ -152,7 +161,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
-    layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
+    layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
                          kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
                          record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer))
@@ -172,6 +181,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
                    "counted_act_bytes": max(c.activations for c in counted_stages)}
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
+    trainer.time_compute = layout.pp > 1  # each forward/backward timed: the measured pipeline bubble
     rank = dist.get_rank()
     log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
     for _ in range(opts.warmup):
@@ -184,6 +194,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
             log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
     mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
+    if trainer.time_compute:  # this rank's idle share of forward+backward, per step
+        mine["bubble"] = float(np.median([(r["t_fwd_bwd"] - r["t_compute"]) / r["t_compute"] for r in recs]))
     if opts.trace:  # after the timed steps, so the profiler does not slow them down
         from rsscale.benchmarks.trace import trace_steps
 
@@ -204,6 +216,11 @@ def run_bench(opts: BenchOptions) -> dict | None:
     summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
     summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
     summary["peak_tflops_used"] = peak_tflops
+    if layout.pp > 1:
+        from rsscale.scaling.pipeline import bubble_fraction
+
+        summary["bubble_measured"] = float(np.mean([p["bubble"] for p in peaks]))
+        summary["bubble_theory"] = bubble_fraction(layout.pp, layout.vpp, layout.num_micro)
     est = analytic.estimate(cfg, plan, analytic.Hardware(peak_flops=peak_tflops * 1e12))
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
@@ -277,6 +294,21 @@ def print_summary(s: dict) -> None:
     print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
           f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
           + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
+    if "bubble_measured" in s:
+        print(f"[bench] pipeline bubble (idle / compute time in forward+backward, mean over ranks) {100 * s['bubble_measured']:.1f}%; "
+              f"theory (p-1)/(v*m) {100 * s['bubble_theory']:.1f}%", flush=True)
+
+
+def sweep_table(rows: list[tuple[int, dict]]) -> str:
+    """Markdown: img/s, step time and pipeline bubble per --vpp value, side by side."""
+    lines = ["| --vpp | img/s | step time median s (IQR) | bubble measured | bubble theory (p-1)/(v*m) | predicted img/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for v, s in rows:
+        bubble = f"{100 * s['bubble_measured']:.1f} %" if "bubble_measured" in s else "-"
+        theory = f"{100 * s['bubble_theory']:.1f} %" if "bubble_theory" in s else "-"
+        lines.append(f"| {v} | {s['images_per_s']:.1f} | {s['step_time_median_s']:.4f} ({s['step_time_p25_s']:.4f}-{s['step_time_p75_s']:.4f}) "
+                     f"| {bubble} | {theory} | {s['predicted_images_per_s']:.1f} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +337,8 @@ def add_arguments(parser) -> None:
                         "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
     parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
     parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
+    parser.add_argument("--vpp-sweep", default=None, metavar="V1,V2,...", help="measure once per --vpp value in this launch, "
+                        "img/s and pipeline bubble side by side (overrides --vpp)")
 
 
 def argparse_hide():
@@ -322,9 +356,23 @@ def main(args) -> int:
     opts = options_from_args(args)
     if wants_launch(args):
         return relaunch("bench", args, args.command_argv)
-    summary = run_bench(opts)
+    if opts.vpp_sweep:
+        try:
+            values = [int(v) for v in opts.vpp_sweep.split(",")]
+        except ValueError:
+            raise SystemExit(f"rsscale bench: --vpp-sweep takes comma-separated integers, got {opts.vpp_sweep!r}") from None
+        rows = [(v, run_bench(dataclasses.replace(opts, vpp=v, vpp_sweep=None))) for v in values]
+        summary = rows[-1][1]
+        if summary is not None:
+            for v, s in rows:
+                print(f"[bench] --vpp {v}:")
+                print_summary(s)
+            print(sweep_table(rows), flush=True)
+    else:
+        summary = run_bench(opts)
+        if summary is not None:
+            print_summary(summary)
     if summary is not None:
-        print_summary(summary)
         if opts.summary_json:
             import json
 

@@ -5,6 +5,7 @@
     rsscale profile --model g12x4 --gpus 32 --global-batch 256 --top 5 --count
 
 Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
+interleaved 1F1B with every --vpp V whose pp*V divides the depth (when pp > 1; --vpp to pick),
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
 scaling/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
 (per-device memory of the worst pipeline stage, step time, images/s, MFU) and marked as not
@@ -40,7 +41,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None) -> list[analytic.Plan]:
+def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None, vpps=None) -> list[analytic.Plan]:
     """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout)."""
     plans = []
     for tp in divisors(gpus):
@@ -48,10 +49,11 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
             dp = gpus // (tp * pp)
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
-            for sp, mb, recompute, zero in itertools.product((False, True), mbs, (False, True), (False, True)):
+            vs = vpps or [v for v in divisors(max(cfg.depth // pp, 1)) if pp > 1 or v == 1]
+            for sp, mb, vpp, recompute, zero in itertools.product((False, True), mbs, vs, (False, True), (False, True)):
                 if zero and dp == 1:
                     continue
-                layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch)
+                layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch, vpp=vpp)
                 if validate_layout(layout, cfg, gpus):
                     continue
                 plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=zero))
@@ -142,7 +144,7 @@ def measure(cfg, rows: list[dict], args) -> int:
     for i, r in enumerate(todo):
         p = r["plan"]
         L = p.layout
-        opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch,
+        opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch, vpp=L.vpp,
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
                             activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
@@ -171,7 +173,7 @@ def spread(rows: list[dict], n: int) -> list[dict]:
     seen, distinct = set(), []
     for r in rows:
         L = r["plan"].layout
-        key = (L.tp, L.pp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
+        key = (L.tp, L.pp, L.vpp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
         if key not in seen:
             seen.add(key)
             distinct.append(r)
@@ -257,6 +259,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bandwidth-gbs", type=float, default=300.0, help="effective collective bandwidth per device, GB/s")
     parser.add_argument("--global-batch", type=int, default=256, help="images per optimizer step")
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
+    parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
+                        "(repeatable; default 1 and every V with pp*V dividing the depth)")
     parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
     parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
@@ -280,6 +284,8 @@ def check_args(args) -> None:
     check_numbers(NUMBER_RULES, lambda flag: getattr(args, flag[2:].replace("-", "_")))
     for mb in args.micro_batch or ():
         check_number("--micro-batch", mb, ge=1)
+    for v in args.vpp or ():
+        check_number("--vpp", v, ge=1)
     if args.reserve_gb >= args.memory_gb:
         raise ValueError(f"--reserve-gb ({args.reserve_gb:g}) must be below --memory-gb ({args.memory_gb:g})")
 
@@ -297,7 +303,7 @@ def main(args) -> int:
     hw = analytic.Hardware(peak_flops=(args.peak_tflops or 989.0) * 1e12, efficiency=args.efficiency,
                            bandwidth=args.bandwidth_gbs * 1e9)
     budget = (args.memory_gb - args.reserve_gb) * GIB
-    plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch)
+    plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch, args.vpp)
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1

@@ -17,9 +17,9 @@ Per micro-batch on each pipeline stage (one TP rank):
               stacked input gradients (SP: all-gather + reduce-scatter of the K stacked, and the
               all-gather of the output gradient); every collective latency + bytes / bandwidth of
               its calibrated group size. Never overlapped: our blocks wait on each collective.
-  PP comm     one send/recv of the stage's fp32 hidden states each way
-The step: (micro-batches + P - 1) x the slowest stage's per-micro-batch time (1F1B: the bubble is the
-P - 1 extra rounds), + the DP all-reduce of the fp32 flat gradient (+ the ZeRO-1 all-gather of the
+  PP comm     one send/recv of the stage's fp32 hidden states each way, per chunk (V x interleaved)
+The step: (micro-batches + (P - 1)/V) x the slowest stage's per-micro-batch time (1F1B: the bubble
+is P - 1 extra rounds, V times shorter with V interleaved chunks per rank), + the DP all-reduce of the fp32 flat gradient (+ the ZeRO-1 all-gather of the
 weights), which our trainer runs after the whole backward (one bucket, no overlap), + the
 optimizer's elementwise passes (grad copy, clip, AdamW: about 16 fp32 values per parameter of the
 shard and 6 per parameter of the stage) at the LayerNorm bandwidth.
@@ -44,9 +44,9 @@ import math
 
 import numpy as np
 
-from rsscale.benchmarks.analytic import Plan, _local_tokens, stage_params
+from rsscale.benchmarks.analytic import Plan, _local_tokens, stage_blocks, stage_params
 from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.layout import Layout, stage_layer_range
+from rsscale.scaling.layout import Layout
 
 
 def _nearest(table: list[dict], shape, key: str) -> float:
@@ -110,8 +110,7 @@ def _tp_backward_comm(calib, n_blocks, mb, s, h, K, t, sp) -> float:
 
 def block_passes(cfg: ViTConfig, plan: Plan, stage: int) -> int:
     """Block passes (forward, backward, and the recompute forward) one micro-batch makes on `stage`."""
-    start, end = stage_layer_range(cfg.depth, plan.layout.pp, stage)
-    blocks = end - start + (cfg.dec_depth if stage == plan.layout.pp - 1 else 0)
+    blocks = stage_blocks(cfg, plan.layout.pp, stage, plan.layout.vpp) + (cfg.dec_depth if stage == plan.layout.pp - 1 else 0)
     return blocks * (3 if plan.recompute else 2)
 
 
@@ -120,8 +119,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     L = plan.layout
     t, sp, mb = L.tp, L.sp, L.micro_batch
     e = 4 if plan.precision == "fp32" else 2
-    start, end = stage_layer_range(cfg.depth, L.pp, stage)
-    kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
+    kinds = [(stage_blocks(cfg, L.pp, stage, L.vpp), cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     extra = 0.0
     if stage == 0:
         extra += _gemm_s(calib, mb * cfg.num_patches, cfg.patch_dim, cfg.width)
@@ -135,7 +133,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
         comm += tc * (2 if plan.recompute else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
         recomp += rc if plan.recompute else 0.0
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
-    pp = 2 * collective_s(calib, "send_recv", hidden, 2) if L.pp > 1 else 0.0
+    pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})
     compute = over.get("compute_factor", 1.0) * (comp + recomp) + over.get("per_block_pass_s", 0.0) * block_passes(cfg, plan, stage)
     return {"compute": compute, "tp_comm": comm, "pp_comm": pp}
@@ -151,8 +149,8 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     per = [st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
     slow = max(range(L.pp), key=lambda i: per[i])
     st, M = stages[slow], L.num_micro
-    rounds = M + L.pp - 1
-    trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
+    rounds = M + (L.pp - 1) / L.vpp
+    trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
     dp = collective_s(calib, "all_reduce", trainable * 4, L.dp) + (collective_s(calib, "all_gather", trainable * 4 / L.dp, L.dp) if zero else 0.0)
     shard = trainable / (L.dp if zero else 1)

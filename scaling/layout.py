@@ -11,6 +11,11 @@ ranges as evenly as possible, the earlier stages taking the extra block when P d
 the depth (depth 12 on P=5: 3,3,2,2,2). The first stage also holds patch embed, positions,
 masking and cls token; the last stage also holds the encoder norm, the whole decoder and the
 loss (see scaling/mae.py). Every stage must get at least one block, so P <= depth.
+
+Interleaved 1F1B (`vpp` = V > 1, Megatron's virtual pipeline): the blocks are cut into P*V equal
+chunks and rank r holds chunks r, r+P, r+2P, ... (`stage_chunk_ranges`); the first chunk keeps
+the pre-process parts, the last the post-process ones. Megatron's rules apply: P >= 2, P*V
+divides the depth, and the micro-batches per step are a multiple of P (scaling/pipeline.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Layout:
     sp: bool = False  # sequence parallel inside the TP group (needs tp > 1)
     micro_batch: int = 8  # images per forward pass on one rank
     global_batch: int = 8  # images per optimizer step, over all DP ranks and micro-batches
+    vpp: int = 1  # virtual pipeline stages (chunks of blocks) per pipeline rank: interleaved 1F1B when > 1
 
     @property
     def world_size(self) -> int:
@@ -43,7 +49,8 @@ class Layout:
 
     def __str__(self) -> str:
         sp = "+SP" if self.sp else ""
-        return f"TP{self.tp}{sp} PP{self.pp} DP{self.dp} mb{self.micro_batch} gb{self.global_batch}"
+        vpp = f"x{self.vpp}" if self.vpp > 1 else ""
+        return f"TP{self.tp}{sp} PP{self.pp}{vpp} DP{self.dp} mb{self.micro_batch} gb{self.global_batch}"
 
 
 # The layout flags every command that trains or measures takes: flag -> (Layout field, type, help).
@@ -53,12 +60,13 @@ LAYOUT_FLAGS = {
     "--dp": ("dp", int, "data-parallel size (default: world size / (tp*pp))"),
     "--micro-batch": ("micro_batch", int, "images per micro-batch per rank"),
     "--global-batch": ("global_batch", int, "images per optimizer step (all ranks)"),
+    "--vpp": ("vpp", int, "virtual pipeline stages per rank (interleaved 1F1B; needs --pp >= 2)"),
 }
 SP_HELP = "sequence parallelism (needs --tp >= 2)"
 
 
 def add_layout_arguments(parser, defaults: Layout | None = None) -> None:
-    """Add --tp --pp --dp --sp --micro-batch --global-batch. With `defaults`, absent flags take its
+    """Add --tp --pp --dp --sp --micro-batch --global-batch --vpp. With `defaults`, absent flags take its
     values (--dp stays None: derived from the world size); without, absent flags stay absent
     (argparse.SUPPRESS), so a config file's values survive."""
     import argparse
@@ -81,11 +89,17 @@ def stage_layer_range(depth: int, pp: int, stage: int) -> tuple[int, int]:
     return start, start + base + (1 if stage < extra else 0)
 
 
+def stage_chunk_ranges(depth: int, pp: int, vpp: int, stage: int) -> list[tuple[int, int]]:
+    """Encoder blocks [start, end) of each of the `vpp` chunks pipeline rank `stage` holds, in
+    order: chunk j is virtual stage j*pp + stage of pp*vpp (one range, `stage_layer_range`, when vpp=1)."""
+    return [stage_layer_range(depth, pp * vpp, j * pp + stage) for j in range(vpp)]
+
+
 def validate_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> list[str]:
     """All reasons `layout` cannot train `cfg` on `world_size` processes (empty list: it can)."""
-    t, p, d = layout.tp, layout.pp, layout.dp
-    if min(t, p, d, layout.micro_batch, layout.global_batch) < 1:
-        return [f"tp, pp, dp, micro_batch and global_batch must all be >= 1, got {layout}"]
+    t, p, d, v = layout.tp, layout.pp, layout.dp, layout.vpp
+    if min(t, p, d, v, layout.micro_batch, layout.global_batch) < 1:
+        return [f"tp, pp, dp, vpp, micro_batch and global_batch must all be >= 1, got {layout}"]
     problems = []
     if t * p * d != world_size:
         problems.append(f"the world size {world_size} must equal tp*pp*dp = {t}*{p}*{d} = {t * p * d}")
@@ -100,6 +114,14 @@ def validate_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> list[str
     problems += [f"TP size {t} does not divide the {what} ({n})" for what, n in sizes.items() if n % t]
     if p > cfg.depth:
         problems.append(f"PP size {p} exceeds the encoder depth {cfg.depth}: every stage needs at least one block")
+    if v > 1:
+        if p < 2:
+            problems.append(f"--vpp {v} (interleaved 1F1B) needs --pp >= 2")
+        elif cfg.depth % (p * v):
+            problems.append(f"--vpp {v}: the encoder depth {cfg.depth} must be a multiple of pp*vpp = {p}*{v} = {p * v}")
+        if p > 1 and layout.num_micro % p:
+            problems.append(f"--vpp {v}: the micro-batches per step (global_batch / (micro_batch*dp) = {layout.num_micro}) "
+                            f"must be a multiple of --pp {p} (interleaved 1F1B)")
     if layout.sp and t < 2:
         problems.append("sequence parallelism (--sp) needs TP size >= 2")
     if layout.global_batch % (layout.micro_batch * d):

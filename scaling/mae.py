@@ -13,9 +13,11 @@ an equally seeded generator gets the same mask.
 
 Pipeline stages (the rule): `pre_process=True` puts patch embed, positions, masking and the cls
 token on this stage; `post_process=True` puts the encoder norm, the whole decoder and the loss on
-it; `layer_range=(start, end)` picks the encoder blocks [start, end). Parameter names are those of
-the full model (`blocks.<global index>...`), so checkpoints are layout independent.
-`forward_stage(hidden, imgs, noise)` runs one stage: the first stage reads `imgs` and `noise`,
+it; `layer_range=(start, end)` picks the encoder blocks [start, end), or a list of such ranges
+picks one chunk of blocks per virtual stage (interleaved 1F1B: pre_process then applies to the
+first chunk, post_process to the last). Parameter names are those of the full model
+(`blocks.<global index>...`), so checkpoints are layout independent.
+`forward_stage(hidden, imgs, noise, chunk=0)` runs one stage (chunk): the first stage reads `imgs` and `noise`,
 the others read `hidden` [B, 1+V, D] (V = cfg.num_visible); the last stage also needs `imgs`
 and `noise` (loss target, mask) and returns (loss, pred, mask), the others return hidden
 states of shape `hidden_shape(batch)`.
@@ -99,13 +101,12 @@ class MaskedAutoencoder(nn.Module):
         self.tp = config.tensor_model_parallel_size
         problems = check_tp_divides(self.tp, "the encoder's", heads=cfg.heads, width=cfg.width, mlp=cfg.mlp)
         problems += check_tp_divides(self.tp, "the decoder's", heads=cfg.dec_heads, width=cfg.dec_width, mlp=cfg.dec_mlp)
-        start, end = layer_range or (0, cfg.depth)
-        if not 0 <= start <= end <= cfg.depth:
-            problems.append(f"layer_range {(start, end)} is not within the {cfg.depth} encoder blocks")
+        ranges = [tuple(r) for r in layer_range] if isinstance(layer_range, list) else [tuple(layer_range or (0, cfg.depth))]
+        problems += [f"layer_range {r} is not within the {cfg.depth} encoder blocks" for r in ranges if not 0 <= r[0] <= r[1] <= cfg.depth]
         if problems:
             raise ValueError(f"model {cfg.name!r} cannot be built with TP={self.tp}: " + "; ".join(problems))
         self.cfg, self.sequence_parallel = cfg, sequence_parallel
-        self.pre_process, self.post_process, self.layer_range = pre_process, post_process, (start, end)
+        self.pre_process, self.post_process, self.chunk_ranges = pre_process, post_process, ranges
         D, Dd = cfg.width, cfg.dec_width
 
         def block(width, heads, mlp, branches):
@@ -119,7 +120,7 @@ class MaskedAutoencoder(nn.Module):
                 self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D), requires_grad=False)
                 init_fixed_(self.pos_embed, sincos_pos_embed_2d(D, cfg.grid, cfg.grid, cls_token=True))
         self.blocks = nn.ModuleDict()  # keyed by global block index: names match the full model
-        for i in range(start, end):
+        for i in (i for start, end in ranges for i in range(start, end)):
             with _seeded(seed, 1000 + i):
                 self.blocks[str(i)] = block(D, cfg.heads, cfg.mlp, cfg.branches)
         if post_process:
@@ -167,10 +168,12 @@ class MaskedAutoencoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return self._scatter_tokens(torch.cat([cls, x], dim=1)), mask, ids_restore
 
-    def run_blocks(self, x):
+    def run_blocks(self, x, chunk: int | None = None):
+        """The encoder blocks of one chunk (all of this stage's when chunk is None)."""
         n = self.cfg.num_visible + 1
-        for blk in self.blocks.values():
-            x = blk(x, n_tokens=n)
+        ids = range(*self.chunk_ranges[chunk]) if chunk is not None else map(int, self.blocks)
+        for i in ids:
+            x = self.blocks[str(i)](x, n_tokens=n)
         return x
 
     def encoder_output(self, x):
@@ -208,20 +211,21 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, imgs, generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
         """Whole model on one stage: -> (loss, pred [B, N, p*p*C], mask [B, N])."""
-        if not (self.pre_process and self.post_process and self.layer_range == (0, self.cfg.depth)):
+        if not (self.pre_process and self.post_process and self.chunk_ranges == [(0, self.cfg.depth)]):
             raise RuntimeError("this model is one pipeline stage; call forward_stage()")
         return self.forward_stage(None, imgs, noise if noise is not None else masking_noise(imgs.shape[0], self.cfg, generator))
 
-    def forward_stage(self, hidden=None, imgs=None, noise=None):
-        """One pipeline stage (see the module docstring): hidden states or (loss, pred, mask)."""
-        if (self.pre_process or self.post_process) and (imgs is None or noise is None):
+    def forward_stage(self, hidden=None, imgs=None, noise=None, chunk: int = 0):
+        """One pipeline stage's chunk (see the module docstring): hidden states or (loss, pred, mask)."""
+        pre, post = self.pre_process and chunk == 0, self.post_process and chunk == len(self.chunk_ranges) - 1
+        if (pre or post) and (imgs is None or noise is None):
             raise ValueError("the first and last pipeline stages need imgs and noise")
-        if self.pre_process:
+        if pre:
             hidden, _, _ = self.embed(imgs, noise)
         elif hidden is None:
             raise ValueError("a pipeline stage without pre_process needs the previous stage's hidden states")
-        hidden = self.run_blocks(hidden)
-        if not self.post_process:
+        hidden = self.run_blocks(hidden, chunk)
+        if not post:
             return hidden
         _, mask, ids_restore = mask_from_noise(noise.to(hidden.device), self.cfg.num_visible)
         pred = self.forward_decoder(self.encoder_output(hidden), ids_restore)

@@ -18,7 +18,7 @@ For the benchmark harness:
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
-runs the 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages gradients over DP
+runs the (interleaved with --vpp) 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages gradients over DP
 in one flat all-reduce, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
 (ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
 layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
@@ -150,7 +150,7 @@ SWITCHES = [
 # Valid ranges of the numeric config values (config path -> bounds); errors name the flag and key.
 NUMBER_RULES = {
     "in_chans": dict(ge=1), "parallel.tp": dict(ge=1), "parallel.pp": dict(ge=1), "parallel.dp": dict(ge=1),
-    "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1),
+    "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1), "parallel.vpp": dict(ge=1),
     "optim.lr": dict(gt=0), "optim.min_lr": dict(ge=0), "optim.warmup": dict(ge=0), "optim.weight_decay": dict(ge=0),
     "optim.beta1": dict(ge=0, lt=1), "optim.beta2": dict(ge=0, lt=1), "optim.eps": dict(gt=0), "optim.clip_grad": dict(ge=0),
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
@@ -262,6 +262,7 @@ class Trainer:
         self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
+        self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
         self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(config.out, "checkpoints")
         if config.resume:
@@ -290,10 +291,10 @@ class Trainer:
     def _build_model(self):
         from rsscale.scaling.mae import MaskedAutoencoder
 
-        stage = self.state.pp_rank()
-        layer_range = layout_mod.stage_layer_range(self.cfg.depth, self.layout.pp, stage)
-        model = MaskedAutoencoder(self.cfg, sequence_parallel=self.layout.sp, activation_checkpointing=self.config.activation_checkpointing,
-                                  pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=layer_range, seed=self.config.seed)
+        L = self.layout
+        chunks = layout_mod.stage_chunk_ranges(self.cfg.depth, L.pp, L.vpp, self.state.pp_rank())  # one per virtual stage
+        model = MaskedAutoencoder(self.cfg, sequence_parallel=L.sp, activation_checkpointing=self.config.activation_checkpointing,
+                                  pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=chunks, seed=self.config.seed)
         return model.to(self.device)
 
     def _is_data_source(self) -> bool:
@@ -352,7 +353,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
-        from rsscale.scaling.pipeline import forward_backward_1f1b
+        from rsscale.scaling.pipeline import perf_clock, run_schedule
 
         L, opt = self.layout, self.config.optim
         t0 = time.perf_counter()
@@ -360,14 +361,18 @@ class Trainer:
         self._sync()
         t1 = time.perf_counter()
 
-        def forward_step(i, x):
+        last_chunk = L.vpp - 1
+
+        def forward_step(chunk, i, x):
             imgs, noise = micro[i]
             with self._autocast():
-                out = self.model.forward_stage(x, imgs, noise)
-            return out[0].float() / L.num_micro if self.links.is_last else out
+                out = self.model.forward_stage(x, imgs, noise, chunk=chunk)
+            return out[0].float() / L.num_micro if self.links.is_last and chunk == last_chunk else out
 
         self.optimizer.zero_grad()
-        losses = forward_backward_1f1b(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device, self.scaler.scale)
+        clock = perf_clock(self._sync) if self.time_compute else None
+        losses, t_compute = run_schedule(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device,
+                                         self.scaler.scale, chunks=L.vpp, clock=clock)
         self._sync()
         t2 = time.perf_counter()
         loss = self._global_loss(losses)
@@ -387,7 +392,7 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "loss_scale": self.scaler.scale,
                 "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
-                "images_per_s": L.global_batch / (t3 - t0)}
+                "images_per_s": L.global_batch / (t3 - t0), **({"t_compute": t_compute} if clock else {})}
 
     def _global_loss(self, losses) -> float:
         """Mean loss over the global batch, known on every rank (sum over PP, mean over DP)."""
@@ -438,7 +443,7 @@ class Trainer:
             log(f"--resume: no checkpoint under {self.ckpt_dir}, starting from step 0")
             return
         index = self.load(folder)
-        if index["layout"] == self.layout.as_dict():
+        if Layout(**index["layout"]) == self.layout:  # (a checkpoint from before --vpp has no vpp: 1)
             rank_state = checkpoint.load_rank_state(folder, dist.get_rank())
             torch.set_rng_state(rank_state["torch_rng"])
             self.loader_state = rank_state.get("loader")

@@ -60,7 +60,7 @@ def test_stage_params_match_built_stages():
 
 def test_hand_config_memory_and_in_flight():
     plan = A.Plan(Layout(tp=1, pp=2, dp=2, micro_batch=1, global_batch=8), precision="fp32", distributed_optimizer=True)
-    assert [A.in_flight(plan.layout, s) for s in (0, 1)] == [2, 1]
+    assert [A.in_flight(plan.layout, s) for s in (0, 1)] == [[0, 0], [0]]
     mem = A.memory_per_stage(HAND, plan)
     n0 = A.stage_params(HAND, 1, 2, 0)
     assert mem[0]["params"] == 4 * (n0["trainable"] + n0["frozen"])

@@ -17,8 +17,8 @@ def test_ring_volume_and_saturation():
 
 def test_in_flight_and_sp_tokens():
     lay = Layout(pp=4, micro_batch=1, global_batch=2)  # 2 micro-batches
-    assert [A.in_flight(lay, s) for s in range(4)] == [2, 2, 2, 1]
-    assert [A.in_flight(Layout(pp=3, micro_batch=1, global_batch=8), s) for s in range(3)] == [3, 2, 1]
+    assert [len(A.in_flight(lay, s)) for s in range(4)] == [2, 2, 2, 1]
+    assert [len(A.in_flight(Layout(pp=3, micro_batch=1, global_batch=8), s)) for s in range(3)] == [3, 2, 1]
     assert A._tokens(50, 4, True) == 52 and A._tokens(52, 4, True) == 52 and A._tokens(50, 4, False) == 50
 
 

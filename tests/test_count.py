@@ -64,8 +64,8 @@ def test_count_restores_a_single_process_world():
     assert state.is_initialized() and torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
 
 
-def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2):
-    return A.Plan(Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=mb * dp * 4), precision=precision,
+def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2, vpp=1):
+    return A.Plan(Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=mb * dp * 4, vpp=vpp), precision=precision,
                   recompute=recompute, distributed_optimizer=zero)
 
 
@@ -75,7 +75,9 @@ def _slow(plan):
 
 # TP 1/2/4/8, SP on/off, PP 1/2/4, recompute on/off, ZeRO-1 on/off, bf16 and fp32. CI runs the
 # first of each group; `-m slow` runs the rest (about 1-3 s each on an idle 2-core machine).
-G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1)] + [_slow(p) for p in [
+# Interleaved 1F1B (vpp): each rank's chunks, in flight as its order holds them.
+G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(4, 4, 1, vpp=3)] + [_slow(p) for p in [
+    _plan(2, 2, 2, sp=True, recompute=True, vpp=2), _plan(1, 2, 1, precision="fp32", vpp=6),
     _plan(8, 1, 1), _plan(8, 1, 4, sp=True, zero=True, precision="fp32"),
     _plan(4, 4, 2, sp=True, recompute=True, zero=True), _plan(4, 4, 2, precision="fp32"),
     _plan(2, 2, 2, sp=True, recompute=True), _plan(2, 2, 4, zero=True, precision="fp32"),

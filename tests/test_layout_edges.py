@@ -21,7 +21,7 @@ def test_derived_counts_and_str():
     lay = Layout(tp=2, pp=3, dp=2, sp=True, micro_batch=2, global_batch=12)
     assert (lay.world_size, lay.num_micro) == (12, 3)
     assert str(lay) == "TP2+SP PP3 DP2 mb2 gb12" and str(Layout()) == "TP1 PP1 DP1 mb8 gb8"
-    assert lay.as_dict() == dict(tp=2, pp=3, dp=2, sp=True, micro_batch=2, global_batch=12)
+    assert lay.as_dict() == dict(tp=2, pp=3, dp=2, sp=True, micro_batch=2, global_batch=12, vpp=1)
 
 
 def test_valid_layouts_at_the_edges():
@@ -42,9 +42,9 @@ def test_each_problem_is_one_sentence(layout, world, expected):
 
 
 def test_zero_sizes_and_check_layout():
-    for field in ("tp", "pp", "dp", "micro_batch", "global_batch"):
+    for field in ("tp", "pp", "dp", "vpp", "micro_batch", "global_batch"):
         problems = validate_layout(Layout(**{field: 0}), CFG, 1)
-        assert len(problems) == 1 and problems[0].startswith("tp, pp, dp, micro_batch and global_batch must all be >= 1")
+        assert len(problems) == 1 and problems[0].startswith("tp, pp, dp, vpp, micro_batch and global_batch must all be >= 1")
     check_layout(Layout(), CFG, 1)
     with pytest.raises(ValueError, match=r"invalid parallel layout \(TP1\+SP PP1.*'toy':\n  - the world size 2 .*\n  - sequence parallelism "):
         check_layout(Layout(sp=True), CFG, 2)

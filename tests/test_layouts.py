@@ -99,14 +99,15 @@ def test_stage_layer_ranges_cover_depth_in_order():
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_layouts(rank, world, specs, root):
-    """Worker: for each layout spec, train (optionally from a checkpoint), return metrics + weights."""
+def _run_layouts(rank, world, specs, root, make_config=None):
+    """Worker: for each layout spec, train (optionally from a checkpoint), return metrics + weights.
+    `make_config(out, **layout)` builds each TrainConfig (default: this module's `_config`)."""
     from rsscale.scaling.train import Trainer
 
     results = []
     for spec in specs:
         t0 = time.perf_counter()
-        trainer = Trainer.build(_config(f"{root}/{spec['name']}", **spec["layout"]))
+        trainer = Trainer.build((make_config or _config)(f"{root}/{spec['name']}", **spec["layout"]))
         if "load" in spec:
             trainer.load(spec["load"])
         losses = [trainer.train_step()["loss"] for _ in range(spec.get("steps", STEPS))]
