@@ -16,10 +16,11 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side;
-  with --pp > 1 the pipeline bubble: measured = mean over ranks of (forward+backward time - the
-  rank's own compute time) / its compute time, each forward and backward timed with a device
-  synchronize around it (scaling/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers
-  and stage imbalance all count as bubble), beside the theory (p-1)/(v*m) of balanced stages.
+  with --pp > 1 the pipeline bubble: per rank (forward+backward time - the rank's own compute
+  time) / its compute time, each forward and backward timed with a device synchronize around it
+  (scaling/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers and stage imbalance all
+  count as bubble); reported as the mean over ranks and on the bottleneck rank (the most compute:
+  the one that sets the step time), beside the theory (p-1)/(v*m) of balanced stages.
 --vpp-sweep 1,2: measure the layout once per --vpp value in this one launch and print a table of
 img/s and bubble side by side (reports/interleaved.md).
 --trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
@@ -196,6 +197,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
     if trainer.time_compute:  # this rank's idle share of forward+backward, per step
         mine["bubble"] = float(np.median([(r["t_fwd_bwd"] - r["t_compute"]) / r["t_compute"] for r in recs]))
+        mine["compute"] = float(np.median([r["t_compute"] for r in recs]))
     if opts.trace:  # after the timed steps, so the profiler does not slow them down
         from rsscale.benchmarks.trace import trace_steps
 
@@ -220,6 +222,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
         from rsscale.scaling.pipeline import bubble_fraction
 
         summary["bubble_measured"] = float(np.mean([p["bubble"] for p in peaks]))
+        summary["bubble_bottleneck"] = max(peaks, key=lambda p: p["compute"])["bubble"]
         summary["bubble_theory"] = bubble_fraction(layout.pp, layout.vpp, layout.num_micro)
     est = analytic.estimate(cfg, plan, analytic.Hardware(peak_flops=peak_tflops * 1e12))
     summary["predicted_mem_bytes"] = est.memory["total"]
@@ -295,19 +298,18 @@ def print_summary(s: dict) -> None:
           f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
           + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
     if "bubble_measured" in s:
-        print(f"[bench] pipeline bubble (idle / compute time in forward+backward, mean over ranks) {100 * s['bubble_measured']:.1f}%; "
-              f"theory (p-1)/(v*m) {100 * s['bubble_theory']:.1f}%", flush=True)
+        print(f"[bench] pipeline bubble (idle / compute time in forward+backward) {100 * s['bubble_measured']:.1f}% mean over ranks, "
+              f"{100 * s['bubble_bottleneck']:.1f}% on the bottleneck rank; theory (p-1)/(v*m) {100 * s['bubble_theory']:.1f}%", flush=True)
 
 
 def sweep_table(rows: list[tuple[int, dict]]) -> str:
     """Markdown: img/s, step time and pipeline bubble per --vpp value, side by side."""
-    lines = ["| --vpp | img/s | step time median s (IQR) | bubble measured | bubble theory (p-1)/(v*m) | predicted img/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| --vpp | img/s | step time median s (IQR) | bubble, mean over ranks | bubble, bottleneck rank | bubble theory (p-1)/(v*m) "
+             "| predicted img/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v, s in rows:
-        bubble = f"{100 * s['bubble_measured']:.1f} %" if "bubble_measured" in s else "-"
-        theory = f"{100 * s['bubble_theory']:.1f} %" if "bubble_theory" in s else "-"
+        pct = {k: f"{100 * s[k]:.1f} %" if k in s else "-" for k in ("bubble_measured", "bubble_bottleneck", "bubble_theory")}
         lines.append(f"| {v} | {s['images_per_s']:.1f} | {s['step_time_median_s']:.4f} ({s['step_time_p25_s']:.4f}-{s['step_time_p75_s']:.4f}) "
-                     f"| {bubble} | {theory} | {s['predicted_images_per_s']:.1f} |")
+                     f"| {pct['bubble_measured']} | {pct['bubble_bottleneck']} | {pct['bubble_theory']} | {s['predicted_images_per_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,11 @@ torch.distributed.pipelining: see docs/PIPELINE.md. This is the same schedule in
    on both neighbours can deadlock for large messages; grouped operations cannot, and they run
    on gloo too). Every rank knows every rank's timetable, so each receive is posted at the
    tick its matching send is, and at most one message goes each way between two ranks per tick:
-   no tags, nothing to mismatch, no deadlock (each tick's exchange waits only on the same tick).
+   no tags, nothing to mismatch on NCCL (which matches by order per pair). A rank waits on a
+   receive only when an action needs it, and on its sends at the end: no deadlock (a rank
+   blocked at tick t waits on a send of a tick < t, which its producer, never blocked on
+   anything later, reaches), and no waiting for a neighbour's compute that the timetable runs
+   beside its own.
 
 Rank r keeps at most P - r micro-batches' activations (V=1) or 2(P-r-1) + (V-1)P + 1 chunk
 activations (V>1; `in_flight_chunks`) alive; GPipe keeps all M. The interleaved bubble is
@@ -145,13 +149,21 @@ def bubble_fraction(P: int, V: int, M: int) -> float:
     return (P - 1) / (V * M)
 
 
-def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
-    """Post all sends and receives as one group (`dist.batch_isend_irecv`), then wait for them all."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+def _post(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[list, list]:
+    """Post all sends and receives as one group (`dist.batch_isend_irecv`); returns the works to
+    wait on for the sends and for the receives. gloo gives one work per operation, each to be
+    waited on once; NCCL one work for the whole group, which may be waited on repeatedly."""
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
-    if ops:
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) == len(ops):
+        return works[: len(sends)], works[len(sends):]
+    return works, works
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
 
 
 def run_schedule(
@@ -172,36 +184,49 @@ def run_schedule(
     from loss * loss_scale). `clock()` (e.g. synchronize, then perf_counter) times the compute.
     Returns the last virtual stage's (detached) micro-batch losses, in micro-batch order (an
     empty list on other ranks), and the seconds spent computing (0.0 without `clock`).
+
+    Each tick's group is posted when this rank reaches that tick and waited on only when an action
+    needs what it receives (sends: at the end), so a rank never waits for a neighbour's compute
+    that the timetable runs in parallel with its own.
     """
     P, r = links.num_stages, links.stage
     last = P * chunks - 1
     table = timetable(P, chunks, num_micro)
-    inputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> received activation
-    grads: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> received output gradient
+    arriving: dict[tuple[str, int, int], tuple[torch.Tensor, list]] = {}  # (kind, chunk, micro) -> (buffer, works)
     saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro) -> (input, output) awaiting backward
+    sending: list[tuple[torch.Tensor, list]] = []  # sent tensors and their works, alive until done
     losses: dict[int, torch.Tensor] = {}
     busy = 0.0
 
-    def run(a: Action) -> torch.Tensor | None:
-        """Compute one action; returns what it sends (None on the ends of the virtual pipeline)."""
+    def received(a: Action) -> torch.Tensor | None:
+        """What `a` needs from a neighbour (activation or output gradient), once it has arrived."""
+        v = a.chunk * P + r
+        if (a.kind == "F" and v == 0) or (a.kind == "B" and v == last):
+            return None
+        t, works = arriving.pop((a.kind, a.chunk, a.micro))
+        _wait(works)
+        return t
+
+    def run(a: Action, data: torch.Tensor | None) -> torch.Tensor | None:
+        """Compute one action on its received data; returns what it sends (None on the ends)."""
         v, key = a.chunk * P + r, (a.chunk, a.micro)
         if a.kind == "F":
-            x = inputs.pop(key) if v > 0 else None
+            x = None if data is None else data.requires_grad_()
             y = forward_step(a.chunk, a.micro, x)
             saved[key] = (x, y)
             if v == last:
                 losses[a.micro] = y.detach()
                 return None
-            return y.detach().float()
+            return y.detach().float().contiguous()
         x, y = saved.pop(key)
         if v == last:
             torch.autograd.backward(y * loss_scale)
         else:
-            torch.autograd.backward(y, grads.pop(key).to(y.dtype))
-        return None if x is None else x.grad
+            torch.autograd.backward(y, data.to(y.dtype))
+        return None if x is None else x.grad.contiguous()
 
     def incoming(peer_stage: int, tick: int, kind: str):
-        """(chunk, micro) on this rank that a neighbour's action ending at `tick` feeds, if any."""
+        """(kind, chunk, micro) on this rank that a neighbour's action ending at `tick` feeds, if any."""
         entry = table[peer_stage].get(tick)
         if entry is None or entry[1].kind != kind:
             return None
@@ -209,32 +234,34 @@ def run_schedule(
         v = a.chunk * P + peer_stage + (1 if kind == "F" else -1)
         if not 0 <= v <= last or v % P != r:
             return None
-        return v // P, a.micro
+        return kind, v // P, a.micro
 
     starts = {start: (end, a) for end, (start, a) in table[r].items()}
     outgoing: dict[int, tuple[torch.Tensor, int]] = {}  # tick -> (tensor, peer) sent at that tick
     for tick in range(1 + max((end for t in table for end in t), default=-1)):
         if tick in starts:  # compute now; what it sends goes out at the tick it ends
             end, a = starts[tick]
+            data = received(a)  # waits (not counted as compute) until the input is here
             t0 = clock() if clock else 0.0
-            out = run(a)
+            out = run(a, data)
             busy += clock() - t0 if clock else 0.0
             if out is not None:
                 outgoing[end] = (out, links.ring_next if a.kind == "F" else links.ring_prev)
-        recvs, arrived = [], []
-        if P > 1:
-            key = incoming((r - 1) % P, tick, "F")
-            if key is not None:
-                inputs[key] = torch.empty(hidden_shape, dtype=torch.float32, device=device)
-                recvs.append((inputs[key], links.ring_prev))
-                arrived.append(inputs[key])
-            key = incoming((r + 1) % P, tick, "B")
-            if key is not None:
-                grads[key] = torch.empty(hidden_shape, dtype=torch.float32, device=device)
-                recvs.append((grads[key], links.ring_next))
-        _exchange([outgoing.pop(tick)] if tick in outgoing else [], recvs)
-        for x in arrived:
-            x.requires_grad_()
+        sends = [outgoing.pop(tick)] if tick in outgoing else []
+        recvs = []
+        for key, peer in ((incoming((r - 1) % P, tick, "F"), links.ring_prev), (incoming((r + 1) % P, tick, "B"), links.ring_next)):
+            if P > 1 and key is not None:
+                recvs.append((torch.empty(hidden_shape, dtype=torch.float32, device=device), peer))
+                arriving[key] = recvs[-1][0], None
+        send_works, recv_works = _post(sends, recvs)
+        for key in [k for k, (_, w) in arriving.items() if w is None]:
+            arriving[key] = arriving[key][0], recv_works
+        if sends:
+            sending.append((sends[0][0], send_works))
+        while sending and all(w.is_completed() for w in sending[0][1]):
+            sending.pop(0)  # free sent activations as their sends complete (where the backend says so)
+    for _, works in sending:
+        _wait(works)
     return [losses[i] for i in sorted(losses)], busy
 
 
