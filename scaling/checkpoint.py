@@ -180,7 +180,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
 
     `tensors` maps key -> (local tensor, info): info is `tensor_meta` plus, for a flat piece of a
     parameter's moments, `flat=[a, b]` (elements a..b of the flattened local tensor) and
-    `local_shape`. `rank_state` values are tensors or JSON values. `meta` (same on all ranks) goes
+    `local_shape` (several pieces of one key from one rank: keys "key@a"). `rank_state` values are tensors or JSON values. `meta` (same on all ranks) goes
     into the index. `keep` > 0 keeps only that many newest checkpoints. Returns the new folder."""
     rank, world = _world()
     tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
@@ -206,6 +206,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
     try:
         out, entries = {}, {}
         for key, (t, info) in tensors.items():
+            key = key.partition("@")[0]  # "key@a": one of several flat pieces of key written by this rank
             flat = info.get("flat")
             fkey = key if flat is None else f"{key}@{flat[0]}"
             out[fkey] = t
