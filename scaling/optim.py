@@ -206,6 +206,7 @@ class FlatAdamW:
     def finish_grad_sync(self) -> None:
         """Start the buckets not started during backward, then wait for every bucket: afterwards this
         rank's chunks (all of the buffer without ZeRO-1) hold the DP-mean gradient."""
+        self.started_in_backward = self._next  # buckets whose reduction overlapped backward (for tests and bench)
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
         for b in self.buckets:
