@@ -16,8 +16,9 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / exposed DP communication (end of backward to the
   end of the gradient-reduction wait: what the bucketed reduction did not hide behind backward)
-  / optimizer; `--overlap-grad-reduce both` then measures the same steps again with the other
-  setting (same trainer and weights) and reports the two side by side;
+  / optimizer; `--overlap-grad-reduce both` follows every measured step by one with the reduction
+  after backward (same trainer, so both see the same drift of a shared machine) and reports the
+  two side by side;
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side.
 --trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
   DIR/trace_rank<r>.json (Chrome/Perfetto), DIR/ops_rank<r>.txt and .csv (per-operator times), on
@@ -161,7 +162,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
-    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
+    measured = opts.steps * (2 if opts.overlap_grad_reduce == "both" else 1)
+    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + measured, precision=opts.precision,
                          kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
                          record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
                                                          overlap_grad_reduce=opts.overlap_grad_reduce != "off"))
@@ -186,14 +188,15 @@ def run_bench(opts: BenchOptions) -> dict | None:
     log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
     for _ in range(opts.warmup):
         trainer.train_step()
-    recs = []
+    recs, other = [], ([] if opts.overlap_grad_reduce == "both" else None)
     with ScalarWriter(opts.tensorboard, prefix="bench") as tb:
         for i in range(opts.steps):
+            if other is not None:
+                other.append(_step_without_overlap(trainer))
             recs.append(trainer.train_step())
             r = recs[-1]
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
             log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
-    other = _measure_overlap_off(trainer, opts) if opts.overlap_grad_reduce == "both" else None
     mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
     if opts.trace:  # after the timed steps, so the profiler does not slow them down
         from rsscale.benchmarks.trace import trace_steps
@@ -228,13 +231,13 @@ def run_bench(opts: BenchOptions) -> dict | None:
     return summary
 
 
-def _measure_overlap_off(trainer, opts: BenchOptions) -> list[dict]:
-    """`opts.steps` more steps (after one warm-up) with the DP reduction started after backward."""
+def _step_without_overlap(trainer) -> dict:
+    """One training step with the DP reduction started after backward instead of during it."""
     trainer.optimizer.overlap = False
-    trainer.train_step()
-    recs = [trainer.train_step() for _ in range(opts.steps)]
-    trainer.optimizer.overlap = True
-    return recs
+    try:
+        return trainer.train_step()
+    finally:
+        trainer.optimizer.overlap = True
 
 
 def open_store(opts: BenchOptions):

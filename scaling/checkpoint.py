@@ -8,8 +8,9 @@
 Tensors are keyed `model/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>` with `<name>` the TP=1
 parameter name (scaling/mae.py keeps those on every stage). Each rank writes only what it owns:
 its TP slice of its stage's weights (DP rank 0 only; a TP-replicated tensor on TP rank 0 only)
-and its optimizer moments (ZeRO-1: its own flat shard, cut per parameter; a parameter that
-straddles two shards is stored as flat pieces). The index records, per key, the full shape,
+and its optimizer moments (ZeRO-1: its own chunks, cut per parameter; a parameter that straddles
+chunks is stored as flat pieces). With 16-bit weights `model/<name>` holds the optimizer's fp32
+master weights, written like the moments (docs/LEAN.md). The index records, per key, the full shape,
 megatron's partition dim/stride and which file holds which piece, so a checkpoint loads into any
 (TP, PP, DP, SP) layout; a rank reads only the slices it needs (`safe_open(...).get_slice`).
 

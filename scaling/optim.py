@@ -145,21 +145,21 @@ class FlatAdamW:
         size = int(bucket_mb * 2**20 / 4) if bucket_mb and bucket_mb > 0 else self.numel
         size = max(d, -(-size // d) * d)
         buckets, lo = [], 0
-        while lo < self.numel:
+        while lo < self.numel:  # bucket k is [k * size, (k + 1) * size), the last one shorter
             hi = min(lo + size, -(-self.numel // d) * d)
             c = (hi - lo) // d
             own = lo + self.shard_rank * c
-            buckets.append(_Bucket(lo, hi, own, own + c, sum(b.own_hi - b.own_lo for b in buckets)))
+            buckets.append(_Bucket(lo, hi, own, own + c, lo // d))  # every earlier chunk is size / d long
             lo = hi
+        self._buckets_of = []  # per parameter: the buckets it touches
         for i, (name, _) in enumerate(self.named):
             o, n = self.offsets[name]
-            for b in buckets:
-                if o < b.hi and b.lo < o + n:
-                    b.params.append(i)
+            self._buckets_of.append(list(range(o // size, (o + n - 1) // size + 1)))
+            for b in (buckets[k] for k in self._buckets_of[-1]):
+                b.params.append(i)
                 lo, hi = max(o, b.own_lo), min(o + n, b.own_hi)
                 if lo < hi:
                     b.segments.append(_Segment(i, lo - o, hi - o, lo, b.state + lo - b.own_lo))
-        self._buckets_of = [[k for k, b in enumerate(buckets) if i in b.params] for i in range(len(self.named))]
         return buckets
 
     # --- gradients -----------------------------------------------------------------------------

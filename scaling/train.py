@@ -3,7 +3,7 @@
 Where each parallelism lives: TP and SP are inside the model (megatron Column/Row linears and our
 SP collectives in the blocks, scaling/vit.py + scaling/parallel/mappings.py); PP and DP are the
 trainer's (each rank builds only its pipeline stage and runs the 1F1B schedule; gradients are
-averaged over DP here, optimizer state optionally sharded over DP).
+averaged over DP in buckets during backward, optimizer state optionally sharded over DP).
 
     torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
@@ -12,15 +12,16 @@ averaged over DP here, optimizer state optionally sharded over DP).
 
 For the benchmark harness:
     trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(tp=2, micro_batch=8, global_batch=8)))
-    rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_optim, t_step, images
+    rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_dp_exposed, t_optim, t_step, images
     trainer.config, trainer.layout, trainer.cfg (ViTConfig), trainer.model (this rank's stage),
     trainer.optimizer (FlatAdamW: .flat params, .state_bytes())
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
-runs the 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages gradients over DP
-in one flat all-reduce, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
-(ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
+runs the 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1) while the DP gradient buckets
+are reduced as the last micro-batch's backward fills them (docs/LEAN.md), waits for the rest,
+unscales (fp16), clips by the global norm over TP x PP, and steps AdamW (16-bit weights with fp32
+master weights under bf16/fp16; ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
 layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
 """
 

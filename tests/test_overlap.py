@@ -75,3 +75,25 @@ def test_bf16_weights_with_fp32_master_track_fp32():
     print("fp32", [round(v, 4) for v in losses["fp32"]], "\nbf16", [round(v, 4) for v in losses["bf16"]])
     assert fp32[-1] < 0.9 * fp32[0]  # the run learns, so tracking it means something
     assert ((bf16 - fp32).abs() / fp32).max() < 0.005
+
+
+def test_bench_reports_exposed_communication_overlap_on_and_off(capsys):
+    """`--overlap-grad-reduce both`: each measured step is paired with one whose reduction follows
+    backward; both medians are reported and printed side by side (here one process: nothing to
+    reduce, so the plumbing is what is checked; reports/overlap.md has a 4-process run)."""
+    from rsscale.benchmarks.harness import BenchOptions, print_summary, run_bench
+    from rsscale.scaling.parallel.state import destroy_parallel
+
+    with pytest.raises(ValueError, match="--overlap-grad-reduce must be one of on, off, both"):
+        BenchOptions(overlap_grad_reduce="sometimes")
+    try:
+        s = run_bench(BenchOptions(model="tiny", micro_batch=2, global_batch=4, warmup=1, steps=2, peak_tflops=1.0, record=False,
+                                   overlap_grad_reduce="both", bucket_mb=0.01))
+    finally:
+        destroy_parallel()
+    for pre in ("", "overlap_off_"):
+        assert 0 <= s[f"{pre}t_dp_exposed_median_s"] < s[f"{pre}t_fwd_bwd_median_s"]
+    assert s["overlap_off_images_per_s"] == pytest.approx(4 / s["overlap_off_t_step_median_s"])
+    print_summary(s)
+    out = capsys.readouterr().out
+    assert "overlapped (bucketed)" in out and "after backward" in out and "exposed comm s" in out
