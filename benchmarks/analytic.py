@@ -14,36 +14,36 @@ decoder embedding, mask token, decoder positions, decoder blocks, decoder norm a
 the last (scaling/layout.py: `stage_layer_range` splits the encoder blocks). Position tables
 are frozen: they take parameter memory but no gradient or optimizer state.
 
-Bytes per trainable parameter (`scheme`):
-  "rsscale"  (our trainer, scaling/train.py + optim.py): fp32 weights in one flat buffer under
-             autocast; gradients twice in fp32 (p.grad and the flat all-reduce buffer);
-             AdamW moments 2 x fp32, divided by DP with the distributed optimizer (ZeRO-1);
-             fp32 masks (the trainer's per-element count mask for the grad norm, the
-             optimizer's weight-decay mask over its shard): 4 + 8 + 8/d + (4 + 4/d).
-  "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
-             2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
+Bytes per trainable parameter, both schemes (our trainer, scaling/optim.py, keeps Megatron-LM's
+mixed-precision buffers): 16-bit weights (bf16/fp16 runs), one fp32 gradient buffer, fp32 master
+copy + 2 fp32 moments divided by d = DP with the distributed optimizer (ZeRO-1): 2 + 4 + 12/d;
+fp32 training: 4 + 4 + 8/d (the weights are the master copy). Per-parameter metadata only.
+The schemes differ in activations: "rsscale" runs under autocast with an fp32 residual stream
+(r = 4) and 16-bit weights (w = e), "megatron" keeps the residual stream 16-bit too (r = w = e).
 
 Activations: the bytes autograd saves for backward in our trainer, term by term as
 benchmarks/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
 tests/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
 tokens, width h, MLP m, a heads, K branches, TP t, autocast bytes e (2 under bf16/fp16, 4 in fp32),
-residual-stream bytes r (4: our weights and residual stream are fp32), and s' = the tokens this
-rank's LayerNorms see (the padded count / t under SP, s without):
+residual-stream bytes r (4: our residual stream is fp32), weight bytes w (2 with 16-bit weights,
+4 in fp32), and s' = the tokens this rank's LayerNorms see (the padded count / t under SP, s
+without):
   per image, each of the two sublayers' K-way LayerNorm:
-    s' h r input + 2 s' 4 mean/rstd + K s' h r outputs (fp32 even under autocast: LayerNorm runs
-    in fp32 and megatron's Column linear, or our SP gather-linear, saves its fp32 input)
+    s' h r input + 2 s' 4 mean/rstd + K s' h w outputs (LayerNorm runs in fp32; its output is
+    cast to the weights' dtype, which megatron's Column linear, or our SP gather-linear, saves)
     + s' h r normalized input (the K > 1 path scales one normalization K ways)
   per image, attention: K s 4h e / t (q, k, v cast for attention, its output) + K a s 4 / t (LSE),
     + K a s^2 e / t only without a flash kernel
-  per image, MLP: K s m / t fc1 output (fp32 without SP: megatron adds the bias in fp32 after
-    the bf16 matmul; e under SP, where the linear runs under autocast) + K s m e / t GELU output
-  per micro-batch, whatever its size: the stacked LayerNorm weights 2 K h r (x2 for K = 1:
-    weight and bias), and under autocast the 16-bit copies of the proj and fc2 weights that
-    F.linear saves, K (h^2 + m h) / t e: every micro-batch in flight holds its own copy.
+  per image, MLP: K s m / t fc1 output (max(e, w) without SP: megatron adds the bias in the
+    weights' dtype after the autocast matmul; e under SP) + K s m e / t GELU output
+  per micro-batch, whatever its size: the stacked LayerNorm weights 2 K h w (K = 1: 2 h r x2,
+    fp32 copies of weight and bias), and with fp32 weights under autocast the 16-bit copies of
+    the proj and fc2 weights that F.linear saves, K (h^2 + m h) / t e: every micro-batch in
+    flight holds its own copy (none with 16-bit weights).
 Encoder: s = 1 + V (V visible patches), h = D, m = M, K = branches. Decoder: s = 1 + N, h = Dd,
 m = 4 Dd, K = 1. Outside the blocks (`stage_extra_bytes`): the first stage saves the image
 (C H W e), the masking index and the embedded patches (N D r) and, under autocast, the patch
-conv's weight copy; a stage that is not the last keeps its output (s' D r) for the schedule; the
+conv's weight copy (fp32 weights only); a stage that is not the last keeps its output (s' D r) for the schedule; the
 last stage saves the encoder norm's (gathered) input, the decoder embedding, unshuffle, decoder
 norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
 head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
@@ -63,9 +63,11 @@ matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches 
 (interleaved) 1F1B bubble of (P-1)/(V M),
 plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
 two sublayer outputs forward and backward within TP (+ once more when recomputing), the
-DP gradient all-reduce (2 (d-1)/d x fp32 grads, plus an all-gather of the weights under ZeRO-1),
-and the pipeline's activation sends (forward and backward, once per chunk: V x with interleaving);
-no overlap is assumed.
+DP gradient reduction (all-reduce: 2 (d-1)/d x fp32 grads; ZeRO-1: reduce-scatter (d-1)/d x fp32
+grads + all-gather of the w-byte weights) and the pipeline's activation sends (forward and
+backward, once per chunk: V x with interleaving). With `overlap_grad_reduce` the DP reduction runs
+during the last micro-batch's backward: only what exceeds that backward (about 2/3 of one round's
+compute; the last bucket at least) is exposed.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Plan:
     distributed_optimizer: bool = False  # ZeRO-1 over DP
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
+    overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/optim.py)
+    bucket_mb: float = 25.0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -153,13 +157,11 @@ def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int, vpp: int = 1) -> 
     return {"trainable": trainable, "frozen": frozen}
 
 
-def bytes_per_param(precision: str, scheme: str, zero_shards: int) -> dict[str, float]:
+def bytes_per_param(precision: str, zero_shards: int) -> dict[str, float]:
     """Weight, gradient and optimizer-state bytes per trainable parameter (see module doc)."""
-    if scheme == "rsscale":
-        return {"params": 4, "grads": 8, "optimizer": 8 / zero_shards, "masks": 4 + 4 / zero_shards}
     if precision == "fp32":
-        return {"params": 4, "grads": 4, "optimizer": 8 / zero_shards, "masks": 0}
-    return {"params": 2, "grads": 4, "optimizer": 12 / zero_shards, "masks": 0}
+        return {"params": 4, "grads": 4, "optimizer": 8 / zero_shards}
+    return {"params": 2, "grads": 4, "optimizer": 12 / zero_shards}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,29 +180,31 @@ def _local_tokens(n: int, tp: int, sp: bool) -> int:
 
 
 def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
-                           e: int, r: int = 4, flash: bool = True) -> float:
-    """Bytes one block saves for backward per image on s real tokens (module doc, "per image")."""
-    K, t = branches, tp
+                           e: int, r: int = 4, flash: bool = True, w: int | None = None) -> float:
+    """Bytes one block saves for backward per image on s real tokens (module doc, "per image");
+    w: weight bytes (default r)."""
+    K, t, w = branches, tp, r if w is None else w
     s_ln = _local_tokens(s, t, sp)  # tokens this rank's LayerNorms see
-    ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * r + (s_ln * h * r if K > 1 else 0)
+    ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * w + (s_ln * h * r if K > 1 else 0)
     attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
     if not flash:
         attn += K * heads * s * s * e / t
-    mlp = K * s * m * (e if sp else max(e, r)) / t + K * s * m * e / t
+    mlp = K * s * m * (e if sp else max(e, w)) / t + K * s * m * e / t
     return 2 * ln + attn + mlp
 
 
-def block_micro_bytes(h: int, m: int, branches: int, tp: int, e: int, r: int = 4) -> float:
+def block_micro_bytes(h: int, m: int, branches: int, tp: int, e: int, r: int = 4, w: int | None = None) -> float:
     """Bytes one block saves per micro-batch whatever its size (module doc, "per micro-batch")."""
-    stacks = 2 * branches * h * r * (2 if branches == 1 else 1)
-    copies = branches * (h * h + m * h) / tp * e if e < r else 0
+    w = r if w is None else w
+    stacks = 2 * branches * h * r * 2 if branches == 1 else 2 * branches * h * w
+    copies = branches * (h * h + m * h) / tp * e if e < w else 0
     return stacks + copies
 
 
-def _precision_bytes(plan: Plan) -> tuple[int, int]:
-    """(autocast activation bytes e, residual-stream / weight bytes r)."""
+def _precision_bytes(plan: Plan) -> tuple[int, int, int]:
+    """(autocast activation bytes e, residual-stream bytes r, weight bytes w)."""
     e = 4 if plan.precision == "fp32" else 2
-    return e, (4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e)
+    return e, (4 if plan.scheme == "rsscale" else e), e
 
 
 def _virtual_stages(layout: Layout) -> int:
@@ -213,12 +217,12 @@ def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, flo
     virtual stage `stage` (the pipeline stage when V = 1)."""
     L = plan.layout
     t, sp = L.tp, L.sp
-    e, r = _precision_bytes(plan)
+    e, r, w = _precision_bytes(plan)
     start, end = stage_layer_range(cfg.depth, _virtual_stages(L), stage)
     kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     if stage == _virtual_stages(L) - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
-    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash), block_micro_bytes(h, m, K, t, e, r),
+    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash, w), block_micro_bytes(h, m, K, t, e, r, w),
              _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
 
 
@@ -226,8 +230,8 @@ def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, fl
     """(per image, per micro-batch) bytes saved outside the transformer blocks on virtual stage `stage`."""
     L = plan.layout
     t, sp = L.tp, L.sp
-    e, r = _precision_bytes(plan)
-    copy = e if e < r else 0  # autocast's 16-bit copy of a weight, saved per micro-batch
+    e, r, w = _precision_bytes(plan)
+    copy = e if e < w else 0  # autocast's 16-bit copy of an fp32 weight, saved per micro-batch
     N, P, D, Dd = cfg.num_patches, cfg.patch_dim, cfg.width, cfg.dec_width
     s_e, s_d = cfg.num_visible + 1, N + 1
     img, micro = 0.0, 0.0
@@ -280,7 +284,7 @@ def in_flight(layout: Layout, stage: int, weight=lambda chunk: 1.0) -> list[int]
 def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     L = plan.layout
     zero = L.dp if plan.distributed_optimizer and L.dp > 1 else 1
-    per = bytes_per_param(plan.precision, plan.scheme, zero)
+    per = bytes_per_param(plan.precision, zero)
     out = []
     for stage in range(L.pp):
         n = stage_params(cfg, L.tp, L.pp, stage, L.vpp)
@@ -290,7 +294,6 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "params": (n["trainable"] + n["frozen"]) * per["params"],
             "grads": n["trainable"] * per["grads"],
             "optimizer": n["trainable"] * per["optimizer"],
-            "masks": n["trainable"] * per["masks"],
             "activations": sum(chunk_bytes[c] for c in in_flight(L, stage, chunk_bytes.__getitem__))
             + max(recompute_bytes(cfg, plan, v) for v in virtual),
         }
@@ -321,6 +324,29 @@ def _ring(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
+def dp_bytes(plan: Plan, trainable: float) -> tuple[float, float]:
+    """(gradient reduction, weight all-gather) bytes each device sends per step over DP: fp32
+    all-reduce, or under ZeRO-1 a reduce-scatter of fp32 grads + an all-gather of the weights."""
+    d = plan.layout.dp
+    if d == 1:
+        return 0.0, 0.0
+    if plan.distributed_optimizer:
+        return trainable * 4 * (d - 1) / d, trainable * _precision_bytes(plan)[2] * (d - 1) / d
+    return _ring(trainable * 4, d), 0.0
+
+
+def bucket_fraction(plan: Plan, trainable: float) -> float:
+    """Share of a stage's gradient in one DP bucket (1: one bucket)."""
+    return 1.0 if plan.bucket_mb <= 0 else min(1.0, plan.bucket_mb * 2**20 / 4 / max(trainable, 1))
+
+
+def exposed_reduce_s(reduce_s: float, backward_s: float, fraction: float) -> float:
+    """Gradient-reduction time left after the backward it overlaps: buckets start as backward
+    produces them, so the last bucket always runs after it; if the reduction outlasts the
+    backward (minus the last bucket), the rest is exposed too."""
+    return max(reduce_s * fraction, reduce_s - backward_s * (1.0 - fraction))
+
+
 def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     L = plan.layout
     stages = memory_per_stage(cfg, plan)
@@ -342,9 +368,12 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     slowest = max(stage_s, key=lambda cs: cs[0] + cs[1])
     rounds = L.num_micro + (L.pp - 1) / L.vpp  # the bubble: (P-1)/V micro-batch rounds
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
-    dp_bytes = _ring(trainable * 4, L.dp) + (trainable * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
+    reduce_bytes, gather_bytes = dp_bytes(plan, trainable)
     compute_s = rounds * slowest[0]
-    comm_s = rounds * slowest[1] + dp_bytes / hw.bandwidth
+    reduce_s = reduce_bytes / hw.bandwidth
+    if plan.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2 of its 3 passes)
+        reduce_s = exposed_reduce_s(reduce_s, slowest[0] * 2 / passes, bucket_fraction(plan, trainable))
+    comm_s = rounds * slowest[1] + reduce_s + gather_bytes / hw.bandwidth
     step_s = compute_s + comm_s
     model_flops = L.global_batch * mae_step_flops(cfg, False)
     return Estimate(plan=plan, memory=stages[worst], stage_memory=[m["total"] for m in stages],

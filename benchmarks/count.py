@@ -1,7 +1,7 @@
 """Exact per-rank memory of an MAE training step, counted without a GPU and without the memory.
 
     counted = count_stage(get_preset("g12x4"), Plan(Layout(tp=4, pp=4, dp=2, micro_batch=2, global_batch=64)), stage=0)
-    counted.params, counted.grads, counted.optimizer, counted.masks, counted.activations, counted.total
+    counted.params, counted.grads, counted.optimizer, counted.activations, counted.total
 
 How. The process joins a fake process group of the layout's full world size as the rank that holds
 TP rank 0, DP rank 0 of pipeline stage `stage` (torch's "fake" backend: collectives return at
@@ -12,11 +12,11 @@ FakeTensorMode for the forward passes: fake tensors have a shape, dtype and a "c
 no data, so CPU autocast applies exactly as on a real run (autocast ignores the meta device,
 which would count bf16 runs in fp32). Nothing is allocated. Then:
 
-  params, grads, optimizer, masks: the trainer's own allocations, built by the trainer's own code
-      (scaling/optim.py `FlatAdamW` over the stage's parameters: the flat fp32 weight buffer, its
-      flat gradient buffer, AdamW moments and decay mask for this DP rank's ZeRO-1 shard) plus
-      what scaling/train.py adds: the frozen position tables, one fp32 `.grad` per trainable
-      parameter (autograd's) and the trainer's fp32 per-element count mask for the grad norm.
+  params, grads, optimizer: the trainer's own allocations, built by the trainer's own code
+      (scaling/optim.py `FlatAdamW` over the stage's parameters, in the run's weight dtype: the
+      flat weight buffer (16-bit under bf16/fp16), the flat fp32 gradient buffer that every
+      parameter's gradient is a view into, AdamW moments and, with 16-bit weights, the fp32
+      master weights of this DP rank's ZeRO-1 shard) plus the frozen position tables.
   activations: the storages autograd saves for backward, seen by
       `torch.autograd.graph.saved_tensors_hooks` (each storage counted once, parameters
       excluded), plus the stage output the 1F1B schedule keeps until its backward: one forward of
@@ -49,7 +49,7 @@ from rsscale.scaling.layout import check_layout, stage_chunk_ranges
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
-COMPONENTS = ("params", "grads", "optimizer", "masks", "activations")
+COMPONENTS = ("params", "grads", "optimizer", "activations")
 
 
 @dataclass
@@ -59,7 +59,6 @@ class Counted:
     params: int = 0
     grads: int = 0
     optimizer: int = 0
-    masks: int = 0
     activations: int = 0
     block_activations: int = 0  # the part of `activations` saved inside transformer blocks (one micro-batch)
 
@@ -187,6 +186,7 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
 
     from rsscale.scaling.mae import MaskedAutoencoder
     from rsscale.scaling.optim import FlatAdamW
+    from rsscale.scaling.train import PARAM_DTYPES
 
     L = plan.layout
     check_layout(L, cfg, L.world_size)
@@ -204,16 +204,13 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
         with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
             model = build()
             frozen = [p for p in model.parameters() if not p.requires_grad]
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0)
-            out = Counted(
-                params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
-                grads=sum(p.numel() * p.element_size() for p in trainable) + opt.grad.untyped_storage().nbytes(),
-                optimizer=opt.state_bytes(),
-                masks=opt.decay_mask.untyped_storage().nbytes() + opt.flat.numel() * 4,  # + the trainer's count_mask
-            )
+            opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0, dp_size=L.dp,
+                            param_dtype=PARAM_DTYPES[plan.precision], bucket_mb=plan.bucket_mb)
+            out = Counted(params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
+                          grads=opt.grad.untyped_storage().nbytes(), optimizer=opt.state_bytes())
         with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
             model = build()
+            FlatAdamW(model.named_parameters(), param_dtype=PARAM_DTYPES[plan.precision])  # the weights as trained: 16-bit under bf16
             skip = {_storage(p)[0] for p in model.parameters()}
             chunks = range(L.vpp)
             saves = [_forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=not plan.recompute) for c in chunks]

@@ -14,7 +14,11 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   a matmul timed here in the training dtype;
   peak memory per rank: allocator peak on GPU (torch.cuda.max_memory_allocated), on CPU the peak
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
-  time split medians: data / forward+backward / optimizer (incl. gradient all-reduce);
+  time split medians: data / forward+backward / exposed DP communication (end of backward to the
+  end of the gradient-reduction wait: what the bucketed reduction did not hide behind backward)
+  / optimizer; `--overlap-grad-reduce both` follows every measured step by one with the reduction
+  after backward (same trainer, so both see the same drift of a shared machine) and reports the
+  two side by side;
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side;
   with --pp > 1 the pipeline bubble: per rank (forward+backward time - the rank's own compute
   time) / its compute time, each forward and backward timed with a device synchronize around it
@@ -50,8 +54,10 @@ from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
+OVERLAP = ("on", "off", "both")
 NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--vpp": dict(ge=1), "--micro-batch": dict(ge=1),
-                "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0)}
+                "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0),
+                "--bucket-mb": dict(ge=0)}
 
 
 @dataclass
@@ -71,6 +77,8 @@ class BenchOptions:
     kernels: str = "torch"
     activation_checkpointing: bool = False
     distributed_optimizer: bool = False
+    bucket_mb: float = 25.0  # MiB of fp32 gradient per DP bucket (0: one bucket)
+    overlap_grad_reduce: str = "on"  # on | off | both (measure on, then off, side by side)
     peak_tflops: float | None = None  # per device; None: measure a matmul
     results: str | None = None
     record: bool = True
@@ -85,6 +93,8 @@ class BenchOptions:
         check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
+        if self.overlap_grad_reduce not in OVERLAP:
+            raise ValueError(f"--overlap-grad-reduce must be one of {', '.join(OVERLAP)}, not {self.overlap_grad_reduce!r}")
         if self.record_kind not in ("bench", "profile"):
             raise ValueError(f"record kind must be 'bench' or 'profile', not {self.record_kind!r}")
 
@@ -163,16 +173,19 @@ def run_bench(opts: BenchOptions) -> dict | None:
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
-    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
+    measured = opts.steps * (2 if opts.overlap_grad_reduce == "both" else 1)
+    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + measured, precision=opts.precision,
                          kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
-                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer))
+                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
+                                                         overlap_grad_reduce=opts.overlap_grad_reduce != "off"))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
     plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
-                         distributed_optimizer=opts.distributed_optimizer)
+                         distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
+                         overlap_grad_reduce=opts.overlap_grad_reduce != "off")
     counted_stages, counted = None, {}
     if opts.trace:  # counted before any process group exists (counting builds its own fake one)
         from rsscale.benchmarks.count import count_plan
@@ -187,9 +200,11 @@ def run_bench(opts: BenchOptions) -> dict | None:
     log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
     for _ in range(opts.warmup):
         trainer.train_step()
-    recs = []
+    recs, other = [], ([] if opts.overlap_grad_reduce == "both" else None)
     with ScalarWriter(opts.tensorboard, prefix="bench") as tb:
         for i in range(opts.steps):
+            if other is not None:
+                other.append(_step_without_overlap(trainer))
             recs.append(trainer.train_step())
             r = recs[-1]
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
@@ -211,8 +226,12 @@ def run_bench(opts: BenchOptions) -> dict | None:
     peak_tflops = opts.peak_tflops or matmul_peak_tflops(trainer.device, opts.precision)
     summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.activation_checkpointing),
                         mae_step_flops(cfg, False), peak_tflops, layout.world_size)
-    for key in ("t_data", "t_fwd_bwd", "t_optim"):
+    for key in ("t_data", "t_fwd_bwd", "t_dp_exposed", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
+    if other is not None:  # the same steps with the reduction after backward, side by side
+        for key in ("t_fwd_bwd", "t_dp_exposed", "t_step"):
+            summary[f"overlap_off_{key}_median_s"] = float(np.median([r[key] for r in other]))
+        summary["overlap_off_images_per_s"] = layout.global_batch / summary["overlap_off_t_step_median_s"]
     if opts.trace:
         summary.update(counted)
     summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
@@ -233,6 +252,15 @@ def run_bench(opts: BenchOptions) -> dict | None:
     if store is not None:
         summary["recorded"] = _record(store, opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
     return summary
+
+
+def _step_without_overlap(trainer) -> dict:
+    """One training step with the DP reduction started after backward instead of during it."""
+    trainer.optimizer.overlap = False
+    try:
+        return trainer.train_step()
+    finally:
+        trainer.optimizer.overlap = True
 
 
 def open_store(opts: BenchOptions):
@@ -293,7 +321,13 @@ def print_summary(s: dict) -> None:
     print(f"[bench] {s['images_per_s']:.1f} img/s, {s['tflops']:.3f} TFLOP/s ({s['tflops_per_device']:.3f} per device), "
           f"MFU {100 * s['mfu']:.1f}% of {s['peak_tflops_used']:.2f} TFLOP/s per device")
     print(f"[bench] split: data {s['t_data_median_s']:.4f} s, forward+backward {s['t_fwd_bwd_median_s']:.4f} s, "
-          f"optimizer {s['t_optim_median_s']:.4f} s")
+          f"exposed DP comm {s['t_dp_exposed_median_s']:.4f} s, optimizer {s['t_optim_median_s']:.4f} s")
+    if "overlap_off_t_step_median_s" in s:
+        print(f"[bench] {'DP grad reduction':<28} {'exposed comm s':>14} {'fwd+bwd s':>10} {'step s':>8} {'img/s':>8}")
+        for name, pre, step, ips in (("overlapped (bucketed)", "", "step_time_median_s", "images_per_s"),
+                                     ("after backward", "overlap_off_", "overlap_off_t_step_median_s", "overlap_off_images_per_s")):
+            print(f"[bench] {name:<28} {s[pre + 't_dp_exposed_median_s']:>14.4f} {s[pre + 't_fwd_bwd_median_s']:>10.4f} "
+                  f"{s[step]:>8.4f} {s[ips]:>8.1f}")
     print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
           f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
           + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
@@ -328,6 +362,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
+    parser.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="MiB of fp32 gradient per DP reduction bucket (0: one bucket)")
+    parser.add_argument("--overlap-grad-reduce", choices=OVERLAP, default=d.overlap_grad_reduce,
+                        help="reduce DP buckets during backward (on), after it (off), or measure both side by side")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")

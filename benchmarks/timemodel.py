@@ -19,10 +19,14 @@ Per micro-batch on each pipeline stage (one TP rank):
               its calibrated group size. Never overlapped: our blocks wait on each collective.
   PP comm     one send/recv of the stage's fp32 hidden states each way, per chunk (V x interleaved)
 The step: (micro-batches + (P - 1)/V) x the slowest stage's per-micro-batch time (1F1B: the bubble
-is P - 1 extra rounds, V times shorter with V interleaved chunks per rank), + the DP all-reduce of the fp32 flat gradient (+ the ZeRO-1 all-gather of the
-weights), which our trainer runs after the whole backward (one bucket, no overlap), + the
-optimizer's elementwise passes (grad copy, clip, AdamW: about 16 fp32 values per parameter of the
-shard and 6 per parameter of the stage) at the LayerNorm bandwidth.
+is P - 1 extra rounds, V times shorter with V interleaved chunks per rank), + the exposed part of
+the DP gradient reduction (an all-reduce of the fp32 gradient buffer, or under ZeRO-1 a
+reduce-scatter of it) + the ZeRO-1 all-gather of the updated weights (fp32, or 16-bit with
+bf16/fp16 weights), + the optimizer's elementwise passes (clip, AdamW: about 16 fp32 values per
+parameter of the shard) at the LayerNorm bandwidth. With `overlap_grad_reduce` the buckets are
+reduced during the last micro-batch's backward (2/3 of its compute): only the last bucket, or
+whatever outlasts that backward, is exposed (analytic.exposed_reduce_s); without it the whole
+reduction follows backward.
 On CPU, when more processes run than there are cores, the cores bound the step: it is the larger
 of the pipeline's critical path and all ranks' compute over the cores plus the slowest stage's
 communication (a rank waiting in the pipeline bubble lends its core to the others; the calibration
@@ -44,7 +48,7 @@ import math
 
 import numpy as np
 
-from rsscale.benchmarks.analytic import Plan, _local_tokens, stage_blocks, stage_params
+from rsscale.benchmarks.analytic import Plan, _local_tokens, bucket_fraction, exposed_reduce_s, stage_blocks, stage_params
 from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.layout import Layout
 
@@ -152,9 +156,17 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     rounds = M + (L.pp - 1) / L.vpp
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
-    dp = collective_s(calib, "all_reduce", trainable * 4, L.dp) + (collective_s(calib, "all_gather", trainable * 4 / L.dp, L.dp) if zero else 0.0)
+    st = stages[slow]
+    if zero:  # calibrated sizes are per-rank chunks
+        w = 4 if plan.precision == "fp32" else 2
+        reduce, gather = collective_s(calib, "reduce_scatter", trainable * 4 / L.dp, L.dp), collective_s(calib, "all_gather", trainable * w / L.dp, L.dp)
+    else:
+        reduce, gather = collective_s(calib, "all_reduce", trainable * 4, L.dp), 0.0
+    if plan.overlap_grad_reduce:
+        reduce = exposed_reduce_s(reduce, shared * st["compute"] * 2 / 3, bucket_fraction(plan, trainable))
+    dp = reduce + gather
     shard = trainable / (L.dp if zero else 1)
-    optim = shared * 4 * (16 * shard + 6 * trainable) / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
+    optim = shared * 4 * 16 * shard / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
     out = {"compute_s": M * st["compute"], "tp_comm_s": M * st["tp_comm"], "pp_comm_s": M * st["pp_comm"],
            "bubble_s": (rounds - M) * per[slow], "dp_comm_s": dp, "optimizer_s": optim}
     if shared > 1:  # the cores bound the step when every rank's compute cannot run at once; a rank idle in the bubble lends its core

@@ -49,7 +49,7 @@ from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.data import default_stats
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp
-from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
+from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
 from rsscale.scaling.parallel import state
 from rsscale.scaling.store import NullRun
 
@@ -222,10 +222,8 @@ class Finetuner:
         zero = args.distributed_optimizer and layout.dp > 1
         self.optimizer = FlatAdamW(model.named_parameters(), betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                    shards=layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0,
-                                   group=state.dp_group(), lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]})
-        mask = torch.cat([torch.full((p.numel(),), float(state.is_tp_sharded(p) or state.tp_rank() == 0))
-                          for _, p in self.optimizer.named])
-        self.count_mask = F.pad(mask, (0, self.optimizer.flat.numel() - mask.numel())).to(device)
+                                   group=state.dp_group(), dp_size=layout.dp, lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]},
+                                   bucket_mb=25.0, overlap=True, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
         self.scaler = LossScaler(enabled=args.precision == "fp16")
         self.step = 0
         torch.manual_seed(args.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
@@ -280,7 +278,7 @@ class Finetuner:
         norms = sum(model.normalizers(p) for p in prepared).to(self.device)
         if L.dp > 1:
             dist.all_reduce(norms, group=state.dp_group())  # normalizers of the whole global batch
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(len(micro))  # DP buckets are reduced during the last micro-batch's backward
         parts = None
         for (imgs, _), prep in zip(micro, prepared):
             with self.autocast():
@@ -288,12 +286,11 @@ class Finetuner:
             (losses["total"] * (L.dp * self.scaler.scale)).backward()  # x dp: the DP all-reduce averages
             values = torch.stack([v.detach().float() for v in losses.values()])
             parts = values if parts is None else parts + values
+        self.optimizer.finish_grad_sync()  # before any other DP collective: bucket order is the same on every rank
         if L.dp > 1:
             dist.all_reduce(parts, group=state.dp_group())
-        grad = self.optimizer.collect_grads()
-        self.optimizer.allreduce_grads(state.dp_group(), L.dp)
-        finite = self.scaler.unscale_and_check(grad)
-        grad_norm = clip_grad_norm_(grad, self.count_mask, args.clip_grad, group=state.tp_group())
+        finite = self.scaler.unscale_and_check(self.optimizer.grad)
+        grad_norm = self.optimizer.clip_grad_norm_(args.clip_grad, group=state.tp_group())
         lr = lr_at(self.step, args.lr, self.warmup, self.steps)
         if finite:
             self.optimizer.step(lr)

@@ -242,7 +242,9 @@ def triton_layer_norm(x, weight, bias, eps: float = 1e-6) -> torch.Tensor:
 
 
 def torch_layer_norm(x, weight, bias, eps: float = 1e-6) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    """LayerNorm in the input's dtype; 16-bit parameters (bf16 weights) are upcast to it, as CUDA
+    autocast does (CPU LayerNorm refuses an fp32 input with bf16 parameters)."""
+    return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps)
 
 
 def torch_multi_layer_norm(x, weights, biases, eps: float = 1e-6) -> torch.Tensor:

@@ -8,8 +8,9 @@
 Tensors are keyed `model/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>` with `<name>` the TP=1
 parameter name (scaling/mae.py keeps those on every stage). Each rank writes only what it owns:
 its TP slice of its stage's weights (DP rank 0 only; a TP-replicated tensor on TP rank 0 only)
-and its optimizer moments (ZeRO-1: its own flat shard, cut per parameter; a parameter that
-straddles two shards is stored as flat pieces). The index records, per key, the full shape,
+and its optimizer moments (ZeRO-1: its own chunks, cut per parameter; a parameter that straddles
+chunks is stored as flat pieces). With 16-bit weights `model/<name>` holds the optimizer's fp32
+master weights, written like the moments (docs/LEAN.md). The index records, per key, the full shape,
 megatron's partition dim/stride and which file holds which piece, so a checkpoint loads into any
 (TP, PP, DP, SP) layout; a rank reads only the slices it needs (`safe_open(...).get_slice`).
 
@@ -180,7 +181,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
 
     `tensors` maps key -> (local tensor, info): info is `tensor_meta` plus, for a flat piece of a
     parameter's moments, `flat=[a, b]` (elements a..b of the flattened local tensor) and
-    `local_shape`. `rank_state` values are tensors or JSON values. `meta` (same on all ranks) goes
+    `local_shape` (several pieces of one key from one rank: keys "key@a"). `rank_state` values are tensors or JSON values. `meta` (same on all ranks) goes
     into the index. `keep` > 0 keeps only that many newest checkpoints. Returns the new folder."""
     rank, world = _world()
     tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
@@ -206,6 +207,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
     try:
         out, entries = {}, {}
         for key, (t, info) in tensors.items():
+            key = key.partition("@")[0]  # "key@a": one of several flat pieces of key written by this rank
             flat = info.get("flat")
             fkey = key if flat is None else f"{key}@{flat[0]}"
             out[fkey] = t

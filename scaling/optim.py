@@ -1,32 +1,49 @@
-"""AdamW on one flat fp32 buffer, optionally sharded over data-parallel ranks (ZeRO-1), plus the
-LR schedule, gradient clipping across model-parallel ranks and a world-wide loss scaler.
+"""AdamW on flat buffers, optionally sharded over data-parallel ranks (ZeRO-1), with gradients
+reduced in buckets while backward runs; plus the LR schedule, gradient clipping across
+model-parallel ranks and a world-wide loss scaler.
 
 Why our own and not megatron-core's DistributedOptimizer: megatron's optimizer runs on the
 gradient buffers of its DistributedDataParallel wrapper, which creates CUDA streams
-(`torch.cuda.Stream(device=torch.cuda.current_device())`) and so does not run on CPU/gloo.
+(`torch.cuda.Stream(device=torch.cuda.current_device())`) and so does not run on CPU/gloo. This
+is the same design, small enough to read:
 
-How it works. The trainable parameters of this rank are packed (sorted by name) into one flat
-fp32 buffer and every parameter becomes a view into it, so the model trains the buffer itself.
-Gradients are copied into a flat buffer of the same layout and all-reduced (averaged) over the DP
-group in one call - our "DDP": one bucket, no overlap, deliberately simple. Then:
-  - shards=1 (default): every rank steps AdamW on the whole buffer;
-  - shards=DP (`--distributed-optimizer`): DP rank d owns the slice [d*S, (d+1)*S) of the
-    buffer: it keeps exp_avg/exp_avg_sq only for that slice (1/DP of the optimizer memory), steps
-    AdamW on it and all-gathers the slices back into the buffer. The all-reduce of full gradients
-    stays (a reduce-scatter would save half the gradient traffic, but the global grad norm over
-    TP-replicated parameters is then harder to count once); the state memory is what ZeRO-1 saves.
-Weight decay is decoupled (AdamW) with a 0/1 mask per element: none on biases, norms and the
-cls/mask tokens and position tables (1-d or token parameters).
+Buffers (per rank; P trainable parameters of this rank, d = DP size, d' = d under ZeRO-1 else 1):
+  weights  one flat buffer in `param_dtype` (fp32, or bf16/fp16 under `--precision bf16|fp16`);
+           every parameter is a view into it, so the model trains the buffer itself   2 or 4 B/param
+  grads    one flat fp32 buffer; each parameter's `main_grad` is a view into it. fp32 parameters
+           get `p.grad` = that view (autograd accumulates in place, no copy); a 16-bit parameter's
+           grad is added into its `main_grad` by a post-accumulate-grad hook and freed   4 B/param
+  state    AdamW moments (fp32) and, with 16-bit weights, the fp32 master weights, for this rank's
+           shard only                                                             (8 or 12) / d'
+  metadata per parameter (weight decay, lr scale, counted in the grad norm), not per element.
+So bf16 costs 6 + 12/d bytes per parameter with ZeRO-1 (Megatron's mixed precision), fp32 8 + 8/d.
+
+Buckets. The buffers are laid out in reverse registration order (about the order backward
+produces gradients) and cut into buckets of `bucket_mb` MiB of fp32 gradient (element ranges:
+a parameter larger than a bucket spans several). Each bucket's length is a multiple of d; under
+ZeRO-1, DP rank r owns chunk r of every bucket (Megatron's layout). After a parameter's last
+micro-batch gradient (`zero_grad(micro_batches)` says how many), the hook counts it; when every
+parameter touching a bucket is done, the bucket is pre-divided by d and its collective starts
+asynchronously on the DP group (`overlap=True`): an all-reduce, or under ZeRO-1 a reduce-scatter
+into this rank's chunk (half the traffic). `finish_grad_sync()` starts the buckets not started
+yet and waits for all (with overlap off, all of them start there, after backward). `step` updates
+this rank's chunk of each bucket and all-gathers the bucket's updated weights (16-bit under
+bf16: half the traffic) while the next bucket is updated.
+Weight decay is decoupled (AdamW): none on biases, norms, the cls/mask tokens and positions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from rsscale.scaling.parallel.mappings import reduce_scatter_tensor
+
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.10 name first
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -43,135 +60,258 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) ->
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass
+class _Segment:
+    """The part of parameter `index` that lies in this rank's chunk of a bucket: elements a..b of
+    the flattened parameter, at `lo` in the flat buffers and `state` in the shard state."""
+
+    index: int
+    a: int
+    b: int
+    lo: int
+    state: int
+
+
+@dataclass
+class _Bucket:
+    lo: int  # flat range [lo, hi); (hi - lo) % shards == 0
+    hi: int
+    own_lo: int  # this rank's chunk of it
+    own_hi: int
+    state: int  # where that chunk starts in the shard state tensors
+    params: list = field(default_factory=list)  # indices of the parameters touching the bucket
+    segments: list = field(default_factory=list)
+    pending: int = 0
+    work: object = None
+
+
 class FlatAdamW:
-    """AdamW over `named_params` packed into one buffer; `shards`/`group` shard its state (ZeRO-1)."""
+    """AdamW over `named_params` in flat buffers (module doc): `shards`/`shard_rank` shard its state
+    over the DP `group` of `dp_size` ranks (ZeRO-1; shards is 1 or dp_size)."""
 
     def __init__(self, named_params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, shards: int = 1, shard_rank: int = 0, group=None,
-                 lr_scales: dict[str, float] | None = None):
-        """lr_scales: optional {name: multiplier} of the step's lr per parameter (layer-wise lr decay)."""
-        self.named = sorted(((n, p) for n, p in named_params if p.requires_grad), key=lambda np_: np_[0])
-        if not self.named:
+                 lr_scales: dict[str, float] | None = None, param_dtype: torch.dtype = torch.float32, dp_size: int | None = None,
+                 bucket_mb: float = 0.0, overlap: bool = False, counted=None):
+        """lr_scales: {name: multiplier} of the step's lr per parameter (layer-wise lr decay);
+        bucket_mb: MiB of fp32 gradient per bucket (0: one bucket); overlap: reduce buckets during
+        backward; counted(name, param) -> bool: whether the grad norm counts it on this rank
+        (TP-replicated parameters on TP rank 0 only); default every parameter."""
+        named = [(n, p) for n, p in named_params if p.requires_grad][::-1]  # about the order backward reaches them
+        if not named:
             raise ValueError("FlatAdamW got no trainable parameters")
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.shards, self.shard_rank, self.group = shards, shard_rank, group
-        numel = sum(p.numel() for _, p in self.named)
-        self.shard_size = -(-numel // shards)
-        self.numel = numel
-        self.flat = torch.zeros(self.shard_size * shards, dtype=torch.float32, device=self.named[0][1].device)
-        self.grad = torch.zeros_like(self.flat)
-        decay_mask = torch.zeros_like(self.flat)
-        lr_scale = torch.ones_like(self.flat) if lr_scales is not None else None
-        self.offsets = {}
-        o = 0
-        for name, p in self.named:
-            n = p.numel()
+        if dp_size is None:
+            dp_size = shards
+        if shards not in (1, dp_size):
+            raise ValueError(f"FlatAdamW shards must be 1 or the DP size {dp_size}, got {shards}")
+        self.named, self.betas, self.eps, self.weight_decay = named, betas, eps, weight_decay
+        self.shards, self.shard_rank, self.group, self.dp_size, self.overlap = shards, shard_rank, group, dp_size, overlap
+        device = named[0][1].device
+        self.numel = sum(p.numel() for _, p in named)
+        self.offsets, o = {}, 0
+        for name, p in named:
+            self.offsets[name] = (o, p.numel())
+            o += p.numel()
+        self.buckets = self._cut(bucket_mb)
+        total = self.buckets[-1].hi
+        self.flat = torch.zeros(total, dtype=param_dtype, device=device)
+        self.grad = torch.zeros(total, dtype=torch.float32, device=device)
+        self.master = None  # fp32 weights of this rank's chunks when the model's are 16-bit (from the fp32 originals)
+        if param_dtype != torch.float32:
+            self.master = torch.zeros(sum(b.own_hi - b.own_lo for b in self.buckets), dtype=torch.float32, device=device)
+            for b in self.buckets:
+                for s in b.segments:
+                    self.master[s.state : s.state + s.b - s.a].copy_(named[s.index][1].detach().reshape(-1)[s.a : s.b])
+        self.main_grads = []
+        for name, p in named:
+            o, n = self.offsets[name]
             self.flat[o : o + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[o : o + n].view_as(p)  # the model now trains the flat buffer
-            decay_mask[o : o + n] = float(decays(name, p))
-            if lr_scale is not None:
-                lr_scale[o : o + n] = float(lr_scales[name])
-            self.offsets[name] = (o, n)
-            o += n
-        lo = shard_rank * self.shard_size
-        self.lo, self.hi = lo, lo + self.shard_size
-        self.decay_mask = decay_mask[self.lo : self.hi].clone()
-        self.lr_scale = None if lr_scale is None else lr_scale[self.lo : self.hi].clone()
-        self.exp_avg = torch.zeros(self.shard_size, dtype=torch.float32, device=self.flat.device)
+            self.main_grads.append(self.grad[o : o + n].view_as(p))
+            p.main_grad = self.main_grads[-1]
+        self.decay = [decays(n, p) for n, p in named]
+        self.lr_scale = [1.0 if lr_scales is None else float(lr_scales[n]) for n, _ in named]
+        self.counted = [True if counted is None else bool(counted(n, p)) for n, p in named]
+        shard = sum(b.own_hi - b.own_lo for b in self.buckets)
+        self.exp_avg = torch.zeros(shard, dtype=torch.float32, device=device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.step_count = 0
+        self._seen, self._expected, self._next = [0] * len(named), 1, 0
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i, p)) for i, (_, p) in enumerate(named)]
+        self.zero_grad()
+
+    def _cut(self, bucket_mb: float) -> list[_Bucket]:
+        """Buckets of about `bucket_mb` MiB (multiples of `shards` elements) and their segments."""
+        d = self.shards
+        size = int(bucket_mb * 2**20 / 4) if bucket_mb and bucket_mb > 0 else self.numel
+        size = max(d, -(-size // d) * d)
+        buckets, lo = [], 0
+        while lo < self.numel:  # bucket k is [k * size, (k + 1) * size), the last one shorter
+            hi = min(lo + size, -(-self.numel // d) * d)
+            c = (hi - lo) // d
+            own = lo + self.shard_rank * c
+            buckets.append(_Bucket(lo, hi, own, own + c, lo // d))  # every earlier chunk is size / d long
+            lo = hi
+        self._buckets_of = []  # per parameter: the buckets it touches
+        for i, (name, _) in enumerate(self.named):
+            o, n = self.offsets[name]
+            self._buckets_of.append(list(range(o // size, (o + n - 1) // size + 1)))
+            for b in (buckets[k] for k in self._buckets_of[-1]):
+                b.params.append(i)
+                lo, hi = max(o, b.own_lo), min(o + n, b.own_hi)
+                if lo < hi:
+                    b.segments.append(_Segment(i, lo - o, hi - o, lo, b.state + lo - b.own_lo))
+        return buckets
 
     # --- gradients -----------------------------------------------------------------------------
-    def collect_grads(self) -> torch.Tensor:
-        """Copy every parameter's .grad into the flat grad buffer (zeros where a grad is None)."""
-        for name, p in self.named:
-            o, n = self.offsets[name]
-            if p.grad is None:
-                self.grad[o : o + n].zero_()
-            else:
-                self.grad[o : o + n].copy_(p.grad.reshape(-1))
-        return self.grad
+    def zero_grad(self, micro_batches: int = 1) -> None:
+        """Zero the gradient buffer and expect `micro_batches` backward passes before the reduction."""
+        if any(b.work is not None for b in self.buckets):
+            self.finish_grad_sync()  # never leave a collective in flight over a buffer being zeroed
+        self._next = 0
+        self.grad.zero_()
+        for (_, p), main in zip(self.named, self.main_grads):
+            p.grad = main if p.dtype == main.dtype else None
+        self._seen, self._expected = [0] * len(self.named), micro_batches
+        for b in self.buckets:
+            b.pending, b.work = len(b.params), None
 
-    def zero_grad(self) -> None:
-        for _, p in self.named:
-            p.grad = None
+    def _on_grad(self, i: int, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: fold p.grad into its main_grad; start ready buckets."""
+        main = self.main_grads[i]
+        if p.grad is not None and p.grad.data_ptr() != main.data_ptr():  # 16-bit weights, or a grad autograd made anew
+            main.add_(p.grad)
+            p.grad = main if p.dtype == main.dtype else None
+        self._seen[i] += 1
+        if self._seen[i] > self._expected:
+            raise RuntimeError(f"parameter {self.named[i][0]} got more gradients than the {self._expected} micro-batches announced "
+                               "to zero_grad(); its bucket may already be reduced (run with --no-overlap-grad-reduce)")
+        if self.overlap and self._seen[i] == self._expected:
+            for k in self._buckets_of[i]:
+                self.buckets[k].pending -= 1
+            while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:  # in bucket order on every rank
+                self._launch(self.buckets[self._next])
 
-    def allreduce_grads(self, group, size: int) -> None:
-        """Average the flat gradient over a data-parallel group (our one-bucket DDP)."""
-        if size > 1:
-            dist.all_reduce(self.grad, group=group)
-            self.grad.div_(size)
+    def _launch(self, b: _Bucket) -> None:
+        self._next += 1
+        g = self.grad[b.lo : b.hi]
+        if self.dp_size == 1:
+            b.work = True
+            return
+        g.div_(self.dp_size)  # pre-divided: the sum is the DP mean
+        if self.shards > 1:
+            b.work = reduce_scatter_tensor(self.grad[b.own_lo : b.own_hi], g, self.group, async_op=True)
+        else:
+            b.work = dist.all_reduce(g, group=self.group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Start the buckets not started during backward, then wait for every bucket: afterwards this
+        rank's chunks (all of the buffer without ZeRO-1) hold the DP-mean gradient."""
+        self.started_in_backward = self._next  # buckets whose reduction overlapped backward (for tests and bench)
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+        for b in self.buckets:
+            if b.work is not True:
+                b.work.wait()
+            b.work = None
+
+    def grad_pieces(self) -> list[torch.Tensor]:
+        """This rank's reduced gradient: its chunk of every bucket."""
+        return [self.grad[b.own_lo : b.own_hi] for b in self.buckets]
+
+    def clip_grad_norm_(self, max_norm: float, group=None) -> float:
+        """Global L2 norm of the gradient, each parameter counted once: its ZeRO-1 chunks summed over
+        DP, TP-sharded slices on every TP rank and TP-replicated ones where `counted`, summed over
+        the model-parallel `group`; then clip in place. Returns the norm before clipping."""
+        pieces = [self.grad[s.lo : s.lo + s.b - s.a] for b in self.buckets for s in b.segments if self.counted[s.index]]
+        sq = torch.stack(torch._foreach_norm(pieces)).double().square().sum() if pieces else torch.zeros((), dtype=torch.float64)
+        sq = sq.to(self.grad.device)
+        if self.shards > 1:
+            dist.all_reduce(sq, group=self.group)
+        return clip_grad_norm_(self.grad_pieces(), sq, max_norm, group)
 
     # --- the step ------------------------------------------------------------------------------
+    def _weights(self, b: _Bucket) -> torch.Tensor:
+        """The fp32 weights of this rank's chunk of `b` that AdamW updates (the master copy, or the
+        model's own fp32 weights)."""
+        n = b.own_hi - b.own_lo
+        return self.flat[b.own_lo : b.own_hi] if self.master is None else self.master[b.state : b.state + n]
+
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """One AdamW step on this rank's shard of the buffer, then rebuild the full buffer."""
+        """One AdamW step on this rank's chunks, each bucket's weights all-gathered as it is done."""
         b1, b2 = self.betas
         self.step_count += 1
-        p, g = self.flat[self.lo : self.hi], self.grad[self.lo : self.hi]
-        lr_t = lr if self.lr_scale is None else lr * self.lr_scale
-        p.mul_(1.0 - lr_t * self.weight_decay * self.decay_mask)
-        self.exp_avg.lerp_(g, 1.0 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         bc1, bc2 = 1.0 - b1**self.step_count, 1.0 - b2**self.step_count
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(self.eps)
-        if self.lr_scale is None:
-            p.addcdiv_(self.exp_avg, denom, value=-lr / bc1)
-        else:
-            p.add_(self.exp_avg / denom * lr_t, alpha=-1.0 / bc1)
-        if self.shards > 1:
-            mine = p.clone()
-            dist.all_gather(list(self.flat.split(self.shard_size)), mine, group=self.group)
+        gathers = []
+        for b in self.buckets:
+            n = b.own_hi - b.own_lo
+            w, g = self._weights(b), self.grad[b.own_lo : b.own_hi]
+            m, v = self.exp_avg[b.state : b.state + n], self.exp_avg_sq[b.state : b.state + n]
+            m.lerp_(g, 1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            views = [(slice(s.lo - b.own_lo, s.lo - b.own_lo + s.b - s.a), s.index) for s in b.segments]
+            decayed = [(w[sl], 1.0 - lr * self.lr_scale[i] * self.weight_decay) for sl, i in views if self.decay[i] and self.weight_decay]
+            if decayed:
+                torch._foreach_mul_([t for t, _ in decayed], [f for _, f in decayed])
+            if views:
+                torch._foreach_addcdiv_([w[sl] for sl, _ in views], [m[sl] for sl, _ in views], [denom[sl] for sl, _ in views],
+                                        [-lr * self.lr_scale[i] / bc1 for _, i in views])
+            if self.master is not None:
+                self.flat[b.own_lo : b.own_hi].copy_(w)
+            if self.shards > 1:
+                gathers.append(_ALL_GATHER(self.flat[b.lo : b.hi], self.flat[b.own_lo : b.own_hi], group=self.group, async_op=True))
+        for work in gathers:
+            work.wait()
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held by this rank (exp_avg + exp_avg_sq)."""
-        return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
+        """Bytes of optimizer state held by this rank (moments, and the fp32 master weights if any)."""
+        return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq, self.master) if t is not None)
 
-    # --- layout-independent state: per-parameter moments, no communication ---------------------
-    def _overlaps(self):
-        """(name, param, a, b): elements a..b of each parameter that lie in this rank's shard."""
-        for name, p in self.named:
-            o, n = self.offsets[name]
-            lo, hi = max(o, self.lo), min(o + n, self.hi)
-            if lo < hi:
-                yield name, p, lo - o, hi - o
-
-    def moment_pieces(self) -> dict[str, dict[str, tuple[torch.Tensor, int, int]]]:
-        """{"exp_avg": {name: (values, a, b)}, "exp_avg_sq": {...}}: this rank's moments of elements
-        a..b of each flattened parameter (the whole parameter unless it straddles ZeRO shards); views, no copies."""
-        out = {"exp_avg": {}, "exp_avg_sq": {}}
-        for name, p, a, b in self._overlaps():
-            o = self.offsets[name][0] - self.lo
-            for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                out[key][name] = (shard[o + a : o + b], a, b)
+    # --- layout-independent state: per-parameter pieces, no communication ----------------------
+    def _states(self):
+        out = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.master is not None:
+            out["model"] = self.master  # checkpoints keep the fp32 weights, not the 16-bit copy
         return out
 
-    def load_moments(self, read, step_count: int) -> None:
-        """Fill this rank's shard from `read(key, name)` -> that moment of parameter `name`, shaped
-        like it; only parameters overlapping the shard are read."""
-        for shard in (self.exp_avg, self.exp_avg_sq):
-            shard.zero_()
-        for name, p, a, b in self._overlaps():
-            o = self.offsets[name][0] - self.lo
-            for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                shard[o + a : o + b].copy_(read(key, name).reshape(-1)[a:b])
+    def state_pieces(self) -> dict[str, dict[str, list[tuple[torch.Tensor, int, int]]]]:
+        """{"exp_avg" | "exp_avg_sq" | "model": {name: [(values, a, b), ...]}}: this rank's values of
+        elements a..b of each flattened parameter ("model": the fp32 master weights, only with 16-bit
+        weights); one whole piece per parameter unless ZeRO-1 cuts it. Views, no copies."""
+        out = {key: {} for key in self._states()}
+        for b in self.buckets:
+            for s in b.segments:
+                name = self.named[s.index][0]
+                for key, t in self._states().items():
+                    out[key].setdefault(name, []).append((t[s.state : s.state + s.b - s.a], s.a, s.b))
+        return out
+
+    def load_state(self, read, step_count: int) -> None:
+        """Fill this rank's state from `read(key, name)` -> that tensor of parameter `name`, shaped
+        like it (keys as in `state_pieces`); only parameters touching this rank's chunks are read."""
+        for key, t in self._states().items():
+            t.zero_()
+            cache = {}
+            for b in self.buckets:
+                for s in b.segments:
+                    name = self.named[s.index][0]
+                    if name not in cache:
+                        cache = {name: read(key, name).reshape(-1)}
+                    t[s.state : s.state + s.b - s.a].copy_(cache[name][s.a : s.b])
         self.step_count = int(step_count)
 
 
-def clip_grad_norm_(flat_grad: torch.Tensor, count_mask: torch.Tensor | None, max_norm: float, group=None) -> float:
-    """Global L2 norm of the gradient over all model-parallel ranks, then clip in place.
-
-    `count_mask` (1 or 0 per element) counts each parameter once: TP-sharded slices on every TP
-    rank, TP-replicated parameters on TP rank 0 only. `group` spans the TP and PP ranks holding
-    one model replica (DP replicas hold equal grads after the all-reduce and are not summed).
-    """
-    sq = (flat_grad.float() ** 2 * count_mask).sum() if count_mask is not None else (flat_grad.float() ** 2).sum()
+def clip_grad_norm_(grads: list[torch.Tensor], sq: torch.Tensor, max_norm: float, group=None) -> float:
+    """Global L2 norm from this rank's counted sum of squares `sq`, summed over `group` (the ranks
+    holding different parts of one model replica); clips `grads` in place. Returns the norm."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sq, group=group)
     norm = float(sq.sqrt())
     if max_norm and max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            flat_grad.mul_(coef)
+            torch._foreach_mul_(grads, coef)
     return norm
 
 

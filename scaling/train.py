@@ -3,7 +3,7 @@
 Where each parallelism lives: TP and SP are inside the model (megatron Column/Row linears and our
 SP collectives in the blocks, scaling/vit.py + scaling/parallel/mappings.py); PP and DP are the
 trainer's (each rank builds only its pipeline stage and runs the 1F1B schedule; gradients are
-averaged over DP here, optimizer state optionally sharded over DP).
+averaged over DP in buckets during backward, optimizer state optionally sharded over DP).
 
     torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
@@ -12,15 +12,17 @@ averaged over DP here, optimizer state optionally sharded over DP).
 
 For the benchmark harness:
     trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(tp=2, micro_batch=8, global_batch=8)))
-    rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_optim, t_step, images
+    rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_dp_exposed, t_optim, t_step, images
     trainer.config, trainer.layout, trainer.cfg (ViTConfig), trainer.model (this rank's stage),
     trainer.optimizer (FlatAdamW: .flat params, .state_bytes())
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
-runs the (interleaved with --vpp) 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages gradients over DP
-in one flat all-reduce, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
-(ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
+runs the (interleaved with --vpp) 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1) while
+the DP gradient buckets are reduced as the last micro-batch's backward fills them (docs/LEAN.md),
+waits for the rest, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
+(16-bit weights with fp32 master weights under bf16/fp16; ZeRO-1 sharded with
+--distributed-optimizer; scaling/optim.py). Resume is exact within a
 layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
 """
 
@@ -47,7 +49,7 @@ from rsscale.scaling.config_file import check_number, check_tree, load_config_fi
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
-from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
+from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +67,9 @@ class OptimConfig:
     beta2: float = 0.95  # MAE's betas
     eps: float = 1e-8
     clip_grad: float = 1.0  # global L2 norm; 0 disables
-    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over DP ranks
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state (and fp32 master weights) sharded over DP ranks
+    bucket_mb: float = 25.0  # MiB of fp32 gradient per DP reduction bucket (0: one bucket)
+    overlap_grad_reduce: bool = True  # reduce each bucket during backward as soon as its gradients are final
 
 
 @dataclass
@@ -76,7 +80,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 50
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (16-bit weights, fp32 master weights + grads; fp16 needs CUDA)
     activation_checkpointing: bool = False
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
@@ -122,9 +126,10 @@ FLAGS = [
     ("--warmup", "optim.warmup", int, "linear warmup steps"),
     ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay (matrices only)"),
     ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm (0: off)"),
+    ("--bucket-mb", "optim.bucket_mb", float, "MiB of fp32 gradient per data-parallel reduction bucket (0: one bucket)"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--seed", "seed", int, "seed of weights, data order, augmentation and masks"),
-    ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16: bf16/fp16 keep 16-bit weights, fp32 grads and fp32 master weights (fp16: CUDA only)"),
     ("--kernels", "kernels", str, "torch | triton"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
     ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
@@ -139,7 +144,8 @@ FLAGS = [
 ]
 SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
-    ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
+    ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1: reduce-scatter grads, all-gather weights)"),
+    ("--no-overlap-grad-reduce", "optim.overlap_grad_reduce", "reduce the DP gradient after backward instead of bucket by bucket during it"),
     ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
@@ -153,9 +159,11 @@ NUMBER_RULES = {
     "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1), "parallel.vpp": dict(ge=1),
     "optim.lr": dict(gt=0), "optim.min_lr": dict(ge=0), "optim.warmup": dict(ge=0), "optim.weight_decay": dict(ge=0),
     "optim.beta1": dict(ge=0, lt=1), "optim.beta2": dict(ge=0, lt=1), "optim.eps": dict(gt=0), "optim.clip_grad": dict(ge=0),
+    "optim.bucket_mb": dict(ge=0),
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
     "timeout": dict(gt=0),
 }
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model weights; grads and master stay fp32
 CHOICES = {"precision": ("fp32", "bf16", "fp16"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
 
 
@@ -194,7 +202,7 @@ def config_from_args(args, world: int | None = None) -> TrainConfig:
     for flag, path, *_ in FLAGS + SWITCHES:
         dest = flag[2:].replace("-", "_")
         if dest in given:
-            value = not given[dest] if flag == "--no-record" else given[dest]
+            value = not given[dest] if flag.startswith("--no-") else given[dest]
             section, _, key = path.rpartition(".")
             (d[section] if section else d)[key] = value
     if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
@@ -256,10 +264,9 @@ class Trainer:
         opt = config.optim
         zero = opt.distributed_optimizer and self.layout.dp > 1
         self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-                                   shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group())
-        self.count_mask = torch.cat([torch.full((p.numel(),), float(state.is_tp_sharded(p) or state.tp_rank() == 0)) for _, p in self.optimizer.named]).to(self.device)
-        pad = self.optimizer.flat.numel() - self.count_mask.numel()
-        self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
+                                   shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
+                                   dp_size=self.layout.dp, param_dtype=PARAM_DTYPES[config.precision], bucket_mb=opt.bucket_mb,
+                                   overlap=opt.overlap_grad_reduce, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
         self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
@@ -369,21 +376,22 @@ class Trainer:
                 out = self.model.forward_stage(x, imgs, noise, chunk=chunk)
             return out[0].float() / L.num_micro if self.links.is_last and chunk == last_chunk else out
 
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(L.num_micro)  # DP buckets are reduced during the last micro-batch's backward
         clock = perf_clock(self._sync) if self.time_compute else None
         losses, t_compute = run_schedule(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device,
                                          self.scaler.scale, chunks=L.vpp, clock=clock)
         self._sync()
         t2 = time.perf_counter()
+        self.optimizer.finish_grad_sync()
+        self._sync()
+        t_comm = time.perf_counter() - t2  # DP communication not hidden behind backward
         loss = self._global_loss(losses)
         if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
             raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
                                      f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
-        grad = self.optimizer.collect_grads()
-        self.optimizer.allreduce_grads(self.state.dp_group(), L.dp)
-        finite = self.scaler.unscale_and_check(grad)
+        finite = self.scaler.unscale_and_check(self.optimizer.grad)
         mp_group = self.state._parallel_state().get_model_parallel_group()
-        grad_norm = clip_grad_norm_(grad, self.count_mask, opt.clip_grad, group=mp_group)
+        grad_norm = self.optimizer.clip_grad_norm_(opt.clip_grad, group=mp_group)
         lr = lr_at(self.step, opt.lr, opt.warmup, self.config.steps, opt.min_lr)
         if finite:
             self.optimizer.step(lr)
@@ -391,7 +399,7 @@ class Trainer:
         t3 = time.perf_counter()
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "loss_scale": self.scaler.scale,
-                "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
+                "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_dp_exposed": t_comm, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
                 "images_per_s": L.global_batch / (t3 - t0), **({"t_compute": t_compute} if clock else {})}
 
     def _global_loss(self, losses) -> float:
@@ -418,14 +426,15 @@ class Trainer:
         params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
         owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
         first_replica = self.state.dp_rank() == 0
-        tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica}
+        state_pieces = self.optimizer.state_pieces()  # moments, and the fp32 master weights ("model") with 16-bit weights
+        tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica and n not in state_pieces.get("model", {})}
         if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
-            for key, pieces in self.optimizer.moment_pieces().items():
-                for n, (t, a, b) in pieces.items():
+            for key, per_name in state_pieces.items():
+                for n, pieces in per_name.items():
                     p, info = params[n], checkpoint.tensor_meta(params[n])
-                    if owns[n]:
+                    for t, a, b in pieces if owns[n] else ():
                         whole = (a, b) == (0, p.numel())
-                        tensors[f"{key}/{n}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
+                        tensors[f"{key}/{n}" if whole else f"{key}/{n}@{a}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
@@ -460,7 +469,7 @@ class Trainer:
             for name, p in params.items():
                 p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
         t = index["trainer"]
-        self.optimizer.load_moments(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
+        self.optimizer.load_state(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
         self.scaler.load_state_dict(t["scaler"])
         self.step = int(t["step"])
         return index

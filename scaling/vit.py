@@ -102,13 +102,14 @@ class ParallelBlock(nn.Module):
         w = torch.stack([br.norm.weight for br in branches])
         b = torch.stack([br.norm.bias for br in branches])
         bias = sum(row.bias for row in rows)
+        wdt = cols[0].weight.dtype  # 16-bit weights (--precision bf16): the Column linears take 16-bit inputs
         if not self.sequence_parallel:
-            h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps))
+            h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps).to(wdt))
             a = torch.stack([col(h[k])[0] for k, col in enumerate(cols)])  # [K, B, N, out/T]
             return mappings.reduce_from_tensor_model_parallel_region(body(a)) + bias
         # SP: x holds my N/T tokens; LN params see only those, so their grads are all-reduced.
         w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
-        h = kernels.multi_layer_norm(x, w, b, self.eps)  # [K, B, N/T, D]
+        h = kernels.multi_layer_norm(x, w, b, self.eps).to(wdt)  # [K, B, N/T, D]
         N = x.shape[1] * self.tp
         n = N if n_tokens is None else n_tokens
         a = mappings.gather_column_linears(h, n, cols)  # real tokens only: padding never attended

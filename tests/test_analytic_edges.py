@@ -22,10 +22,10 @@ def test_in_flight_and_sp_tokens():
     assert A._tokens(50, 4, True) == 52 and A._tokens(52, 4, True) == 52 and A._tokens(50, 4, False) == 50
 
 
-def test_bytes_per_param_by_scheme():
-    assert A.bytes_per_param("bf16", "rsscale", 2) == {"params": 4, "grads": 8, "optimizer": 4, "masks": 6}
-    assert A.bytes_per_param("fp32", "megatron", 4) == {"params": 4, "grads": 4, "optimizer": 2, "masks": 0}
-    assert A.bytes_per_param("bf16", "megatron", 3) == {"params": 2, "grads": 4, "optimizer": 4, "masks": 0}
+def test_bytes_per_param_by_precision():
+    assert A.bytes_per_param("bf16", 2) == {"params": 2, "grads": 4, "optimizer": 6}
+    assert A.bytes_per_param("fp32", 4) == {"params": 4, "grads": 4, "optimizer": 2}
+    assert A.bytes_per_param("bf16", 3) == {"params": 2, "grads": 4, "optimizer": 4}
 
 
 def test_plan_rejects_unknown_precision_and_scheme():

@@ -59,7 +59,11 @@ def _run_rank(rank, world, layout_argv, data):
         tuner.steps, tuner.warmup = 1, 1
         r = tuner.train_step()
         opt = tuner.optimizer
-        grads = {n: opt.grad[o:o + k].view_as(p).numpy().copy() for (n, p), (o, k) in zip(opt.named, opt.offsets.values())}
+        own = torch.zeros(opt.grad.numel(), dtype=torch.bool)
+        for b in opt.buckets:
+            own[b.own_lo:b.own_hi] = True
+        reduced = torch.where(own, opt.grad, torch.nan)  # ZeRO-1: a rank holds the reduced gradient of its own chunks only
+        grads = {n: reduced[o:o + k].view_as(p).numpy().copy() for (n, p), (o, k) in zip(opt.named, opt.offsets.values())}
         params = {n: p.detach().numpy().copy() for n, p in opt.named}
         layout_of = {n: (p.partition_dim, p.partition_stride) if state.is_tp_sharded(p) else None for n, p in opt.named}
         out[task] = dict(loss=r["loss"], grad_norm=r["grad_norm"], lr=r["lr"], grads=grads, params=params,
@@ -114,6 +118,17 @@ def reference(data):
     return {task: _reference(task, data) for task in ("seg", "det")}
 
 
+def _dp_merged(results):
+    """DP ranks' results as one: each rank's reduced gradient pieces (NaN elsewhere) filled in."""
+    grads = {}
+    for name, g in results[0]["grads"].items():
+        g = torch.from_numpy(g)
+        for r in results[1:]:
+            g = torch.where(g.isnan(), torch.from_numpy(r["grads"][name]), g)
+        grads[name] = g.numpy()
+    return dict(results[0], grads=grads)
+
+
 def _full(results, name, kind):
     """A parameter's full tensor from the ranks of one replica (TP shards glued back)."""
     from rsscale.scaling.parallel.state import unshard_tensors
@@ -136,7 +151,9 @@ def test_one_step_and_evaluation_equal_one_process(layout, data, reference):
             assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), task
             assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), task
             assert r["eval"] == pytest.approx(ref["eval"], abs=1e-9), task
-        replicas = [results[:tp]] if tp > 1 else [[r] for r in results]
+        replicas = [results[:tp]] if tp > 1 else [[_dp_merged(results)]]  # DP: every rank's pieces of the one mean gradient
+        if tp == 1:  # ZeRO-1's all-gather leaves the same weights on every DP rank
+            assert all((r["params"][n] == results[0]["params"][n]).all() for r in results for n in ref["params"])
         for replica in replicas:
             assert set(replica[0]["grads"]) == set(ref["grads"])
             for name in ref["grads"]:

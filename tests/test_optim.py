@@ -1,6 +1,7 @@
 """Optimizer boundary cases against hand-computed values and a float64 AdamW written out here:
 the LR schedule at the warmup/total edges, decay masks, clipping at and below the limit, the loss
-scaler's growth interval, and ZeRO-1 sharding (2 gloo ranks) equal to the unsharded step."""
+scaler's growth interval, bf16 weights with an fp32 master copy, and ZeRO-1 sharding and bucketed
+all-reduce (2 gloo ranks) equal to the unsharded step."""
 
 import math
 
@@ -57,32 +58,63 @@ def _grads(seed=1):
     return [torch.randn(3, 2, generator=gen), torch.randn(3, generator=gen)]
 
 
+def _backward(named, grads):
+    """Backward of sum(p * g): gradient g for each trainable parameter, through autograd's hooks."""
+    sum((p * g).sum() for (_, p), g in zip(named, grads)).backward()
+
+
 def test_flat_adamw_matches_written_out_adamw_and_round_trips_its_state():
     named = _named()
     start = [p.detach().clone() for _, p in named[:2]]
     opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
-    assert [n for n, _ in opt.named] == ["a.bias", "a.weight"]  # sorted, frozen left out
+    assert [n for n, _ in opt.named] == ["a.bias", "a.weight"]  # reverse registration order, frozen left out
     assert opt.numel == 9 and opt.state_bytes() == 2 * 9 * 4
     grads = _grads()
     for _ in range(3):
-        named[0][1].grad, named[1][1].grad = grads[0].clone(), grads[1].clone()
-        opt.collect_grads()
+        opt.zero_grad()
+        _backward(named, grads)
+        # fp32 weights: p.grad is the gradient buffer itself (no second copy)
+        assert named[0][1].grad.data_ptr() == opt.grad.data_ptr() + 4 * opt.offsets["a.weight"][0]
+        opt.finish_grad_sync()
         opt.step(0.01)
     ref, m, v = _adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 3)
     torch.testing.assert_close(named[0][1].detach().double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(named[1][1].detach().double(), ref[1], rtol=1e-5, atol=1e-6)
-    pieces = opt.moment_pieces()  # unsharded: every parameter whole (elements 0..numel)
-    assert all((a, b) == (0, t.numel()) for per in pieces.values() for t, a, b in per.values())
-    states = {key: {n: t.view_as(dict(named)[n]) for n, (t, _, _) in per.items()} for key, per in pieces.items()}
+    pieces = opt.state_pieces()  # unsharded, one bucket: every parameter whole (elements 0..numel)
+    assert set(pieces) == {"exp_avg", "exp_avg_sq"}  # fp32 weights: no master copy
+    assert all([(a, b) for _, a, b in pl] == [(0, pl[0][0].numel())] for per in pieces.values() for pl in per.values())
+    states = {key: {n: pl[0][0].view_as(dict(named)[n]) for n, pl in per.items()} for key, per in pieces.items()}
     torch.testing.assert_close(states["exp_avg"]["a.weight"].double(), m[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(states["exp_avg_sq"]["a.bias"].double(), v[1], rtol=1e-5, atol=1e-9)
-    other = FlatAdamW(_named(5), betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
-    other.load_moments(lambda key, name: states[key][name], opt.step_count)
-    assert other.step_count == 3
-    assert torch.equal(other.exp_avg, opt.exp_avg) and torch.equal(other.exp_avg_sq, opt.exp_avg_sq)
+    other = FlatAdamW(_named(5), betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, bucket_mb=4 * 4 / 2**20)  # 4-element buckets
+    other.load_state(lambda key, name: states[key][name], opt.step_count)
+    assert other.step_count == 3 and len(other.buckets) == 3
+    assert torch.equal(other.exp_avg[:9], opt.exp_avg) and torch.equal(other.exp_avg_sq[:9], opt.exp_avg_sq)
     opt.zero_grad()
-    assert all(p.grad is None for _, p in opt.named)
-    assert torch.equal(opt.collect_grads(), torch.zeros(9))  # a missing grad counts as zero
+    assert torch.equal(opt.grad, torch.zeros(9))  # zeroed in place: a parameter without a gradient contributes zeros
+
+
+def test_bf16_weights_keep_fp32_master_and_grads_and_step_like_fp32():
+    """16-bit weights: AdamW steps the fp32 master copy (equal to an fp32 run given the same
+    gradients), the model holds its bf16 rounding, gradients reach the fp32 buffer through the
+    hook (p.grad freed), 2 + 4 + 12 bytes per parameter unsharded, and the master weights are
+    the "model" state a checkpoint keeps."""
+    named32, named16 = _named(), _named()
+    opt32 = FlatAdamW(named32, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    opt16 = FlatAdamW(named16, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, param_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for _, p in opt16.named) and opt16.grad.dtype == torch.float32
+    for _ in range(3):
+        for named, opt in ((named32, opt32), (named16, opt16)):
+            opt.zero_grad()
+            _backward(named, [g.bfloat16().float() for g in _grads()])  # bf16 grads are rounded: the same values in both
+            opt.finish_grad_sync()
+            opt.step(0.01)
+    assert all(p.grad is None for _, p in opt16.named)  # folded into main_grad and freed
+    torch.testing.assert_close(opt16.master, opt32.flat, rtol=0, atol=0)
+    torch.testing.assert_close(opt16.flat, opt32.flat.bfloat16(), rtol=0, atol=0)
+    assert opt16.flat.element_size() + opt16.grad.element_size() + opt16.state_bytes() / opt16.numel == 2 + 4 + 12
+    o, n = opt32.offsets["a.weight"]
+    assert torch.equal(opt16.state_pieces()["model"]["a.weight"][0][0], opt32.flat[o : o + n])
 
 
 def test_flat_adamw_rejects_no_trainable_parameters():
@@ -90,31 +122,38 @@ def test_flat_adamw_rejects_no_trainable_parameters():
         FlatAdamW([("x", torch.nn.Parameter(torch.zeros(2), requires_grad=False))])
 
 
-def _sharded_worker(rank, world):
+def _sharded_worker(rank, world, zero, bucket_mb):
     import torch.distributed as dist
 
     named = _named()
-    opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, shards=world, shard_rank=rank,
-                    group=dist.group.WORLD)
+    opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, shards=world if zero else 1, shard_rank=rank if zero else 0,
+                    group=dist.group.WORLD, dp_size=world, bucket_mb=bucket_mb)
+    norms = []
     for _ in range(2):
-        named[0][1].grad, named[1][1].grad = (g + rank for g in _grads())  # ranks differ: average
-        opt.collect_grads()
-        opt.allreduce_grads(dist.group.WORLD, world)
+        opt.zero_grad()
+        _backward(named, [g + rank for g in _grads()])  # ranks differ: average
+        opt.finish_grad_sync()
+        norms.append(opt.clip_grad_norm_(0.0))
         opt.step(0.01)
-    pieces = opt.moment_pieces()["exp_avg"]  # this rank's shard: parameters or flat pieces of them
+    pieces = opt.state_pieces()["exp_avg"]  # this rank's chunks: parameters or flat pieces of them
     # each rank holds half of a model's gradient; 12 is a replica counted on rank 0 only
     g = torch.tensor([3.0, 12.0]) if rank == 0 else torch.tensor([4.0, 12.0])
-    mask = torch.tensor([1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 0.0])
-    norm = clip_grad_norm_(g, mask, max_norm=0.5, group=dist.group.WORLD)
+    sq = (g**2 * (torch.tensor([1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 0.0]))).sum()
+    clipped = clip_grad_norm_([g], sq, max_norm=0.5, group=dist.group.WORLD)
     scaler = LossScaler(enabled=True, init_scale=4.0)  # only rank 0 overflows: every rank must skip
     skip = not scaler.unscale_and_check(torch.tensor([float("inf") if rank == 0 else 1.0]))
-    return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(),
-            "skip": skip, "scale": scaler.scale, "norm": norm, "clipped": g.numpy(),
-            "exp_avg": {k: (t.numpy().copy(), a, b) for k, (t, a, b) in pieces.items()}}
+    return {"params": [p.detach().numpy().copy() for _, p in named[:2]], "bytes": opt.state_bytes(), "grad_norm": norms,
+            "skip": skip, "scale": scaler.scale, "norm": clipped, "clipped": g.numpy(),
+            "exp_avg": {k: [(t.numpy().copy(), a, b) for t, a, b in pl] for k, pl in pieces.items()}}
 
 
-def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywhere():
-    results = run_distributed(_sharded_worker, 2)
+@pytest.mark.parametrize("zero,bucket_mb,state", [(True, 0.0, 2 * 5 * 4), (True, 2 * 4 / 2**20, 2 * 5 * 4), (False, 2 * 4 / 2**20, 2 * 9 * 4)],
+                         ids=["zero-1-bucket", "zero-2-element-buckets", "allreduce-2-element-buckets"])
+def test_dp_step_equals_one_process_for_zero1_and_all_reduce_and_overflow_skips_everywhere(zero, bucket_mb, state):
+    """Two ranks with different gradients: ZeRO-1 (reduce-scatter per bucket, all-gather of the
+    weights) and the all-reduce path, with one bucket or 2-element buckets (smaller than either
+    parameter), equal AdamW on the mean gradient; the grad norm is the mean gradient's."""
+    results = run_distributed(_sharded_worker, 2, zero, bucket_mb)
     named = _named()
     start = [p.detach().clone() for _, p in named[:2]]
     grads = [g + 0.5 for g in _grads()]  # the average of rank 0's g and rank 1's g + 1
@@ -122,31 +161,36 @@ def test_zero1_sharded_step_equals_the_unsharded_step_and_overflow_skips_everywh
     for r in results:
         assert r["skip"] and r["scale"] == 2.0
         assert r["norm"] == pytest.approx(13.0)  # sqrt(3^2 + 12^2 + 4^2)
-        assert r["bytes"] == 2 * 5 * 4  # 9 elements padded to 10, half each
+        assert r["grad_norm"] == pytest.approx([float(torch.cat([g.reshape(-1) for g in grads]).norm())] * 2, rel=1e-6)
+        assert r["bytes"] == state  # ZeRO-1: 9 elements padded to 10, half each
         for got, want in zip(r["params"], ref):
             torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
-    full = torch.full((m[0].numel(),), float("nan"), dtype=torch.float64)  # a.weight's moment from both shards
-    for r in results:
-        if "a.weight" in r["exp_avg"]:
-            t, a, b = r["exp_avg"]["a.weight"]
+    full = torch.full((m[0].numel(),), float("nan"), dtype=torch.float64)  # a.weight's moment from the ranks' pieces
+    for r in results if zero else results[:1]:
+        for t, a, b in r["exp_avg"].get("a.weight", []):
             full[a:b] = torch.from_numpy(t).double()
     torch.testing.assert_close(full.view_as(m[0]), m[0], rtol=1e-5, atol=1e-7)
     assert results[0]["clipped"].tolist() == pytest.approx([3 * 0.5 / (13 + 1e-6), 12 * 0.5 / (13 + 1e-6)])
 
 
+def _clip(g, counted=None, max_norm=1.0):
+    sq = (g**2 * (1.0 if counted is None else counted)).sum()
+    return clip_grad_norm_([g], sq, max_norm)
+
+
 def test_clip_grad_norm_edges():
     g = torch.tensor([3.0, 4.0])
-    assert clip_grad_norm_(g, None, max_norm=5.0 + 1e-3) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
-    assert clip_grad_norm_(g, None, max_norm=0.0) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
-    assert clip_grad_norm_(g, None, max_norm=2.5) == 5.0
+    assert _clip(g, max_norm=5.0 + 1e-3) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
+    assert _clip(g, max_norm=0.0) == 5.0 and torch.equal(g, torch.tensor([3.0, 4.0]))
+    assert _clip(g, max_norm=2.5) == 5.0
     torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * (2.5 / (5.0 + 1e-6)))
     masked = torch.tensor([3.0, 4.0, 100.0])
-    assert clip_grad_norm_(masked, torch.tensor([1.0, 1.0, 0.0]), max_norm=100.0) == 5.0  # element 2 not counted
+    assert _clip(masked, torch.tensor([1.0, 1.0, 0.0]), max_norm=100.0) == 5.0  # element 2 not counted
     half = torch.tensor([3.0, 4.0])
-    clip_grad_norm_(half, None, max_norm=0.5)  # a limit below 1 clips too
+    _clip(half, max_norm=0.5)  # a limit below 1 clips too
     torch.testing.assert_close(half, torch.tensor([3.0, 4.0]) * (0.5 / (5.0 + 1e-6)))
     bad = torch.tensor([float("inf"), 1.0])
-    assert clip_grad_norm_(bad, None, max_norm=1.0) == float("inf") and bad[1].item() == 1.0
+    assert _clip(bad, max_norm=1.0) == float("inf") and bad[1].item() == 1.0
 
 
 def test_loss_scaler_growth_nan_disabled_and_state():

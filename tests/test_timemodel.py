@@ -43,8 +43,25 @@ def test_pipeline_bubble_and_communication_terms():
     tp = T.predict(cfg, A.Plan(Layout(tp=2, micro_batch=8, global_batch=8), precision="fp32"), calib)
     blocks = cfg.depth + cfg.dec_depth
     assert tp["tp_comm_s"] == pytest.approx(blocks * 4 * 1e-3)  # 2 sublayers x (fwd + bwd all-reduce)
-    dp = T.predict(cfg, A.Plan(Layout(dp=2, micro_batch=4, global_batch=8), precision="fp32", distributed_optimizer=True), calib)
-    assert dp["dp_comm_s"] == pytest.approx(2e-3)  # gradient all-reduce + ZeRO-1 all-gather
+    dp = T.predict(cfg, A.Plan(Layout(dp=2, micro_batch=4, global_batch=8), precision="fp32", distributed_optimizer=True, overlap_grad_reduce=False), calib)
+    assert dp["dp_comm_s"] == pytest.approx(2e-3)  # gradient reduce-scatter + ZeRO-1 all-gather
+
+
+def test_overlapped_dp_reduction_exposes_only_what_backward_cannot_hide():
+    # by hand: 10 s of reduction, 8 s of backward, a quarter of the gradient per bucket
+    assert A.exposed_reduce_s(10.0, 8.0, 0.25) == pytest.approx(10 - 8 * 0.75)  # outlasts backward
+    assert A.exposed_reduce_s(4.0, 8.0, 0.25) == pytest.approx(1.0)  # hidden but for the last bucket
+    assert A.exposed_reduce_s(4.0, 8.0, 1.0) == pytest.approx(4.0)  # one bucket: nothing hidden
+    cfg = get_preset("small")
+    layout = Layout(dp=2, micro_batch=4, global_batch=8)
+    trainable = A.stage_params(cfg, 1, 1, 0)["trainable"]
+    calib = _uniform(flops=1e10, net=trainable * 4 / 1e-3)  # the all-reduce takes 1 ms, far less than a backward (~90 ms)
+    off = T.predict(cfg, A.Plan(layout, precision="fp32", overlap_grad_reduce=False), calib)
+    on = T.predict(cfg, A.Plan(layout, precision="fp32", bucket_mb=trainable * 4 / 2**20 / 4), calib)  # 4 buckets
+    assert off["dp_comm_s"] == pytest.approx(1e-3) and on["dp_comm_s"] == pytest.approx(1e-3 / 4)
+    assert off["step_s"] - on["step_s"] == pytest.approx(0.75e-3)
+    est_off, est_on = (A.estimate(cfg, A.Plan(layout, precision="fp32", overlap_grad_reduce=o, bucket_mb=1.0)) for o in (False, True))
+    assert est_on.comm_s < est_off.comm_s and est_on.compute_s == est_off.compute_s
 
 
 def test_overhead_fit_recovers_known_terms_from_one_process_steps():

@@ -94,6 +94,25 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=TOKEN_DIM)
 
 
+class _Done:
+    """The handle of a collective that already finished."""
+
+    def wait(self):
+        return True
+
+
+def reduce_scatter_tensor(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """Sum `x` over `group` and keep this rank's dim-0 chunk in `out` (which may be that chunk of
+    `x` itself); returns the work handle when async. Backends without reduce_scatter fall back to
+    an all-reduce + keep-my-chunk (synchronous, twice the traffic)."""
+    try:
+        return _REDUCE_SCATTER(out, x, group=group, async_op=async_op)
+    except (RuntimeError, NotImplementedError):
+        dist.all_reduce(x, group=group)
+        out.copy_(x.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)])
+        return _Done() if async_op else None
+
+
 def _reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     size = state.tp_size()
     if size == 1:
@@ -102,11 +121,7 @@ def _reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     # reduce_scatter_tensor splits along dim 0: move tokens there and back.
     xt = x.transpose(0, TOKEN_DIM).contiguous()
     out = torch.empty((xt.shape[0] // size,) + xt.shape[1:], dtype=x.dtype, device=x.device)
-    try:
-        _REDUCE_SCATTER(out, xt, group=state.tp_group())
-    except (RuntimeError, NotImplementedError):  # backends without reduce_scatter
-        dist.all_reduce(xt, group=state.tp_group())
-        out = xt.chunk(size, dim=0)[state.tp_rank()]
+    reduce_scatter_tensor(out, xt, state.tp_group())
     return out.transpose(0, TOKEN_DIM).contiguous()
 
 
