@@ -114,7 +114,7 @@ def test_counted_bytes_per_parameter_are_megatrons(precision, dp, zero):
     """Weights + gradient buffer + optimizer state per trainable parameter, counted from the
     optimizer's buffers: 2 + 4 + 12/d with 16-bit weights (ZeRO-1 over d), 4 + 4 + 8/d in fp32;
     the analytic figure is the same (padding to a multiple of d per bucket is the only excess)."""
-    cfg, plan = get_preset("g12x4"), _plan(2, 1, dp, zero=zero, precision=precision)
+    cfg, plan = get_preset("b12x1"), _plan(2, 1, dp, zero=zero, precision=precision)
     counted = count_stage(cfg, plan, 0)
     n = A.stage_params(cfg, 2, 1, 0)
     per = (counted.params - 4 * n["frozen"] + counted.grads + counted.optimizer) / n["trainable"]
