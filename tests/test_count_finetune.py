@@ -95,3 +95,19 @@ def test_counted_finetune_rank_equals_a_real_rank(task, tp, precision, zero):
         assert counted[c] == real[c], (c, counted[c], real[c])
     assert counted["activations"] == pytest.approx(real["activations"], rel=0.005)
     assert flops["flops"] > flops["block_flops"] > 0
+
+
+def test_profile_task_prints_counted_fine_tuning_layouts(capsys):
+    """`rsscale profile --task seg`: every TP x DP layout (no pipeline), its memory the count's."""
+    from rsscale.scaling.cli import main
+
+    argv = ["profile", "--model", "tiny", "--gpus", "2", "--task", "seg", "--img", str(IMG), "--micro-batch", "1",
+            "--global-batch", "2", "--precision", "fp32", "--memory-gb", "1", "--reserve-gb", "0.5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("TP")]
+    assert {r.split()[0] for r in rows} == {"TP1", "TP2", "TP2+SP"} and all(" PP1 " in r for r in rows)
+    counted = count_finetune(get_preset("tiny"), A.Plan(Layout(tp=2, micro_batch=1, global_batch=2), precision="fp32"), "seg", IMG)[0]
+    row = next(r for r in rows if r.startswith("TP2 PP1 DP1 mb1") and r.split()[5] == "--")
+    assert float(row.split()[10]) == pytest.approx(counted.total / 2**30, abs=0.006)
+    assert main(argv + ["--count"]) == 2  # --task counts already: a one-line error
