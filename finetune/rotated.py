@@ -313,7 +313,7 @@ def batched_hbox_nms(hboxes: torch.Tensor, scores: torch.Tensor, groups: torch.T
     _check_last(hboxes, 4, "hboxes")
     if scores.shape[0] != hboxes.shape[0] or groups.shape[0] != hboxes.shape[0]:
         raise ValueError(f"got {hboxes.shape[0]} boxes but {scores.shape[0]} scores and {groups.shape[0]} groups.")
-    with _one_thread():
+    with one_thread():
         keep = []
         for v in groups.unique():
             idx = torch.nonzero(groups == v)[:, 0]
@@ -350,10 +350,11 @@ LAZY_PAIRS_PER_BOX = 32
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Run NMS with one intra-op thread: it is a chain of many small tensor ops, where thread
-    start-up and synchronisation cost more than they save (on 2 shared cores, the NMS calls of
-    evaluating 2 synthetic images took 8.7 s of CPU with 2 threads and 0.46 s with 1)."""
+def one_thread():
+    """Run detection post-processing (NMS, proposals, RoI head) with one intra-op thread: it is a
+    chain of many small tensor ops, where thread start-up and synchronisation cost more than they
+    save (on 2 shared cores, the NMS calls of evaluating 2 synthetic images took 8.7 s of CPU with
+    2 threads and 0.46 s with 1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -365,7 +366,7 @@ _BOUND_MARGIN = 1e-9  # a pair is skipped only when its IoU bound is this far be
 
 def _nms(polys: torch.Tensor, scores: torch.Tensor, iou_threshold: float, aligned,
          groups: torch.Tensor | None = None, convex: bool = False) -> torch.Tensor:
-    with _one_thread():
+    with one_thread():
         return _greedy_nms(polys, scores, iou_threshold, aligned, groups, convex)
 
 
