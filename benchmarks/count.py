@@ -38,10 +38,13 @@ peak beside these counts).
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rsscale.benchmarks.analytic import Plan, in_flight
 from rsscale.scaling.config import ViTConfig
@@ -230,3 +233,117 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
 def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:
     """`count_stage` for every pipeline stage of the plan."""
     return [count_stage(cfg, plan, s) for s in range(plan.layout.pp)]
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+FINETUNE_CLASSES = {"seg": 7, "det": 15}  # LoveDA's classes; DOTA-v1.0's
+
+
+class _LayerNormStatsFp32(TorchDispatchMode):
+    """LayerNorm's saved mean and rstd as the CPU and CUDA kernels return them: float32 for 16-bit
+    inputs (torch's fake/meta kernel gives them the input's dtype). Matters where a LayerNorm
+    sees bf16/fp16 inputs: the pyramid's channel norms under autocast."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.native_layer_norm.default and out[1].dtype in (torch.bfloat16, torch.float16):
+            return out[0], out[1].float(), out[2].float()
+        return out
+
+
+def _finetune_saves(model, task: str, plan: Plan, img: int, skip: set, attribute: bool) -> _SavedBytes:
+    """What autograd saves in one micro-batch's forward (and, for segmentation, its loss) as
+    finetune/train.py runs it; fine-tuning runs each micro-batch's backward before the next forward."""
+    L = plan.layout
+    saved = _SavedBytes(set(skip))
+    dtype = AUTOCAST.get(plan.precision)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+    blocks = [(f"blk{i}", b) for i, b in enumerate(model.backbone.blocks)]
+    ctx = saved.attribute_blocks(blocks) if attribute else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), ctx, autocast, _LayerNormStatsFp32():
+        imgs = torch.empty(L.micro_batch, model.backbone.cfg.in_chans, img, img)
+        outs = model(imgs)
+        if task == "seg":
+            masks = torch.zeros(L.micro_batch, img, img, dtype=torch.int64)
+            saved.add(model.loss_from(outs, masks, model.normalizers(masks))["total"])
+    return saved
+
+
+def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes: int | None = None,
+                   parts=("allocations", "activations"), **options) -> tuple[Counted, dict]:
+    """Bytes one rank (TP rank 0, DP rank 0) of an `rsscale finetune --task TASK --crop IMG` run
+    holds, counted like `count_stage`: the run's own model (finetune/train.py `build_model`: the
+    ViTDet backbone with window and global blocks and the UperNet or detection head, this rank's
+    TP slices) and its own optimizer (`Finetuner`, ZeRO-1 shard, layer-wise lr scales, masks),
+    built on the meta device inside a fake process group of the full world size; activations
+    are the storages autograd saves in one micro-batch's forward on fake tensors (segmentation:
+    through the loss; detection: through the dense head outputs, without the loss's sampled
+    anchors / RoIs / positives, which depend on the data). `options`: other `rsscale finetune`
+    flags (attribute names: detector, channels, window, rel_pos, ...). `parts`: count only the
+    allocations (params, grads, optimizer, masks) or only the activations (and FLOPs).
+
+    Returns (Counted, {"flops": forward FLOPs of one micro-batch on this rank, "block_flops": the
+    part in the transformer blocks, "trainable": this rank's trainable parameter count})."""
+    from rsscale.finetune import train as FT
+
+    L = plan.layout
+    if L.pp != 1:
+        raise ValueError(f"fine-tuning runs tensor and data parallel only, got pp={L.pp}")
+    check_layout(L, cfg, L.world_size)
+    args = FT.finetune_args(task, model=cfg.name, crop=img, precision=plan.precision, activation_checkpointing=plan.recompute,
+                            distributed_optimizer=plan.distributed_optimizer, **options)
+    classes = num_classes or FINETUNE_CLASSES[task]
+    quiet = logging.getLogger(FT.__name__)  # build_model's progress lines are about a real run
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return _count_finetune(cfg, plan, task, img, args, classes, parts)
+    finally:
+        quiet.setLevel(level)
+
+
+def _count_finetune(cfg, plan, task, img, args, classes, parts):
+    """count_finetune with the run's arguments built (see there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rsscale.finetune import train as FT
+
+    L = plan.layout
+    out, work = Counted(), {}
+    with fake_world(L.world_size, 0, L.tp, 1) as state:
+        config = state.model_parallel_config(perform_initialization=False)
+
+        def build():
+            return FT.build_model(task, args, classes, sequence_parallel=L.sp, config=config)[0]
+
+        with torch.device("meta") if "allocations" in parts else contextlib.nullcontext():  # the run's allocations: its model and its optimizer
+            if "allocations" in parts:
+                model = build()
+                tuner = FT.Finetuner(args, L, model, None, torch.device("meta"))
+                opt = tuner.optimizer
+                frozen = [p for p in model.parameters() if not p.requires_grad]
+                work["trainable"] = sum(p.numel() for _, p in opt.named)
+                extra = opt.lr_scale.untyped_storage().nbytes() if opt.lr_scale is not None else 0
+                out.params = opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen)
+                out.grads = sum(p.numel() * p.element_size() for _, p in opt.named) + opt.grad.untyped_storage().nbytes()
+                out.optimizer = opt.state_bytes()
+                out.masks = opt.decay_mask.untyped_storage().nbytes() + extra + tuner.count_mask.untyped_storage().nbytes()
+        if "activations" not in parts:
+            return out, work
+        with FakeTensorMode():  # one micro-batch's forward, on "cpu" fake tensors so that autocast applies
+            model = build().train()
+            skip = {_storage(p)[0] for p in model.parameters()}
+            with FlopCounterMode(display=False) as flops:
+                saves = _finetune_saves(model, task, plan, img, skip, attribute=not plan.recompute)
+            out.activations = saves.total()
+            per_block = saves.by_block()
+            if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
+                for blk in model.backbone.blocks:
+                    blk.activation_checkpointing = False
+                per_block = _finetune_saves(model, task, plan, img, skip, attribute=True).by_block()
+                out.activations += max(per_block.values(), default=0)
+            out.block_activations = sum(per_block.values())
+    counts = flops.get_flop_counts()
+    block_flops = sum(sum(v.values()) for k, v in counts.items() if re.search(r"\.blocks\.\d+$", k))
+    return out, {**work, "flops": flops.get_total_flops(), "block_flops": block_flops}

@@ -21,6 +21,7 @@ figures, component by component.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -41,11 +42,13 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None, vpps=None) -> list[analytic.Plan]:
-    """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout)."""
+def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None, vpps=None,
+                    pipeline: bool = True) -> list[analytic.Plan]:
+    """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout); with
+    pipeline=False only pp = 1 (fine-tuning)."""
     plans = []
     for tp in divisors(gpus):
-        for pp in divisors(gpus // tp):
+        for pp in divisors(gpus // tp) if pipeline else [1]:
             dp = gpus // (tp * pp)
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
@@ -71,6 +74,42 @@ def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: di
         step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
         rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step, calibrated=calib is not None,
                          img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
+
+
+def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict) -> list[dict]:
+    """Fine-tuning layouts, each counted exactly (benchmarks/count.py `count_finetune`: the run's
+    own model and optimizer on one rank, activations of one micro-batch), ranked like
+    `rank_plans`. Step time: the analytic heuristic of benchmarks/analytic.py on the counted
+    FLOPs: every micro-batch runs forward + backward (3x the counted forward FLOPs, + the blocks'
+    forward again with activation checkpointing) at peak x efficiency x saturation(micro-batch x
+    tokens); each block's two sublayers all-reduce their outputs over TP forward and backward
+    (+ once more when recomputing); the fp32 gradient is all-reduced over DP (+ the ZeRO-1 weight
+    all-gather); no overlap."""
+    from rsscale.benchmarks.count import count_finetune
+
+    rows, allocations, activations = [], {}, {}
+    tokens = (img // cfg.patch_size) ** 2
+    for plan in plans:  # each part counted once: it depends on only some of the layout's fields
+        L = plan.layout
+        a_key, b_key = (L.tp, L.dp, plan.distributed_optimizer), (L.tp, L.sp, L.micro_batch, plan.recompute)
+        if a_key not in allocations:
+            allocations[a_key] = count_finetune(cfg, plan, task, img, parts=("allocations",), **options)
+        if b_key not in activations:
+            activations[b_key] = count_finetune(cfg, plan, task, img, parts=("activations",), **options)
+        (allocated, work), (saved, flops_of) = allocations[a_key], activations[b_key]
+        counted, work = dataclasses.replace(allocated, activations=saved.activations), {**work, **flops_of}
+        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute else 0)
+        compute_s = L.num_micro * flops / (hw.peak_flops * hw.efficiency * analytic.saturation(L.micro_batch * tokens, hw))
+        e = 4 if plan.precision == "fp32" else 2
+        tp_bytes = cfg.depth * 2 * (2 + plan.recompute) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
+        dp_bytes = analytic._ring(work["trainable"] * 4, L.dp) + (work["trainable"] * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
+        comm_s = (L.num_micro * tp_bytes + dp_bytes) / hw.bandwidth
+        step_s = compute_s + comm_s
+        mfu = L.num_micro * 3 * work["flops"] / (step_s * hw.peak_flops)
+        est = analytic.Estimate(plan=plan, memory=counted.as_dict(), step_flops=L.num_micro * flops * L.world_size, compute_s=compute_s,
+                                comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s, mfu=mfu)
+        rows.append(dict(plan=plan, est=est, fits=counted.total <= budget_bytes, step_s=step_s, img_s=est.images_per_s, mfu=mfu))
     return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
@@ -257,7 +296,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s (default 989, H100 bf16)")
     parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach")
     parser.add_argument("--bandwidth-gbs", type=float, default=300.0, help="effective collective bandwidth per device, GB/s")
-    parser.add_argument("--global-batch", type=int, default=256, help="images per optimizer step")
+    parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
                         "(repeatable; default 1 and every V with pp*V dividing the depth)")
@@ -272,6 +311,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
     parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
     parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
+    parser.add_argument("--task", choices=["seg", "det"], default=None,
+                        help="profile `rsscale finetune --task` layouts (TP x DP, every layout counted exactly) instead of MAE pretraining")
+    parser.add_argument("--img", type=int, default=1024, help="--task: fine-tuning crop in pixels")
+    parser.add_argument("--detector", choices=["orcnn", "fcos"], default=None, help="--task det: as rsscale finetune --detector")
+    parser.add_argument("--channels", type=int, default=None, help="--task: pyramid/head channels (rsscale finetune --channels)")
+    parser.add_argument("--window", type=int, default=None, help="--task: window attention size in tokens (rsscale finetune --window)")
 
 
 NUMBER_RULES = {"--gpus": dict(ge=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
@@ -286,13 +331,38 @@ def check_args(args) -> None:
         check_number("--micro-batch", mb, ge=1)
     for v in args.vpp or ():
         check_number("--vpp", v, ge=1)
+    for flag in ("img", "channels", "window"):
+        if getattr(args, flag) is not None:
+            check_number(f"--{flag}", getattr(args, flag), ge=1)
+    if args.task and (args.measure or args.count):
+        raise ValueError("--task counts every layout already and cannot --measure yet; drop --count/--measure")
     if args.reserve_gb >= args.memory_gb:
         raise ValueError(f"--reserve-gb ({args.reserve_gb:g}) must be below --memory-gb ({args.memory_gb:g})")
+
+
+def main_finetune(args, cfg, hw, budget) -> int:
+    """`rsscale profile --task seg|det`: fine-tuning layouts, counted and ranked."""
+    options = {k: getattr(args, k) for k in ("detector", "channels", "window") if getattr(args, k) is not None}
+    plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2], pipeline=False)
+    if not plans:
+        print(f"no valid fine-tuning layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
+        return 1
+    print(f"fine-tuning {args.task} ({cfg.name}, {args.img} px) on {args.gpus} devices, global batch {args.global_batch}, "
+          f"{args.precision}: counting {len(plans)} layouts (fake tensors in a fake {args.gpus}-rank world)", flush=True)
+    rows = rank_finetune_plans(cfg, plans, hw, budget, args.task, args.img, options)
+    print(f"{sum(r['fits'] for r in rows)} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak "
+          f"{hw.peak_flops / 1e12:g} TFLOP/s x {hw.efficiency:g}, {hw.bandwidth / 1e9:g} GB/s; analytic step time on counted FLOPs)")
+    print_table(rows, args.top)
+    print("memory counted exactly per rank (TP0/DP0) except transient buffers; detection activations up to the dense head "
+          "outputs (the loss's sampled anchors/RoIs are not counted)")
+    return 0
 
 
 def main(args) -> int:
     check_args(args)
     cfg = get_preset(args.model)
+    if args.global_batch is None:
+        args.global_batch = 16 if args.task else 256
     args.peak_tflops_given = args.peak_tflops is not None
     if args.measure and not args.peak_tflops_given and not _cuda():
         from rsscale.benchmarks.harness import matmul_peak_tflops
@@ -303,6 +373,8 @@ def main(args) -> int:
     hw = analytic.Hardware(peak_flops=(args.peak_tflops or 989.0) * 1e12, efficiency=args.efficiency,
                            bandwidth=args.bandwidth_gbs * 1e9)
     budget = (args.memory_gb - args.reserve_gb) * GIB
+    if args.task:
+        return main_finetune(args, cfg, hw, budget)
     plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch, args.vpp)
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")

@@ -28,6 +28,7 @@ encoding does not absorb; the IoU of such a miss is still high for squares.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from torch import nn
 
 from rsscale.finetune.datasets import DotaObject, merge_detections, split_image
 from rsscale.finetune.metrics import evaluate_dota
-from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly
+from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
 from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
 
 log = logging.getLogger(__name__)
@@ -253,8 +254,10 @@ def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, in
         found = []
         for k in range(0, len(patches), batch_size):  # bounded memory on big (DOTA) images
             batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]]).to(device)
-            found += [{k: v.cpu() for k, v in d.items()}
-                      for d in model.predict(model(batch), score_thr=score_thr, max_per_image=max_per_image)]
+            outs = model(batch)
+            with one_thread() if device.type == "cpu" else contextlib.nullcontext():  # small ops: see one_thread
+                found += [{k: v.cpu() for k, v in d.items()}
+                          for d in model.predict(outs, score_thr=score_thr, max_per_image=max_per_image)]
         merged = merge_detections(found, [p.offset for p in patches], max_dets=max_per_image)
         for poly, score, label in zip(obb_to_poly(merged["boxes"]), merged["scores"], merged["labels"]):
             dets[classes[int(label)]].append((image_id, float(score), poly.tolist()))

@@ -153,9 +153,10 @@ def draw_sample(task: str, dataset, crop: int, normalize, seed: int, step: int, 
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model(task: str, args, num_classes: int, sequence_parallel: bool = False):
+def build_model(task: str, args, num_classes: int, sequence_parallel: bool = False, config=None):
     """(model, ViTConfig, init description). The preset comes from the checkpoint if given.
-    Every rank builds it from the same seed (TP ranks keep their slices)."""
+    Every rank builds it from the same seed (TP ranks keep their slices). `config`: the megatron
+    ModelParallelConfig of the blocks (default: the initialized world's)."""
     state.ensure_initialized()
     if args.checkpoint:
         from rsscale.scaling.checkpoint import load_full_state_dict
@@ -168,7 +169,7 @@ def build_model(task: str, args, num_classes: int, sequence_parallel: bool = Fal
     torch.manual_seed(args.seed)
     backbone = ViTDetBackbone(cfg, img_size=args.crop, window_size=args.window, drop_path=args.drop_path,
                               out_channels=args.channels, activation_checkpointing=args.activation_checkpointing,
-                              sequence_parallel=sequence_parallel, **vitdet_options(args))
+                              sequence_parallel=sequence_parallel, config=config, **vitdet_options(args))
     init = "random"
     if full is not None:
         report = load_pretrained(backbone, full, cfg)
@@ -515,6 +516,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
     parser.add_argument("--out", help="folder for the model (safetensors, one file per TP rank), model.json and metrics.json")
     parser.add_argument("--results", help="results store (default $RSSCALE_RESULTS or reports/results.db)")
+
+
+def finetune_args(task: str, **overrides) -> argparse.Namespace:
+    """The `rsscale finetune --task TASK --dataset synthetic` defaults with `overrides` (attribute
+    names), e.g. for building a run's model and optimizer outside the command (benchmarks/count.py)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--task", task, "--dataset", "synthetic"])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise ValueError(f"not options of rsscale finetune: {', '.join(sorted(unknown))}")
+    vars(args).update(overrides)
+    return args
 
 
 NUMBER_RULES = {"--steps": dict(ge=1), "--epochs": dict(ge=1), "--global-batch": dict(ge=1), "--micro-batch": dict(ge=1), "--crop": dict(ge=1), "--lr": dict(gt=0),

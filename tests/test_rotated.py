@@ -143,6 +143,41 @@ def test_rotated_nms_matches_brute_force(lazy, monkeypatch):
     assert batched_rotated_nms(torch.zeros(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["batched-iou", "lazy-iou"])
+def test_nms_at_the_threshold_keeps_and_above_suppresses(lazy, monkeypatch):
+    """IoU exactly at the threshold keeps both boxes, above it suppresses: overlapping boxes
+    (3x1 shifted by 1: IoU 2/4) and nested ones (4x2 inside 4x4: IoU 8/16, where the IoU bound
+    that skips pairs equals the threshold too). Exact in floating point: axis-aligned, integers."""
+    from rsscale.finetune import rotated
+
+    monkeypatch.setattr(rotated, "LAZY_PAIRS_PER_BOX", 0 if lazy else 10**9)
+    overlap = torch.tensor([[1.5, 0.5, 3.0, 1.0, 0.0], [2.5, 0.5, 3.0, 1.0, 0.0]], dtype=torch.float64)
+    nested = torch.tensor([[2.0, 2.0, 4.0, 4.0, 0.0], [2.0, 1.0, 4.0, 2.0, 0.0]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8])
+    for boxes in (overlap, nested):
+        assert rotated_iou(boxes[:1], boxes[1:]).item() == 0.5
+        assert rotated_nms(boxes, scores, 0.5).tolist() == [0, 1]
+        assert rotated_nms(boxes, scores, 0.5 - 1e-12).tolist() == [0]
+        assert poly_nms(obb_to_poly(boxes), scores, 0.5).tolist() == [0, 1]
+        assert batched_rotated_nms(boxes, scores, torch.tensor([0, 0]), 0.5 - 1e-12).tolist() == [0]
+        assert batched_rotated_nms(boxes, scores, torch.tensor([0, 1]), 0.0).tolist() == [0, 1]
+
+
+def test_nms_of_boxes_repeated_over_classes_matches_brute_force():
+    """Oriented R-CNN's case: every proposal's box once per class with its own score (the NMS
+    computes each distinct pair of shapes once); checked class by class against shapely."""
+    b = _random_boxes(50, seed=13, spread=30.0)
+    boxes, labels = b.repeat(3, 1), torch.arange(3).repeat_interleave(50)
+    scores = torch.rand(150, generator=torch.Generator().manual_seed(14))
+    keep = batched_rotated_nms(boxes, scores, labels, 0.1)
+    polys = obb_to_poly(b)
+    ref = []
+    for c in range(3):
+        ref += [c * 50 + k for k in _brute_nms(polys, scores[c * 50:(c + 1) * 50], 0.1)]
+    assert sorted(keep.tolist()) == sorted(ref)
+    assert 3 < keep.numel() < 150
+
+
 def test_box_coder_hand_cases_and_round_trip():
     coder = DeltaXYWHACoder(edge_swap=False)
     p = torch.tensor([[0.0, 0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 2.0, 1.0, math.pi / 2]])
