@@ -31,7 +31,7 @@ log = logging.getLogger("rsscale.study")
 
 PLANS_DIR = Path(__file__).with_name("plans")
 TOP_KEYS = {"name", "models", "budgets", "images", "heldout", "pretrain", "finetune", "data", "synthetic", "out", "results", "slurm",
-            "lr_width"}
+            "lr_width", "env"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +69,7 @@ class Plan:
     slurm: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # rsscale data options when data is "synthetic"
     lr_width: int | None = None  # per-size learning rate pretrain.lr * lr_width / width (None: one lr)
+    env: dict = field(default_factory=dict)  # environment variables of the cells run here (e.g. OMP_NUM_THREADS)
 
 
 def _need(path, cond: bool, message: str) -> None:
@@ -119,7 +120,7 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
     images = raw.get("images")
     images = [None] if images in (None, "all") else _positive_list(path, "images", images, int)
     sections = {}
-    for key in ("heldout", "pretrain", "finetune", "slurm", "synthetic"):
+    for key in ("heldout", "pretrain", "finetune", "slurm", "synthetic", "env"):
         sections[key] = raw.get(key) or {}
         _need(path, isinstance(sections[key], dict), f"{key} must be a mapping")
     ho = {"images": 64, "seed": 0, "every": 0, **sections["heldout"]}
@@ -139,7 +140,8 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
                 heldout=ho, pretrain=dict(sections["pretrain"]), finetune=ft, data=str(raw.get("data", "synthetic")),
                 out=out or raw.get("out") or default_out,
                 results=results or raw.get("results") or os.path.join(out or raw.get("out") or default_out, "results.db"),
-                slurm=sections["slurm"], synthetic=sections["synthetic"], lr_width=lr_width)
+                slurm=sections["slurm"], synthetic=sections["synthetic"], lr_width=lr_width,
+                env={str(k): str(v) for k, v in sections["env"].items()})
 
 
 def steps_for(plan: Plan, model: str, budget: float) -> int:
@@ -430,7 +432,7 @@ def run_study(plan: Plan, max_cells: int | None = None) -> int:
         else:
             cmd = command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
         log.info("[study] cell %d/%d %s: %s", len(done) + i + 1, len(todo_all), cell.key, shlex.join(cmd))
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env={**os.environ, **plan.env})
         if rc:
             raise RuntimeError(f"cell {cell.key} failed (exit code {rc}); rerun `rsscale study {plan.path}` to resume it")
         wall = time.perf_counter() - t0
