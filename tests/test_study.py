@@ -39,6 +39,7 @@ pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
     ("models: [tiny]\nbudgets: {steps: [1]}\nfinetune: {tasks: [cls]}\n", "the tasks are seg and det"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nheldout: {images: 0}\n", "heldout.images"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nlr_width: 0.5\n", "lr_width must be a positive integer"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nenv: [OMP_NUM_THREADS]\n", "env must be a mapping"),
 ])
 def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
     path = _plan(tmp_path, text)
@@ -72,6 +73,7 @@ def test_lr_width_gives_each_size_lr_times_lr_width_over_width(tmp_path):
 
 def test_bundled_plan_loads():
     plan = S.load_plan("cpu-ladder")
+    assert plan.env == {"OMP_NUM_THREADS": "1"} and plan.synthetic["scenes"] == "rich"
     cells = S.cells(plan)
     assert len({c.budget for c in cells if c.kind == "pretrain"}) >= 3 and len(plan.models) >= 4
 
