@@ -145,6 +145,16 @@ def _loglog_axes(xlabel: str, ylabel: str, logy: bool = True):
     return fig, ax
 
 
+def _label_every_tick(ax):
+    """Label the minor log ticks too (3e4, 0.7, ...): a study's losses and sizes often span less
+    than a decade, where a log axis would otherwise show no number at all."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(fmt)
+        axis.set_minor_formatter(fmt)
+    ax.tick_params(axis="both", which="both", labelsize=7)
+
+
 def _fit_any(x, y, saturating: bool):
     """Saturating law with >= 4 distinct sizes (when asked), else a plain power law with >= 3."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -430,6 +440,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
         doc.text("Prediction check: a power law fitted on every size but the largest predicts the largest one's "
                  f"held-out loss; the measurement {'lies inside' if inside else 'falls OUTSIDE'} the 95 % interval.")
     ax.legend(fontsize=7)
+    _label_every_tick(ax)
     doc.figure(fig, "fig_study_heldout_vs_params", "held-out loss vs encoder parameters at the largest budget")
     # (b) IsoFLOP profiles and the compute-optimal frontier
     profiles = {b: (g["encoder_params"].to_numpy(float), g["heldout_loss"].to_numpy(float))
@@ -445,6 +456,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
             ax.plot([opt], [np.interp(np.log(opt), np.log(n[order]), y[order])], "*", ms=12, color=line.get_color(),
                     markeredgecolor="k" if inside else "none")
         ax.legend(fontsize=7)
+        _label_every_tick(ax)
         doc.figure(fig, "fig_study_isoflop", "IsoFLOP profiles: held-out loss vs size per compute budget; "
                    "stars mark the loss-minimising size (parabola in log N; outlined when inside the measured sizes)")
         if len(profiles) >= 3:
@@ -457,6 +469,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
             ax.plot(cs, [optima[c][0] for c in cs], "*", ms=10, color="k")
             ax.plot(cs, f.predict(cs), "k--", label=f"N_opt = a C^c, c = {f.params['c']:.2f}")
             ax.legend(fontsize=7)
+            _label_every_tick(ax)
             doc.figure(fig, "fig_study_frontier", "compute-optimal frontier fitted to the IsoFLOP optima")
     # (c) downstream metrics of the study's fine-tuning cells
     ft = [dict(model=c["model"], task=c["task"], fraction=c["fraction"], encoder_params=int(study.set_index("id").loc[i, "params"]),

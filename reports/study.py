@@ -30,7 +30,8 @@ from rsscale.scaling.launch import command_line
 log = logging.getLogger("rsscale.study")
 
 PLANS_DIR = Path(__file__).with_name("plans")
-TOP_KEYS = {"name", "models", "budgets", "images", "heldout", "pretrain", "finetune", "data", "synthetic", "out", "results", "slurm"}
+TOP_KEYS = {"name", "models", "budgets", "images", "heldout", "pretrain", "finetune", "data", "synthetic", "out", "results", "slurm",
+            "lr_width", "env"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ class Plan:
     results: str = ""
     slurm: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # rsscale data options when data is "synthetic"
+    lr_width: int | None = None  # per-size learning rate pretrain.lr * lr_width / width (None: one lr)
+    env: dict = field(default_factory=dict)  # environment variables of the cells run here (e.g. OMP_NUM_THREADS)
 
 
 def _need(path, cond: bool, message: str) -> None:
@@ -117,7 +120,7 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
     images = raw.get("images")
     images = [None] if images in (None, "all") else _positive_list(path, "images", images, int)
     sections = {}
-    for key in ("heldout", "pretrain", "finetune", "slurm", "synthetic"):
+    for key in ("heldout", "pretrain", "finetune", "slurm", "synthetic", "env"):
         sections[key] = raw.get(key) or {}
         _need(path, isinstance(sections[key], dict), f"{key} must be a mapping")
     ho = {"images": 64, "seed": 0, "every": 0, **sections["heldout"]}
@@ -129,12 +132,16 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
         _need(path, t in ("seg", "det"), f"finetune.tasks holds {t!r}; the tasks are seg and det")
     ft["fractions"] = _positive_list(path, "finetune.fractions", ft["fractions"], float)
     _need(path, all(f <= 1 for f in ft["fractions"]), "finetune.fractions must lie in (0, 1]")
+    lr_width = raw.get("lr_width")
+    _need(path, lr_width is None or (isinstance(lr_width, int) and not isinstance(lr_width, bool) and lr_width > 0),
+          f"lr_width must be a positive integer (the width that gets pretrain.lr), got {lr_width!r}")
     default_out = os.path.join("runs", "study", name)
     return Plan(name=name, path=str(path), models=list(models), budget_kind=kind, budgets=values, images=images,
                 heldout=ho, pretrain=dict(sections["pretrain"]), finetune=ft, data=str(raw.get("data", "synthetic")),
                 out=out or raw.get("out") or default_out,
                 results=results or raw.get("results") or os.path.join(out or raw.get("out") or default_out, "results.db"),
-                slurm=sections["slurm"], synthetic=sections["synthetic"])
+                slurm=sections["slurm"], synthetic=sections["synthetic"], lr_width=lr_width,
+                env={str(k): str(v) for k, v in sections["env"].items()})
 
 
 def steps_for(plan: Plan, model: str, budget: float) -> int:
@@ -145,6 +152,16 @@ def steps_for(plan: Plan, model: str, budget: float) -> int:
 
     batch = int(plan.pretrain.get("global_batch", 8))
     return max(1, round(budget / (batch * mae_step_flops(get_preset(model)))))
+
+
+def lr_for(plan: Plan, model: str) -> float:
+    """Peak learning rate of a size: pretrain.lr, times lr_width / width when the plan sets lr_width
+    (muP-style 1/width for Adam: narrow models take larger steps, wide ones smaller)."""
+    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.train import OptimConfig
+
+    lr = float(plan.pretrain.get("lr", OptimConfig.lr))
+    return lr * plan.lr_width / get_preset(model).width if plan.lr_width else lr
 
 
 def cells(plan: Plan) -> list[Cell]:
@@ -225,7 +242,7 @@ def cell_dir(plan: Plan, cell: Cell) -> str:
 
 def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
     """`rsscale pretrain` arguments of a cell (launch flags excluded)."""
-    p = dict(plan.pretrain)
+    p = {**plan.pretrain, "lr": f"{lr_for(plan, cell.model):.4g}"}
     p.pop("nproc", None)
     every = plan.heldout["every"]
     args = ["--model", cell.model, "--steps", str(cell.steps), "--data", data, "--out", cell_dir(plan, cell),
@@ -285,7 +302,7 @@ def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_
     batch = int(plan.pretrain.get("global_batch", 8))
     flops = cell.steps * batch * mae_step_flops(cfg)
     config = dict(study=plan.name, cell=cell.key, cell_kind="pretrain", model=cell.model, steps=cell.steps,
-                  images=cell.images, budget=cell.budget, budget_kind=plan.budget_kind, plan=plan.path)
+                  images=cell.images, budget=cell.budget, budget_kind=plan.budget_kind, lr=lr_for(plan, cell.model), plan=plan.path)
     with ResultsStore(plan.results).run(kind="study", preset=cell.model, params=param_count(cfg, "encoder"),
                                         global_batch=batch, config=config) as run:
         run.log_many([("heldout_loss", loss, step) for step, loss in curve]
@@ -322,21 +339,60 @@ def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
     return {name: value}
 
 
-def predicted_seconds(plan: Plan, cell: Cell) -> float | None:
-    """The analytic model's time for a cell on this machine's measured matmul rate (None if unknown)."""
+def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> float | None:
+    """Training time of a cell from this machine's time model (benchmarks/timemodel.py) when it is
+    calibrated, else from the analytic model at the measured matmul rate (None if unknown). Both
+    leave out process start-up, data loading and the held-out evaluation."""
     try:
-        from rsscale.benchmarks import analytic
+        from rsscale.benchmarks import analytic, timemodel
         from rsscale.scaling.config import get_preset
         from rsscale.scaling.layout import Layout
 
         p = plan.pretrain
         batch = int(p.get("global_batch", 8))
         layout = Layout(micro_batch=int(p.get("micro_batch", batch)), global_batch=batch)
-        est = analytic.estimate(get_preset(cell.model), analytic.Plan(layout, precision=p.get("precision", "fp32")),
-                                analytic.Hardware(peak_flops=_peak_flops(), efficiency=0.5))
-        return est.step_time_s * cell.steps * (1.5 if cell.kind == "finetune" else 1.0)
+        aplan = analytic.Plan(layout, precision=p.get("precision", "fp32"))
+        cfg = get_preset(cell.model)
+        if calib:
+            step_s = timemodel.predict(cfg, aplan, calib, os.cpu_count())["step_s"]
+        else:
+            step_s = analytic.estimate(cfg, aplan, analytic.Hardware(peak_flops=_peak_flops(), efficiency=0.5)).step_time_s
+        return step_s * cell.steps * (1.5 if cell.kind == "finetune" else 1.0)
     except Exception:  # noqa: BLE001 - a prediction is advisory; never stop a study over it
         return None
+
+
+def calibration(plan: Plan) -> dict | None:
+    """This machine's newest `rsscale calibrate` result (the plan's store, else the default one)."""
+    try:
+        from rsscale.benchmarks.calibrate import latest
+        from rsscale.scaling.store import environment
+
+        device, precision = environment()["device"], plan.pretrain.get("precision", "fp32")
+        return latest(device, precision, plan.results) or latest(device, precision)
+    except Exception:  # noqa: BLE001 - no calibration: the analytic model predicts
+        return None
+
+
+def measured_ratio(plan: Plan, calib: dict | None) -> tuple[float, int] | None:
+    """(median measured / predicted wall time, cells) over this study's recorded cells, or None."""
+    from rsscale.scaling.store import ResultsStore
+
+    if not done_cells(plan):
+        return None
+    store = ResultsStore(plan.results)
+    runs = store.runs(kind="study", status="complete")
+    config_of = dict(zip(runs["id"], runs["config"]))
+    walls = store.metrics(kind="study", name="wall_s")
+    by_cell = {c.key: c for c in cells(plan)}
+    ratios = []
+    for run_id, wall in zip(walls["run_id"], walls["value"]):
+        config = config_of.get(run_id, {})
+        cell = by_cell.get(config.get("cell")) if config.get("study") == plan.name else None
+        predicted = predicted_seconds(plan, cell, calib) if cell else None
+        if predicted and math.isfinite(wall):
+            ratios.append(wall / predicted)
+    return (float(sorted(ratios)[len(ratios) // 2]), len(ratios)) if ratios else None
 
 
 _PEAK: list[float] = []
@@ -363,8 +419,9 @@ def run_study(plan: Plan, max_cells: int | None = None) -> int:
         return 0
     pool, held = split_images(plan)
     nproc = int(plan.pretrain.get("nproc", 1))
-    predicted = {c.key: predicted_seconds(plan, c) for c in todo}
-    ratio, ran, t_start = None, 0, time.perf_counter()
+    calib = calibration(plan)
+    predicted = {c.key: predicted_seconds(plan, c, calib) for c in todo}
+    ratio, ran, t_start = (measured_ratio(plan, calib) or (None,))[0], 0, time.perf_counter()
     for i, cell in enumerate(todo):
         if max_cells is not None and ran >= max_cells:
             break
@@ -375,7 +432,7 @@ def run_study(plan: Plan, max_cells: int | None = None) -> int:
         else:
             cmd = command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
         log.info("[study] cell %d/%d %s: %s", len(done) + i + 1, len(todo_all), cell.key, shlex.join(cmd))
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env={**os.environ, **plan.env})
         if rc:
             raise RuntimeError(f"cell {cell.key} failed (exit code {rc}); rerun `rsscale study {plan.path}` to resume it")
         wall = time.perf_counter() - t0
@@ -457,6 +514,30 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def dry_run(plan: Plan) -> None:
+    """Print every cell with its predicted time, and how far the predictions are to be trusted."""
+    done, calib = done_cells(plan), calibration(plan)
+    measured = measured_ratio(plan, calib)
+    scale = measured[0] if measured else 1.0
+    total = 0.0
+    print(f"study {plan.name}: {len(cells(plan))} cells ({len(done)} done); results {plan.results}")
+    for c in cells(plan):
+        t = predicted_seconds(plan, c, calib)
+        total += (t or 0.0) * scale if c.key not in done else 0.0
+        what = f"{c.task} fraction {c.fraction:g} from {c.parent}" if c.kind == "finetune" else f"{c.images or 'all'} images"
+        print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
+              f"predicted {'?' if t is None else f'{t * scale:,.0f} s'}")
+    basis = "the time model calibrated on this machine" if calib else "the analytic model at this machine's measured matmul rate"
+    print(f"predicted time left {total:,.0f} s, from {basis}"
+          + (f", rescaled by the measured/predicted ratio {scale:.3g} of {measured[1]} recorded cell(s)" if measured else ""))
+    if not measured:
+        print("  caveat: not yet checked against this study's own cells; the training-step model leaves out process start-up, "
+              "data loading and evaluation, and the uncalibrated analytic model is far off on CPU (docs/STUDY.md); "
+              "`rsscale calibrate` or a first cell makes it honest")
+    elif not 0.5 <= scale <= 2.0:
+        print(f"  caveat: the model's own predictions were off by {scale:.2g}x on the recorded cells (shown rescaled)")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("plan", help="plan file (YAML/TOML) or a bundled plan name (cpu-ladder)")
     parser.add_argument("--out", default=None, help="study folder (default: the plan's out, or runs/study/<name>)")
@@ -474,16 +555,7 @@ def main(args) -> int:
         raise ValueError(f"--max-cells must be >= 0, got {args.max_cells}")
     all_cells = cells(plan)
     if args.dry_run:
-        done = done_cells(plan)
-        total = 0.0
-        print(f"study {plan.name}: {len(all_cells)} cells ({len(done)} done); results {plan.results}")
-        for c in all_cells:
-            t = predicted_seconds(plan, c)
-            total += t or 0.0
-            what = f"{c.task} fraction {c.fraction:g} from {c.parent}" if c.kind == "finetune" else f"{c.images or 'all'} images"
-            print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
-                  f"predicted {'?' if t is None else f'{t:,.0f} s'}")
-        print(f"predicted total {total:,.0f} s (analytic model on this machine's measured matmul rate)")
+        dry_run(plan)
         return 0
     if args.emit_slurm:
         paths = emit_slurm(plan, args.emit_slurm)

@@ -89,6 +89,10 @@ class ViTConfig:
 # ---------------------------------------------------------------------------------------------
 
 _CPU = dict(img_size=64, patch_size=8, depth=4, dec_depth=2, dec_heads=4)
+# The scaling study's ladder (reports/plans/cpu-ladder.yaml): one branch, widths around `tiny`
+# (w64). On two cores the compute-optimal size at a 30-minute budget is about w32-w48, far below
+# medium, so the IsoFLOP ladder starts there (docs/STUDY.md).
+STUDY_WIDTHS = (32, 48, 96)
 _PAPER_NOTE = "paper size; width/branches are rsscale's choice matching the published count"
 
 PRESETS: dict[str, ViTConfig] = {
@@ -98,6 +102,8 @@ PRESETS: dict[str, ViTConfig] = {
         ViTConfig("mini", width=96, heads=4, mlp=384, dec_width=96, branches=2, **_CPU, note="CPU ladder"),
         ViTConfig("small", width=128, heads=4, mlp=512, dec_width=128, branches=2, **_CPU, note="CPU ladder"),
         ViTConfig("medium", width=192, heads=4, mlp=768, dec_width=192, branches=4, **_CPU, note="CPU ladder"),
+        *[ViTConfig(f"w{w}", width=w, heads=4, mlp=4 * w, dec_width=w, **_CPU, note="CPU study ladder (with tiny = w64)")
+          for w in STUDY_WIDTHS],
         ViTConfig("b12x1", width=768, heads=12, mlp=3072, branches=1, note="ViT-B/16, paper's 86M"),
         ViTConfig("l12x4", width=1024, heads=16, mlp=4096, branches=4, note=_PAPER_NOTE + " (605.26M)"),
         ViTConfig("h12x4", width=1536, heads=24, mlp=6144, branches=4, note=_PAPER_NOTE + " (1.3B)"),

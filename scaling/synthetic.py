@@ -70,6 +70,10 @@ THEMES = {
                       small=(0, 3), large=(0, 3), ships=(0, 0), tanks=(0, 2)),
 }
 URBAN_THEMES = ("residential", "industrial", "harbor")
+# "rich" gives agriculture regular textures at a visible scale (crop rows, orchard lattices,
+# greenhouse rows) and stands most buildings in rows along the roads: structure that the
+# visible patches determine, so a larger model has more to learn (docs/STUDY.md).
+SCENE_SETS = ("base", "rich")
 COVERS = (BACKGROUND, BARREN, FOREST, AGRICULTURE)
 CROP_COLOURS = np.array([(96, 128, 60), (140, 150, 80), (170, 150, 95), (120, 100, 70), (75, 110, 55),
                          (190, 175, 110)], np.float32)
@@ -143,8 +147,42 @@ def _line_mask(h, w, points, width) -> np.ndarray:
 # ----------------------------------------------------------------------------- scene layers
 
 
-def _land_cover(rng, cv: Canvas, theme: dict, k: float) -> None:
-    """Voronoi fields with wobbly edges; each gets a cover class and its texture."""
+def _lattice(xx, yy, angle: float, period: float, offset) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (u, v) relative to the nearest node of a square lattice turned by `angle`."""
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = xx * c + yy * s + offset[0], -xx * s + yy * c + offset[1]
+    return (u % period) - period / 2, (v % period) - period / 2
+
+
+def _rich_crop(rng, xx, yy, fine, k: float) -> np.ndarray:
+    """A field with regular structure a model can continue from the visible part: crop rows at a
+    visible period, an orchard (a lattice of tree crowns with their shadows), or greenhouse rows."""
+    a, period = rng.uniform(0, math.pi), rng.uniform(14, 40) * k
+    kind = rng.integers(3)
+    soil = np.array((150, 125, 90), np.float32) * rng.uniform(0.85, 1.15)
+    if kind == 0:  # crop rows: two colours, soft-edged
+        c1, c2 = CROP_COLOURS[rng.choice(len(CROP_COLOURS), 2, replace=False)]
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period)
+        return (c1 * t[..., None] + c2 * (1 - t[..., None])) * (0.93 + 0.14 * fine[..., None])
+    if kind == 1:  # orchard: crowns of radius ~0.3 period, lit from the upper left
+        du, dv = _lattice(xx, yy, a, period, rng.random(2) * period)
+        r = rng.uniform(0.25, 0.4) * period
+        d2 = (du * du + dv * dv) / (r * r)
+        crown = np.array((45, 95, 40), np.float32) * (1.25 - 0.5 * np.clip(d2 + 0.3 * (du + dv) / r, 0, 1))[..., None]
+        shade = ((du - 0.3 * r) ** 2 + (dv - 0.3 * r) ** 2) < r * r
+        ground = soil * np.where(shade, 0.6, 1.0)[..., None]
+        return np.where((d2 <= 1)[..., None], crown, ground)
+    # greenhouses: bright roofs of a fixed width with dark gaps, ridges along the rows
+    u = (xx * math.cos(a) + yy * math.sin(a)) % period
+    roof = u < rng.uniform(0.55, 0.8) * period
+    ridge = np.abs(u - 0.25 * period) < 0.06 * period
+    tone = np.where(roof, np.where(ridge, 0.8, 1.0), 0.45)[..., None]
+    return np.array((215, 220, 225), np.float32) * tone * (0.97 + 0.06 * fine[..., None])
+
+
+def _land_cover(rng, cv: Canvas, theme: dict, k: float, rich: bool = False) -> None:
+    """Voronoi fields with wobbly edges; each gets a cover class and its texture (rich: the
+    agriculture fields get the regular textures of `_rich_crop`)."""
     h, w = cv.h, cv.w
     n = int(rng.integers(3, 8))
     seeds = rng.random((n, 2)) * (w, h)
@@ -158,7 +196,9 @@ def _land_cover(rng, cv: Canvas, theme: dict, k: float) -> None:
     for r in range(n):
         sel = region == r
         cover = covers[r]
-        if cover == AGRICULTURE:
+        if cover == AGRICULTURE and rich:
+            tex = _rich_crop(rng, xx, yy, fine, k)
+        elif cover == AGRICULTURE:
             a, period = rng.uniform(0, math.pi), rng.uniform(5, 14) * k
             stripes = np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period) > 0
             c1, c2 = CROP_COLOURS[rng.choice(len(CROP_COLOURS), 2)]
@@ -241,8 +281,9 @@ def _place(cv: Canvas, kind, cx, cy, w, h, angle, allowed, paint, shadow, occupy
     return sl, inside, full
 
 
-def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
-    """Parking lots, buildings, storage tanks, vehicles (on roads and lots) and ships (on water)."""
+def _objects(rng, cv: Canvas, theme: dict, roads, k: float, rich: bool = False) -> list[tuple]:
+    """Parking lots, buildings, storage tanks, vehicles (on roads and lots) and ships (on water).
+    rich: most buildings stand in rows along the roads (one size, spacing and roof per row side)."""
     boxes = []
 
     def count(name):
@@ -297,7 +338,21 @@ def _objects(rng, cv: Canvas, theme: dict, roads, k: float) -> list[tuple]:
                         add("vehicle", x, y, w, h, angle + math.pi / 2 + rng.normal(0, 0.05), (ROAD,),
                             vehicle_paint("small-vehicle", w), shadow=1.5 * k, label="small-vehicle")
             break
-    for _ in range(count("buildings")):
+    buildings = count("buildings")
+    for pts, width in roads if rich and buildings else []:
+        for side in (-1, 1):
+            w, h = rng.uniform(12, 24) * k, rng.uniform(10, 18) * k
+            gap, roof = w + rng.uniform(4, 12) * k, ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))]
+            for p0, p1 in zip(pts[:-1], pts[1:]):
+                d = p1 - p0
+                length, angle = float(np.hypot(*d)), math.atan2(d[1], d[0])
+                normal = np.array((-d[1], d[0])) / max(length, 1e-9)
+                for t in np.arange(gap / 2, length, gap):
+                    cx, cy = p0 + d * (t / length) + side * normal * (width / 2 + h / 2 + 3 * k)
+                    if buildings > 0 and add("building", cx, cy, w, h, angle, covers,
+                                             flat(roof, lambda u, v: np.where(v > 0, 0.82, 1.0)), shadow=3 * k):
+                        buildings -= 1
+    for _ in range(buildings):
         w, h = rng.uniform(12, 40) * k, rng.uniform(10, 28) * k
         angle = _road_angle(rng, roads)
         roof = ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))]
@@ -358,8 +413,10 @@ def _on_road(rng, roads, car_h):
     return cx, cy, angle + (math.pi if rng.random() < 0.5 else 0.0), (ROAD,)
 
 
-def scene(rng: np.random.Generator, size, theme: str | None = None, return_instances: bool = False):
+def scene(rng: np.random.Generator, size, theme: str | None = None, return_instances: bool = False, rich: bool = False):
     """One aerial scene: (rgb uint8 HxWx3, LoveDA mask uint8 HxW, boxes) [, instance ids HxW].
+    rich: regular structure (crop rows, orchards, greenhouses, rows of houses along roads) in
+    place of some random placement (see SCENE_SETS).
 
     size is an int (square) or (height, width). boxes are (cx, cy, w, h, angle, class, difficult)
     in the convention of the module docstring; instance ids are k for boxes[k - 1], 0 elsewhere.
@@ -372,10 +429,10 @@ def scene(rng: np.random.Generator, size, theme: str | None = None, return_insta
         raise ValueError(f"unknown theme {theme!r}; choose from {sorted(THEMES)}")
     spec, k = THEMES[theme], min(h, w) / 256
     cv = Canvas(h, w)
-    _land_cover(rng, cv, spec, k)
+    _land_cover(rng, cv, spec, k, rich)
     _water(rng, cv, str(rng.choice(spec["water"])), k)
     roads = _roads(rng, cv, int(rng.integers(spec["roads"][0], spec["roads"][1] + 1)), k)
-    boxes = _objects(rng, cv, spec, roads, k)
+    boxes = _objects(rng, cv, spec, roads, k, rich)
     rgb = cv.rgb * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 3, cv.rgb.shape)  # per-scene tint + sensor noise
     rgb = np.asarray(Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5)))
     return (rgb, cv.mask, boxes, cv.inst) if return_instances else (rgb, cv.mask, boxes)
@@ -425,10 +482,10 @@ def _theme(seed: int, split: str, index: int) -> str:
     return str(np.random.default_rng([seed, sum(map(ord, split)), index, 1]).choice(list(THEMES)))
 
 
-def _sample(seed: int, split: str, index: int, size):
+def _sample(seed: int, split: str, index: int, size, scenes: str = "base"):
     """(theme, scene) of sample `index` of a split: a pure function of its arguments."""
     theme = _theme(seed, split, index)
-    return theme, scene(np.random.default_rng([seed, sum(map(ord, split)), index]), size, theme)
+    return theme, scene(np.random.default_rng([seed, sum(map(ord, split)), index]), size, theme, rich=scenes == "rich")
 
 
 def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
@@ -442,27 +499,27 @@ def _val_count(n: int, fraction: float) -> int:
     return 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
 
 
-def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands):
-    """(split, index, sample size, output paths, seed) for every sample of the dataset."""
+def _jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, scenes):
+    """(split, index, sample size, output paths, seed, scene set) for every sample of the dataset."""
     ext = "jpg" if bands == 3 else "tif"
     for i in range(num_pretrain):
         path = os.path.join(root, "pretrain", _theme(seed, "pretrain", i), f"P{i:06d}.{ext}")
-        yield "pretrain", i, _pretrain_size(seed, i, size), [path], seed
+        yield "pretrain", i, _pretrain_size(seed, i, size), [path], seed, scenes
     seg_val, det_val = _val_count(num_seg, val_fraction), _val_count(num_det, val_fraction)
     for i in range(num_seg):
         domain = "Urban" if _theme(seed, "seg", i) in URBAN_THEMES else "Rural"
         d = os.path.join(root, "seg", "Val" if i < seg_val else "Train", domain)
         paths = [os.path.join(d, "images_png", f"{i}.png"), os.path.join(d, "masks_png", f"{i}.png")]
-        yield "seg", i, size, paths, seed
+        yield "seg", i, size, paths, seed, scenes
     for i in range(num_det):
         d = os.path.join(root, "det", "val" if i < det_val else "train")
         paths = [os.path.join(d, "images", f"P{i:04d}.png"), os.path.join(d, "labelTxt", f"P{i:04d}.txt")]
-        yield "det", i, size, paths, seed
+        yield "det", i, size, paths, seed, scenes
 
 
 def _write_sample(job) -> None:
-    split, i, size, paths, seed = job
-    _, (rgb, mask, boxes) = _sample(seed, split, i, size)
+    split, i, size, paths, seed, scenes = job
+    _, (rgb, mask, boxes) = _sample(seed, split, i, size, scenes)
     for p in paths:
         os.makedirs(os.path.dirname(p), exist_ok=True)
     if split == "pretrain" and paths[0].endswith(".tif"):  # 16-bit RGB + NIR, band-last
@@ -482,24 +539,27 @@ def _write_sample(job) -> None:
 
 def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64, size: int = 256,
              seed: int = 0, val_fraction: float = 0.2, bands: int = 3, overwrite: bool = False,
-             workers: int | None = None) -> dict:
+             workers: int | None = None, scenes: str = "base") -> dict:
     """Write the dataset (skipping files already there unless overwrite) -> dict of paths.
     bands=4 writes the pretraining images as 16-bit RGB+NIR TIFFs instead of JPEGs.
-    workers: processes (default min(4, CPUs)); the bytes written do not depend on it."""
+    workers: processes (default min(4, CPUs)); the bytes written do not depend on it.
+    scenes: "base", or "rich" for more regular structure a model can learn (SCENE_SETS)."""
     if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
         raise ValueError(f"counts must be >= 0 and size >= 32, got {num_pretrain}/{num_seg}/{num_det} and {size}")
+    if scenes not in SCENE_SETS:
+        raise ValueError(f"scenes must be one of {', '.join(SCENE_SETS)}, got {scenes!r}")
     if bands not in (3, 4):
         raise ValueError(f"bands must be 3 (RGB JPEG) or 4 (RGB+NIR TIFF), got {bands}")
     root = os.path.abspath(os.fspath(root))
     paths = dataset_paths(root)
-    manifest = _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands)
+    manifest = _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, scenes)
     old = _read_manifest(paths["manifest"])
     if old is not None and old != manifest:  # other parameters or generator: stale files would mix in
         log(f"{root} holds a dataset made with other parameters or an older generator; replacing it")
         for part in ("pretrain", "seg", "det"):
             shutil.rmtree(os.path.join(root, part), ignore_errors=True)
         os.remove(paths["manifest"])
-    jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands))
+    jobs = list(_jobs(root, num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, scenes))
     todo = [j for j in jobs if overwrite or not all(os.path.exists(p) for p in j[3])]
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, workers)
     log(f"writing synthetic aerial dataset to {root}: {len(todo)} of {len(jobs)} samples to make "
@@ -523,11 +583,12 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
     return dataset_paths(root)
 
 
-def _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, **_) -> dict:
+def _manifest(num_pretrain, num_seg, num_det, size, seed, val_fraction, bands, scenes="base", **_) -> dict:
     """What identifies a finished dataset (written last, so a missing one means unfinished)."""
     return dict(generator=GENERATOR_VERSION, num_pretrain=num_pretrain, num_seg=num_seg, num_det=num_det,
                 size=size, seed=seed, val_fraction=val_fraction, bands=bands, det_classes=list(DET_CLASSES),
-                seg_classes=["no-data", *LOVEDA_CLASSES], themes=sorted(THEMES))
+                seg_classes=["no-data", *LOVEDA_CLASSES], themes=sorted(THEMES),
+                **({"scenes": scenes} if scenes != "base" else {}))  # base datasets keep their manifest
 
 
 def _read_manifest(path) -> dict | None:
@@ -577,10 +638,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of seg/det tiles in the val split")
     parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
+    parser.add_argument("--scenes", choices=SCENE_SETS, default="base",
+                        help="rich: regular crop rows, orchards, greenhouses and rows of houses along roads")
 
 
 def main(args) -> int:
     generate(args.out, num_pretrain=args.num_pretrain, num_seg=args.num_seg, num_det=args.num_det,
              size=args.size, seed=args.seed, val_fraction=args.val_fraction, bands=args.bands, overwrite=args.overwrite,
-             workers=args.workers)
+             workers=args.workers, scenes=args.scenes)
     return 0

@@ -38,6 +38,8 @@ pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
     ("models: [tiny]\nbudgets: {steps: [0]}\n", "positive integers"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nfinetune: {tasks: [cls]}\n", "the tasks are seg and det"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nheldout: {images: 0}\n", "heldout.images"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nlr_width: 0.5\n", "lr_width must be a positive integer"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nenv: [OMP_NUM_THREADS]\n", "env must be a mapping"),
 ])
 def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
     path = _plan(tmp_path, text)
@@ -60,8 +62,18 @@ def test_cells_from_flops_budgets_and_finetune_on_the_largest(tmp_path):
     assert len({c.key for c in cells}) == len(cells)
 
 
+def test_lr_width_gives_each_size_lr_times_lr_width_over_width(tmp_path):
+    text = "models: [w32, tiny, w96]\nbudgets: {steps: [2]}\npretrain: {lr: 3.0e-3}\n"
+    for extra, expected in (("lr_width: 64\n", [6e-3, 3e-3, 2e-3]), ("", [3e-3] * 3)):
+        plan = S.load_plan(str(_plan(tmp_path, text + extra)))
+        lrs = [float(a[a.index("--lr") + 1]) for a in (S.pretrain_args(plan, c, "d") for c in S.cells(plan))]
+        assert lrs == pytest.approx(expected, rel=1e-3)
+        assert [get_preset(m).width for m in plan.models] == [32, 64, 96]
+
+
 def test_bundled_plan_loads():
     plan = S.load_plan("cpu-ladder")
+    assert plan.env == {"OMP_NUM_THREADS": "1"} and plan.synthetic["scenes"] == "rich"
     cells = S.cells(plan)
     assert len({c.budget for c in cells if c.kind == "pretrain"}) >= 3 and len(plan.models) >= 4
 
@@ -130,7 +142,7 @@ def _complete_cells(tmp_path):
     return sorted(c["cell"] for c in runs["config"])
 
 
-def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path):
+def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path, capsys):
     plan = _plan(tmp_path, SMALL.replace("steps: [3]", "steps: [6]"))
     proc = subprocess.Popen(_study_cmd(plan, tmp_path, "--no-report"), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,4 +165,7 @@ def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path):
     m = ResultsStore(str(tmp_path / "study" / "results.db")).metrics(kind="study", name="heldout_loss_final")
     assert len(m) == 2 and np.isfinite(m["value"]).all() and (m["value"] > 0).all()
     assert (tmp_path / "study" / "report" / "report.md").exists()
+    S.dry_run(S.load_plan(str(plan), str(tmp_path / "study")))  # predictions rescaled by the two measured cells
+    printed = capsys.readouterr().out
+    assert printed.count("  done ") == 2 and "measured/predicted ratio" in printed and "of 2 recorded cell(s)" in printed
     assert "held-out" in (tmp_path / "study" / "report" / "report.md").read_text()

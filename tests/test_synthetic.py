@@ -14,9 +14,9 @@ from rsscale.scaling import synthetic
 from rsscale.scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
 
 
-def _scenes():
+def _scenes(rich=False):
     for i, theme in enumerate(THEMES):
-        yield theme, scene(np.random.default_rng(100 + i), 160, theme, return_instances=True)
+        yield theme, scene(np.random.default_rng(100 + i), 160, theme, return_instances=True, rich=rich)
 
 
 def test_scene_is_deterministic_and_seed_dependent():
@@ -28,9 +28,10 @@ def test_scene_is_deterministic_and_seed_dependent():
     assert not np.array_equal(a[0], c[0])
 
 
-def test_masks_and_boxes_are_valid():
+@pytest.mark.parametrize("rich", [False, True])
+def test_masks_and_boxes_are_valid(rich):
     counts = dict.fromkeys(DET_CLASSES, 0)
-    for theme, (rgb, mask, boxes, inst) in _scenes():
+    for theme, (rgb, mask, boxes, inst) in _scenes(rich):
         assert mask.min() >= 1 and mask.max() <= 7, theme
         assert inst.max() == len(boxes)
         for cx, cy, w, h, angle, name, difficult in boxes:
@@ -40,11 +41,12 @@ def test_masks_and_boxes_are_valid():
     assert all(counts.values()), counts  # every class appears across the themes
 
 
-def test_boxes_are_exactly_the_rendered_objects():
+@pytest.mark.parametrize("rich", [False, True])
+def test_boxes_are_exactly_the_rendered_objects(rich):
     """Checked with shapely (independent geometry): every pixel centre of an object lies in its
     DOTA polygon, the object reaches every side of it (within a pixel), and its mask class fits."""
     checked = 0
-    for theme, (rgb, mask, boxes, inst) in _scenes():
+    for theme, (rgb, mask, boxes, inst) in _scenes(rich):
         lines = synthetic.dota_lines(boxes, 0.5)[2:]
         for k, (box, line) in enumerate(zip(boxes, lines), start=1):
             cx, cy, w, h, angle, name, difficult = box
@@ -189,3 +191,21 @@ def test_finetune_readers_accept_the_output(tmp_path):
     for image, target in det:
         i = int(target["image_id"][1:])
         assert len(target["labels"]) == len(synthetic._sample(2, "det", i, 64)[1][2])
+
+
+def test_rich_scenes_are_their_own_dataset(tmp_path):
+    """scenes="rich" changes the pixels (not the labels' format), is named in the manifest, and a
+    base dataset in the same folder is replaced rather than mixed in."""
+    kw = dict(num_pretrain=3, num_seg=2, num_det=2, size=64, workers=1)
+    base = synthetic.generate(tmp_path / "base", **kw)
+    rich = synthetic.generate(tmp_path / "rich", scenes="rich", **kw)
+    assert "scenes" not in open(base["manifest"]).read() and '"scenes": "rich"' in open(rich["manifest"]).read()
+    names = sorted(os.path.relpath(os.path.join(d, f), base["root"]) for d, _, fs in os.walk(base["root"]) for f in fs)
+    assert names == sorted(os.path.relpath(os.path.join(d, f), rich["root"]) for d, _, fs in os.walk(rich["root"]) for f in fs)
+    differ = [n for n in names if n.endswith((".jpg", ".png")) and
+              not np.array_equal(np.asarray(Image.open(os.path.join(base["root"], n))), np.asarray(Image.open(os.path.join(rich["root"], n))))]
+    assert differ
+    synthetic.ensure_dataset(tmp_path / "base", scenes="rich", **kw)
+    assert '"scenes": "rich"' in open(base["manifest"]).read()
+    with pytest.raises(ValueError, match="scenes must be one of base, rich"):
+        synthetic.generate(tmp_path / "x", scenes="fancy", **kw)
