@@ -1,7 +1,7 @@
 """Analytic per-device memory, FLOPs and step time of an MAE pretraining step for any layout.
 
     est = estimate(get_preset("g12x4"), Plan(Layout(tp=4, pp=2, dp=1, micro_batch=8, global_batch=64),
-                                             precision="bf16", recompute=True))
+                                             precision="bf16", recompute="full"))
     est.memory["total"], est.step_flops, est.step_time_s, est.mfu
 
 Every formula is written out in reports/METHODS.md; the short version:
@@ -47,14 +47,17 @@ conv's weight copy; a stage that is not the last keeps its output (s' D r) for t
 last stage saves the encoder norm's (gathered) input, the decoder embedding, unshuffle, decoder
 norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
 head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
-once the largest block's activations while it is recomputed (`recompute_bytes`). With 1F1B,
+once the largest block's activations while it is recomputed (`recompute_bytes`). Selective
+recompute (the attention core only) keeps q, k, v (their 16-bit copies under autocast) and the
+output, but not the log-sum-exp (nor, without a flash kernel, the probabilities), plus once the
+largest core's output and log-sum-exp while it runs again: with a flash kernel it saves little. With 1F1B,
 stage i keeps min(P - i, micro-batches) micro-batches in flight; the reported memory is the
 worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
 not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
-when recomputing). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
+with full recompute, or their attention cores with selective). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
 replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
 matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + P - 1) for the 1F1B bubble,
 plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
@@ -67,7 +70,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rsscale.scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
+from rsscale.scaling.config import ViTConfig, attention_core_flops, mae_forward_flops, mae_step_flops, recompute_mode
 from rsscale.scaling.layout import Layout, stage_layer_range
 
 GIB = 2**30
@@ -81,16 +84,23 @@ class Plan:
 
     layout: Layout
     precision: str = "bf16"
-    recompute: bool = False  # full activation checkpointing of every block
+    recompute: str = "none"  # none | selective (attention core) | full (whole blocks); True/False mean full/none
     distributed_optimizer: bool = False  # ZeRO-1 over DP
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
 
     def __post_init__(self):
+        object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+
+
+    @property
+    def flags(self) -> str:
+        """Two letters for tables: recompute (S selective, R full, - none) and ZeRO-1 (Z or -)."""
+        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "-")
 
 
 @dataclass(frozen=True)
@@ -167,15 +177,21 @@ def _local_tokens(n: int, tp: int, sp: bool) -> int:
     return _tokens(n, tp, sp) // tp if sp else n
 
 
+def attention_core_bytes(s: int, heads: int, branches: int, tp: int, e: int, flash: bool = True) -> float:
+    """Bytes the attention core saves per image beyond q, k, v and its output: the log-sum-exp
+    (+ the probabilities without a flash kernel); what selective recompute does not keep."""
+    return branches * heads * s * (4 + (0 if flash else s * e)) / tp
+
+
 def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
-                           e: int, r: int = 4, flash: bool = True) -> float:
+                           e: int, r: int = 4, flash: bool = True, recompute: str = "none") -> float:
     """Bytes one block saves for backward per image on s real tokens (module doc, "per image")."""
     K, t = branches, tp
     s_ln = _local_tokens(s, t, sp)  # tokens this rank's LayerNorms see
     ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * r + (s_ln * h * r if K > 1 else 0)
-    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
-    if not flash:
-        attn += K * heads * s * s * e / t
+    attn = K * s * 4 * h * e / t  # q, k, v (kept by the checkpoint under selective recompute) and the output
+    if recompute != "selective":
+        attn += attention_core_bytes(s, heads, K, t, e, flash)
     mlp = K * s * m * (e if sp else max(e, r)) / t + K * s * m * e / t
     return 2 * ln + attn + mlp
 
@@ -193,8 +209,9 @@ def _precision_bytes(plan: Plan) -> tuple[int, int]:
     return e, (4 if plan.scheme == "rsscale" or plan.precision == "fp32" else e)
 
 
-def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float]]:
-    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind."""
+def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float, float]]:
+    """(count, bytes per image, bytes per micro-batch, input bytes per image, bytes per image the
+    attention core holds while selective recompute reruns it) per block kind."""
     L = plan.layout
     t, sp = L.tp, L.sp
     e, r = _precision_bytes(plan)
@@ -202,8 +219,8 @@ def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, flo
     kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     if stage == L.pp - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
-    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash), block_micro_bytes(h, m, K, t, e, r),
-             _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
+    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash, plan.recompute), block_micro_bytes(h, m, K, t, e, r),
+             _local_tokens(s, t, sp) * h * r, K * s * h * e / t + attention_core_bytes(s, a, K, t, e, plan.flash)) for n, s, h, m, a, K in kinds]
 
 
 def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, float]:
@@ -234,8 +251,8 @@ def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     activation checkpointing: the block inputs only; see `recompute_bytes`)."""
     mb = plan.layout.micro_batch
     img, micro = stage_extra_bytes(cfg, plan, stage)
-    for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage):
-        if plan.recompute:
+    for n, per_img, per_micro, inp, _ in _stage_blocks(cfg, plan, stage):
+        if plan.recompute == "full":
             img += n * inp
         else:
             img, micro = img + n * per_img, micro + n * per_micro
@@ -243,11 +260,14 @@ def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
 
 
 def recompute_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """With activation checkpointing: one block's activations, alive while it is recomputed."""
-    if not plan.recompute:
-        return 0.0
+    """While recomputing in backward: one block's activations (full) or one attention core's
+    output and log-sum-exp / probabilities (selective), alive while it runs again."""
     mb = plan.layout.micro_batch
-    return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    if plan.recompute == "full":
+        return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp, _ in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    if plan.recompute == "selective":
+        return max((mb * core for n, *_, core in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    return 0.0
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -292,6 +312,17 @@ def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tup
     return parts
 
 
+def stage_core_flops(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[float, int]]:
+    """(forward FLOPs of the attention cores of one image on one device of `stage`, tokens) per
+    block kind: what selective recompute runs again."""
+    L = plan.layout
+    start, end = stage_layer_range(cfg.depth, L.pp, stage)
+    out = [((end - start) * attention_core_flops(cfg.num_visible + 1, cfg.width, cfg.branches) / L.tp, cfg.num_visible + 1)]
+    if stage == L.pp - 1:
+        out.append((cfg.dec_depth * attention_core_flops(cfg.num_patches + 1, cfg.dec_width, 1) / L.tp, cfg.num_patches + 1))
+    return out
+
+
 def saturation(rows: int, hw: "Hardware") -> float:
     """Heuristic fraction of the efficiency a matmul with `rows` rows reaches: rows / (rows + r0)."""
     return rows / (rows + hw.half_rows)
@@ -307,17 +338,20 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     stages = memory_per_stage(cfg, plan)
     worst = max(range(L.pp), key=lambda i: stages[i]["total"])
     e = 4 if plan.precision == "fp32" else 2
-    passes = 3 + (1 if plan.recompute else 0)  # forward, 2x backward, recompute forward
+    passes = 3 + (1 if plan.recompute == "full" else 0)  # forward, 2x backward, recompute forward
     stage_s = []
     for stage in range(L.pp):
         parts = stage_forward_flops(cfg, plan, stage).values()
         compute = sum(passes * L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
                       for flops, rows in parts)
+        if plan.recompute == "selective":  # the attention cores once more
+            compute += sum(L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
+                           for flops, rows in stage_core_flops(cfg, plan, stage))
         start, end = stage_layer_range(cfg.depth, L.pp, stage)
         nblk = [(end - start, cfg.num_visible + 1, cfg.width)]
         if stage == L.pp - 1:
             nblk.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width))
-        allreduces = 2 * (2 + (1 if plan.recompute else 0))  # 2 sublayers x (fwd, bwd[, recompute])
+        allreduces = 2 * (2 + (1 if plan.recompute == "full" else 0))  # 2 sublayers x (fwd, bwd[, recompute])
         tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
         pp_bytes = 2 * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
         stage_s.append((compute, (tp_bytes + pp_bytes) / hw.bandwidth))

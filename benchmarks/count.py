@@ -22,9 +22,12 @@ which would count bf16 runs in fp32). Nothing is allocated. Then:
       excluded), plus the stage output the 1F1B schedule keeps until its backward, over the
       micro-batches 1F1B keeps in flight on that stage (`analytic.in_flight`), each forward run
       as the trainer runs it (the run's autocast dtype, activation checkpointing on or off).
-      With activation checkpointing the blocks save only their inputs in forward; during
-      backward one block at a time is recomputed, so the largest block's full saved set
-      (counted in a run without checkpointing, its input left out) is added once.
+      With full recompute the blocks save only their inputs in forward; during backward one
+      block at a time is recomputed, so the largest block's full saved set (counted in a run
+      without checkpointing, its input left out) is added once. With selective recompute the
+      checkpoint of each attention core holds q, k, v (its inputs, counted explicitly: a
+      checkpoint keeps them by reference, not through autograd's hooks); the largest core's
+      own saves (output, log-sum-exp), counted in a run without checkpointing, are added once.
 
 What this does not count: transient buffers (gradients of activations during backward, matmul
 workspaces, collective buffers, the allocator's fragmentation), and the CUDA context; these are
@@ -124,12 +127,37 @@ class _SavedBytes:
     def total(self) -> int:
         return sum(n for n, _ in self.seen.values())
 
-    def by_block(self) -> dict:
+    def by_block(self, cores: bool = False) -> dict:
+        """Bytes per block (its attention core's saves included), or with `cores` only those of
+        each block's attention core."""
         out: dict = {}
         for n, where in self.seen.values():
-            if where not in (None, _INPUT):
-                out[where] = out.get(where, 0) + n
+            core = isinstance(where, tuple)
+            if where not in (None, _INPUT) and (core or not cores):
+                name = where[1] if core else where
+                out[name] = out.get(name, 0) + n
         return out
+
+    @contextlib.contextmanager
+    def attribute_cores(self, blocks):
+        """Count each attention core's inputs q, k, v for its block and tag what the core saves
+        itself as ("core", block)."""
+        for name, blk in blocks:
+            def attend(q, k, v, grid, orig=blk._attend, name=name):
+                for t in (q, k, v):
+                    self.add(t, self.where)
+                outer, self.where = self.where, ("core", name)
+                try:
+                    return orig(q, k, v, grid)
+                finally:
+                    self.where = outer
+
+            blk._attend = attend
+        try:
+            yield
+        finally:
+            for _, blk in blocks:
+                del blk._attend
 
     @contextlib.contextmanager
     def attribute_blocks(self, blocks):
@@ -158,7 +186,7 @@ def _blocks(model):
     return named
 
 
-def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: set, attribute: bool = False) -> _SavedBytes:
+def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: set, attribute: bool = False, cores: bool = False) -> _SavedBytes:
     """Run `micro` forwards of this stage as the trainer does and collect what autograd saves."""
     from rsscale.scaling.mae import masking_noise
 
@@ -166,7 +194,11 @@ def _forward_saves(model, cfg, plan: Plan, stage_input: bool, micro: int, skip: 
     saved = _SavedBytes(set(skip))
     dtype = AUTOCAST.get(plan.precision)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-    ctx = saved.attribute_blocks(_blocks(model)) if attribute else contextlib.nullcontext()
+    ctx = contextlib.ExitStack()
+    if attribute:
+        ctx.enter_context(saved.attribute_blocks(_blocks(model)))
+    if cores:
+        ctx.enter_context(saved.attribute_cores(_blocks(model)))
     alive = []  # every micro-batch's graph stays alive, so no storage address is reused
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), ctx:
         for _ in range(micro):
@@ -198,7 +230,7 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
         config = state.model_parallel_config(perform_initialization=False)
 
         def build():
-            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
+            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, recompute=plan.recompute, pre_process=stage == 0,
                                      post_process=stage == L.pp - 1, layer_range=stage_layer_range(cfg.depth, L.pp, stage), config=config)
 
         with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
@@ -216,17 +248,17 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
             model = build()
             skip = {_storage(p)[0] for p in model.parameters()}
             micro = in_flight(L, stage)
-            saves = _forward_saves(model, cfg, plan, stage == 0, micro, skip, attribute=not plan.recompute)
+            selective = plan.recompute == "selective"
+            saves = _forward_saves(model, cfg, plan, stage == 0, micro, skip, attribute=plan.recompute != "full", cores=selective)
             out.activations = saves.total()
-            if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
-                for _, blk in _blocks(model):
-                    blk.activation_checkpointing = False
-                full = _forward_saves(model, cfg, plan, stage == 0, 1, skip, attribute=True)
-                per_block = full.by_block()
-                out.activations += max(per_block.values(), default=0)
-                out.block_activations = sum(per_block.values())
-            else:
+            if plan.recompute == "none":
                 out.block_activations = sum(saves.by_block().values()) // micro
+            else:  # the largest block's (full) or attention core's (selective) activations, live while it runs again in backward
+                for _, blk in _blocks(model):
+                    blk.recompute = "none"
+                plain = _forward_saves(model, cfg, plan, stage == 0, 1, skip, attribute=True, cores=selective)
+                out.activations += max(plain.by_block(cores=selective).values(), default=0)
+                out.block_activations = sum(plain.by_block().values()) if plan.recompute == "full" else sum(saves.by_block().values()) // micro
     return out
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from rsscale.scaling.config import RECOMPUTE
 from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.launch import add_launch_arguments, command_line, relaunch, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
@@ -59,7 +60,7 @@ class BenchOptions:
     steps: int = 10
     precision: str = "fp32"
     kernels: str = "torch"
-    activation_checkpointing: bool = False
+    recompute: str = "none"  # none | selective | full
     distributed_optimizer: bool = False
     peak_tflops: float | None = None  # per device; None: measure a matmul
     results: str | None = None
@@ -153,14 +154,14 @@ def run_bench(opts: BenchOptions) -> dict | None:
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
-                         kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
+                         kernels=opts.kernels, recompute=opts.recompute, data="random",
                          record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
-    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
+    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.recompute,
                          distributed_optimizer=opts.distributed_optimizer)
     counted_stages, counted = None, {}
     if opts.trace:  # counted before any process group exists (counting builds its own fake one)
@@ -194,8 +195,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
     cfg = trainer.cfg
     peak_tflops = opts.peak_tflops or matmul_peak_tflops(trainer.device, opts.precision)
-    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.activation_checkpointing),
-                        mae_step_flops(cfg, False), peak_tflops, layout.world_size)
+    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.recompute),
+                        mae_step_flops(cfg, "none"), peak_tflops, layout.world_size)
     for key in ("t_data", "t_fwd_bwd", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
     if opts.trace:
@@ -289,7 +290,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help="measured steps")
     parser.add_argument("--precision", choices=DTYPES, default=d.precision)
     parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute, help="recompute in backward: the attention core (selective) or whole blocks (full)")
     parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")

@@ -28,7 +28,7 @@ import tempfile
 
 from rsscale.benchmarks import analytic
 from rsscale.benchmarks.harness import BenchOptions, bench_command
-from rsscale.scaling.config import get_preset
+from rsscale.scaling.config import RECOMPUTE, get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
 from rsscale.scaling.layout import Layout, validate_layout
 
@@ -48,7 +48,7 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
             dp = gpus // (tp * pp)
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
-            for sp, mb, recompute, zero in itertools.product((False, True), mbs, (False, True), (False, True)):
+            for sp, mb, recompute, zero in itertools.product((False, True), mbs, RECOMPUTE, (False, True)):
                 if zero and dp == 1:
                     continue
                 layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch)
@@ -74,7 +74,7 @@ def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: di
 
 def format_row(r: dict) -> str:
     p, e, m = r["plan"], r["est"], r["est"].memory
-    flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+    flags = p.flags
     return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
             f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
             f"{r['img_s']:10.1f} {100 * r['mfu']:6.1f}")
@@ -108,7 +108,7 @@ def print_counted(cfg, rows: list[dict]) -> None:
         worst = max(range(len(stages)), key=lambda s: stages[s].total)
         counted, predicted = stages[worst].as_dict(), analytic.memory_per_stage(cfg, p)[worst]
         err = max(abs(predicted[c] / counted[c] - 1) for c in counted if counted[c])
-        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        flags = p.flags
         cells = " ".join(f"{counted[c] / GIB:7.2f}/{predicted[c] / GIB:<7.2f}" for c in COMPONENTS + ("total",))
         print(f"{str(p.layout):<34} {flags:<3} {cells} {100 * err:8.2f}%")
 
@@ -144,7 +144,7 @@ def measure(cfg, rows: list[dict], args) -> int:
         L = p.layout
         opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch,
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
-                            activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
+                            recompute=p.recompute, distributed_optimizer=p.distributed_optimizer,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
                             results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"))
         print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
@@ -186,7 +186,7 @@ def validation_table(table: list[dict]) -> str:
     lines = ["| layout | R/Z | predicted s | measured s | error |", "| --- | --- | --- | --- | --- |"]
     for t in table:
         p = t["row"]["plan"]
-        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        flags = p.flags
         lines.append(f"| {p.layout} | {flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | {100 * t['error']:+.1f} % |")
     errs = np.abs([t["error"] for t in table])
     fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)

@@ -8,8 +8,9 @@ Per micro-batch on each pipeline stage (one TP rank):
   matmuls     every GEMM of the stage (qkv, proj, fc1, fc2 per branch and block; patch embedding,
               decoder embedding, head) at the calibrated FLOP/s of the nearest calibrated shape
               (log distance over rows, in, out); backward = 2x forward; + 1x forward of the
-              blocks with activation checkpointing
-  attention   4 B H N^2 Dh FLOPs at the nearest calibrated attention shape's FLOP/s; backward 2.5x
+              blocks with full recompute (of the attention cores with selective)
+  attention   4 B H N^2 Dh FLOPs at the nearest calibrated attention shape's FLOP/s; backward 2.5x;
+              + 1x forward with selective or full recompute
   elementwise LayerNorms, GELU, residual adds and casts, as bytes over the calibrated LayerNorm
               bandwidth (per block: 12 s' h + 6 K s m / t values of 4 bytes; backward 2x)
   TP comm     per sublayer, forward: an all-reduce of the output (or under SP the all-gather of the
@@ -61,8 +62,8 @@ def _gemm_s(calib, rows, k, n):
     return 2 * rows * k * n / _nearest(calib["gemm"], (rows, k, n), "flops_per_s")
 
 
-def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e) -> tuple[float, float, float]:
-    """(compute, TP comm, recomputable compute) of n_blocks forward on one micro-batch."""
+def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e, recompute="none") -> tuple[float, float, float]:
+    """(compute, TP comm, compute run again in backward by `recompute`) of n_blocks forward on one micro-batch."""
     if not n_blocks:
         return 0.0, 0.0, 0.0
     rows = mb * s
@@ -81,7 +82,8 @@ def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e) -> tuple
         comm = 2 * (collective_s(calib, "all_gather", K * full * 4, t) + collective_s(calib, "reduce_scatter", full * e, t))
     else:
         comm = 2 * collective_s(calib, "all_reduce", full * e, t)
-    return n_blocks * comp, n_blocks * comm, n_blocks * comp
+    again = {"none": 0.0, "selective": attn, "full": comp}[recompute]
+    return n_blocks * comp, n_blocks * comm, n_blocks * again
 
 
 def _tp_backward_comm(calib, n_blocks, mb, s, h, K, t, sp) -> float:
@@ -110,10 +112,10 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
         extra += _gemm_s(calib, mb * (cfg.num_visible + 1), cfg.width, cfg.dec_width) + _gemm_s(calib, mb * (cfg.num_patches + 1), cfg.dec_width, cfg.patch_dim)
     comp, comm, recomp = 3 * extra, 0.0, 0.0
     for n, s, h, m, heads, K in kinds:
-        c, tc, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, e)
+        c, tc, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, e, plan.recompute)
         comp += 3 * c
-        comm += tc * (2 if plan.recompute else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
-        recomp += rc if plan.recompute else 0.0
+        comm += tc * (2 if plan.recompute == "full" else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
+        recomp += rc
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
     pp = 2 * collective_s(calib, "send_recv", hidden, 2) if L.pp > 1 else 0.0
     return {"compute": comp + recomp, "tp_comm": comm, "pp_comm": pp}

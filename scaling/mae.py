@@ -93,7 +93,7 @@ def _seeded(seed: int, part: int):
 class MaskedAutoencoder(nn.Module):
     """MAE with a parallel-branch ViT encoder; see the module docstring for the stage rule."""
 
-    def __init__(self, cfg: ViTConfig, sequence_parallel=False, activation_checkpointing=False, pre_process=True, post_process=True, layer_range=None, seed=0, config=None):
+    def __init__(self, cfg: ViTConfig, sequence_parallel=False, recompute="none", pre_process=True, post_process=True, layer_range=None, seed=0, config=None):
         super().__init__()
         config = config or state.model_parallel_config()
         self.tp = config.tensor_model_parallel_size
@@ -109,7 +109,7 @@ class MaskedAutoencoder(nn.Module):
         D, Dd = cfg.width, cfg.dec_width
 
         def block(width, heads, mlp, branches):
-            return ParallelBlock(width, heads, mlp, branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel, activation_checkpointing=activation_checkpointing)
+            return ParallelBlock(width, heads, mlp, branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel, recompute=recompute)
 
         if pre_process:
             with _seeded(seed, 0):

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from rsscale.scaling import checkpoint, layout as layout_mod
-from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.config_file import check_number, check_tree, load_config_file
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
@@ -77,7 +77,7 @@ class TrainConfig:
     steps: int = 50
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
-    activation_checkpointing: bool = False
+    recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
     data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
@@ -125,6 +125,7 @@ FLAGS = [
     ("--steps", "steps", int, "optimizer steps"),
     ("--seed", "seed", int, "seed of weights, data order, augmentation and masks"),
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
+    ("--recompute", "recompute", str, "none | selective (attention core) | full (whole blocks): recomputed in backward"),
     ("--kernels", "kernels", str, "torch | triton"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
     ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
@@ -140,7 +141,6 @@ FLAGS = [
 SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
-    ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
     ("--no-record", "record", "do not write to the results store"),
@@ -156,7 +156,7 @@ NUMBER_RULES = {
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
     "timeout": dict(gt=0),
 }
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
 
 
 def _get(config, path: str):
@@ -292,7 +292,7 @@ class Trainer:
 
         stage = self.state.pp_rank()
         layer_range = layout_mod.stage_layer_range(self.cfg.depth, self.layout.pp, stage)
-        model = MaskedAutoencoder(self.cfg, sequence_parallel=self.layout.sp, activation_checkpointing=self.config.activation_checkpointing,
+        model = MaskedAutoencoder(self.cfg, sequence_parallel=self.layout.sp, recompute=self.config.recompute,
                                   pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=layer_range, seed=self.config.seed)
         return model.to(self.device)
 

@@ -21,6 +21,8 @@ def test_block_activation_bytes_by_hand():
     # -> 2040; without flash + 2*25*4=200 probabilities.
     assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4) == 2040
     assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4, flash=False) == 2240
+    # selective recompute keeps q/k/v/o but neither the LSE nor the probabilities
+    assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4, flash=False, recompute="selective") == 2000
     # K=2, t=2, SP (5 tokens padded to 6, 3 per rank), bf16 autocast, fp32 residual. Per sublayer
     # LN: input 3*8*4=96, stats 24, fp32 outputs 2*96, the K>1 path's normed 96 -> 2*408=816;
     # q/k/v/o 2*5*32*2/2=320, LSE 2*2*5*4/2=40; fc1 out (bf16 under SP) + GELU out 2*160 -> 1496.

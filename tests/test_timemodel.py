@@ -22,7 +22,7 @@ def _uniform(flops=1e12, bw=1e30, lat=0.0, net=1e30):
             "layernorm": [{"shape": [1, 1], "bytes_per_s": bw}], "collectives": coll}
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_compute_time_adds_up_to_the_step_flops(recompute):
     """With one FLOP rate and free elementwise work, one process's step time is exactly the
     model's matmul FLOPs (scaling.config, an independent count) over that rate."""
