@@ -149,6 +149,10 @@ class MaskedAutoencoder(nn.Module):
             return x
         return mappings.gather_from_sequence_parallel_region(x, tp_grad=False)[:, :n_tokens]
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """This stage's encoder blocks, then (on the last stage) the decoder blocks."""
+        return list(self.blocks.values()) + (list(self.decoder_blocks) if self.post_process else [])
+
     def hidden_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of this rank's hidden states passed between pipeline stages."""
         n = self.cfg.num_visible + 1

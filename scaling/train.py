@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -78,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
+    compile: bool = False  # torch.compile each transformer block
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager/eager to debug)
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
     data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
@@ -127,6 +130,7 @@ FLAGS = [
     ("--precision", "precision", str, "fp32 | bf16 | fp16 (fp16: CUDA only)"),
     ("--recompute", "recompute", str, "none | selective (attention core) | full (whole blocks): recomputed in backward"),
     ("--kernels", "kernels", str, "torch | triton"),
+    ("--compile-backend", "compile_backend", str, "torch.compile backend with --compile: inductor | aot_eager | eager"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
     ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
     ("--num-workers", "num_workers", int, "data loader workers per rank"),
@@ -141,6 +145,7 @@ FLAGS = [
 SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
+    ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
     ("--no-record", "record", "do not write to the results store"),
@@ -156,7 +161,7 @@ NUMBER_RULES = {
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
     "timeout": dict(gt=0),
 }
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "compile_backend": ("inductor", "aot_eager", "eager"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
 
 
 def _get(config, path: str):
@@ -279,6 +284,10 @@ class Trainer:
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {p!r}")
         if p == "fp16" and not torch.cuda.is_available():
             raise ValueError("fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
+        c = self.config
+        if c.compile and c.compile_backend == "inductor" and not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
+            raise ValueError(f"--compile with inductor on CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found); "
+                             "install one or pass --compile-backend aot_eager")
 
     def _stage_links(self):
         from rsscale.scaling.pipeline import StageLinks
@@ -294,6 +303,9 @@ class Trainer:
         layer_range = layout_mod.stage_layer_range(self.cfg.depth, self.layout.pp, stage)
         model = MaskedAutoencoder(self.cfg, sequence_parallel=self.layout.sp, recompute=self.config.recompute,
                                   pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=layer_range, seed=self.config.seed)
+        if self.config.compile:
+            for block in model.transformer_blocks():
+                block.compile(backend=self.config.compile_backend)  # in place: parameter names and hooks stay
         return model.to(self.device)
 
     def _is_data_source(self) -> bool:
