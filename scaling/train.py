@@ -81,6 +81,7 @@ class TrainConfig:
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager/eager to debug)
+    fsdp: bool = False  # ZeRO-3: parameters, gradients and optimizer state sharded over DP (scaling/fsdp.py)
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
     data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
@@ -102,6 +103,8 @@ class TrainConfig:
         for path, allowed in CHOICES.items():
             if _get(self, path) not in allowed:
                 raise ValueError(f"{_flag_of(path)} must be one of {', '.join(allowed)}, got {_get(self, path)!r}")
+        if self.fsdp and (self.optim.distributed_optimizer or self.precision == "fp16"):
+            raise ValueError("--fsdp already shards the optimizer state and runs fp32 or bf16: drop --distributed-optimizer / --precision fp16")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
 
@@ -145,6 +148,7 @@ FLAGS = [
 SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1)"),
+    ("--fsdp", "fsdp", "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)"),
     ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
@@ -260,11 +264,16 @@ class Trainer:
         self.model = self._build_model()
         opt = config.optim
         zero = opt.distributed_optimizer and self.layout.dp > 1
-        self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-                                   shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group())
-        self.count_mask = torch.cat([torch.full((p.numel(),), float(state.is_tp_sharded(p) or state.tp_rank() == 0)) for _, p in self.optimizer.named]).to(self.device)
-        pad = self.optimizer.flat.numel() - self.count_mask.numel()
-        self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
+        if config.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
+            from rsscale.scaling import fsdp
+
+            self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                                       shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group())
+            self.count_mask = torch.cat([torch.full((p.numel(),), float(state.is_tp_sharded(p) or state.tp_rank() == 0)) for _, p in self.optimizer.named]).to(self.device)
+            pad = self.optimizer.flat.numel() - self.count_mask.numel()
+            self.count_mask = torch.nn.functional.pad(self.count_mask, (0, pad))
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
         self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
@@ -386,11 +395,14 @@ class Trainer:
         if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
             raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
                                      f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
-        grad = self.optimizer.collect_grads()
-        self.optimizer.allreduce_grads(self.state.dp_group(), L.dp)
-        finite = self.scaler.unscale_and_check(grad)
-        mp_group = self.state._parallel_state().get_model_parallel_group()
-        grad_norm = clip_grad_norm_(grad, self.count_mask, opt.clip_grad, group=mp_group)
+        if self.config.fsdp:  # gradients arrive reduce-scattered (averaged) over DP: clip the shards
+            finite, grad_norm = True, self.optimizer.clip_grad_norm_(opt.clip_grad)
+        else:
+            grad = self.optimizer.collect_grads()
+            self.optimizer.allreduce_grads(self.state.dp_group(), L.dp)
+            finite = self.scaler.unscale_and_check(grad)
+            mp_group = self.state._parallel_state().get_model_parallel_group()
+            grad_norm = clip_grad_norm_(grad, self.count_mask, opt.clip_grad, group=mp_group)
         lr = lr_at(self.step, opt.lr, opt.warmup, self.config.steps, opt.min_lr)
         if finite:
             self.optimizer.step(lr)
@@ -422,17 +434,20 @@ class Trainer:
     def save(self) -> str:
         """Collective: each rank writes what it owns (loadable into any layout; scaling/checkpoint.py)."""
         self._claim()
-        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
-        owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
-        first_replica = self.state.dp_rank() == 0
-        tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica}
-        if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
-            for key, pieces in self.optimizer.moment_pieces().items():
-                for n, (t, a, b) in pieces.items():
-                    p, info = params[n], checkpoint.tensor_meta(params[n])
-                    if owns[n]:
-                        whole = (a, b) == (0, p.numel())
-                        tensors[f"{key}/{n}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
+        if self.config.fsdp:  # every DP rank writes its shard of each weight and moment
+            tensors = self.optimizer.checkpoint_tensors(self.model)
+        else:
+            params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+            owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
+            first_replica = self.state.dp_rank() == 0
+            tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica}
+            if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
+                for key, pieces in self.optimizer.moment_pieces().items():
+                    for n, (t, a, b) in pieces.items():
+                        p, info = params[n], checkpoint.tensor_meta(params[n])
+                        if owns[n]:
+                            whole = (a, b) == (0, p.numel())
+                            tensors[f"{key}/{n}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
@@ -462,12 +477,15 @@ class Trainer:
         folder, index = checkpoint.read_index(path)
         if index["model"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
-        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
         t = index["trainer"]
-        self.optimizer.load_moments(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
+        if self.config.fsdp:
+            self.optimizer.load(self.model, folder, index, t["optimizer_steps"])
+        else:
+            params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
+            self.optimizer.load_moments(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
         self.scaler.load_state_dict(t["scaler"])
         self.step = int(t["step"])
         return index
@@ -527,12 +545,13 @@ class Trainer:
 
         out = {}
         for name, p in self.model.named_parameters():
+            local = p.full_tensor() if self.config.fsdp else p  # FSDP: gathered over DP (tests only)
             if self.state.is_tp_sharded(p) and self.layout.tp > 1:
-                shards = [torch.empty_like(p) for _ in range(self.layout.tp)]
-                dist.all_gather(shards, p.detach().contiguous(), group=self.state.tp_group())
+                shards = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                dist.all_gather(shards, local.detach().contiguous(), group=self.state.tp_group())
                 out[name] = unshard_tensors(shards, p.partition_dim, p.partition_stride)
             else:
-                out[name] = p.detach().clone()
+                out[name] = local.detach().clone()
         return out
 
 
