@@ -20,6 +20,10 @@ Bytes per trainable parameter (`scheme`):
              AdamW moments 2 x fp32, divided by DP with the distributed optimizer (ZeRO-1);
              fp32 masks (the trainer's per-element count mask for the grad norm, the
              optimizer's weight-decay mask over its shard): 4 + 8 + 8/d + (4 + 4/d).
+  FSDP (`Plan.fsdp`, ZeRO-3 with FSDP2, scaling/fsdp.py): fp32 weights, gradients and 2 moments
+             all sharded: 16/d, no flat buffers or masks; plus `gathered`: what is unsharded at
+             the backward peak (root unit's weights + gradients, 2 blocks' weights + 1 block's
+             gradients; `fsdp_gathered_bytes`).
   "megatron" (Megatron-LM mixed precision): 16-bit weights, fp32 main grads, fp32 master copy +
              2 moments: 2 + 4 + 12/d (fp32 training: 4 + 4 + 8/d, no separate master).
 
@@ -63,7 +67,9 @@ matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches 
 plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
 two sublayer outputs forward and backward within TP (+ once more when recomputing), the
 DP gradient all-reduce (2 (d-1)/d x fp32 grads, plus an all-gather of the weights under ZeRO-1),
-and the pipeline's activation sends; no overlap is assumed.
+and the pipeline's activation sends; no overlap is assumed. Under FSDP the DP term is instead,
+per micro-batch, the all-gathers of the stage's weights (forward, and the blocks' again in
+backward) and the reduce-scatter of its gradients (`fsdp_comm_bytes`).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class Plan:
     precision: str = "bf16"
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks); True/False mean full/none
     distributed_optimizer: bool = False  # ZeRO-1 over DP
+    fsdp: bool = False  # ZeRO-3 over DP (FSDP2, scaling/fsdp.py)
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
 
@@ -93,14 +100,16 @@ class Plan:
         object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.fsdp and self.distributed_optimizer:
+            raise ValueError("a plan shards over DP with either FSDP or ZeRO-1, not both")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
 
 
     @property
     def flags(self) -> str:
-        """Two letters for tables: recompute (S selective, R full, - none) and ZeRO-1 (Z or -)."""
-        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "-")
+        """Two letters for tables: recompute (S selective, R full, - none) and DP sharding (Z ZeRO-1, F FSDP, -)."""
+        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "F" if self.fsdp else "-")
 
 
 @dataclass(frozen=True)
@@ -280,10 +289,36 @@ def in_flight(layout: Layout, stage: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def fsdp_block_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
+    """Parameter elements of each transformer block on one device of `stage` (FSDP's units; the
+    rest of the stage is the root unit)."""
+    start, end = stage_layer_range(cfg.depth, pp, stage)
+    split, rep = block_param_split(cfg.width, cfg.mlp, cfg.branches, cfg.qkv_bias)
+    out = [split // tp + rep] * (end - start)
+    if stage == pp - 1:
+        dsplit, drep = block_param_split(cfg.dec_width, cfg.dec_mlp, 1, True)
+        out += [dsplit // tp + drep] * cfg.dec_depth
+    return out
+
+
+def fsdp_gathered_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """What FSDP holds unsharded (fp32) at its backward peak: the root unit's weights and
+    gradients (the root is not resharded between forward and backward), the running block's
+    weights and gradients and the prefetched next block's weights."""
+    if not plan.fsdp:
+        return 0.0
+    L = plan.layout
+    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
+    root = n["trainable"] + n["frozen"] - sum(blocks)
+    return 4 * (root + (n["trainable"] - sum(blocks)) + 3 * max(blocks, default=0))
+
+
 def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     L = plan.layout
     zero = L.dp if plan.distributed_optimizer and L.dp > 1 else 1
     per = bytes_per_param(plan.precision, plan.scheme, zero)
+    if plan.fsdp:  # fp32 weights, gradients and moments all sharded over DP; no flat buffers or masks
+        per = {"params": 4 / L.dp, "grads": 4 / L.dp, "optimizer": 8 / L.dp, "masks": 0}
     out = []
     for stage in range(L.pp):
         n = stage_params(cfg, L.tp, L.pp, stage)
@@ -293,6 +328,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "optimizer": n["trainable"] * per["optimizer"],
             "masks": n["trainable"] * per["masks"],
             "activations": in_flight(L, stage) * stage_activation_bytes(cfg, plan, stage) + recompute_bytes(cfg, plan, stage),
+            "gathered": fsdp_gathered_bytes(cfg, plan, stage),
         }
         mem["total"] = sum(mem.values())
         out.append(mem)
@@ -321,6 +357,19 @@ def stage_core_flops(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[float
     if stage == L.pp - 1:
         out.append((cfg.dec_depth * attention_core_flops(cfg.num_patches + 1, cfg.dec_width, 1) / L.tp, cfg.num_patches + 1))
     return out
+
+
+def fsdp_comm_bytes(cfg: ViTConfig, plan: Plan) -> float:
+    """Bytes one device moves per micro-batch under FSDP (worst stage): all-gathers of every unit's
+    weights in forward and of the blocks' again in backward, and a reduce-scatter of all gradients,
+    each (d-1)/d of the fp32 tensor (our trainer syncs gradients on every micro-batch)."""
+    L = plan.layout
+    d = L.dp
+    worst = 0.0
+    for stage in range(L.pp):
+        n, blocks = stage_params(cfg, L.tp, L.pp, stage), sum(fsdp_block_params(cfg, L.tp, L.pp, stage))
+        worst = max(worst, 4 * (d - 1) / d * (n["trainable"] + n["frozen"] + blocks + n["trainable"]))
+    return worst
 
 
 def saturation(rows: int, hw: "Hardware") -> float:
@@ -359,6 +408,8 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     rounds = L.num_micro + L.pp - 1
     trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
     dp_bytes = _ring(trainable * 4, L.dp) + (trainable * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
+    if plan.fsdp:
+        dp_bytes = L.num_micro * fsdp_comm_bytes(cfg, plan)
     compute_s = rounds * slowest[0]
     comm_s = rounds * slowest[1] + dp_bytes / hw.bandwidth
     step_s = compute_s + comm_s

@@ -50,7 +50,7 @@ from rsscale.scaling.layout import check_layout, stage_layer_range
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
-COMPONENTS = ("params", "grads", "optimizer", "masks", "activations")
+COMPONENTS = ("params", "grads", "optimizer", "masks", "activations", "gathered")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Counted:
     optimizer: int = 0
     masks: int = 0
     activations: int = 0
+    gathered: int = 0  # FSDP: unsharded weights and gradients at the backward peak (analytic.fsdp_gathered_bytes)
     block_activations: int = 0  # the part of `activations` saved inside transformer blocks (one micro-batch)
 
     @property
@@ -237,13 +238,16 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
             model = build()
             frozen = [p for p in model.parameters() if not p.requires_grad]
             trainable = [p for p in model.parameters() if p.requires_grad]
-            opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0)
-            out = Counted(
-                params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
-                grads=sum(p.numel() * p.element_size() for p in trainable) + opt.grad.untyped_storage().nbytes(),
-                optimizer=opt.state_bytes(),
-                masks=opt.decay_mask.untyped_storage().nbytes() + opt.flat.numel() * 4,  # + the trainer's count_mask
-            )
+            if plan.fsdp:
+                out = _count_fsdp(model)
+            else:
+                opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0)
+                out = Counted(
+                    params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
+                    grads=sum(p.numel() * p.element_size() for p in trainable) + opt.grad.untyped_storage().nbytes(),
+                    optimizer=opt.state_bytes(),
+                    masks=opt.decay_mask.untyped_storage().nbytes() + opt.flat.numel() * 4,  # + the trainer's count_mask
+                )
         with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
             model = build()
             skip = {_storage(p)[0] for p in model.parameters()}
@@ -260,6 +264,25 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
                 out.activations += max(plain.by_block(cores=selective).values(), default=0)
                 out.block_activations = sum(plain.by_block().values()) if plan.recompute == "full" else sum(saves.by_block().values()) // micro
     return out
+
+
+def _count_fsdp(model) -> Counted:
+    """The trainer's FSDP allocations (scaling/fsdp.py) on DP rank 0 of a meta-device stage: each
+    parameter's padded shard, a gradient shard per trainable one, the AdamW moments, and the
+    unsharded weights and gradients at the backward peak (the module doc of analytic.py)."""
+    from rsscale.scaling.fsdp import shard_model
+
+    opt = shard_model(model)
+
+    def full_bytes(params):  # DTensor numel: the whole (TP-local) tensor, as gathered
+        return sum(p.numel() * p.element_size() for p in params)
+
+    shard = {p: p.to_local().untyped_storage().nbytes() for p in model.parameters()}
+    blocks = [full_bytes(b.parameters()) for b in model.transformer_blocks()]
+    in_blocks = {p for b in model.transformer_blocks() for p in b.parameters()}
+    root = [p for p in model.parameters() if p not in in_blocks]
+    return Counted(params=sum(shard.values()), grads=sum(n for p, n in shard.items() if p.requires_grad), optimizer=opt.state_bytes(),
+                   gathered=full_bytes(root) + full_bytes(p for p in root if p.requires_grad) + 3 * max(blocks, default=0))
 
 
 def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:

@@ -62,6 +62,7 @@ class BenchOptions:
     kernels: str = "torch"
     recompute: str = "none"  # none | selective | full
     distributed_optimizer: bool = False
+    fsdp: bool = False  # ZeRO-3 over DP (FSDP2)
     peak_tflops: float | None = None  # per device; None: measure a matmul
     results: str | None = None
     record: bool = True
@@ -155,14 +156,14 @@ def run_bench(opts: BenchOptions) -> dict | None:
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + opts.steps, precision=opts.precision,
                          kernels=opts.kernels, recompute=opts.recompute, data="random",
-                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer))
+                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer), fsdp=opts.fsdp)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
     plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.recompute,
-                         distributed_optimizer=opts.distributed_optimizer)
+                         distributed_optimizer=opts.distributed_optimizer, fsdp=opts.fsdp)
     counted_stages, counted = None, {}
     if opts.trace:  # counted before any process group exists (counting builds its own fake one)
         from rsscale.benchmarks.count import count_plan
@@ -292,6 +293,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
     parser.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute, help="recompute in backward: the attention core (selective) or whole blocks (full)")
     parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
+    parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state over DP (FSDP2, ZeRO-3)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")

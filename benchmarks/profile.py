@@ -48,13 +48,13 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
             dp = gpus // (tp * pp)
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
-            for sp, mb, recompute, zero in itertools.product((False, True), mbs, RECOMPUTE, (False, True)):
-                if zero and dp == 1:
+            for sp, mb, recompute, shard in itertools.product((False, True), mbs, RECOMPUTE, ("none", "zero", "fsdp")):
+                if shard != "none" and dp == 1:
                     continue
                 layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch)
                 if validate_layout(layout, cfg, gpus):
                     continue
-                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=zero))
+                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
     return plans
 
 
@@ -92,7 +92,7 @@ def print_table(rows: list[dict], top: int) -> list[dict]:
         print(f"... {len(misfits)} layouts do not fit; the {min(3, len(misfits))} fastest of them:")
         for r in misfits[:3]:
             print(format_row(r))
-    print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
+    print("memory in GiB per device (worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP")
     return shown + misfits[:3]
 
 
@@ -144,10 +144,10 @@ def measure(cfg, rows: list[dict], args) -> int:
         L = p.layout
         opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch,
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
-                            recompute=p.recompute, distributed_optimizer=p.distributed_optimizer,
+                            recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
                             results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"))
-        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
+        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}", flush=True)
         rc = subprocess.call(bench_command(opts, args.gpus))
         if rc:
             failed += 1
@@ -170,7 +170,7 @@ def spread(rows: list[dict], n: int) -> list[dict]:
     seen, distinct = set(), []
     for r in rows:
         L = r["plan"].layout
-        key = (L.tp, L.pp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
+        key = (L.tp, L.pp, L.dp, L.sp, r["plan"].flags)
         if key not in seen:
             seen.add(key)
             distinct.append(r)

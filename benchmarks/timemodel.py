@@ -21,7 +21,8 @@ Per micro-batch on each pipeline stage (one TP rank):
   PP comm     one send/recv of the stage's fp32 hidden states each way
 The step: (micro-batches + P - 1) x the slowest stage's per-micro-batch time (1F1B: the bubble is the
 P - 1 extra rounds), + the DP all-reduce of the fp32 flat gradient (+ the ZeRO-1 all-gather of the
-weights), which our trainer runs after the whole backward (one bucket, no overlap), + the
+weights), which our trainer runs after the whole backward (one bucket, no overlap), or under FSDP
+per micro-batch its all-gathers and reduce-scatters (`fsdp_micro_s`, not overlapped), + the
 optimizer's elementwise passes (grad copy, clip, AdamW: about 16 fp32 values per parameter of the
 shard and 6 per parameter of the stage) at the LayerNorm bandwidth.
 On CPU, when more processes run than there are cores, every compute time is scaled by
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from rsscale.benchmarks.analytic import Plan, _local_tokens, stage_params
+from rsscale.benchmarks.analytic import Plan, _local_tokens, fsdp_block_params, stage_params
 from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.layout import stage_layer_range
 
@@ -121,6 +122,16 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     return {"compute": comp + recomp, "tp_comm": comm, "pp_comm": pp}
 
 
+def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
+    """FSDP's collectives per micro-batch on `stage`: per block an all-gather of its fp32 weights in
+    forward and again in backward and a reduce-scatter of its gradients; the root unit's once each."""
+    L = plan.layout
+    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
+    root, root_trainable = n["trainable"] + n["frozen"] - sum(blocks), n["trainable"] - sum(blocks)
+    gather = sum(2 * collective_s(calib, "all_gather", 4 * b, L.dp) for b in blocks) + collective_s(calib, "all_gather", 4 * root, L.dp)
+    return gather + sum(collective_s(calib, "reduce_scatter", 4 * b, L.dp) for b in blocks + [root_trainable])
+
+
 def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = None) -> dict:
     """Predicted step time of `plan` and its parts, in seconds (module doc)."""
     L = plan.layout
@@ -134,7 +145,9 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     trainable = max(stage_params(cfg, L.tp, L.pp, s)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
     dp = collective_s(calib, "all_reduce", trainable * 4, L.dp) + (collective_s(calib, "all_gather", trainable * 4 / L.dp, L.dp) if zero else 0.0)
-    shard = trainable / (L.dp if zero else 1)
+    if plan.fsdp:
+        dp = L.num_micro * max(fsdp_micro_s(cfg, plan, calib, s) for s in range(L.pp))
+    shard = trainable / (L.dp if zero or plan.fsdp else 1)
     optim = scale * 4 * (16 * shard + 6 * trainable) / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
     st = stages[slow]
     out = {"compute_s": L.num_micro * scale * st["compute"], "tp_comm_s": L.num_micro * st["tp_comm"], "pp_comm_s": L.num_micro * st["pp_comm"],

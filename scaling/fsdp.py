@@ -47,8 +47,8 @@ def shard_model(model, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05) -> "Shard
     """Shard this rank's model stage over its data-parallel group in place (one FSDP unit per
     transformer block plus the root) and return the optimizer over the shards."""
     tp_attrs = {n: {a: getattr(p, a) for a in _TP_ATTRS if hasattr(p, a)} for n, p in model.named_parameters()}
-    device = next(model.parameters()).device
-    mesh = DeviceMesh.from_group(state.dp_group(), device.type)
+    device = next(model.parameters()).device.type
+    mesh = DeviceMesh.from_group(state.dp_group(), "cpu" if device == "meta" else device)  # meta: memory counting
     blocks = model.transformer_blocks()
     for block in blocks:
         fully_shard(block, mesh=mesh)

@@ -64,9 +64,9 @@ def test_count_restores_a_single_process_world():
     assert state.is_initialized() and torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
 
 
-def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2):
+def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2, fsdp=False):
     return A.Plan(Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=mb * dp * 4), precision=precision,
-                  recompute=recompute, distributed_optimizer=zero)
+                  recompute=recompute, distributed_optimizer=zero, fsdp=fsdp)
 
 
 def _slow(plan):
@@ -75,7 +75,8 @@ def _slow(plan):
 
 # TP 1/2/4/8, SP on/off, PP 1/2/4, recompute on/off, ZeRO-1 on/off, bf16 and fp32. CI runs the
 # first of each group; `-m slow` runs the rest (about 1-3 s each on an idle 2-core machine).
-G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(2, 2, 2, sp=True, recompute="selective")] + [_slow(p) for p in [
+G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(2, 2, 2, sp=True, recompute="selective"), _plan(2, 2, 4, fsdp=True)] + [_slow(p) for p in [
+    _plan(1, 1, 8, fsdp=True, recompute="full", precision="fp32"), _plan(4, 2, 2, sp=True, fsdp=True, recompute="selective"),
     _plan(4, 1, 1, recompute="selective", precision="fp32"), _plan(1, 2, 2, recompute="selective", zero=True),
     _plan(8, 1, 1), _plan(8, 1, 4, sp=True, zero=True, precision="fp32"),
     _plan(4, 4, 2, sp=True, recompute=True, zero=True), _plan(4, 4, 2, precision="fp32"),
@@ -86,6 +87,7 @@ G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(2, 2, 2, sp=True, 
 PRESET_PLANS = [(name, _plan(4, 2, 2, sp=True)) for name in PAPER_PRESETS]
 PRESET_PLANS += [pytest.param(name, _plan(2, 2, 1, recompute=True, zero=True, precision="fp32"), marks=pytest.mark.slow) for name in PAPER_PRESETS]
 PRESET_PLANS += [pytest.param(name, _plan(2, 1, 2, recompute="selective"), marks=pytest.mark.slow) for name in PAPER_PRESETS]
+PRESET_PLANS += [pytest.param(name, _plan(1, 2, 4, fsdp=True), marks=pytest.mark.slow) for name in PAPER_PRESETS]
 
 
 def _check_every_component(cfg, plan):
