@@ -283,7 +283,7 @@ class Trainer:
         self.loader = self._build_loader()
         log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} MAE params), layout {self.layout}, "
             f"world {world}, precision {config.precision}, data {config.data}, "
-            f"optimizer {'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
+            f"optimizer {'FSDP (ZeRO-3) over DP' if config.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
         return self
 
     # --- setup helpers -------------------------------------------------------------------------
