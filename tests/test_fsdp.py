@@ -91,6 +91,16 @@ def test_fsdp2_pp2_matches_and_fsdp_tp2_resumes_a_single_process_checkpoint(refe
     assert four_more["fsdp2_tp2_from_ref"]["losses"] == pytest.approx(ref["losses"][STEPS:], abs=TOL)
 
 
+@pytest.mark.slow
+def test_fsdp_with_compile_and_selective_recompute_matches_single_process(reference):
+    """DP=2 --fsdp --compile (aot_eager) --recompute selective: the features compose (about 2.5 min)."""
+    ref, root = reference
+    spec = dict(name="fsdp_compiled", layout=dict(dp=2, fsdp=True, compile=True, compile_backend="aot_eager", recompute="selective"))
+    got = _merge(run_distributed(_run_layouts, 2, [spec], str(root), timeout=900))["fsdp_compiled"]
+    assert got["losses"] == pytest.approx(ref["losses"][:STEPS], abs=TOL)
+    _assert_same_weights(got["weights"], ref["weights"])
+
+
 def test_fsdp_refuses_zero1_and_fp16():
     from rsscale.scaling.train import OptimConfig, TrainConfig
 
