@@ -14,7 +14,7 @@ For the benchmark harness:
     trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(tp=2, micro_batch=8, global_batch=8)))
     rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_optim, t_step, images
     trainer.config, trainer.layout, trainer.cfg (ViTConfig), trainer.model (this rank's stage),
-    trainer.optimizer (FlatAdamW: .flat params, .state_bytes())
+    trainer.optimizer (FlatAdamW: .flat params, .state_bytes(); under --fsdp scaling.fsdp.ShardedAdamW)
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
@@ -22,6 +22,8 @@ runs the 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1), averages g
 in one flat all-reduce, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
 (ZeRO-1 sharded with --distributed-optimizer; scaling/optim.py). Resume is exact within a
 layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
+With --fsdp the model is sharded over DP by FSDP2 instead (scaling/fsdp.py: gradients arrive
+reduce-scattered, AdamW steps the shards); --recompute and --compile act inside the blocks.
 """
 
 from __future__ import annotations
