@@ -40,6 +40,13 @@ def test_fsdp_dp2_matches_single_process(reference, two):
     _assert_same_weights(got["weights"], ref["weights"])
     for shard_bytes in got["state_bytes"]:  # each rank holds half of the AdamW moments
         assert shard_bytes == pytest.approx(ref["state_bytes"] / 2, rel=0.01)
+    # the memory counter (benchmarks/count.py, meta device, fake world) counts what the real rank 0 holds
+    from rsscale.benchmarks.analytic import Plan
+    from rsscale.benchmarks.count import count_stage
+    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.layout import Layout
+
+    assert count_stage(get_preset("tiny"), Plan(Layout(dp=2, micro_batch=2, global_batch=8), fsdp=True), 0).optimizer == got["state_bytes"][0]
 
 
 def test_fsdp_checkpoint_resumes_under_tp2_and_one_process(reference, two):
