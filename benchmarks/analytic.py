@@ -1,7 +1,7 @@
 """Analytic per-device memory, FLOPs and step time of an MAE pretraining step for any layout.
 
     est = estimate(get_preset("g12x4"), Plan(Layout(tp=4, pp=2, dp=1, micro_batch=8, global_batch=64),
-                                             precision="bf16", recompute=True))
+                                             precision="bf16", recompute="full"))
     est.memory["total"], est.step_flops, est.step_time_s, est.mfu
 
 Every formula is written out in reports/METHODS.md; the short version:
@@ -20,6 +20,9 @@ copy + 2 fp32 moments divided by d = DP with the distributed optimizer (ZeRO-1):
 fp32 training: 4 + 4 + 8/d (the weights are the master copy). Per-parameter metadata only.
 The schemes differ in activations: "rsscale" runs under autocast with an fp32 residual stream
 (r = 4) and 16-bit weights (w = e), "megatron" keeps the residual stream 16-bit too (r = w = e).
+FSDP (`Plan.fsdp`, ZeRO-3 with FSDP2, scaling/fsdp.py): fp32 weights, gradients and 2 moments all
+sharded: 16/d; plus `gathered`: what is unsharded at the backward peak (root unit's weights +
+gradients, 2 blocks' weights + 1 block's gradients; `fsdp_gathered_bytes`).
 
 Activations: the bytes autograd saves for backward in our trainer, term by term as
 benchmarks/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
@@ -47,8 +50,11 @@ conv's weight copy (fp32 weights only); a stage that is not the last keeps its o
 last stage saves the encoder norm's (gathered) input, the decoder embedding, unshuffle, decoder
 norm and head inputs, the loss terms (N P 4 + N 4), and the weight copies of decoder embed and
 head. Full activation checkpointing keeps only each block's input (s' h r) per micro-batch, plus
-once the largest block's activations while it is recomputed (`recompute_bytes`). With 1F1B,
-stage i keeps min(P - i, micro-batches) micro-batches in flight; with interleaved 1F1B (V
+once the largest block's activations while it is recomputed (`recompute_bytes`). Selective
+recompute (the attention core only) keeps q, k, v (their 16-bit copies under autocast) and the
+output, but not the log-sum-exp (nor, without a flash kernel, the probabilities), plus once the
+largest core's output and log-sum-exp while it runs again: with a flash kernel it saves little.
+With 1F1B, stage i keeps min(P - i, micro-batches) micro-batches in flight; with interleaved 1F1B (V
 chunks per rank, each a virtual stage v = chunk * P + i of P*V with its own blocks, extras and
 kept output) the heaviest set of (chunk, micro-batch) activations its order holds at once
 (scaling/pipeline.py `in_flight_chunks`: on rank 0 2(P-1) + (V-1)P + 1 chunks); the reported
@@ -57,7 +63,7 @@ not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
-when recomputing). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
+with full recompute, or their attention cores with selective). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
 replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
 matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + (P - 1)/V) for the
 (interleaved) 1F1B bubble of (P-1)/(V M),
@@ -67,14 +73,16 @@ DP gradient reduction (all-reduce: 2 (d-1)/d x fp32 grads; ZeRO-1: reduce-scatte
 grads + all-gather of the w-byte weights) and the pipeline's activation sends (forward and
 backward, once per chunk: V x with interleaving). With `overlap_grad_reduce` the DP reduction runs
 during the last micro-batch's backward: only what exceeds that backward (about 2/3 of one round's
-compute; the last bucket at least) is exposed.
+compute; the last bucket at least) is exposed. Under FSDP the DP term is instead, per
+micro-batch, the all-gathers of the stage's weights (forward, and the blocks' again in backward)
+and the reduce-scatter of its gradients (`fsdp_comm_bytes`), not overlapped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rsscale.scaling.config import ViTConfig, mae_forward_flops, mae_step_flops
+from rsscale.scaling.config import ViTConfig, attention_core_flops, mae_forward_flops, mae_step_flops, recompute_mode
 from rsscale.scaling.layout import Layout, stage_chunk_ranges, stage_layer_range
 from rsscale.scaling.pipeline import in_flight_chunks
 
@@ -89,18 +97,28 @@ class Plan:
 
     layout: Layout
     precision: str = "bf16"
-    recompute: bool = False  # full activation checkpointing of every block
+    recompute: str = "none"  # none | selective (attention core) | full (whole blocks); True/False mean full/none
     distributed_optimizer: bool = False  # ZeRO-1 over DP
+    fsdp: bool = False  # ZeRO-3 over DP (FSDP2, scaling/fsdp.py)
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
     overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/optim.py)
     bucket_mb: float = 25.0
 
     def __post_init__(self):
+        object.__setattr__(self, "recompute", recompute_mode(self.recompute))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.fsdp and self.distributed_optimizer:
+            raise ValueError("a plan shards over DP with either FSDP or ZeRO-1, not both")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+
+
+    @property
+    def flags(self) -> str:
+        """Two letters for tables: recompute (S selective, R full, - none) and DP sharding (Z ZeRO-1, F FSDP, -)."""
+        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "F" if self.fsdp else "-")
 
 
 @dataclass(frozen=True)
@@ -179,16 +197,22 @@ def _local_tokens(n: int, tp: int, sp: bool) -> int:
     return _tokens(n, tp, sp) // tp if sp else n
 
 
+def attention_core_bytes(s: int, heads: int, branches: int, tp: int, e: int, flash: bool = True) -> float:
+    """Bytes the attention core saves per image beyond q, k, v and its output: the log-sum-exp
+    (+ the probabilities without a flash kernel); what selective recompute does not keep."""
+    return branches * heads * s * (4 + (0 if flash else s * e)) / tp
+
+
 def block_activation_bytes(s: int, h: int, m: int, heads: int, branches: int, tp: int, sp: bool,
-                           e: int, r: int = 4, flash: bool = True, w: int | None = None) -> float:
+                           e: int, r: int = 4, flash: bool = True, w: int | None = None, recompute: str = "none") -> float:
     """Bytes one block saves for backward per image on s real tokens (module doc, "per image");
     w: weight bytes (default r)."""
     K, t, w = branches, tp, r if w is None else w
     s_ln = _local_tokens(s, t, sp)  # tokens this rank's LayerNorms see
     ln = s_ln * h * r + 2 * s_ln * 4 + K * s_ln * h * w + (s_ln * h * r if K > 1 else 0)
-    attn = K * s * 4 * h * e / t + K * heads * s * 4 / t
-    if not flash:
-        attn += K * heads * s * s * e / t
+    attn = K * s * 4 * h * e / t  # q, k, v (kept by the checkpoint under selective recompute) and the output
+    if recompute != "selective":
+        attn += attention_core_bytes(s, heads, K, t, e, flash)
     mlp = K * s * m * (e if sp else max(e, w)) / t + K * s * m * e / t
     return 2 * ln + attn + mlp
 
@@ -212,9 +236,10 @@ def _virtual_stages(layout: Layout) -> int:
     return layout.pp * layout.vpp
 
 
-def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float]]:
-    """(count, bytes per image, bytes per micro-batch, input bytes per image) per block kind of
-    virtual stage `stage` (the pipeline stage when V = 1)."""
+def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, float, float, float, float]]:
+    """(count, bytes per image, bytes per micro-batch, input bytes per image, bytes per image the
+    attention core holds while selective recompute reruns it) per block kind of virtual stage
+    `stage` (the pipeline stage when V = 1)."""
     L = plan.layout
     t, sp = L.tp, L.sp
     e, r, w = _precision_bytes(plan)
@@ -222,8 +247,8 @@ def _stage_blocks(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[int, flo
     kinds = [(end - start, cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     if stage == _virtual_stages(L) - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
-    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash, w), block_micro_bytes(h, m, K, t, e, r, w),
-             _local_tokens(s, t, sp) * h * r) for n, s, h, m, a, K in kinds]
+    return [(n, block_activation_bytes(s, h, m, a, K, t, sp, e, r, plan.flash, w, plan.recompute), block_micro_bytes(h, m, K, t, e, r, w),
+             _local_tokens(s, t, sp) * h * r, K * s * h * e / t + attention_core_bytes(s, a, K, t, e, plan.flash)) for n, s, h, m, a, K in kinds]
 
 
 def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, float]:
@@ -254,8 +279,8 @@ def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     (with activation checkpointing: the block inputs only; see `recompute_bytes`)."""
     mb = plan.layout.micro_batch
     img, micro = stage_extra_bytes(cfg, plan, stage)
-    for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage):
-        if plan.recompute:
+    for n, per_img, per_micro, inp, _ in _stage_blocks(cfg, plan, stage):
+        if plan.recompute == "full":
             img += n * inp
         else:
             img, micro = img + n * per_img, micro + n * per_micro
@@ -263,11 +288,14 @@ def stage_activation_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
 
 
 def recompute_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
-    """With activation checkpointing: one block's activations, alive while it is recomputed."""
-    if not plan.recompute:
-        return 0.0
+    """While recomputing in backward: one block's activations (full) or one attention core's
+    output and log-sum-exp / probabilities (selective), alive while it runs again."""
     mb = plan.layout.micro_batch
-    return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    if plan.recompute == "full":
+        return max((mb * (per_img - inp) + per_micro for n, per_img, per_micro, inp, _ in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    if plan.recompute == "selective":
+        return max((mb * core for n, *_, core in _stage_blocks(cfg, plan, stage) if n), default=0.0)
+    return 0.0
 
 
 def in_flight(layout: Layout, stage: int, weight=lambda chunk: 1.0) -> list[int]:
@@ -281,10 +309,36 @@ def in_flight(layout: Layout, stage: int, weight=lambda chunk: 1.0) -> list[int]
 # ---------------------------------------------------------------------------------------------
 
 
+def fsdp_block_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
+    """Parameter elements of each transformer block on one device of `stage` (FSDP's units; the
+    rest of the stage is the root unit)."""
+    start, end = stage_layer_range(cfg.depth, pp, stage)
+    split, rep = block_param_split(cfg.width, cfg.mlp, cfg.branches, cfg.qkv_bias)
+    out = [split // tp + rep] * (end - start)
+    if stage == pp - 1:
+        dsplit, drep = block_param_split(cfg.dec_width, cfg.dec_mlp, 1, True)
+        out += [dsplit // tp + drep] * cfg.dec_depth
+    return out
+
+
+def fsdp_gathered_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
+    """What FSDP holds unsharded (fp32) at its backward peak: the root unit's weights and
+    gradients (the root is not resharded between forward and backward), the running block's
+    weights and gradients and the prefetched next block's weights."""
+    if not plan.fsdp:
+        return 0.0
+    L = plan.layout
+    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
+    root = n["trainable"] + n["frozen"] - sum(blocks)
+    return 4 * (root + (n["trainable"] - sum(blocks)) + 3 * max(blocks, default=0))
+
+
 def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     L = plan.layout
     zero = L.dp if plan.distributed_optimizer and L.dp > 1 else 1
     per = bytes_per_param(plan.precision, zero)
+    if plan.fsdp:  # fp32 weights, gradients and moments all sharded over DP; no flat buffers
+        per = {"params": 4 / L.dp, "grads": 4 / L.dp, "optimizer": 8 / L.dp}
     out = []
     for stage in range(L.pp):
         n = stage_params(cfg, L.tp, L.pp, stage, L.vpp)
@@ -296,6 +350,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
             "optimizer": n["trainable"] * per["optimizer"],
             "activations": sum(chunk_bytes[c] for c in in_flight(L, stage, chunk_bytes.__getitem__))
             + max(recompute_bytes(cfg, plan, v) for v in virtual),
+            "gathered": fsdp_gathered_bytes(cfg, plan, stage),
         }
         mem["total"] = sum(mem.values())
         out.append(mem)
@@ -312,6 +367,29 @@ def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tup
     if stage == L.pp - 1:
         parts["decoder"] = (f["decoder"] / L.tp + f["decoder_embed"] + f["pred"], cfg.num_patches + 1)
     return parts
+
+
+def stage_core_flops(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[float, int]]:
+    """(forward FLOPs of the attention cores of one image on one device of `stage`, tokens) per
+    block kind: what selective recompute runs again."""
+    L = plan.layout
+    out = [(stage_blocks(cfg, L.pp, stage, L.vpp) * attention_core_flops(cfg.num_visible + 1, cfg.width, cfg.branches) / L.tp, cfg.num_visible + 1)]
+    if stage == L.pp - 1:
+        out.append((cfg.dec_depth * attention_core_flops(cfg.num_patches + 1, cfg.dec_width, 1) / L.tp, cfg.num_patches + 1))
+    return out
+
+
+def fsdp_comm_bytes(cfg: ViTConfig, plan: Plan) -> float:
+    """Bytes one device moves per micro-batch under FSDP (worst stage): all-gathers of every unit's
+    weights in forward and of the blocks' again in backward, and a reduce-scatter of all gradients,
+    each (d-1)/d of the fp32 tensor (our trainer syncs gradients on every micro-batch)."""
+    L = plan.layout
+    d = L.dp
+    worst = 0.0
+    for stage in range(L.pp):
+        n, blocks = stage_params(cfg, L.tp, L.pp, stage), sum(fsdp_block_params(cfg, L.tp, L.pp, stage))
+        worst = max(worst, 4 * (d - 1) / d * (n["trainable"] + n["frozen"] + blocks + n["trainable"]))
+    return worst
 
 
 def saturation(rows: int, hw: "Hardware") -> float:
@@ -352,16 +430,19 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     stages = memory_per_stage(cfg, plan)
     worst = max(range(L.pp), key=lambda i: stages[i]["total"])
     e = 4 if plan.precision == "fp32" else 2
-    passes = 3 + (1 if plan.recompute else 0)  # forward, 2x backward, recompute forward
+    passes = 3 + (1 if plan.recompute == "full" else 0)  # forward, 2x backward, recompute forward
     stage_s = []
     for stage in range(L.pp):
         parts = stage_forward_flops(cfg, plan, stage).values()
         compute = sum(passes * L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
                       for flops, rows in parts)
+        if plan.recompute == "selective":  # the attention cores once more
+            compute += sum(L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
+                           for flops, rows in stage_core_flops(cfg, plan, stage))
         nblk = [(stage_blocks(cfg, L.pp, stage, L.vpp), cfg.num_visible + 1, cfg.width)]
         if stage == L.pp - 1:
             nblk.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width))
-        allreduces = 2 * (2 + (1 if plan.recompute else 0))  # 2 sublayers x (fwd, bwd[, recompute])
+        allreduces = 2 * (2 + (1 if plan.recompute == "full" else 0))  # 2 sublayers x (fwd, bwd[, recompute])
         tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
         pp_bytes = 2 * L.vpp * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
         stage_s.append((compute, (tp_bytes + pp_bytes) / hw.bandwidth))
@@ -369,6 +450,8 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     rounds = L.num_micro + (L.pp - 1) / L.vpp  # the bubble: (P-1)/V micro-batch rounds
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     reduce_bytes, gather_bytes = dp_bytes(plan, trainable)
+    if plan.fsdp:  # per micro-batch gathers and reduce-scatters, not bucketed behind backward
+        reduce_bytes, gather_bytes = 0.0, L.num_micro * fsdp_comm_bytes(cfg, plan)
     compute_s = rounds * slowest[0]
     reduce_s = reduce_bytes / hw.bandwidth
     if plan.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2 of its 3 passes)

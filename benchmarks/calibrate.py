@@ -121,7 +121,7 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
                 for recompute in (False, True):
                     path = os.path.join(tmp, "summary.json")
                     opts = BenchOptions(model=model, micro_batch=mb, global_batch=gb, warmup=1, steps=reps, precision=precision,
-                                        activation_checkpointing=recompute, peak_tflops=1.0, record=False, summary_json=path)
+                                        recompute="full" if recompute else "none", peak_tflops=1.0, record=False, summary_json=path)
                     subprocess.run(bench_command(opts, 1), env=env, check=True, stdout=subprocess.DEVNULL)
                     with open(path) as f:
                         measured = json.load(f)["step_time_median_s"]

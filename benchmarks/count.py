@@ -21,12 +21,15 @@ which would count bf16 runs in fp32). Nothing is allocated. Then:
       `torch.autograd.graph.saved_tensors_hooks` (each storage counted once, parameters
       excluded), plus the stage output the 1F1B schedule keeps until its backward: one forward of
       each of the stage's chunks (one chunk unless --vpp > 1) run as the trainer runs it (the
-      run's autocast dtype, activation checkpointing on or off), then summed over the
-      (chunk, micro-batch) activations the (interleaved) 1F1B order holds at once at its
-      heaviest point, weighed by these counts (`analytic.in_flight`).
-      With activation checkpointing the blocks save only their inputs in forward; during
-      backward one block at a time is recomputed, so the largest block's full saved set
-      (counted in a run without checkpointing, its input left out) is added once.
+      run's autocast dtype, recompute mode), then summed over the (chunk, micro-batch)
+      activations the (interleaved) 1F1B order holds at once at its heaviest point, weighed by
+      these counts (`analytic.in_flight`).
+      With full recompute the blocks save only their inputs in forward; during backward one
+      block at a time is recomputed, so the largest block's full saved set (counted in a run
+      without checkpointing, its input left out) is added once. With selective recompute the
+      checkpoint of each attention core holds q, k, v (its inputs, counted explicitly: a
+      checkpoint keeps them by reference, not through autograd's hooks); the largest core's
+      own saves (output, log-sum-exp), counted in a run without checkpointing, are added once.
 
 What this does not count: transient buffers (gradients of activations during backward, matmul
 workspaces, collective buffers, the allocator's fragmentation), and the CUDA context; these are
@@ -52,7 +55,7 @@ from rsscale.scaling.layout import check_layout, stage_chunk_ranges
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
-COMPONENTS = ("params", "grads", "optimizer", "activations")
+COMPONENTS = ("params", "grads", "optimizer", "activations", "gathered")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Counted:
     grads: int = 0
     optimizer: int = 0
     activations: int = 0
+    gathered: int = 0  # FSDP: unsharded weights and gradients at the backward peak (analytic.fsdp_gathered_bytes)
     block_activations: int = 0  # the part of `activations` saved inside transformer blocks (one micro-batch)
 
     @property
@@ -128,12 +132,37 @@ class _SavedBytes:
     def total(self) -> int:
         return sum(n for n, _ in self.seen.values())
 
-    def by_block(self) -> dict:
+    def by_block(self, cores: bool = False) -> dict:
+        """Bytes per block (its attention core's saves included), or with `cores` only those of
+        each block's attention core."""
         out: dict = {}
         for n, where in self.seen.values():
-            if where not in (None, _INPUT):
-                out[where] = out.get(where, 0) + n
+            core = isinstance(where, tuple)
+            if where not in (None, _INPUT) and (core or not cores):
+                name = where[1] if core else where
+                out[name] = out.get(name, 0) + n
         return out
+
+    @contextlib.contextmanager
+    def attribute_cores(self, blocks):
+        """Count each attention core's inputs q, k, v for its block and tag what the core saves
+        itself as ("core", block)."""
+        for name, blk in blocks:
+            def attend(q, k, v, grid, orig=blk._attend, name=name):
+                for t in (q, k, v):
+                    self.add(t, self.where)
+                outer, self.where = self.where, ("core", name)
+                try:
+                    return orig(q, k, v, grid)
+                finally:
+                    self.where = outer
+
+            blk._attend = attend
+        try:
+            yield
+        finally:
+            for _, blk in blocks:
+                del blk._attend
 
     @contextlib.contextmanager
     def attribute_blocks(self, blocks):
@@ -162,7 +191,7 @@ def _blocks(model):
     return named
 
 
-def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: set, attribute: bool = False) -> _SavedBytes:
+def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: set, attribute: bool = False, cores: bool = False) -> _SavedBytes:
     """Run one forward of this stage's `chunk` as the trainer does and collect what autograd saves."""
     from rsscale.scaling.mae import masking_noise
 
@@ -170,7 +199,11 @@ def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: 
     saved = _SavedBytes(set(skip))
     dtype = AUTOCAST.get(plan.precision)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-    ctx = saved.attribute_blocks(_blocks(model)) if attribute else contextlib.nullcontext()
+    ctx = contextlib.ExitStack()
+    if attribute:
+        ctx.enter_context(saved.attribute_blocks(_blocks(model)))
+    if cores:
+        ctx.enter_context(saved.attribute_cores(_blocks(model)))
     last = model.post_process and chunk == len(model.chunk_ranges) - 1
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), ctx:
         imgs = torch.empty(L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size)
@@ -201,33 +234,57 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
         config = state.model_parallel_config(perform_initialization=False)
 
         def build():
-            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, activation_checkpointing=plan.recompute, pre_process=stage == 0,
+            return MaskedAutoencoder(cfg, sequence_parallel=L.sp, recompute=plan.recompute, pre_process=stage == 0,
                                      post_process=stage == L.pp - 1, layer_range=stage_chunk_ranges(cfg.depth, L.pp, L.vpp, stage), config=config)
 
         with torch.device("meta"):  # the trainer's allocations: its optimizer over the stage's parameters
             model = build()
             frozen = [p for p in model.parameters() if not p.requires_grad]
-            opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0, dp_size=L.dp,
-                            param_dtype=PARAM_DTYPES[plan.precision], bucket_mb=plan.bucket_mb)
-            out = Counted(params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
-                          grads=opt.grad.untyped_storage().nbytes(), optimizer=opt.state_bytes())
+            if plan.fsdp:
+                out = _count_fsdp(model)
+            else:
+                opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0, dp_size=L.dp,
+                                param_dtype=PARAM_DTYPES[plan.precision], bucket_mb=plan.bucket_mb)
+                out = Counted(params=opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen),
+                              grads=opt.grad.untyped_storage().nbytes(), optimizer=opt.state_bytes())
         with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
             model = build()
             FlatAdamW(model.named_parameters(), param_dtype=PARAM_DTYPES[plan.precision])  # the weights as trained: 16-bit under bf16
             skip = {_storage(p)[0] for p in model.parameters()}
             chunks = range(L.vpp)
-            saves = [_forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=not plan.recompute) for c in chunks]
+            selective = plan.recompute == "selective"
+            saves = [_forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=plan.recompute != "full", cores=selective)
+                     for c in chunks]
             chunk_bytes = [sv.total() for sv in saves]
             out.activations = sum(chunk_bytes[c] for c in in_flight(L, stage, chunk_bytes.__getitem__))
-            if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
-                for _, blk in _blocks(model):
-                    blk.activation_checkpointing = False
-                per_block = {k: n for c in chunks for k, n in _forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=True).by_block().items()}
-                out.activations += max(per_block.values(), default=0)
-                out.block_activations = sum(per_block.values())
-            else:
+            if plan.recompute == "none":
                 out.block_activations = sum(n for sv in saves for n in sv.by_block().values())
+            else:  # the largest block's (full) or attention core's (selective) activations, live while it runs again in backward
+                for _, blk in _blocks(model):
+                    blk.recompute = "none"
+                plain = [_forward_saves(model, cfg, plan, stage == 0 and c == 0, c, skip, attribute=True, cores=selective) for c in chunks]
+                out.activations += max((n for p in plain for n in p.by_block(cores=selective).values()), default=0)
+                out.block_activations = sum(n for p in (plain if plan.recompute == "full" else saves) for n in p.by_block().values())
     return out
+
+
+def _count_fsdp(model) -> Counted:
+    """The trainer's FSDP allocations (scaling/fsdp.py) on DP rank 0 of a meta-device stage: each
+    parameter's padded shard, a gradient shard per trainable one, the AdamW moments, and the
+    unsharded weights and gradients at the backward peak (the module doc of analytic.py)."""
+    from rsscale.scaling.fsdp import shard_model
+
+    opt = shard_model(model)
+
+    def full_bytes(params):  # DTensor numel: the whole (TP-local) tensor, as gathered
+        return sum(p.numel() * p.element_size() for p in params)
+
+    shard = {p: p.to_local().untyped_storage().nbytes() for p in model.parameters()}
+    blocks = [full_bytes(b.parameters()) for b in model.transformer_blocks()]
+    in_blocks = {p for b in model.transformer_blocks() for p in b.parameters()}
+    root = [p for p in model.parameters() if p not in in_blocks]
+    return Counted(params=sum(shard.values()), grads=sum(n for p, n in shard.items() if p.requires_grad), optimizer=opt.state_bytes(),
+                   gathered=full_bytes(root) + full_bytes(p for p in root if p.requires_grad) + 3 * max(blocks, default=0))
 
 
 def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:
@@ -274,13 +331,13 @@ def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes:
     """Bytes one rank (TP rank 0, DP rank 0) of an `rsscale finetune --task TASK --crop IMG` run
     holds, counted like `count_stage`: the run's own model (finetune/train.py `build_model`: the
     ViTDet backbone with window and global blocks and the UperNet or detection head, this rank's
-    TP slices) and its own optimizer (`Finetuner`, ZeRO-1 shard, layer-wise lr scales, masks),
+    TP slices) and its own optimizer (`Finetuner`, ZeRO-1 shard, layer-wise lr scales),
     built on the meta device inside a fake process group of the full world size; activations
     are the storages autograd saves in one micro-batch's forward on fake tensors (segmentation:
     through the loss; detection: through the dense head outputs, without the loss's sampled
     anchors / RoIs / positives, which depend on the data). `options`: other `rsscale finetune`
     flags (attribute names: detector, channels, window, rel_pos, ...). `parts`: count only the
-    allocations (params, grads, optimizer, masks) or only the activations (and FLOPs).
+    allocations (params, grads, optimizer) or only the activations (and FLOPs).
 
     Returns (Counted, {"flops": forward FLOPs of one micro-batch on this rank, "block_flops": the
     part in the transformer blocks, "trainable": this rank's trainable parameter count})."""
@@ -290,7 +347,7 @@ def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes:
     if L.pp != 1:
         raise ValueError(f"fine-tuning runs tensor and data parallel only, got pp={L.pp}")
     check_layout(L, cfg, L.world_size)
-    args = FT.finetune_args(task, model=cfg.name, crop=img, precision=plan.precision, activation_checkpointing=plan.recompute,
+    args = FT.finetune_args(task, model=cfg.name, crop=img, precision=plan.precision, activation_checkpointing=plan.recompute == "full",
                             distributed_optimizer=plan.distributed_optimizer, **options)
     classes = num_classes or FINETUNE_CLASSES[task]
     quiet = logging.getLogger(FT.__name__)  # build_model's progress lines are about a real run
@@ -324,23 +381,21 @@ def _count_finetune(cfg, plan, task, img, args, classes, parts):
                 opt = tuner.optimizer
                 frozen = [p for p in model.parameters() if not p.requires_grad]
                 work["trainable"] = sum(p.numel() for _, p in opt.named)
-                extra = opt.lr_scale.untyped_storage().nbytes() if opt.lr_scale is not None else 0
                 out.params = opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in frozen)
-                out.grads = sum(p.numel() * p.element_size() for _, p in opt.named) + opt.grad.untyped_storage().nbytes()
+                out.grads = opt.grad.untyped_storage().nbytes()
                 out.optimizer = opt.state_bytes()
-                out.masks = opt.decay_mask.untyped_storage().nbytes() + extra + tuner.count_mask.untyped_storage().nbytes()
         if "activations" not in parts:
             return out, work
         with FakeTensorMode():  # one micro-batch's forward, on "cpu" fake tensors so that autocast applies
             model = build().train()
             skip = {_storage(p)[0] for p in model.parameters()}
             with FlopCounterMode(display=False) as flops:
-                saves = _finetune_saves(model, task, plan, img, skip, attribute=not plan.recompute)
+                saves = _finetune_saves(model, task, plan, img, skip, attribute=plan.recompute != "full")
             out.activations = saves.total()
             per_block = saves.by_block()
-            if plan.recompute:  # the largest block's activations, live while it is recomputed in backward
+            if plan.recompute == "full":  # the largest block's activations, live while it is recomputed in backward
                 for blk in model.backbone.blocks:
-                    blk.activation_checkpointing = False
+                    blk.recompute = "none"
                 per_block = _finetune_saves(model, task, plan, img, skip, attribute=True).by_block()
                 out.activations += max(per_block.values(), default=0)
             out.block_activations = sum(per_block.values())

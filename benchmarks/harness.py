@@ -2,7 +2,7 @@
 
     rsscale bench --model small --tp 2 --micro-batch 8 --global-batch 16 --nproc 2
     torchrun --nproc-per-node 8 -m rsscale.scaling.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
-        --micro-batch 8 --global-batch 64 --activation-checkpointing --peak-tflops 989
+        --micro-batch 8 --global-batch 64 --recompute full --peak-tflops 989
 
 It drives the trainer (scaling/train.py `Trainer.build(config).train_step()`) on in-memory random
 images, so no data I/O is timed except the per-step drawing of images and masks ("data" time).
@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from rsscale.scaling.config import RECOMPUTE
 from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.launch import add_launch_arguments, command_line, relaunch, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments
@@ -75,10 +76,11 @@ class BenchOptions:
     steps: int = 10
     precision: str = "fp32"
     kernels: str = "torch"
-    activation_checkpointing: bool = False
+    recompute: str = "none"  # none | selective | full
     distributed_optimizer: bool = False
     bucket_mb: float = 25.0  # MiB of fp32 gradient per DP bucket (0: one bucket)
     overlap_grad_reduce: str = "on"  # on | off | both (measure on, then off, side by side)
+    fsdp: bool = False  # ZeRO-3 over DP (FSDP2)
     peak_tflops: float | None = None  # per device; None: measure a matmul
     results: str | None = None
     record: bool = True
@@ -175,16 +177,16 @@ def run_bench(opts: BenchOptions) -> dict | None:
     layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
     measured = opts.steps * (2 if opts.overlap_grad_reduce == "both" else 1)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + measured, precision=opts.precision,
-                         kernels=opts.kernels, activation_checkpointing=opts.activation_checkpointing, data="random",
+                         kernels=opts.kernels, recompute=opts.recompute, data="random",
                          record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
-                                                         overlap_grad_reduce=opts.overlap_grad_reduce != "off"))
+                                                         overlap_grad_reduce=opts.overlap_grad_reduce != "off"), fsdp=opts.fsdp)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
-    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.activation_checkpointing,
-                         distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
+    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.recompute,
+                         distributed_optimizer=opts.distributed_optimizer, fsdp=opts.fsdp, bucket_mb=opts.bucket_mb,
                          overlap_grad_reduce=opts.overlap_grad_reduce != "off")
     counted_stages, counted = None, {}
     if opts.trace:  # counted before any process group exists (counting builds its own fake one)
@@ -224,8 +226,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
     cfg = trainer.cfg
     peak_tflops = opts.peak_tflops or matmul_peak_tflops(trainer.device, opts.precision)
-    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.activation_checkpointing),
-                        mae_step_flops(cfg, False), peak_tflops, layout.world_size)
+    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.recompute),
+                        mae_step_flops(cfg, "none"), peak_tflops, layout.world_size)
     for key in ("t_data", "t_fwd_bwd", "t_dp_exposed", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
     if other is not None:  # the same steps with the reduction after backward, side by side
@@ -360,11 +362,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help="measured steps")
     parser.add_argument("--precision", choices=DTYPES, default=d.precision)
     parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute, help="recompute in backward: the attention core (selective) or whole blocks (full)")
     parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
     parser.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="MiB of fp32 gradient per DP reduction bucket (0: one bucket)")
     parser.add_argument("--overlap-grad-reduce", choices=OVERLAP, default=d.overlap_grad_reduce,
                         help="reduce DP buckets during backward (on), after it (off), or measure both side by side")
+    parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state over DP (FSDP2, ZeRO-3)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--no-record", action="store_true", help="do not write to the results store")

@@ -30,7 +30,7 @@ import tempfile
 
 from rsscale.benchmarks import analytic
 from rsscale.benchmarks.harness import BenchOptions, bench_command
-from rsscale.scaling.config import get_preset
+from rsscale.scaling.config import RECOMPUTE, get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
 from rsscale.scaling.layout import Layout, validate_layout
 
@@ -53,13 +53,13 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
             vs = vpps or [v for v in divisors(max(cfg.depth // pp, 1)) if pp > 1 or v == 1]
-            for sp, mb, vpp, recompute, zero in itertools.product((False, True), mbs, vs, (False, True), (False, True)):
-                if zero and dp == 1:
+            for sp, mb, vpp, recompute, shard in itertools.product((False, True), mbs, vs, RECOMPUTE, ("none", "zero", "fsdp")):
+                if shard != "none" and dp == 1:
                     continue
                 layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch, vpp=vpp)
                 if validate_layout(layout, cfg, gpus):
                     continue
-                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=zero))
+                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
     return plans
 
 
@@ -99,10 +99,10 @@ def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, 
             activations[b_key] = count_finetune(cfg, plan, task, img, parts=("activations",), **options)
         (allocated, work), (saved, flops_of) = allocations[a_key], activations[b_key]
         counted, work = dataclasses.replace(allocated, activations=saved.activations), {**work, **flops_of}
-        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute else 0)
+        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute == "full" else 0)
         compute_s = L.num_micro * flops / (hw.peak_flops * hw.efficiency * analytic.saturation(L.micro_batch * tokens, hw))
         e = 4 if plan.precision == "fp32" else 2
-        tp_bytes = cfg.depth * 2 * (2 + plan.recompute) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
+        tp_bytes = cfg.depth * 2 * (2 + (plan.recompute == "full")) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
         dp_bytes = analytic._ring(work["trainable"] * 4, L.dp) + (work["trainable"] * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
         comm_s = (L.num_micro * tp_bytes + dp_bytes) / hw.bandwidth
         step_s = compute_s + comm_s
@@ -115,7 +115,7 @@ def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, 
 
 def format_row(r: dict) -> str:
     p, e, m = r["plan"], r["est"], r["est"].memory
-    flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+    flags = p.flags
     return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
             f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
             f"{r['img_s']:10.1f} {100 * r['mfu']:6.1f}")
@@ -133,7 +133,7 @@ def print_table(rows: list[dict], top: int) -> list[dict]:
         print(f"... {len(misfits)} layouts do not fit; the {min(3, len(misfits))} fastest of them:")
         for r in misfits[:3]:
             print(format_row(r))
-    print("memory in GiB per device (worst pipeline stage); R = activation checkpointing, Z = distributed optimizer")
+    print("memory in GiB per device (worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP")
     return shown + misfits[:3]
 
 
@@ -149,7 +149,7 @@ def print_counted(cfg, rows: list[dict]) -> None:
         worst = max(range(len(stages)), key=lambda s: stages[s].total)
         counted, predicted = stages[worst].as_dict(), analytic.memory_per_stage(cfg, p)[worst]
         err = max(abs(predicted[c] / counted[c] - 1) for c in counted if counted[c])
-        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        flags = p.flags
         cells = " ".join(f"{counted[c] / GIB:7.2f}/{predicted[c] / GIB:<7.2f}" for c in COMPONENTS + ("total",))
         print(f"{str(p.layout):<34} {flags:<3} {cells} {100 * err:8.2f}%")
 
@@ -185,11 +185,11 @@ def measure(cfg, rows: list[dict], args) -> int:
         L = p.layout
         opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch, vpp=L.vpp,
                             global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
-                            activation_checkpointing=p.recompute, distributed_optimizer=p.distributed_optimizer,
+                            recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
                             peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
                             results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"),
                             predicted_step_s=r["step_s"] if r.get("calibrated") else None)
-        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer}", flush=True)
+        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}", flush=True)
         rc = subprocess.call(bench_command(opts, args.gpus))
         if rc:
             failed += 1
@@ -212,7 +212,7 @@ def spread(rows: list[dict], n: int) -> list[dict]:
     seen, distinct = set(), []
     for r in rows:
         L = r["plan"].layout
-        key = (L.tp, L.pp, L.vpp, L.dp, L.sp, r["plan"].recompute, r["plan"].distributed_optimizer)
+        key = (L.tp, L.pp, L.vpp, L.dp, L.sp, r["plan"].flags)
         if key not in seen:
             seen.add(key)
             distinct.append(r)
@@ -228,7 +228,7 @@ def validation_table(table: list[dict]) -> str:
     lines = ["| layout | R/Z | predicted s | measured s | error |", "| --- | --- | --- | --- | --- |"]
     for t in table:
         p = t["row"]["plan"]
-        flags = ("R" if p.recompute else "-") + ("Z" if p.distributed_optimizer else "-")
+        flags = p.flags
         lines.append(f"| {p.layout} | {flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | {100 * t['error']:+.1f} % |")
     errs = np.abs([t["error"] for t in table])
     fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
@@ -343,7 +343,8 @@ def check_args(args) -> None:
 def main_finetune(args, cfg, hw, budget) -> int:
     """`rsscale profile --task seg|det`: fine-tuning layouts, counted and ranked."""
     options = {k: getattr(args, k) for k in ("detector", "channels", "window") if getattr(args, k) is not None}
-    plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2], pipeline=False)
+    plans = [p for p in enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2], pipeline=False)
+             if p.recompute != "selective" and not p.fsdp]  # fine-tuning has full recompute and ZeRO-1 only
     if not plans:
         print(f"no valid fine-tuning layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1

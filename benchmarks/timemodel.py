@@ -8,8 +8,9 @@ Per micro-batch on each pipeline stage (one TP rank):
   matmuls     every GEMM of the stage (qkv, proj, fc1, fc2 per branch and block; patch embedding,
               decoder embedding, head) at the calibrated FLOP/s of the nearest calibrated shape
               (log distance over rows, in, out); backward = 2x forward; + 1x forward of the
-              blocks with activation checkpointing
-  attention   4 B H N^2 Dh FLOPs at the nearest calibrated attention shape's FLOP/s; backward 2.5x
+              blocks with full recompute (of the attention cores with selective)
+  attention   4 B H N^2 Dh FLOPs at the nearest calibrated attention shape's FLOP/s; backward 2.5x;
+              + 1x forward with selective or full recompute
   elementwise LayerNorms, GELU, residual adds and casts, as bytes over the calibrated LayerNorm
               bandwidth (per block: 12 s' h + 6 K s m / t values of 4 bytes; backward 2x)
   TP comm     per sublayer, forward: an all-reduce of the output (or under SP the all-gather of the
@@ -26,7 +27,8 @@ bf16/fp16 weights), + the optimizer's elementwise passes (clip, AdamW: about 16 
 parameter of the shard) at the LayerNorm bandwidth. With `overlap_grad_reduce` the buckets are
 reduced during the last micro-batch's backward (2/3 of its compute): only the last bucket, or
 whatever outlasts that backward, is exposed (analytic.exposed_reduce_s); without it the whole
-reduction follows backward.
+reduction follows backward. Under FSDP the DP term is instead, per micro-batch, its all-gathers
+and reduce-scatters (`fsdp_micro_s`, not overlapped).
 On CPU, when more processes run than there are cores, the cores bound the step: it is the larger
 of the pipeline's critical path and all ranks' compute over the cores plus the slowest stage's
 communication (a rank waiting in the pipeline bubble lends its core to the others; the calibration
@@ -48,7 +50,7 @@ import math
 
 import numpy as np
 
-from rsscale.benchmarks.analytic import Plan, _local_tokens, bucket_fraction, exposed_reduce_s, stage_blocks, stage_params
+from rsscale.benchmarks.analytic import Plan, _local_tokens, bucket_fraction, exposed_reduce_s, fsdp_block_params, stage_blocks, stage_params
 from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.layout import Layout
 
@@ -78,8 +80,8 @@ def _gemm_s(calib, rows, k, n):
     return 2 * rows * k * n / _nearest(calib["gemm"], (rows, k, n), "flops_per_s")
 
 
-def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e) -> tuple[float, float, float]:
-    """(compute, TP comm, recomputable compute) of n_blocks forward on one micro-batch."""
+def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e, recompute="none") -> tuple[float, float, float]:
+    """(compute, TP comm, compute run again in backward by `recompute`) of n_blocks forward on one micro-batch."""
     if not n_blocks:
         return 0.0, 0.0, 0.0
     rows = mb * s
@@ -98,7 +100,8 @@ def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e) -> tuple
         comm = 2 * (collective_s(calib, "all_gather", K * full * 4, t) + collective_s(calib, "reduce_scatter", full * e, t))
     else:
         comm = 2 * collective_s(calib, "all_reduce", full * e, t)
-    return n_blocks * comp, n_blocks * comm, n_blocks * comp
+    again = {"none": 0.0, "selective": attn, "full": comp}[recompute]
+    return n_blocks * comp, n_blocks * comm, n_blocks * again
 
 
 def _tp_backward_comm(calib, n_blocks, mb, s, h, K, t, sp) -> float:
@@ -115,7 +118,7 @@ def _tp_backward_comm(calib, n_blocks, mb, s, h, K, t, sp) -> float:
 def block_passes(cfg: ViTConfig, plan: Plan, stage: int) -> int:
     """Block passes (forward, backward, and the recompute forward) one micro-batch makes on `stage`."""
     blocks = stage_blocks(cfg, plan.layout.pp, stage, plan.layout.vpp) + (cfg.dec_depth if stage == plan.layout.pp - 1 else 0)
-    return blocks * (3 if plan.recompute else 2)
+    return blocks * (3 if plan.recompute == "full" else 2)
 
 
 def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
@@ -132,15 +135,25 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
         extra += _gemm_s(calib, mb * (cfg.num_visible + 1), cfg.width, cfg.dec_width) + _gemm_s(calib, mb * (cfg.num_patches + 1), cfg.dec_width, cfg.patch_dim)
     comp, comm, recomp = 3 * extra, 0.0, 0.0
     for n, s, h, m, heads, K in kinds:
-        c, tc, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, e)
+        c, tc, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, e, plan.recompute)
         comp += 3 * c
-        comm += tc * (2 if plan.recompute else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
-        recomp += rc if plan.recompute else 0.0
+        comm += tc * (2 if plan.recompute == "full" else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
+        recomp += rc
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
     pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})
     compute = over.get("compute_factor", 1.0) * (comp + recomp) + over.get("per_block_pass_s", 0.0) * block_passes(cfg, plan, stage)
     return {"compute": compute, "tp_comm": comm, "pp_comm": pp}
+
+
+def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
+    """FSDP's collectives per micro-batch on `stage`: per block an all-gather of its fp32 weights in
+    forward and again in backward and a reduce-scatter of its gradients; the root unit's once each."""
+    L = plan.layout
+    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
+    root, root_trainable = n["trainable"] + n["frozen"] - sum(blocks), n["trainable"] - sum(blocks)
+    gather = sum(2 * collective_s(calib, "all_gather", 4 * b, L.dp) for b in blocks) + collective_s(calib, "all_gather", 4 * root, L.dp)
+    return gather + sum(collective_s(calib, "reduce_scatter", 4 * b, L.dp) for b in blocks + [root_trainable])
 
 
 def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = None) -> dict:
@@ -165,7 +178,9 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     if plan.overlap_grad_reduce:
         reduce = exposed_reduce_s(reduce, shared * st["compute"] * 2 / 3, bucket_fraction(plan, trainable))
     dp = reduce + gather
-    shard = trainable / (L.dp if zero else 1)
+    if plan.fsdp:  # per micro-batch gathers and reduce-scatters instead, not overlapped
+        dp = M * max(fsdp_micro_s(cfg, plan, calib, s) for s in range(L.pp))
+    shard = trainable / (L.dp if zero or plan.fsdp else 1)
     optim = shared * 4 * 16 * shard / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
     out = {"compute_s": M * st["compute"], "tp_comm_s": M * st["tp_comm"], "pp_comm_s": M * st["pp_comm"],
            "bubble_s": (rounds - M) * per[slow], "dp_comm_s": dp, "optimizer_s": optim}

@@ -206,7 +206,7 @@ class ViTDetBackbone(nn.Module):
         self.blocks = nn.ModuleList(
             ViTDetBlock(d, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel,
                         window_size=None if i in global_blocks else window_size,
-                        activation_checkpointing=activation_checkpointing,
+                        recompute="full" if activation_checkpointing else "none",
                         rel_pos_grid=(self.grid[0] if i in global_blocks else window_size) if rel_pos else None,
                         drop_path=drop_path * i / max(cfg.depth - 1, 1), per_sublayer=drop_path_per_sublayer)
             for i in range(cfg.depth)

@@ -169,13 +169,18 @@ def param_count(cfg: ViTConfig, part: str = "encoder") -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def attention_core_flops(tokens: int, width: int, branches: int = 1) -> int:
+    """Forward FLOPs of the attention core softmax(Q K^T) V of one block (one image): what
+    selective recompute runs again in backward."""
+    return branches * 2 * (2 * tokens * tokens * width)  # Q K^T and softmax(.) V
+
+
 def block_flops(tokens: int, width: int, mlp: int, branches: int = 1) -> int:
     """Forward FLOPs of one parallel-branch block on `tokens` tokens (one image)."""
     n, d = tokens, width
     qkv, proj = 2 * n * d * 3 * d, 2 * n * d * d
-    scores_and_mix = 2 * (2 * n * n * d)  # Q K^T and softmax(.) V
     ffn = 2 * (2 * n * d * mlp)
-    return branches * (qkv + scores_and_mix + proj + ffn)
+    return branches * (qkv + proj + ffn) + attention_core_flops(n, d, branches)
 
 
 def mae_forward_flops(cfg: ViTConfig) -> dict[str, int]:
@@ -193,13 +198,30 @@ def mae_forward_flops(cfg: ViTConfig) -> dict[str, int]:
     }
 
 
-def mae_step_flops(cfg: ViTConfig, recompute: bool = False) -> int:
-    """Training FLOPs per image: forward + backward (2x forward); with activation checkpointing
-    the transformer blocks run their forward once more during backward."""
+RECOMPUTE = ("none", "selective", "full")
+
+
+def recompute_mode(recompute: str | bool) -> str:
+    """'none' | 'selective' | 'full' (the attention core only, or whole blocks, run again in
+    backward); the old boolean spelling means 'full' (True) or 'none' (False)."""
+    if isinstance(recompute, bool):
+        return "full" if recompute else "none"
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    return recompute
+
+
+def mae_step_flops(cfg: ViTConfig, recompute: str | bool = "none") -> int:
+    """Training FLOPs per image: forward + backward (2x forward); recomputing runs the block
+    forwards ('full') or their attention cores ('selective') once more during backward."""
     f = mae_forward_flops(cfg)
     total = 3 * sum(f.values())
-    if recompute:
+    mode = recompute_mode(recompute)
+    if mode == "full":
         total += f["encoder"] + f["decoder"]
+    elif mode == "selective":
+        total += cfg.depth * attention_core_flops(cfg.num_visible + 1, cfg.width, cfg.branches)
+        total += cfg.dec_depth * attention_core_flops(cfg.num_patches + 1, cfg.dec_width, 1)
     return total
 
 

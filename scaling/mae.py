@@ -95,7 +95,7 @@ def _seeded(seed: int, part: int):
 class MaskedAutoencoder(nn.Module):
     """MAE with a parallel-branch ViT encoder; see the module docstring for the stage rule."""
 
-    def __init__(self, cfg: ViTConfig, sequence_parallel=False, activation_checkpointing=False, pre_process=True, post_process=True, layer_range=None, seed=0, config=None):
+    def __init__(self, cfg: ViTConfig, sequence_parallel=False, recompute="none", pre_process=True, post_process=True, layer_range=None, seed=0, config=None):
         super().__init__()
         config = config or state.model_parallel_config()
         self.tp = config.tensor_model_parallel_size
@@ -110,7 +110,7 @@ class MaskedAutoencoder(nn.Module):
         D, Dd = cfg.width, cfg.dec_width
 
         def block(width, heads, mlp, branches):
-            return ParallelBlock(width, heads, mlp, branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel, activation_checkpointing=activation_checkpointing)
+            return ParallelBlock(width, heads, mlp, branches, cfg.qkv_bias, cfg.ln_eps, config, sequence_parallel, recompute=recompute)
 
         if pre_process:
             with _seeded(seed, 0):
@@ -149,6 +149,10 @@ class MaskedAutoencoder(nn.Module):
         if not self.sequence_parallel:
             return x
         return mappings.gather_from_sequence_parallel_region(x, tp_grad=False)[:, :n_tokens]
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """This stage's encoder blocks, then (on the last stage) the decoder blocks."""
+        return list(self.blocks.values()) + (list(self.decoder_blocks) if self.post_process else [])
 
     def hidden_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of this rank's hidden states passed between pipeline stages."""

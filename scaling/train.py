@@ -14,7 +14,7 @@ For the benchmark harness:
     trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(tp=2, micro_batch=8, global_batch=8)))
     rec = trainer.train_step()   # loss, lr, grad_norm, t_data, t_fwd_bwd, t_dp_exposed, t_optim, t_step, images
     trainer.config, trainer.layout, trainer.cfg (ViTConfig), trainer.model (this rank's stage),
-    trainer.optimizer (FlatAdamW: .flat params, .state_bytes())
+    trainer.optimizer (FlatAdamW: .flat params, .state_bytes(); under --fsdp scaling.fsdp.ShardedAdamW)
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
@@ -24,6 +24,8 @@ waits for the rest, unscales (fp16), clips by the global norm over TP x PP, and 
 (16-bit weights with fp32 master weights under bf16/fp16; ZeRO-1 sharded with
 --distributed-optimizer; scaling/optim.py). Resume is exact within a
 layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
+With --fsdp the model is sharded over DP by FSDP2 instead (scaling/fsdp.py: gradients arrive
+reduce-scattered, AdamW steps the shards); --recompute and --compile act inside the blocks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -44,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from rsscale.scaling import checkpoint, layout as layout_mod
-from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.config_file import check_number, check_tree, load_config_file
 from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
 from rsscale.scaling.layout import Layout
@@ -81,7 +84,10 @@ class TrainConfig:
     steps: int = 50
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (16-bit weights, fp32 master weights + grads; fp16 needs CUDA)
-    activation_checkpointing: bool = False
+    recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
+    compile: bool = False  # torch.compile each transformer block
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager/eager to debug)
+    fsdp: bool = False  # ZeRO-3: parameters, gradients and optimizer state sharded over DP (scaling/fsdp.py)
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
     data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
@@ -103,6 +109,8 @@ class TrainConfig:
         for path, allowed in CHOICES.items():
             if _get(self, path) not in allowed:
                 raise ValueError(f"{_flag_of(path)} must be one of {', '.join(allowed)}, got {_get(self, path)!r}")
+        if self.fsdp and (self.optim.distributed_optimizer or self.precision == "fp16"):
+            raise ValueError("--fsdp already shards the optimizer state and runs fp32 or bf16: drop --distributed-optimizer / --precision fp16")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
 
@@ -130,7 +138,9 @@ FLAGS = [
     ("--steps", "steps", int, "optimizer steps"),
     ("--seed", "seed", int, "seed of weights, data order, augmentation and masks"),
     ("--precision", "precision", str, "fp32 | bf16 | fp16: bf16/fp16 keep 16-bit weights, fp32 grads and fp32 master weights (fp16: CUDA only)"),
+    ("--recompute", "recompute", str, "none | selective (attention core) | full (whole blocks): recomputed in backward"),
     ("--kernels", "kernels", str, "torch | triton"),
+    ("--compile-backend", "compile_backend", str, "torch.compile backend with --compile: inductor | aot_eager | eager"),
     ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
     ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
     ("--num-workers", "num_workers", int, "data loader workers per rank"),
@@ -146,7 +156,8 @@ SWITCHES = [
     ("--sp", "parallel.sp", layout_mod.SP_HELP),
     ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1: reduce-scatter grads, all-gather weights)"),
     ("--no-overlap-grad-reduce", "optim.overlap_grad_reduce", "reduce the DP gradient after backward instead of bucket by bucket during it"),
-    ("--activation-checkpointing", "activation_checkpointing", "recompute block activations in backward"),
+    ("--fsdp", "fsdp", "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)"),
+    ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
     ("--no-record", "record", "do not write to the results store"),
@@ -164,7 +175,7 @@ NUMBER_RULES = {
     "timeout": dict(gt=0),
 }
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model weights; grads and master stay fp32
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "compile_backend": ("inductor", "aot_eager", "eager"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
 
 
 def _get(config, path: str):
@@ -263,10 +274,15 @@ class Trainer:
         self.model = self._build_model()
         opt = config.optim
         zero = opt.distributed_optimizer and self.layout.dp > 1
-        self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-                                   shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
-                                   dp_size=self.layout.dp, param_dtype=PARAM_DTYPES[config.precision], bucket_mb=opt.bucket_mb,
-                                   overlap=opt.overlap_grad_reduce, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
+        if config.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
+            from rsscale.scaling import fsdp
+
+            self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                                       shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
+                                       dp_size=self.layout.dp, param_dtype=PARAM_DTYPES[config.precision], bucket_mb=opt.bucket_mb,
+                                       overlap=opt.overlap_grad_reduce, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
         self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
@@ -277,7 +293,7 @@ class Trainer:
         self.loader = self._build_loader()
         log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} MAE params), layout {self.layout}, "
             f"world {world}, precision {config.precision}, data {config.data}, "
-            f"optimizer {'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
+            f"optimizer {'FSDP (ZeRO-3) over DP' if config.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
         return self
 
     # --- setup helpers -------------------------------------------------------------------------
@@ -287,6 +303,10 @@ class Trainer:
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {p!r}")
         if p == "fp16" and not torch.cuda.is_available():
             raise ValueError("fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
+        c = self.config
+        if c.compile and c.compile_backend == "inductor" and not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
+            raise ValueError(f"--compile with inductor on CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found); "
+                             "install one or pass --compile-backend aot_eager")
 
     def _stage_links(self):
         from rsscale.scaling.pipeline import StageLinks
@@ -300,8 +320,11 @@ class Trainer:
 
         L = self.layout
         chunks = layout_mod.stage_chunk_ranges(self.cfg.depth, L.pp, L.vpp, self.state.pp_rank())  # one per virtual stage
-        model = MaskedAutoencoder(self.cfg, sequence_parallel=L.sp, activation_checkpointing=self.config.activation_checkpointing,
+        model = MaskedAutoencoder(self.cfg, sequence_parallel=L.sp, recompute=self.config.recompute,
                                   pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=chunks, seed=self.config.seed)
+        if self.config.compile:
+            for block in model.transformer_blocks():
+                block.compile(backend=self.config.compile_backend)  # in place: parameter names and hooks stay
         return model.to(self.device)
 
     def _is_data_source(self) -> bool:
@@ -389,9 +412,12 @@ class Trainer:
         if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
             raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
                                      f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
-        finite = self.scaler.unscale_and_check(self.optimizer.grad)
-        mp_group = self.state._parallel_state().get_model_parallel_group()
-        grad_norm = self.optimizer.clip_grad_norm_(opt.clip_grad, group=mp_group)
+        if self.config.fsdp:  # gradients arrive reduce-scattered (averaged) over DP: clip the shards
+            finite, grad_norm = True, self.optimizer.clip_grad_norm_(opt.clip_grad)
+        else:
+            finite = self.scaler.unscale_and_check(self.optimizer.grad)
+            mp_group = self.state._parallel_state().get_model_parallel_group()
+            grad_norm = self.optimizer.clip_grad_norm_(opt.clip_grad, group=mp_group)
         lr = lr_at(self.step, opt.lr, opt.warmup, self.config.steps, opt.min_lr)
         if finite:
             self.optimizer.step(lr)
@@ -423,18 +449,21 @@ class Trainer:
     def save(self) -> str:
         """Collective: each rank writes what it owns (loadable into any layout; scaling/checkpoint.py)."""
         self._claim()
-        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
-        owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
-        first_replica = self.state.dp_rank() == 0
-        state_pieces = self.optimizer.state_pieces()  # moments, and the fp32 master weights ("model") with 16-bit weights
-        tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica and n not in state_pieces.get("model", {})}
-        if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
-            for key, per_name in state_pieces.items():
-                for n, pieces in per_name.items():
-                    p, info = params[n], checkpoint.tensor_meta(params[n])
-                    for t, a, b in pieces if owns[n] else ():
-                        whole = (a, b) == (0, p.numel())
-                        tensors[f"{key}/{n}" if whole else f"{key}/{n}@{a}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
+        if self.config.fsdp:  # every DP rank writes its shard of each weight and moment
+            tensors = self.optimizer.checkpoint_tensors(self.model)
+        else:
+            params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+            owns = {n: self.state.is_tp_sharded(p) or self.state.tp_rank() == 0 for n, p in params.items()}
+            first_replica = self.state.dp_rank() == 0
+            state_pieces = self.optimizer.state_pieces()  # moments, and the fp32 master weights ("model") with 16-bit weights
+            tensors = {f"model/{n}": (p, checkpoint.tensor_meta(p)) for n, p in params.items() if owns[n] and first_replica and n not in state_pieces.get("model", {})}
+            if first_replica or self.optimizer.shards > 1:  # ZeRO-1: every DP rank writes its own shard
+                for key, per_name in state_pieces.items():
+                    for n, pieces in per_name.items():
+                        p, info = params[n], checkpoint.tensor_meta(params[n])
+                        for t, a, b in pieces if owns[n] else ():
+                            whole = (a, b) == (0, p.numel())
+                            tensors[f"{key}/{n}" if whole else f"{key}/{n}@{a}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
@@ -464,12 +493,15 @@ class Trainer:
         folder, index = checkpoint.read_index(path)
         if index["model"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
-        params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
         t = index["trainer"]
-        self.optimizer.load_state(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
+        if self.config.fsdp:
+            self.optimizer.load(self.model, folder, index, t["optimizer_steps"])
+        else:
+            params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
+            self.optimizer.load_state(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
         self.scaler.load_state_dict(t["scaler"])
         self.step = int(t["step"])
         return index
@@ -529,12 +561,13 @@ class Trainer:
 
         out = {}
         for name, p in self.model.named_parameters():
+            local = p.full_tensor() if self.config.fsdp else p  # FSDP: gathered over DP (tests only)
             if self.state.is_tp_sharded(p) and self.layout.tp > 1:
-                shards = [torch.empty_like(p) for _ in range(self.layout.tp)]
-                dist.all_gather(shards, p.detach().contiguous(), group=self.state.tp_group())
+                shards = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                dist.all_gather(shards, local.detach().contiguous(), group=self.state.tp_group())
                 out[name] = unshard_tensors(shards, p.partition_dim, p.partition_stride)
             else:
-                out[name] = p.detach().clone()
+                out[name] = local.detach().clone()
         return out
 
 

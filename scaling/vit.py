@@ -13,6 +13,11 @@ summed locally (`F.linear` on their weights) before one all-reduce / reduce-scat
 are added once after it. Parameters stay per branch (`attn.<k>.qkv.weight`, ...), each branch
 holding exactly `scaling.config.branch_params` elements (TP=1).
 
+Recompute (`recompute`): "full" checkpoints the whole block (only its input is kept; the block
+runs again in backward); "selective" checkpoints only the attention core softmax(q k^T) v
+(Megatron's selective mode: q, k, v are kept, the probabilities - or with a flash kernel its
+log-sum-exp - are not, and the core runs again in backward); "none" keeps everything.
+
 Sequence parallelism (`sequence_parallel=True`): x is this rank's token chunk [B, N/T, D]; see
 `scaling.parallel.mappings` for the collectives and why the gradients are exact. Padding tokens
 (added by the caller so the token count divides T) are dropped before attention and never
@@ -28,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rsscale import kernels
+from rsscale.scaling.config import recompute_mode
 from rsscale.scaling.parallel import mappings, state
 
 
@@ -67,9 +73,10 @@ class ParallelBlock(nn.Module):
     forward(x, n_tokens=None, hw=None): x is [B, N, D] (or this rank's [B, N/T, D] chunk under
     sequence parallelism, of which only the first `n_tokens` gathered tokens are real);
     hw=(H, W) gives the token grid (no cls token) when window attention is on.
+    recompute: "none" | "selective" | "full" (module doc).
     """
 
-    def __init__(self, width, heads, mlp, branches=1, qkv_bias=True, eps=1e-6, config=None, sequence_parallel=False, window_size=None, activation_checkpointing=False):
+    def __init__(self, width, heads, mlp, branches=1, qkv_bias=True, eps=1e-6, config=None, sequence_parallel=False, window_size=None, recompute="none"):
         super().__init__()
         config = config or state.model_parallel_config()
         tp = config.tensor_model_parallel_size
@@ -81,12 +88,12 @@ class ParallelBlock(nn.Module):
         self.width, self.heads, self.branches, self.eps = width, heads, branches, eps
         self.tp, self.local_heads, self.head_dim = tp, heads // tp, width // heads
         self.sequence_parallel, self.window_size = sequence_parallel, window_size
-        self.activation_checkpointing = activation_checkpointing
+        self.recompute = recompute_mode(recompute)
         self.attn = nn.ModuleList(_AttentionBranch(width, qkv_bias, eps, config) for _ in range(branches))
         self.mlp = nn.ModuleList(_MlpBranch(width, mlp, eps, config) for _ in range(branches))
 
     def forward(self, x, n_tokens=None, hw=None):
-        if self.activation_checkpointing and torch.is_grad_enabled():
+        if self.recompute == "full" and torch.is_grad_enabled():
             return checkpoint(self._forward, x, n_tokens, hw, use_reentrant=False)
         return self._forward(x, n_tokens, hw)
 
@@ -131,7 +138,13 @@ class ParallelBlock(nn.Module):
             qkv = windows.unflatten(0, (K, -1)) + bias
         Bw, L = qkv.shape[1], qkv.shape[2]
         q, k, v = qkv.reshape(K * Bw, L, 3, self.local_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = self._attend(q, k, v, (self.window_size,) * 2 if self.window_size else hw).transpose(1, 2).reshape(K, Bw, L, -1)
+        grid = (self.window_size,) * 2 if self.window_size else hw
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            q, k, v = _autocast_copies(q, k, v)
+            o = checkpoint(self._attend, q, k, v, grid, use_reentrant=False)
+        else:
+            o = self._attend(q, k, v, grid)
+        o = o.transpose(1, 2).reshape(K, Bw, L, -1)
         out = sum(F.linear(o[j], br.proj.weight) for j, br in enumerate(self.attn))
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, hw)
@@ -141,6 +154,16 @@ class ParallelBlock(nn.Module):
         """softmax(q k^T / sqrt(d)) v for q, k, v [K*B', heads/T, L, d] (branch-major) on a token
         grid (H, W) (None without one); the hook where a subclass adds a position bias."""
         return kernels.attention(q, k, v)
+
+
+def _autocast_copies(*tensors):
+    """The 16-bit copies autocast would make of attention's inputs, made before a checkpoint so
+    that it keeps those (as attention itself would) and not the fp32 qkv (same values)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def window_partition(x: torch.Tensor, hw, window: int):

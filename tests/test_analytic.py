@@ -21,6 +21,8 @@ def test_block_activation_bytes_by_hand():
     # -> 2040; without flash + 2*25*4=200 probabilities.
     assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4) == 2040
     assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4, flash=False) == 2240
+    # selective recompute keeps q/k/v/o but neither the LSE nor the probabilities
+    assert A.block_activation_bytes(5, 8, 16, 2, 1, 1, False, 4, 4, flash=False, recompute="selective") == 2000
     # K=2, t=2, SP (5 tokens padded to 6, 3 per rank), bf16 autocast, fp32 residual. Per sublayer
     # LN: input 3*8*4=96, stats 24, fp32 outputs 2*96, the K>1 path's normed 96 -> 2*408=816;
     # q/k/v/o 2*5*32*2/2=320, LSE 2*2*5*4/2=40; fc1 out (bf16 under SP) + GELU out 2*160 -> 1496.
@@ -124,6 +126,24 @@ def test_activation_bytes_match_saved_tensors():
 def test_bad_plan_is_rejected():
     with pytest.raises(ValueError, match="precision"):
         A.Plan(Layout(), precision="int8")
+    with pytest.raises(ValueError, match="either FSDP or ZeRO-1"):
+        A.Plan(Layout(dp=2), fsdp=True, distributed_optimizer=True)
+
+
+def test_fsdp_memory_and_traffic_by_hand():
+    """FSDP over d=4: weights, gradients and moments are 4, 4 and 8 bytes per parameter over d; the
+    DP traffic per micro-batch is (d-1)/d of (all weights + block weights again + trainable grads) x 4."""
+    cfg = get_preset("tiny")
+    plan = A.Plan(Layout(dp=4, micro_batch=1, global_batch=8), fsdp=True, precision="fp32")
+    n = A.stage_params(cfg, 1, 1, 0)
+    mem = A.memory_per_stage(cfg, plan)[0]
+    assert mem["params"] == (n["trainable"] + n["frozen"]) * 4 / 4 and mem["grads"] == n["trainable"] * 4 / 4
+    assert mem["optimizer"] == n["trainable"] * 8 / 4 and mem["masks"] == 0
+    blocks = A.fsdp_block_params(cfg, 1, 1, 0)
+    assert len(blocks) == cfg.depth + cfg.dec_depth and sum(blocks) < n["trainable"]
+    assert A.fsdp_comm_bytes(cfg, plan) == 4 * 3 / 4 * (n["trainable"] + n["frozen"] + sum(blocks) + n["trainable"])
+    ddp = A.estimate(cfg, A.Plan(Layout(dp=4, micro_batch=1, global_batch=8), precision="fp32"))
+    assert A.estimate(cfg, plan).memory["total"] < ddp.memory["total"]
 
 
 def test_profile_enumerates_valid_plans_and_ranks_fits_first():
@@ -135,7 +155,8 @@ def test_profile_enumerates_valid_plans_and_ranks_fits_first():
     assert plans and all(not validate_layout(p.layout, cfg, 4) for p in plans)
     layouts = {(p.layout.tp, p.layout.pp, p.layout.dp, p.layout.sp) for p in plans}
     assert {(1, 1, 4, False), (2, 2, 1, True), (4, 1, 1, True), (1, 4, 1, False)} <= layouts
-    assert not any(p.distributed_optimizer and p.layout.dp == 1 for p in plans)
+    assert not any((p.distributed_optimizer or p.fsdp) and p.layout.dp == 1 for p in plans)
+    assert {p.recompute for p in plans} == {"none", "selective", "full"} and any(p.fsdp for p in plans)
     budget = sorted(A.estimate(cfg, p).memory["total"] for p in plans)[len(plans) // 2]
     rows = rank_plans(cfg, plans, A.Hardware(), budget)
     fits = [r["fits"] for r in rows]

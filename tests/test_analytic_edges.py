@@ -43,7 +43,8 @@ def test_estimate_derived_rates_by_definition():
     from rsscale.scaling.config import get_preset, mae_step_flops
 
     cfg, hw = get_preset("tiny"), A.Hardware()
-    for lay, recompute in ((Layout(pp=2, micro_batch=2, global_batch=8), True), (Layout(micro_batch=4, global_batch=8), False)):
+    for lay, recompute in ((Layout(pp=2, micro_batch=2, global_batch=8), "full"), (Layout(micro_batch=4, global_batch=8), "none"),
+                           (Layout(tp=2, micro_batch=4, global_batch=8), "selective")):
         est = A.estimate(cfg, A.Plan(lay, recompute=recompute), hw)
         assert est.step_time_s == pytest.approx(est.compute_s + est.comm_s, rel=1e-12)
         assert est.images_per_s == pytest.approx(8 / est.step_time_s, rel=1e-12)

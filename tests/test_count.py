@@ -17,7 +17,7 @@ def _real_rank_bytes(rank, world, precision, sp, recompute):
     from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer
 
     cfg = TrainConfig(model="mini", parallel=Layout(tp=2, sp=sp, micro_batch=2, global_batch=4), precision=precision, data="random",
-                      record=False, activation_checkpointing=recompute, optim=OptimConfig(distributed_optimizer=False))
+                      record=False, recompute=recompute, optim=OptimConfig(distributed_optimizer=False))
     tr = Trainer.build(cfg)
     tr.train_step()  # leaves every p.grad allocated
     opt, model = tr.optimizer, tr.model
@@ -43,7 +43,7 @@ def _real_rank_bytes(rank, world, precision, sp, recompute):
     return out
 
 
-@pytest.mark.parametrize("precision,sp,recompute", [("bf16", True, False), pytest.param("fp32", False, True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision,sp,recompute", [("bf16", True, "none"), pytest.param("fp32", False, "full", marks=pytest.mark.slow)])
 def test_count_matches_a_real_two_process_run(precision, sp, recompute):
     """Fake-tensor counting of TP rank 0 == what a real TP=2 gloo run of the trainer holds."""
     real = run_distributed(_real_rank_bytes, 2, precision, sp, recompute)[0]
@@ -63,9 +63,9 @@ def test_count_restores_a_single_process_world():
     assert state.is_initialized() and torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
 
 
-def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2, vpp=1):
+def _plan(tp, pp, dp, sp=False, recompute=False, zero=False, precision="bf16", mb=2, vpp=1, fsdp=False):
     return A.Plan(Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=mb * dp * 4, vpp=vpp), precision=precision,
-                  recompute=recompute, distributed_optimizer=zero)
+                  recompute=recompute, distributed_optimizer=zero, fsdp=fsdp)
 
 
 def _slow(plan):
@@ -75,8 +75,11 @@ def _slow(plan):
 # TP 1/2/4/8, SP on/off, PP 1/2/4, recompute on/off, ZeRO-1 on/off, bf16 and fp32. CI runs the
 # first of each group; `-m slow` runs the rest (about 1-3 s each on an idle 2-core machine).
 # Interleaved 1F1B (vpp): each rank's chunks, in flight as its order holds them.
-G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(4, 4, 1, vpp=3)] + [_slow(p) for p in [
+G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(4, 4, 1, vpp=3), _plan(2, 2, 2, sp=True, recompute="selective"),
+               _plan(2, 2, 4, fsdp=True)] + [_slow(p) for p in [
     _plan(2, 2, 2, sp=True, recompute=True, vpp=2), _plan(1, 2, 1, precision="fp32", vpp=6),
+    _plan(1, 1, 8, fsdp=True, recompute="full", precision="fp32"), _plan(4, 2, 2, sp=True, fsdp=True, recompute="selective"),
+    _plan(4, 1, 1, recompute="selective", precision="fp32"), _plan(1, 2, 2, recompute="selective", zero=True),
     _plan(8, 1, 1), _plan(8, 1, 4, sp=True, zero=True, precision="fp32"),
     _plan(4, 4, 2, sp=True, recompute=True, zero=True), _plan(4, 4, 2, precision="fp32"),
     _plan(2, 2, 2, sp=True, recompute=True), _plan(2, 2, 4, zero=True, precision="fp32"),
@@ -85,6 +88,8 @@ G12X4_PLANS = [_plan(8, 1, 1, sp=True), _plan(4, 4, 1), _plan(4, 4, 1, vpp=3)] +
 ]]
 PRESET_PLANS = [(name, _plan(4, 2, 2, sp=True)) for name in PAPER_PRESETS]
 PRESET_PLANS += [pytest.param(name, _plan(2, 2, 1, recompute=True, zero=True, precision="fp32"), marks=pytest.mark.slow) for name in PAPER_PRESETS]
+PRESET_PLANS += [pytest.param(name, _plan(2, 1, 2, recompute="selective"), marks=pytest.mark.slow) for name in PAPER_PRESETS]
+PRESET_PLANS += [pytest.param(name, _plan(1, 2, 4, fsdp=True), marks=pytest.mark.slow) for name in PAPER_PRESETS]
 
 
 def _check_every_component(cfg, plan):
@@ -96,7 +101,7 @@ def _check_every_component(cfg, plan):
 
 
 def _id(p):
-    return f"{p.layout}-{p.precision}-R{p.recompute:d}Z{p.distributed_optimizer:d}".replace(" ", "_") if isinstance(p, A.Plan) else p
+    return f"{p.layout}-{p.precision}-{p.flags}".replace(" ", "_") if isinstance(p, A.Plan) else p
 
 
 @pytest.mark.parametrize("plan", G12X4_PLANS, ids=_id)

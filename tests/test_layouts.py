@@ -25,11 +25,11 @@ TOL = 1e-5
 EPS = 1e-6
 
 
-def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0):
+def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, **train):
     from rsscale.scaling.train import OptimConfig, TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS, distributed_optimizer=zero, bucket_mb=bucket_mb),
-                       steps=TOTAL, data="random", out=str(out), record=False, log_every=100)
+                       steps=TOTAL, data="random", out=str(out), record=False, log_every=100, **train)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,16 +121,32 @@ def test_windows_are_independent_sequences():
     assert padded(x, hw=(4, 6)).shape == x.shape
 
 
-def test_activation_checkpointing_same_gradients():
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+@pytest.mark.parametrize("window_size", [None, 2])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recompute_same_gradients(recompute, window_size, bf16):
+    """Selective (attention core) and full (block) recompute: input and parameter gradients
+    equal the plain block's to 1e-5, with global and window attention, fp32 and bf16 autocast."""
     torch.manual_seed(0)
-    blk = ParallelBlock(32, 4, 64, branches=2)
-    ckpt = ParallelBlock(32, 4, 64, branches=2, activation_checkpointing=True)
-    ckpt.load_state_dict(blk.state_dict())
-    x = torch.randn(2, 5, 32)
-    blk(x).square().sum().backward()
-    ckpt(x).square().sum().backward()
-    for (n, a), b in zip(blk.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=n)
+    blk = ParallelBlock(32, 4, 64, branches=2, window_size=window_size)
+    again = ParallelBlock(32, 4, 64, branches=2, window_size=window_size, recompute=recompute)
+    again.load_state_dict(blk.state_dict())
+    x = torch.randn(2, 16, 32)
+    grads = []
+    for b in (blk, again):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = b(xi, hw=(4, 4))
+        y.float().square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in b.parameters()])
+    names = ["input"] + [n for n, _ in blk.named_parameters()]
+    for n, a, b in zip(names, *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_recompute_mode_is_checked():
+    with pytest.raises(ValueError, match="--recompute must be one of none, selective, full"):
+        ParallelBlock(32, 4, 64, recompute="attention")
 
 
 def test_clear_errors():
@@ -145,3 +161,27 @@ def test_clear_errors():
     stage = MaskedAutoencoder(cfg, pre_process=False, layer_range=(2, 4))
     with pytest.raises(ValueError, match="needs the previous stage's hidden states"):
         stage.forward_stage(None, torch.randn(1, 3, 64, 64), torch.rand(1, 64))
+
+
+def test_recompute_flops_match_a_flop_counter():
+    """What each recompute mode runs again, counted by torch's FlopCounterMode on a real forward
+    + backward of the MAE, equals scaling.config.mae_step_flops's extra FLOPs per image."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rsscale.scaling.config import mae_step_flops
+
+    cfg, batch = get_preset("tiny", depth=2), 2
+    imgs, noise = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size), torch.rand(batch, cfg.num_patches)
+    counted = {}
+    for mode in ("none", "selective", "full"):
+        model = MaskedAutoencoder(cfg, recompute=mode)
+        # the math kernel runs attention as two bmm's, which the counter sees (not the CPU flash
+        # kernel); without early stop the checkpoint reruns all of it, as the one flash op would
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), set_checkpoint_early_stop(False):
+            model(imgs, noise=noise)[0].backward()
+        counted[mode] = fc.get_total_flops()
+    for mode in ("selective", "full"):
+        assert counted[mode] - counted["none"] == batch * (mae_step_flops(cfg, mode) - mae_step_flops(cfg, "none")), mode
+    assert counted["none"] < counted["selective"] < counted["full"]

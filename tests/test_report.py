@@ -99,7 +99,7 @@ def test_bench_command_round_trips_through_the_cli():
     from rsscale.benchmarks import harness
 
     opts = harness.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
-                                record_kind="profile", activation_checkpointing=True)
+                                record_kind="profile", recompute="selective")
     cmd = harness.bench_command(opts, 2)
     assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
     parser = argparse.ArgumentParser()

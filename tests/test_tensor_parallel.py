@@ -32,11 +32,11 @@ def _param_records(model):
     return records
 
 
-def _run_model(cfg, sequence_parallel, activation_checkpointing=False):
+def _run_model(cfg, sequence_parallel, recompute="none"):
     """(loss, outputs = MAE predictions, parameter records) after one forward/backward."""
     from rsscale.scaling.mae import MaskedAutoencoder
 
-    model = MaskedAutoencoder(cfg, sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing, seed=7)
+    model = MaskedAutoencoder(cfg, sequence_parallel=sequence_parallel, recompute=recompute, seed=7)
     imgs, noise = _inputs(cfg)
     loss, pred, mask = model(imgs, noise=noise)
     loss.backward()
@@ -63,7 +63,7 @@ def _run_window_block(sequence_parallel):
 
 def _tp_worker(rank, world_size, cfg):
     state.init_parallel(tp=world_size)
-    out = {"tp": _run_model(cfg, False), "sp": _run_model(cfg, True, activation_checkpointing=True), "window_sp": _run_window_block(True)}
+    out = {"tp": _run_model(cfg, False, recompute="selective"), "sp": _run_model(cfg, True, recompute="full"), "window_sp": _run_window_block(True)}
     from rsscale.scaling.mae import MaskedAutoencoder
 
     errors = []
@@ -131,6 +131,7 @@ def _assert_matches(ranks, reference):
 
 @pytest.mark.parametrize("mode", ["tp", "sp"])
 def test_tp2_matches_tp1(reference, tp2_results, mode):
+    """TP=2 with selective recompute, TP=2+SP with full recompute == TP=1 without recompute."""
     _assert_matches([r[mode] for r in tp2_results], reference)
 
 

@@ -22,7 +22,7 @@ def _uniform(flops=1e12, bw=1e30, lat=0.0, net=1e30):
             "layernorm": [{"shape": [1, 1], "bytes_per_s": bw}], "collectives": coll}
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_compute_time_adds_up_to_the_step_flops(recompute):
     """With one FLOP rate and free elementwise work, one process's step time is exactly the
     model's matmul FLOPs (scaling.config, an independent count) over that rate."""
@@ -31,6 +31,15 @@ def test_compute_time_adds_up_to_the_step_flops(recompute):
     t = T.predict(cfg, plan, _uniform())
     assert t["step_s"] == pytest.approx(8 * mae_step_flops(cfg, recompute) / 1e12, rel=1e-9)
     assert t["bubble_s"] == 0 and t["dp_comm_s"] == 0 and t["tp_comm_s"] == 0
+
+
+def test_fsdp_collectives_per_micro_batch():
+    """FSDP with one latency and free bandwidth: per micro-batch 2 all-gathers per block, 1 for the
+    root unit, and a reduce-scatter per block and for the root: (3 blocks + 2) x micro-batches x latency."""
+    cfg = get_preset("small")
+    t = T.predict(cfg, A.Plan(Layout(dp=2, micro_batch=2, global_batch=8), precision="fp32", fsdp=True), _uniform(lat=1e-3))
+    blocks = cfg.depth + cfg.dec_depth
+    assert t["dp_comm_s"] == pytest.approx(2 * (3 * blocks + 2) * 1e-3, rel=1e-9)
 
 
 def test_pipeline_bubble_and_communication_terms():
