@@ -169,7 +169,6 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     rounds = M + (L.pp - 1) / L.vpp
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
-    st = stages[slow]
     if zero:  # calibrated sizes are per-rank chunks
         w = 4 if plan.precision == "fp32" else 2
         reduce, gather = collective_s(calib, "reduce_scatter", trainable * 4 / L.dp, L.dp), collective_s(calib, "all_gather", trainable * w / L.dp, L.dp)
