@@ -31,7 +31,7 @@ log = logging.getLogger("rsscale.study")
 
 PLANS_DIR = Path(__file__).with_name("plans")
 TOP_KEYS = {"name", "models", "budgets", "images", "heldout", "pretrain", "finetune", "data", "synthetic", "out", "results", "slurm",
-            "lr_width", "env"}
+            "lr_width", "env", "jobs"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +70,7 @@ class Plan:
     synthetic: dict = field(default_factory=dict)  # rsscale data options when data is "synthetic"
     lr_width: int | None = None  # per-size learning rate pretrain.lr * lr_width / width (None: one lr)
     env: dict = field(default_factory=dict)  # environment variables of the cells run here (e.g. OMP_NUM_THREADS)
+    jobs: int = 1  # cells run at once on this machine (each its own process tree)
 
 
 def _need(path, cond: bool, message: str) -> None:
@@ -132,6 +133,8 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
         _need(path, t in ("seg", "det"), f"finetune.tasks holds {t!r}; the tasks are seg and det")
     ft["fractions"] = _positive_list(path, "finetune.fractions", ft["fractions"], float)
     _need(path, all(f <= 1 for f in ft["fractions"]), "finetune.fractions must lie in (0, 1]")
+    jobs = raw.get("jobs", 1)
+    _need(path, isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, f"jobs must be an integer >= 1, got {jobs!r}")
     lr_width = raw.get("lr_width")
     _need(path, lr_width is None or (isinstance(lr_width, int) and not isinstance(lr_width, bool) and lr_width > 0),
           f"lr_width must be a positive integer (the width that gets pretrain.lr), got {lr_width!r}")
@@ -141,7 +144,7 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
                 out=out or raw.get("out") or default_out,
                 results=results or raw.get("results") or os.path.join(out or raw.get("out") or default_out, "results.db"),
                 slurm=sections["slurm"], synthetic=sections["synthetic"], lr_width=lr_width,
-                env={str(k): str(v) for k, v in sections["env"].items()})
+                env={str(k): str(v) for k, v in sections["env"].items()}, jobs=jobs)
 
 
 def steps_for(plan: Plan, model: str, budget: float) -> int:
@@ -409,43 +412,64 @@ def _peak_flops() -> float:
     return _PEAK[0]
 
 
-def run_study(plan: Plan, max_cells: int | None = None) -> int:
-    """Run every cell not yet recorded; returns the number of cells run now."""
+def cell_command(plan: Plan, cell: Cell, pool: list[str]) -> list[str]:
+    if cell.kind == "pretrain":
+        args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
+        return command_line("pretrain", args, int(plan.pretrain.get("nproc", 1)))
+    return command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
+
+
+def run_study(plan: Plan, max_cells: int | None = None, jobs: int | None = None) -> int:
+    """Run every cell not yet recorded, up to `jobs` at once (a fine-tuning cell waits for its
+    pretraining parent); returns the number of cells finished now. A failed cell stops new starts,
+    lets the running ones finish and record, then raises."""
+    jobs = jobs or plan.jobs
     todo_all = cells(plan)
-    done = done_cells(plan)
+    done = set(done_cells(plan))
     todo = [c for c in todo_all if c.key not in done]
-    log.info("[study] %s: %d cells, %d done, %d to run; results in %s", plan.name, len(todo_all), len(done), len(todo), plan.results)
+    log.info("[study] %s: %d cells, %d done, %d to run (%d at a time); results in %s",
+             plan.name, len(todo_all), len(done), len(todo), jobs, plan.results)
     if not todo:
         return 0
     pool, held = split_images(plan)
-    nproc = int(plan.pretrain.get("nproc", 1))
     calib = calibration(plan)
     predicted = {c.key: predicted_seconds(plan, c, calib) for c in todo}
-    ratio, ran, t_start = (measured_ratio(plan, calib) or (None,))[0], 0, time.perf_counter()
-    for i, cell in enumerate(todo):
-        if max_cells is not None and ran >= max_cells:
+    ratio, t_start = (measured_ratio(plan, calib) or (None,))[0], time.perf_counter()
+    pending, running, started, finished, failed = list(todo), {}, 0, 0, []
+    while pending or running:
+        while not failed and len(running) < jobs and (max_cells is None or started < max_cells):
+            cell = next((c for c in pending if c.kind == "pretrain" or c.parent in done), None)
+            if cell is None:
+                break
+            pending.remove(cell)
+            cmd = cell_command(plan, cell, pool)
+            started += 1
+            log.info("[study] cell %d/%d %s: %s", len(done) + len(running) + 1, len(todo_all), cell.key, shlex.join(cmd))
+            running[cell.key] = (cell, subprocess.Popen(cmd, env={**os.environ, **plan.env}), time.perf_counter())
+        if not running:
             break
-        t0 = time.perf_counter()
-        if cell.kind == "pretrain":
-            args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
-            cmd = command_line("pretrain", args, nproc)
-        else:
-            cmd = command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
-        log.info("[study] cell %d/%d %s: %s", len(done) + i + 1, len(todo_all), cell.key, shlex.join(cmd))
-        rc = subprocess.call(cmd, env={**os.environ, **plan.env})
-        if rc:
-            raise RuntimeError(f"cell {cell.key} failed (exit code {rc}); rerun `rsscale study {plan.path}` to resume it")
-        wall = time.perf_counter() - t0
-        result = finish_pretrain_cell(plan, cell, held, wall) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, wall)
-        ran += 1
-        if predicted.get(cell.key):
-            ratio = wall / predicted[cell.key] if ratio is None else 0.5 * (ratio + wall / predicted[cell.key])
-        left = [predicted.get(c.key) for c in todo[i + 1 :]]
-        eta = sum(p for p in left if p) * (ratio or 1.0) if all(left) else float("nan")
-        log.info("[study] done %d/%d (%s: %s) in %.0f s; elapsed %.0f s, estimated left %s",
-                 len(done) + i + 1, len(todo_all), cell.key, ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
-                 wall, time.perf_counter() - t_start, "unknown" if math.isnan(eta) else f"{eta:.0f} s")
-    return ran
+        time.sleep(0.2)
+        for key, (cell, proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            if proc.returncode:
+                failed.append(f"cell {key} failed (exit code {proc.returncode})")
+                continue
+            wall = time.perf_counter() - t0
+            result = finish_pretrain_cell(plan, cell, held, wall) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, wall)
+            done.add(key)
+            finished += 1
+            if predicted.get(key):
+                ratio = wall / predicted[key] if ratio is None else 0.5 * (ratio + wall / predicted[key])
+            left = [predicted.get(c.key) for c in pending + [r[0] for r in running.values()]]
+            eta = sum(p for p in left if p) * (ratio or 1.0) / jobs if all(left) else float("nan")
+            log.info("[study] done %d/%d (%s: %s) in %.0f s; elapsed %.0f s, estimated left %s",
+                     len(done), len(todo_all), key, ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
+                     wall, time.perf_counter() - t_start, "unknown" if math.isnan(eta) else f"{eta:.0f} s")
+    if failed:
+        raise RuntimeError(f"{'; '.join(failed)}; rerun `rsscale study {plan.path}` to resume")
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +568,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", default=None, help="results store (default: <out>/results.db)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and predicted times; run nothing")
     parser.add_argument("--emit-slurm", metavar="DIR", help="write one sbatch script per remaining cell and DIR/submit.sh")
-    parser.add_argument("--max-cells", type=int, default=None, help="stop after running this many cells")
+    parser.add_argument("--max-cells", type=int, default=None, help="stop after starting this many cells")
+    parser.add_argument("--jobs", type=int, default=None, help="cells run at once on this machine (default: the plan's jobs, else 1)")
     parser.add_argument("--finish-cell", metavar="KEY", help="(used by the sbatch scripts) evaluate and record one trained cell")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -553,6 +578,8 @@ def main(args) -> int:
     plan = load_plan(args.plan, args.out, args.results)
     if args.max_cells is not None and args.max_cells < 0:
         raise ValueError(f"--max-cells must be >= 0, got {args.max_cells}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     all_cells = cells(plan)
     if args.dry_run:
         dry_run(plan)
@@ -570,7 +597,7 @@ def main(args) -> int:
             finish_pretrain_cell(plan, cell, held, float("nan")) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, float("nan"))
         return 0
     os.makedirs(plan.out, exist_ok=True)
-    run_study(plan, args.max_cells)
+    run_study(plan, args.max_cells, args.jobs)
     remaining = len(all_cells) - len(done_cells(plan))
     if remaining == 0 and not args.no_report:
         from rsscale.reports.report import write_report

@@ -2,6 +2,7 @@
 Slurm scripts, and the IsoFLOP / prediction fits against hand-computed cases."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
     ("models: [tiny]\nbudgets: {steps: [1]}\nheldout: {images: 0}\n", "heldout.images"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nlr_width: 0.5\n", "lr_width must be a positive integer"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nenv: [OMP_NUM_THREADS]\n", "env must be a mapping"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\njobs: 0\n", "jobs must be an integer >= 1"),
 ])
 def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
     path = _plan(tmp_path, text)
@@ -126,7 +128,7 @@ def _args(plan, tmp_path, **kw):
     import argparse
 
     d = dict(plan=str(plan), out=str(tmp_path / "study"), results=None, dry_run=False, emit_slurm=None, max_cells=None,
-             finish_cell=None, no_report=False)
+             finish_cell=None, no_report=False, jobs=None)
     d.update(kw)
     return argparse.Namespace(**d)
 
@@ -169,3 +171,16 @@ def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path, c
     printed = capsys.readouterr().out
     assert printed.count("  done ") == 2 and "measured/predicted ratio" in printed and "of 2 recorded cell(s)" in printed
     assert "held-out" in (tmp_path / "study" / "report" / "report.md").read_text()
+
+
+def test_two_jobs_overlap_cells_and_finetune_waits_for_its_parent(tmp_path):
+    plan = _plan(tmp_path, SMALL + "jobs: 2\nfinetune: {tasks: [seg], steps: 2}\n")
+    out = subprocess.run(_study_cmd(plan, tmp_path, "--no-report"), capture_output=True, text=True, timeout=400)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert _complete_cells(tmp_path) == ["ft-seg-f1-pt-mini-steps3", "ft-seg-f1-pt-tiny-steps3", "pt-mini-steps3", "pt-tiny-steps3"]
+    lines = [ln for ln in log.splitlines() if "[study] cell " in ln or "[study] done " in ln]
+    order = [("start " if "[study] cell " in ln else "done ") + re.search(r"(?:pt|ft)-[A-Za-z0-9.-]+", ln).group() for ln in lines]
+    assert order.index("start pt-mini-steps3") < order.index("done pt-tiny-steps3")  # both pretraining cells ran at once
+    for m in ("tiny", "mini"):
+        assert order.index(f"done pt-{m}-steps3") < order.index(f"start ft-seg-f1-pt-{m}-steps3")
