@@ -32,6 +32,7 @@ masks, as in LoveDA; storage tanks are buildings.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -73,7 +74,15 @@ URBAN_THEMES = ("residential", "industrial", "harbor")
 # "rich" gives agriculture regular textures at a visible scale (crop rows, orchard lattices,
 # greenhouse rows) and stands most buildings in rows along the roads: structure that the
 # visible patches determine, so a larger model has more to learn (docs/STUDY.md).
-SCENE_SETS = ("base", "rich")
+# "vocab" adds to "rich" flat roofs that each carry one of VOCAB_SIZE fixed designs (a 4x4 layout
+# of panels), drawn with Zipf frequencies. The masked part of a roof is predictable only by
+# remembering its design, and a model of N parameters can remember only so many: the rare designs
+# are what capacity buys, the mechanism of the quantization model of neural scaling (Michaud et
+# al. 2023) put into pixels.
+SCENE_SETS = ("base", "rich", "vocab")
+VOCAB_SIZE, VOCAB_ZIPF, VOCAB_SEED = 512, 1.2, 20231
+PANEL_COLOURS = np.array([(230, 230, 225), (40, 45, 60), (60, 90, 150), (180, 60, 50), (90, 140, 80),
+                          (215, 180, 60), (140, 100, 160), (120, 120, 120)], np.float32)
 COVERS = (BACKGROUND, BARREN, FOREST, AGRICULTURE)
 CROP_COLOURS = np.array([(96, 128, 60), (140, 150, 80), (170, 150, 95), (120, 100, 70), (75, 110, 55),
                          (190, 175, 110)], np.float32)
@@ -178,6 +187,36 @@ def _rich_crop(rng, xx, yy, fine, k: float) -> np.ndarray:
     ridge = np.abs(u - 0.25 * period) < 0.06 * period
     tone = np.where(roof, np.where(ridge, 0.8, 1.0), 0.45)[..., None]
     return np.array((215, 220, 225), np.float32) * tone * (0.97 + 0.06 * fine[..., None])
+
+
+@functools.cache
+def _vocabulary() -> tuple[np.ndarray, np.ndarray]:
+    """(designs VOCAB_SIZE x 4 x 4 of panel colour indices, Zipf probabilities of the designs):
+    one fixed vocabulary for every split and dataset seed, so held-out roofs use the designs that
+    pretraining saw."""
+    designs = np.random.default_rng(VOCAB_SEED).integers(len(PANEL_COLOURS), size=(VOCAB_SIZE, 4, 4))
+    p = np.arange(1, VOCAB_SIZE + 1, dtype=float) ** -VOCAB_ZIPF
+    return designs, p / p.sum()
+
+
+def _roofs(rng, cv: Canvas, k: float) -> None:
+    """vocab scenes: 16-36 square flat roofs (axis-aligned, labelled building, no boxes; up to 5
+    places tried each), each painted with a design of the vocabulary drawn by its Zipf frequency."""
+    designs, p = _vocabulary()
+    for _ in range(int(rng.integers(16, 37))):
+        side, design = rng.uniform(32, 44) * k, designs[rng.choice(VOCAB_SIZE, p=p)]
+
+        def paint(u, v, side=side, design=design):
+            i = np.clip(((u / side + 0.5) * 4).astype(int), 0, 3)
+            j = np.clip(((v / side + 0.5) * 4).astype(int), 0, 3)
+            return PANEL_COLOURS[design[j, i]]
+
+        for _try in range(5):
+            placed = _place(cv, "roof", *rng.random(2) * (cv.w, cv.h), side, side, 0.0,
+                            (BACKGROUND, BARREN, AGRICULTURE, FOREST), paint, shadow=2 * k)
+            if placed is not None:
+                cv.mask[placed[0]][placed[1]] = BUILDING
+                break
 
 
 def _land_cover(rng, cv: Canvas, theme: dict, k: float, rich: bool = False) -> None:
@@ -413,10 +452,12 @@ def _on_road(rng, roads, car_h):
     return cx, cy, angle + (math.pi if rng.random() < 0.5 else 0.0), (ROAD,)
 
 
-def scene(rng: np.random.Generator, size, theme: str | None = None, return_instances: bool = False, rich: bool = False):
+def scene(rng: np.random.Generator, size, theme: str | None = None, return_instances: bool = False, rich: bool = False,
+          vocab: bool = False):
     """One aerial scene: (rgb uint8 HxWx3, LoveDA mask uint8 HxW, boxes) [, instance ids HxW].
     rich: regular structure (crop rows, orchards, greenhouses, rows of houses along roads) in
-    place of some random placement (see SCENE_SETS).
+    place of some random placement; vocab: also roofs with designs of a fixed vocabulary (see
+    SCENE_SETS).
 
     size is an int (square) or (height, width). boxes are (cx, cy, w, h, angle, class, difficult)
     in the convention of the module docstring; instance ids are k for boxes[k - 1], 0 elsewhere.
@@ -433,6 +474,8 @@ def scene(rng: np.random.Generator, size, theme: str | None = None, return_insta
     _water(rng, cv, str(rng.choice(spec["water"])), k)
     roads = _roads(rng, cv, int(rng.integers(spec["roads"][0], spec["roads"][1] + 1)), k)
     boxes = _objects(rng, cv, spec, roads, k, rich)
+    if vocab:
+        _roofs(rng, cv, k)
     rgb = cv.rgb * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 3, cv.rgb.shape)  # per-scene tint + sensor noise
     rgb = np.asarray(Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5)))
     return (rgb, cv.mask, boxes, cv.inst) if return_instances else (rgb, cv.mask, boxes)
@@ -485,7 +528,8 @@ def _theme(seed: int, split: str, index: int) -> str:
 def _sample(seed: int, split: str, index: int, size, scenes: str = "base"):
     """(theme, scene) of sample `index` of a split: a pure function of its arguments."""
     theme = _theme(seed, split, index)
-    return theme, scene(np.random.default_rng([seed, sum(map(ord, split)), index]), size, theme, rich=scenes == "rich")
+    return theme, scene(np.random.default_rng([seed, sum(map(ord, split)), index]), size, theme,
+                        rich=scenes in ("rich", "vocab"), vocab=scenes == "vocab")
 
 
 def _pretrain_size(seed: int, index: int, size: int) -> tuple[int, int]:
@@ -543,7 +587,8 @@ def generate(root, num_pretrain: int = 512, num_seg: int = 64, num_det: int = 64
     """Write the dataset (skipping files already there unless overwrite) -> dict of paths.
     bands=4 writes the pretraining images as 16-bit RGB+NIR TIFFs instead of JPEGs.
     workers: processes (default min(4, CPUs)); the bytes written do not depend on it.
-    scenes: "base", or "rich" for more regular structure a model can learn (SCENE_SETS)."""
+    scenes: "base"; "rich" for more regular structure a model can learn; "vocab" for rich plus
+    roofs from a fixed Zipf-distributed vocabulary of designs (SCENE_SETS)."""
     if min(num_pretrain, num_seg, num_det) < 0 or size < 32:
         raise ValueError(f"counts must be >= 0 and size >= 32, got {num_pretrain}/{num_seg}/{num_det} and {size}")
     if scenes not in SCENE_SETS:
@@ -639,7 +684,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
     parser.add_argument("--scenes", choices=SCENE_SETS, default="base",
-                        help="rich: regular crop rows, orchards, greenhouses and rows of houses along roads")
+                        help="rich: regular crop rows, orchards, greenhouses and rows of houses along roads; "
+                             "vocab: rich plus roofs with designs from a fixed Zipf-distributed vocabulary")
 
 
 def main(args) -> int:

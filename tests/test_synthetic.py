@@ -14,9 +14,12 @@ from rsscale.scaling import synthetic
 from rsscale.scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
 
 
-def _scenes(rich=False):
+SCENE_KW = [{}, {"rich": True}, {"rich": True, "vocab": True}]
+
+
+def _scenes(kw):
     for i, theme in enumerate(THEMES):
-        yield theme, scene(np.random.default_rng(100 + i), 160, theme, return_instances=True, rich=rich)
+        yield theme, scene(np.random.default_rng(100 + i), 160, theme, return_instances=True, **kw)
 
 
 def test_scene_is_deterministic_and_seed_dependent():
@@ -28,10 +31,10 @@ def test_scene_is_deterministic_and_seed_dependent():
     assert not np.array_equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("rich", [False, True])
-def test_masks_and_boxes_are_valid(rich):
+@pytest.mark.parametrize("kw", SCENE_KW)
+def test_masks_and_boxes_are_valid(kw):
     counts = dict.fromkeys(DET_CLASSES, 0)
-    for theme, (rgb, mask, boxes, inst) in _scenes(rich):
+    for theme, (rgb, mask, boxes, inst) in _scenes(kw):
         assert mask.min() >= 1 and mask.max() <= 7, theme
         assert inst.max() == len(boxes)
         for cx, cy, w, h, angle, name, difficult in boxes:
@@ -41,12 +44,12 @@ def test_masks_and_boxes_are_valid(rich):
     assert all(counts.values()), counts  # every class appears across the themes
 
 
-@pytest.mark.parametrize("rich", [False, True])
-def test_boxes_are_exactly_the_rendered_objects(rich):
+@pytest.mark.parametrize("kw", SCENE_KW)
+def test_boxes_are_exactly_the_rendered_objects(kw):
     """Checked with shapely (independent geometry): every pixel centre of an object lies in its
     DOTA polygon, the object reaches every side of it (within a pixel), and its mask class fits."""
     checked = 0
-    for theme, (rgb, mask, boxes, inst) in _scenes(rich):
+    for theme, (rgb, mask, boxes, inst) in _scenes(kw):
         lines = synthetic.dota_lines(boxes, 0.5)[2:]
         for k, (box, line) in enumerate(zip(boxes, lines), start=1):
             cx, cy, w, h, angle, name, difficult = box
@@ -207,5 +210,22 @@ def test_rich_scenes_are_their_own_dataset(tmp_path):
     assert differ
     synthetic.ensure_dataset(tmp_path / "base", scenes="rich", **kw)
     assert '"scenes": "rich"' in open(base["manifest"]).read()
-    with pytest.raises(ValueError, match="scenes must be one of base, rich"):
+    with pytest.raises(ValueError, match="scenes must be one of base, rich, vocab"):
         synthetic.generate(tmp_path / "x", scenes="fancy", **kw)
+
+
+def test_vocab_roofs_are_unboxed_buildings_drawn_from_a_fixed_zipf_vocabulary():
+    designs, p = synthetic._vocabulary()
+    again, _ = synthetic._vocabulary.__wrapped__()
+    assert designs.shape == (synthetic.VOCAB_SIZE, 4, 4) and np.array_equal(designs, again)
+    assert p.sum() == pytest.approx(1.0) and p[0] / p[9] == pytest.approx(10 ** synthetic.VOCAB_ZIPF)
+    assert len({d.tobytes() for d in designs}) == synthetic.VOCAB_SIZE  # no two designs alike
+    added = 0
+    for i, theme in enumerate(THEMES):
+        rich = scene(np.random.default_rng(100 + i), 160, theme, return_instances=True, rich=True)
+        vocab = scene(np.random.default_rng(100 + i), 160, theme, return_instances=True, rich=True, vocab=True)
+        assert vocab[2] == rich[2] and np.array_equal(vocab[3], rich[3])  # roofs come after the boxed objects
+        new = (vocab[1] != rich[1])
+        assert (vocab[1][new] == BUILDING).all() and (vocab[3][new] == 0).all()
+        added += new.sum()
+    assert added > 0.1 * 160 * 160 * len(THEMES)
