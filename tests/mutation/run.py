@@ -59,7 +59,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["finetune/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
     "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
     "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
-    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py", "tests/test_interleaved.py"]),
+    # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here
+    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
+        f"tests/test_interleaved.py::test_{t}" for t in (
+            "timetable_reaches_the_theoretical_bubble", "megatron_order_and_in_flight_by_hand", "chunks_are_interleaved_over_ranks",
+            "the_schedule_refuses_what_it_cannot_take")]),
     "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint_edges.py", "tests/test_checkpoint.py"] + [
         f"tests/test_faults.py::test_{t}" for t in (
             "resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint", "resaving_a_step_killed_midway_keeps_a_valid_checkpoint",
