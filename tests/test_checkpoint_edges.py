@@ -259,3 +259,31 @@ def test_two_ranks_save_their_own_pieces_and_share_a_failure(tmp_path):
         assert rank_state == {"rank": rank}
         assert error == "checkpoint of step 2 failed: OSError: rank 1: OSError: disk full", rank
     assert sorted(json.load(open(os.path.join(folder, "index.json")))["files"]) == ["rank_00000.safetensors", "rank_00001.safetensors"]
+
+
+def test_full_state_dict_holds_the_model_weights_only(tmp_path):
+    from dataclasses import asdict
+
+    from rsscale.scaling.config import get_preset
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    info = {"partition_dim": None, "stride": 1}
+    tensors = {"model/blocks.0.w": (w, info), "exp_avg/blocks.0.w": (w + 1, info), "exp_avg_sq/blocks.0.w": (w + 2, info)}
+    folder = ck.save_checkpoint(str(tmp_path), 1, tensors, {}, {"model": asdict(get_preset("tiny"))})
+    cfg, weights = ck.load_full_state_dict(folder)
+    assert cfg == get_preset("tiny")
+    assert list(weights) == ["blocks.0.w"] and torch.equal(weights["blocks.0.w"], w)
+
+
+def test_shard_for_cuts_a_tp_parameter_like_megatron(monkeypatch):
+    """Rank 1 of 2 with stride 3 owns chunks 1, 3, 5 of 6 (hand-made); a replicated tensor stays whole."""
+    from rsscale.scaling.parallel import state
+
+    monkeypatch.setattr(state, "tp_rank", lambda: 1)
+    monkeypatch.setattr(state, "tp_size", lambda: 2)
+    full = torch.arange(12).reshape(12, 1)
+    param = torch.nn.Parameter(torch.zeros(6, 1))
+    assert ck.shard_for(full, param) is full and ck.tensor_meta(param) == {"partition_dim": None, "stride": 1}
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 3
+    assert ck.tensor_meta(param) == {"partition_dim": 0, "stride": 3}
+    assert ck.shard_for(full, param).flatten().tolist() == [2, 3, 6, 7, 10, 11]

@@ -254,3 +254,12 @@ def test_dp_groups_smaller_than_the_world_reduce_only_within_themselves():
             assert r["norms"] == pytest.approx([both] * 2, rel=1e-6), (rank, zero)
             for got, want in zip(r["params"], refs[rank // 2]):
                 torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_and_state_live_on_the_parameters_device():
+    """Parameters on the meta device (no memory; any non-default device would do): every buffer,
+    the moments and the fp32 master copy are built there, not on the default device."""
+    named = [("w", torch.nn.Parameter(torch.zeros(4, 3, device="meta", dtype=torch.bfloat16)))]
+    opt = FlatAdamW(named, param_dtype=torch.bfloat16)
+    assert {t.device.type for t in (opt.flat, opt.grad, opt.master, opt.exp_avg, opt.exp_avg_sq, named[0][1])} == {"meta"}
+    assert opt.state_bytes() == 12 * 12  # fp32 moments and master weights
