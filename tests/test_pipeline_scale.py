@@ -128,3 +128,25 @@ def test_interleaved_schedule_with_loss_scale_matches_a_plain_loop():
                                            msg=f"case {c} rank {rank} chunk {j}")
                 torch.testing.assert_close(torch.from_numpy(b).double(), scale * ref.bias.grad, rtol=1e-5, atol=1e-7)
             assert r["losses"] == (pytest.approx(losses, rel=1e-5) if rank == 2 else [])
+
+
+def test_single_stage_schedule_times_only_its_compute():
+    """One stage, no p2p: V=1 and M=3 runs 3 forwards and 3 backwards; with a clock that advances
+    by 1 per call, the compute time is exactly one unit per action (0.0 without a clock)."""
+    from rsscale.scaling.pipeline import StageLinks, run_schedule
+
+    layer = _layer(20, 0)
+    links = StageLinks([0], 0)
+
+    def forward_step(chunk, i, x):
+        assert chunk == 0 and x is None
+        return (torch.tanh(layer(_micro_input(i))) ** 2).mean() / 3
+
+    ticks = iter(range(100))
+    losses, busy = run_schedule(forward_step, 3, links, (MB, WIDTH), clock=lambda: float(next(ticks)))
+    assert busy == 6.0 and next(ticks) == 12
+    layers, ref = _reference(20, 1, 3)
+    assert [float(x) for x in losses] == pytest.approx(ref, rel=1e-6)
+    torch.testing.assert_close(layer.weight.grad.double(), layers[0].weight.grad, rtol=1e-5, atol=1e-7)
+    layer.zero_grad()
+    assert run_schedule(forward_step, 3, links, (MB, WIDTH))[1] == 0.0
