@@ -186,8 +186,12 @@ def test_run_lock_holders(tmp_path):
     lock.release()
     assert not os.path.exists(out / ".lock") and not lock.held
     # a live holder on this host is refused, and checking on it sends it no signal
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # the holder restores the default (terminating) action of the signals a parent may ignore (nohup)
+    code = ("import signal, time\nfor s in ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2'):\n"
+            "    signal.signal(getattr(signal, s), signal.SIG_DFL)\nprint('ready', flush=True)\ntime.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline() == "ready\n"
         (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "now"}))
         with pytest.raises(CheckpointError, match=f"in use by PID {holder.pid}"):
             ck.RunLock(str(out)).acquire()

@@ -87,8 +87,8 @@ def test_stage_links_on_a_non_contiguous_rank_list():
 
 
 # interleaved: 3 ranks, V chunks each (virtual stage v = chunk * 3 + rank), the ring wrapping from
-# the last rank to the first; (chunks, micro-batches, loss scale). Not here: P=3 with V=3 and M=6
-# times out in a gloo receive (found while writing this test; reported in reports/mutation.md).
+# the last rank to the first; (chunks, micro-batches, loss scale). Not here: P=3 with M=6 (V=2 or
+# 3) times out in a gloo receive (found while writing this test; reported in reports/mutation.md).
 INTERLEAVED = [(2, 3, 4.0)]
 
 
