@@ -86,25 +86,29 @@ def test_stage_links_on_a_non_contiguous_rank_list():
     assert alone.is_first and alone.is_last and alone.num_stages == 1
 
 
-# interleaved: 3 ranks, V chunks each (virtual stage v = chunk * 3 + rank), the ring wrapping from
-# the last rank to the first; (chunks, micro-batches, loss scale). Not here: P=3 with M=6 (V=2 or
-# 3) times out in a gloo receive (found while writing this test; reported in reports/mutation.md).
-INTERLEAVED = [(2, 3, 4.0)]
+# interleaved: P ranks, V chunks each (virtual stage v = chunk * P + rank), the ring wrapping from
+# the last rank to the first; (P, V, micro-batches, loss scale); P=2 runs on ranks 0 and 1 while
+# rank 2 idles. Not here: P=3 with M=6 (V=2 or 3) times out in a gloo receive (found while
+# writing this test; reported in reports/mutation.md).
+INTERLEAVED = [(3, 2, 3, 4.0), (2, 2, 4, 2.0)]
 
 
 def _interleaved_worker(rank, world):
     from rsscale.scaling.pipeline import StageLinks, perf_clock, run_schedule
 
-    links = StageLinks(list(range(world)), rank)
     out = []
-    for c, (chunks, micro, scale) in enumerate(INTERLEAVED):
-        layers = [_layer(10 + c, j * world + rank) for j in range(chunks)]
+    for c, (stages, chunks, micro, scale) in enumerate(INTERLEAVED):
+        if rank >= stages:
+            out.append(None)
+            continue
+        links = StageLinks(list(range(stages)), rank)
+        layers = [_layer(10 + c, j * stages + rank) for j in range(chunks)]
         calls = []
 
         def forward_step(chunk, i, x):
             calls.append((chunk, i, x is None))
             h = torch.tanh(layers[chunk](_micro_input(i) if x is None else x))
-            return (h**2).mean() / micro if chunk * world + rank == chunks * world - 1 else h
+            return (h**2).mean() / micro if chunk * stages + rank == chunks * stages - 1 else h
 
         losses, busy = run_schedule(forward_step, micro, links, (MB, WIDTH), loss_scale=scale, chunks=chunks, clock=perf_clock())
         out.append({"grads": [(l.weight.grad.numpy(), l.bias.grad.numpy()) for l in layers], "losses": [float(x) for x in losses],
@@ -116,18 +120,20 @@ def test_interleaved_schedule_with_loss_scale_matches_a_plain_loop():
     from rsscale.scaling.pipeline import compute_order
 
     results = run_distributed(_interleaved_worker, 3)
-    for c, (chunks, micro, scale) in enumerate(INTERLEAVED):
-        layers, losses = _reference(10 + c, 3 * chunks, micro)
-        for rank, res in enumerate(results):
+    for c, (stages, chunks, micro, scale) in enumerate(INTERLEAVED):
+        layers, losses = _reference(10 + c, stages * chunks, micro)
+        for rank, res in enumerate(results[:stages]):
             r = res[c]
-            assert r["calls"] == [(a.chunk, a.micro, a.chunk * 3 + rank == 0) for a in compute_order(3, chunks, micro, rank) if a.kind == "F"]
+            order = compute_order(stages, chunks, micro, rank)
+            assert r["calls"] == [(a.chunk, a.micro, a.chunk * stages + rank == 0) for a in order if a.kind == "F"]
             assert r["busy"] > 0.0
             for j, (w, b) in enumerate(r["grads"]):
-                ref = layers[j * 3 + rank]
+                ref = layers[j * stages + rank]
                 torch.testing.assert_close(torch.from_numpy(w).double(), scale * ref.weight.grad, rtol=1e-5, atol=1e-7,
                                            msg=f"case {c} rank {rank} chunk {j}")
                 torch.testing.assert_close(torch.from_numpy(b).double(), scale * ref.bias.grad, rtol=1e-5, atol=1e-7)
-            assert r["losses"] == (pytest.approx(losses, rel=1e-5) if rank == 2 else [])
+            assert r["losses"] == (pytest.approx(losses, rel=1e-5) if rank == stages - 1 else [])
+        assert all(res[c] is None for res in results[stages:])
 
 
 def test_single_stage_schedule_times_only_its_compute():
