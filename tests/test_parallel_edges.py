@@ -34,6 +34,10 @@ def _world4_worker(rank, world):
     mine = slice(2 * tp, 2 * tp + 2)
     # reduce-scatter on the real collective and on the fallback: sums over my TP group only
     out["rs"] = mp.reduce_scatter_to_sequence_parallel_region(_tokens(rank)).numpy()
+    chunk = torch.empty(2, 2)
+    handle = mp.reduce_scatter_tensor(chunk, torch.full((4, 2), rank + 1.0), state.tp_group(), async_op=True)
+    handle.wait()  # the real collective, asynchronous: a work handle, the sum once waited on
+    out["async_real"] = chunk.numpy()
     real = mp._REDUCE_SCATTER
     mp._REDUCE_SCATTER = _no_reduce_scatter
     try:
@@ -74,7 +78,8 @@ def test_tp2_groups_inside_a_world_of_four():
         torch.testing.assert_close(torch.from_numpy(o["rs_fallback"]), want)
         done, chunk = o["async"]
         assert done is True
-        torch.testing.assert_close(torch.from_numpy(chunk), torch.full((2, 2), float(group[0] + group[1] + 2)))
+        for got in (chunk, o["async_real"]):
+            torch.testing.assert_close(torch.from_numpy(got), torch.full((2, 2), float(group[0] + group[1] + 2)))
         # float64 reference on all tokens: each TP rank applies its own weights to the gathered tokens
         xs = torch.arange(K * B * N * D, dtype=torch.float64).reshape(K, B, N, D) / 7 + dp
         xr = xs[:, :, :3].clone().requires_grad_()
