@@ -204,3 +204,62 @@ def test_loss_scaler_growth_nan_disabled_and_state():
     t = LossScaler(enabled=True)
     t.load_state_dict(s.state_dict())
     assert (t.scale, t.good_steps) == (4.0, 0) and t.state_dict() == {"scale": 4.0, "good_steps": 0}
+
+
+@pytest.mark.parametrize("shards,rank", [(1, 0), (2, 1)])
+def test_buckets_list_exactly_the_parameters_whose_elements_they_hold(shards, rank):
+    """2-element buckets over a.bias (elements 0..3) and a.weight (3..9): each bucket's parameters
+    and this rank's segments, against a brute-force walk over the elements."""
+    opt = FlatAdamW(_named(), shards=shards, shard_rank=rank, dp_size=shards, bucket_mb=2 * 4 / 2**20)
+    spans = [opt.offsets[n] for n, _ in opt.named]
+    assert [(b.lo, b.hi) for b in opt.buckets] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9 if shards == 1 else 10)]
+    for b in opt.buckets:
+        assert b.params == [i for i, (o, n) in enumerate(spans) if o < b.hi and b.lo < o + n]
+        own = [e for e in range(b.own_lo, b.own_hi) if e < opt.numel]
+        assert [e for s in b.segments for e in range(s.lo, s.lo + s.b - s.a)] == own
+        assert all(spans[s.index][0] + s.a == s.lo for s in b.segments)
+
+
+def _subgroup_worker(rank, world):
+    """World of 4: DP groups {0, 1} and {2, 3} (other gradients each), model-parallel pairs {0, 2}, {1, 3}."""
+    import torch.distributed as dist
+
+    dp = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    mp = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    out = {}
+    for zero in (False, True):
+        named = _named()
+        opt = FlatAdamW(named, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, shards=2 if zero else 1, shard_rank=rank % 2 if zero else 0,
+                        group=dp, dp_size=2, bucket_mb=2 * 4 / 2**20, overlap=True)
+        norms = []
+        for _ in range(2):
+            opt.zero_grad()
+            _backward(named, [g + rank for g in _grads()])
+            opt.finish_grad_sync()
+            norms.append(opt.clip_grad_norm_(0.0, group=mp))
+            opt.step(0.01)
+        out[zero] = {"params": [p.detach().numpy().copy() for _, p in named[:2]], "norms": norms, "early": opt.started_in_backward}
+    return out
+
+
+def test_dp_groups_smaller_than_the_world_reduce_only_within_themselves():
+    results = run_distributed(_subgroup_worker, 4)
+    start = [p.detach().clone() for _, p in _named()[:2]]
+    means = [[g + 0.5 for g in _grads()], [g + 2.5 for g in _grads()]]  # ranks 0, 1 and ranks 2, 3
+    refs = [_adamw_reference(start, grads, 0.01, (0.8, 0.9), 1e-6, 0.1, [1.0, 0.0], 2)[0] for grads in means]
+    both = math.sqrt(sum(float(torch.cat([g.reshape(-1) for g in grads]).norm()) ** 2 for grads in means))
+    for rank, per in enumerate(results):
+        for zero, r in per.items():
+            assert r["early"] == 5, (rank, zero)  # every bucket started during backward
+            assert r["norms"] == pytest.approx([both] * 2, rel=1e-6), (rank, zero)
+            for got, want in zip(r["params"], refs[rank // 2]):
+                torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_and_state_live_on_the_parameters_device():
+    """Parameters on the meta device (no memory; any non-default device would do): every buffer,
+    the moments and the fp32 master copy are built there, not on the default device."""
+    named = [("w", torch.nn.Parameter(torch.zeros(4, 3, device="meta", dtype=torch.bfloat16)))]
+    opt = FlatAdamW(named, param_dtype=torch.bfloat16)
+    assert {t.device.type for t in (opt.flat, opt.grad, opt.master, opt.exp_avg, opt.exp_avg_sq, named[0][1])} == {"meta"}
+    assert opt.state_bytes() == 12 * 12  # fp32 moments and master weights

@@ -44,8 +44,10 @@ EQUIVALENT = Path(__file__).with_name("equivalent.txt")
 # module key -> (files to mutate, relative to the repo root; test files that check them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "parallel": (["scaling/parallel/mappings.py", "scaling/parallel/state.py"],
-                 ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py"]),
-    "optim": (["scaling/optim.py"], ["tests/test_optim.py"]),
+                 ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py", "tests/test_parallel_edges.py"]),
+    "optim": (["scaling/optim.py"], ["tests/test_optim.py"] + [
+        f"tests/test_overlap.py::test_{t}" for t in (
+            "overlapped_and_bucketed_reduction_equal_the_plain_run[dp2]", "bf16_weights_with_fp32_master_track_fp32")]),
     "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
     # test_layouts.py's trainings (its `runs` fixture) take minutes: only its rule tests here
     "layout": (["scaling/layout.py"], ["tests/test_layout_edges.py"] + [
@@ -57,8 +59,16 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["finetune/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
     "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
     "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
-    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"]),
-    "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint.py"]),
+    # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here
+    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
+        f"tests/test_interleaved.py::test_{t}" for t in (
+            "timetable_reaches_the_theoretical_bubble", "megatron_order_and_in_flight_by_hand", "chunks_are_interleaved_over_ranks",
+            "the_schedule_refuses_what_it_cannot_take")]),
+    "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint_edges.py", "tests/test_checkpoint.py"] + [
+        f"tests/test_faults.py::test_{t}" for t in (
+            "resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint", "resaving_a_step_killed_midway_keeps_a_valid_checkpoint",
+            "run_folder_lock_and_no_fresh_run_over_checkpoints", "keep_last_n_never_deletes_the_newest_complete",
+            "crafted_pickles_in_checkpoint_files_are_refused_without_side_effects")]),
     "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py"]),
     "store": (["scaling/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
 }
@@ -237,7 +247,7 @@ def write_report(sections: dict[str, str]) -> None:
             summary.append(f"| {key} | " + " | ".join(row.groups()) + " |")
         else:
             summary.append(f"| {key} | not run | | | | | | |")
-    head = old.partition("\n## ")[0].partition("| module |")[0].rstrip() or (
+    head = old.partition("\n## ")[0].partition("| module | generated |")[0].rstrip() or (
         "# Mutation testing\n\nmutmut 3 over the core modules, each module's mutants against that module's "
         "tests (`python tests/mutation/run.py --help`). Score = killed / (mutants - equivalent); "
         "timeouts and crashes count as killed; where only a seeded random sample of the mutants ran "
