@@ -138,8 +138,22 @@ def fit_latency_bandwidth(sizes, times) -> dict:
     return {"latency_s": max(float(lat), 0.0), "bandwidth_bytes_per_s": float(1.0 / inv_bw)}
 
 
+def _work_chunk():
+    """One MLP sublayer's worth of CPU work (GEMM, GELU, GEMM, LayerNorm on 512 tokens of width 128):
+    what a rank computes between two collectives."""
+    import torch
+    import torch.nn.functional as F
+
+    x, w1, w2 = torch.randn(512, 128), torch.randn(128, 512) / 12, torch.randn(512, 128) / 24
+    return lambda: F.layer_norm(F.gelu(x @ w1) @ w2, (128,))
+
+
 def _collective_worker(rank, world, port, reps, path):
-    """One spawned rank: time every collective at every size; rank 0 writes its medians to `path`."""
+    """One spawned rank: the work chunk's time with every rank computing at once, then every
+    collective at every size, each timed right after a work chunk (as in training: the ranks arrive
+    from compute, not from a barrier) minus the chunk alone; over the whole world and, for a world
+    of 4 or more (even), over pairs of ranks all at once (a TP or DP group of 2 inside a larger run).
+    Rank 0 writes {"chunk_s": mean over ranks, "<group>": {op: [seconds per size]}} to `path`."""
     import datetime
 
     import torch
@@ -149,54 +163,85 @@ def _collective_worker(rank, world, port, reps, path):
                             timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
-    res = {}
-    for op in COLLECTIVES:
-        res[op] = []
-        for nbytes in SIZES:
-            n = nbytes // 4
-            x = torch.ones(n)
-            parts = [torch.empty(n) for _ in range(world)]
-            big = torch.ones(n * world)
-            peer = rank ^ 1
+    chunk = _work_chunk()
+    dist.barrier()
+    chunk_s = torch.tensor([_timed(chunk, lambda: None, 4 * reps)])
+    dist.all_reduce(chunk_s)
+    groups = {str(world): (None, world)}
+    if world >= 4 and world % 2 == 0:
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]  # every rank creates every group
+        groups[f"2@{world}"] = (pairs[rank // 2] if rank // 2 < len(pairs) else None, 2)
+    res = {"chunk_s": float(chunk_s) / world}
+    for key, (group, size) in groups.items():
+        res[key] = {}
+        for op in COLLECTIVES:
+            res[key][op] = []
+            for nbytes in SIZES:
+                n = nbytes // 4
+                x = torch.ones(n)
+                parts = [torch.empty(n) for _ in range(size)]
+                big = torch.ones(n * size)
+                peer = rank ^ 1
 
-            def call():
-                if op == "all_reduce":
-                    dist.all_reduce(x)
-                elif op == "all_gather":
-                    dist.all_gather(parts, x)
-                elif op == "reduce_scatter":
-                    reduce_scatter(x, big)
-                elif peer < world:
-                    works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
-                    for w in works:
-                        w.wait()
+                def call():
+                    if op == "all_reduce":
+                        dist.all_reduce(x, group=group)
+                    elif op == "all_gather":
+                        dist.all_gather(parts, x, group=group)
+                    elif op == "reduce_scatter":
+                        reduce_scatter(x, big, group=group)
+                    elif peer < world:
+                        works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
+                        for w in works:
+                            w.wait()
 
-            dist.barrier()
-            res[op].append(_timed(call, dist.barrier, reps))
+                def after_chunk():
+                    chunk()
+                    call()
+
+                dist.barrier()
+                res[key][op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
 
 
-def measure_collectives(group_sizes, reps: int = 5) -> dict:
-    """{op: {group size: {latency_s, bandwidth_bytes_per_s, sizes, times}}} over gloo processes."""
+def chunk_alone_s(reps: int = 20) -> float:
+    """The work chunk's time in this process alone, on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed(_work_chunk(), lambda: None, reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_collectives(group_sizes, reps: int = 10) -> tuple[dict, dict]:
+    """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
+    over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
+    chunk's time with n processes computing at once over its time alone."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     from rsscale.scaling.parallel.state import _free_port
 
-    out = {op: {} for op in COLLECTIVES}
+    out, slowdown = {op: {} for op in COLLECTIVES}, {}
+    alone = chunk_alone_s()
     for n in group_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.json")
             mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
             with open(path) as f:
                 times = json.load(f)
-        for op in COLLECTIVES:
-            out[op][str(n)] = {**fit_latency_bandwidth(SIZES, times[op]), "sizes": SIZES, "times": times[op]}
-    return out
+        slowdown[str(n)] = max(1.0, times.pop("chunk_s") / alone)
+        for key, per_op in times.items():
+            for op in COLLECTIVES:
+                out[op][key] = {**fit_latency_bandwidth(SIZES, per_op[op]), "sizes": SIZES, "times": per_op[op]}
+    return out, slowdown
 
 
 def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True) -> dict:
@@ -221,7 +266,7 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if group_sizes and cuda:
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
-        result["collectives"] = measure_collectives(group_sizes)
+        result["collectives"], result["concurrency"] = measure_collectives(group_sizes)
     if steps:
         result["steps"] = measure_steps(models, micro_batches, precision)
         result["overhead"] = fit_overhead(result, result["steps"])
