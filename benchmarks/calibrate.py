@@ -16,7 +16,10 @@ Measured, each as the median of timed repetitions after a warm-up:
              fits what the operator sum misses
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
-             bandwidth, fitted by least squares over 2^12..2^22 bytes
+             bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
+             chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
+             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4")
+  concurrency  (CPU) the slowdown of that chunk with N processes computing at once vs one alone
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -327,6 +330,8 @@ def main(args) -> int:
         print(f"[calibrate] fitted to {len(result['steps'])} one-process steps: operator compute x {o['compute_factor']:.3f}, "
               f"+ {o['per_block_pass_s'] * 1e3:.3f} ms per block pass, + {o['per_step_s'] * 1e3:.2f} ms per step "
               f"(worst residual {o['residual_rel']:.1%})")
+    if "concurrency" in result:
+        print("[calibrate] compute slowdown with N processes at once: " + ", ".join(f"N={n}: x{v:.2f}" for n, v in result["concurrency"].items()))
     for op, fits in result.get("collectives", {}).items():
         print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
     return 0
