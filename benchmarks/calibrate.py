@@ -133,12 +133,22 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
     return runs
 
 
-def fit_latency_bandwidth(sizes, times) -> dict:
-    """Least-squares t = latency + bytes / bandwidth (latency >= 0)."""
-    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)], axis=1)
-    (lat, inv_bw), *_ = np.linalg.lstsq(A, np.asarray(times, dtype=float), rcond=None)
-    inv_bw = max(inv_bw, 1e-15)
-    return {"latency_s": max(float(lat), 0.0), "bandwidth_bytes_per_s": float(1.0 / inv_bw)}
+def fit_latency_bandwidth(sizes, times, floor_s: float = 1e-5) -> dict:
+    """t = latency + bytes / bandwidth by least squares on relative residuals (each time weighted
+    by 1 / max(t, floor_s), so the small, latency-bound sizes count as much as the large ones),
+    both terms >= 0: when one comes out negative the other is fitted alone."""
+    x, t = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
+    w = 1.0 / np.maximum(t, floor_s)
+    best = None
+    for cols in ([0, 1], [0], [1]):  # both terms, latency only, bandwidth only: the first with none negative
+        A = np.stack([np.ones_like(x), x], axis=1)[:, cols] * w[:, None]
+        coef = np.zeros(2)
+        coef[cols] = np.linalg.lstsq(A, t * w, rcond=None)[0]
+        if coef.min() >= 0:
+            best = coef
+            break
+    lat, inv_bw = best if best is not None else (0.0, 0.0)
+    return {"latency_s": float(lat), "bandwidth_bytes_per_s": float(1.0 / max(inv_bw, 1e-15))}
 
 
 def _work_chunk():
@@ -222,7 +232,7 @@ def chunk_alone_s(reps: int = 20) -> float:
         torch.set_num_threads(threads)
 
 
-def measure_collectives(group_sizes, reps: int = 10) -> tuple[dict, dict]:
+def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
     """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
     over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
     chunk's time with n processes computing at once over its time alone."""

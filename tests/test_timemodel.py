@@ -268,3 +268,15 @@ def test_four_process_calibration_also_measures_pairs_inside_it():
     fits, slowdown = C.measure_collectives([4], reps=2)
     assert set(fits["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
     assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for op in fits.values() for f in op.values())
+
+
+def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
+    """Relative residuals: one large size measured 2x too slow barely moves the latency of the
+    small ones (plain least squares would make it negative); times that fall with size (noise)
+    give a latency-only fit, not a negative bandwidth."""
+    sizes = [2**k for k in range(12, 23, 2)]
+    times = [1e-3 + n / 1e9 for n in sizes]
+    times[-1] *= 2
+    assert C.fit_latency_bandwidth(sizes, times)["latency_s"] == pytest.approx(1e-3, rel=0.1)  # plain: 0.70 ms
+    falling = C.fit_latency_bandwidth(sizes, [2e-3 - i * 1e-4 for i in range(len(sizes))])
+    assert falling["latency_s"] > 0 and falling["bandwidth_bytes_per_s"] == pytest.approx(1e15)
