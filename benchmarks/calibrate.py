@@ -133,12 +133,14 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
     return runs
 
 
-def fit_latency_bandwidth(sizes, times, floor_s: float = 1e-5) -> dict:
+def fit_latency_bandwidth(sizes, times) -> dict:
     """t = latency + bytes / bandwidth by least squares on relative residuals (each time weighted
-    by 1 / max(t, floor_s), so the small, latency-bound sizes count as much as the large ones),
-    both terms >= 0: when one comes out negative the other is fitted alone."""
-    x, t = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
-    w = 1.0 / np.maximum(t, floor_s)
+    by 1 / t, so the small, latency-bound sizes count as much as the large ones; times below a
+    quarter of the median weigh as that much, so that noise near 0 cannot dominate), both terms
+    >= 0: when one comes out negative the other is fitted alone. Times below 0 (a collective
+    timed after compute, minus the compute, lost in noise) count as 0."""
+    x, t = np.asarray(sizes, dtype=float), np.maximum(np.asarray(times, dtype=float), 0.0)
+    w = 1.0 / np.maximum(t, max(0.25 * float(np.median(t)), 1e-6))
     best = None
     for cols in ([0, 1], [0], [1]):  # both terms, latency only, bandwidth only: the first with none negative
         A = np.stack([np.ones_like(x), x], axis=1)[:, cols] * w[:, None]
@@ -162,11 +164,12 @@ def _work_chunk():
 
 
 def _collective_worker(rank, world, port, reps, path):
-    """One spawned rank: the work chunk's time with every rank computing at once, then every
+    """One spawned rank: the work chunk's time alone and with every rank computing at once, then every
     collective at every size, each timed right after a work chunk (as in training: the ranks arrive
     from compute, not from a barrier) minus the chunk alone; over the whole world and, for a world
     of 4 or more (even), over pairs of ranks all at once (a TP or DP group of 2 inside a larger run).
-    Rank 0 writes {"chunk_s": mean over ranks, "<group>": {op: [seconds per size]}} to `path`."""
+    Rank 0 writes {"slowdown": the chunk's time with every rank computing at once (mean over
+    ranks) over its time on rank 0 alone, "<group>": {op: [seconds per size]}} to `path`."""
     import datetime
 
     import torch
@@ -177,14 +180,20 @@ def _collective_worker(rank, world, port, reps, path):
     torch.set_num_threads(1)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
     chunk = _work_chunk()
-    dist.barrier()
-    chunk_s = torch.tensor([_timed(chunk, lambda: None, 4 * reps)])
-    dist.all_reduce(chunk_s)
+    alone, together = [], []
+    for _ in range(3):  # alternated, so that both see the same state of the machine
+        dist.barrier()
+        if rank == 0:  # the others wait in the barrier (blocked, not spinning)
+            alone.append(_timed(chunk, lambda: None, reps))
+        dist.barrier()
+        together.append(_timed(chunk, lambda: None, reps))
+    slow = torch.tensor([statistics.median(together)])
+    dist.all_reduce(slow)
     groups = {str(world): (None, world)}
     if world >= 4 and world % 2 == 0:
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]  # every rank creates every group
         groups[f"2@{world}"] = (pairs[rank // 2] if rank // 2 < len(pairs) else None, 2)
-    res = {"chunk_s": float(chunk_s) / world}
+    res = {"slowdown": float(slow) / world / statistics.median(alone) if rank == 0 else None}
     for key, (group, size) in groups.items():
         res[key] = {}
         for op in COLLECTIVES:
@@ -220,22 +229,10 @@ def _collective_worker(rank, world, port, reps, path):
     dist.destroy_process_group()
 
 
-def chunk_alone_s(reps: int = 20) -> float:
-    """The work chunk's time in this process alone, on one thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _timed(_work_chunk(), lambda: None, reps)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
     """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
     over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
-    chunk's time with n processes computing at once over its time alone."""
+    chunk's time with n processes computing at once over its time in one of them alone."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -243,14 +240,13 @@ def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
     from rsscale.scaling.parallel.state import _free_port
 
     out, slowdown = {op: {} for op in COLLECTIVES}, {}
-    alone = chunk_alone_s()
     for n in group_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.json")
             mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
             with open(path) as f:
                 times = json.load(f)
-        slowdown[str(n)] = max(1.0, times.pop("chunk_s") / alone)
+        slowdown[str(n)] = max(1.0, times.pop("slowdown"))
         for key, per_op in times.items():
             for op in COLLECTIVES:
                 out[op][key] = {**fit_latency_bandwidth(SIZES, per_op[op]), "sizes": SIZES, "times": per_op[op]}
