@@ -279,6 +279,7 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if steps:
         result["steps"] = measure_steps(models, micro_batches, precision)
         result["overhead"] = fit_overhead(result, result["steps"])
+    result["load_average"] = os.getloadavg()[0]  # the state of the machine it describes (profile compares)
     return result
 
 
@@ -336,6 +337,7 @@ def main(args) -> int:
         print(f"[calibrate] fitted to {len(result['steps'])} one-process steps: operator compute x {o['compute_factor']:.3f}, "
               f"+ {o['per_block_pass_s'] * 1e3:.3f} ms per block pass, + {o['per_step_s'] * 1e3:.2f} ms per step "
               f"(worst residual {o['residual_rel']:.1%})")
+    print(f"[calibrate] load average at the end {result['load_average']:.1f} on {os.cpu_count()} cores")
     if "concurrency" in result:
         print("[calibrate] compute slowdown with N processes at once: " + ", ".join(f"N={n}: x{v:.2f}" for n, v in result["concurrency"].items()))
     for op, fits in result.get("collectives", {}).items():

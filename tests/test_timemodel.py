@@ -215,7 +215,8 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     profile.add_arguments(parser)
     args = parser.parse_args(["--model", "tiny", "--gpus", "2", "--global-batch", "4", "--precision", "fp32", "--results", db, "--top", "3"])
     assert profile.main(args) == 0
-    assert "time model calibrated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time model calibrated" in out and "when calibrated" in out
 
 
 def test_more_processes_than_cores_share_the_cores():
