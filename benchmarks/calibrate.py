@@ -324,6 +324,9 @@ def main(args) -> int:
     if any(n < 2 for n in group_sizes):
         raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
     precision = args.precision or ("bf16" if cuda else "fp32")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if not cuda and load > cores / 2:
+        log.warning("load average %.1f on %d cores: other work shares this machine, so the calibration describes it that busy", load, cores)
     result = calibrate(models, args.micro_batch or [1, 2, 4, 8, 16], args.tp or [1, 2, 4, 8], group_sizes, precision)
     run_id = store_calibration(result, args.results)
     if args.json:
