@@ -16,7 +16,10 @@ Measured, each as the median of timed repetitions after a warm-up:
              fits what the operator sum misses
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
-             bandwidth, fitted by least squares over 2^12..2^22 bytes
+             bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
+             chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
+             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4")
+  concurrency  (CPU) the slowdown of that chunk with N processes computing at once vs one alone
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -131,15 +134,42 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
 
 
 def fit_latency_bandwidth(sizes, times) -> dict:
-    """Least-squares t = latency + bytes / bandwidth (latency >= 0)."""
-    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)], axis=1)
-    (lat, inv_bw), *_ = np.linalg.lstsq(A, np.asarray(times, dtype=float), rcond=None)
-    inv_bw = max(inv_bw, 1e-15)
-    return {"latency_s": max(float(lat), 0.0), "bandwidth_bytes_per_s": float(1.0 / inv_bw)}
+    """t = latency + bytes / bandwidth by least squares on relative residuals (each time weighted
+    by 1 / t, so the small, latency-bound sizes count as much as the large ones; times below a
+    quarter of the median weigh as that much, so that noise near 0 cannot dominate), both terms
+    >= 0: when one comes out negative the other is fitted alone. Times below 0 (a collective
+    timed after compute, minus the compute, lost in noise) count as 0."""
+    x, t = np.asarray(sizes, dtype=float), np.maximum(np.asarray(times, dtype=float), 0.0)
+    w = 1.0 / np.maximum(t, max(0.25 * float(np.median(t)), 1e-6))
+    best = None
+    for cols in ([0, 1], [0], [1]):  # both terms, latency only, bandwidth only: the first with none negative
+        A = np.stack([np.ones_like(x), x], axis=1)[:, cols] * w[:, None]
+        coef = np.zeros(2)
+        coef[cols] = np.linalg.lstsq(A, t * w, rcond=None)[0]
+        if coef.min() >= 0:
+            best = coef
+            break
+    lat, inv_bw = best if best is not None else (0.0, 0.0)
+    return {"latency_s": float(lat), "bandwidth_bytes_per_s": float(1.0 / max(inv_bw, 1e-15))}
+
+
+def _work_chunk():
+    """One MLP sublayer's worth of CPU work (GEMM, GELU, GEMM, LayerNorm on 512 tokens of width 128):
+    what a rank computes between two collectives."""
+    import torch
+    import torch.nn.functional as F
+
+    x, w1, w2 = torch.randn(512, 128), torch.randn(128, 512) / 12, torch.randn(512, 128) / 24
+    return lambda: F.layer_norm(F.gelu(x @ w1) @ w2, (128,))
 
 
 def _collective_worker(rank, world, port, reps, path):
-    """One spawned rank: time every collective at every size; rank 0 writes its medians to `path`."""
+    """One spawned rank: the work chunk's time alone and with every rank computing at once, then every
+    collective at every size, each timed right after a work chunk (as in training: the ranks arrive
+    from compute, not from a barrier) minus the chunk alone; over the whole world and, for a world
+    of 4 or more (even), over pairs of ranks all at once (a TP or DP group of 2 inside a larger run).
+    Rank 0 writes {"slowdown": the chunk's time with every rank computing at once (mean over
+    ranks) over its time on rank 0 alone, "<group>": {op: [seconds per size]}} to `path`."""
     import datetime
 
     import torch
@@ -149,54 +179,78 @@ def _collective_worker(rank, world, port, reps, path):
                             timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
-    res = {}
-    for op in COLLECTIVES:
-        res[op] = []
-        for nbytes in SIZES:
-            n = nbytes // 4
-            x = torch.ones(n)
-            parts = [torch.empty(n) for _ in range(world)]
-            big = torch.ones(n * world)
-            peer = rank ^ 1
+    chunk = _work_chunk()
+    alone, together = [], []
+    for _ in range(3):  # alternated, so that both see the same state of the machine
+        dist.barrier()
+        if rank == 0:  # the others wait in the barrier (blocked, not spinning)
+            alone.append(_timed(chunk, lambda: None, reps))
+        dist.barrier()
+        together.append(_timed(chunk, lambda: None, reps))
+    slow = torch.tensor([statistics.median(together)])
+    dist.all_reduce(slow)
+    groups = {str(world): (None, world)}
+    if world >= 4 and world % 2 == 0:
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]  # every rank creates every group
+        groups[f"2@{world}"] = (pairs[rank // 2] if rank // 2 < len(pairs) else None, 2)
+    res = {"slowdown": float(slow) / world / statistics.median(alone) if rank == 0 else None}
+    for key, (group, size) in groups.items():
+        res[key] = {}
+        for op in COLLECTIVES:
+            res[key][op] = []
+            for nbytes in SIZES:
+                n = nbytes // 4
+                x = torch.ones(n)
+                parts = [torch.empty(n) for _ in range(size)]
+                big = torch.ones(n * size)
+                peer = rank ^ 1
 
-            def call():
-                if op == "all_reduce":
-                    dist.all_reduce(x)
-                elif op == "all_gather":
-                    dist.all_gather(parts, x)
-                elif op == "reduce_scatter":
-                    reduce_scatter(x, big)
-                elif peer < world:
-                    works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
-                    for w in works:
-                        w.wait()
+                def call():
+                    if op == "all_reduce":
+                        dist.all_reduce(x, group=group)
+                    elif op == "all_gather":
+                        dist.all_gather(parts, x, group=group)
+                    elif op == "reduce_scatter":
+                        reduce_scatter(x, big, group=group)
+                    elif peer < world:
+                        works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
+                        for w in works:
+                            w.wait()
 
-            dist.barrier()
-            res[op].append(_timed(call, dist.barrier, reps))
+                def after_chunk():
+                    chunk()
+                    call()
+
+                dist.barrier()
+                res[key][op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
 
 
-def measure_collectives(group_sizes, reps: int = 5) -> dict:
-    """{op: {group size: {latency_s, bandwidth_bytes_per_s, sizes, times}}} over gloo processes."""
+def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
+    """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
+    over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
+    chunk's time with n processes computing at once over its time in one of them alone."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     from rsscale.scaling.parallel.state import _free_port
 
-    out = {op: {} for op in COLLECTIVES}
+    out, slowdown = {op: {} for op in COLLECTIVES}, {}
     for n in group_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "times.json")
             mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
             with open(path) as f:
                 times = json.load(f)
-        for op in COLLECTIVES:
-            out[op][str(n)] = {**fit_latency_bandwidth(SIZES, times[op]), "sizes": SIZES, "times": times[op]}
-    return out
+        slowdown[str(n)] = max(1.0, times.pop("slowdown"))
+        for key, per_op in times.items():
+            for op in COLLECTIVES:
+                out[op][key] = {**fit_latency_bandwidth(SIZES, per_op[op]), "sizes": SIZES, "times": per_op[op]}
+    return out, slowdown
 
 
 def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True) -> dict:
@@ -221,10 +275,11 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if group_sizes and cuda:
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
-        result["collectives"] = measure_collectives(group_sizes)
+        result["collectives"], result["concurrency"] = measure_collectives(group_sizes)
     if steps:
         result["steps"] = measure_steps(models, micro_batches, precision)
         result["overhead"] = fit_overhead(result, result["steps"])
+    result["load_average"] = os.getloadavg()[0]  # the state of the machine it describes (profile compares)
     return result
 
 
@@ -269,6 +324,9 @@ def main(args) -> int:
     if any(n < 2 for n in group_sizes):
         raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
     precision = args.precision or ("bf16" if cuda else "fp32")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if not cuda and load > cores / 2:
+        log.warning("load average %.1f on %d cores: other work shares this machine, so the calibration describes it that busy", load, cores)
     result = calibrate(models, args.micro_batch or [1, 2, 4, 8, 16], args.tp or [1, 2, 4, 8], group_sizes, precision)
     run_id = store_calibration(result, args.results)
     if args.json:
@@ -282,6 +340,9 @@ def main(args) -> int:
         print(f"[calibrate] fitted to {len(result['steps'])} one-process steps: operator compute x {o['compute_factor']:.3f}, "
               f"+ {o['per_block_pass_s'] * 1e3:.3f} ms per block pass, + {o['per_step_s'] * 1e3:.2f} ms per step "
               f"(worst residual {o['residual_rel']:.1%})")
+    print(f"[calibrate] load average at the end {result['load_average']:.1f} on {os.cpu_count()} cores")
+    if "concurrency" in result:
+        print("[calibrate] compute slowdown with N processes at once: " + ", ".join(f"N={n}: x{v:.2f}" for n, v in result["concurrency"].items()))
     for op, fits in result.get("collectives", {}).items():
         print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
     return 0

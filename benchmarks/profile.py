@@ -273,7 +273,7 @@ def write_validation(path: str, text: str, cfg, args) -> None:
 
 def load_calibration(args) -> dict | None:
     """The newest calibration of this device in the results store; says so when there is none."""
-    import torch  # noqa: F401 - so environment() names a GPU
+    import torch  # also so environment() names a GPU
 
     from rsscale.benchmarks.calibrate import latest
     from rsscale.scaling.store import environment
@@ -285,6 +285,9 @@ def load_calibration(args) -> dict | None:
               "heuristic (run `rsscale calibrate` for the calibrated time model)")
     else:
         print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/timemodel.py)")
+        if "load_average" in calib and not torch.cuda.is_available():
+            print(f"[profile] load average {os.getloadavg()[0]:.1f} now, {calib['load_average']:.1f} when calibrated, on {os.cpu_count()} cores "
+                  "(on CPU the calibration describes the machine as loaded then)")
     return calib
 
 

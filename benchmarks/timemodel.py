@@ -2,7 +2,7 @@
 the per-operation times of one training step as our trainer runs it.
 
     t = predict(cfg, plan, calib, world_cpus=os.cpu_count())
-    t["step_s"], t["compute_s"], t["tp_comm_s"], t["pp_comm_s"], t["bubble_s"], t["dp_comm_s"], t["optimizer_s"]
+    t["step_s"], t["compute_s"], t["tp_comm_s"], t["pp_comm_s"], t["bubble_s"], t["dp_comm_s"], t["sync_s"], t["optimizer_s"]
 
 Per micro-batch on each pipeline stage (one TP rank):
   matmuls     every GEMM of the stage (qkv, proj, fc1, fc2 per branch and block; patch embedding,
@@ -15,24 +15,36 @@ Per micro-batch on each pipeline stage (one TP rank):
               bandwidth (per block: 12 s' h + 6 K s m / t values of 4 bytes; backward 2x)
   TP comm     per sublayer, forward: an all-reduce of the output (or under SP the all-gather of the
               K stacked LayerNorm outputs and a reduce-scatter); backward: an all-reduce of the K
-              stacked input gradients (SP: all-gather + reduce-scatter of the K stacked, and the
-              all-gather of the output gradient); every collective latency + bytes / bandwidth of
-              its calibrated group size. Never overlapped: our blocks wait on each collective.
+              stacked input gradients (SP: all-gather of the output gradient, all-gather of the
+              inputs again, reduce-scatter of the K stacked input gradients, and three small
+              all-reduces: the LayerNorm weight and bias gradients and the Row bias gradient);
+              full recompute runs the forward ones again (but the block's last output reduction:
+              the checkpoint stops once backward has its inputs); under SP also the region's
+              entries and exits (mae.py: an all-gather each). Never overlapped: blocks wait on each.
   PP comm     one send/recv of the stage's fp32 hidden states each way, per chunk (V x interleaved)
-The step: (micro-batches + (P - 1)/V) x the slowest stage's per-micro-batch time (1F1B: the bubble
-is P - 1 extra rounds, V times shorter with V interleaved chunks per rank), + the exposed part of
-the DP gradient reduction (an all-reduce of the fp32 gradient buffer, or under ZeRO-1 a
-reduce-scatter of it) + the ZeRO-1 all-gather of the updated weights (fp32, or 16-bit with
-bf16/fp16 weights), + the optimizer's elementwise passes (clip, AdamW: about 16 fp32 values per
+Every collective costs the calibrated latency + bytes / bandwidth of its group size inside a run of
+this many processes (calibrate.py measures each right after a chunk of compute, as the ranks reach
+it in training, so the ranks' arrival skew and wake-up are in it).
+The step (1F1B): the slowest stage runs all M micro-batches, and the other stages' times for one
+micro-batch fill and drain the pipeline: M x t_slow + (sum of all stages' t - t_slow) / V with V
+interleaved chunks per rank ((M + (P - 1)/V) x t when the stages are balanced; an unbalanced
+pipeline, e.g. a last stage holding the decoder, has a shorter bubble than (P - 1) x t_slow),
++ the exposed part of the DP gradient reduction (an all-reduce of the fp32 gradient buffer, or
+under ZeRO-1 a reduce-scatter of it) + the ZeRO-1 all-gather of the updated weights (fp32, or
+16-bit with bf16/fp16 weights), + the step's small synchronizing all-reduces (loss, gradient norm;
+`sync_comm_s`), + the optimizer's elementwise passes (clip, AdamW: about 16 fp32 values per
 parameter of the shard) at the LayerNorm bandwidth. With `overlap_grad_reduce` the buckets are
 reduced during the last micro-batch's backward (2/3 of its compute): only the last bucket, or
 whatever outlasts that backward, is exposed (analytic.exposed_reduce_s); without it the whole
 reduction follows backward. Under FSDP the DP term is instead, per micro-batch, its all-gathers
 and reduce-scatters (`fsdp_micro_s`, not overlapped).
-On CPU, when more processes run than there are cores, the cores bound the step: it is the larger
-of the pipeline's critical path and all ranks' compute over the cores plus the slowest stage's
-communication (a rank waiting in the pipeline bubble lends its core to the others; the calibration
-measured one thread per process on an otherwise idle core).
+On CPU (one thread per process) compute is slower when several processes compute at once: the
+calibration times a chunk of work with N processes at once and alone (`slowdown`: shared caches
+and memory bandwidth below the cores, time-sharing above them). Each rank computes at the
+slowdown of min(N, cores) processes; when more processes run than there are cores, the cores
+also bound the step: it is the larger of the pipeline's critical path and all ranks' compute at
+the slowdown of N processes, over N, plus the slowest stage's communication (a rank waiting in
+the pipeline bubble lends its core to the others).
 
 What the operator sum misses (framework dispatch and autograd bookkeeping per block, the many
 small elementwise ops of masking, loss and branch stacking, the per-step work of the loop) is
@@ -64,26 +76,60 @@ def _nearest(table: list[dict], shape, key: str) -> float:
     return best[key]
 
 
-def collective_s(calib: dict, op: str, nbytes: float, group: int) -> float:
-    """Calibrated latency + bytes / bandwidth of `op` over `group` processes (nearest calibrated size)."""
+def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None) -> float:
+    """Calibrated latency + bytes / bandwidth of `op` over `group` processes of a run of `world`
+    processes: the fit measured for a group of that size inside such a world ("2@4") when the
+    calibration has one, else the nearest calibrated group size."""
     if group <= 1 or nbytes <= 0:
         return 0.0
     fits = calib.get("collectives", {}).get(op)
     if not fits:
         raise ValueError(f"the calibration has no {op} fit; run `rsscale calibrate --nproc N`")
-    n = min(fits, key=lambda g: abs(int(g) - group))
-    f = fits[n]
+    key = f"{group}@{world}"
+    if key not in fits:
+        key = min((k for k in fits if "@" not in k), key=lambda g: abs(int(g) - group))
+    f = fits[key]
     return f["latency_s"] + nbytes / f["bandwidth_bytes_per_s"]
+
+
+def slowdown(calib: dict, n: int, cores: int | None) -> float:
+    """Factor on one process's compute time when `n` single-thread processes compute at once on
+    `cores` CPU cores: calibrated (`concurrency`, measured at each --nproc) when it has n, else
+    time-sharing, max(1, n / cores). 1 on GPUs (a device per process) and for one process."""
+    if n <= 1 or calib.get("threads_per_process") != 1 or not cores:
+        return 1.0
+    return calib.get("concurrency", {}).get(str(n), max(1.0, n / cores))
 
 
 def _gemm_s(calib, rows, k, n):
     return 2 * rows * k * n / _nearest(calib["gemm"], (rows, k, n), "flops_per_s")
 
 
-def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e, recompute="none") -> tuple[float, float, float]:
-    """(compute, TP comm, compute run again in backward by `recompute`) of n_blocks forward on one micro-batch."""
-    if not n_blocks:
+def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world) -> tuple[float, float, float]:
+    """(forward input gather, forward output reduction, backward) TP collectives of one block
+    sublayer on one micro-batch (parallel/mappings.py). Without SP: forward all-reduce of the
+    output, backward all-reduce of the K stacked input gradients. With SP: forward all-gather of the
+    K stacked LayerNorm outputs and reduce-scatter of the output; backward all-gather of the output
+    gradient, the all-gather of the inputs again, reduce-scatter of the K stacked input gradients,
+    and all-reduces of the LayerNorm weight and bias gradients (K x h each) and of the summed Row
+    bias gradient (h)."""
+    if t == 1:
         return 0.0, 0.0, 0.0
+    full = mb * _local_tokens(s, t, sp) * t * h  # all tokens (padded under SP) of one sublayer's output
+
+    def c(op, nbytes):
+        return collective_s(calib, op, nbytes, t, world)
+
+    if not sp:
+        return 0.0, c("all_reduce", full * e), c("all_reduce", K * full * 4)
+    backward = c("all_gather", full * 4) + c("all_gather", K * full * 4) + c("reduce_scatter", K * full * 4)
+    return c("all_gather", K * full * 4), c("reduce_scatter", full * e), backward + 2 * c("all_reduce", K * h * 4) + c("all_reduce", h * 4)
+
+
+def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, recompute="none") -> tuple[float, float]:
+    """(compute, compute run again in backward by `recompute`) of n_blocks forward on one micro-batch."""
+    if not n_blocks:
+        return 0.0, 0.0
     rows = mb * s
     gemm = K * (_gemm_s(calib, rows, h, 3 * h // t) + _gemm_s(calib, rows, h // t, h) + _gemm_s(calib, rows, h, m // t) + _gemm_s(calib, rows, m // t, h))
     dh = h // heads
@@ -93,26 +139,33 @@ def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, e, recomput
     elem_bytes = 4 * mb * (12 * s_ln * h * K + 6 * K * s * m / t)
     elem = elem_bytes / _nearest(calib["layernorm"], (mb * s, h), "bytes_per_s")
     comp = gemm + attn + elem
-    full = mb * _local_tokens(s, t, sp) * t * h  # all tokens (padded under SP) of one sublayer's output
-    if t == 1:
-        comm = 0.0
-    elif sp:
-        comm = 2 * (collective_s(calib, "all_gather", K * full * 4, t) + collective_s(calib, "reduce_scatter", full * e, t))
-    else:
-        comm = 2 * collective_s(calib, "all_reduce", full * e, t)
     again = {"none": 0.0, "selective": attn, "full": comp}[recompute]
-    return n_blocks * comp, n_blocks * comm, n_blocks * again
+    return n_blocks * comp, n_blocks * again
 
 
-def _tp_backward_comm(calib, n_blocks, mb, s, h, K, t, sp) -> float:
-    if t == 1 or not n_blocks:
+def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, recompute) -> float:
+    """TP collectives of n_blocks on one micro-batch, forward and backward. Full recompute
+    (torch's non-reentrant checkpoint, which stops once backward has what it needs) runs the
+    forward ones again but for the block's last one, the MLP output's reduction."""
+    if not n_blocks:
         return 0.0
-    full = mb * _local_tokens(s, t, sp) * t * h
-    if sp:
-        per = collective_s(calib, "all_gather", K * full * 4, t) + collective_s(calib, "reduce_scatter", K * full * 4, t) + collective_s(calib, "all_gather", full * 4, t)
-    else:
-        per = collective_s(calib, "all_reduce", K * full * 4, t)
-    return n_blocks * 2 * per
+    gather, reduce, backward = _sublayer_comm(calib, mb, s, h, K, t, sp, e, world)
+    again = 2 * gather + reduce if recompute == "full" else 0.0
+    return n_blocks * (2 * (gather + reduce + backward) + again)
+
+
+def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int) -> float:
+    """SP region entries and exits on `stage` per micro-batch (mae.py): entering keeps this rank's
+    tokens (its backward all-gathers the gradient), leaving all-gathers the tokens (fp32). The
+    encoder enters on the first stage and leaves on the last, where the decoder enters and leaves."""
+    if not L.sp or L.tp == 1:
+        return 0.0
+
+    def gather(s, h):
+        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size)
+
+    enc, dec = gather(cfg.num_visible + 1, cfg.width), gather(cfg.num_patches + 1, cfg.dec_width)
+    return (enc if stage == 0 else 0.0) + (enc + 2 * dec if stage == L.pp - 1 else 0.0)
 
 
 def block_passes(cfg: ViTConfig, plan: Plan, stage: int) -> int:
@@ -133,14 +186,14 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     if stage == L.pp - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
         extra += _gemm_s(calib, mb * (cfg.num_visible + 1), cfg.width, cfg.dec_width) + _gemm_s(calib, mb * (cfg.num_patches + 1), cfg.dec_width, cfg.patch_dim)
-    comp, comm, recomp = 3 * extra, 0.0, 0.0
+    comp, recomp, comm = 3 * extra, 0.0, _sp_boundary_comm(cfg, L, calib, stage)
     for n, s, h, m, heads, K in kinds:
-        c, tc, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, e, plan.recompute)
+        c, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, plan.recompute)
         comp += 3 * c
-        comm += tc * (2 if plan.recompute == "full" else 1) + _tp_backward_comm(calib, n, mb, s, h, K, t, sp)
         recomp += rc
+        comm += _tp_comm(calib, n, mb, s, h, K, t, sp, e, L.world_size, plan.recompute)
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
-    pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2) if L.pp > 1 else 0.0
+    pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2, L.world_size) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})
     compute = over.get("compute_factor", 1.0) * (comp + recomp) + over.get("per_block_pass_s", 0.0) * block_passes(cfg, plan, stage)
     return {"compute": compute, "tp_comm": comm, "pp_comm": pp}
@@ -152,40 +205,56 @@ def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
     L = plan.layout
     n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
     root, root_trainable = n["trainable"] + n["frozen"] - sum(blocks), n["trainable"] - sum(blocks)
-    gather = sum(2 * collective_s(calib, "all_gather", 4 * b, L.dp) for b in blocks) + collective_s(calib, "all_gather", 4 * root, L.dp)
-    return gather + sum(collective_s(calib, "reduce_scatter", 4 * b, L.dp) for b in blocks + [root_trainable])
+    W = L.world_size
+    gather = sum(2 * collective_s(calib, "all_gather", 4 * b, L.dp, W) for b in blocks) + collective_s(calib, "all_gather", 4 * root, L.dp, W)
+    return gather + sum(collective_s(calib, "reduce_scatter", 4 * b, L.dp, W) for b in blocks + [root_trainable])
+
+
+def sync_comm_s(plan: Plan, calib: dict) -> float:
+    """The step's small synchronizing all-reduces (scaling/train.py, optim.py): the loss over PP and
+    over DP, the gradient norm over ZeRO-1 / FSDP shards and over the model-parallel (TP x PP) group,
+    and with fp16 the loss scaler's overflow flag over the world. Latency-bound: 8 bytes each."""
+    L = plan.layout
+
+    def ar(group):
+        return collective_s(calib, "all_reduce", 8, group, L.world_size)
+
+    shards = L.dp if plan.distributed_optimizer or plan.fsdp else 1
+    return ar(L.pp) + ar(L.dp) + ar(shards) + ar(L.tp * L.pp) + (ar(L.world_size) if plan.precision == "fp16" else 0.0)
 
 
 def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = None) -> dict:
     """Predicted step time of `plan` and its parts, in seconds (module doc)."""
     L = plan.layout
-    shared = 1.0
-    if calib.get("threads_per_process") == 1 and world_cpus:  # CPU: processes beyond the cores share them
-        shared = max(1.0, L.world_size / world_cpus)
+    W = L.world_size
+    busy = slowdown(calib, min(W, world_cpus or W), world_cpus)  # every core computing
+    shared = slowdown(calib, W, world_cpus)  # every rank computing (beyond the cores: time-sharing them)
     stages = [stage_micro_s(cfg, plan, calib, s) for s in range(L.pp)]
-    per = [st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
+    per = [busy * st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
     slow = max(range(L.pp), key=lambda i: per[i])
     st, M = stages[slow], L.num_micro
-    rounds = M + (L.pp - 1) / L.vpp
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
     zero = plan.distributed_optimizer and L.dp > 1
     if zero:  # calibrated sizes are per-rank chunks
         w = 4 if plan.precision == "fp32" else 2
-        reduce, gather = collective_s(calib, "reduce_scatter", trainable * 4 / L.dp, L.dp), collective_s(calib, "all_gather", trainable * w / L.dp, L.dp)
+        reduce = collective_s(calib, "reduce_scatter", trainable * 4 / L.dp, L.dp, W)
+        gather = collective_s(calib, "all_gather", trainable * w / L.dp, L.dp, W)
     else:
-        reduce, gather = collective_s(calib, "all_reduce", trainable * 4, L.dp), 0.0
+        reduce, gather = collective_s(calib, "all_reduce", trainable * 4, L.dp, W), 0.0
     if plan.overlap_grad_reduce:
-        reduce = exposed_reduce_s(reduce, shared * st["compute"] * 2 / 3, bucket_fraction(plan, trainable))
+        reduce = exposed_reduce_s(reduce, busy * st["compute"] * 2 / 3, bucket_fraction(plan, trainable))
     dp = reduce + gather
     if plan.fsdp:  # per micro-batch gathers and reduce-scatters instead, not overlapped
         dp = M * max(fsdp_micro_s(cfg, plan, calib, s) for s in range(L.pp))
     shard = trainable / (L.dp if zero or plan.fsdp else 1)
     optim = shared * 4 * 16 * shard / _nearest(calib["layernorm"], (trainable // max(cfg.width, 1), cfg.width), "bytes_per_s")
-    out = {"compute_s": M * st["compute"], "tp_comm_s": M * st["tp_comm"], "pp_comm_s": M * st["pp_comm"],
-           "bubble_s": (rounds - M) * per[slow], "dp_comm_s": dp, "optimizer_s": optim}
-    if shared > 1:  # the cores bound the step when every rank's compute cannot run at once; a rank idle in the bubble lends its core
-        work = L.tp * L.dp * M * sum(s["compute"] for s in stages) / world_cpus
-        if work + out["tp_comm_s"] + out["pp_comm_s"] > rounds * per[slow]:
+    # 1F1B: the slowest stage runs every micro-batch; the others' share of one micro-batch fills and
+    # drains the pipeline (V times less with V interleaved chunks): (P - 1) / V rounds when balanced
+    out = {"compute_s": M * busy * st["compute"], "tp_comm_s": M * st["tp_comm"], "pp_comm_s": M * st["pp_comm"],
+           "bubble_s": (sum(per) - per[slow]) / L.vpp, "dp_comm_s": dp, "sync_s": sync_comm_s(plan, calib), "optimizer_s": optim}
+    if world_cpus and W > world_cpus:  # the cores bound the step when every rank's compute cannot run at once; a rank idle in the bubble lends its core
+        work = L.tp * L.dp * M * sum(s["compute"] for s in stages) * shared / W
+        if work > out["compute_s"] + out["bubble_s"]:  # (communication is on both sides)
             out["compute_s"], out["bubble_s"] = work, 0.0
     out["overhead_s"] = calib.get("overhead", {}).get("per_step_s", 0.0)
     out["step_s"] = sum(out.values())

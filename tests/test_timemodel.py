@@ -42,18 +42,107 @@ def test_fsdp_collectives_per_micro_batch():
     assert t["dp_comm_s"] == pytest.approx(2 * (3 * blocks + 2) * 1e-3, rel=1e-9)
 
 
+def _one_f_one_b_makespan(t: list[float], M: int) -> float:
+    """Independent reference: simulate non-interleaved 1F1B on stages with per-micro-batch times t
+    (forward t/3, backward 2t/3, free communication): each stage runs min(P-1-s, M) warm-up
+    forwards, then one forward / one backward, then the remaining backwards; an op starts when
+    its stage is free and its input (previous stage's forward, next stage's backward) is done."""
+    P = len(t)
+    orders = []
+    for s in range(P):
+        w = min(P - 1 - s, M)
+        order = [("F", i) for i in range(w)]
+        for i in range(M - w):
+            order += [("F", w + i), ("B", i)]
+        orders.append(order + [("B", i) for i in range(M - w, M)])
+    done, free, pos = {}, [0.0] * P, [0] * P
+    while any(pos[s] < len(orders[s]) for s in range(P)):
+        for s in range(P):
+            while pos[s] < len(orders[s]):
+                kind, i = orders[s][pos[s]]
+                dep = (("F", s - 1, i) if s > 0 else None) if kind == "F" else (("B", s + 1, i) if s < P - 1 else ("F", s, i))
+                if dep is not None and dep not in done:
+                    break
+                start = max(free[s], done.get(dep, 0.0))
+                free[s] = done[(kind, s, i)] = start + t[s] * (1 / 3 if kind == "F" else 2 / 3)
+                pos[s] += 1
+    return max(free)
+
+
+@pytest.mark.parametrize("times,M", [([1.0, 1.0, 1.0, 1.0], 4), ([1.0, 1.0, 1.0, 3.0], 4), ([1.0, 2.0], 2), ([1.0, 2.0, 1.5, 2.5], 8)])
+def test_one_f_one_b_step_formula_matches_a_schedule_simulation(times, M):
+    """M x t_slow + (sum t - t_slow): (M + P - 1) t when balanced, less when the last stage is the
+    slowest (small's holds the decoder), exactly as a simulated 1F1B timeline finishes; an upper
+    bound when an earlier stage is the slowest (it then waits less than the others' sum)."""
+    assert M * max(times) + sum(times) - max(times) == pytest.approx(_one_f_one_b_makespan(times, M), rel=1e-12)
+    early = times[::-1]
+    assert M * max(early) + sum(early) - max(early) >= _one_f_one_b_makespan(early, M) - 1e-12
+
+
 def test_pipeline_bubble_and_communication_terms():
     cfg = get_preset("small")
     calib = _uniform(lat=1e-3)
-    pp = T.predict(cfg, A.Plan(Layout(pp=2, micro_batch=2, global_batch=8), precision="fp32"), calib)
-    rounds, micro = 4 + 1, 4
-    assert pp["bubble_s"] == pytest.approx((rounds - micro) / micro * (pp["compute_s"] + pp["pp_comm_s"] + pp["tp_comm_s"]), rel=1e-9)
-    assert pp["pp_comm_s"] == pytest.approx(micro * 2 * 1e-3)  # one send/recv each way per micro-batch
+    for vpp in (1, 2):
+        plan = A.Plan(Layout(pp=2, vpp=vpp, micro_batch=2, global_batch=8), precision="fp32")
+        pp = T.predict(cfg, plan, calib)
+        st = [T.stage_micro_s(cfg, plan, calib, s) for s in range(2)]
+        per = [x["compute"] + x["tp_comm"] + x["pp_comm"] for x in st]
+        assert per[1] > per[0]  # the last stage holds the decoder
+        assert pp["compute_s"] == pytest.approx(4 * st[1]["compute"]) and pp["bubble_s"] == pytest.approx(per[0] / vpp, rel=1e-12)
+        assert pp["pp_comm_s"] == pytest.approx(4 * vpp * 2 * 1e-3)  # one send/recv each way per micro-batch and chunk
+        assert pp["sync_s"] == pytest.approx(2e-3)  # the loss over PP, the gradient norm over the model-parallel group
     tp = T.predict(cfg, A.Plan(Layout(tp=2, micro_batch=8, global_batch=8), precision="fp32"), calib)
     blocks = cfg.depth + cfg.dec_depth
     assert tp["tp_comm_s"] == pytest.approx(blocks * 4 * 1e-3)  # 2 sublayers x (fwd + bwd all-reduce)
     dp = T.predict(cfg, A.Plan(Layout(dp=2, micro_batch=4, global_batch=8), precision="fp32", distributed_optimizer=True, overlap_grad_reduce=False), calib)
     assert dp["dp_comm_s"] == pytest.approx(2e-3)  # gradient reduce-scatter + ZeRO-1 all-gather
+    assert dp["sync_s"] == pytest.approx(2e-3)  # the loss over DP, the gradient norm over the ZeRO-1 shards
+
+
+def _by_op(ar=1.0, ag=1e3, rs=1e6):
+    """A calibration in which each collective's count can be read off the time: every all-reduce
+    takes `ar` s, all-gather `ag`, reduce-scatter `rs`, whatever its size."""
+    coll = {op: {"2": {"latency_s": lat, "bandwidth_bytes_per_s": 1e300}} for op, lat in
+            (("all_reduce", ar), ("all_gather", ag), ("reduce_scatter", rs), ("send_recv", 0.0))}
+    return {**_uniform(), "collectives": coll}
+
+
+def _count_collectives(rank, world, specs):
+    """Collectives one rank's second training step launches, by c10d op (torch.profiler)."""
+    import torch
+
+    from rsscale.scaling.train import TrainConfig, Trainer
+
+    out = []
+    for layout, recompute in specs:
+        trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(**layout), recompute=recompute, precision="fp32", data="random",
+                                             record=False))
+        trainer.train_step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train_step()
+        calls = {e.key: e.count for e in prof.key_averages()}
+        out.append({op: calls.get(f"c10d::{name}", 0) for op, name in
+                    (("all_reduce", "allreduce_"), ("all_gather", "allgather_"), ("reduce_scatter", "_reduce_scatter_base_"))})
+    return out
+
+
+LAYOUTS = [(dict(tp=2, micro_batch=2, global_batch=2), "none"), (dict(tp=2, sp=True, micro_batch=2, global_batch=2), "none"),
+           (dict(tp=2, sp=True, micro_batch=2, global_batch=2), "full"), (dict(pp=2, micro_batch=2, global_batch=4), "none")]
+
+
+def test_tp_and_step_collectives_are_the_ones_the_trainer_launches():
+    """The model's count of TP collectives (per sublayer, SP's small all-reduces, the SP region's
+    entries and exits, full recompute's forward ones again) and of the step's synchronizing
+    all-reduces equals what a real 2-process step of each layout launches."""
+    from tests.distributed import run_distributed
+
+    cfg = get_preset("small")
+    counted = run_distributed(_count_collectives, 2, LAYOUTS, timeout=300)[0]
+    for (layout, recompute), calls in zip(LAYOUTS, counted):
+        t = T.predict(cfg, A.Plan(Layout(**layout), precision="fp32", recompute=recompute), _by_op())
+        total = t["tp_comm_s"] + t["sync_s"]
+        predicted = {"reduce_scatter": int(total // 1e6), "all_gather": int(total % 1e6 // 1e3), "all_reduce": round(total % 1e3)}
+        assert predicted == calls, (layout, recompute, predicted, calls)
 
 
 def test_overlapped_dp_reduction_exposes_only_what_backward_cannot_hide():
@@ -116,6 +205,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     db = str(tmp_path / "results.db")
     result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32")
     assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
+    assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
     assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
     assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
     C.store_calibration(result, db)
@@ -125,7 +215,8 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     profile.add_arguments(parser)
     args = parser.parse_args(["--model", "tiny", "--gpus", "2", "--global-batch", "4", "--precision", "fp32", "--results", db, "--top", "3"])
     assert profile.main(args) == 0
-    assert "time model calibrated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time model calibrated" in out and "when calibrated" in out
 
 
 def test_more_processes_than_cores_share_the_cores():
@@ -141,3 +232,52 @@ def test_more_processes_than_cores_share_the_cores():
     assert shared["compute_s"] == pytest.approx(2 * 32 * sum(stage) / 2, rel=1e-12) and shared["bubble_s"] == 0
     assert alone["compute_s"] == pytest.approx(32 * max(stage), rel=1e-12) and alone["bubble_s"] > 0
     assert shared["step_s"] < 2 * alone["step_s"]
+
+
+def test_collective_fit_of_a_group_inside_a_larger_world():
+    """A pair inside a world of 4 uses the fit measured for pairs there ("2@4"); without one, the
+    nearest group size measured on its own."""
+    fits = {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e9}, "4": {"latency_s": 5e-3, "bandwidth_bytes_per_s": 1e9},
+            "2@4": {"latency_s": 3e-3, "bandwidth_bytes_per_s": 1e9}}
+    calib = {"collectives": {"all_reduce": fits}}
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4) == pytest.approx(3e-3 + 1e-3)
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 2) == pytest.approx(1e-3 + 1e-3)
+    assert T.collective_s(calib, "all_reduce", 1e6, 4, 4) == pytest.approx(5e-3 + 1e-3)
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 8) == pytest.approx(1e-3 + 1e-3)  # no "2@8": the pair alone
+    assert T.collective_s(calib, "all_reduce", 1e6, 1, 4) == 0.0
+
+
+def test_calibrated_concurrency_slowdown_scales_compute():
+    """With 2 cores and a calibrated slowdown of 1.25 for 2 processes computing at once and 3.0 for
+    4: DP=2 computes 1.25x slower than alone; DP=4 is bound by all ranks' compute x 3.0 / 4 ranks
+    (3x one rank alone), not by one rank at 1.25x; the optimizer runs at the 4-process slowdown."""
+    cfg = get_preset("small")
+    calib = {**_uniform(flops=1e11, bw=1e10), "threads_per_process": 1, "concurrency": {"2": 1.25, "4": 3.0}}
+    dp2 = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32")
+    alone = T.predict(cfg, dp2, calib)  # no core count: no slowdown
+    assert T.predict(cfg, dp2, calib, 2)["compute_s"] == pytest.approx(1.25 * alone["compute_s"], rel=1e-12)
+    dp4 = A.Plan(Layout(dp=4, micro_batch=2, global_batch=16), precision="fp32")
+    alone4, shared4 = T.predict(cfg, dp4, calib), T.predict(cfg, dp4, calib, 2)
+    assert shared4["compute_s"] == pytest.approx(3.0 * alone4["compute_s"], rel=1e-12) and shared4["bubble_s"] == 0
+    assert shared4["optimizer_s"] == pytest.approx(3.0 * alone4["optimizer_s"], rel=1e-12)
+    assert T.slowdown(calib, 3, 2) == 1.5  # not calibrated: time-sharing the cores
+    assert T.slowdown({**calib, "threads_per_process": None}, 4, 2) == 1.0  # GPUs: a device each
+
+
+@pytest.mark.slow
+def test_four_process_calibration_also_measures_pairs_inside_it():
+    fits, slowdown = C.measure_collectives([4], reps=2)
+    assert set(fits["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
+    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for op in fits.values() for f in op.values())
+
+
+def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
+    """Relative residuals: one large size measured 2x too slow barely moves the latency of the
+    small ones (plain least squares would make it negative); times that fall with size (noise)
+    give a latency-only fit, not a negative bandwidth."""
+    sizes = [2**k for k in range(12, 23, 2)]
+    times = [1e-3 + n / 1e9 for n in sizes]
+    times[-1] *= 2
+    assert C.fit_latency_bandwidth(sizes, times)["latency_s"] == pytest.approx(1e-3, rel=0.1)  # plain: 0.70 ms
+    falling = C.fit_latency_bandwidth(sizes, [2e-3 - i * 1e-4 for i in range(len(sizes))])
+    assert falling["latency_s"] > 0 and falling["bandwidth_bytes_per_s"] == pytest.approx(1e15)
