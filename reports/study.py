@@ -413,6 +413,7 @@ def _peak_flops() -> float:
 
 
 def cell_command(plan: Plan, cell: Cell, pool: list[str]) -> list[str]:
+    """The launch command of a cell (torchrun when its section sets nproc > 1)."""
     if cell.kind == "pretrain":
         args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
         return command_line("pretrain", args, int(plan.pretrain.get("nproc", 1)))
@@ -436,37 +437,42 @@ def run_study(plan: Plan, max_cells: int | None = None, jobs: int | None = None)
     predicted = {c.key: predicted_seconds(plan, c, calib) for c in todo}
     ratio, t_start = (measured_ratio(plan, calib) or (None,))[0], time.perf_counter()
     pending, running, started, finished, failed = list(todo), {}, 0, 0, []
-    while pending or running:
-        while not failed and len(running) < jobs and (max_cells is None or started < max_cells):
-            cell = next((c for c in pending if c.kind == "pretrain" or c.parent in done), None)
-            if cell is None:
+    try:
+        while pending or running:
+            while not failed and len(running) < jobs and (max_cells is None or started < max_cells):
+                cell = next((c for c in pending if c.kind == "pretrain" or c.parent in done), None)
+                if cell is None:
+                    break
+                pending.remove(cell)
+                cmd = cell_command(plan, cell, pool)
+                started += 1
+                log.info("[study] cell %d/%d %s: %s", len(done) + len(running) + 1, len(todo_all), cell.key, shlex.join(cmd))
+                running[cell.key] = (cell, subprocess.Popen(cmd, env={**os.environ, **plan.env}), time.perf_counter())
+            if not running:
                 break
-            pending.remove(cell)
-            cmd = cell_command(plan, cell, pool)
-            started += 1
-            log.info("[study] cell %d/%d %s: %s", len(done) + len(running) + 1, len(todo_all), cell.key, shlex.join(cmd))
-            running[cell.key] = (cell, subprocess.Popen(cmd, env={**os.environ, **plan.env}), time.perf_counter())
-        if not running:
-            break
-        time.sleep(0.2)
-        for key, (cell, proc, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[key]
-            if proc.returncode:
-                failed.append(f"cell {key} failed (exit code {proc.returncode})")
-                continue
-            wall = time.perf_counter() - t0
-            result = finish_pretrain_cell(plan, cell, held, wall) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, wall)
-            done.add(key)
-            finished += 1
-            if predicted.get(key):
-                ratio = wall / predicted[key] if ratio is None else 0.5 * (ratio + wall / predicted[key])
-            left = [predicted.get(c.key) for c in pending + [r[0] for r in running.values()]]
-            eta = sum(p for p in left if p) * (ratio or 1.0) / jobs if all(left) else float("nan")
-            log.info("[study] done %d/%d (%s: %s) in %.0f s; elapsed %.0f s, estimated left %s",
-                     len(done), len(todo_all), key, ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
-                     wall, time.perf_counter() - t_start, "unknown" if math.isnan(eta) else f"{eta:.0f} s")
+            time.sleep(0.2)
+            for key, (cell, proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[key]
+                if proc.returncode:
+                    failed.append(f"cell {key} failed (exit code {proc.returncode})")
+                    continue
+                wall = time.perf_counter() - t0
+                result = finish_pretrain_cell(plan, cell, held, wall) if cell.kind == "pretrain" else finish_finetune_cell(plan, cell, wall)
+                done.add(key)
+                finished += 1
+                if predicted.get(key):
+                    ratio = wall / predicted[key] if ratio is None else 0.5 * (ratio + wall / predicted[key])
+                left = [predicted.get(c.key) for c in pending + [r[0] for r in running.values()]]
+                eta = sum(p for p in left if p) * (ratio or 1.0) / jobs if all(left) else float("nan")
+                log.info("[study] done %d/%d (%s: %s) in %.0f s; elapsed %.0f s, estimated left %s",
+                         len(done), len(todo_all), key, ", ".join(f"{k} {v:.4g}" for k, v in result.items()),
+                         wall, time.perf_counter() - t_start, "unknown" if math.isnan(eta) else f"{eta:.0f} s")
+    finally:  # an error here (or Ctrl-C) must not leave cells training with nobody to record them
+        for _, proc, _ in running.values():
+            proc.terminate()
+            proc.wait()
     if failed:
         raise RuntimeError(f"{'; '.join(failed)}; rerun `rsscale study {plan.path}` to resume")
     return finished

@@ -212,8 +212,7 @@ def _roofs(rng, cv: Canvas, k: float) -> None:
             return PANEL_COLOURS[design[j, i]]
 
         for _try in range(5):
-            placed = _place(cv, "roof", *rng.random(2) * (cv.w, cv.h), side, side, 0.0,
-                            (BACKGROUND, BARREN, AGRICULTURE, FOREST), paint, shadow=2 * k)
+            placed = _place(cv, "roof", *rng.random(2) * (cv.w, cv.h), side, side, 0.0, COVERS, paint, shadow=2 * k)
             if placed is not None:
                 cv.mask[placed[0]][placed[1]] = BUILDING
                 break

@@ -184,3 +184,41 @@ def test_two_jobs_overlap_cells_and_finetune_waits_for_its_parent(tmp_path):
     assert order.index("start pt-mini-steps3") < order.index("done pt-tiny-steps3")  # both pretraining cells ran at once
     for m in ("tiny", "mini"):
         assert order.index(f"done pt-{m}-steps3") < order.index(f"start ft-seg-f1-pt-{m}-steps3")
+
+
+def _fake_cells(monkeypatch, tmp_path, commands, finish):
+    """A 3-cell plan whose cells run `commands[key]` and are recorded by `finish` (no data, no store)."""
+    plan = S.load_plan(str(_plan(tmp_path, "models: [w32, w48, tiny]\nbudgets: {steps: [1]}\njobs: 2\n")), str(tmp_path / "s"))
+    monkeypatch.setattr(S, "split_images", lambda plan: ([], []))
+    monkeypatch.setattr(S, "predicted_seconds", lambda *a: None)
+    monkeypatch.setattr(S, "calibration", lambda plan: None)
+    monkeypatch.setattr(S, "cell_command", lambda plan, cell, pool: [sys.executable, "-c", commands[cell.model]])
+    monkeypatch.setattr(S, "finish_pretrain_cell", lambda plan, cell, held, wall: finish(cell))
+    return plan
+
+
+def test_a_failed_cell_stops_new_starts_and_lets_the_running_one_record(tmp_path, monkeypatch):
+    recorded = []
+    plan = _fake_cells(monkeypatch, tmp_path, {"w32": "raise SystemExit(3)", "w48": "import time; time.sleep(1)",
+                                               "tiny": "pass"}, lambda cell: recorded.append(cell.model) or {})
+    with pytest.raises(RuntimeError, match=r"cell pt-w32-steps1 failed \(exit code 3\)"):
+        S.run_study(plan)
+    assert recorded == ["w48"]  # tiny never started: the failure stopped new starts
+
+
+def test_an_error_while_recording_stops_the_cells_still_running(tmp_path, monkeypatch):
+    marker = tmp_path / "still-running"
+    started = []
+    real_popen = S.subprocess.Popen
+    monkeypatch.setattr(S.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+
+    def finish(cell):
+        raise OSError("disk full")
+
+    plan = _fake_cells(monkeypatch, tmp_path, {"w32": "pass", "w48": f"import time; time.sleep(5); open({str(marker)!r}, 'w')",
+                                               "tiny": "pass"}, finish)
+    with pytest.raises(OSError, match="disk full"):
+        S.run_study(plan)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)  # none left behind
+    time.sleep(6)
+    assert not marker.exists()
