@@ -76,20 +76,36 @@ def _nearest(table: list[dict], shape, key: str) -> float:
     return best[key]
 
 
-def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None) -> float:
+def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None, active: float | None = None) -> float:
     """Calibrated latency + bytes / bandwidth of `op` over `group` processes of a run of `world`
-    processes: the fit measured for a group of that size inside such a world ("2@4") when the
-    calibration has one, else the nearest calibrated group size."""
+    processes: the fit measured for a group of that size inside such a world ("2@4", every group
+    at once) when the calibration has one, else the nearest calibrated group size. `active`: the
+    processes busy at once on average (fewer than `world` in a pipeline's fill and drain); the
+    time is interpolated linearly between the group alone (active = group) and every group at once."""
     if group <= 1 or nbytes <= 0:
         return 0.0
     fits = calib.get("collectives", {}).get(op)
     if not fits:
         raise ValueError(f"the calibration has no {op} fit; run `rsscale calibrate --nproc N`")
+
+    def time(key):
+        return fits[key]["latency_s"] + nbytes / fits[key]["bandwidth_bytes_per_s"]
+
+    alone = time(min((k for k in fits if "@" not in k), key=lambda g: abs(int(g) - group)))
     key = f"{group}@{world}"
     if key not in fits:
-        key = min((k for k in fits if "@" not in k), key=lambda g: abs(int(g) - group))
-    f = fits[key]
-    return f["latency_s"] + nbytes / f["bandwidth_bytes_per_s"]
+        return alone
+    if active is None or world <= group:
+        return time(key)
+    share = min(max((active - group) / (world - group), 0.0), 1.0)
+    return alone + share * (time(key) - alone)
+
+
+def busy_stages(L: Layout) -> float:
+    """Pipeline stages computing at once, on average over a 1F1B step: each of the P stages works
+    M micro-batches (in V chunks) within M + (P - 1) / V micro-batch times. P when M >> P; 1 with
+    a single micro-batch, where the stages take turns."""
+    return L.pp * L.num_micro / (L.num_micro + (L.pp - 1) / L.vpp)
 
 
 def slowdown(calib: dict, n: int, cores: int | None) -> float:
@@ -105,7 +121,7 @@ def _gemm_s(calib, rows, k, n):
     return 2 * rows * k * n / _nearest(calib["gemm"], (rows, k, n), "flops_per_s")
 
 
-def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world) -> tuple[float, float, float]:
+def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active) -> tuple[float, float, float]:
     """(forward input gather, forward output reduction, backward) TP collectives of one block
     sublayer on one micro-batch (parallel/mappings.py). Without SP: forward all-reduce of the
     output, backward all-reduce of the K stacked input gradients. With SP: forward all-gather of the
@@ -118,7 +134,7 @@ def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world) -> tuple[float, float, f
     full = mb * _local_tokens(s, t, sp) * t * h  # all tokens (padded under SP) of one sublayer's output
 
     def c(op, nbytes):
-        return collective_s(calib, op, nbytes, t, world)
+        return collective_s(calib, op, nbytes, t, world, active)
 
     if not sp:
         return 0.0, c("all_reduce", full * e), c("all_reduce", K * full * 4)
@@ -143,13 +159,13 @@ def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, recompute="
     return n_blocks * comp, n_blocks * again
 
 
-def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, recompute) -> float:
+def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, active, recompute) -> float:
     """TP collectives of n_blocks on one micro-batch, forward and backward. Full recompute
     (torch's non-reentrant checkpoint, which stops once backward has what it needs) runs the
     forward ones again but for the block's last one, the MLP output's reduction."""
     if not n_blocks:
         return 0.0
-    gather, reduce, backward = _sublayer_comm(calib, mb, s, h, K, t, sp, e, world)
+    gather, reduce, backward = _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active)
     again = 2 * gather + reduce if recompute == "full" else 0.0
     return n_blocks * (2 * (gather + reduce + backward) + again)
 
@@ -162,7 +178,8 @@ def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int) -> flo
         return 0.0
 
     def gather(s, h):
-        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size)
+        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size,
+                            L.tp * L.dp * busy_stages(L))
 
     enc, dec = gather(cfg.num_visible + 1, cfg.width), gather(cfg.num_patches + 1, cfg.dec_width)
     return (enc if stage == 0 else 0.0) + (enc + 2 * dec if stage == L.pp - 1 else 0.0)
@@ -179,6 +196,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     L = plan.layout
     t, sp, mb = L.tp, L.sp, L.micro_batch
     e = 4 if plan.precision == "fp32" else 2
+    active = L.tp * L.dp * busy_stages(L)  # TP groups of the other stages communicate at once only while those stages are busy
     kinds = [(stage_blocks(cfg, L.pp, stage, L.vpp), cfg.num_visible + 1, cfg.width, cfg.mlp, cfg.heads, cfg.branches)]
     extra = 0.0
     if stage == 0:
@@ -191,7 +209,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
         c, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, plan.recompute)
         comp += 3 * c
         recomp += rc
-        comm += _tp_comm(calib, n, mb, s, h, K, t, sp, e, L.world_size, plan.recompute)
+        comm += _tp_comm(calib, n, mb, s, h, K, t, sp, e, L.world_size, active, plan.recompute)
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
     pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2, L.world_size) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})

@@ -247,6 +247,35 @@ def test_collective_fit_of_a_group_inside_a_larger_world():
     assert T.collective_s(calib, "all_reduce", 1e6, 1, 4) == 0.0
 
 
+def test_pairs_of_a_pipeline_contend_only_while_the_other_stages_are_busy():
+    """"2@4" is measured with both pairs communicating at once. In TP2 x PP2 the other stage's pair
+    is busy only for part of the step: with one micro-batch the stages take turns (the pair alone),
+    with many the overlap approaches every pair at once. Interpolated linearly between the two."""
+    fits = {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e9}, "2@4": {"latency_s": 3e-3, "bandwidth_bytes_per_s": 1e9}}
+    calib = {"collectives": {"all_reduce": fits}}
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=2) == pytest.approx(2e-3)
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=3) == pytest.approx(3e-3)
+    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=4) == pytest.approx(4e-3)
+    # 1F1B: P stages each busy M of the M + (P - 1) / V micro-batch times
+    assert T.busy_stages(Layout(pp=2, micro_batch=16, global_batch=16)) == pytest.approx(1.0)
+    assert T.busy_stages(Layout(pp=2, micro_batch=1, global_batch=7)) == pytest.approx(2 * 7 / 8)
+    assert T.busy_stages(Layout(pp=4, vpp=2, micro_batch=1, global_batch=8)) == pytest.approx(4 * 8 / 9.5)
+    assert T.busy_stages(Layout(dp=4, micro_batch=1, global_batch=8)) == 1.0
+    cfg = get_preset("small")
+    base = _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)  # the pair alone only
+    both = _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)
+    for op in both["collectives"]:  # pairs 4x slower when both communicate at once
+        both["collectives"][op]["2@4"] = {"latency_s": 4e-4, "bandwidth_bytes_per_s": 2.5e8}
+
+    def tp_comm(calib, M):  # per micro-batch
+        plan = A.Plan(Layout(tp=2, pp=2, sp=True, micro_batch=16 // M, global_batch=16), precision="fp32")
+        return T.predict(cfg, plan, calib)["tp_comm_s"] / M
+
+    assert tp_comm(both, 1) == pytest.approx(tp_comm(base, 1), rel=1e-12)  # one micro-batch: the pairs never overlap
+    share = (T.busy_stages(Layout(pp=2, micro_batch=1, global_batch=16)) * 2 - 2) / 2  # 16/17
+    assert tp_comm(both, 16) == pytest.approx((1 + 3 * share) * tp_comm(base, 16), rel=1e-9)  # mostly both at once
+
+
 def test_calibrated_concurrency_slowdown_scales_compute():
     """With 2 cores and a calibrated slowdown of 1.25 for 2 processes computing at once and 3.0 for
     4: DP=2 computes 1.25x slower than alone; DP=4 is bound by all ranks' compute x 3.0 / 4 ranks
