@@ -53,6 +53,17 @@ def _timed(fn, sync, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _window(fn, reps: int) -> float:
+    """Mean time of `fn` over one sustained window: with more processes than cores, the median of
+    short repetitions misses the time slices a process spends descheduled (most repetitions fit
+    inside one slice), so a concurrency slowdown needs the window's total."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
 def gemm_shapes(cfgs, micro_batches, tps) -> list[tuple[int, int, int]]:
     """(rows, in, out) of every matmul one rank runs for these presets, micro-batches and TP degrees."""
     shapes = set()
@@ -181,12 +192,12 @@ def _collective_worker(rank, world, port, reps, path):
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
     chunk = _work_chunk()
     alone, together = [], []
-    for _ in range(3):  # alternated, so that both see the same state of the machine
+    for _ in range(5):  # alternated, so that both see the same state of the machine
         dist.barrier()
         if rank == 0:  # the others wait in the barrier (blocked, not spinning)
-            alone.append(_timed(chunk, lambda: None, reps))
+            alone.append(_window(chunk, 5 * reps))
         dist.barrier()
-        together.append(_timed(chunk, lambda: None, reps))
+        together.append(_window(chunk, 5 * reps))
     slow = torch.tensor([statistics.median(together)])
     dist.all_reduce(slow)
     groups = {str(world): (None, world)}
