@@ -544,8 +544,10 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def dry_run(plan: Plan) -> None:
-    """Print every cell with its predicted time, and how far the predictions are to be trusted."""
+def dry_run(plan: Plan, jobs: int | None = None) -> None:
+    """Print every cell with its predicted time, and how far the predictions are to be trusted;
+    the time left is the cells' sum over the `jobs` run at once (the study's own estimate)."""
+    jobs = jobs or plan.jobs
     done, calib = done_cells(plan), calibration(plan)
     measured = measured_ratio(plan, calib)
     scale = measured[0] if measured else 1.0
@@ -558,7 +560,7 @@ def dry_run(plan: Plan) -> None:
         print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
               f"predicted {'?' if t is None else f'{t * scale:,.0f} s'}")
     basis = "the time model calibrated on this machine" if calib else "the analytic model at this machine's measured matmul rate"
-    print(f"predicted time left {total:,.0f} s, from {basis}"
+    print(f"predicted time left {total / jobs:,.0f} s" + (f" ({total:,.0f} s of cells, {jobs} at once)" if jobs > 1 else "") + f", from {basis}"
           + (f", rescaled by the measured/predicted ratio {scale:.3g} of {measured[1]} recorded cell(s)" if measured else ""))
     if not measured:
         print("  caveat: not yet checked against this study's own cells; the training-step model leaves out process start-up, "
@@ -588,7 +590,7 @@ def main(args) -> int:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     all_cells = cells(plan)
     if args.dry_run:
-        dry_run(plan)
+        dry_run(plan, args.jobs)
         return 0
     if args.emit_slurm:
         paths = emit_slurm(plan, args.emit_slurm)

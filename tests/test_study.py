@@ -222,3 +222,14 @@ def test_an_error_while_recording_stops_the_cells_still_running(tmp_path, monkey
     assert len(started) == 2 and all(p.poll() is not None for p in started)  # none left behind
     time.sleep(6)
     assert not marker.exists()
+
+
+def test_dry_run_time_left_divides_the_cells_over_the_jobs(tmp_path, capsys):
+    plan = S.load_plan(str(_plan(tmp_path, SMALL)), str(tmp_path / "study"))
+
+    def left(jobs):
+        S.dry_run(plan, jobs)
+        return float(re.search(r"predicted time left ([\d,.]+) s", capsys.readouterr().out).group(1).replace(",", ""))
+
+    one = left(1)
+    assert one > 0 and left(2) == pytest.approx(one / 2, rel=0.01, abs=1)
