@@ -149,9 +149,10 @@ def _label_every_tick(ax):
     """Label the minor log ticks too (3e4, 0.7, ...): a study's losses and sizes often span less
     than a decade, where a log axis would otherwise show no number at all."""
     fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
-    for axis in (ax.xaxis, ax.yaxis):
+    for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         axis.set_major_formatter(fmt)
-        axis.set_minor_formatter(fmt)
+        if axis.get_scale() != "log" or hi < 10 * lo:  # over a decade or more the minor labels collide
+            axis.set_minor_formatter(fmt)
     ax.tick_params(axis="both", which="both", labelsize=7)
 
 
@@ -466,7 +467,11 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
                       "study_frontier")
             fig, ax = _loglog_axes("training FLOPs", "compute-optimal encoder parameters")
             cs = np.array(sorted(optima))
-            ax.plot(cs, [optima[c][0] for c in cs], "*", ms=10, color="k")
+            for inside, style in ((True, dict(color="k")), (False, dict(markerfacecolor="none", markeredgecolor="k"))):
+                at = [c for c in cs if optima[c][1] == inside]
+                if at:
+                    ax.plot(at, [optima[c][0] for c in at], "*", ms=10, ls="none", **style,
+                            label="optimum inside the sizes" if inside else "optimum at the ladder's edge (a bound)")
             ax.plot(cs, f.predict(cs), "k--", label=f"N_opt = a C^c, c = {f.params['c']:.2f}")
             ax.legend(fontsize=7)
             _label_every_tick(ax)

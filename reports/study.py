@@ -243,13 +243,18 @@ def cell_dir(plan: Plan, cell: Cell) -> str:
     return os.path.join(plan.out, "cells", cell.key)
 
 
+RESUME_EVERY = 1000  # steps between checkpoints when the plan asks for no held-out curve: a killed cell loses at most this much
+
+
 def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
     """`rsscale pretrain` arguments of a cell (launch flags excluded)."""
     p = {**plan.pretrain, "lr": f"{lr_for(plan, cell.model):.4g}"}
     p.pop("nproc", None)
     every = plan.heldout["every"]
     args = ["--model", cell.model, "--steps", str(cell.steps), "--data", data, "--out", cell_dir(plan, cell),
-            "--results", plan.results, "--resume", "--save-every", str(every or cell.steps)]
+            "--results", plan.results, "--resume", "--save-every", str(every or min(cell.steps, RESUME_EVERY))]
+    if not every:  # the resume points only: keep the newest two
+        args += ["--keep", "2"]
     for key, value in p.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -299,7 +304,9 @@ def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_
 
     cfg = get_preset(cell.model)
     images = heldout_images(heldout_files, cfg)
-    curve = [(step, heldout_loss(path, images, seed=plan.heldout["seed"])) for step, path in checkpoints_of(cell_dir(plan, cell))]
+    every = plan.heldout["every"]
+    scored = [(step, path) for step, path in checkpoints_of(cell_dir(plan, cell)) if step == cell.steps or (every and step % every == 0)]
+    curve = [(step, heldout_loss(path, images, seed=plan.heldout["seed"])) for step, path in scored]
     if not curve or curve[-1][0] != cell.steps:
         raise RuntimeError(f"cell {cell.key}: no checkpoint of step {cell.steps} in {cell_dir(plan, cell)} after training")
     batch = int(plan.pretrain.get("global_batch", 8))
