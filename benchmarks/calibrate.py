@@ -19,7 +19,9 @@ Measured, each as the median of timed repetitions after a warm-up:
              bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
              chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
              included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4")
-  concurrency  (CPU) the slowdown of that chunk with N processes computing at once vs one alone
+  concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
+             largest micro-batch) with N copies training at once vs one alone; with no step
+             measurements, of that chunk (kept as concurrency_chunk)
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -142,6 +144,40 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
                     log.info("step of %s mb %d gb %d recompute=%s: %.4f s", model, mb, gb, recompute, measured)
                     runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=measured))
     return runs
+
+
+def measure_step_concurrency(model: str, micro_batch: int, precision: str, group_sizes, reps: int = 30) -> dict:
+    """{n: slowdown} of a real one-process training step when n such processes train at once, over
+    the same step alone: the compute slowdown a rank of an n-process run sees (shared caches and
+    memory bandwidth below the cores, time-sharing above them). A training step's working set is
+    what the ranks share; a small cache-resident chunk saw none of it (x1.00 for 2 processes where
+    DP=2 ranks computed 1.2x slower than one alone). `reps` steps per copy, so that the copies,
+    started together, overlap well beyond their start-up skew."""
+    import subprocess
+    import tempfile
+
+    from rsscale.benchmarks.harness import BenchOptions, bench_command
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def together(n, tmp):
+        paths = [os.path.join(tmp, f"{n}-{i}.json") for i in range(n)]
+        procs = [subprocess.Popen(bench_command(BenchOptions(model=model, micro_batch=micro_batch, global_batch=micro_batch, warmup=2, steps=reps,
+                                                             precision=precision, peak_tflops=1.0, record=False, summary_json=path), 1),
+                                  env=env, stdout=subprocess.DEVNULL) for path in paths]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"a concurrent calibration step run of {model} failed")
+        medians = []
+        for path in paths:
+            with open(path) as f:
+                medians.append(json.load(f)["step_time_median_s"])
+        return statistics.mean(medians)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = together(1, tmp)
+        out = {str(n): max(1.0, together(n, tmp) / alone) for n in group_sizes}
+    log.info("step of %s mb %d alone %.4f s; slowdown with N at once: %s", model, micro_batch, alone, out)
+    return out
 
 
 def fit_latency_bandwidth(sizes, times) -> dict:
@@ -287,6 +323,9 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
         result["collectives"], result["concurrency"] = measure_collectives(group_sizes)
+        if steps:  # the slowdown of real training steps replaces the chunk's (kept as concurrency_chunk)
+            result["concurrency_chunk"] = result["concurrency"]
+            result["concurrency"] = measure_step_concurrency(models[0], max(micro_batches), precision, group_sizes)
     if steps:
         result["steps"] = measure_steps(models, micro_batches, precision)
         result["overhead"] = fit_overhead(result, result["steps"])

@@ -1,5 +1,7 @@
 """Calibration fits and the calibrated step-time model (benchmarks/calibrate.py, timemodel.py)."""
 
+import os
+
 import pytest
 
 from rsscale.benchmarks import analytic as A
@@ -310,3 +312,11 @@ def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
     assert C.fit_latency_bandwidth(sizes, times)["latency_s"] == pytest.approx(1e-3, rel=0.1)  # plain: 0.70 ms
     falling = C.fit_latency_bandwidth(sizes, [2e-3 - i * 1e-4 for i in range(len(sizes))])
     assert falling["latency_s"] > 0 and falling["bandwidth_bytes_per_s"] == pytest.approx(1e15)
+
+
+@pytest.mark.slow
+def test_step_concurrency_sees_time_sharing_beyond_the_cores():
+    """Twice as many single-thread training processes as cores: each step takes well over its time alone."""
+    cores = os.cpu_count() or 1
+    slowdown = C.measure_step_concurrency("tiny", 4, "fp32", [2 * cores], reps=15)
+    assert slowdown[str(2 * cores)] > 1.4
