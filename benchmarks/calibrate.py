@@ -120,27 +120,39 @@ def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int 
     return out
 
 
-def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[dict]:
-    """Median step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on,
-    at a global batch of twice the largest micro-batch (so the micro-batch count varies too)."""
+def _one_process_step(model: str, micro_batch: int, global_batch: int, precision: str, steps: int, path: str,
+                      recompute: str = "none", warmup: int = 1):
+    """Start a one-process `rsscale bench` with one torch thread (as each process of a multi-process
+    CPU run computes) that writes its summary to `path`; `_median_step_s(path)` reads it back."""
     import subprocess
-    import tempfile
 
     from rsscale.benchmarks.harness import BenchOptions, bench_command
 
+    opts = BenchOptions(model=model, micro_batch=micro_batch, global_batch=global_batch, warmup=warmup, steps=steps, precision=precision,
+                        recompute=recompute, peak_tflops=1.0, record=False, summary_json=path)
+    return subprocess.Popen(bench_command(opts, 1), env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+
+
+def _median_step_s(path: str) -> float:
+    with open(path) as f:
+        return json.load(f)["step_time_median_s"]
+
+
+def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[dict]:
+    """Median step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on,
+    at a global batch of twice the largest micro-batch (so the micro-batch count varies too)."""
+    import tempfile
+
     runs = []
     gb = 2 * max(micro_batches)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each process of a multi-process CPU run computes
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for mb in micro_batches:
                 for recompute in (False, True):
                     path = os.path.join(tmp, "summary.json")
-                    opts = BenchOptions(model=model, micro_batch=mb, global_batch=gb, warmup=1, steps=reps, precision=precision,
-                                        recompute="full" if recompute else "none", peak_tflops=1.0, record=False, summary_json=path)
-                    subprocess.run(bench_command(opts, 1), env=env, check=True, stdout=subprocess.DEVNULL)
-                    with open(path) as f:
-                        measured = json.load(f)["step_time_median_s"]
+                    if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none").wait():
+                        raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
+                    measured = _median_step_s(path)
                     log.info("step of %s mb %d gb %d recompute=%s: %.4f s", model, mb, gb, recompute, measured)
                     runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=measured))
     return runs
@@ -149,29 +161,17 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[
 def measure_step_concurrency(model: str, micro_batch: int, precision: str, group_sizes, reps: int = 30) -> dict:
     """{n: slowdown} of a real one-process training step when n such processes train at once, over
     the same step alone: the compute slowdown a rank of an n-process run sees (shared caches and
-    memory bandwidth below the cores, time-sharing above them). A training step's working set is
-    what the ranks share; a small cache-resident chunk saw none of it (x1.00 for 2 processes where
-    DP=2 ranks computed 1.2x slower than one alone). `reps` steps per copy, so that the copies,
-    started together, overlap well beyond their start-up skew."""
-    import subprocess
+    memory bandwidth below the cores, time-sharing above them), with a training step's working set
+    rather than a cache-resident chunk's. `reps` steps per copy, so that the copies, started
+    together, overlap well beyond their start-up skew."""
     import tempfile
-
-    from rsscale.benchmarks.harness import BenchOptions, bench_command
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def together(n, tmp):
         paths = [os.path.join(tmp, f"{n}-{i}.json") for i in range(n)]
-        procs = [subprocess.Popen(bench_command(BenchOptions(model=model, micro_batch=micro_batch, global_batch=micro_batch, warmup=2, steps=reps,
-                                                             precision=precision, peak_tflops=1.0, record=False, summary_json=path), 1),
-                                  env=env, stdout=subprocess.DEVNULL) for path in paths]
+        procs = [_one_process_step(model, micro_batch, micro_batch, precision, reps, path, warmup=2) for path in paths]
         if any(p.wait() for p in procs):
             raise RuntimeError(f"a concurrent calibration step run of {model} failed")
-        medians = []
-        for path in paths:
-            with open(path) as f:
-                medians.append(json.load(f)["step_time_median_s"])
-        return statistics.mean(medians)
+        return statistics.mean(_median_step_s(path) for path in paths)
 
     with tempfile.TemporaryDirectory() as tmp:
         alone = together(1, tmp)
