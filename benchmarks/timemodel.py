@@ -170,7 +170,7 @@ def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, active, recompute) -
     return n_blocks * (2 * (gather + reduce + backward) + again)
 
 
-def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int) -> float:
+def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int, active: float) -> float:
     """SP region entries and exits on `stage` per micro-batch (mae.py): entering keeps this rank's
     tokens (its backward all-gathers the gradient), leaving all-gathers the tokens (fp32). The
     encoder enters on the first stage and leaves on the last, where the decoder enters and leaves."""
@@ -178,8 +178,7 @@ def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int) -> flo
         return 0.0
 
     def gather(s, h):
-        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size,
-                            L.tp * L.dp * busy_stages(L))
+        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size, active)
 
     enc, dec = gather(cfg.num_visible + 1, cfg.width), gather(cfg.num_patches + 1, cfg.dec_width)
     return (enc if stage == 0 else 0.0) + (enc + 2 * dec if stage == L.pp - 1 else 0.0)
@@ -204,7 +203,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     if stage == L.pp - 1:
         kinds.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width, cfg.dec_mlp, cfg.dec_heads, 1))
         extra += _gemm_s(calib, mb * (cfg.num_visible + 1), cfg.width, cfg.dec_width) + _gemm_s(calib, mb * (cfg.num_patches + 1), cfg.dec_width, cfg.patch_dim)
-    comp, recomp, comm = 3 * extra, 0.0, _sp_boundary_comm(cfg, L, calib, stage)
+    comp, recomp, comm = 3 * extra, 0.0, _sp_boundary_comm(cfg, L, calib, stage, active)
     for n, s, h, m, heads, K in kinds:
         c, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, plan.recompute)
         comp += 3 * c

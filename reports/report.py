@@ -146,8 +146,8 @@ def _loglog_axes(xlabel: str, ylabel: str, logy: bool = True):
 
 
 def _label_every_tick(ax):
-    """Label the minor log ticks too (3e4, 0.7, ...): a study's losses and sizes often span less
-    than a decade, where a log axis would otherwise show no number at all."""
+    """Label the minor log ticks too (3e4, 0.7, ...) on an axis spanning less than a decade: a
+    study's losses and sizes often do, and such a log axis would otherwise show no number at all."""
     fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
     for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         axis.set_major_formatter(fmt)
