@@ -233,3 +233,20 @@ def test_dry_run_time_left_divides_the_cells_over_the_jobs(tmp_path, capsys):
 
     one = left(1)
     assert one > 0 and left(2) == pytest.approx(one / 2, rel=0.01, abs=1)
+
+
+def test_long_cells_leave_resume_points(tmp_path):
+    """With no held-out curve asked for, a cell still checkpoints every RESUME_EVERY steps (a killed
+    cell resumes from the last one) and keeps the newest two; with `every`, the curve's checkpoints are the resume points."""
+    plan = S.load_plan(str(_plan(tmp_path, "models: [tiny]\nbudgets: {steps: [2500, 400]}\n")), str(tmp_path / "s"))
+    long, short = sorted(S.cells(plan), key=lambda c: -c.steps)
+
+    def flag(args, name):
+        return args[args.index(name) + 1] if name in args else None
+
+    args = S.pretrain_args(plan, long, "d")
+    assert flag(args, "--save-every") == str(S.RESUME_EVERY) and flag(args, "--keep") == "2"
+    assert flag(S.pretrain_args(plan, short, "d"), "--save-every") == "400"
+    curve = S.load_plan(str(_plan(tmp_path, "models: [tiny]\nbudgets: {steps: [2500]}\nheldout: {every: 500}\n", "c.yaml")), str(tmp_path / "c"))
+    args = S.pretrain_args(curve, S.cells(curve)[0], "d")
+    assert flag(args, "--save-every") == "500" and flag(args, "--keep") is None
