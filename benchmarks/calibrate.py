@@ -12,15 +12,16 @@ Measured, each as the median of timed repetitions after a warm-up:
   layernorm  bytes/s of kernels.layer_norm (read + write) over the same rows; the time model
              uses it for every elementwise / normalization pass
   steps      real one-process training steps (`rsscale bench`, one thread per process on CPU) at
-             each micro-batch size, with and without recompute, to which timemodel.fit_overhead
-             fits what the operator sum misses
+             each micro-batch size, with and without recompute, each the median of --rounds runs
+             (taken in turn), to which timemodel.fit_overhead fits what the operator sum misses
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
              bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
              chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
              included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4")
   concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
-             largest micro-batch) with N copies training at once vs one alone; with no step
+             largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
+             taken in turn); with no step
              measurements, of that chunk (kept as concurrency_chunk)
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
@@ -138,32 +139,37 @@ def _median_step_s(path: str) -> float:
         return json.load(f)["step_time_median_s"]
 
 
-def measure_steps(models, micro_batches, precision: str, reps: int = 4) -> list[dict]:
-    """Median step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on,
-    at a global batch of twice the largest micro-batch (so the micro-batch count varies too)."""
+def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: int = 2) -> list[dict]:
+    """Step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on, at
+    a global batch of twice the largest micro-batch (so the micro-batch count varies too); the
+    median over `rounds` runs of each, the runs of a round in turn (a shared machine's slow spells
+    last seconds to minutes: they then shift one run of every point, not every run of one)."""
     import tempfile
 
-    runs = []
+    points = [(model, mb, recompute) for model in models for mb in micro_batches for recompute in (False, True)]
     gb = 2 * max(micro_batches)
+    times = {p: [] for p in points}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in models:
-            for mb in micro_batches:
-                for recompute in (False, True):
-                    path = os.path.join(tmp, "summary.json")
-                    if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none").wait():
-                        raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
-                    measured = _median_step_s(path)
-                    log.info("step of %s mb %d gb %d recompute=%s: %.4f s", model, mb, gb, recompute, measured)
-                    runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=measured))
+        path = os.path.join(tmp, "summary.json")
+        for _ in range(rounds):
+            for model, mb, recompute in points:
+                if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none", warmup=2).wait():
+                    raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
+                times[model, mb, recompute].append(_median_step_s(path))
+    runs = []
+    for (model, mb, recompute), t in times.items():
+        log.info("step of %s mb %d gb %d recompute=%s: %s s", model, mb, gb, recompute, " ".join(f"{x:.4f}" for x in t))
+        runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=statistics.median(t)))
     return runs
 
 
-def measure_step_concurrency(model: str, micro_batch: int, precision: str, group_sizes, reps: int = 30) -> dict:
+def measure_step_concurrency(model: str, micro_batch: int, precision: str, group_sizes, reps: int = 30, rounds: int = 2) -> dict:
     """{n: slowdown} of a real one-process training step when n such processes train at once, over
     the same step alone: the compute slowdown a rank of an n-process run sees (shared caches and
     memory bandwidth below the cores, time-sharing above them), with a training step's working set
     rather than a cache-resident chunk's. `reps` steps per copy, so that the copies, started
-    together, overlap well beyond their start-up skew."""
+    together, overlap well beyond their start-up skew; alone and each n in turn, `rounds` times,
+    each the median over rounds."""
     import tempfile
 
     def together(n, tmp):
@@ -173,9 +179,11 @@ def measure_step_concurrency(model: str, micro_batch: int, precision: str, group
             raise RuntimeError(f"a concurrent calibration step run of {model} failed")
         return statistics.mean(_median_step_s(path) for path in paths)
 
+    sizes = [1, *group_sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        alone = together(1, tmp)
-        out = {str(n): max(1.0, together(n, tmp) / alone) for n in group_sizes}
+        times = [[together(n, tmp) for n in sizes] for _ in range(rounds)]
+    alone, *others = (statistics.median(col) for col in zip(*times))
+    out = {str(n): max(1.0, t / alone) for n, t in zip(group_sizes, others)}
     log.info("step of %s mb %d alone %.4f s; slowdown with N at once: %s", model, micro_batch, alone, out)
     return out
 
@@ -300,7 +308,7 @@ def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
     return out, slowdown
 
 
-def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True) -> dict:
+def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True, rounds: int = 2) -> dict:
     import torch
 
     from rsscale.benchmarks.timemodel import fit_overhead
@@ -325,9 +333,9 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
         result["collectives"], result["concurrency"] = measure_collectives(group_sizes)
         if steps:  # the slowdown of real training steps replaces the chunk's (kept as concurrency_chunk)
             result["concurrency_chunk"] = result["concurrency"]
-            result["concurrency"] = measure_step_concurrency(models[0], max(micro_batches), precision, group_sizes)
+            result["concurrency"] = measure_step_concurrency(models[0], max(micro_batches), precision, group_sizes, rounds=rounds)
     if steps:
-        result["steps"] = measure_steps(models, micro_batches, precision)
+        result["steps"] = measure_steps(models, micro_batches, precision, rounds=rounds)
         result["overhead"] = fit_overhead(result, result["steps"])
     result["load_average"] = os.getloadavg()[0]  # the state of the machine it describes (profile compares)
     return result
@@ -361,6 +369,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tp", type=int, action="append", default=None, help="TP degrees (repeatable; default 1 2 4 8)")
     parser.add_argument("--nproc", type=int, action="append", default=None, help="collective group sizes (repeatable; default 2 and 4 on CPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each one-process step measurement, in turn; the median is kept")
     parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
     parser.add_argument("--json", default=None, help="also write the calibration to this JSON file")
 
@@ -371,13 +380,15 @@ def main(args) -> int:
     cuda = torch.cuda.is_available()
     models = args.model or (["b12x1", "l12x4"] if cuda else ["small"])
     group_sizes = args.nproc if args.nproc is not None else ([] if cuda else [2, 4])
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if any(n < 2 for n in group_sizes):
         raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
     precision = args.precision or ("bf16" if cuda else "fp32")
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if not cuda and load > cores / 2:
         log.warning("load average %.1f on %d cores: other work shares this machine, so the calibration describes it that busy", load, cores)
-    result = calibrate(models, args.micro_batch or [1, 2, 4, 8, 16], args.tp or [1, 2, 4, 8], group_sizes, precision)
+    result = calibrate(models, args.micro_batch or [1, 2, 4, 8, 16], args.tp or [1, 2, 4, 8], group_sizes, precision, rounds=args.rounds)
     run_id = store_calibration(result, args.results)
     if args.json:
         with open(args.json, "w") as f:

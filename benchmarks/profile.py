@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 
@@ -172,39 +173,45 @@ def machine_limits() -> tuple[int, float]:
 
 
 def measure(cfg, rows: list[dict], args) -> int:
-    """Run the harness on the best fitting layouts; returns how many failed."""
+    """Run the harness on the best fitting layouts, `--rounds` times each, round-robin (a slow spell
+    of a shared machine then hits every layout, not one); returns how many layouts failed."""
     procs, mem_each = machine_limits()
     if args.gpus > procs:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
     todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each]
     todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
-    failed, table = 0, []
+    runs, failed = [[] for _ in todo], set()
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
-    for i, r in enumerate(todo):
-        p = r["plan"]
-        L = p.layout
-        opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch, vpp=L.vpp,
-                            global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
-                            recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
-                            peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
-                            results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{i}.json"),
-                            predicted_step_s=r["step_s"] if r.get("calibrated") else None)
-        print(f"[profile] measuring {i + 1}/{len(todo)}: {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}", flush=True)
-        rc = subprocess.call(bench_command(opts, args.gpus))
-        if rc:
-            failed += 1
-            print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
-            continue
-        with open(opts.summary_json) as f:
-            measured = json.load(f)["step_time_median_s"]
-        table.append(dict(row=r, measured_s=measured, error=r["step_s"] / measured - 1))
+    for k in range(args.rounds):
+        for i, r in enumerate(todo):
+            if i in failed:
+                continue
+            p = r["plan"]
+            L = p.layout
+            opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch, vpp=L.vpp,
+                                global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
+                                recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
+                                peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
+                                results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{k}-{i}.json"),
+                                predicted_step_s=r["step_s"] if r.get("calibrated") else None)
+            print(f"[profile] measuring {i + 1}/{len(todo)}" + (f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else "")
+                  + f": {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}", flush=True)
+            rc = subprocess.call(bench_command(opts, args.gpus))
+            if rc:
+                failed.add(i)
+                print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
+                continue
+            with open(opts.summary_json) as f:
+                runs[i].append(json.load(f)["step_time_median_s"])
+    table = [dict(row=r, measured_s=statistics.median(m), rounds=m, error=r["step_s"] / statistics.median(m) - 1)
+             for i, (r, m) in enumerate(zip(todo, runs)) if i not in failed]
     if table:
         text = validation_table(table)
         print(text)
         if args.validation_out:
             write_validation(args.validation_out, text, cfg, args)
             scatter(table, os.path.splitext(args.validation_out)[0] + f"-{cfg.name}-{args.gpus}.png")
-    return failed
+    return len(failed)
 
 
 def spread(rows: list[dict], n: int) -> list[dict]:
@@ -225,11 +232,11 @@ def validation_table(table: list[dict]) -> str:
     """Markdown: predicted vs measured step time per layout, with the error statistics and ranks."""
     import numpy as np
 
-    lines = ["| layout | R/Z | predicted s | measured s | error |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| layout | R/Z | predicted s | measured s | rounds: min-max s | error |", "| --- | --- | --- | --- | --- | --- |"]
     for t in table:
-        p = t["row"]["plan"]
-        flags = p.flags
-        lines.append(f"| {p.layout} | {flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | {100 * t['error']:+.1f} % |")
+        p, m = t["row"]["plan"], t.get("rounds") or [t["measured_s"]]
+        lines.append(f"| {p.layout} | {p.flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | "
+                     f"{min(m):.4f}-{max(m):.4f} ({len(m)}) | {100 * t['error']:+.1f} % |")
     errs = np.abs([t["error"] for t in table])
     fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
     rank = sorted(range(len(table)), key=lambda i: table[i]["row"]["step_s"]).index(fastest) + 1
@@ -310,6 +317,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
     parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
     parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
+    parser.add_argument("--rounds", type=int, default=1, help="--measure: times each layout is measured, round-robin; the table uses the median")
     parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
     parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
     parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
@@ -324,7 +332,7 @@ def add_arguments(parser) -> None:
 
 NUMBER_RULES = {"--gpus": dict(ge=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
                 "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--global-batch": dict(ge=1),
-                "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1)}
+                "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--rounds": dict(ge=1)}
 
 
 def check_args(args) -> None:

@@ -205,7 +205,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     from rsscale.benchmarks import profile
 
     db = str(tmp_path / "results.db")
-    result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32")
+    result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32", rounds=1)
     assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
     assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
     assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
@@ -320,3 +320,42 @@ def test_step_concurrency_sees_time_sharing_beyond_the_cores():
     cores = os.cpu_count() or 1
     slowdown = C.measure_step_concurrency("tiny", 4, "fp32", [2 * cores], reps=15)
     assert slowdown[str(2 * cores)] > 1.4
+
+
+def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(tmp_path, monkeypatch, capsys):
+    """`profile --measure --rounds 3`: each layout is run once per round, layouts in turn (so a slow
+    spell of the machine hits all of them), the table's measurement is the median of the rounds
+    with their range, and a layout that fails is not run again and counts as failed."""
+    import argparse
+    import json
+
+    from rsscale.benchmarks import profile as P
+
+    cfg = get_preset("small")
+    plans = P.enumerate_plans(cfg, 2, 16, "fp32", [8, 16], [1])
+    rows = P.rank_plans(cfg, plans, A.Hardware(peak_flops=1e12), 1e12, _uniform(flops=1e9, bw=1e9, lat=1e-4, net=1e9))
+    order, times = [], {0: [0.30, 0.10, 0.20], 1: [0.50, 0.40, 0.90]}  # per layout index, per round
+
+    def fake_call(cmd):
+        k, i = map(int, os.path.basename(cmd[-1]).split(".")[0].split("-"))
+        order.append(i)
+        if i == 2:
+            return 1
+        with open(cmd[-1], "w") as f:
+            json.dump({"step_time_median_s": times[i][k]}, f)
+        return 0
+
+    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
+    monkeypatch.setattr(P.subprocess, "call", fake_call)
+    args = argparse.Namespace(gpus=2, max_measure=3, measure_spread=False, rounds=3, warmup=0, steps=1, peak_tflops=1.0,
+                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None)
+    assert P.measure(cfg, rows, args) == 1
+    assert order == [0, 1, 2, 0, 1, 0, 1]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(lines) == 2
+    for line, i in zip(lines, (0, 1)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[3]) == pytest.approx(sorted(times[i])[1])
+        assert cells[4] == f"{min(times[i]):.4f}-{max(times[i]):.4f} (3)"
+        assert float(cells[5].rstrip(" %")) == pytest.approx(100 * (rows[i]["step_s"] / sorted(times[i])[1] - 1), abs=0.06)
