@@ -250,3 +250,20 @@ def test_long_cells_leave_resume_points(tmp_path):
     curve = S.load_plan(str(_plan(tmp_path, "models: [tiny]\nbudgets: {steps: [2500]}\nheldout: {every: 500}\n", "c.yaml")), str(tmp_path / "c"))
     args = S.pretrain_args(curve, S.cells(curve)[0], "d")
     assert flag(args, "--save-every") == "500" and flag(args, "--keep") is None
+
+
+@pytest.mark.parametrize("every, scored", [(None, [2500]), (1000, [1000, 2000, 2500])])
+def test_heldout_scores_the_final_checkpoint_and_the_curve_steps_only(tmp_path, monkeypatch, every, scored):
+    """Resume points (every RESUME_EVERY steps) are not scored unless they are curve steps; the
+    final step always is, and it is the recorded final loss."""
+    from rsscale.scaling import heldout
+
+    text = "models: [tiny]\nbudgets: {steps: [2500]}\n" + (f"heldout: {{every: {every}}}\n" if every else "")
+    plan = S.load_plan(str(_plan(tmp_path, text)), str(tmp_path / "s"))
+    cell = S.cells(plan)[0]
+    monkeypatch.setattr(S, "checkpoints_of", lambda folder: [(s, f"ck/{s}") for s in (1000, 2000, 2500)])
+    monkeypatch.setattr(heldout, "heldout_images", lambda files, cfg: None)
+    seen = []
+    monkeypatch.setattr(heldout, "heldout_loss", lambda path, images, seed=0: seen.append(path) or 1.0 / int(path.split("/")[1]))
+    out = S.finish_pretrain_cell(plan, cell, [], 1.0)
+    assert seen == [f"ck/{s}" for s in scored] and out["heldout_loss"] == pytest.approx(1 / 2500)
