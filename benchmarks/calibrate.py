@@ -377,11 +377,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
+    from rsscale.scaling.config_file import check_number
+
     cuda = torch.cuda.is_available()
     models = args.model or (["b12x1", "l12x4"] if cuda else ["small"])
     group_sizes = args.nproc if args.nproc is not None else ([] if cuda else [2, 4])
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    check_number("--rounds", args.rounds, ge=1)
     if any(n < 2 for n in group_sizes):
         raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
     precision = args.precision or ("bf16" if cuda else "fp32")

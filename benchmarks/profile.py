@@ -203,8 +203,8 @@ def measure(cfg, rows: list[dict], args) -> int:
                 continue
             with open(opts.summary_json) as f:
                 runs[i].append(json.load(f)["step_time_median_s"])
-    table = [dict(row=r, measured_s=statistics.median(m), rounds=m, error=r["step_s"] / statistics.median(m) - 1)
-             for i, (r, m) in enumerate(zip(todo, runs)) if i not in failed]
+    medians = {i: statistics.median(m) for i, m in enumerate(runs) if i not in failed}
+    table = [dict(row=todo[i], measured_s=t, rounds=runs[i], error=todo[i]["step_s"] / t - 1) for i, t in medians.items()]
     if table:
         text = validation_table(table)
         print(text)

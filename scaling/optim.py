@@ -15,7 +15,7 @@ Buffers (per rank; P trainable parameters of this rank, d = DP size, d' = d unde
            grad is added into its `main_grad` by a post-accumulate-grad hook and freed   4 B/param
   state    AdamW moments (fp32) and, with 16-bit weights, the fp32 master weights, for this rank's
            shard only                                                             (8 or 12) / d'
-  workspace  fp32 scratch of one bucket's chunk for the step's denominator, kept    <= bucket_mb MiB / d'
+  workspace  fp32 scratch of one bucket's chunk for the step's denominator, kept  bucket_mb MiB / d'
   metadata per parameter (weight decay, lr scale, counted in the grad norm), not per element.
 So bf16 costs 6 + 12/d bytes per parameter with ZeRO-1 (Megatron's mixed precision), fp32 8 + 8/d.
 
@@ -239,7 +239,7 @@ class FlatAdamW:
         return self.flat[b.own_lo : b.own_hi] if self.master is None else self.master[b.state : b.state + n]
 
     def _workspace(self, n: int) -> torch.Tensor:
-        """n fp32 elements of scratch, kept between steps (at most one bucket's chunk: <= bucket_mb MiB):
+        """n fp32 elements of scratch, kept between steps (the largest bucket's chunk on this rank):
         a fresh multi-MB temporary every step comes from new pages each time, and on CPU those page
         faults more than doubled the DP=2 optimizer step of `small` (torch.profiler: 2-4 ms per
         sqrt or divide of its 8 MB chunk)."""

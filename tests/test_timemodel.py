@@ -359,3 +359,15 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
         assert float(cells[3]) == pytest.approx(sorted(times[i])[1])
         assert cells[4] == f"{min(times[i]):.4f}-{max(times[i]):.4f} (3)"
         assert float(cells[5].rstrip(" %")) == pytest.approx(100 * (rows[i]["step_s"] / sorted(times[i])[1] - 1), abs=0.06)
+
+
+def test_rounds_below_one_is_a_one_line_error_in_calibrate_and_profile():
+    import argparse
+
+    from rsscale.benchmarks import profile as P
+
+    for module, argv in ((C, ["--rounds", "0"]), (P, ["--model", "small", "--gpus", "2", "--rounds", "0"])):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        with pytest.raises(ValueError, match="--rounds"):
+            module.main(parser.parse_args(argv))
