@@ -14,6 +14,8 @@ Measured, each as the median of timed repetitions after a warm-up:
   steps      real one-process training steps (`rsscale bench`, one thread per process on CPU) at
              each micro-batch size, with and without recompute, each the median of --rounds runs
              (taken in turn), to which timemodel.fit_overhead fits what the operator sum misses
+  fsdp       forward+backward of one-process steps with and without FSDP, for two presets
+             (`measure_fsdp`): FSDP's per-unit and per-byte work beyond its collectives
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
              bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
@@ -122,7 +124,7 @@ def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int 
 
 
 def _one_process_step(model: str, micro_batch: int, global_batch: int, precision: str, steps: int, path: str,
-                      recompute: str = "none", warmup: int = 1):
+                      recompute: str = "none", warmup: int = 1, fsdp: bool = False):
     """Start a one-process `rsscale bench` with one torch thread (as each process of a multi-process
     CPU run computes) that writes its summary to `path`; `_median_step_s(path)` reads it back."""
     import subprocess
@@ -130,13 +132,13 @@ def _one_process_step(model: str, micro_batch: int, global_batch: int, precision
     from rsscale.benchmarks.harness import BenchOptions, bench_command
 
     opts = BenchOptions(model=model, micro_batch=micro_batch, global_batch=global_batch, warmup=warmup, steps=steps, precision=precision,
-                        recompute=recompute, peak_tflops=1.0, record=False, summary_json=path)
+                        recompute=recompute, fsdp=fsdp, peak_tflops=1.0, record=False, summary_json=path)
     return subprocess.Popen(bench_command(opts, 1), env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
 
 
-def _median_step_s(path: str) -> float:
+def _median_step_s(path: str, key: str = "step_time_median_s") -> float:
     with open(path) as f:
-        return json.load(f)["step_time_median_s"]
+        return json.load(f)[key]
 
 
 def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: int = 2) -> list[dict]:
@@ -161,6 +163,39 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: 
         log.info("step of %s mb %d gb %d recompute=%s: %s s", model, mb, gb, recompute, " ".join(f"{x:.4f}" for x in t))
         runs.append(dict(model=model, micro_batch=mb, global_batch=gb, recompute=recompute, precision=precision, measured_s=statistics.median(t)))
     return runs
+
+
+def fsdp_models(models) -> list[str]:
+    """Two presets of different unit sizes for `measure_fsdp` (its per-unit and per-byte costs need
+    both): the first two calibrated models, or the first and `tiny` (`small` if it is `tiny`)."""
+    distinct = list(dict.fromkeys(models))
+    return distinct[:2] if len(distinct) >= 2 else [distinct[0], "small" if distinct[0] == "tiny" else "tiny"]
+
+
+def measure_fsdp(models, micro_batch: int, precision: str, reps: int = 6, rounds: int = 2) -> dict:
+    """FSDP2's own work beyond its collectives: one-process `rsscale bench` forward+backward with
+    and without --fsdp (a DP group of one still copies each unit's weights in and out, its gradients
+    into the reduce-scatter buffer, and runs its hooks; it moves nothing), at 2 micro-batches per
+    step, for two unit sizes (`fsdp_models`); the pairs in turn, `rounds` times, medians kept;
+    timemodel.fit_fsdp fits the per-unit and per-byte cost to the differences."""
+    import tempfile
+
+    from rsscale.benchmarks.timemodel import fit_fsdp
+
+    times = {(m, f): [] for m in models for f in (False, True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "summary.json")
+        for _ in range(rounds):
+            for model, fsdp in times:
+                if _one_process_step(model, micro_batch, 2 * micro_batch, precision, reps, path, warmup=2, fsdp=fsdp).wait():
+                    raise RuntimeError(f"the calibration step run of {model} fsdp={fsdp} failed")
+                times[model, fsdp].append(_median_step_s(path, "t_fwd_bwd_median_s"))
+    points = []
+    for model in models:
+        plain, sharded = statistics.median(times[model, False]), statistics.median(times[model, True])
+        log.info("forward+backward of %s mb %d x 2: %.4f s, with FSDP on one process %.4f s", model, micro_batch, plain, sharded)
+        points.append(dict(model=model, micro_batch=micro_batch, global_batch=2 * micro_batch, extra_s=sharded - plain))
+    return {**fit_fsdp(points), "points": points}
 
 
 def measure_step_concurrency(model: str, micro_batch: int, precision: str, group_sizes, reps: int = 30, rounds: int = 2) -> dict:
@@ -337,6 +372,7 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if steps:
         result["steps"] = measure_steps(models, micro_batches, precision, rounds=rounds)
         result["overhead"] = fit_overhead(result, result["steps"])
+        result["fsdp"] = measure_fsdp(fsdp_models(models), min(8, max(micro_batches)), precision, rounds=rounds)
     result["load_average"] = os.getloadavg()[0]  # the state of the machine it describes (profile compares)
     return result
 
@@ -402,6 +438,10 @@ def main(args) -> int:
         print(f"[calibrate] fitted to {len(result['steps'])} one-process steps: operator compute x {o['compute_factor']:.3f}, "
               f"+ {o['per_block_pass_s'] * 1e3:.3f} ms per block pass, + {o['per_step_s'] * 1e3:.2f} ms per step "
               f"(worst residual {o['residual_rel']:.1%})")
+    if "fsdp" in result:
+        f = result["fsdp"]
+        print(f"[calibrate] FSDP's own work per unit and micro-batch, fitted to {len(f['points'])} one-process pairs: "
+              f"{f['per_unit_s'] * 1e3:.3f} ms + {f['s_per_byte'] * 1e12:.1f} ms per GB of its weights (worst residual {f['residual_rel']:.1%})")
     print(f"[calibrate] load average at the end {result['load_average']:.1f} on {os.cpu_count()} cores")
     if "concurrency" in result:
         print("[calibrate] compute slowdown with N processes at once: " + ", ".join(f"N={n}: x{v:.2f}" for n, v in result["concurrency"].items()))

@@ -37,7 +37,10 @@ parameter of the shard) at the LayerNorm bandwidth. With `overlap_grad_reduce` t
 reduced during the last micro-batch's backward (2/3 of its compute): only the last bucket, or
 whatever outlasts that backward, is exposed (analytic.exposed_reduce_s); without it the whole
 reduction follows backward. Under FSDP the DP term is instead, per micro-batch, its all-gathers
-and reduce-scatters (`fsdp_micro_s`, not overlapped).
+and reduce-scatters (`fsdp_micro_s`, not overlapped), and each stage's compute also carries
+FSDP's own work per unit and micro-batch (`fsdp_overhead_s`: copying weights into the gather
+buffer and out to unsharded parameters, gradients into the reduce-scatter buffer, its hooks),
+calibrated as one-process steps with and without FSDP (calibrate.measure_fsdp, `fit_fsdp`).
 On CPU (one thread per process) compute is slower when several processes compute at once: the
 calibration times a chunk of work with N processes at once and alone (`slowdown`: shared caches
 and memory bandwidth below the cores, time-sharing above them). Each rank computes at the
@@ -213,7 +216,59 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2, L.world_size) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})
     compute = over.get("compute_factor", 1.0) * (comp + recomp) + over.get("per_block_pass_s", 0.0) * block_passes(cfg, plan, stage)
+    compute += fsdp_overhead_s(cfg, plan, calib, stage)
     return {"compute": compute, "tp_comm": comm, "pp_comm": pp}
+
+
+def fsdp_units(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
+    """Parameter elements of each FSDP unit on one device of `stage`: its blocks, then the root."""
+    n, blocks = stage_params(cfg, tp, pp, stage), fsdp_block_params(cfg, tp, pp, stage)
+    return blocks + [n["trainable"] + n["frozen"] - sum(blocks)]
+
+
+def fsdp_overhead_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
+    """FSDP's own work per micro-batch on `stage` beyond its collectives: per unit, the calibrated
+    per_unit_s + s_per_byte x its fp32 bytes on this TP rank (0 without a calibration of it)."""
+    f = calib.get("fsdp")
+    if not plan.fsdp or not f:
+        return 0.0
+    return sum(f["per_unit_s"] + f["s_per_byte"] * 4 * u for u in fsdp_units(cfg, plan.layout.tp, plan.layout.pp, stage))
+
+
+def fit_fsdp(points: list[dict]) -> dict:
+    """Non-negative least-squares fit of FSDP's per-unit and per-byte cost to one-process runs.
+
+    `points`: [{"model", "micro_batch", "global_batch", "extra_s"}], extra_s the forward+backward
+    time per step with FSDP minus without. Returns {"per_unit_s", "s_per_byte", "residual_rel"}.
+    """
+    from rsscale.scaling.config import get_preset
+
+    rows = []
+    for p in points:
+        units, M = fsdp_units(get_preset(p["model"]), 1, 1, 0), p["global_batch"] // p["micro_batch"]
+        rows.append([M * len(units), M * 4 * sum(units)])
+    y = np.asarray([p["extra_s"] for p in points])
+    coef = nonnegative_lstsq(np.asarray(rows, dtype=float), y)
+    resid = np.abs(np.asarray(rows) @ coef - y) / np.maximum(np.abs(y), 1e-12)
+    return {"per_unit_s": float(coef[0]), "s_per_byte": float(coef[1]), "residual_rel": float(resid.max())}
+
+
+def nonnegative_lstsq(A: np.ndarray, y: np.ndarray, keep_first: bool = False) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best of the fits over each subset of columns
+    (a handful of columns here; no scipy dependency for it). `keep_first`: column 0 is always in.
+    All zeros when no subset fits without a negative coefficient."""
+    n = A.shape[1]
+    best, best_err = np.zeros(n), None
+    for keep in itertools.product((True, False), repeat=n):
+        cols = [i for i in range(n) if keep[i]]
+        if not cols or (keep_first and 0 not in cols):
+            continue
+        coef = np.zeros(n)
+        coef[cols] = np.linalg.lstsq(A[:, cols], y, rcond=None)[0]
+        err = float(np.sum((A @ coef - y) ** 2))
+        if coef.min() >= 0 and (best_err is None or err < best_err):
+            best, best_err = coef, err
+    return best
 
 
 def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
@@ -295,17 +350,9 @@ def fit_overhead(calib: dict, runs: list[dict]) -> dict:
         rows.append([t["compute_s"], plan.layout.num_micro * block_passes(cfg, plan, 0), 1.0])
         target.append(r["measured_s"] - (t["step_s"] - t["compute_s"]))
     A, y = np.asarray(rows), np.asarray(target)
-    best = None
-    for keep in itertools.product((True, False), repeat=2):  # every subset of overhead terms: the best fit with none negative
-        cols = [0] + [i + 1 for i in range(2) if keep[i]]
-        coef = np.zeros(3)
-        coef[cols] = np.linalg.lstsq(A[:, cols], y, rcond=None)[0]
-        err = float(np.sum((A @ coef - y) ** 2))
-        if coef.min() >= 0 and (best is None or err < best[1]):
-            best = (coef, err)
-    if best is None:  # nothing fits without a negative term: keep the bare operator sum
+    coef = nonnegative_lstsq(A, y, keep_first=True)
+    if coef[0] == 0:  # nothing fits without a negative term: keep the bare operator sum
         return {"compute_factor": 1.0, "per_block_pass_s": 0.0, "per_step_s": 0.0, "residual_rel": float("nan")}
-    coef, _ = best
     measured = np.asarray([r["measured_s"] for r in runs])
     resid = np.abs(A @ coef - y) / measured
     return {"compute_factor": float(coef[0]), "per_block_pass_s": float(coef[1]), "per_step_s": float(coef[2]), "residual_rel": float(resid.max())}

@@ -44,6 +44,29 @@ def test_fsdp_collectives_per_micro_batch():
     assert t["dp_comm_s"] == pytest.approx(2 * (3 * blocks + 2) * 1e-3, rel=1e-9)
 
 
+def test_fsdp_own_work_fit_recovers_known_terms_and_adds_per_unit_and_micro_batch():
+    """One-process FSDP steps 'measured' as 2 ms per unit + 1 ms per MB of its fp32 weights, per
+    micro-batch: fit_fsdp finds both (two presets of different unit sizes); a DP=2 FSDP layout's
+    compute then carries them for each of its 4 micro-batches, a plan without FSDP nothing."""
+    a, b = 2e-3, 1e-3 / 2**20
+    points = []
+    for model in ("tiny", "small"):
+        units = T.fsdp_units(get_preset(model), 1, 1, 0)
+        points.append(dict(model=model, micro_batch=4, global_batch=8, extra_s=2 * sum(a + b * 4 * u for u in units)))
+    fit = T.fit_fsdp(points)
+    assert fit["per_unit_s"] == pytest.approx(a, rel=1e-6) and fit["s_per_byte"] == pytest.approx(b, rel=1e-6) and fit["residual_rel"] < 1e-9
+    cfg = get_preset("small")
+    assert len(T.fsdp_units(cfg, 1, 1, 0)) == cfg.depth + cfg.dec_depth + 1
+    assert sum(T.fsdp_units(cfg, 1, 1, 0)) == sum(A.stage_params(cfg, 1, 1, 0).values())
+    calib = _uniform(flops=1e11, bw=1e10)
+    plan = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32", fsdp=True)
+    bare, fitted = T.predict(cfg, plan, calib), T.predict(cfg, plan, {**calib, "fsdp": fit})
+    by_hand = 4 * sum(a + b * 4 * u for u in T.fsdp_units(cfg, 1, 1, 0))
+    assert fitted["compute_s"] - bare["compute_s"] == pytest.approx(by_hand, rel=1e-6)
+    plain = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32")
+    assert T.predict(cfg, plain, {**calib, "fsdp": fit}) == T.predict(cfg, plain, calib)
+
+
 def _one_f_one_b_makespan(t: list[float], M: int) -> float:
     """Independent reference: simulate non-interleaved 1F1B on stages with per-micro-batch times t
     (forward t/3, backward 2t/3, free communication): each stage runs min(P-1-s, M) warm-up
@@ -210,6 +233,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
     assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
     assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
+    assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "small"] and result["fsdp"]["per_unit_s"] >= 0
     C.store_calibration(result, db)
     assert C.latest(result["device"], "fp32", db) == result
     assert C.latest("no such device", "fp32", db) is None
