@@ -149,16 +149,18 @@ def bubble_fraction(P: int, V: int, M: int) -> float:
     return (P - 1) / (V * M)
 
 
-def _post(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[list, list]:
+def _post(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[list, list[list]]:
     """Post all sends and receives as one group (`dist.batch_isend_irecv`); returns the works to
-    wait on for the sends and for the receives. gloo gives one work per operation, each to be
-    waited on once; NCCL one work for the whole group, which may be waited on repeatedly."""
+    wait on for the sends, and for each receive the works to wait on before using it. gloo gives
+    one work per operation, each to be waited on exactly once (a second wait on a receive blocks
+    until the process group times out: with 3+ stages two receives can share a tick); NCCL one
+    work for the whole group, which may be waited on repeatedly."""
     ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
     works = dist.batch_isend_irecv(ops) if ops else []
     if len(works) == len(ops):
-        return works[: len(sends)], works[len(sends):]
-    return works, works
+        return works[: len(sends)], [[w] for w in works[len(sends):]]
+    return works, [works] * len(recvs)
 
 
 def _wait(works: list) -> None:
@@ -248,14 +250,14 @@ def run_schedule(
             if out is not None:
                 outgoing[end] = (out, links.ring_next if a.kind == "F" else links.ring_prev)
         sends = [outgoing.pop(tick)] if tick in outgoing else []
-        recvs = []
+        recvs, keys = [], []
         for key, peer in ((incoming((r - 1) % P, tick, "F"), links.ring_prev), (incoming((r + 1) % P, tick, "B"), links.ring_next)):
             if P > 1 and key is not None:
                 recvs.append((torch.empty(hidden_shape, dtype=torch.float32, device=device), peer))
-                arriving[key] = recvs[-1][0], None
+                keys.append(key)
         send_works, recv_works = _post(sends, recvs)
-        for key in [k for k, (_, w) in arriving.items() if w is None]:
-            arriving[key] = arriving[key][0], recv_works
+        for key, (buffer, _), works in zip(keys, recvs, recv_works):
+            arriving[key] = buffer, works
         if sends:
             sending.append((sends[0][0], send_works))
         while sending and all(w.is_completed() for w in sending[0][1]):

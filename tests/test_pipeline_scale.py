@@ -88,9 +88,30 @@ def test_stage_links_on_a_non_contiguous_rank_list():
 
 # interleaved: P ranks, V chunks each (virtual stage v = chunk * P + rank), the ring wrapping from
 # the last rank to the first; (P, V, micro-batches, loss scale); P=2 runs on ranks 0 and 1 while
-# rank 2 idles. Not here: P=3 with M=6 (V=2 or 3) times out in a gloo receive (found while
-# writing this test; reported in reports/mutation.md).
-INTERLEAVED = [(3, 2, 3, 4.0), (2, 2, 4, 2.0)]
+# rank 2 idles. P=3 with M=6 (V=2 and 3) has a tick where a rank receives from both neighbours
+# (test below): waiting twice on one gloo receive once hung there (reports/mutation.md).
+INTERLEAVED = [(3, 2, 3, 4.0), (2, 2, 4, 2.0), (3, 2, 6, 0.5), (3, 3, 6, 1.0)]
+
+
+def _receives_per_tick(P, V, M):
+    """Per (rank, tick): how many messages the timetable sends that rank at that tick."""
+    from collections import Counter
+
+    from rsscale.scaling.pipeline import timetable
+
+    table, last, got = timetable(P, V, M), P * V - 1, Counter()
+    for q in range(P):
+        for tick, (_, a) in table[q].items():
+            v = a.chunk * P + q + (1 if a.kind == "F" else -1)  # the virtual stage it feeds
+            if 0 <= v <= last:
+                got[v % P, tick] += 1
+    return got
+
+
+def test_three_stage_interleaved_cases_receive_twice_in_one_tick():
+    """The P=3, M=6 cases above are the ones where a rank posts two receives in one tick."""
+    assert max(_receives_per_tick(3, 2, 6).values()) == 2 and max(_receives_per_tick(3, 3, 6).values()) == 2
+    assert max(_receives_per_tick(3, 2, 3).values()) == 1 and max(_receives_per_tick(2, 2, 4).values()) == 1
 
 
 def _interleaved_worker(rank, world):
