@@ -14,7 +14,7 @@ Measured, each as the median of timed repetitions after a warm-up:
   steps      real one-process training steps (`rsscale bench`, one thread per process on CPU) at
              each micro-batch size, with and without recompute, each the median of --rounds runs
              (taken in turn), to which timemodel.fit_overhead fits what the operator sum misses
-  fsdp       forward+backward of one-process steps with and without FSDP, for two presets
+  fsdp       forward+backward of one-process steps with and without FSDP, for three presets
              (`measure_fsdp`): FSDP's per-unit and per-byte work beyond its collectives
   collectives  for all_reduce, all_gather, reduce_scatter and a send/recv pair, per group size
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
@@ -166,18 +166,18 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: 
 
 
 def fsdp_models(models) -> list[str]:
-    """Two presets of different unit sizes for `measure_fsdp` (its per-unit and per-byte costs need
-    both): the first two calibrated models, or the first and `tiny` (`small` if it is `tiny`)."""
-    distinct = list(dict.fromkeys(models))
-    return distinct[:2] if len(distinct) >= 2 else [distinct[0], "small" if distinct[0] == "tiny" else "tiny"]
+    """Three presets of different unit sizes for `measure_fsdp` (its per-unit and per-byte costs
+    need two; a third leaves a residual that says how well they fit): the calibrated models, then
+    `tiny`, `medium` and `small` (1.3, 32 and 8 MB of fp32 weights) as needed."""
+    return list(dict.fromkeys([*models, "tiny", "medium", "small"]))[:3]
 
 
 def measure_fsdp(models, micro_batch: int, precision: str, reps: int = 6, rounds: int = 2) -> dict:
     """FSDP2's own work beyond its collectives: one-process `rsscale bench` forward+backward with
     and without --fsdp (a DP group of one still copies each unit's weights in and out, its gradients
     into the reduce-scatter buffer, and runs its hooks; it moves nothing), at 2 micro-batches per
-    step, for two unit sizes (`fsdp_models`); the pairs in turn, `rounds` times, medians kept;
-    timemodel.fit_fsdp fits the per-unit and per-byte cost to the differences."""
+    step, for presets of different unit sizes (`fsdp_models`); the pairs in turn, `rounds` times,
+    medians kept; timemodel.fit_fsdp fits the per-unit and per-byte cost to the differences."""
     import tempfile
 
     from rsscale.benchmarks.timemodel import fit_fsdp

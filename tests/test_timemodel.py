@@ -233,7 +233,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
     assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
     assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
-    assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "small"] and result["fsdp"]["per_unit_s"] >= 0
+    assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "medium", "small"] and result["fsdp"]["per_unit_s"] >= 0
     C.store_calibration(result, db)
     assert C.latest(result["device"], "fp32", db) == result
     assert C.latest("no such device", "fp32", db) is None
