@@ -20,7 +20,11 @@ Measured, each as the median of timed repetitions after a warm-up:
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
              bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
              chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
-             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4")
+             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4").
+             Both are means over a sustained window with every rank at it: with more processes
+             than cores a median of short repetitions sees the chunk at full speed, and the
+             time-sharing it misses would land in the collective, which the profiler already
+             charges as the compute slowdown. Each group size --rounds times, medians kept
   concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
              largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
              taken in turn); with no step
@@ -274,9 +278,9 @@ def _collective_worker(rank, world, port, reps, path):
     for _ in range(5):  # alternated, so that both see the same state of the machine
         dist.barrier()
         if rank == 0:  # the others wait in the barrier (blocked, not spinning)
-            alone.append(_window(chunk, 5 * reps))
+            alone.append(_window(chunk, 100))
         dist.barrier()
-        together.append(_window(chunk, 5 * reps))
+        together.append(_window(chunk, 100))
     slow = torch.tensor([statistics.median(together)])
     dist.all_reduce(slow)
     groups = {str(world): (None, world)}
@@ -311,18 +315,21 @@ def _collective_worker(rank, world, port, reps, path):
                     chunk()
                     call()
 
-                dist.barrier()
-                res[key][op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
+                dist.barrier()  # means over a sustained window, both: see the module doc's collectives
+                res[key][op].append(_window(after_chunk, reps) - _window(chunk, reps))
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
 
 
-def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
+def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[dict, dict]:
     """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
     over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
-    chunk's time with n processes computing at once over its time in one of them alone."""
+    chunk's time with n processes computing at once over its time in one of them alone. Each
+    group size is measured `rounds` times (fresh processes) and the median of each time kept: one
+    run of 20 repetitions per size gave a 4 KB all-gather of a pair in 4 processes anywhere from
+    -0.7 to 3.7 ms in three calibrations of the same box."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -331,15 +338,18 @@ def measure_collectives(group_sizes, reps: int = 20) -> tuple[dict, dict]:
 
     out, slowdown = {op: {} for op in COLLECTIVES}, {}
     for n in group_sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "times.json")
-            mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
-            with open(path) as f:
-                times = json.load(f)
-        slowdown[str(n)] = max(1.0, times.pop("slowdown"))
-        for key, per_op in times.items():
+        runs = []
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "times.json")
+                mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
+                with open(path) as f:
+                    runs.append(json.load(f))
+        slowdown[str(n)] = max(1.0, statistics.median(r.pop("slowdown") for r in runs))
+        for key in runs[0]:
             for op in COLLECTIVES:
-                out[op][key] = {**fit_latency_bandwidth(SIZES, per_op[op]), "sizes": SIZES, "times": per_op[op]}
+                times = [statistics.median(at_size) for at_size in zip(*(r[key][op] for r in runs))]
+                out[op][key] = {**fit_latency_bandwidth(SIZES, times), "sizes": SIZES, "times": times}
     return out, slowdown
 
 
@@ -365,7 +375,7 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if group_sizes and cuda:
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
-        result["collectives"], result["concurrency"] = measure_collectives(group_sizes)
+        result["collectives"], result["concurrency"] = measure_collectives(group_sizes, rounds=rounds)
         if steps:  # the slowdown of real training steps replaces the chunk's (kept as concurrency_chunk)
             result["concurrency_chunk"] = result["concurrency"]
             result["concurrency"] = measure_step_concurrency(models[0], max(micro_batches), precision, group_sizes, rounds=rounds)
