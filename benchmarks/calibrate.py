@@ -20,11 +20,8 @@ Measured, each as the median of timed repetitions after a warm-up:
              (--nproc, gloo on CPU; NCCL on GPU needs that many GPUs): time = latency + bytes /
              bandwidth, fitted by least squares over 2^12..2^22 bytes; each timed right after a
              chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
-             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4").
-             Both are means over a sustained window with every rank at it: with more processes
-             than cores a median of short repetitions sees the chunk at full speed, and the
-             time-sharing it misses would land in the collective, which the profiler already
-             charges as the compute slowdown. Each group size --rounds times, medians kept
+             included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4");
+             each group size --rounds times, the median per size kept
   concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
              largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
              taken in turn); with no step
@@ -315,8 +312,8 @@ def _collective_worker(rank, world, port, reps, path):
                     chunk()
                     call()
 
-                dist.barrier()  # means over a sustained window, both: see the module doc's collectives
-                res[key][op].append(_window(after_chunk, reps) - _window(chunk, reps))
+                dist.barrier()
+                res[key][op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
