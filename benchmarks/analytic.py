@@ -321,6 +321,12 @@ def fsdp_block_params(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]
     return out
 
 
+def fsdp_units(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
+    """Parameter elements of each FSDP unit on one device of `stage`: its blocks, then the root."""
+    n, blocks = stage_params(cfg, tp, pp, stage), fsdp_block_params(cfg, tp, pp, stage)
+    return blocks + [n["trainable"] + n["frozen"] - sum(blocks)]
+
+
 def fsdp_gathered_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     """What FSDP holds unsharded (fp32) at its backward peak: the root unit's weights and
     gradients (the root is not resharded between forward and backward), the running block's
@@ -328,9 +334,9 @@ def fsdp_gathered_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     if not plan.fsdp:
         return 0.0
     L = plan.layout
-    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
-    root = n["trainable"] + n["frozen"] - sum(blocks)
-    return 4 * (root + (n["trainable"] - sum(blocks)) + 3 * max(blocks, default=0))
+    *blocks, root = fsdp_units(cfg, L.tp, L.pp, stage)
+    root_trainable = stage_params(cfg, L.tp, L.pp, stage)["trainable"] - sum(blocks)
+    return 4 * (root + root_trainable + 3 * max(blocks, default=0))
 
 
 def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:

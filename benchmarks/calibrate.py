@@ -127,7 +127,7 @@ def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int 
 def _one_process_step(model: str, micro_batch: int, global_batch: int, precision: str, steps: int, path: str,
                       recompute: str = "none", warmup: int = 1, fsdp: bool = False):
     """Start a one-process `rsscale bench` with one torch thread (as each process of a multi-process
-    CPU run computes) that writes its summary to `path`; `_median_step_s(path)` reads it back."""
+    CPU run computes) that writes its summary to `path`; `_summary(path)` reads its median step time back."""
     import subprocess
 
     from rsscale.benchmarks.harness import BenchOptions, bench_command
@@ -137,7 +137,8 @@ def _one_process_step(model: str, micro_batch: int, global_batch: int, precision
     return subprocess.Popen(bench_command(opts, 1), env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
 
 
-def _median_step_s(path: str, key: str = "step_time_median_s") -> float:
+def _summary(path: str, key: str = "step_time_median_s") -> float:
+    """One number of a `rsscale bench --summary-json` file."""
     with open(path) as f:
         return json.load(f)[key]
 
@@ -158,7 +159,7 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: 
             for model, mb, recompute in points:
                 if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none", warmup=2).wait():
                     raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
-                times[model, mb, recompute].append(_median_step_s(path))
+                times[model, mb, recompute].append(_summary(path))
     runs = []
     for (model, mb, recompute), t in times.items():
         log.info("step of %s mb %d gb %d recompute=%s: %s s", model, mb, gb, recompute, " ".join(f"{x:.4f}" for x in t))
@@ -190,7 +191,7 @@ def measure_fsdp(models, micro_batch: int, precision: str, reps: int = 6, rounds
             for model, fsdp in times:
                 if _one_process_step(model, micro_batch, 2 * micro_batch, precision, reps, path, warmup=2, fsdp=fsdp).wait():
                     raise RuntimeError(f"the calibration step run of {model} fsdp={fsdp} failed")
-                times[model, fsdp].append(_median_step_s(path, "t_fwd_bwd_median_s"))
+                times[model, fsdp].append(_summary(path, "t_fwd_bwd_median_s"))
     points = []
     for model in models:
         plain, sharded = statistics.median(times[model, False]), statistics.median(times[model, True])
@@ -213,7 +214,7 @@ def measure_step_concurrency(model: str, micro_batch: int, precision: str, group
         procs = [_one_process_step(model, micro_batch, micro_batch, precision, reps, path, warmup=2) for path in paths]
         if any(p.wait() for p in procs):
             raise RuntimeError(f"a concurrent calibration step run of {model} failed")
-        return statistics.mean(_median_step_s(path) for path in paths)
+        return statistics.mean(_summary(path) for path in paths)
 
     sizes = [1, *group_sizes]
     with tempfile.TemporaryDirectory() as tmp:

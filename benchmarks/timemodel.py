@@ -65,7 +65,7 @@ import math
 
 import numpy as np
 
-from rsscale.benchmarks.analytic import Plan, _local_tokens, bucket_fraction, exposed_reduce_s, fsdp_block_params, stage_blocks, stage_params
+from rsscale.benchmarks.analytic import Plan, _local_tokens, bucket_fraction, exposed_reduce_s, fsdp_units, stage_blocks, stage_params
 from rsscale.scaling.config import ViTConfig
 from rsscale.scaling.layout import Layout
 
@@ -220,12 +220,6 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
     return {"compute": compute, "tp_comm": comm, "pp_comm": pp}
 
 
-def fsdp_units(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
-    """Parameter elements of each FSDP unit on one device of `stage`: its blocks, then the root."""
-    n, blocks = stage_params(cfg, tp, pp, stage), fsdp_block_params(cfg, tp, pp, stage)
-    return blocks + [n["trainable"] + n["frozen"] - sum(blocks)]
-
-
 def fsdp_overhead_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
     """FSDP's own work per micro-batch on `stage` beyond its collectives: per unit, the calibrated
     per_unit_s + s_per_byte x its fp32 bytes on this TP rank (0 without a calibration of it)."""
@@ -249,6 +243,8 @@ def fit_fsdp(points: list[dict]) -> dict:
         rows.append([M * len(units), M * 4 * sum(units)])
     y = np.asarray([p["extra_s"] for p in points])
     coef = nonnegative_lstsq(np.asarray(rows, dtype=float), y)
+    if coef is None:  # FSDP measured no slower than without it: no term
+        coef = np.zeros(2)
     resid = np.abs(np.asarray(rows) @ coef - y) / np.maximum(np.abs(y), 1e-12)
     return {"per_unit_s": float(coef[0]), "s_per_byte": float(coef[1]), "residual_rel": float(resid.max())}
 
@@ -256,9 +252,9 @@ def fit_fsdp(points: list[dict]) -> dict:
 def nonnegative_lstsq(A: np.ndarray, y: np.ndarray, keep_first: bool = False) -> np.ndarray:
     """Least squares with every coefficient >= 0: the best of the fits over each subset of columns
     (a handful of columns here; no scipy dependency for it). `keep_first`: column 0 is always in.
-    All zeros when no subset fits without a negative coefficient."""
+    None when no subset fits without a negative coefficient."""
     n = A.shape[1]
-    best, best_err = np.zeros(n), None
+    best, best_err = None, None
     for keep in itertools.product((True, False), repeat=n):
         cols = [i for i in range(n) if keep[i]]
         if not cols or (keep_first and 0 not in cols):
@@ -275,8 +271,8 @@ def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
     """FSDP's collectives per micro-batch on `stage`: per block an all-gather of its fp32 weights in
     forward and again in backward and a reduce-scatter of its gradients; the root unit's once each."""
     L = plan.layout
-    n, blocks = stage_params(cfg, L.tp, L.pp, stage), fsdp_block_params(cfg, L.tp, L.pp, stage)
-    root, root_trainable = n["trainable"] + n["frozen"] - sum(blocks), n["trainable"] - sum(blocks)
+    *blocks, root = fsdp_units(cfg, L.tp, L.pp, stage)
+    root_trainable = stage_params(cfg, L.tp, L.pp, stage)["trainable"] - sum(blocks)
     W = L.world_size
     gather = sum(2 * collective_s(calib, "all_gather", 4 * b, L.dp, W) for b in blocks) + collective_s(calib, "all_gather", 4 * root, L.dp, W)
     return gather + sum(collective_s(calib, "reduce_scatter", 4 * b, L.dp, W) for b in blocks + [root_trainable])
@@ -351,7 +347,7 @@ def fit_overhead(calib: dict, runs: list[dict]) -> dict:
         target.append(r["measured_s"] - (t["step_s"] - t["compute_s"]))
     A, y = np.asarray(rows), np.asarray(target)
     coef = nonnegative_lstsq(A, y, keep_first=True)
-    if coef[0] == 0:  # nothing fits without a negative term: keep the bare operator sum
+    if coef is None:  # nothing fits without a negative term: keep the bare operator sum
         return {"compute_factor": 1.0, "per_block_pass_s": 0.0, "per_step_s": 0.0, "residual_rel": float("nan")}
     measured = np.asarray([r["measured_s"] for r in runs])
     resid = np.abs(A @ coef - y) / measured

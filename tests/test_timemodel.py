@@ -51,17 +51,17 @@ def test_fsdp_own_work_fit_recovers_known_terms_and_adds_per_unit_and_micro_batc
     a, b = 2e-3, 1e-3 / 2**20
     points = []
     for model in ("tiny", "small"):
-        units = T.fsdp_units(get_preset(model), 1, 1, 0)
+        units = A.fsdp_units(get_preset(model), 1, 1, 0)
         points.append(dict(model=model, micro_batch=4, global_batch=8, extra_s=2 * sum(a + b * 4 * u for u in units)))
     fit = T.fit_fsdp(points)
     assert fit["per_unit_s"] == pytest.approx(a, rel=1e-6) and fit["s_per_byte"] == pytest.approx(b, rel=1e-6) and fit["residual_rel"] < 1e-9
     cfg = get_preset("small")
-    assert len(T.fsdp_units(cfg, 1, 1, 0)) == cfg.depth + cfg.dec_depth + 1
-    assert sum(T.fsdp_units(cfg, 1, 1, 0)) == sum(A.stage_params(cfg, 1, 1, 0).values())
+    assert len(A.fsdp_units(cfg, 1, 1, 0)) == cfg.depth + cfg.dec_depth + 1
+    assert sum(A.fsdp_units(cfg, 1, 1, 0)) == sum(A.stage_params(cfg, 1, 1, 0).values())
     calib = _uniform(flops=1e11, bw=1e10)
     plan = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32", fsdp=True)
     bare, fitted = T.predict(cfg, plan, calib), T.predict(cfg, plan, {**calib, "fsdp": fit})
-    by_hand = 4 * sum(a + b * 4 * u for u in T.fsdp_units(cfg, 1, 1, 0))
+    by_hand = 4 * sum(a + b * 4 * u for u in A.fsdp_units(cfg, 1, 1, 0))
     assert fitted["compute_s"] - bare["compute_s"] == pytest.approx(by_hand, rel=1e-6)
     plain = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32")
     assert T.predict(cfg, plain, {**calib, "fsdp": fit}) == T.predict(cfg, plain, calib)
