@@ -22,6 +22,9 @@ Measured, each as the median of timed repetitions after a warm-up:
              chunk of compute, minus the chunk (as training meets it: arrival skew and wake-up
              included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4");
              each group size --rounds times, the median per size kept
+  tp_collectives  all_reduce, all_gather and reduce_scatter timed the same way after an eighth of
+             that chunk: a TP collective follows one TP-sharded GEMM, or another collective (with 4
+             processes on 2 cores the latency after the small chunk is about a third lower)
   concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
              largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
              taken in turn); with no step
@@ -44,6 +47,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 SIZES = [2**k for k in range(12, 23, 2)]  # collective message sizes, bytes
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+TP_COLLECTIVES = COLLECTIVES[:3]
+CHUNK_ROWS = {"collectives": 512, "tp_collectives": 64}  # the compute timed before each kind (_work_chunk)
 
 
 def _timed(fn, sync, reps: int, warmup: int = 2) -> float:
@@ -245,13 +250,14 @@ def fit_latency_bandwidth(sizes, times) -> dict:
     return {"latency_s": float(lat), "bandwidth_bytes_per_s": float(1.0 / max(inv_bw, 1e-15))}
 
 
-def _work_chunk():
-    """One MLP sublayer's worth of CPU work (GEMM, GELU, GEMM, LayerNorm on 512 tokens of width 128):
-    what a rank computes between two collectives."""
+def _work_chunk(rows: int = 512):
+    """An MLP sublayer's CPU work (GEMM, GELU, GEMM, LayerNorm on `rows` tokens of width 128): what a
+    rank computes before a DP or PP collective (512 rows) or a TP one (64: one TP-sharded GEMM of
+    the CPU presets)."""
     import torch
     import torch.nn.functional as F
 
-    x, w1, w2 = torch.randn(512, 128), torch.randn(128, 512) / 12, torch.randn(512, 128) / 24
+    x, w1, w2 = torch.randn(rows, 128), torch.randn(128, 512) / 12, torch.randn(512, 128) / 24
     return lambda: F.layer_norm(F.gelu(x @ w1) @ w2, (128,))
 
 
@@ -261,7 +267,8 @@ def _collective_worker(rank, world, port, reps, path):
     from compute, not from a barrier) minus the chunk alone; over the whole world and, for a world
     of 4 or more (even), over pairs of ranks all at once (a TP or DP group of 2 inside a larger run).
     Rank 0 writes {"slowdown": the chunk's time with every rank computing at once (mean over
-    ranks) over its time on rank 0 alone, "<group>": {op: [seconds per size]}} to `path`."""
+    ranks) over its time on rank 0 alone, "collectives": {"<group>": {op: [seconds per size]}},
+    "tp_collectives": the same for TP_COLLECTIVES after the small chunk} to `path`."""
     import datetime
 
     import torch
@@ -270,7 +277,6 @@ def _collective_worker(rank, world, port, reps, path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
     chunk = _work_chunk()
     alone, together = [], []
     for _ in range(5):  # alternated, so that both see the same state of the machine
@@ -286,55 +292,66 @@ def _collective_worker(rank, world, port, reps, path):
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]  # every rank creates every group
         groups[f"2@{world}"] = (pairs[rank // 2] if rank // 2 < len(pairs) else None, 2)
     res = {"slowdown": float(slow) / world / statistics.median(alone) if rank == 0 else None}
-    for key, (group, size) in groups.items():
-        res[key] = {}
-        for op in COLLECTIVES:
-            res[key][op] = []
-            for nbytes in SIZES:
-                n = nbytes // 4
-                x = torch.ones(n)
-                parts = [torch.empty(n) for _ in range(size)]
-                big = torch.ones(n * size)
-                peer = rank ^ 1
-
-                def call():
-                    if op == "all_reduce":
-                        dist.all_reduce(x, group=group)
-                    elif op == "all_gather":
-                        dist.all_gather(parts, x, group=group)
-                    elif op == "reduce_scatter":
-                        reduce_scatter(x, big, group=group)
-                    elif peer < world:
-                        works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
-                        for w in works:
-                            w.wait()
-
-                def after_chunk():
-                    chunk()
-                    call()
-
-                dist.barrier()
-                res[key][op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
+    for kind, ops in (("collectives", COLLECTIVES), ("tp_collectives", TP_COLLECTIVES)):
+        res[kind] = {key: _time_collectives(rank, world, group, size, ops, _work_chunk(CHUNK_ROWS[kind]), reps) for key, (group, size) in groups.items()}
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
 
 
+def _time_collectives(rank, world, group, size, ops, chunk, reps) -> dict:
+    """{op: [seconds per size]}: each collective of `group` right after `chunk`, minus `chunk` alone."""
+    import torch
+    import torch.distributed as dist
+
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
+    res = {}
+    for op in ops:
+        res[op] = []
+        for nbytes in SIZES:
+            n = nbytes // 4
+            x = torch.ones(n)
+            parts = [torch.empty(n) for _ in range(size)]
+            big = torch.ones(n * size)
+            peer = rank ^ 1
+
+            def call():
+                if op == "all_reduce":
+                    dist.all_reduce(x, group=group)
+                elif op == "all_gather":
+                    dist.all_gather(parts, x, group=group)
+                elif op == "reduce_scatter":
+                    reduce_scatter(x, big, group=group)
+                elif peer < world:
+                    works = [dist.isend(x, peer), dist.irecv(parts[0], peer)]
+                    for w in works:
+                        w.wait()
+
+            def after_chunk():
+                chunk()
+                call()
+
+            dist.barrier()
+            res[op].append(_timed(after_chunk, lambda: None, reps) - _timed(chunk, lambda: None, reps))
+    return res
+
+
 def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[dict, dict]:
-    """({op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}}, {n: concurrency slowdown})
-    over gloo processes; group "2@4" is a pair inside a world of 4. The slowdown is the work
-    chunk's time with n processes computing at once over its time in one of them alone. Each
-    group size is measured `rounds` times (fresh processes) and the median of each time kept: one
-    run of 20 repetitions per size gave a 4 KB all-gather of a pair in 4 processes anywhere from
-    -0.7 to 3.7 ms in three calibrations of the same box."""
+    """({"collectives": {op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}},
+    "tp_collectives": the same after the small chunk}, {n: concurrency slowdown}) over gloo
+    processes; group "2@4" is a pair inside a world of 4. The slowdown is the work chunk's time
+    with n processes computing at once over its time in one of them alone. Each group size is
+    measured `rounds` times (fresh processes) and the median of each time kept: one run of 20
+    repetitions per size gave a 4 KB all-gather of a pair in 4 processes anywhere from -0.7 to
+    3.7 ms in three calibrations of the same box."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     from rsscale.scaling.parallel.state import _free_port
 
-    out, slowdown = {op: {} for op in COLLECTIVES}, {}
+    out, slowdown = {kind: {} for kind in CHUNK_ROWS}, {}
     for n in group_sizes:
         runs = []
         for _ in range(rounds):
@@ -343,11 +360,12 @@ def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[d
                 mp.spawn(_collective_worker, args=(n, _free_port(), reps, path), nprocs=n, join=True)  # raises if a rank fails
                 with open(path) as f:
                     runs.append(json.load(f))
-        slowdown[str(n)] = max(1.0, statistics.median(r.pop("slowdown") for r in runs))
-        for key in runs[0]:
-            for op in COLLECTIVES:
-                times = [statistics.median(at_size) for at_size in zip(*(r[key][op] for r in runs))]
-                out[op][key] = {**fit_latency_bandwidth(SIZES, times), "sizes": SIZES, "times": times}
+        slowdown[str(n)] = max(1.0, statistics.median(r["slowdown"] for r in runs))
+        for kind in CHUNK_ROWS:
+            for key, ops in runs[0][kind].items():
+                for op in ops:
+                    times = [statistics.median(at_size) for at_size in zip(*(r[kind][key][op] for r in runs))]
+                    out[kind].setdefault(op, {})[key] = {**fit_latency_bandwidth(SIZES, times), "sizes": SIZES, "times": times}
     return out, slowdown
 
 
@@ -373,7 +391,8 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     if group_sizes and cuda:
         log.warning("collective calibration over NCCL needs several GPUs; skipped (group sizes %s)", group_sizes)
     elif group_sizes:
-        result["collectives"], result["concurrency"] = measure_collectives(group_sizes, rounds=rounds)
+        fits, result["concurrency"] = measure_collectives(group_sizes, rounds=rounds)
+        result.update(fits)
         if steps:  # the slowdown of real training steps replaces the chunk's (kept as concurrency_chunk)
             result["concurrency_chunk"] = result["concurrency"]
             result["concurrency"] = measure_step_concurrency(models[0], max(micro_batches), precision, group_sizes, rounds=rounds)
@@ -453,6 +472,9 @@ def main(args) -> int:
     print(f"[calibrate] load average at the end {result['load_average']:.1f} on {os.cpu_count()} cores")
     if "concurrency" in result:
         print("[calibrate] compute slowdown with N processes at once: " + ", ".join(f"N={n}: x{v:.2f}" for n, v in result["concurrency"].items()))
-    for op, fits in result.get("collectives", {}).items():
-        print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
+    for kind, label in (("collectives", "after compute"), ("tp_collectives", "TP (after a GEMM)")):
+        if kind in result:
+            print(f"[calibrate] collectives {label}:")
+        for op, fits in result.get(kind, {}).items():
+            print(f"[calibrate]   {op:<15} " + "  ".join(f"n={n}: {f['latency_s'] * 1e6:.0f} us + B / {f['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" for n, f in fits.items()))
     return 0

@@ -24,7 +24,8 @@ Per micro-batch on each pipeline stage (one TP rank):
   PP comm     one send/recv of the stage's fp32 hidden states each way, per chunk (V x interleaved)
 Every collective costs the calibrated latency + bytes / bandwidth of its group size inside a run of
 this many processes (calibrate.py measures each right after a chunk of compute, as the ranks reach
-it in training, so the ranks' arrival skew and wake-up are in it).
+it in training, so the ranks' arrival skew and wake-up are in it; TP collectives after a chunk the
+size of one TP-sharded GEMM, DP, PP and FSDP ones after a whole sublayer's).
 The step (1F1B): the slowest stage runs all M micro-batches, and the other stages' times for one
 micro-batch fill and drain the pipeline: M x t_slow + (sum of all stages' t - t_slow) / V with V
 interleaved chunks per rank ((M + (P - 1)/V) x t when the stages are balanced; an unbalanced
@@ -79,15 +80,18 @@ def _nearest(table: list[dict], shape, key: str) -> float:
     return best[key]
 
 
-def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None, active: float | None = None) -> float:
+def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None, active: float | None = None,
+                 tp: bool = False) -> float:
     """Calibrated latency + bytes / bandwidth of `op` over `group` processes of a run of `world`
     processes: the fit measured for a group of that size inside such a world ("2@4", every group
     at once) when the calibration has one, else the nearest calibrated group size. `active`: the
     processes busy at once on average (fewer than `world` in a pipeline's fill and drain); the
-    time is interpolated linearly between the group alone (active = group) and every group at once."""
+    time is interpolated linearly between the group alone (active = group) and every group at once.
+    `tp`: a TP collective, which follows one sharded GEMM or another collective, not a whole
+    forward or backward: the fits timed after the small chunk (`tp_collectives`) when calibrated."""
     if group <= 1 or nbytes <= 0:
         return 0.0
-    fits = calib.get("collectives", {}).get(op)
+    fits = (tp and calib.get("tp_collectives", {}).get(op)) or calib.get("collectives", {}).get(op)
     if not fits:
         raise ValueError(f"the calibration has no {op} fit; run `rsscale calibrate --nproc N`")
 
@@ -137,7 +141,7 @@ def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active) -> tuple[float, 
     full = mb * _local_tokens(s, t, sp) * t * h  # all tokens (padded under SP) of one sublayer's output
 
     def c(op, nbytes):
-        return collective_s(calib, op, nbytes, t, world, active)
+        return collective_s(calib, op, nbytes, t, world, active, tp=True)
 
     if not sp:
         return 0.0, c("all_reduce", full * e), c("all_reduce", K * full * 4)
@@ -181,7 +185,7 @@ def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int, active
         return 0.0
 
     def gather(s, h):
-        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size, active)
+        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size, active, tp=True)
 
     enc, dec = gather(cfg.num_visible + 1, cfg.width), gather(cfg.num_patches + 1, cfg.dec_width)
     return (enc if stage == 0 else 0.0) + (enc + 2 * dec if stage == L.pp - 1 else 0.0)

@@ -231,6 +231,7 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32", rounds=1)
     assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
     assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
+    assert set(result["tp_collectives"]) == set(C.TP_COLLECTIVES) and result["tp_collectives"]["all_gather"]["2"]["bandwidth_bytes_per_s"] > 0
     assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
     assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
     assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "medium", "small"] and result["fsdp"]["per_unit_s"] >= 0
@@ -271,6 +272,21 @@ def test_collective_fit_of_a_group_inside_a_larger_world():
     assert T.collective_s(calib, "all_reduce", 1e6, 4, 4) == pytest.approx(5e-3 + 1e-3)
     assert T.collective_s(calib, "all_reduce", 1e6, 2, 8) == pytest.approx(1e-3 + 1e-3)  # no "2@8": the pair alone
     assert T.collective_s(calib, "all_reduce", 1e6, 1, 4) == 0.0
+
+
+def test_tp_collectives_use_the_fits_timed_after_a_gemm():
+    """TP collectives (sublayers, SP region boundaries) are charged the `tp_collectives` fits, the
+    DP, PP and step ones the `collectives` fits; a calibration without `tp_collectives` (older
+    ones) charges TP the `collectives` fits."""
+    cfg = get_preset("small")
+    after_compute = _uniform(lat=1e-3)
+    both = {**after_compute, "tp_collectives": {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES}}
+    plan = A.Plan(Layout(tp=2, pp=2, dp=2, sp=True, micro_batch=4, global_batch=16), precision="fp32")
+    old, new = T.predict(cfg, plan, after_compute), T.predict(cfg, plan, both)
+    assert new["tp_comm_s"] == pytest.approx(old["tp_comm_s"] / 10, rel=1e-12) and new["tp_comm_s"] > 0
+    for kind in ("pp_comm_s", "dp_comm_s", "sync_s"):
+        assert new[kind] == old[kind] and old[kind] > 0, kind
+    assert T.collective_s(both, "send_recv", 1e6, 2, tp=True) == pytest.approx(1e-3)  # not a TP collective: never in tp_collectives
 
 
 def test_pairs_of_a_pipeline_contend_only_while_the_other_stages_are_busy():
@@ -322,8 +338,8 @@ def test_calibrated_concurrency_slowdown_scales_compute():
 @pytest.mark.slow
 def test_four_process_calibration_also_measures_pairs_inside_it():
     fits, slowdown = C.measure_collectives([4], reps=2)
-    assert set(fits["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
-    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for op in fits.values() for f in op.values())
+    assert set(fits["collectives"]["all_gather"]) == set(fits["tp_collectives"]["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
+    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for kind in fits.values() for op in kind.values() for f in op.values())
 
 
 def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
