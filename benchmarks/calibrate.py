@@ -23,8 +23,10 @@ Measured, each as the median of timed repetitions after a warm-up:
              included), and with 4 processes also over the pairs (0,1), (2,3) at once ("2@4");
              each group size --rounds times, the median per size kept
   tp_collectives  all_reduce, all_gather and reduce_scatter timed the same way after an eighth of
-             that chunk: a TP collective follows one TP-sharded GEMM, or another collective (with 4
-             processes on 2 cores the latency after the small chunk is about a third lower)
+             that chunk (with 4 processes on 2 cores the latency is about a third lower); a TP
+             collective follows its share of a block's compute, often one sharded GEMM or nothing,
+             and the time model interpolates between the two by that compute (the chunks'
+             one-process times: collective_chunk_s)
   concurrency  (CPU) the slowdown of a real one-process training step (the first model, the
              largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
              taken in turn); with no step
@@ -339,7 +341,8 @@ def _time_collectives(rank, world, group, size, ops, chunk, reps) -> dict:
 
 def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[dict, dict]:
     """({"collectives": {op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}},
-    "tp_collectives": the same after the small chunk}, {n: concurrency slowdown}) over gloo
+    "tp_collectives": the same after the small chunk, "collective_chunk_s": {kind: the chunk's
+    one-process seconds}}, {n: concurrency slowdown}) over gloo
     processes; group "2@4" is a pair inside a world of 4. The slowdown is the work chunk's time
     with n processes computing at once over its time in one of them alone. Each group size is
     measured `rounds` times (fresh processes) and the median of each time kept: one run of 20
@@ -351,7 +354,15 @@ def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[d
 
     from rsscale.scaling.parallel.state import _free_port
 
+    import torch
+
     out, slowdown = {kind: {} for kind in CHUNK_ROWS}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a rank computes
+    try:  # the chunks' one-process times: where timemodel.collective_s puts a TP collective between the two fits
+        out["collective_chunk_s"] = {kind: _timed(_work_chunk(rows), lambda: None, 50) for kind, rows in CHUNK_ROWS.items()}
+    finally:
+        torch.set_num_threads(threads)
     for n in group_sizes:
         runs = []
         for _ in range(rounds):

@@ -24,8 +24,11 @@ Per micro-batch on each pipeline stage (one TP rank):
   PP comm     one send/recv of the stage's fp32 hidden states each way, per chunk (V x interleaved)
 Every collective costs the calibrated latency + bytes / bandwidth of its group size inside a run of
 this many processes (calibrate.py measures each right after a chunk of compute, as the ranks reach
-it in training, so the ranks' arrival skew and wake-up are in it; TP collectives after a chunk the
-size of one TP-sharded GEMM, DP, PP and FSDP ones after a whole sublayer's).
+it in training, so the ranks' arrival skew and wake-up are in it). DP, PP and FSDP collectives
+follow a whole pass, stage or block: the fits after a sublayer-sized chunk. A TP collective
+follows only its share of the block's compute (the block's forward, backward and recompute over
+its TP collectives), often one sharded GEMM or nothing: interpolated in log(that compute) between
+those fits and the ones timed after a chunk an eighth that size.
 The step (1F1B): the slowest stage runs all M micro-batches, and the other stages' times for one
 micro-batch fill and drain the pipeline: M x t_slow + (sum of all stages' t - t_slow) / V with V
 interleaved chunks per rank ((M + (P - 1)/V) x t when the stages are balanced; an unbalanced
@@ -81,17 +84,28 @@ def _nearest(table: list[dict], shape, key: str) -> float:
 
 
 def collective_s(calib: dict, op: str, nbytes: float, group: int, world: int | None = None, active: float | None = None,
-                 tp: bool = False) -> float:
+                 after_s: float | None = None) -> float:
     """Calibrated latency + bytes / bandwidth of `op` over `group` processes of a run of `world`
     processes: the fit measured for a group of that size inside such a world ("2@4", every group
     at once) when the calibration has one, else the nearest calibrated group size. `active`: the
     processes busy at once on average (fewer than `world` in a pipeline's fill and drain); the
     time is interpolated linearly between the group alone (active = group) and every group at once.
-    `tp`: a TP collective, which follows one sharded GEMM or another collective, not a whole
-    forward or backward: the fits timed after the small chunk (`tp_collectives`) when calibrated."""
+    `after_s`: the one-process compute before this collective on each rank, where it is short (TP
+    collectives); the ranks' arrival skew grows with it, so the time is interpolated in
+    log(after_s) between the fits timed after the small and the large chunk (`tp_collectives`,
+    `collectives`, chunks of `collective_chunk_s`). None: after a whole pass, the large chunk's."""
     if group <= 1 or nbytes <= 0:
         return 0.0
-    fits = (tp and calib.get("tp_collectives", {}).get(op)) or calib.get("collectives", {}).get(op)
+    large = _fitted_s(calib.get("collectives", {}).get(op), op, nbytes, group, world, active)
+    small, chunk = calib.get("tp_collectives", {}).get(op), calib.get("collective_chunk_s")
+    if after_s is None or not small or not chunk:
+        return large
+    lo, hi = chunk["tp_collectives"], chunk["collectives"]
+    w = min(max(math.log(max(after_s, 1e-12) / lo) / math.log(hi / lo), 0.0), 1.0)
+    return w * large + (1 - w) * _fitted_s(small, op, nbytes, group, world, active)
+
+
+def _fitted_s(fits: dict | None, op, nbytes, group, world, active) -> float:
     if not fits:
         raise ValueError(f"the calibration has no {op} fit; run `rsscale calibrate --nproc N`")
 
@@ -128,20 +142,20 @@ def _gemm_s(calib, rows, k, n):
     return 2 * rows * k * n / _nearest(calib["gemm"], (rows, k, n), "flops_per_s")
 
 
-def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active) -> tuple[float, float, float]:
+def _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active, gap_s) -> tuple[float, float, float]:
     """(forward input gather, forward output reduction, backward) TP collectives of one block
     sublayer on one micro-batch (parallel/mappings.py). Without SP: forward all-reduce of the
     output, backward all-reduce of the K stacked input gradients. With SP: forward all-gather of the
     K stacked LayerNorm outputs and reduce-scatter of the output; backward all-gather of the output
     gradient, the all-gather of the inputs again, reduce-scatter of the K stacked input gradients,
     and all-reduces of the LayerNorm weight and bias gradients (K x h each) and of the summed Row
-    bias gradient (h)."""
+    bias gradient (h). `gap_s`: the compute before each (collective_s's after_s)."""
     if t == 1:
         return 0.0, 0.0, 0.0
     full = mb * _local_tokens(s, t, sp) * t * h  # all tokens (padded under SP) of one sublayer's output
 
     def c(op, nbytes):
-        return collective_s(calib, op, nbytes, t, world, active, tp=True)
+        return collective_s(calib, op, nbytes, t, world, active, after_s=gap_s)
 
     if not sp:
         return 0.0, c("all_reduce", full * e), c("all_reduce", K * full * 4)
@@ -166,13 +180,22 @@ def _blocks_forward_s(calib, n_blocks, mb, s, h, m, heads, K, t, sp, recompute="
     return n_blocks * comp, n_blocks * again
 
 
-def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, active, recompute) -> float:
+def tp_collectives_per_block(sp: bool, recompute: str) -> int:
+    """TP collectives one block launches per micro-batch (_sublayer_comm, _tp_comm): per sublayer
+    1 forward + 1 backward, under SP 2 + 6; full recompute runs the forward ones again but one."""
+    forward, backward = (2, 6) if sp else (1, 1)
+    return 2 * (forward + backward) + (2 * forward - 1 if recompute == "full" else 0)
+
+
+def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, active, recompute, block_compute_s) -> float:
     """TP collectives of n_blocks on one micro-batch, forward and backward. Full recompute
     (torch's non-reentrant checkpoint, which stops once backward has what it needs) runs the
-    forward ones again but for the block's last one, the MLP output's reduction."""
+    forward ones again but for the block's last one, the MLP output's reduction. Each follows the
+    block's compute (forward, backward and recompute: `block_compute_s`) shared evenly among them."""
     if not n_blocks:
         return 0.0
-    gather, reduce, backward = _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active)
+    gap = block_compute_s / tp_collectives_per_block(sp, recompute)
+    gather, reduce, backward = _sublayer_comm(calib, mb, s, h, K, t, sp, e, world, active, gap)
     again = 2 * gather + reduce if recompute == "full" else 0.0
     return n_blocks * (2 * (gather + reduce + backward) + again)
 
@@ -180,12 +203,13 @@ def _tp_comm(calib, n_blocks, mb, s, h, K, t, sp, e, world, active, recompute) -
 def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int, active: float) -> float:
     """SP region entries and exits on `stage` per micro-batch (mae.py): entering keeps this rank's
     tokens (its backward all-gathers the gradient), leaving all-gathers the tokens (fp32). The
-    encoder enters on the first stage and leaves on the last, where the decoder enters and leaves."""
+    encoder enters on the first stage and leaves on the last, where the decoder enters and leaves.
+    Each follows an embedding or a whole block: the large chunk's fits."""
     if not L.sp or L.tp == 1:
         return 0.0
 
     def gather(s, h):
-        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size, active, tp=True)
+        return collective_s(calib, "all_gather", L.micro_batch * _local_tokens(s, L.tp, True) * L.tp * h * 4, L.tp, L.world_size, active)
 
     enc, dec = gather(cfg.num_visible + 1, cfg.width), gather(cfg.num_patches + 1, cfg.dec_width)
     return (enc if stage == 0 else 0.0) + (enc + 2 * dec if stage == L.pp - 1 else 0.0)
@@ -215,7 +239,7 @@ def stage_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> dict:
         c, rc = _blocks_forward_s(calib, n, mb, s, h, m, heads, K, t, sp, plan.recompute)
         comp += 3 * c
         recomp += rc
-        comm += _tp_comm(calib, n, mb, s, h, K, t, sp, e, L.world_size, active, plan.recompute)
+        comm += _tp_comm(calib, n, mb, s, h, K, t, sp, e, L.world_size, active, plan.recompute, (3 * c + rc) / max(n, 1))
     hidden = mb * _local_tokens(cfg.num_visible + 1, t, sp) * cfg.width * 4
     pp = 2 * L.vpp * collective_s(calib, "send_recv", hidden, 2, L.world_size) if L.pp > 1 else 0.0
     over = calib.get("overhead", {})

@@ -1,5 +1,6 @@
 """Calibration fits and the calibrated step-time model (benchmarks/calibrate.py, timemodel.py)."""
 
+import math
 import os
 
 import pytest
@@ -168,6 +169,10 @@ def test_tp_and_step_collectives_are_the_ones_the_trainer_launches():
         total = t["tp_comm_s"] + t["sync_s"]
         predicted = {"reduce_scatter": int(total // 1e6), "all_gather": int(total % 1e6 // 1e3), "all_reduce": round(total % 1e3)}
         assert predicted == calls, (layout, recompute, predicted, calls)
+        if layout.get("tp", 1) > 1:  # the per-block count that spaces TP collectives (tp_collectives_per_block)
+            sp_boundaries = 4 if layout.get("sp") else 0
+            per_block = T.tp_collectives_per_block(layout.get("sp", False), recompute)
+            assert sum(calls.values()) - sp_boundaries - round(t["sync_s"]) == per_block * (cfg.depth + cfg.dec_depth), (layout, recompute)
 
 
 def test_overlapped_dp_reduction_exposes_only_what_backward_cannot_hide():
@@ -274,19 +279,40 @@ def test_collective_fit_of_a_group_inside_a_larger_world():
     assert T.collective_s(calib, "all_reduce", 1e6, 1, 4) == 0.0
 
 
-def test_tp_collectives_use_the_fits_timed_after_a_gemm():
-    """TP collectives (sublayers, SP region boundaries) are charged the `tp_collectives` fits, the
-    DP, PP and step ones the `collectives` fits; a calibration without `tp_collectives` (older
-    ones) charges TP the `collectives` fits."""
+def test_tp_collectives_interpolate_by_the_compute_before_them():
+    """A collective after `after_s` of compute: the small chunk's fit at or below that chunk, the
+    large one's at or above it, in between linearly in log(after_s); None (DP, PP, the step's)
+    and calibrations without the small fits: the large chunk's fit."""
+    large = {op: {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e30}} for op in C.COLLECTIVES}
+    small = {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES}
+    calib = {"collectives": large, "tp_collectives": small, "collective_chunk_s": {"collectives": 4e-3, "tp_collectives": 5e-4}}
+    at = lambda after, op="all_gather", c=calib: T.collective_s(c, op, 1e3, 2, after_s=after)  # noqa: E731
+    assert at(1e-5) == at(5e-4) == pytest.approx(1e-4) and at(4e-3) == at(1.0) == pytest.approx(1e-3)
+    assert at(None) == pytest.approx(1e-3) and at(1e-5, "send_recv") == pytest.approx(1e-3)  # send/recv is never a TP collective
+    assert at(math.sqrt(5e-4 * 4e-3)) == pytest.approx(5.5e-4)  # halfway in log
+    assert at(1e-5, c={"collectives": large, "tp_collectives": small}) == pytest.approx(1e-3)  # no chunk times: the large fits
+
+
+def test_a_tp_collective_follows_its_share_of_the_blocks_compute():
+    """In a layout the TP collectives sit between the two fits by the compute per collective:
+    a larger micro-batch puts more compute before each, so its collectives move toward the large
+    chunk's fit; PP, DP and the step's collectives always take the large chunk's fit."""
     cfg = get_preset("small")
-    after_compute = _uniform(lat=1e-3)
-    both = {**after_compute, "tp_collectives": {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES}}
-    plan = A.Plan(Layout(tp=2, pp=2, dp=2, sp=True, micro_batch=4, global_batch=16), precision="fp32")
-    old, new = T.predict(cfg, plan, after_compute), T.predict(cfg, plan, both)
-    assert new["tp_comm_s"] == pytest.approx(old["tp_comm_s"] / 10, rel=1e-12) and new["tp_comm_s"] > 0
+    base = {**_uniform(flops=3e10, bw=1e10), "collectives": {op: {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e30}} for op in C.COLLECTIVES}}
+    both = {**base, "tp_collectives": {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES},
+            "collective_chunk_s": {"collectives": 4e-3, "tp_collectives": 5e-5}}
+
+    def per_collective(calib, mb):
+        plan = A.Plan(Layout(tp=2, pp=2, dp=2, sp=True, micro_batch=mb, global_batch=16), precision="fp32")
+        stage0 = T.stage_micro_s(cfg, plan, calib, 0)["tp_comm"]  # per micro-batch: depth / 2 blocks and the SP entry
+        sp_entry = 1e-3  # follows the patch embedding: the large chunk's fit
+        return T.predict(cfg, plan, calib), (stage0 - sp_entry) / (T.tp_collectives_per_block(True, "none") * cfg.depth // 2)
+
+    (small_mb, a), (large_mb, b) = per_collective(both, 1), per_collective(both, 8)
+    assert 1e-4 < a < b < 1e-3
+    assert per_collective(base, 1)[1] == pytest.approx(1e-3)
     for kind in ("pp_comm_s", "dp_comm_s", "sync_s"):
-        assert new[kind] == old[kind] and old[kind] > 0, kind
-    assert T.collective_s(both, "send_recv", 1e6, 2, tp=True) == pytest.approx(1e-3)  # not a TP collective: never in tp_collectives
+        assert small_mb[kind] == per_collective(base, 1)[0][kind] and small_mb[kind] > 0, kind
 
 
 def test_pairs_of_a_pipeline_contend_only_while_the_other_stages_are_busy():
@@ -339,7 +365,8 @@ def test_calibrated_concurrency_slowdown_scales_compute():
 def test_four_process_calibration_also_measures_pairs_inside_it():
     fits, slowdown = C.measure_collectives([4], reps=2)
     assert set(fits["collectives"]["all_gather"]) == set(fits["tp_collectives"]["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
-    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for kind in fits.values() for op in kind.values() for f in op.values())
+    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for kind in C.CHUNK_ROWS for op in fits[kind].values() for f in op.values())
+    assert 0 < fits["collective_chunk_s"]["tp_collectives"] < fits["collective_chunk_s"]["collectives"]
 
 
 def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
