@@ -295,7 +295,8 @@ def _collective_worker(rank, world, port, reps, path):
         groups[f"2@{world}"] = (pairs[rank // 2] if rank // 2 < len(pairs) else None, 2)
     res = {"slowdown": float(slow) / world / statistics.median(alone) if rank == 0 else None}
     for kind, ops in (("collectives", COLLECTIVES), ("tp_collectives", TP_COLLECTIVES)):
-        res[kind] = {key: _time_collectives(rank, world, group, size, ops, _work_chunk(CHUNK_ROWS[kind]), reps) for key, (group, size) in groups.items()}
+        before = _work_chunk(CHUNK_ROWS[kind])
+        res[kind] = {key: _time_collectives(rank, world, group, size, ops, before, reps) for key, (group, size) in groups.items()}
     if rank == 0:
         with open(path, "w") as f:
             json.dump(res, f)
@@ -342,19 +343,18 @@ def _time_collectives(rank, world, group, size, ops, chunk, reps) -> dict:
 def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[dict, dict]:
     """({"collectives": {op: {group: {latency_s, bandwidth_bytes_per_s, sizes, times}}},
     "tp_collectives": the same after the small chunk, "collective_chunk_s": {kind: the chunk's
-    one-process seconds}}, {n: concurrency slowdown}) over gloo
-    processes; group "2@4" is a pair inside a world of 4. The slowdown is the work chunk's time
-    with n processes computing at once over its time in one of them alone. Each group size is
-    measured `rounds` times (fresh processes) and the median of each time kept: one run of 20
-    repetitions per size gave a 4 KB all-gather of a pair in 4 processes anywhere from -0.7 to
-    3.7 ms in three calibrations of the same box."""
+    one-process seconds}}, {n: concurrency slowdown}) over gloo processes; group "2@4" is a pair
+    inside a world of 4. The slowdown is the work chunk's time with n processes computing at once
+    over its time in one of them alone. Each group size is measured `rounds` times (fresh
+    processes) and the median of each time kept: one run of 20 repetitions per size gave a 4 KB
+    all-gather of a pair in 4 processes anywhere from -0.7 to 3.7 ms in three calibrations of the
+    same box."""
     import tempfile
 
+    import torch
     import torch.multiprocessing as mp
 
     from rsscale.scaling.parallel.state import _free_port
-
-    import torch
 
     out, slowdown = {kind: {} for kind in CHUNK_ROWS}, {}
     threads = torch.get_num_threads()
