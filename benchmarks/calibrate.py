@@ -31,6 +31,8 @@ Measured, each as the median of timed repetitions after a warm-up:
              largest micro-batch) with N copies training at once vs one alone (medians of --rounds,
              taken in turn); with no step
              measurements, of that chunk (kept as concurrency_chunk)
+  probe      (not stored) every collective kind and group of one world size, one round of 20
+             repetitions: `profile --measure` rescales the stored fits to it before each round
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -378,6 +380,51 @@ def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[d
                     times = [statistics.median(at_size) for at_size in zip(*(r[kind][key][op] for r in runs))]
                     out[kind].setdefault(op, {})[key] = {**fit_latency_bandwidth(SIZES, times), "sizes": SIZES, "times": times}
     return out, slowdown
+
+
+def probe(n: int, reps: int = 20) -> dict:
+    """The collective times of every kind and group of an n-process world, re-timed in 15-35 s as
+    `measure_collectives` times them (one round, fewer repetitions): on a shared CPU machine they
+    drift, and `profile --measure` probes before each round. With 4 processes on 2 cores the
+    calibrated TP all-reduce moved between 5.0 and 8.2 ms in calibrations minutes apart
+    (reports/timemodel_validation.md, runs 23-26). The compute slowdown is not probed: the work
+    chunk's slowdown did not follow the training step's across nine calibrations."""
+    fits, _ = measure_collectives([n], reps=reps, rounds=1)
+    return {kind: fits[kind] for kind in CHUNK_ROWS}
+
+
+def drift(calib: dict, probes: list[dict]) -> dict:
+    """{"<kind> <group>": probed over calibrated time}: per collective kind and group, the median
+    over ops of (sum over sizes of the probes' median time) over (sum of the calibrated times). One
+    factor per kind and group, not per op: one probe of one op is too noisy to stand alone."""
+    factors = {}
+    for kind in CHUNK_ROWS:
+        ratios = {}
+        for op, groups in probes[0].get(kind, {}).items():
+            for key in groups:
+                cal = calib.get(kind, {}).get(op, {}).get(key)
+                if not cal:
+                    continue
+                now = [statistics.median(at_size) for at_size in zip(*(p[kind][op][key]["times"] for p in probes))]
+                if sum(cal["times"]) > 0 and sum(now) > 0:
+                    ratios.setdefault(key, []).append(sum(now) / sum(cal["times"]))
+        factors.update({f"{kind} {key}": statistics.median(r) for key, r in ratios.items()})
+    return factors
+
+
+def rescaled(calib: dict, factors: dict) -> dict:
+    """A copy of `calib` with each collective fit of a kind and group scaled by its drift factor
+    (latency x f, bandwidth / f)."""
+    import copy
+
+    out = copy.deepcopy(calib)
+    for name, f in factors.items():
+        kind, key = name.split()
+        for groups in out.get(kind, {}).values():
+            if key in groups:
+                groups[key] = {**groups[key], "latency_s": groups[key]["latency_s"] * f,
+                               "bandwidth_bytes_per_s": groups[key]["bandwidth_bytes_per_s"] / f}
+    return out
 
 
 def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True, rounds: int = 2) -> dict:

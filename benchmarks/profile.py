@@ -172,17 +172,27 @@ def machine_limits() -> tuple[int, float]:
     return MAX_CPU_PROCESSES, total / MAX_CPU_PROCESSES
 
 
-def measure(cfg, rows: list[dict], args) -> int:
+def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     """Run the harness on the best fitting layouts, `--rounds` times each, round-robin (a slow spell
-    of a shared machine then hits every layout, not one); returns how many layouts failed."""
+    of a shared machine then hits every layout, not one); returns how many layouts failed. On CPU
+    with a calibration and more than one process, each round starts with a probe of the
+    multi-process speeds (calibrate.probe) and the table predicts with the calibration rescaled to
+    the probes (calibrate.drift), the calibration's own prediction beside it; the results store
+    keeps the ranking's prediction."""
     procs, mem_each = machine_limits()
     if args.gpus > procs:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
     todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each]
     todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
-    runs, failed = [[] for _ in todo], set()
+    runs, failed, probes = [[] for _ in todo], set(), []
+    probing = calib is not None and args.gpus > 1 and not args.no_probe and not _cuda()
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
+        if probing and todo:
+            from rsscale.benchmarks.calibrate import probe
+
+            print(f"[profile] probing {args.gpus}-process collectives and compute slowdown (round {k + 1}/{args.rounds})", flush=True)
+            probes.append(probe(args.gpus))
         for i, r in enumerate(todo):
             if i in failed:
                 continue
@@ -203,8 +213,18 @@ def measure(cfg, rows: list[dict], args) -> int:
                 continue
             with open(opts.summary_json) as f:
                 runs[i].append(json.load(f)["step_time_median_s"])
+    predicted = {i: r["step_s"] for i, r in enumerate(todo)}
+    if probes:
+        from rsscale.benchmarks import timemodel
+        from rsscale.benchmarks.calibrate import drift, rescaled
+
+        factors = drift(calib, probes)
+        print("[profile] probed over calibrated: " + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items()), flush=True)
+        now = rescaled(calib, factors)
+        predicted = {i: timemodel.predict(cfg, r["plan"], now, os.cpu_count())["step_s"] for i, r in enumerate(todo)}
     medians = {i: statistics.median(m) for i, m in enumerate(runs) if i not in failed}
-    table = [dict(row=todo[i], measured_s=t, rounds=runs[i], error=todo[i]["step_s"] / t - 1) for i, t in medians.items()]
+    table = [dict(row=todo[i], predicted_s=predicted[i], calibrated_s=todo[i]["step_s"] if probes else None, measured_s=t,
+                  rounds=runs[i], error=predicted[i] / t - 1) for i, t in medians.items()]
     if table:
         text = validation_table(table)
         print(text)
@@ -229,19 +249,25 @@ def spread(rows: list[dict], n: int) -> list[dict]:
 
 
 def validation_table(table: list[dict]) -> str:
-    """Markdown: predicted vs measured step time per layout, with the error statistics and ranks."""
+    """Markdown: predicted vs measured step time per layout, with the error statistics and ranks;
+    with probes, the calibration's own prediction and its median error too."""
     import numpy as np
 
-    lines = ["| layout | R/Z | predicted s | measured s | rounds: min-max s | error |", "| --- | --- | --- | --- | --- | --- |"]
+    probed = any(t.get("calibrated_s") for t in table)
+    head = "| layout | R/Z | predicted s | " + ("calibration only s | " if probed else "") + "measured s | rounds: min-max s | error |"
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for t in table:
         p, m = t["row"]["plan"], t.get("rounds") or [t["measured_s"]]
-        lines.append(f"| {p.layout} | {p.flags} | {t['row']['step_s']:.4f} | {t['measured_s']:.4f} | "
-                     f"{min(m):.4f}-{max(m):.4f} ({len(m)}) | {100 * t['error']:+.1f} % |")
+        lines.append(f"| {p.layout} | {p.flags} | {t['predicted_s']:.4f} | " + (f"{t['calibrated_s']:.4f} | " if probed else "")
+                     + f"{t['measured_s']:.4f} | {min(m):.4f}-{max(m):.4f} ({len(m)}) | {100 * t['error']:+.1f} % |")
     errs = np.abs([t["error"] for t in table])
     fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
-    rank = sorted(range(len(table)), key=lambda i: table[i]["row"]["step_s"]).index(fastest) + 1
+    rank = sorted(range(len(table)), key=lambda i: table[i]["predicted_s"]).index(fastest) + 1
     lines += ["", f"median |error| {100 * np.median(errs):.1f} %, worst {100 * errs.max():.1f} % over {len(table)} layouts; "
               f"the measured fastest layout is predicted #{rank}"]
+    if probed:
+        own = np.abs([t["calibrated_s"] / t["measured_s"] - 1 for t in table])
+        lines.append(f"(the calibration alone, without the probes: median {100 * np.median(own):.1f} %, worst {100 * own.max():.1f} %)")
     return "\n".join(lines)
 
 
@@ -252,11 +278,11 @@ def scatter(table: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y = [t["measured_s"] for t in table], [t["row"]["step_s"] for t in table]
+    x, y = [t["measured_s"] for t in table], [t["predicted_s"] for t in table]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.loglog(x, y, "o")
     for t in table:
-        ax.annotate(str(t["row"]["plan"].layout).rsplit(" mb", 1)[0], (t["measured_s"], t["row"]["step_s"]), fontsize=6)
+        ax.annotate(str(t["row"]["plan"].layout).rsplit(" mb", 1)[0], (t["measured_s"], t["predicted_s"]), fontsize=6)
     lo, hi = min(x + y) / 1.5, max(x + y) * 1.5
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set(xlabel="measured step time (s)", ylabel="predicted step time (s)", title="time model vs measurement")
@@ -319,6 +345,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
     parser.add_argument("--rounds", type=int, default=1, help="--measure: times each layout is measured, round-robin; the table uses the median")
     parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
+    parser.add_argument("--no-probe", action="store_true", help="--measure on CPU: predict with the stored calibration alone, "
+                        "without re-timing the multi-process speeds before each round")
     parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
     parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
     parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
@@ -401,5 +429,5 @@ def main(args) -> int:
     if args.count and shown:
         print_counted(cfg, shown)
     if args.measure:
-        return 1 if measure(cfg, rows, args) else 0
+        return 1 if measure(cfg, rows, args, calib) else 0
     return 0

@@ -428,6 +428,89 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
         assert float(cells[5].rstrip(" %")) == pytest.approx(100 * (rows[i]["step_s"] / sorted(times[i])[1] - 1), abs=0.06)
 
 
+def _fits(times: list[float]) -> dict:
+    return {**C.fit_latency_bandwidth(C.SIZES, times), "sizes": C.SIZES, "times": times}
+
+
+def test_probes_rescale_each_collective_group_by_its_median_drift():
+    """Probes that time the 4-process collectives at 2x, 2x and 10x the calibration (per size, the
+    median over probes: 2x), the pairs inside them and the small-chunk kind unchanged: the
+    4-process fits (both terms) take 2x, the others 1x, a group no probe timed is kept, and the
+    stored calibration is not modified."""
+    base = [1e-3 * (1 + i) for i in range(len(C.SIZES))]
+    calib = {kind: {op: {"4": _fits(base), "2@4": _fits(base), "2": _fits(base)} for op in C.TP_COLLECTIVES} for kind in C.CHUNK_ROWS}
+
+    def probe(x4):
+        return {kind: {op: {"4": _fits([x4 * t for t in base]) if kind == "collectives" else _fits(base), "2@4": _fits(base)}
+                       for op in C.TP_COLLECTIVES} for kind in C.CHUNK_ROWS}
+
+    factors = C.drift(calib, [probe(2), probe(10), probe(2)])
+    assert factors == pytest.approx({"collectives 4": 2.0, "collectives 2@4": 1.0, "tp_collectives 4": 1.0, "tp_collectives 2@4": 1.0})
+    now = C.rescaled(calib, factors)
+    for nbytes in (4096, 2**22):
+        assert T.collective_s(now, "all_reduce", nbytes, 4, 4) == pytest.approx(2 * T.collective_s(calib, "all_reduce", nbytes, 4, 4))
+        assert T.collective_s(now, "all_gather", nbytes, 2, 4) == pytest.approx(T.collective_s(calib, "all_gather", nbytes, 2, 4))
+        assert T.collective_s(now, "all_gather", nbytes, 2, 2) == pytest.approx(T.collective_s(calib, "all_gather", nbytes, 2, 2))
+    assert calib["collectives"]["all_reduce"]["4"]["times"] == base and now["collectives"]["all_reduce"]["4"]["times"] == base
+
+
+def test_a_real_probe_has_the_calibrations_shape():
+    """calibrate.probe times the same kinds, ops, groups and sizes a calibration stores, so that
+    drift can divide them: a calibration built from the probe itself drifts by exactly 1."""
+    p = C.probe(2, reps=2)
+    assert set(p) == set(C.CHUNK_ROWS) and set(p["collectives"]) == set(C.COLLECTIVES) and set(p["tp_collectives"]) == set(C.TP_COLLECTIVES)
+    assert all(len(f["2"]["times"]) == len(C.SIZES) for kind in C.CHUNK_ROWS for f in p[kind].values())
+    factors = C.drift(p, [p])
+    assert factors and set(factors) <= {"collectives 2", "tp_collectives 2"} and all(f == pytest.approx(1.0) for f in factors.values())
+
+
+def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibration(tmp_path, monkeypatch, capsys):
+    """On CPU with a calibration, `profile --measure` probes before each round, predicts each
+    layout with the calibration rescaled by the probes, shows the calibration's own prediction
+    beside it and computes the error from the probed one; --no-probe leaves the table as before."""
+    import argparse
+    import json
+
+    from rsscale.benchmarks import profile as P
+
+    cfg = get_preset("small")
+    calib = {**_uniform(flops=1e9, bw=1e9, lat=1e-3, net=1e9), "threads_per_process": 1}
+    for fits in calib["collectives"].values():
+        fits["2"]["times"] = [1e-3] * len(C.SIZES)
+    rows = P.rank_plans(cfg, P.enumerate_plans(cfg, 2, 16, "fp32", [16], [1]), A.Hardware(peak_flops=1e12), 1e12, calib)
+    tp = [r for r in rows if r["plan"].layout.tp == 2 and r["plan"].recompute == "none"][:1]
+    events = []
+
+    def fake_probe(n):
+        events.append("probe")
+        return {"collectives": {op: {"2": {"times": [3e-3] * len(C.SIZES)}} for op in C.COLLECTIVES}, "tp_collectives": {}}
+
+    def fake_call(cmd):
+        events.append("bench")
+        with open(cmd[-1], "w") as f:
+            json.dump({"step_time_median_s": 1.0}, f)
+        return 0
+
+    from rsscale.benchmarks import calibrate
+
+    monkeypatch.setattr(calibrate, "probe", fake_probe)
+    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
+    monkeypatch.setattr(P.subprocess, "call", fake_call)
+    args = argparse.Namespace(gpus=2, max_measure=1, measure_spread=False, rounds=2, warmup=0, steps=1, peak_tflops=1.0, no_probe=False,
+                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None)
+    assert P.measure(cfg, tp, args, calib) == 0
+    assert events == ["probe", "bench", "probe", "bench"]
+    out = capsys.readouterr().out
+    assert "collectives 2 x3.00" in out and "calibration only s" in out
+    cells = [c.strip() for c in [line for line in out.splitlines() if line.startswith("| TP2")][0].strip("|").split("|")]
+    expected = T.predict(cfg, tp[0]["plan"], C.rescaled(calib, {"collectives 2": 3.0}), os.cpu_count())["step_s"]
+    assert float(cells[2]) == pytest.approx(expected, abs=1e-4) and float(cells[3]) == pytest.approx(tp[0]["step_s"], abs=1e-4)
+    assert float(cells[2]) > float(cells[3]) and float(cells[6].rstrip(" %")) == pytest.approx(100 * (expected - 1), abs=0.06)
+    events.clear()
+    assert P.measure(cfg, tp, argparse.Namespace(**{**vars(args), "no_probe": True}), calib) == 0
+    assert events == ["bench", "bench"] and "calibration only" not in capsys.readouterr().out
+
+
 def test_rounds_below_one_is_a_one_line_error_in_calibrate_and_profile():
     import argparse
 
