@@ -32,7 +32,8 @@ Measured, each as the median of timed repetitions after a warm-up:
              taken in turn); with no step
              measurements, of that chunk (kept as concurrency_chunk)
   probe      (not stored) every collective kind and group of one world size, one round of 20
-             repetitions: `profile --measure` rescales the stored fits to it before each round
+             repetitions, and one of the one-process steps again: `profile --measure` rescales
+             the stored fits and compute to the probes, one before each round
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -382,21 +383,41 @@ def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[d
     return out, slowdown
 
 
-def probe(n: int, reps: int = 20) -> dict:
-    """The collective times of every kind and group of an n-process world, re-timed in 15-35 s as
-    `measure_collectives` times them (one round, fewer repetitions): on a shared CPU machine they
-    drift, and `profile --measure` probes before each round. With 4 processes on 2 cores the
-    calibrated TP all-reduce moved between 5.0 and 8.2 ms in calibrations minutes apart
-    (reports/timemodel_validation.md, runs 23-26). The compute slowdown is not probed: the work
-    chunk's slowdown did not follow the training step's across nine calibrations."""
+def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
+    """What drifts on a shared CPU machine, re-timed in 20-45 s: the collective times of every kind
+    and group of an n-process world as `measure_collectives` times them (one round, fewer
+    repetitions), and with `step` (one of a calibration's `steps`) that one-process training step
+    again (`step_s`). `profile --measure` probes before each round: calibrations minutes apart
+    timed the 4-process TP all-reduce at 5.0-8.2 ms (reports/timemodel_validation.md, runs 23-26),
+    and in run 28 every 2-process layout measured 0-26 % slower than its calibrated prediction. The
+    N-process compute slowdown is not probed: the work chunk's slowdown did not follow the training
+    step's across nine calibrations."""
+    import tempfile
+
     fits, _ = measure_collectives([n], reps=reps, rounds=1)
-    return {kind: fits[kind] for kind in CHUNK_ROWS}
+    out = {kind: fits[kind] for kind in CHUNK_ROWS}
+    if step:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "summary.json")
+            if _one_process_step(step["model"], step["micro_batch"], step["global_batch"], step["precision"], 6, path,
+                                 "full" if step["recompute"] else "none", warmup=2).wait():
+                raise RuntimeError(f"the probe step run of {step['model']} mb {step['micro_batch']} failed")
+            out["step_s"] = _summary(path)
+    return out
+
+
+def probe_step(calib: dict) -> dict | None:
+    """The calibrated one-process step a probe times again: the first model's largest micro-batch
+    without recompute (the point the concurrency slowdown is measured at)."""
+    steps = [s for s in calib.get("steps", []) if not s["recompute"] and s["model"] == calib["steps"][0]["model"]]
+    return max(steps, key=lambda s: s["micro_batch"]) if steps else None
 
 
 def drift(calib: dict, probes: list[dict]) -> dict:
-    """{"<kind> <group>": probed over calibrated time}: per collective kind and group, the median
-    over ops of (sum over sizes of the probes' median time) over (sum of the calibrated times). One
-    factor per kind and group, not per op: one probe of one op is too noisy to stand alone."""
+    """{"<kind> <group>": probed over calibrated time, "compute": ...}: per collective kind and
+    group, the median over ops of (sum over sizes of the probes' median time) over (sum of the
+    calibrated times); one factor per kind and group, not per op, as one probe of one op is too
+    noisy to stand alone. "compute": the probes' median step over the calibrated one."""
     factors = {}
     for kind in CHUNK_ROWS:
         ratios = {}
@@ -409,16 +430,31 @@ def drift(calib: dict, probes: list[dict]) -> dict:
                 if sum(cal["times"]) > 0 and sum(now) > 0:
                     ratios.setdefault(key, []).append(sum(now) / sum(cal["times"]))
         factors.update({f"{kind} {key}": statistics.median(r) for key, r in ratios.items()})
+    step = probe_step(calib)
+    if step and all("step_s" in p for p in probes):
+        factors["compute"] = statistics.median(p["step_s"] for p in probes) / step["measured_s"]
     return factors
 
 
 def rescaled(calib: dict, factors: dict) -> dict:
     """A copy of `calib` with each collective fit of a kind and group scaled by its drift factor
-    (latency x f, bandwidth / f)."""
+    (latency x f, bandwidth / f) and, by "compute", every compute rate / f and every fitted
+    per-pass, per-step and FSDP cost and chunk time x f (so the time model's compute and
+    optimizer scale by f)."""
     import copy
 
     out = copy.deepcopy(calib)
     for name, f in factors.items():
+        if name == "compute":
+            for table, key in (("gemm", "flops_per_s"), ("attention", "flops_per_s"), ("layernorm", "bytes_per_s")):
+                for entry in out.get(table, []):
+                    entry[key] /= f
+            for part, keys in (("overhead", ("per_block_pass_s", "per_step_s")), ("fsdp", ("per_unit_s", "s_per_byte")),
+                               ("collective_chunk_s", CHUNK_ROWS)):  # the chunks' one-process times place TP collectives between fits
+                for key in keys:
+                    if key in out.get(part, {}):
+                        out[part][key] *= f
+            continue
         kind, key = name.split()
         for groups in out.get(kind, {}).values():
             if key in groups:

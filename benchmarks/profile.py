@@ -176,9 +176,9 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     """Run the harness on the best fitting layouts, `--rounds` times each, round-robin (a slow spell
     of a shared machine then hits every layout, not one); returns how many layouts failed. On CPU
     with a calibration and more than one process, each round starts with a probe of the
-    multi-process speeds (calibrate.probe) and the table predicts with the calibration rescaled to
-    the probes (calibrate.drift), the calibration's own prediction beside it; the results store
-    keeps the ranking's prediction."""
+    collectives and of one one-process step (calibrate.probe), and the table predicts with the
+    calibration rescaled to the probes (calibrate.drift), the calibration's own prediction beside
+    it; the results store keeps the ranking's prediction."""
     procs, mem_each = machine_limits()
     if args.gpus > procs:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
@@ -189,10 +189,10 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
         if probing and todo:
-            from rsscale.benchmarks.calibrate import probe
+            from rsscale.benchmarks.calibrate import probe, probe_step
 
-            print(f"[profile] probing {args.gpus}-process collectives and compute slowdown (round {k + 1}/{args.rounds})", flush=True)
-            probes.append(probe(args.gpus))
+            print(f"[profile] probing {args.gpus}-process collectives and a one-process step (round {k + 1}/{args.rounds})", flush=True)
+            probes.append(probe(args.gpus, probe_step(calib)))
         for i, r in enumerate(todo):
             if i in failed:
                 continue

@@ -454,10 +454,34 @@ def test_probes_rescale_each_collective_group_by_its_median_drift():
     assert calib["collectives"]["all_reduce"]["4"]["times"] == base and now["collectives"]["all_reduce"]["4"]["times"] == base
 
 
+def test_a_compute_drift_scales_compute_optimizer_and_fsdp_work_but_not_communication():
+    """Probes that time the calibrated one-process step (the first model's largest micro-batch
+    without recompute) at 1.4x, 1.5x and 9x its calibrated time give a compute factor of 1.5 (the
+    median); rescaled by it, a TP2 PP2 DP2 FSDP layout predicts compute, optimizer, step and
+    FSDP work 1.5x and every communication term unchanged."""
+    cfg = get_preset("small")
+    calib = {**_uniform(flops=1e10, bw=1e9, lat=1e-3, net=1e9), "threads_per_process": 1,
+             "overhead": {"compute_factor": 1.1, "per_block_pass_s": 1e-3, "per_step_s": 2e-3},
+             "fsdp": {"per_unit_s": 1e-3, "s_per_byte": 1e-9},
+             "steps": [dict(model="small", micro_batch=mb, recompute=rc, measured_s=0.1 * mb) for mb in (2, 8) for rc in (False, True)]}
+    assert C.probe_step(calib)["micro_batch"] == 8 and not C.probe_step(calib)["recompute"]
+    factors = C.drift(calib, [{"step_s": 0.8 * x} for x in (1.4, 1.5, 9.0)])
+    assert factors == pytest.approx({"compute": 1.5})
+    plan = A.Plan(Layout(tp=2, pp=2, dp=2, micro_batch=2, global_batch=16), precision="fp32", fsdp=True)
+    before, after = T.predict(cfg, plan, calib, 8), T.predict(cfg, plan, C.rescaled(calib, factors), 8)
+    for part in ("compute_s", "optimizer_s", "overhead_s"):
+        assert after[part] == pytest.approx(1.5 * before[part], rel=1e-9)
+    for part in ("tp_comm_s", "pp_comm_s", "dp_comm_s", "sync_s"):
+        assert after[part] == pytest.approx(before[part], rel=1e-12)
+    fsdp_work = T.fsdp_overhead_s(cfg, plan, calib, 0)
+    assert fsdp_work > 0 and T.fsdp_overhead_s(cfg, plan, C.rescaled(calib, factors), 0) == pytest.approx(1.5 * fsdp_work)
+
+
 def test_a_real_probe_has_the_calibrations_shape():
     """calibrate.probe times the same kinds, ops, groups and sizes a calibration stores, so that
     drift can divide them: a calibration built from the probe itself drifts by exactly 1."""
-    p = C.probe(2, reps=2)
+    p = C.probe(2, dict(model="tiny", micro_batch=1, global_batch=2, precision="fp32", recompute=False), reps=2)
+    assert p.pop("step_s") > 0
     assert set(p) == set(C.CHUNK_ROWS) and set(p["collectives"]) == set(C.COLLECTIVES) and set(p["tp_collectives"]) == set(C.TP_COLLECTIVES)
     assert all(len(f["2"]["times"]) == len(C.SIZES) for kind in C.CHUNK_ROWS for f in p[kind].values())
     factors = C.drift(p, [p])
@@ -481,7 +505,7 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     tp = [r for r in rows if r["plan"].layout.tp == 2 and r["plan"].recompute == "none"][:1]
     events = []
 
-    def fake_probe(n):
+    def fake_probe(n, step):
         events.append("probe")
         return {"collectives": {op: {"2": {"times": [3e-3] * len(C.SIZES)}} for op in C.COLLECTIVES}, "tp_collectives": {}}
 
