@@ -250,7 +250,7 @@ def spread(rows: list[dict], n: int) -> list[dict]:
 
 def validation_table(table: list[dict]) -> str:
     """Markdown: predicted vs measured step time per layout, with the error statistics and ranks;
-    with probes, the calibration's own prediction and its median error too."""
+    with probes, the calibration's own prediction and its median and worst error too."""
     import numpy as np
 
     probed = any(t.get("calibrated_s") for t in table)
@@ -346,7 +346,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="--measure: times each layout is measured, round-robin; the table uses the median")
     parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
     parser.add_argument("--no-probe", action="store_true", help="--measure on CPU: predict with the stored calibration alone, "
-                        "without re-timing the multi-process speeds before each round")
+                        "without re-timing the collectives and one step before each round")
     parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
     parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
     parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
