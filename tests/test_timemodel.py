@@ -227,6 +227,28 @@ def test_overhead_fit_never_goes_negative():
     assert fit["per_block_pass_s"] >= 0 and fit["per_step_s"] >= 0 and fit["compute_factor"] > 0
 
 
+def test_a_stored_calibration_is_the_one_profile_uses(tmp_path, capsys):
+    """store_calibration -> latest(device, precision) returns it; profile ranks with it and says so."""
+    import argparse
+
+    from rsscale.benchmarks import profile
+    from rsscale.scaling.store import environment
+
+    db = str(tmp_path / "results.db")
+    result = {**_uniform(flops=1e10, bw=1e9, lat=1e-4, net=1e9), "device": environment()["device"], "precision": "fp32",
+              "threads_per_process": 1, "load_average": 0.5}
+    C.store_calibration(result, db)
+    assert C.latest(result["device"], "fp32", db) == result
+    assert C.latest(result["device"], "bf16", db) is None and C.latest("no such device", "fp32", db) is None
+    parser = argparse.ArgumentParser()
+    profile.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", "--gpus", "2", "--global-batch", "4", "--precision", "fp32", "--results", db, "--top", "3"])
+    assert profile.main(args) == 0
+    out = capsys.readouterr().out
+    assert "time model calibrated" in out and "when calibrated" in out
+
+
+@pytest.mark.slow
 def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     import argparse
 
