@@ -153,15 +153,16 @@ def _summary(path: str, key: str = "step_time_median_s") -> float:
         return json.load(f)[key]
 
 
-def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: int = 2) -> list[dict]:
+def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: int = 2, recomputes=(False, True),
+                  global_batch: int | None = None) -> list[dict]:
     """Step time of one-process `rsscale bench` runs: each model x micro-batch x recompute off/on, at
-    a global batch of twice the largest micro-batch (so the micro-batch count varies too); the
-    median over `rounds` runs of each, the runs of a round in turn (a shared machine's slow spells
-    last seconds to minutes: they then shift one run of every point, not every run of one)."""
+    a global batch of twice the largest micro-batch unless given (so the micro-batch count varies
+    too); the median over `rounds` runs of each, the runs of a round in turn (a shared machine's
+    slow spells last seconds to minutes: they then shift one run of every point, not every run of one)."""
     import tempfile
 
-    points = [(model, mb, recompute) for model in models for mb in micro_batches for recompute in (False, True)]
-    gb = 2 * max(micro_batches)
+    points = [(model, mb, recompute) for model in models for mb in micro_batches for recompute in recomputes]
+    gb = global_batch or 2 * max(micro_batches)
     times = {p: [] for p in points}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "summary.json")
@@ -392,17 +393,12 @@ def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
     and in run 28 every 2-process layout measured 0-26 % slower than its calibrated prediction. The
     N-process compute slowdown is not probed: the work chunk's slowdown did not follow the training
     step's across nine calibrations."""
-    import tempfile
-
     fits, _ = measure_collectives([n], reps=reps, rounds=1)
     out = {kind: fits[kind] for kind in CHUNK_ROWS}
     if step:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "summary.json")
-            if _one_process_step(step["model"], step["micro_batch"], step["global_batch"], step["precision"], 6, path,
-                                 "full" if step["recompute"] else "none", warmup=2).wait():
-                raise RuntimeError(f"the probe step run of {step['model']} mb {step['micro_batch']} failed")
-            out["step_s"] = _summary(path)
+        (again,) = measure_steps([step["model"]], [step["micro_batch"]], step["precision"], rounds=1, recomputes=(step["recompute"],),
+                                 global_batch=step["global_batch"])
+        out["step_s"] = again["measured_s"]
     return out
 
 

@@ -227,41 +227,13 @@ def test_overhead_fit_never_goes_negative():
     assert fit["per_block_pass_s"] >= 0 and fit["per_step_s"] >= 0 and fit["compute_factor"] > 0
 
 
-def test_a_stored_calibration_is_the_one_profile_uses(tmp_path, capsys):
-    """store_calibration -> latest(device, precision) returns it; profile ranks with it and says so."""
-    import argparse
-
-    from rsscale.benchmarks import profile
-    from rsscale.scaling.store import environment
-
-    db = str(tmp_path / "results.db")
-    result = {**_uniform(flops=1e10, bw=1e9, lat=1e-4, net=1e9), "device": environment()["device"], "precision": "fp32",
-              "threads_per_process": 1, "load_average": 0.5}
-    C.store_calibration(result, db)
-    assert C.latest(result["device"], "fp32", db) == result
-    assert C.latest(result["device"], "bf16", db) is None and C.latest("no such device", "fp32", db) is None
-    parser = argparse.ArgumentParser()
-    profile.add_arguments(parser)
-    args = parser.parse_args(["--model", "tiny", "--gpus", "2", "--global-batch", "4", "--precision", "fp32", "--results", db, "--top", "3"])
-    assert profile.main(args) == 0
-    out = capsys.readouterr().out
-    assert "time model calibrated" in out and "when calibrated" in out
-
-
-@pytest.mark.slow
-def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
+def _store_and_profile(result: dict, db: str, capsys) -> None:
+    """store_calibration -> latest(device, precision) returns it (and nothing for another device);
+    `profile` of tiny on 2 processes ranks with it and says so."""
     import argparse
 
     from rsscale.benchmarks import profile
 
-    db = str(tmp_path / "results.db")
-    result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32", rounds=1)
-    assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
-    assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
-    assert set(result["tp_collectives"]) == set(C.TP_COLLECTIVES) and result["tp_collectives"]["all_gather"]["2"]["bandwidth_bytes_per_s"] > 0
-    assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
-    assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
-    assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "medium", "small"] and result["fsdp"]["per_unit_s"] >= 0
     C.store_calibration(result, db)
     assert C.latest(result["device"], "fp32", db) == result
     assert C.latest("no such device", "fp32", db) is None
@@ -271,6 +243,30 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     assert profile.main(args) == 0
     out = capsys.readouterr().out
     assert "time model calibrated" in out and "when calibrated" in out
+
+
+def test_a_stored_calibration_is_the_one_profile_uses(tmp_path, capsys):
+    """store_calibration -> latest(device, precision) returns it; profile ranks with it and says so."""
+    from rsscale.scaling.store import environment
+
+    db = str(tmp_path / "results.db")
+    result = {**_uniform(flops=1e10, bw=1e9, lat=1e-4, net=1e9), "device": environment()["device"], "precision": "fp32",
+              "threads_per_process": 1, "load_average": 0.5}
+    _store_and_profile(result, db, capsys)
+    assert C.latest(result["device"], "bf16", db) is None
+
+
+@pytest.mark.slow
+def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
+    db = str(tmp_path / "results.db")
+    result = C.calibrate(["tiny"], [1], [1, 2], [2], "fp32", rounds=1)
+    assert all(g["flops_per_s"] > 0 for g in result["gemm"]) and result["collectives"]["all_reduce"]["2"]["bandwidth_bytes_per_s"] > 0
+    assert result["concurrency"]["2"] >= 1.0 and set(result["collectives"]["send_recv"]) == {"2"}
+    assert set(result["tp_collectives"]) == set(C.TP_COLLECTIVES) and result["tp_collectives"]["all_gather"]["2"]["bandwidth_bytes_per_s"] > 0
+    assert [(r["micro_batch"], r["recompute"]) for r in result["steps"]] == [(1, False), (1, True)]
+    assert all(r["measured_s"] > 0 for r in result["steps"]) and result["overhead"]["compute_factor"] > 0
+    assert [p["model"] for p in result["fsdp"]["points"]] == ["tiny", "medium", "small"] and result["fsdp"]["per_unit_s"] >= 0
+    _store_and_profile(result, db, capsys)
 
 
 def test_more_processes_than_cores_share_the_cores():
