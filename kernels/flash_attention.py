@@ -42,9 +42,12 @@ MAX_HEAD_DIM = 256
 def _program_block(seq_len, BLOCK: tl.constexpr):
     """(b * H + h, first row of this program's block) from a 1D grid of cdiv(N, BLOCK) * B * H
     programs, blocks of one head adjacent (they share K/V in cache). 1D because CUDA's second
-    grid axis stops at 65535, fewer than B * H can be for window attention."""
+    grid axis stops at 65535, fewer than B * H can be for window attention. Both come back as
+    int64, so every offset derived from them (b * stride_b, row * stride_n) is computed in 64 bits:
+    Triton passes strides below 2**31 as i32, and their products wrap past 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
     n_blocks = tl.cdiv(seq_len, BLOCK)
-    return tl.program_id(0) // n_blocks, (tl.program_id(0) % n_blocks) * BLOCK
+    return pid // n_blocks, (pid % n_blocks) * BLOCK
 
 
 @triton.jit
@@ -61,12 +64,12 @@ def _store_tile(base, rows, offs_d, stride_n, stride_d, seq_len, head_dim, value
 
 
 @triton.jit
-def _recompute(q, k, v, do, lse, delta, valid, sm_scale):
+def _recompute(q, k, v, do, lse, delta, valid, sm_scale, DOT_PRECISION: tl.constexpr):
     """Backward of one [queries, keys] block: probabilities p = exp(s - lse) and score gradients
     ds = p * (dO v^T - delta); pairs that are not `valid` (ragged tails) get 0."""
-    p = tl.exp(tl.dot(q, tl.trans(k)) * sm_scale - lse[:, None])
+    p = tl.exp(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale - lse[:, None])
     p = tl.where(valid, p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
     return p, ds
 
 
@@ -84,6 +87,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (see _dot_precision)
 ):
     bh, start = _program_block(seq_len, BLOCK_M)
     b, h = bh // n_heads, bh % n_heads
@@ -99,13 +103,13 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
         v = _load_tile(V + b * svb + h * svh, cols, offs_d, svn, svd, seq_len, head_dim)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(cols[None, :] < seq_len, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     _store_tile(O + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim, acc / l_i[:, None])
     tl.store(LSE + bh * seq_len + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < seq_len)
@@ -144,6 +148,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (see _dot_precision)
 ):
     """One key block: dv = sum_q p^T dO, dk = sum_q ds^T q * scale."""
     bh, start = _program_block(seq_len, BLOCK_N)
@@ -161,9 +166,9 @@ def _attn_bwd_dkdv_kernel(
         do = _load_tile(DO + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim)
         lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
         delta = tl.load(Delta + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-        p, ds = _recompute(q, k, v, do, lse, delta, rows[:, None] < seq_len, sm_scale)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        p, ds = _recompute(q, k, v, do, lse, delta, rows[:, None] < seq_len, sm_scale, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     _store_tile(DK + b * sob + h * soh, cols, offs_d, son, sod, seq_len, head_dim, dk * sm_scale)
     _store_tile(DV + b * sob + h * soh, cols, offs_d, son, sod, seq_len, head_dim, dv)
 
@@ -183,6 +188,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (see _dot_precision)
 ):
     """One query block: dq = sum_k ds k * scale."""
     bh, start = _program_block(seq_len, BLOCK_M)
@@ -199,8 +205,8 @@ def _attn_bwd_dq_kernel(
         cols = start_n + offs_n
         k = _load_tile(K + b * skb + h * skh, cols, offs_d, skn, skd, seq_len, head_dim)
         v = _load_tile(V + b * svb + h * svh, cols, offs_d, svn, svd, seq_len, head_dim)
-        p, ds = _recompute(q, k, v, do, lse, delta, cols[None, :] < seq_len, sm_scale)
-        dq += tl.dot(ds.to(k.dtype), k)
+        p, ds = _recompute(q, k, v, do, lse, delta, cols[None, :] < seq_len, sm_scale, DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     _store_tile(DQ + b * sob + h * soh, rows, offs_d, son, sod, seq_len, head_dim, dq * sm_scale)
 
 
@@ -241,6 +247,13 @@ def _bwd_config(head_dim: int, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"): Triton's default on NVIDIA GPUs is TF32, which
+    would make `--precision fp32 --kernels triton` silently less precise than the torch path.
+    16-bit inputs keep the default (the setting only concerns fp32 operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def attn_forward(q, k, v):
     """-> (out [B, H, N, D] contiguous, lse [B*H, N] fp32). q, k, v may be strided views."""
     _check(q, k, v)
@@ -253,7 +266,7 @@ def attn_forward(q, k, v):
     grid = (triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d,
-        1.0 / math.sqrt(d), **cfg,
+        1.0 / math.sqrt(d), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )
     return o, lse
 
@@ -267,15 +280,16 @@ def attn_backward(do, q, k, v, o, lse):
         return dq, dk, dv
     delta = torch.empty((bsz * heads, n), dtype=torch.float32, device=q.device)
     cfg = _bwd_config(d, q.device)
+    dots = dict(DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_preprocess_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)](
         o, do, delta, *o.stride(), heads, n, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]
     )
     args = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), heads, n, d, 1.0 / math.sqrt(d))
     _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]) * bsz * heads,)](
-        q, k, v, do, dk, dv, lse, delta, *args, **cfg
+        q, k, v, do, dk, dv, lse, delta, *args, **cfg, **dots
     )
     _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * bsz * heads,)](
-        q, k, v, do, dq, lse, delta, *args, **cfg
+        q, k, v, do, dq, lse, delta, *args, **cfg, **dots
     )
     return dq, dk, dv
 

@@ -50,7 +50,7 @@ def _ln_fwd_kernel(
     eps,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: K * M * N may pass 2**31 (i32 would wrap)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -64,7 +64,7 @@ def _ln_fwd_kernel(
         w = tl.load(W + k * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + k * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         y = xhat * w + b
-        tl.store(Y + (k * n_rows + row) * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + (row + k * n_rows) * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,9 +85,9 @@ def _ln_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets, as in the forward
     cols = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     col_mask = cols < n_cols
     kn_mask = (ks[:, None] < n_sets) & col_mask[None, :]
     kn_offs = ks[:, None] * n_cols + cols[None, :]

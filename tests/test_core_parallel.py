@@ -127,3 +127,16 @@ def test_single_process_world_errors():
     finally:
         state.destroy_parallel()
     assert not state.is_initialized()
+
+
+def test_init_parallel_turns_tf32_off():
+    """Every trainer starts through init_parallel, so fp32 math is exact there on any GPU
+    (torch's cuDNN default is TF32); the flags are plain process settings, readable on CPU."""
+    from rsscale.scaling.parallel import state
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    state.init_parallel()
+    try:
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        state.destroy_parallel()

@@ -143,3 +143,21 @@ def test_gpu_tiles_follow_the_documented_rule():
         assert set(bwd) == launch and (bwd["BLOCK_M"], bwd["BLOCK_N"]) == (64, 64)
     cpu = fa._bwd_config(16, torch.device("cpu"))
     assert (cpu["BLOCK_M"], cpu["BLOCK_N"], cpu["BLOCK_D"]) == (32, 32, 16) and "num_warps" not in cpu
+
+
+@fa.triton.jit
+def _offset_kernel(Out, seq_len, n_heads, stride_b, BLOCK: fa.tl.constexpr):
+    bh, start = fa._program_block(seq_len, BLOCK)
+    fa.tl.store(Out + fa.tl.program_id(0), (bh // n_heads) * stride_b + start)
+
+
+def test_attention_offsets_are_64_bit():
+    """The batch offset b * stride_b of the last program of a grid whose tensor passes 2**31
+    elements: the strides fit in i32 (Triton passes them as i32), their product does not. Computed
+    from _program_block's indices it must be exact, not wrapped (which would address memory
+    before the tensor)."""
+    seq_len, heads, stride_b, block = 64, 1, 2**30 + 4096, 32
+    programs = 3 * (seq_len // block)  # b = 0, 1, 2
+    out = torch.zeros(programs, dtype=torch.int64)
+    _offset_kernel[(programs,)](out, seq_len, heads, stride_b, BLOCK=block)
+    assert out[-1].item() == 2 * stride_b + block > 2**31

@@ -48,6 +48,7 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
     if not timeout_s > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {timeout_s}")
     timeout = datetime.timedelta(seconds=timeout_s)
+    exact_fp32_math()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "WORLD_SIZE" in os.environ:
@@ -76,6 +77,14 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
         seed_rng(seed)
     if dist.get_rank() == 0:
         log.info("parallel layout: world=%d tp=%d pp=%d dp=%d backend=%s", world, tp, pp, world // (tp * pp), dist.get_backend())
+
+
+def exact_fp32_math() -> None:
+    """fp32 means fp32 on every GPU: torch's defaults let cuDNN convolutions (the patch embedding)
+    run in TF32 on Ampere and newer, which CPU tests cannot see. bf16/fp16 runs are unaffected
+    (their matmuls are 16-bit under autocast); the Triton attention does the same for its fp32 dots."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def is_timeout(error: BaseException) -> bool:
