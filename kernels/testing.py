@@ -124,10 +124,12 @@ def compile_all_for_gpu(arch: int = 90) -> list[str]:
                         fln._num_warps(block_n * k), arch=arch)
         compile_for_gpu(fln._sum_partials_kernel, dtype, dict(BLOCK_P=32, BLOCK_L=128), arch=arch)
         done.append(f"layer_norm {dtype} N={width} K={k}")
-    for dtype, head_dim in (("fp16", 48), ("bf16", 128)):
+    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    for dtype, head_dim in (("fp16", 48), ("bf16", 128), ("fp32", 64)):  # fp32: the "ieee" dots
         for kernels_, cfg in (((fa._attn_fwd_kernel,), fa._config(head_dim, cuda)),
                               ((fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel), fa._bwd_config(head_dim, cuda))):
             blocks = {name: v for name, v in cfg.items() if name.startswith("BLOCK")}
+            blocks["DOT_PRECISION"] = fa._dot_precision(torch_dtypes[dtype])
             for kernel in kernels_:
                 compile_for_gpu(kernel, dtype, blocks, cfg["num_warps"], cfg["num_stages"], arch=arch)
         pre = fa._bwd_config(head_dim, cuda)
