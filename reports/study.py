@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsscale.scaling.launch import command_line
+from rsscale.scaling.log import progress
 
 log = logging.getLogger("rsscale.study")
 
@@ -306,7 +307,8 @@ def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_
     images = heldout_images(heldout_files, cfg)
     every = plan.heldout["every"]
     scored = [(step, path) for step, path in checkpoints_of(cell_dir(plan, cell)) if step == cell.steps or (every and step % every == 0)]
-    curve = [(step, heldout_loss(path, images, seed=plan.heldout["seed"])) for step, path in scored]
+    curve = [(step, heldout_loss(path, images, seed=plan.heldout["seed"]))
+             for step, path in progress(scored, desc=f"[study] held-out loss of {cell.key}", unit="checkpoint")]
     if not curve or curve[-1][0] != cell.steps:
         raise RuntimeError(f"cell {cell.key}: no checkpoint of step {cell.steps} in {cell_dir(plan, cell)} after training")
     batch = int(plan.pretrain.get("global_batch", 8))
@@ -551,6 +553,11 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _secs(t: float) -> str:
+    """Whole seconds for long work; three decimals under ten seconds (a tiny study is not '0 s')."""
+    return f"{t:,.0f} s" if t >= 10 else f"{t:.3f} s"
+
+
 def dry_run(plan: Plan, jobs: int | None = None) -> None:
     """Print every cell with its predicted time, and how far the predictions are to be trusted;
     the time left is the cells' sum over the `jobs` run at once (the study's own estimate)."""
@@ -565,9 +572,9 @@ def dry_run(plan: Plan, jobs: int | None = None) -> None:
         total += (t or 0.0) * scale if c.key not in done else 0.0
         what = f"{c.task} fraction {c.fraction:g} from {c.parent}" if c.kind == "finetune" else f"{c.images or 'all'} images"
         print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
-              f"predicted {'?' if t is None else f'{t * scale:,.0f} s'}")
+              f"predicted {'?' if t is None else _secs(t * scale)}")
     basis = "the time model calibrated on this machine" if calib else "the analytic model at this machine's measured matmul rate"
-    print(f"predicted time left {total / jobs:,.0f} s" + (f" ({total:,.0f} s of cells, {jobs} at once)" if jobs > 1 else "") + f", from {basis}"
+    print(f"predicted time left {_secs(total / jobs)}" + (f" ({_secs(total)} of cells, {jobs} at once)" if jobs > 1 else "") + f", from {basis}"
           + (f", rescaled by the measured/predicted ratio {scale:.3g} of {measured[1]} recorded cell(s)" if measured else ""))
     if not measured:
         print("  caveat: not yet checked against this study's own cells; the training-step model leaves out process start-up, "
