@@ -121,6 +121,9 @@ class Plan:
         return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "F" if self.fsdp else "-")
 
 
+DEFAULT_DEVICE = "H100"  # what Hardware's defaults describe; `rsscale profile` names it when it assumes them
+
+
 @dataclass(frozen=True)
 class Hardware:
     peak_flops: float = 989e12  # dense bf16 FLOP/s per device (H100 SXM datasheet)

@@ -49,6 +49,8 @@ import time
 
 import numpy as np
 
+from rsscale.scaling.log import progress
+
 log = logging.getLogger(__name__)
 SIZES = [2**k for k in range(12, 23, 2)]  # collective message sizes, bytes
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -116,11 +118,11 @@ def measure_compute(cfgs, micro_batches, tps, precision: str, device, reps: int 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {"gemm": [], "attention": [], "layernorm": []}
-    for m, k, n in gemm_shapes(cfgs, micro_batches, tps):
+    for m, k, n in progress(gemm_shapes(cfgs, micro_batches, tps), desc="[calibrate] GEMM shapes", unit="shape"):
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         t = _timed(lambda: a @ b, sync, reps)
         out["gemm"].append({"shape": [m, k, n], "flops_per_s": 2 * m * k * n / t})
-    for B, H, N, Dh in attention_shapes(cfgs, micro_batches, tps):
+    for B, H, N, Dh in progress(attention_shapes(cfgs, micro_batches, tps), desc="[calibrate] attention shapes", unit="shape"):
         q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
         t = _timed(lambda: kernels.attention(q, k, v), sync, reps)
         out["attention"].append({"shape": [B, H, N, Dh], "flops_per_s": 4 * B * H * N * N * Dh / t})
@@ -166,11 +168,10 @@ def measure_steps(models, micro_batches, precision: str, reps: int = 6, rounds: 
     times = {p: [] for p in points}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "summary.json")
-        for _ in range(rounds):
-            for model, mb, recompute in points:
-                if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none", warmup=2).wait():
-                    raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
-                times[model, mb, recompute].append(_summary(path))
+        for model, mb, recompute in progress(points * rounds, desc="[calibrate] one-process steps", unit="run"):  # rounds in turn
+            if _one_process_step(model, mb, gb, precision, reps, path, "full" if recompute else "none", warmup=2).wait():
+                raise RuntimeError(f"the calibration step run of {model} mb {mb} recompute={recompute} failed")
+            times[model, mb, recompute].append(_summary(path))
     runs = []
     for (model, mb, recompute), t in times.items():
         log.info("step of %s mb %d gb %d recompute=%s: %s s", model, mb, gb, recompute, " ".join(f"{x:.4f}" for x in t))
@@ -198,11 +199,10 @@ def measure_fsdp(models, micro_batch: int, precision: str, reps: int = 6, rounds
     times = {(m, f): [] for m in models for f in (False, True)}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "summary.json")
-        for _ in range(rounds):
-            for model, fsdp in times:
-                if _one_process_step(model, micro_batch, 2 * micro_batch, precision, reps, path, warmup=2, fsdp=fsdp).wait():
-                    raise RuntimeError(f"the calibration step run of {model} fsdp={fsdp} failed")
-                times[model, fsdp].append(_summary(path, "t_fwd_bwd_median_s"))
+        for model, fsdp in progress(list(times) * rounds, desc="[calibrate] FSDP pairs", unit="run"):  # rounds in turn
+            if _one_process_step(model, micro_batch, 2 * micro_batch, precision, reps, path, warmup=2, fsdp=fsdp).wait():
+                raise RuntimeError(f"the calibration step run of {model} fsdp={fsdp} failed")
+            times[model, fsdp].append(_summary(path, "t_fwd_bwd_median_s"))
     points = []
     for model in models:
         plain, sharded = statistics.median(times[model, False]), statistics.median(times[model, True])
@@ -229,7 +229,7 @@ def measure_step_concurrency(model: str, micro_batch: int, precision: str, group
 
     sizes = [1, *group_sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        times = [[together(n, tmp) for n in sizes] for _ in range(rounds)]
+        times = [[together(n, tmp) for n in sizes] for _ in progress(range(rounds), desc="[calibrate] concurrency rounds", unit="round")]
     alone, *others = (statistics.median(col) for col in zip(*times))
     out = {str(n): max(1.0, t / alone) for n, t in zip(group_sizes, others)}
     log.info("step of %s mb %d alone %.4f s; slowdown with N at once: %s", model, micro_batch, alone, out)
@@ -367,7 +367,7 @@ def measure_collectives(group_sizes, reps: int = 60, rounds: int = 1) -> tuple[d
         out["collective_chunk_s"] = {kind: _timed(_work_chunk(rows), lambda: None, 50) for kind, rows in CHUNK_ROWS.items()}
     finally:
         torch.set_num_threads(threads)
-    for n in group_sizes:
+    for n in progress(group_sizes, desc="[calibrate] collective group sizes", unit="size"):
         runs = []
         for _ in range(rounds):
             with tempfile.TemporaryDirectory() as tmp:

@@ -46,10 +46,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from rsscale.scaling.config import RECOMPUTE
+from rsscale.scaling.config import RECOMPUTE, get_preset
 from rsscale.scaling.config_file import check_numbers
-from rsscale.scaling.launch import add_launch_arguments, command_line, relaunch, wants_launch
-from rsscale.scaling.layout import Layout, add_layout_arguments
+from rsscale.scaling.launch import add_launch_arguments, command_line, wants_launch
+from rsscale.scaling.layout import Layout, add_layout_arguments, relaunch_checked
 
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 
@@ -161,6 +161,12 @@ def summarize(step_times, global_batch: int, step_flops: float, model_flops: flo
     }
 
 
+def bench_layout(opts: BenchOptions, world: int) -> Layout:
+    """The layout `opts` measures on `world` processes (--dp defaults to world / (tp*pp))."""
+    dp = opts.dp or max(1, world // (opts.tp * opts.pp))
+    return Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
+
+
 def run_bench(opts: BenchOptions) -> dict | None:
     """Measure `opts` on this process's rank; returns the summary on rank 0 (None elsewhere)."""
     import torch
@@ -173,8 +179,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
-    dp = opts.dp or max(1, world // (opts.tp * opts.pp))
-    layout = Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
+    layout = bench_layout(opts, world)
     measured = opts.steps * (2 if opts.overlap_grad_reduce == "both" else 1)
     config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + measured, precision=opts.precision,
                          kernels=opts.kernels, recompute=opts.recompute, data="random",
@@ -397,7 +402,7 @@ def options_from_args(args) -> BenchOptions:
 def main(args) -> int:
     opts = options_from_args(args)
     if wants_launch(args):
-        return relaunch("bench", args, args.command_argv)
+        return relaunch_checked("bench", args, lambda world: (bench_layout(opts, world), get_preset(opts.model)))
     if opts.vpp_sweep:
         try:
             values = [int(v) for v in opts.vpp_sweep.split(",")]

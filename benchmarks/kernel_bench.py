@@ -1,8 +1,8 @@
 """`rsscale kernels`: correctness, speed benchmark and regression check of the Triton kernels.
 
     rsscale kernels test                                   correctness table (GPU, or CPU interpreter)
-    rsscale kernels bench [--shapes presets|quick] [--out FILE]
-    rsscale kernels check --baseline FILE [--current FILE] [--threshold 0.10]
+    rsscale kernels bench [--shapes presets|quick] [--out FILE] [--allow-skip]
+    rsscale kernels check --baseline FILE [--current FILE] [--threshold 0.10] [--allow-skip]
 
 bench times every kernel next to its baselines (torch eager, torch.compile, SDPA's flash backend
 for attention, apex / Transformer Engine LayerNorm when installed) on shapes taken from the model
@@ -13,11 +13,12 @@ a JSON (or CSV) file and to the results store (kind="kernel").
 check compares the Triton rows of a fresh (or given) result against a committed baseline. Exit
 codes: 0 every row within the threshold; 1 a row slower by more than the threshold, missing, or
 a kernel incorrect; 3 (EXIT_CANNOT_COMPARE) nothing could be compared, with a line saying why:
-no GPU to time on, a malformed baseline or results file, a timing that is not a positive finite
-number, no Triton rows, or a baseline from another (or an unrecorded) device. --allow-skip turns
-"could not compare" into exit 0 with a SKIPPED line; --allow-device-mismatch compares across
-devices anyway. Without a GPU, bench and check run the correctness part under the Triton
-interpreter and say that timing needs a GPU.
+no GPU to time on, a missing or malformed baseline or results file, a timing that is not a
+positive finite number, no Triton rows, or a baseline from another (or an unrecorded) device.
+--allow-skip turns "could not compare" into exit 0 with a SKIPPED line; --allow-device-mismatch
+compares across devices anyway. Without a GPU, bench and check run the correctness part under
+the Triton interpreter, then exit 3 (timing needs a GPU; bench writes no file), or 0 with
+--allow-skip.
 """
 
 from __future__ import annotations
@@ -298,9 +299,9 @@ class CannotCompare(Exception):
 
 def load_results(path: str) -> dict:
     """A file written by save_results (JSON or CSV) -> {meta, records}; CannotCompare naming the
-    file when it is not one (unparsable, no records, a record without its keys)."""
+    file when it is not one (absent, unparsable, no records, a record without its keys)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no kernel benchmark results at {path} (write one with `rsscale kernels bench --out FILE` on a GPU)")
+        raise CannotCompare(f"no kernel benchmark results at {path} (write one with `rsscale kernels bench --out {path}` on a GPU)")
     try:
         if path.endswith(".csv"):
             with open(path, newline="") as f:
@@ -417,13 +418,14 @@ def print_comparison(rows: list[dict], threshold: float) -> bool:
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("test", help="correctness of every kernel vs a float64 torch reference")
-    bench = sub.add_parser("bench", help="time the kernels and their baselines (GPU)")
+    sub.add_parser("test", help="correctness of every kernel vs a float64 torch reference", formatter_class=parser.formatter_class)
+    bench = sub.add_parser("bench", help="time the kernels and their baselines (GPU)", formatter_class=parser.formatter_class)
     bench.add_argument("--shapes", choices=["presets", "quick"], default="presets", help="shape grid")
     bench.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     bench.add_argument("--out", default="reports/kernel_bench.json", help="results file (.json or .csv)")
     bench.add_argument("--no-store", action="store_true", help="do not record in the results store")
-    check = sub.add_parser("check", help="fail when a kernel is slower than a committed baseline")
+    bench.add_argument("--allow-skip", action="store_true", help="exit 0 (with a SKIPPED line) when there is no GPU to time on")
+    check = sub.add_parser("check", help="fail when a kernel is slower than a committed baseline", formatter_class=parser.formatter_class)
     check.add_argument("--baseline", required=True, help="results file written by `rsscale kernels bench`")
     check.add_argument("--current", help="compare this results file instead of re-running the benchmark")
     check.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown (0.10 = 10%%)")
@@ -450,8 +452,8 @@ def main(args) -> int:
     if args.action == "test":
         return 0
     if device == "cpu":
-        print("timing needs a CUDA GPU: `rsscale kernels bench` measured nothing on this machine.")
-        return 0
+        return could_not("bench", f"timing needs a CUDA GPU and this machine has none (the correctness check above ran; "
+                                  f"nothing written to {args.out})", args.allow_skip)
     result = run_bench(args.shapes, args.dtype)
     save_results(result, args.out)
     if not args.no_store:
@@ -465,6 +467,16 @@ def run_correctness(device: str) -> bool:
         return True
     print("rsscale kernels: a kernel disagrees with its reference (see FAIL rows)", file=sys.stderr)
     return False
+
+
+def could_not(action: str, why: str, allow_skip: bool) -> int:
+    """A command that could not do its job says why and exits EXIT_CANNOT_COMPARE, never 0 as if it
+    had; --allow-skip makes that an explicit SKIPPED and exit 0."""
+    if allow_skip:
+        print(f"kernels {action} SKIPPED (--allow-skip): {why}")
+        return 0
+    print(f"rsscale kernels {action}: {why}", file=sys.stderr)
+    return EXIT_CANNOT_COMPARE
 
 
 def check(args) -> int:
@@ -486,11 +498,7 @@ def check(args) -> int:
         check_devices(baseline["meta"], current["meta"], args.allow_device_mismatch)
         rows = compare(baseline["records"], current["records"], args.threshold)
     except CannotCompare as err:
-        if args.allow_skip:
-            print(f"kernels check SKIPPED (--allow-skip): could not compare: {err}")
-            return 0
-        print(f"rsscale kernels check: could not compare: {err}", file=sys.stderr)
-        return EXIT_CANNOT_COMPARE
+        return could_not("check", f"could not compare: {err}", args.allow_skip)
     return 0 if print_comparison(rows, args.threshold) else EXIT_SLOWER
 
 

@@ -35,8 +35,9 @@ from rsscale.scaling.config import RECOMPUTE, get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
 from rsscale.scaling.layout import Layout, validate_layout
 
-GIB = 2**30
+GIB, MIB = 2**30, 2**20
 MAX_CPU_PROCESSES = 4
+DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
 
 
 def divisors(n: int) -> list[int]:
@@ -114,11 +115,33 @@ def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, 
     return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
+def size(n_bytes: float) -> str:
+    """GiB to two decimals; below 0.1 GiB, where that keeps one digit or none (small models on
+    CPU), MiB to two decimals, marked M."""
+    if 0 < n_bytes < 0.1 * GIB:
+        return f"{n_bytes / MIB:.2f}M"
+    return f"{n_bytes / GIB:.2f}"
+
+
+def assumed_device(args, hw: analytic.Hardware, peak_measured: bool = False) -> str:
+    """The first line of the output: every figure in the table follows from these numbers, and
+    the ones no flag set are an H100's, whatever this machine is."""
+    h100 = analytic.Hardware()
+    defaults = [flag for flag, value, default in (("--memory-gb", args.memory_gb, DEFAULT_MEMORY_GB),
+                                                  ("--peak-tflops", hw.peak_flops, h100.peak_flops),
+                                                  ("--bandwidth-gbs", hw.bandwidth, h100.bandwidth)) if value == default]
+    line = (f"device assumed: {args.memory_gb:g} GiB, {hw.peak_flops / 1e12:g} TFLOP/s peak"
+            f"{' (CPU matmul, measured here)' if peak_measured else ''}, {hw.bandwidth / 1e9:g} GB/s per device")
+    if defaults:
+        line += f" ({', '.join(defaults)}: {analytic.DEFAULT_DEVICE} defaults; set them for another device)"
+    return line
+
+
 def format_row(r: dict) -> str:
     p, e, m = r["plan"], r["est"], r["est"].memory
     flags = p.flags
-    return (f"{str(p.layout):<34} {flags:<3} {m['params'] / GIB:7.2f} {m['grads'] / GIB:7.2f} {m['optimizer'] / GIB:7.2f} "
-            f"{m['activations'] / GIB:7.2f} {m['total'] / GIB:8.2f} {'yes' if r['fits'] else 'NO':>4} "
+    return (f"{str(p.layout):<34} {flags:<3} {size(m['params']):>7} {size(m['grads']):>7} {size(m['optimizer']):>7} "
+            f"{size(m['activations']):>7} {size(m['total']):>8} {'yes' if r['fits'] else 'NO':>4} "
             f"{r['img_s']:10.1f} {100 * r['mfu']:6.1f}")
 
 
@@ -134,7 +157,7 @@ def print_table(rows: list[dict], top: int) -> list[dict]:
         print(f"... {len(misfits)} layouts do not fit; the {min(3, len(misfits))} fastest of them:")
         for r in misfits[:3]:
             print(format_row(r))
-    print("memory in GiB per device (worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP")
+    print("memory in GiB per device (M: MiB; worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP")
     return shown + misfits[:3]
 
 
@@ -142,7 +165,7 @@ def print_counted(cfg, rows: list[dict]) -> None:
     """Counted (benchmarks/count.py, every stage) beside analytic bytes for the worst stage of each row."""
     from rsscale.benchmarks.count import COMPONENTS, count_plan
 
-    print(f"\ncounted (fake tensors in a fake {rows[0]['plan'].layout.world_size}-rank world) / analytic, GiB on the worst stage:")
+    print(f"\ncounted (fake tensors in a fake {rows[0]['plan'].layout.world_size}-rank world) / analytic, GiB (M: MiB) on the worst stage:")
     print(f"{'layout':<34} {'R/Z':<3} " + " ".join(f"{c:>15}" for c in COMPONENTS + ("total",)) + f" {'worst err':>9}")
     for r in rows:
         p = r["plan"]
@@ -151,7 +174,7 @@ def print_counted(cfg, rows: list[dict]) -> None:
         counted, predicted = stages[worst].as_dict(), analytic.memory_per_stage(cfg, p)[worst]
         err = max(abs(predicted[c] / counted[c] - 1) for c in counted if counted[c])
         flags = p.flags
-        cells = " ".join(f"{counted[c] / GIB:7.2f}/{predicted[c] / GIB:<7.2f}" for c in COMPONENTS + ("total",))
+        cells = " ".join(f"{size(counted[c]):>7}/{size(predicted[c]):<7}" for c in COMPONENTS + ("total",))
         print(f"{str(p.layout):<34} {flags:<3} {cells} {100 * err:8.2f}%")
 
 
@@ -327,11 +350,12 @@ def load_calibration(args) -> dict | None:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model preset (rsscale models)")
     parser.add_argument("--gpus", type=int, required=True, help="number of devices (tp*pp*dp)")
-    parser.add_argument("--memory-gb", type=float, default=80.0, help="memory per device in GB (GiB)")
+    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, help="memory per device in GB (GiB)")
     parser.add_argument("--reserve-gb", type=float, default=2.0, help="memory kept free per device (context, workspaces)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s (default 989, H100 bf16)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help=f"per-device peak TFLOP/s (default {analytic.Hardware.peak_flops / 1e12:g}, "
+                        f"{analytic.DEFAULT_DEVICE} bf16; with --measure on CPU, measured here)")
     parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach")
-    parser.add_argument("--bandwidth-gbs", type=float, default=300.0, help="effective collective bandwidth per device, GB/s")
+    parser.add_argument("--bandwidth-gbs", type=float, default=analytic.Hardware.bandwidth / 1e9, help="effective collective bandwidth per device, GB/s")
     parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
@@ -404,14 +428,15 @@ def main(args) -> int:
     if args.global_batch is None:
         args.global_batch = 16 if args.task else 256
     args.peak_tflops_given = args.peak_tflops is not None
-    if args.measure and not args.peak_tflops_given and not _cuda():
+    peak_measured = args.measure and not args.peak_tflops_given and not _cuda()
+    if peak_measured:
         from rsscale.benchmarks.harness import matmul_peak_tflops
         import torch
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True
-        print(f"[profile] CPU matmul peak measured here: {args.peak_tflops:.3f} TFLOP/s (used for ranking and MFU)")
-    hw = analytic.Hardware(peak_flops=(args.peak_tflops or 989.0) * 1e12, efficiency=args.efficiency,
-                           bandwidth=args.bandwidth_gbs * 1e9)
+    hw = analytic.Hardware(peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else analytic.Hardware.peak_flops,
+                           efficiency=args.efficiency, bandwidth=args.bandwidth_gbs * 1e9)
+    print(assumed_device(args, hw, peak_measured), flush=True)
     budget = (args.memory_gb - args.reserve_gb) * GIB
     if args.task:
         return main_finetune(args, cfg, hw, budget)

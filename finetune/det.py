@@ -41,6 +41,7 @@ from rsscale.finetune.datasets import DotaObject, merge_detections, split_image
 from rsscale.finetune.metrics import evaluate_dota
 from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
 from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.scaling.log import progress
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, in
     overlap = crop // 4 if overlap is None else overlap
     dets = {c: [] for c in classes}
     gts = {}
-    for i in range(len(dataset)) if indices is None else indices:
+    for i in progress(range(len(dataset)) if indices is None else indices, desc="[eval] detection", unit="image"):
         image, target = dataset[i]
         image_id = target["image_id"]
         gts[image_id] = [DotaObject(tuple(p.tolist()), classes[int(l)], bool(d))

@@ -6,7 +6,8 @@ with polygon IoU > 0.5 (strict); a detection matching an already-matched object 
 positive; difficult objects are not positives, and a detection whose best match is difficult is
 neither a true nor a false positive; AP is VOC07 11-point (or all-point) and mAP is the mean over
 all evaluated classes (a class without non-difficult ground truth scores 0, as in the official
-script with its fixed class list). Detections with equal scores are ordered as the official
+script with its fixed class list; `mAP_with_gt`, shown beside it, averages only the classes with
+ground truth). Detections with equal scores are ordered as the official
 script orders them (`tie_order="devkit"`, the default): `np.argsort(-confidence)` over the class's
 detections in submission order, numpy's default (unstable) sort. `tie_order="stable"` keeps
 submission order among equal scores instead. Ties matter: on the shared DOTA sample the plane AP
@@ -65,8 +66,10 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
     classes: classes to evaluate (default: every class in the ground truth or the detections).
     ignore_difficult: override the mode's handling of difficult objects (DOTA-v1.5's official
     script counts every object: pass False there).
-    Returns {"mAP": float, "classes": {class: {"ap", "num_gt", "num_dets", "tp", "fp",
-    "recall", "precision"}}} with recall/precision those at the last detection.
+    Returns {"mAP": float, "mAP_with_gt": float, "classes": {class: {"ap", "num_gt", "num_dets",
+    "tp", "fp", "recall", "precision"}}} with recall/precision those at the last detection;
+    mAP_with_gt averages only the classes with (non-difficult) ground truth, which DOTA's official
+    mAP also counts, as 0, when they are in the class list.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -88,11 +91,10 @@ def evaluate_dota(detections, ground_truth, iou_thr: float = 0.5, use_07_metric:
                              mode, ignore_difficult, tie_order)
         for cls in classes
     }
-    if mode == "dota":
-        aps = [r["ap"] for r in per_class.values()]
-    else:
-        aps = [r["ap"] for r in per_class.values() if r["num_gt"] > 0]
-    return {"mAP": float(np.mean(aps)) if aps else float("nan"), "classes": per_class}
+    with_gt = [r["ap"] for r in per_class.values() if r["num_gt"] > 0]
+    aps = [r["ap"] for r in per_class.values()] if mode == "dota" else with_gt
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"mAP": mean(aps), "mAP_with_gt": mean(with_gt), "classes": per_class}
 
 
 def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignore_difficult, tie_order) -> dict:
@@ -181,12 +183,19 @@ def _ious_by_image(dets, gts, mode) -> list[np.ndarray]:
 
 
 def format_ap_table(result: dict) -> str:
-    """Per-class AP table (percent) as Markdown."""
+    """Per-class AP table (percent) as Markdown. Classes without ground truth are marked and the
+    table says which classes each mean counts: the official mAP scores them 0, which hides how
+    well the classes that are there were found."""
+    pct = lambda v: "n/a" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
     lines = ["| class | AP | gt | dets |", "|---|---:|---:|---:|"]
     for cls, r in result["classes"].items():
-        ap = "n/a" if math.isnan(r["ap"]) else f"{100 * r['ap']:.2f}"
-        lines.append(f"| {cls} | {ap} | {r['num_gt']} | {r['num_dets']} |")
-    lines.append(f"| **mAP** | **{100 * result['mAP']:.2f}** | | |")
+        lines.append(f"| {cls if r['num_gt'] else f'{cls} (no GT)'} | {pct(r['ap'])} | {r['num_gt']} | {r['num_dets']} |")
+    lines.append(f"| **mAP** | **{pct(result['mAP'])}** | | |")
+    lines.append(f"| mAP over classes with GT | {pct(result['mAP_with_gt'])} | | |")
+    counted = sum(not math.isnan(r["ap"]) for r in result["classes"].values())
+    with_gt = sum(r["num_gt"] > 0 for r in result["classes"].values())
+    zeros = f", {counted - with_gt} without GT scored 0 (DOTA's official rule)" if counted > with_gt else ""
+    lines.append(f"\nmAP averages {counted} classes{zeros}; mAP over classes with GT averages {with_gt}.")
     return "\n".join(lines)
 
 
@@ -288,7 +297,7 @@ def main(argv=None) -> int:
     print(format_ap_table(result))
     if args.json:
         nan_to_null = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
-        clean = {"mAP": nan_to_null(result["mAP"]),
+        clean = {"mAP": nan_to_null(result["mAP"]), "mAP_with_gt": nan_to_null(result["mAP_with_gt"]),
                  "classes": {c: {k: nan_to_null(v) for k, v in r.items()} for c, r in result["classes"].items()}}
         Path(args.json).write_text(json.dumps(clean, indent=1, allow_nan=False))
     return 0

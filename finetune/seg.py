@@ -20,6 +20,7 @@ from torch import nn
 from rsscale.finetune.datasets import IGNORE_INDEX
 from rsscale.finetune.metrics import SegMetric
 from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.scaling.log import progress
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def evaluate_seg(model, dataset, crop: int, class_names, normalize, stride: int 
     metric = SegMetric(len(class_names), IGNORE_INDEX, class_names)
     t0 = time.time()
     indices = range(len(dataset)) if indices is None else indices
-    for i in indices:
+    for i in progress(indices, desc="[eval] segmentation", unit="image"):
         img, target = dataset[i]
         logits = slide_inference(model, normalize(img)[None].to(device), crop, stride or crop * 2 // 3, len(class_names))
         metric.update(logits.argmax(1), target["mask"][None].to(device))

@@ -7,8 +7,8 @@ downstream accuracy against model size.
         --steps 300 --crop 128 --lr 1e-3 --layer-decay 0.75 --out runs/ft-seg --results reports/results.db
 
 Data layouts (--data DIR):
-  synthetic  the `rsscale data` layout (written here when missing): seg/{Train,Val}/{Urban,Rural},
-             det/{train,val}/{images,labelTxt}
+  synthetic  a dataset `rsscale data` wrote: seg/{Train,Val}/{Urban,Rural}, det/{train,val}/{images,labelTxt};
+             the bundled one is written only into a missing or empty DIR (never beside other files)
   loveda     DIR/{Train,Val}/{Urban,Rural}/{images_png,masks_png}
   potsdam    DIR/{train,val}/{images,labels} (tiles *_RGB.* with *_label.*; colour or index labels)
   dota       DIR/{train,val}/{images,labelTxt}; split big images first (python -m rsscale.finetune.datasets)
@@ -47,8 +47,8 @@ from rsscale.scaling.config import ViTConfig, get_preset, param_count
 from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.data import default_stats
-from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
-from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp
+from rsscale.scaling.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
 from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
 from rsscale.scaling.parallel import state
 from rsscale.scaling.store import NullRun
@@ -72,12 +72,9 @@ def build_datasets(task: str, dataset: str, data: str, synthetic_counts=(64, 64)
         raise ValueError(f"dataset {dataset!r} is not a {task} benchmark; choose one of {', '.join(TASKS[task])}")
     root = Path(data)
     if dataset == "synthetic":
-        from rsscale.scaling.synthetic import DET_CLASSES, dataset_paths, ensure_dataset
+        from rsscale.scaling.synthetic import DET_CLASSES, dataset_for
 
-        paths = dataset_paths(root)
-        if not (Path(paths["seg_train"]).is_dir() and Path(paths["det_train"]).is_dir()):
-            say(f"no synthetic dataset at {root}: writing one")
-            paths = ensure_dataset(root, num_pretrain=0, num_seg=synthetic_counts[0], num_det=synthetic_counts[1])
+        paths = dataset_for(root, task, num_seg=synthetic_counts[0], num_det=synthetic_counts[1])
         if task == "seg":
             split = lambda key: torch.utils.data.ConcatDataset([D.LoveDADataset(d) for d in paths[key]])  # noqa: E731
             return split("seg_train_dirs"), split("seg_val_dirs"), D.LOVEDA_CLASSES
@@ -189,9 +186,9 @@ def build_model(task: str, args, num_classes: int, sequence_parallel: bool = Fal
 # ------------------------------------------------------------------------------------ layout
 def layout_from_args(args, world: int) -> Layout:
     """The fine-tuning layout: TP x DP (no pipeline); the micro-batch defaults to global / dp."""
-    tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
-    if pp != 1:
-        raise ValueError(f"--pp {pp}: fine-tuning runs tensor and data parallel only (use --pp 1)")
+    tp, pp, vpp = getattr(args, "tp", 1), getattr(args, "pp", 1), getattr(args, "vpp", 1)
+    if pp != 1 or vpp != 1:
+        raise ValueError(f"--pp {pp} --vpp {vpp}: fine-tuning runs tensor and data parallel only (use --pp 1, no --vpp)")
     dp = derive_dp(tp, 1, getattr(args, "dp", None), world)
     gb = getattr(args, "global_batch", 8)
     mb = getattr(args, "micro_batch", None) or max(gb // dp, 1)
@@ -458,7 +455,7 @@ def run_finetune(args) -> dict:
             per_class = {f"IoU/{c}": 100 * v for c, v in zip(classes, m["IoU"].tolist()) if not math.isnan(v)}
         else:
             say("\n" + format_ap_table(r["ap"]))
-            results = {"mAP": 100 * r["ap"]["mAP"]}
+            results = {"mAP": 100 * r["ap"]["mAP"], "mAP_with_gt": 100 * r["ap"]["mAP_with_gt"]}
             per_class = {f"AP/{c}": 100 * v["ap"] for c, v in r["ap"]["classes"].items() if not math.isnan(v["ap"])}
         results["final_loss"] = sum(history[-10:]) / max(len(history[-10:]), 1)
         results["eval_seconds"] = eval_s
@@ -545,10 +542,8 @@ def check_args(args) -> None:
 def main(args) -> int:
     check_args(args)
     if wants_launch(args):
-        world = args.nproc * (args.nnodes or 1)
         check_precision(args.precision)
-        check_layout(layout_from_args(args, world), load_config(args), world)  # as the ranks will, before launching
-        return relaunch("finetune", args, args.command_argv)
+        return relaunch_checked("finetune", args, lambda world: (layout_from_args(args, world), load_config(args)))
     try:
         run_finetune(args)
     finally:

@@ -2,7 +2,9 @@
 
     rsscale demo [--out runs/demo] [--steps 30]
 
-1. writes the bundled synthetic aerial dataset if missing (scaling.synthetic.ensure_dataset);
+0. refuses to run over an earlier demo in <out> unless --overwrite, which deletes it first (its
+   store would mix both runs into the report);
+1. writes the bundled synthetic aerial dataset if missing (scaling.synthetic.dataset_for);
 2. pretrains each model of the CPU ladder (tiny, mini, small, medium) for a few MAE steps in
    this process, recording loss curves and step times into <out>/results.db;
 3. writes the scaling report from that store (reports.report), and says where everything is.
@@ -10,36 +12,74 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 
 from rsscale.scaling.config import CPU_LADDER, get_preset, param_count
 from rsscale.scaling.layout import Layout
+from rsscale.scaling.log import progress
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (results.db, runs, report)")
     parser.add_argument("--steps", type=int, default=30, help="pretraining steps per model")
-    parser.add_argument("--data", default="data/synthetic", help="where the bundled dataset lives (generated if missing)")
+    parser.add_argument("--data", default="data/synthetic",
+                        help="where the bundled dataset lives (written there if the folder is missing or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier demo in --out (its store, report and model folders) and start over")
     parser.add_argument("--models", default=",".join(CPU_LADDER), help="comma-separated presets to pretrain")
     parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch)")
 
 
+def previous_demo(out: str, models: list[str]) -> list[str]:
+    """What an earlier demo left in `out` that this one writes: its store, report and model folders
+    (those its store records and this run's)."""
+    from rsscale.scaling.store import ResultsStore
+
+    store, names = os.path.join(out, "results.db"), set(models)
+    if os.path.exists(store):
+        with contextlib.suppress(ValueError):  # a broken store goes with the rest
+            names |= set(ResultsStore(store, readonly=True).runs()["preset"].dropna())
+    paths = [store, store + "-wal", store + "-shm", os.path.join(out, "report"), *(os.path.join(out, n) for n in sorted(names))]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
+    """Refuse to run over an earlier demo unless overwrite (then delete it): the report would mix
+    both demos' runs, and the fine-tuning examples point at its model folders."""
+    previous = previous_demo(out, models)
+    if not previous:
+        return
+    names = ", ".join(os.path.relpath(p, out) for p in previous if not p.endswith(("-wal", "-shm")))
+    if not overwrite:
+        raise ValueError(f"{out} already holds a demo ({names}): pass --overwrite to delete it and start over, or choose another --out")
+    for path in previous:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    print(f"[demo] --overwrite: deleted the earlier demo in {out} ({names})", flush=True)
+
+
 def main(args) -> int:
     t0 = time.perf_counter()
-    from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
+    from rsscale.scaling.synthetic import dataset_for
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    clear_previous_demo(args.out, models, args.overwrite)
     print(f"[demo] dataset: {args.data} (generated on first use)", flush=True)
-    ensure_dataset(args.data)
+    paths = dataset_for(args.data, "pretrain")
     results = os.path.join(args.out, "results.db")
     os.makedirs(args.out, exist_ok=True)
     summary = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in progress(models, desc="[demo] pretrained", unit="model", inline=False):  # each model logs its steps
         config = TrainConfig(model=name, parallel=Layout(micro_batch=args.batch, global_batch=args.batch),
                              optim=OptimConfig(lr=2e-3, warmup=max(1, args.steps // 6)), steps=args.steps,
-                             data=dataset_paths(args.data)["pretrain"], num_workers=1, out=os.path.join(args.out, name),
-                             results=results, log_every=max(1, args.steps // 3), overwrite=True)  # a demo rerun starts over
+                             data=paths["pretrain"], num_workers=1, out=os.path.join(args.out, name),
+                             results=results, log_every=max(1, args.steps // 3))
         t = time.perf_counter()
         records = Trainer.build(config).fit()
         summary.append((name, param_count(get_preset(name), "encoder"), records[0]["loss"], records[-1]["loss"], time.perf_counter() - t))

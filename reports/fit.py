@@ -9,6 +9,8 @@ a, b, d positive through a log parameterization and N rescaled by its geometric 
 problem is well conditioned; several starting values of d are tried and the best kept.
 Confidence intervals (95 %) are percentile bootstrap over the points: resample with replacement,
 refit, take the 2.5 / 97.5 percentiles of each parameter (resamples that do not fit are skipped).
+A fit with no more points than parameters, no finite interval or a runaway exponent is "not
+meaningful" (fit.problem()): str(fit) then gives the reason instead of numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+MAX_EXPONENT = 10.0  # scaling exponents are of order 1; beyond this a fit has run away
 
 
 @dataclass
@@ -33,11 +37,22 @@ class Fit:
             return p["a"] * n ** p["c"]
         return p["a"] * (n + p["b"]) ** (-p["c"]) + p["d"]
 
+    def problem(self) -> str | None:
+        """Why the fitted numbers say nothing at all, or None. Such a fit is shown as "not meaningful"
+        with this reason instead of its numbers (which would be quoted: a = 3.3e+133)."""
+        k = len(self.params)
+        if self.n_points <= k:
+            return f"{self.n_points} points for {k} parameters: the curve can pass through every point"
+        bounds = [b for lohi in self.ci.values() for b in lohi]
+        if not self.ci or not np.isfinite([*self.params.values(), *bounds]).all():
+            return "no finite 95 % interval for every parameter (the bootstrap refits failed or ran away)"
+        if max(abs(v) for v in (self.params["c"], *self.ci.get("c", ()))) > MAX_EXPONENT:
+            return f"the exponent or its 95 % interval goes beyond |c| = {MAX_EXPONENT:g}: the data do not determine it"
+        return None
+
     def caveats(self) -> list[str]:
         """Why the exponent may not mean much (printed beside every fit, so nobody quotes it blindly)."""
         notes = []
-        if self.law == "saturating" and self.n_points <= 4:
-            notes.append(f"{self.n_points} points for 4 parameters: the curve can pass through every point, c is not determined")
         if self.law == "saturating" and self.params["c"] < 0:
             notes.append("c < 0: E grows with the x variable (size or compute) in this data (too few steps or sizes to show scaling)")
         lo, hi = self.ci.get("c", (float("nan"), float("nan")))
@@ -47,6 +62,9 @@ class Fit:
 
     def __str__(self) -> str:
         formula = "y = a * N^c" if self.law == "power" else "E = a * (N + b)^-c + d"
+        problem = self.problem()
+        if problem:
+            return f"{formula}: not meaningful, {problem} (n={self.n_points})"
         parts = []
         for k, v in self.params.items():
             lo, hi = self.ci.get(k, (float("nan"), float("nan")))

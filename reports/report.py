@@ -4,12 +4,15 @@
     write_report(results_path, out_dir, name) -> path of report.md   (used by `rsscale demo`)
 
 Writes <out>/<name>/report.md, a self-contained report.html (figures embedded as base64 PNG),
-every figure as PNG and SVG, fits.json and the tables as CSV. Sections: runs (incomplete runs
-listed as such), throughput and MFU vs parameters per layout, memory per device vs parameters
-(measured beside the analytic prediction, with the error), pretraining loss vs parameters and
-vs compute, downstream metrics vs parameters with the published points (reports/paper.py),
-kernel speed over commits, and the fitted scaling exponents. A section without data says
-"no data yet". Parameters are the encoder's (the paper's sizes), from the preset when known.
+every figure as PNG and SVG, fits.json, the tables as CSV and a copy of METHODS.md (linked).
+Sections: runs (incomplete runs listed as such), throughput and MFU vs parameters per layout,
+memory per device vs parameters (measured beside the analytic prediction, with the error),
+pretraining loss vs parameters and vs compute, downstream metrics vs parameters with the
+published points (reports/paper.py), kernel speed over commits, and the fitted scaling exponents.
+A section without data says "no data yet"; a value that cannot be known says "n/a" and why; a fit
+that is not meaningful says so instead of giving numbers. Every run is its own table row and its
+own dot (labelled with its run id); legends sit beside the axes; every log axis has numbers.
+Parameters are the encoder's (the paper's sizes), from the preset when known.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import html
 import io
 import json
 import os
+import re
+import shutil
 
 import matplotlib
 
@@ -32,6 +37,7 @@ from rsscale.reports import fit as fitting  # noqa: E402
 from rsscale.reports.paper import PRESET_NOTE, reference_points  # noqa: E402
 
 NO_DATA = "no data yet"
+GENERIC_NAMES = ("latest", "report")  # folder names that say nothing: left out of the title
 GIB = 2**30
 DOWNSTREAM = ("mAP", "mIoU", "OA", "mF1")
 
@@ -58,15 +64,17 @@ class Doc:
         self.blocks.append(("t", shown))
 
     def figure(self, fig, name: str, caption: str) -> None:
+        for ax in fig.axes:
+            _label_log_ticks(ax)
         png = os.path.join(self.folder, f"{name}.png")
-        fig.savefig(png, dpi=100)
-        fig.savefig(os.path.join(self.folder, f"{name}.svg"))
+        fig.savefig(png, dpi=100, bbox_inches="tight")  # tight: the legends sit beside the axes
+        fig.savefig(os.path.join(self.folder, f"{name}.svg"), bbox_inches="tight")
         plt.close(fig)
         self.blocks.append(("f", name, caption))
 
     def fit(self, what: str, result) -> None:
         self.fits.append(dict(what=what, law=result.law, params=result.params, ci=result.ci, n=result.n_points, text=str(result),
-                              caveats="; ".join(result.caveats())))
+                              problem=result.problem(), caveats="; ".join(result.caveats())))
         self.text(f"Fit, {what}: `{result}`")
 
     def markdown(self) -> str:
@@ -92,7 +100,8 @@ class Doc:
             if b[0] == "h":
                 out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
             elif b[0] == "p":
-                out.append(f"<p>{html.escape(b[1]).replace('`', '')}</p>")
+                text = html.escape(b[1]).replace('`', '')
+                out.append("<p>" + re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", text) + "</p>")
             elif b[0] == "t":
                 out.append(b[1].to_html(index=False, escape=True))
             else:
@@ -127,7 +136,7 @@ def wide(metrics: pd.DataFrame, names) -> pd.DataFrame:
     if m.empty:
         return pd.DataFrame()
     values = m.pivot_table(index="run_id", columns="name", values="value", aggfunc="last")
-    runs = m.drop_duplicates("run_id").set_index("run_id")[["preset", "params", "tp", "pp", "dp", "sp", "micro_batch",
+    runs = m.drop_duplicates("run_id").set_index("run_id")[["kind", "preset", "params", "tp", "pp", "dp", "sp", "micro_batch",
                                                              "global_batch", "precision", "device", "device_count", "git_commit"]]
     return runs.join(values).reset_index()
 
@@ -145,21 +154,54 @@ def _loglog_axes(xlabel: str, ylabel: str, logy: bool = True):
     return fig, ax
 
 
-def _label_every_tick(ax):
-    """Label the minor log ticks too (3e4, 0.7, ...) on an axis spanning less than a decade: a
-    study's losses and sizes often do, and such a log axis would otherwise show no number at all."""
-    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+def _number(v, _=None) -> str:
+    return f"{v:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _label_log_ticks(ax) -> None:
+    """Numbers on every log axis (Doc.figure calls it): inside one decade a log axis has no major
+    tick, inside three two or three, so the minor ticks are labelled there too (all of them within
+    a decade, 2 and 5 within three), and an axis narrower than half a decade (0.11 to 0.13 holds no
+    log tick at all) gets evenly spaced ticks; a reader must be able to read every figure's values."""
     for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
-        axis.set_major_formatter(fmt)
-        if axis.get_scale() != "log" or hi < 10 * lo:  # over a decade or more the minor labels collide
-            axis.set_minor_formatter(fmt)
-    ax.tick_params(axis="both", which="both", labelsize=7)
+        if axis.get_scale() != "log":
+            continue
+        decades = abs(np.log10(hi / lo))
+        subs = () if decades < 0.5 else range(1, 10) if decades < 1 else (2, 5) if decades < 3 else ()
+        if decades < 0.5:
+            axis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(_number))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _, subs=subs: _number(v) if round(v / 10 ** np.floor(np.log10(v))) in subs else ""))
+    ax.tick_params(which="both", labelsize=8)
+
+
+def _legend(ax, fontsize: int = 7) -> None:
+    """Beside the axes, so that it never covers a point."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def _runs(ax, x, y, names, **style):
+    """One marker per run, labelled with its name (a run id: repeated runs of a layout stay apart)."""
+    line, = ax.plot(x, y, "o", ls="none", **style)
+    for xi, yi, name in zip(x, y, names):
+        ax.annotate(str(name), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=6, color=line.get_color())
+    return line
+
+
+def _fit_line(ax, fit, x, **style) -> None:
+    """The fitted curve over the data's range, drawn only for a meaningful fit."""
+    if fit is not None and not fit.problem():
+        xs = np.logspace(np.log10(np.min(x)), np.log10(np.max(x)), 50)
+        ax.plot(xs, fit.predict(xs), "--", lw=1, **style)
 
 
 def _fit_any(x, y, saturating: bool):
-    """Saturating law with >= 4 distinct sizes (when asked), else a plain power law with >= 3."""
+    """Saturating law with more distinct sizes than its 4 parameters (when asked), else a plain
+    power law with >= 3."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if saturating and len(np.unique(x)) >= 4:
+    if saturating and len(np.unique(x)) > 4:
         return fitting.fit_saturating(x, y, n_boot=100)
     if len(np.unique(x)) >= 3:
         return fitting.fit_power_law(x, y, n_boot=200)
@@ -182,7 +224,8 @@ def section_runs(doc: Doc, runs: pd.DataFrame) -> None:
     if bad.empty:
         doc.text("All runs are complete.")
         return
-    doc.text(f"{len(bad)} incomplete runs (status 'running' means still running or killed; 'failed' raised an error). "
+    doc.text(f"{len(bad)} incomplete runs (status 'running' means still running or killed; 'failed' raised an error; "
+             "'interrupted' was stopped by Ctrl-C or SIGTERM). "
              "Their metrics are left out of the sections below.")
     doc.table(bad[["id", "kind", "preset", "status", "started", "host", "pid"]], "incomplete_runs")
 
@@ -198,23 +241,34 @@ def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
     b["layout"] = [layout_label(r) for _, r in b.iterrows()]
     if "predicted_images_per_s" in b:
         b["prediction_error_pct"] = 100 * (b["predicted_images_per_s"] - b["images_per_s"]) / b["images_per_s"]
-    cols = ["preset", "encoder_params", "layout", "device", "images_per_s", "tflops", "mfu", "step_time_median_s",
+    b["mfu"] = b["mfu"] if "mfu" in b else np.nan
+    no_peak = b["mfu"].isna()
+    cols = ["run_id", "kind", "preset", "encoder_params", "layout", "device", "images_per_s", "tflops", "mfu", "step_time_median_s",
             "step_time_p25_s", "step_time_p75_s", "predicted_images_per_s", "prediction_error_pct"]
-    doc.table(b[[c for c in cols if c in b]].sort_values(["layout", "encoder_params"]), "throughput")
-    doc.text("Predicted images/s: benchmarks/analytic.py at the run's peak (given or measured matmul) x efficiency 0.5.")
+    shown = b.assign(mfu=[("n/a" if pd.isna(v) else v) for v in b["mfu"]])
+    doc.table(shown[[c for c in cols if c in b]].sort_values(["layout", "encoder_params", "run_id"]), "throughput")
+    if no_peak.any():
+        doc.text(f"MFU n/a for {int(no_peak.sum())} of {len(b)} runs: MFU needs the device's peak FLOP/s, which only "
+                 "`rsscale bench` and `rsscale profile --measure` measure (a matmul) or take (--peak-tflops); other runs "
+                 "(pretraining, the demo) record throughput only.")
+    if "predicted_images_per_s" in b:
+        doc.text("Predicted images/s: benchmarks/analytic.py at the run's peak (given or measured matmul) x efficiency 0.5.")
     for metric, label, name in (("images_per_s", "images / s", "throughput"), ("mfu", "MFU", "mfu")):
-        if metric not in b:
+        if b[metric].isna().all():
             continue
         fig, ax = _loglog_axes("encoder parameters", label, logy=metric == "images_per_s")
-        for layout, g in b.groupby("layout"):
-            g = g.groupby("encoder_params")[metric].median()
-            ax.plot(g.index, g.values, "o-", label=layout)
+        for layout, g in b.dropna(subset=[metric]).groupby("layout"):
+            median = g.groupby("encoder_params")[metric].median()
+            line = _runs(ax, g["encoder_params"], g[metric], g["run_id"], label=f"{layout} (run ids)")
+            ax.plot(median.index, median.values, "-", lw=1, alpha=0.5, color=line.get_color())
             if metric == "images_per_s":
-                f = _fit_any(g.index, g.values, saturating=False)
+                f = _fit_any(median.index, median.values, saturating=False)
                 if f:
                     doc.fit(f"images/s vs encoder parameters, {layout}", f)
-        ax.legend(fontsize=7)
-        doc.figure(fig, f"fig_{name}_vs_params", f"{label} vs encoder parameters, one line per layout")
+                    _fit_line(ax, f, median.index, color=line.get_color(), label=f"fit {layout}: c = {f.params['c']:.2f}")
+        _legend(ax)
+        doc.figure(fig, f"fig_{name}_vs_params", f"{label} vs encoder parameters: one dot per run (its run id beside), "
+                   "a line through the median per size and layout, dashed: the power-law fit")
 
 
 def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
@@ -236,7 +290,7 @@ def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
         ax.plot(g["step_time_median_s"], g["predicted_step_time_s"], "o", label=f"{int(n)} processes")
     lo, hi = t[["step_time_median_s", "predicted_step_time_s"]].min().min(), t[["step_time_median_s", "predicted_step_time_s"]].max().max()
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
-    ax.legend(fontsize=7)
+    _legend(ax)
     doc.figure(fig, "fig_time_model", "Predicted vs measured step time, one point per measured layout")
 
 
@@ -246,33 +300,59 @@ def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     from rsscale.scaling.config import PAPER_PRESETS, PRESETS
     from rsscale.scaling.layout import Layout
 
-    m = wide(metrics, ["peak_mem_bytes", "peak_mem_delta_bytes", "predicted_mem_bytes"])
+    names = ["peak_mem_bytes", "peak_mem_delta_bytes", "predicted_mem_bytes", "images_per_s"]  # images/s: every trained run
+    m = wide(metrics[metrics["kind"].isin(("pretrain", "bench", "profile"))], names)
+    if not m.empty:
+        m = m.reindex(columns=list(m.columns) + [n for n in names if n not in m])
+        m["encoder_params"] = [encoder_params(p, n) for p, n in zip(m["preset"], m["params"])]
+        m["layout"] = [layout_label(r) for _, r in m.iterrows()]
+        m["predicted_mem_bytes"] = [v if pd.notna(v) else predicted_memory(r) for v, (_, r) in zip(m["predicted_mem_bytes"], m.iterrows())]
+        # On CPU the peak RSS includes the interpreter and libraries: compare its increase instead.
+        cpu = m["device"].fillna("").str.startswith("CPU") & m["peak_mem_delta_bytes"].notna()
+        m["measured_bytes"] = np.where(cpu, m["peak_mem_delta_bytes"], m["peak_mem_bytes"])
+        m = m.dropna(subset=["measured_bytes", "predicted_mem_bytes"], how="all")
     fig, ax = _loglog_axes("encoder parameters", "GiB per device")
     plan = analytic.Plan(Layout(micro_batch=32, global_batch=32), precision="bf16")
     xs = [encoder_params(p, 0) for p in PAPER_PRESETS]
     ax.plot(xs, [analytic.estimate(PRESETS[p], plan).memory["total"] / GIB for p in PAPER_PRESETS], "k--",
             label="predicted, paper presets, 1 device mb32 bf16")
-    if m.empty or "peak_mem_bytes" not in m:
-        doc.text(NO_DATA + " for measured memory; the figure shows the analytic prediction only.")
+    if m.empty:
+        doc.text(NO_DATA + " for trained models; the figure shows the analytic prediction for the paper presets only.")
     else:
-        m["encoder_params"] = [encoder_params(p, n) for p, n in zip(m["preset"], m["params"])]
-        m["layout"] = [layout_label(r) for _, r in m.iterrows()]
-        # On CPU the peak RSS includes the interpreter and libraries: compare its increase instead.
-        cpu = m["device"].fillna("").str.startswith("CPU")
-        m["measured_bytes"] = np.where(cpu, m.get("peak_mem_delta_bytes", m["peak_mem_bytes"]), m["peak_mem_bytes"])
         m["measured_GiB"] = m["measured_bytes"] / GIB
         m["predicted_GiB"] = m["predicted_mem_bytes"] / GIB
         m["error_pct"] = 100 * (m["predicted_mem_bytes"] - m["measured_bytes"]) / m["measured_bytes"]
-        doc.table(m[["run_id", "preset", "encoder_params", "layout", "device", "measured_GiB", "predicted_GiB", "error_pct"]],
-                  "memory_predicted_vs_measured")
+        doc.table(m[["run_id", "kind", "preset", "encoder_params", "layout", "device", "measured_GiB", "predicted_GiB", "error_pct"]]
+                  .sort_values(["layout", "encoder_params", "run_id"]), "memory_predicted_vs_measured")
         doc.text("Measured: allocator peak on GPU; on CPU the increase of the peak RSS over the RSS before the model was "
-                 "built (allocator caching and library buffers included), so CPU errors are large for tiny models.")
+                 "built (allocator caching and library buffers included), so CPU errors are large for tiny models. "
+                 "Predicted: benchmarks/analytic.py, as the run recorded it or else at its layout and precision; "
+                 "a run without a measurement shows the prediction alone.")
         for layout, g in m.groupby("layout"):
             g = g.sort_values("encoder_params")
-            line = ax.plot(g["encoder_params"], g["measured_GiB"], "o-", label=f"measured {layout}")[0]
-            ax.plot(g["encoder_params"], g["predicted_GiB"], "x:", color=line.get_color(), label=f"predicted {layout}")
-    ax.legend(fontsize=7)
-    doc.figure(fig, "fig_memory_vs_params", "memory per device vs encoder parameters (measured o, predicted x)")
+            seen = g.dropna(subset=["measured_GiB"])
+            line = _runs(ax, seen["encoder_params"], seen["measured_GiB"], seen["run_id"],
+                         label=f"measured {layout} (run ids)" if len(seen) else None)
+            pred = g.groupby("encoder_params")["predicted_GiB"].median()
+            ax.plot(pred.index, pred.values, "x:", color=line.get_color(), label=f"predicted {layout}")
+    _legend(ax)
+    doc.figure(fig, "fig_memory_vs_params", "memory per device vs encoder parameters: measured o (run ids beside), "
+               "predicted x, and the paper presets' prediction (dashed)")
+
+
+def predicted_memory(r) -> float:
+    """Analytic bytes per device of a run that recorded no prediction (pretraining), at its layout
+    and precision (its recompute and optimizer sharding are not in the store's run columns)."""
+    from rsscale.benchmarks import analytic
+    from rsscale.scaling.config import PRESETS
+    from rsscale.scaling.layout import Layout
+
+    try:
+        layout = Layout(tp=int(r["tp"]), pp=int(r["pp"]), dp=int(r["dp"]), sp=bool(r["sp"]), micro_batch=int(r["micro_batch"]),
+                        global_batch=int(r["global_batch"]))
+        return float(analytic.estimate(PRESETS[r["preset"]], analytic.Plan(layout, precision=r["precision"])).memory["total"])
+    except (KeyError, TypeError, ValueError):  # a preset, layout or precision the model does not know
+        return np.nan
 
 
 def _pretrain_runs(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -303,22 +383,19 @@ def section_loss(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.text("Final loss: mean of the last 3 logged steps. Compute = steps x global batch x MAE step FLOPs per image.")
     doc.table(p.drop(columns="curve"), "pretrain_loss")
     fig, ax = _loglog_axes("encoder parameters", "final MAE loss", logy=False)
-    ax.plot(p["encoder_params"], p["final_loss"], "o")
-    for _, r in p.iterrows():
-        ax.annotate(r["preset"], (r["encoder_params"], r["final_loss"]), fontsize=7)
+    _runs(ax, p["encoder_params"], p["final_loss"], [f"{r.preset}, run {r.run_id}" for r in p.itertuples()], color="tab:blue")
     best = p.groupby("encoder_params")["final_loss"].min()
     f = _fit_any(best.index, best.values, saturating=True)
     if f:
-        xs = np.logspace(np.log10(best.index.min()), np.log10(best.index.max()), 50)
-        ax.plot(xs, f.predict(xs), "k--", label="fit")
-        ax.legend(fontsize=7)
+        _fit_line(ax, f, best.index, color="k", label=f"{f.law} law fit, best run per size")
         doc.fit("final loss vs encoder parameters (best run per size)", f)
-    doc.figure(fig, "fig_loss_vs_params", "final pretraining loss vs encoder parameters")
+    _legend(ax)
+    doc.figure(fig, "fig_loss_vs_params", "final pretraining loss vs encoder parameters, one dot per run")
     fig, ax = _loglog_axes("training compute (FLOPs)", "MAE loss", logy=False)
     for _, r in p.iterrows():
         x, y = r["curve"]
         ax.plot(x, y, "-", label=f"{r['preset']} (run {r['run_id']})")
-    ax.legend(fontsize=7)
+    _legend(ax)
     doc.figure(fig, "fig_loss_vs_compute", "pretraining loss curves vs training compute")
     f = _fit_any(p["compute_flops"], p["final_loss"], saturating=True)
     if f:
@@ -332,36 +409,36 @@ def section_downstream(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.table(refs, "paper_points")
     d = metrics[(metrics["kind"] == "finetune") & metrics["name"].isin(DOWNSTREAM) & metrics["step"].isna()].copy()
     if d.empty:
-        doc.text(NO_DATA + " for our fine-tuning runs (run `rsscale finetune`); the figure shows the published points only.")
-    else:
-        d["encoder_params"] = [encoder_params(p, n) for p, n in zip(d["preset"], d["params"])]
-        d["dataset"] = d.get("dataset", pd.Series(["?"] * len(d), index=d.index)).fillna("?")
-        d["train_fraction"] = pd.to_numeric(d.get("train_fraction", pd.Series(1.0, index=d.index)), errors="coerce").fillna(1.0)
-        cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "train_fraction", "name", "value", "init") if c in d]
-        doc.table(d[cols], "downstream")
-        doc.text("Our runs use the bundled synthetic data or small subsets unless stated; they are not comparable in "
-                 "absolute terms with the published full-benchmark numbers.")
-    combos = sorted({(p["dataset"], p["metric"]) for p in reference_points()}
-                    | (set(zip(d["dataset"], d["name"])) if not d.empty else set()))
-    for dataset, metric in combos:
+        doc.text(NO_DATA + " for our fine-tuning runs (run `rsscale finetune`): no figure, the published points are "
+                 "in the table above.")
+        return
+    d["encoder_params"] = [encoder_params(p, n) for p, n in zip(d["preset"], d["params"])]
+    d["dataset"] = d.get("dataset", pd.Series(["?"] * len(d), index=d.index)).fillna("?")
+    d["train_fraction"] = pd.to_numeric(d.get("train_fraction", pd.Series(1.0, index=d.index)), errors="coerce").fillna(1.0)
+    cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "train_fraction", "name", "value", "init") if c in d]
+    doc.table(d[cols], "downstream")
+    doc.text("Our runs use the bundled synthetic data or small subsets unless stated; they are not comparable in "
+             "absolute terms with the published full-benchmark numbers.")
+    for (dataset, metric), ours in d.groupby(["dataset", "name"]):  # a figure where we have points, published ones beside
         fig, ax = _loglog_axes("encoder parameters", f"{metric} (%)", logy=False)
         for p in reference_points(dataset, metric):
             ax.plot(p["params"], p["value"], "s", label=p["model"])
-        ours = d[(d["dataset"] == dataset) & (d["name"] == metric)] if not d.empty else d
-        # one line per training-data fraction (mean over runs of a size), the paper's RQ4
-        means = ours.groupby(["train_fraction", "encoder_params", "preset"], as_index=False)["value"].mean() if not ours.empty else ours
-        for frac, line in (means.groupby("train_fraction") if not ours.empty else ()):
+        # one line per training-data fraction (mean over runs of a size), the paper's RQ4; a dot per run
+        means = ours.groupby(["train_fraction", "encoder_params", "preset"], as_index=False)["value"].mean()
+        for frac, line in means.groupby("train_fraction"):
             line = line.sort_values("encoder_params")
-            ax.plot(line["encoder_params"], line["value"], "o-", label=f"rsscale, {100 * frac:g} % of training data")
-        ax.legend(fontsize=7)
-        doc.figure(fig, f"fig_{dataset}_{metric}", f"{dataset} {metric} vs encoder parameters, one line per training "
-                   "fraction (squares: published)")
-        if not ours.empty and means["train_fraction"].nunique() > 1:
+            drawn, = ax.plot(line["encoder_params"], line["value"], "-", label=f"rsscale, {100 * frac:g} % of training data")
+            runs = ours[ours["train_fraction"] == frac]
+            _runs(ax, runs["encoder_params"], runs["value"], runs["run_id"], color=drawn.get_color())
+        _legend(ax)
+        doc.figure(fig, f"fig_{dataset}_{metric}", f"{dataset} {metric} vs encoder parameters: one dot per run (run id "
+                   "beside), one line per training fraction through the means; squares: published")
+        if means["train_fraction"].nunique() > 1:
             fig, ax = _loglog_axes("fraction of training data", f"{metric} (%)", logy=False)
             for preset, line in means.groupby("preset"):
                 line = line.sort_values("train_fraction")
                 ax.plot(line["train_fraction"], line["value"], "o-", label=f"{preset} ({line['encoder_params'].iloc[0]:.3g} params)")
-            ax.legend(fontsize=7)
+            _legend(ax)
             doc.figure(fig, f"fig_{dataset}_{metric}_vs_fraction", f"{dataset} {metric} vs training-data fraction, one line per model size")
 
 
@@ -394,7 +471,7 @@ def section_kernels(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None
         ax.set_ylabel("ms (median)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        _legend(ax, fontsize=6)
         fig.tight_layout()
         doc.figure(fig, f"fig_kernel_{kernel}", f"{kernel}: time per call over commits (kind=kernel runs)")
 
@@ -426,8 +503,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
     ax.plot(top["encoder_params"], top["heldout_loss"], "o", color="k", label="measured")
     if len(top) >= 3:
         f = fitting.fit_power_law(top["encoder_params"], top["heldout_loss"])
-        xs = np.logspace(np.log10(top["encoder_params"].min()), np.log10(top["encoder_params"].max()), 50)
-        ax.plot(xs, f.predict(xs), "k--", label=f"L = a N^c, c = {f.params['c']:.3f}")
+        _fit_line(ax, f, top["encoder_params"], color="k", label=f"L = a N^c, c = {f.params['c']:.3f}")
         doc.fit(f"held-out loss vs encoder parameters (study {name}, largest budget)", f)
     if len(top) >= 4:  # (d) the law fitted without the largest model predicts it
         n, y = top["encoder_params"].to_numpy(float), top["heldout_loss"].to_numpy(float)
@@ -440,8 +516,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
                                      error_pct=100 * (pred - y[-1]) / y[-1])]), "study_prediction")
         doc.text("Prediction check: a power law fitted on every size but the largest predicts the largest one's "
                  f"held-out loss; the measurement {'lies inside' if inside else 'falls OUTSIDE'} the 95 % interval.")
-    ax.legend(fontsize=7)
-    _label_every_tick(ax)
+    _legend(ax)
     doc.figure(fig, "fig_study_heldout_vs_params", "held-out loss vs encoder parameters at the largest budget")
     # (b) IsoFLOP profiles and the compute-optimal frontier
     profiles = {b: (g["encoder_params"].to_numpy(float), g["heldout_loss"].to_numpy(float))
@@ -456,8 +531,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
             ax.axvline(opt, color=line.get_color(), ls=":", lw=1)
             ax.plot([opt], [np.interp(np.log(opt), np.log(n[order]), y[order])], "*", ms=12, color=line.get_color(),
                     markeredgecolor="k" if inside else "none")
-        ax.legend(fontsize=7)
-        _label_every_tick(ax)
+        _legend(ax)
         doc.figure(fig, "fig_study_isoflop", "IsoFLOP profiles: held-out loss vs size per compute budget; "
                    "stars mark the loss-minimising size (parabola in log N; outlined when inside the measured sizes)")
         if len(profiles) >= 3:
@@ -472,9 +546,8 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
                 if at:
                     ax.plot(at, [optima[c][0] for c in at], "*", ms=10, ls="none", **style,
                             label="optimum inside the sizes" if inside else "optimum at the ladder's edge (a bound)")
-            ax.plot(cs, f.predict(cs), "k--", label=f"N_opt = a C^c, c = {f.params['c']:.2f}")
-            ax.legend(fontsize=7)
-            _label_every_tick(ax)
+            _fit_line(ax, f, cs, color="k", label=f"N_opt = a C^c, c = {f.params['c']:.2f}")
+            _legend(ax)
             doc.figure(fig, "fig_study_frontier", "compute-optimal frontier fitted to the IsoFLOP optima")
     # (c) downstream metrics of the study's fine-tuning cells
     ft = [dict(model=c["model"], task=c["task"], fraction=c["fraction"], encoder_params=int(study.set_index("id").loc[i, "params"]),
@@ -488,7 +561,7 @@ def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
         for (task, metric, fraction), g in ft.groupby(["task", "metric", "fraction"]):
             g = g.sort_values("encoder_params")
             ax.plot(g["encoder_params"], g["value"], "o-", label=f"{task} {metric}, {fraction:g} of labels")
-        ax.legend(fontsize=7)
+        _legend(ax)
         doc.figure(fig, "fig_study_downstream", "downstream metric vs encoder parameters (study cells)")
 
 
@@ -499,11 +572,14 @@ def section_fits(doc: Doc) -> None:
         return
     rows = [dict(what=f["what"], law=f["law"], exponent_c=f["params"]["c"],
                  ci_low=f["ci"].get("c", (np.nan, np.nan))[0], ci_high=f["ci"].get("c", (np.nan, np.nan))[1], points=f["n"],
-                 caveats=f["caveats"] or "-")
+                 caveats=f["caveats"] or "-") if not f["problem"] else
+            dict(what=f["what"], law=f["law"], exponent_c=np.nan, ci_low=np.nan, ci_high=np.nan, points=f["n"],
+                 caveats=f"not meaningful: {f['problem']}")
             for f in doc.fits]
     doc.table(pd.DataFrame(rows), "fits")
-    doc.text("Power law y = a N^c; saturating law E = a (N + b)^-c + d (Zhai et al. 2022); 95 % bootstrap intervals. "
-             "See reports/METHODS.md.")
+    doc.text("Power law y = a N^c; saturating law E = a (N + b)^-c + d (Zhai et al. 2022), fitted only with more sizes "
+             "than its 4 parameters; 95 % bootstrap intervals. A fit with no more points than parameters, no finite "
+             "interval or an exponent beyond 10 is not meaningful and shows no numbers. See [METHODS.md](METHODS.md).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +598,11 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     metrics = store.metrics()
     complete = metrics[metrics["status"] == "complete"] if not metrics.empty else metrics
     doc = Doc(folder)
-    doc.heading(f"rsscale scaling report: {name}", 1)
-    doc.text(f"Results store: `{store.path}`; {len(runs)} runs, {len(metrics)} metric rows. Methods: reports/METHODS.md.")
+    title = "rsscale scaling report" + ("" if name in GENERIC_NAMES else f": {name}")
+    doc.heading(title, 1)
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "METHODS.md"), os.path.join(folder, "METHODS.md"))
+    doc.text(f"Results store: `{store.path}`; {len(runs)} runs, {len(metrics)} metric rows. How every number is "
+             "predicted, measured and fitted: [METHODS.md](METHODS.md) (a copy beside this report).")
     section_runs(doc, runs)
     sections = [lambda: section_throughput(doc, complete), lambda: section_time_model(doc, complete), lambda: section_memory(doc, complete),
                 lambda: section_loss(doc, complete), lambda: section_downstream(doc, complete),
@@ -535,7 +614,7 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     with open(md, "w") as f:
         f.write(doc.markdown())
     with open(os.path.join(folder, "report.html"), "w") as f:
-        f.write(doc.html(f"rsscale report {name}"))
+        f.write(doc.html(title))
     with open(os.path.join(folder, "fits.json"), "w") as f:
         json.dump(doc.fits, f, indent=1, default=float)
     for fit in doc.fits:

@@ -5,12 +5,14 @@ command runs, so `rsscale --help` stays fast and optional dependencies stay opti
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
 import warnings
 
 from rsscale.scaling.config_file import parse_args_with_config
+from rsscale.scaling.launch import interrupted_exit_code, on_signals, raise_interrupted
 from rsscale.scaling.log import setup_logging
 
 COMMANDS = {
@@ -33,6 +35,19 @@ COMMANDS = {
 FLAT_CONFIG = ("bench", "profile", "finetune")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help appends "(default: X)" to each option whose default says something: not None, a
+    bool, an empty value or a hidden one, nor where the help already names its default."""
+
+    def _format_action(self, action):
+        default, help_ = action.default, action.help or ""
+        if (action.option_strings and action.help is not argparse.SUPPRESS and default is not argparse.SUPPRESS
+                and default not in (None, "", [], ()) and not isinstance(default, bool) and "default" not in help_.lower()):
+            action = copy.copy(action)
+            action.help = f"{help_} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
 def _usage() -> str:
     lines = ["usage: rsscale <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -42,6 +57,16 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with on_signals(raise_interrupted):  # SIGTERM as Ctrl-C: one line, never a traceback nor a silent kill
+        try:
+            return _run(argv)
+        except KeyboardInterrupt as e:
+            if int(os.environ.get("RANK", 0)) == 0:  # one line per run, not one per rank
+                print(f"rsscale {argv[0]}: {str(e) or 'interrupted'}", file=sys.stderr)
+            return interrupted_exit_code(e)
+
+
+def _run(argv: list[str]) -> int:
     # megatron-core warns at import that Apex/Transformer Engine are absent; its torch fallbacks
     # are what we use on CPU, so the warning is noise on every command.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -55,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_ = COMMANDS[name]
     setup_logging()  # rank-aware progress lines on stderr
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_)
+    parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
     if name in FLAT_CONFIG:
         parser.add_argument("--config", help="YAML or TOML file of flag values (keys: flag names); flags override it")

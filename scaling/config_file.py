@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -99,7 +100,8 @@ def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
     hints = typing.get_type_hints(cls)
     unknown = sorted(str(k) for k in data if k not in hints)
     if unknown:
-        raise ValueError(f"{path}: unknown config key(s) {', '.join(prefix + k for k in unknown)}")
+        known = ", ".join(prefix + k for k in hints)
+        raise ValueError(f"{path}: unknown config key(s) {'; '.join(_unknown_key(k, hints, prefix) for k in unknown)} (known: {known})")
     out = {}
     for key, value in data.items():
         typ = hints[key]
@@ -108,6 +110,20 @@ def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
         else:
             out[key] = coerce_value(path, prefix + key, value, typ)
     return out
+
+
+def _unknown_key(key: str, hints: dict, prefix: str) -> str:
+    """An unknown key of a section, with where it belongs (a key of a nested section written at
+    this level) or the closest known key."""
+    homes = [name for name, typ in hints.items() if dataclasses.is_dataclass(typ) and key in typing.get_type_hints(typ)]
+    if homes:
+        return f"{prefix}{key} (belongs under '{prefix}{homes[0]}:', as {prefix}{homes[0]}.{key})"
+    return prefix + key + _did_you_mean(key, hints, prefix)
+
+
+def _did_you_mean(key: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def check_number(name: str, value, *, ge=None, gt=None, le=None, lt=None) -> None:
@@ -140,7 +156,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> 
     for key, value in load_config_file(path).items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
-            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(actions))})")
+            raise ValueError(f"{path}: unknown key {key!r}{_did_you_mean(dest, actions)} (known: {', '.join(sorted(actions))})")
         defaults[dest] = _coerce(path, key, value, actions[dest])
     parser.set_defaults(**defaults)
     for dest in defaults:  # required flags given by the file are no longer required on the command line

@@ -81,11 +81,25 @@ def _short(e: Exception) -> str:
 # ----------------------------------------------------------------------------- files
 
 
+def pretrain_folder(root: str) -> str:
+    """root, or its pretraining split when root holds a dataset `rsscale data` wrote (its
+    manifest.json says so): the segmentation masks and detection tiles beside it are no
+    pretraining images."""
+    from rsscale.scaling.synthetic import dataset_for, finished_manifest
+
+    if finished_manifest(root) is None:
+        return root
+    folder = dataset_for(root, "pretrain")["pretrain"]
+    log(f"{root} is a dataset written by `rsscale data`: reading its pretraining images, {folder}")
+    return folder
+
+
 def scan_images(root_or_files) -> list[str]:
-    """Sorted image paths under a folder (recursive), or the given list of paths as is."""
+    """Sorted image paths under a folder (recursive; a dataset of `rsscale data`: its pretraining
+    images, see pretrain_folder), or the given list of paths as is."""
     if isinstance(root_or_files, (list, tuple)):
         return [os.fspath(p) for p in root_or_files]
-    root = os.fspath(root_or_files)
+    root = pretrain_folder(os.fspath(root_or_files))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
     found = []

@@ -2,18 +2,31 @@
 command under `torchrun` (torch.distributed.run), on one node or several.
 
     add_launch_arguments(parser)            # --nproc, --nnodes, --node-rank, --rdzv-endpoint
-    if wants_launch(args): return relaunch("pretrain", argv_without_launch_flags)
+    if wants_launch(args): return relaunch("pretrain", args, argv)   # commands call it through
+                                            # layout.relaunch_checked: the layout is checked first
+
+Stopping (Ctrl-C, or SIGTERM from a scheduler before it kills): every rsscale process handles
+SIGINT and SIGTERM alike (`on_signals`); a command ends with one line and exit code 128 + the
+signal number (130, 143), never a traceback; a training loop stops at a step boundary, agreed over
+its ranks (`StopRequest`). `relaunch` starts torchrun in its own session and passes a signal to
+the ranks itself: torchrun would answer it, and a rank's non-zero exit, with tracebacks of its
+own; so a rank it started exits 0 when interrupted and the launcher returns the code.
 
 Bottom layer: imports nothing from the rest of rsscale.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import traceback
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +96,118 @@ def command_line(command: str, args: list[str], nproc: int) -> list[str]:
 
 
 def relaunch(command: str, args, argv: list[str]) -> int:
-    """Run `rsscale <command> <argv minus launch flags>` under torchrun as `args` asks; returns its exit code."""
+    """Run `rsscale <command> <argv minus launch flags>` under torchrun as `args` asks; returns its
+    exit code, or 128 + the signal number when a SIGINT/SIGTERM here was passed on to the ranks."""
     cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, getattr(args, "nnodes", None) or 1,
                            getattr(args, "node_rank", None) or 0, getattr(args, "rdzv_endpoint", None))
-    log.info("launching: %s", shlex.join(cmd))
-    return subprocess.call(cmd)
+    log.debug("launching: %s", shlex.join(cmd))
+    received, pending = [], []
+    with on_signals(lambda signum: (received.append(signum), pending.append(signum))):
+        proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHED: "1"}, start_new_session=True)
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            ranks = _ranks_of(proc.pid)
+            while pending and ranks:  # a signal before torchrun started the ranks waits for them
+                signum = pending.pop(0)
+                for pid in ranks:
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass
+    return 128 + received[0] if received else code
+
+
+def _ranks_of(torchrun_pid: int) -> list[int]:
+    """The rank processes torchrun started (its children, from Linux's /proc); torchrun itself
+    where /proc cannot tell (the ranks then get the signal through it, with its tracebacks)."""
+    paths = glob.glob(f"/proc/{torchrun_pid}/task/*/children")
+    if not paths:
+        return [torchrun_pid]
+    pids = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:  # the thread or torchrun has just ended
+            pass
+    return pids
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM
+# ---------------------------------------------------------------------------------------------
+
+LAUNCHED = "RSSCALE_LAUNCHED"  # set in the ranks `relaunch` starts
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by Ctrl-C (SIGINT) or SIGTERM; the message is the one line a command ends with."""
+
+    def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def interrupted_exit_code(err: KeyboardInterrupt) -> int:
+    """128 + the signal number (130 for Ctrl-C, 143 for SIGTERM); 0 in a rank that `relaunch`
+    started, whose launcher returns the code (torchrun reports a non-zero rank with a traceback)."""
+    return 0 if os.environ.get(LAUNCHED) else 128 + getattr(err, "signum", signal.SIGINT)
+
+
+def raise_interrupted(signum: int) -> None:
+    raise Interrupted(signum=signum)
+
+
+@contextmanager
+def on_signals(handler):
+    """`handler(signum)` on SIGINT and SIGTERM while the block runs, the previous handlers after.
+    A process forked meanwhile (a data-loader worker) ignores both: its parent stops it. Off the
+    main thread, where Python cannot handle signals, the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() == pid:
+            handler(signum)
+
+    old = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python, not restorable
+
+
+class StopRequest:
+    """`with StopRequest() as stop:` around a loop that stops at a step boundary: the first SIGINT or
+    SIGTERM only sets `stop.signum`; a second Ctrl-C raises at once; a repeated SIGTERM is ignored
+    (a scheduler may signal every process, and the launcher passes it on too). An error after a
+    signal leaves the block as Interrupted: the signal ended the run (a SIGTERM to every process
+    also ends the data-loader workers; a peer rank that stopped at once closes its connections)."""
+
+    def __init__(self):
+        self.signum = None
+        self._handlers = on_signals(self._handle)
+
+    def _handle(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            raise Interrupted(signum=signum)
+
+    def __enter__(self) -> "StopRequest":
+        self._handlers.__enter__()
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self._handlers.__exit__(None, None, None)
+        if isinstance(err, Exception) and self.signum:
+            traceback.clear_frames(tb)  # release what its frames held (a data-loader iterator): a quiet exit
+            raise Interrupted(signum=self.signum) from None

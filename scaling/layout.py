@@ -2,6 +2,7 @@
 
     layout = Layout(tp=2, pp=2, dp=1, sp=True, micro_batch=8, global_batch=32)
     problems = validate_layout(layout, cfg, world_size)   # [] when the layout can run
+    return relaunch_checked("bench", args, layout_for)    # --nproc N: checked here, then torchrun
 
 Every problem is one sentence. The trainer calls `validate_layout` before any process group is
 created, so a bad layout fails at once on every rank instead of hanging in a collective.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from rsscale.scaling import launch
 from rsscale.scaling.config import ViTConfig
 
 
@@ -102,7 +104,7 @@ def validate_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> list[str
         return [f"tp, pp, dp, vpp, micro_batch and global_batch must all be >= 1, got {layout}"]
     problems = []
     if t * p * d != world_size:
-        problems.append(f"the world size {world_size} must equal tp*pp*dp = {t}*{p}*{d} = {t * p * d}")
+        problems.append(f"the world size {world_size} must equal tp*pp*dp = {t}*{p}*{d} = {t * p * d} (launch {t * p * d} processes: --nproc {t * p * d})")
     sizes = {
         "encoder heads": cfg.heads,
         "encoder width": cfg.width,
@@ -137,3 +139,13 @@ def check_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> None:
     problems = validate_layout(layout, cfg, world_size)
     if problems:
         raise ValueError(f"invalid parallel layout ({layout}) for model {cfg.name!r}:\n  - " + "\n  - ".join(problems))
+
+
+def relaunch_checked(command: str, args, layout_for) -> int:
+    """`rsscale <command> --nproc N`: check the layout as the ranks will (`layout_for(world) ->
+    (Layout, ViTConfig)`), then start them under torchrun. A bad layout is one error (exit 2)
+    before any process starts, not the same error from every rank and a torchrun traceback."""
+    world = args.nproc * (getattr(args, "nnodes", None) or 1)
+    layout, cfg = layout_for(world)
+    check_layout(layout, cfg, world)
+    return launch.relaunch(command, args, args.command_argv)

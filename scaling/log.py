@@ -1,7 +1,8 @@
 """Rank-aware logging and TensorBoard scalars (bottom layer: imports nothing else from rsscale).
 
     setup_logging()                      # once per process (the CLI does it): rank 0 logs INFO,
-                                         # other ranks WARNING and above; lines carry "[rank r]"
+                                         # other ranks WARNING and above; in a world of several
+                                         # processes lines carry "[rank r]"
     log = logging.getLogger(__name__)    # every module logs through its own logger
     with ScalarWriter("runs/x/tb") as tb:    # no-op when the folder is None or on ranks != 0
         tb.add(step, loss=0.93, lr=1e-3)     # one tag per keyword, e.g. "train/loss"
@@ -16,8 +17,9 @@ import logging
 import os
 import resource
 import sys
+import time
 
-FORMAT = "[rank %(rank)s] %(name)s: %(message)s"
+FORMAT = "%(rank_prefix)s%(name)s: %(message)s"
 
 
 def rank() -> int:
@@ -29,9 +31,19 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def world_size() -> int:
+    """torch.distributed's world size when started, else torchrun's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 class _RankHandler(logging.StreamHandler):
     """To whatever sys.stderr is at the time of the record (so redirection and pytest capture
-    work), with the rank in the record."""
+    work), with "[rank r] " before it only where there are ranks to tell apart (not in a launcher
+    or a single-process run)."""
 
     def __init__(self):
         super().__init__()
@@ -46,13 +58,13 @@ class _RankHandler(logging.StreamHandler):
         pass
 
     def emit(self, record: logging.LogRecord) -> None:
-        record.rank = rank()
+        record.rank_prefix = f"[rank {rank()}] " if world_size() > 1 else ""
         super().emit(record)
 
 
 def setup_logging(level: int = logging.INFO, all_ranks: bool | None = None) -> None:
     """Log rsscale's `level` and above on rank 0 (on every rank with all_ranks or
-    RSSCALE_LOG_ALL_RANKS=1), WARNING and above elsewhere, to stderr with a rank prefix.
+    RSSCALE_LOG_ALL_RANKS=1), WARNING and above elsewhere, to stderr (rank-prefixed when world > 1).
     The handler sits on the root logger (other libraries' warnings get the prefix too, and
     records still propagate to pytest's caplog). Idempotent."""
     if all_ranks is None:
@@ -70,6 +82,23 @@ def peak_memory_bytes(device) -> int:
     if getattr(device, "type", device) == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device) -> int:
+    """Restart `peak_memory_bytes` from now (on CPU through Linux's clear_refs, where it exists)
+    and return the memory in use now: a run's peak and its increase, not the process's."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak stays the process's
+        return 0
 
 
 class ScalarWriter:
@@ -102,3 +131,48 @@ class ScalarWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def progress_line(done: int, total: int | None, elapsed: float, desc: str, unit: str) -> str:
+    """'<desc>: 3/10 units (30 %), 2.5 s/unit, elapsed 8 s, ETA 18 s' (no ETA without a total)."""
+    rate = done / elapsed if elapsed > 0 else float("inf")
+    speed = f"{rate:.3g} {unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{unit}"
+    if not total:
+        return f"{desc}: {done} {unit}s, {speed}, elapsed {_duration(elapsed)}"
+    return (f"{desc}: {done}/{total} {unit}s ({100 * done / total:.0f} %), {speed}, elapsed {_duration(elapsed)}, "
+            f"ETA {_duration((total - done) / rate)}")
+
+
+def progress(iterable, total: int | None = None, desc: str = "progress", unit: str = "item", inline: bool | None = None):
+    """Yield the items of `iterable` and say on stderr (rank 0 only) how far the loop is: step/total,
+    rate and ETA. On a terminal one line rewritten in place; otherwise (a log file, CI) a plain line at
+    every 10 % (and after any item ending a minute or more after the last line). inline=False asks
+    for plain lines on a terminal too, for loops whose items print lines of their own. A loop of one
+    item has no rate to tell: nothing is shown."""
+    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+    if rank() != 0 or total is not None and total <= 1:
+        yield from iterable
+        return
+    inline = sys.stderr.isatty() if inline is None else inline
+    t0 = last = time.perf_counter()
+    shown = 0
+    try:
+        for done, item in enumerate(iterable, 1):
+            yield item
+            now = time.perf_counter()
+            if inline:
+                due = now - last >= 0.5 or done == total
+            else:
+                due = now - last >= 60 or bool(total) and 10 * done // total > 10 * shown // total
+            if due:
+                line = progress_line(done, total, now - t0, desc, unit)
+                sys.stderr.write(f"\r{line}\x1b[K" if inline else line + "\n")
+                sys.stderr.flush()
+                last, shown = now, done
+    finally:
+        if inline and shown:
+            sys.stderr.write("\n")

@@ -10,8 +10,10 @@
 
 Why it is safe with several writers (ranks, parallel jobs): WAL journal, a busy timeout, every
 write is one short transaction retried while the database is locked. A run row is inserted as
-'running' before any metric and set 'complete' (or 'failed' on an exception) only when its block
-ends, so a killed process leaves a run that reports list as incomplete, never a half-written one.
+'running' before any metric and set 'complete' (or 'failed' on an exception, 'interrupted' on Ctrl-C
+or SIGTERM) only when its block ends, so a killed process leaves a run that reports list as
+incomplete, never a half-written one. A file written before 'interrupted' existed is migrated when
+opened for writing (SQLite cannot alter a CHECK constraint: the runs table is copied once).
 Writing uses only the standard library; reading returns pandas DataFrames.
 
 Opening checks the file: a corrupt file or a database without our tables is a StoreError (a
@@ -38,7 +40,7 @@ from datetime import datetime, timezone
 DEFAULT_PATH = os.path.join("reports", "results.db")
 ENV_VAR = "RSSCALE_RESULTS"
 KINDS = ("pretrain", "bench", "finetune", "kernel", "profile", "calibration", "study")
-STATUSES = ("running", "complete", "failed")
+STATUSES = ("running", "complete", "failed", "interrupted")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -53,7 +55,7 @@ CREATE TABLE IF NOT EXISTS runs (
     torch_version TEXT, triton_version TEXT, mcore_version TEXT,
     git_commit TEXT, host TEXT, pid INTEGER,
     started TEXT NOT NULL, finished TEXT,
-    status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed', 'interrupted')),
     config TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -158,7 +160,7 @@ class ResultsStore:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
             raise StoreError(f"results store {self.path}: cannot create its folder ({err.strerror})") from None
-        self._transaction(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
+        self._transaction(_create_or_migrate)
         self._check_schema()
 
     def _check_schema(self) -> None:
@@ -260,14 +262,18 @@ class ResultsStore:
 
     @contextmanager
     def run(self, kind: str, enabled: bool = True, **fields):
-        """Context manager around start_run: 'complete' when the block ends, 'failed' when it raises.
-        enabled=False (e.g. on ranks other than 0) yields a run that records nothing."""
+        """Context manager around start_run: 'complete' when the block ends, 'interrupted' on Ctrl-C
+        or SIGTERM (KeyboardInterrupt), 'failed' when it raises anything else. enabled=False (e.g. on
+        ranks other than 0) yields a run that records nothing."""
         if not enabled:
             yield NullRun()
             return
         run = self.start_run(kind, **fields)
         try:
             yield run
+        except KeyboardInterrupt:
+            run.finish("interrupted")
+            raise
         except BaseException:
             run.finish("failed")
             raise
@@ -315,8 +321,31 @@ class ResultsStore:
         return pd.concat([df, tags], axis=1)
 
 
+def _create_or_migrate(db) -> None:
+    """Create the tables if missing; a runs table whose CHECK predates a status is rebuilt with the
+    current one (the documented SQLite way: new table, copy, drop, rename; ids and metrics kept)."""
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone()[0]
+    if all(f"'{s}'" in sql for s in STATUSES):
+        return
+    have = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    if not set(RUN_COLUMNS) <= have:
+        return  # not our table: _check_schema names what is missing
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchone()
+    cols = ", ".join(("id",) + RUN_COLUMNS)
+    create = SCHEMA.split(";")[0].replace("CREATE TABLE IF NOT EXISTS runs", "CREATE TABLE runs_new")
+    db.execute(create)
+    db.execute(f"INSERT INTO runs_new ({cols}) SELECT {cols} FROM runs")
+    db.execute("DROP TABLE runs")
+    db.execute("ALTER TABLE runs_new RENAME TO runs")
+    if seq:  # AUTOINCREMENT never reuses an id, even of a deleted run
+        db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'runs'", (seq[0],))
+
+
 def _derived(df):
-    """`sp` back to bool, and `incomplete`: a run still 'running' (or killed) or 'failed'."""
+    """`sp` back to bool, and `incomplete`: a run still 'running' (or killed), 'failed' or 'interrupted'."""
     df["sp"] = df["sp"].map(lambda v: None if v is None or v != v else bool(v))
     df["incomplete"] = df["status"] != "complete"
     return df
@@ -369,8 +398,8 @@ class Run:
                                                       (*fields.values(), self.id)))
 
     def finish(self, status: str = "complete") -> None:
-        if status not in ("complete", "failed"):
-            raise ValueError(f"a run finishes as 'complete' or 'failed', not {status!r}")
+        if status not in STATUSES[1:]:
+            raise ValueError(f"a run finishes as {', '.join(map(repr, STATUSES[1:]))}, not {status!r}")
         self.store._transaction(lambda db: db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ?",
                                                       (status, _now(), self.id)))
 

@@ -643,6 +643,11 @@ def _read_manifest(path) -> dict | None:
         return None
 
 
+LAYOUT = ("pretrain", "seg", "det", "manifest.json")  # everything generate() writes under its root
+PARTS = {"pretrain": ("num_pretrain", "pretraining images"), "seg": ("num_seg", "segmentation tiles"),
+         "det": ("num_det", "detection tiles")}
+
+
 def dataset_paths(root) -> dict:
     """Where each part lives. seg_*_dirs list the LoveDA domain folders (Urban, Rural) that exist,
     each holding images_png/ and masks_png/ (what a LoveDA reader takes)."""
@@ -665,6 +670,32 @@ def ensure_dataset(root, **kwargs) -> dict:
     if _read_manifest(paths["manifest"]) == _manifest(**args.arguments):
         return paths
     return generate(root, **kwargs)
+
+
+def finished_manifest(root) -> dict | None:
+    """The manifest of a dataset that generate() finished at root, else None."""
+    manifest = _read_manifest(dataset_paths(root)["manifest"])
+    return manifest if isinstance(manifest, dict) and "generator" in manifest else None
+
+
+def dataset_for(root, part: str, **kwargs) -> dict:
+    """dataset_paths(root) for a command that reads one part ("pretrain", "seg" or "det") there.
+    A finished dataset is used as it is (never replaced); the bundled one (generate(root, **kwargs))
+    is written only where root is missing, empty or holds an unfinished dataset. Anything else is
+    refused: a command never writes into a folder of data it was asked to read."""
+    name = os.fspath(root)
+    manifest = finished_manifest(root)
+    if manifest is None:
+        if os.path.exists(name) and (not os.path.isdir(name) or set(os.listdir(name)) - set(LAYOUT)):
+            raise FileNotFoundError(f"no synthetic dataset at {name} (no manifest.json) and it holds other files, so nothing "
+                                    "is written there: write one with `rsscale data --out DIR` and pass --data DIR")
+        generate(root, **kwargs)
+        manifest = finished_manifest(root)
+    key, what = PARTS[part]
+    if not manifest.get(key):
+        raise FileNotFoundError(f"the synthetic dataset at {name} has no {what} (written with --{key.replace('_', '-')} 0): "
+                                "write one with `rsscale data --out DIR` and pass --data DIR")
+    return dataset_paths(root)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -49,9 +50,9 @@ import torch.distributed as dist
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.config_file import check_number, check_tree, load_config_file
-from rsscale.scaling.launch import add_launch_arguments, relaunch, wants_launch
+from rsscale.scaling.launch import Interrupted, StopRequest, add_launch_arguments, wants_launch
 from rsscale.scaling.layout import Layout
-from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
+from rsscale.scaling.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
 from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
 
 
@@ -96,6 +97,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep: int = 0  # keep only the N newest checkpoints (0: all); the newest complete one is never deleted
     resume: bool = False
+    allow_schedule_change: bool = False  # --resume with other steps/lr/warmup/min_lr than the checkpoint's run
     overwrite: bool = False  # start over in an --out folder that holds checkpoints (deletes them)
     log_every: int = 10
     timeout: float = 300.0  # process-group timeout (s): a dead peer fails the step instead of hanging
@@ -159,6 +161,8 @@ SWITCHES = [
     ("--fsdp", "fsdp", "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)"),
     ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
+    ("--allow-schedule-change", "allow_schedule_change", "with --resume: accept --steps/--lr/--warmup/--min-lr other than the "
+     "checkpoint's run had (they change its learning-rate schedule)"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
     ("--no-record", "record", "do not write to the results store"),
 ]
@@ -174,6 +178,7 @@ NUMBER_RULES = {
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
     "timeout": dict(gt=0),
 }
+SCHEDULE = ("steps", "optim.lr", "optim.warmup", "optim.min_lr")  # what the learning rate of a step depends on
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model weights; grads and master stay fp32
 CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "compile_backend": ("inductor", "aot_eager", "eager"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
 
@@ -194,7 +199,11 @@ def add_arguments(parser) -> None:
     S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
     add_launch_arguments(parser)
-    for flag, _, typ, help_ in FLAGS:
+    defaults = TrainConfig()
+    for flag, path, typ, help_ in FLAGS:
+        default = _get(defaults, path)
+        if default is not None and "default" not in help_:  # shown, though absent flags stay absent
+            help_ = f"{help_} (default: {default})"
         parser.add_argument(flag, type=typ, default=S, help=help_)
     for flag, _, help_ in SWITCHES:
         parser.add_argument(flag, action="store_true", default=S, help=help_)
@@ -270,6 +279,7 @@ class Trainer:
         state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, timeout_s=config.timeout)
         self.state = state
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.memory_at_start = reset_peak_memory(self.device)  # the run's peak memory and its increase are recorded
         self.links = self._stage_links()
         self.model = self._build_model()
         opt = config.optim
@@ -285,6 +295,7 @@ class Trainer:
                                        overlap=opt.overlap_grad_reduce, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.step = 0
+        self.saved_step = None  # step of the newest checkpoint this run saved or resumed from
         self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
         self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(config.out, "checkpoints")
@@ -337,11 +348,11 @@ class Trainer:
             return None
         root = c.data
         if c.data == "synthetic":
-            from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
+            from rsscale.scaling.synthetic import dataset_for, dataset_paths
 
-            root = "data/synthetic"
+            root = "data/synthetic"  # what `rsscale data` writes by default: used as it is, written only where missing
             if dist.get_rank() == 0:
-                ensure_dataset(root)
+                dataset_for(root, "pretrain")
             if self.state.dp_size() > 1:
                 dist.barrier(group=self.state.dp_group())  # the data sources: rank 0 and the other replicas' first ranks
             root = dataset_paths(root)["pretrain"]
@@ -468,7 +479,9 @@ class Trainer:
                 "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
         rank_state["loader"] = self.loader.state_dict() if self.loader is not None else None  # JSON values: the exact stream
-        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
+        folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
+        self.saved_step = self.step
+        return folder
 
     def _resume(self):
         """Continue from the newest complete checkpoint; start fresh only when there is none at all."""
@@ -480,12 +493,37 @@ class Trainer:
                                                  "see the warnings); repair them, or pass --overwrite without --resume to start over")
             log(f"--resume: no checkpoint under {self.ckpt_dir}, starting from step 0")
             return
+        _, index = checkpoint.read_index(folder)
+        if index["trainer"]["step"] < self.config.steps:  # (a finished run has nothing to do: fit says so)
+            self._check_schedule(index.get("config") or {}, index["trainer"]["step"])
         index = self.load(folder)
+        self.saved_step = self.step
         if Layout(**index["layout"]) == self.layout:  # (a checkpoint from before --vpp has no vpp: 1)
             rank_state = checkpoint.load_rank_state(folder, dist.get_rank())
             torch.set_rng_state(rank_state["torch_rng"])
             self.loader_state = rank_state.get("loader")
         log(f"resumed from {folder} at step {self.step}")
+
+    def _check_schedule(self, saved: dict, step: int) -> None:
+        """--resume continues the checkpoint's learning-rate schedule: other steps, lr, warmup or
+        min_lr than its run had would change it, which --allow-schedule-change must accept."""
+        def get(config: dict, path: str):
+            for key in path.split("."):
+                config = config.get(key) if isinstance(config, dict) else None
+            return config
+
+        now = self.config.to_dict()
+        now = {p: get(now, p) for p in SCHEDULE}
+        was = {p: now[p] if get(saved, p) is None else get(saved, p) for p in SCHEDULE}
+        changed = [p for p in SCHEDULE if was[p] != now[p]]
+        if not changed:
+            return
+        lr = {name: lr_at(step, v["optim.lr"], v["optim.warmup"], v["steps"], v["optim.min_lr"]) for name, v in (("was", was), ("now", now))}
+        what = ", ".join(f"{_flag_of(p).split()[0]} {was[p]:g} -> {now[p]:g}" for p in changed)
+        msg = f"--resume with {what} changes the run's learning-rate schedule (step {step + 1}: lr {lr['was']:.2e} -> {lr['now']:.2e})"
+        if not self.config.allow_schedule_change:
+            raise ValueError(f"{msg}; pass --allow-schedule-change to accept that, or resume with the run's values")
+        log(f"--allow-schedule-change: {msg}")
 
     def load(self, path: str) -> dict:
         """Load weights, optimizer moments and trainer state from a checkpoint of any layout, reading
@@ -514,7 +552,10 @@ class Trainer:
         c, records = self.config, []
         self._claim()
         try:
-            with self._store_run() as run, ScalarWriter(c.tensorboard) as tb:
+            if self.step >= c.steps:  # a finished run resumed: no empty run in the store
+                log(f"nothing to do: run already at step {self.step} (--steps {c.steps}); nothing recorded")
+                return records
+            with self._store_run() as run, StopRequest() as stop, ScalarWriter(c.tensorboard) as tb:
                 while self.step < c.steps:
                     rec = self.train_step()
                     records.append(rec)
@@ -526,10 +567,16 @@ class Trainer:
                             + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
                     if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
                         self.save()
+                    if rec["step"] < c.steps and (signum := self._agreed_signal(stop)):  # Ctrl-C/SIGTERM: after the step and its due save
+                        raise Interrupted(signum=signum)
                 if records:
-                    run.log_many((k, v, None) for k, v in summarize(records).items())
+                    peak = peak_memory_bytes(self.device)
+                    memory = {"peak_mem_bytes": peak, "peak_mem_delta_bytes": peak - self.memory_at_start}
+                    run.log_many((k, v, None) for k, v in {**summarize(records), **memory}.items())
                 if records or c.save_every:
                     self.save()
+            if run.id is not None:
+                log(f"recorded run {run.id} in {os.path.abspath(run.store.path)} (kind=pretrain)")
         except RuntimeError as e:
             if self.state.is_timeout(e):
                 raise TimeoutError(f"step {self.step + 1}: a collective timed out (--timeout {c.timeout:g} s); "
@@ -540,6 +587,20 @@ class Trainer:
                 self._lock.release()
             self._lock = False  # claimed once for this trainer: a later save() does not re-check
         return records
+
+    def _agreed_signal(self, stop: StopRequest) -> int:
+        """The signal any rank received (0: none), the same on every rank: all stop after one step."""
+        if dist.get_world_size() == 1:
+            return stop.signum or 0
+        t = torch.tensor([stop.signum or 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def stopped_message(self) -> str:
+        """The one line an interrupted run ends with."""
+        if self.saved_step is None:
+            return f"interrupted at step {self.step}; no checkpoint saved (--save-every N saves one every N steps)"
+        return f"interrupted at step {self.step}; last checkpoint step {self.saved_step}; continue with --resume"
 
     def _store_run(self):
         if not self.config.record:
@@ -582,6 +643,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 class _NoRun:
+    id = None
+
     def log(self, *a, **k):
         pass
 
@@ -596,16 +659,16 @@ class _NoRun:
 
 
 def main(args) -> int:
+    """Exit codes: 0 done, 1 a failed run, 2 bad input (a flag, config, layout or checkpoint refused);
+    an interrupted run ends with one line and 130 (Ctrl-C) or 143 (SIGTERM) through the CLI."""
     if wants_launch(args):
-        world = args.nproc * (args.nnodes or 1)
-        try:  # validate as the launched ranks will, before launching them
+        def layout_for(world):
             config = config_from_args(args, world=world)
-            layout_mod.check_layout(config.parallel, get_preset(config.model), world)
-        except (ValueError, KeyError, OSError) as e:
-            print(f"[pretrain] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            return 1
-        return relaunch("pretrain", args, args.command_argv)
-    rank = int(os.environ.get("RANK", 0))
+            return config.parallel, get_preset(config.model)
+
+        return layout_mod.relaunch_checked("pretrain", args, layout_for)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    trainer = None
     try:
         config = config_from_args(args)
         trainer = Trainer.build(config)
@@ -617,11 +680,18 @@ def main(args) -> int:
 
         destroy_parallel()
         return 0
+    except KeyboardInterrupt as e:  # the CLI shows the line (rank 0) and exits 130/143
+        raise Interrupted(trainer.stopped_message() if trainer else "interrupted before training started",
+                          getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # noqa: BLE001 - name the failing rank, then leave without waiting on peers
+        bad_input = isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError))
+        if bad_input and world == 1:
+            raise  # the CLI's one-line error, exit 2
         print(f"[pretrain] rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if os.environ.get("RSSCALE_TRACEBACK"):
             traceback.print_exc()
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        code = 2 if bad_input else 1
+        if world > 1:
             sys.stderr.flush()
-            os._exit(1)  # peers blocked in a collective are stopped by torchrun or their group timeout
-        return 1
+            os._exit(code)  # peers blocked in a collective are stopped by torchrun or their group timeout
+        return code

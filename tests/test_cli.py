@@ -54,7 +54,6 @@ def test_bad_config_and_unknown_preset_are_clear():
 
 @pytest.mark.parametrize("argv, message", [
     (["report", "--results", "{tmp}/missing.db"], "no results store at"),
-    (["kernels", "check", "--baseline", "{tmp}/missing.json"], "no kernel benchmark results at"),
     (["finetune", "--task", "det", "--dataset", "loveda", "--data", "{tmp}"], "is not a det benchmark"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):

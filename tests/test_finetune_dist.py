@@ -164,3 +164,14 @@ def test_one_step_and_evaluation_equal_one_process(layout, data, reference):
                 torch.testing.assert_close(_full(replica, name, "params")[well], ref["params"][name][well], **TOL,
                                            msg=f"{task} weight {name}")
     assert 0.0 < reference["seg"]["eval"] <= 1.0 and reference["det"]["eval"] >= 0.0
+
+
+def test_pipeline_flags_are_refused_not_ignored():
+    """Fine-tuning has no pipeline: --pp and --vpp other than 1 are an error, never dropped silently."""
+    import argparse
+
+    from rsscale.finetune import train as T
+
+    for flags in (dict(pp=2), dict(vpp=2)):
+        with pytest.raises(ValueError, match="tensor and data parallel only"):
+            T.layout_from_args(argparse.Namespace(tp=1, **flags), 2)

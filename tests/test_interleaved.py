@@ -98,11 +98,11 @@ def test_the_schedule_refuses_what_it_cannot_take():
 
 
 def test_bad_micro_batch_count_fails_before_launching(tmp_path):
-    """`rsscale pretrain --nproc 2 --pp 2 --vpp 2` with 3 micro-batches exits 1 naming --vpp, before torchrun."""
+    """`rsscale pretrain --nproc 2 --pp 2 --vpp 2` with 3 micro-batches exits 2 naming --vpp, before torchrun."""
     cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--nproc", "2", "--pp", "2", "--vpp", "2", "--micro-batch", "2",
            "--global-batch", "6", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "--vpp 2: the micro-batches per step" in proc.stderr and "torchrun" not in proc.stderr.lower()
 
 

@@ -32,7 +32,7 @@ def test_valid_layouts_at_the_edges():
 @pytest.mark.parametrize("layout,world,expected", [
     (Layout(pp=4), 4, ["PP size 4 exceeds the encoder depth 3: every stage needs at least one block"]),
     (Layout(sp=True), 1, ["sequence parallelism (--sp) needs TP size >= 2"]),
-    (Layout(tp=2), 3, ["the world size 3 must equal tp*pp*dp = 2*1*1 = 2"]),
+    (Layout(tp=2), 3, ["the world size 3 must equal tp*pp*dp = 2*1*1 = 2 (launch 2 processes: --nproc 2)"]),
     (Layout(tp=4), 4, ["TP size 4 does not divide the decoder heads (2)", "TP size 4 does not divide the decoder MLP size (6)"]),
     (Layout(dp=2, micro_batch=2, global_batch=6), 2,
      ["the global batch 6 must be a multiple of micro_batch * dp = 2*2 = 4"]),

@@ -117,11 +117,11 @@ def test_metrics_command_line_on_a_hand_made_submission(tmp_path, capsys):
     assert json.loads(out.read_text())["mAP"] == pytest.approx(5 / 11, abs=1e-12)
     assert main([str(tmp_path / "dets"), str(labels), "--all-point", "--classes", "car,ship", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| car | 41.67 | 4 | 5 |" in printed and "| ship | 0.00 | 0 | 0 |" in printed
+    assert "| car | 41.67 | 4 | 5 |" in printed and "| ship (no GT) | 0.00 | 0 | 0 |" in printed
     assert "| **mAP** | **20.83** | | |" in printed
     assert main([str(tmp_path / "dets"), str(labels), "--mode", "mmrotate", "--iou-thr", "0.99",
                  "--classes", "car,ship", "--json", str(out)]) == 0
-    assert "| ship | n/a | 0 | 0 |" in capsys.readouterr().out
+    assert "| ship (no GT) | n/a | 0 | 0 |" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["classes"]["ship"]["ap"] is None and result["classes"]["car"]["num_gt"] == 5
     ship = result["classes"]["ship"]
@@ -165,7 +165,7 @@ def test_store_rejects_bad_input_with_one_sentence(tmp_path):
         run.log("", 1.0)
     with pytest.raises(ValueError, match=r"cannot update run fields \['status'\]"):
         run.update(status="complete")
-    with pytest.raises(ValueError, match="a run finishes as 'complete' or 'failed', not 'done'"):
+    with pytest.raises(ValueError, match="a run finishes as 'complete', 'failed', 'interrupted', not 'done'"):
         run.finish("done")
     run.log("x", None)
     run.log_many([("y", 2, None), ("z", 3.5, 4, {"k": 1, "path": Path("a") / "b"})])  # non-JSON tag: str

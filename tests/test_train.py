@@ -122,11 +122,11 @@ def test_fp16_on_cpu_is_refused():
 
 
 def test_failing_rank_is_named_and_exits_nonzero(tmp_path):
-    """Under torchrun-like env a rank that fails prints 'rank R failed: ...' and exits 1."""
+    """Under torchrun-like env a rank that fails prints 'rank R failed: ...' and exits (2 for bad input)."""
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input, as for every command
     assert "rank 1 failed: ValueError: invalid parallel layout" in proc.stderr
     assert "world size 2 must equal tp*pp*dp" in proc.stderr
 
@@ -186,6 +186,6 @@ def test_nproc_validates_the_layout_before_launching(tmp_path):
     """`rsscale pretrain --nproc 3 --tp 3` explains the bad layout once and never starts torchrun."""
     cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--nproc", "3", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "TP size 3 does not divide the encoder heads (4)" in proc.stderr
     assert "launching" not in proc.stdout and proc.stderr.count("invalid parallel layout") == 1

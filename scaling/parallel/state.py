@@ -141,9 +141,10 @@ def is_initialized() -> bool:
 
 
 def ensure_initialized() -> None:
-    """Build a world of size 1 (tp=pp=1) when nobody called init_parallel; logged, not silent."""
+    """Build a world of size 1 (tp=pp=1) when nobody called init_parallel (the normal case of a
+    single-process run: logged at DEBUG only)."""
     if not is_initialized():
-        log.info("init_parallel() was not called: starting a single-process world (tp=1, pp=1)")
+        log.debug("init_parallel() was not called: starting a single-process world (tp=1, pp=1)")
         init_parallel()
 
 
