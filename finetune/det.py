@@ -236,10 +236,11 @@ class RotatedFCOS(nn.Module):
 
 @torch.no_grad()
 def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, indices=None, overlap: int | None = None,
-                  score_thr: float = 0.05, max_per_image: int = 2000, batch_size: int = 8):
+                  score_thr: float = 0.05, max_per_image: int = 2000, batch_size: int = 8, rates=None, flips=()):
     """DOTA-style inference on the images `indices` (default all): each image is cut into
     overlapping crop x crop patches (a smaller image is one zero-padded patch), detected per patch;
-    the image's best `max_per_image` boxes above `score_thr` are merged with rotated NMS.
+    the image's best `max_per_image` boxes above `score_thr` are merged with rotated NMS. `rates`
+    (and `flips`): the DOTA protocol's multi-scale split and flip TTA instead (dota_protocol).
     Returns (detections {class: [(image, score, poly8)]}, ground truth {image: [DotaObject]})."""
     model.eval()
     device = next(model.parameters()).device
@@ -251,6 +252,14 @@ def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, in
         image_id = target["image_id"]
         gts[image_id] = [DotaObject(tuple(p.tolist()), classes[int(l)], bool(d))
                          for p, l, d in zip(target["polys"], target["labels"], target["difficult"])]
+        if rates is not None:
+            from rsscale.finetune.dota_protocol import detect_image
+
+            merged = detect_image(model, image, normalize, patch=crop, overlap=overlap, rates=rates, flips=flips, score_thr=score_thr,
+                                  batch_size=batch_size, max_dets=max_per_image)
+            for poly, score, label in zip(obb_to_poly(merged["boxes"]), merged["scores"], merged["labels"]):
+                dets[classes[int(label)]].append((image_id, float(score), poly.tolist()))
+            continue
         patches = split_image(image, target, patch=crop, overlap=overlap)
         found = []
         for k in range(0, len(patches), batch_size):  # bounded memory on big (DOTA) images

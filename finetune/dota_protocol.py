@@ -49,23 +49,26 @@ def unflip_boxes(boxes: torch.Tensor, size: int, flip: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def detect_image(model, image: torch.Tensor, normalize, patch: int, overlap: int, rates=(1.0,), flips=(),
-                 score_thr: float = 0.05, nms_iou: float = 0.1, batch_size: int = 8) -> dict:
-    """Detections {"boxes", "scores", "labels"} on a whole image [C, H, W] (any size) under the
-    protocol: multi-scale patches, each detected as is and under `flips`, merged with rotated NMS.
-    `model` is any detector with the RotatedFCOS interface (forward + predict)."""
+                 score_thr: float = 0.05, nms_iou: float = 0.1, batch_size: int = 8, max_dets: int | None = None) -> dict:
+    """Detections {"boxes", "scores", "labels"} (on the CPU) on a whole image [C, H, W] (any size)
+    under the protocol: multi-scale patches, each detected on the model's device as is and under
+    `flips`, merged with rotated NMS (the best `max_dets`). `model` is any detector with the
+    RotatedFCOS interface (forward + predict)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     empty = {"polys": torch.zeros(0, 8), "labels": torch.zeros(0, dtype=torch.long),
              "difficult": torch.zeros(0, dtype=torch.bool)}
     patches = split_image_multiscale(image, empty, rates, patch, overlap)
     found = []
     for k in range(0, len(patches), batch_size):  # bounded memory on big (DOTA) images
-        batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]])
+        batch = torch.stack([normalize(p.image) for p in patches[k:k + batch_size]]).to(device)
         per_patch = [[d] for d in model.predict(model(batch), score_thr=score_thr)]
         for flip in flips:
             for dets, d in zip(per_patch, model.predict(model(batch.flip(FLIPS[flip])), score_thr=score_thr)):
                 dets.append(dict(d, boxes=unflip_boxes(d["boxes"], patch, flip)))
-        found += [{key: torch.cat([d[key] for d in dets]) for key in ("boxes", "scores", "labels")} for dets in per_patch]
-    return merge_detections(found, [p.offset for p in patches], nms_iou, [p.rate for p in patches])
+        found += [{key: torch.cat([d[key] for d in dets]).cpu() for key in ("boxes", "scores", "labels")} for dets in per_patch]
+    return merge_detections(found, [p.offset for p in patches], nms_iou, [p.rate for p in patches], max_dets=max_dets)
 
 
 @torch.no_grad()

@@ -20,9 +20,7 @@ windows over whole tiles (segmentation) or cuts DOTA-style overlapping patches (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -33,36 +31,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rsscale import kernels
-from rsscale.scaling.store import ResultsStore
 from rsscale.finetune import datasets as D
 from rsscale.finetune.checks import check_data
 from rsscale.finetune.det import RotatedFCOS, detect_images
+from rsscale.finetune.dota_protocol import PROTOCOLS
 from rsscale.finetune.orcnn import OrientedRCNN
 from rsscale.finetune.metrics import TIE_ORDERS, SegMetric, evaluate_dota, format_ap_table
 from rsscale.finetune.rotated import norm_obb
 from rsscale.finetune.seg import Segmenter, evaluate_seg
 from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
 from rsscale.scaling.config import ViTConfig, get_preset, param_count
+from rsscale.scaling import checkpoint
 from rsscale.scaling.config_file import check_numbers
-from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
+from rsscale.scaling.log import reset_peak_memory
 from rsscale.scaling.data import default_stats
 from rsscale.scaling.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
-from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
 from rsscale.scaling.parallel import state
-from rsscale.scaling.store import NullRun
+from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
-
-
-log = logging.getLogger(__name__)
-
-
-def say(msg: str) -> None:
-    """Progress, from global rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        log.info("[finetune] %s", msg)
+PROTOCOL_CHOICES = ("crop", "dota-ss", "dota-ms")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -150,19 +139,22 @@ def draw_sample(task: str, dataset, crop: int, normalize, seed: int, step: int, 
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model(task: str, args, num_classes: int, sequence_parallel: bool = False, config=None):
+def build_model(task: str, args, num_classes: int, sequence_parallel: bool = False, config=None, encoder: ViTConfig | None = None):
     """(model, ViTConfig, init description). The preset comes from the checkpoint if given.
     Every rank builds it from the same seed (TP ranks keep their slices). `config`: the megatron
-    ModelParallelConfig of the blocks (default: the initialized world's)."""
+    ModelParallelConfig of the blocks (default: the initialized world's). `encoder`: this encoder,
+    left as initialised (a fine-tuned checkpoint is loaded into it afterwards)."""
     state.ensure_initialized()
-    if args.checkpoint:
+    if encoder is not None:
+        cfg, full = encoder, None
+    elif args.checkpoint:
         from rsscale.scaling.checkpoint import load_full_state_dict
 
         cfg, full = load_full_state_dict(args.checkpoint)
-        say(f"pretrained encoder {cfg.name} from {args.checkpoint}")
+        log(f"pretrained encoder {cfg.name} from {args.checkpoint}")
     else:
         cfg, full = get_preset(args.model), None
-        say(f"no --checkpoint: the {cfg.name} encoder is RANDOMLY initialised (not a pretrained result)")
+        log(f"no --checkpoint: the {cfg.name} encoder is RANDOMLY initialised (not a pretrained result)")
     torch.manual_seed(args.seed)
     backbone = ViTDetBackbone(cfg, img_size=args.crop, window_size=args.window, drop_path=args.drop_path,
                               out_channels=args.channels, activation_checkpointing=args.activation_checkpointing,
@@ -170,7 +162,7 @@ def build_model(task: str, args, num_classes: int, sequence_parallel: bool = Fal
     init = "random"
     if full is not None:
         report = load_pretrained(backbone, full, cfg)
-        say(f"loaded {len(report['loaded'])} tensors; new (random) {len(report['missing'])}: "
+        log(f"loaded {len(report['loaded'])} tensors; new (random) {len(report['missing'])}: "
             f"{', '.join(report['missing'][:4])}{' ...' if len(report['missing']) > 4 else ''}; "
             f"ignored pretraining-only {len(report['ignored'])}; unexpected {len(report['unexpected'])} {report['unexpected'][:5]}")
         init = "mae"
@@ -195,134 +187,105 @@ def layout_from_args(args, world: int) -> Layout:
     return Layout(tp=tp, pp=1, dp=dp, sp=getattr(args, "sp", False), micro_batch=mb, global_batch=gb)
 
 
-def check_precision(precision: str) -> None:
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--precision fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
-
-
 # ------------------------------------------------------------------------------------ one rank
-class Finetuner:
-    """One rank's share of a fine-tuning run under a TP x DP layout.
+def finetune_config(args, layout: Layout, cfg: ViTConfig, steps: int) -> TrainConfig:
+    """The shared run description of a fine-tuning run: what the trainer's loop, checkpoints,
+    resume and store read (the task's own options stay in `args`)."""
+    return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=layout, steps=steps, seed=args.seed, precision=args.precision,
+                       optim=OptimConfig(lr=args.lr, warmup=min(args.warmup, max(steps // 5, 1)), weight_decay=args.weight_decay, beta2=0.999,
+                                         clip_grad=args.clip_grad, distributed_optimizer=args.distributed_optimizer),
+                       data=args.data, num_workers=0, out=args.out or "", save_every=args.save_every, keep=args.keep, resume=args.resume,
+                       allow_schedule_change=args.allow_schedule_change, overwrite=args.overwrite, log_every=args.log_every,
+                       results=args.results, tensorboard=args.tensorboard, timeout=args.timeout)
+
+
+class Finetuner(Trainer):
+    """One rank's share of a fine-tuning run under a TP x DP layout: the pretraining Trainer's loop,
+    checkpoints, --resume, signals and store, with this task's model, batches, loss and evaluation.
 
     Every optimizer step takes the global batch of samples 0..G-1 (sample g of step s is drawn from
     its own generator seeded by (seed, s, g)); DP rank d trains samples [d*G/D, (d+1)*G/D) in
     micro-batches. Only the first rank of a TP group reads them; it broadcasts each micro-batch to
     its TP peers, so a TP group always computes on identical data. Losses are sums divided by
     normalizers counted over the whole global batch (valid pixels; positives), so the summed
-    data-parallel gradient equals the one-process gradient of the same global batch.
+    data-parallel gradient equals the one-process gradient of the same global batch. A resumed run
+    draws the same samples and drop-path masks (the RNG state is in the checkpoint).
     """
 
-    def __init__(self, args, layout: Layout, model, train_set, device):
-        self.args, self.layout, self.model, self.train_set, self.device = args, layout, model, train_set, device
-        self.task = "seg" if isinstance(model, Segmenter) else "det"
-        self.normalize = Normalize(model.backbone.cfg.in_chans)
-        groups = param_groups_lrd(model, model.backbone.cfg.depth, args.weight_decay, args.layer_decay)
-        zero = args.distributed_optimizer and layout.dp > 1
-        self.optimizer = FlatAdamW(model.named_parameters(), betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                   shards=layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0,
-                                   group=state.dp_group(), dp_size=layout.dp, lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]},
-                                   bucket_mb=25.0, overlap=True, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
-        self.scaler = LossScaler(enabled=args.precision == "fp16")
-        self.step = 0
-        torch.manual_seed(args.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
+    KIND = "finetune"
 
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    def __init__(self, args, layout: Layout, model, train_set, device, steps: int | None = None, classes=(), init: str = "random"):
+        self.args, self.layout, self.model, self.train_set, self.device = args, layout, model, train_set, device
+        self.cfg, self.classes, self.init = model.backbone.cfg, list(classes), init
+        self.task = "seg" if isinstance(model, Segmenter) else "det"
+        self.config = finetune_config(args, layout, self.cfg, steps or args.steps or 1)
+        self.state, self.memory_at_start = state, reset_peak_memory(device)
+        self.normalize = Normalize(self.cfg.in_chans)
+        groups = param_groups_lrd(model, self.cfg.depth, args.weight_decay, args.layer_decay)
+        self.optimizer = self._flat_adamw(lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]})  # layer-wise lr decay
+        torch.manual_seed(args.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
+        self.results = {}
+        self._ready()  # (--resume restores the weights, optimizer, step and RNG)
 
     # --- data ----------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list:
-        L = self.layout
+        """This rank's (images on the device, targets) per micro-batch of `step`."""
+        L, crop, chans = self.layout, self.args.crop, self.cfg.in_chans
         per_rank = L.global_batch // L.dp
         first = state.dp_rank() * per_rank
         out = []
         for m in range(per_rank // L.micro_batch):
             lo = first + m * L.micro_batch
-            batch = ([draw_sample(self.task, self.train_set, self.args.crop, self.normalize, self.args.seed, step, g)
-                      for g in range(lo, lo + L.micro_batch)] if state.tp_rank() == 0 else None)
-            out.append(self._broadcast_in_tp_group(batch))
+            if state.tp_rank() == 0:
+                imgs, targets = zip(*[draw_sample(self.task, self.train_set, crop, self.normalize, self.args.seed, step, g)
+                                      for g in range(lo, lo + L.micro_batch)])
+                imgs = torch.stack(imgs).to(self.device)
+                targets = torch.stack(targets).to(self.device) if self.task == "seg" else list(targets)
+            else:  # filled by the broadcast
+                imgs = torch.empty(L.micro_batch, chans, crop, crop, device=self.device)
+                targets = torch.empty(L.micro_batch, crop, crop, dtype=torch.int64, device=self.device) if self.task == "seg" else None
+            out.append(tuple(self._broadcast_batch(imgs, targets)))
         return out
-
-    def _broadcast_in_tp_group(self, batch):
-        """(images on the device, targets) of TP rank 0, on every rank of the TP group."""
-        L, crop, chans = self.layout, self.args.crop, self.model.backbone.cfg.in_chans
-        if batch is not None:
-            imgs, targets = zip(*batch)
-            imgs = torch.stack(imgs).to(self.device)
-            targets = torch.stack(targets).to(self.device) if self.task == "seg" else list(targets)
-        if L.tp == 1:
-            return imgs, targets
-        src, group = dist.get_global_rank(state.tp_group(), 0), state.tp_group()
-        if batch is None:
-            imgs = torch.empty(L.micro_batch, chans, crop, crop, device=self.device)
-            targets = torch.empty(L.micro_batch, crop, crop, dtype=torch.int64, device=self.device) if self.task == "seg" else None
-        dist.broadcast(imgs, src, group=group)
-        if self.task == "seg":
-            dist.broadcast(targets, src, group=group)
-        else:
-            box = [targets]
-            dist.broadcast_object_list(box, src, group=group)
-            targets = box[0]
-        return imgs, targets
 
     # --- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step over the global batch; returns loss (whole global batch), loss parts,
-        lr and the global gradient norm (before clipping), equal on every rank."""
-        L, args, model = self.layout, self.args, self.model
+        """One optimizer step over the global batch; the step record carries the loss of the whole
+        global batch and its parts, equal on every rank."""
+        L, model = self.layout, self.model
         model.train()
+        t0 = time.perf_counter()
         micro = self.micro_batches(self.step)
         prepared = [model.prepare(t, imgs.shape[-2:]) for imgs, t in micro]
         norms = sum(model.normalizers(p) for p in prepared).to(self.device)
         if L.dp > 1:
             dist.all_reduce(norms, group=state.dp_group())  # normalizers of the whole global batch
+        self._sync()
+        t1 = time.perf_counter()
         self.optimizer.zero_grad(len(micro))  # DP buckets are reduced during the last micro-batch's backward
         parts = None
         for (imgs, _), prep in zip(micro, prepared):
-            with self.autocast():
+            with self._autocast():
                 losses = model.loss_from(model(imgs), prep, norms)
             (losses["total"] * (L.dp * self.scaler.scale)).backward()  # x dp: the DP all-reduce averages
             values = torch.stack([v.detach().float() for v in losses.values()])
             parts = values if parts is None else parts + values
+        self._sync()
+        t2 = time.perf_counter()
         self.optimizer.finish_grad_sync()  # before any other DP collective: bucket order is the same on every rank
         if L.dp > 1:
             dist.all_reduce(parts, group=state.dp_group())
-        finite = self.scaler.unscale_and_check(self.optimizer.grad)
-        grad_norm = self.optimizer.clip_grad_norm_(args.clip_grad, group=state.tp_group())
-        lr = lr_at(self.step, args.lr, self.warmup, self.steps)
-        if finite:
-            self.optimizer.step(lr)
-        self.step += 1
+        t_comm = time.perf_counter() - t2
         out = dict(zip(losses, parts.tolist()))
-        return {"loss": out.pop("total"), "parts": out, "lr": lr, "grad_norm": grad_norm, "skipped": not finite}
-
-    def fit(self, steps: int, log_metric=None, tb: ScalarWriter | None = None) -> list[float]:
-        """`steps` optimizer steps (linear warmup + cosine); progress every --log-every steps;
-        per-step scalars into the TensorBoard writer `tb` when given."""
-        self.steps, self.warmup = steps, min(self.args.warmup, max(steps // 5, 1))
-        t0, history, every = time.time(), [], self.args.log_every
-        for step in range(steps):
-            r = self.train_step()
-            history.append(r["loss"])
-            if log_metric:
-                log_metric("loss", r["loss"], step=step)
-            if tb is not None:
-                tb.add(step + 1, loss=r["loss"], lr=r["lr"], grad_norm=r["grad_norm"], **r["parts"],
-                       images_per_s=(step + 1) * self.layout.global_batch / max(time.time() - t0, 1e-9),
-                       peak_memory_bytes=peak_memory_bytes(self.device))
-            if (step + 1) % every == 0 or step + 1 == steps:
-                dt = time.time() - t0
-                extra = " ".join(f"{k} {v:.3f}" for k, v in r["parts"].items())
-                say(f"step {step + 1}/{steps} loss {sum(history[-every:]) / len(history[-every:]):.4f} {extra} "
-                    f"lr {r['lr']:.2e} grad norm {r['grad_norm']:.3f}{' (skipped: overflow)' if r['skipped'] else ''} | "
-                    f"{(step + 1) * self.layout.global_batch / dt:.1f} img/s, {dt:.0f} s")
-        return history
+        loss = out.pop("total")
+        lr, grad_norm, finite = self._apply_gradients(loss)
+        return self._record(loss, lr, grad_norm, finite, (t0, t1, t2, time.perf_counter()), t_comm, parts=out)
 
     # --- evaluation: each DP replica takes every D-th image; metric state is reduced over DP ------
     def evaluate(self, val_set, classes) -> dict:
         args, L = self.args, self.layout
+        self.model.eval()
         indices = range(state.dp_rank(), len(val_set), L.dp)
-        with self.autocast():
+        with self._autocast():
             if self.task == "seg":
                 metric = evaluate_seg(self.model, val_set, args.crop, classes, self.normalize, indices=indices)
                 if L.dp > 1:
@@ -331,7 +294,7 @@ class Finetuner:
                     metric.confusion = cm.cpu()
                 return {"metric": metric}
             dets, gts = detect_images(self.model, val_set, args.crop, classes, self.normalize, indices=indices,
-                                      score_thr=args.score_thr, max_per_image=args.max_per_image)
+                                      score_thr=args.score_thr, max_per_image=args.max_per_image, **protocol_options(args))
         if L.dp > 1:
             gathered = [None] * L.dp
             dist.all_gather_object(gathered, (dets, gts), group=state.dp_group())
@@ -339,22 +302,65 @@ class Finetuner:
             gts = {k: v for _, g in gathered for k, v in g.items()}
         return {"ap": evaluate_dota(dets, gts, classes=list(classes), tie_order=args.tie_order)}
 
-    def save(self, out: Path, cfg, classes) -> list[Path]:
-        """Each TP rank of DP replica 0 writes its own slice (safetensors); rank 0 the description."""
-        from safetensors.torch import save_file
+    def scores(self, val_set, classes, counts=None) -> tuple[dict, dict]:
+        """(headline metrics, per-class metrics) of the model now on `val_set`, printed as tables.
+        `counts` (the data check's class pixel counts) adds the majority-class baseline (seg)."""
+        t0 = time.time()
+        r = self.evaluate(val_set, classes)
+        if self.task == "seg":
+            metric = r["metric"]
+            m = metric.compute()
+            log("\n" + metric.table())
+            results = {"mIoU": 100 * m["mIoU"], "OA": 100 * m["OA"], "mF1": 100 * m["mF1"], "mAcc": 100 * m["mAcc"]}
+            if counts is not None:
+                base = majority_baseline(counts["train"], counts["val"], classes)
+                results.update(mIoU_majority_baseline=100 * base["mIoU"], OA_majority_baseline=100 * base["OA"])
+            per_class = {f"IoU/{c}": 100 * v for c, v in zip(classes, m["IoU"].tolist()) if not math.isnan(v)}
+        else:
+            log("\n" + format_ap_table(r["ap"]))
+            results = {"mAP": 100 * r["ap"]["mAP"], "mAP_with_gt": 100 * r["ap"]["mAP_with_gt"]}
+            per_class = {f"AP/{c}": 100 * v["ap"] for c, v in r["ap"]["classes"].items() if not math.isnan(v["ap"])}
+        results["eval_seconds"] = time.time() - t0
+        return results, per_class
 
-        if state.dp_rank() != 0:
-            return []
-        out.mkdir(parents=True, exist_ok=True)
-        T = self.layout.tp
-        path = out / ("model.safetensors" if T == 1 else f"model-tp{state.tp_rank()}-of-{T}.safetensors")
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items() if v is not None}
-        save_file(tensors, str(path))
-        if state.tp_rank() == 0:
-            (out / "model.json").write_text(json.dumps({"vit_config": vars(cfg), "task": self.task, "classes": list(classes),
-                                                         "tp": T, "files": [f"model-tp{r}-of-{T}.safetensors" for r in range(T)]
-                                                         if T > 1 else ["model.safetensors"]}, indent=1))
-        return [path]
+    # --- the trainer's hooks -------------------------------------------------------------------
+    def after_training(self, run, tb, records) -> None:
+        """Evaluate the trained model (its checkpoint is on disk already) and record the metrics."""
+        results, per_class = self.scores(self.val_set, self.classes, self.counts)
+        results = {"final_loss": sum(self.recent_losses) / max(len(self.recent_losses), 1), **results}  # the run's, across resumes
+        log(" ".join(f"{k} {v:.2f}" for k, v in results.items()))
+        tb.add(self.step, **results)
+        run.log_many([(k, v, None, self.tags()) for k, v in {**results, **per_class}.items()])
+        self.results = {**results, **per_class}
+        if self.config.out and dist.get_rank() == 0:
+            path = Path(self.config.out) / "metrics.json"
+            path.write_text(json.dumps({**self.results, "init": self.init, "preset": self.cfg.name, "steps": self.step,
+                                        "train_fraction": self.args.train_fraction, "layout": self.layout.as_dict()}, indent=1))
+            log(f"wrote {path}")
+
+    def tb_prefix(self) -> str:
+        return f"finetune_{self.task}"
+
+    def tags(self) -> dict:
+        return dict(dataset=self.args.dataset, task=self.task, init=self.init, train_fraction=self.args.train_fraction)
+
+    def run_fields(self) -> dict:
+        return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"),
+                    config={k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")})
+
+    def checkpoint_meta(self) -> dict:
+        """What rebuilds this model from its checkpoint alone (`rsscale evaluate`, `rsscale predict`)."""
+        return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init,
+                             "args": {k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")}}}
+
+    def _claim(self) -> None:
+        if self.config.out:
+            super()._claim()
+        else:  # no --out: nothing is saved, nothing to lock
+            self._lock = False
+
+    def save(self):
+        return super().save() if self.config.out else None
 
 
 def majority_baseline(train_counts: torch.Tensor, val_counts: torch.Tensor, class_names) -> dict:
@@ -363,12 +369,6 @@ def majority_baseline(train_counts: torch.Tensor, val_counts: torch.Tensor, clas
     metric = SegMetric(len(class_names), D.IGNORE_INDEX, class_names)
     metric.confusion[:, int(train_counts.argmax())] = val_counts
     return metric.compute()
-
-
-@contextlib.contextmanager
-def _no_store_run(**_):
-    """What ranks other than 0 record: nothing (only rank 0 opens the store)."""
-    yield NullRun()
 
 
 def load_config(args) -> ViTConfig:
@@ -396,21 +396,21 @@ def train_subset(train_set, fraction: float, seed: int):
     return torch.utils.data.Subset(train_set, sorted(order[:max(1, math.ceil(fraction * len(order)))]))
 
 
-def run_finetune(args) -> dict:
-    """The whole command on one rank: layout check, groups, data check, model, training, model
-    file, distributed evaluation, store records (rank 0). Returns the metrics."""
+def run_finetune(args, started=lambda trainer: trainer) -> dict:
+    """The whole command on one rank: checks, groups, data check, model, then the trainer's loop
+    (checkpoints, --resume, store, evaluation at the end). Returns the metrics ({} when a resumed
+    run had nothing left to do). `started` receives the trainer (run_rank's interrupt line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_precision(args.precision)
-    for flag in ("steps", "log_every", "global_batch", "crop"):
-        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < (0 if flag == "steps" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'steps' else 1}, got {getattr(args, flag)}")
     if not 0.0 < args.train_fraction <= 1.0:
         raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.resume and not args.out:
+        raise ValueError("--resume continues the run in --out: give its --out")
     cfg = load_config(args)
     layout = layout_from_args(args, world)
     check_layout(layout, cfg, world)  # before any process group exists: no hangs
-    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
+    device = rank_device()
     if dist.get_rank() == 0:  # the synthetic set is written once, before anyone reads it
         build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
     dist.barrier()
@@ -422,51 +422,61 @@ def run_finetune(args) -> dict:
     model, cfg, init = build_model(args.task, args, len(classes), sequence_parallel=layout.sp)
     model = model.to(device)
     steps = args.steps or args.epochs * math.ceil(len(train_set) / layout.global_batch)
-    n_params = param_count(cfg, "encoder")
-    say(f"task {args.task} on {args.dataset}: {len(train_set)} train ({100 * args.train_fraction:g} %) / {len(val_set)} val images, "
-        f"{len(classes)} classes; {cfg.name} encoder {n_params:,} params, model {sum(p.numel() for p in model.parameters()):,} "
-        f"(this rank); layout {layout}, {args.precision}, {device}; {steps} steps")
-    tuner = Finetuner(args, layout, model, train_set, device)
-    record = dist.get_rank() == 0
-    tags = dict(dataset=args.dataset, task=args.task, init=init, train_fraction=args.train_fraction)
-    out = Path(args.out) if args.out else None
-    with (ResultsStore(args.results).run if record else _no_store_run)(
-            kind="finetune", enabled=record, preset=cfg.name, params=n_params,
-            layout=dict(tp=layout.tp, pp=1, dp=layout.dp, sp=layout.sp), micro_batch=layout.micro_batch,
-            global_batch=layout.global_batch, precision=args.precision, kernels=kernels.get_backend(),
-            config={k: v for k, v in vars(args).items() if k not in ("func", "command_argv")}) as run, \
-            ScalarWriter(args.tensorboard, prefix=f"finetune_{args.task}") as tb:
-        curve = []
-        history = tuner.fit(steps, log_metric=lambda n, v, step: curve.append((n, v, step, tags)), tb=tb)
-        run.log_many(curve)
-        if out:  # the model is on disk before evaluation starts
-            for path in tuner.save(out, cfg, classes):
-                say(f"wrote {path}")
-        t0 = time.time()
-        r = tuner.evaluate(val_set, classes)
-        eval_s = time.time() - t0
-        if args.task == "seg":
-            metric = r["metric"]
-            m = metric.compute()
-            base = majority_baseline(counts["train"], counts["val"], classes)
-            say("\n" + metric.table())
-            results = {"mIoU": 100 * m["mIoU"], "OA": 100 * m["OA"], "mF1": 100 * m["mF1"], "mAcc": 100 * m["mAcc"],
-                       "mIoU_majority_baseline": 100 * base["mIoU"], "OA_majority_baseline": 100 * base["OA"]}
-            per_class = {f"IoU/{c}": 100 * v for c, v in zip(classes, m["IoU"].tolist()) if not math.isnan(v)}
-        else:
-            say("\n" + format_ap_table(r["ap"]))
-            results = {"mAP": 100 * r["ap"]["mAP"], "mAP_with_gt": 100 * r["ap"]["mAP_with_gt"]}
-            per_class = {f"AP/{c}": 100 * v["ap"] for c, v in r["ap"]["classes"].items() if not math.isnan(v["ap"])}
-        results["final_loss"] = sum(history[-10:]) / max(len(history[-10:]), 1)
-        results["eval_seconds"] = eval_s
-        say(" ".join(f"{k} {v:.2f}" for k, v in results.items()))
-        tb.add(steps, **results)
-        run.log_many([(k, v, None, tags) for k, v in {**results, **per_class}.items()])
-    if out and dist.get_rank() == 0:
-        (out / "metrics.json").write_text(json.dumps({**results, **per_class, "init": init, "preset": cfg.name, "steps": steps,
-                                                      "train_fraction": args.train_fraction, "layout": layout.as_dict()}, indent=1))
-        say(f"wrote {out / 'metrics.json'}")
-    return {**results, **per_class}
+    log(f"task {args.task} on {args.dataset}: {len(train_set)} train ({100 * args.train_fraction:g} %) / {len(val_set)} val images, "
+        f"{len(classes)} classes; {cfg.name} encoder {param_count(cfg, 'encoder'):,} params, model {sum(p.numel() for p in model.parameters()):,} "
+        f"(this rank); layout {layout}, {args.precision}, {device}; {steps} steps" + ("" if args.out else "; no --out: nothing is saved"))
+    tuner = started(Finetuner(args, layout, model, train_set, device, steps=steps, classes=classes, init=init))
+    tuner.val_set, tuner.counts = val_set, counts
+    tuner.fit()
+    return tuner.results
+
+
+def protocol_options(args) -> dict:
+    """detect_images' split of `--protocol`: DOTA's rates, overlap ratio and flips on --crop-sized
+    patches (the model's input size); {} for the training crops' split."""
+    if args.protocol == "crop":
+        return {}
+    p = PROTOCOLS[args.protocol]
+    return dict(rates=p["rates"], overlap=args.crop * p["overlap"] // p["patch"], flips=("h", "v") if args.protocol == "dota-ms" else ())
+
+
+def run_options(run: str, **overrides):
+    """(args, encoder ViTConfig, checkpoint folder, index) of a fine-tuning run's newest complete
+    checkpoint (or the step folder given): the options the run recorded there, with `overrides`."""
+    folder, index = checkpoint.read_index(run)
+    saved = index.get("finetune")
+    if not saved:
+        raise ValueError(f"{os.path.join(folder, 'index.json')}: not a fine-tuning checkpoint (no 'finetune' entry: a pretraining "
+                         "checkpoint, or a run written before fine-tuning runs kept what rebuilds their model); fine-tune it again")
+    known = vars(finetune_args(saved["task"]))
+    options = {k: v for k, v in saved["args"].items() if k in known and k != "task"}  # options a later version dropped are ignored
+    args = finetune_args(saved["task"], **{**options, **overrides, "checkpoint": None, "resume": False, "out": None, "save_every": 0})
+    return args, ViTConfig(**index["model"]), folder, index
+
+
+def run_layout(run: str, world: int, **overrides) -> tuple[Layout, ViTConfig]:
+    """The layout a command on `world` processes gives a run's model (checked before launching)."""
+    args, cfg, _, _ = run_options(run, **overrides)
+    return layout_from_args(args, world), cfg
+
+
+def restore(run: str, world: int, **overrides) -> tuple[Finetuner, dict]:
+    """A Finetuner holding the weights of a fine-tuning run's checkpoint (`run_options`), in any
+    TP x DP layout, each rank reading only its slices. Creates the process groups. Returns it and
+    the checkpoint's index."""
+    args, cfg, folder, index = run_options(run, **overrides)
+    saved = index["finetune"]
+    layout = layout_from_args(args, world)
+    check_layout(layout, cfg, world)
+    check_precision(args.precision)
+    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
+    model, _, _ = build_model(saved["task"], args, len(saved["classes"]), sequence_parallel=layout.sp, encoder=cfg)
+    device = rank_device()
+    tuner = Finetuner(args, layout, model.to(device), None, device, steps=index["trainer"]["step"], classes=saved["classes"], init=saved["init"])
+    tuner.load(folder, weights_only=True)
+    tuner.step = int(index["trainer"]["step"])
+    log(f"{saved['task']} model of {folder} (step {tuner.step}, {cfg.name} encoder, {len(saved['classes'])} classes); layout {layout}")
+    return tuner, index
 
 
 def add_arguments(parser) -> None:
@@ -505,13 +515,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-eval-images", type=int, default=0, help="evaluate on at most this many val images (0: all)")
     parser.add_argument("--score-thr", type=float, default=0.05, help="detection: drop boxes scoring below this before merging")
     parser.add_argument("--max-per-image", type=int, default=2000, help="detection: keep at most this many boxes per patch and per image")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOL_CHOICES), default="crop",
+                        help="detection evaluation: crop-sized patches as trained (crop), or DOTA's split at rate 1 (dota-ss) or "
+                        "rates 0.5/1.0/1.5 with h+v flip TTA (dota-ms); patches of --crop px, DOTA's overlap ratio")
     parser.add_argument("--tie-order", choices=TIE_ORDERS, default="devkit",
                         help="DOTA AP: order of equal scores (the official devkit's np.argsort, or stable)")
     parser.add_argument("--synthetic-count", type=int, default=64, help="seg/det tiles when writing the synthetic set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
-    parser.add_argument("--out", help="folder for the model (safetensors, one file per TP rank), model.json and metrics.json")
+    parser.add_argument("--out", help="run folder: checkpoints/ (model, optimizer, data position; the model of evaluate/predict) "
+                        "and metrics.json; without it nothing is saved")
+    parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--keep", type=int, default=0, help="keep only the N newest checkpoints (0: all)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
+    parser.add_argument("--allow-schedule-change", action="store_true",
+                        help="with --resume: accept --steps/--lr/--warmup other than the checkpoint's run had")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an --out folder that holds checkpoints (deletes them)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="process-group timeout in seconds (a dead peer fails the step)")
     parser.add_argument("--results", help="results store (default $RSSCALE_RESULTS or reports/results.db)")
 
 
@@ -531,7 +552,8 @@ def finetune_args(task: str, **overrides) -> argparse.Namespace:
 NUMBER_RULES = {"--steps": dict(ge=1), "--epochs": dict(ge=1), "--global-batch": dict(ge=1), "--micro-batch": dict(ge=1), "--crop": dict(ge=1), "--lr": dict(gt=0),
                 "--layer-decay": dict(gt=0, le=1), "--weight-decay": dict(ge=0), "--warmup": dict(ge=0), "--clip-grad": dict(gt=0),
                 "--drop-path": dict(ge=0, lt=1), "--window": dict(ge=1), "--channels": dict(ge=1), "--max-eval-images": dict(ge=0),
-                "--synthetic-count": dict(ge=1), "--seed": dict(ge=0), "--log-every": dict(ge=1)}
+                "--synthetic-count": dict(ge=1), "--seed": dict(ge=0), "--log-every": dict(ge=1),
+                "--save-every": dict(ge=0), "--keep": dict(ge=0), "--timeout": dict(gt=0)}
 
 
 def check_args(args) -> None:
@@ -544,8 +566,4 @@ def main(args) -> int:
     if wants_launch(args):
         check_precision(args.precision)
         return relaunch_checked("finetune", args, lambda world: (layout_from_args(args, world), load_config(args)))
-    try:
-        run_finetune(args)
-    finally:
-        state.destroy_parallel()
-    return 0
+    return run_rank("finetune", lambda started: run_finetune(args, started))

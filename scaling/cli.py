@@ -21,6 +21,8 @@ COMMANDS = {
     "pretrain": ("rsscale.scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
     "demo": ("rsscale.reports.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
     "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
+    "evaluate": ("rsscale.finetune.evaluate", "score a fine-tuned run's saved model again (its data and options, or others)"),
+    "predict": ("rsscale.finetune.predict", "apply a fine-tuned run's model to new images of any size: masks or DOTA boxes"),
     "bench": ("rsscale.benchmarks.harness", "measure throughput / memory / MFU of a preset and layout"),
     "profile": ("rsscale.benchmarks.profile", "rank parallel layouts with the analytic memory/FLOP model"),
     "calibrate": ("rsscale.benchmarks.calibrate", "measure GEMM/attention/LayerNorm/collective speeds of this device for the time model"),

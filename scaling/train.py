@@ -54,6 +54,7 @@ from rsscale.scaling.launch import Interrupted, StopRequest, add_launch_argument
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
 from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
+from rsscale.scaling.store import NullRun
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ NUMBER_RULES = {
     "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
     "timeout": dict(gt=0),
 }
+RECENT = 10  # steps whose mean loss is a run's final loss
 SCHEDULE = ("steps", "optim.lr", "optim.warmup", "optim.min_lr")  # what the learning rate of a step depends on
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model weights; grads and master stay fp32
 CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "compile_backend": ("inductor", "aot_eager", "eager"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
@@ -256,6 +258,19 @@ def random_images(cfg, seed: int, step: int, first_index: int, n: int) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
+def check_precision(precision: str) -> None:
+    """A precision this machine can run (every task's check, before any process group exists)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--precision fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
+
+
+def rank_device() -> torch.device:
+    """This rank's device: its CUDA device (torchrun's LOCAL_RANK, set by init_parallel), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def log(msg: str) -> None:
     """Progress line (rank 0 shows INFO; see scaling/log.py)."""
     logging.getLogger(__name__).info(msg)
@@ -264,56 +279,71 @@ def log(msg: str) -> None:
 class Trainer:
     """One rank's view of a pretraining run; build with `Trainer.build(config)`."""
 
+    KIND = "pretrain"  # the store's run kind
+
     @classmethod
     def build(cls, config: TrainConfig) -> "Trainer":
         self = cls()
-        self.config, self.layout = config, config.parallel
-        self.cfg = dataclasses.replace(get_preset(config.model), in_chans=config.in_chans)
-        world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
-        layout_mod.check_layout(self.layout, self.cfg, world)  # before any group exists: no hangs
-        self._check_precision()
-        from rsscale.scaling.parallel import state
-        from rsscale import kernels
-
-        kernels.set_backend(config.kernels)
-        state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, timeout_s=config.timeout)
-        self.state = state
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.memory_at_start = reset_peak_memory(self.device)  # the run's peak memory and its increase are recorded
+        self._start(config, dataclasses.replace(get_preset(config.model), in_chans=config.in_chans))
+        state, opt = self.state, config.optim
         self.links = self._stage_links()
         self.model = self._build_model()
-        opt = config.optim
         zero = opt.distributed_optimizer and self.layout.dp > 1
         if config.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
             from rsscale.scaling import fsdp
 
             self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
         else:
-            self.optimizer = FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-                                       shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
-                                       dp_size=self.layout.dp, param_dtype=PARAM_DTYPES[config.precision], bucket_mb=opt.bucket_mb,
-                                       overlap=opt.overlap_grad_reduce, counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0)
-        self.scaler = LossScaler(enabled=config.precision == "fp16")
-        self.step = 0
-        self.saved_step = None  # step of the newest checkpoint this run saved or resumed from
-        self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
-        self.loader_state = None  # this rank's data loader state from the checkpoint resumed (exact stream)
-        self.ckpt_dir = os.path.join(config.out, "checkpoints")
-        if config.resume:
-            self._resume()
+            self.optimizer = self._flat_adamw(param_dtype=PARAM_DTYPES[config.precision])
+        self._ready()
         self.loader = self._build_loader()
         log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} MAE params), layout {self.layout}, "
-            f"world {world}, precision {config.precision}, data {config.data}, "
+            f"world {dist.get_world_size()}, precision {config.precision}, data {config.data}, "
             f"optimizer {'FSDP (ZeRO-3) over DP' if config.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
         return self
 
+    def _flat_adamw(self, **options) -> FlatAdamW:
+        """AdamW over this rank's parameters (config.optim), its state ZeRO-1-sharded over DP with
+        --distributed-optimizer; TP-replicated parameters count once in the gradient norm."""
+        opt, state = self.config.optim, self.state
+        zero = opt.distributed_optimizer and self.layout.dp > 1
+        return FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                         shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
+                         dp_size=self.layout.dp, bucket_mb=opt.bucket_mb, overlap=opt.overlap_grad_reduce,
+                         counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0, **options)
+
+    def _start(self, config: TrainConfig, cfg, seed: int | None = None) -> None:
+        """What every task does first: check the layout and the device support before any process
+        group exists (no hangs), then create the groups (seeding torch and megatron's CUDA RNG
+        tracker with `seed`) and pick this rank's device."""
+        self.config, self.layout, self.cfg = config, config.parallel, cfg
+        world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+        layout_mod.check_layout(self.layout, self.cfg, world)
+        self._check_precision()
+        from rsscale.scaling.parallel import state
+        from rsscale import kernels
+
+        kernels.set_backend(config.kernels)
+        state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, seed=seed, timeout_s=config.timeout)
+        self.state = state
+        self.device = rank_device()
+        self.memory_at_start = reset_peak_memory(self.device)  # the run's peak memory and its increase are recorded
+
+    def _ready(self) -> None:
+        """After the model and optimizer: the loss scaler, step 0, and --resume."""
+        self.scaler = LossScaler(enabled=self.config.precision == "fp16")
+        self.step = 0
+        self.saved_step = None  # step of the newest checkpoint this run saved or resumed from
+        self.recent_losses = []  # the last RECENT steps' losses, kept in checkpoints: a resumed run's final loss is the whole run's
+        self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
+        self.loader, self.loader_state = None, None  # the data loader state of the checkpoint resumed (exact stream)
+        self.ckpt_dir = os.path.join(self.config.out, "checkpoints")
+        if self.config.resume:
+            self._resume()
+
     # --- setup helpers -------------------------------------------------------------------------
     def _check_precision(self):
-        p = self.config.precision
-        if p not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, not {p!r}")
-        if p == "fp16" and not torch.cuda.is_available():
-            raise ValueError("fp16 (autocast + loss scaling) needs CUDA; on CPU only fp32 and bf16 run")
+        check_precision(self.config.precision)
         c = self.config
         if c.compile and c.compile_backend == "inductor" and not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
             raise ValueError(f"--compile with inductor on CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found); "
@@ -377,10 +407,27 @@ class Trainer:
             imgs = torch.stack([next(self.loader).to(self.device, torch.float32) for _ in firsts])
         else:
             imgs = torch.empty((L.num_micro, L.micro_batch, cfg.in_chans, cfg.img_size, cfg.img_size), device=self.device)
-        if self.config.data != "random" and L.tp * L.pp > 1:
-            group = self.state._parallel_state().get_model_parallel_group()
-            dist.broadcast(imgs, src=dist.get_global_rank(group, 0), group=group)
+        if self.config.data != "random":
+            (imgs,) = self._broadcast_batch(imgs)
         return list(zip(imgs.unbind(0), noise))
+
+    def _broadcast_batch(self, *items) -> list:
+        """`items` of the model-parallel group's first rank on all its ranks, so every rank of a replica
+        computes on the same batch whatever its own loader did. A tensor is sent in place (other ranks
+        pass one of the same shape); anything else (detection targets) is pickled (other ranks pass None)."""
+        group = self.state._parallel_state().get_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return list(items)
+        src, out = dist.get_global_rank(group, 0), []
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                dist.broadcast(item, src=src, group=group)
+            else:
+                box = [item]
+                dist.broadcast_object_list(box, src=src, group=group)
+                item = box[0]
+            out.append(item)
+        return out
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
@@ -396,7 +443,7 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
         from rsscale.scaling.pipeline import perf_clock, run_schedule
 
-        L, opt = self.layout, self.config.optim
+        L = self.layout
         t0 = time.perf_counter()
         micro = self._micro_batches()
         self._sync()
@@ -420,6 +467,15 @@ class Trainer:
         self._sync()
         t_comm = time.perf_counter() - t2  # DP communication not hidden behind backward
         loss = self._global_loss(losses)
+        lr, grad_norm, finite = self._apply_gradients(loss)
+        t3 = time.perf_counter()
+        return self._record(loss, lr, grad_norm, finite, (t0, t1, t2, t3), t_comm, **({"t_compute": t_compute} if clock else {}))
+
+    def _apply_gradients(self, loss: float) -> tuple[float, float, bool]:
+        """The optimizer step every task shares, after the gradients are reduced: stop on a non-finite
+        loss, unscale (fp16) and skip on overflow, clip over the model-parallel group, step at this
+        step's learning rate. Returns (lr, grad norm before clipping, whether the step was taken)."""
+        opt = self.config.optim
         if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
             raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
                                      f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
@@ -433,11 +489,16 @@ class Trainer:
         if finite:
             self.optimizer.step(lr)
         self._sync()
-        t3 = time.perf_counter()
         self.step += 1
+        return lr, grad_norm, finite
+
+    def _record(self, loss, lr, grad_norm, finite, times, t_comm, **extra) -> dict:
+        """The step record (same on every rank): what fit() logs, records and summarizes."""
+        t0, t1, t2, t3 = times
+        images = self.layout.global_batch
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "loss_scale": self.scaler.scale,
-                "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_dp_exposed": t_comm, "t_optim": t3 - t2, "t_step": t3 - t0, "images": L.global_batch,
-                "images_per_s": L.global_batch / (t3 - t0), **({"t_compute": t_compute} if clock else {})}
+                "t_data": t1 - t0, "t_fwd_bwd": t2 - t1, "t_dp_exposed": t_comm, "t_optim": t3 - t2, "t_step": t3 - t0, "images": images,
+                "images_per_s": images / (t3 - t0), **extra}
 
     def _global_loss(self, losses) -> float:
         """Mean loss over the global batch, known on every rank (sum over PP, mean over DP)."""
@@ -476,8 +537,12 @@ class Trainer:
                             whole = (a, b) == (0, p.numel())
                             tensors[f"{key}/{n}" if whole else f"{key}/{n}@{a}"] = (t.view_as(p), info) if whole else (t, dict(info, flat=[a, b], local_shape=list(p.shape)))
         meta = {"model": asdict(self.cfg), "layout": self.layout.as_dict(), "config": self.config.to_dict(),
-                "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict()}}
+                "trainer": {"step": self.step, "optimizer_steps": self.optimizer.step_count, "scaler": self.scaler.state_dict(),
+                            "recent_losses": self.recent_losses},
+                **self.checkpoint_meta()}
         rank_state = {"torch_rng": torch.get_rng_state(), "layout": self.layout.as_dict()}
+        if self.device.type == "cuda":  # dropout/drop-path masks drawn on the GPU continue exactly too
+            rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         rank_state["loader"] = self.loader.state_dict() if self.loader is not None else None  # JSON values: the exact stream
         folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
         self.saved_step = self.step
@@ -501,6 +566,8 @@ class Trainer:
         if Layout(**index["layout"]) == self.layout:  # (a checkpoint from before --vpp has no vpp: 1)
             rank_state = checkpoint.load_rank_state(folder, dist.get_rank())
             torch.set_rng_state(rank_state["torch_rng"])
+            if self.device.type == "cuda" and rank_state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], self.device)
             self.loader_state = rank_state.get("loader")
         log(f"resumed from {folder} at step {self.step}")
 
@@ -525,23 +592,31 @@ class Trainer:
             raise ValueError(f"{msg}; pass --allow-schedule-change to accept that, or resume with the run's values")
         log(f"--allow-schedule-change: {msg}")
 
-    def load(self, path: str) -> dict:
+    def checkpoint_meta(self) -> dict:
+        """A task's own entries in the checkpoint index (fine-tuning: what rebuilds its model)."""
+        return {}
+
+    def load(self, path: str, weights_only: bool = False) -> dict:
         """Load weights, optimizer moments and trainer state from a checkpoint of any layout, reading
-        only this rank's slices; returns the checkpoint's index."""
+        only this rank's slices; returns the checkpoint's index. `weights_only`: the weights alone
+        (evaluation and prediction)."""
         folder, index = checkpoint.read_index(path)
         if index["model"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
         t = index["trainer"]
-        if self.config.fsdp:
+        if self.config.fsdp and not weights_only:
             self.optimizer.load(self.model, folder, index, t["optimizer_steps"])
         else:
             params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(checkpoint.read_for(folder, index, f"model/{name}", p))
+            if weights_only:
+                return index
             self.optimizer.load_state(lambda key, name: checkpoint.read_for(folder, index, f"{key}/{name}", params[name]), t["optimizer_steps"])
         self.scaler.load_state_dict(t["scaler"])
         self.step = int(t["step"])
+        self.recent_losses = list(t.get("recent_losses", []))
         return index
 
     # --- the loop ------------------------------------------------------------------------------
@@ -555,14 +630,18 @@ class Trainer:
             if self.step >= c.steps:  # a finished run resumed: no empty run in the store
                 log(f"nothing to do: run already at step {self.step} (--steps {c.steps}); nothing recorded")
                 return records
-            with self._store_run() as run, StopRequest() as stop, ScalarWriter(c.tensorboard) as tb:
+            with self._store_run() as run, StopRequest() as stop, ScalarWriter(c.tensorboard, prefix=self.tb_prefix()) as tb:
                 while self.step < c.steps:
                     rec = self.train_step()
                     records.append(rec)
-                    tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(self.device))
+                    self.recent_losses = (self.recent_losses + [rec["loss"]])[-RECENT:]
+                    parts = rec.get("parts", {})  # a task's loss terms
+                    tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, **parts,
+                           peak_memory_bytes=peak_memory_bytes(self.device))
                     run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
                     if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
-                        log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
+                        log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} " + "".join(f"{k} {v:.3f} " for k, v in parts.items())
+                            + f"lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
                             f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
                             + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
                     if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
@@ -575,8 +654,9 @@ class Trainer:
                     run.log_many((k, v, None) for k, v in {**summarize(records), **memory}.items())
                 if records or c.save_every:
                     self.save()
+                self.after_training(run, tb, records)
             if run.id is not None:
-                log(f"recorded run {run.id} in {os.path.abspath(run.store.path)} (kind=pretrain)")
+                log(f"recorded run {run.id} in {os.path.abspath(run.store.path)} (kind={self.KIND})")
         except RuntimeError as e:
             if self.state.is_timeout(e):
                 raise TimeoutError(f"step {self.step + 1}: a collective timed out (--timeout {c.timeout:g} s); "
@@ -587,6 +667,14 @@ class Trainer:
                 self._lock.release()
             self._lock = False  # claimed once for this trainer: a later save() does not re-check
         return records
+
+    def tb_prefix(self) -> str:
+        """The TensorBoard tag prefix of this task's scalars."""
+        return "train"
+
+    def after_training(self, run, tb, records: list[dict]) -> None:
+        """A task's work after its last step and checkpoint, inside the store run (fine-tuning
+        evaluates here); pretraining has none."""
 
     def _agreed_signal(self, stop: StopRequest) -> int:
         """The signal any rank received (0: none), the same on every rank: all stop after one step."""
@@ -604,17 +692,17 @@ class Trainer:
 
     def _store_run(self):
         if not self.config.record:
-            return contextlib.nullcontext(_NoRun())
-        try:
-            from rsscale.scaling.store import ResultsStore
-        except ImportError as e:
-            log(f"results store unavailable ({e}); step records are not saved")
-            return contextlib.nullcontext(_NoRun())
+            return contextlib.nullcontext(NullRun())
+        from rsscale.scaling.store import ResultsStore
+
         L = self.layout
         return ResultsStore(self.config.results).run(
-            kind="pretrain", enabled=dist.get_rank() == 0, preset=self.cfg.name, params=param_count(self.cfg, "mae"),
-            layout=dict(tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp), micro_batch=L.micro_batch, global_batch=L.global_batch,
-            precision=self.config.precision, kernels=self.config.kernels, config=self.config.to_dict())
+            kind=self.KIND, enabled=dist.get_rank() == 0, layout=dict(tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp), micro_batch=L.micro_batch,
+            global_batch=L.global_batch, precision=self.config.precision, kernels=self.config.kernels, **self.run_fields())
+
+    def run_fields(self) -> dict:
+        """The task's part of its store run: what it trains and its whole configuration."""
+        return dict(preset=self.cfg.name, params=param_count(self.cfg, "mae"), config=self.config.to_dict())
 
     def full_state_dict(self) -> dict:
         """TP=1 named full weights gathered over TP (this stage's parameters only), for tests."""
@@ -642,17 +730,6 @@ def summarize(records: list[dict]) -> dict:
             "final_loss": float(np.mean([r["loss"] for r in records[-3:]]))}
 
 
-class _NoRun:
-    id = None
-
-    def log(self, *a, **k):
-        pass
-
-    def log_many(self, records):
-        for _ in records:
-            pass
-
-
 # ---------------------------------------------------------------------------------------------
 # `rsscale pretrain`
 # ---------------------------------------------------------------------------------------------
@@ -667,27 +744,38 @@ def main(args) -> int:
             return config.parallel, get_preset(config.model)
 
         return layout_mod.relaunch_checked("pretrain", args, layout_for)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    trainer = None
-    try:
-        config = config_from_args(args)
-        trainer = Trainer.build(config)
+
+    def work(started):
+        trainer = started(Trainer.build(config_from_args(args)))
         records = trainer.fit()
         if records:
             log(f"done: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over steps {records[0]['step']}..{records[-1]['step']}; "
                 f"checkpoints in {trainer.ckpt_dir}")
+
+    return run_rank("pretrain", work)
+
+
+def run_rank(command: str, work) -> int:
+    """Run `work(started)` on this rank with every training command's conventions (exit codes in
+    `main`'s docstring). `work` passes its trainer through `started` (which returns it), so that an
+    interrupt ends with the trainer's one line. A failure names its rank and leaves without waiting
+    on peers blocked in a collective; one process raises bad input for the CLI's one-line error."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    trainers = []
+    try:
+        work(lambda trainer: trainers.append(trainer) or trainer)
         from rsscale.scaling.parallel.state import destroy_parallel
 
         destroy_parallel()
         return 0
     except KeyboardInterrupt as e:  # the CLI shows the line (rank 0) and exits 130/143
-        raise Interrupted(trainer.stopped_message() if trainer else "interrupted before training started",
+        raise Interrupted(trainers[0].stopped_message() if trainers else "interrupted before training started",
                           getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # noqa: BLE001 - name the failing rank, then leave without waiting on peers
         bad_input = isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError))
         if bad_input and world == 1:
             raise  # the CLI's one-line error, exit 2
-        print(f"[pretrain] rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"[{command}] rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if os.environ.get("RSSCALE_TRACEBACK"):
             traceback.print_exc()
         code = 2 if bad_input else 1

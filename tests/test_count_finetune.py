@@ -50,16 +50,15 @@ def _real_rank_bytes(rank, world, task, layout, precision, zero):
     try:
         args = T.finetune_args(task, model="tiny", crop=IMG, precision=precision, distributed_optimizer=zero)
         model = T.build_model(task, args, 7 if task == "seg" else 15, sequence_parallel=layout.sp)[0]
-        tuner = T.Finetuner(args, layout, model, None, torch.device("cpu"))
+        tuner = T.Finetuner(args, layout, model, None, torch.device("cpu"), steps=1)
         tuner.micro_batches = lambda step: [_batch(task, layout)] * layout.num_micro
-        tuner.steps, tuner.warmup = 1, 1
         tuner.train_step()  # leaves every p.grad allocated
         opt = tuner.optimizer
         out = {"params": opt.flat.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in model.parameters() if not p.requires_grad),
                "grads": sum({s.data_ptr(): s.nbytes() for s in [p.grad.untyped_storage() for _, p in opt.named] + [opt.grad.untyped_storage()]}.values()),
                "optimizer": opt.state_bytes()}
         imgs, target = _batch(task, layout)
-        with _saved_storages(model) as saved, tuner.autocast():
+        with _saved_storages(model) as saved, tuner._autocast():
             outs = model(imgs)
             if task == "seg":
                 loss = model.loss_from(outs, target, model.normalizers(target))["total"]

@@ -54,9 +54,8 @@ def _run_rank(rank, world, layout_argv, data):
         train_set, val_set, classes = T.build_datasets(task, "synthetic", str(data))
         model, _, _ = T.build_model(task, args, len(classes), sequence_parallel=layout.sp)
         _prepare(model, task)
-        tuner = T.Finetuner(args, layout, model, train_set, torch.device("cpu"))
+        tuner = T.Finetuner(args, layout, model, train_set, torch.device("cpu"), steps=1)  # (warmup: a fifth of the run, 1)
         evaluated = _eval_value(task, tuner.evaluate(val_set, classes))
-        tuner.steps, tuner.warmup = 1, 1
         r = tuner.train_step()
         opt = tuner.optimizer
         own = torch.zeros(opt.grad.numel(), dtype=torch.bool)
@@ -75,6 +74,7 @@ def _reference(task, data):
     """One process, no Finetuner: model.loss on the whole global batch, torch AdamW."""
     from rsscale.finetune import train as T
     from rsscale.finetune.vitdet import param_groups_lrd
+    from rsscale.scaling.optim import lr_at
     from rsscale.scaling.parallel import state
 
     state.init_parallel(1, 1)
@@ -95,7 +95,7 @@ def _reference(task, data):
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
     groups = param_groups_lrd(model, cfg.depth, args.weight_decay, args.layer_decay)
-    lr = T.lr_at(0, args.lr, 1, 1)
+    lr = lr_at(0, args.lr, 1, 1)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
