@@ -342,11 +342,14 @@ class Finetuner(Trainer):
         return f"finetune_{self.task}"
 
     def tags(self) -> dict:
-        return dict(dataset=self.args.dataset, task=self.task, init=self.init, train_fraction=self.args.train_fraction)
+        """The metrics' tags: the benchmark, the data fraction, and the pretraining they start from."""
+        return dict(dataset=self.args.dataset, task=self.task, init=self.init, train_fraction=self.args.train_fraction,
+                    **pretraining_identity(self.args.checkpoint))
 
     def run_fields(self) -> dict:
         return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"),
-                    config={k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")})
+                    config={**{k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")},
+                            "pretrain": pretraining_identity(self.args.checkpoint)})
 
     def checkpoint_meta(self) -> dict:
         """What rebuilds this model from its checkpoint alone (`rsscale evaluate`, `rsscale predict`)."""
@@ -369,6 +372,20 @@ def majority_baseline(train_counts: torch.Tensor, val_counts: torch.Tensor, clas
     metric = SegMetric(len(class_names), D.IGNORE_INDEX, class_names)
     metric.confusion[:, int(train_counts.argmax())] = val_counts
     return metric.compute()
+
+
+def pretraining_identity(path: str | None) -> dict:
+    """What names the pretraining a fine-tune starts from (nothing without --checkpoint): its
+    checkpoint, steps, images seen and training compute (the MAE step FLOPs the report uses), so
+    downstream accuracy joins pretraining compute in the store without hand joining."""
+    if not path:
+        return {}
+    from rsscale.scaling.config import mae_step_flops
+
+    folder, index = checkpoint.read_index(path)
+    steps, batch = int(index["trainer"]["step"]), int(index["layout"]["global_batch"])
+    return {"pretrain_checkpoint": os.path.abspath(folder), "pretrain_steps": steps, "pretrain_images": steps * batch,
+            "pretrain_flops": float(steps * batch * mae_step_flops(ViTConfig(**index["model"])))}
 
 
 def load_config(args) -> ViTConfig:

@@ -415,7 +415,8 @@ def section_downstream(doc: Doc, metrics: pd.DataFrame) -> None:
     d["encoder_params"] = [encoder_params(p, n) for p, n in zip(d["preset"], d["params"])]
     d["dataset"] = d.get("dataset", pd.Series(["?"] * len(d), index=d.index)).fillna("?")
     d["train_fraction"] = pd.to_numeric(d.get("train_fraction", pd.Series(1.0, index=d.index)), errors="coerce").fillna(1.0)
-    cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "train_fraction", "name", "value", "init") if c in d]
+    cols = [c for c in ("run_id", "preset", "encoder_params", "dataset", "train_fraction", "name", "value", "init",
+                        "pretrain_steps", "pretrain_images", "pretrain_flops") if c in d]
     doc.table(d[cols], "downstream")
     doc.text("Our runs use the bundled synthetic data or small subsets unless stated; they are not comparable in "
              "absolute terms with the published full-benchmark numbers.")

@@ -109,3 +109,21 @@ def test_runs_that_cannot_be_rebuilt_are_refused_in_one_line(runs, tmp_path, cap
     assert cli(["predict", str(tmp_path / "pt"), "--images", str(runs / "data" / "det" / "val" / "images"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "index.json: not a fine-tuning checkpoint" in err and "Traceback" not in err
+
+
+def test_a_finetune_records_the_pretraining_it_starts_from(runs, tmp_path):
+    """Preset, pretraining steps, images and MAE compute land with the downstream metrics (store
+    tags and run config), so accuracy joins pretraining compute without hand joining."""
+    from rsscale.scaling.config import get_preset, mae_step_flops
+    from rsscale.scaling.store import ResultsStore
+
+    assert cli(["pretrain", "--model", "tiny", "--data", "random", "--steps", "3", "--micro-batch", "2", "--global-batch", "2",
+                "--warmup", "1", "--out", str(tmp_path / "pt"), "--no-record"]) == 0
+    db = tmp_path / "r.db"
+    assert cli(["finetune", "--task", "seg", *COMMON, "--data", str(runs / "data"), "--checkpoint", str(tmp_path / "pt"),
+                "--results", str(db)]) == 0
+    store = ResultsStore(str(db))
+    m = store.metrics(kind="finetune", name="mIoU").iloc[0]
+    assert (m["preset"], int(m["pretrain_steps"]), int(m["pretrain_images"])) == ("tiny", 3, 6)
+    assert float(m["pretrain_flops"]) == 6 * mae_step_flops(get_preset("tiny"))
+    assert store.runs(kind="finetune").iloc[0]["config"]["pretrain"]["pretrain_steps"] == 3
