@@ -46,7 +46,7 @@ from rsscale.scaling.config_file import check_numbers
 from rsscale.scaling.log import reset_peak_memory
 from rsscale.scaling.data import default_stats
 from rsscale.scaling.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.layout import Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
 from rsscale.scaling.parallel import state
 from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
@@ -559,7 +559,8 @@ def finetune_args(task: str, **overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--task", task, "--dataset", "synthetic"])
-    unknown = set(overrides) - set(vars(args))
+    layout_flags = {name for name, _, _ in LAYOUT_FLAGS.values()} | {"sp"}  # absent unless given (layout_from_args's defaults)
+    unknown = set(overrides) - set(vars(args)) - layout_flags
     if unknown:
         raise ValueError(f"not options of rsscale finetune: {', '.join(sorted(unknown))}")
     vars(args).update(overrides)

@@ -44,6 +44,13 @@ def test_evaluate_reproduces_the_training_numbers(runs, task, tmp_path, capsys):
     assert "at training" in capsys.readouterr().err
 
 
+def test_evaluate_reads_a_tp1_run_into_tp2(runs, tmp_path):
+    """Each of 2 ranks reads its TP slices of the TP=1 checkpoint: the same scores (float sums reordered)."""
+    assert cli(["evaluate", str(runs / "seg"), "--nproc", "2", "--tp", "2", "--json", str(tmp_path / "m.json")]) == 0
+    now, trained = json.loads((tmp_path / "m.json").read_text()), _trained(runs, "seg")
+    assert all(now[k] == pytest.approx(v, nan_ok=True, abs=1e-3) for k, v in trained.items())
+
+
 def test_predict_masks_score_what_evaluation_scored(runs, tmp_path):
     from rsscale.finetune.datasets import LOVEDA_CLASSES, LoveDADataset
     from rsscale.finetune.metrics import SegMetric
