@@ -326,6 +326,7 @@ def test_absurd_pixel_counts_are_skipped_counted_and_named_before_decoding(tmp_p
 
 
 # ---------------------------------------------------------------------------------- item 16
+@pytest.mark.slow  # three pretraining processes; the DALI state round trip below is the fast check of the same stream
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
 def test_dali_run_killed_and_resumed_logs_the_same_losses(tmp_path):
     """The torch-loader kill/resume check of tests/test_train.py on DALI's CPU pipeline: the
