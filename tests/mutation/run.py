@@ -114,12 +114,12 @@ def write_config(d: Path, files: list[str], tests: list[str]) -> None:
         "[mutmut]\nsource_paths = src\n"
         f"only_mutate =\n{only}\n"
         f"pytest_add_cli_args_test_selection =\n{selection}\n"
-        "pytest_add_cli_args =\n    -m\n    not slow\n    -p\n    no:cacheprovider\n"
+        "pytest_add_cli_args =\n    -m\n    not slow\n    -p\n    no:cacheprovider\n    -p\n    no:xdist\n"  # mutmut forks its own workers
         "process_isolation = forkserver\nuse_git_change_detection = false\ntrack_dependencies = false\n"
         "timeout_multiplier = 5.0\ntimeout_constant = 20.0\n"
-        # the project's pytest section (markers, warning filters), copied verbatim
+        # the project's pytest section (markers, warning filters), copied verbatim but for the xdist workers
         + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[1]
-        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2]
+        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2].replace(" -n 2", "")
     )
 
 
