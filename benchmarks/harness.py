@@ -90,6 +90,7 @@ class BenchOptions:
     trace_steps: int = 2
     summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
     predicted_step_s: float | None = None  # the calibrated time model's prediction (`profile --measure`), recorded beside the measurement
+    peer: str = "none"  # "torch": also run the PyTorch-native way, alternating steps (benchmarks/peer.py)
 
     def __post_init__(self):
         check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
@@ -97,6 +98,8 @@ class BenchOptions:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
         if self.overlap_grad_reduce not in OVERLAP:
             raise ValueError(f"--overlap-grad-reduce must be one of {', '.join(OVERLAP)}, not {self.overlap_grad_reduce!r}")
+        if self.peer not in ("none", "torch"):
+            raise ValueError(f"--peer must be none or torch, not {self.peer!r}")
         if self.record_kind not in ("bench", "profile"):
             raise ValueError(f"record kind must be 'bench' or 'profile', not {self.record_kind!r}")
 
@@ -161,6 +164,16 @@ def summarize(step_times, global_batch: int, step_flops: float, model_flops: flo
     }
 
 
+def check_peer(opts: BenchOptions, layout: Layout) -> Layout:
+    """`layout`, unless --peer torch asks for a native peer it has none of (bad usage, one line)."""
+    if opts.peer == "torch":
+        from rsscale.benchmarks.peer import native_kind
+
+        if native_kind(layout, opts.fsdp) is None:
+            raise ValueError(f"--peer torch: no PyTorch-native peer for {layout} (pipeline, sequence parallel and TP x DP have none here)")
+    return layout
+
+
 def bench_layout(opts: BenchOptions, world: int) -> Layout:
     """The layout `opts` measures on `world` processes (--dp defaults to world / (tp*pp))."""
     dp = opts.dp or max(1, world // (opts.tp * opts.pp))
@@ -200,19 +213,34 @@ def run_bench(opts: BenchOptions) -> dict | None:
         counted_stages = count_plan(get_preset(opts.model), plan)
         counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
                    "counted_act_bytes": max(c.activations for c in counted_stages)}
+    check_peer(opts, layout)  # before any process group
     before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
     trainer.time_compute = layout.pp > 1  # each forward/backward timed: the measured pipeline bubble
     rank = dist.get_rank()
+    peer, peer_recs = None, []
+    if opts.peer == "torch":
+        from rsscale.benchmarks.peer import NativePeer
+
+        peer = NativePeer(trainer)
+        log.info(f"peer: the same model the PyTorch-native way ({peer.kind}, {peer.optimizer_impl} AdamW), steps alternating with ours")
+
+    def step():
+        """Our step, after the peer's on the same batch when there is one."""
+        if peer is not None:
+            peer_recs.append(peer.train_step(trainer._micro_batches()))
+        return trainer.train_step()
+
     log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
-    for _ in range(opts.warmup):
-        trainer.train_step()
+    first = [step() for _ in range(opts.warmup)]
+    first_peer = peer_recs[:1]
+    del peer_recs[:]
     recs, other = [], ([] if opts.overlap_grad_reduce == "both" else None)
     with ScalarWriter(opts.tensorboard, prefix="bench") as tb:
         for i in range(opts.steps):
             if other is not None:
                 other.append(_step_without_overlap(trainer))
-            recs.append(trainer.train_step())
+            recs.append(step())
             r = recs[-1]
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
             log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
@@ -241,6 +269,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
         summary["overlap_off_images_per_s"] = layout.global_batch / summary["overlap_off_t_step_median_s"]
     if opts.trace:
         summary.update(counted)
+    if peer is not None:
+        summary.update(peer_summary(peer, recs, peer_recs, (first[:1] or recs[:1])[0], (first_peer or peer_recs[:1])[0], layout.global_batch))
     summary["peak_mem_bytes"] = max(p["peak"] for p in peaks)
     summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
     summary["peak_tflops_used"] = peak_tflops
@@ -259,6 +289,17 @@ def run_bench(opts: BenchOptions) -> dict | None:
     if store is not None:
         summary["recorded"] = _record(store, opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
     return summary
+
+
+def peer_summary(peer, recs, peer_recs, first, first_peer, global_batch: int) -> dict:
+    """Ours beside the native peer, each step's time without drawing the batch (medians of the
+    alternating steps), and both sides' loss on the first step (same weights and batch)."""
+    ours = float(np.median([r["t_step"] - r["t_data"] for r in recs]))
+    native = float(np.median([r["t_step"] for r in peer_recs]))
+    return {"peer_kind": peer.kind, "peer_optimizer": peer.optimizer_impl, "ours_step_no_data_median_s": ours,
+            "peer_step_time_median_s": native, "peer_images_per_s": global_batch / native, "ours_over_peer_step_time": ours / native,
+            "first_step_loss_ours": first["loss"], "first_step_loss_peer": first_peer["loss"],
+            "first_step_loss_abs_diff": abs(first["loss"] - first_peer["loss"])}
 
 
 def _step_without_overlap(trainer) -> dict:
@@ -292,7 +333,9 @@ def _record(store, opts, layout, cfg, params, summary, recs, peaks, device) -> b
     fields = dict(kind=opts.record_kind, preset=cfg.name, params=params, layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
                   micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.precision,
                   kernels=opts.kernels, config=asdict(opts), device_count=layout.world_size, **extra)
-    metrics = ([(k, v) for k, v in summary.items()] + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
+    texts = {k: v for k, v in summary.items() if isinstance(v, str)}  # the peer's kind and optimizer: tags of its numbers
+    metrics = ([(k, v, None, texts) if k.startswith(("peer_", "ours_", "first_step")) else (k, v) for k, v in summary.items() if k not in texts]
+               + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
                + [("peak_mem_rank_bytes", p["peak"], None, {"rank": p["rank"]}) for p in peaks])
     try:
         with store.run(**fields) as run:
@@ -338,6 +381,11 @@ def print_summary(s: dict) -> None:
     print(f"[bench] peak memory (max over ranks) {s['peak_mem_bytes'] / gib:.3f} GiB, increase over start "
           f"{s['peak_mem_delta_bytes'] / gib:.3f} GiB; predicted {s['predicted_mem_bytes'] / gib:.3f} GiB"
           + (f", counted {s['counted_mem_bytes'] / gib:.3f} GiB" if "counted_mem_bytes" in s else ""), flush=True)
+    if "peer_step_time_median_s" in s:
+        print(f"[bench] vs PyTorch-native ({s['peer_kind']}, {s['peer_optimizer']} AdamW), step without drawing the batch: "
+              f"ours {s['ours_step_no_data_median_s']:.4f} s, native {s['peer_step_time_median_s']:.4f} s, "
+              f"ratio {s['ours_over_peer_step_time']:.3f}; first-step loss ours {s['first_step_loss_ours']:.6f}, "
+              f"native {s['first_step_loss_peer']:.6f}", flush=True)
     if "bubble_measured" in s:
         print(f"[bench] pipeline bubble (idle / compute time in forward+backward) {100 * s['bubble_measured']:.1f}% mean over ranks, "
               f"{100 * s['bubble_bottleneck']:.1f}% on the bottleneck rank; theory (p-1)/(v*m) {100 * s['bubble_theory']:.1f}%", flush=True)
@@ -384,6 +432,9 @@ def add_arguments(parser) -> None:
                         "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
     parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
     parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
+    parser.add_argument("--peer", choices=("none", "torch"), default=d.peer,
+                        help="torch: also run the same model the PyTorch-native way (one process, DDP, DTensor TP, FSDP2; "
+                        "fused AdamW, SDPA), steps alternating with ours; ratios in the summary and the store")
     parser.add_argument("--vpp-sweep", default=None, metavar="V1,V2,...", help="measure once per --vpp value in this launch, "
                         "img/s and pipeline bubble side by side (overrides --vpp)")
 
@@ -402,7 +453,7 @@ def options_from_args(args) -> BenchOptions:
 def main(args) -> int:
     opts = options_from_args(args)
     if wants_launch(args):
-        return relaunch_checked("bench", args, lambda world: (bench_layout(opts, world), get_preset(opts.model)))
+        return relaunch_checked("bench", args, lambda world: (check_peer(opts, bench_layout(opts, world)), get_preset(opts.model)))
     if opts.vpp_sweep:
         try:
             values = [int(v) for v in opts.vpp_sweep.split(",")]

@@ -294,6 +294,25 @@ def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.figure(fig, "fig_time_model", "Predicted vs measured step time, one point per measured layout")
 
 
+def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
+    doc.heading("Versus PyTorch-native")
+    names = ["ours_step_no_data_median_s", "peer_step_time_median_s", "ours_over_peer_step_time", "first_step_loss_abs_diff",
+             "peak_mem_bytes"]
+    t = wide(metrics, names)
+    if t.empty or "ours_over_peer_step_time" not in t or t["ours_over_peer_step_time"].isna().all():
+        doc.text(NO_DATA + " (run `rsscale bench --peer torch`).")
+        return
+    t = t.dropna(subset=["ours_over_peer_step_time"]).copy()
+    kinds = metrics[metrics["name"] == "ours_over_peer_step_time"].drop_duplicates("run_id").set_index("run_id")
+    t["native"] = t["run_id"].map(kinds["peer_kind"]) if "peer_kind" in kinds else "?"
+    t["layout"] = [layout_label(r) for _, r in t.iterrows()]
+    doc.table(t[["run_id", "preset", "layout", "native", "ours_step_no_data_median_s", "peer_step_time_median_s",
+                 "ours_over_peer_step_time", "first_step_loss_abs_diff", "device"]], "vs_native")
+    doc.text("Each row: one `rsscale bench --peer torch` launch; the same model, weights, batches and precision run our way and "
+             "the PyTorch-native way (DDP, DTensor TP, FSDP2, fused AdamW, SDPA; benchmarks/peer.py), steps alternating; ratio < 1: "
+             "ours is faster. Step times leave out drawing the batch; the first-step losses of both sides agree when they train the same model.")
+
+
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Memory per device vs parameters")
     from rsscale.benchmarks import analytic
@@ -605,7 +624,8 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     doc.text(f"Results store: `{store.path}`; {len(runs)} runs, {len(metrics)} metric rows. How every number is "
              "predicted, measured and fitted: [METHODS.md](METHODS.md) (a copy beside this report).")
     section_runs(doc, runs)
-    sections = [lambda: section_throughput(doc, complete), lambda: section_time_model(doc, complete), lambda: section_memory(doc, complete),
+    sections = [lambda: section_throughput(doc, complete), lambda: section_time_model(doc, complete), lambda: section_peer(doc, complete),
+                lambda: section_memory(doc, complete),
                 lambda: section_loss(doc, complete), lambda: section_downstream(doc, complete),
                 lambda: section_kernels(doc, complete, runs), lambda: section_study(doc, complete, runs)]
     for section in sections:

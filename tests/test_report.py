@@ -35,6 +35,11 @@ def fill(path):
         with store.run(kind="profile", preset="small", params=1, layout=dict(LAYOUT, dp=n), micro_batch=8, global_batch=16,
                        precision="fp32", device_count=n) as run:
             run.log_many([("step_time_median_s", 0.10), ("predicted_step_time_s", predicted), ("images_per_s", 160.0)])
+    with store.run(kind="bench", preset="tiny", params=1, layout=dict(LAYOUT, dp=2), micro_batch=4, global_batch=8,
+                   precision="fp32", device_count=2) as run:  # `bench --peer torch`: ours beside the native peer
+        tags = {"peer_kind": "ddp", "peer_optimizer": "fused"}
+        run.log_many([("ours_step_no_data_median_s", 0.09, None, tags), ("peer_step_time_median_s", 0.10, None, tags),
+                      ("ours_over_peer_step_time", 0.9, None, tags), ("first_step_loss_abs_diff", 0.0, None, tags)])
     for commit, ms in (("aaaa", 1.0), ("bbbb", 0.8)):
         with store.run(kind="kernel", precision="bf16", kernels="triton", git_commit=commit) as run:
             run.log("ms", ms, kernel="layer_norm", impl="triton", shape="M=8 N=40 K=2", dtype="bf16", direction="fwd")

@@ -1,0 +1,74 @@
+"""`rsscale bench --peer torch`: the PyTorch-native peer trains the same model: from the same
+weights and batch, its first-step loss equals ours (one process, DDP, DTensor TP, FSDP2), and a
+layout without a native peer is refused before anything runs. Speed is a benchmark, not tested."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+
+def _first_losses(rank, world, tp, fsdp, precision="fp32"):
+    from rsscale.benchmarks.peer import NativePeer
+    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.train import Trainer, TrainConfig
+
+    dp = world // tp
+    config = TrainConfig(model="tiny", parallel=Layout(tp=tp, dp=dp, micro_batch=2, global_batch=4 * dp), data="random",
+                         record=False, fsdp=fsdp, precision=precision, steps=2)
+    trainer = Trainer.build(config)
+    peer = NativePeer(trainer)
+    out = []
+    for _ in range(2):  # the second step starts from each side's own update
+        native = peer.train_step(trainer._micro_batches())["loss"]
+        out.append((trainer.train_step()["loss"], native))
+    return peer.kind, out
+
+
+def test_one_process_peer_trains_the_same_model():
+    kind, [(ours, native), (ours2, native2)] = run_distributed(_first_losses, 1, 1, False)[0]
+    assert kind == "single"
+    assert native == pytest.approx(ours, rel=1e-5)
+    assert native2 == pytest.approx(ours2, rel=1e-3)  # AdamW updates of both sides agree too (same lr, betas, clip)
+
+
+@pytest.mark.parametrize("tp, fsdp, kind", [(1, False, "ddp"), (2, False, "dtensor-tp"),
+                                             pytest.param(1, True, "fsdp2", marks=pytest.mark.slow)])
+def test_two_process_peers_train_the_same_model(tp, fsdp, kind):
+    results = run_distributed(_first_losses, 2, tp, fsdp)
+    for got_kind, [(ours, native), _] in results:
+        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5)
+
+
+def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
+    from rsscale.scaling.cli import main
+
+    assert main(["bench", "--model", "tiny", "--pp", "2", "--peer", "torch", "--nproc", "2", "--no-record"]) == 2
+    err = capsys.readouterr().err
+    assert "no PyTorch-native peer" in err and "Traceback" not in err
+
+
+def test_qkv_rows_reordered_so_each_tp_shard_holds_its_heads():
+    from rsscale.benchmarks.peer import _qkv_rank_major
+
+    w = torch.arange(12.0)[:, None]  # q rows 0-3, k rows 4-7, v rows 8-11 (2 heads of 2 rows)
+    shards = _qkv_rank_major(w, 2).chunk(2)
+    assert shards[0].flatten().tolist() == [0, 1, 4, 5, 8, 9] and shards[1].flatten().tolist() == [2, 3, 6, 7, 10, 11]
+
+
+def test_bench_records_both_sides_and_the_report_sets_them_side_by_side(tmp_path):
+    from rsscale.scaling.cli import main
+    from rsscale.scaling.store import ResultsStore
+
+    db = tmp_path / "r.db"
+    assert main(["bench", "--model", "tiny", "--warmup", "1", "--steps", "2", "--peer", "torch", "--results", str(db)]) == 0
+    m = ResultsStore(str(db)).metrics()
+    ratio = m[m["name"] == "ours_over_peer_step_time"].iloc[0]
+    ours, native = (m[m["name"] == n]["value"].iloc[0] for n in ("ours_step_no_data_median_s", "peer_step_time_median_s"))
+    assert ratio["peer_kind"] == "single" and ratio["value"] == pytest.approx(ours / native)
+    assert m[m["name"] == "first_step_loss_abs_diff"]["value"].iloc[0] < 1e-5
+    assert main(["report", "--results", str(db), "--out", str(tmp_path), "--name", "r"]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## Versus PyTorch-native" in text and "| single |" in text
