@@ -389,8 +389,8 @@ def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
     and group of an n-process world as `measure_collectives` times them (one round, fewer
     repetitions), and with `step` (one of a calibration's `steps`) that one-process training step
     again (`step_s`). `profile --measure` probes before each round: calibrations minutes apart
-    timed the 4-process TP all-reduce at 5.0-8.2 ms (reports/timemodel_validation.md, runs 23-26),
-    and in run 28 every 2-process layout measured 0-26 % slower than its calibrated prediction. The
+    timed the 4-process TP all-reduce at 5.0-8.2 ms, and in one validation run every 2-process
+    layout measured 0-26 % slower than its calibrated prediction (reports/PROFILER_VALIDATION.md). The
     N-process compute slowdown is not probed: the work chunk's slowdown did not follow the training
     step's across nine calibrations."""
     fits, _ = measure_collectives([n], reps=reps, rounds=1)

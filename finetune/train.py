@@ -1,7 +1,9 @@
 """`rsscale finetune`: fine-tune a (MAE-pretrained) encoder, ViTDet-adapted, for semantic
-segmentation (UperNet) or rotated detection (rotated FCOS), evaluate, and record the metrics in
-the results store (kind="finetune", params = encoder parameters) so the scaling report can set
-downstream accuracy against model size.
+segmentation (UperNet) or rotated detection (Oriented R-CNN, or rotated FCOS with --detector fcos),
+evaluate, and record the metrics in the results store (kind="finetune", params = encoder
+parameters) so the scaling report can set downstream accuracy against model size. `Finetuner` runs
+on the pretraining Trainer: checkpoints in --out/checkpoints (--save-every, --keep, --resume,
+--overwrite), from which `rsscale evaluate` and `rsscale predict` rebuild the model.
 
     rsscale finetune --task seg --dataset synthetic --data data/synthetic --checkpoint runs/tiny \
         --steps 300 --crop 128 --lr 1e-3 --layer-decay 0.75 --out runs/ft-seg --results reports/results.db

@@ -1,10 +1,10 @@
-"""Fault injection (issue #10): nothing lost, nothing silently wrong, no code run from a checkpoint.
+"""Fault injection: nothing lost, nothing silently wrong, no code run from a checkpoint.
 
-One test per item: resume falls back past a broken `latest` or a corrupt checkpoint (1), a re-save
-never removes the old copy first (2), run-folder lock and no silent overwrite (3), --keep (4),
-per-rank sharded save/load within 1.5x of the rank's own bytes (5), one batch per model replica
-even when one rank's loader differs (6), grouped pipeline p2p (7), a frozen rank named within
---timeout (8), a non-finite loss stops the run (11), pickles in checkpoint files are refused (17).
+One test per guarantee (docs/CHECKPOINTS.md): resume falls back past a broken `latest` or a corrupt
+checkpoint, a re-save never removes the old copy first, run-folder lock and no silent overwrite,
+--keep, per-rank sharded save/load within 1.5x of the rank's own bytes, one batch per model replica
+even when one rank's loader differs, grouped pipeline p2p, a frozen rank named within --timeout, a
+non-finite loss stops the run, pickles in checkpoint files are refused.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _steps_on_disk(out):
     return sorted(d for d in os.listdir(_ckpts(out)) if d.startswith("step_"))
 
 
-# --- 1: resume falls back to the newest complete checkpoint -------------------------------------
+# --- resume falls back to the newest complete checkpoint -------------------------------------
 
 
 def test_resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint(tmp_path, caplog):
@@ -80,7 +80,7 @@ def test_resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint(tmp_pat
         _trainer(tmp_path, steps=4, resume=True)
 
 
-# --- 2: a re-save keeps the old copy until the new one is in place --------------------------------
+# --- a re-save keeps the old copy until the new one is in place --------------------------------
 
 
 def test_resaving_a_step_killed_midway_keeps_a_valid_checkpoint(tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_resaving_a_step_killed_midway_keeps_a_valid_checkpoint(tmp_path, monkey
     assert torch.equal(resumed.optimizer.flat, t.optimizer.flat)
 
 
-# --- 3: run-folder lock and no silent overwrite ---------------------------------------------------
+# --- run-folder lock and no silent overwrite ---------------------------------------------------
 
 
 def _write_lock(out, pid):
@@ -139,7 +139,7 @@ def test_run_folder_lock_and_no_fresh_run_over_checkpoints(tmp_path, caplog):
     assert _steps_on_disk(tmp_path / "run") == ["step_00000001"]
 
 
-# --- 4: --keep N ----------------------------------------------------------------------------------
+# --- --keep N ----------------------------------------------------------------------------------
 
 
 def test_keep_last_n_never_deletes_the_newest_complete(tmp_path):
@@ -154,7 +154,7 @@ def test_keep_last_n_never_deletes_the_newest_complete(tmp_path):
         _trainer(tmp_path / "neg", keep=-1).fit()
 
 
-# --- 5: each rank writes and reads only its own shard ---------------------------------------------
+# --- each rank writes and reads only its own shard ---------------------------------------------
 
 
 def _status_kb(field):
@@ -206,7 +206,7 @@ def test_sharded_save_and_load_stay_within_the_ranks_own_bytes(tmp_path):
     assert files == ["index.json", "rank_00000.safetensors", "rank_00001.safetensors"]  # both ZeRO shards written by their owners
 
 
-# --- 6: one batch per model replica -----------------------------------------------------------------
+# --- one batch per model replica -----------------------------------------------------------------
 
 
 class _OtherPipeline:
@@ -243,7 +243,7 @@ def test_tp_ranks_consume_the_same_batch_when_one_ranks_loader_differs(tmp_path)
     assert got[0] == pytest.approx(want, abs=1e-5)
 
 
-# --- 7: grouped pipeline p2p ------------------------------------------------------------------------
+# --- grouped pipeline p2p ------------------------------------------------------------------------
 
 
 def _p2p_worker(rank, world):
@@ -284,7 +284,7 @@ def test_pipeline_exchanges_are_grouped_batch_isend_irecv():
     assert np.isfinite(results[-1]["loss"])
 
 
-# --- 8: --timeout everywhere, the frozen rank named -------------------------------------------------
+# --- --timeout everywhere, the frozen rank named -------------------------------------------------
 
 
 def _freeze_worker(rank, world, out):
@@ -317,7 +317,7 @@ def test_frozen_rank_is_named_within_the_timeout(tmp_path):
     print(f"\n[timeout] frozen rank named after {seconds:.1f} s (test wall {time.perf_counter() - t0:.1f} s)")
 
 
-# --- 11: a non-finite loss stops the run ------------------------------------------------------------
+# --- a non-finite loss stops the run ------------------------------------------------------------
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert torch.isfinite(t.optimizer.flat).all()  # stopped before the bad step's update
 
 
-# --- 17: loading never runs code ----------------------------------------------------------------------
+# --- loading never runs code ----------------------------------------------------------------------
 
 
 class _Payload:

@@ -1,4 +1,4 @@
-"""Hostile-but-realistic inputs (issue 10, items 9, 10, 12, 14, 15, 16): numbers that make no sense,
+"""Hostile-but-realistic inputs: numbers that make no sense,
 mistyped config files, 16-bit and float imagery, broken or read-only results stores, kernel checks
 that could not compare, and DALI's exact resume. Each test failed on the code before its fix."""
 
@@ -31,7 +31,7 @@ def _one_error_line(capsys, *needles):
     assert "Traceback" not in err
 
 
-# ---------------------------------------------------------------------------------- item 9
+# ------------------------------------------------------------------ numbers that make no sense
 @pytest.mark.parametrize("argv, flag", [
     (["bench", "--steps", "0", "--no-record"], "--steps"),
     (["bench", "--global-batch", "-8", "--no-record"], "--global-batch"),
@@ -73,7 +73,7 @@ def _args(**flags):
     return ns
 
 
-# ---------------------------------------------------------------------------------- item 10
+# ------------------------------------------------------------------------ mistyped config files
 @pytest.mark.parametrize("text, key, expected", [
     ("steps: ten\n", "'steps'", "int"),
     ('resume: "no"\n', "'resume'", "true or false"),
@@ -116,7 +116,7 @@ def test_flat_config_file_booleans_and_repeatable_flags(tmp_path, capsys):
     assert rows and all(" mb2 " in r or " mb4 " in r for r in rows)
 
 
-# ---------------------------------------------------------------------------------- item 15
+# ------------------------------------------------------------ kernel checks that could not compare
 def _kernel_rec(ms, kernel="layer_norm", impl="triton"):
     return dict(kernel=kernel, impl=impl, shape="M=8 N=40 K=2", dtype="bf16", direction="fwd", ms=ms,
                 unit="GB/s", rate=1.0, pct_peak=1.0)
@@ -163,7 +163,7 @@ def test_kernel_check_device_mismatch_can_be_allowed_and_then_compares(tmp_path,
     assert "compared anyway" in out and "slower" in out
 
 
-# ---------------------------------------------------------------------------------- item 14
+# -------------------------------------------------------------- broken or read-only results stores
 BENCH = ["bench", "--model", "tiny", "--micro-batch", "2", "--global-batch", "2", "--warmup", "0", "--steps", "1", "--peak-tflops", "1"]
 
 
@@ -254,7 +254,7 @@ def test_report_on_a_corrupt_store_is_one_line(tmp_path, capsys):
     _one_error_line(capsys, str(db), "cannot read it")
 
 
-# ---------------------------------------------------------------------------------- item 12
+# ------------------------------------------------------------------- 16-bit and float imagery
 def _loader(folder, **kw):
     from rsscale.scaling.data import build_pretrain_loader
 
@@ -325,7 +325,7 @@ def test_absurd_pixel_counts_are_skipped_counted_and_named_before_decoding(tmp_p
         _loader(tmp_path, max_pixels=100)  # the limit is a parameter; no usable image is an error naming one
 
 
-# ---------------------------------------------------------------------------------- item 16
+# ------------------------------------------------------------------------- DALI's exact resume
 @pytest.mark.slow  # three pretraining processes; the DALI state round trip below is the fast check of the same stream
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
 def test_dali_run_killed_and_resumed_logs_the_same_losses(tmp_path):

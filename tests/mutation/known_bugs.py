@@ -1,4 +1,4 @@
-"""Put each bug of issue #11 (and a few more) into a copy of the tree, one at a time, and check
+"""Put each bug of BUGS (bugs once found in the tree) into a copy of the tree, one at a time, and check
 that the named tests fail with it (and pass without it).
 
     python tests/mutation/known_bugs.py            # all; exit 1 if a bug goes unnoticed
