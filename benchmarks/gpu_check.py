@@ -13,6 +13,8 @@ the summary with the tail of its output, the others still run, and the command e
                    img/s, TFLOP/s, MFU (against the bf16 matmul peak measured in the same run),
                    allocator peak vs counted (benchmarks/count.py) vs analytic bytes, and the
                    predicted step time beside the measured one; traces under OUT/trace-<model>/
+  peer-small, peer-b12x1   ours vs the PyTorch-native peer (`rsscale bench --peer torch`, bf16,
+                   one GPU: the same model, weights and batches; step times, ratio, first-step losses)
   fp16             b12x1 in fp16 with dynamic loss scaling: finite losses, steps skipped, final scale
   calibrate        `rsscale calibrate` on this GPU (GEMM / attention / LayerNorm throughput)
 The summary OUT/SUMMARY.md names the device, torch / triton / megatron-core versions and the commit.
@@ -37,6 +39,9 @@ BENCHES = {  # model -> (micro-batch, global batch): sizes that fill an 80 GB GP
 }
 
 
+PEERS = {"small": 64, "b12x1": 64}  # model -> batch of the PyTorch-native comparison (both models resident on the GPU)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rsscale.scaling.cli", *args]
 
@@ -51,6 +56,12 @@ def steps(out: str) -> list[dict]:
                          cmd=_cli("bench", "--model", model, "--precision", "bf16", "--kernels", "triton", "--micro-batch", str(mb),
                                   "--global-batch", str(gb), "--warmup", "3", "--steps", "10", "--trace", os.path.join(out, f"trace-{model}"),
                                   "--summary-json", summary, "--results", os.path.join(out, "results.db"))))
+    for model, mb in PEERS.items():
+        summary = os.path.join(out, f"peer-{model}.json")
+        todo.append(dict(name=f"peer-{model}", summary=summary, timeout=120,
+                         cmd=_cli("bench", "--model", model, "--precision", "bf16", "--micro-batch", str(mb), "--global-batch", str(mb),
+                                  "--warmup", "3", "--steps", "7", "--peer", "torch", "--summary-json", summary,
+                                  "--results", os.path.join(out, "results.db"))))
     todo.append(dict(name="fp16", cmd=_cli("gpu-check", "--fp16-step", os.path.join(out, "fp16.json")),
                      summary=os.path.join(out, "fp16.json"), timeout=90))
     todo.append(dict(name="calibrate", cmd=_cli("calibrate", "--results", os.path.join(out, "results.db"), "--json", os.path.join(out, "calibration.json")),
@@ -88,6 +99,11 @@ def _environment() -> dict:
 
 def _bench_rows(s: dict) -> list[str]:
     gib = 2**30
+    if "peer_step_time_median_s" in s:
+        return [f"| step without drawing the batch: ours / native ({s['peer_kind']}, {s['peer_optimizer']} AdamW) | "
+                f"{s['ours_step_no_data_median_s']:.4f} s / {s['peer_step_time_median_s']:.4f} s |",
+                f"| ratio ours / native | {s['ours_over_peer_step_time']:.3f} |",
+                f"| first-step loss ours / native | {s['first_step_loss_ours']:.6f} / {s['first_step_loss_peer']:.6f} |"]
     predicted_step = s["global_batch"] / s["predicted_images_per_s"] if s.get("predicted_images_per_s") else float("nan")
     return [f"| img/s | {s['images_per_s']:.1f} |", f"| TFLOP/s (all devices) | {s['tflops']:.1f} |",
             f"| MFU (vs measured bf16 matmul peak {s['peak_tflops_used']:.0f} TFLOP/s) | {100 * s['mfu']:.1f} % |",
@@ -104,7 +120,7 @@ def write_summary(out: str, results: list[dict], env: dict) -> str:
     for r in results:
         lines += ["", f"## {r['name']}: {r['status']}", "", f"`{' '.join(r['cmd'][2:])}`", ""]
         data = r.get("data")
-        if data and r["name"].startswith("bench-"):
+        if data and r["name"].startswith(("bench-", "peer-")):
             data["global_batch"] = BENCHES[r["name"][6:]][1]
             lines += ["| quantity | value |", "| --- | --- |"] + _bench_rows(data)
         elif data:

@@ -72,3 +72,15 @@ def test_bench_records_both_sides_and_the_report_sets_them_side_by_side(tmp_path
     assert main(["report", "--results", str(db), "--out", str(tmp_path), "--name", "r"]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
     assert "## Versus PyTorch-native" in text and "| single |" in text
+
+
+def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):
+    from rsscale.benchmarks import gpu_check
+
+    peer_steps = [s for s in gpu_check.steps(str(tmp_path)) if s["name"].startswith("peer-")]
+    assert [s["name"] for s in peer_steps] == ["peer-small", "peer-b12x1"]
+    assert all("--peer" in s["cmd"] and "bf16" in s["cmd"] for s in peer_steps)
+    rows = gpu_check._bench_rows({"peer_kind": "single", "peer_optimizer": "fused", "ours_step_no_data_median_s": 0.5,
+                                  "peer_step_time_median_s": 0.4, "ours_over_peer_step_time": 1.25,
+                                  "first_step_loss_ours": 1.0, "first_step_loss_peer": 1.0})
+    assert "| ratio ours / native | 1.250 |" in rows
