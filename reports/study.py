@@ -100,7 +100,7 @@ def _positive_list(path, key, values, typ) -> list:
 
 def load_plan(spec: str, out: str | None = None, results: str | None = None) -> Plan:
     """A plan from a file, or the name of a bundled plan (reports/plans/<name>.yaml); checked whole."""
-    from rsscale.scaling.config import PRESETS
+    from rsscale.scaling.config import PRESETS, is_model_file
     from rsscale.scaling.config_file import load_config_file
 
     path = Path(spec)
@@ -113,7 +113,7 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
     models = raw.get("models")
     _need(path, isinstance(models, list) and models, "models must be a non-empty list of presets")
     for m in models:
-        _need(path, m in PRESETS, f"unknown model preset {m!r} in models (rsscale models lists them)")
+        _need(path, m in PRESETS or is_model_file(m), f"unknown model preset {m!r} in models (rsscale models lists them; or a model file)")
     budgets = raw.get("budgets")
     _need(path, isinstance(budgets, dict) and len(budgets) == 1 and next(iter(budgets)) in ("steps", "flops"),
           "budgets must be {steps: [...]} or {flops: [...]}")

@@ -114,11 +114,44 @@ CPU_LADDER = ("tiny", "mini", "small", "medium")
 PAPER_PRESETS = ("b12x1", "l12x4", "h12x4", "g12x4")
 
 
+MODEL_FILE_SUFFIXES = (".yaml", ".yml", ".toml")
+REQUIRED_SHAPE = ("width", "heads", "mlp")
+
+
+def is_model_file(name: str) -> bool:
+    return str(name).lower().endswith(MODEL_FILE_SUFFIXES)
+
+
+def load_model_file(path: str) -> ViTConfig:
+    """Any ViT of the family from a YAML/TOML file whose keys are ViTConfig's fields (width, heads
+    and mlp required; depth, branches, img_size, patch_size, in_chans, qkv_bias, dec_width,
+    dec_depth, dec_heads, mask_ratio, norm_pix_loss, ln_eps optional; name defaults to the file's
+    stem). Unknown keys, mistyped values and impossible shapes are one-line errors naming the file."""
+    from pathlib import Path
+
+    from rsscale.scaling.config_file import check_tree, load_config_file
+
+    data = check_tree(path, load_config_file(path), ViTConfig)
+    missing = [k for k in REQUIRED_SHAPE if k not in data]
+    if missing:
+        raise ValueError(f"model file {path}: missing {', '.join(missing)} (a shape needs {', '.join(REQUIRED_SHAPE)})")
+    data.setdefault("name", Path(path).stem)
+    data.setdefault("note", f"model file {path}")
+    try:
+        return ViTConfig(**data)
+    except ValueError as e:
+        raise ValueError(f"model file {path}: {e}") from None
+
+
 def get_preset(name: str, **overrides) -> ViTConfig:
-    """Look up a preset by name (optionally with field overrides), with a helpful error."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
+    """A preset by name, or the shape in a model file (`load_model_file`; any name ending in
+    .yaml/.yml/.toml), optionally with field overrides; a helpful error otherwise."""
+    if name in PRESETS:
+        cfg = PRESETS[name]
+    elif is_model_file(name):
+        cfg = load_model_file(name)
+    else:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}, or give a model file (.yaml/.toml)")
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -232,11 +265,13 @@ def mae_step_flops(cfg: ViTConfig, recompute: str | bool = "none") -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=["text", "csv"], default="text", help="table format")
+    parser.add_argument("--model", action="append", default=None, metavar="NAME_OR_FILE",
+                        help="list these presets or model files (.yaml/.toml) only (repeatable; default: every preset)")
 
 
-def models_table() -> list[dict]:
+def models_table(names=None) -> list[dict]:
     rows = []
-    for c in PRESETS.values():
+    for c in (get_preset(n) for n in names) if names else PRESETS.values():
         rows.append(
             {
                 "name": c.name,
@@ -251,16 +286,17 @@ def models_table() -> list[dict]:
 
 
 def main(args) -> int:
-    rows = models_table()
+    rows = models_table(getattr(args, "model", None))
     if args.format == "csv":
         print(",".join(rows[0]))
         for r in rows:
             print(",".join(str(v) for v in r.values()))
         return 0
-    print(f"{'name':<8} {'shape':<38} {'encoder params':>15} {'MAE params':>15} {'MAE GFLOP/img':>14}  note")
+    w = max(8, *(len(r["name"]) for r in rows))
+    print(f"{'name':<{w}} {'shape':<38} {'encoder params':>15} {'MAE params':>15} {'MAE GFLOP/img':>14}  note")
     for r in rows:
         print(
-            f"{r['name']:<8} {r['shape']:<38} {r['encoder_params']:>15,} {r['mae_params']:>15,} "
+            f"{r['name']:<{w}} {r['shape']:<38} {r['encoder_params']:>15,} {r['mae_params']:>15,} "
             f"{r['mae_gflops_per_img']:>14.2f}  {r['note']}"
         )
     print("GFLOP/img: matmul FLOPs of one MAE training step (forward + backward) per image.")

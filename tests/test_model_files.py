@@ -1,0 +1,74 @@
+"""Any ViT shape from a model file (YAML/TOML) wherever a preset name goes: exact counts against
+an independent formula and the public timm counts, the built model's numel, one-line errors for
+impossible shapes, and the commands (models, pretrain, profile) taking the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rsscale.scaling.config import get_preset, param_count
+from rsscale.scaling.parallel import state
+
+VIT_L16 = "width: 1024\nheads: 16\nmlp: 4096\ndepth: 24\n"
+VIT_H14_MAE = "width = 1280\nheads = 16\nmlp = 5120\ndepth = 32\npatch_size = 14\ndec_width = 512\ndec_depth = 8\ndec_heads = 16\n"
+
+
+def vit_encoder_params(D: int, depth: int, mlp: int, patch: int, img: int = 224, chans: int = 3) -> int:
+    """timm's ViT without its head, counted here by hand: patch conv, cls, pos table, per block
+    2 LayerNorms + qkv + proj + fc1 + fc2 (with biases), final norm."""
+    block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * mlp + mlp) + (mlp * D + D)
+    return chans * patch * patch * D + D + D + ((img // patch) ** 2 + 1) * D + depth * block + 2 * D
+
+
+@pytest.mark.parametrize("name, text, shape, timm_with_head", [
+    ("vit-l16.yaml", VIT_L16, (1024, 24, 4096, 16), 304_326_632),        # timm vit_large_patch16_224 (1000-class head)
+    ("vit-h14-mae.toml", VIT_H14_MAE, (1280, 32, 5120, 14), 632_045_800),  # timm vit_huge_patch14_224
+])
+def test_model_files_count_exactly(tmp_path, name, text, shape, timm_with_head):
+    path = tmp_path / name
+    path.write_text(text)
+    cfg = get_preset(str(path))
+    D, depth, mlp, patch = shape
+    assert cfg.name == path.stem
+    assert param_count(cfg, "encoder") == vit_encoder_params(D, depth, mlp, patch) == timm_with_head - (D * 1000 + 1000)
+    state.init_parallel(tp=1)
+    try:
+        from rsscale.scaling.mae import build_mae
+
+        with torch.device("meta"):
+            model = build_mae(cfg)
+        assert sum(p.numel() for p in model.parameters()) == param_count(cfg, "mae")
+    finally:
+        state.destroy_parallel()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("width: 100\nheads: 3\nmlp: 400\n", "width 100 is not divisible by heads 3"),
+    ("width: 96\nheads: 4\nmlp: 384\npatch_size: 15\n", "img_size 224 is not a multiple of patch_size 15"),
+    ("widht: 96\nheads: 4\nmlp: 384\n", "widht (did you mean width?)"),
+    ("heads: 4\nmlp: 384\n", "missing width"),
+    ("width: 96\nheads: four\nmlp: 384\n", "heads"),
+])
+def test_impossible_shapes_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        get_preset(str(path))
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_commands_take_a_model_file(tmp_path, capsys):
+    from rsscale.scaling.cli import main
+
+    wee = tmp_path / "wee.yaml"
+    wee.write_text("width: 48\nheads: 3\nmlp: 96\ndepth: 2\nbranches: 2\nimg_size: 32\npatch_size: 8\ndec_width: 48\ndec_depth: 1\ndec_heads: 3\n")
+    assert main(["models", "--model", str(wee)]) == 0
+    assert f"{param_count(get_preset(str(wee)), 'encoder'):,}" in capsys.readouterr().out
+    assert main(["pretrain", "--model", str(wee), "--data", "random", "--steps", "2", "--micro-batch", "2", "--global-batch", "2",
+                 "--out", str(tmp_path / "run"), "--no-record"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+    assert main(["pretrain", "--model", str(wee), "--tp", "2", "--data", "random", "--no-record", "--out", str(tmp_path / "r2"),
+                 "--nproc", "2"]) == 2  # TP 2 does not divide 3 heads: refused before launching
+    assert "does not divide" in capsys.readouterr().err
+    assert main(["profile", "--model", str(wee), "--gpus", "2", "--global-batch", "8", "--top", "2"]) == 0
