@@ -1,9 +1,13 @@
-"""The one torchrun launcher: `rsscale pretrain|bench|finetune --nproc N ...` re-runs the same
+"""The one torchrun launcher: `rsscale pretrain|bench|finetune|evaluate|predict --nproc N ...` re-runs the same
 command under `torchrun` (torch.distributed.run), on one node or several.
 
     add_launch_arguments(parser)            # --nproc, --nnodes, --node-rank, --rdzv-endpoint
     if wants_launch(args): return relaunch("pretrain", args, argv)   # commands call it through
                                             # layout.relaunch_checked: the layout is checked first
+
+Several nodes: the same command on each, with its `--node-rank` and one `--rdzv-endpoint
+HOST:PORT` (see `torchrun_command`); two "nodes" on one machine work the same way
+(tests/test_multinode.py).
 
 Stopping (Ctrl-C, or SIGTERM from a scheduler before it kills): every rsscale process handles
 SIGINT and SIGTERM alike (`on_signals`); a command ends with one line and exit code 128 + the
@@ -34,8 +38,8 @@ log = logging.getLogger(__name__)
 LAUNCH_FLAGS = {
     "--nproc": (int, "launch torchrun with this many processes per node"),
     "--nnodes": (int, "nodes of a multi-node torchrun launch (default 1)"),
-    "--node-rank": (int, "this node's rank in a multi-node launch (default 0)"),
-    "--rdzv-endpoint": (str, "host:port of the rendezvous for a multi-node launch"),
+    "--node-rank": (int, "this node's rank in a multi-node launch (default 0); node 0 runs on the --rdzv-endpoint host"),
+    "--rdzv-endpoint": (str, "host:port of the rendezvous for a multi-node launch (node 0's host, a free port)"),
 }
 
 
@@ -60,6 +64,8 @@ def wants_launch(args) -> bool:
             raise ValueError(f"{flag} must be >= {0 if flag == '--node-rank' else 1}, got {value}")
     if nnodes > 1 and not getattr(args, "rdzv_endpoint", None):
         raise ValueError("--nnodes > 1 needs --rdzv-endpoint host:port")
+    if (getattr(args, "node_rank", None) or 0) >= nnodes:
+        raise ValueError(f"--node-rank must be < --nnodes ({nnodes}), got {args.node_rank}")
     return bool(nproc and (nproc > 1 or nnodes > 1))
 
 
@@ -78,14 +84,34 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 
 def torchrun_command(command: str, args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
                      rdzv_endpoint: str | None = None) -> list[str]:
-    """`python -m torch.distributed.run ... -m rsscale.scaling.cli <command> <args>`."""
+    """`python -m torch.distributed.run ... -m rsscale.scaling.cli <command> <args>`.
+
+    One node: `--standalone`. Several: torchrun's c10d rendezvous at `rdzv_endpoint`
+    (`--nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT`), where node rank 0 must run on
+    HOST: it hosts the rendezvous store (`--rdzv-conf=is_host=1`), every other node connects to it
+    (`is_host=0`). Said explicitly, not guessed by torchrun from the host name, so that several
+    agents on one host (two "nodes" on one machine) never race to host it, and an endpoint that
+    torchrun does not recognise as its own address (an alias, another interface) still gets a
+    host. torchrun numbers the nodes itself: global ranks go node by node (the node it numbers k
+    holds ranks k*nproc .. k*nproc+nproc-1), in the order of the nodes' host names (on one host:
+    of the agents' process ids), not by --node-rank, which torchrun's c10d rendezvous ignores
+    (with a warning): so it is not passed on. Any node may hold global rank 0, which logs.
+    """
     run = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nnodes > 1:
-        run += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={rdzv_endpoint}"]
+        run += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-conf=is_host={int(node_rank == 0)}"]
     else:
         run += ["--standalone"]
     return run + ["-m", "rsscale.scaling.cli", command, *args]
+
+
+RENDEZVOUS = "RSSCALE_RENDEZVOUS"  # set in the ranks `relaunch` starts: how they met (init_parallel logs it)
+
+
+def rendezvous_text(nnodes: int = 1, rdzv_endpoint: str | None = None) -> str:
+    """How `torchrun_command`'s ranks meet, for the log: 'HOST:PORT (c10d)' across nodes."""
+    return f"{rdzv_endpoint} (c10d)" if nnodes > 1 else "local (torchrun --standalone)"
 
 
 def command_line(command: str, args: list[str], nproc: int) -> list[str]:
@@ -98,12 +124,13 @@ def command_line(command: str, args: list[str], nproc: int) -> list[str]:
 def relaunch(command: str, args, argv: list[str]) -> int:
     """Run `rsscale <command> <argv minus launch flags>` under torchrun as `args` asks; returns its
     exit code, or 128 + the signal number when a SIGINT/SIGTERM here was passed on to the ranks."""
-    cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, getattr(args, "nnodes", None) or 1,
-                           getattr(args, "node_rank", None) or 0, getattr(args, "rdzv_endpoint", None))
+    nnodes, endpoint = getattr(args, "nnodes", None) or 1, getattr(args, "rdzv_endpoint", None)
+    cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, nnodes, getattr(args, "node_rank", None) or 0, endpoint)
     log.debug("launching: %s", shlex.join(cmd))
+    env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint)}
     received, pending = [], []
     with on_signals(lambda signum: (received.append(signum), pending.append(signum))):
-        proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHED: "1"}, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         while True:
             try:
                 code = proc.wait(timeout=0.2)

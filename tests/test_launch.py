@@ -22,7 +22,11 @@ def test_torchrun_command_single_and_multi_node():
     assert one[-5:] == ["-m", "rsscale.scaling.cli", "bench", "--tp", "2"]
     multi = launch.torchrun_command("pretrain", [], 8, nnodes=4, node_rank=3, rdzv_endpoint="node0:29500")
     assert "--standalone" not in multi
-    assert {"--nproc-per-node=8", "--nnodes=4", "--node-rank=3", "--rdzv-endpoint=node0:29500"} <= set(multi)
+    assert {"--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-conf=is_host=0"} <= set(multi)
+    assert not any(a.startswith("--node-rank") for a in multi)  # c10d ignores it (with a warning): it picks the store's host
+    assert "--rdzv-conf=is_host=1" in launch.torchrun_command("pretrain", [], 8, nnodes=4, node_rank=0, rdzv_endpoint="node0:29500")
+    assert launch.rendezvous_text(4, "node0:29500") == "node0:29500 (c10d)"
+    assert launch.rendezvous_text() == "local (torchrun --standalone)"
 
 
 def _parser(defaults=None):
@@ -44,6 +48,8 @@ def test_wants_launch_and_its_errors(monkeypatch):
         launch.wants_launch(p.parse_args(["--nproc", "0"]))
     with pytest.raises(ValueError, match="--rdzv-endpoint"):
         launch.wants_launch(p.parse_args(["--nproc", "2", "--nnodes", "2"]))
+    with pytest.raises(ValueError, match=r"--node-rank must be < --nnodes \(2\), got 2"):
+        launch.wants_launch(p.parse_args(["--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"]))
     monkeypatch.setenv("WORLD_SIZE", "2")  # already a rank: never launch again
     assert not launch.wants_launch(p.parse_args(["--nproc", "2"]))
 

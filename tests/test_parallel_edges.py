@@ -127,7 +127,7 @@ def test_single_process_world_logs_its_layout(fresh_world, caplog):
     assert state.unresponsive_ranks(1.0) == "no peer to check"
     state.ensure_initialized()
     text = [r.getMessage() for r in caplog.records]
-    assert text == ["parallel layout: world=1 tp=1 pp=1 dp=1 backend=gloo"]  # "init_parallel() was not called": DEBUG only
+    assert text == ["parallel layout: world 1 = 1 node x 1 process; tp=1 pp=1 dp=1; rendezvous none (one process); backend gloo"]  # "init_parallel() was not called": DEBUG only
     assert state.unresponsive_ranks(1.0) == "no peer to check"  # a world of one has no heartbeat group
     with pytest.raises(ValueError, match="--timeout must be > 0 seconds, got 0"):
         state.init_parallel(timeout_s=0)

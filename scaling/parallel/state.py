@@ -41,7 +41,10 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
 
     Under torchrun (WORLD_SIZE set) the group comes from env://; otherwise this process becomes a
     world of size 1 on a free local port. gloo on CPU, nccl on CUDA. Calling it again with the
-    same sizes is a no-op; with other sizes the model-parallel groups are rebuilt.
+    same sizes is a no-op; with other sizes the model-parallel groups are rebuilt. Global rank 0
+    logs one line: the world over its nodes, the layout, the rendezvous and the backend, e.g.
+    `parallel layout: world 4 = 2 nodes x 2 processes; tp=2 pp=1 dp=2 (TP groups inside nodes);
+    rendezvous 127.0.0.1:29500 (c10d); backend gloo`.
     """
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
@@ -76,7 +79,46 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, timeout_s: fl
     if seed is not None:
         seed_rng(seed)
     if dist.get_rank() == 0:
-        log.info("parallel layout: world=%d tp=%d pp=%d dp=%d backend=%s", world, tp, pp, world // (tp * pp), dist.get_backend())
+        log.info("parallel layout: world %s; tp=%d pp=%d dp=%d%s; rendezvous %s; backend %s", _nodes_text(world), tp, pp, world // (tp * pp),
+                 _tp_placement(world, tp), _rendezvous_text(), dist.get_backend())
+
+
+def _local_world(world: int) -> tuple[int, int]:
+    """(nodes, processes on this node) as torchrun set them ($GROUP_WORLD_SIZE, $LOCAL_WORLD_SIZE);
+    one node of `world` processes without torchrun."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    return nodes, int(os.environ.get("LOCAL_WORLD_SIZE", world // nodes))
+
+
+def _nodes_text(world: int) -> str:
+    """'4 = 2 nodes x 2 processes': the global world and its node-local part."""
+    nodes, local = _local_world(world)
+    node_s, proc_s = ("node" if nodes == 1 else "nodes"), ("process" if local == 1 else "processes")
+    if nodes * local == world:
+        return f"{world} = {nodes} {node_s} x {local} {proc_s}"
+    return f"{world} over {nodes} {node_s} (rank 0's node: {local} {proc_s})"  # torchrun nodes of unequal --nproc
+
+
+def _tp_placement(world: int, tp: int) -> str:
+    """Across nodes: whether each TP group (consecutive global ranks; torchrun numbers ranks node by
+    node) stays inside one node, where its per-layer collectives are fast. Unsaid for nodes of
+    unequal --nproc (rank 0's node alone does not tell)."""
+    nodes, local = _local_world(world)
+    if nodes == 1 or tp == 1 or nodes * local != world:
+        return ""
+    return " (TP groups inside nodes)" if local % tp == 0 else " (TP groups span nodes)"
+
+
+def _rendezvous_text() -> str:
+    """How the ranks met: none (a world of one process, no torchrun), the launcher's rendezvous
+    (`rsscale ... --nproc`), else env:// (torchrun or a harness: MASTER_ADDR:MASTER_PORT)."""
+    from rsscale.scaling.launch import RENDEZVOUS
+
+    if "WORLD_SIZE" not in os.environ:
+        return "none (one process)"
+    if os.environ.get(RENDEZVOUS):
+        return os.environ[RENDEZVOUS]
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} (env://)"
 
 
 def exact_fp32_math() -> None:
