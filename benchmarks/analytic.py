@@ -67,7 +67,8 @@ with full recompute, or their attention cores with selective). MFU counts the mo
 replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
 matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + (P - 1)/V) for the
 (interleaved) 1F1B bubble of (P-1)/(V M),
-plus communication at `bandwidth` bytes/s: ring all-reduce (2 (t-1)/t bytes) of every block's
+plus communication at `bandwidth` bytes/s (`inter_bandwidth` for a group whose ranks span more
+than `gpus_per_node`: `Hardware.bandwidth_over`): ring all-reduce (2 (t-1)/t bytes) of every block's
 two sublayer outputs forward and backward within TP (+ once more when recomputing), the
 DP gradient reduction (all-reduce: 2 (d-1)/d x fp32 grads; ZeRO-1: reduce-scatter (d-1)/d x fp32
 grads + all-gather of the w-byte weights) and the pipeline's activation sends (forward and
@@ -130,6 +131,16 @@ class Hardware:
     efficiency: float = 0.5  # fraction of peak the matmuls reach
     bandwidth: float = 300e9  # effective collective bandwidth per device, bytes/s
     half_rows: int = 1024  # matmul rows (micro-batch x tokens) at which half the efficiency is reached
+    gpus_per_node: int = 0  # devices per node (0: every device in one node)
+    inter_bandwidth: float = 0.0  # effective bandwidth per device of a collective that crosses nodes (0: `bandwidth`)
+
+    def bandwidth_over(self, span: int) -> float:
+        """A group's collective bandwidth: within a node, or between nodes when its ranks span more
+        than a node (megatron's rank order: TP innermost, then DP, then PP; so the TP group spans tp
+        ranks, the DP group tp*dp, a pipeline send 2*tp*dp)."""
+        if self.gpus_per_node and self.inter_bandwidth and span > self.gpus_per_node:
+            return self.inter_bandwidth
+        return self.bandwidth
 
 
 @dataclass
@@ -454,7 +465,7 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
         allreduces = 2 * (2 + (1 if plan.recompute == "full" else 0))  # 2 sublayers x (fwd, bwd[, recompute])
         tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
         pp_bytes = 2 * L.vpp * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
-        stage_s.append((compute, (tp_bytes + pp_bytes) / hw.bandwidth))
+        stage_s.append((compute, tp_bytes / hw.bandwidth_over(L.tp) + pp_bytes / hw.bandwidth_over(2 * L.tp * L.dp)))
     slowest = max(stage_s, key=lambda cs: cs[0] + cs[1])
     rounds = L.num_micro + (L.pp - 1) / L.vpp  # the bubble: (P-1)/V micro-batch rounds
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
@@ -462,10 +473,11 @@ def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     if plan.fsdp:  # per micro-batch gathers and reduce-scatters, not bucketed behind backward
         reduce_bytes, gather_bytes = 0.0, L.num_micro * fsdp_comm_bytes(cfg, plan)
     compute_s = rounds * slowest[0]
-    reduce_s = reduce_bytes / hw.bandwidth
+    dp_bw = hw.bandwidth_over(L.tp * L.dp)
+    reduce_s = reduce_bytes / dp_bw
     if plan.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2 of its 3 passes)
         reduce_s = exposed_reduce_s(reduce_s, slowest[0] * 2 / passes, bucket_fraction(plan, trainable))
-    comm_s = rounds * slowest[1] + reduce_s + gather_bytes / hw.bandwidth
+    comm_s = rounds * slowest[1] + reduce_s + gather_bytes / dp_bw
     step_s = compute_s + comm_s
     model_flops = L.global_batch * mae_step_flops(cfg, False)
     return Estimate(plan=plan, memory=stages[worst], stage_memory=[m["total"] for m in stages],

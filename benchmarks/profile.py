@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import tempfile
 
-from rsscale.benchmarks import analytic
+from rsscale.benchmarks import analytic, devices
 from rsscale.benchmarks.harness import BenchOptions, bench_command
 from rsscale.scaling.config import RECOMPUTE, get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
@@ -123,9 +123,14 @@ def size(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f}"
 
 
-def assumed_device(args, hw: analytic.Hardware, peak_measured: bool = False) -> str:
+def assumed_device(args, hw: analytic.Hardware, peak_measured: bool = False, named: devices.Device | None = None) -> str:
     """The first line of the output: every figure in the table follows from these numbers, and
-    the ones no flag set are an H100's, whatever this machine is."""
+    the ones no flag set are an H100's (or the named device's), whatever this machine is."""
+    if named is not None:
+        nodes = (f"; {args.nodes} nodes x {args.gpus_per_node}, {hw.inter_bandwidth / 1e9:.3g} GB/s between nodes"
+                 if args.nodes > 1 else "")
+        return (f"device: {named.label} ({named.source}): {args.memory_gb:g} GiB, {hw.peak_flops / 1e12:g} TFLOP/s {args.precision} peak, "
+                f"{hw.bandwidth / 1e9:.3g} GB/s in a node{nodes}")
     h100 = analytic.Hardware()
     defaults = [flag for flag, value, default in (("--memory-gb", args.memory_gb, DEFAULT_MEMORY_GB),
                                                   ("--peak-tflops", hw.peak_flops, h100.peak_flops),
@@ -327,14 +332,23 @@ def write_validation(path: str, text: str, cfg, args) -> None:
         f.write(head + text + "\n\n")
 
 
-def load_calibration(args) -> dict | None:
-    """The newest calibration of this device in the results store; says so when there is none."""
+def load_calibration(args, named: devices.Device | None = None) -> dict | None:
+    """The newest calibration of this device in the results store; says so when there is none.
+    With a named device other than this machine's, or several nodes (a calibration times one
+    node), none: the datasheet numbers and the stated constants are used."""
     import torch  # also so environment() names a GPU
 
     from rsscale.benchmarks.calibrate import latest
     from rsscale.scaling.store import environment
 
     device = environment()["device"]
+    if named is not None and not devices.is_this_machine(named, device):
+        print(f"[profile] step times from {named.label}'s datasheet (benchmarks/devices.py; matmuls at {args.efficiency:g} of peak, "
+              f"collectives at {args.comm_efficiency:.2f} of the links); this machine is {device!r}")
+        return None
+    if args.nodes > 1:
+        print(f"[profile] {args.nodes} nodes: step times from the analytic model (a calibration times one node)")
+        return None
     calib = latest(device, args.precision, args.results)
     if calib is None:
         print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the analytic "
@@ -349,13 +363,22 @@ def load_calibration(args) -> dict | None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model preset (rsscale models)")
-    parser.add_argument("--gpus", type=int, required=True, help="number of devices (tp*pp*dp)")
-    parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_GB, help="memory per device in GB (GiB)")
+    parser.add_argument("--gpus", type=int, default=None, help="number of devices (tp*pp*dp); default --nodes x --gpus-per-node")
+    parser.add_argument("--device", choices=devices.NAMES, default=None,
+                        help="a named device: its datasheet peak, memory and link bandwidths (benchmarks/devices.py); "
+                        "--memory-gb, --peak-tflops, --bandwidth-gbs still override")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes: collectives whose ranks span more than --gpus-per-node "
+                        "run at the device's inter-node bandwidth")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="devices per node (default: --gpus, one node)")
+    parser.add_argument("--comm-efficiency", type=float, default=devices.COMM_EFFICIENCY,
+                        help="with --device: fraction of the link bandwidth a ring collective reaches")
+    parser.add_argument("--memory-gb", type=float, default=None, help=f"memory per device in GB (GiB) (default {DEFAULT_MEMORY_GB:g}, or --device's)")
     parser.add_argument("--reserve-gb", type=float, default=2.0, help="memory kept free per device (context, workspaces)")
     parser.add_argument("--peak-tflops", type=float, default=None, help=f"per-device peak TFLOP/s (default {analytic.Hardware.peak_flops / 1e12:g}, "
                         f"{analytic.DEFAULT_DEVICE} bf16; with --measure on CPU, measured here)")
     parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach")
-    parser.add_argument("--bandwidth-gbs", type=float, default=analytic.Hardware.bandwidth / 1e9, help="effective collective bandwidth per device, GB/s")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="effective collective bandwidth per device, GB/s "
+                        f"(default {analytic.Hardware.bandwidth / 1e9:g}, or --device's link x --comm-efficiency)")
     parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
@@ -382,7 +405,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--window", type=int, default=None, help="--task: window attention size in tokens (rsscale finetune --window)")
 
 
-NUMBER_RULES = {"--gpus": dict(ge=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
+NUMBER_RULES = {"--gpus": dict(ge=1), "--nodes": dict(ge=1), "--gpus-per-node": dict(ge=1), "--comm-efficiency": dict(gt=0, le=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
                 "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--global-batch": dict(ge=1),
                 "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--rounds": dict(ge=1)}
 
@@ -399,6 +422,18 @@ def check_args(args) -> None:
             check_number(f"--{flag}", getattr(args, flag), ge=1)
     if args.task and (args.measure or args.count):
         raise ValueError("--task counts every layout already and cannot --measure yet; drop --count/--measure")
+    if args.gpus is None:
+        if args.gpus_per_node is None:
+            raise ValueError("give --gpus, or --nodes and --gpus-per-node")
+        args.gpus = args.nodes * args.gpus_per_node
+    elif args.gpus_per_node is not None and args.gpus != args.nodes * args.gpus_per_node:
+        raise ValueError(f"--gpus {args.gpus} is not --nodes {args.nodes} x --gpus-per-node {args.gpus_per_node}")
+    elif args.nodes > 1:
+        if args.gpus % args.nodes:
+            raise ValueError(f"--gpus {args.gpus} does not split over --nodes {args.nodes}")
+        args.gpus_per_node = args.gpus // args.nodes
+    if args.memory_gb is None:
+        args.memory_gb = DEFAULT_MEMORY_GB
     if args.reserve_gb >= args.memory_gb:
         raise ValueError(f"--reserve-gb ({args.reserve_gb:g}) must be below --memory-gb ({args.memory_gb:g})")
 
@@ -422,7 +457,22 @@ def main_finetune(args, cfg, hw, budget) -> int:
     return 0
 
 
+def apply_device(args) -> devices.Device | None:
+    """--device: fill the memory, peak and bandwidth flags the user left unset from its datasheet."""
+    if not args.device:
+        return None
+    dev = devices.get_device(args.device)
+    if args.memory_gb is None:
+        args.memory_gb = dev.memory_gb
+    if args.peak_tflops is None:
+        args.peak_tflops = devices.peak_tflops(dev, args.precision)
+    if args.bandwidth_gbs is None:
+        args.bandwidth_gbs = dev.intra_gbs * args.comm_efficiency
+    return dev
+
+
 def main(args) -> int:
+    dev = apply_device(args)
     check_args(args)
     cfg = get_preset(args.model)
     if args.global_batch is None:
@@ -435,8 +485,10 @@ def main(args) -> int:
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True
     hw = analytic.Hardware(peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else analytic.Hardware.peak_flops,
-                           efficiency=args.efficiency, bandwidth=args.bandwidth_gbs * 1e9)
-    print(assumed_device(args, hw, peak_measured), flush=True)
+                           efficiency=args.efficiency, bandwidth=(args.bandwidth_gbs or analytic.Hardware.bandwidth / 1e9) * 1e9,
+                           gpus_per_node=args.gpus_per_node or 0,
+                           inter_bandwidth=dev.inter_gbs * args.comm_efficiency * 1e9 if dev and args.nodes > 1 else 0.0)
+    print(assumed_device(args, hw, peak_measured, dev), flush=True)
     budget = (args.memory_gb - args.reserve_gb) * GIB
     if args.task:
         return main_finetune(args, cfg, hw, budget)
@@ -444,7 +496,7 @@ def main(args) -> int:
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1
-    calib = None if args.no_calibration else load_calibration(args)
+    calib = None if args.no_calibration else load_calibration(args, dev)
     rows = rank_plans(cfg, plans, hw, budget, calib)
     n_fit = sum(r["fits"] for r in rows)
     print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "
