@@ -85,7 +85,7 @@ def killed_and_resumed_finetune_agrees(tmp_path, task, *layout):
 
 @pytest.mark.parametrize("task, layout", [
     ("seg", ()),
-    ("det", ("--nproc", "2", "--tp", "2")),
+    pytest.param("det", ("--nproc", "2", "--tp", "2"), marks=pytest.mark.slow),  # (TP checkpoints resume: tests/test_train.py)
     pytest.param("det", (), marks=pytest.mark.slow),
     pytest.param("seg", ("--nproc", "2", "--tp", "2"), marks=pytest.mark.slow),
     pytest.param("seg", ("--nproc", "2", "--dp", "2"), marks=pytest.mark.slow),

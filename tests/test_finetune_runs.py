@@ -44,6 +44,7 @@ def test_evaluate_reproduces_the_training_numbers(runs, task, tmp_path, capsys):
     assert "at training" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (a TP=1 checkpoint read into TP=2: the checkpoint tests; this is the command end to end)
 def test_evaluate_reads_a_tp1_run_into_tp2(runs, tmp_path):
     """Each of 2 ranks reads its TP slices of the TP=1 checkpoint: the same scores (float sums reordered)."""
     assert cli(["evaluate", str(runs / "seg"), "--nproc", "2", "--tp", "2", "--json", str(tmp_path / "m.json")]) == 0

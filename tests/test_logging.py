@@ -57,6 +57,7 @@ def test_bench_writes_step_curves(tmp_path):
         assert [s for s, _ in scalars[f"bench/{tag}"]] == [1, 2]
 
 
+@pytest.mark.slow  # (fine-tuning writes through the pretraining Trainer's writer: test_pretrain_writes_the_curves_the_store_records)
 def test_finetune_writes_loss_and_metric_curves(tmp_path):
     tb, db = tmp_path / "tb", tmp_path / "results.db"
     run_cli("finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(tmp_path / "data"), "--synthetic-count", "6",

@@ -116,6 +116,7 @@ def test_pretrain_on_two_nodes_equals_one_process(tmp_path):
     _assert_same_weights(tmp_path)
 
 
+@pytest.mark.slow  # (the launch across nodes: the pretraining test above; fine-tuning TP x DP: tests/test_finetune_dist.py)
 def test_finetune_on_two_nodes_equals_one_process(tmp_path):
     from rsscale.scaling.synthetic import generate
 

@@ -144,6 +144,7 @@ def _complete_cells(tmp_path):
     return sorted(c["cell"] for c in runs["config"])
 
 
+@pytest.mark.slow  # (resume points of long cells: test_long_cells_leave_resume_points; a failed cell: the tests above)
 def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path, capsys):
     plan = _plan(tmp_path, SMALL.replace("steps: [3]", "steps: [6]"))
     proc = subprocess.Popen(_study_cmd(plan, tmp_path, "--no-report"), start_new_session=True,
