@@ -33,6 +33,8 @@ COMMANDS = {
     "convert": ("rsscale.scaling.convert", "import MAE/timm ViT weights into an rsscale checkpoint, or export one"),
 }
 
+AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
+
 # Commands whose --config file is flat (keys are flag names); pretrain has its own config tree.
 FLAT_CONFIG = ("bench", "profile", "finetune")
 
@@ -81,6 +83,12 @@ def _run(argv: list[str]) -> int:
         return 2
     module_name, help_ = COMMANDS[name]
     setup_logging()  # rank-aware progress lines on stderr
+    if "--layout" in rest:  # `--layout auto`: the profiler's choice replaces it by explicit layout flags
+        try:
+            rest = importlib.import_module(AUTO_LAYOUT).resolve(name, rest)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"rsscale {name}: error: {e}", file=sys.stderr)
+            return 2
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)

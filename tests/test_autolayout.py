@@ -1,0 +1,58 @@
+"""`--layout auto`: the profiler's fastest fitting layout replaces the flag, deterministically,
+the command runs it and records it; bad uses are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rsscale.benchmarks import analytic, autolayout
+from rsscale.benchmarks.profile import enumerate_plans, rank_plans
+from rsscale.scaling.config import get_preset
+
+
+def test_the_choice_is_the_fastest_fitting_layout_of_the_ranking():
+    cfg = get_preset("l12x4")
+    plan, lines = autolayout.choose(cfg, 8, 64, "bf16", device="h100-sxm")
+    hw = analytic.Hardware(peak_flops=989.4e12, bandwidth=450e9 * 2 / 3)
+    rows = [r for r in rank_plans(cfg, enumerate_plans(cfg, 8, 64, "bf16"), hw, (80 - 2) * 2**30) if r["fits"]]
+    assert plan == rows[0]["plan"] and plan.layout.world_size == 8
+    assert lines[-1].startswith(f"--layout auto: running {plan.layout}") and sum(line.startswith("  * ") for line in lines) == 1
+    assert autolayout.choose(cfg, 8, 64, "bf16", device="h100-sxm")[0] == plan  # deterministic: ranks under torchrun agree
+
+
+def test_resolve_replaces_the_flag_by_the_chosen_layout(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = autolayout.resolve("bench", ["--model", "small", "--layout", "auto", "--gpus", "4", "--global-batch", "16", "--device", "a100-80"])
+    plan, _ = autolayout.choose(get_preset("small"), 4, 16, "fp32", device="a100-80")
+    L = plan.layout
+    want = ["--tp", str(L.tp), "--pp", str(L.pp), "--dp", str(L.dp), "--micro-batch", str(L.micro_batch), "--vpp", str(L.vpp)]
+    assert argv[:4] == ["--model", "small", "--global-batch", "16"] and argv[4:14] == want and argv[-2:] == ["--nproc", "4"]
+    assert "--layout" not in argv and "--gpus" not in argv and "--device" not in argv
+    assert "--layout auto: running" in capsys.readouterr().out
+
+
+def test_pretrain_runs_and_records_the_chosen_layout(tmp_path, monkeypatch):
+    from rsscale.scaling.cli import main
+    from rsscale.scaling.store import ResultsStore
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    db = tmp_path / "r.db"
+    assert main(["pretrain", "--layout", "auto", "--model", "tiny", "--global-batch", "4", "--steps", "1", "--data", "random",
+                 "--out", str(tmp_path / "run"), "--results", str(db)]) == 0
+    run = ResultsStore(str(db)).runs(kind="pretrain").iloc[0]
+    plan, _ = autolayout.choose(get_preset("tiny"), 1, 4, "fp32")
+    assert (run["micro_batch"], run["config"]["recompute"]) == (plan.layout.micro_batch, plan.recompute)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--layout", "fast"], "--layout takes 'auto'"),
+    (["pretrain", "--layout", "auto", "--tp", "2"], "drop --tp"),
+    (["finetune", "--task", "seg", "--dataset", "synthetic", "--layout", "auto"], "not yet on finetune"),
+    (["bench", "--model", "b12x1", "--layout", "auto", "--gpus", "2", "--memory-gb", "0.01", "--reserve-gb", "0"], "fits in 0.01 GiB"),
+])
+def test_bad_uses_are_one_line(argv, message, capsys):
+    from rsscale.scaling.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
