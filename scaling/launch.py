@@ -40,7 +40,15 @@ LAUNCH_FLAGS = {
     "--nnodes": (int, "nodes of a multi-node torchrun launch (default 1)"),
     "--node-rank": (int, "this node's rank in a multi-node launch (default 0); node 0 runs on the --rdzv-endpoint host"),
     "--rdzv-endpoint": (str, "host:port of the rendezvous for a multi-node launch (node 0's host, a free port)"),
+    "--max-restarts": (int, "elastic: when a rank dies, restart the ranks up to this many times; each restart resumes from "
+                            "the newest complete checkpoint (default 0: a dead rank ends the job)"),
 }
+RESTART_COUNT, MAX_RESTARTS = "RSSCALE_RESTART_COUNT", "RSSCALE_MAX_RESTARTS"  # set by `relaunch` in the ranks it starts
+
+
+def restart_count() -> int:
+    """How many times the launcher has restarted this job's ranks after a failure (0: the first start)."""
+    return int(os.environ.get(RESTART_COUNT, 0) or 0)
 
 
 def add_launch_arguments(parser) -> None:
@@ -60,13 +68,14 @@ def wants_launch(args) -> bool:
     nproc, nnodes = getattr(args, "nproc", None), getattr(args, "nnodes", None) or 1
     for flag in LAUNCH_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"), None)
-        if isinstance(value, int) and value < (0 if flag == "--node-rank" else 1):
-            raise ValueError(f"{flag} must be >= {0 if flag == '--node-rank' else 1}, got {value}")
+        low = 0 if flag in ("--node-rank", "--max-restarts") else 1
+        if isinstance(value, int) and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     if nnodes > 1 and not getattr(args, "rdzv_endpoint", None):
         raise ValueError("--nnodes > 1 needs --rdzv-endpoint host:port")
     if (getattr(args, "node_rank", None) or 0) >= nnodes:
         raise ValueError(f"--node-rank must be < --nnodes ({nnodes}), got {args.node_rank}")
-    return bool(nproc and (nproc > 1 or nnodes > 1))
+    return bool(nproc and (nproc > 1 or nnodes > 1 or getattr(args, "max_restarts", None)))
 
 
 def strip_launch_flags(argv: list[str]) -> list[str]:
@@ -123,11 +132,32 @@ def command_line(command: str, args: list[str], nproc: int) -> list[str]:
 
 def relaunch(command: str, args, argv: list[str]) -> int:
     """Run `rsscale <command> <argv minus launch flags>` under torchrun as `args` asks; returns its
-    exit code, or 128 + the signal number when a SIGINT/SIGTERM here was passed on to the ranks."""
+    exit code, or 128 + the signal number when a SIGINT/SIGTERM here was passed on to the ranks.
+
+    `--max-restarts N`: when the ranks fail (a rank died or raised), start torchrun again, up to N
+    times, with RSSCALE_RESTART_COUNT set: the trainer then resumes from the newest complete
+    checkpoint by itself. A fresh torchrun each time (new rendezvous, new process groups): torchrun's
+    own in-place restart (its --max-restarts) left gloo's new groups connecting to the dead ranks'
+    addresses on CPU in about half the tries. On several nodes every node's launcher restarts, and
+    they meet again at the same endpoint. Bad usage (exit 2) and interrupts are not retried."""
     nnodes, endpoint = getattr(args, "nnodes", None) or 1, getattr(args, "rdzv_endpoint", None)
     cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, nnodes, getattr(args, "node_rank", None) or 0, endpoint)
     log.debug("launching: %s", shlex.join(cmd))
-    env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint)}
+    max_restarts = getattr(args, "max_restarts", None) or 0
+    for attempt in range(max_restarts + 1):
+        env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint), RESTART_COUNT: str(attempt),
+               MAX_RESTARTS: str(max_restarts)}
+        code, signum = _run_torchrun(cmd, env)
+        if signum is not None:
+            return 128 + signum
+        if code in (0, 2) or attempt == max_restarts:
+            return code
+        log.warning(f"the ranks failed (exit code {code}): restart {attempt + 1} of {max_restarts}, resuming from the newest complete checkpoint")
+    return code
+
+
+def _run_torchrun(cmd: list[str], env: dict) -> tuple[int, int | None]:
+    """(torchrun's exit code, the first SIGINT/SIGTERM received here and passed on to the ranks, or None)."""
     received, pending = [], []
     with on_signals(lambda signum: (received.append(signum), pending.append(signum))):
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -145,7 +175,7 @@ def relaunch(command: str, args, argv: list[str]) -> int:
                         os.kill(pid, signum)
                     except ProcessLookupError:
                         pass
-    return 128 + received[0] if received else code
+    return code, (received[0] if received else None)
 
 
 def _ranks_of(torchrun_pid: int) -> list[int]:

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.config_file import check_number, check_tree, load_config_file
-from rsscale.scaling.launch import Interrupted, StopRequest, add_launch_arguments, wants_launch
+from rsscale.scaling.launch import MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, restart_count, wants_launch
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
 from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
@@ -338,8 +338,14 @@ class Trainer:
         self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
         self.loader, self.loader_state = None, None  # the data loader state of the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(self.config.out, "checkpoints")
+        self.restarts, self.lost_steps = restart_count(), 0
+        if self.restarts and not self.config.resume:  # torchrun's elastic agent restarted the ranks: continue, never start over
+            log(f"elastic restart {self.restarts}: resuming from the newest complete checkpoint under {self.ckpt_dir}")
+            self.config = dataclasses.replace(self.config, resume=True, overwrite=False)
         if self.config.resume:
             self._resume()
+            if self.restarts:
+                self.lost_steps = max(self._progress() - self.step, 0)
 
     # --- setup helpers -------------------------------------------------------------------------
     def _check_precision(self):
@@ -571,6 +577,23 @@ class Trainer:
             self.loader_state = rank_state.get("loader")
         log(f"resumed from {folder} at step {self.step}")
 
+    def _progress(self, step: int | None = None) -> int:
+        """The last step an elastic job finished (rank 0 notes it in <out>/.progress after each step),
+        so that a restart can say how many steps the failure cost; with `step`, note it."""
+        if not self.config.out:  # (a fine-tune without --out saves nothing to resume from)
+            return step or 0
+        path = os.path.join(self.config.out, ".progress")
+        if step is None:
+            try:
+                with open(path) as f:
+                    return int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                return 0
+        if dist.get_rank() == 0 and os.environ.get(MAX_RESTARTS, "0") not in ("", "0"):
+            with open(path, "w") as f:
+                f.write(str(step))
+        return step
+
     def _check_schedule(self, saved: dict, step: int) -> None:
         """--resume continues the checkpoint's learning-rate schedule: other steps, lr, warmup or
         min_lr than its run had would change it, which --allow-schedule-change must accept."""
@@ -634,6 +657,7 @@ class Trainer:
                 while self.step < c.steps:
                     rec = self.train_step()
                     records.append(rec)
+                    self._progress(rec["step"])
                     self.recent_losses = (self.recent_losses + [rec["loss"]])[-RECENT:]
                     parts = rec.get("parts", {})  # a task's loss terms
                     tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, **parts,
@@ -648,6 +672,10 @@ class Trainer:
                         self.save()
                     if rec["step"] < c.steps and (signum := self._agreed_signal(stop)):  # Ctrl-C/SIGTERM: after the step and its due save
                         raise Interrupted(signum=signum)
+                if self.restarts:
+                    log(f"elastic restarts: {self.restarts}; this attempt resumed at step {self.step - len(records)}, "
+                        f"{self.lost_steps} step(s) of the failed attempt lost")
+                    run.log_many([("elastic_restarts", self.restarts, None), ("lost_steps", self.lost_steps, None)])
                 if records:
                     peak = peak_memory_bytes(self.device)
                     memory = {"peak_mem_bytes": peak, "peak_mem_delta_bytes": peak - self.memory_at_start}
