@@ -52,6 +52,27 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return super()._format_action(action)
 
 
+def flat_config(parser, args) -> dict:
+    """A flat command's resolved options as config keys (flag names): what `--config` reads back."""
+    skip = {"help", "config", "print_config"}
+    return {a.dest.replace("_", "-"): getattr(args, a.dest) for a in parser._actions
+            if a.option_strings and a.dest not in skip and getattr(args, a.dest, None) is not None}
+
+
+def print_config(data: dict, dest: str) -> int:
+    """`--print-config`: `data` as YAML on stdout ("-") or into a file."""
+    import yaml
+
+    text = yaml.safe_dump(data, sort_keys=False)
+    if dest == "-":
+        print(text, end="")
+    else:
+        with open(dest, "w") as f:
+            f.write(text)
+        print(f"wrote {dest}", file=sys.stderr)
+    return 0
+
+
 def _usage() -> str:
     lines = ["usage: rsscale <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -94,6 +115,9 @@ def _run(argv: list[str]) -> int:
     module.add_arguments(parser)
     if name in FLAT_CONFIG:
         parser.add_argument("--config", help="YAML or TOML file of flag values (keys: flag names); flags override it")
+    if name in FLAT_CONFIG or hasattr(module, "resolved_config"):
+        parser.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
+                            help="write the resolved options as a YAML config file that --config accepts back (to FILE, or stdout), and exit")
     try:
         args = parse_args_with_config(parser, rest) if name in FLAT_CONFIG else parser.parse_args(rest)
     except (ValueError, FileNotFoundError) as e:
@@ -101,6 +125,9 @@ def _run(argv: list[str]) -> int:
         return 2
     args.command_argv = rest  # what a torchrun relaunch (scaling/launch.py) passes on to the ranks
     try:
+        if getattr(args, "print_config", None) is not None:
+            return print_config(module.resolved_config(args) if hasattr(module, "resolved_config") else flat_config(parser, args),
+                                args.print_config)
         return int(module.main(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("RSSCALE_TRACEBACK"):

@@ -79,6 +79,8 @@ def _type_name(typ) -> str:
 
 def _coerce(path, key: str, value, action: argparse.Action):
     """`value` from the file as the flag `action` would have parsed it, or a ValueError naming key and type."""
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: the key is x, the value x's
+        return coerce_value(path, key, value, bool)
     if action.nargs == 0:  # store_true / store_false switches: only real booleans
         value = coerce_value(path, key, value, bool)
         return value if action.const is True else not value

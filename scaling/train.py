@@ -763,6 +763,11 @@ def summarize(records: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolved_config(args) -> dict:
+    """The config tree this command line resolves to (`--print-config`; `--config` reads it back)."""
+    return config_from_args(args).to_dict()
+
+
 def main(args) -> int:
     """Exit codes: 0 done, 1 a failed run, 2 bad input (a flag, config, layout or checkpoint refused);
     an interrupted run ends with one line and 130 (Ctrl-C) or 143 (SIGTERM) through the CLI."""
