@@ -123,12 +123,6 @@ def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def matmul_peak_tflops(device, precision: str) -> float:
     """Dense matmul TFLOP/s of this device in the training dtype (a stand-in for the datasheet)."""
     import torch
@@ -187,7 +181,6 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
     from rsscale.benchmarks import analytic
     from rsscale.scaling.config import get_preset, mae_step_flops, param_count
-    from rsscale.scaling.layout import Layout
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -214,8 +207,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
         counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
                    "counted_act_bytes": max(c.activations for c in counted_stages)}
     check_peer(opts, layout)  # before any process group
-    before = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else current_rss()
     trainer = Trainer.build(config)
+    before = trainer.memory_at_start  # memory when the trainer restarted the peak count, before its model: the same window as the peak
     trainer.time_compute = layout.pp > 1  # each forward/backward timed: the measured pipeline bubble
     rank = dist.get_rank()
     peer, peer_recs = None, []

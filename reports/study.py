@@ -193,7 +193,7 @@ def cells(plan: Plan) -> list[Cell]:
 
 
 def data_root(plan: Plan) -> str:
-    from rsscale.scaling.synthetic import dataset_paths, ensure_dataset
+    from rsscale.scaling.synthetic import ensure_dataset
 
     if plan.data == "synthetic":
         root = os.path.join(plan.out, "data")

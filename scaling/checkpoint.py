@@ -168,21 +168,24 @@ def tensor_meta(param: torch.Tensor) -> dict:
     return {"partition_dim": None, "stride": 1}
 
 
-def _broadcast(obj):
+def _broadcast(obj, group=None):
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
     return obj
 
 
-def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor, dict]], rank_state: dict, meta: dict, keep: int = 0) -> str:
+def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor, dict]], rank_state: dict, meta: dict, keep: int = 0,
+                    group=None) -> str:
     """Collective: every rank calls it with only the tensors it owns.
 
     `tensors` maps key -> (local tensor, info): info is `tensor_meta` plus, for a flat piece of a
     parameter's moments, `flat=[a, b]` (elements a..b of the flattened local tensor) and
     `local_shape` (several pieces of one key from one rank: keys "key@a"). `rank_state` values are tensors or JSON values. `meta` (same on all ranks) goes
-    into the index. `keep` > 0 keeps only that many newest checkpoints. Returns the new folder."""
+    into the index. `keep` > 0 keeps only that many newest checkpoints. `group`: the process group
+    of its collectives (a whole-world gloo group of its own when a background thread saves while
+    training uses the default one). Returns the new folder."""
     rank, world = _world()
     tp_rank, tp_size = (state.tp_rank(), state.tp_size()) if state.is_initialized() else (0, 1)
     name = f"step_{step:08d}"
@@ -199,7 +202,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
             if world == 1:
                 raise
             tmp = OSError(f"checkpoint of step {step} failed: rank 0 could not create a folder under {root}: {e}")
-    tmp = _broadcast(tmp)
+    tmp = _broadcast(tmp, group)
     if isinstance(tmp, OSError):
         raise tmp
     file = f"rank_{rank:05d}.safetensors"
@@ -222,7 +225,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
         report = {"error": f"rank {rank}: {type(e).__name__}: {e}"}
     reports = [None] * world if rank == 0 else None
     if world > 1:
-        dist.gather_object(report, reports, dst=0)
+        dist.gather_object(report, reports, dst=0, group=group)
     else:
         reports = [report]
     error = None
@@ -238,7 +241,7 @@ def save_checkpoint(root: str, step: int, tensors: dict[str, tuple[torch.Tensor,
             if world == 1:
                 raise
             error = f"{type(e).__name__}: {e}"
-    error = _broadcast(error)
+    error = _broadcast(error, group)
     if error:
         raise OSError(f"checkpoint of step {step} failed: {error}")
     return os.path.join(root, name)

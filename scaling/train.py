@@ -98,6 +98,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep: int = 0  # keep only the N newest checkpoints (0: all); the newest complete one is never deleted
     resume: bool = False
+    async_save: bool = False  # write checkpoints in a background thread from a host copy; training goes on meanwhile
     allow_schedule_change: bool = False  # --resume with other steps/lr/warmup/min_lr than the checkpoint's run
     overwrite: bool = False  # start over in an --out folder that holds checkpoints (deletes them)
     log_every: int = 10
@@ -162,6 +163,8 @@ SWITCHES = [
     ("--fsdp", "fsdp", "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)"),
     ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
     ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
+    ("--async-save", "async_save", "write checkpoints in a background thread from a host copy of this rank's shard (training goes on; "
+     "the same atomic, verified checkpoint)"),
     ("--allow-schedule-change", "allow_schedule_change", "with --resume: accept --steps/--lr/--warmup/--min-lr other than the "
      "checkpoint's run had (they change its learning-rate schedule)"),
     ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
@@ -285,7 +288,7 @@ class Trainer:
     def build(cls, config: TrainConfig) -> "Trainer":
         self = cls()
         self._start(config, dataclasses.replace(get_preset(config.model), in_chans=config.in_chans))
-        state, opt = self.state, config.optim
+        opt = config.optim
         self.links = self._stage_links()
         self.model = self._build_model()
         zero = opt.distributed_optimizer and self.layout.dp > 1
@@ -550,9 +553,46 @@ class Trainer:
         if self.device.type == "cuda":  # dropout/drop-path masks drawn on the GPU continue exactly too
             rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         rank_state["loader"] = self.loader.state_dict() if self.loader is not None else None  # JSON values: the exact stream
-        folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
-        self.saved_step = self.step
-        return folder
+        if not self.config.async_save:
+            folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
+            self.saved_step = self.step
+            return folder
+        return self._save_in_background(tensors, rank_state, meta)
+
+    def _save_in_background(self, tensors: dict, rank_state: dict, meta: dict) -> str:
+        """--async-save: wait for the previous save, copy this rank's pieces to host memory (the
+        training step after this one changes the originals in place), and let a thread write them
+        with save_checkpoint over a gloo group of its own: its collectives never interleave with
+        training's on the default group. A failed background save is raised at the next save or at
+        the end of fit(); the newest complete checkpoint before it stays valid (atomic rename)."""
+        import threading
+
+        self.wait_for_save()
+        if getattr(self, "_save_group", None) is None:
+            self._save_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
+        host = {k: (t.detach().to("cpu", copy=True), info) for k, (t, info) in tensors.items()}
+        state = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in rank_state.items()}
+        step, self._save_error = self.step, None
+
+        def write():
+            try:
+                checkpoint.save_checkpoint(self.ckpt_dir, step, host, state, meta, keep=self.config.keep, group=self._save_group)
+                self.saved_step = step
+            except BaseException as e:  # noqa: BLE001 - raised on the training thread (wait_for_save)
+                self._save_error = e
+
+        self._save_thread = threading.Thread(target=write, name=f"checkpoint-step-{step}", daemon=True)
+        self._save_thread.start()
+        return os.path.join(self.ckpt_dir, f"step_{step:08d}")
+
+    def wait_for_save(self) -> None:
+        """Block until a background save is written; raise its error if it failed."""
+        thread = getattr(self, "_save_thread", None)
+        if thread is not None:
+            thread.join()
+            self._save_thread = None
+            if self._save_error is not None:
+                raise OSError(f"background checkpoint save failed: {self._save_error}") from self._save_error
 
     def _resume(self):
         """Continue from the newest complete checkpoint; start fresh only when there is none at all."""
@@ -647,7 +687,7 @@ class Trainer:
         """Train to `config.steps`, logging, recording and checkpointing; returns the step records.
         Holds the run-folder lock meanwhile; a collective that times out is reported naming the
         rank that stopped responding."""
-        c, records = self.config, []
+        c, records, stalls = self.config, [], []
         self._claim()
         try:
             if self.step >= c.steps:  # a finished run resumed: no empty run in the store
@@ -669,7 +709,9 @@ class Trainer:
                             f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
                             + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
                     if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
+                        t0 = time.perf_counter()
                         self.save()
+                        stalls.append(time.perf_counter() - t0)  # what the save cost the training thread
                     if rec["step"] < c.steps and (signum := self._agreed_signal(stop)):  # Ctrl-C/SIGTERM: after the step and its due save
                         raise Interrupted(signum=signum)
                 if self.restarts:
@@ -679,6 +721,10 @@ class Trainer:
                 if records:
                     peak = peak_memory_bytes(self.device)
                     memory = {"peak_mem_bytes": peak, "peak_mem_delta_bytes": peak - self.memory_at_start}
+                    if stalls:
+                        memory["save_stall_median_s"] = float(np.median(stalls))
+                        log(f"{len(stalls)} checkpoint save(s) during training stalled it a median {memory['save_stall_median_s']:.3f} s each "
+                            f"({'in the background' if c.async_save else 'written in place; --async-save writes in the background'})")
                     run.log_many((k, v, None) for k, v in {**summarize(records), **memory}.items())
                 if records or c.save_every:
                     self.save()
@@ -691,9 +737,12 @@ class Trainer:
                                    f"{self.state.unresponsive_ranks(c.timeout)}") from e
             raise
         finally:
-            if self._lock:
-                self._lock.release()
-            self._lock = False  # claimed once for this trainer: a later save() does not re-check
+            try:
+                self.wait_for_save()  # the last checkpoint is on disk before the lock goes
+            finally:
+                if self._lock:
+                    self._lock.release()
+                self._lock = False  # claimed once for this trainer: a later save() does not re-check
         return records
 
     def tb_prefix(self) -> str:

@@ -68,7 +68,7 @@ def killed_and_resumed_finetune_agrees(tmp_path, task, *layout):
     assert any(f"saved step {EVERY}" in line for line in seen), "".join(seen)
     resumed = subprocess.run(cmd("cut", "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stderr and f"at step {EVERY}" in resumed.stderr, resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at step {EVERY}" in resumed.stderr, resumed.stderr
 
     full, cut = _losses(tmp_path / "full.db", "complete"), _losses(tmp_path / "cut.db", "complete")
     assert sorted(cut) == list(range(EVERY + 1, STEPS + 1))

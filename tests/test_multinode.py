@@ -20,7 +20,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from distributed import free_port
 from rsscale.scaling.cli import main as cli
