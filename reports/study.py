@@ -507,7 +507,7 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus} \\
     --rdzv-backend=c10d --rdzv-endpoint="$head_node:{port}" --rdzv-id="$SLURM_JOB_ID" \\
     -m rsscale.scaling.cli {command} {args}
-python -m rsscale.scaling.cli study {plan} --finish-cell {cell}
+python -m rsscale.scaling.cli study {plan} --out {out} --results {results} --finish-cell {cell}
 """
 
 
@@ -521,13 +521,13 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     done = done_cells(plan)
     todo = [c for c in cells(plan) if c.key not in done]
-    pool_data = os.path.join(plan.out, "data")
+    pool = split_images(plan)[0] if any(c.kind == "pretrain" for c in todo) else []  # the cells' data, written now (a shared filesystem)
     paths, job_of = [], {}
     submit = ["#!/bin/bash", f"# submit the {len(todo)} remaining cells of study {plan.name} in order", "set -euo pipefail"]
     prev = None
     for cell in todo:
         if cell.kind == "pretrain":
-            command, args = "pretrain", pretrain_args(plan, cell, os.path.join(pool_data, f"subset-{cell.images or 'all'}"))
+            command, args = "pretrain", pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
         else:
             command, args = "finetune", finetune_args(plan, cell)
         env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in s["env"].items())
@@ -535,7 +535,8 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
                              cpus=s["cpus_per_task"], time=s["time"], logs=os.path.abspath(out / "logs"),
                              extra="".join(f"#SBATCH {x}\n" for x in s["sbatch"]), study=plan.name, cell=cell.key,
                              env=env, results=shlex.quote(os.path.abspath(plan.results)), port=s["port"],
-                             command=command, args=shlex.join(args), plan=shlex.quote(os.path.abspath(plan.path)))
+                             command=command, args=shlex.join(args), plan=shlex.quote(os.path.abspath(plan.path)),
+                             out=shlex.quote(os.path.abspath(plan.out)))
         path = out / f"{cell.key}.sbatch"
         path.write_text(text)
         paths.append(str(path))
