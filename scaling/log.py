@@ -81,7 +81,11 @@ def peak_memory_bytes(device) -> int:
 
     if getattr(device, "type", device) == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # Linux: VmHWM is max(the high-water mark clear_refs restarted, the RSS now); getrusage's ru_maxrss
+        with open("/proc/self/status") as f:  # lags the RSS (updated lazily), so a run's peak could read below its start
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reset_peak_memory(device) -> int:
@@ -95,10 +99,9 @@ def reset_peak_memory(device) -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the peak stays the process's
         return 0
+    return peak_memory_bytes(device)  # the restarted high-water mark: the same counter the run's peak is read from
 
 
 class ScalarWriter:
