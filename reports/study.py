@@ -491,30 +491,16 @@ def run_study(plan: Plan, max_cells: int | None = None, jobs: int | None = None)
 # Slurm
 # ---------------------------------------------------------------------------------------------
 
-SBATCH = """#!/bin/bash
-#SBATCH --job-name={job}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node={gpus}
-#SBATCH --cpus-per-task={cpus}
-#SBATCH --time={time}
-#SBATCH --output={logs}/%x-%j.out
-{extra}
-# rsscale study {study}, cell {cell}: {nodes} node(s) x {gpus} GPU(s), one torchrun per node.
-set -euo pipefail
-{env}export RSSCALE_RESULTS={results}
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus} \\
-    --rdzv-backend=c10d --rdzv-endpoint="$head_node:{port}" --rdzv-id="$SLURM_JOB_ID" \\
-    -m rsscale.scaling.cli {command} {args}
-python -m rsscale.scaling.cli study {plan} --out {out} --results {results} --finish-cell {cell}
-"""
 
 
 def emit_slurm(plan: Plan, folder: str) -> list[str]:
-    """One sbatch script per cell that is not done, and submit.sh chaining them (afterok) in order."""
-    s = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 32, "time": "24:00:00", "port": 29500, "env": {},
-         "sbatch": [], **plan.slurm}
+    """One sbatch script per cell that is not done (scaling/launch.py `sbatch_script`), and
+    submit.sh chaining them (afterok) in order."""
+    from rsscale.scaling.launch import sbatch_script
+
+    from rsscale.scaling.launch import SLURM_DEFAULTS
+
+    s = {**SLURM_DEFAULTS, "env": {}, **plan.slurm}
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "port"):
         _need(plan.path, isinstance(s[key], int) and s[key] >= 1, f"slurm.{key} must be a positive integer")
     out = Path(folder)
@@ -531,12 +517,10 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
         else:
             command, args = "finetune", finetune_args(plan, cell)
         env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in s["env"].items())
-        text = SBATCH.format(job=f"rsscale-{plan.name}-{cell.key}", nodes=s["nodes"], gpus=s["gpus_per_node"],
-                             cpus=s["cpus_per_task"], time=s["time"], logs=os.path.abspath(out / "logs"),
-                             extra="".join(f"#SBATCH {x}\n" for x in s["sbatch"]), study=plan.name, cell=cell.key,
-                             env=env, results=shlex.quote(os.path.abspath(plan.results)), port=s["port"],
-                             command=command, args=shlex.join(args), plan=shlex.quote(os.path.abspath(plan.path)),
-                             out=shlex.quote(os.path.abspath(plan.out)))
+        finish = (f"python -m rsscale.scaling.cli study {shlex.quote(os.path.abspath(plan.path))} --out {shlex.quote(os.path.abspath(plan.out))} "
+                  f"--results {shlex.quote(os.path.abspath(plan.results))} --finish-cell {cell.key}")
+        text = sbatch_script(f"rsscale-{plan.name}-{cell.key}", f"rsscale study {plan.name}, cell {cell.key}", s, os.path.abspath(out / "logs"),
+                             command, args, env=env + f"export RSSCALE_RESULTS={shlex.quote(os.path.abspath(plan.results))}\n", after=finish)
         path = out / f"{cell.key}.sbatch"
         path.write_text(text)
         paths.append(str(path))

@@ -115,6 +115,36 @@ def torchrun_command(command: str, args: list[str], nproc: int, nnodes: int = 1,
     return run + ["-m", "rsscale.scaling.cli", command, *args]
 
 
+SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 32, "time": "24:00:00", "port": 29500, "sbatch": []}
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={job}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output={logs}/%x-%j.out
+{extra}
+# {what}: {nodes} node(s) x {gpus} GPU(s), one torchrun per node.
+set -euo pipefail
+{env}head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus} \\
+    --rdzv-backend=c10d --rdzv-endpoint="$head_node:{port}" --rdzv-id="$SLURM_JOB_ID" \\
+    -m rsscale.scaling.cli {command} {args}
+{after}"""
+
+
+def sbatch_script(job: str, what: str, slurm: dict, logs: str, command: str, args: list[str], env: str = "", after: str = "") -> str:
+    """An sbatch script that runs `rsscale <command> <args>` with one torchrun per node (`slurm`:
+    nodes, gpus_per_node, cpus_per_task, time, port, extra #SBATCH lines), then the shell line
+    `after`. `study --emit-slurm` and `pretrain --emit-slurm` write these; tests/test_slurm.py runs
+    them under a local sbatch/srun stand-in."""
+    s = {**SLURM_DEFAULTS, **slurm}
+    return SBATCH.format(job=job, nodes=s["nodes"], gpus=s["gpus_per_node"], cpus=s["cpus_per_task"], time=s["time"], logs=logs,
+                         extra="".join(f"#SBATCH {x}\n" for x in s["sbatch"]), what=what, env=env, port=s["port"],
+                         command=command, args=shlex.join(args), after=f"{after}\n" if after else "")
+
+
 RENDEZVOUS = "RSSCALE_RENDEZVOUS"  # set in the ranks `relaunch` starts: how they met (init_parallel logs it)
 
 

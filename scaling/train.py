@@ -204,6 +204,8 @@ def add_arguments(parser) -> None:
     S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
     parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
     add_launch_arguments(parser)
+    parser.add_argument("--emit-slurm", metavar="DIR", default=None, help="write DIR/pretrain.sbatch running this command on "
+                        "--nnodes nodes x --nproc GPUs (one torchrun per node, resuming when requeued) instead of running it")
     defaults = TrainConfig()
     for flag, path, typ, help_ in FLAGS:
         default = _get(defaults, path)
@@ -820,11 +822,13 @@ def resolved_config(args) -> dict:
 def main(args) -> int:
     """Exit codes: 0 done, 1 a failed run, 2 bad input (a flag, config, layout or checkpoint refused);
     an interrupted run ends with one line and 130 (Ctrl-C) or 143 (SIGTERM) through the CLI."""
-    if wants_launch(args):
-        def layout_for(world):
-            config = config_from_args(args, world=world)
-            return config.parallel, get_preset(config.model)
+    def layout_for(world):
+        config = config_from_args(args, world=world)
+        return config.parallel, get_preset(config.model)
 
+    if getattr(args, "emit_slurm", None):
+        return emit_slurm(args, layout_for)
+    if wants_launch(args):
         return layout_mod.relaunch_checked("pretrain", args, layout_for)
 
     def work(started):
@@ -835,6 +839,35 @@ def main(args) -> int:
                 f"checkpoints in {trainer.ckpt_dir}")
 
     return run_rank("pretrain", work)
+
+
+def emit_slurm(args, layout_for) -> int:
+    """`pretrain --emit-slurm DIR`: this command line, checked for --nnodes x --nproc processes, as
+    an sbatch script (scaling/launch.py `sbatch_script`) with --resume, so a requeued or restarted
+    job continues from its newest checkpoint."""
+    from rsscale.scaling.launch import sbatch_script, strip_launch_flags
+
+    nodes, gpus = getattr(args, "nnodes", None) or 1, getattr(args, "nproc", None) or 1
+    layout, cfg = layout_for(nodes * gpus)
+    layout_mod.check_layout(layout, cfg, nodes * gpus)
+    argv, skip = [], False
+    for a in strip_launch_flags(args.command_argv):  # the command line without --emit-slurm DIR
+        if skip or a == "--emit-slurm":
+            skip = not skip
+            continue
+        if not a.startswith("--emit-slurm="):
+            argv.append(a)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    folder = os.path.abspath(args.emit_slurm)
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    path = os.path.join(folder, "pretrain.sbatch")
+    with open(path, "w") as f:
+        f.write(sbatch_script(f"rsscale-pretrain-{cfg.name}", f"rsscale pretrain {cfg.name} {layout}", {"nodes": nodes, "gpus_per_node": gpus},
+                              os.path.join(folder, "logs"), "pretrain", argv))
+    os.chmod(path, 0o755)
+    print(f"wrote {path} ({nodes} node(s) x {gpus} GPU(s), {layout}): sbatch it; it resumes from its newest checkpoint when requeued")
+    return 0
 
 
 def run_rank(command: str, work) -> int:

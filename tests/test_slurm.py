@@ -38,18 +38,24 @@ SCONTROL = """#!/bin/bash
 """
 
 
+def _standin(folder):
+    """The stand-in's commands in `folder`, and an environment that finds them first."""
+    folder.mkdir()
+    for name, text in (("sbatch", SBATCH), ("srun", SRUN), ("scontrol", SCONTROL), ("python", f'#!/bin/bash\nexec {sys.executable} "$@"\n')):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}", "STANDIN": str(folder)}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
 def test_emitted_scripts_run_under_a_slurm_stand_in(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.replace("PORT", str(free_port())))
     out, study, standin = tmp_path / "slurm", tmp_path / "study", tmp_path / "standin"
     subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "study", str(plan), "--out", str(study), "--emit-slurm", str(out)],
                    check=True, capture_output=True, timeout=300)
-    standin.mkdir()
-    for name, text in (("sbatch", SBATCH), ("srun", SRUN), ("scontrol", SCONTROL), ("python", f'#!/bin/bash\nexec {sys.executable} "$@"\n')):
-        (standin / name).write_text(text)
-        (standin / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{standin}:{os.environ['PATH']}", "STANDIN": str(standin)}
-    env.pop("WORLD_SIZE", None)
+    env = _standin(standin)
     done = subprocess.run(["bash", str(out / "submit.sh")], env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted(standin.glob("job.*.log")))
     assert done.returncode == 0 and sorted(p.name for p in standin.glob("ok.*")) == ["ok.101"], done.stderr + logs
@@ -57,3 +63,20 @@ def test_emitted_scripts_run_under_a_slurm_stand_in(tmp_path):
 
     runs = ResultsStore(str(study / "results.db")).runs(kind="study", status="complete")
     assert [c["cell"] for c in runs["config"]] == ["pt-tiny-steps2"], logs
+
+
+def test_pretrain_emit_slurm_runs_under_the_stand_in(tmp_path):
+    out, standin = tmp_path / "slurm", tmp_path / "standin"
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "2",
+                    "--micro-batch", "2", "--global-batch", "4", "--dp", "2", "--nproc", "2", "--out", str(run),
+                    "--results", str(tmp_path / "r.db"), "--emit-slurm", str(out)], check=True, capture_output=True, timeout=300)
+    text = (out / "pretrain.sbatch").read_text()
+    assert "--nnodes=1 --nproc-per-node=2" in text and "--resume" in text and "--emit-slurm" not in text and "--nproc 2" not in text
+    text = text.replace("29500", str(free_port()))  # the default port, free on a cluster node, maybe not here
+    (out / "pretrain.sbatch").write_text(text)
+    env = _standin(standin)
+    done = subprocess.run(["sbatch", "--parsable", str(out / "pretrain.sbatch")], env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in standin.glob("job.*.log"))
+    assert done.returncode == 0 and (standin / "ok.101").exists(), logs
+    assert (run / "checkpoints" / "step_00000002").is_dir()
