@@ -69,10 +69,10 @@ def test_pretrain_emit_slurm_runs_under_the_stand_in(tmp_path):
     out, standin = tmp_path / "slurm", tmp_path / "standin"
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "2",
-                    "--micro-batch", "2", "--global-batch", "4", "--dp", "2", "--nproc", "2", "--out", str(run),
+                    "--micro-batch", "2", "--global-batch", "4", "--out", str(run),
                     "--results", str(tmp_path / "r.db"), "--emit-slurm", str(out)], check=True, capture_output=True, timeout=300)
     text = (out / "pretrain.sbatch").read_text()
-    assert "--nnodes=1 --nproc-per-node=2" in text and "--resume" in text and "--emit-slurm" not in text and "--nproc 2" not in text
+    assert "--nnodes=1 --nproc-per-node=1" in text and "--resume" in text and "--emit-slurm" not in text
     text = text.replace("29500", str(free_port()))  # the default port, free on a cluster node, maybe not here
     (out / "pretrain.sbatch").write_text(text)
     env = _standin(standin)
