@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -75,3 +76,31 @@ def test_restarts_are_not_tried_for_bad_usage_nor_without_the_flag(monkeypatch):
     monkeypatch.setattr(launch, "_run_torchrun", lambda cmd, env: calls.append(1) or (2, None))
     Args.max_restarts = 3
     assert launch.relaunch("pretrain", Args, []) == 2 and calls == [1]
+
+
+@pytest.mark.slow  # two launchers of 2 processes, a restart of both; about 40 s
+def test_a_rank_lost_on_one_node_restarts_both_nodes_which_meet_again(tmp_path):
+    from distributed import free_port
+
+    out = tmp_path / "run"
+    base = _cmd(out, "--max-restarts", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    base[base.index("--global-batch") + 1], base[base.index("--dp") + 1] = "8", "4"
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    nodes = [subprocess.Popen(base + ["--node-rank", str(r)], stdout=open(logs[r], "w"), stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        killed = None
+        for _ in range(1200):
+            if killed is None and "step 3/6" in "".join(p.read_text() for p in logs):
+                killed = _rank_pid(str(out), 3, 0)  # global rank 3: on whichever node torchrun put it
+                if killed:
+                    os.kill(killed, signal.SIGKILL)
+            if all(n.poll() is not None for n in nodes):
+                break
+            time.sleep(0.2)
+        codes = [n.wait(timeout=120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    text = "".join(p.read_text() for p in logs)
+    assert killed and codes == [0, 0], text
+    assert "elastic restart 1: resuming" in text and "elastic restarts: 1" in text and (out / "checkpoints" / "step_00000006").is_dir()
