@@ -104,3 +104,33 @@ def test_a_rank_lost_on_one_node_restarts_both_nodes_which_meet_again(tmp_path):
     text = "".join(p.read_text() for p in logs)
     assert killed and codes == [0, 0], text
     assert "elastic restart 1: resuming" in text and "elastic restarts: 1" in text and (out / "checkpoints" / "step_00000006").is_dir()
+
+
+@pytest.mark.slow  # two 2-process runs of `medium`, one restarted; about 60 s
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    def cmd(out, *extra):
+        argv = _cmd(out, *extra)
+        argv[argv.index("--model") + 1] = "medium"  # a save long enough (about 0.2 s) to be caught in the act
+        return argv
+
+    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True, timeout=300)
+    out = tmp_path / "cut"
+    job = subprocess.Popen(cmd(out, "--max-restarts", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    caught = None
+    for _ in range(60000):  # poll for the temporary folder of the step-4 save
+        ckpts = out / "checkpoints"
+        if ckpts.is_dir() and any(p.name.startswith(".tmp_step_00000004") for p in ckpts.iterdir()):
+            caught = _rank_pid(str(out), 1, 0)
+            if caught:
+                os.kill(caught, signal.SIGKILL)
+                break
+        if job.poll() is not None:
+            break
+        time.sleep(0.002)
+    text = job.communicate(timeout=300)[0]
+    assert caught and job.returncode == 0, text
+    assert "resumed from" in text and "elastic restarts: 1" in text
+    _, a = load_full_state_dict(str(tmp_path / "full"))
+    _, b = load_full_state_dict(str(out))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from a complete checkpoint: the same end
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp_")]  # the killed save's leftovers are gone
