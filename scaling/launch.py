@@ -44,6 +44,16 @@ LAUNCH_FLAGS = {
                             "the newest complete checkpoint (default 0: a dead rank ends the job)"),
 }
 RESTART_COUNT, MAX_RESTARTS = "RSSCALE_RESTART_COUNT", "RSSCALE_MAX_RESTARTS"  # set by `relaunch` in the ranks it starts
+BAD_INPUT = "RSSCALE_BAD_INPUT_FILE"  # where a rank notes that it refused bad input (`note_bad_input`)
+
+
+def note_bad_input() -> None:
+    """In a rank `relaunch` started: tell the launcher that this failure is bad input (its exit 2),
+    which torchrun's own exit code (1 for any failed rank) cannot say."""
+    path = os.environ.get(BAD_INPUT)
+    if path:
+        with open(path, "a"):
+            pass
 
 
 def restart_count() -> int:
@@ -78,15 +88,17 @@ def wants_launch(args) -> bool:
     return bool(nproc and (nproc > 1 or nnodes > 1 or getattr(args, "max_restarts", None)))
 
 
-def strip_launch_flags(argv: list[str]) -> list[str]:
-    """argv without the launch flags (both `--flag value` and `--flag=value` forms)."""
+def strip_launch_flags(argv: list[str], also: tuple[str, ...] = ()) -> list[str]:
+    """argv without the launch flags and the flags `also` (each with a value; both `--flag value`
+    and `--flag=value` forms)."""
+    flags = set(LAUNCH_FLAGS) | set(also)
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in LAUNCH_FLAGS:
+        elif a in flags:
             skip = True
-        elif a.split("=", 1)[0] not in LAUNCH_FLAGS:
+        elif a.split("=", 1)[0] not in flags:
             out.append(a)
     return out
 
@@ -169,19 +181,27 @@ def relaunch(command: str, args, argv: list[str]) -> int:
     checkpoint by itself. A fresh torchrun each time (new rendezvous, new process groups): torchrun's
     own in-place restart (its --max-restarts) left gloo's new groups connecting to the dead ranks'
     addresses on CPU in about half the tries. On several nodes every node's launcher restarts, and
-    they meet again at the same endpoint. Bad usage (exit 2) and interrupts are not retried."""
+    they meet again at the same endpoint. Interrupts are not retried, nor bad input a rank refused:
+    torchrun exits 1 for any failed rank, so such a rank notes it in the file named by BAD_INPUT
+    (`note_bad_input`) and the launcher returns 2, the CLI's code for bad usage."""
+    import tempfile
+
     nnodes, endpoint = getattr(args, "nnodes", None) or 1, getattr(args, "rdzv_endpoint", None)
     cmd = torchrun_command(command, strip_launch_flags(argv), args.nproc, nnodes, getattr(args, "node_rank", None) or 0, endpoint)
     log.debug("launching: %s", shlex.join(cmd))
     max_restarts = getattr(args, "max_restarts", None) or 0
-    for attempt in range(max_restarts + 1):
-        env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint), RESTART_COUNT: str(attempt),
-               MAX_RESTARTS: str(max_restarts)}
-        code, signum = _run_torchrun(cmd, env)
-        if signum is not None:
-            return 128 + signum
-        if code in (0, 2) or attempt == max_restarts:
-            return code
+    with tempfile.TemporaryDirectory(prefix="rsscale-launch-") as scratch:
+        bad_input = os.path.join(scratch, "bad-input")
+        for attempt in range(max_restarts + 1):
+            env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint), RESTART_COUNT: str(attempt),
+                   MAX_RESTARTS: str(max_restarts), BAD_INPUT: bad_input}
+            code, signum = _run_torchrun(cmd, env)
+            if signum is not None:
+                return 128 + signum
+            if code and os.path.exists(bad_input):
+                return 2
+            if code == 0 or attempt == max_restarts:
+                return code
         log.warning(f"the ranks failed (exit code {code}): restart {attempt + 1} of {max_restarts}, resuming from the newest complete checkpoint")
     return code
 

@@ -141,11 +141,18 @@ def check_layout(layout: Layout, cfg: ViTConfig, world_size: int) -> None:
         raise ValueError(f"invalid parallel layout ({layout}) for model {cfg.name!r}:\n  - " + "\n  - ".join(problems))
 
 
-def relaunch_checked(command: str, args, layout_for) -> int:
-    """`rsscale <command> --nproc N`: check the layout as the ranks will (`layout_for(world) ->
-    (Layout, ViTConfig)`), then start them under torchrun. A bad layout is one error (exit 2)
-    before any process starts, not the same error from every rank and a torchrun traceback."""
-    world = args.nproc * (getattr(args, "nnodes", None) or 1)
+def launch_layout(args, layout_for) -> tuple[Layout, ViTConfig]:
+    """The layout the ranks of `--nproc` x `--nnodes` processes will run (`layout_for(world) ->
+    (Layout, ViTConfig)`), checked as they will check it."""
+    world = (args.nproc or 1) * (getattr(args, "nnodes", None) or 1)
     layout, cfg = layout_for(world)
     check_layout(layout, cfg, world)
+    return layout, cfg
+
+
+def relaunch_checked(command: str, args, layout_for) -> int:
+    """`rsscale <command> --nproc N`: check the layout as the ranks will (`launch_layout`), then
+    start them under torchrun. A bad layout is one error (exit 2) before any process starts, not
+    the same error from every rank and a torchrun traceback."""
+    launch_layout(args, layout_for)
     return launch.relaunch(command, args, args.command_argv)

@@ -50,7 +50,8 @@ import torch.distributed as dist
 from rsscale.scaling import checkpoint, layout as layout_mod
 from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.config_file import check_number, check_tree, load_config_file
-from rsscale.scaling.launch import MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, restart_count, wants_launch
+from rsscale.scaling.launch import (MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count,
+                                    wants_launch)
 from rsscale.scaling.layout import Layout
 from rsscale.scaling.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
 from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
@@ -344,7 +345,7 @@ class Trainer:
         self.loader, self.loader_state = None, None  # the data loader state of the checkpoint resumed (exact stream)
         self.ckpt_dir = os.path.join(self.config.out, "checkpoints")
         self.restarts, self.lost_steps = restart_count(), 0
-        if self.restarts and not self.config.resume:  # torchrun's elastic agent restarted the ranks: continue, never start over
+        if self.restarts and not self.config.resume:  # the launcher restarted the ranks (--max-restarts): continue, never start over
             log(f"elastic restart {self.restarts}: resuming from the newest complete checkpoint under {self.ckpt_dir}")
             self.config = dataclasses.replace(self.config, resume=True, overwrite=False)
         if self.config.resume:
@@ -639,13 +640,12 @@ class Trainer:
     def _check_schedule(self, saved: dict, step: int) -> None:
         """--resume continues the checkpoint's learning-rate schedule: other steps, lr, warmup or
         min_lr than its run had would change it, which --allow-schedule-change must accept."""
-        def get(config: dict, path: str):
+        def get(config: dict, path: str):  # a path of the saved config's JSON (None where an older run has no such key)
             for key in path.split("."):
                 config = config.get(key) if isinstance(config, dict) else None
             return config
 
-        now = self.config.to_dict()
-        now = {p: get(now, p) for p in SCHEDULE}
+        now = {p: _get(self.config, p) for p in SCHEDULE}
         was = {p: now[p] if get(saved, p) is None else get(saved, p) for p in SCHEDULE}
         changed = [p for p in SCHEDULE if was[p] != now[p]]
         if not changed:
@@ -848,15 +848,8 @@ def emit_slurm(args, layout_for) -> int:
     from rsscale.scaling.launch import sbatch_script, strip_launch_flags
 
     nodes, gpus = getattr(args, "nnodes", None) or 1, getattr(args, "nproc", None) or 1
-    layout, cfg = layout_for(nodes * gpus)
-    layout_mod.check_layout(layout, cfg, nodes * gpus)
-    argv, skip = [], False
-    for a in strip_launch_flags(args.command_argv):  # the command line without --emit-slurm DIR
-        if skip or a == "--emit-slurm":
-            skip = not skip
-            continue
-        if not a.startswith("--emit-slurm="):
-            argv.append(a)
+    layout, cfg = layout_mod.launch_layout(args, layout_for)
+    argv = strip_launch_flags(args.command_argv, also=("--emit-slurm",))
     if "--resume" not in argv:
         argv.append("--resume")
     folder = os.path.abspath(args.emit_slurm)
@@ -888,6 +881,8 @@ def run_rank(command: str, work) -> int:
                           getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # noqa: BLE001 - name the failing rank, then leave without waiting on peers
         bad_input = isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError))
+        if bad_input:
+            note_bad_input()  # (under --nproc: the launcher's exit code says so too)
         if bad_input and world == 1:
             raise  # the CLI's one-line error, exit 2
         print(f"[{command}] rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -73,9 +73,26 @@ def test_restarts_are_not_tried_for_bad_usage_nor_without_the_flag(monkeypatch):
     Args.max_restarts = None
     assert launch.relaunch("pretrain", Args, []) == 1 and calls == ["0"]
     calls.clear()
-    monkeypatch.setattr(launch, "_run_torchrun", lambda cmd, env: calls.append(1) or (2, None))
+
+    def a_rank_refuses_its_input(cmd, env):  # what run_rank does in a rank; torchrun then exits 1
+        calls.append(1)
+        monkeypatch.setattr(launch.os, "environ", env)
+        launch.note_bad_input()
+        return 1, None
+
+    monkeypatch.setattr(launch, "_run_torchrun", a_rank_refuses_its_input)
     Args.max_restarts = 3
     assert launch.relaunch("pretrain", Args, []) == 2 and calls == [1]
+
+
+def test_bad_input_in_the_ranks_exits_2_through_torchrun_and_is_not_retried(tmp_path, capsys):
+    """torchrun exits 1 for any failed rank; the launcher still says bad usage (2) and does not restart."""
+    from rsscale.scaling.cli import main
+
+    argv = ["pretrain", "--model", "tiny", "--data", str(tmp_path / "no-such-folder"), "--steps", "2", "--micro-batch", "2",
+            "--global-batch", "4", "--dp", "2", "--nproc", "2", "--max-restarts", "1", "--out", str(tmp_path / "run"), "--no-record"]
+    assert main(argv) == 2
+    assert "restart 1 of 1" not in capsys.readouterr().err
 
 
 @pytest.mark.slow  # two launchers of 2 processes, a restart of both; about 40 s
