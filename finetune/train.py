@@ -219,6 +219,7 @@ class Finetuner(Trainer):
     def __init__(self, args, layout: Layout, model, train_set, device, steps: int | None = None, classes=(), init: str = "random"):
         self.args, self.layout, self.model, self.train_set, self.device = args, layout, model, train_set, device
         self.cfg, self.classes, self.init = model.backbone.cfg, list(classes), init
+        self.pretraining = pretraining_identity(args.checkpoint)  # read once: tags, store config
         self.task = "seg" if isinstance(model, Segmenter) else "det"
         self.config = finetune_config(args, layout, self.cfg, steps or args.steps or 1)
         self.state, self.memory_at_start = state, reset_peak_memory(device)
@@ -346,17 +347,18 @@ class Finetuner(Trainer):
     def tags(self) -> dict:
         """The metrics' tags: the benchmark, the data fraction, and the pretraining they start from."""
         return dict(dataset=self.args.dataset, task=self.task, init=self.init, train_fraction=self.args.train_fraction,
-                    **pretraining_identity(self.args.checkpoint))
+                    **self.pretraining)
+
+    def options(self) -> dict:
+        """The command's options as given (what the store's config and the checkpoint keep)."""
+        return {k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")}
 
     def run_fields(self) -> dict:
-        return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"),
-                    config={**{k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")},
-                            "pretrain": pretraining_identity(self.args.checkpoint)})
+        return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"), config={**self.options(), "pretrain": self.pretraining})
 
     def checkpoint_meta(self) -> dict:
         """What rebuilds this model from its checkpoint alone (`rsscale evaluate`, `rsscale predict`)."""
-        return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init,
-                             "args": {k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")}}}
+        return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init, "args": self.options()}}
 
     def _claim(self) -> None:
         if self.config.out:
@@ -420,16 +422,12 @@ def run_finetune(args, started=lambda trainer: trainer) -> dict:
     (checkpoints, --resume, store, evaluation at the end). Returns the metrics ({} when a resumed
     run had nothing left to do). `started` receives the trainer (run_rank's interrupt line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    check_precision(args.precision)
     if not 0.0 < args.train_fraction <= 1.0:
         raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.resume and not args.out:
         raise ValueError("--resume continues the run in --out: give its --out")
     cfg = load_config(args)
-    layout = layout_from_args(args, world)
-    check_layout(layout, cfg, world)  # before any process group exists: no hangs
-    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
-    device = rank_device()
+    layout, device = start_groups(args, cfg, world)
     if dist.get_rank() == 0:  # the synthetic set is written once, before anyone reads it
         build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
     dist.barrier()
@@ -448,6 +446,16 @@ def run_finetune(args, started=lambda trainer: trainer) -> dict:
     tuner.val_set, tuner.counts = val_set, counts
     tuner.fit()
     return tuner.results
+
+
+def start_groups(args, cfg: ViTConfig, world: int) -> tuple[Layout, torch.device]:
+    """The TP x DP layout of `args` checked, and the precision, before any process group exists
+    (no hangs), then the groups and this rank's device (fine-tuning, evaluate, predict)."""
+    layout = layout_from_args(args, world)
+    check_layout(layout, cfg, world)
+    check_precision(args.precision)
+    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
+    return layout, rank_device()
 
 
 def protocol_options(args) -> dict:
@@ -485,12 +493,8 @@ def restore(run: str, world: int, **overrides) -> tuple[Finetuner, dict]:
     the checkpoint's index."""
     args, cfg, folder, index = run_options(run, **overrides)
     saved = index["finetune"]
-    layout = layout_from_args(args, world)
-    check_layout(layout, cfg, world)
-    check_precision(args.precision)
-    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
+    layout, device = start_groups(args, cfg, world)
     model, _, _ = build_model(saved["task"], args, len(saved["classes"]), sequence_parallel=layout.sp, encoder=cfg)
-    device = rank_device()
     tuner = Finetuner(args, layout, model.to(device), None, device, steps=index["trainer"]["step"], classes=saved["classes"], init=saved["init"])
     tuner.load(folder, weights_only=True)
     tuner.step = int(index["trainer"]["step"])
