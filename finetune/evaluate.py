@@ -13,27 +13,28 @@ import math
 import os
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
 
 from rsscale.finetune.metrics import TIE_ORDERS
+from rsscale.finetune.train import DATASETS, PROTOCOL_CHOICES, build_datasets, restore, run_layout, val_subset
 from rsscale.scaling.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.layout import add_layout_arguments
+from rsscale.scaling.layout import add_layout_arguments, relaunch_checked
+from rsscale.scaling.train import log, run_rank
 
 # evaluation options a command line may change (None: the run's own)
-OVERRIDES = ("data", "dataset", "max_eval_images", "score_thr", "max_per_image", "tie_order", "protocol", "precision",
-             "tp", "dp", "sp", "timeout")
+OVERRIDES = ("data", "dataset", "max_eval_images", "score_thr", "max_per_image", "tie_order", "protocol", "precision", "timeout")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="fine-tuning run folder (its --out), its checkpoints/ folder or one step_* folder")
     parser.add_argument("--data", default=None, help="dataset root (default: the run's)")
-    parser.add_argument("--dataset", default=None, choices=["loveda", "potsdam", "dota", "diorr", "synthetic"],
+    parser.add_argument("--dataset", default=None, choices=DATASETS,
                         help="dataset layout of --data (default: the run's)")
     parser.add_argument("--max-eval-images", type=int, default=None, help="evaluate at most this many val images (0: all)")
     parser.add_argument("--score-thr", type=float, default=None, help="detection: score threshold")
     parser.add_argument("--max-per-image", type=int, default=None, help="detection: boxes kept per patch and image")
     parser.add_argument("--tie-order", choices=TIE_ORDERS, default=None, help="DOTA AP: order of equal scores")
-    parser.add_argument("--protocol", choices=["crop", "dota-ss", "dota-ms"], default=None,
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=None,
                         help="detection: crop-sized patches as trained, or DOTA's single/multi-scale split with flip TTA (ms); default: the run's")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: the run's)")
     add_layout_arguments(parser)
@@ -62,19 +63,13 @@ def compare(now: dict, trained: dict) -> list[str]:
 
 
 def evaluate_run(args, started=lambda trainer: trainer) -> dict:
-    import torch.distributed as dist
-
-    from rsscale.finetune.train import build_datasets, restore
-    from rsscale.scaling.train import log
-
     world = int(os.environ.get("WORLD_SIZE", 1))
     tuner = started(restore(args.run, world, **overrides_from(args))[0])
     a = tuner.args
     _, val_set, classes = build_datasets(tuner.task, a.dataset, a.data, (a.synthetic_count,) * 2)
     if list(classes) != tuner.classes:
         raise ValueError(f"{a.data} ({a.dataset}) has classes {list(classes)}; the model was trained on {tuner.classes}")
-    if a.max_eval_images:
-        val_set = torch.utils.data.Subset(val_set, range(min(a.max_eval_images, len(val_set))))
+    val_set = val_subset(val_set, a.max_eval_images)
     results, per_class = tuner.scores(val_set, classes)
     if dist.get_rank() == 0:
         metrics_file = Path(args.run) / "metrics.json"
@@ -89,10 +84,6 @@ def evaluate_run(args, started=lambda trainer: trainer) -> dict:
 
 
 def main(args) -> int:
-    from rsscale.finetune.train import run_layout
-    from rsscale.scaling.layout import relaunch_checked
-    from rsscale.scaling.train import run_rank
-
     if wants_launch(args):
         return relaunch_checked("evaluate", args, lambda world: run_layout(args.run, world, **overrides_from(args)))
     return run_rank("evaluate", lambda started: evaluate_run(args, started))

@@ -20,18 +20,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
+
+from rsscale.finetune.datasets import read_rgb_image
+from rsscale.finetune.dota_io import write_dota_submission
+from rsscale.finetune.dota_protocol import detect_image
+from rsscale.finetune.evaluate import overrides_from
+from rsscale.finetune.rotated import obb_to_poly
+from rsscale.finetune.seg import slide_inference
+from rsscale.finetune.train import PROTOCOL_CHOICES, protocol_options, restore, run_layout
+from rsscale.scaling.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.layout import add_layout_arguments, relaunch_checked
+from rsscale.scaling.log import progress
+from rsscale.scaling.parallel import state
+from rsscale.scaling.train import log, run_rank
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def add_arguments(parser) -> None:
-    from rsscale.scaling.launch import add_launch_arguments
-    from rsscale.scaling.layout import add_layout_arguments
-
     parser.add_argument("run", help="fine-tuning run folder (its --out), its checkpoints/ folder or one step_* folder")
     parser.add_argument("--images", required=True, help="folder of images (PNG/JPEG/TIFF, any size) or one image file")
     parser.add_argument("--out", required=True, help="folder for the masks (seg) or the Task1_<class>.txt files (det)")
-    parser.add_argument("--protocol", choices=["crop", "dota-ss", "dota-ms"], default=None,
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=None,
                         help="detection split: as trained (crop), or DOTA's single/multi-scale split with flip TTA; default: the run's")
     parser.add_argument("--score-thr", type=float, default=None, help="detection: drop boxes scoring below this (default: the run's)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: the run's)")
@@ -59,18 +71,6 @@ def palette(n: int) -> np.ndarray:
 
 
 def predict_run(args, started=lambda trainer: trainer) -> dict:
-    import torch.distributed as dist
-    from PIL import Image
-
-    from rsscale.finetune.datasets import read_rgb_image
-    from rsscale.finetune.dota_io import write_dota_submission
-    from rsscale.finetune.evaluate import overrides_from
-    from rsscale.finetune.seg import slide_inference
-    from rsscale.finetune.train import protocol_options, restore
-    from rsscale.scaling.log import progress
-    from rsscale.scaling.parallel import state
-    from rsscale.scaling.train import log
-
     files = image_files(args.images)
     world = int(os.environ.get("WORLD_SIZE", 1))
     tuner = started(restore(args.run, world, **overrides_from(args, ("protocol", "score_thr", "precision")))[0])
@@ -92,9 +92,6 @@ def predict_run(args, started=lambda trainer: trainer) -> dict:
                     Image.fromarray(mask).save(out / f"{path.stem}.png")
                     Image.fromarray(colours[mask]).save(out / f"{path.stem}_color.png")
             else:
-                from rsscale.finetune.dota_protocol import detect_image
-                from rsscale.finetune.rotated import obb_to_poly
-
                 opts = protocol_options(a) or dict(rates=(1.0,), overlap=a.crop // 4, flips=())
                 found = detect_image(model, image, tuner.normalize, patch=a.crop, score_thr=a.score_thr, max_dets=a.max_per_image, **opts)
                 for poly, score, label in zip(obb_to_poly(found["boxes"]).tolist(), found["scores"].tolist(), found["labels"].tolist()):
@@ -119,12 +116,6 @@ def predict_run(args, started=lambda trainer: trainer) -> dict:
 
 
 def main(args) -> int:
-    from rsscale.finetune.evaluate import overrides_from
-    from rsscale.finetune.train import run_layout
-    from rsscale.scaling.launch import wants_launch
-    from rsscale.scaling.layout import relaunch_checked
-    from rsscale.scaling.train import run_rank
-
     if wants_launch(args):
         return relaunch_checked("predict", args, lambda world: run_layout(args.run, world, **overrides_from(args, ())))
     return run_rank("predict", lambda started: predict_run(args, started))

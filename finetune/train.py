@@ -53,6 +53,7 @@ from rsscale.scaling.parallel import state
 from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
+DATASETS = ("loveda", "potsdam", "dota", "diorr", "synthetic")
 PROTOCOL_CHOICES = ("crop", "dota-ss", "dota-ms")
 
 
@@ -407,6 +408,11 @@ def vitdet_options(args) -> dict:
                 global_blocks=None if args.global_blocks is None else tuple(int(i) for i in args.global_blocks.split(",") if i))
 
 
+def val_subset(val_set, limit: int | None):
+    """The first `limit` validation images (--max-eval-images; 0 or None: all)."""
+    return torch.utils.data.Subset(val_set, range(min(limit, len(val_set)))) if limit else val_set
+
+
 def train_subset(train_set, fraction: float, seed: int):
     """The first ceil(fraction * N) images of a fixed seeded permutation: nested (the 5 % subset
     is part of the 10 % one), the same on every rank and run."""
@@ -432,8 +438,7 @@ def run_finetune(args, started=lambda trainer: trainer) -> dict:
         build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
     dist.barrier()
     train_set, val_set, classes = build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
-    if args.max_eval_images:
-        val_set = torch.utils.data.Subset(val_set, range(min(args.max_eval_images, len(val_set))))
+    val_set = val_subset(val_set, args.max_eval_images)
     counts = check_data({"train": train_set, "val": val_set}, args.task, classes, cfg.in_chans)
     train_set = train_subset(train_set, args.train_fraction, args.subset_seed)
     model, cfg, init = build_model(args.task, args, len(classes), sequence_parallel=layout.sp)
@@ -506,7 +511,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (see --detector)")
     parser.add_argument("--detector", choices=["orcnn", "fcos"], default="orcnn",
                         help="det: Oriented R-CNN (two-stage, as published RS tables) or rotated FCOS (one-stage)")
-    parser.add_argument("--dataset", choices=["loveda", "potsdam", "dota", "diorr", "synthetic"], required=True)
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--data", default="data/synthetic", help="dataset root in its native layout (see module doc)")
     parser.add_argument("--checkpoint", help="pretraining checkpoint (run folder or step folder); random init if absent")
     parser.add_argument("--model", default="tiny", help="preset when no --checkpoint is given (rsscale models)")
