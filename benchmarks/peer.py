@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rsscale.scaling.mae import patchify, random_masking
-from rsscale.scaling.optim import lr_at
+from rsscale.scaling.optim import decays, lr_at
 from rsscale.scaling.vit import PatchEmbed
 
 
@@ -164,15 +164,18 @@ class NativePeer:
         self.model = self._parallelize(model, L)
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         opt = trainer.config.optim
         kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
-        kinds = [[p for p in params if isinstance(p, DTensor) == d] for d in (True, False)]  # a fused step takes one kind
+        kinds = [[(n, p) for n, p in named if isinstance(p, DTensor) == d] for d in (True, False)]  # a fused step takes one kind
+        groups = [[g for g in ({"params": [p for n, p in kind if decays(n, p)]},  # decay where ours does (matrices only)
+                               {"params": [p for n, p in kind if not decays(n, p)], "weight_decay": 0.0}) if g["params"]]
+                  for kind in kinds if kind]
         try:
-            self.optimizers = [torch.optim.AdamW(group, fused=True, **kw) for group in kinds if group]
+            self.optimizers = [torch.optim.AdamW(g, fused=True, **kw) for g in groups]
             self.optimizer_impl = "fused"
         except (RuntimeError, TypeError, ValueError):  # a device without the fused kernel
-            self.optimizers = [torch.optim.AdamW(group, foreach=True, **kw) for group in kinds if group]
+            self.optimizers = [torch.optim.AdamW(g, foreach=True, **kw) for g in groups]
             self.optimizer_impl = "foreach"
 
     def _parallelize(self, model, L):
@@ -192,15 +195,12 @@ class NativePeer:
                 return fully_shard(model, mesh=mesh)
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-            for blk in list(model.blocks.values()):
+            for blk in list(model.blocks.values()) + list(model.decoder_blocks):
                 plan = {}
                 for k in range(len(blk.attn)):
                     plan |= {f"attn.{k}.qkv": ColwiseParallel(), f"attn.{k}.proj": RowwiseParallel(),
                              f"mlp.{k}.fc1": ColwiseParallel(), f"mlp.{k}.fc2": RowwiseParallel()}
                 parallelize_module(blk, mesh, plan)
-            for blk in model.decoder_blocks:
-                parallelize_module(blk, mesh, {"attn.0.qkv": ColwiseParallel(), "attn.0.proj": RowwiseParallel(),
-                                               "mlp.0.fc1": ColwiseParallel(), "mlp.0.fc2": RowwiseParallel()})
         return model
 
     def train_step(self, micro: list) -> dict:

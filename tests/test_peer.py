@@ -31,7 +31,7 @@ def test_one_process_peer_trains_the_same_model():
     kind, [(ours, native), (ours2, native2)] = run_distributed(_first_losses, 1, 1, False)[0]
     assert kind == "single"
     assert native == pytest.approx(ours, rel=1e-5)
-    assert native2 == pytest.approx(ours2, rel=1e-3)  # AdamW updates of both sides agree too (same lr, betas, clip)
+    assert native2 == pytest.approx(ours2, rel=1e-6)  # AdamW updates agree too (same lr, betas, clip, decay on matrices only: 5.6e-6 off with decay on all)
 
 
 @pytest.mark.parametrize("tp, fsdp, kind", [(1, False, "ddp"), (2, False, "dtensor-tp"),
