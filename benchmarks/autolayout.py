@@ -127,11 +127,8 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, device: str | None
 
 
 def _calibration(precision: str):
-    """This machine's stored calibration (the profiler's), or None."""
-    try:
-        from rsscale.benchmarks.calibrate import latest
-        from rsscale.scaling.store import environment
+    """This machine's stored calibration (the profiler's), or None; a broken store is its one-line error."""
+    from rsscale.benchmarks.calibrate import latest
+    from rsscale.scaling.store import environment
 
-        return latest(environment()["device"], precision, None)
-    except Exception:  # noqa: BLE001 - no store or no calibration: the analytic model ranks
-        return None
+    return latest(environment()["device"], precision)

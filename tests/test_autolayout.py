@@ -56,3 +56,14 @@ def test_bad_uses_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_broken_results_store_is_said_not_silently_skipped(tmp_path, monkeypatch, capsys):
+    from rsscale.scaling.cli import main
+
+    broken = tmp_path / "r.db"
+    broken.write_bytes(b"not a database" * 100)
+    monkeypatch.setenv("RSSCALE_RESULTS", str(broken))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["bench", "--model", "tiny", "--layout", "auto", "--gpus", "1"]) == 2
+    assert str(broken) in capsys.readouterr().err
