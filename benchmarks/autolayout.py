@@ -92,7 +92,7 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, device: str | None
 
     named = devices.get_device(device) if device and device != "cpu" else None
     if named is not None:
-        hw = analytic.Hardware(peak_flops=devices.peak_tflops(named, precision) * 1e12, bandwidth=named.intra_gbs * devices.COMM_EFFICIENCY * 1e9)
+        hw = devices.hardware(named, precision)
         memory, where = named.memory_gb, named.label
     elif torch.cuda.is_available():
         hw, memory = analytic.Hardware(), torch.cuda.get_device_properties(0).total_memory / 2**30

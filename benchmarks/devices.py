@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MATMUL_EFFICIENCY = 0.5
+from rsscale.benchmarks import analytic
+
+MATMUL_EFFICIENCY = analytic.Hardware.efficiency  # 0.5
 COMM_EFFICIENCY = 2 / 3
 
 
@@ -86,6 +88,12 @@ def get_device(name: str) -> Device:
     if name not in DEVICES:
         raise ValueError(f"unknown device {name!r}; choose one of: {', '.join(NAMES)}")
     return DEVICES[name]
+
+
+def hardware(device: Device, precision: str) -> analytic.Hardware:
+    """The uncalibrated model's view of `device` on one node, with the stated constants."""
+    return analytic.Hardware(peak_flops=peak_tflops(device, precision) * 1e12, efficiency=MATMUL_EFFICIENCY,
+                             bandwidth=device.intra_gbs * COMM_EFFICIENCY * 1e9)
 
 
 def peak_tflops(device: Device, precision: str) -> float:

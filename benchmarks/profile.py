@@ -376,7 +376,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reserve-gb", type=float, default=2.0, help="memory kept free per device (context, workspaces)")
     parser.add_argument("--peak-tflops", type=float, default=None, help=f"per-device peak TFLOP/s (default {analytic.Hardware.peak_flops / 1e12:g}, "
                         f"{analytic.DEFAULT_DEVICE} bf16; with --measure on CPU, measured here)")
-    parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach")
+    parser.add_argument("--efficiency", type=float, default=devices.MATMUL_EFFICIENCY, help="fraction of peak the matmuls reach")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="effective collective bandwidth per device, GB/s "
                         f"(default {analytic.Hardware.bandwidth / 1e9:g}, or --device's link x --comm-efficiency)")
     parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
