@@ -295,9 +295,7 @@ def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
 
 def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Versus PyTorch-native")
-    names = ["ours_step_no_data_median_s", "peer_step_time_median_s", "ours_over_peer_step_time", "first_step_loss_abs_diff",
-             "peak_mem_bytes"]
-    t = wide(metrics, names)
+    t = wide(metrics, ["ours_step_no_data_median_s", "peer_step_time_median_s", "ours_over_peer_step_time", "first_step_loss_abs_diff"])
     if t.empty or "ours_over_peer_step_time" not in t or t["ours_over_peer_step_time"].isna().all():
         doc.text(NO_DATA + " (run `rsscale bench --peer torch`).")
         return
