@@ -135,3 +135,9 @@ def test_a_finetune_records_the_pretraining_it_starts_from(runs, tmp_path):
     assert (m["preset"], int(m["pretrain_steps"]), int(m["pretrain_images"])) == ("tiny", 3, 6)
     assert float(m["pretrain_flops"]) == 6 * mae_step_flops(get_preset("tiny"))
     assert store.runs(kind="finetune").iloc[0]["config"]["pretrain"]["pretrain_steps"] == 3
+
+
+def test_resume_without_out_is_refused_in_one_line(capsys):
+    assert cli(["finetune", "--task", "seg", *COMMON, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues the run in --out" in err and "Traceback" not in err
