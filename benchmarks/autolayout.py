@@ -1,34 +1,165 @@
-"""`--layout auto` on `rsscale pretrain` and `rsscale bench`: the profiler chooses the layout.
+"""`--layout auto` on `rsscale pretrain`, `bench`, `finetune` and `profile`: the profiler chooses the layout.
 
     rsscale pretrain --layout auto --gpus 2 --model small --global-batch 16 --steps 100
-    rsscale bench --layout auto --gpus 8 --model g12x4 --device h100-sxm --global-batch 256
+    rsscale finetune --layout auto --gpus 2 --task seg --dataset synthetic --global-batch 8
+    rsscale profile --layout auto --model g12x4 --device h100-sxm --nodes 4 --gpus-per-node 8
 
 The dispatcher (scaling/cli.py) hands the command line here before parsing it; `resolve` returns
-it with `--layout auto` replaced by the chosen flags (--tp --pp --dp --micro-batch --vpp
-[--sp] --recompute [--distributed-optimizer | --fsdp], and --nproc from --gpus), so the command
+it with `--layout auto` replaced by the chosen flags (--tp --pp --dp --micro-batch --vpp [--sp]
+--recompute [--distributed-optimizer | --fsdp]; fine-tuning: --tp --dp --micro-batch [--sp]
+[--activation-checkpointing] [--distributed-optimizer]; and --nproc from --gpus), so the command
 runs, checkpoints and records exactly what an explicit layout would (the run's config and the
-store hold the choice). The choice: every valid layout (benchmarks/profile.py
-`enumerate_plans`), the analytic memory of each against the device's memory minus a reserve, the
-fastest predicted of those that fit (the calibrated time model when this machine has one stored,
-else the analytic model; `--device` for a named device's datasheet). It is deterministic (no
-timing here), so ranks started by torchrun with `--layout auto` agree. The top 5 are printed with
-why the winner won: memory per rank, predicted step time, pipeline bubble, communication.
+store hold the choice). `profile --layout auto` prints the choice and stops.
+
+The choice: every valid layout (benchmarks/profile.py `enumerate_plans`), the analytic memory of
+each against the device's memory minus a reserve, ranked by predicted step time (the calibrated
+time model when this machine has one stored, else the analytic model; `--device` for a named
+device's datasheet, `--nodes`/`--gpus-per-node` for collectives that cross nodes). The fastest is
+then counted exactly (benchmarks/count.py: each pipeline stage's rank built on fake tensors in a
+fake process group of the full world size); if the count does not fit, the next is counted, so
+the layout run is one whose exact count fits. Fine-tuning layouts have no analytic memory model:
+each is counted (`rank_finetune_plans`). It is deterministic (no timing here), so ranks started
+by torchrun with `--layout auto` agree. The top 5 are printed with why the winner won: memory per
+rank, predicted step time, pipeline bubble, communication.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import itertools
 import os
+from dataclasses import dataclass
 
 from rsscale.benchmarks import analytic, devices
-from rsscale.benchmarks.profile import DEFAULT_MEMORY_GB, enumerate_plans, rank_plans, size
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import LAYOUT_FLAGS
+from rsscale.scaling.config import RECOMPUTE, get_preset
+from rsscale.scaling.layout import LAYOUT_FLAGS, Layout, validate_layout
 
-COMMANDS = {"pretrain": "rsscale.scaling.train", "bench": "rsscale.benchmarks.harness"}
-CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp")
-OWN = {"--gpus": int, "--device": str, "--memory-gb": float, "--reserve-gb": float}  # this module's flags, removed before the command parses
+GIB, MIB = 2**30, 2**20
+DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
+COMMANDS = {"pretrain": "rsscale.scaling.train", "bench": "rsscale.benchmarks.harness", "finetune": "rsscale.finetune.train"}
+CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp",
+                                                                     "--activation-checkpointing")
+# this module's flags, removed before the command parses
+OWN = {"--gpus": int, "--device": str, "--memory-gb": float, "--reserve-gb": float, "--nodes": int, "--gpus-per-node": int}
+MAX_COUNTED = 8  # layouts counted exactly before giving up on the analytic ranking
+
+
+# ------------------------------------------------------------------------------- the search
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None, vpps=None,
+                    pipeline: bool = True) -> list[analytic.Plan]:
+    """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout); with
+    pipeline=False only pp = 1 (fine-tuning)."""
+    plans = []
+    for tp in divisors(gpus):
+        for pp in divisors(gpus // tp) if pipeline else [1]:
+            dp = gpus // (tp * pp)
+            per_replica = global_batch // dp if global_batch % dp == 0 else 0
+            mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
+            vs = vpps or [v for v in divisors(max(cfg.depth // pp, 1)) if pp > 1 or v == 1]
+            for sp, mb, vpp, recompute, shard in itertools.product((False, True), mbs, vs, RECOMPUTE, ("none", "zero", "fsdp")):
+                if shard != "none" and dp == 1:
+                    continue
+                layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch, vpp=vpp)
+                if validate_layout(layout, cfg, gpus):
+                    continue
+                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
+    return plans
+
+
+def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
+    """Predictions, fitting layouts first, each group by predicted images/s (best first). With a
+    calibration the step time is the time model's (benchmarks/timemodel.py), else the analytic one."""
+    from rsscale.benchmarks import timemodel
+
+    rows = []
+    for plan in plans:
+        est = analytic.estimate(cfg, plan, hw)
+        step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step, calibrated=calib is not None,
+                         img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
+
+
+def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict) -> list[dict]:
+    """Fine-tuning layouts, each counted exactly (benchmarks/count.py `count_finetune`: the run's
+    own model and optimizer on one rank, activations of one micro-batch), ranked like
+    `rank_plans`. Step time: the analytic heuristic of benchmarks/analytic.py on the counted
+    FLOPs: every micro-batch runs forward + backward (3x the counted forward FLOPs, + the blocks'
+    forward again with activation checkpointing) at peak x efficiency x saturation(micro-batch x
+    tokens); each block's two sublayers all-reduce their outputs over TP forward and backward
+    (+ once more when recomputing); the fp32 gradient is all-reduced over DP (+ the ZeRO-1 weight
+    all-gather); no overlap."""
+    from rsscale.benchmarks.count import count_finetune
+
+    rows, allocations, activations = [], {}, {}
+    tokens = (img // cfg.patch_size) ** 2
+    for plan in plans:  # each part counted once: it depends on only some of the layout's fields
+        L = plan.layout
+        a_key, b_key = (L.tp, L.dp, plan.distributed_optimizer), (L.tp, L.sp, L.micro_batch, plan.recompute)
+        if a_key not in allocations:
+            allocations[a_key] = count_finetune(cfg, plan, task, img, parts=("allocations",), **options)
+        if b_key not in activations:
+            activations[b_key] = count_finetune(cfg, plan, task, img, parts=("activations",), **options)
+        (allocated, work), (saved, flops_of) = allocations[a_key], activations[b_key]
+        counted, work = dataclasses.replace(allocated, activations=saved.activations), {**work, **flops_of}
+        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute == "full" else 0)
+        compute_s = L.num_micro * flops / (hw.peak_flops * hw.efficiency * analytic.saturation(L.micro_batch * tokens, hw))
+        e = 4 if plan.precision == "fp32" else 2
+        tp_bytes = cfg.depth * 2 * (2 + (plan.recompute == "full")) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
+        dp_bytes = analytic._ring(work["trainable"] * 4, L.dp) + (work["trainable"] * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
+        comm_s = (L.num_micro * tp_bytes + dp_bytes) / hw.bandwidth
+        step_s = compute_s + comm_s
+        mfu = L.num_micro * 3 * work["flops"] / (step_s * hw.peak_flops)
+        est = analytic.Estimate(plan=plan, memory=counted.as_dict(), step_flops=L.num_micro * flops * L.world_size, compute_s=compute_s,
+                                comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s, mfu=mfu)
+        rows.append(dict(plan=plan, est=est, fits=counted.total <= budget_bytes, step_s=step_s, img_s=est.images_per_s, mfu=mfu))
+    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
+
+
+def size(n_bytes: float) -> str:
+    """GiB to two decimals; below 0.1 GiB, where that keeps one digit or none (small models on
+    CPU), MiB to two decimals, marked M."""
+    if 0 < n_bytes < 0.1 * GIB:
+        return f"{n_bytes / MIB:.2f}M"
+    return f"{n_bytes / GIB:.2f}"
+
+
+# ------------------------------------------------------------------------------- the choice
+@dataclass
+class View:
+    """What the choice assumes about each device: the time model's hardware, memory, a name."""
+
+    hw: analytic.Hardware
+    memory_gb: float
+    where: str
+    named: bool = False
+
+
+def device_view(precision: str, gpus: int, device: str | None = None, memory_gb: float | None = None,
+                nodes: int = 1, gpus_per_node: int | None = None) -> View:
+    """A named device's datasheet (uncalibrated constants), else this machine: its GPU, or its CPU
+    whose RAM the processes share."""
+    import torch
+
+    if gpus_per_node is None:
+        gpus_per_node = gpus // nodes if gpus % nodes == 0 else 0
+    if device and device != "cpu":
+        named = devices.get_device(device)
+        hw = devices.hardware(named, precision, gpus_per_node if nodes > 1 else 0)
+        view = View(hw, named.memory_gb, named.label + (f", {nodes} nodes x {gpus_per_node}" if nodes > 1 else ""), named=True)
+    elif torch.cuda.is_available():
+        view = View(analytic.Hardware(), torch.cuda.get_device_properties(0).total_memory / 2**30, torch.cuda.get_device_name(0))
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        view = View(analytic.Hardware(), ram / gpus, "this CPU (RAM shared by the processes)")
+    view.memory_gb = memory_gb or view.memory_gb or DEFAULT_MEMORY_GB
+    return view
 
 
 def _take(argv: list[str], flag: str, typ):
@@ -47,10 +178,10 @@ def resolve(command: str, argv: list[str]) -> list[str]:
     if value != "auto":
         raise ValueError(f"--layout takes 'auto' (the profiler chooses), got {value!r}")
     if command not in COMMANDS:
-        raise ValueError(f"--layout auto works on {' and '.join(COMMANDS)}, not yet on {command}")
+        raise ValueError(f"--layout auto works on {', '.join(COMMANDS)} and profile, not on {command}")
     given = [f for f in CHOSEN if f in argv]
     if given:
-        raise ValueError(f"--layout auto chooses {', '.join(CHOSEN)}; drop {', '.join(given)} or drop --layout auto")
+        raise ValueError(f"--layout auto chooses the layout flags; drop {', '.join(given)} or drop --layout auto")
     own = {}
     for flag, typ in OWN.items():
         own[flag], argv = _take(argv, flag, typ)
@@ -60,68 +191,113 @@ def resolve(command: str, argv: list[str]) -> list[str]:
     gpus = own["--gpus"] or (int(os.environ["WORLD_SIZE"]) if launched else (nproc or 1) * (nnodes or 1))
     if own["--gpus"] and nproc and own["--gpus"] != nproc * (nnodes or 1):
         raise ValueError(f"--gpus {own['--gpus']} but --nproc {nproc} x --nnodes {nnodes or 1}")
-    cfg, global_batch, precision = _run_shape(command, argv, gpus)
-    plan, lines = choose(cfg, gpus, global_batch, precision, own["--device"], own["--memory-gb"], own["--reserve-gb"])
+    shape = _run_shape(command, argv, gpus)
+    view = device_view(shape["precision"], gpus, own["--device"], own["--memory-gb"], own["--nodes"] or nnodes or 1, own["--gpus-per-node"])
+    if command == "finetune":
+        plan, lines = choose_finetune(shape["cfg"], gpus, shape["global_batch"], shape["precision"], view, own["--reserve-gb"],
+                                      shape["task"], shape["img"], shape["options"])
+    else:
+        calib = None if view.named else _calibration(shape["precision"])
+        plan, lines = choose(shape["cfg"], gpus, shape["global_batch"], shape["precision"], view, own["--reserve-gb"], calib)
     if int(os.environ.get("RANK", 0)) == 0:
         print("\n".join(lines), flush=True)
-    L = plan.layout
-    flags = ["--tp", str(L.tp), "--pp", str(L.pp), "--dp", str(L.dp), "--micro-batch", str(L.micro_batch), "--vpp", str(L.vpp),
-             "--recompute", plan.recompute] + (["--sp"] if L.sp else []) + (["--distributed-optimizer"] if plan.distributed_optimizer else []) \
-        + (["--fsdp"] if plan.fsdp else [])
+    flags = layout_flags(plan, finetune=command == "finetune")
     if gpus > 1 and not launched and nproc is None:
         flags += ["--nproc", str(gpus)]
     return argv + flags
 
 
-def _run_shape(command: str, argv: list[str], gpus: int):
-    """(ViTConfig, global batch, precision) the command would run with (its flags and config file)."""
+def layout_flags(plan: analytic.Plan, finetune: bool = False) -> list[str]:
+    """The command-line flags that run `plan` (fine-tuning: TP x DP, full recompute or none, ZeRO-1)."""
+    L = plan.layout
+    if finetune:
+        return (["--tp", str(L.tp), "--dp", str(L.dp), "--micro-batch", str(L.micro_batch)] + (["--sp"] if L.sp else [])
+                + (["--activation-checkpointing"] if plan.recompute == "full" else [])
+                + (["--distributed-optimizer"] if plan.distributed_optimizer else []))
+    return (["--tp", str(L.tp), "--pp", str(L.pp), "--dp", str(L.dp), "--micro-batch", str(L.micro_batch), "--vpp", str(L.vpp),
+             "--recompute", plan.recompute] + (["--sp"] if L.sp else []) + (["--distributed-optimizer"] if plan.distributed_optimizer else [])
+            + (["--fsdp"] if plan.fsdp else []))
+
+
+def _run_shape(command: str, argv: list[str], gpus: int) -> dict:
+    """The model, global batch and precision the command would run with (its flags and config
+    file); for fine-tuning also its task, crop and head options."""
     module = importlib.import_module(COMMANDS[command])
     parser = argparse.ArgumentParser(add_help=False)
     module.add_arguments(parser)
     args, _ = parser.parse_known_args(argv)
     if command == "pretrain":
         config = module.config_from_args(args, world=gpus)
-        return get_preset(config.model), config.parallel.global_batch, config.precision
-    return get_preset(args.model), args.global_batch, args.precision
+        return dict(cfg=get_preset(config.model), global_batch=config.parallel.global_batch, precision=config.precision)
+    if command == "finetune":
+        options = dict(detector=args.detector, channels=args.channels, window=args.window)
+        return dict(cfg=module.load_config(args), global_batch=getattr(args, "global_batch", module.layout_from_args(args, gpus).global_batch),
+                    precision=args.precision, task=args.task, img=args.crop, options=options)
+    return dict(cfg=get_preset(args.model), global_batch=args.global_batch, precision=args.precision)
 
 
-def choose(cfg, gpus: int, global_batch: int, precision: str, device: str | None = None, memory_gb: float | None = None,
-           reserve_gb: float | None = None) -> tuple[analytic.Plan, list[str]]:
-    """The fastest predicted layout that fits, and the lines saying why (module doc)."""
-    import torch
+def _reserve(view: View, reserve_gb: float | None) -> float:
+    return reserve_gb if reserve_gb is not None else min(2.0, view.memory_gb / 4)
 
-    named = devices.get_device(device) if device and device != "cpu" else None
-    if named is not None:
-        hw = devices.hardware(named, precision)
-        memory, where = named.memory_gb, named.label
-    elif torch.cuda.is_available():
-        hw, memory = analytic.Hardware(), torch.cuda.get_device_properties(0).total_memory / 2**30
-        where = torch.cuda.get_device_name(0)
-    else:  # processes of this CPU share its RAM
-        hw = analytic.Hardware()
-        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / gpus, "this CPU (RAM shared by the processes)"
-    memory = memory_gb or memory or DEFAULT_MEMORY_GB
-    reserve = reserve_gb if reserve_gb is not None else min(2.0, memory / 4)
-    calib = _calibration(precision) if named is None else None
+
+def _why(r) -> str:
+    from rsscale.scaling.pipeline import bubble_fraction
+
+    L, e = r["plan"].layout, r["est"]
+    return (f"{str(L):<30} {r['plan'].flags:<3} memory/rank {size(e.memory['total']):>7} (GiB; M: MiB), predicted step {r['step_s']:.4g} s, "
+            f"bubble {100 * bubble_fraction(L.pp, L.vpp, L.num_micro):.0f} %, communication {e.comm_s:.3g} s")
+
+
+def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserve_gb: float | None = None,
+           calib: dict | None = None) -> tuple[analytic.Plan, list[str]]:
+    """The fastest predicted layout whose exact count fits, and the lines saying why (module doc)."""
+    from rsscale.benchmarks.count import count_plan
+
+    reserve = _reserve(view, reserve_gb)
+    budget = (view.memory_gb - reserve) * 2**30
     plans = enumerate_plans(cfg, gpus, global_batch, precision)
     if not plans:
         raise ValueError(f"--layout auto: no valid layout of {cfg.name} on {gpus} devices with global batch {global_batch} "
                          "(the global batch must split over the data-parallel ranks)")
-    rows = [r for r in rank_plans(cfg, plans, hw, (memory - reserve) * 2**30, calib) if r["fits"]]
+    rows = [r for r in rank_plans(cfg, plans, view.hw, budget, calib) if r["fits"]]
     if not rows:
-        raise ValueError(f"--layout auto: none of the {len(plans)} layouts of {cfg.name} on {gpus} devices fits in {memory:g} GiB "
+        raise ValueError(f"--layout auto: none of the {len(plans)} layouts of {cfg.name} on {gpus} devices fits in {view.memory_gb:g} GiB "
                          f"- {reserve:g} reserved; use more devices or a smaller global batch")
-    from rsscale.scaling.pipeline import bubble_fraction
-
-    def why(r) -> str:
-        L, e = r["plan"].layout, r["est"]
-        return (f"{str(L):<30} {r['plan'].flags:<3} memory/rank {size(e.memory['total']):>7} (GiB; M: MiB), predicted step {r['step_s']:.4g} s, "
-                f"bubble {100 * bubble_fraction(L.pp, L.vpp, L.num_micro):.0f} %, communication {e.comm_s:.3g} s")
-
     model = "the calibrated time model" if calib else "the analytic model"
-    lines = [f"--layout auto: {len(plans)} layouts of {cfg.name} on {gpus} devices ({where}, {memory:.3g} GiB, {reserve:.3g} reserved), "
-             f"{len(rows)} fit; ranked by {model}; the fastest 5:"]
-    lines += [("  * " if i == 0 else "    ") + why(r) for i, r in enumerate(rows[:5])]
+    lines = [f"--layout auto: {len(plans)} layouts of {cfg.name} on {gpus} devices ({view.where}, {view.memory_gb:.3g} GiB, "
+             f"{reserve:.3g} reserved), {len(rows)} fit; ranked by {model}; the fastest 5:"]
+    lines += [("  * " if i == 0 else "    ") + _why(r) for i, r in enumerate(rows[:5])]
+    for r in rows[:MAX_COUNTED]:  # the analytic memory ranks; the exact count decides
+        stages = [c.total for c in count_plan(cfg, r["plan"])]
+        if max(stages) <= budget:
+            lines.append(f"--layout auto: counted exactly (fake tensors, {len(stages)} stage(s)): {size(max(stages))} GiB on the "
+                         f"fullest rank, analytic {size(r['est'].memory['total'])}")
+            lines.append(f"--layout auto: running {r['plan'].layout} {r['plan'].flags}" + (" (* above)" if r is rows[0] else ""))
+            return r["plan"], lines
+        lines.append(f"--layout auto: {r['plan'].layout} {r['plan'].flags} counts {size(max(stages))} GiB on its fullest rank, "
+                     f"over the {size(budget)} GiB budget; next")
+    raise ValueError(f"--layout auto: the {MAX_COUNTED} fastest layouts that fit by the analytic model of {cfg.name} do not fit "
+                     f"when counted exactly in {view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")
+
+
+def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: View, reserve_gb: float | None, task: str, img: int,
+                    options: dict) -> tuple[analytic.Plan, list[str]]:
+    """The fastest predicted fine-tuning layout (TP x DP) whose exact count fits (every one is
+    counted: `rank_finetune_plans`), and the lines saying why."""
+    reserve = _reserve(view, reserve_gb)
+    plans = [p for p in enumerate_plans(cfg, gpus, global_batch, precision, pipeline=False)
+             if p.recompute != "selective" and not p.fsdp]  # fine-tuning has full recompute and ZeRO-1 only
+    if not plans:
+        raise ValueError(f"--layout auto: no valid fine-tuning layout of {cfg.name} on {gpus} devices with global batch {global_batch}")
+    options = {k: v for k, v in options.items() if v is not None}
+    rows = [r for r in rank_finetune_plans(cfg, plans, view.hw, (view.memory_gb - reserve) * 2**30, task, img, options) if r["fits"]]
+    if not rows:
+        raise ValueError(f"--layout auto: none of the {len(plans)} fine-tuning layouts of {cfg.name} on {gpus} devices fits in "
+                         f"{view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")
+    lines = [f"--layout auto: {len(plans)} fine-tuning layouts of {cfg.name} ({task}, {img} px) on {gpus} devices ({view.where}, "
+             f"{view.memory_gb:.3g} GiB, {reserve:.3g} reserved), each counted exactly, {len(rows)} fit; ranked by the analytic "
+             "model on counted FLOPs; the fastest 5:"]
+    lines += [("  * " if i == 0 else "    ") + _why(r) for i, r in enumerate(rows[:5])]
     lines.append(f"--layout auto: running {rows[0]['plan'].layout} {rows[0]['plan'].flags} (* above)")
     return rows[0]["plan"], lines
 

@@ -216,6 +216,16 @@ def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: 
     return saved
 
 
+def _as_trained(model, dtype: torch.dtype) -> None:
+    """Give the trainable weights the dtype the trainer trains them in (FlatAdamW makes them views
+    of its flat buffer: 16-bit under bf16/fp16), which decides what autocast casts and saves. Only
+    the dtype and being a parameter's storage matter to the count, so each weight gets its own
+    empty storage: building the optimizer itself on fake tensors took most of the counting time."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.empty(p.shape, dtype=dtype)
+
+
 def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
     """Count the bytes one rank of pipeline stage `stage` holds for `plan` (see the module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -249,7 +259,7 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
                               grads=opt.grad.untyped_storage().nbytes(), optimizer=opt.state_bytes())
         with FakeTensorMode():  # the forward passes, on "cpu" fake tensors so that autocast applies
             model = build()
-            FlatAdamW(model.named_parameters(), param_dtype=PARAM_DTYPES[plan.precision])  # the weights as trained: 16-bit under bf16
+            _as_trained(model, PARAM_DTYPES[plan.precision])
             skip = {_storage(p)[0] for p in model.parameters()}
             chunks = range(L.vpp)
             selective = plan.recompute == "selective"

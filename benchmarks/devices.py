@@ -90,10 +90,12 @@ def get_device(name: str) -> Device:
     return DEVICES[name]
 
 
-def hardware(device: Device, precision: str) -> analytic.Hardware:
-    """The uncalibrated model's view of `device` on one node, with the stated constants."""
+def hardware(device: Device, precision: str, gpus_per_node: int = 0) -> analytic.Hardware:
+    """The uncalibrated model's view of `device`, with the stated constants; with `gpus_per_node`
+    collectives spanning more ranks than a node run at the inter-node bandwidth."""
     return analytic.Hardware(peak_flops=peak_tflops(device, precision) * 1e12, efficiency=MATMUL_EFFICIENCY,
-                             bandwidth=device.intra_gbs * COMM_EFFICIENCY * 1e9)
+                             bandwidth=device.intra_gbs * COMM_EFFICIENCY * 1e9, gpus_per_node=gpus_per_node,
+                             inter_bandwidth=device.inter_gbs * COMM_EFFICIENCY * 1e9 if gpus_per_node else 0.0)
 
 
 def peak_tflops(device: Device, precision: str) -> float:

@@ -21,8 +21,6 @@ figures, component by component.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import os
 import statistics
@@ -30,97 +28,12 @@ import subprocess
 import tempfile
 
 from rsscale.benchmarks import analytic, devices
+from rsscale.benchmarks.autolayout import GIB, DEFAULT_MEMORY_GB, enumerate_plans, rank_finetune_plans, rank_plans, size
 from rsscale.benchmarks.harness import BenchOptions, bench_command
-from rsscale.scaling.config import RECOMPUTE, get_preset
+from rsscale.scaling.config import get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
-from rsscale.scaling.layout import Layout, validate_layout
 
-GIB, MIB = 2**30, 2**20
 MAX_CPU_PROCESSES = 4
-DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None, vpps=None,
-                    pipeline: bool = True) -> list[analytic.Plan]:
-    """All valid plans for `gpus` devices (validity: scaling.layout.validate_layout); with
-    pipeline=False only pp = 1 (fine-tuning)."""
-    plans = []
-    for tp in divisors(gpus):
-        for pp in divisors(gpus // tp) if pipeline else [1]:
-            dp = gpus // (tp * pp)
-            per_replica = global_batch // dp if global_batch % dp == 0 else 0
-            mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
-            vs = vpps or [v for v in divisors(max(cfg.depth // pp, 1)) if pp > 1 or v == 1]
-            for sp, mb, vpp, recompute, shard in itertools.product((False, True), mbs, vs, RECOMPUTE, ("none", "zero", "fsdp")):
-                if shard != "none" and dp == 1:
-                    continue
-                layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch, vpp=vpp)
-                if validate_layout(layout, cfg, gpus):
-                    continue
-                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
-    return plans
-
-
-def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
-    """Predictions, fitting layouts first, each group by predicted images/s (best first). With a
-    calibration the step time is the time model's (benchmarks/timemodel.py), else the analytic one."""
-    from rsscale.benchmarks import timemodel
-
-    rows = []
-    for plan in plans:
-        est = analytic.estimate(cfg, plan, hw)
-        step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
-        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step, calibrated=calib is not None,
-                         img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
-    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
-
-
-def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict) -> list[dict]:
-    """Fine-tuning layouts, each counted exactly (benchmarks/count.py `count_finetune`: the run's
-    own model and optimizer on one rank, activations of one micro-batch), ranked like
-    `rank_plans`. Step time: the analytic heuristic of benchmarks/analytic.py on the counted
-    FLOPs: every micro-batch runs forward + backward (3x the counted forward FLOPs, + the blocks'
-    forward again with activation checkpointing) at peak x efficiency x saturation(micro-batch x
-    tokens); each block's two sublayers all-reduce their outputs over TP forward and backward
-    (+ once more when recomputing); the fp32 gradient is all-reduced over DP (+ the ZeRO-1 weight
-    all-gather); no overlap."""
-    from rsscale.benchmarks.count import count_finetune
-
-    rows, allocations, activations = [], {}, {}
-    tokens = (img // cfg.patch_size) ** 2
-    for plan in plans:  # each part counted once: it depends on only some of the layout's fields
-        L = plan.layout
-        a_key, b_key = (L.tp, L.dp, plan.distributed_optimizer), (L.tp, L.sp, L.micro_batch, plan.recompute)
-        if a_key not in allocations:
-            allocations[a_key] = count_finetune(cfg, plan, task, img, parts=("allocations",), **options)
-        if b_key not in activations:
-            activations[b_key] = count_finetune(cfg, plan, task, img, parts=("activations",), **options)
-        (allocated, work), (saved, flops_of) = allocations[a_key], activations[b_key]
-        counted, work = dataclasses.replace(allocated, activations=saved.activations), {**work, **flops_of}
-        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute == "full" else 0)
-        compute_s = L.num_micro * flops / (hw.peak_flops * hw.efficiency * analytic.saturation(L.micro_batch * tokens, hw))
-        e = 4 if plan.precision == "fp32" else 2
-        tp_bytes = cfg.depth * 2 * (2 + (plan.recompute == "full")) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
-        dp_bytes = analytic._ring(work["trainable"] * 4, L.dp) + (work["trainable"] * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
-        comm_s = (L.num_micro * tp_bytes + dp_bytes) / hw.bandwidth
-        step_s = compute_s + comm_s
-        mfu = L.num_micro * 3 * work["flops"] / (step_s * hw.peak_flops)
-        est = analytic.Estimate(plan=plan, memory=counted.as_dict(), step_flops=L.num_micro * flops * L.world_size, compute_s=compute_s,
-                                comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s, mfu=mfu)
-        rows.append(dict(plan=plan, est=est, fits=counted.total <= budget_bytes, step_s=step_s, img_s=est.images_per_s, mfu=mfu))
-    return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
-
-
-def size(n_bytes: float) -> str:
-    """GiB to two decimals; below 0.1 GiB, where that keeps one digit or none (small models on
-    CPU), MiB to two decimals, marked M."""
-    if 0 < n_bytes < 0.1 * GIB:
-        return f"{n_bytes / MIB:.2f}M"
-    return f"{n_bytes / GIB:.2f}"
 
 
 def assumed_device(args, hw: analytic.Hardware, peak_measured: bool = False, named: devices.Device | None = None) -> str:
@@ -385,6 +298,8 @@ def add_arguments(parser) -> None:
                         "(repeatable; default 1 and every V with pp*V dividing the depth)")
     parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
+    parser.add_argument("--layout", choices=["auto"], default=None, help="print only the layout `--layout auto` on pretrain/bench/finetune "
+                        "would run: the fastest predicted whose exact count fits (benchmarks/autolayout.py)")
     parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
     parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
@@ -420,6 +335,8 @@ def check_args(args) -> None:
     for flag in ("img", "channels", "window"):
         if getattr(args, flag) is not None:
             check_number(f"--{flag}", getattr(args, flag), ge=1)
+    if args.layout and (args.measure or args.count):
+        raise ValueError("--layout auto prints the choice (counted exactly); drop --count/--measure")
     if args.task and (args.measure or args.count):
         raise ValueError("--task counts every layout already and cannot --measure yet; drop --count/--measure")
     if args.gpus is None:
@@ -457,6 +374,24 @@ def main_finetune(args, cfg, hw, budget) -> int:
     return 0
 
 
+def main_auto(args, cfg, hw, dev) -> int:
+    """`rsscale profile --layout auto`: the choice the training commands would make, and why."""
+    from rsscale.benchmarks import autolayout
+
+    view = autolayout.View(hw, args.memory_gb, dev.label if dev else "the device assumed above", named=dev is not None)
+    if args.task:
+        options = {k: getattr(args, k) for k in ("detector", "channels", "window")}
+        plan, lines = autolayout.choose_finetune(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, args.task, args.img, options)
+    else:
+        calib = None if args.no_calibration else load_calibration(args, dev)
+        plan, lines = autolayout.choose(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, calib)
+    command = "finetune --task " + args.task if args.task else "pretrain"
+    lines[-1] = lines[-1].replace("running", "choice:", 1)
+    print("\n".join(lines))
+    print(f"as flags: rsscale {command} {' '.join(autolayout.layout_flags(plan, finetune=bool(args.task)))} --global-batch {args.global_batch}")
+    return 0
+
+
 def apply_device(args) -> devices.Device | None:
     """--device: fill the memory, peak and bandwidth flags the user left unset from its datasheet."""
     if not args.device:
@@ -490,6 +425,8 @@ def main(args) -> int:
                            inter_bandwidth=dev.inter_gbs * args.comm_efficiency * 1e9 if dev and args.nodes > 1 else 0.0)
     print(assumed_device(args, hw, peak_measured, dev), flush=True)
     budget = (args.memory_gb - args.reserve_gb) * GIB
+    if args.layout:
+        return main_auto(args, cfg, hw, dev)
     if args.task:
         return main_finetune(args, cfg, hw, budget)
     plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch, args.vpp)

@@ -104,7 +104,7 @@ def _run(argv: list[str]) -> int:
         return 2
     module_name, help_ = COMMANDS[name]
     setup_logging()  # rank-aware progress lines on stderr
-    if "--layout" in rest:  # `--layout auto`: the profiler's choice replaces it by explicit layout flags
+    if "--layout" in rest and name != "profile":  # `--layout auto`: the profiler's choice replaces it by explicit layout flags
         try:
             rest = importlib.import_module(AUTO_LAYOUT).resolve(name, rest)
         except (ValueError, FileNotFoundError) as e:

@@ -147,7 +147,7 @@ def test_fsdp_memory_and_traffic_by_hand():
 
 
 def test_profile_enumerates_valid_plans_and_ranks_fits_first():
-    from rsscale.benchmarks.profile import enumerate_plans, rank_plans
+    from rsscale.benchmarks.autolayout import enumerate_plans, rank_plans
     from rsscale.scaling.layout import validate_layout
 
     cfg = get_preset("mini")

@@ -105,7 +105,7 @@ def test_profile_task_prints_counted_fine_tuning_layouts(capsys):
     assert {r.split()[0] for r in rows} == {"TP1", "TP2", "TP2+SP"} and all(" PP1 " in r for r in rows)
     counted = count_finetune(get_preset("tiny"), A.Plan(Layout(tp=2, micro_batch=1, global_batch=2), precision="fp32"), "seg", IMG)[0]
     row = next(r for r in rows if r.startswith("TP2 PP1 DP1 mb1") and r.split()[5] == "--")
-    from rsscale.benchmarks.profile import size
+    from rsscale.benchmarks.autolayout import size
 
     assert row.split()[10] == size(counted.total)  # small enough to be shown in MiB
     assert main(argv + ["--count"]) == 2  # --task counts already: a one-line error
