@@ -181,7 +181,9 @@ def stage_params(cfg: ViTConfig, tp: int, pp: int, stage: int, vpp: int = 1) -> 
     if stage == 0:
         trainable += P * D + D + D  # patch projection, its bias, cls token
         frozen += (N + 1) * D
-    if stage == pp - 1:
+    if stage == pp - 1 and cfg.supervised:
+        trainable += 2 * D + D * cfg.num_classes + cfg.num_classes  # encoder norm, classification head
+    elif stage == pp - 1:
         dsplit, drep = block_param_split(Dd, cfg.dec_mlp, 1, True)
         trainable += 2 * D + D * Dd + Dd + Dd  # encoder norm, decoder embed, mask token
         trainable += cfg.dec_depth * (dsplit // tp + drep) + 2 * Dd + Dd * P + P  # blocks, norm, head
@@ -275,10 +277,15 @@ def stage_extra_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> tuple[float, fl
     s_e, s_d = cfg.num_visible + 1, N + 1
     img, micro = 0.0, 0.0
     if stage == 0:  # the conv's input, the masking gather's index and input
-        img += cfg.in_chans * cfg.img_size**2 * e + cfg.num_visible * 8 + N * D * r
+        img += cfg.in_chans * cfg.img_size**2 * e + (0 if cfg.supervised else cfg.num_visible * 8 + N * D * r)
         micro += D * P * copy
     if stage < _virtual_stages(L) - 1:  # the stage output, kept by the 1F1B schedule
         img += _local_tokens(s_e, t, sp) * D * r
+    elif cfg.supervised:  # encoder norm (+ its gathered input), the head's input, the log-softmax, the labels
+        C = cfg.num_classes
+        head_input = D * e if plan.precision != "fp32" else s_e * D * r  # autocast's copy of the cls row, or the norm output it views
+        img += _tokens(s_e, t, sp) * D * r + 2 * s_e * 4 + head_input + C * 4 + 8
+        micro += D * C * copy
     else:  # encoder norm (+ its gathered input), decoder embed, unshuffle, decoder norm, head, loss
         img += _tokens(s_e, t, sp) * D * r + 2 * s_e * 4 + s_e * D * e
         img += N * 8 + N * Dd * r
@@ -384,7 +391,9 @@ def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tup
     f = mae_forward_flops(cfg)
     enc = f["encoder"] / cfg.depth * stage_blocks(cfg, L.pp, stage, L.vpp) / L.tp + (f["patch_embed"] if stage == 0 else 0)
     parts = {"encoder": (enc, cfg.num_visible + 1)}
-    if stage == L.pp - 1:
+    if stage == L.pp - 1 and cfg.supervised:
+        parts["head"] = (f["pred"], 1)
+    elif stage == L.pp - 1:
         parts["decoder"] = (f["decoder"] / L.tp + f["decoder_embed"] + f["pred"], cfg.num_patches + 1)
     return parts
 

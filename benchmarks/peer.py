@@ -155,6 +155,8 @@ class NativePeer:
         self.kind = native_kind(L, trainer.config.fsdp)
         if self.kind is None:
             raise ValueError(f"no PyTorch-native peer for {L} (pipeline, sequence parallel and TP x DP have none here)")
+        if cfg.supervised:
+            raise ValueError(f"no PyTorch-native peer for the supervised model {cfg.name!r} yet (the peer is an MAE)")
         full = trainer.full_state_dict()  # TP=1 names and shapes
         torch.manual_seed(0)
         model = NativeMAE(cfg).to(trainer.device)

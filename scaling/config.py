@@ -34,6 +34,7 @@ class ViTConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # MAE: loss on per-patch normalized pixels
     ln_eps: float = 1e-6
+    num_classes: int = 1000  # supervised (dec_depth 0): the classification head's outputs
     note: str = ""  # provenance of the shape, shown in tables and reports
 
     def __post_init__(self):
@@ -46,10 +47,17 @@ class ViTConfig:
             problems.append(f"dec_width {self.dec_width} is not divisible by dec_heads {self.dec_heads}")
         if not 0.0 <= self.mask_ratio < 1.0:
             problems.append(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
-        if min(self.width, self.heads, self.mlp, self.depth, self.branches, self.dec_depth) < 1:
-            problems.append("width, heads, mlp, depth, branches and dec_depth must be positive")
+        if min(self.width, self.heads, self.mlp, self.depth, self.branches, self.num_classes) < 1 or self.dec_depth < 0:
+            problems.append("width, heads, mlp, depth, branches and num_classes must be positive, dec_depth not negative")
+        if self.dec_depth == 0 and self.mask_ratio != 0:
+            problems.append(f"dec_depth 0 (no decoder) trains supervised and needs mask_ratio 0, got {self.mask_ratio}")
         if problems:
             raise ValueError(f"invalid ViTConfig {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def supervised(self) -> bool:
+        """No decoder: the encoder trains with a classification head on all patches (mask ratio 0)."""
+        return self.dec_depth == 0
 
     @property
     def grid(self) -> int:
@@ -178,6 +186,9 @@ def encoder_params(cfg: ViTConfig) -> int:
 
 
 def decoder_params(cfg: ViTConfig) -> int:
+    """MAE's decoder; a supervised model's classification head instead."""
+    if cfg.supervised:
+        return cfg.width * cfg.num_classes + cfg.num_classes
     dd = cfg.dec_width
     embed = cfg.width * dd + dd + dd + (cfg.num_patches + 1) * dd  # decoder_embed, mask token, pos
     blocks = cfg.dec_depth * branch_params(dd, cfg.dec_mlp, qkv_bias=True)
@@ -219,9 +230,14 @@ def block_flops(tokens: int, width: int, mlp: int, branches: int = 1) -> int:
 def mae_forward_flops(cfg: ViTConfig) -> dict[str, int]:
     """Forward FLOPs per image of the MAE step, split by part.
 
-    The encoder runs on the visible tokens + cls, the decoder on all tokens + cls (MAE).
+    The encoder runs on the visible tokens + cls, the decoder on all tokens + cls (MAE); a
+    supervised model's "pred" is its classification head on the cls token.
     """
     n_all, n_enc = cfg.num_patches + 1, cfg.num_visible + 1
+    if cfg.supervised:  # all tokens through the encoder, the head on the cls token
+        return {"patch_embed": 2 * cfg.num_patches * cfg.patch_dim * cfg.width,
+                "encoder": cfg.depth * block_flops(n_enc, cfg.width, cfg.mlp, cfg.branches),
+                "decoder_embed": 0, "decoder": 0, "pred": 2 * cfg.width * cfg.num_classes}
     return {
         "patch_embed": 2 * cfg.num_patches * cfg.patch_dim * cfg.width,
         "encoder": cfg.depth * block_flops(n_enc, cfg.width, cfg.mlp, cfg.branches),
@@ -275,7 +291,7 @@ def models_table(names=None) -> list[dict]:
         rows.append(
             {
                 "name": c.name,
-                "shape": f"{c.depth}x{c.branches} w{c.width} h{c.heads} mlp{c.mlp} {c.img_size}px/p{c.patch_size}",
+                "shape": f"{c.depth}x{c.branches} w{c.width} h{c.heads} mlp{c.mlp} {c.img_size}px/p{c.patch_size}" + (f" sup{c.num_classes}" if c.supervised else ""),
                 "encoder_params": param_count(c, "encoder"),
                 "mae_params": param_count(c, "mae"),
                 "mae_gflops_per_img": mae_step_flops(c) / 1e9,
@@ -293,11 +309,12 @@ def main(args) -> int:
             print(",".join(str(v) for v in r.values()))
         return 0
     w = max(8, *(len(r["name"]) for r in rows))
-    print(f"{'name':<{w}} {'shape':<38} {'encoder params':>15} {'MAE params':>15} {'MAE GFLOP/img':>14}  note")
+    print(f"{'name':<{w}} {'shape':<38} {'encoder params':>15} {'train params':>15} {'train GFLOP/img':>16}  note")
     for r in rows:
         print(
             f"{r['name']:<{w}} {r['shape']:<38} {r['encoder_params']:>15,} {r['mae_params']:>15,} "
-            f"{r['mae_gflops_per_img']:>14.2f}  {r['note']}"
+            f"{r['mae_gflops_per_img']:>16.2f}  {r['note']}"
         )
-    print("GFLOP/img: matmul FLOPs of one MAE training step (forward + backward) per image.")
+    print("train: the MAE (encoder + decoder), or for a supervised shape (dec_depth 0) the encoder + classification head; "
+          "GFLOP/img: matmul FLOPs of one training step (forward + backward) per image.")
     return 0

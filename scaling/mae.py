@@ -22,6 +22,12 @@ the others read `hidden` [B, 1+V, D] (V = cfg.num_visible); the last stage also 
 and `noise` (loss target, mask) and returns (loss, pred, mask), the others return hidden
 states of shape `hidden_shape(batch)`.
 
+Supervised (`cfg.supervised`: dec_depth 0, mask ratio 0): no masking and no decoder; the last
+stage puts a classification head on the cls token after the encoder norm, and the loss is the
+cross-entropy against `image_labels(imgs)`, a stand-in label computed from the pixels (no
+labelled pretraining set is bundled): the work per step is a supervised ViT's, its loss value
+means nothing. Returns (loss, logits [B, classes], mask of zeros [B, N]).
+
 Sequence parallelism: between blocks each TP rank holds a chunk of the tokens. 1+V (and the
 decoder's 1+N) need not divide T: the token dimension is zero-padded to a multiple of T, the
 blocks never attend to padding, and it is cut off before the norms, so results equal TP=1.
@@ -100,7 +106,8 @@ class MaskedAutoencoder(nn.Module):
         config = config or state.model_parallel_config()
         self.tp = config.tensor_model_parallel_size
         problems = check_tp_divides(self.tp, "the encoder's", heads=cfg.heads, width=cfg.width, mlp=cfg.mlp)
-        problems += check_tp_divides(self.tp, "the decoder's", heads=cfg.dec_heads, width=cfg.dec_width, mlp=cfg.dec_mlp)
+        if not cfg.supervised:
+            problems += check_tp_divides(self.tp, "the decoder's", heads=cfg.dec_heads, width=cfg.dec_width, mlp=cfg.dec_mlp)
         ranges = [tuple(r) for r in layer_range] if isinstance(layer_range, list) else [tuple(layer_range or (0, cfg.depth))]
         problems += [f"layer_range {r} is not within the {cfg.depth} encoder blocks" for r in ranges if not 0 <= r[0] <= r[1] <= cfg.depth]
         if problems:
@@ -123,7 +130,14 @@ class MaskedAutoencoder(nn.Module):
         for i in (i for start, end in ranges for i in range(start, end)):
             with _seeded(seed, 1000 + i):
                 self.blocks[str(i)] = block(D, cfg.heads, cfg.mlp, cfg.branches)
-        if post_process:
+        if post_process and cfg.supervised:
+            with _seeded(seed, 2000):
+                self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+                self.head = nn.Linear(D, cfg.num_classes)  # small, like timm's ViT head: the first loss is about ln(classes)
+                nn.init.normal_(self.head.weight, std=0.02)
+                nn.init.zeros_(self.head.bias)
+            self.decoder_blocks = nn.ModuleList()
+        elif post_process:
             with _seeded(seed, 2000):
                 self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
                 self.decoder_embed = _xavier_linear(D, Dd)
@@ -168,7 +182,10 @@ class MaskedAutoencoder(nn.Module):
         if tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"model {self.cfg.name!r} takes images [B, {expected[0]}, {expected[1]}, {expected[2]}], got {list(imgs.shape)}")
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = random_masking(x, self.cfg.mask_ratio, noise)
+        if self.cfg.supervised:  # every patch, in order
+            mask, ids_restore = None, None
+        else:
+            x, mask, ids_restore = random_masking(x, self.cfg.mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return self._scatter_tokens(torch.cat([cls, x], dim=1)), mask, ids_restore
 
@@ -231,9 +248,19 @@ class MaskedAutoencoder(nn.Module):
         hidden = self.run_blocks(hidden, chunk)
         if not post:
             return hidden
+        if self.cfg.supervised:
+            logits = self.head(self.encoder_output(hidden)[:, 0])
+            loss = nn.functional.cross_entropy(logits.float(), image_labels(imgs, self.cfg.num_classes))
+            return loss, logits, torch.zeros(imgs.shape[0], self.cfg.num_patches, device=hidden.device)
         _, mask, ids_restore = mask_from_noise(noise.to(hidden.device), self.cfg.num_visible)
         pred = self.forward_decoder(self.encoder_output(hidden), ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def image_labels(imgs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A class per image computed from its pixels (the supervised stand-in label, module doc):
+    the same on every TP rank and pipeline stage that holds the same images."""
+    return (imgs.detach().float().mean(dim=(1, 2, 3)) * 1000).floor().long().remainder(num_classes)
 
 
 def _xavier_linear(fan_in: int, fan_out: int) -> nn.Linear:

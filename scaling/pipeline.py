@@ -39,6 +39,7 @@ rank's chunk j+1.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from typing import Callable, NamedTuple
 
@@ -84,19 +85,31 @@ def check_schedule(P: int, V: int, M: int) -> None:
 
 def compute_order(P: int, V: int, M: int, rank: int) -> list[Action]:
     """This rank's forwards and backwards in Megatron's order (module doc, step 1)."""
+    return list(_order(P, V, M, rank))
+
+
+def _warmup(P: int, V: int, M: int, rank: int) -> int:
+    """Forwards a rank runs before its first backward."""
+    return min(P - rank - 1 if V == 1 else 2 * (P - rank - 1) + (V - 1) * P, V * M)
+
+
+def _order(P: int, V: int, M: int, rank: int):
+    """`compute_order` as a generator (a prefix of it costs only that prefix)."""
     check_schedule(P, V, M)
-    total = V * M
+    total, warmup = V * M, _warmup(P, V, M, rank)
 
     def unit(k: int, kind: str) -> Action:
         group, i = divmod(k, P * V)
         chunk = i // P
         return Action(kind, chunk if kind == "F" else V - 1 - chunk, group * P + i % P)
 
-    warmup = min(P - rank - 1 if V == 1 else 2 * (P - rank - 1) + (V - 1) * P, total)
-    order = [unit(k, "F") for k in range(warmup)]
+    for k in range(warmup):
+        yield unit(k, "F")
     for k in range(total - warmup):
-        order += [unit(warmup + k, "F"), unit(k, "B")]
-    return order + [unit(k, "B") for k in range(total - warmup, total)]
+        yield unit(warmup + k, "F")
+        yield unit(k, "B")
+    for k in range(total - warmup, total):
+        yield unit(k, "B")
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,16 +145,32 @@ def timetable(P: int, V: int, M: int) -> tuple[dict[int, tuple[int, Action]], ..
 def in_flight_chunks(P: int, V: int, M: int, rank: int, weight: Callable[[int], float] = lambda chunk: 1.0) -> list[int]:
     """The chunks (one entry per micro-batch) whose activations this rank holds at once at the
     heaviest point of its order, by `weight(chunk)` (e.g. the bytes one micro-batch saves there)."""
+    return list(_in_flight(P, V, M, rank, tuple(weight(c) for c in range(V))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_flight(P: int, V: int, M: int, rank: int, weights: tuple[float, ...]) -> tuple[int, ...]:
+    """in_flight_chunks with the weights as a tuple: cached, since the profiler asks for the same
+    schedule under thousands of layouts (one walk of the order, a running sum)."""
+    if V == 1:  # 1F1B: P - rank - 1 warm-up forwards, then one more before the first backward
+        check_schedule(P, V, M)
+        return (0,) * min(P - rank, M) if weights[0] > 0 else ()
+    # Only the warm-up and one period of the steady state are walked: in the steady state each
+    # forward is followed by a backward, and after P*V of them every chunk has gained and lost P
+    # micro-batches, so what is held repeats; the drain at the end only releases.
     alive: list[int] = []
-    best: list[int] = []
-    for a in compute_order(P, V, M, rank):
+    best: tuple[int, ...] = ()
+    held = best_sum = 0.0
+    for a in itertools.islice(_order(P, V, M, rank), _warmup(P, V, M, rank) + 2 * (P * V + 1)):
         if a.kind == "F":
             alive.append(a.chunk)
-            if sum(map(weight, alive)) > sum(map(weight, best)):
-                best = list(alive)
+            held += weights[a.chunk]
+            if held > best_sum:
+                best, best_sum = tuple(sorted(alive)), held
         else:
             alive.remove(a.chunk)
-    return sorted(best)
+            held -= weights[a.chunk]
+    return best
 
 
 def bubble_fraction(P: int, V: int, M: int) -> float:

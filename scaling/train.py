@@ -303,7 +303,7 @@ class Trainer:
             self.optimizer = self._flat_adamw(param_dtype=PARAM_DTYPES[config.precision])
         self._ready()
         self.loader = self._build_loader()
-        log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} MAE params), layout {self.layout}, "
+        log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} {'supervised' if self.cfg.supervised else 'MAE'} params), layout {self.layout}, "
             f"world {dist.get_world_size()}, precision {config.precision}, data {config.data}, "
             f"optimizer {'FSDP (ZeRO-3) over DP' if config.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
         return self

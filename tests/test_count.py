@@ -127,3 +127,13 @@ def test_counted_bytes_per_parameter_are_megatrons(precision, dp, zero):
     bound = 2 + 4 + 12 / d if precision == "bf16" else 4 + 4 + 8 / d
     assert sum(A.bytes_per_param(precision, d).values()) == bound
     assert bound <= per <= bound * (1 + 1e-6)
+
+
+VIT_L16_SUPERVISED = get_preset("b12x1").replace(name="vit-l16-sup", width=1024, heads=16, mlp=4096, depth=24, dec_depth=0, mask_ratio=0.0)
+
+
+@pytest.mark.parametrize("plan", [_plan(4, 2, 2, sp=True), _plan(2, 1, 2, recompute=True, precision="fp32")], ids=_id)
+def test_analytic_memory_within_3pct_of_counted_supervised_vit_l16(plan):
+    """Supervised (no decoder, every patch, a classification head): the analytic model's last
+    stage (head input, log-softmax, labels) against the count."""
+    _check_every_component(VIT_L16_SUPERVISED, plan)

@@ -70,3 +70,17 @@ def test_bad_input_is_one_line():
         devices.get_device("v100")
     with pytest.raises(ValueError, match="no fp8 peak|fp8"):
         devices.peak_tflops(devices.DEVICES["a100-40"], "fp8")
+
+
+def test_the_committed_published_table_is_what_the_model_predicts_now():
+    """reports/published_vs_predicted.md is regenerated when the model changes: its rows for the
+    points with a published layout (fast to predict) equal today's predictions."""
+    from pathlib import Path
+
+    from rsscale.benchmarks import published
+
+    committed = (Path(__file__).resolve().parents[1] / "reports" / "published_vs_predicted.md").read_text()
+    stated = [p for p in published.POINTS if p.micro_batch is not None]
+    assert len(published.POINTS) >= 3 and {p.device for p in published.POINTS} >= {"a100-80", "h100-sxm"}
+    for row in published.table(stated).splitlines()[2:2 + len(stated)]:
+        assert row in committed, row
