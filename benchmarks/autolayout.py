@@ -270,12 +270,12 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserv
     for r in rows[:MAX_COUNTED]:  # the analytic memory ranks; the exact count decides
         stages = [c.total for c in count_plan(cfg, r["plan"])]
         if max(stages) <= budget:
-            lines.append(f"--layout auto: counted exactly (fake tensors, {len(stages)} stage(s)): {size(max(stages))} GiB on the "
-                         f"fullest rank, analytic {size(r['est'].memory['total'])}")
+            lines.append(f"--layout auto: counted exactly (fake tensors, {len(stages)} stage(s)): {size(max(stages))} on the "
+                         f"fullest rank, analytic {size(r['est'].memory['total'])} (GiB; M: MiB)")
             lines.append(f"--layout auto: running {r['plan'].layout} {r['plan'].flags}" + (" (* above)" if r is rows[0] else ""))
             return r["plan"], lines
-        lines.append(f"--layout auto: {r['plan'].layout} {r['plan'].flags} counts {size(max(stages))} GiB on its fullest rank, "
-                     f"over the {size(budget)} GiB budget; next")
+        lines.append(f"--layout auto: {r['plan'].layout} {r['plan'].flags} counts {size(max(stages))} on its fullest rank, "
+                     f"over the {size(budget)} budget (GiB; M: MiB); next")
     raise ValueError(f"--layout auto: the {MAX_COUNTED} fastest layouts that fit by the analytic model of {cfg.name} do not fit "
                      f"when counted exactly in {view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")
 

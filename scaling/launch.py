@@ -195,6 +195,8 @@ def relaunch(command: str, args, argv: list[str]) -> int:
         for attempt in range(max_restarts + 1):
             env = {**os.environ, LAUNCHED: "1", RENDEZVOUS: rendezvous_text(nnodes, endpoint), RESTART_COUNT: str(attempt),
                    MAX_RESTARTS: str(max_restarts), BAD_INPUT: bad_input}
+            # the cores shared by this node's processes (torchrun would set 1 and print a banner about it)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
             code, signum = _run_torchrun(cmd, env)
             if signum is not None:
                 return 128 + signum
