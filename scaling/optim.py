@@ -15,7 +15,6 @@ Buffers (per rank; P trainable parameters of this rank, d = DP size, d' = d unde
            grad is added into its `main_grad` by a post-accumulate-grad hook and freed   4 B/param
   state    AdamW moments (fp32) and, with 16-bit weights, the fp32 master weights, for this rank's
            shard only                                                             (8 or 12) / d'
-  workspace  fp32 scratch of one bucket's chunk for the step's denominator, kept  bucket_mb MiB / d'
   metadata per parameter (weight decay, lr scale, counted in the grad norm), not per element.
 So bf16 costs 6 + 12/d bytes per parameter with ZeRO-1 (Megatron's mixed precision), fp32 8 + 8/d.
 
@@ -122,7 +121,7 @@ class FlatAdamW:
             for b in self.buckets:
                 for s in b.segments:
                     self.master[s.state : s.state + s.b - s.a].copy_(named[s.index][1].detach().reshape(-1)[s.a : s.b])
-        self._scratch = None  # step()'s workspace, made on first use (a build on the meta device has none)
+        self._step_groups = None  # step()'s views, made on first use (a build on the meta device has none)
         self.main_grads = []
         for name, p in named:
             o, n = self.offsets[name]
@@ -224,7 +223,10 @@ class FlatAdamW:
         """Global L2 norm of the gradient, each parameter counted once: its ZeRO-1 chunks summed over
         DP, TP-sharded slices on every TP rank and TP-replicated ones where `counted`, summed over
         the model-parallel `group`; then clip in place. Returns the norm before clipping."""
-        pieces = [self.grad[s.lo : s.lo + s.b - s.a] for b in self.buckets for s in b.segments if self.counted[s.index]]
+        if all(self.counted):  # every element counts: this rank's whole chunks (padding is zero), a few norms not one per parameter
+            pieces = self.grad_pieces()
+        else:
+            pieces = [self.grad[s.lo : s.lo + s.b - s.a] for b in self.buckets for s in b.segments if self.counted[s.index]]
         sq = torch.stack(torch._foreach_norm(pieces)).double().square().sum() if pieces else torch.zeros((), dtype=torch.float64)
         sq = sq.to(self.grad.device)
         if self.shards > 1:
@@ -238,38 +240,39 @@ class FlatAdamW:
         n = b.own_hi - b.own_lo
         return self.flat[b.own_lo : b.own_hi] if self.master is None else self.master[b.state : b.state + n]
 
-    def _workspace(self, n: int) -> torch.Tensor:
-        """n fp32 elements of scratch, kept between steps (the largest bucket's chunk on this rank):
-        a fresh multi-MB temporary every step comes from new pages each time, and on CPU those page
-        faults more than doubled the DP=2 optimizer step of `small` (torch.profiler: 2-4 ms per
-        sqrt or divide of its 8 MB chunk)."""
-        if self._scratch is None:
-            self._scratch = torch.empty(max(b.own_hi - b.own_lo for b in self.buckets), dtype=torch.float32, device=self.exp_avg.device)
-        return self._scratch[:n]
+    def _groups(self) -> list[list[tuple[float, float, list[list[torch.Tensor]]]]]:
+        """Per bucket: (lr scale, weight decay, [weights, grads, exp_avg, exp_avg_sq] views of its
+        segments) for each (lr scale, decay) pair present; built once (the buffers never move)."""
+        if self._step_groups is None:
+            self._step_groups = []
+            for b in self.buckets:
+                w, g = self._weights(b), self.grad[b.own_lo : b.own_hi]
+                n = b.own_hi - b.own_lo
+                m, v = self.exp_avg[b.state : b.state + n], self.exp_avg_sq[b.state : b.state + n]
+                groups: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
+                for s in b.segments:
+                    sl = slice(s.lo - b.own_lo, s.lo - b.own_lo + s.b - s.a)
+                    key = (self.lr_scale[s.index], self.weight_decay if self.decay[s.index] else 0.0)
+                    for views, t in zip(groups.setdefault(key, [[], [], [], []]), (w, g, m, v)):
+                        views.append(t[sl])
+                self._step_groups.append([(scale, wd, views) for (scale, wd), views in groups.items()])
+        return self._step_groups
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        """One AdamW step on this rank's chunks, each bucket's weights all-gathered as it is done."""
+        """One AdamW step on this rank's chunks, each bucket's weights all-gathered as it is done.
+        The arithmetic is torch's fused AdamW kernel (one call per bucket and (lr scale, decay)
+        group, on views of the flat buffers); our step count drives its bias correction."""
         b1, b2 = self.betas
         self.step_count += 1
-        bc1, bc2 = 1.0 - b1**self.step_count, 1.0 - b2**self.step_count
         gathers = []
-        for b in self.buckets:
-            n = b.own_hi - b.own_lo
-            w, g = self._weights(b), self.grad[b.own_lo : b.own_hi]
-            m, v = self.exp_avg[b.state : b.state + n], self.exp_avg_sq[b.state : b.state + n]
-            m.lerp_(g, 1.0 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            denom = torch.sqrt(v, out=self._workspace(n)).div_(math.sqrt(bc2)).add_(self.eps)
-            views = [(slice(s.lo - b.own_lo, s.lo - b.own_lo + s.b - s.a), s.index) for s in b.segments]
-            decayed = [(w[sl], 1.0 - lr * self.lr_scale[i] * self.weight_decay) for sl, i in views if self.decay[i] and self.weight_decay]
-            if decayed:
-                torch._foreach_mul_([t for t, _ in decayed], [f for _, f in decayed])
-            if views:
-                torch._foreach_addcdiv_([w[sl] for sl, _ in views], [m[sl] for sl, _ in views], [denom[sl] for sl, _ in views],
-                                        [-lr * self.lr_scale[i] / bc1 for _, i in views])
+        for b, groups in zip(self.buckets, self._groups()):
+            for scale, wd, (ws, gs, ms, vs) in groups:
+                steps = [torch.tensor(float(self.step_count)) for _ in ws]  # this step's number, per tensor (as torch.optim passes it)
+                torch._fused_adamw_(ws, gs, ms, vs, [], steps, lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd, eps=self.eps,
+                                    amsgrad=False, maximize=False)
             if self.master is not None:
-                self.flat[b.own_lo : b.own_hi].copy_(w)
+                self.flat[b.own_lo : b.own_hi].copy_(self._weights(b))
             if self.shards > 1:
                 gathers.append(_ALL_GATHER(self.flat[b.lo : b.hi], self.flat[b.own_lo : b.own_hi], group=self.group, async_op=True))
         for work in gathers:

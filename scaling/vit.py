@@ -106,13 +106,15 @@ class ParallelBlock(nn.Module):
         """LN_k(x) -> Column_k on all tokens (in the TP region) -> body: sum_k of the Row_k
         partial outputs -> one all-reduce (or reduce-scatter under SP) + the summed Row biases."""
         cols, rows = zip(*(br.linears() for br in branches))
-        w = torch.stack([br.norm.weight for br in branches])
-        b = torch.stack([br.norm.bias for br in branches])
-        bias = sum(row.bias for row in rows)
+        w = _stack([br.norm.weight for br in branches])
+        b = _stack([br.norm.bias for br in branches])
+        bias = _sum([row.bias for row in rows])
         wdt = cols[0].weight.dtype  # 16-bit weights (--precision bf16): the Column linears take 16-bit inputs
         if not self.sequence_parallel:
             h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps).to(wdt))
-            a = torch.stack([col(h[k])[0] for k, col in enumerate(cols)])  # [K, B, N, out/T]
+            # F.linear on each Column shard: the TP-region copy above serves all branches, so
+            # megatron's linear function would add only its per-call overhead and a separate bias add.
+            a = _stack([F.linear(hk, col.weight, col.bias) for hk, col in zip(h.unbind(0), cols)])  # [K, B, N, out/T]
             return mappings.reduce_from_tensor_model_parallel_region(body(a)) + bias
         # SP: x holds my N/T tokens; LN params see only those, so their grads are all-reduced.
         w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
@@ -125,7 +127,7 @@ class ParallelBlock(nn.Module):
 
     def _mlp(self, a):
         """a: [K, B, n, M/T] fc1 outputs -> sum_k fc2_k(gelu(a_k)) before the TP reduction."""
-        return sum(F.linear(F.gelu(a[k]), br.fc2.weight) for k, br in enumerate(self.mlp))
+        return _sum([F.linear(F.gelu(ak), br.fc2.weight) for ak, br in zip(a.unbind(0), self.mlp)])
 
     def _attention(self, qkv, hw):
         """qkv: [K, B, n, 3D/T] (my heads' q, k, v) -> sum_k proj_k(attn_k) before the TP reduction."""
@@ -145,7 +147,7 @@ class ParallelBlock(nn.Module):
         else:
             o = self._attend(q, k, v, grid)
         o = o.transpose(1, 2).reshape(K, Bw, L, -1)
-        out = sum(F.linear(o[j], br.proj.weight) for j, br in enumerate(self.attn))
+        out = _sum([F.linear(oj, br.proj.weight) for oj, br in zip(o.unbind(0), self.attn)])
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, hw)
         return out
@@ -154,6 +156,20 @@ class ParallelBlock(nn.Module):
         """softmax(q k^T / sqrt(d)) v for q, k, v [K*B', heads/T, L, d] (branch-major) on a token
         grid (H, W) (None without one); the hook where a subclass adds a position bias."""
         return kernels.attention(q, k, v)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, without its copy for one branch. (Branches are taken apart with unbind, whose
+    backward is one stack; indexing each would zero-fill the whole tensor per branch in backward.)"""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The branches' sum (no 0 + t for one branch)."""
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
 
 
 def _autocast_copies(*tensors):
