@@ -266,11 +266,11 @@ class FlatAdamW:
         b1, b2 = self.betas
         self.step_count += 1
         gathers = []
+        step = torch.tensor(float(self.step_count))  # read by the kernel for every tensor (torch.optim increments it before)
         for b, groups in zip(self.buckets, self._groups()):
             for scale, wd, (ws, gs, ms, vs) in groups:
-                steps = [torch.tensor(float(self.step_count)) for _ in ws]  # this step's number, per tensor (as torch.optim passes it)
-                torch._fused_adamw_(ws, gs, ms, vs, [], steps, lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd, eps=self.eps,
-                                    amsgrad=False, maximize=False)
+                torch._fused_adamw_(ws, gs, ms, vs, [], [step] * len(ws), lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd,
+                                    eps=self.eps, amsgrad=False, maximize=False)
             if self.master is not None:
                 self.flat[b.own_lo : b.own_hi].copy_(self._weights(b))
             if self.shards > 1:

@@ -114,7 +114,7 @@ class ParallelBlock(nn.Module):
             h = mappings.copy_to_tensor_model_parallel_region(kernels.multi_layer_norm(x, w, b, self.eps).to(wdt))
             # F.linear on each Column shard: the TP-region copy above serves all branches, so
             # megatron's linear function would add only its per-call overhead and a separate bias add.
-            a = _stack([F.linear(hk, col.weight, col.bias) for hk, col in zip(h.unbind(0), cols)])  # [K, B, N, out/T]
+            a = _stack([F.linear(hk, col.weight, col.bias) for hk, col in zip(_unstack(h), cols)])  # [K, B, N, out/T]
             return mappings.reduce_from_tensor_model_parallel_region(body(a)) + bias
         # SP: x holds my N/T tokens; LN params see only those, so their grads are all-reduced.
         w, b = mappings.copy_to_tensor_model_parallel_region(w), mappings.copy_to_tensor_model_parallel_region(b)
@@ -127,7 +127,7 @@ class ParallelBlock(nn.Module):
 
     def _mlp(self, a):
         """a: [K, B, n, M/T] fc1 outputs -> sum_k fc2_k(gelu(a_k)) before the TP reduction."""
-        return _sum([F.linear(F.gelu(ak), br.fc2.weight) for ak, br in zip(a.unbind(0), self.mlp)])
+        return _sum([F.linear(F.gelu(ak), br.fc2.weight) for ak, br in zip(_unstack(a), self.mlp)])
 
     def _attention(self, qkv, hw):
         """qkv: [K, B, n, 3D/T] (my heads' q, k, v) -> sum_k proj_k(attn_k) before the TP reduction."""
@@ -147,7 +147,7 @@ class ParallelBlock(nn.Module):
         else:
             o = self._attend(q, k, v, grid)
         o = o.transpose(1, 2).reshape(K, Bw, L, -1)
-        out = _sum([F.linear(oj, br.proj.weight) for oj, br in zip(o.unbind(0), self.attn)])
+        out = _sum([F.linear(oj, br.proj.weight) for oj, br in zip(_unstack(o), self.attn)])
         if self.window_size:
             out = window_unpartition(out, self.window_size, pad_hw, hw)
         return out
@@ -159,9 +159,15 @@ class ParallelBlock(nn.Module):
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, without its copy for one branch. (Branches are taken apart with unbind, whose
-    backward is one stack; indexing each would zero-fill the whole tensor per branch in backward.)"""
+    """torch.stack, without its copy for one branch."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _unstack(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The branches of [K, ...] as views: unbind (its backward is one stack; indexing each branch
+    would zero-fill the whole tensor per branch in backward), a squeeze for one branch (whose
+    backward copies nothing)."""
+    return (t.squeeze(0),) if t.shape[0] == 1 else t.unbind(0)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -52,11 +52,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import mappings as _mcore
 
 from rsscale.scaling.parallel import state
 
 TOKEN_DIM = 1
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """megatron-core's, on our TP group (given explicitly: without it megatron warns on every call)."""
+    return _mcore.copy_to_tensor_model_parallel_region(x, group=state.tp_group())
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """megatron-core's, on our TP group (as above)."""
+    return _mcore.reduce_from_tensor_model_parallel_region(x, group=state.tp_group())
 # torch >= 2.10 renamed reduce_scatter_tensor (the old name warns); same signature.
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
