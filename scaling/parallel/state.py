@@ -143,7 +143,7 @@ def keep_freed_host_memory() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         if not libc.mallopt(m_mmap_threshold, 1 << 30):  # older glibc caps it at 32 MiB
             libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 4 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)  # (mallopt takes a C int)
     except (OSError, AttributeError):
         pass
 
