@@ -6,7 +6,8 @@ for free:
 
     ours                      native peer
     one process               the same model, torch.optim.AdamW (fused where torch has it)
-    DP (all-reduce, ZeRO-1)   DistributedDataParallel (gradient accumulation under no_sync)
+    DP (all-reduce)           DistributedDataParallel (gradient accumulation under no_sync)
+    DP with ZeRO-1            the same, with torch's ZeroRedundancyOptimizer over fused AdamW
     TP (dp 1, no SP)          DTensor: parallelize_module, ColwiseParallel qkv/fc1, RowwiseParallel proj/fc2
     FSDP                      FSDP2 fully_shard on every block and the root
     PP, TP x DP, SP           no native peer here: said in one line, nothing measured
@@ -173,6 +174,13 @@ class NativePeer:
         groups = [[g for g in ({"params": [p for n, p in kind if decays(n, p)]},  # decay where ours does (matrices only)
                                {"params": [p for n, p in kind if not decays(n, p)], "weight_decay": 0.0}) if g["params"]]
                   for kind in kinds if kind]
+        if self.kind == "ddp" and opt.distributed_optimizer:  # ZeRO-1 the native way: AdamW state sharded over the DP group
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizers = [ZeroRedundancyOptimizer(g, optimizer_class=torch.optim.AdamW, process_group=trainer.state.dp_group(),
+                                                       fused=True, **kw) for g in groups]
+            self.optimizer_impl = "ZeroRedundancyOptimizer(fused)"
+            return
         try:
             self.optimizers = [torch.optim.AdamW(g, fused=True, **kw) for g in groups]
             self.optimizer_impl = "fused"

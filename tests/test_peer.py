@@ -10,21 +10,21 @@ import torch
 from distributed import run_distributed
 
 
-def _first_losses(rank, world, tp, fsdp, precision="fp32"):
+def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False):
     from rsscale.benchmarks.peer import NativePeer
     from rsscale.scaling.layout import Layout
-    from rsscale.scaling.train import Trainer, TrainConfig
+    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
     dp = world // tp
     config = TrainConfig(model="tiny", parallel=Layout(tp=tp, dp=dp, micro_batch=2, global_batch=4 * dp), data="random",
-                         record=False, fsdp=fsdp, precision=precision, steps=2)
+                         record=False, fsdp=fsdp, precision=precision, steps=2, optim=OptimConfig(distributed_optimizer=zero))
     trainer = Trainer.build(config)
     peer = NativePeer(trainer)
     out = []
     for _ in range(2):  # the second step starts from each side's own update
         native = peer.train_step(trainer._micro_batches())["loss"]
         out.append((trainer.train_step()["loss"], native))
-    return peer.kind, out
+    return (peer.kind, peer.optimizer_impl) if zero else peer.kind, out
 
 
 def test_one_process_peer_trains_the_same_model():
@@ -40,6 +40,14 @@ def test_two_process_peers_train_the_same_model(tp, fsdp, kind):
     results = run_distributed(_first_losses, 2, tp, fsdp)
     for got_kind, [(ours, native), _] in results:
         assert got_kind == kind and native == pytest.approx(ours, rel=1e-5)
+
+
+def test_zero1_peer_is_ddp_with_zero_redundancy_optimizer_and_updates_alike():
+    """ZeRO-1 against torch's ZeroRedundancyOptimizer: the second step's loss (after each side's
+    sharded AdamW update) agrees too."""
+    for (kind, impl), [(ours, native), (ours2, native2)] in run_distributed(_first_losses, 2, 1, False, "fp32", True):
+        assert (kind, impl) == ("ddp", "ZeroRedundancyOptimizer(fused)")
+        assert native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-6)
 
 
 def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
