@@ -38,7 +38,7 @@ from rsscale.scaling.layout import LAYOUT_FLAGS, Layout, validate_layout
 
 GIB, MIB = 2**30, 2**20
 DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
-COMMANDS = {"pretrain": "rsscale.scaling.train", "bench": "rsscale.benchmarks.harness", "finetune": "rsscale.finetune.train"}
+COMMANDS = {"pretrain": "rsscale.scaling.train", "bench": "rsscale.benchmarks.bench", "finetune": "rsscale.finetune.train"}
 CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp",
                                                                      "--activation-checkpointing")
 # this module's flags, removed before the command parses

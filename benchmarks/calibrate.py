@@ -142,7 +142,7 @@ def _one_process_step(model: str, micro_batch: int, global_batch: int, precision
     CPU run computes) that writes its summary to `path`; `_summary(path)` reads its median step time back."""
     import subprocess
 
-    from rsscale.benchmarks.harness import BenchOptions, bench_command
+    from rsscale.benchmarks.bench import BenchOptions, bench_command
 
     opts = BenchOptions(model=model, micro_batch=micro_batch, global_batch=global_batch, warmup=warmup, steps=steps, precision=precision,
                         recompute=recompute, fsdp=fsdp, peak_tflops=1.0, record=False, summary_json=path)

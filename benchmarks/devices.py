@@ -74,7 +74,7 @@ def cpu_device() -> Device:
 
     import torch
 
-    from rsscale.benchmarks.harness import matmul_peak_tflops
+    from rsscale.benchmarks.bench import matmul_peak_tflops
 
     peak = matmul_peak_tflops(torch.device("cpu"), "fp32")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -29,7 +29,7 @@ import tempfile
 
 from rsscale.benchmarks import analytic, devices
 from rsscale.benchmarks.autolayout import GIB, DEFAULT_MEMORY_GB, enumerate_plans, rank_finetune_plans, rank_plans, size
-from rsscale.benchmarks.harness import BenchOptions, bench_command
+from rsscale.benchmarks.bench import BenchOptions, bench_command
 from rsscale.scaling.config import get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
 
@@ -415,7 +415,7 @@ def main(args) -> int:
     args.peak_tflops_given = args.peak_tflops is not None
     peak_measured = args.measure and not args.peak_tflops_given and not _cuda()
     if peak_measured:
-        from rsscale.benchmarks.harness import matmul_peak_tflops
+        from rsscale.benchmarks.bench import matmul_peak_tflops
         import torch
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True

@@ -414,7 +414,7 @@ def _peak_flops() -> float:
     if not _PEAK:
         import torch
 
-        from rsscale.benchmarks.harness import matmul_peak_tflops
+        from rsscale.benchmarks.bench import matmul_peak_tflops
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _PEAK.append(matmul_peak_tflops(dev, "bf16" if dev.type == "cuda" else "fp32") * 1e12)

@@ -14,7 +14,7 @@ import pytest
 import torch.distributed
 
 from rsscale.benchmarks import gpu_check
-from rsscale.benchmarks import kernel_bench as kb
+from rsscale.benchmarks import kernels as kb
 from rsscale.benchmarks import profile
 from rsscale.scaling.config import CPU_LADDER
 from rsscale.scaling import log as rsscale_log

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (
 import pytest
 import torch
 
-from rsscale.benchmarks import kernel_bench as kb
+from rsscale.benchmarks import kernels as kb
 from rsscale.scaling.cli import main as cli
 
 

@@ -90,7 +90,7 @@ def test_report_from_empty_store(tmp_path):
 
 
 def test_summarize_by_hand():
-    from rsscale.benchmarks.harness import summarize
+    from rsscale.benchmarks.bench import summarize
 
     s = summarize([1.0, 2.0, 3.0, 4.0, 100.0], global_batch=8, step_flops=1e12, model_flops=5e11, peak_tflops=2.0, devices=2)
     assert s["step_time_median_s"] == 3.0 and s["step_time_min_s"] == 1.0 and s["step_time_max_s"] == 100.0
@@ -102,20 +102,20 @@ def test_summarize_by_hand():
 def test_bench_command_round_trips_through_the_cli():
     import argparse
 
-    from rsscale.benchmarks import harness
+    from rsscale.benchmarks import bench
 
-    opts = harness.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
+    opts = bench.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
                                 record_kind="profile", recompute="selective")
-    cmd = harness.bench_command(opts, 2)
+    cmd = bench.bench_command(opts, 2)
     assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
     parser = argparse.ArgumentParser()
-    harness.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(cmd[cmd.index("bench") + 1:])
-    assert harness.options_from_args(args) == opts
+    assert bench.options_from_args(args) == opts
 
 
 def test_harness_end_to_end_tiny(tmp_path):
-    from rsscale.benchmarks.harness import BenchOptions, run_bench
+    from rsscale.benchmarks.bench import BenchOptions, run_bench
     from rsscale.scaling.parallel.state import destroy_parallel
 
     db = str(tmp_path / "b.db")

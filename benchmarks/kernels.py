@@ -505,6 +505,6 @@ def check(args) -> int:
 if __name__ == "__main__":
     import argparse
 
-    _parser = argparse.ArgumentParser(prog="kernel_bench")
+    _parser = argparse.ArgumentParser(prog="rsscale kernels")
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))
