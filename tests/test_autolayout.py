@@ -70,21 +70,24 @@ def test_a_broken_results_store_is_said_not_silently_skipped(tmp_path, monkeypat
     assert str(broken) in capsys.readouterr().err
 
 
-def test_finetune_runs_and_records_the_chosen_layout(tmp_path, monkeypatch, capsys):
-    from rsscale.scaling.cli import main
-    from rsscale.scaling.store import ResultsStore
+def test_finetune_gets_the_chosen_layout_as_flags_it_accepts(tmp_path, monkeypatch, capsys):
+    """finetune --layout auto: every layout counted, the winner's flags replace it and finetune's
+    own parser turns them into that layout (the run itself is pretrain's test above)."""
+    import argparse
+
+    from rsscale.finetune import train as FT
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    db = tmp_path / "r.db"
-    assert main(["finetune", "--layout", "auto", "--task", "seg", "--dataset", "synthetic", "--data", str(tmp_path / "data"),
-                 "--synthetic-count", "4", "--steps", "1", "--global-batch", "2", "--max-eval-images", "1", "--results", str(db)]) == 0
+    argv = autolayout.resolve("finetune", ["--task", "seg", "--dataset", "synthetic", "--data", str(tmp_path), "--layout", "auto",
+                                           "--gpus", "1", "--global-batch", "2", "--memory-gb", "4"])
     out = capsys.readouterr().out
     assert "fine-tuning layouts of tiny (seg, 128 px)" in out and "each counted exactly" in out
-    run = ResultsStore(str(db)).runs(kind="finetune").iloc[0]
-    view = autolayout.device_view("fp32", 1)
-    plan, _ = autolayout.choose_finetune(get_preset("tiny"), 1, 2, "fp32", view, None, "seg", 128,
+    plan, _ = autolayout.choose_finetune(get_preset("tiny"), 1, 2, "fp32", autolayout.device_view("fp32", 1, memory_gb=4), None, "seg", 128,
                                          dict(detector="orcnn", channels=32, window=4))
-    assert run["micro_batch"] == plan.layout.micro_batch and f"running {plan.layout}" in out
+    assert f"running {plan.layout}" in out and "--pp" not in argv and "--layout" not in argv
+    parser = argparse.ArgumentParser()
+    FT.add_arguments(parser)
+    assert FT.layout_from_args(parser.parse_args(argv), 1) == plan.layout
 
 
 def test_profile_prints_the_choice_counted_and_as_flags(capsys):
