@@ -38,6 +38,11 @@ class Device:
 
 
 DEVICES = {d.name: d for d in [
+    # NVIDIA Tesla V100 datasheet (SXM2): FP32 15.7, Tensor (FP16) 125 TFLOP/s; no BF16, no TF32;
+    # 32GB HBM2 900 GB/s; NVLink 300 GB/s (both directions). DGX-1: 4 x 100 Gb/s EDR InfiniBand per 8 GPUs.
+    # https://www.nvidia.com/en-us/data-center/v100/
+    Device("v100", "V100 SXM2 32GB", {"fp32": 15.7, "fp16": 125}, 32, 900, 150, 6.25,
+           "NVIDIA V100 datasheet; DGX-1 (4 x EDR 100 Gb/s per 8 GPUs)"),
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4): FP32 19.5, TF32 156, BF16/FP16 312 TFLOP/s dense;
     # 40GB HBM2 1,555 GB/s, 80GB HBM2e 2,039 GB/s; NVLink 600 GB/s (both directions).
     # DGX A100: one 200 Gb/s HDR InfiniBand port per GPU.

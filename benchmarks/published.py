@@ -33,6 +33,7 @@ def _vit(name: str, width: int, depth: int, heads: int, mlp: int, patch: int, cl
 VIT_B16 = _vit("ViT-B/16", 768, 12, 12, 3072, 16)
 VIT_L16_21K = _vit("ViT-L/16 (21k classes)", 1024, 24, 16, 4096, 16, classes=21841)
 VIT_G14 = _vit("ViT-g/14", 1408, 40, 16, 6144, 14)
+MAE_VIT_L16 = ViTConfig(name="MAE ViT-L/16", width=1024, heads=16, mlp=4096, depth=24)  # MAE's decoder: 512 wide, 8 deep; mask 0.75
 
 JAX = ("NVIDIA JAX-Toolbox, rosetta/projects/vit/README.md, 'Pre-training Performance Results' "
        "(https://github.com/NVIDIA/JAX-Toolbox/blob/main/rosetta/rosetta/projects/vit/README.md)")
@@ -40,6 +41,8 @@ NEMO = ("NVIDIA NeMo Framework user guide, Vision Transformer > Performance "
         "(https://docs.nvidia.com/nemo-framework/user-guide/latest/MultimodalModels/VisionLanguageFoundation/Vit/Perf.html)")
 PLSC = ("PaddlePaddle PLSC, task/classification/vit/README.md and its configs "
         "(https://github.com/PaddlePaddle/PLSC/tree/master/task/classification/vit)")
+MAE = ("facebookresearch/mae PRETRAIN.md: 'Training time is ~42h in 64 V100 GPUs (800 epochs)', batch 64 per GPU x 64 "
+       "(https://github.com/facebookresearch/mae/blob/main/PRETRAIN.md)")
 MMPRE = ("OpenMMLab mmpretrain issue 1741 and config vit-base-p16_32xb128-mae_in1k.py "
          "(https://github.com/open-mmlab/mmpretrain/issues/1741)")
 
@@ -73,6 +76,9 @@ POINTS = [
           "fp16 O2, data parallel, 512 per GPU in 2 accumulation steps; A100 memory size not stated (80 GB assumed)"),
     Point(VIT_L16_21K, "a100-80", 32, 8, "fp16", 4096, 128, 5256, "measured (README)", PLSC,
           "ImageNet-21k head; 4 nodes; A100 memory size not stated (80 GB assumed)"),
+    Point(MAE_VIT_L16, "v100", 64, 8, "fp16", 4096, 64, 6779, "derived: 800 epochs x 1,281,167 images / 42 h", MAE,
+          "MAE pretraining, mask 0.75, 512x8 decoder; fp16 autocast (the repo's default); 8 nodes whose network is not stated "
+          "(DGX-1's assumed); the 42 h include data loading and checkpoints"),
     Point(VIT_B16, "a100-80", 32, 8, "fp32", 4096, 128, 5931, "derived: 300 epochs x 1,281,167 images / 18 h", MMPRE,
           "no AMP; whether TF32 was on is not stated (predicted in strict fp32); the 18 h include validation"),
 ]

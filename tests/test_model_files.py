@@ -91,8 +91,12 @@ def test_profile_takes_a_model_file_on_every_named_device(tmp_path, text, capsys
 
     path = tmp_path / ("m.toml" if "=" in text else "m.yaml")
     path.write_text(text)
+    from rsscale.benchmarks.devices import DEVICES
+
     for device in NAMES:
-        assert main(["profile", "--model", str(path), "--device", device, "--gpus", "8", "--global-batch", "64", "--top", "1"]) == 0, device
+        precision = "fp16" if device != "cpu" and "bf16" not in DEVICES[device].tflops else "bf16"  # V100: no bf16
+        assert main(["profile", "--model", str(path), "--device", device, "--gpus", "8", "--global-batch", "64", "--top", "1",
+                     "--precision", precision]) == 0, device
     assert capsys.readouterr().out.count("valid layouts") == len(NAMES)
 
 
