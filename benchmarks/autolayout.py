@@ -11,7 +11,7 @@ it with `--layout auto` replaced by the chosen flags (--tp --pp --dp --micro-bat
 runs, checkpoints and records exactly what an explicit layout would (the run's config and the
 store hold the choice). `profile --layout auto` prints the choice and stops.
 
-The choice: every valid layout (benchmarks/profile.py `enumerate_plans`), the analytic memory of
+The choice: every valid layout (`enumerate_plans` below), the analytic memory of
 each against the device's memory minus a reserve, ranked by predicted step time (the calibrated
 time model when this machine has one stored, else the analytic model; `--device` for a named
 device's datasheet, `--nodes`/`--gpus-per-node` for collectives that cross nodes). The fastest is
@@ -70,6 +70,12 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
                     continue
                 plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
     return plans
+
+
+def finetune_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batches=None) -> list[analytic.Plan]:
+    """The valid fine-tuning plans: TP x DP (no pipeline), full recompute or none, ZeRO-1 or not (no FSDP)."""
+    return [p for p in enumerate_plans(cfg, gpus, global_batch, precision, micro_batches, pipeline=False)
+            if p.recompute != "selective" and not p.fsdp]
 
 
 def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
@@ -154,9 +160,9 @@ def device_view(precision: str, gpus: int, device: str | None = None, memory_gb:
         hw = devices.hardware(named, precision, gpus_per_node if nodes > 1 else 0)
         view = View(hw, named.memory_gb, named.label + (f", {nodes} nodes x {gpus_per_node}" if nodes > 1 else ""), named=True)
     elif torch.cuda.is_available():
-        view = View(analytic.Hardware(), torch.cuda.get_device_properties(0).total_memory / 2**30, torch.cuda.get_device_name(0))
+        view = View(analytic.Hardware(), torch.cuda.get_device_properties(0).total_memory / GIB, torch.cuda.get_device_name(0))
     else:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         view = View(analytic.Hardware(), ram / gpus, "this CPU (RAM shared by the processes)")
     view.memory_gb = memory_gb or view.memory_gb or DEFAULT_MEMORY_GB
     return view
@@ -254,7 +260,7 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserv
     from rsscale.benchmarks.count import count_plan
 
     reserve = _reserve(view, reserve_gb)
-    budget = (view.memory_gb - reserve) * 2**30
+    budget = (view.memory_gb - reserve) * GIB
     plans = enumerate_plans(cfg, gpus, global_batch, precision)
     if not plans:
         raise ValueError(f"--layout auto: no valid layout of {cfg.name} on {gpus} devices with global batch {global_batch} "
@@ -285,12 +291,11 @@ def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: Vie
     """The fastest predicted fine-tuning layout (TP x DP) whose exact count fits (every one is
     counted: `rank_finetune_plans`), and the lines saying why."""
     reserve = _reserve(view, reserve_gb)
-    plans = [p for p in enumerate_plans(cfg, gpus, global_batch, precision, pipeline=False)
-             if p.recompute != "selective" and not p.fsdp]  # fine-tuning has full recompute and ZeRO-1 only
+    plans = finetune_plans(cfg, gpus, global_batch, precision)
     if not plans:
         raise ValueError(f"--layout auto: no valid fine-tuning layout of {cfg.name} on {gpus} devices with global batch {global_batch}")
     options = {k: v for k, v in options.items() if v is not None}
-    rows = [r for r in rank_finetune_plans(cfg, plans, view.hw, (view.memory_gb - reserve) * 2**30, task, img, options) if r["fits"]]
+    rows = [r for r in rank_finetune_plans(cfg, plans, view.hw, (view.memory_gb - reserve) * GIB, task, img, options) if r["fits"]]
     if not rows:
         raise ValueError(f"--layout auto: none of the {len(plans)} fine-tuning layouts of {cfg.name} on {gpus} devices fits in "
                          f"{view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")

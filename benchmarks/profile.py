@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 
 from rsscale.benchmarks import analytic, devices
-from rsscale.benchmarks.autolayout import GIB, DEFAULT_MEMORY_GB, enumerate_plans, rank_finetune_plans, rank_plans, size
+from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
 from rsscale.benchmarks.bench import BenchOptions, bench_command
 from rsscale.scaling.config import get_preset
 from rsscale.scaling.config_file import check_number, check_numbers
@@ -358,8 +358,7 @@ def check_args(args) -> None:
 def main_finetune(args, cfg, hw, budget) -> int:
     """`rsscale profile --task seg|det`: fine-tuning layouts, counted and ranked."""
     options = {k: getattr(args, k) for k in ("detector", "channels", "window") if getattr(args, k) is not None}
-    plans = [p for p in enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2], pipeline=False)
-             if p.recompute != "selective" and not p.fsdp]  # fine-tuning has full recompute and ZeRO-1 only
+    plans = finetune_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2])
     if not plans:
         print(f"no valid fine-tuning layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1
