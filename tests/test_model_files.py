@@ -115,3 +115,13 @@ def test_a_supervised_model_trains_alike_on_one_and_two_pipeline_stages(tmp_path
                      "--out", str(tmp_path / f"run{i}"), "--results", str(db), *extra]) == 0
         losses.append(ResultsStore(str(db)).metrics(name="loss")["value"].iloc[0])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(math.log(10), abs=0.2)  # ln(10) at the start
+
+
+def test_bench_peer_refuses_a_supervised_model_in_one_line(tmp_path, capsys):
+    from rsscale.scaling.cli import main
+
+    sup = tmp_path / "sup.yaml"
+    sup.write_text("width: 32\nheads: 2\nmlp: 64\ndepth: 2\nimg_size: 32\npatch_size: 8\ndec_depth: 0\nmask_ratio: 0\nnum_classes: 10\n")
+    assert main(["bench", "--model", str(sup), "--peer", "torch", "--steps", "1", "--warmup", "0", "--micro-batch", "2",
+                 "--global-batch", "2", "--no-record"]) == 2
+    assert "no PyTorch-native peer for the supervised model 'sup'" in capsys.readouterr().err
