@@ -163,8 +163,10 @@ def check_peer(opts: BenchOptions, layout: Layout) -> Layout:
     if opts.peer == "torch":
         from rsscale.benchmarks.peer import native_kind
 
-        if native_kind(layout, opts.fsdp) is None:
-            raise ValueError(f"--peer torch: no PyTorch-native peer for {layout} (pipeline, sequence parallel and TP x DP have none here)")
+        try:
+            native_kind(layout, opts.fsdp)
+        except ValueError as e:
+            raise ValueError(f"--peer torch: {e}") from None
     return layout
 
 
@@ -426,8 +428,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
     parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
     parser.add_argument("--peer", choices=("none", "torch"), default=d.peer,
-                        help="torch: also run the same model the PyTorch-native way (one process, DDP, DTensor TP, FSDP2; "
-                        "fused AdamW, SDPA), steps alternating with ours; ratios in the summary and the store")
+                        help="torch: also run the same model the PyTorch-native way (one process, DDP, ZeroRedundancyOptimizer, "
+                        "DTensor TP and SP, torch.distributed.pipelining, FSDP2; fused AdamW, SDPA), steps alternating with ours; "
+                        "ratios in the summary and the store")
     parser.add_argument("--vpp-sweep", default=None, metavar="V1,V2,...", help="measure once per --vpp value in this launch, "
                         "img/s and pipeline bubble side by side (overrides --vpp)")
 

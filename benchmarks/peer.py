@@ -8,15 +8,20 @@ for free:
     one process               the same model, torch.optim.AdamW (fused where torch has it)
     DP (all-reduce)           DistributedDataParallel (gradient accumulation under no_sync)
     DP with ZeRO-1            the same, with torch's ZeroRedundancyOptimizer over fused AdamW
-    TP (dp 1, no SP)          DTensor: parallelize_module, ColwiseParallel qkv/fc1, RowwiseParallel proj/fc2
+    TP (dp 1)                 DTensor: parallelize_module, ColwiseParallel qkv/fc1, RowwiseParallel proj/fc2
+    TP + SP (dp 1)            the same with SequenceParallel LayerNorms, the residual stream sharded
+                              over tokens between the blocks (PrepareModuleInput/Output at the ends)
     FSDP                      FSDP2 fully_shard on every block and the root
-    PP, TP x DP, SP           no native peer here: said in one line, nothing measured
+    PP (tp 1, dp 1)           torch.distributed.pipelining: PipelineStage per chunk (the same blocks
+                              as ours), Schedule1F1B, or ScheduleInterleaved1F1B with --vpp
+    TP x DP, PP x (TP, DP)    no native peer here: refused in one line before anything runs
 
 The peer's parameter names equal ours at TP=1, so it loads our full weights (gathered once at
-start: the bench models fit one process). Under TP the qkv rows are reordered so that each
-rank's contiguous ColwiseParallel shard holds its heads' q, k and v (ours keeps [q; k; v] and
-cuts with stride 3). Steps alternate with ours on the same batch; each side's time excludes
-drawing the batch. Peak memory on CPU is the process's (both models are resident).
+start: the bench models fit one process; under PP each stage loads its own). Under TP the qkv
+rows are reordered so that each rank's contiguous ColwiseParallel shard holds its heads' q, k and
+v (ours keeps [q; k; v] and cuts with stride 3). Under SP both sides pad the tokens to a multiple
+of TP and attend to the real ones only. Steps alternate with ours on the same batch; each side's
+time excludes drawing the batch. Peak memory on CPU is the process's (both models are resident).
 """
 
 from __future__ import annotations
@@ -29,24 +34,26 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rsscale.scaling.mae import patchify, random_masking
+from rsscale.scaling.mae import mask_from_noise, patchify, random_masking
 from rsscale.scaling.optim import decays, lr_at
 from rsscale.scaling.vit import PatchEmbed
 
 
 class _Attention(nn.Module):
-    def __init__(self, width: int, heads: int, qkv_bias: bool, eps: float):
+    def __init__(self, width: int, heads: int, qkv_bias: bool, eps: float, tokens: int):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=eps)
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
-        self.head_dim = width // heads
+        self.head_dim, self.tokens = width // heads, tokens
 
     def forward(self, x):
-        B, N, _ = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)  # -1: this rank's heads
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(B, N, -1))
+        qkv = self.qkv(self.norm(x))  # under sequence parallelism: every rank's tokens, padding included
+        B, N, _ = qkv.shape
+        n = self.tokens  # the real tokens: padding is never attended (as ours)
+        q, k, v = qkv[:, :n].reshape(B, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)  # -1: this rank's heads
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, -1)
+        return self.proj(F.pad(o, (0, 0, 0, N - n)) if N > n else o)
 
 
 class _Mlp(nn.Module):
@@ -63,9 +70,9 @@ class _Mlp(nn.Module):
 class NativeBlock(nn.Module):
     """K parallel attention branches, then K parallel MLP branches, each pre-norm and residual."""
 
-    def __init__(self, width: int, heads: int, mlp: int, branches: int, qkv_bias: bool, eps: float):
+    def __init__(self, width: int, heads: int, mlp: int, branches: int, qkv_bias: bool, eps: float, tokens: int):
         super().__init__()
-        self.attn = nn.ModuleList(_Attention(width, heads, qkv_bias, eps) for _ in range(branches))
+        self.attn = nn.ModuleList(_Attention(width, heads, qkv_bias, eps, tokens) for _ in range(branches))
         self.mlp = nn.ModuleList(_Mlp(width, mlp, eps) for _ in range(branches))
 
     def forward(self, x):
@@ -74,7 +81,14 @@ class NativeBlock(nn.Module):
 
 
 class NativeMAE(nn.Module):
-    """MAE (models_mae.py's algorithm) of a ViTConfig, with our parameter names."""
+    """MAE (models_mae.py's algorithm) of a ViTConfig, with our parameter names.
+
+    `forward(imgs, noise)` -> (pred, mask), and `mae_loss` of that and the images is the loss. A
+    pipeline chunk is this model pruned (`pipeline_chunk`): without the patch embedding it takes
+    the previous chunk's hidden states instead of images; without the decoder it returns
+    (hidden states, noise), the noise travelling with the tokens so that the last chunk can undo
+    the masking (the native way of passing side inputs between `torch.distributed.pipelining`
+    stages; it needs no gradient)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -83,62 +97,105 @@ class NativeMAE(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D), requires_grad=False)
-        self.blocks = nn.ModuleDict({str(i): NativeBlock(D, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps) for i in range(cfg.depth)})
+        self.blocks = nn.ModuleDict({str(i): NativeBlock(D, cfg.heads, cfg.mlp, cfg.branches, cfg.qkv_bias, cfg.ln_eps, cfg.num_visible + 1)
+                                     for i in range(cfg.depth)})
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, Dd), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(NativeBlock(Dd, cfg.dec_heads, cfg.dec_mlp, 1, cfg.qkv_bias, cfg.ln_eps) for _ in range(cfg.dec_depth))
+        self.decoder_blocks = nn.ModuleList(NativeBlock(Dd, cfg.dec_heads, cfg.dec_mlp, 1, cfg.qkv_bias, cfg.ln_eps, cfg.num_patches + 1)
+                                            for _ in range(cfg.dec_depth))
         self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.ln_eps)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_dim)
+        self.pad_to = 1  # sequence parallelism: tokens zero-padded to a multiple of TP around the blocks
 
-    def forward(self, imgs, noise):
-        """-> the loss: mean over masked patches of the per-patch MSE (normalized targets)."""
-        cfg = self.cfg
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = random_masking(x, cfg.mask_ratio, noise)
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
-        for blk in self.blocks.values():
+    def _run(self, blocks, x):
+        n = x.shape[1]
+        x = F.pad(x, (0, 0, 0, -n % self.pad_to))
+        for blk in blocks:
             x = blk(x)
+        return x[:, :n]
+
+    def forward(self, x, noise):
+        cfg = self.cfg
+        if self.patch_embed is not None:  # x: images
+            x = self.patch_embed(x) + self.pos_embed[:, 1:]
+            x, _, _ = random_masking(x, cfg.mask_ratio, noise)
+            x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        x = self._run(self.blocks.values(), x)
+        if self.decoder_pred is None:
+            return x, noise
+        _, mask, ids_restore = mask_from_noise(noise, x.shape[1] - 1)
         x = self.decoder_embed(self.norm(x))
         B, n_vis, Dd = x.shape
         x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, ids_restore.shape[1] + 1 - n_vis, -1)], dim=1)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-        target = patchify(imgs, cfg.patch_size)
-        if cfg.norm_pix_loss:
-            target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        x = self._run(self.decoder_blocks, x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask
 
 
-def native_kind(layout, fsdp: bool) -> str | None:
-    """The native peer of a layout, or None where this module has none (module doc)."""
-    if layout.pp > 1 or layout.sp or (layout.tp > 1 and layout.dp > 1):
-        return None
+def mae_loss(out, imgs, cfg) -> torch.Tensor:
+    """Mean over masked patches of the per-patch MSE against the (normalized) pixels."""
+    pred, mask = out
+    target = patchify(imgs, cfg.patch_size)
+    if cfg.norm_pix_loss:
+        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def pipeline_chunk(cfg, blocks: range, first: bool, last: bool, weights: dict, device) -> NativeMAE:
+    """NativeMAE holding only encoder `blocks` (+ the input side if `first`, the decoder if `last`),
+    built on the meta device and given `weights` (this chunk's, by our names) in place."""
+    with torch.device("meta"):
+        m = NativeMAE(cfg)
+    for i in [i for i in m.blocks if int(i) not in blocks]:
+        del m.blocks[i]
+    if not first:
+        m.patch_embed = m.cls_token = m.pos_embed = None
+    if not last:
+        m.norm = m.decoder_embed = m.mask_token = m.decoder_pos_embed = m.decoder_blocks = m.decoder_norm = m.decoder_pred = None
+    m.load_state_dict({n: weights[n].to(device) for n in m.state_dict()}, strict=True, assign=True)
+    return m
+
+
+def native_kind(layout, fsdp: bool) -> str:
+    """The native peer of a layout (module doc); ValueError saying why where this module has none."""
+    L, why = layout, None
+    if L.tp > 1 and L.dp > 1:
+        why = "TP x DP has none here"
+    elif L.pp > 1 and (L.tp > 1 or L.dp > 1 or fsdp):
+        why = "a pipeline is compared alone (TP 1, DP 1, no FSDP)"
+    elif L.pp > 1 and L.num_micro < L.pp:
+        why = f"torch.distributed.pipelining's 1F1B needs at least as many micro-batches as stages ({L.num_micro} < {L.pp}); lower --micro-batch"
+    if why:
+        raise ValueError(f"no PyTorch-native peer for {L}: {why}")
+    if L.pp > 1:
+        return "pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b"
     if fsdp:
         return "fsdp2"
-    if layout.tp > 1:
-        return "dtensor-tp"
-    return "ddp" if layout.dp > 1 else "single"
+    if L.tp > 1:
+        return "dtensor-tp-sp" if L.sp else "dtensor-tp"
+    return "ddp" if L.dp > 1 else "single"
 
 
-def _clip_grad_norm(params: list, max_norm: float) -> None:
-    """torch's clip_grad_norm_ where DTensor (TP-sharded) and plain (replicated) gradients mix: the
-    two kinds' norms apart (a DTensor norm is reduced over its mesh), then one scale for all."""
+def _clip_grad_norm(params: list, max_norm: float, stages_group=None) -> None:
+    """torch's clip_grad_norm_ where DTensor (TP-sharded) and plain gradients mix: the two kinds'
+    norms apart (a DTensor norm is reduced over its mesh), then one scale for all. With
+    `stages_group` (pipeline stages, each holding different parameters) the squares are summed
+    over it first."""
     from torch.distributed.tensor import DTensor
 
     kinds = [[p for p in params if isinstance(p.grad, DTensor) == d] for d in (True, False)]
-    norms = []
+    squares = torch.zeros((), device=params[0].device if params else None)
     for group in filter(None, kinds):
         n = torch.nn.utils.get_total_norm([p.grad for p in group])
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms))
+        squares = squares + (n.full_tensor() if isinstance(n, DTensor) else n) ** 2
+    if stages_group is not None:
+        dist.all_reduce(squares, group=stages_group)
     for group in filter(None, kinds):
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, squares.sqrt())
 
 
 def _qkv_rank_major(w: torch.Tensor, tp: int) -> torch.Tensor:
@@ -154,20 +211,20 @@ class NativePeer:
     def __init__(self, trainer):
         self.trainer, L, cfg = trainer, trainer.layout, trainer.cfg
         self.kind = native_kind(L, trainer.config.fsdp)
-        if self.kind is None:
-            raise ValueError(f"no PyTorch-native peer for {L} (pipeline, sequence parallel and TP x DP have none here)")
         if cfg.supervised:
             raise ValueError(f"no PyTorch-native peer for the supervised model {cfg.name!r} yet (the peer is an MAE)")
-        full = trainer.full_state_dict()  # TP=1 names and shapes
-        torch.manual_seed(0)
-        model = NativeMAE(cfg).to(trainer.device)
-        if self.kind == "dtensor-tp":
+        full = trainer.full_state_dict()  # TP=1 names and shapes (this pipeline stage's parameters)
+        if self.kind.startswith("dtensor-tp"):
             full = {n: _qkv_rank_major(t, L.tp) if n.endswith("qkv.weight") or n.endswith("qkv.bias") else t for n, t in full.items()}
-        model.load_state_dict(full, strict=True)
-        self.model = self._parallelize(model, L)
+        self.schedule = None
+        if self.kind.startswith("pipelining"):
+            self.chunks = self._pipeline(full, L)
+        else:
+            self.chunks = [self._parallelize(pipeline_chunk(cfg, range(cfg.depth), True, True, full, trainer.device), L)]
+        self.model = self.chunks[0]
         from torch.distributed.tensor import DTensor
 
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = [(n, p) for c in self.chunks for n, p in c.named_parameters() if p.requires_grad]
         opt = trainer.config.optim
         kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
         kinds = [[(n, p) for n, p in named if isinstance(p, DTensor) == d] for d in (True, False)]  # a fused step takes one kind
@@ -188,12 +245,32 @@ class NativePeer:
             self.optimizers = [torch.optim.AdamW(g, foreach=True, **kw) for g in groups]
             self.optimizer_impl = "foreach"
 
+    def _pipeline(self, full: dict, L) -> list:
+        """This rank's chunks (ours: virtual stage j*P + rank holds `stage_layer_range` of P*V) as
+        `PipelineStage`s under torch's 1F1B or interleaved 1F1B schedule."""
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+        from rsscale.scaling.layout import stage_layer_range
+
+        cfg, tr, n = self.trainer.cfg, self.trainer, L.pp * L.vpp
+        rank = tr.state.pp_rank()
+        chunks, stages = [], []
+        for j in range(L.vpp):
+            v = j * L.pp + rank
+            chunk = pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device)
+            chunks.append(chunk)
+            stages.append(PipelineStage(chunk, v, n, tr.device, group=tr.state.pp_group()))
+        loss = lambda out, imgs: mae_loss(out, imgs, cfg)  # noqa: E731 (the schedule's loss_fn; it averages over micro-batches)
+        self.schedule = (Schedule1F1B(stages[0], L.num_micro, loss_fn=loss) if L.vpp == 1
+                         else ScheduleInterleaved1F1B(stages, L.num_micro, loss_fn=loss))
+        return chunks
+
     def _parallelize(self, model, L):
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(model, process_group=self.trainer.state.dp_group(), bucket_cap_mb=self.trainer.config.optim.bucket_mb or 25)
-        if self.kind in ("dtensor-tp", "fsdp2"):
+        if self.kind in ("dtensor-tp", "dtensor-tp-sp", "fsdp2"):
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(self.trainer.device.type, (dist.get_world_size(),))
@@ -203,14 +280,26 @@ class NativePeer:
                 for blk in list(model.blocks.values()) + list(model.decoder_blocks):
                     fully_shard(blk, mesh=mesh)
                 return fully_shard(model, mesh=mesh)
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+            from torch.distributed.tensor import Replicate, Shard
+            from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+                                                           SequenceParallel, parallelize_module)
 
-            for blk in list(model.blocks.values()) + list(model.decoder_blocks):
-                plan = {}
-                for k in range(len(blk.attn)):
-                    plan |= {f"attn.{k}.qkv": ColwiseParallel(), f"attn.{k}.proj": RowwiseParallel(),
-                             f"mlp.{k}.fc1": ColwiseParallel(), f"mlp.{k}.fc2": RowwiseParallel()}
-                parallelize_module(blk, mesh, plan)
+            sp = self.kind == "dtensor-tp-sp"  # the residual stream sharded over tokens between the blocks (torchtitan's way)
+            col = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
+            row = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
+            for blocks in (list(model.blocks.values()), list(model.decoder_blocks)):
+                for blk in blocks:
+                    plan = {}
+                    for k in range(len(blk.attn)):
+                        plan |= {f"attn.{k}.qkv": col, f"attn.{k}.proj": row, f"mlp.{k}.fc1": col, f"mlp.{k}.fc2": row}
+                        plan |= {f"{part}.{k}.norm": SequenceParallel() for part in ("attn", "mlp")} if sp else {}
+                    parallelize_module(blk, mesh, plan)
+                if sp and blocks:
+                    model.pad_to = L.tp
+                    parallelize_module(blocks[0], mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                                           use_local_output=True))
+                    parallelize_module(blocks[-1], mesh, PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
+                                                                             use_local_output=True))
         return model
 
     def train_step(self, micro: list) -> dict:
@@ -219,24 +308,28 @@ class NativePeer:
         tr, L = self.trainer, self.trainer.layout
         tr._sync()
         t0 = time.perf_counter()
-        self.model.train()
+        for c in self.chunks:
+            c.train()
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=tr.device)
-        for i, (imgs, noise) in enumerate(micro):
+        if self.schedule is not None:
+            total += self._pipeline_step(micro)
+        for i, (imgs, noise) in enumerate(micro if self.schedule is None else []):
             last = i == len(micro) - 1
             quiet = self.model.no_sync() if self.kind == "ddp" and not last else contextlib.nullcontext()
             if self.kind == "fsdp2":
                 self.model.set_requires_gradient_sync(last)
             with quiet, tr._autocast():
-                loss = self.model(imgs, noise) / len(micro)
+                loss = mae_loss(self.model(imgs, noise), imgs, tr.cfg) / len(micro)
             loss.backward()
             total += loss.detach().double()
         lr = lr_at(tr.step, tr.config.optim.lr, tr.config.optim.warmup, tr.config.steps, tr.config.optim.min_lr)
         for group in (g for o in self.optimizers for g in o.param_groups):
             group["lr"] = lr
         if tr.config.optim.clip_grad:
-            _clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], tr.config.optim.clip_grad)
+            _clip_grad_norm([p for c in self.chunks for p in c.parameters() if p.grad is not None], tr.config.optim.clip_grad,
+                            tr.state.pp_group() if self.schedule is not None else None)
         for o in self.optimizers:
             o.step()
         tr._sync()
@@ -244,4 +337,18 @@ class NativePeer:
         if L.dp > 1:
             dist.all_reduce(total, group=tr.state.dp_group())
             total /= L.dp
+        if self.schedule is not None:  # the loss lives on the last stage
+            dist.all_reduce(total, group=tr.state.pp_group())
         return {"loss": float(total), "t_step": t}
+
+    def _pipeline_step(self, micro: list) -> torch.Tensor:
+        """The schedule's step on the whole batch (it splits it into the same micro-batches): the
+        first stage feeds images and noise, the last gets the images as its loss target."""
+        links, losses = self.trainer.links, []
+        imgs, noise = (torch.cat(t) for t in zip(*micro))
+        with self.trainer._autocast():
+            if links.is_first:
+                self.schedule.step(imgs, noise, target=imgs if links.is_last else None, losses=losses)
+            else:
+                self.schedule.step(target=imgs if links.is_last else None, losses=losses)
+        return torch.stack(losses).detach().double().mean() if losses else torch.zeros((), dtype=torch.float64, device=imgs.device)

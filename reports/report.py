@@ -306,8 +306,16 @@ def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.table(t[["run_id", "preset", "layout", "native", "ours_step_no_data_median_s", "peer_step_time_median_s",
                  "ours_over_peer_step_time", "first_step_loss_abs_diff", "device"]], "vs_native")
     doc.text("Each row: one `rsscale bench --peer torch` launch; the same model, weights, batches and precision run our way and "
-             "the PyTorch-native way (DDP, DTensor TP, FSDP2, fused AdamW, SDPA; benchmarks/peer.py), steps alternating; ratio < 1: "
-             "ours is faster. Step times leave out drawing the batch; the first-step losses of both sides agree when they train the same model.")
+             "the PyTorch-native way (DDP, ZeroRedundancyOptimizer, DTensor TP and SP, torch.distributed.pipelining, FSDP2, fused "
+             "AdamW, SDPA; benchmarks/peer.py), steps alternating; ratio < 1: ours is faster. Step times leave out drawing the batch; "
+             "the first-step losses of both sides agree when they train the same model.")
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(t) + 1.2))
+    labels = [f"{r['preset']} {r['layout']} vs {r['native']} (run {r['run_id']})" for _, r in t.iterrows()]
+    ax.barh(range(len(t)), t["ours_over_peer_step_time"], color=["tab:green" if v <= 1 else "tab:red" for v in t["ours_over_peer_step_time"]])
+    ax.axvline(1.0, color="k", ls="--", lw=1)
+    ax.set(yticks=range(len(t)), yticklabels=labels, xlabel="step time, ours / PyTorch-native (< 1: ours faster)")
+    ax.invert_yaxis()
+    doc.figure(fig, "fig_vs_native", "Step time of ours over the PyTorch-native peer's, one bar per launch")
 
 
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:

@@ -1,5 +1,6 @@
 """`rsscale bench --peer torch`: the PyTorch-native peer trains the same model: from the same
-weights and batch, its first-step loss equals ours (one process, DDP, DTensor TP, FSDP2), and a
+weights and batch, its first-step loss equals ours (one process, DDP, DTensor TP with and without
+SP, torch.distributed.pipelining 1F1B and interleaved, FSDP2, ZeRO-1), and a
 layout without a native peer is refused before anything runs. Speed is a benchmark, not tested."""
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import torch
 from distributed import run_distributed
 
 
-def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False):
+def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False, layout=None):
     from rsscale.benchmarks.peer import NativePeer
     from rsscale.scaling.layout import Layout
     from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
 
-    dp = world // tp
-    config = TrainConfig(model="tiny", parallel=Layout(tp=tp, dp=dp, micro_batch=2, global_batch=4 * dp), data="random",
+    layout = layout or {}
+    dp = world // tp // layout.get("pp", 1)
+    config = TrainConfig(model="tiny", parallel=Layout(tp=tp, dp=dp, micro_batch=2, global_batch=4 * dp, **layout), data="random",
                          record=False, fsdp=fsdp, precision=precision, steps=2, optim=OptimConfig(distributed_optimizer=zero))
     trainer = Trainer.build(config)
     peer = NativePeer(trainer)
@@ -34,12 +36,19 @@ def test_one_process_peer_trains_the_same_model():
     assert native2 == pytest.approx(ours2, rel=1e-6)  # AdamW updates agree too (same lr, betas, clip, decay on matrices only: 5.6e-6 off with decay on all)
 
 
-@pytest.mark.parametrize("tp, fsdp, kind", [(1, False, "ddp"), (2, False, "dtensor-tp"),
-                                             pytest.param(1, True, "fsdp2", marks=pytest.mark.slow)])
-def test_two_process_peers_train_the_same_model(tp, fsdp, kind):
-    results = run_distributed(_first_losses, 2, tp, fsdp)
-    for got_kind, [(ours, native), _] in results:
-        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5)
+@pytest.mark.parametrize("tp, fsdp, layout, kind", [
+    (1, False, {}, "ddp"),
+    (2, False, {}, "dtensor-tp"),
+    (2, False, {"sp": True}, "dtensor-tp-sp"),  # tiny's 1 + 16 visible tokens: padded to 18 on both sides
+    (1, False, {"pp": 2}, "pipelining-1f1b"),
+    pytest.param(1, False, {"pp": 2, "vpp": 2}, "pipelining-interleaved-1f1b", marks=pytest.mark.slow),  # 1F1B's stages and loss above
+    pytest.param(1, True, {}, "fsdp2", marks=pytest.mark.slow)])
+def test_two_process_peers_train_the_same_model(tp, fsdp, layout, kind):
+    """Same first-step loss from the same weights and batch, and the same loss after each side's
+    own update (gradients, their clipping over TP shards or pipeline stages, and AdamW agree)."""
+    results = run_distributed(_first_losses, 2, tp, fsdp, "fp32", False, layout)
+    for got_kind, [(ours, native), (ours2, native2)] in results:
+        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
 
 
 @pytest.mark.slow  # a benchmark-only path; the peer machinery (DDP, same first loss) is the default suite's DDP case above
@@ -54,9 +63,11 @@ def test_zero1_peer_is_ddp_with_zero_redundancy_optimizer_and_updates_alike():
 def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
     from rsscale.scaling.cli import main
 
-    assert main(["bench", "--model", "tiny", "--pp", "2", "--peer", "torch", "--nproc", "2", "--no-record"]) == 2
+    # one micro-batch on two stages: torch's 1F1B needs at least as many micro-batches as stages
+    assert main(["bench", "--model", "tiny", "--pp", "2", "--micro-batch", "8", "--global-batch", "8", "--peer", "torch",
+                 "--nproc", "2", "--no-record"]) == 2
     err = capsys.readouterr().err
-    assert "no PyTorch-native peer" in err and "Traceback" not in err
+    assert "no PyTorch-native peer" in err and "at least as many micro-batches as stages" in err and "Traceback" not in err
 
 
 def test_qkv_rows_reordered_so_each_tp_shard_holds_its_heads():
@@ -81,6 +92,7 @@ def test_bench_records_both_sides_and_the_report_sets_them_side_by_side(tmp_path
     assert main(["report", "--results", str(db), "--out", str(tmp_path), "--name", "r"]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
     assert "## Versus PyTorch-native" in text and "| single |" in text
+    assert (tmp_path / "r" / "fig_vs_native.png").stat().st_size > 0 and "fig_vs_native" in text
 
 
 def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):
