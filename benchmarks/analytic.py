@@ -1,8 +1,9 @@
-"""Analytic per-device memory, FLOPs and step time of an MAE pretraining step for any layout.
+"""Analytic per-device memory and FLOPs of an MAE pretraining step for any layout (`estimate`
+also gives the step time of benchmarks/timemodel.py).
 
     est = estimate(get_preset("g12x4"), Plan(Layout(tp=4, pp=2, dp=1, micro_batch=8, global_batch=64),
                                              precision="bf16", recompute="full"))
-    est.memory["total"], est.step_flops, est.step_time_s, est.mfu
+    est.memory["total"], est.step_flops, est.step_time_s, est.mfu, est.time["bubble_s"]
 
 Every formula is written out in reports/METHODS.md; the short version:
 
@@ -63,27 +64,19 @@ not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
 FLOPs per step: global_batch x scaling.config.mae_step_flops(cfg, recompute) (matmul FLOPs,
 encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block forwards again
-with full recompute, or their attention cores with selective). MFU counts the model's FLOPs (without recompute) over time x peak x devices. Step time: the slowest stage's FLOPs per micro-batch (TP-split parts / t,
-replicated heads not) over peak x efficiency x rows / (rows + half_rows) (a heuristic: small
-matmuls, rows = micro-batch x tokens, run far below peak), times (micro-batches + (P - 1)/V) for the
-(interleaved) 1F1B bubble of (P-1)/(V M),
-plus communication at `bandwidth` bytes/s (`inter_bandwidth` for a group whose ranks span more
-than `gpus_per_node`: `Hardware.bandwidth_over`): ring all-reduce (2 (t-1)/t bytes) of every block's
-two sublayer outputs forward and backward within TP (+ once more when recomputing), the
-DP gradient reduction (all-reduce: 2 (d-1)/d x fp32 grads; ZeRO-1: reduce-scatter (d-1)/d x fp32
-grads + all-gather of the w-byte weights) and the pipeline's activation sends (forward and
-backward, once per chunk: V x with interleaving). With `overlap_grad_reduce` the DP reduction runs
-during the last micro-batch's backward: only what exceeds that backward (about 2/3 of one round's
-compute; the last bucket at least) is exposed. Under FSDP the DP term is instead, per
-micro-batch, the all-gathers of the stage's weights (forward, and the blocks' again in backward)
-and the reduce-scatter of its gradients (`fsdp_comm_bytes`), not overlapped.
+with full recompute, or their attention cores with selective). MFU counts the model's FLOPs
+(without recompute) over time x peak x devices.
+
+Step time is not modelled here: `estimate` takes it from benchmarks/timemodel.py `predict`, at a
+measured calibration's rates where one is given, else at `hw`'s datasheet rates.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from rsscale.scaling.config import ViTConfig, attention_core_flops, mae_forward_flops, mae_step_flops, recompute_mode
+from rsscale.scaling.config import ViTConfig, mae_step_flops, recompute_mode
 from rsscale.scaling.layout import Layout, stage_chunk_ranges, stage_layer_range
 from rsscale.scaling.pipeline import in_flight_chunks
 
@@ -127,12 +120,16 @@ DEFAULT_DEVICE = "H100"  # what Hardware's defaults describe; `rsscale profile` 
 
 @dataclass(frozen=True)
 class Hardware:
+    """A device's datasheet numbers and the stated constants that turn them into rates
+    (timemodel.datasheet_calibration)."""
+
     peak_flops: float = 989e12  # dense bf16 FLOP/s per device (H100 SXM datasheet)
     efficiency: float = 0.5  # fraction of peak the matmuls reach
     bandwidth: float = 300e9  # effective collective bandwidth per device, bytes/s
     half_rows: int = 1024  # matmul rows (micro-batch x tokens) at which half the efficiency is reached
     gpus_per_node: int = 0  # devices per node (0: every device in one node)
     inter_bandwidth: float = 0.0  # effective bandwidth per device of a collective that crosses nodes (0: `bandwidth`)
+    hbm_bytes_per_s: float = 3.35e12  # memory bandwidth, for the elementwise passes (H100 SXM datasheet)
 
     def bandwidth_over(self, span: int) -> float:
         """A group's collective bandwidth: within a node, or between nodes when its ranks span more
@@ -149,11 +146,10 @@ class Estimate:
     memory: dict  # bytes on the worst stage: params, grads, optimizer, activations, total
     stage_memory: list = field(default_factory=list)  # total bytes per pipeline stage
     step_flops: float = 0.0  # whole step, all devices
-    compute_s: float = 0.0
-    comm_s: float = 0.0
-    step_time_s: float = 0.0
+    step_time_s: float = 0.0  # timemodel.predict's step_s
     images_per_s: float = 0.0
     mfu: float = 0.0
+    time: dict = field(default_factory=dict)  # timemodel.predict's parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,112 +380,17 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
     return out
 
 
-def stage_forward_flops(cfg: ViTConfig, plan: Plan, stage: int) -> dict[str, tuple[float, int]]:
-    """Forward matmul FLOPs of one image on one device of `stage` (TP-split blocks / t), by part,
-    each with the token count (matmul rows per image) that sets its efficiency."""
-    L = plan.layout
-    f = mae_forward_flops(cfg)
-    enc = f["encoder"] / cfg.depth * stage_blocks(cfg, L.pp, stage, L.vpp) / L.tp + (f["patch_embed"] if stage == 0 else 0)
-    parts = {"encoder": (enc, cfg.num_visible + 1)}
-    if stage == L.pp - 1 and cfg.supervised:
-        parts["head"] = (f["pred"], 1)
-    elif stage == L.pp - 1:
-        parts["decoder"] = (f["decoder"] / L.tp + f["decoder_embed"] + f["pred"], cfg.num_patches + 1)
-    return parts
+def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware(), calib: dict | None = None) -> Estimate:
+    """Memory (worst stage), FLOPs and the time model's step time at `calib`'s measured rates,
+    `hw`'s datasheet ones for what it did not measure (timemodel.calibration)."""
+    from rsscale.benchmarks import timemodel  # the time model builds on this module's counts
 
-
-def stage_core_flops(cfg: ViTConfig, plan: Plan, stage: int) -> list[tuple[float, int]]:
-    """(forward FLOPs of the attention cores of one image on one device of `stage`, tokens) per
-    block kind: what selective recompute runs again."""
-    L = plan.layout
-    out = [(stage_blocks(cfg, L.pp, stage, L.vpp) * attention_core_flops(cfg.num_visible + 1, cfg.width, cfg.branches) / L.tp, cfg.num_visible + 1)]
-    if stage == L.pp - 1:
-        out.append((cfg.dec_depth * attention_core_flops(cfg.num_patches + 1, cfg.dec_width, 1) / L.tp, cfg.num_patches + 1))
-    return out
-
-
-def fsdp_comm_bytes(cfg: ViTConfig, plan: Plan) -> float:
-    """Bytes one device moves per micro-batch under FSDP (worst stage): all-gathers of every unit's
-    weights in forward and of the blocks' again in backward, and a reduce-scatter of all gradients,
-    each (d-1)/d of the fp32 tensor (our trainer syncs gradients on every micro-batch)."""
-    L = plan.layout
-    d = L.dp
-    worst = 0.0
-    for stage in range(L.pp):
-        n, blocks = stage_params(cfg, L.tp, L.pp, stage), sum(fsdp_block_params(cfg, L.tp, L.pp, stage))
-        worst = max(worst, 4 * (d - 1) / d * (n["trainable"] + n["frozen"] + blocks + n["trainable"]))
-    return worst
-
-
-def saturation(rows: int, hw: "Hardware") -> float:
-    """Heuristic fraction of the efficiency a matmul with `rows` rows reaches: rows / (rows + r0)."""
-    return rows / (rows + hw.half_rows)
-
-
-def _ring(nbytes: float, n: int) -> float:
-    """Bytes each device sends in a ring all-reduce of nbytes over n devices."""
-    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
-
-
-def dp_bytes(plan: Plan, trainable: float) -> tuple[float, float]:
-    """(gradient reduction, weight all-gather) bytes each device sends per step over DP: fp32
-    all-reduce, or under ZeRO-1 a reduce-scatter of fp32 grads + an all-gather of the weights."""
-    d = plan.layout.dp
-    if d == 1:
-        return 0.0, 0.0
-    if plan.distributed_optimizer:
-        return trainable * 4 * (d - 1) / d, trainable * _precision_bytes(plan)[2] * (d - 1) / d
-    return _ring(trainable * 4, d), 0.0
-
-
-def bucket_fraction(plan: Plan, trainable: float) -> float:
-    """Share of a stage's gradient in one DP bucket (1: one bucket)."""
-    return 1.0 if plan.bucket_mb <= 0 else min(1.0, plan.bucket_mb * 2**20 / 4 / max(trainable, 1))
-
-
-def exposed_reduce_s(reduce_s: float, backward_s: float, fraction: float) -> float:
-    """Gradient-reduction time left after the backward it overlaps: buckets start as backward
-    produces them, so the last bucket always runs after it; if the reduction outlasts the
-    backward (minus the last bucket), the rest is exposed too."""
-    return max(reduce_s * fraction, reduce_s - backward_s * (1.0 - fraction))
-
-
-def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware()) -> Estimate:
     L = plan.layout
     stages = memory_per_stage(cfg, plan)
     worst = max(range(L.pp), key=lambda i: stages[i]["total"])
-    e = 4 if plan.precision == "fp32" else 2
-    passes = 3 + (1 if plan.recompute == "full" else 0)  # forward, 2x backward, recompute forward
-    stage_s = []
-    for stage in range(L.pp):
-        parts = stage_forward_flops(cfg, plan, stage).values()
-        compute = sum(passes * L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
-                      for flops, rows in parts)
-        if plan.recompute == "selective":  # the attention cores once more
-            compute += sum(L.micro_batch * flops / (hw.peak_flops * hw.efficiency * saturation(L.micro_batch * rows, hw))
-                           for flops, rows in stage_core_flops(cfg, plan, stage))
-        nblk = [(stage_blocks(cfg, L.pp, stage, L.vpp), cfg.num_visible + 1, cfg.width)]
-        if stage == L.pp - 1:
-            nblk.append((cfg.dec_depth, cfg.num_patches + 1, cfg.dec_width))
-        allreduces = 2 * (2 + (1 if plan.recompute == "full" else 0))  # 2 sublayers x (fwd, bwd[, recompute])
-        tp_bytes = sum(n * allreduces * _ring(L.micro_batch * s * h * e, L.tp) for n, s, h in nblk)
-        pp_bytes = 2 * L.vpp * L.micro_batch * (cfg.num_visible + 1) * cfg.width * e if L.pp > 1 else 0.0
-        stage_s.append((compute, tp_bytes / hw.bandwidth_over(L.tp) + pp_bytes / hw.bandwidth_over(2 * L.tp * L.dp)))
-    slowest = max(stage_s, key=lambda cs: cs[0] + cs[1])
-    rounds = L.num_micro + (L.pp - 1) / L.vpp  # the bubble: (P-1)/V micro-batch rounds
-    trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
-    reduce_bytes, gather_bytes = dp_bytes(plan, trainable)
-    if plan.fsdp:  # per micro-batch gathers and reduce-scatters, not bucketed behind backward
-        reduce_bytes, gather_bytes = 0.0, L.num_micro * fsdp_comm_bytes(cfg, plan)
-    compute_s = rounds * slowest[0]
-    dp_bw = hw.bandwidth_over(L.tp * L.dp)
-    reduce_s = reduce_bytes / dp_bw
-    if plan.overlap_grad_reduce:  # hidden behind the last micro-batch's backward (2 of its 3 passes)
-        reduce_s = exposed_reduce_s(reduce_s, slowest[0] * 2 / passes, bucket_fraction(plan, trainable))
-    comm_s = rounds * slowest[1] + reduce_s + gather_bytes / dp_bw
-    step_s = compute_s + comm_s
-    model_flops = L.global_batch * mae_step_flops(cfg, False)
+    t = timemodel.predict(cfg, plan, timemodel.calibration(hw, calib), os.cpu_count())
+    step_s = t["step_s"]
     return Estimate(plan=plan, memory=stages[worst], stage_memory=[m["total"] for m in stages],
-                    step_flops=L.global_batch * mae_step_flops(cfg, plan.recompute), compute_s=compute_s,
-                    comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s,
-                    mfu=model_flops / (step_s * hw.peak_flops * L.world_size))
+                    step_flops=L.global_batch * mae_step_flops(cfg, plan.recompute), step_time_s=step_s,
+                    images_per_s=L.global_batch / step_s, mfu=L.global_batch * mae_step_flops(cfg, False) / (step_s * hw.peak_flops * L.world_size),
+                    time=t)

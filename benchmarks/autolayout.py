@@ -12,9 +12,10 @@ runs, checkpoints and records exactly what an explicit layout would (the run's c
 store hold the choice). `profile --layout auto` prints the choice and stops.
 
 The choice: every valid layout (`enumerate_plans` below), the analytic memory of
-each against the device's memory minus a reserve, ranked by predicted step time (the calibrated
-time model when this machine has one stored, else the analytic model; `--device` for a named
-device's datasheet, `--nodes`/`--gpus-per-node` for collectives that cross nodes). The fastest is
+each against the device's memory minus a reserve, ranked by predicted step time (benchmarks/timemodel.py,
+calibrated on this machine when it has a calibration stored, else on the device's datasheet;
+`--device` for a named device's datasheet, `--nodes`/`--gpus-per-node` for collectives that
+cross nodes). The fastest is
 then counted exactly (benchmarks/count.py: each pipeline stage's rank built on fake tensors in a
 fake process group of the full world size); if the count does not fit, the next is counted, so
 the layout run is one whose exact count fits. Fine-tuning layouts have no analytic memory model:
@@ -79,30 +80,27 @@ def finetune_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batc
 
 
 def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
-    """Predictions, fitting layouts first, each group by predicted images/s (best first). With a
-    calibration the step time is the time model's (benchmarks/timemodel.py), else the analytic one."""
-    from rsscale.benchmarks import timemodel
-
+    """Predictions (analytic.estimate), fitting layouts first, each group by predicted images/s
+    (best first). Step time: benchmarks/timemodel.py at `calib`'s measured rates if given, else at
+    `hw`'s datasheet rates."""
     rows = []
     for plan in plans:
-        est = analytic.estimate(cfg, plan, hw)
-        step = timemodel.predict(cfg, plan, calib, os.cpu_count())["step_s"] if calib else est.step_time_s
-        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=step, calibrated=calib is not None,
-                         img_s=plan.layout.global_batch / step, mfu=est.mfu * est.step_time_s / step))
+        est = analytic.estimate(cfg, plan, hw, calib)
+        rows.append(dict(plan=plan, est=est, fits=est.memory["total"] <= budget_bytes, step_s=est.step_time_s, calibrated=calib is not None,
+                         img_s=est.images_per_s, mfu=est.mfu))
     return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
-def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict) -> list[dict]:
+def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict,
+                        calib: dict | None = None) -> list[dict]:
     """Fine-tuning layouts, each counted exactly (benchmarks/count.py `count_finetune`: the run's
-    own model and optimizer on one rank, activations of one micro-batch), ranked like
-    `rank_plans`. Step time: the analytic heuristic of benchmarks/analytic.py on the counted
-    FLOPs: every micro-batch runs forward + backward (3x the counted forward FLOPs, + the blocks'
-    forward again with activation checkpointing) at peak x efficiency x saturation(micro-batch x
-    tokens); each block's two sublayers all-reduce their outputs over TP forward and backward
-    (+ once more when recomputing); the fp32 gradient is all-reduced over DP (+ the ZeRO-1 weight
-    all-gather); no overlap."""
+    own model and optimizer on one rank, activations and forward FLOPs of one micro-batch), ranked
+    like `rank_plans`. Step time: timemodel.predict_counted on the counted work, at `calib`'s
+    measured rates if given, else at `hw`'s datasheet rates."""
+    from rsscale.benchmarks import timemodel
     from rsscale.benchmarks.count import count_finetune
 
+    rates = timemodel.calibration(hw, calib)
     rows, allocations, activations = [], {}, {}
     tokens = (img // cfg.patch_size) ** 2
     for plan in plans:  # each part counted once: it depends on only some of the layout's fields
@@ -114,17 +112,14 @@ def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, 
             activations[b_key] = count_finetune(cfg, plan, task, img, parts=("activations",), **options)
         (allocated, work), (saved, flops_of) = allocations[a_key], activations[b_key]
         counted, work = dataclasses.replace(allocated, activations=saved.activations), {**work, **flops_of}
-        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute == "full" else 0)
-        compute_s = L.num_micro * flops / (hw.peak_flops * hw.efficiency * analytic.saturation(L.micro_batch * tokens, hw))
-        e = 4 if plan.precision == "fp32" else 2
-        tp_bytes = cfg.depth * 2 * (2 + (plan.recompute == "full")) * analytic._ring(L.micro_batch * tokens * cfg.width * e, L.tp)
-        dp_bytes = analytic._ring(work["trainable"] * 4, L.dp) + (work["trainable"] * 4 * (L.dp - 1) / L.dp if plan.distributed_optimizer else 0.0)
-        comm_s = (L.num_micro * tp_bytes + dp_bytes) / hw.bandwidth
-        step_s = compute_s + comm_s
+        t = timemodel.predict_counted(cfg, plan, rates, work, tokens, os.cpu_count())
+        step_s = t["step_s"]
         mfu = L.num_micro * 3 * work["flops"] / (step_s * hw.peak_flops)
-        est = analytic.Estimate(plan=plan, memory=counted.as_dict(), step_flops=L.num_micro * flops * L.world_size, compute_s=compute_s,
-                                comm_s=comm_s, step_time_s=step_s, images_per_s=L.global_batch / step_s, mfu=mfu)
-        rows.append(dict(plan=plan, est=est, fits=counted.total <= budget_bytes, step_s=step_s, img_s=est.images_per_s, mfu=mfu))
+        flops = 3 * work["flops"] + (work["block_flops"] if plan.recompute == "full" else 0)
+        est = analytic.Estimate(plan=plan, memory=counted.as_dict(), step_flops=L.num_micro * flops * L.world_size, step_time_s=step_s,
+                                images_per_s=L.global_batch / step_s, mfu=mfu, time=t)
+        rows.append(dict(plan=plan, est=est, fits=counted.total <= budget_bytes, step_s=step_s, calibrated=calib is not None,
+                         img_s=est.images_per_s, mfu=mfu))
     return sorted(rows, key=lambda r: (not r["fits"], -r["img_s"]))
 
 
@@ -199,11 +194,11 @@ def resolve(command: str, argv: list[str]) -> list[str]:
         raise ValueError(f"--gpus {own['--gpus']} but --nproc {nproc} x --nnodes {nnodes or 1}")
     shape = _run_shape(command, argv, gpus)
     view = device_view(shape["precision"], gpus, own["--device"], own["--memory-gb"], own["--nodes"] or nnodes or 1, own["--gpus-per-node"])
+    calib = None if view.named else _calibration(shape["precision"])
     if command == "finetune":
         plan, lines = choose_finetune(shape["cfg"], gpus, shape["global_batch"], shape["precision"], view, own["--reserve-gb"],
-                                      shape["task"], shape["img"], shape["options"])
+                                      shape["task"], shape["img"], shape["options"], calib)
     else:
-        calib = None if view.named else _calibration(shape["precision"])
         plan, lines = choose(shape["cfg"], gpus, shape["global_batch"], shape["precision"], view, own["--reserve-gb"], calib)
     if int(os.environ.get("RANK", 0)) == 0:
         print("\n".join(lines), flush=True)
@@ -250,8 +245,9 @@ def _why(r) -> str:
     from rsscale.scaling.pipeline import bubble_fraction
 
     L, e = r["plan"].layout, r["est"]
+    comm = sum(e.time[k] for k in ("tp_comm_s", "pp_comm_s", "dp_comm_s", "sync_s"))
     return (f"{str(L):<30} {r['plan'].flags:<3} memory/rank {size(e.memory['total']):>7} (GiB; M: MiB), predicted step {r['step_s']:.4g} s, "
-            f"bubble {100 * bubble_fraction(L.pp, L.vpp, L.num_micro):.0f} %, communication {e.comm_s:.3g} s")
+            f"bubble {100 * bubble_fraction(L.pp, L.vpp, L.num_micro):.0f} %, communication {comm:.3g} s")
 
 
 def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserve_gb: float | None = None,
@@ -269,7 +265,7 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserv
     if not rows:
         raise ValueError(f"--layout auto: none of the {len(plans)} layouts of {cfg.name} on {gpus} devices fits in {view.memory_gb:g} GiB "
                          f"- {reserve:g} reserved; use more devices or a smaller global batch")
-    model = "the calibrated time model" if calib else "the analytic model"
+    model = "the time model calibrated on this machine" if calib else "the time model on the datasheet"
     lines = [f"--layout auto: {len(plans)} layouts of {cfg.name} on {gpus} devices ({view.where}, {view.memory_gb:.3g} GiB, "
              f"{reserve:.3g} reserved), {len(rows)} fit; ranked by {model}; the fastest 5:"]
     lines += [("  * " if i == 0 else "    ") + _why(r) for i, r in enumerate(rows[:5])]
@@ -282,12 +278,12 @@ def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserv
             return r["plan"], lines
         lines.append(f"--layout auto: {r['plan'].layout} {r['plan'].flags} counts {size(max(stages))} on its fullest rank, "
                      f"over the {size(budget)} budget (GiB; M: MiB); next")
-    raise ValueError(f"--layout auto: the {MAX_COUNTED} fastest layouts that fit by the analytic model of {cfg.name} do not fit "
+    raise ValueError(f"--layout auto: the {MAX_COUNTED} fastest layouts that fit by the analytic memory of {cfg.name} do not fit "
                      f"when counted exactly in {view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")
 
 
 def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: View, reserve_gb: float | None, task: str, img: int,
-                    options: dict) -> tuple[analytic.Plan, list[str]]:
+                    options: dict, calib: dict | None = None) -> tuple[analytic.Plan, list[str]]:
     """The fastest predicted fine-tuning layout (TP x DP) whose exact count fits (every one is
     counted: `rank_finetune_plans`), and the lines saying why."""
     reserve = _reserve(view, reserve_gb)
@@ -295,13 +291,13 @@ def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: Vie
     if not plans:
         raise ValueError(f"--layout auto: no valid fine-tuning layout of {cfg.name} on {gpus} devices with global batch {global_batch}")
     options = {k: v for k, v in options.items() if v is not None}
-    rows = [r for r in rank_finetune_plans(cfg, plans, view.hw, (view.memory_gb - reserve) * GIB, task, img, options) if r["fits"]]
+    rows = [r for r in rank_finetune_plans(cfg, plans, view.hw, (view.memory_gb - reserve) * GIB, task, img, options, calib) if r["fits"]]
     if not rows:
         raise ValueError(f"--layout auto: none of the {len(plans)} fine-tuning layouts of {cfg.name} on {gpus} devices fits in "
                          f"{view.memory_gb:g} GiB - {reserve:g} reserved; use more devices or a smaller global batch")
     lines = [f"--layout auto: {len(plans)} fine-tuning layouts of {cfg.name} ({task}, {img} px) on {gpus} devices ({view.where}, "
-             f"{view.memory_gb:.3g} GiB, {reserve:.3g} reserved), each counted exactly, {len(rows)} fit; ranked by the analytic "
-             "model on counted FLOPs; the fastest 5:"]
+             f"{view.memory_gb:.3g} GiB, {reserve:.3g} reserved), each counted exactly, {len(rows)} fit; ranked by the time model "
+             f"on counted FLOPs ({'calibrated on this machine' if calib else 'on the datasheet'}); the fastest 5:"]
     lines += [("  * " if i == 0 else "    ") + _why(r) for i, r in enumerate(rows[:5])]
     lines.append(f"--layout auto: running {rows[0]['plan'].layout} {rows[0]['plan'].flags} (* above)")
     return rows[0]["plan"], lines

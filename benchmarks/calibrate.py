@@ -34,6 +34,7 @@ Measured, each as the median of timed repetitions after a warm-up:
   probe      (not stored) every collective kind and group of one world size, one round of 20
              repetitions, and one of the one-process steps again: `profile --measure` rescales
              the stored fits and compute to the probes, one before each round
+             (benchmarks/cpu_sharing.py `drift`, `rescaled`)
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -388,9 +389,9 @@ def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
     """What drifts on a shared CPU machine, re-timed in 20-45 s: the collective times of every kind
     and group of an n-process world as `measure_collectives` times them (one round, fewer
     repetitions), and with `step` (one of a calibration's `steps`) that one-process training step
-    again (`step_s`). `profile --measure` probes before each round: calibrations minutes apart
-    timed the 4-process TP all-reduce at 5.0-8.2 ms, and in one validation run every 2-process
-    layout measured 0-26 % slower than its calibrated prediction (reports/PROFILER_VALIDATION.md). The
+    again (`step_s`; `step`: cpu_sharing.probe_step). `profile --measure` probes before each round
+    and rescales the calibration to the probes (cpu_sharing.drift, rescaled): calibrations minutes
+    apart timed the 4-process TP all-reduce at 5.0-8.2 ms (reports/PROFILER_VALIDATION.md). The
     N-process compute slowdown is not probed: the work chunk's slowdown did not follow the training
     step's across nine calibrations."""
     fits, _ = measure_collectives([n], reps=reps, rounds=1)
@@ -399,63 +400,6 @@ def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
         (again,) = measure_steps([step["model"]], [step["micro_batch"]], step["precision"], rounds=1, recomputes=(step["recompute"],),
                                  global_batch=step["global_batch"])
         out["step_s"] = again["measured_s"]
-    return out
-
-
-def probe_step(calib: dict) -> dict | None:
-    """The calibrated one-process step a probe times again: the first model's largest micro-batch
-    without recompute (the point the concurrency slowdown is measured at)."""
-    steps = [s for s in calib.get("steps", []) if not s["recompute"] and s["model"] == calib["steps"][0]["model"]]
-    return max(steps, key=lambda s: s["micro_batch"]) if steps else None
-
-
-def drift(calib: dict, probes: list[dict]) -> dict:
-    """{"<kind> <group>": probed over calibrated time, "compute": ...}: per collective kind and
-    group, the median over ops of (sum over sizes of the probes' median time) over (sum of the
-    calibrated times); one factor per kind and group, not per op, as one probe of one op is too
-    noisy to stand alone. "compute": the probes' median step over the calibrated one."""
-    factors = {}
-    for kind in CHUNK_ROWS:
-        ratios = {}
-        for op, groups in probes[0].get(kind, {}).items():
-            for key in groups:
-                cal = calib.get(kind, {}).get(op, {}).get(key)
-                if not cal:
-                    continue
-                now = [statistics.median(at_size) for at_size in zip(*(p[kind][op][key]["times"] for p in probes))]
-                if sum(cal["times"]) > 0 and sum(now) > 0:
-                    ratios.setdefault(key, []).append(sum(now) / sum(cal["times"]))
-        factors.update({f"{kind} {key}": statistics.median(r) for key, r in ratios.items()})
-    step = probe_step(calib)
-    if step and all("step_s" in p for p in probes):
-        factors["compute"] = statistics.median(p["step_s"] for p in probes) / step["measured_s"]
-    return factors
-
-
-def rescaled(calib: dict, factors: dict) -> dict:
-    """A copy of `calib` with each collective fit of a kind and group scaled by its drift factor
-    (latency x f, bandwidth / f) and, by "compute", every compute rate / f and every fitted
-    per-pass, per-step and FSDP cost and chunk time x f (so the time model's compute and
-    optimizer scale by f)."""
-    import copy
-
-    out = copy.deepcopy(calib)
-    for name, f in factors.items():
-        if name == "compute":
-            for table, key in (("gemm", "flops_per_s"), ("attention", "flops_per_s"), ("layernorm", "bytes_per_s")):
-                for entry in out.get(table, []):
-                    entry[key] /= f
-            for part, keys in (("overhead", ("per_block_pass_s", "per_step_s")), ("fsdp", ("per_unit_s", "s_per_byte")),
-                               ("collective_chunk_s", CHUNK_ROWS)):  # the chunks' one-process times place TP collectives between fits
-                for key in keys:
-                    if key in out.get(part, {}):
-                        out[part][key] *= f
-            continue
-        kind, key = name.split()
-        for groups in out.get(kind, {}).values():
-            if key in groups:
-                groups[key] = {**groups[key], "latency_s": groups[key]["latency_s"] * f,
-                               "bandwidth_bytes_per_s": groups[key]["bandwidth_bytes_per_s"] / f}
     return out
 
 

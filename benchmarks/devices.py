@@ -1,6 +1,6 @@
 """Named devices for the profiler (`rsscale profile --device NAME`): the public datasheet numbers
 of each accelerator, and the uncalibrated model's two efficiency constants that turn them into
-the analytic model's `Hardware`.
+`analytic.Hardware` (whose rates benchmarks/timemodel.py `datasheet_calibration` gives the time model).
 
 Per device: dense (no sparsity) peak TFLOP/s per precision, memory (GB as the datasheet states it,
 used as GiB like --memory-gb), memory bandwidth, the per-direction GPU-to-GPU bandwidth inside a
@@ -13,6 +13,7 @@ Uncalibrated constants (stated, overridable on the command line; a calibration s
   MATMUL_EFFICIENCY 0.5   fraction of peak a large matmul reaches (--efficiency)
   COMM_EFFICIENCY   2/3   fraction of the link bandwidth a ring collective reaches (--comm-efficiency);
                           H100 SXM: 450 GB/s NVLink per direction -> 300 GB/s, the profiler's default
+Elementwise passes run at the datasheet memory bandwidth as it stands (no efficiency constant).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ NAMES = tuple(DEVICES) + ("cpu",)
 
 def cpu_device() -> Device:
     """This machine's CPU: the fp32 matmul peak measured here (all precisions alike), its RAM, and
-    a nominal 10 GB/s for gloo collectives in shared memory (no datasheet: calibrate for better)."""
+    a nominal 10 GB/s for its memory and for gloo collectives in shared memory (no datasheet:
+    calibrate for better)."""
     import os
 
     import torch
@@ -83,7 +85,7 @@ def cpu_device() -> Device:
 
     peak = matmul_peak_tflops(torch.device("cpu"), "fp32")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return Device("cpu", "this CPU", {p: peak for p in ("fp32", "tf32", "bf16", "fp16")}, round(memory, 1), 0, 10, 10,
+    return Device("cpu", "this CPU", {p: peak for p in ("fp32", "tf32", "bf16", "fp16")}, round(memory, 1), 10, 10, 10,
                   "matmul measured here; RAM from the OS")
 
 
@@ -100,7 +102,8 @@ def hardware(device: Device, precision: str, gpus_per_node: int = 0) -> analytic
     collectives spanning more ranks than a node run at the inter-node bandwidth."""
     return analytic.Hardware(peak_flops=peak_tflops(device, precision) * 1e12, efficiency=MATMUL_EFFICIENCY,
                              bandwidth=device.intra_gbs * COMM_EFFICIENCY * 1e9, gpus_per_node=gpus_per_node,
-                             inter_bandwidth=device.inter_gbs * COMM_EFFICIENCY * 1e9 if gpus_per_node else 0.0)
+                             inter_bandwidth=device.inter_gbs * COMM_EFFICIENCY * 1e9 if gpus_per_node else 0.0,
+                             hbm_bytes_per_s=device.hbm_gbs * 1e9)
 
 
 def peak_tflops(device: Device, precision: str) -> float:

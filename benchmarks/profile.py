@@ -1,4 +1,4 @@
-"""`rsscale profile`: rank every parallel layout of a model on N devices with the analytic model.
+"""`rsscale profile`: rank every parallel layout of a model on N devices by its memory and step time.
 
     rsscale profile --model g12x4 --gpus 8 --memory-gb 80 --peak-tflops 989 --global-batch 256
     rsscale profile --model small --gpus 4 --global-batch 16 --precision fp32 --measure --max-measure 4
@@ -8,9 +8,11 @@ Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-
 interleaved 1F1B with every --vpp V whose pp*V divides the depth (when pp > 1; --vpp to pick),
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
 scaling/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
-(per-device memory of the worst pipeline stage, step time, images/s, MFU) and marked as not
-fitting when its memory exceeds --memory-gb minus --reserve-gb (CUDA context, allocator slack,
-workspaces). The table is ranked by predicted images/s, fitting layouts first.
+`estimate` (per-device memory of the worst pipeline stage; step time, images/s and MFU from
+benchmarks/timemodel.py, calibrated on this machine when `rsscale calibrate` stored a calibration
+of it, else on the device's datasheet) and marked as not fitting when its memory exceeds
+--memory-gb minus --reserve-gb (CUDA context, allocator slack, workspaces). The table is ranked by
+predicted images/s, fitting layouts first.
 --measure runs `rsscale bench` (torchrun with `gpus` processes) on the best fitting layouts that
 this machine can hold (on CPU at most 4 gloo processes; memory from this machine) and stores each
 measured run (kind "profile") with the prediction beside it; `rsscale report` shows the error.
@@ -43,20 +45,22 @@ def assumed_device(args, hw: analytic.Hardware, peak_measured: bool = False, nam
         nodes = (f"; {args.nodes} nodes x {args.gpus_per_node}, {hw.inter_bandwidth / 1e9:.3g} GB/s between nodes"
                  if args.nodes > 1 else "")
         return (f"device: {named.label} ({named.source}): {args.memory_gb:g} GiB, {hw.peak_flops / 1e12:g} TFLOP/s {args.precision} peak, "
-                f"{hw.bandwidth / 1e9:.3g} GB/s in a node{nodes}")
+                f"{hw.hbm_bytes_per_s / 1e9:g} GB/s memory, {hw.bandwidth / 1e9:.3g} GB/s in a node{nodes}")
     h100 = analytic.Hardware()
     defaults = [flag for flag, value, default in (("--memory-gb", args.memory_gb, DEFAULT_MEMORY_GB),
                                                   ("--peak-tflops", hw.peak_flops, h100.peak_flops),
-                                                  ("--bandwidth-gbs", hw.bandwidth, h100.bandwidth)) if value == default]
+                                                  ("--bandwidth-gbs", hw.bandwidth, h100.bandwidth),
+                                                  ("--hbm-gbs", hw.hbm_bytes_per_s, h100.hbm_bytes_per_s)) if value == default]
     line = (f"device assumed: {args.memory_gb:g} GiB, {hw.peak_flops / 1e12:g} TFLOP/s peak"
-            f"{' (CPU matmul, measured here)' if peak_measured else ''}, {hw.bandwidth / 1e9:g} GB/s per device")
+            f"{' (CPU matmul, measured here)' if peak_measured else ''}, {hw.bandwidth / 1e9:g} GB/s per device, "
+            f"{hw.hbm_bytes_per_s / 1e9:g} GB/s memory")
     if defaults:
         line += f" ({', '.join(defaults)}: {analytic.DEFAULT_DEVICE} defaults; set them for another device)"
     return line
 
 
 def format_row(r: dict) -> str:
-    p, e, m = r["plan"], r["est"], r["est"].memory
+    p, m = r["plan"], r["est"].memory
     flags = p.flags
     return (f"{str(p.layout):<34} {flags:<3} {size(m['params']):>7} {size(m['grads']):>7} {size(m['optimizer']):>7} "
             f"{size(m['activations']):>7} {size(m['total']):>8} {'yes' if r['fits'] else 'NO':>4} "
@@ -118,7 +122,7 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     of a shared machine then hits every layout, not one); returns how many layouts failed. On CPU
     with a calibration and more than one process, each round starts with a probe of the
     collectives and of one one-process step (calibrate.probe), and the table predicts with the
-    calibration rescaled to the probes (calibrate.drift), the calibration's own prediction beside
+    calibration rescaled to the probes (cpu_sharing.drift), the calibration's own prediction beside
     it; the results store keeps the ranking's prediction."""
     procs, mem_each = machine_limits()
     if args.gpus > procs:
@@ -130,7 +134,8 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
         if probing and todo:
-            from rsscale.benchmarks.calibrate import probe, probe_step
+            from rsscale.benchmarks.calibrate import probe
+            from rsscale.benchmarks.cpu_sharing import probe_step
 
             print(f"[profile] probing {args.gpus}-process collectives and a one-process step (round {k + 1}/{args.rounds})", flush=True)
             probes.append(probe(args.gpus, probe_step(calib)))
@@ -157,7 +162,7 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     predicted = {i: r["step_s"] for i, r in enumerate(todo)}
     if probes:
         from rsscale.benchmarks import timemodel
-        from rsscale.benchmarks.calibrate import drift, rescaled
+        from rsscale.benchmarks.cpu_sharing import drift, rescaled
 
         factors = drift(calib, probes)
         print("[profile] probed over calibrated: " + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items()), flush=True)
@@ -257,15 +262,15 @@ def load_calibration(args, named: devices.Device | None = None) -> dict | None:
     device = environment()["device"]
     if named is not None and not devices.is_this_machine(named, device):
         print(f"[profile] step times from {named.label}'s datasheet (benchmarks/devices.py; matmuls at {args.efficiency:g} of peak, "
-              f"collectives at {args.comm_efficiency:.2f} of the links); this machine is {device!r}")
+              f"collectives at {args.comm_efficiency:.2f} of the links, elementwise at the memory bandwidth); this machine is {device!r}")
         return None
     if args.nodes > 1:
-        print(f"[profile] {args.nodes} nodes: step times from the analytic model (a calibration times one node)")
+        print(f"[profile] {args.nodes} nodes: step times from the datasheet (a calibration times one node)")
         return None
     calib = latest(device, args.precision, args.results)
     if calib is None:
-        print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the analytic "
-              "heuristic (run `rsscale calibrate` for the calibrated time model)")
+        print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the time model "
+              "on the datasheet (run `rsscale calibrate` to calibrate it on this machine)")
     else:
         print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/timemodel.py)")
         if "load_average" in calib and not torch.cuda.is_available():
@@ -279,7 +284,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus", type=int, default=None, help="number of devices (tp*pp*dp); default --nodes x --gpus-per-node")
     parser.add_argument("--device", choices=devices.NAMES, default=None,
                         help="a named device: its datasheet peak, memory and link bandwidths (benchmarks/devices.py); "
-                        "--memory-gb, --peak-tflops, --bandwidth-gbs still override")
+                        "--memory-gb, --peak-tflops, --bandwidth-gbs, --hbm-gbs still override")
     parser.add_argument("--nodes", type=int, default=1, help="nodes: collectives whose ranks span more than --gpus-per-node "
                         "run at the device's inter-node bandwidth")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="devices per node (default: --gpus, one node)")
@@ -292,6 +297,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--efficiency", type=float, default=devices.MATMUL_EFFICIENCY, help="fraction of peak the matmuls reach")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="effective collective bandwidth per device, GB/s "
                         f"(default {analytic.Hardware.bandwidth / 1e9:g}, or --device's link x --comm-efficiency)")
+    parser.add_argument("--hbm-gbs", type=float, default=None, help="memory bandwidth per device, GB/s, for the elementwise passes "
+                        f"(default {analytic.Hardware.hbm_bytes_per_s / 1e9:g}, or --device's)")
     parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
@@ -311,7 +318,7 @@ def add_arguments(parser) -> None:
                         "without re-timing the collectives and one step before each round")
     parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
     parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
-    parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the analytic heuristic")
+    parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the datasheet's rates")
     parser.add_argument("--task", choices=["seg", "det"], default=None,
                         help="profile `rsscale finetune --task` layouts (TP x DP, every layout counted exactly) instead of MAE pretraining")
     parser.add_argument("--img", type=int, default=1024, help="--task: fine-tuning crop in pixels")
@@ -321,7 +328,7 @@ def add_arguments(parser) -> None:
 
 
 NUMBER_RULES = {"--gpus": dict(ge=1), "--nodes": dict(ge=1), "--gpus-per-node": dict(ge=1), "--comm-efficiency": dict(gt=0, le=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
-                "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--global-batch": dict(ge=1),
+                "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--hbm-gbs": dict(gt=0), "--global-batch": dict(ge=1),
                 "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--rounds": dict(ge=1)}
 
 
@@ -355,7 +362,7 @@ def check_args(args) -> None:
         raise ValueError(f"--reserve-gb ({args.reserve_gb:g}) must be below --memory-gb ({args.memory_gb:g})")
 
 
-def main_finetune(args, cfg, hw, budget) -> int:
+def main_finetune(args, cfg, hw, budget, calib) -> int:
     """`rsscale profile --task seg|det`: fine-tuning layouts, counted and ranked."""
     options = {k: getattr(args, k) for k in ("detector", "channels", "window") if getattr(args, k) is not None}
     plans = finetune_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch or [1, 2])
@@ -364,9 +371,11 @@ def main_finetune(args, cfg, hw, budget) -> int:
         return 1
     print(f"fine-tuning {args.task} ({cfg.name}, {args.img} px) on {args.gpus} devices, global batch {args.global_batch}, "
           f"{args.precision}: counting {len(plans)} layouts (fake tensors in a fake {args.gpus}-rank world)", flush=True)
-    rows = rank_finetune_plans(cfg, plans, hw, budget, args.task, args.img, options)
-    print(f"{sum(r['fits'] for r in rows)} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (peak "
-          f"{hw.peak_flops / 1e12:g} TFLOP/s x {hw.efficiency:g}, {hw.bandwidth / 1e9:g} GB/s; analytic step time on counted FLOPs)")
+    rows = rank_finetune_plans(cfg, plans, hw, budget, args.task, args.img, options, calib)
+    rates = "calibrated on this machine" if calib else (f"peak {hw.peak_flops / 1e12:g} TFLOP/s x {hw.efficiency:g}, "
+                                                       f"{hw.bandwidth / 1e9:g} GB/s")
+    print(f"{sum(r['fits'] for r in rows)} fit in {args.memory_gb:g} GiB - {args.reserve_gb:g} reserved (step time on counted FLOPs, "
+          f"{rates})")
     print_table(rows, args.top)
     print("memory counted exactly per rank (TP0/DP0) except transient buffers; detection activations up to the dense head "
           "outputs (the loss's sampled anchors/RoIs are not counted)")
@@ -378,11 +387,12 @@ def main_auto(args, cfg, hw, dev) -> int:
     from rsscale.benchmarks import autolayout
 
     view = autolayout.View(hw, args.memory_gb, dev.label if dev else "the device assumed above", named=dev is not None)
+    calib = None if args.no_calibration else load_calibration(args, dev)
     if args.task:
         options = {k: getattr(args, k) for k in ("detector", "channels", "window")}
-        plan, lines = autolayout.choose_finetune(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, args.task, args.img, options)
+        plan, lines = autolayout.choose_finetune(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, args.task, args.img,
+                                                 options, calib)
     else:
-        calib = None if args.no_calibration else load_calibration(args, dev)
         plan, lines = autolayout.choose(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, calib)
     command = "finetune --task " + args.task if args.task else "pretrain"
     lines[-1] = lines[-1].replace("running", "choice:", 1)
@@ -402,6 +412,8 @@ def apply_device(args) -> devices.Device | None:
         args.peak_tflops = devices.peak_tflops(dev, args.precision)
     if args.bandwidth_gbs is None:
         args.bandwidth_gbs = dev.intra_gbs * args.comm_efficiency
+    if args.hbm_gbs is None:
+        args.hbm_gbs = dev.hbm_gbs
     return dev
 
 
@@ -421,18 +433,19 @@ def main(args) -> int:
     hw = analytic.Hardware(peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else analytic.Hardware.peak_flops,
                            efficiency=args.efficiency, bandwidth=(args.bandwidth_gbs or analytic.Hardware.bandwidth / 1e9) * 1e9,
                            gpus_per_node=args.gpus_per_node or 0,
-                           inter_bandwidth=dev.inter_gbs * args.comm_efficiency * 1e9 if dev and args.nodes > 1 else 0.0)
+                           inter_bandwidth=dev.inter_gbs * args.comm_efficiency * 1e9 if dev and args.nodes > 1 else 0.0,
+                           hbm_bytes_per_s=args.hbm_gbs * 1e9 if args.hbm_gbs else analytic.Hardware.hbm_bytes_per_s)
     print(assumed_device(args, hw, peak_measured, dev), flush=True)
     budget = (args.memory_gb - args.reserve_gb) * GIB
     if args.layout:
         return main_auto(args, cfg, hw, dev)
+    calib = None if args.no_calibration else load_calibration(args, dev)
     if args.task:
-        return main_finetune(args, cfg, hw, budget)
+        return main_finetune(args, cfg, hw, budget, calib)
     plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch, args.vpp)
     if not plans:
         print(f"no valid layout of {cfg.name} on {args.gpus} devices with global batch {args.global_batch}")
         return 1
-    calib = None if args.no_calibration else load_calibration(args, dev)
     rows = rank_plans(cfg, plans, hw, budget, calib)
     n_fit = sum(r["fits"] for r in rows)
     print(f"{cfg.name} on {args.gpus} devices, global batch {args.global_batch}, {args.precision}: {len(rows)} valid layouts, "

@@ -4,9 +4,9 @@
 
 Each point is a training throughput a publication states with its model shape, precision, global
 batch and hardware (the quoted lines are in the table's source column and in docs/PROFILER.md).
-The prediction is the analytic model on the device's datasheet with the stated constants
-(benchmarks/devices.py: matmuls at 0.5 of peak, collectives at 2/3 of the links; nothing here is
-fitted to these points): the published layout where one is stated (data parallel, the stated
+The prediction is the time model (benchmarks/timemodel.py) at the device's datasheet rates with the
+stated constants (benchmarks/devices.py: matmuls at 0.5 of peak, collectives at 2/3 of the links,
+elementwise passes at the memory bandwidth; nothing here is fitted to these points): the published layout where one is stated (data parallel, the stated
 per-GPU micro-batch), else the layout `--layout auto` would choose, and the table says which.
 Supervised models are the model-file shapes with no decoder (scaling/mae.py); what the
 publications add on top (augmentation, EMA, evaluation, data loading) is not modelled, so a
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write("# Published ViT training throughputs vs the uncalibrated prediction\n\n"
                     "Written by `python -m rsscale.benchmarks.published --out reports/published_vs_predicted.md` "
-                    "(benchmarks/published.py: the points, their sources and what each assumes). Predictions: the analytic model "
-                    "on each device's datasheet with the stated constants (matmuls at 0.5 of peak, collectives at 2/3 of the "
-                    "links); nothing is fitted to this table.\n\n" + text)
+                    "(benchmarks/published.py: the points, their sources and what each assumes). Predictions: the time model "
+                    "at each device's datasheet rates with the stated constants (matmuls at 0.5 of peak, collectives at 2/3 of the "
+                    "links, elementwise passes at the memory bandwidth); nothing is fitted to this table.\n\n" + text)
     return 0
 
 

@@ -309,7 +309,7 @@ def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
              "the PyTorch-native way (DDP, ZeroRedundancyOptimizer, DTensor TP and SP, torch.distributed.pipelining, FSDP2, fused "
              "AdamW, SDPA; benchmarks/peer.py), steps alternating; ratio < 1: ours is faster. Step times leave out drawing the batch; "
              "the first-step losses of both sides agree when they train the same model.")
-    fig, ax = plt.subplots(figsize=(6, 0.35 * len(t) + 1.2))
+    fig, ax = plt.subplots(figsize=(6, max(3.5, 0.35 * len(t) + 1.2)))
     labels = [f"{r['preset']} {r['layout']} vs {r['native']} (run {r['run_id']})" for _, r in t.iterrows()]
     ax.barh(range(len(t)), t["ours_over_peer_step_time"], color=["tab:green" if v <= 1 else "tab:red" for v in t["ours_over_peer_step_time"]])
     ax.axvline(1.0, color="k", ls="--", lw=1)

@@ -352,9 +352,10 @@ def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
 
 
 def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> float | None:
-    """Training time of a cell from this machine's time model (benchmarks/timemodel.py) when it is
-    calibrated, else from the analytic model at the measured matmul rate (None if unknown). Both
-    leave out process start-up, data loading and the held-out evaluation."""
+    """Training time of a cell from the time model (benchmarks/timemodel.py), calibrated on this
+    machine when it is, else at the measured matmul rate and the datasheet defaults of
+    analytic.Hardware (None if unknown). Both leave out process start-up, data loading and the
+    held-out evaluation."""
     try:
         from rsscale.benchmarks import analytic, timemodel
         from rsscale.scaling.config import get_preset
@@ -382,7 +383,7 @@ def calibration(plan: Plan) -> dict | None:
 
         device, precision = environment()["device"], plan.pretrain.get("precision", "fp32")
         return latest(device, precision, plan.results) or latest(device, precision)
-    except Exception:  # noqa: BLE001 - no calibration: the analytic model predicts
+    except Exception:  # noqa: BLE001 - no calibration: the uncalibrated time model predicts
         return None
 
 
@@ -558,12 +559,12 @@ def dry_run(plan: Plan, jobs: int | None = None) -> None:
         what = f"{c.task} fraction {c.fraction:g} from {c.parent}" if c.kind == "finetune" else f"{c.images or 'all'} images"
         print(f"  {'done' if c.key in done else 'todo':<4} {c.key:<44} {c.model:<8} {c.steps:>7} steps  {what:<40} "
               f"predicted {'?' if t is None else _secs(t * scale)}")
-    basis = "the time model calibrated on this machine" if calib else "the analytic model at this machine's measured matmul rate"
+    basis = "the time model calibrated on this machine" if calib else "the uncalibrated time model at this machine's measured matmul rate"
     print(f"predicted time left {_secs(total / jobs)}" + (f" ({_secs(total)} of cells, {jobs} at once)" if jobs > 1 else "") + f", from {basis}"
           + (f", rescaled by the measured/predicted ratio {scale:.3g} of {measured[1]} recorded cell(s)" if measured else ""))
     if not measured:
         print("  caveat: not yet checked against this study's own cells; the training-step model leaves out process start-up, "
-              "data loading and evaluation, and the uncalibrated analytic model is far off on CPU (docs/STUDY.md); "
+              "data loading and evaluation, and the uncalibrated time model is far off on CPU (docs/STUDY.md); "
               "`rsscale calibrate` or a first cell makes it honest")
     elif not 0.5 <= scale <= 2.0:
         print(f"  caveat: the model's own predictions were off by {scale:.2g}x on the recorded cells (shown rescaled)")

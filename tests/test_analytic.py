@@ -141,7 +141,9 @@ def test_fsdp_memory_and_traffic_by_hand():
     assert mem["optimizer"] == n["trainable"] * 8 / 4
     blocks = A.fsdp_block_params(cfg, 1, 1, 0)
     assert len(blocks) == cfg.depth + cfg.dec_depth and sum(blocks) < n["trainable"]
-    assert A.fsdp_comm_bytes(cfg, plan) == 4 * 3 / 4 * (n["trainable"] + n["frozen"] + sum(blocks) + n["trainable"])
+    hw = A.Hardware(peak_flops=1e30, bandwidth=1e9, hbm_bytes_per_s=1e30)  # only the traffic takes time, at 1 GB/s
+    traffic = A.estimate(cfg, plan, hw).time["dp_comm_s"] / plan.layout.num_micro * 1e9
+    assert traffic == pytest.approx(4 * 3 / 4 * (n["trainable"] + n["frozen"] + sum(blocks) + n["trainable"]), rel=1e-12)
     ddp = A.estimate(cfg, A.Plan(Layout(dp=4, micro_batch=1, global_batch=8), precision="fp32"))
     assert A.estimate(cfg, plan).memory["total"] < ddp.memory["total"]
 

@@ -30,20 +30,25 @@ def test_datasheet_values_fill_only_the_flags_left_unset(capsys):
     assert main(["profile", "--model", "b12x1", "--device", "h200", "--gpus", "8", "--memory-gb", "60", "--top", "1", "--no-calibration"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "60 GiB" in first and "989.4 TFLOP/s bf16" in first and "300 GB/s in a node" in first  # 450 GB/s x 2/3
+    assert "4800 GB/s memory" in first and devices.hardware(devices.DEVICES["h200"], "bf16").hbm_bytes_per_s == 4.8e12
     for d in devices.DEVICES.values():
         assert d.tflops["fp16"] > d.tflops["fp32"] > 0 and d.memory_gb > 0 and d.intra_gbs > 0 and d.inter_gbs > 0 and d.source
 
 
-def test_a_dp_group_across_nodes_runs_at_the_network_bandwidth():
+def test_only_the_collectives_whose_group_spans_nodes_run_at_the_network_bandwidth():
+    """Megatron's rank order (TP innermost, then DP, then PP) on 16 GPUs, nodes of 8, a network
+    10x slower than the links: a group spanning more than 8 ranks is 10x slower, the rest and the
+    compute unchanged. DP16: the DP reduction crosses. TP4 x DP4: TP stays in a node, DP (16
+    ranks) crosses. TP2 x PP2 x DP4: TP (2) and DP (8) stay, the pipeline send (2 x 2 x 4) crosses."""
     cfg = get_preset("b12x1")
-    plan = analytic.Plan(Layout(tp=1, pp=1, dp=16, micro_batch=8, global_batch=128), precision="bf16", overlap_grad_reduce=False)
     one_node = analytic.Hardware(bandwidth=300e9)
     two_nodes = analytic.Hardware(bandwidth=300e9, gpus_per_node=8, inter_bandwidth=30e9)
-    a, b = analytic.estimate(cfg, plan, one_node), analytic.estimate(cfg, plan, two_nodes)
-    assert a.compute_s == b.compute_s and b.comm_s == pytest.approx(10 * a.comm_s)  # only the DP reduction, 10x slower links
-    tp8 = analytic.Plan(Layout(tp=8, pp=1, dp=2, micro_batch=8, global_batch=128), precision="bf16", overlap_grad_reduce=False)
-    inside = analytic.estimate(cfg, tp8, two_nodes).comm_s - analytic.estimate(cfg, tp8, one_node).comm_s
-    assert inside > 0  # the TP groups stay in their node; the DP group (16 ranks) crosses
+    for (tp, pp, dp), crossing in (((1, 1, 16), {"dp_comm_s"}), ((4, 1, 4), {"dp_comm_s"}), ((2, 2, 4), {"pp_comm_s"})):
+        plan = analytic.Plan(Layout(tp=tp, pp=pp, dp=dp, micro_batch=8, global_batch=128), precision="bf16", overlap_grad_reduce=False)
+        a, b = (analytic.estimate(cfg, plan, hw).time for hw in (one_node, two_nodes))
+        for part in ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s"):
+            assert b[part] == pytest.approx(10 * a[part] if part in crossing else a[part], rel=1e-12), (tp, pp, dp, part)
+        assert all(a[part] > 0 for part in crossing) and (tp == 1 or a["tp_comm_s"] > 0)
 
 
 def test_profile_multi_node_answers_in_seconds(capsys):

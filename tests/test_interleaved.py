@@ -157,17 +157,24 @@ def test_checkpoints_cross_virtual_stages(runs):
 
 
 def test_analytic_models_the_interleaved_bubble_traffic_and_memory():
-    """g12x4 on PP=4 with 8 micro-batches: V=3 shrinks the bubble rounds from P-1 = 3 to 3/V = 1
-    (compute x (8 + 1) / (8 + 3)), sends 3x the pipeline bytes, and holds more activations on
-    rank 0 (2(P-1) + (V-1)P + 1 = 15 chunks of 1 block vs P = 4 micro-batches of 3 blocks)."""
+    """g12x4 on PP=4 with 8 micro-batches: V=3 keeps each rank's blocks but runs the other stages'
+    fill and drain in chunks a third as long (bubble / 3), sends 3x the pipeline bytes, and holds
+    more activations on rank 0 (2(P-1) + (V-1)P + 1 = 15 chunks of 1 block vs P = 4 micro-batches
+    of 3 blocks)."""
     from rsscale.benchmarks import analytic as A
+    from rsscale.benchmarks import timemodel as T
     from rsscale.scaling.config import get_preset
 
-    cfg = get_preset("g12x4")
+    cfg, hw = get_preset("g12x4"), A.Hardware()
     plans = {v: A.Plan(Layout(tp=1, pp=4, micro_batch=1, global_batch=8, vpp=v), precision="bf16") for v in (1, 3)}
-    est = {v: A.estimate(cfg, p) for v, p in plans.items()}
-    assert est[3].compute_s / est[1].compute_s == pytest.approx((8 + 1) / (8 + 3))
-    assert est[3].comm_s / est[1].comm_s == pytest.approx(3 * (8 + 1) / (8 + 3))  # TP=DP=1: only p2p, per round
+    est = {v: A.estimate(cfg, p, hw).time for v, p in plans.items()}
+    stages = {v: [T.stage_micro_s(cfg, p, T.datasheet_calibration(hw), s) for s in range(4)] for v, p in plans.items()}
+    assert [s["compute"] for s in stages[3]] == pytest.approx([s["compute"] for s in stages[1]], rel=1e-12)
+    assert est[3]["pp_comm_s"] == pytest.approx(3 * est[1]["pp_comm_s"]) and est[1]["tp_comm_s"] == 0  # TP=DP=1: only p2p, V per micro-batch
+    for v in (1, 3):  # M x the slowest stage (the last: the decoder) + the others' one micro-batch each, / V
+        per = [s["compute"] + s["pp_comm"] for s in stages[v]]
+        assert max(per) == per[3] and est[v]["compute_s"] == pytest.approx(8 * stages[v][3]["compute"], rel=1e-12)
+        assert est[v]["bubble_s"] == pytest.approx(sum(per[:3]) / v, rel=1e-12)
     assert len(A.in_flight(plans[3].layout, 0)) == 15 and len(A.in_flight(plans[1].layout, 0)) == 4
     mid = [A.stage_activation_bytes(cfg, plans[3], v) for v in (1, 5, 9)]  # rank 1's chunks: blocks only, same size
     assert mid[0] == mid[1] == mid[2]

@@ -2,7 +2,9 @@
 
 Every import statement of every module (module level or inside a function: a lazy import is a
 dependency too) is parsed with `ast`; an import of an rsscale part that the importing part may
-not use fails the test with the file, line and target."""
+not use fails the test with the file, line and target. Inside benchmarks/, the CPU time-sharing
+terms (cpu_sharing.py) are imported only where a CPU calibration is handled, and only lazily by
+the time model and the profiler, so that a GPU or datasheet prediction never loads them."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ MAY_IMPORT = {
     "finetune": {"kernels", "scaling", "finetune"},
     "reports": set(PARTS),
 }
+# who may import benchmarks/cpu_sharing.py: "lazy" only inside a function; it imports no rsscale module
+CPU_SHARING = "rsscale.benchmarks.cpu_sharing"
+CPU_SHARING_IMPORTERS = {"rsscale.benchmarks.timemodel": "lazy", "rsscale.benchmarks.profile": "lazy",
+                         "rsscale.benchmarks.calibrate": "any"}
 
 
 def module_name(path: Path) -> str:
@@ -34,19 +40,20 @@ def module_name(path: Path) -> str:
 
 
 def imported_modules(path: Path):
-    """(line, rsscale module) for every import in the file; `from a import b` counts a.b when b is
-    a module of ours, else a."""
+    """(line, rsscale module, whether the import is at module level) for every import in the file;
+    `from a import b` counts a.b when b is a module of ours, else a."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(node) for node in tree.body}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name
+                yield node.lineno, alias.name, id(node) in top
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 raise AssertionError(f"{path}:{node.lineno}: relative import; write the rsscale.<part> name")
             for alias in node.names:
                 target = f"{node.module}.{alias.name}"
-                yield node.lineno, target if is_our_module(target) else node.module
+                yield node.lineno, target if is_our_module(target) else node.module, id(node) in top
 
 
 def is_our_module(name: str) -> bool:
@@ -65,11 +72,16 @@ def violations(path: Path) -> list[str]:
     me = module_name(path)
     part = me.split(".")[1]
     out = []
-    for line, target in imported_modules(path):
+    for line, target, at_top in imported_modules(path):
         bits = target.split(".")
         if bits[0] != "rsscale":
             continue
-        if len(bits) < 2 or bits[1] not in PARTS:
+        if me == CPU_SHARING:
+            out.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {target} (it imports no rsscale module)")
+        elif target == CPU_SHARING and CPU_SHARING_IMPORTERS.get(me) not in (("any",) if at_top else ("any", "lazy")):
+            out.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {target} (only {', '.join(CPU_SHARING_IMPORTERS)} may; "
+                       "the time model and the profiler inside a function)")
+        elif len(bits) < 2 or bits[1] not in PARTS:
             out.append(f"{path.relative_to(ROOT)}:{line} imports {target} (not an rsscale part)")
         elif me in BOTTOM and target not in BOTTOM:
             out.append(f"{path.relative_to(ROOT)}:{line}: bottom module {me} imports {target}")
@@ -102,6 +114,13 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         assert len(violations(tmp_path / rel)) == 1, rel
     (tmp_path / "reports" / "ok.py").write_text("from rsscale.benchmarks import harness\nfrom rsscale import kernels\n")
     assert violations(tmp_path / "reports" / "ok.py") == []
+    (tmp_path / "benchmarks" / "cpu_sharing.py").write_text("import math\n")
+    lazy = "def f():\n    from rsscale.benchmarks import cpu_sharing\n"
+    for rel, code, found in (("benchmarks/timemodel.py", lazy, 0), ("benchmarks/timemodel.py", "from rsscale.benchmarks.cpu_sharing import slowdown\n", 1),
+                             ("benchmarks/calibrate.py", "from rsscale.benchmarks import cpu_sharing\n", 0), ("benchmarks/analytic.py", lazy, 1),
+                             ("benchmarks/cpu_sharing.py", "def f():\n    from rsscale.scaling import layout\n", 1)):
+        (tmp_path / rel).write_text(code)
+        assert len(violations(tmp_path / rel)) == found, (rel, code)
 
 
 @pytest.mark.parametrize("bottom", sorted(BOTTOM))

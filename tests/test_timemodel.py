@@ -1,14 +1,15 @@
-"""Calibration fits and the calibrated step-time model (benchmarks/calibrate.py, timemodel.py)."""
+"""Calibration fits and the step-time model (benchmarks/calibrate.py, timemodel.py): one model, at
+measured or datasheet rates."""
 
-import math
 import os
 
 import pytest
 
 from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks import calibrate as C
+from rsscale.benchmarks import cpu_sharing as S
 from rsscale.benchmarks import timemodel as T
-from rsscale.scaling.config import get_preset, mae_step_flops
+from rsscale.scaling.config import get_preset, mae_forward_flops, mae_step_flops
 from rsscale.scaling.layout import Layout
 
 
@@ -25,15 +26,25 @@ def _uniform(flops=1e12, bw=1e30, lat=0.0, net=1e30):
             "layernorm": [{"shape": [1, 1], "bytes_per_s": bw}], "collectives": coll}
 
 
+SUPERVISED = get_preset("small").replace(name="small-supervised", dec_depth=0, mask_ratio=0.0, num_classes=10)
+
+
+@pytest.mark.parametrize("cfg", [get_preset("small"), SUPERVISED], ids=["mae", "supervised"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_compute_time_adds_up_to_the_step_flops(recompute):
+def test_compute_time_adds_up_to_the_step_flops(cfg, recompute):
     """With one FLOP rate and free elementwise work, one process's step time is exactly the
-    model's matmul FLOPs (scaling.config, an independent count) over that rate."""
-    cfg = get_preset("small")
+    model's matmul FLOPs (scaling.config, an independent count) over that rate, for a measured
+    table and for a datasheet calibration at that rate (no matmul roll-off, free memory), split
+    over two pipeline stages or not."""
     plan = A.Plan(Layout(micro_batch=4, global_batch=8), precision="fp32", recompute=recompute)
     t = T.predict(cfg, plan, _uniform())
     assert t["step_s"] == pytest.approx(8 * mae_step_flops(cfg, recompute) / 1e12, rel=1e-9)
     assert t["bubble_s"] == 0 and t["dp_comm_s"] == 0 and t["tp_comm_s"] == 0
+    sheet = T.datasheet_calibration(A.Hardware(peak_flops=2e12, efficiency=0.5, half_rows=0, hbm_bytes_per_s=1e30))
+    assert T.predict(cfg, plan, sheet)["step_s"] == pytest.approx(t["step_s"], rel=1e-9)
+    pp = A.Plan(Layout(pp=2, micro_batch=4, global_batch=8), precision="fp32", recompute=recompute)
+    stages = [T.stage_micro_s(cfg, pp, sheet, s)["compute"] for s in range(2)]
+    assert 2 * sum(stages) == pytest.approx(t["step_s"], rel=1e-9)  # the stages' FLOPs add up to the model's
 
 
 def test_fsdp_collectives_per_micro_batch():
@@ -95,14 +106,29 @@ def _one_f_one_b_makespan(t: list[float], M: int) -> float:
     return max(free)
 
 
+def _pipeline_s(times: list[float], M: int, V: int = 1) -> float:
+    """compute + bubble of the time model's step for stages taking `times` per micro-batch."""
+    plan = A.Plan(Layout(pp=len(times), vpp=V, micro_batch=1, global_batch=M), precision="fp32")
+    out = T.step_from_stages(plan, _uniform(), [{"compute": t, "tp_comm": 0.0, "pp_comm": 0.0} for t in times], trainable=1, width=1)
+    return out["compute_s"] + out["bubble_s"]
+
+
 @pytest.mark.parametrize("times,M", [([1.0, 1.0, 1.0, 1.0], 4), ([1.0, 1.0, 1.0, 3.0], 4), ([1.0, 2.0], 2), ([1.0, 2.0, 1.5, 2.5], 8)])
-def test_one_f_one_b_step_formula_matches_a_schedule_simulation(times, M):
-    """M x t_slow + (sum t - t_slow): (M + P - 1) t when balanced, less when the last stage is the
-    slowest (small's holds the decoder), exactly as a simulated 1F1B timeline finishes; an upper
-    bound when an earlier stage is the slowest (it then waits less than the others' sum)."""
-    assert M * max(times) + sum(times) - max(times) == pytest.approx(_one_f_one_b_makespan(times, M), rel=1e-12)
+def test_one_f_one_b_step_matches_a_schedule_simulation(times, M):
+    """The time model's 1F1B step, M x t_slow + (sum t - t_slow), finishes when a simulated 1F1B
+    timeline does: (M + P - 1) t when balanced, less when the last stage is the slowest (small's
+    holds the decoder); an upper bound when an earlier stage is the slowest (it then waits less
+    than the others' sum)."""
+    assert _pipeline_s(times, M) == pytest.approx(_one_f_one_b_makespan(times, M), rel=1e-12)
     early = times[::-1]
-    assert M * max(early) + sum(early) - max(early) >= _one_f_one_b_makespan(early, M) - 1e-12
+    assert _pipeline_s(early, M) >= _one_f_one_b_makespan(early, M) - 1e-12
+
+
+@pytest.mark.parametrize("V", [1, 2, 3])
+def test_balanced_stages_take_m_plus_p_minus_one_over_v_rounds(V):
+    """Four balanced stages of 0.5 s per micro-batch, 6 micro-batches, V interleaved chunks:
+    (M + (P - 1) / V) x t."""
+    assert _pipeline_s([0.5] * 4, 6, V) == pytest.approx((6 + 3 / V) * 0.5, rel=1e-12)
 
 
 def test_pipeline_bubble_and_communication_terms():
@@ -171,15 +197,15 @@ def test_tp_and_step_collectives_are_the_ones_the_trainer_launches():
         assert predicted == calls, (layout, recompute, predicted, calls)
         if layout.get("tp", 1) > 1:  # the per-block count that spaces TP collectives (tp_collectives_per_block)
             sp_boundaries = 4 if layout.get("sp") else 0
-            per_block = T.tp_collectives_per_block(layout.get("sp", False), recompute)
+            per_block = S.tp_collectives_per_block(layout.get("sp", False), recompute)
             assert sum(calls.values()) - sp_boundaries - round(t["sync_s"]) == per_block * (cfg.depth + cfg.dec_depth), (layout, recompute)
 
 
 def test_overlapped_dp_reduction_exposes_only_what_backward_cannot_hide():
     # by hand: 10 s of reduction, 8 s of backward, a quarter of the gradient per bucket
-    assert A.exposed_reduce_s(10.0, 8.0, 0.25) == pytest.approx(10 - 8 * 0.75)  # outlasts backward
-    assert A.exposed_reduce_s(4.0, 8.0, 0.25) == pytest.approx(1.0)  # hidden but for the last bucket
-    assert A.exposed_reduce_s(4.0, 8.0, 1.0) == pytest.approx(4.0)  # one bucket: nothing hidden
+    assert T.exposed_reduce_s(10.0, 8.0, 0.25) == pytest.approx(10 - 8 * 0.75)  # outlasts backward
+    assert T.exposed_reduce_s(4.0, 8.0, 0.25) == pytest.approx(1.0)  # hidden but for the last bucket
+    assert T.exposed_reduce_s(4.0, 8.0, 1.0) == pytest.approx(4.0)  # one bucket: nothing hidden
     cfg = get_preset("small")
     layout = Layout(dp=2, micro_batch=4, global_batch=8)
     trainable = A.stage_params(cfg, 1, 1, 0)["trainable"]
@@ -189,7 +215,62 @@ def test_overlapped_dp_reduction_exposes_only_what_backward_cannot_hide():
     assert off["dp_comm_s"] == pytest.approx(1e-3) and on["dp_comm_s"] == pytest.approx(1e-3 / 4)
     assert off["step_s"] - on["step_s"] == pytest.approx(0.75e-3)
     est_off, est_on = (A.estimate(cfg, A.Plan(layout, precision="fp32", overlap_grad_reduce=o, bucket_mb=1.0)) for o in (False, True))
-    assert est_on.comm_s < est_off.comm_s and est_on.compute_s == est_off.compute_s
+    assert est_on.time["dp_comm_s"] < est_off.time["dp_comm_s"] and est_on.time["compute_s"] == est_off.time["compute_s"]
+
+
+def test_datasheet_collectives_are_ring_costs_by_hand():
+    """At B bytes/s with everything else free: a ring over 2 ranks sends an all-reduced tensor
+    once, and a shard once per all-gather or reduce-scatter. TP2 all-reduces each sublayer's
+    output forward (s h 4 bytes per image, fp32) and its K stacked input gradients backward; under
+    SP (tokens padded to even, each rank's shard) the all-gathers and reduce-scatters of the same
+    tensors, LayerNorm and bias gradient all-reduces and the region's entries and exits. DP4
+    all-reduces the fp32 gradients (2 x 3/4 of them), ZeRO-1 reduce-scatters them (3/4) and
+    all-gathers the weights (3/4); a pipeline sends each micro-batch's hidden states each way."""
+    cfg, B, mb = get_preset("small"), 1e9, 2
+    K, h, s_e, s_d = cfg.branches, cfg.width, cfg.num_visible + 1, cfg.num_patches + 1
+    sheet = T.datasheet_calibration(A.Hardware(peak_flops=1e30, bandwidth=B, hbm_bytes_per_s=1e30))
+
+    def run(zero=False, **layout):
+        return T.predict(cfg, A.Plan(Layout(**layout), precision="fp32", overlap_grad_reduce=False, distributed_optimizer=zero), sheet)
+
+    tp = run(tp=2, micro_batch=mb, global_batch=mb)["tp_comm_s"]
+    assert tp == pytest.approx(mb * 2 * 4 * (cfg.depth * (1 + K) * s_e * h + cfg.dec_depth * 2 * s_d * h) / B, rel=1e-12)
+    sp = run(tp=2, sp=True, micro_batch=mb, global_batch=mb)["tp_comm_s"]
+    e_shard, d_shard = mb * (s_e + 1) // 2 * h * 4, mb * (s_d + 1) // 2 * h * 4  # 17 and 65 tokens padded to 18 and 66
+    sublayer = [(shard * (3 * k + 2) + (2 * k + 1) * h * 4) for shard, k in ((e_shard, K), (d_shard, 1))]
+    assert sp == pytest.approx((2 * cfg.depth * sublayer[0] + 2 * cfg.dec_depth * sublayer[1] + 2 * e_shard + 2 * d_shard) / B, rel=1e-12)
+    trainable = A.stage_params(cfg, 1, 1, 0)["trainable"]
+    assert run(dp=4, micro_batch=mb, global_batch=4 * mb)["dp_comm_s"] == pytest.approx(2 * 3 / 4 * trainable * 4 / B, rel=1e-12)
+    assert run(dp=4, micro_batch=mb, global_batch=4 * mb, zero=True)["dp_comm_s"] == pytest.approx(2 * 3 / 4 * trainable * 4 / B, rel=1e-12)
+    assert run(pp=2, micro_batch=mb, global_batch=2 * mb)["pp_comm_s"] == pytest.approx(2 * 2 * mb * s_e * h * 4 / B, rel=1e-12)
+
+
+def test_a_measured_calibration_takes_what_it_did_not_measure_from_the_datasheet():
+    """A one-GPU calibration has no collectives: alone it cannot predict TP2; with the datasheet's
+    ring for them (timemodel.calibration) it predicts its measured compute and the datasheet's
+    communication."""
+    cfg, hw = get_preset("small"), A.Hardware(bandwidth=1e9)
+    measured = {k: v for k, v in _uniform(flops=1e11, bw=1e10).items() if k != "collectives"}
+    plan = A.Plan(Layout(tp=2, micro_batch=4, global_batch=8), precision="fp32")
+    with pytest.raises(ValueError, match="no all_reduce fit"):
+        T.predict(cfg, plan, measured)
+    both = T.predict(cfg, plan, T.calibration(hw, measured))
+    assert both["compute_s"] == T.predict(cfg, plan, _uniform(flops=1e11, bw=1e10))["compute_s"]
+    assert both["tp_comm_s"] == T.predict(cfg, plan, T.datasheet_calibration(hw))["tp_comm_s"] > 0
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_counted_work_is_timed_by_the_same_terms(recompute):
+    """Fine-tuning's prediction from counted work (predict_counted) is `predict` when the counted
+    work is a model predict can walk: a supervised ViT's forward FLOPs on one TP rank (blocks / t,
+    patch embedding and head whole) give the same step, part by part."""
+    cfg = SUPERVISED
+    plan = A.Plan(Layout(tp=2, dp=2, micro_batch=2, global_batch=8), precision="fp32", recompute=recompute)
+    calib = _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)
+    f = mae_forward_flops(cfg)
+    work = {"flops": 2 * (f["encoder"] / 2 + f["patch_embed"] + f["pred"]), "block_flops": 2 * f["encoder"] / 2,
+            "trainable": A.stage_params(cfg, 2, 1, 0)["trainable"]}
+    assert T.predict_counted(cfg, plan, calib, work, cfg.num_patches + 1) == pytest.approx(T.predict(cfg, plan, calib), rel=1e-9)
 
 
 def test_overhead_fit_recovers_known_terms_from_one_process_steps():
@@ -269,124 +350,6 @@ def test_calibrate_stores_and_profile_uses_it(tmp_path, capsys):
     _store_and_profile(result, db, capsys)
 
 
-def test_more_processes_than_cores_share_the_cores():
-    """4 single-thread processes on 2 cores: data parallel computes at half speed; a pipeline
-    is bound by all stages' work over the cores (its idle ranks lend their cores), not by 2x its
-    critical path; with enough cores nothing changes."""
-    cfg, calib = get_preset("small"), {**_uniform(flops=1e11, bw=1e10), "threads_per_process": 1}
-    dp = A.Plan(Layout(dp=4, micro_batch=2, global_batch=16), precision="fp32")
-    assert T.predict(cfg, dp, calib, 2)["compute_s"] == pytest.approx(2 * T.predict(cfg, dp, calib, 4)["compute_s"], rel=1e-12)
-    pp = A.Plan(Layout(pp=2, dp=2, micro_batch=1, global_batch=64), precision="fp32")
-    stage = [T.stage_micro_s(cfg, pp, calib, s)["compute"] for s in range(2)]
-    shared, alone = T.predict(cfg, pp, calib, 2), T.predict(cfg, pp, calib, 4)
-    assert shared["compute_s"] == pytest.approx(2 * 32 * sum(stage) / 2, rel=1e-12) and shared["bubble_s"] == 0
-    assert alone["compute_s"] == pytest.approx(32 * max(stage), rel=1e-12) and alone["bubble_s"] > 0
-    assert shared["step_s"] < 2 * alone["step_s"]
-
-
-def test_collective_fit_of_a_group_inside_a_larger_world():
-    """A pair inside a world of 4 uses the fit measured for pairs there ("2@4"); without one, the
-    nearest group size measured on its own."""
-    fits = {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e9}, "4": {"latency_s": 5e-3, "bandwidth_bytes_per_s": 1e9},
-            "2@4": {"latency_s": 3e-3, "bandwidth_bytes_per_s": 1e9}}
-    calib = {"collectives": {"all_reduce": fits}}
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4) == pytest.approx(3e-3 + 1e-3)
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 2) == pytest.approx(1e-3 + 1e-3)
-    assert T.collective_s(calib, "all_reduce", 1e6, 4, 4) == pytest.approx(5e-3 + 1e-3)
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 8) == pytest.approx(1e-3 + 1e-3)  # no "2@8": the pair alone
-    assert T.collective_s(calib, "all_reduce", 1e6, 1, 4) == 0.0
-
-
-def test_tp_collectives_interpolate_by_the_compute_before_them():
-    """A collective after `after_s` of compute: the small chunk's fit at or below that chunk, the
-    large one's at or above it, in between linearly in log(after_s); None (DP, PP, the step's)
-    and calibrations without the small fits: the large chunk's fit."""
-    large = {op: {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e30}} for op in C.COLLECTIVES}
-    small = {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES}
-    calib = {"collectives": large, "tp_collectives": small, "collective_chunk_s": {"collectives": 4e-3, "tp_collectives": 5e-4}}
-    at = lambda after, op="all_gather", c=calib: T.collective_s(c, op, 1e3, 2, after_s=after)  # noqa: E731
-    assert at(1e-5) == at(5e-4) == pytest.approx(1e-4) and at(4e-3) == at(1.0) == pytest.approx(1e-3)
-    assert at(None) == pytest.approx(1e-3) and at(1e-5, "send_recv") == pytest.approx(1e-3)  # send/recv is never a TP collective
-    assert at(math.sqrt(5e-4 * 4e-3)) == pytest.approx(5.5e-4)  # halfway in log
-    assert at(1e-5, c={"collectives": large, "tp_collectives": small}) == pytest.approx(1e-3)  # no chunk times: the large fits
-
-
-def test_a_tp_collective_follows_its_share_of_the_blocks_compute():
-    """In a layout the TP collectives sit between the two fits by the compute per collective:
-    a larger micro-batch puts more compute before each, so its collectives move toward the large
-    chunk's fit; PP, DP and the step's collectives always take the large chunk's fit."""
-    cfg = get_preset("small")
-    base = {**_uniform(flops=3e10, bw=1e10), "collectives": {op: {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e30}} for op in C.COLLECTIVES}}
-    both = {**base, "tp_collectives": {op: {"2": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e30}} for op in C.TP_COLLECTIVES},
-            "collective_chunk_s": {"collectives": 4e-3, "tp_collectives": 5e-5}}
-
-    def per_collective(calib, mb):
-        plan = A.Plan(Layout(tp=2, pp=2, dp=2, sp=True, micro_batch=mb, global_batch=16), precision="fp32")
-        stage0 = T.stage_micro_s(cfg, plan, calib, 0)["tp_comm"]  # per micro-batch: depth / 2 blocks and the SP entry
-        sp_entry = 1e-3  # follows the patch embedding: the large chunk's fit
-        return T.predict(cfg, plan, calib), (stage0 - sp_entry) / (T.tp_collectives_per_block(True, "none") * cfg.depth // 2)
-
-    (small_mb, a), (large_mb, b) = per_collective(both, 1), per_collective(both, 8)
-    assert 1e-4 < a < b < 1e-3
-    assert per_collective(base, 1)[1] == pytest.approx(1e-3)
-    for kind in ("pp_comm_s", "dp_comm_s", "sync_s"):
-        assert small_mb[kind] == per_collective(base, 1)[0][kind] and small_mb[kind] > 0, kind
-
-
-def test_pairs_of_a_pipeline_contend_only_while_the_other_stages_are_busy():
-    """"2@4" is measured with both pairs communicating at once. In TP2 x PP2 the other stage's pair
-    is busy only for part of the step: with one micro-batch the stages take turns (the pair alone),
-    with many the overlap approaches every pair at once. Interpolated linearly between the two."""
-    fits = {"2": {"latency_s": 1e-3, "bandwidth_bytes_per_s": 1e9}, "2@4": {"latency_s": 3e-3, "bandwidth_bytes_per_s": 1e9}}
-    calib = {"collectives": {"all_reduce": fits}}
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=2) == pytest.approx(2e-3)
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=3) == pytest.approx(3e-3)
-    assert T.collective_s(calib, "all_reduce", 1e6, 2, 4, active=4) == pytest.approx(4e-3)
-    # 1F1B: P stages each busy M of the M + (P - 1) / V micro-batch times
-    assert T.busy_stages(Layout(pp=2, micro_batch=16, global_batch=16)) == pytest.approx(1.0)
-    assert T.busy_stages(Layout(pp=2, micro_batch=1, global_batch=7)) == pytest.approx(2 * 7 / 8)
-    assert T.busy_stages(Layout(pp=4, vpp=2, micro_batch=1, global_batch=8)) == pytest.approx(4 * 8 / 9.5)
-    assert T.busy_stages(Layout(dp=4, micro_batch=1, global_batch=8)) == 1.0
-    cfg = get_preset("small")
-    base = _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)  # the pair alone only
-    both = _uniform(flops=1e11, bw=1e10, lat=1e-4, net=1e9)
-    for op in both["collectives"]:  # pairs 4x slower when both communicate at once
-        both["collectives"][op]["2@4"] = {"latency_s": 4e-4, "bandwidth_bytes_per_s": 2.5e8}
-
-    def tp_comm(calib, M):  # per micro-batch
-        plan = A.Plan(Layout(tp=2, pp=2, sp=True, micro_batch=16 // M, global_batch=16), precision="fp32")
-        return T.predict(cfg, plan, calib)["tp_comm_s"] / M
-
-    assert tp_comm(both, 1) == pytest.approx(tp_comm(base, 1), rel=1e-12)  # one micro-batch: the pairs never overlap
-    share = (T.busy_stages(Layout(pp=2, micro_batch=1, global_batch=16)) * 2 - 2) / 2  # 15/17 of the way to both at once
-    assert tp_comm(both, 16) == pytest.approx((1 + 3 * share) * tp_comm(base, 16), rel=1e-9)  # mostly both at once
-
-
-def test_calibrated_concurrency_slowdown_scales_compute():
-    """With 2 cores and a calibrated slowdown of 1.25 for 2 processes computing at once and 3.0 for
-    4: DP=2 computes 1.25x slower than alone; DP=4 is bound by all ranks' compute x 3.0 / 4 ranks
-    (3x one rank alone), not by one rank at 1.25x; the optimizer runs at the 4-process slowdown."""
-    cfg = get_preset("small")
-    calib = {**_uniform(flops=1e11, bw=1e10), "threads_per_process": 1, "concurrency": {"2": 1.25, "4": 3.0}}
-    dp2 = A.Plan(Layout(dp=2, micro_batch=2, global_batch=16), precision="fp32")
-    alone = T.predict(cfg, dp2, calib)  # no core count: no slowdown
-    assert T.predict(cfg, dp2, calib, 2)["compute_s"] == pytest.approx(1.25 * alone["compute_s"], rel=1e-12)
-    dp4 = A.Plan(Layout(dp=4, micro_batch=2, global_batch=16), precision="fp32")
-    alone4, shared4 = T.predict(cfg, dp4, calib), T.predict(cfg, dp4, calib, 2)
-    assert shared4["compute_s"] == pytest.approx(3.0 * alone4["compute_s"], rel=1e-12) and shared4["bubble_s"] == 0
-    assert shared4["optimizer_s"] == pytest.approx(3.0 * alone4["optimizer_s"], rel=1e-12)
-    assert T.slowdown(calib, 3, 2) == 1.5  # not calibrated: time-sharing the cores
-    assert T.slowdown({**calib, "threads_per_process": None}, 4, 2) == 1.0  # GPUs: a device each
-
-
-@pytest.mark.slow
-def test_four_process_calibration_also_measures_pairs_inside_it():
-    fits, slowdown = C.measure_collectives([4], reps=2)
-    assert set(fits["collectives"]["all_gather"]) == set(fits["tp_collectives"]["all_gather"]) == {"4", "2@4"} and slowdown["4"] >= 1.0
-    assert all(f["bandwidth_bytes_per_s"] > 0 and f["latency_s"] >= 0 for kind in C.CHUNK_ROWS for op in fits[kind].values() for f in op.values())
-    assert 0 < fits["collective_chunk_s"]["tp_collectives"] < fits["collective_chunk_s"]["collectives"]
-
-
 def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
     """Relative residuals: one large size measured 2x too slow barely moves the latency of the
     small ones (plain least squares would make it negative); times that fall with size (noise)
@@ -397,14 +360,6 @@ def test_latency_bandwidth_fit_weighs_small_sizes_and_never_goes_negative():
     assert C.fit_latency_bandwidth(sizes, times)["latency_s"] == pytest.approx(1e-3, rel=0.1)  # plain: 0.70 ms
     falling = C.fit_latency_bandwidth(sizes, [2e-3 - i * 1e-4 for i in range(len(sizes))])
     assert falling["latency_s"] > 0 and falling["bandwidth_bytes_per_s"] == pytest.approx(1e15)
-
-
-@pytest.mark.slow
-def test_step_concurrency_sees_time_sharing_beyond_the_cores():
-    """Twice as many single-thread training processes as cores: each step takes well over its time alone."""
-    cores = os.cpu_count() or 1
-    slowdown = C.measure_step_concurrency("tiny", 4, "fp32", [2 * cores], reps=15)
-    assert slowdown[str(2 * cores)] > 1.4
 
 
 def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(tmp_path, monkeypatch, capsys):
@@ -444,113 +399,6 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
         assert float(cells[3]) == pytest.approx(sorted(times[i])[1])
         assert cells[4] == f"{min(times[i]):.4f}-{max(times[i]):.4f} (3)"
         assert float(cells[5].rstrip(" %")) == pytest.approx(100 * (rows[i]["step_s"] / sorted(times[i])[1] - 1), abs=0.06)
-
-
-def _fits(times: list[float]) -> dict:
-    return {**C.fit_latency_bandwidth(C.SIZES, times), "sizes": C.SIZES, "times": times}
-
-
-def test_probes_rescale_each_collective_group_by_its_median_drift():
-    """Probes that time the 4-process collectives at 2x, 2x and 10x the calibration (per size, the
-    median over probes: 2x), the pairs inside them and the small-chunk kind unchanged: the
-    4-process fits (both terms) take 2x, the others 1x, a group no probe timed is kept, and the
-    stored calibration is not modified."""
-    base = [1e-3 * (1 + i) for i in range(len(C.SIZES))]
-    calib = {kind: {op: {"4": _fits(base), "2@4": _fits(base), "2": _fits(base)} for op in C.TP_COLLECTIVES} for kind in C.CHUNK_ROWS}
-
-    def probe(x4):
-        return {kind: {op: {"4": _fits([x4 * t for t in base]) if kind == "collectives" else _fits(base), "2@4": _fits(base)}
-                       for op in C.TP_COLLECTIVES} for kind in C.CHUNK_ROWS}
-
-    factors = C.drift(calib, [probe(2), probe(10), probe(2)])
-    assert factors == pytest.approx({"collectives 4": 2.0, "collectives 2@4": 1.0, "tp_collectives 4": 1.0, "tp_collectives 2@4": 1.0})
-    now = C.rescaled(calib, factors)
-    for nbytes in (4096, 2**22):
-        assert T.collective_s(now, "all_reduce", nbytes, 4, 4) == pytest.approx(2 * T.collective_s(calib, "all_reduce", nbytes, 4, 4))
-        assert T.collective_s(now, "all_gather", nbytes, 2, 4) == pytest.approx(T.collective_s(calib, "all_gather", nbytes, 2, 4))
-        assert T.collective_s(now, "all_gather", nbytes, 2, 2) == pytest.approx(T.collective_s(calib, "all_gather", nbytes, 2, 2))
-    assert calib["collectives"]["all_reduce"]["4"]["times"] == base and now["collectives"]["all_reduce"]["4"]["times"] == base
-
-
-def test_a_compute_drift_scales_compute_optimizer_and_fsdp_work_but_not_communication():
-    """Probes that time the calibrated one-process step (the first model's largest micro-batch
-    without recompute) at 1.4x, 1.5x and 9x its calibrated time give a compute factor of 1.5 (the
-    median); rescaled by it, a TP2 PP2 DP2 FSDP layout predicts compute, optimizer, step and
-    FSDP work 1.5x and every communication term unchanged."""
-    cfg = get_preset("small")
-    calib = {**_uniform(flops=1e10, bw=1e9, lat=1e-3, net=1e9), "threads_per_process": 1,
-             "overhead": {"compute_factor": 1.1, "per_block_pass_s": 1e-3, "per_step_s": 2e-3},
-             "fsdp": {"per_unit_s": 1e-3, "s_per_byte": 1e-9},
-             "steps": [dict(model="small", micro_batch=mb, recompute=rc, measured_s=0.1 * mb) for mb in (2, 8) for rc in (False, True)]}
-    assert C.probe_step(calib)["micro_batch"] == 8 and not C.probe_step(calib)["recompute"]
-    factors = C.drift(calib, [{"step_s": 0.8 * x} for x in (1.4, 1.5, 9.0)])
-    assert factors == pytest.approx({"compute": 1.5})
-    plan = A.Plan(Layout(tp=2, pp=2, dp=2, micro_batch=2, global_batch=16), precision="fp32", fsdp=True)
-    before, after = T.predict(cfg, plan, calib, 8), T.predict(cfg, plan, C.rescaled(calib, factors), 8)
-    for part in ("compute_s", "optimizer_s", "overhead_s"):
-        assert after[part] == pytest.approx(1.5 * before[part], rel=1e-9)
-    for part in ("tp_comm_s", "pp_comm_s", "dp_comm_s", "sync_s"):
-        assert after[part] == pytest.approx(before[part], rel=1e-12)
-    fsdp_work = T.fsdp_overhead_s(cfg, plan, calib, 0)
-    assert fsdp_work > 0 and T.fsdp_overhead_s(cfg, plan, C.rescaled(calib, factors), 0) == pytest.approx(1.5 * fsdp_work)
-
-
-def test_a_real_probe_has_the_calibrations_shape():
-    """calibrate.probe times the same kinds, ops, groups and sizes a calibration stores, so that
-    drift can divide them: a calibration built from the probe itself drifts by exactly 1."""
-    p = C.probe(2, dict(model="tiny", micro_batch=1, global_batch=2, precision="fp32", recompute=False), reps=2)
-    assert p.pop("step_s") > 0
-    assert set(p) == set(C.CHUNK_ROWS) and set(p["collectives"]) == set(C.COLLECTIVES) and set(p["tp_collectives"]) == set(C.TP_COLLECTIVES)
-    assert all(len(f["2"]["times"]) == len(C.SIZES) for kind in C.CHUNK_ROWS for f in p[kind].values())
-    factors = C.drift(p, [p])
-    assert factors and set(factors) <= {"collectives 2", "tp_collectives 2"} and all(f == pytest.approx(1.0) for f in factors.values())
-
-
-def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibration(tmp_path, monkeypatch, capsys):
-    """On CPU with a calibration, `profile --measure` probes before each round, predicts each
-    layout with the calibration rescaled by the probes, shows the calibration's own prediction
-    beside it and computes the error from the probed one; --no-probe leaves the table as before."""
-    import argparse
-    import json
-
-    from rsscale.benchmarks import profile as P
-
-    cfg = get_preset("small")
-    calib = {**_uniform(flops=1e9, bw=1e9, lat=1e-3, net=1e9), "threads_per_process": 1}
-    for fits in calib["collectives"].values():
-        fits["2"]["times"] = [1e-3] * len(C.SIZES)
-    rows = P.rank_plans(cfg, P.enumerate_plans(cfg, 2, 16, "fp32", [16], [1]), A.Hardware(peak_flops=1e12), 1e12, calib)
-    tp = [r for r in rows if r["plan"].layout.tp == 2 and r["plan"].recompute == "none"][:1]
-    events = []
-
-    def fake_probe(n, step):
-        events.append("probe")
-        return {"collectives": {op: {"2": {"times": [3e-3] * len(C.SIZES)}} for op in C.COLLECTIVES}, "tp_collectives": {}}
-
-    def fake_call(cmd):
-        events.append("bench")
-        with open(cmd[-1], "w") as f:
-            json.dump({"step_time_median_s": 1.0}, f)
-        return 0
-
-    from rsscale.benchmarks import calibrate
-
-    monkeypatch.setattr(calibrate, "probe", fake_probe)
-    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
-    monkeypatch.setattr(P.subprocess, "call", fake_call)
-    args = argparse.Namespace(gpus=2, max_measure=1, measure_spread=False, rounds=2, warmup=0, steps=1, peak_tflops=1.0, no_probe=False,
-                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None)
-    assert P.measure(cfg, tp, args, calib) == 0
-    assert events == ["probe", "bench", "probe", "bench"]
-    out = capsys.readouterr().out
-    assert "collectives 2 x3.00" in out and "calibration only s" in out
-    cells = [c.strip() for c in [line for line in out.splitlines() if line.startswith("| TP2")][0].strip("|").split("|")]
-    expected = T.predict(cfg, tp[0]["plan"], C.rescaled(calib, {"collectives 2": 3.0}), os.cpu_count())["step_s"]
-    assert float(cells[2]) == pytest.approx(expected, abs=1e-4) and float(cells[3]) == pytest.approx(tp[0]["step_s"], abs=1e-4)
-    assert float(cells[2]) > float(cells[3]) and float(cells[6].rstrip(" %")) == pytest.approx(100 * (expected - 1), abs=0.06)
-    events.clear()
-    assert P.measure(cfg, tp, argparse.Namespace(**{**vars(args), "no_probe": True}), calib) == 0
-    assert events == ["bench", "bench"] and "calibration only" not in capsys.readouterr().out
 
 
 def test_rounds_below_one_is_a_one_line_error_in_calibrate_and_profile():
