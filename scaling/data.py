@@ -398,11 +398,12 @@ class PretrainLoader:
         self.step += 1
         return batch
 
-    def _start(self, pos: int):
+    def _start(self, pos: int, mp_context: str | None = None):
         dataset = _StreamDataset(self.files, self.plan, self.img_size, self.in_chans, self.mean, self.std)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, sampler=_Positions(pos), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            multiprocessing_context=mp_context if self.num_workers else None)
         for imgs, failures in loader:
             self.decode_failures += int(failures.sum())
             yield imgs.to(self.device, non_blocking=True)
@@ -508,8 +509,10 @@ class DaliPretrainLoader(PretrainLoader):
             except Exception as e:  # noqa: BLE001 - e.g. a file that passed the check fails to decode
                 log(f"WARNING: rank {os.environ.get('RANK', '0')}: DALI failed at step {self.step} ({_short(e)}); "
                     "continuing with the torch DataLoader pipeline", every_rank=True)
-                self.backend = "torch"
-                yield from PretrainLoader._start(self, self.step * self.batch_size)
+                self.backend, self._pipe = "torch", None
+                # spawned workers: a worker forked from this process could inherit a lock held by
+                # one of DALI's threads and wait on it forever
+                yield from PretrainLoader._start(self, self.step * self.batch_size, "spawn")
                 return
             tensor = out.as_tensor()
             if self.device.type == "cuda":
