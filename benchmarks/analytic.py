@@ -12,16 +12,16 @@ Parameters per device (elements). A block branch has 4D^2 + 2DM + 3D + M element
 RowParallel biases of proj and fc2). The decoder blocks are TP-split in the same way. The
 patch embedding, cls token and positions live on the first pipeline stage; the encoder norm,
 decoder embedding, mask token, decoder positions, decoder blocks, decoder norm and pixel head on
-the last (scaling/layout.py: `stage_layer_range` splits the encoder blocks). Position tables
+the last (scaling/spec/layout.py: `stage_layer_range` splits the encoder blocks). Position tables
 are frozen: they take parameter memory but no gradient or optimizer state.
 
-Bytes per trainable parameter, both schemes (our trainer, scaling/optim.py, keeps Megatron-LM's
+Bytes per trainable parameter, both schemes (our trainer, scaling/train/optim.py, keeps Megatron-LM's
 mixed-precision buffers): 16-bit weights (bf16/fp16 runs), one fp32 gradient buffer, fp32 master
 copy + 2 fp32 moments divided by d = DP with the distributed optimizer (ZeRO-1): 2 + 4 + 12/d;
 fp32 training: 4 + 4 + 8/d (the weights are the master copy). Per-parameter metadata only.
 The schemes differ in activations: "rsscale" runs under autocast with an fp32 residual stream
 (r = 4) and 16-bit weights (w = e), "megatron" keeps the residual stream 16-bit too (r = w = e).
-FSDP (`Plan.fsdp`, ZeRO-3 with FSDP2, scaling/fsdp.py): fp32 weights, gradients and 2 moments all
+FSDP (`Plan.fsdp`, ZeRO-3 with FSDP2, scaling/train/fsdp.py): fp32 weights, gradients and 2 moments all
 sharded: 16/d; plus `gathered`: what is unsharded at the backward peak (root unit's weights +
 gradients, 2 blocks' weights + 1 block's gradients; `fsdp_gathered_bytes`).
 
@@ -58,7 +58,7 @@ largest core's output and log-sum-exp while it runs again: with a flash kernel i
 With 1F1B, stage i keeps min(P - i, micro-batches) micro-batches in flight; with interleaved 1F1B (V
 chunks per rank, each a virtual stage v = chunk * P + i of P*V with its own blocks, extras and
 kept output) the heaviest set of (chunk, micro-batch) activations its order holds at once
-(scaling/pipeline.py `in_flight_chunks`: on rank 0 2(P-1) + (V-1)P + 1 chunks); the reported
+(scaling/parallel/pipeline.py `in_flight_chunks`: on rank 0 2(P-1) + (V-1)P + 1 chunks); the reported
 memory is the worst stage. Transient buffers (activation gradients in backward, workspaces, collectives) are
 not counted: `rsscale profile --reserve-gb` is for those and the CUDA context.
 
@@ -76,9 +76,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from rsscale.scaling.config import ViTConfig, mae_step_flops, recompute_mode
-from rsscale.scaling.layout import Layout, stage_chunk_ranges, stage_layer_range
-from rsscale.scaling.pipeline import in_flight_chunks
+from rsscale.scaling.spec.config import ViTConfig, mae_step_flops, recompute_mode
+from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, stage_layer_range
+from rsscale.scaling.parallel.pipeline import in_flight_chunks
 
 GIB = 2**30
 SCHEMES = ("rsscale", "megatron")
@@ -93,10 +93,10 @@ class Plan:
     precision: str = "bf16"
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks); True/False mean full/none
     distributed_optimizer: bool = False  # ZeRO-1 over DP
-    fsdp: bool = False  # ZeRO-3 over DP (FSDP2, scaling/fsdp.py)
+    fsdp: bool = False  # ZeRO-3 over DP (FSDP2, scaling/train/fsdp.py)
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
-    overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/optim.py)
+    overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/train/optim.py)
     bucket_mb: float = 25.0
 
     def __post_init__(self):
@@ -200,7 +200,7 @@ def bytes_per_param(precision: str, zero_shards: int) -> dict[str, float]:
 
 
 def _tokens(n: int, tp: int, sp: bool) -> int:
-    """Tokens per block input under SP are padded to a multiple of t (scaling/mae.py)."""
+    """Tokens per block input under SP are padded to a multiple of t (scaling/model/mae.py)."""
     return -(-n // tp) * tp if sp else n
 
 

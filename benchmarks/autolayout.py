@@ -4,7 +4,7 @@
     rsscale finetune --layout auto --gpus 2 --task seg --dataset synthetic --global-batch 8
     rsscale profile --layout auto --model g12x4 --device h100-sxm --nodes 4 --gpus-per-node 8
 
-The dispatcher (scaling/cli.py) hands the command line here before parsing it; `resolve` returns
+The dispatcher (scaling/runtime/cli.py) hands the command line here before parsing it; `resolve` returns
 it with `--layout auto` replaced by the chosen flags (--tp --pp --dp --micro-batch --vpp [--sp]
 --recompute [--distributed-optimizer | --fsdp]; fine-tuning: --tp --dp --micro-batch [--sp]
 [--activation-checkpointing] [--distributed-optimizer]; and --nproc from --gpus), so the command
@@ -34,12 +34,12 @@ import os
 from dataclasses import dataclass
 
 from rsscale.benchmarks import analytic, devices
-from rsscale.scaling.config import RECOMPUTE, get_preset
-from rsscale.scaling.layout import LAYOUT_FLAGS, Layout, validate_layout
+from rsscale.scaling.spec.config import RECOMPUTE, get_preset
+from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, validate_layout
 
 GIB, MIB = 2**30, 2**20
 DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
-COMMANDS = {"pretrain": "rsscale.scaling.train", "bench": "rsscale.benchmarks.bench", "finetune": "rsscale.finetune.train"}
+COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.bench", "finetune": "rsscale.finetune.train"}
 CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp",
                                                                      "--activation-checkpointing")
 # this module's flags, removed before the command parses
@@ -242,7 +242,7 @@ def _reserve(view: View, reserve_gb: float | None) -> float:
 
 
 def _why(r) -> str:
-    from rsscale.scaling.pipeline import bubble_fraction
+    from rsscale.scaling.parallel.pipeline import bubble_fraction
 
     L, e = r["plan"].layout, r["est"]
     comm = sum(e.time[k] for k in ("tp_comm_s", "pp_comm_s", "dp_comm_s", "sync_s"))
@@ -306,6 +306,6 @@ def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: Vie
 def _calibration(precision: str):
     """This machine's stored calibration (the profiler's), or None; a broken store is its one-line error."""
     from rsscale.benchmarks.calibrate import latest
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.runtime.store import environment
 
     return latest(environment()["device"], precision)

@@ -1,10 +1,10 @@
 """`rsscale bench`: measure one (preset, layout) for a few optimizer steps.
 
     rsscale bench --model small --tp 2 --micro-batch 8 --global-batch 16 --nproc 2
-    torchrun --nproc-per-node 8 -m rsscale.scaling.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
+    torchrun --nproc-per-node 8 -m rsscale.scaling.runtime.cli bench --model g12x4 --tp 4 --pp 2 --precision bf16 \
         --micro-batch 8 --global-batch 64 --recompute full --peak-tflops 989
 
-It drives the trainer (scaling/train.py `Trainer.build(config).train_step()`) on in-memory random
+It drives the trainer (scaling/train/pretrain.py `Trainer.build(config).train_step()`) on in-memory random
 images, so no data I/O is timed except the per-step drawing of images and masks ("data" time).
 Warm-up steps are run and dropped; each measured step is timed by the trainer with device
 synchronization (torch.cuda.synchronize on GPU). Reported per layout:
@@ -22,7 +22,7 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side;
   with --pp > 1 the pipeline bubble: per rank (forward+backward time - the rank's own compute
   time) / its compute time, each forward and backward timed with a device synchronize around it
-  (scaling/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers and stage imbalance all
+  (scaling/parallel/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers and stage imbalance all
   count as bubble); reported as the mean over ranks and on the bottleneck rank (the most compute:
   the one that sets the step time), beside the theory (p-1)/(v*m) of balanced stages.
 --vpp-sweep 1,2: measure the layout once per --vpp value in this one launch and print a table of
@@ -46,12 +46,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from rsscale.scaling.config import RECOMPUTE, get_preset
-from rsscale.scaling.config_file import check_numbers
-from rsscale.scaling.launch import add_launch_arguments, command_line, wants_launch
-from rsscale.scaling.layout import Layout, add_layout_arguments, relaunch_checked
+from rsscale.scaling.spec.config import RECOMPUTE, get_preset
+from rsscale.scaling.runtime.config_file import check_numbers
+from rsscale.scaling.runtime.launch import add_launch_arguments, command_line, wants_launch
+from rsscale.scaling.spec.layout import Layout, add_layout_arguments, relaunch_checked
 
-from rsscale.scaling.log import ScalarWriter, peak_memory_bytes
+from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -182,8 +182,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
     import torch.distributed as dist
 
     from rsscale.benchmarks import analytic
-    from rsscale.scaling.config import get_preset, mae_step_flops, param_count
-    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
+    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
@@ -196,7 +196,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
-    import rsscale.scaling.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
+    import rsscale.scaling.model.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
     plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.recompute,
                          distributed_optimizer=opts.distributed_optimizer, fsdp=opts.fsdp, bucket_mb=opts.bucket_mb,
@@ -270,7 +270,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     summary["peak_mem_delta_bytes"] = max(p["peak"] - p["before"] for p in peaks)
     summary["peak_tflops_used"] = peak_tflops
     if layout.pp > 1:
-        from rsscale.scaling.pipeline import bubble_fraction
+        from rsscale.scaling.parallel.pipeline import bubble_fraction
 
         summary["bubble_measured"] = float(np.mean([p["bubble"] for p in peaks]))
         summary["bubble_bottleneck"] = max(peaks, key=lambda p: p["compute"])["bubble"]
@@ -311,7 +311,7 @@ def open_store(opts: BenchOptions):
     checked now; None when nothing is recorded. Raises StoreError (one line) for a bad store."""
     if not opts.record or int(os.environ.get("RANK", 0)) != 0:
         return None
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     return ResultsStore(opts.results)
 

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from rsscale.scaling.log import progress
+from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)
 SIZES = [2**k for k in range(12, 23, 2)]  # collective message sizes, bytes
@@ -408,8 +408,8 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
 
     from rsscale.benchmarks.timemodel import fit_overhead
 
-    from rsscale.scaling.config import get_preset
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.spec.config import get_preset
+    from rsscale.scaling.runtime.store import environment
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -439,7 +439,7 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
 
 
 def store_calibration(result: dict, path: str | None) -> int:
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     with ResultsStore(path).run(kind="calibration", precision=result["precision"], config=result) as run:
         run.log_many([("gemm_flops_per_s", g["flops_per_s"], i) for i, g in enumerate(result["gemm"])])
@@ -448,7 +448,7 @@ def store_calibration(result: dict, path: str | None) -> int:
 
 def latest(device: str, precision: str | None = None, path: str | None = None) -> dict | None:
     """The newest complete calibration of `device` (and precision) in the results store, or None."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store = ResultsStore(path)
     if not os.path.isfile(store.path):
@@ -474,7 +474,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
-    from rsscale.scaling.config_file import check_number
+    from rsscale.scaling.runtime.config_file import check_number
 
     cuda = torch.cuda.is_available()
     models = args.model or (["b12x1", "l12x4"] if cuda else ["small"])

@@ -13,7 +13,7 @@ no data, so CPU autocast applies exactly as on a real run (autocast ignores the 
 which would count bf16 runs in fp32). Nothing is allocated. Then:
 
   params, grads, optimizer: the trainer's own allocations, built by the trainer's own code
-      (scaling/optim.py `FlatAdamW` over the stage's parameters, in the run's weight dtype: the
+      (scaling/train/optim.py `FlatAdamW` over the stage's parameters, in the run's weight dtype: the
       flat weight buffer (16-bit under bf16/fp16), the flat fp32 gradient buffer that every
       parameter's gradient is a view into, AdamW moments and, with 16-bit weights, the fp32
       master weights of this DP rank's ZeRO-1 shard) plus the frozen position tables.
@@ -50,8 +50,8 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rsscale.benchmarks.analytic import Plan, in_flight
-from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.layout import check_layout, stage_chunk_ranges
+from rsscale.scaling.spec.config import ViTConfig
+from rsscale.scaling.spec.layout import check_layout, stage_chunk_ranges
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUT = "block input"
@@ -193,7 +193,7 @@ def _blocks(model):
 
 def _forward_saves(model, cfg, plan: Plan, stage_input: bool, chunk: int, skip: set, attribute: bool = False, cores: bool = False) -> _SavedBytes:
     """Run one forward of this stage's `chunk` as the trainer does and collect what autograd saves."""
-    from rsscale.scaling.mae import masking_noise
+    from rsscale.scaling.model.mae import masking_noise
 
     L = plan.layout
     saved = _SavedBytes(set(skip))
@@ -230,9 +230,9 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
     """Count the bytes one rank of pipeline stage `stage` holds for `plan` (see the module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from rsscale.scaling.mae import MaskedAutoencoder
-    from rsscale.scaling.optim import FlatAdamW
-    from rsscale.scaling.train import PARAM_DTYPES
+    from rsscale.scaling.model.mae import MaskedAutoencoder
+    from rsscale.scaling.train.optim import FlatAdamW
+    from rsscale.scaling.train.pretrain import PARAM_DTYPES
 
     L = plan.layout
     check_layout(L, cfg, L.world_size)
@@ -279,10 +279,10 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
 
 
 def _count_fsdp(model) -> Counted:
-    """The trainer's FSDP allocations (scaling/fsdp.py) on DP rank 0 of a meta-device stage: each
+    """The trainer's FSDP allocations (scaling/train/fsdp.py) on DP rank 0 of a meta-device stage: each
     parameter's padded shard, a gradient shard per trainable one, the AdamW moments, and the
     unsharded weights and gradients at the backward peak (the module doc of analytic.py)."""
-    from rsscale.scaling.fsdp import shard_model
+    from rsscale.scaling.train.fsdp import shard_model
 
     opt = shard_model(model)
 

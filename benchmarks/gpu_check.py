@@ -43,7 +43,7 @@ PEERS = {"small": 64, "b12x1": 64}  # model -> batch of the PyTorch-native compa
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rsscale.scaling.cli", *args]
+    return [sys.executable, "-m", "rsscale.scaling.runtime.cli", *args]
 
 
 def steps(out: str) -> list[dict]:
@@ -73,9 +73,9 @@ def fp16_step(path: str, model: str = "b12x1", n: int = 20) -> None:
     """Train `n` fp16 steps with the trainer's loss scaler; write losses, skips and the scale."""
     import math
 
-    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.parallel.state import destroy_parallel
-    from rsscale.scaling.train import TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     tr = Trainer.build(TrainConfig(model=model, parallel=Layout(micro_batch=64, global_batch=64), precision="fp16", data="random",
                                    record=False, steps=n))
@@ -92,7 +92,7 @@ def fp16_step(path: str, model: str = "b12x1", n: int = 20) -> None:
 def _environment() -> dict:
     import torch  # noqa: F401 - so the store's environment() names the GPU
 
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.runtime.store import environment
 
     return environment()
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rsscale.scaling.config import PAPER_PRESETS, PRESETS
+from rsscale.scaling.spec.config import PAPER_PRESETS, PRESETS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXIT_SLOWER, EXIT_CANNOT_COMPARE = 1, 3
@@ -268,7 +268,7 @@ def run_bench(grid: str, dtype_name: str, device="cuda") -> dict:
 
 def environment() -> dict:
     """Device, versions and git commit (the results store's own description of this process)."""
-    from rsscale.scaling.store import environment as store_environment
+    from rsscale.scaling.runtime.store import environment as store_environment
 
     env = store_environment()
     return {k: env[k] for k in ("device", "torch_version", "triton_version", "mcore_version", "git_commit", "host")}
@@ -330,7 +330,7 @@ def load_results(path: str) -> dict:
 def record_in_store(result: dict, path: str | None = None) -> None:
     """One kind="kernel" run; per record the metrics ms, GB/s or TFLOP/s and pct_peak, tagged
     with kernel, impl, shape, dtype and direction."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     meta = result["meta"]
     metrics = []

@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rsscale.scaling.mae import mask_from_noise, patchify, random_masking
-from rsscale.scaling.optim import decays, lr_at
-from rsscale.scaling.vit import PatchEmbed
+from rsscale.scaling.model.mae import mask_from_noise, patchify, random_masking
+from rsscale.scaling.train.optim import decays, lr_at
+from rsscale.scaling.model.vit import PatchEmbed
 
 
 class _Attention(nn.Module):
@@ -250,7 +250,7 @@ class NativePeer:
         `PipelineStage`s under torch's 1F1B or interleaved 1F1B schedule."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-        from rsscale.scaling.layout import stage_layer_range
+        from rsscale.scaling.spec.layout import stage_layer_range
 
         cfg, tr, n = self.trainer.cfg, self.trainer, L.pp * L.vpp
         rank = tr.state.pp_rank()

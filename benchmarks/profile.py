@@ -7,7 +7,7 @@
 Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
 interleaved 1F1B with every --vpp V whose pp*V divides the depth (when pp > 1; --vpp to pick),
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
-scaling/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
+scaling/spec/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
 `estimate` (per-device memory of the worst pipeline stage; step time, images/s and MFU from
 benchmarks/timemodel.py, calibrated on this machine when `rsscale calibrate` stored a calibration
 of it, else on the device's datasheet) and marked as not fitting when its memory exceeds
@@ -32,8 +32,8 @@ import tempfile
 from rsscale.benchmarks import analytic, devices
 from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
 from rsscale.benchmarks.bench import BenchOptions, bench_command
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.config_file import check_number, check_numbers
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.runtime.config_file import check_number, check_numbers
 
 MAX_CPU_PROCESSES = 4
 
@@ -129,7 +129,8 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
         raise SystemExit(f"rsscale profile: --measure with --gpus {args.gpus} needs {args.gpus} local devices; this machine runs at most {procs}")
     todo = [r for r in rows if r["fits"] and r["est"].memory["total"] <= mem_each]
     todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
-    runs, failed, probes = [[] for _ in todo], set(), []
+    runs, natives, failed, probes = [[] for _ in todo], [[] for _ in todo], set(), []
+    peers = [_peer_of(cfg, r["plan"]) if args.peer == "torch" else None for r in todo]
     probing = calib is not None and args.gpus > 1 and not args.no_probe and not _cuda()
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
@@ -149,16 +150,22 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
                                 recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
                                 peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
                                 results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{k}-{i}.json"),
-                                predicted_step_s=r["step_s"] if r.get("calibrated") else None)
+                                predicted_step_s=r["step_s"] if r.get("calibrated") else None,
+                                peer="torch" if peers[i] == "" else "none")
             print(f"[profile] measuring {i + 1}/{len(todo)}" + (f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else "")
-                  + f": {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}", flush=True)
+                  + f": {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}"
+                  + (f" (no PyTorch-native peer: {peers[i]})" if peers[i] else ", with its PyTorch-native peer" if peers[i] == "" else ""),
+                  flush=True)
             rc = subprocess.call(bench_command(opts, args.gpus))
             if rc:
                 failed.add(i)
                 print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
                 continue
             with open(opts.summary_json) as f:
-                runs[i].append(json.load(f)["step_time_median_s"])
+                summary = json.load(f)
+            runs[i].append(summary["step_time_median_s"])
+            if "ours_over_peer_step_time" in summary:
+                natives[i].append(summary["ours_over_peer_step_time"])
     predicted = {i: r["step_s"] for i, r in enumerate(todo)}
     if probes:
         from rsscale.benchmarks import timemodel
@@ -170,7 +177,8 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
         predicted = {i: timemodel.predict(cfg, r["plan"], now, os.cpu_count())["step_s"] for i, r in enumerate(todo)}
     medians = {i: statistics.median(m) for i, m in enumerate(runs) if i not in failed}
     table = [dict(row=todo[i], predicted_s=predicted[i], calibrated_s=todo[i]["step_s"] if probes else None, measured_s=t,
-                  rounds=runs[i], error=predicted[i] / t - 1) for i, t in medians.items()]
+                  rounds=runs[i], error=predicted[i] / t - 1, vs_native=statistics.median(natives[i]) if natives[i] else None)
+             for i, t in medians.items()]
     if table:
         text = validation_table(table)
         print(text)
@@ -194,18 +202,34 @@ def spread(rows: list[dict], n: int) -> list[dict]:
     return [distinct[round(i * (len(distinct) - 1) / (n - 1))] for i in range(n)] if n > 1 else distinct[:1]
 
 
+def _peer_of(cfg, plan) -> str:
+    """Empty where `bench --peer torch` has a native peer for the plan, else why not (one line)."""
+    from rsscale.benchmarks.peer import native_kind
+
+    if cfg.supervised:
+        return "the peer is an MAE"
+    try:
+        native_kind(plan.layout, plan.fsdp)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
+    return ""
+
+
 def validation_table(table: list[dict]) -> str:
     """Markdown: predicted vs measured step time per layout, with the error statistics and ranks;
     with probes, the calibration's own prediction and its median and worst error too."""
     import numpy as np
 
     probed = any(t.get("calibrated_s") for t in table)
-    head = "| layout | R/Z | predicted s | " + ("calibration only s | " if probed else "") + "measured s | rounds: min-max s | error |"
+    peer = any(t.get("vs_native") for t in table)
+    head = ("| layout | R/Z | predicted s | " + ("calibration only s | " if probed else "") + "measured s | rounds: min-max s | error |"
+            + (" ours / native |" if peer else ""))
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for t in table:
         p, m = t["row"]["plan"], t.get("rounds") or [t["measured_s"]]
         lines.append(f"| {p.layout} | {p.flags} | {t['predicted_s']:.4f} | " + (f"{t['calibrated_s']:.4f} | " if probed else "")
-                     + f"{t['measured_s']:.4f} | {min(m):.4f}-{max(m):.4f} ({len(m)}) | {100 * t['error']:+.1f} % |")
+                     + f"{t['measured_s']:.4f} | {min(m):.4f}-{max(m):.4f} ({len(m)}) | {100 * t['error']:+.1f} % |"
+                     + ((f" {t['vs_native']:.3f} |" if t.get("vs_native") else " - |") if peer else ""))
     errs = np.abs([t["error"] for t in table])
     fastest = min(range(len(table)), key=lambda i: table[i]["measured_s"] / table[i]["row"]["plan"].layout.global_batch)
     rank = sorted(range(len(table)), key=lambda i: table[i]["predicted_s"]).index(fastest) + 1
@@ -240,7 +264,7 @@ def scatter(table: list[dict], path: str) -> None:
 def write_validation(path: str, text: str, cfg, args) -> None:
     import torch  # noqa: F401 - so environment() names a GPU
 
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.runtime.store import environment
 
     env = environment()
     head = (f"# Step-time model: predicted vs measured ({cfg.name}, {args.gpus} processes, global batch {args.global_batch}, {args.precision})\n\n"
@@ -257,7 +281,7 @@ def load_calibration(args, named: devices.Device | None = None) -> dict | None:
     import torch  # also so environment() names a GPU
 
     from rsscale.benchmarks.calibrate import latest
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.runtime.store import environment
 
     device = environment()["device"]
     if named is not None and not devices.is_this_machine(named, device):
@@ -310,6 +334,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
     parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
+    parser.add_argument("--peer", choices=("none", "torch"), default="none", help="--measure: also run each measured layout the "
+                        "PyTorch-native way (bench --peer torch, steps alternating) and add ours / native to the table; a layout "
+                        "without a native peer says why in one line")
     parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
     parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
     parser.add_argument("--rounds", type=int, default=1, help="--measure: times each layout is measured, round-robin; the table uses the median")
@@ -342,6 +369,8 @@ def check_args(args) -> None:
     for flag in ("img", "channels", "window"):
         if getattr(args, flag) is not None:
             check_number(f"--{flag}", getattr(args, flag), ge=1)
+    if args.peer != "none" and not args.measure:
+        raise ValueError("--peer torch compares measured steps; add --measure")
     if args.layout and (args.measure or args.count):
         raise ValueError("--layout auto prints the choice (counted exactly); drop --count/--measure")
     if args.task and (args.measure or args.count):

@@ -8,7 +8,7 @@ The prediction is the time model (benchmarks/timemodel.py) at the device's datas
 stated constants (benchmarks/devices.py: matmuls at 0.5 of peak, collectives at 2/3 of the links,
 elementwise passes at the memory bandwidth; nothing here is fitted to these points): the published layout where one is stated (data parallel, the stated
 per-GPU micro-batch), else the layout `--layout auto` would choose, and the table says which.
-Supervised models are the model-file shapes with no decoder (scaling/mae.py); what the
+Supervised models are the model-file shapes with no decoder (scaling/model/mae.py); what the
 publications add on top (augmentation, EMA, evaluation, data loading) is not modelled, so a
 wall-clock-derived rate is an average over the whole run and a lower bound on the step rate.
 """
@@ -20,8 +20,8 @@ import statistics
 from dataclasses import dataclass
 
 from rsscale.benchmarks import analytic, autolayout, devices
-from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import ViTConfig
+from rsscale.scaling.spec.layout import Layout
 
 
 def _vit(name: str, width: int, depth: int, heads: int, mlp: int, patch: int, classes: int = 1000) -> ViTConfig:

@@ -62,8 +62,8 @@ import math
 import numpy as np
 
 from rsscale.benchmarks.analytic import Hardware, Plan, _local_tokens, _tokens, fsdp_units, stage_blocks, stage_params
-from rsscale.scaling.config import ViTConfig
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import ViTConfig
+from rsscale.scaling.spec.layout import Layout
 
 
 # ------------------------------------------------------------------------------- rates
@@ -203,7 +203,7 @@ def _sp_boundary_comm(cfg: ViTConfig, L: Layout, calib: dict, stage: int) -> flo
 
 
 def sync_comm_s(plan: Plan, calib: dict) -> float:
-    """The step's small synchronizing all-reduces (scaling/train.py, optim.py): the loss over PP and
+    """The step's small synchronizing all-reduces (scaling/train/pretrain.py, optim.py): the loss over PP and
     over DP, the gradient norm over ZeRO-1 / FSDP shards and over the model-parallel (TP x PP) group,
     and with fp16 the loss scaler's overflow flag over the world. Latency-bound: 8 bytes each."""
     L = plan.layout
@@ -385,7 +385,7 @@ def fit_fsdp(points: list[dict]) -> dict:
     `points`: [{"model", "micro_batch", "global_batch", "extra_s"}], extra_s the forward+backward
     time per step with FSDP minus without. Returns {"per_unit_s", "s_per_byte", "residual_rel"}.
     """
-    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.spec.config import get_preset
 
     rows = []
     for p in points:
@@ -423,7 +423,7 @@ def fit_overhead(calib: dict, runs: list[dict]) -> dict:
     `runs`: [{"model", "micro_batch", "global_batch", "recompute", "precision", "measured_s"}].
     Returns {"compute_factor", "per_block_pass_s", "per_step_s", "residual_rel"}.
     """
-    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.spec.config import get_preset
 
     bare = {k: v for k, v in calib.items() if k != "overhead"}
     rows, target = [], []

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from rsscale.scaling.synthetic import LOVEDA_CLASSES
+from rsscale.scaling.data.synthetic import LOVEDA_CLASSES
 from rsscale.finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
                               hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
 

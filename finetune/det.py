@@ -41,7 +41,7 @@ from rsscale.finetune.datasets import DotaObject, merge_detections, split_image
 from rsscale.finetune.metrics import evaluate_dota
 from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
 from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
-from rsscale.scaling.log import progress
+from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from rsscale.finetune.metrics import TIE_ORDERS
 from rsscale.finetune.train import DATASETS, PROTOCOL_CHOICES, build_datasets, restore, run_layout, val_subset
-from rsscale.scaling.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.layout import add_layout_arguments, relaunch_checked
-from rsscale.scaling.train import log, run_rank
+from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
+from rsscale.scaling.train.pretrain import log, run_rank
 
 # evaluation options a command line may change (None: the run's own)
 OVERRIDES = ("data", "dataset", "max_eval_images", "score_thr", "max_per_image", "tie_order", "protocol", "precision", "timeout")

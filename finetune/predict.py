@@ -30,11 +30,11 @@ from rsscale.finetune.evaluate import overrides_from
 from rsscale.finetune.rotated import obb_to_poly
 from rsscale.finetune.seg import slide_inference
 from rsscale.finetune.train import PROTOCOL_CHOICES, protocol_options, restore, run_layout
-from rsscale.scaling.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.layout import add_layout_arguments, relaunch_checked
-from rsscale.scaling.log import progress
+from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
+from rsscale.scaling.runtime.log import progress
 from rsscale.scaling.parallel import state
-from rsscale.scaling.train import log, run_rank
+from rsscale.scaling.train.pretrain import log, run_rank
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

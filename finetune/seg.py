@@ -20,7 +20,7 @@ from torch import nn
 from rsscale.finetune.datasets import IGNORE_INDEX
 from rsscale.finetune.metrics import SegMetric
 from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
-from rsscale.scaling.log import progress
+from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)
 

@@ -42,15 +42,15 @@ from rsscale.finetune.metrics import TIE_ORDERS, SegMetric, evaluate_dota, forma
 from rsscale.finetune.rotated import norm_obb
 from rsscale.finetune.seg import Segmenter, evaluate_seg
 from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
-from rsscale.scaling.config import ViTConfig, get_preset, param_count
-from rsscale.scaling import checkpoint
-from rsscale.scaling.config_file import check_numbers
-from rsscale.scaling.log import reset_peak_memory
-from rsscale.scaling.data import default_stats
-from rsscale.scaling.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
+from rsscale.scaling.train import checkpoint
+from rsscale.scaling.runtime.config_file import check_numbers
+from rsscale.scaling.runtime.log import reset_peak_memory
+from rsscale.scaling.data.loader import default_stats
+from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
 from rsscale.scaling.parallel import state
-from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
+from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
 DATASETS = ("loveda", "potsdam", "dota", "diorr", "synthetic")
@@ -64,7 +64,7 @@ def build_datasets(task: str, dataset: str, data: str, synthetic_counts=(64, 64)
         raise ValueError(f"dataset {dataset!r} is not a {task} benchmark; choose one of {', '.join(TASKS[task])}")
     root = Path(data)
     if dataset == "synthetic":
-        from rsscale.scaling.synthetic import DET_CLASSES, dataset_for
+        from rsscale.scaling.data.synthetic import DET_CLASSES, dataset_for
 
         paths = dataset_for(root, task, num_seg=synthetic_counts[0], num_det=synthetic_counts[1])
         if task == "seg":
@@ -151,7 +151,7 @@ def build_model(task: str, args, num_classes: int, sequence_parallel: bool = Fal
     if encoder is not None:
         cfg, full = encoder, None
     elif args.checkpoint:
-        from rsscale.scaling.checkpoint import load_full_state_dict
+        from rsscale.scaling.train.checkpoint import load_full_state_dict
 
         cfg, full = load_full_state_dict(args.checkpoint)
         log(f"pretrained encoder {cfg.name} from {args.checkpoint}")
@@ -385,7 +385,7 @@ def pretraining_identity(path: str | None) -> dict:
     downstream accuracy joins pretraining compute in the store without hand joining."""
     if not path:
         return {}
-    from rsscale.scaling.config import mae_step_flops
+    from rsscale.scaling.spec.config import mae_step_flops
 
     folder, index = checkpoint.read_index(path)
     steps, batch = int(index["trainer"]["step"]), int(index["layout"]["global_batch"])
@@ -396,7 +396,7 @@ def pretraining_identity(path: str | None) -> dict:
 def load_config(args) -> ViTConfig:
     """The encoder's ViTConfig (from the checkpoint's index, without loading its tensors)."""
     if args.checkpoint:
-        from rsscale.scaling.checkpoint import read_index
+        from rsscale.scaling.train.checkpoint import read_index
 
         return ViTConfig(**read_index(args.checkpoint)[1]["model"])
     return get_preset(args.model)

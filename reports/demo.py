@@ -17,9 +17,9 @@ import os
 import shutil
 import time
 
-from rsscale.scaling.config import CPU_LADDER, get_preset, param_count
-from rsscale.scaling.layout import Layout
-from rsscale.scaling.log import progress
+from rsscale.scaling.spec.config import CPU_LADDER, get_preset, param_count
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.runtime.log import progress
 
 
 def add_arguments(parser) -> None:
@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
 def previous_demo(out: str, models: list[str]) -> list[str]:
     """What an earlier demo left in `out` that this one writes: its store, report and model folders
     (those its store records and this run's)."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store, names = os.path.join(out, "results.db"), set(models)
     if os.path.exists(store):
@@ -65,8 +65,8 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 
 def main(args) -> int:
     t0 = time.perf_counter()
-    from rsscale.scaling.synthetic import dataset_for
-    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.data.synthetic import dataset_for
+    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     clear_previous_demo(args.out, models, args.overwrite)

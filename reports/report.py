@@ -118,7 +118,7 @@ class Doc:
 
 def encoder_params(preset, fallback) -> float:
     """The encoder's parameter count (the paper's size axis) from the preset, else the stored count."""
-    from rsscale.scaling.config import PRESETS, param_count
+    from rsscale.scaling.spec.config import PRESETS, param_count
 
     return float(param_count(PRESETS[preset], "encoder")) if preset in PRESETS else float(fallback)
 
@@ -321,8 +321,8 @@ def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Memory per device vs parameters")
     from rsscale.benchmarks import analytic
-    from rsscale.scaling.config import PAPER_PRESETS, PRESETS
-    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.spec.config import PAPER_PRESETS, PRESETS
+    from rsscale.scaling.spec.layout import Layout
 
     names = ["peak_mem_bytes", "peak_mem_delta_bytes", "predicted_mem_bytes", "images_per_s"]  # images/s: every trained run
     m = wide(metrics[metrics["kind"].isin(("pretrain", "bench", "profile"))], names)
@@ -368,8 +368,8 @@ def predicted_memory(r) -> float:
     """Analytic bytes per device of a run that recorded no prediction (pretraining), at its layout
     and precision (its recompute and optimizer sharding are not in the store's run columns)."""
     from rsscale.benchmarks import analytic
-    from rsscale.scaling.config import PRESETS
-    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.spec.config import PRESETS
+    from rsscale.scaling.spec.layout import Layout
 
     try:
         layout = Layout(tp=int(r["tp"]), pp=int(r["pp"]), dp=int(r["dp"]), sp=bool(r["sp"]), micro_batch=int(r["micro_batch"]),
@@ -383,7 +383,7 @@ def _pretrain_runs(metrics: pd.DataFrame) -> pd.DataFrame:
     loss = metrics[(metrics["kind"] == "pretrain") & (metrics["name"] == "loss") & metrics["step"].notna()]
     if loss.empty:
         return pd.DataFrame()
-    from rsscale.scaling.config import PRESETS, mae_step_flops
+    from rsscale.scaling.spec.config import PRESETS, mae_step_flops
 
     rows = []
     for run_id, g in loss.groupby("run_id"):
@@ -614,7 +614,7 @@ def section_fits(doc: Doc) -> None:
 
 def write_report(results_path: str | None, out_dir: str = "reports", name: str = "latest") -> str:
     """Build the whole report from a results store; returns the path of report.md."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store = ResultsStore(results_path, readonly=True)  # reading never writes (read-only media work)
     folder = os.path.join(out_dir, name)
@@ -656,7 +656,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from rsscale.scaling.store import resolve_path
+    from rsscale.scaling.runtime.store import resolve_path
 
     path = resolve_path(args.results)
     if not os.path.isfile(path):

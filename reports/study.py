@@ -9,7 +9,7 @@ derived) x pretraining image counts, and adds fine-tuning cells (tasks x label f
 encoders of the largest budget. Each pretraining cell is `rsscale pretrain` in its own folder,
 always with --resume, so a killed cell continues from its last checkpoint; when it has trained,
 its checkpoints are evaluated on a fixed held-out image set with fixed masks
-(scaling/heldout.py) and ONE store run of kind "study" is written for the cell, in one
+(scaling/train/heldout.py) and ONE store run of kind "study" is written for the cell, in one
 transaction at the end. A cell counts as done only through that record, so restarting the study
 skips finished cells, resumes the half-done one and never records a cell twice.
 """
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsscale.scaling.launch import command_line
-from rsscale.scaling.log import progress
+from rsscale.scaling.runtime.launch import command_line
+from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger("rsscale.study")
 
@@ -100,8 +100,8 @@ def _positive_list(path, key, values, typ) -> list:
 
 def load_plan(spec: str, out: str | None = None, results: str | None = None) -> Plan:
     """A plan from a file, or the name of a bundled plan (reports/plans/<name>.yaml); checked whole."""
-    from rsscale.scaling.config import PRESETS, is_model_file
-    from rsscale.scaling.config_file import load_config_file
+    from rsscale.scaling.spec.config import PRESETS, is_model_file
+    from rsscale.scaling.runtime.config_file import load_config_file
 
     path = Path(spec)
     if not path.exists() and (PLANS_DIR / f"{spec}.yaml").exists():
@@ -152,7 +152,7 @@ def steps_for(plan: Plan, model: str, budget: float) -> int:
     """Optimizer steps of `model` for a budget: the budget itself, or FLOPs / (batch x FLOPs per image)."""
     if plan.budget_kind == "steps":
         return int(budget)
-    from rsscale.scaling.config import get_preset, mae_step_flops
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
     batch = int(plan.pretrain.get("global_batch", 8))
     return max(1, round(budget / (batch * mae_step_flops(get_preset(model)))))
@@ -161,8 +161,8 @@ def steps_for(plan: Plan, model: str, budget: float) -> int:
 def lr_for(plan: Plan, model: str) -> float:
     """Peak learning rate of a size: pretrain.lr, times lr_width / width when the plan sets lr_width
     (muP-style 1/width for Adam: narrow models take larger steps, wide ones smaller)."""
-    from rsscale.scaling.config import get_preset
-    from rsscale.scaling.train import OptimConfig
+    from rsscale.scaling.spec.config import get_preset
+    from rsscale.scaling.train.pretrain import OptimConfig
 
     lr = float(plan.pretrain.get("lr", OptimConfig.lr))
     return lr * plan.lr_width / get_preset(model).width if plan.lr_width else lr
@@ -193,7 +193,7 @@ def cells(plan: Plan) -> list[Cell]:
 
 
 def data_root(plan: Plan) -> str:
-    from rsscale.scaling.synthetic import ensure_dataset
+    from rsscale.scaling.data.synthetic import ensure_dataset
 
     if plan.data == "synthetic":
         root = os.path.join(plan.out, "data")
@@ -204,8 +204,8 @@ def data_root(plan: Plan) -> str:
 def split_images(plan: Plan) -> tuple[list[str], list[str]]:
     """(training pool, held-out files): the held-out set is every k-th file of the sorted list, so
     it spans the scene types; the pool is the rest, in sorted order (subsets are its prefixes)."""
-    from rsscale.scaling.data import scan_images
-    from rsscale.scaling.synthetic import dataset_paths
+    from rsscale.scaling.data.loader import scan_images
+    from rsscale.scaling.data.synthetic import dataset_paths
 
     root = data_root(plan)
     folder = dataset_paths(root)["pretrain"] if plan.data == "synthetic" else root
@@ -279,7 +279,7 @@ def finetune_args(plan: Plan, cell: Cell) -> list[str]:
 
 def done_cells(plan: Plan) -> dict[str, dict]:
     """{cell key: its study record's config} for the cells this study has completed."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     if not os.path.exists(plan.results):
         return {}
@@ -299,9 +299,9 @@ def checkpoints_of(folder: str) -> list[tuple[int, str]]:
 
 def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_s: float) -> dict:
     """Held-out loss of each checkpoint of a trained cell, then the cell's one study record."""
-    from rsscale.scaling.config import get_preset, mae_step_flops, param_count
-    from rsscale.scaling.heldout import heldout_images, heldout_loss
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
+    from rsscale.scaling.train.heldout import heldout_images, heldout_loss
+    from rsscale.scaling.runtime.store import ResultsStore
 
     cfg = get_preset(cell.model)
     images = heldout_images(heldout_files, cfg)
@@ -325,7 +325,7 @@ def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_
 
 def finetune_metric(plan: Plan, cell: Cell) -> tuple[str, float]:
     """The headline metric (mIoU or mAP) of the fine-tuning run that wrote into the cell's folder."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store = ResultsStore(plan.results)
     name = "mIoU" if cell.task == "seg" else "mAP"
@@ -339,8 +339,8 @@ def finetune_metric(plan: Plan, cell: Cell) -> tuple[str, float]:
 
 
 def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
-    from rsscale.scaling.config import get_preset, param_count
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.spec.config import get_preset, param_count
+    from rsscale.scaling.runtime.store import ResultsStore
 
     name, value = finetune_metric(plan, cell)
     config = dict(study=plan.name, cell=cell.key, cell_kind="finetune", model=cell.model, task=cell.task,
@@ -358,8 +358,8 @@ def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> floa
     held-out evaluation."""
     try:
         from rsscale.benchmarks import analytic, timemodel
-        from rsscale.scaling.config import get_preset
-        from rsscale.scaling.layout import Layout
+        from rsscale.scaling.spec.config import get_preset
+        from rsscale.scaling.spec.layout import Layout
 
         p = plan.pretrain
         batch = int(p.get("global_batch", 8))
@@ -379,7 +379,7 @@ def calibration(plan: Plan) -> dict | None:
     """This machine's newest `rsscale calibrate` result (the plan's store, else the default one)."""
     try:
         from rsscale.benchmarks.calibrate import latest
-        from rsscale.scaling.store import environment
+        from rsscale.scaling.runtime.store import environment
 
         device, precision = environment()["device"], plan.pretrain.get("precision", "fp32")
         return latest(device, precision, plan.results) or latest(device, precision)
@@ -389,7 +389,7 @@ def calibration(plan: Plan) -> dict | None:
 
 def measured_ratio(plan: Plan, calib: dict | None) -> tuple[float, int] | None:
     """(median measured / predicted wall time, cells) over this study's recorded cells, or None."""
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     if not done_cells(plan):
         return None
@@ -495,11 +495,11 @@ def run_study(plan: Plan, max_cells: int | None = None, jobs: int | None = None)
 
 
 def emit_slurm(plan: Plan, folder: str) -> list[str]:
-    """One sbatch script per cell that is not done (scaling/launch.py `sbatch_script`), and
+    """One sbatch script per cell that is not done (scaling/runtime/launch.py `sbatch_script`), and
     submit.sh chaining them (afterok) in order."""
-    from rsscale.scaling.launch import sbatch_script
+    from rsscale.scaling.runtime.launch import sbatch_script
 
-    from rsscale.scaling.launch import SLURM_DEFAULTS
+    from rsscale.scaling.runtime.launch import SLURM_DEFAULTS
 
     s = {**SLURM_DEFAULTS, "env": {}, **plan.slurm}
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "port"):
@@ -518,7 +518,7 @@ def emit_slurm(plan: Plan, folder: str) -> list[str]:
         else:
             command, args = "finetune", finetune_args(plan, cell)
         env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in s["env"].items())
-        finish = (f"python -m rsscale.scaling.cli study {shlex.quote(os.path.abspath(plan.path))} --out {shlex.quote(os.path.abspath(plan.out))} "
+        finish = (f"python -m rsscale.scaling.runtime.cli study {shlex.quote(os.path.abspath(plan.path))} --out {shlex.quote(os.path.abspath(plan.out))} "
                   f"--results {shlex.quote(os.path.abspath(plan.results))} --finish-cell {cell.key}")
         text = sbatch_script(f"rsscale-{plan.name}-{cell.key}", f"rsscale study {plan.name}, cell {cell.key}", s, os.path.abspath(out / "logs"),
                              command, args, env=env + f"export RSSCALE_RESULTS={shlex.quote(os.path.abspath(plan.results))}\n", after=finish)

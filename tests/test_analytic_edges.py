@@ -4,7 +4,7 @@ micro-batches, SP token padding, matmul saturation, bytes per parameter, plan va
 import pytest
 
 from rsscale.benchmarks import analytic as A
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.layout import Layout
 
 
 def test_ring_volume_and_saturation():
@@ -48,7 +48,7 @@ def test_estimate_derived_rates_by_definition():
     images/s = global batch / step time; MFU = model FLOPs (no recompute) / (step time x peak x
     devices); a single device sends nothing."""
     from rsscale.benchmarks import timemodel as T
-    from rsscale.scaling.config import get_preset, mae_step_flops
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
     cfg, hw = get_preset("tiny"), A.Hardware()
     for lay, recompute in ((Layout(pp=2, micro_batch=2, global_batch=8), "full"), (Layout(micro_batch=4, global_batch=8), "none"),

@@ -7,7 +7,7 @@ import pytest
 
 from rsscale.benchmarks import analytic, autolayout
 from rsscale.benchmarks.autolayout import device_view, enumerate_plans, rank_plans
-from rsscale.scaling.config import get_preset
+from rsscale.scaling.spec.config import get_preset
 
 
 def test_the_choice_is_the_fastest_fitting_layout_of_the_ranking():
@@ -33,8 +33,8 @@ def test_resolve_replaces_the_flag_by_the_chosen_layout(monkeypatch, capsys):
 
 
 def test_pretrain_runs_and_records_the_chosen_layout(tmp_path, monkeypatch):
-    from rsscale.scaling.cli import main
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     db = tmp_path / "r.db"
@@ -52,7 +52,7 @@ def test_pretrain_runs_and_records_the_chosen_layout(tmp_path, monkeypatch):
     (["bench", "--model", "b12x1", "--layout", "auto", "--gpus", "2", "--memory-gb", "0.01", "--reserve-gb", "0"], "fits in 0.01 GiB"),
 ])
 def test_bad_uses_are_one_line(argv, message, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -60,7 +60,7 @@ def test_bad_uses_are_one_line(argv, message, capsys):
 
 
 def test_a_broken_results_store_is_said_not_silently_skipped(tmp_path, monkeypatch, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     broken = tmp_path / "r.db"
     broken.write_bytes(b"not a database" * 100)
@@ -91,7 +91,7 @@ def test_finetune_gets_the_chosen_layout_as_flags_it_accepts(tmp_path, monkeypat
 
 
 def test_profile_prints_the_choice_counted_and_as_flags(capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     assert main(["profile", "--layout", "auto", "--model", "small", "--device", "h100-sxm", "--nodes", "2", "--gpus-per-node", "2",
                  "--global-batch", "16"]) == 0

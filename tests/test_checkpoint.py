@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,14 @@ def image_dir(tmp_path_factory):
 
 
 def _config(data, out, steps=4, resume=False):
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), optim=OptimConfig(lr=2e-3, warmup=1), steps=steps,
                        data=data, num_workers=0, out=str(out), resume=resume, record=False)
 
 
 def test_resume_is_exact(image_dir, tmp_path):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     full = Trainer.build(_config(image_dir, tmp_path / "full"))
     want = [full.train_step()["loss"] for _ in range(4)]
@@ -49,15 +49,15 @@ def test_resume_is_exact(image_dir, tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     trainer = Trainer.build(_config("random", tmp_path / "none", resume=True))
     assert trainer.step == 0
 
 
 def test_crash_during_save_keeps_latest(tmp_path, monkeypatch):
-    from rsscale.scaling import checkpoint
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train import checkpoint
+    from rsscale.scaling.train.pretrain import Trainer
 
     trainer = Trainer.build(_config("random", tmp_path / "run", steps=3))
     trainer.train_step()
@@ -81,7 +81,7 @@ def test_crash_during_save_keeps_latest(tmp_path, monkeypatch):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    from rsscale.scaling.checkpoint import load_full_state_dict
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
 
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_full_state_dict(str(tmp_path))
@@ -91,7 +91,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_read_local_reshards_any_tp_size_from_whole_and_flat_pieces(tmp_path, writers, readers, dim, stride):
     """Slices written by `writers` TP ranks (one of them as ZeRO-style flat pieces) read back as any
     reader TP rank's slice equal `shard_tensor` of the full tensor (megatron's strided layout)."""
-    from rsscale.scaling import checkpoint
+    from rsscale.scaling.train import checkpoint
     from rsscale.scaling.parallel.state import shard_tensor
 
     shape = [24, 36]

@@ -1,4 +1,4 @@
-"""scaling/checkpoint.py piece by piece, in one process and without a trainer: the streamed
+"""scaling/train/checkpoint.py piece by piece, in one process and without a trainer: the streamed
 safetensors file against the safetensors library and hashlib, the index and the folder protocol
 (atomic commit, re-save, `latest`, stale temporaries, --keep), what counts as complete, where a
 path resolves to, reading pieces back by key, the run lock and the fresh-run guard."""
@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from distributed import run_distributed
-from rsscale.scaling import checkpoint as ck
-from rsscale.scaling.checkpoint import CheckpointError
+from rsscale.scaling.train import checkpoint as ck
+from rsscale.scaling.train.checkpoint import CheckpointError
 
 
 def _save(root, step, keep=0, scale=1.0):
@@ -268,7 +268,7 @@ def test_two_ranks_save_their_own_pieces_and_share_a_failure(tmp_path):
 def test_full_state_dict_holds_the_model_weights_only(tmp_path):
     from dataclasses import asdict
 
-    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.spec.config import get_preset
 
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     info = {"partition_dim": None, "stride": 1}

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from rsscale.scaling import cli
-from rsscale.scaling.config import PRESETS, ViTConfig, get_preset, mae_forward_flops, param_count
+from rsscale.scaling.runtime import cli
+from rsscale.scaling.spec.config import PRESETS, ViTConfig, get_preset, mae_forward_flops, param_count
 
 
 def test_help_lists_every_command(capsys):
@@ -22,7 +22,7 @@ def test_unknown_command_is_an_error(capsys):
 
 
 def test_models_table_via_entry_point():
-    out = subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "models"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", "models"], capture_output=True, text=True, check=True).stdout
     assert "2,419,181,568" in out  # g12x4 encoder: the paper's 2.4B
     assert "85,798,656" in out  # b12x1: ViT-B/16 without head, timm-style
     assert all(name in out for name in PRESETS)
@@ -57,7 +57,7 @@ def test_bad_config_and_unknown_preset_are_clear():
     (["finetune", "--task", "det", "--dataset", "loveda", "--data", "{tmp}"], "is not a det benchmark"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.scaling.layout import Layout
-from rsscale.scaling.vit import ParallelBlock
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.model.vit import ParallelBlock
 
 
 def _block_grads(block, x):
@@ -44,7 +44,7 @@ def _train(rank, world, compile_, layout):
     """Two optimizer steps of the trainer; (losses, full weights of this rank's stage, graphs compiled)."""
     import torch._dynamo
 
-    from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     cfg = TrainConfig(model="tiny", parallel=Layout(**layout), optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6), steps=5, data="random",
                       record=False, compile=compile_, compile_backend="aot_eager", out="unused")
@@ -71,7 +71,7 @@ def test_compiled_trainer_tp2_sp_pp2_matches_plain():
 
 
 def test_compile_without_a_cxx_compiler_is_refused(monkeypatch):
-    from rsscale.scaling.train import TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     monkeypatch.setenv("CXX", "no-such-compiler-rsscale")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -8,13 +8,13 @@ import torch
 from distributed import run_distributed
 from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks.count import COMPONENTS, count_plan, count_stage
-from rsscale.scaling.config import PAPER_PRESETS, get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import PAPER_PRESETS, get_preset
+from rsscale.scaling.spec.layout import Layout
 
 
 def _real_rank_bytes(rank, world, precision, sp, recompute):
     """One rank of a real gloo run of the trainer: the bytes its allocations and autograd hold."""
-    from rsscale.scaling.train import OptimConfig, TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     cfg = TrainConfig(model="mini", parallel=Layout(tp=2, sp=sp, micro_batch=2, global_batch=4), precision=precision, data="random",
                       record=False, recompute=recompute, optim=OptimConfig(distributed_optimizer=False))

@@ -10,8 +10,8 @@ import torch
 from distributed import run_distributed
 from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks.count import count_finetune
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout
 
 IMG = 64
 
@@ -95,7 +95,7 @@ def test_counted_finetune_rank_equals_a_real_rank(task, tp, precision, zero):
 
 def test_profile_task_prints_counted_fine_tuning_layouts(capsys):
     """`rsscale profile --task seg`: every TP x DP layout (no pipeline), its memory the count's."""
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     argv = ["profile", "--model", "tiny", "--gpus", "2", "--task", "seg", "--img", str(IMG), "--micro-batch", "1",
             "--global-batch", "2", "--precision", "fp32", "--memory-gb", "1", "--reserve-gb", "0.5"]

@@ -13,20 +13,20 @@ from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks import calibrate as C
 from rsscale.benchmarks import cpu_sharing as S
 from rsscale.benchmarks import timemodel as T
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout
 from tests.test_timemodel import _uniform
 
 NOT_LOADED = """
 import sys
 from rsscale.benchmarks import analytic, autolayout, devices, timemodel
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout
 
 hw = devices.hardware(devices.get_device("h100-sxm"), "bf16", 8)
 plan = analytic.Plan(Layout(tp=2, pp=2, dp=4, micro_batch=4, global_batch=64), precision="bf16")
 assert timemodel.predict(get_preset("l12x4"), plan, timemodel.datasheet_calibration(hw))["step_s"] > 0
-from rsscale.scaling.cli import main
+from rsscale.scaling.runtime.cli import main
 assert main(["profile", "--model", "l12x4", "--device", "h100-sxm", "--nodes", "2", "--gpus-per-node", "8", "--top", "2"]) == 0
 assert main(["profile", "--model", "tiny", "--device", "a100-80", "--gpus", "2", "--global-batch", "8"]) == 0
 assert "rsscale.benchmarks.profile" in sys.modules and "rsscale.benchmarks.cpu_sharing" not in sys.modules, sorted(sys.modules)
@@ -39,7 +39,7 @@ def test_a_datasheet_prediction_and_a_named_device_profile_never_load_cpu_sharin
     env = {**os.environ, "RSSCALE_RESULTS": str(tmp_path / "r.db")}
     run = subprocess.run([sys.executable, "-c", NOT_LOADED], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    cpu = NOT_LOADED.split("from rsscale.scaling.cli")[0] + (
+    cpu = NOT_LOADED.split("from rsscale.scaling.runtime.cli")[0] + (
         "timemodel.predict(get_preset('tiny'), analytic.Plan(Layout(micro_batch=2, global_batch=4)), "
         "{**timemodel.datasheet_calibration(hw), 'threads_per_process': 1}, 2)\n"
         "assert 'rsscale.benchmarks.cpu_sharing' in sys.modules\n")

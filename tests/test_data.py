@@ -11,8 +11,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from rsscale.scaling import data
-from rsscale.scaling.data import IMAGENET_MEAN, IMAGENET_STD, build_pretrain_loader
+from rsscale.scaling.data import loader as data
+from rsscale.scaling.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_pretrain_loader
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 

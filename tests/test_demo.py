@@ -5,12 +5,12 @@ import sys
 
 from PIL import Image
 
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.store import ResultsStore
 
 
 def test_demo_writes_data_runs_and_report(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "demo", "--out", str(out), "--data", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "demo", "--out", str(out), "--data", str(tmp_path / "data"),
            "--models", "tiny,mini", "--steps", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from rsscale.benchmarks import analytic, devices
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout
 
 
 @pytest.mark.parametrize("name", devices.NAMES)
 def test_every_named_device_profiles_a_model_file(name, tmp_path, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     vit_h = tmp_path / "vit-h14.toml"
     vit_h.write_text("width = 1280\nheads = 16\nmlp = 5120\ndepth = 32\npatch_size = 14\n")
@@ -25,7 +25,7 @@ def test_every_named_device_profiles_a_model_file(name, tmp_path, capsys):
 
 
 def test_datasheet_values_fill_only_the_flags_left_unset(capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     assert main(["profile", "--model", "b12x1", "--device", "h200", "--gpus", "8", "--memory-gb", "60", "--top", "1", "--no-calibration"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -54,7 +54,7 @@ def test_only_the_collectives_whose_group_spans_nodes_run_at_the_network_bandwid
 def test_profile_multi_node_answers_in_seconds(capsys):
     import time
 
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     t0 = time.time()
     assert main(["profile", "--model", "g12x4", "--device", "h100-sxm", "--nodes", "4", "--gpus-per-node", "8", "--top", "3"]) == 0

@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-from rsscale.scaling.checkpoint import load_full_state_dict
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.train.checkpoint import load_full_state_dict
+from rsscale.scaling.runtime.store import ResultsStore
 
 
 def _cmd(out, *extra):
-    return [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "6",
+    return [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "6",
             "--save-every", "2", "--micro-batch", "2", "--global-batch", "4", "--warmup", "1", "--log-every", "1", "--nproc", "2",
             "--dp", "2", "--out", str(out), "--results", f"{out}.db", *extra]
 
@@ -60,7 +60,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_and_ends_equal(tmp_path):
 
 
 def test_restarts_are_not_tried_for_bad_usage_nor_without_the_flag(monkeypatch):
-    from rsscale.scaling import launch
+    from rsscale.scaling.runtime import launch
 
     calls = []
     monkeypatch.setattr(launch, "_run_torchrun", lambda cmd, env: calls.append(env[launch.RESTART_COUNT]) or (1, None))
@@ -87,7 +87,7 @@ def test_restarts_are_not_tried_for_bad_usage_nor_without_the_flag(monkeypatch):
 
 def test_bad_input_in_the_ranks_exits_2_through_torchrun_and_is_not_retried(tmp_path, capsys):
     """torchrun exits 1 for any failed rank; the launcher still says bad usage (2) and does not restart."""
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     argv = ["pretrain", "--model", "tiny", "--data", str(tmp_path / "no-such-folder"), "--steps", "2", "--micro-batch", "2",
             "--global-batch", "4", "--dp", "2", "--nproc", "2", "--max-restarts", "1", "--out", str(tmp_path / "run"), "--no-record"]

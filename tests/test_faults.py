@@ -27,11 +27,11 @@ import torch
 from PIL import Image
 
 from distributed import run_distributed
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.layout import Layout
 
 
 def _config(out, steps=3, model="tiny", data="random", **kw):
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     layout = kw.pop("parallel", Layout(micro_batch=2, global_batch=4))
     return TrainConfig(model=model, parallel=layout, optim=OptimConfig(lr=2e-3, warmup=1, distributed_optimizer=kw.pop("zero", False)),
@@ -39,7 +39,7 @@ def _config(out, steps=3, model="tiny", data="random", **kw):
 
 
 def _trainer(out, **kw):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     return Trainer.build(_config(out, **kw))
 
@@ -84,7 +84,7 @@ def test_resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint(tmp_pat
 
 
 def test_resaving_a_step_killed_midway_keeps_a_valid_checkpoint(tmp_path, monkeypatch):
-    from rsscale.scaling import checkpoint
+    from rsscale.scaling.train import checkpoint
 
     t = _trainer(tmp_path)
     t.train_step()
@@ -143,7 +143,7 @@ def test_run_folder_lock_and_no_fresh_run_over_checkpoints(tmp_path, caplog):
 
 
 def test_keep_last_n_never_deletes_the_newest_complete(tmp_path):
-    from rsscale.scaling import checkpoint
+    from rsscale.scaling.train import checkpoint
 
     _trainer(tmp_path, steps=5, save_every=1, keep=2).fit()
     assert _steps_on_disk(tmp_path) == ["step_00000004", "step_00000005"]
@@ -223,7 +223,7 @@ class _OtherPipeline:
 
 
 def _tp_worker(rank, world, data, out):
-    from rsscale.scaling import data as data_mod
+    from rsscale.scaling.data import loader as data_mod
 
     if rank == 1:
         real = data_mod.build_pretrain_loader
@@ -321,7 +321,8 @@ def test_frozen_rank_is_named_within_the_timeout(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from rsscale.scaling import checkpoint, train
+    from rsscale.scaling.train import checkpoint
+    from rsscale.scaling.train import pretrain as train
 
     real = train.random_images
     monkeypatch.setattr(train, "random_images", lambda cfg, seed, step, first, n: real(cfg, seed, step, first, n) * (float("nan") if step == 2 else 1.0))
@@ -345,7 +346,7 @@ class _Payload:
 
 
 def test_crafted_pickles_in_checkpoint_files_are_refused_without_side_effects(tmp_path):
-    from rsscale.scaling import checkpoint
+    from rsscale.scaling.train import checkpoint
 
     marker = str(tmp_path / "pwned")
     t = _trainer(tmp_path / "run")

@@ -74,7 +74,7 @@ def _reference(task, data):
     """One process, no Finetuner: model.loss on the whole global batch, torch AdamW."""
     from rsscale.finetune import train as T
     from rsscale.finetune.vitdet import param_groups_lrd
-    from rsscale.scaling.optim import lr_at
+    from rsscale.scaling.train.optim import lr_at
     from rsscale.scaling.parallel import state
 
     state.init_parallel(1, 1)
@@ -106,7 +106,7 @@ def _reference(task, data):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from rsscale.scaling.synthetic import ensure_dataset
+    from rsscale.scaling.data.synthetic import ensure_dataset
 
     root = tmp_path_factory.mktemp("ftdist") / "data"
     ensure_dataset(root, num_pretrain=0, num_seg=8, num_det=8, size=64)

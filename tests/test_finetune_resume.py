@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.store import ResultsStore
 
 STEPS, EVERY = 4, 2
 
@@ -46,13 +46,13 @@ def _final_tensors(out) -> dict:
 
 
 def killed_and_resumed_finetune_agrees(tmp_path, task, *layout):
-    from rsscale.scaling.synthetic import generate
+    from rsscale.scaling.data.synthetic import generate
 
     data = tmp_path / "data"
     generate(data, num_pretrain=0, num_seg=4, num_det=4, size=64)
 
     def cmd(name, *extra):
-        return [sys.executable, "-m", "rsscale.scaling.cli", "finetune", "--task", task, "--dataset", "synthetic", "--data", str(data),
+        return [sys.executable, "-m", "rsscale.scaling.runtime.cli", "finetune", "--task", task, "--dataset", "synthetic", "--data", str(data),
                 "--steps", str(STEPS), "--save-every", str(EVERY), "--global-batch", "4", "--crop", "32", "--channels", "16",
                 "--warmup", "1", "--log-every", "1", "--out", str(tmp_path / name), "--results", str(tmp_path / f"{name}.db"), *layout, *extra]
 

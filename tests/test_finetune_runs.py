@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rsscale.scaling.cli import main as cli
+from rsscale.scaling.runtime.cli import main as cli
 
 COMMON = ["--dataset", "synthetic", "--steps", "3", "--global-batch", "2", "--crop", "32", "--channels", "16", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from rsscale.scaling.synthetic import generate
+    from rsscale.scaling.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("ft")
     generate(root / "data", num_pretrain=0, num_seg=6, num_det=6, size=64)
@@ -122,8 +122,8 @@ def test_runs_that_cannot_be_rebuilt_are_refused_in_one_line(runs, tmp_path, cap
 def test_a_finetune_records_the_pretraining_it_starts_from(runs, tmp_path):
     """Preset, pretraining steps, images and MAE compute land with the downstream metrics (store
     tags and run config), so accuracy joins pretraining compute without hand joining."""
-    from rsscale.scaling.config import get_preset, mae_step_flops
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops
+    from rsscale.scaling.runtime.store import ResultsStore
 
     assert cli(["pretrain", "--model", "tiny", "--data", "random", "--steps", "3", "--micro-batch", "2", "--global-batch", "2",
                 "--warmup", "1", "--out", str(tmp_path / "pt"), "--no-record"]) == 0

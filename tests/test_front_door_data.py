@@ -9,9 +9,9 @@ import re
 import pytest
 from PIL import Image
 
-from rsscale.scaling.cli import main
-from rsscale.scaling.synthetic import ensure_dataset
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.cli import main
+from rsscale.scaling.data.synthetic import ensure_dataset
+from rsscale.scaling.runtime.store import ResultsStore
 
 
 def _listing(root):
@@ -41,7 +41,7 @@ def test_finetune_refuses_a_folder_of_other_data_and_writes_nothing(tmp_path, ca
 
 
 def test_dataset_for_uses_a_finished_dataset_as_it_is(small_dataset, tmp_path):
-    from rsscale.scaling.synthetic import dataset_for
+    from rsscale.scaling.data.synthetic import dataset_for
 
     before = (small_dataset / "manifest.json").read_text()
     assert dataset_for(small_dataset, "seg", num_seg=9, num_det=9)["root"] == str(small_dataset)  # other counts: not rewritten
@@ -54,7 +54,7 @@ def test_dataset_for_uses_a_finished_dataset_as_it_is(small_dataset, tmp_path):
 
 # ------------------------------------------------------------------------- pretrain on a dataset root
 def test_pretraining_a_dataset_root_reads_its_pretraining_images(small_dataset):
-    from rsscale.scaling.data import build_pretrain_loader, scan_images
+    from rsscale.scaling.data.loader import build_pretrain_loader, scan_images
 
     files = scan_images(small_dataset)
     assert len(files) == 3 and all(os.sep + "pretrain" + os.sep in f for f in files)
@@ -63,7 +63,7 @@ def test_pretraining_a_dataset_root_reads_its_pretraining_images(small_dataset):
 
 
 def test_pretraining_a_dataset_root_without_pretraining_images_is_refused(tmp_path):
-    from rsscale.scaling.data import scan_images
+    from rsscale.scaling.data.loader import scan_images
 
     root = tmp_path / "ft-only"
     ensure_dataset(root, num_pretrain=0, num_seg=2, num_det=0, size=64, workers=1)

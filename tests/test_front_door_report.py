@@ -13,8 +13,8 @@ import pytest
 
 from rsscale.reports import report
 from rsscale.reports.fit import Fit
-from rsscale.scaling.config import CPU_LADDER, PRESETS, param_count
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.spec.config import CPU_LADDER, PRESETS, param_count
+from rsscale.scaling.runtime.store import ResultsStore
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
 IMAGES_PER_S = dict(tiny=229.4, mini=146.9, small=111.9, medium=57.0)  # the demo's: less than a decade
@@ -124,9 +124,9 @@ def test_measured_memory_of_the_trained_models_is_in_the_memory_figure(demo):
 
 
 def test_pretraining_records_its_peak_memory(tmp_path):
-    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.parallel.state import destroy_parallel
-    from rsscale.scaling.train import Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import Trainer, TrainConfig
 
     db = str(tmp_path / "t.db")
     try:
@@ -201,7 +201,7 @@ PLAIN = r"\[x\] done: (\d+)/20 images \((\d+) %\), [0-9.e+]+ (image/s|s/image), 
 
 
 def test_progress_prints_step_rate_and_eta_every_tenth_when_not_a_terminal(capsys):
-    from rsscale.scaling.log import progress
+    from rsscale.scaling.runtime.log import progress
 
     assert list(progress(range(20), desc="[x] done", unit="image", inline=False)) == list(range(20))
     lines = capsys.readouterr().err.splitlines()
@@ -210,7 +210,7 @@ def test_progress_prints_step_rate_and_eta_every_tenth_when_not_a_terminal(capsy
 
 
 def test_progress_rewrites_one_line_on_a_terminal_and_is_silent_off_rank_0(capsys, monkeypatch):
-    from rsscale.scaling.log import progress
+    from rsscale.scaling.runtime.log import progress
 
     list(progress(range(3), desc="[x] done", unit="image", inline=True))
     err = capsys.readouterr().err

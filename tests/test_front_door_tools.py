@@ -16,9 +16,9 @@ import torch.distributed
 from rsscale.benchmarks import gpu_check
 from rsscale.benchmarks import kernels as kb
 from rsscale.benchmarks import profile
-from rsscale.scaling.config import CPU_LADDER
-from rsscale.scaling import log as rsscale_log
-from rsscale.scaling.cli import main as cli
+from rsscale.scaling.spec.config import CPU_LADDER
+from rsscale.scaling.runtime import log as rsscale_log
+from rsscale.scaling.runtime.cli import main as cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

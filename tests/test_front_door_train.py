@@ -15,9 +15,9 @@ import threading
 
 import pytest
 
-from rsscale.scaling import launch
-from rsscale.scaling.cli import main as cli
-from rsscale.scaling.store import SCHEMA, ResultsStore
+from rsscale.scaling.runtime import launch
+from rsscale.scaling.runtime.cli import main as cli
+from rsscale.scaling.runtime.store import SCHEMA, ResultsStore
 
 PRETRAIN = ["pretrain", "--model", "tiny", "--data", "random", "--micro-batch", "2", "--global-batch", "2", "--warmup", "1"]
 
@@ -93,7 +93,7 @@ def _one_interrupted_line(err: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_pretrain_with_one_line_and_an_interrupted_run(tmp_path, signum, code):
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", *PRETRAIN, "--steps", "100000", "--save-every", "3", "--log-every", "1",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", *PRETRAIN, "--steps", "100000", "--save-every", "3", "--log-every", "1",
            "--out", "run", "--results", "r.db"]
     rc, err = _interrupt(cmd, signum, "step 4/", tmp_path)
     assert rc == code, err
@@ -103,7 +103,7 @@ def test_a_signal_stops_pretrain_with_one_line_and_an_interrupted_run(tmp_path, 
 
 
 def test_ctrl_c_stops_an_nproc_2_run_with_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", *PRETRAIN, "--global-batch", "4", "--steps", "100000", "--save-every", "2",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", *PRETRAIN, "--global-batch", "4", "--steps", "100000", "--save-every", "2",
            "--log-every", "1", "--out", "run", "--results", "r.db", "--nproc", "2"]
     rc, err = _interrupt(cmd, signal.SIGINT, "step 3/", tmp_path, group=True)
     assert rc == 130, err
@@ -132,7 +132,7 @@ def test_a_stop_request_waits_for_the_step_boundary_unless_ctrl_c_comes_twice():
 
 
 def test_keyboard_interrupt_in_any_command_is_one_line(monkeypatch, capsys):
-    from rsscale.scaling import config
+    from rsscale.scaling.spec import config
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -176,7 +176,7 @@ def test_a_bad_layout_is_refused_before_launching(argv, monkeypatch, capsys):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(launch, "relaunch", never)
-    for module in ("rsscale.benchmarks.bench", "rsscale.finetune.train", "rsscale.scaling.train"):
+    for module in ("rsscale.benchmarks.bench", "rsscale.finetune.train", "rsscale.scaling.train.pretrain"):
         monkeypatch.setattr(f"{module}.relaunch", never, raising=False)  # where a command held its own copy
     assert cli(argv + ["--nproc", "3"]) == 2
     err = capsys.readouterr().err
@@ -202,7 +202,7 @@ def test_tp_without_nproc_suggests_it_and_exits_2(argv, tmp_path, capsys):
     ("optim: {lrr: 1.0e-3}\n", ["optim.lrr (did you mean optim.lr?)", "known: optim.lr, optim.min_lr"]),
 ])
 def test_pretrain_config_key_errors_say_where_a_key_belongs(tmp_path, text, needles):
-    from rsscale.scaling.train import config_from_args
+    from rsscale.scaling.train.pretrain import config_from_args
 
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -212,7 +212,7 @@ def test_pretrain_config_key_errors_say_where_a_key_belongs(tmp_path, text, need
 
 
 def test_pretrain_help_shows_the_defaults():
-    from rsscale.scaling.train import add_arguments
+    from rsscale.scaling.train.pretrain import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -14,7 +14,7 @@ from test_layouts import STEPS, TOL, TOTAL, _assert_same_weights, _config, _merg
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     root = tmp_path_factory.mktemp("fsdp")
     ref = Trainer.build(_config(root / "ref"))
@@ -43,8 +43,8 @@ def test_fsdp_dp2_matches_single_process(reference, two):
     # the memory counter (benchmarks/count.py, meta device, fake world) counts what the real rank 0 holds
     from rsscale.benchmarks.analytic import Plan
     from rsscale.benchmarks.count import count_stage
-    from rsscale.scaling.config import get_preset
-    from rsscale.scaling.layout import Layout
+    from rsscale.scaling.spec.config import get_preset
+    from rsscale.scaling.spec.layout import Layout
 
     assert count_stage(get_preset("tiny"), Plan(Layout(dp=2, micro_batch=2, global_batch=8), fsdp=True), 0).optimizer == got["state_bytes"][0]
 
@@ -52,8 +52,8 @@ def test_fsdp_dp2_matches_single_process(reference, two):
 def test_fsdp_checkpoint_resumes_under_tp2_and_one_process(reference, two):
     """The FSDP checkpoint holds the trained weights exactly; TP=2 and one process continue from it
     like the reference run continues from its own step 3."""
-    from rsscale.scaling.checkpoint import load_full_state_dict
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
+    from rsscale.scaling.train.pretrain import Trainer
 
     ref, root = reference
     _, full = load_full_state_dict(str(root / "fsdp_dp2"))
@@ -109,7 +109,7 @@ def test_fsdp_with_compile_and_selective_recompute_matches_single_process(refere
 
 
 def test_fsdp_refuses_zero1_and_fp16():
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     with pytest.raises(ValueError, match="--fsdp already shards the optimizer state"):
         TrainConfig(fsdp=True, optim=OptimConfig(distributed_optimizer=True))

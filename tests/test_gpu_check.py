@@ -12,7 +12,7 @@ from rsscale.benchmarks import gpu_check
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_gpu_check_on_cpu_lists_steps_and_exits_with_its_own_code(tmp_path):
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "gpu-check", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", "gpu-check", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == gpu_check.EXIT_NO_GPU == 3, proc.stderr[-2000:]
     for name in ("kernels-test", "kernels-bench", "bench-b12x1", "bench-l12x4", "fp16", "calibrate"):
         assert name in proc.stdout

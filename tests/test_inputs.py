@@ -18,7 +18,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from rsscale.scaling.cli import main as cli
+from rsscale.scaling.runtime.cli import main as cli
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 
@@ -52,14 +52,14 @@ def test_numeric_flags_out_of_range_are_one_line_errors(argv, flag, capsys):
     (dict(min_lr=0.5, lr=0.1), "--min-lr"), (dict(micro_batch=0), "--micro-batch"), (dict(data_backend="jax"), "--data-backend"),
 ])
 def test_pretrain_config_values_are_range_checked(flags, flag):
-    from rsscale.scaling.train import config_from_args
+    from rsscale.scaling.train.pretrain import config_from_args
 
     with pytest.raises(ValueError, match=f"^{flag} "):
         config_from_args(_args(**flags))
 
 
 def test_pretrain_steps_zero_exits_nonzero_without_recording(tmp_path):
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--steps", "0", "--data", "random",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--steps", "0", "--data", "random",
            "--out", str(tmp_path / "run"), "--results", str(tmp_path / "r.db")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--steps" in proc.stderr and "must be >= 1" in proc.stderr
@@ -83,7 +83,7 @@ def _args(**flags):
     ("model: 12\n", "'model'", "string"),
 ])
 def test_pretrain_config_file_is_type_checked_up_front(tmp_path, text, key, expected):
-    from rsscale.scaling.train import config_from_args
+    from rsscale.scaling.train.pretrain import config_from_args
 
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -95,7 +95,7 @@ def test_pretrain_config_file_is_type_checked_up_front(tmp_path, text, key, expe
 
 def test_pretrain_config_file_values_keep_their_meaning(tmp_path):
     """Real booleans, integral floats and null for an optional value are accepted as such."""
-    from rsscale.scaling.train import config_from_args
+    from rsscale.scaling.train.pretrain import config_from_args
 
     path = tmp_path / "run.toml"
     path.write_text('steps = 4.0\nresume = false\nresults = "x.db"\n[parallel]\nsp = false\n')
@@ -206,7 +206,7 @@ def test_bench_keeps_the_measurement_when_the_final_write_fails(tmp_path, capsys
 
 
 def _store_with_a_run(path):
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store = ResultsStore(path)
     with store.run(kind="bench", preset="tiny", params=1000, layout=dict(tp=1, pp=1, dp=1, sp=False), micro_batch=2,
@@ -235,7 +235,7 @@ def test_report_reads_a_store_on_read_only_media_without_writing(tmp_path):
         before = open(db, "rb").read()
         os.chmod(db, 0o444)
         os.chmod(media, 0o555)
-        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-m", "rsscale.scaling.cli",
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-m", "rsscale.scaling.runtime.cli",
                "report", "--results", db, "--out", out, "--name", "ro"]
         env = dict(os.environ, MPLCONFIGDIR=out, HOME=out)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out)
@@ -256,13 +256,13 @@ def test_report_on_a_corrupt_store_is_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------- 16-bit and float imagery
 def _loader(folder, **kw):
-    from rsscale.scaling.data import build_pretrain_loader
+    from rsscale.scaling.data.loader import build_pretrain_loader
 
     return build_pretrain_loader(folder, 8, batch_size=2, backend="torch", num_workers=0, **kw)
 
 
 def test_16bit_png_is_scaled_by_its_bit_depth_not_saturated(tmp_path):
-    from rsscale.scaling.data import IMAGENET_MEAN, IMAGENET_STD
+    from rsscale.scaling.data.loader import IMAGENET_MEAN, IMAGENET_STD
 
     Image.fromarray(np.full((12, 16), 30000, np.uint16)).save(tmp_path / "grey16.png")  # mode I;16
     batch = next(_loader(tmp_path))
@@ -312,7 +312,7 @@ def _png_header_only(path, width, height):
 
 
 def test_absurd_pixel_counts_are_skipped_counted_and_named_before_decoding(tmp_path, capsys):
-    from rsscale.scaling.data import MAX_PIXELS
+    from rsscale.scaling.data.loader import MAX_PIXELS
 
     Image.fromarray(np.full((12, 16, 3), 100, np.uint8)).save(tmp_path / "ok.png")
     _png_header_only(tmp_path / "huge.png", 9000, 9000)  # 81 Mpx > MAX_PIXELS, under PIL's bomb limit
@@ -342,7 +342,7 @@ def test_dali_run_killed_and_resumed_logs_the_same_losses(tmp_path):
 def test_dali_loader_state_resumes_the_identical_stream(tmp_path, kind):
     """Loader level, both DALI paths (decoder; external_source), across an epoch boundary and from
     a state taken before the first batch: the JSON round-tripped state continues the same batches."""
-    from rsscale.scaling.data import build_pretrain_loader
+    from rsscale.scaling.data.loader import build_pretrain_loader
 
     rng = np.random.default_rng(0)
     for i in range(7):
@@ -365,8 +365,8 @@ def test_dali_loader_state_resumes_the_identical_stream(tmp_path, kind):
 
 def test_auto_backend_says_which_and_why(tmp_path, capsys, monkeypatch):
     """`auto` is the default; it names the backend it chose and why, in one line."""
-    from rsscale.scaling import data
-    from rsscale.scaling.train import TrainConfig
+    from rsscale.scaling.data import loader as data
+    from rsscale.scaling.train.pretrain import TrainConfig
 
     assert TrainConfig().data_backend == "auto"
     Image.fromarray(np.full((12, 16, 3), 100, np.uint8)).save(tmp_path / "a.png")

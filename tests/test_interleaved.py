@@ -19,8 +19,8 @@ import torch
 from distributed import run_distributed
 from test_layouts import _merge, _run_layouts
 from test_layouts import test_layout_matches_single_process as _matches_single_process
-from rsscale.scaling.layout import Layout, stage_chunk_ranges, validate_layout
-from rsscale.scaling.pipeline import bubble_fraction, check_schedule, compute_order, in_flight_chunks, timetable
+from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, validate_layout
+from rsscale.scaling.parallel.pipeline import bubble_fraction, check_schedule, compute_order, in_flight_chunks, timetable
 
 TICK = 0.1  # seconds a toy chunk's forward sleeps (backward: 2 ticks)
 
@@ -32,14 +32,14 @@ MODEL = "tiny12"
 
 def _register_model():
     """`tiny` with 12 encoder blocks, registered as a preset in this process (and each worker)."""
-    from rsscale.scaling.config import PRESETS, get_preset
+    from rsscale.scaling.spec.config import PRESETS, get_preset
 
     PRESETS.setdefault(MODEL, get_preset("tiny").replace(name=MODEL, depth=12))
     return PRESETS[MODEL]
 
 
 def _config(out, tp=1, pp=1, vpp=1):
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     _register_model()  # also in the spawned workers, which build their trainers through here
     return TrainConfig(model=MODEL, parallel=Layout(tp=tp, pp=pp, dp=1, micro_batch=MB, global_batch=GB, vpp=vpp),
@@ -99,7 +99,7 @@ def test_the_schedule_refuses_what_it_cannot_take():
 
 def test_bad_micro_batch_count_fails_before_launching(tmp_path):
     """`rsscale pretrain --nproc 2 --pp 2 --vpp 2` with 3 micro-batches exits 2 naming --vpp, before torchrun."""
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--nproc", "2", "--pp", "2", "--vpp", "2", "--micro-batch", "2",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--nproc", "2", "--pp", "2", "--vpp", "2", "--micro-batch", "2",
            "--global-batch", "6", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -113,7 +113,7 @@ def test_bad_micro_batch_count_fails_before_launching(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     _register_model()
     root = tmp_path_factory.mktemp("interleaved")
@@ -145,7 +145,7 @@ def test_tp2_with_interleaved_pp2_matches_single_process(runs):
 
 def test_checkpoints_cross_virtual_stages(runs):
     """V=2 -> one process and -> PP=2 V=1; one process -> PP=2 V=3: continued losses equal the reference's."""
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     reference, merged, root = runs
     assert merged["pp2v1_from_v2"]["losses"] == pytest.approx(reference["losses"][STEPS:], abs=TOL)
@@ -163,7 +163,7 @@ def test_analytic_models_the_interleaved_bubble_traffic_and_memory():
     of 3 blocks)."""
     from rsscale.benchmarks import analytic as A
     from rsscale.benchmarks import timemodel as T
-    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.spec.config import get_preset
 
     cfg, hw = get_preset("g12x4"), A.Hardware()
     plans = {v: A.Plan(Layout(tp=1, pp=4, micro_batch=1, global_batch=8, vpp=v), precision="bf16") for v in (1, 3)}
@@ -200,7 +200,7 @@ class _Busy(torch.autograd.Function):
 
 
 def _bubble_worker(rank, world, cases):
-    from rsscale.scaling.pipeline import StageLinks, perf_clock, run_schedule
+    from rsscale.scaling.parallel.pipeline import StageLinks, perf_clock, run_schedule
 
     links, out = StageLinks(list(range(world)), rank), []
     for V, M in [cases[0]] + cases:  # the first run (untimed) also connects the pair

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rsscale.benchmarks import kernels as kb
-from rsscale.scaling.cli import main as cli
+from rsscale.scaling.runtime.cli import main as cli
 
 
 def _rec(ms, impl="triton", kernel="layer_norm", shape="M=8 N=40 K=2", direction="fwd"):
@@ -83,7 +83,7 @@ def test_bench_pipeline_smoke_on_cpu(monkeypatch, tmp_path):
     kb.save_results(result, str(out))
     rows = kb.compare(json.loads(out.read_text())["records"], result["records"], 0.0)
     assert rows and all(r["verdict"] == "ok" for r in rows)
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     store = ResultsStore(tmp_path / "results.db")
     kb.record_in_store(result, store.path)

@@ -65,7 +65,7 @@ def _block_backend_diffs(rank, world_size):
     """Max |triton - torch| over a ParallelBlock's output and parameter gradients, with global
     and with window attention."""
     from rsscale.scaling.parallel import state
-    from rsscale.scaling.vit import ParallelBlock
+    from rsscale.scaling.model.vit import ParallelBlock
 
     state.init_parallel(tp=world_size)
     diffs = []

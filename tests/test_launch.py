@@ -1,4 +1,4 @@
-"""The shared launcher, layout flags and flat config files (scaling/launch.py, layout.py,
+"""The shared launcher, layout flags and flat config files (scaling/runtime/launch.py, layout.py,
 config_file.py), as every command that trains or measures uses them."""
 
 import argparse
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from rsscale.scaling import launch
-from rsscale.scaling.config_file import parse_args_with_config
-from rsscale.scaling.layout import Layout, add_layout_arguments
+from rsscale.scaling.runtime import launch
+from rsscale.scaling.runtime.config_file import parse_args_with_config
+from rsscale.scaling.spec.layout import Layout, add_layout_arguments
 
 
 def test_launch_flags_are_stripped_in_both_forms():
@@ -19,7 +19,7 @@ def test_launch_flags_are_stripped_in_both_forms():
 def test_torchrun_command_single_and_multi_node():
     one = launch.torchrun_command("bench", ["--tp", "2"], 2)
     assert one[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in one
-    assert one[-5:] == ["-m", "rsscale.scaling.cli", "bench", "--tp", "2"]
+    assert one[-5:] == ["-m", "rsscale.scaling.runtime.cli", "bench", "--tp", "2"]
     multi = launch.torchrun_command("pretrain", [], 8, nnodes=4, node_rank=3, rdzv_endpoint="node0:29500")
     assert "--standalone" not in multi
     assert {"--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-conf=is_host=0"} <= set(multi)
@@ -89,7 +89,7 @@ def test_flat_config_errors_name_file_and_key(tmp_path, text, message):
 
 
 def test_bench_reads_a_config_file_through_the_cli(tmp_path, capsys):
-    from rsscale.scaling import cli
+    from rsscale.scaling.runtime import cli
 
     cfg = tmp_path / "bench.yaml"
     cfg.write_text("steps: ten\n")

@@ -16,10 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("kernels", "scaling", "benchmarks", "finetune", "reports")
-# Bottom layer: shared infrastructure in scaling/ that imports no other rsscale module except
-# another bottom module (the CLI names its commands as strings and imports them lazily).
-BOTTOM = {"rsscale.scaling.store", "rsscale.scaling.cli", "rsscale.scaling.log", "rsscale.scaling.launch",
-          "rsscale.scaling.config_file"}
+# scaling/'s sub-packages, bottom first: each imports only its own and those before it. runtime
+# (CLI, results store, logging, launcher, config files) imports no other rsscale module at all
+# (the CLI names its commands as strings and imports them lazily).
+SCALING_LAYERS = ("runtime", "spec", "parallel", "model", "data", "train")
 MAY_IMPORT = {
     "kernels": {"kernels"},
     "scaling": {"kernels", "scaling"},
@@ -68,6 +68,19 @@ def sources():
     return sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
 
 
+def _scaling_layer_violation(me: str, bits: list[str]) -> str | None:
+    mine = me.split(".")
+    if mine[1] != "scaling":
+        return None
+    if len(mine) < 4 or mine[2] not in SCALING_LAYERS:
+        return f"{me} is in no sub-package of scaling/ ({', '.join(SCALING_LAYERS)})"
+    if mine[2] == "runtime" and bits[1:3] != ["scaling", "runtime"]:
+        return "runtime imports no other rsscale module"
+    if bits[1] == "scaling" and len(bits) > 2 and bits[2] in SCALING_LAYERS and SCALING_LAYERS.index(bits[2]) > SCALING_LAYERS.index(mine[2]):
+        return f"scaling.{mine[2]} is below scaling.{bits[2]}"
+    return None
+
+
 def violations(path: Path) -> list[str]:
     me = module_name(path)
     part = me.split(".")[1]
@@ -83,8 +96,8 @@ def violations(path: Path) -> list[str]:
                        "the time model and the profiler inside a function)")
         elif len(bits) < 2 or bits[1] not in PARTS:
             out.append(f"{path.relative_to(ROOT)}:{line} imports {target} (not an rsscale part)")
-        elif me in BOTTOM and target not in BOTTOM:
-            out.append(f"{path.relative_to(ROOT)}:{line}: bottom module {me} imports {target}")
+        elif (why := _scaling_layer_violation(me, bits)):
+            out.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {target} ({why})")
         elif bits[1] not in MAY_IMPORT[part]:
             out.append(f"{path.relative_to(ROOT)}:{line}: {part} imports {target} (upward)")
     return out
@@ -95,14 +108,21 @@ def test_every_import_points_down():
     assert not found, "\n".join(found)
 
 
+def test_every_scaling_module_is_in_a_layer():
+    loose = [p.name for p in (ROOT / "scaling").glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules directly in scaling/, outside its sub-packages {SCALING_LAYERS}: {loose}"
+
+
 def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
     """The rule above fails on what it must fail on (so it cannot pass by parsing nothing)."""
     assert len(sources()) > 30
     cases = {
         "scaling/upward.py": "from rsscale.benchmarks import harness\n",
-        "kernels/upward.py": "def f():\n    import rsscale.scaling.vit\n",
+        "kernels/upward.py": "def f():\n    import rsscale.scaling.model.vit\n",
         "finetune/sideways.py": "from rsscale.benchmarks.analytic import estimate\n",
-        "scaling/store.py": "from rsscale import kernels\n",
+        "scaling/runtime/store.py": "from rsscale import kernels\n",
+        "scaling/model/up.py": "from rsscale.scaling.train import optim\n",
+        "scaling/loose.py": "from rsscale.scaling.model import vit\n",
     }
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     for part in PARTS:
@@ -110,10 +130,13 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         (tmp_path / part / "__init__.py").write_text("")
     (tmp_path / "benchmarks" / "harness.py").write_text("")
     for rel, code in cases.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(code)
         assert len(violations(tmp_path / rel)) == 1, rel
     (tmp_path / "reports" / "ok.py").write_text("from rsscale.benchmarks import harness\nfrom rsscale import kernels\n")
-    assert violations(tmp_path / "reports" / "ok.py") == []
+    (tmp_path / "scaling" / "train").mkdir()
+    (tmp_path / "scaling" / "train" / "ok.py").write_text("from rsscale.scaling.model import vit\nfrom rsscale.scaling.runtime import log\n")
+    assert violations(tmp_path / "reports" / "ok.py") == [] == violations(tmp_path / "scaling" / "train" / "ok.py")
     (tmp_path / "benchmarks" / "cpu_sharing.py").write_text("import math\n")
     lazy = "def f():\n    from rsscale.benchmarks import cpu_sharing\n"
     for rel, code, found in (("benchmarks/timemodel.py", lazy, 0), ("benchmarks/timemodel.py", "from rsscale.benchmarks.cpu_sharing import slowdown\n", 1),
@@ -123,6 +146,6 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         assert len(violations(tmp_path / rel)) == found, (rel, code)
 
 
-@pytest.mark.parametrize("bottom", sorted(BOTTOM))
-def test_bottom_modules_exist(bottom):
-    assert is_our_module(bottom), f"{bottom} is listed as a bottom module but there is no such file"
+@pytest.mark.parametrize("layer", SCALING_LAYERS)
+def test_scaling_layers_exist(layer):
+    assert is_our_module(f"rsscale.scaling.{layer}"), f"scaling/{layer}/ is a listed layer but not a package"

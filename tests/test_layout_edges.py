@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rsscale.scaling.layout import Layout, check_layout, stage_layer_range, validate_layout
+from rsscale.scaling.spec.layout import Layout, check_layout, stage_layer_range, validate_layout
 
 CFG = SimpleNamespace(name="toy", heads=4, width=8, mlp=12, dec_heads=2, dec_width=4, dec_mlp=6, depth=3)
 

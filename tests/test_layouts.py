@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout, check_layout, stage_layer_range, validate_layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout, check_layout, stage_layer_range, validate_layout
 
 STEPS, TOTAL = 3, 5  # steps compared; the LR schedule runs over TOTAL (resumes continue to it)
 MB, GB = 2, 8
@@ -26,7 +26,7 @@ EPS = 1e-6
 
 
 def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, **train):
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS, distributed_optimizer=zero, bucket_mb=bucket_mb),
                        steps=TOTAL, data="random", out=str(out), record=False, log_every=100, **train)
@@ -71,8 +71,8 @@ def test_invalid_layout_fails_before_any_process_group():
 
     code = """
 import torch.distributed as dist
-from rsscale.scaling.layout import Layout
-from rsscale.scaling.train import Trainer, TrainConfig
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.train.pretrain import Trainer, TrainConfig
 try:
     Trainer.build(TrainConfig(model="tiny", parallel=Layout(tp=2, pp=2), data="random", record=False))
 except ValueError as e:
@@ -102,7 +102,7 @@ def test_stage_layer_ranges_cover_depth_in_order():
 def _run_layouts(rank, world, specs, root, make_config=None):
     """Worker: for each layout spec, train (optionally from a checkpoint), return metrics + weights.
     `make_config(out, **layout)` builds each TrainConfig (default: this module's `_config`)."""
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     results = []
     for spec in specs:
@@ -132,7 +132,7 @@ def _merge(per_rank):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     root = tmp_path_factory.mktemp("layouts")
     t0 = time.perf_counter()
@@ -185,8 +185,8 @@ def test_distributed_optimizer_same_weights_and_sharded_state(runs, name, dp):
 
 def test_checkpoint_from_tp2pp2_loads_into_single_process(runs):
     """TP=2,PP=2 -> TP=1,PP=1: full weights equal, and training continues like the reference."""
-    from rsscale.scaling.checkpoint import load_full_state_dict
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
+    from rsscale.scaling.train.pretrain import Trainer
 
     reference, merged, root = runs
     cfg, full = load_full_state_dict(str(root / "tp2pp2"))
@@ -203,7 +203,7 @@ def test_checkpoint_from_tp2pp2_loads_into_single_process(runs):
 def test_checkpoint_from_zero1_small_buckets_loads_into_single_process(runs):
     """PP=2 x DP=2 ZeRO-1 with buckets smaller than a parameter (moments saved as flat pieces) ->
     one process: the continued losses equal the reference's."""
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     reference, _, root = runs
     trainer = Trainer.build(_config(root / "back_from_zero"))

@@ -11,9 +11,9 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rsscale.scaling import log as rsscale_log
-from rsscale.scaling.log import ScalarWriter, setup_logging
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime import log as rsscale_log
+from rsscale.scaling.runtime.log import ScalarWriter, setup_logging
+from rsscale.scaling.runtime.store import ResultsStore
 
 
 def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -25,7 +25,7 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def run_cli(*argv):
-    proc = subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", *argv], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -35,7 +35,7 @@ def test_pretrain_writes_the_curves_the_store_records(tmp_path):
     proc = run_cli("pretrain", "--model", "tiny", "--steps", "3", "--micro-batch", "2", "--global-batch", "2", "--data", "random",
                    "--log-every", "1", "--out", str(tmp_path / "run"), "--results", str(db), "--tensorboard", str(tb))
     lines = proc.stderr.splitlines()  # progress through logging; one process: no rank prefix
-    assert any(line.startswith("rsscale.scaling.train: step 3/3 loss") for line in lines)
+    assert any(line.startswith("rsscale.scaling.train.pretrain: step 3/3 loss") for line in lines)
     assert "[rank" not in proc.stderr
     scalars = read_scalars(tb)
     expected = {f"train/{k}" for k in ("loss", "lr", "grad_norm", "images_per_s", "peak_memory_bytes")}

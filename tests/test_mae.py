@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.scaling.config import ViTConfig, get_preset
-from rsscale.scaling.mae import MaskedAutoencoder, mask_from_noise, patchify, random_masking, unpatchify
+from rsscale.scaling.spec.config import ViTConfig, get_preset
+from rsscale.scaling.model.mae import MaskedAutoencoder, mask_from_noise, patchify, random_masking, unpatchify
 from rsscale.scaling.parallel import state
-from rsscale.scaling.vit import ParallelBlock
+from rsscale.scaling.model.vit import ParallelBlock
 
 MICRO = ViTConfig("micro", width=8, heads=2, mlp=16, depth=1, img_size=4, patch_size=2, in_chans=1, dec_width=8, dec_heads=2, dec_depth=1)
 
@@ -39,7 +39,7 @@ def test_random_masking(n, ratio):
 
 def test_same_generator_seed_same_mask():
     cfg = get_preset("tiny")
-    from rsscale.scaling.mae import masking_noise
+    from rsscale.scaling.model.mae import masking_noise
 
     a = masking_noise(4, cfg, torch.Generator().manual_seed(5))
     b = masking_noise(4, cfg, torch.Generator().manual_seed(5))
@@ -170,7 +170,7 @@ def test_recompute_flops_match_a_flop_counter():
     from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rsscale.scaling.config import mae_step_flops
+    from rsscale.scaling.spec.config import mae_step_flops
 
     cfg, batch = get_preset("tiny", depth=2), 2
     imgs, noise = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size), torch.rand(batch, cfg.num_patches)

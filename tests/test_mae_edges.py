@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.scaling.mae import MaskedAutoencoder, mask_from_noise, patchify, random_masking, unpatchify
+from rsscale.scaling.model.mae import MaskedAutoencoder, mask_from_noise, patchify, random_masking, unpatchify
 
 
 def test_patchify_order_by_hand():
@@ -79,7 +79,7 @@ def one_process_world():
 def test_decoder_input_is_unshuffled_tokens_plus_positions(one_process_world):
     """The first decoder block sees [cls, token of patch 0, ..., patch N-1] + decoder positions,
     where a kept patch carries its own embedded latent and a masked one the mask token."""
-    from rsscale.scaling.config import ViTConfig
+    from rsscale.scaling.spec.config import ViTConfig
 
     cfg = ViTConfig("micro", width=8, heads=2, mlp=16, depth=1, img_size=6, patch_size=2, in_chans=1,
                     dec_width=8, dec_heads=2, dec_depth=1)
@@ -104,7 +104,7 @@ def test_decoder_input_is_unshuffled_tokens_plus_positions(one_process_world):
 def test_token_init_and_seeded_forward(one_process_world):
     """cls and mask tokens start as N(0, 0.02) (the MAE paper's init); forward(generator=g)
     draws its mask from g, so equal seeds give equal losses."""
-    from rsscale.scaling.config import get_preset
+    from rsscale.scaling.spec.config import get_preset
 
     cfg = get_preset("tiny")
     model = MaskedAutoencoder(cfg)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rsscale.scaling.config import get_preset, mae_step_flops, param_count
+from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
 from rsscale.scaling.parallel import state
 
 VIT_L16 = "width: 1024\nheads: 16\nmlp: 4096\ndepth: 24\n"
@@ -43,7 +43,7 @@ def test_model_files_count_exactly(tmp_path, name, text, shape, timm_with_head):
         assert mae_step_flops(cfg) == 3 * 2 * macs
     state.init_parallel(tp=1)
     try:
-        from rsscale.scaling.mae import build_mae
+        from rsscale.scaling.model.mae import build_mae
 
         with torch.device("meta"):
             model = build_mae(cfg)
@@ -69,7 +69,7 @@ def test_impossible_shapes_are_one_line_errors(tmp_path, text, message):
 
 
 def test_commands_take_a_model_file(tmp_path, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     wee = tmp_path / "wee.yaml"
     wee.write_text("width: 48\nheads: 3\nmlp: 96\ndepth: 2\nbranches: 2\nimg_size: 32\npatch_size: 8\ndec_width: 48\ndec_depth: 1\ndec_heads: 3\n")
@@ -87,7 +87,7 @@ def test_commands_take_a_model_file(tmp_path, capsys):
 @pytest.mark.parametrize("text", [VIT_L16_SUPERVISED, VIT_H14_MAE])
 def test_profile_takes_a_model_file_on_every_named_device(tmp_path, text, capsys):
     from rsscale.benchmarks.devices import NAMES
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     path = tmp_path / ("m.toml" if "=" in text else "m.yaml")
     path.write_text(text)
@@ -103,8 +103,8 @@ def test_profile_takes_a_model_file_on_every_named_device(tmp_path, text, capsys
 def test_a_supervised_model_trains_alike_on_one_and_two_pipeline_stages(tmp_path):
     """Supervised (dec_depth 0, mask ratio 0): every patch, a classification head, a cross-entropy
     on the pixel-derived label; the first step's loss on two pipeline stages equals one process's."""
-    from rsscale.scaling.cli import main
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
 
     sup = tmp_path / "sup.yaml"
     sup.write_text("width: 32\nheads: 2\nmlp: 64\ndepth: 2\nimg_size: 32\npatch_size: 8\ndec_depth: 0\nmask_ratio: 0\nnum_classes: 10\n")
@@ -118,7 +118,7 @@ def test_a_supervised_model_trains_alike_on_one_and_two_pipeline_stages(tmp_path
 
 
 def test_bench_peer_refuses_a_supervised_model_in_one_line(tmp_path, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     sup = tmp_path / "sup.yaml"
     sup.write_text("width: 32\nheads: 2\nmlp: 64\ndepth: 2\nimg_size: 32\npatch_size: 8\ndec_depth: 0\nmask_ratio: 0\nnum_classes: 10\n")

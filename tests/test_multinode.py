@@ -22,8 +22,8 @@ import time
 import pytest
 
 from distributed import free_port
-from rsscale.scaling.cli import main as cli
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.cli import main as cli
+from rsscale.scaling.runtime.store import ResultsStore
 
 STEPS, EVERY = 3, 2
 REL, ATOL = 1e-5, 1e-5
@@ -51,7 +51,7 @@ def _two_nodes(tmp_path, name: str, argv: list[str]):
     logs = [tmp_path / f"{name}.node{r}.log" for r in (0, 1)]
     procs = []
     for r, log in enumerate(logs):
-        cmd = [sys.executable, "-m", "rsscale.scaling.cli", *argv, "--nproc", "2", "--nnodes", "2", "--node-rank", str(r),
+        cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", *argv, "--nproc", "2", "--nnodes", "2", "--node-rank", str(r),
                "--rdzv-endpoint", endpoint]
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path))
@@ -117,7 +117,7 @@ def test_pretrain_on_two_nodes_equals_one_process(tmp_path):
 
 @pytest.mark.slow  # (the launch across nodes: the pretraining test above; fine-tuning TP x DP: tests/test_finetune_dist.py)
 def test_finetune_on_two_nodes_equals_one_process(tmp_path):
-    from rsscale.scaling.synthetic import generate
+    from rsscale.scaling.data.synthetic import generate
 
     data = tmp_path / "data"
     generate(data, num_pretrain=0, num_seg=4, num_det=4, size=64)
@@ -153,7 +153,7 @@ def test_finetune_on_two_nodes_equals_one_process(tmp_path):
 def _assert_same_weights(tmp_path, atol=ATOL, stray=0.0):
     """The two runs' final checkpoints (written by the four ranks and by one process) hold the
     same full weights: to `atol`, and to ATOL but for a fraction `stray` of the elements."""
-    from rsscale.scaling.checkpoint import load_full_state_dict
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
 
     final = f"checkpoints/step_{STEPS:08d}"
     assert (tmp_path / "nodes" / f"checkpoints/step_{EVERY:08d}").is_dir()  # --save-every wrote one on the way
@@ -167,7 +167,7 @@ def _assert_same_weights(tmp_path, atol=ATOL, stray=0.0):
 
 def test_layout_line_parts_from_torchrun_env(monkeypatch):
     """The node part of init_parallel's line from torchrun's variables (no processes started)."""
-    from rsscale.scaling.launch import RENDEZVOUS
+    from rsscale.scaling.runtime.launch import RENDEZVOUS
     from rsscale.scaling.parallel import state
 
     for var in ("GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", RENDEZVOUS):

@@ -17,7 +17,7 @@ for name in ["scaling", "kernels", "benchmarks", "finetune", "reports"]:
     locations = list(spec.submodule_search_locations or []) if spec else []
     origin = (spec.origin or "") if spec else ""
     found[name] = any(os.path.realpath(p).startswith(repo) for p in locations + [origin] if p)
-import rsscale.kernels, rsscale.scaling.cli, rsscale.scaling.store, rsscale.finetune.metrics, rsscale.reports.fit
+import rsscale.kernels, rsscale.scaling.runtime.cli, rsscale.scaling.runtime.store, rsscale.finetune.metrics, rsscale.reports.fit
 print(json.dumps({"ours": found, "kernels": os.path.realpath(rsscale.kernels.__file__)}))
 """
 
@@ -34,6 +34,6 @@ def test_only_the_rsscale_namespace_is_installed(tmp_path):
 
 
 def test_console_script_runs_outside_the_checkout(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "--help"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", "--help"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout

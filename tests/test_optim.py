@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, decays, lr_at
+from rsscale.scaling.train.optim import FlatAdamW, LossScaler, clip_grad_norm_, decays, lr_at
 
 
 def test_decays_only_matrices_that_are_not_tokens_or_positions():

@@ -328,7 +328,7 @@ def test_orcnn_finetunes_to_a_nontrivial_map_on_synthetic_scenes(tmp_path):
     30.4 in 19 min on a shared, heavily loaded 2-core machine (eval 32 s for 10 images)."""
     import json
 
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     argv = ["finetune", "--task", "det", "--dataset", "synthetic", "--data", str(tmp_path / "data"),
             "--synthetic-count", "48", "--steps", "300", "--batch", "8",

@@ -1,4 +1,4 @@
-"""Bucketed, overlapped data-parallel gradient reduction and ZeRO-1 (scaling/optim.py) in the real
+"""Bucketed, overlapped data-parallel gradient reduction and ZeRO-1 (scaling/train/optim.py) in the real
 trainer: the weights after 3 steps equal the plain run (one bucket reduced after backward,
 optimizer replicated) to 1e-6 in float32, for overlap on and off, bucket sizes down to one
 smaller than a parameter, and ZeRO-1's reduce-scatter + all-gather; bf16 weights with an fp32
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.layout import Layout
 
 STEPS, TOL = 3, 1e-6
 SMALL_MB = 1000 * 4 / 2**20  # 1000 fp32 elements: smaller than every block matrix of "tiny" (64 x 64 and up)
@@ -25,14 +25,14 @@ VARIANTS = {  # name: (ZeRO-1, overlap, bucket MiB)
 
 
 def _config(tp=1, pp=1, dp=1, zero=False, overlap=True, bucket_mb=0.0, precision="fp32", steps=STEPS):
-    from rsscale.scaling.train import OptimConfig, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, False, 2, 8), precision=precision, steps=steps, data="random", record=False,
                        optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6, distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_mb=bucket_mb))
 
 
 def _variants(rank, world, pp):
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     out = {}
     for name, (zero, overlap, mb) in VARIANTS.items():
@@ -62,7 +62,7 @@ def test_bf16_weights_with_fp32_master_track_fp32():
     """20 steps of "tiny" (one process, CPU bf16 autocast): bf16 weights + fp32 master weights and
     gradients stay within 0.5 % of the fp32 run's loss at every step (measured: at most 0.1 %)."""
     from rsscale.scaling.parallel.state import destroy_parallel
-    from rsscale.scaling.train import Trainer
+    from rsscale.scaling.train.pretrain import Trainer
 
     losses = {}
     for precision in ("fp32", "bf16"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rsscale.scaling.config import CPU_LADDER, branch_params, get_preset, param_count
+from rsscale.scaling.spec.config import CPU_LADDER, branch_params, get_preset, param_count
 from rsscale.scaling.parallel import state
 
 
@@ -21,7 +21,7 @@ def _counts(model):
 
 @pytest.mark.parametrize("name", CPU_LADDER + ("b12x1",))
 def test_built_model_matches_formula(name):
-    from rsscale.scaling.mae import build_mae
+    from rsscale.scaling.model.mae import build_mae
 
     cfg = get_preset(name)
     model = build_mae(cfg)
@@ -34,7 +34,7 @@ def test_built_model_matches_formula(name):
 
 @pytest.mark.parametrize("name", ["l12x4", "h12x4", "g12x4"])
 def test_paper_sizes_on_meta_device(name):
-    from rsscale.scaling.mae import build_mae
+    from rsscale.scaling.model.mae import build_mae
 
     cfg = get_preset(name)
     with torch.device("meta"):

@@ -13,8 +13,8 @@ from distributed import run_distributed
 
 def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False, layout=None):
     from rsscale.benchmarks.peer import NativePeer
-    from rsscale.scaling.layout import Layout
-    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
     layout = layout or {}
     dp = world // tp // layout.get("pp", 1)
@@ -61,7 +61,7 @@ def test_zero1_peer_is_ddp_with_zero_redundancy_optimizer_and_updates_alike():
 
 
 def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     # one micro-batch on two stages: torch's 1F1B needs at least as many micro-batches as stages
     assert main(["bench", "--model", "tiny", "--pp", "2", "--micro-batch", "8", "--global-batch", "8", "--peer", "torch",
@@ -79,8 +79,8 @@ def test_qkv_rows_reordered_so_each_tp_shard_holds_its_heads():
 
 
 def test_bench_records_both_sides_and_the_report_sets_them_side_by_side(tmp_path):
-    from rsscale.scaling.cli import main
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
 
     db = tmp_path / "r.db"
     assert main(["bench", "--model", "tiny", "--warmup", "1", "--steps", "2", "--peer", "torch", "--results", str(db)]) == 0
@@ -93,6 +93,18 @@ def test_bench_records_both_sides_and_the_report_sets_them_side_by_side(tmp_path
     text = (tmp_path / "r" / "report.md").read_text()
     assert "## Versus PyTorch-native" in text and "| single |" in text
     assert (tmp_path / "r" / "fig_vs_native.png").stat().st_size > 0 and "fig_vs_native" in text
+
+
+def test_profile_measure_with_the_peer_adds_ours_over_native_to_its_table(capsys):
+    from rsscale.scaling.runtime.cli import main
+
+    assert main(["profile", "--model", "tiny", "--gpus", "1", "--global-batch", "8", "--micro-batch", "8", "--precision", "fp32",
+                 "--no-calibration", "--measure", "--max-measure", "1", "--warmup", "1", "--steps", "2", "--peer", "torch"]) == 0
+    out = capsys.readouterr().out
+    head, _, row = [line for line in out.splitlines() if line.startswith("| ")][:3]
+    assert head.rstrip(" |").endswith("ours / native") and float(row.strip(" |").rsplit("|", 1)[1]) > 0
+    assert main(["profile", "--model", "tiny", "--gpus", "1", "--peer", "torch"]) == 2  # nothing measured: one line
+    assert "add --measure" in capsys.readouterr().err
 
 
 def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):

@@ -20,7 +20,7 @@ def _micro_input(i):
 
 
 def _stage_worker(rank, world):
-    from rsscale.scaling.pipeline import StageLinks, forward_backward_1f1b
+    from rsscale.scaling.parallel.pipeline import StageLinks, forward_backward_1f1b
 
     layer, events = _toy_stage(rank), []
     links = StageLinks(list(range(world)), rank)

@@ -25,7 +25,7 @@ def _micro_input(i):
 
 
 def _worker(rank, world):
-    from rsscale.scaling.pipeline import StageLinks, forward_backward_1f1b
+    from rsscale.scaling.parallel.pipeline import StageLinks, forward_backward_1f1b
 
     out = []
     for c, (stages, micro, scale) in enumerate(CASES):
@@ -74,7 +74,7 @@ def test_1f1b_with_loss_scale_clamped_warmup_and_one_stage():
 
 
 def test_stage_links_on_a_non_contiguous_rank_list():
-    from rsscale.scaling.pipeline import StageLinks
+    from rsscale.scaling.parallel.pipeline import StageLinks
 
     ranks = [4, 6, 9]
     first, mid, last = (StageLinks(ranks, r) for r in ranks)
@@ -97,7 +97,7 @@ def _receives_per_tick(P, V, M):
     """Per (rank, tick): how many messages the timetable sends that rank at that tick."""
     from collections import Counter
 
-    from rsscale.scaling.pipeline import timetable
+    from rsscale.scaling.parallel.pipeline import timetable
 
     table, last, got = timetable(P, V, M), P * V - 1, Counter()
     for q in range(P):
@@ -115,7 +115,7 @@ def test_three_stage_interleaved_cases_receive_twice_in_one_tick():
 
 
 def _interleaved_worker(rank, world):
-    from rsscale.scaling.pipeline import StageLinks, perf_clock, run_schedule
+    from rsscale.scaling.parallel.pipeline import StageLinks, perf_clock, run_schedule
 
     out = []
     for c, (stages, chunks, micro, scale) in enumerate(INTERLEAVED):
@@ -138,7 +138,7 @@ def _interleaved_worker(rank, world):
 
 
 def test_interleaved_schedule_with_loss_scale_matches_a_plain_loop():
-    from rsscale.scaling.pipeline import compute_order
+    from rsscale.scaling.parallel.pipeline import compute_order
 
     results = run_distributed(_interleaved_worker, 3)
     for c, (stages, chunks, micro, scale) in enumerate(INTERLEAVED):
@@ -160,7 +160,7 @@ def test_interleaved_schedule_with_loss_scale_matches_a_plain_loop():
 def test_single_stage_schedule_times_only_its_compute():
     """One stage, no p2p: V=1 and M=3 runs 3 forwards and 3 backwards; with a clock that advances
     by 1 per call, the compute time is exactly one unit per action (0.0 without a clock)."""
-    from rsscale.scaling.pipeline import StageLinks, run_schedule
+    from rsscale.scaling.parallel.pipeline import StageLinks, run_schedule
 
     layer = _layer(20, 0)
     links = StageLinks([0], 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rsscale.scaling.cli import main
+from rsscale.scaling.runtime.cli import main
 
 
 @pytest.mark.parametrize("argv", [
@@ -33,7 +33,7 @@ def test_printed_values_are_the_resolved_ones(tmp_path, capsys):
 
 def test_a_boolean_pair_flag_in_a_config_file_keeps_its_meaning(tmp_path):
     """`rel-pos: true` in a fine-tuning config file turned relative position bias off before."""
-    from rsscale.scaling.cli import print_config  # noqa: F401 - the module under test
+    from rsscale.scaling.runtime.cli import print_config  # noqa: F401 - the module under test
 
     path = tmp_path / "f.yaml"
     path.write_text("task: seg\ndataset: synthetic\nrel-pos: true\n")

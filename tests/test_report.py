@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.store import ResultsStore
 from rsscale.reports.report import write_report
-from rsscale.scaling.config import PRESETS, param_count
+from rsscale.scaling.spec.config import PRESETS, param_count
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
 LADDER = ("tiny", "mini", "small", "medium")
@@ -81,7 +81,7 @@ def test_report_from_filled_store(tmp_path):
 
 
 def test_report_from_empty_store(tmp_path):
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     md = write_report(ResultsStore(tmp_path / "empty.db").path, str(tmp_path), "e")  # reports read only: the store must exist
     text = open(md).read()
@@ -142,7 +142,7 @@ def test_harness_under_torchrun_rank0_records_every_rank(tmp_path):
     import sys
 
     db = str(tmp_path / "mp.db")
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "bench", "--model", "tiny", "--tp", "2", "--sp", "--micro-batch", "2",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "bench", "--model", "tiny", "--tp", "2", "--sp", "--micro-batch", "2",
            "--global-batch", "2", "--warmup", "1", "--steps", "2", "--peak-tflops", "1", "--results", db, "--nproc", "2"]
     subprocess.run(cmd, check=True, timeout=300)
     store = ResultsStore(db)

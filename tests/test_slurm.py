@@ -53,13 +53,13 @@ def test_emitted_scripts_run_under_a_slurm_stand_in(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.replace("PORT", str(free_port())))
     out, study, standin = tmp_path / "slurm", tmp_path / "study", tmp_path / "standin"
-    subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "study", str(plan), "--out", str(study), "--emit-slurm", str(out)],
+    subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", "study", str(plan), "--out", str(study), "--emit-slurm", str(out)],
                    check=True, capture_output=True, timeout=300)
     env = _standin(standin)
     done = subprocess.run(["bash", str(out / "submit.sh")], env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted(standin.glob("job.*.log")))
     assert done.returncode == 0 and sorted(p.name for p in standin.glob("ok.*")) == ["ok.101"], done.stderr + logs
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     runs = ResultsStore(str(study / "results.db")).runs(kind="study", status="complete")
     assert [c["cell"] for c in runs["config"]] == ["pt-tiny-steps2"], logs
@@ -68,7 +68,7 @@ def test_emitted_scripts_run_under_a_slurm_stand_in(tmp_path):
 def test_pretrain_emit_slurm_runs_under_the_stand_in(tmp_path):
     out, standin = tmp_path / "slurm", tmp_path / "standin"
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "2",
+    subprocess.run([sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--model", "tiny", "--data", "random", "--steps", "2",
                     "--micro-batch", "2", "--global-batch", "4", "--out", str(run),
                     "--results", str(tmp_path / "r.db"), "--emit-slurm", str(out)], check=True, capture_output=True, timeout=300)
     text = (out / "pretrain.sbatch").read_text()

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.store import ResultsStore
 
 LAYOUT = dict(tp=2, pp=1, dp=2, sp=True)
 
@@ -88,7 +88,7 @@ def test_killed_writer_leaves_run_incomplete(tmp_path):
     path = str(tmp_path / "r.db")
     code = textwrap.dedent(f"""
         import sys, time
-        from rsscale.scaling.store import ResultsStore
+        from rsscale.scaling.runtime.store import ResultsStore
         with ResultsStore({path!r}).run(kind="pretrain", preset="tiny") as run:
             run.log_many(("loss", 1.0, s) for s in range(10))
             print("logged", flush=True)

@@ -13,7 +13,7 @@ import pytest
 
 from rsscale.reports import fit as F
 from rsscale.reports import study as S
-from rsscale.scaling.config import get_preset, mae_step_flops
+from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
 
 def _plan(tmp_path, text: str, name="p.yaml"):
@@ -117,7 +117,7 @@ def test_emit_slurm_writes_one_script_per_cell(tmp_path):
     assert [p.stem for p in scripts] == ["pt-mini-steps3", "pt-tiny-steps3"]
     text = (out / "pt-tiny-steps3.sbatch").read_text()
     for needle in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:00:00", "export NCCL_DEBUG=WARN",
-                   "--nnodes=2 --nproc-per-node=4", "--rdzv-backend=c10d", "srun", "-m rsscale.scaling.cli pretrain",
+                   "--nnodes=2 --nproc-per-node=4", "--rdzv-backend=c10d", "srun", "-m rsscale.scaling.runtime.cli pretrain",
                    "--model tiny --steps 3", "--resume", "export RSSCALE_RESULTS=", "study ", "--finish-cell pt-tiny-steps3"):
         assert needle in text, needle
     submit = (out / "submit.sh").read_text().splitlines()
@@ -134,11 +134,11 @@ def _args(plan, tmp_path, **kw):
 
 
 def _study_cmd(plan, tmp_path, *extra):
-    return [sys.executable, "-m", "rsscale.scaling.cli", "study", str(plan), "--out", str(tmp_path / "study"), *extra]
+    return [sys.executable, "-m", "rsscale.scaling.runtime.cli", "study", str(plan), "--out", str(tmp_path / "study"), *extra]
 
 
 def _complete_cells(tmp_path):
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     runs = ResultsStore(str(tmp_path / "study" / "results.db")).runs(kind="study", status="complete")
     return sorted(c["cell"] for c in runs["config"])
@@ -163,7 +163,7 @@ def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path, c
     again = subprocess.run(_study_cmd(plan, tmp_path, "--no-report"), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 to run" in again.stdout + again.stderr
     assert _complete_cells(tmp_path) == ["pt-mini-steps6", "pt-tiny-steps6"]
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     m = ResultsStore(str(tmp_path / "study" / "results.db")).metrics(kind="study", name="heldout_loss_final")
     assert len(m) == 2 and np.isfinite(m["value"]).all() and (m["value"] > 0).all()
@@ -257,7 +257,7 @@ def test_long_cells_leave_resume_points(tmp_path):
 def test_heldout_scores_the_final_checkpoint_and_the_curve_steps_only(tmp_path, monkeypatch, every, scored):
     """Resume points (every RESUME_EVERY steps) are not scored unless they are curve steps; the
     final step always is, and it is the recorded final loss."""
-    from rsscale.scaling import heldout
+    from rsscale.scaling.train import heldout
 
     text = "models: [tiny]\nbudgets: {steps: [2500]}\n" + (f"heldout: {{every: {every}}}\n" if every else "")
     plan = S.load_plan(str(_plan(tmp_path, text)), str(tmp_path / "s"))

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from shapely.geometry import MultiPoint, Polygon
 
-from rsscale.scaling import synthetic
-from rsscale.scaling.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
+from rsscale.scaling.data import synthetic
+from rsscale.scaling.data.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
 
 
 SCENE_KW = [{}, {"rich": True}, {"rich": True, "vocab": True}]
@@ -123,7 +123,7 @@ def test_worker_processes_write_identical_bytes(tmp_path):
 
 
 def test_four_band_pretraining_tiffs_feed_the_loader(tmp_path):
-    from rsscale.scaling.data import build_pretrain_loader
+    from rsscale.scaling.data.loader import build_pretrain_loader
 
     synthetic.generate(tmp_path, num_pretrain=3, num_seg=0, num_det=0, size=48, bands=4, workers=1)
     tifs = sorted((tmp_path / "pretrain").rglob("*.tif"))
@@ -166,7 +166,7 @@ def test_no_data_corner():
 
 
 def test_cli_data_command(tmp_path, capsys):
-    from rsscale.scaling.cli import main
+    from rsscale.scaling.runtime.cli import main
 
     out = tmp_path / "d"
     assert main(["data", "--out", str(out), "--num-pretrain", "2", "--num-seg", "1", "--num-det", "1",

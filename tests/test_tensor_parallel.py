@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.scaling.config import get_preset
+from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.parallel import state
 
 # The CPU ladder's shapes at depth 2: 16 visible + cls = 17 encoder tokens and 65 decoder tokens,
@@ -34,7 +34,7 @@ def _param_records(model):
 
 def _run_model(cfg, sequence_parallel, recompute="none"):
     """(loss, outputs = MAE predictions, parameter records) after one forward/backward."""
-    from rsscale.scaling.mae import MaskedAutoencoder
+    from rsscale.scaling.model.mae import MaskedAutoencoder
 
     model = MaskedAutoencoder(cfg, sequence_parallel=sequence_parallel, recompute=recompute, seed=7)
     imgs, noise = _inputs(cfg)
@@ -47,7 +47,7 @@ def _run_window_block(sequence_parallel):
     """A window-attention block on a 6x6 grid (windows of 4 pad it to 8x8);
     (loss, outputs = block output and input gradient, parameter records)."""
     from rsscale.scaling.parallel import mappings
-    from rsscale.scaling.vit import ParallelBlock
+    from rsscale.scaling.model.vit import ParallelBlock
 
     torch.manual_seed(0)
     block = ParallelBlock(32, 4, 64, branches=2, sequence_parallel=sequence_parallel, window_size=4)
@@ -64,7 +64,7 @@ def _run_window_block(sequence_parallel):
 def _tp_worker(rank, world_size, cfg):
     state.init_parallel(tp=world_size)
     out = {"tp": _run_model(cfg, False, recompute="selective"), "sp": _run_model(cfg, True, recompute="full"), "window_sp": _run_window_block(True)}
-    from rsscale.scaling.mae import MaskedAutoencoder
+    from rsscale.scaling.model.mae import MaskedAutoencoder
 
     errors = []
     for bad in (cfg.replace(heads=1), cfg.replace(mlp=255), cfg.replace(dec_heads=1)):

@@ -12,7 +12,7 @@ import torch
 from rsscale.finetune.dota_io import DotaObject
 from rsscale.finetune.metrics import evaluate_dota
 from rsscale.finetune.rotated import batched_rotated_nms, poly_nms, rotated_iou, rotated_nms
-from rsscale.scaling.store import ResultsStore
+from rsscale.scaling.runtime.store import ResultsStore
 
 # Two 3 x 1 boxes one unit apart: intersection 2, union 4, IoU exactly 0.5 (all corners are
 # dyadic, so every step of the clipping is exact in float64).
@@ -219,7 +219,7 @@ def test_store_lock_errors_environment_and_config_values(tmp_path):
     import sqlite3
     import threading
 
-    from rsscale.scaling import store as S
+    from rsscale.scaling.runtime import store as S
 
     assert S._is_locked(sqlite3.OperationalError("database is locked"))
     assert S._is_locked(sqlite3.OperationalError("database is busy"))

@@ -9,8 +9,8 @@ from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks import calibrate as C
 from rsscale.benchmarks import cpu_sharing as S
 from rsscale.benchmarks import timemodel as T
-from rsscale.scaling.config import get_preset, mae_forward_flops, mae_step_flops
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset, mae_forward_flops, mae_step_flops
+from rsscale.scaling.spec.layout import Layout
 
 
 def test_latency_bandwidth_fit_recovers_a_known_line():
@@ -163,7 +163,7 @@ def _count_collectives(rank, world, specs):
     """Collectives one rank's second training step launches, by c10d op (torch.profiler)."""
     import torch
 
-    from rsscale.scaling.train import TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     out = []
     for layout, recompute in specs:
@@ -328,7 +328,7 @@ def _store_and_profile(result: dict, db: str, capsys) -> None:
 
 def test_a_stored_calibration_is_the_one_profile_uses(tmp_path, capsys):
     """store_calibration -> latest(device, precision) returns it; profile ranks with it and says so."""
-    from rsscale.scaling.store import environment
+    from rsscale.scaling.runtime.store import environment
 
     db = str(tmp_path / "results.db")
     result = {**_uniform(flops=1e10, bw=1e9, lat=1e-4, net=1e9), "device": environment()["device"], "precision": "fp32",
@@ -388,7 +388,7 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
     monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
     args = argparse.Namespace(gpus=2, max_measure=3, measure_spread=False, rounds=3, warmup=0, steps=1, peak_tflops=1.0,
-                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None)
+                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")
     assert P.measure(cfg, rows, args) == 1
     assert order == [0, 1, 2, 0, 1, 0, 1]
     out = capsys.readouterr().out

@@ -8,13 +8,13 @@ import sys
 
 from rsscale.benchmarks import analytic as A
 from rsscale.benchmarks.count import count_stage
-from rsscale.scaling.config import get_preset
-from rsscale.scaling.layout import Layout
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout
 
 
 def test_bench_trace_writes_trace_operator_table_and_memory(tmp_path):
     out = tmp_path / "trace"
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "bench", "--model", "tiny", "--micro-batch", "2", "--global-batch", "2",
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "bench", "--model", "tiny", "--micro-batch", "2", "--global-batch", "2",
            "--warmup", "0", "--steps", "1", "--trace", str(out), "--trace-steps", "1", "--no-record"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

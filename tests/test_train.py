@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.scaling.layout import Layout
-from rsscale.scaling.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.train.optim import FlatAdamW, LossScaler, clip_grad_norm_, lr_at
 
 
 def test_flat_adamw_equals_torch_adamw_with_no_decay_groups():
@@ -75,7 +75,7 @@ def _args(**flags):
 
 
 def test_config_file_then_flags(tmp_path):
-    from rsscale.scaling.train import config_from_args
+    from rsscale.scaling.train.pretrain import config_from_args
 
     path = tmp_path / "run.yaml"
     path.write_text("model: mini\nsteps: 7\nparallel: {tp: 2, micro_batch: 4, global_batch: 16}\noptim: {lr: 0.002, warmup: 3}\n")
@@ -99,8 +99,8 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
     """A few steps on bundled-style aerial scenes (scaling.synthetic) lower the MAE loss."""
     from PIL import Image
 
-    from rsscale.scaling.synthetic import scene
-    from rsscale.scaling.train import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.data.synthetic import scene
+    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
     for i in range(8):
         rgb, _, _ = scene(np.random.default_rng(i), 64)
@@ -113,7 +113,7 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
-    from rsscale.scaling.train import Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import Trainer, TrainConfig
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
@@ -124,7 +124,7 @@ def test_fp16_on_cpu_is_refused():
 def test_failing_rank_is_named_and_exits_nonzero(tmp_path):
     """Under torchrun-like env a rank that fails prints 'rank R failed: ...' and exits (2 for bad input)."""
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2  # bad input, as for every command
     assert "rank 1 failed: ValueError: invalid parallel layout" in proc.stderr
@@ -144,14 +144,14 @@ def killed_and_resumed_losses_agree(tmp_path, *flags) -> str:
 
     from PIL import Image
 
-    from rsscale.scaling.store import ResultsStore
+    from rsscale.scaling.runtime.store import ResultsStore
 
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
 
     def cmd(out, db, *extra):
-        return [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--model", "tiny", "--steps", "6", "--save-every", "3",
+        return [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--model", "tiny", "--steps", "6", "--save-every", "3",
                 "--micro-batch", "2", "--global-batch", "4", "--warmup", "1", "--data", str(tmp_path), "--num-workers", "0",
                 "--log-every", "1", "--out", str(tmp_path / out), "--results", str(tmp_path / db), *flags, *extra]
 
@@ -184,7 +184,7 @@ def killed_and_resumed_losses_agree(tmp_path, *flags) -> str:
 
 def test_nproc_validates_the_layout_before_launching(tmp_path):
     """`rsscale pretrain --nproc 3 --tp 3` explains the bad layout once and never starts torchrun."""
-    cmd = [sys.executable, "-m", "rsscale.scaling.cli", "pretrain", "--nproc", "3", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "rsscale.scaling.runtime.cli", "pretrain", "--nproc", "3", "--tp", "3", "--data", "random", "--no-record", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "TP size 3 does not divide the encoder heads (4)" in proc.stderr

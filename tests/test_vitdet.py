@@ -7,9 +7,9 @@ import torch
 
 from rsscale.finetune.vitdet import (ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained,
                              param_groups_lrd, resize_pos_embed)
-from rsscale.scaling.config import PRESETS, get_preset
+from rsscale.scaling.spec.config import PRESETS, get_preset
 from rsscale.scaling.parallel import state
-from rsscale.scaling.vit import sincos_pos_embed_2d
+from rsscale.scaling.model.vit import sincos_pos_embed_2d
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +135,7 @@ def test_pos_embed_resize_identity_and_shape():
 
 
 def test_load_pretrained_mae_weights():
-    from rsscale.scaling.mae import build_mae
+    from rsscale.scaling.model.mae import build_mae
 
     cfg = get_preset("tiny")
     mae = build_mae(cfg)

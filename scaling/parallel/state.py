@@ -114,7 +114,7 @@ def _tp_placement(world: int, tp: int) -> str:
 def _rendezvous_text() -> str:
     """How the ranks met: none (a world of one process, no torchrun), the launcher's rendezvous
     (`rsscale ... --nproc`), else env:// (torchrun or a harness: MASTER_ADDR:MASTER_PORT)."""
-    from rsscale.scaling.launch import RENDEZVOUS
+    from rsscale.scaling.runtime.launch import RENDEZVOUS
 
     if "WORLD_SIZE" not in os.environ:
         return "none (one process)"

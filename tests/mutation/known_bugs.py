@@ -24,15 +24,15 @@ FOLDERS = ("scaling", "kernels", "benchmarks", "finetune", "reports")
 
 # name -> (file, original text, buggy text, tests that must catch it)
 BUGS = {
-    "pipeline_loss_scale": ("scaling/pipeline.py", "torch.autograd.backward(y * loss_scale)",
+    "pipeline_loss_scale": ("scaling/parallel/pipeline.py", "torch.autograd.backward(y * loss_scale)",
                             "torch.autograd.backward(y)", ["tests/test_pipeline_scale.py"]),
     "ln_stride": ("kernels/fused_layer_norm.py", "X + row * stride_x + cols", "X + row * n_cols + cols",
                   ["tests/test_kernels_strided.py::test_layer_norm_on_row_strided_odd_input"]),
     "nms_at_threshold": ("finetune/rotated.py", "aligned) > iou_threshold", "aligned) >= iou_threshold",
                          ["tests/test_thresholds.py::test_rotated_nms_keeps_a_box_exactly_at_the_threshold"]),
-    "store_tag_columns": ("scaling/store.py", "while c in taken:", "while c in RUN_COLUMNS:",
+    "store_tag_columns": ("scaling/runtime/store.py", "while c in taken:", "while c in RUN_COLUMNS:",
                           ["tests/test_thresholds.py::test_store_tags_named_like_columns_never_duplicate_columns"]),
-    "store_lock_retry": ("scaling/store.py", "delay = 0.01", "delay = None",
+    "store_lock_retry": ("scaling/runtime/store.py", "delay = 0.01", "delay = None",
                          ["tests/test_thresholds.py::test_store_lock_errors_environment_and_config_values"]),
     "voc07_threshold": ("finetune/metrics.py", "precision[recall >= t].max() if (recall >= t).any()",
                         "precision[recall > t].max() if (recall > t).any()",

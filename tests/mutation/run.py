@@ -8,7 +8,7 @@ Each module's mutants run against that module's tests only (MODULES below), on -
 (2 by default). mutmut names a mutant after the module path of the file it mutates, while the
 folders install under `rsscale.` (setup.cfg package_dir), so every module runs in a stage folder
 (--work, one per module) that holds the five folders as src/rsscale/<folder>; mutmut strips
-`src.` and the mutant names match the imported modules (`rsscale.scaling.pipeline.x_...`).
+`src.` and the mutant names match the imported modules (`rsscale.scaling.parallel.pipeline.x_...`).
 
 mutmut records which tests reach a function only in its own process; a function reached (also)
 in spawned workers (the gloo tests) or subprocesses would miss those tests, so every mutant that
@@ -45,12 +45,12 @@ EQUIVALENT = Path(__file__).with_name("equivalent.txt")
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "parallel": (["scaling/parallel/mappings.py", "scaling/parallel/state.py"],
                  ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py", "tests/test_parallel_edges.py"]),
-    "optim": (["scaling/optim.py"], ["tests/test_optim.py"] + [
+    "optim": (["scaling/train/optim.py"], ["tests/test_optim.py"] + [
         f"tests/test_overlap.py::test_{t}" for t in (
             "overlapped_and_bucketed_reduction_equal_the_plain_run[dp2]", "bf16_weights_with_fp32_master_track_fp32")]),
-    "mae": (["scaling/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
+    "mae": (["scaling/model/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
     # test_layouts.py's trainings (its `runs` fixture) take minutes: only its rule tests here
-    "layout": (["scaling/layout.py"], ["tests/test_layout_edges.py"] + [
+    "layout": (["scaling/spec/layout.py"], ["tests/test_layout_edges.py"] + [
         f"tests/test_layouts.py::test_{t}" for t in (
             "valid_layouts_have_no_problems", "invalid_layouts_are_explained",
             "invalid_layout_fails_before_any_process_group", "stage_layer_ranges_cover_depth_in_order")]),
@@ -60,17 +60,17 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
     "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
     # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here
-    "pipeline": (["scaling/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
+    "pipeline": (["scaling/parallel/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
         f"tests/test_interleaved.py::test_{t}" for t in (
             "timetable_reaches_the_theoretical_bubble", "megatron_order_and_in_flight_by_hand", "chunks_are_interleaved_over_ranks",
             "the_schedule_refuses_what_it_cannot_take")]),
-    "checkpoint": (["scaling/checkpoint.py"], ["tests/test_checkpoint_edges.py", "tests/test_checkpoint.py"] + [
+    "checkpoint": (["scaling/train/checkpoint.py"], ["tests/test_checkpoint_edges.py", "tests/test_checkpoint.py"] + [
         f"tests/test_faults.py::test_{t}" for t in (
             "resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint", "resaving_a_step_killed_midway_keeps_a_valid_checkpoint",
             "run_folder_lock_and_no_fresh_run_over_checkpoints", "keep_last_n_never_deletes_the_newest_complete",
             "crafted_pickles_in_checkpoint_files_are_refused_without_side_effects")]),
     "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py"]),
-    "store": (["scaling/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
+    "store": (["scaling/runtime/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
 }
 
 KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # test failure, pytest error, timeout, crash

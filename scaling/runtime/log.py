@@ -7,7 +7,7 @@
     with ScalarWriter("runs/x/tb") as tb:    # no-op when the folder is None or on ranks != 0
         tb.add(step, loss=0.93, lr=1e-3)     # one tag per keyword, e.g. "train/loss"
 
-The results store (scaling/store.py) stays the source of truth; TensorBoard is for watching
+The results store (scaling/runtime/store.py) stays the source of truth; TensorBoard is for watching
 curves while a run goes.
 """
 

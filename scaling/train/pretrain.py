@@ -1,11 +1,11 @@
 """MAE pretraining: one config tree, one short loop.
 
 Where each parallelism lives: TP and SP are inside the model (megatron Column/Row linears and our
-SP collectives in the blocks, scaling/vit.py + scaling/parallel/mappings.py); PP and DP are the
+SP collectives in the blocks, scaling/model/vit.py + scaling/parallel/mappings.py); PP and DP are the
 trainer's (each rank builds only its pipeline stage and runs the 1F1B schedule; gradients are
 averaged over DP in buckets during backward, optimizer state optionally sharded over DP).
 
-    torchrun --nproc-per-node 4 -m rsscale.scaling.cli pretrain --model tiny --tp 2 --pp 2 --sp \
+    torchrun --nproc-per-node 4 -m rsscale.scaling.runtime.cli pretrain --model tiny --tp 2 --pp 2 --sp \
         --micro-batch 4 --global-batch 16 --steps 50 --out runs/tiny-tp2pp2
     rsscale pretrain --nproc 4 ...            # the same, launching torchrun itself
     rsscale pretrain --config run.yaml --lr 2e-3   # file first, flags override
@@ -18,13 +18,13 @@ For the benchmark harness:
 
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
-runs the (interleaved with --vpp) 1F1B schedule (scaling/pipeline.py; a plain loop when PP=1) while
+runs the (interleaved with --vpp) 1F1B schedule (scaling/parallel/pipeline.py; a plain loop when PP=1) while
 the DP gradient buckets are reduced as the last micro-batch's backward fills them (docs/LEAN.md),
 waits for the rest, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
 (16-bit weights with fp32 master weights under bf16/fp16; ZeRO-1 sharded with
---distributed-optimizer; scaling/optim.py). Resume is exact within a
-layout and loads weights + optimizer moments into any other layout (scaling/checkpoint.py).
-With --fsdp the model is sharded over DP by FSDP2 instead (scaling/fsdp.py: gradients arrive
+--distributed-optimizer; scaling/train/optim.py). Resume is exact within a
+layout and loads weights + optimizer moments into any other layout (scaling/train/checkpoint.py).
+With --fsdp the model is sharded over DP by FSDP2 instead (scaling/train/fsdp.py: gradients arrive
 reduce-scattered, AdamW steps the shards); --recompute and --compile act inside the blocks.
 """
 
@@ -47,15 +47,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rsscale.scaling import checkpoint, layout as layout_mod
-from rsscale.scaling.config import RECOMPUTE, get_preset, param_count
-from rsscale.scaling.config_file import check_number, check_tree, load_config_file
-from rsscale.scaling.launch import (MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count,
+from rsscale.scaling.spec import layout as layout_mod
+from rsscale.scaling.train import checkpoint
+from rsscale.scaling.spec.config import RECOMPUTE, get_preset, param_count
+from rsscale.scaling.runtime.config_file import check_number, check_tree, load_config_file
+from rsscale.scaling.runtime.launch import (MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count,
                                     wants_launch)
-from rsscale.scaling.layout import Layout
-from rsscale.scaling.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
-from rsscale.scaling.optim import FlatAdamW, LossScaler, lr_at
-from rsscale.scaling.store import NullRun
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
+from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
+from rsscale.scaling.runtime.store import NullRun
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class TrainConfig:
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
     compile: bool = False  # torch.compile each transformer block
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager/eager to debug)
-    fsdp: bool = False  # ZeRO-3: parameters, gradients and optimizer state sharded over DP (scaling/fsdp.py)
+    fsdp: bool = False  # ZeRO-3: parameters, gradients and optimizer state sharded over DP (scaling/train/fsdp.py)
     kernels: str = "torch"  # torch | triton
     data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
     data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
@@ -278,7 +279,7 @@ def rank_device() -> torch.device:
 
 
 def log(msg: str) -> None:
-    """Progress line (rank 0 shows INFO; see scaling/log.py)."""
+    """Progress line (rank 0 shows INFO; see scaling/runtime/log.py)."""
     logging.getLogger(__name__).info(msg)
 
 
@@ -296,7 +297,7 @@ class Trainer:
         self.model = self._build_model()
         zero = opt.distributed_optimizer and self.layout.dp > 1
         if config.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
-            from rsscale.scaling import fsdp
+            from rsscale.scaling.train import fsdp
 
             self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
         else:
@@ -362,14 +363,14 @@ class Trainer:
                              "install one or pass --compile-backend aot_eager")
 
     def _stage_links(self):
-        from rsscale.scaling.pipeline import StageLinks
+        from rsscale.scaling.parallel.pipeline import StageLinks
 
         group = self.state.pp_group()
         ranks = dist.get_process_group_ranks(group) if dist.get_world_size() > 1 else [dist.get_rank()]
         return StageLinks(ranks, dist.get_rank())
 
     def _build_model(self):
-        from rsscale.scaling.mae import MaskedAutoencoder
+        from rsscale.scaling.model.mae import MaskedAutoencoder
 
         L = self.layout
         chunks = layout_mod.stage_chunk_ranges(self.cfg.depth, L.pp, L.vpp, self.state.pp_rank())  # one per virtual stage
@@ -390,7 +391,7 @@ class Trainer:
             return None
         root = c.data
         if c.data == "synthetic":
-            from rsscale.scaling.synthetic import dataset_for, dataset_paths
+            from rsscale.scaling.data.synthetic import dataset_for, dataset_paths
 
             root = "data/synthetic"  # what `rsscale data` writes by default: used as it is, written only where missing
             if dist.get_rank() == 0:
@@ -398,7 +399,7 @@ class Trainer:
             if self.state.dp_size() > 1:
                 dist.barrier(group=self.state.dp_group())  # the data sources: rank 0 and the other replicas' first ranks
             root = dataset_paths(root)["pretrain"]
-        from rsscale.scaling.data import build_pretrain_loader
+        from rsscale.scaling.data.loader import build_pretrain_loader
 
         return build_pretrain_loader(root, self.cfg.img_size, self.layout.micro_batch, dp_rank=self.state.dp_rank(), dp_size=self.layout.dp,
                                      seed=c.seed, backend=c.data_backend, num_workers=c.num_workers, device=str(self.device),
@@ -453,7 +454,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics (same on every rank)."""
-        from rsscale.scaling.pipeline import perf_clock, run_schedule
+        from rsscale.scaling.parallel.pipeline import perf_clock, run_schedule
 
         L = self.layout
         t0 = time.perf_counter()
@@ -531,7 +532,7 @@ class Trainer:
             self._lock = checkpoint.claim_run_folder(self.config.out, self.config.resume, self.config.overwrite) or False
 
     def save(self) -> str:
-        """Collective: each rank writes what it owns (loadable into any layout; scaling/checkpoint.py)."""
+        """Collective: each rank writes what it owns (loadable into any layout; scaling/train/checkpoint.py)."""
         self._claim()
         if self.config.fsdp:  # every DP rank writes its shard of each weight and moment
             tensors = self.optimizer.checkpoint_tensors(self.model)
@@ -772,7 +773,7 @@ class Trainer:
     def _store_run(self):
         if not self.config.record:
             return contextlib.nullcontext(NullRun())
-        from rsscale.scaling.store import ResultsStore
+        from rsscale.scaling.runtime.store import ResultsStore
 
         L = self.layout
         return ResultsStore(self.config.results).run(
@@ -843,9 +844,9 @@ def main(args) -> int:
 
 def emit_slurm(args, layout_for) -> int:
     """`pretrain --emit-slurm DIR`: this command line, checked for --nnodes x --nproc processes, as
-    an sbatch script (scaling/launch.py `sbatch_script`) with --resume, so a requeued or restarted
+    an sbatch script (scaling/runtime/launch.py `sbatch_script`) with --resume, so a requeued or restarted
     job continues from its newest checkpoint."""
-    from rsscale.scaling.launch import sbatch_script, strip_launch_flags
+    from rsscale.scaling.runtime.launch import sbatch_script, strip_launch_flags
 
     nodes, gpus = getattr(args, "nnodes", None) or 1, getattr(args, "nproc", None) or 1
     layout, cfg = layout_mod.launch_layout(args, layout_for)

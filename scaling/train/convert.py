@@ -38,7 +38,7 @@ import re
 
 import torch
 
-from rsscale.scaling.config import PRESETS, ViTConfig, get_preset
+from rsscale.scaling.spec.config import PRESETS, ViTConfig, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None, dec_head
 def expected_shapes(cfg: ViTConfig, decoder: bool = True) -> dict[str, tuple]:
     """{our TP=1 name: shape} of the MAE model for cfg (without the decoder unless `decoder`),
     built on the meta device in this single-process world (no memory, no table to keep in sync)."""
-    from rsscale.scaling.mae import MaskedAutoencoder
+    from rsscale.scaling.model.mae import MaskedAutoencoder
 
     with torch.device("meta"):
         model = MaskedAutoencoder(cfg)
@@ -178,7 +178,7 @@ def export_state_dict(full: dict[str, torch.Tensor], cfg: ViTConfig, fmt: str) -
 
 def write_checkpoint(out: str, cfg: ViTConfig, tensors: dict[str, torch.Tensor], source: dict) -> str:
     """Write `tensors` as step 0 of an rsscale checkpoint under <out>/checkpoints (single process)."""
-    from rsscale.scaling import checkpoint
+    from rsscale.scaling.train import checkpoint
 
     meta = {"model": dataclasses.asdict(cfg), "converted_from": source}
     entries = {f"model/{n}": (t, checkpoint.tensor_meta(t)) for n, t in tensors.items()}
@@ -199,7 +199,7 @@ def convert_to_rsscale(path: str, fmt: str, out: str, model: str | ViTConfig | N
 
 
 def convert_from_rsscale(path: str, fmt: str, out: str) -> str:
-    from rsscale.scaling.checkpoint import load_full_state_dict
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
 
     cfg, full = load_full_state_dict(path)
     sd = export_state_dict(full, cfg, fmt)

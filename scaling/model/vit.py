@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rsscale import kernels
-from rsscale.scaling.config import recompute_mode
+from rsscale.scaling.spec.config import recompute_mode
 from rsscale.scaling.parallel import mappings, state
 
 

@@ -6,7 +6,7 @@
     <run>/.lock                                             host and PID of the run using the folder
 
 Tensors are keyed `model/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>` with `<name>` the TP=1
-parameter name (scaling/mae.py keeps those on every stage). Each rank writes only what it owns:
+parameter name (scaling/model/mae.py keeps those on every stage). Each rank writes only what it owns:
 its TP slice of its stage's weights (DP rank 0 only; a TP-replicated tensor on TP rank 0 only)
 and its optimizer moments (ZeRO-1: its own chunks, cut per parameter; a parameter that straddles
 chunks is stored as flat pieces). With 16-bit weights `model/<name>` holds the optimizer's fp32
@@ -45,7 +45,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from rsscale.scaling.config import ViTConfig
+from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.parallel import state
 
 FORMAT = "rsscale-checkpoint-2"

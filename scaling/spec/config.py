@@ -137,7 +137,7 @@ def load_model_file(path: str) -> ViTConfig:
     stem). Unknown keys, mistyped values and impossible shapes are one-line errors naming the file."""
     from pathlib import Path
 
-    from rsscale.scaling.config_file import check_tree, load_config_file
+    from rsscale.scaling.runtime.config_file import check_tree, load_config_file
 
     data = check_tree(path, load_config_file(path), ViTConfig)
     missing = [k for k in REQUIRED_SHAPE if k not in data]

@@ -11,14 +11,14 @@ import os
 import sys
 import warnings
 
-from rsscale.scaling.config_file import parse_args_with_config
-from rsscale.scaling.launch import interrupted_exit_code, on_signals, raise_interrupted
-from rsscale.scaling.log import setup_logging
+from rsscale.scaling.runtime.config_file import parse_args_with_config
+from rsscale.scaling.runtime.launch import interrupted_exit_code, on_signals, raise_interrupted
+from rsscale.scaling.runtime.log import setup_logging
 
 COMMANDS = {
-    "models": ("rsscale.scaling.config", "list model presets with exact parameter counts and FLOPs"),
-    "data": ("rsscale.scaling.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
-    "pretrain": ("rsscale.scaling.train", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
+    "models": ("rsscale.scaling.spec.config", "list model presets with exact parameter counts and FLOPs"),
+    "data": ("rsscale.scaling.data.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
+    "pretrain": ("rsscale.scaling.train.pretrain", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
     "demo": ("rsscale.reports.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
     "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
     "evaluate": ("rsscale.finetune.evaluate", "score a fine-tuned run's saved model again (its data and options, or others)"),
@@ -30,7 +30,7 @@ COMMANDS = {
     "kernels": ("rsscale.benchmarks.kernels", "Triton kernel correctness, speed benchmark and regression check"),
     "study": ("rsscale.reports.study", "a resumable scaling study: model sizes x budgets x data, held-out loss, fits"),
     "report": ("rsscale.reports.report", "scaling report (tables, power-law fits, plots) from the results store"),
-    "convert": ("rsscale.scaling.convert", "import MAE/timm ViT weights into an rsscale checkpoint, or export one"),
+    "convert": ("rsscale.scaling.train.convert", "import MAE/timm ViT weights into an rsscale checkpoint, or export one"),
 }
 
 AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
@@ -123,7 +123,7 @@ def _run(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"rsscale {name}: error: {e}", file=sys.stderr)
         return 2
-    args.command_argv = rest  # what a torchrun relaunch (scaling/launch.py) passes on to the ranks
+    args.command_argv = rest  # what a torchrun relaunch (scaling/runtime/launch.py) passes on to the ranks
     try:
         if getattr(args, "print_config", None) is not None:
             return print_config(module.resolved_config(args) if hasattr(module, "resolved_config") else flat_config(parser, args),

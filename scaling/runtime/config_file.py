@@ -5,7 +5,7 @@
     tree = check_tree("run.yaml", data, TrainConfig)   # a nested tree against its dataclasses
     check_numbers({"--steps": dict(ge=1)}, lambda flag: ...)   # one-line range errors naming the flag
 
-`pretrain` has a nested config tree (scaling/train.py); bench, finetune and profile take a flat
+`pretrain` has a nested config tree (scaling/train/pretrain.py); bench, finetune and profile take a flat
 file whose keys are their long flags without dashes (`micro_batch: 8`, `tp: 2`). Every key and
 value is checked before anything runs; an error names the file, the key and what was expected.
 Bottom layer: imports nothing from the rest of rsscale.

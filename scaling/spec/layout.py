@@ -11,20 +11,20 @@ Pipeline split rule (`stage_layer_range`): the `depth` encoder blocks are cut in
 ranges as evenly as possible, the earlier stages taking the extra block when P does not divide
 the depth (depth 12 on P=5: 3,3,2,2,2). The first stage also holds patch embed, positions,
 masking and cls token; the last stage also holds the encoder norm, the whole decoder and the
-loss (see scaling/mae.py). Every stage must get at least one block, so P <= depth.
+loss (see scaling/model/mae.py). Every stage must get at least one block, so P <= depth.
 
 Interleaved 1F1B (`vpp` = V > 1, Megatron's virtual pipeline): the blocks are cut into P*V equal
 chunks and rank r holds chunks r, r+P, r+2P, ... (`stage_chunk_ranges`); the first chunk keeps
 the pre-process parts, the last the post-process ones. Megatron's rules apply: P >= 2, P*V
-divides the depth, and the micro-batches per step are a multiple of P (scaling/pipeline.py).
+divides the depth, and the micro-batches per step are a multiple of P (scaling/parallel/pipeline.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from rsscale.scaling import launch
-from rsscale.scaling.config import ViTConfig
+from rsscale.scaling.runtime import launch
+from rsscale.scaling.spec.config import ViTConfig
 
 
 @dataclass(frozen=True)

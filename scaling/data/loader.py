@@ -26,7 +26,7 @@ Contract for the trainer (both backends):
   random operators' states; external_source by iteration) and `state` carries its serialized
   checkpoint (base64 text); without it, a start at step k is a fresh stream reseeded from
   (seed, k), reproducible but not identical. The trainer stores each rank's state in its
-  checkpoint (the rank state of scaling/checkpoint.py, key `loader`).
+  checkpoint (the rank state of scaling/train/checkpoint.py, key `loader`).
 - Corrupt files never crash a run: all files are checked up front (cheap: header + PIL verify +
   the JPEG/PNG end marker, which catches truncation) and bad ones are skipped and counted in
   `skipped`; the torch backend also survives a decode failure at run time (it substitutes the
@@ -85,7 +85,7 @@ def pretrain_folder(root: str) -> str:
     """root, or its pretraining split when root holds a dataset `rsscale data` wrote (its
     manifest.json says so): the segmentation masks and detection tiles beside it are no
     pretraining images."""
-    from rsscale.scaling.synthetic import dataset_for, finished_manifest
+    from rsscale.scaling.data.synthetic import dataset_for, finished_manifest
 
     if finished_manifest(root) is None:
         return root

@@ -105,7 +105,7 @@ def strip_launch_flags(argv: list[str], also: tuple[str, ...] = ()) -> list[str]
 
 def torchrun_command(command: str, args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
                      rdzv_endpoint: str | None = None) -> list[str]:
-    """`python -m torch.distributed.run ... -m rsscale.scaling.cli <command> <args>`.
+    """`python -m torch.distributed.run ... -m rsscale.scaling.runtime.cli <command> <args>`.
 
     One node: `--standalone`. Several: torchrun's c10d rendezvous at `rdzv_endpoint`
     (`--nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT`), where node rank 0 must run on
@@ -124,7 +124,7 @@ def torchrun_command(command: str, args: list[str], nproc: int, nnodes: int = 1,
                 f"--rdzv-conf=is_host={int(node_rank == 0)}"]
     else:
         run += ["--standalone"]
-    return run + ["-m", "rsscale.scaling.cli", command, *args]
+    return run + ["-m", "rsscale.scaling.runtime.cli", command, *args]
 
 
 SLURM_DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 32, "time": "24:00:00", "port": 29500, "sbatch": []}
@@ -142,7 +142,7 @@ set -euo pipefail
 {env}head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --nproc-per-node={gpus} \\
     --rdzv-backend=c10d --rdzv-endpoint="$head_node:{port}" --rdzv-id="$SLURM_JOB_ID" \\
-    -m rsscale.scaling.cli {command} {args}
+    -m rsscale.scaling.runtime.cli {command} {args}
 {after}"""
 
 
@@ -169,7 +169,7 @@ def command_line(command: str, args: list[str], nproc: int) -> list[str]:
     """`rsscale <command> <args>` on `nproc` local processes: under torchrun when nproc > 1."""
     if nproc > 1:
         return torchrun_command(command, args, nproc)
-    return [sys.executable, "-m", "rsscale.scaling.cli", command, *args]
+    return [sys.executable, "-m", "rsscale.scaling.runtime.cli", command, *args]
 
 
 def relaunch(command: str, args, argv: list[str]) -> int:
