@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from rsscale.finetune.datasets import read_rgb_image
-from rsscale.finetune.dota_io import write_dota_submission
-from rsscale.finetune.dota_protocol import detect_image
+from rsscale.finetune.data.datasets import read_rgb_image
+from rsscale.finetune.data.dota_io import write_dota_submission
+from rsscale.finetune.evaluation.dota_protocol import detect_image
 from rsscale.finetune.evaluate import overrides_from
 from rsscale.finetune.rotated import obb_to_poly
-from rsscale.finetune.seg import slide_inference
+from rsscale.finetune.model.seg import slide_inference
 from rsscale.finetune.train import PROTOCOL_CHOICES, protocol_options, restore, run_layout
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked

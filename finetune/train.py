@@ -13,7 +13,7 @@ Data layouts (--data DIR):
              the bundled one is written only into a missing or empty DIR (never beside other files)
   loveda     DIR/{Train,Val}/{Urban,Rural}/{images_png,masks_png}
   potsdam    DIR/{train,val}/{images,labels} (tiles *_RGB.* with *_label.*; colour or index labels)
-  dota       DIR/{train,val}/{images,labelTxt}; split big images first (python -m rsscale.finetune.datasets)
+  dota       DIR/{train,val}/{images,labelTxt}; split big images first (python -m rsscale.finetune.data.datasets)
   diorr      DIR/{train,val}/{images,annotations} (JPEG + oriented-box XML)
 Training samples are random crop x crop windows (random flips); evaluation slides crop-sized
 windows over whole tiles (segmentation) or cuts DOTA-style overlapping patches (detection).
@@ -33,15 +33,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rsscale.finetune import datasets as D
-from rsscale.finetune.checks import check_data
-from rsscale.finetune.det import RotatedFCOS, detect_images
-from rsscale.finetune.dota_protocol import PROTOCOLS
-from rsscale.finetune.orcnn import OrientedRCNN
-from rsscale.finetune.metrics import TIE_ORDERS, SegMetric, evaluate_dota, format_ap_table
+from rsscale.finetune.data import datasets as D
+from rsscale.finetune.data.checks import check_data
+from rsscale.finetune.model.fcos import RotatedFCOS, detect_images
+from rsscale.finetune.evaluation.dota_protocol import PROTOCOLS
+from rsscale.finetune.model.orcnn import OrientedRCNN
+from rsscale.finetune.evaluation.metrics import TIE_ORDERS, SegMetric, evaluate_dota, format_ap_table
 from rsscale.finetune.rotated import norm_obb
-from rsscale.finetune.seg import Segmenter, evaluate_seg
-from rsscale.finetune.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
+from rsscale.finetune.model.seg import Segmenter, evaluate_seg
+from rsscale.finetune.model.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
 from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
 from rsscale.scaling.train import checkpoint
 from rsscale.scaling.runtime.config_file import check_numbers

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune import datasets as D
-from rsscale.finetune import dota_io
+from rsscale.finetune.data import datasets as D
+from rsscale.finetune.data import dota_io
 from rsscale.finetune.rotated import rotated_iou
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -193,7 +193,7 @@ def test_merge_detections_maps_back_and_suppresses_duplicates():
 def test_split_and_merge_folders_round_trip(tmp_path):
     """Patch ground truth submitted as patch-level detections and merged back recovers every
     object small enough to lie wholly inside some patch (smaller than the overlap)."""
-    from rsscale.finetune.dota_io import read_dota_submission, write_dota_submission
+    from rsscale.finetune.data.dota_io import read_dota_submission, write_dota_submission
     from rsscale.finetune.rotated import poly_area, poly_iou
 
     src = tmp_path / "src"

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from rsscale.finetune.det import RotatedFCOS, giou_loss_ltrb
-from rsscale.finetune.seg import Segmenter, slide_inference
-from rsscale.finetune.vitdet import ViTDetBackbone, param_groups_lrd
+from rsscale.finetune.model.fcos import RotatedFCOS, giou_loss_ltrb
+from rsscale.finetune.model.seg import Segmenter, slide_inference
+from rsscale.finetune.model.vitdet import ViTDetBackbone, param_groups_lrd
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.parallel import state
 
@@ -135,8 +135,8 @@ def test_data_check_names_every_bad_file(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from rsscale.finetune.checks import check_data
-    from rsscale.finetune.datasets import LOVEDA_CLASSES, LoveDADataset
+    from rsscale.finetune.data.checks import check_data
+    from rsscale.finetune.data.datasets import LOVEDA_CLASSES, LoveDADataset
 
     good = LoveDADataset(_loveda(tmp_path / "good"))
     counts = check_data({"train": good, "val": good}, "seg", LOVEDA_CLASSES, 3)
@@ -161,8 +161,8 @@ def test_data_check_names_every_bad_file(tmp_path):
 
 
 def test_data_check_unknown_class_and_missing_image(tmp_path):
-    from rsscale.finetune.checks import check_data
-    from rsscale.finetune.datasets import DotaDataset
+    from rsscale.finetune.data.checks import check_data
+    from rsscale.finetune.data.datasets import DotaDataset
     from rsscale.scaling.data.synthetic import DET_CLASSES, ensure_dataset
 
     ensure_dataset(tmp_path / "d", num_pretrain=0, num_seg=2, num_det=10, size=64)

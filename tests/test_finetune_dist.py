@@ -73,7 +73,7 @@ def _run_rank(rank, world, layout_argv, data):
 def _reference(task, data):
     """One process, no Finetuner: model.loss on the whole global batch, torch AdamW."""
     from rsscale.finetune import train as T
-    from rsscale.finetune.vitdet import param_groups_lrd
+    from rsscale.finetune.model.vitdet import param_groups_lrd
     from rsscale.scaling.train.optim import lr_at
     from rsscale.scaling.parallel import state
 

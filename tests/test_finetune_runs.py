@@ -53,8 +53,8 @@ def test_evaluate_reads_a_tp1_run_into_tp2(runs, tmp_path):
 
 
 def test_predict_masks_score_what_evaluation_scored(runs, tmp_path):
-    from rsscale.finetune.datasets import LOVEDA_CLASSES, LoveDADataset
-    from rsscale.finetune.metrics import SegMetric
+    from rsscale.finetune.data.datasets import LOVEDA_CLASSES, LoveDADataset
+    from rsscale.finetune.evaluation.metrics import SegMetric
 
     val = [d for d in sorted((runs / "data" / "seg" / "Val").iterdir())]
     assert cli(["evaluate", str(runs / "seg"), "--json", str(tmp_path / "m.json")]) == 0
@@ -73,9 +73,9 @@ def test_predict_masks_score_what_evaluation_scored(runs, tmp_path):
 
 
 def test_predict_boxes_score_what_evaluation_scored(runs, tmp_path):
-    from rsscale.finetune.datasets import DotaDataset
-    from rsscale.finetune.dota_io import DotaObject, read_dota_submission
-    from rsscale.finetune.metrics import evaluate_dota
+    from rsscale.finetune.data.datasets import DotaDataset
+    from rsscale.finetune.data.dota_io import DotaObject, read_dota_submission
+    from rsscale.finetune.evaluation.metrics import evaluate_dota
 
     meta = json.loads(next((runs / "det" / "checkpoints").glob("step_*/index.json")).read_text())["finetune"]
     classes = meta["classes"]
@@ -90,7 +90,7 @@ def test_predict_boxes_score_what_evaluation_scored(runs, tmp_path):
     ap = evaluate_dota({c: dets.get(c, []) for c in classes}, truth, classes=classes)
     assert 100 * ap["mAP"] == pytest.approx(_trained(runs, "det")["mAP"], abs=0.01)  # Task1 files keep 1 decimal
     # box for box, what the evaluation's own inference finds (mAP alone is 0 after 3 steps)
-    from rsscale.finetune.det import detect_images
+    from rsscale.finetune.model.fcos import detect_images
     from rsscale.finetune.train import restore
     from rsscale.scaling.parallel import state
 

@@ -105,7 +105,7 @@ def test_demo_overwrite_deletes_the_earlier_demo_only(tmp_path):
 
 # ------------------------------------------------------------------------- detection means
 def _perfect_submission(tmp_path):
-    from rsscale.finetune.dota_io import write_dota_submission
+    from rsscale.finetune.data.dota_io import write_dota_submission
 
     box = [0, 0, 10, 0, 10, 10, 0, 10]
     labels = tmp_path / "labelTxt"
@@ -116,7 +116,7 @@ def _perfect_submission(tmp_path):
 
 
 def test_ap_table_marks_classes_without_ground_truth_and_averages_those_with(tmp_path, capsys):
-    from rsscale.finetune.metrics import evaluate_dota, format_ap_table, main as metrics_main
+    from rsscale.finetune.evaluation.metrics import evaluate_dota, format_ap_table, main as metrics_main
 
     dets, labels = _perfect_submission(tmp_path)
     result = evaluate_dota(dets, labels, classes=["car", "ship"])

@@ -223,7 +223,7 @@ def test_progress_rewrites_one_line_on_a_terminal_and_is_silent_off_rank_0(capsy
 def test_segmentation_evaluation_reports_its_progress(capsys):
     import torch
 
-    from rsscale.finetune.seg import evaluate_seg
+    from rsscale.finetune.model.seg import evaluate_seg
 
     data = [(torch.zeros(3, 16, 16, dtype=torch.uint8), {"mask": torch.zeros(16, 16, dtype=torch.long)}) for _ in range(4)]
     metric = evaluate_seg(torch.nn.Conv2d(3, 2, 1), data, 16, ["a", "b"], lambda img: img.float() / 255)

@@ -16,10 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("kernels", "scaling", "benchmarks", "finetune", "reports")
-# scaling/'s sub-packages, bottom first: each imports only its own and those before it. runtime
-# (CLI, results store, logging, launcher, config files) imports no other rsscale module at all
-# (the CLI names its commands as strings and imports them lazily).
-SCALING_LAYERS = ("runtime", "spec", "parallel", "model", "data", "train")
+# Inside a part, its sub-packages (or top modules), bottom first: each imports only its own and
+# those before it. scaling's runtime (CLI, results store, logging, launcher, config files) imports
+# no other rsscale module at all (the CLI names its commands as strings and imports them lazily).
+# finetune: rotated-box geometry, data, evaluation, models, then its commands.
+LAYERS = {
+    "scaling": ("runtime", "spec", "parallel", "model", "data", "train"),
+    "finetune": ("rotated", "data", "evaluation", "model", "train", "evaluate", "predict"),
+}
 MAY_IMPORT = {
     "kernels": {"kernels"},
     "scaling": {"kernels", "scaling"},
@@ -68,16 +72,17 @@ def sources():
     return sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
 
 
-def _scaling_layer_violation(me: str, bits: list[str]) -> str | None:
+def _layer_violation(me: str, bits: list[str]) -> str | None:
     mine = me.split(".")
-    if mine[1] != "scaling":
+    layers = LAYERS.get(mine[1])
+    if layers is None or mine[-1] == "__init__" or me == f"rsscale.{mine[1]}":
         return None
-    if len(mine) < 4 or mine[2] not in SCALING_LAYERS:
-        return f"{me} is in no sub-package of scaling/ ({', '.join(SCALING_LAYERS)})"
-    if mine[2] == "runtime" and bits[1:3] != ["scaling", "runtime"]:
+    if len(mine) < 3 or mine[2] not in layers:
+        return f"{me} is in none of {mine[1]}/'s layers ({', '.join(layers)})"
+    if mine[1:3] == ["scaling", "runtime"] and bits[1:3] != ["scaling", "runtime"]:
         return "runtime imports no other rsscale module"
-    if bits[1] == "scaling" and len(bits) > 2 and bits[2] in SCALING_LAYERS and SCALING_LAYERS.index(bits[2]) > SCALING_LAYERS.index(mine[2]):
-        return f"scaling.{mine[2]} is below scaling.{bits[2]}"
+    if bits[1] == mine[1] and len(bits) > 2 and bits[2] in layers and layers.index(bits[2]) > layers.index(mine[2]):
+        return f"{mine[1]}.{mine[2]} is below {mine[1]}.{bits[2]}"
     return None
 
 
@@ -96,7 +101,7 @@ def violations(path: Path) -> list[str]:
                        "the time model and the profiler inside a function)")
         elif len(bits) < 2 or bits[1] not in PARTS:
             out.append(f"{path.relative_to(ROOT)}:{line} imports {target} (not an rsscale part)")
-        elif (why := _scaling_layer_violation(me, bits)):
+        elif (why := _layer_violation(me, bits)):
             out.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {target} ({why})")
         elif bits[1] not in MAY_IMPORT[part]:
             out.append(f"{path.relative_to(ROOT)}:{line}: {part} imports {target} (upward)")
@@ -108,9 +113,10 @@ def test_every_import_points_down():
     assert not found, "\n".join(found)
 
 
-def test_every_scaling_module_is_in_a_layer():
-    loose = [p.name for p in (ROOT / "scaling").glob("*.py") if p.name != "__init__.py"]
-    assert not loose, f"modules directly in scaling/, outside its sub-packages {SCALING_LAYERS}: {loose}"
+@pytest.mark.parametrize("part", sorted(LAYERS))
+def test_every_module_is_in_a_layer(part):
+    loose = [p.name for p in (ROOT / part).glob("*.py") if p.name != "__init__.py" and p.stem not in LAYERS[part]]
+    assert not loose, f"modules directly in {part}/, outside its layers {LAYERS[part]}: {loose}"
 
 
 def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
@@ -123,6 +129,7 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         "scaling/runtime/store.py": "from rsscale import kernels\n",
         "scaling/model/up.py": "from rsscale.scaling.train import optim\n",
         "scaling/loose.py": "from rsscale.scaling.model import vit\n",
+        "finetune/data/up.py": "from rsscale.finetune.model import seg\n",
     }
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     for part in PARTS:
@@ -146,6 +153,6 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         assert len(violations(tmp_path / rel)) == found, (rel, code)
 
 
-@pytest.mark.parametrize("layer", SCALING_LAYERS)
-def test_scaling_layers_exist(layer):
-    assert is_our_module(f"rsscale.scaling.{layer}"), f"scaling/{layer}/ is a listed layer but not a package"
+@pytest.mark.parametrize("part, layer", [(part, layer) for part, layers in LAYERS.items() for layer in layers])
+def test_layers_exist(part, layer):
+    assert is_our_module(f"rsscale.{part}.{layer}"), f"{part}/{layer} is a listed layer but no module or package"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune.dota_io import DotaObject, read_dota_labels, read_dota_submission, write_dota_submission
-from rsscale.finetune.metrics import SegMetric, evaluate_dota, format_ap_table, voc_ap
+from rsscale.finetune.data.dota_io import DotaObject, read_dota_labels, read_dota_submission, write_dota_submission
+from rsscale.finetune.evaluation.metrics import SegMetric, evaluate_dota, format_ap_table, voc_ap
 
 DOTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dota-example"
 needs_dota = pytest.mark.skipif(not DOTA.is_dir(), reason=f"shared DOTA sample not found at {DOTA}")
@@ -234,7 +234,7 @@ def test_seg_metric_random_against_direct_counts():
 def test_command_line(tmp_path, capsys):
     import json
 
-    from rsscale.finetune.metrics import main
+    from rsscale.finetune.evaluation.metrics import main
 
     out = tmp_path / "r.json"
     assert main([str(DOTA / "dets"), str(DOTA / "labelTxt"), "--mode", "mmrotate", "--json", str(out)]) == 0

@@ -17,7 +17,7 @@ for name in ["scaling", "kernels", "benchmarks", "finetune", "reports"]:
     locations = list(spec.submodule_search_locations or []) if spec else []
     origin = (spec.origin or "") if spec else ""
     found[name] = any(os.path.realpath(p).startswith(repo) for p in locations + [origin] if p)
-import rsscale.kernels, rsscale.scaling.runtime.cli, rsscale.scaling.runtime.store, rsscale.finetune.metrics, rsscale.reports.fit
+import rsscale.kernels, rsscale.scaling.runtime.cli, rsscale.scaling.runtime.store, rsscale.finetune.evaluation.metrics, rsscale.reports.fit
 print(json.dumps({"ours": found, "kernels": os.path.realpath(rsscale.kernels.__file__)}))
 """
 

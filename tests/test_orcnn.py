@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from rsscale.finetune import datasets as D
-from rsscale.finetune.det import RotatedFCOS, evaluate_det
-from rsscale.finetune.dota_protocol import detect_image, evaluate_protocol, unflip_boxes
-from rsscale.finetune.orcnn import (IGNORED, NEGATIVE, MidpointOffsetCoder, OrientedRCNN, max_iou_assign,
+from rsscale.finetune.data import datasets as D
+from rsscale.finetune.model.fcos import RotatedFCOS, evaluate_det
+from rsscale.finetune.evaluation.dota_protocol import detect_image, evaluate_protocol, unflip_boxes
+from rsscale.finetune.model.orcnn import (IGNORED, NEGATIVE, MidpointOffsetCoder, OrientedRCNN, max_iou_assign,
                                     roi_levels, rotated_roi_align, sample_rois)
 from rsscale.finetune.rotated import hbox_to_obb, norm_obb, obb_to_hbox, obb_to_poly, rotated_iou
 from rsscale.scaling.parallel import state

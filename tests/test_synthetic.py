@@ -184,7 +184,7 @@ def test_bad_input_is_rejected():
 
 def test_finetune_readers_accept_the_output(tmp_path):
     """The LoveDA and DOTA readers of the fine-tuning part read what we write."""
-    datasets = pytest.importorskip("rsscale.finetune.datasets")
+    datasets = pytest.importorskip("rsscale.finetune.data.datasets")
     paths = synthetic.generate(tmp_path, num_pretrain=0, num_seg=4, num_det=3, size=64, seed=2)
     for folder in paths["seg_train_dirs"] + paths["seg_val_dirs"]:
         for image, target in datasets.LoveDADataset(folder):

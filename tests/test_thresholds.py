@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune.dota_io import DotaObject
-from rsscale.finetune.metrics import evaluate_dota
+from rsscale.finetune.data.dota_io import DotaObject
+from rsscale.finetune.evaluation.metrics import evaluate_dota
 from rsscale.finetune.rotated import batched_rotated_nms, poly_nms, rotated_iou, rotated_nms
 from rsscale.scaling.runtime.store import ResultsStore
 
@@ -100,8 +100,8 @@ def test_metrics_command_line_on_a_hand_made_submission(tmp_path, capsys):
     class without objects (AP 0 in DOTA's rules, n/a and null in mmrotate's)."""
     import json
 
-    from rsscale.finetune.dota_io import write_dota_submission
-    from rsscale.finetune.metrics import main
+    from rsscale.finetune.data.dota_io import write_dota_submission
+    from rsscale.finetune.evaluation.metrics import main
 
     labels = tmp_path / "labelTxt"
     labels.mkdir()
@@ -136,9 +136,9 @@ def test_metrics_command_line_named_class_lists(tmp_path, name, count):
     v1.5 16, v2 18, DIOR 20): one perfect class of `count` scores 1 / count."""
     import json
 
-    from rsscale.finetune import dota_io
-    from rsscale.finetune.dota_io import write_dota_submission
-    from rsscale.finetune.metrics import main
+    from rsscale.finetune.data import dota_io
+    from rsscale.finetune.data.dota_io import write_dota_submission
+    from rsscale.finetune.evaluation.metrics import main
 
     cls = {"dior": "airplane"}.get(name, "plane")
     labels = tmp_path / "labelTxt"
@@ -185,8 +185,8 @@ def test_store_rejects_bad_input_with_one_sentence(tmp_path):
 def test_metrics_command_line_threshold_and_help(tmp_path, capsys):
     """--iou-thr reaches the matcher (a detection at IoU exactly 0.5 is a TP at 0.4 only), and
     --help documents every argument."""
-    from rsscale.finetune.dota_io import write_dota_submission
-    from rsscale.finetune.metrics import main
+    from rsscale.finetune.data.dota_io import write_dota_submission
+    from rsscale.finetune.evaluation.metrics import main
 
     labels = tmp_path / "labelTxt"
     labels.mkdir()
@@ -204,7 +204,7 @@ def test_metrics_command_line_threshold_and_help(tmp_path, capsys):
 
 
 def test_seg_metric_with_one_class():
-    from rsscale.finetune.metrics import SegMetric
+    from rsscale.finetune.evaluation.metrics import SegMetric
 
     m = SegMetric(1)
     m.update(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 0, 255], [0, 0, 0]]))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune.vitdet import (ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained,
+from rsscale.finetune.model.vitdet import (ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained,
                              param_groups_lrd, resize_pos_embed)
 from rsscale.scaling.spec.config import PRESETS, get_preset
 from rsscale.scaling.parallel import state
@@ -74,7 +74,7 @@ def test_window_covering_the_map_equals_global_attention():
 
 def test_rel_pos_attention_against_direct_logits():
     """One global block's attention with the bias against logits built entry by entry."""
-    from rsscale.finetune.vitdet import ViTDetBlock, get_rel_pos
+    from rsscale.finetune.model.vitdet import ViTDetBlock, get_rel_pos
 
     torch.manual_seed(0)
     blk = ViTDetBlock(16, 2, 32, 1, rel_pos_grid=3)
@@ -101,7 +101,7 @@ def test_rel_pos_attention_against_direct_logits():
 
 
 def test_drop_path_per_sublayer_drops_each_sublayer_alone():
-    from rsscale.finetune.vitdet import ViTDetBlock
+    from rsscale.finetune.model.vitdet import ViTDetBlock
 
     torch.manual_seed(0)
     blk = ViTDetBlock(16, 2, 32, 1, drop_path=0.5, per_sublayer=True).train()

@@ -34,10 +34,10 @@ BUGS = {
                           ["tests/test_thresholds.py::test_store_tags_named_like_columns_never_duplicate_columns"]),
     "store_lock_retry": ("scaling/runtime/store.py", "delay = 0.01", "delay = None",
                          ["tests/test_thresholds.py::test_store_lock_errors_environment_and_config_values"]),
-    "voc07_threshold": ("finetune/metrics.py", "precision[recall >= t].max() if (recall >= t).any()",
+    "voc07_threshold": ("finetune/evaluation/metrics.py", "precision[recall >= t].max() if (recall >= t).any()",
                         "precision[recall > t].max() if (recall > t).any()",
                         ["tests/test_thresholds.py::test_dota_voc07_ap_hand_computed"]),
-    "dota_match_strict": ("finetune/metrics.py", 'iou[j] > iou_thr if mode == "dota"', 'iou[j] >= iou_thr if mode == "dota"',
+    "dota_match_strict": ("finetune/evaluation/metrics.py", 'iou[j] > iou_thr if mode == "dota"', 'iou[j] >= iou_thr if mode == "dota"',
                           ["tests/test_thresholds.py::test_dota_match_exactly_at_the_threshold_follows_each_tool"]),
 }
 

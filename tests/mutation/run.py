@@ -56,7 +56,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "invalid_layout_fails_before_any_process_group", "stage_layer_ranges_cover_depth_in_order")]),
     "kernels": (["kernels/fused_layer_norm.py", "kernels/flash_attention.py"],
                 ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py", "tests/test_kernels_strided.py"]),
-    "metrics": (["finetune/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
+    "metrics": (["finetune/evaluation/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
     "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
     "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
     # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here

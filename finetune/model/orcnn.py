@@ -37,7 +37,7 @@ from torch import nn
 
 from rsscale.finetune.rotated import (DeltaXYWHACoder, batched_hbox_nms, batched_rotated_nms, hbox_iou,
                                       norm_obb, obb_to_hbox, obb_to_poly, rotated_iou)
-from rsscale.finetune.vitdet import ViTDetBackbone
+from rsscale.finetune.model.vitdet import ViTDetBackbone
 
 NEGATIVE, IGNORED = -1, -2  # max_iou_assign's codes for rows that match no object
 

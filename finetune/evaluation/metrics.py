@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsscale.finetune import dota_io
-from rsscale.finetune.dota_io import read_dota_labels, read_dota_submission
+from rsscale.finetune.data import dota_io
+from rsscale.finetune.data.dota_io import read_dota_labels, read_dota_submission
 from rsscale.finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
@@ -271,11 +271,11 @@ class SegMetric:
 
 # --------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
-    """`python -m rsscale.finetune.metrics DETS_DIR LABELTXT_DIR`: score a DOTA Task1 submission."""
+    """`python -m rsscale.finetune.evaluation.metrics DETS_DIR LABELTXT_DIR`: score a DOTA Task1 submission."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.metrics", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.evaluation.metrics", description=main.__doc__)
     parser.add_argument("detections", help="folder of Task1_<class>.txt files")
     parser.add_argument("labels", help="DOTA labelTxt folder (one <image>.txt per image)")
     parser.add_argument("--mode", choices=MODES, default="dota")

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsscale.finetune.datasets import DotaObject, merge_detections, split_image
-from rsscale.finetune.metrics import evaluate_dota
+from rsscale.finetune.data.datasets import DotaObject, merge_detections, split_image
+from rsscale.finetune.evaluation.metrics import evaluate_dota
 from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
-from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.finetune.model.vitdet import ViTDetBackbone, conv_norm_act
 from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def detect_images(model: RotatedFCOS, dataset, crop: int, classes, normalize, in
         gts[image_id] = [DotaObject(tuple(p.tolist()), classes[int(l)], bool(d))
                          for p, l, d in zip(target["polys"], target["labels"], target["difficult"])]
         if rates is not None:
-            from rsscale.finetune.dota_protocol import detect_image
+            from rsscale.finetune.evaluation.dota_protocol import detect_image
 
             merged = detect_image(model, image, normalize, patch=crop, overlap=overlap, rates=rates, flips=flips, score_thr=score_thr,
                                   batch_size=batch_size, max_dets=max_per_image)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rsscale.finetune.datasets import IGNORE_INDEX
+from rsscale.finetune.data.datasets import IGNORE_INDEX
 
 MAX_LISTED = 10
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsscale.finetune.datasets import IGNORE_INDEX
-from rsscale.finetune.metrics import SegMetric
-from rsscale.finetune.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.finetune.data.datasets import IGNORE_INDEX
+from rsscale.finetune.evaluation.metrics import SegMetric
+from rsscale.finetune.model.vitdet import ViTDetBackbone, conv_norm_act
 from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)

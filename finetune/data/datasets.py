@@ -23,7 +23,7 @@ from rsscale.scaling.data.synthetic import LOVEDA_CLASSES
 from rsscale.finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
                               hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
 
-from rsscale.finetune.dota_io import (DIOR_CLASSES, DOTA_V1_CLASSES, DotaObject, read_dota_labels,
+from rsscale.finetune.data.dota_io import (DIOR_CLASSES, DOTA_V1_CLASSES, DotaObject, read_dota_labels,
                                      read_image_ids, read_dota_submission, write_dota_label_file,
                                      write_dota_submission)
 
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     a patch-level Task1 submission into an image-level one."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.datasets", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rsscale.finetune.data.datasets", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("split", help="cut images + labelTxt into overlapping patches")
     sp.add_argument("root", help="folder with images/ and labelTxt/")

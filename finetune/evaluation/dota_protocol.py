@@ -6,7 +6,7 @@ Settings (`PROTOCOLS`):
 - dota-ss: rate 1.0, 1024-px patches, overlap 200 (DOTA_devkit / mmrotate single scale);
 - dota-ms: rates 0.5, 1.0, 1.5, 1024-px patches, overlap 500 (mmrotate's multi-scale split);
 - dior-r: native 800 x 800 images, one patch each.
-Training on the same footing: `python -m rsscale.finetune.datasets split ... --rates 0.5,1.0,1.5
+Training on the same footing: `python -m rsscale.finetune.data.datasets split ... --rates 0.5,1.0,1.5
 --overlap 500` writes the multi-scale training patches.
 
 Flips: each patch is also detected mirrored ("h": left-right, "v": up-down, "hv": both); the
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from rsscale.finetune.datasets import merge_detections, split_image_multiscale
-from rsscale.finetune.dota_io import DotaObject
-from rsscale.finetune.metrics import evaluate_dota
+from rsscale.finetune.data.datasets import merge_detections, split_image_multiscale
+from rsscale.finetune.data.dota_io import DotaObject
+from rsscale.finetune.evaluation.metrics import evaluate_dota
 from rsscale.finetune.rotated import norm_obb, obb_to_poly
 
 log = logging.getLogger(__name__)
