@@ -12,11 +12,11 @@ runs, checkpoints and records exactly what an explicit layout would (the run's c
 store hold the choice). `profile --layout auto` prints the choice and stops.
 
 The choice: every valid layout (`enumerate_plans` below), the analytic memory of
-each against the device's memory minus a reserve, ranked by predicted step time (benchmarks/timemodel.py,
+each against the device's memory minus a reserve, ranked by predicted step time (benchmarks/prediction/timemodel.py,
 calibrated on this machine when it has a calibration stored, else on the device's datasheet;
 `--device` for a named device's datasheet, `--nodes`/`--gpus-per-node` for collectives that
 cross nodes). The fastest is
-then counted exactly (benchmarks/count.py: each pipeline stage's rank built on fake tensors in a
+then counted exactly (benchmarks/prediction/count.py: each pipeline stage's rank built on fake tensors in a
 fake process group of the full world size); if the count does not fit, the next is counted, so
 the layout run is one whose exact count fits. Fine-tuning layouts have no analytic memory model:
 each is counted (`rank_finetune_plans`). It is deterministic (no timing here), so ranks started
@@ -33,13 +33,13 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from rsscale.benchmarks import analytic, devices
+from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.spec.config import RECOMPUTE, get_preset
 from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, validate_layout
 
 GIB, MIB = 2**30, 2**20
 DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
-COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.bench", "finetune": "rsscale.finetune.train"}
+COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.measurement.bench", "finetune": "rsscale.finetune.train"}
 CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp",
                                                                      "--activation-checkpointing")
 # this module's flags, removed before the command parses
@@ -81,7 +81,7 @@ def finetune_plans(cfg, gpus: int, global_batch: int, precision: str, micro_batc
 
 def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: dict | None = None) -> list[dict]:
     """Predictions (analytic.estimate), fitting layouts first, each group by predicted images/s
-    (best first). Step time: benchmarks/timemodel.py at `calib`'s measured rates if given, else at
+    (best first). Step time: benchmarks/prediction/timemodel.py at `calib`'s measured rates if given, else at
     `hw`'s datasheet rates."""
     rows = []
     for plan in plans:
@@ -93,12 +93,12 @@ def rank_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, calib: di
 
 def rank_finetune_plans(cfg, plans, hw: analytic.Hardware, budget_bytes: float, task: str, img: int, options: dict,
                         calib: dict | None = None) -> list[dict]:
-    """Fine-tuning layouts, each counted exactly (benchmarks/count.py `count_finetune`: the run's
+    """Fine-tuning layouts, each counted exactly (benchmarks/prediction/count.py `count_finetune`: the run's
     own model and optimizer on one rank, activations and forward FLOPs of one micro-batch), ranked
     like `rank_plans`. Step time: timemodel.predict_counted on the counted work, at `calib`'s
     measured rates if given, else at `hw`'s datasheet rates."""
-    from rsscale.benchmarks import timemodel
-    from rsscale.benchmarks.count import count_finetune
+    from rsscale.benchmarks.prediction import timemodel
+    from rsscale.benchmarks.prediction.count import count_finetune
 
     rates = timemodel.calibration(hw, calib)
     rows, allocations, activations = [], {}, {}
@@ -253,7 +253,7 @@ def _why(r) -> str:
 def choose(cfg, gpus: int, global_batch: int, precision: str, view: View, reserve_gb: float | None = None,
            calib: dict | None = None) -> tuple[analytic.Plan, list[str]]:
     """The fastest predicted layout whose exact count fits, and the lines saying why (module doc)."""
-    from rsscale.benchmarks.count import count_plan
+    from rsscale.benchmarks.prediction.count import count_plan
 
     reserve = _reserve(view, reserve_gb)
     budget = (view.memory_gb - reserve) * GIB
@@ -305,7 +305,7 @@ def choose_finetune(cfg, gpus: int, global_batch: int, precision: str, view: Vie
 
 def _calibration(precision: str):
     """This machine's stored calibration (the profiler's), or None; a broken store is its one-line error."""
-    from rsscale.benchmarks.calibrate import latest
+    from rsscale.benchmarks.measurement.calibrate import latest
     from rsscale.scaling.runtime.store import environment
 
     return latest(environment()["device"], precision)

@@ -7,16 +7,16 @@
 Layouts: every (tp, pp, dp) with tp*pp*dp = gpus, SP on/off, power-of-two micro-batches,
 interleaved 1F1B with every --vpp V whose pp*V divides the depth (when pp > 1; --vpp to pick),
 activation checkpointing off/on, distributed optimizer off/on (when dp > 1), kept when
-scaling/spec/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/analytic.py
+scaling/spec/layout.py `validate_layout` accepts them. Each is predicted by benchmarks/prediction/analytic.py
 `estimate` (per-device memory of the worst pipeline stage; step time, images/s and MFU from
-benchmarks/timemodel.py, calibrated on this machine when `rsscale calibrate` stored a calibration
+benchmarks/prediction/timemodel.py, calibrated on this machine when `rsscale calibrate` stored a calibration
 of it, else on the device's datasheet) and marked as not fitting when its memory exceeds
 --memory-gb minus --reserve-gb (CUDA context, allocator slack, workspaces). The table is ranked by
 predicted images/s, fitting layouts first.
 --measure runs `rsscale bench` (torchrun with `gpus` processes) on the best fitting layouts that
 this machine can hold (on CPU at most 4 gloo processes; memory from this machine) and stores each
 measured run (kind "profile") with the prediction beside it; `rsscale report` shows the error.
---count counts the memory of every shown layout exactly (benchmarks/count.py: the rank built on
+--count counts the memory of every shown layout exactly (benchmarks/prediction/count.py: the rank built on
 fake tensors inside a fake process group of the full world size) and prints it beside the analytic
 figures, component by component.
 """
@@ -29,9 +29,9 @@ import statistics
 import subprocess
 import tempfile
 
-from rsscale.benchmarks import analytic, devices
+from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
-from rsscale.benchmarks.bench import BenchOptions, bench_command
+from rsscale.benchmarks.measurement.bench import BenchOptions, bench_command
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.runtime.config_file import check_number, check_numbers
 
@@ -84,8 +84,8 @@ def print_table(rows: list[dict], top: int) -> list[dict]:
 
 
 def print_counted(cfg, rows: list[dict]) -> None:
-    """Counted (benchmarks/count.py, every stage) beside analytic bytes for the worst stage of each row."""
-    from rsscale.benchmarks.count import COMPONENTS, count_plan
+    """Counted (benchmarks/prediction/count.py, every stage) beside analytic bytes for the worst stage of each row."""
+    from rsscale.benchmarks.prediction.count import COMPONENTS, count_plan
 
     print(f"\ncounted (fake tensors in a fake {rows[0]['plan'].layout.world_size}-rank world) / analytic, GiB (M: MiB) on the worst stage:")
     print(f"{'layout':<34} {'R/Z':<3} " + " ".join(f"{c:>15}" for c in COMPONENTS + ("total",)) + f" {'worst err':>9}")
@@ -135,8 +135,8 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
         if probing and todo:
-            from rsscale.benchmarks.calibrate import probe
-            from rsscale.benchmarks.cpu_sharing import probe_step
+            from rsscale.benchmarks.measurement.calibrate import probe
+            from rsscale.benchmarks.prediction.cpu_sharing import probe_step
 
             print(f"[profile] probing {args.gpus}-process collectives and a one-process step (round {k + 1}/{args.rounds})", flush=True)
             probes.append(probe(args.gpus, probe_step(calib)))
@@ -168,8 +168,8 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
                 natives[i].append(summary["ours_over_peer_step_time"])
     predicted = {i: r["step_s"] for i, r in enumerate(todo)}
     if probes:
-        from rsscale.benchmarks import timemodel
-        from rsscale.benchmarks.cpu_sharing import drift, rescaled
+        from rsscale.benchmarks.prediction import timemodel
+        from rsscale.benchmarks.prediction.cpu_sharing import drift, rescaled
 
         factors = drift(calib, probes)
         print("[profile] probed over calibrated: " + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items()), flush=True)
@@ -204,7 +204,7 @@ def spread(rows: list[dict], n: int) -> list[dict]:
 
 def _peer_of(cfg, plan) -> str:
     """Empty where `bench --peer torch` has a native peer for the plan, else why not (one line)."""
-    from rsscale.benchmarks.peer import native_kind
+    from rsscale.benchmarks.measurement.peer import native_kind
 
     if cfg.supervised:
         return "the peer is an MAE"
@@ -280,12 +280,12 @@ def load_calibration(args, named: devices.Device | None = None) -> dict | None:
     node), none: the datasheet numbers and the stated constants are used."""
     import torch  # also so environment() names a GPU
 
-    from rsscale.benchmarks.calibrate import latest
+    from rsscale.benchmarks.measurement.calibrate import latest
     from rsscale.scaling.runtime.store import environment
 
     device = environment()["device"]
     if named is not None and not devices.is_this_machine(named, device):
-        print(f"[profile] step times from {named.label}'s datasheet (benchmarks/devices.py; matmuls at {args.efficiency:g} of peak, "
+        print(f"[profile] step times from {named.label}'s datasheet (benchmarks/prediction/devices.py; matmuls at {args.efficiency:g} of peak, "
               f"collectives at {args.comm_efficiency:.2f} of the links, elementwise at the memory bandwidth); this machine is {device!r}")
         return None
     if args.nodes > 1:
@@ -296,7 +296,7 @@ def load_calibration(args, named: devices.Device | None = None) -> dict | None:
         print(f"[profile] no {args.precision} calibration of {device!r} in the results store: step times from the time model "
               "on the datasheet (run `rsscale calibrate` to calibrate it on this machine)")
     else:
-        print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/timemodel.py)")
+        print(f"[profile] step times from the time model calibrated on {device!r} (benchmarks/prediction/timemodel.py)")
         if "load_average" in calib and not torch.cuda.is_available():
             print(f"[profile] load average {os.getloadavg()[0]:.1f} now, {calib['load_average']:.1f} when calibrated, on {os.cpu_count()} cores "
                   "(on CPU the calibration describes the machine as loaded then)")
@@ -307,7 +307,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model preset (rsscale models)")
     parser.add_argument("--gpus", type=int, default=None, help="number of devices (tp*pp*dp); default --nodes x --gpus-per-node")
     parser.add_argument("--device", choices=devices.NAMES, default=None,
-                        help="a named device: its datasheet peak, memory and link bandwidths (benchmarks/devices.py); "
+                        help="a named device: its datasheet peak, memory and link bandwidths (benchmarks/prediction/devices.py); "
                         "--memory-gb, --peak-tflops, --bandwidth-gbs, --hbm-gbs still override")
     parser.add_argument("--nodes", type=int, default=1, help="nodes: collectives whose ranks span more than --gpus-per-node "
                         "run at the device's inter-node bandwidth")
@@ -331,7 +331,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
     parser.add_argument("--layout", choices=["auto"], default=None, help="print only the layout `--layout auto` on pretrain/bench/finetune "
                         "would run: the fastest predicted whose exact count fits (benchmarks/autolayout.py)")
-    parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/count.py)")
+    parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/prediction/count.py)")
     parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
     parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
     parser.add_argument("--peer", choices=("none", "torch"), default="none", help="--measure: also run each measured layout the "
@@ -455,7 +455,7 @@ def main(args) -> int:
     args.peak_tflops_given = args.peak_tflops is not None
     peak_measured = args.measure and not args.peak_tflops_given and not _cuda()
     if peak_measured:
-        from rsscale.benchmarks.bench import matmul_peak_tflops
+        from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
         import torch
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True

@@ -4,8 +4,8 @@
 
 Each point is a training throughput a publication states with its model shape, precision, global
 batch and hardware (the quoted lines are in the table's source column and in docs/PROFILER.md).
-The prediction is the time model (benchmarks/timemodel.py) at the device's datasheet rates with the
-stated constants (benchmarks/devices.py: matmuls at 0.5 of peak, collectives at 2/3 of the links,
+The prediction is the time model (benchmarks/prediction/timemodel.py) at the device's datasheet rates with the
+stated constants (benchmarks/prediction/devices.py: matmuls at 0.5 of peak, collectives at 2/3 of the links,
 elementwise passes at the memory bandwidth; nothing here is fitted to these points): the published layout where one is stated (data parallel, the stated
 per-GPU micro-batch), else the layout `--layout auto` would choose, and the table says which.
 Supervised models are the model-file shapes with no decoder (scaling/model/mae.py); what the
@@ -19,7 +19,9 @@ import argparse
 import statistics
 from dataclasses import dataclass
 
-from rsscale.benchmarks import analytic, autolayout, devices
+from rsscale.benchmarks import autolayout
+
+from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.spec.layout import Layout
 
@@ -50,7 +52,7 @@ MMPRE = ("OpenMMLab mmpretrain issue 1741 and config vit-base-p16_32xb128-mae_in
 @dataclass(frozen=True)
 class Point:
     cfg: ViTConfig
-    device: str  # benchmarks/devices.py name
+    device: str  # benchmarks/prediction/devices.py name
     gpus: int
     gpus_per_node: int
     precision: str

@@ -566,7 +566,7 @@ def add_arguments(parser) -> None:
 
 def finetune_args(task: str, **overrides) -> argparse.Namespace:
     """The `rsscale finetune --task TASK --dataset synthetic` defaults with `overrides` (attribute
-    names), e.g. for building a run's model and optimizer outside the command (benchmarks/count.py)."""
+    names), e.g. for building a run's model and optimizer outside the command (benchmarks/prediction/count.py)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--task", task, "--dataset", "synthetic"])

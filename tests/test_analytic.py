@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
-from rsscale.benchmarks import analytic as A
+from rsscale.benchmarks.prediction import analytic as A
 from rsscale.scaling.spec.config import ViTConfig, get_preset, mae_step_flops, param_count
 from rsscale.scaling.spec.layout import Layout
 from rsscale.scaling.model.mae import build_mae, masking_noise

@@ -3,14 +3,14 @@ micro-batches, SP token padding, matmul saturation, bytes per parameter, plan va
 
 import pytest
 
-from rsscale.benchmarks import analytic as A
+from rsscale.benchmarks.prediction import analytic as A
 from rsscale.scaling.spec.layout import Layout
 
 
 def test_ring_volume_and_saturation():
     """Bytes each rank sends at 1 B/s: all-reduce 2 (n-1)/n of the tensor, all-gather and
     reduce-scatter n-1 shards, a send its message; nothing in a group of one."""
-    from rsscale.benchmarks import timemodel as T
+    from rsscale.benchmarks.prediction import timemodel as T
 
     hw = A.Hardware(bandwidth=1.0)
     assert T.collective_s(T.datasheet_calibration(hw), "all_reduce", 100.0, 1) == 0.0
@@ -47,7 +47,7 @@ def test_estimate_derived_rates_by_definition():
     """The step time is the time model's at the datasheet rates of `hw` (or a calibration's);
     images/s = global batch / step time; MFU = model FLOPs (no recompute) / (step time x peak x
     devices); a single device sends nothing."""
-    from rsscale.benchmarks import timemodel as T
+    from rsscale.benchmarks.prediction import timemodel as T
     from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
     cfg, hw = get_preset("tiny"), A.Hardware()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from rsscale.benchmarks import analytic, autolayout
+from rsscale.benchmarks import autolayout
+
+from rsscale.benchmarks.prediction import analytic
 from rsscale.benchmarks.autolayout import device_view, enumerate_plans, rank_plans
 from rsscale.scaling.spec.config import get_preset
 
@@ -105,7 +107,7 @@ def test_profile_prints_the_choice_counted_and_as_flags(capsys):
 
 def test_a_layout_that_fits_by_the_analytic_model_but_not_when_counted_is_skipped(monkeypatch):
     """The exact count decides: a winner whose counted bytes exceed the budget is not run."""
-    from rsscale.benchmarks import count
+    from rsscale.benchmarks.prediction import count
 
     cfg, view = get_preset("small"), autolayout.device_view("bf16", 4, "h100-sxm")
     first, _ = autolayout.choose(cfg, 4, 16, "bf16", view)

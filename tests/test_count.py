@@ -1,13 +1,13 @@
-"""Per-rank memory counted on fake tensors (benchmarks/count.py): checked against a real 2-process
-run of the trainer, and the analytic model (benchmarks/analytic.py) checked against it per
+"""Per-rank memory counted on fake tensors (benchmarks/prediction/count.py): checked against a real 2-process
+run of the trainer, and the analytic model (benchmarks/prediction/analytic.py) checked against it per
 component at full scale on every paper preset."""
 
 import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.benchmarks import analytic as A
-from rsscale.benchmarks.count import COMPONENTS, count_plan, count_stage
+from rsscale.benchmarks.prediction import analytic as A
+from rsscale.benchmarks.prediction.count import COMPONENTS, count_plan, count_stage
 from rsscale.scaling.spec.config import PAPER_PRESETS, get_preset
 from rsscale.scaling.spec.layout import Layout
 

@@ -1,4 +1,4 @@
-"""Per-rank memory of a fine-tuning run counted on fake tensors (benchmarks/count.py
+"""Per-rank memory of a fine-tuning run counted on fake tensors (benchmarks/prediction/count.py
 `count_finetune`) against what a real CPU fine-tuning rank (finetune/train.py `Finetuner`)
 allocates after one optimizer step: one process, and TP rank 0 of a 2-process TP=2 run."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from rsscale.benchmarks import analytic as A
-from rsscale.benchmarks.count import count_finetune
+from rsscale.benchmarks.prediction import analytic as A
+from rsscale.benchmarks.prediction.count import count_finetune
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout
 

@@ -1,4 +1,4 @@
-"""CPU time-sharing compensation of the time model (benchmarks/cpu_sharing.py): N single-thread
+"""CPU time-sharing compensation of the time model (benchmarks/prediction/cpu_sharing.py): N single-thread
 processes on a few cores, collectives timed inside such a run, probes of the machine as it is now;
 and that a GPU or datasheet prediction never loads it."""
 
@@ -9,17 +9,18 @@ import sys
 
 import pytest
 
-from rsscale.benchmarks import analytic as A
-from rsscale.benchmarks import calibrate as C
-from rsscale.benchmarks import cpu_sharing as S
-from rsscale.benchmarks import timemodel as T
+from rsscale.benchmarks.prediction import analytic as A
+from rsscale.benchmarks.measurement import calibrate as C
+from rsscale.benchmarks.prediction import cpu_sharing as S
+from rsscale.benchmarks.prediction import timemodel as T
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout
 from tests.test_timemodel import _uniform
 
 NOT_LOADED = """
 import sys
-from rsscale.benchmarks import analytic, autolayout, devices, timemodel
+from rsscale.benchmarks import autolayout
+from rsscale.benchmarks.prediction import analytic, devices, timemodel
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout
 
@@ -29,7 +30,7 @@ assert timemodel.predict(get_preset("l12x4"), plan, timemodel.datasheet_calibrat
 from rsscale.scaling.runtime.cli import main
 assert main(["profile", "--model", "l12x4", "--device", "h100-sxm", "--nodes", "2", "--gpus-per-node", "8", "--top", "2"]) == 0
 assert main(["profile", "--model", "tiny", "--device", "a100-80", "--gpus", "2", "--global-batch", "8"]) == 0
-assert "rsscale.benchmarks.profile" in sys.modules and "rsscale.benchmarks.cpu_sharing" not in sys.modules, sorted(sys.modules)
+assert "rsscale.benchmarks.profile" in sys.modules and "rsscale.benchmarks.prediction.cpu_sharing" not in sys.modules, sorted(sys.modules)
 """
 
 
@@ -42,7 +43,7 @@ def test_a_datasheet_prediction_and_a_named_device_profile_never_load_cpu_sharin
     cpu = NOT_LOADED.split("from rsscale.scaling.runtime.cli")[0] + (
         "timemodel.predict(get_preset('tiny'), analytic.Plan(Layout(micro_batch=2, global_batch=4)), "
         "{**timemodel.datasheet_calibration(hw), 'threads_per_process': 1}, 2)\n"
-        "assert 'rsscale.benchmarks.cpu_sharing' in sys.modules\n")
+        "assert 'rsscale.benchmarks.prediction.cpu_sharing' in sys.modules\n")
     run = subprocess.run([sys.executable, "-c", cpu], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -266,7 +267,7 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
             json.dump({"step_time_median_s": 1.0}, f)
         return 0
 
-    from rsscale.benchmarks import calibrate
+    from rsscale.benchmarks.measurement import calibrate
 
     monkeypatch.setattr(calibrate, "probe", fake_probe)
     monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])

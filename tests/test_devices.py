@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsscale.benchmarks import analytic, devices
+from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout
 

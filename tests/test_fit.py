@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rsscale.reports.fit import fit_power_law, fit_saturating
+from rsscale.benchmarks.reporting.fit import fit_power_law, fit_saturating
 
 N = np.logspace(5, 10, 12)
 
@@ -56,7 +56,7 @@ def test_caveats_flag_meaningless_exponents():
 
 def test_bootstrap_needs_max_10_or_a_quarter_of_the_resamples():
     """42 resamples: an interval needs max(10, 42 // 4) = 10 fitted ones; 9 give none."""
-    from rsscale.reports.fit import _bootstrap
+    from rsscale.benchmarks.reporting.fit import _bootstrap
 
     def fits_only(k):
         calls = []
@@ -82,7 +82,7 @@ def test_bootstrap_needs_max_10_or_a_quarter_of_the_resamples():
 
 
 def test_predict_str_and_caveats_by_hand():
-    from rsscale.reports.fit import Fit
+    from rsscale.benchmarks.reporting.fit import Fit
 
     p = Fit("power", {"a": 2.0, "c": 0.5}, n_points=3)
     assert p.predict([4.0, 9.0]).tolist() == [4.0, 6.0]
@@ -126,7 +126,7 @@ def test_bootstrap_is_seeded_and_skips_degenerate_resamples():
 
 
 def test_caveats_boundaries_and_their_joining():
-    from rsscale.reports.fit import Fit
+    from rsscale.benchmarks.reporting.fit import Fit
 
     flat = Fit("saturating", {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.5}, ci={"c": (0.1, 0.2)}, n_points=5)
     assert flat.caveats() == []  # c = 0 is not "c < 0"

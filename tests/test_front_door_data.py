@@ -93,7 +93,7 @@ def test_demo_rerun_is_refused_without_overwrite(tmp_path, capsys):
 
 
 def test_demo_overwrite_deletes_the_earlier_demo_only(tmp_path):
-    from rsscale.reports.demo import clear_previous_demo
+    from rsscale.benchmarks.reporting.demo import clear_previous_demo
 
     out = tmp_path / "demo"
     out.mkdir()

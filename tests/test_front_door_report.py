@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsscale.reports import report
-from rsscale.reports.fit import Fit
+from rsscale.benchmarks.reporting import report
+from rsscale.benchmarks.reporting.fit import Fit
 from rsscale.scaling.spec.config import CPU_LADDER, PRESETS, param_count
 from rsscale.scaling.runtime.store import ResultsStore
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch.distributed
 
-from rsscale.benchmarks import gpu_check
-from rsscale.benchmarks import kernels as kb
+from rsscale.benchmarks.measurement import gpu_check
+from rsscale.benchmarks.measurement import kernels as kb
 from rsscale.benchmarks import profile
 from rsscale.scaling.spec.config import CPU_LADDER
 from rsscale.scaling.runtime import log as rsscale_log

@@ -40,9 +40,9 @@ def test_fsdp_dp2_matches_single_process(reference, two):
     _assert_same_weights(got["weights"], ref["weights"])
     for shard_bytes in got["state_bytes"]:  # each rank holds half of the AdamW moments
         assert shard_bytes == pytest.approx(ref["state_bytes"] / 2, rel=0.01)
-    # the memory counter (benchmarks/count.py, meta device, fake world) counts what the real rank 0 holds
-    from rsscale.benchmarks.analytic import Plan
-    from rsscale.benchmarks.count import count_stage
+    # the memory counter (benchmarks/prediction/count.py, meta device, fake world) counts what the real rank 0 holds
+    from rsscale.benchmarks.prediction.analytic import Plan
+    from rsscale.benchmarks.prediction.count import count_stage
     from rsscale.scaling.spec.config import get_preset
     from rsscale.scaling.spec.layout import Layout
 

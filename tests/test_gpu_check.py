@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from rsscale.benchmarks import gpu_check
+from rsscale.benchmarks.measurement import gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")

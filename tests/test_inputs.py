@@ -136,7 +136,7 @@ def _results_file(tmp_path, name, records, device="GPU A", raw=None):
     ("no_triton", "no triton records"),
 ])
 def test_kernel_check_that_could_not_compare_fails_with_its_own_exit_code(tmp_path, capsys, case, why):
-    from rsscale.benchmarks import kernels as kb
+    from rsscale.benchmarks.measurement import kernels as kb
 
     base = _results_file(tmp_path, "base.json", [_kernel_rec(1.0)])
     current = {
@@ -185,7 +185,7 @@ def test_bench_checks_the_store_before_measuring(tmp_path, capsys, content, why)
 
 def test_bench_keeps_the_measurement_when_the_final_write_fails(tmp_path, capsys, monkeypatch):
     """The store breaks during the measurement: the record lands in a JSON file beside it, named."""
-    from rsscale.benchmarks import bench
+    from rsscale.benchmarks.measurement import bench
 
     db = tmp_path / "results.db"
     opened = bench.open_store

@@ -161,8 +161,8 @@ def test_analytic_models_the_interleaved_bubble_traffic_and_memory():
     fill and drain in chunks a third as long (bubble / 3), sends 3x the pipeline bytes, and holds
     more activations on rank 0 (2(P-1) + (V-1)P + 1 = 15 chunks of 1 block vs P = 4 micro-batches
     of 3 blocks)."""
-    from rsscale.benchmarks import analytic as A
-    from rsscale.benchmarks import timemodel as T
+    from rsscale.benchmarks.prediction import analytic as A
+    from rsscale.benchmarks.prediction import timemodel as T
     from rsscale.scaling.spec.config import get_preset
 
     cfg, hw = get_preset("g12x4"), A.Hardware()

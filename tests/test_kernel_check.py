@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (
 import pytest
 import torch
 
-from rsscale.benchmarks import kernels as kb
+from rsscale.benchmarks.measurement import kernels as kb
 from rsscale.scaling.runtime.cli import main as cli
 
 

@@ -15,26 +15,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("kernels", "scaling", "benchmarks", "finetune", "reports")
+PARTS = ("kernels", "scaling", "benchmarks", "finetune")
 # Inside a part, its sub-packages (or top modules), bottom first: each imports only its own and
 # those before it. scaling's runtime (CLI, results store, logging, launcher, config files) imports
 # no other rsscale module at all (the CLI names its commands as strings and imports them lazily).
-# finetune: rotated-box geometry, data, evaluation, models, then its commands.
+# finetune: rotated-box geometry, data, evaluation, models, then its commands. benchmarks:
+# prediction (memory, FLOPs, step time, devices), measurement (bench, peer, kernels, trace,
+# calibrate, gpu-check), then the layout search and the commands that use both, and reporting
+# (report, study, demo: everyone's results) on top.
 LAYERS = {
     "scaling": ("runtime", "spec", "parallel", "model", "data", "train"),
     "finetune": ("rotated", "data", "evaluation", "model", "train", "evaluate", "predict"),
+    "benchmarks": ("prediction", "measurement", "autolayout", "published", "profile", "reporting"),
 }
 MAY_IMPORT = {
     "kernels": {"kernels"},
     "scaling": {"kernels", "scaling"},
     "benchmarks": {"kernels", "scaling", "benchmarks", "finetune"},  # profile --task counts the fine-tuning model
     "finetune": {"kernels", "scaling", "finetune"},
-    "reports": set(PARTS),
 }
-# who may import benchmarks/cpu_sharing.py: "lazy" only inside a function; it imports no rsscale module
-CPU_SHARING = "rsscale.benchmarks.cpu_sharing"
-CPU_SHARING_IMPORTERS = {"rsscale.benchmarks.timemodel": "lazy", "rsscale.benchmarks.profile": "lazy",
-                         "rsscale.benchmarks.calibrate": "any"}
+# who may import benchmarks/prediction/cpu_sharing.py: "lazy" only inside a function; it imports no rsscale module
+CPU_SHARING = "rsscale.benchmarks.prediction.cpu_sharing"
+CPU_SHARING_IMPORTERS = {"rsscale.benchmarks.prediction.timemodel": "lazy", "rsscale.benchmarks.profile": "lazy",
+                         "rsscale.benchmarks.measurement.calibrate": "any"}
 
 
 def module_name(path: Path) -> str:
@@ -125,7 +128,7 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
     cases = {
         "scaling/upward.py": "from rsscale.benchmarks import harness\n",
         "kernels/upward.py": "def f():\n    import rsscale.scaling.model.vit\n",
-        "finetune/sideways.py": "from rsscale.benchmarks.analytic import estimate\n",
+        "finetune/sideways.py": "from rsscale.benchmarks.prediction.analytic import estimate\n",
         "scaling/runtime/store.py": "from rsscale import kernels\n",
         "scaling/model/up.py": "from rsscale.scaling.train import optim\n",
         "scaling/loose.py": "from rsscale.scaling.model import vit\n",
@@ -140,15 +143,20 @@ def test_the_checker_catches_upward_and_bottom_imports(tmp_path, monkeypatch):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(code)
         assert len(violations(tmp_path / rel)) == 1, rel
-    (tmp_path / "reports" / "ok.py").write_text("from rsscale.benchmarks import harness\nfrom rsscale import kernels\n")
+    (tmp_path / "benchmarks" / "reporting").mkdir()
+    (tmp_path / "benchmarks" / "reporting" / "ok.py").write_text("from rsscale.finetune import rotated\nfrom rsscale import kernels\n")
     (tmp_path / "scaling" / "train").mkdir()
     (tmp_path / "scaling" / "train" / "ok.py").write_text("from rsscale.scaling.model import vit\nfrom rsscale.scaling.runtime import log\n")
-    assert violations(tmp_path / "reports" / "ok.py") == [] == violations(tmp_path / "scaling" / "train" / "ok.py")
-    (tmp_path / "benchmarks" / "cpu_sharing.py").write_text("import math\n")
-    lazy = "def f():\n    from rsscale.benchmarks import cpu_sharing\n"
-    for rel, code, found in (("benchmarks/timemodel.py", lazy, 0), ("benchmarks/timemodel.py", "from rsscale.benchmarks.cpu_sharing import slowdown\n", 1),
-                             ("benchmarks/calibrate.py", "from rsscale.benchmarks import cpu_sharing\n", 0), ("benchmarks/analytic.py", lazy, 1),
-                             ("benchmarks/cpu_sharing.py", "def f():\n    from rsscale.scaling import layout\n", 1)):
+    (tmp_path / "finetune" / "rotated.py").write_text("")
+    assert violations(tmp_path / "benchmarks" / "reporting" / "ok.py") == [] == violations(tmp_path / "scaling" / "train" / "ok.py")
+    for sub in ("prediction", "measurement"):
+        (tmp_path / "benchmarks" / sub).mkdir()
+        (tmp_path / "benchmarks" / sub / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "prediction" / "cpu_sharing.py").write_text("import math\n")
+    lazy = "def f():\n    from rsscale.benchmarks.prediction import cpu_sharing\n"
+    for rel, code, found in (("benchmarks/prediction/timemodel.py", lazy, 0), ("benchmarks/prediction/timemodel.py", "from rsscale.benchmarks.prediction.cpu_sharing import slowdown\n", 1),
+                             ("benchmarks/measurement/calibrate.py", "from rsscale.benchmarks.prediction import cpu_sharing\n", 0), ("benchmarks/prediction/analytic.py", lazy, 1),
+                             ("benchmarks/prediction/cpu_sharing.py", "def f():\n    from rsscale.scaling import layout\n", 1)):
         (tmp_path / rel).write_text(code)
         assert len(violations(tmp_path / rel)) == found, (rel, code)
 

@@ -86,12 +86,12 @@ def test_commands_take_a_model_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("text", [VIT_L16_SUPERVISED, VIT_H14_MAE])
 def test_profile_takes_a_model_file_on_every_named_device(tmp_path, text, capsys):
-    from rsscale.benchmarks.devices import NAMES
+    from rsscale.benchmarks.prediction.devices import NAMES
     from rsscale.scaling.runtime.cli import main
 
     path = tmp_path / ("m.toml" if "=" in text else "m.yaml")
     path.write_text(text)
-    from rsscale.benchmarks.devices import DEVICES
+    from rsscale.benchmarks.prediction.devices import DEVICES
 
     for device in NAMES:
         precision = "fp16" if device != "cpu" and "bf16" not in DEVICES[device].tflops else "bf16"  # V100: no bf16

@@ -12,12 +12,12 @@ _PROBE = r"""
 import importlib.util, json, os, sys
 repo = os.environ["RSSCALE_REPO"]
 found = {}
-for name in ["scaling", "kernels", "benchmarks", "finetune", "reports"]:
+for name in ["scaling", "kernels", "benchmarks", "finetune", "reports"]:  # reports/ holds no code, but the name must not resolve either
     spec = importlib.util.find_spec(name)
     locations = list(spec.submodule_search_locations or []) if spec else []
     origin = (spec.origin or "") if spec else ""
     found[name] = any(os.path.realpath(p).startswith(repo) for p in locations + [origin] if p)
-import rsscale.kernels, rsscale.scaling.runtime.cli, rsscale.scaling.runtime.store, rsscale.finetune.evaluation.metrics, rsscale.reports.fit
+import rsscale.kernels, rsscale.scaling.runtime.cli, rsscale.scaling.runtime.store, rsscale.finetune.evaluation.metrics, rsscale.benchmarks.reporting.fit
 print(json.dumps({"ours": found, "kernels": os.path.realpath(rsscale.kernels.__file__)}))
 """
 

@@ -81,7 +81,7 @@ def test_bench_reports_exposed_communication_overlap_on_and_off(capsys):
     """`--overlap-grad-reduce both`: each measured step is paired with one whose reduction follows
     backward; both medians are reported and printed side by side (here one process: nothing to
     reduce, so the plumbing is what is checked; reports/overlap.md has a 4-process run)."""
-    from rsscale.benchmarks.bench import BenchOptions, print_summary, run_bench
+    from rsscale.benchmarks.measurement.bench import BenchOptions, print_summary, run_bench
     from rsscale.scaling.parallel.state import destroy_parallel
 
     with pytest.raises(ValueError, match="--overlap-grad-reduce must be one of on, off, both"):

@@ -12,7 +12,7 @@ from distributed import run_distributed
 
 
 def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False, layout=None):
-    from rsscale.benchmarks.peer import NativePeer
+    from rsscale.benchmarks.measurement.peer import NativePeer
     from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
@@ -71,7 +71,7 @@ def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
 
 
 def test_qkv_rows_reordered_so_each_tp_shard_holds_its_heads():
-    from rsscale.benchmarks.peer import _qkv_rank_major
+    from rsscale.benchmarks.measurement.peer import _qkv_rank_major
 
     w = torch.arange(12.0)[:, None]  # q rows 0-3, k rows 4-7, v rows 8-11 (2 heads of 2 rows)
     shards = _qkv_rank_major(w, 2).chunk(2)
@@ -108,7 +108,7 @@ def test_profile_measure_with_the_peer_adds_ours_over_native_to_its_table(capsys
 
 
 def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):
-    from rsscale.benchmarks import gpu_check
+    from rsscale.benchmarks.measurement import gpu_check
 
     peer_steps = [s for s in gpu_check.steps(str(tmp_path)) if s["name"].startswith("peer-")]
     assert [s["name"] for s in peer_steps] == ["peer-small", "peer-b12x1"]

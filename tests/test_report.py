@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rsscale.scaling.runtime.store import ResultsStore
-from rsscale.reports.report import write_report
+from rsscale.benchmarks.reporting.report import write_report
 from rsscale.scaling.spec.config import PRESETS, param_count
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
@@ -90,7 +90,7 @@ def test_report_from_empty_store(tmp_path):
 
 
 def test_summarize_by_hand():
-    from rsscale.benchmarks.bench import summarize
+    from rsscale.benchmarks.measurement.bench import summarize
 
     s = summarize([1.0, 2.0, 3.0, 4.0, 100.0], global_batch=8, step_flops=1e12, model_flops=5e11, peak_tflops=2.0, devices=2)
     assert s["step_time_median_s"] == 3.0 and s["step_time_min_s"] == 1.0 and s["step_time_max_s"] == 100.0
@@ -102,7 +102,7 @@ def test_summarize_by_hand():
 def test_bench_command_round_trips_through_the_cli():
     import argparse
 
-    from rsscale.benchmarks import bench
+    from rsscale.benchmarks.measurement import bench
 
     opts = bench.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
                                 record_kind="profile", recompute="selective")
@@ -115,7 +115,7 @@ def test_bench_command_round_trips_through_the_cli():
 
 
 def test_harness_end_to_end_tiny(tmp_path):
-    from rsscale.benchmarks.bench import BenchOptions, run_bench
+    from rsscale.benchmarks.measurement.bench import BenchOptions, run_bench
     from rsscale.scaling.parallel.state import destroy_parallel
 
     db = str(tmp_path / "b.db")

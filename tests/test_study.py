@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from rsscale.reports import fit as F
-from rsscale.reports import study as S
+from rsscale.benchmarks.reporting import fit as F
+from rsscale.benchmarks.reporting import study as S
 from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
 

@@ -1,14 +1,14 @@
-"""Calibration fits and the step-time model (benchmarks/calibrate.py, timemodel.py): one model, at
+"""Calibration fits and the step-time model (benchmarks/measurement/calibrate.py, timemodel.py): one model, at
 measured or datasheet rates."""
 
 import os
 
 import pytest
 
-from rsscale.benchmarks import analytic as A
-from rsscale.benchmarks import calibrate as C
-from rsscale.benchmarks import cpu_sharing as S
-from rsscale.benchmarks import timemodel as T
+from rsscale.benchmarks.prediction import analytic as A
+from rsscale.benchmarks.measurement import calibrate as C
+from rsscale.benchmarks.prediction import cpu_sharing as S
+from rsscale.benchmarks.prediction import timemodel as T
 from rsscale.scaling.spec.config import get_preset, mae_forward_flops, mae_step_flops
 from rsscale.scaling.spec.layout import Layout
 

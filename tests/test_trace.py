@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from rsscale.benchmarks import analytic as A
-from rsscale.benchmarks.count import count_stage
+from rsscale.benchmarks.prediction import analytic as A
+from rsscale.benchmarks.prediction.count import count_stage
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout
 

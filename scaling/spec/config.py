@@ -97,7 +97,7 @@ class ViTConfig:
 # ---------------------------------------------------------------------------------------------
 
 _CPU = dict(img_size=64, patch_size=8, depth=4, dec_depth=2, dec_heads=4)
-# The scaling study's ladder (reports/plans/cpu-ladder.yaml): one branch, widths around `tiny`
+# The scaling study's ladder (benchmarks/reporting/plans/cpu-ladder.yaml): one branch, widths around `tiny`
 # (w64). On two cores the compute-optimal size at a 30-minute budget is about w32-w48, far below
 # medium, so the IsoFLOP ladder starts there; w16 and w24 are for probes below it (docs/STUDY.md).
 STUDY_WIDTHS = (12, 16, 24, 32, 48, 96)

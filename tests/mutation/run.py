@@ -37,7 +37,7 @@ from pathlib import Path
 log = logging.getLogger("mutation")
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = ("scaling", "kernels", "benchmarks", "finetune", "reports")
+FOLDERS = ("scaling", "kernels", "benchmarks", "finetune")
 REPORT = ROOT / "reports" / "mutation.md"
 EQUIVALENT = Path(__file__).with_name("equivalent.txt")
 
@@ -58,7 +58,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                 ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py", "tests/test_kernels_strided.py"]),
     "metrics": (["finetune/evaluation/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
     "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
-    "fit": (["reports/fit.py"], ["tests/test_fit.py"]),
+    "fit": (["benchmarks/reporting/fit.py"], ["tests/test_fit.py"]),
     # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here
     "pipeline": (["scaling/parallel/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
         f"tests/test_interleaved.py::test_{t}" for t in (
@@ -69,7 +69,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
             "resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint", "resaving_a_step_killed_midway_keeps_a_valid_checkpoint",
             "run_folder_lock_and_no_fresh_run_over_checkpoints", "keep_last_n_never_deletes_the_newest_complete",
             "crafted_pickles_in_checkpoint_files_are_refused_without_side_effects")]),
-    "analytic": (["benchmarks/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py"]),
+    "analytic": (["benchmarks/prediction/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py"]),
     "store": (["scaling/runtime/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
 }
 

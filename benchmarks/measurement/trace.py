@@ -43,7 +43,7 @@ def trace_steps(trainer, out_dir: str, steps: int, counted_stages=None) -> int:
     peak in bytes on CUDA (0 on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rsscale.benchmarks import analytic
+    from rsscale.benchmarks.prediction import analytic
 
     if steps < 1:
         raise ValueError(f"--trace-steps must be >= 1, got {steps}")

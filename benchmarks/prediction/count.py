@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rsscale.benchmarks.analytic import Plan, in_flight
+from rsscale.benchmarks.prediction.analytic import Plan, in_flight
 from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.spec.layout import check_layout, stage_chunk_ranges
 

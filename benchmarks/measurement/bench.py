@@ -19,7 +19,7 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   / optimizer; `--overlap-grad-reduce both` follows every measured step by one with the reduction
   after backward (same trainer, so both see the same drift of a shared machine) and reports the
   two side by side;
-  the analytic model's prediction for the same layout (benchmarks/analytic.py), side by side;
+  the analytic model's prediction for the same layout (benchmarks/prediction/analytic.py), side by side;
   with --pp > 1 the pipeline bubble: per rank (forward+backward time - the rank's own compute
   time) / its compute time, each forward and backward timed with a device synchronize around it
   (scaling/parallel/pipeline.py `run_schedule(clock=...)`; so p2p waits, transfers and stage imbalance all
@@ -27,10 +27,10 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   the one that sets the step time), beside the theory (p-1)/(v*m) of balanced stages.
 --vpp-sweep 1,2: measure the layout once per --vpp value in this one launch and print a table of
 img/s and bubble side by side (reports/interleaved.md).
---trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/trace.py):
+--trace DIR: after the timed steps, --trace-steps more run under torch.profiler (benchmarks/measurement/trace.py):
   DIR/trace_rank<r>.json (Chrome/Perfetto), DIR/ops_rank<r>.txt and .csv (per-operator times), on
   CUDA DIR/memory_rank<r>.pickle (torch.cuda.memory._dump_snapshot; open at pytorch.org/memory_viz)
-  and DIR/memory_rank<r>.json with the allocator peak beside the counted (benchmarks/count.py)
+  and DIR/memory_rank<r>.json with the allocator peak beside the counted (benchmarks/prediction/count.py)
   and analytic bytes of that rank's stage.
 Every rank measures; rank 0 gathers the per-rank peaks and writes one record (kind "bench", or
 "profile" when the profiler runs it) to the results store.
@@ -52,6 +52,7 @@ from rsscale.scaling.runtime.launch import add_launch_arguments, command_line, w
 from rsscale.scaling.spec.layout import Layout, add_layout_arguments, relaunch_checked
 
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
+from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -90,7 +91,7 @@ class BenchOptions:
     trace_steps: int = 2
     summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
     predicted_step_s: float | None = None  # the calibrated time model's prediction (`profile --measure`), recorded beside the measurement
-    peer: str = "none"  # "torch": also run the PyTorch-native way, alternating steps (benchmarks/peer.py)
+    peer: str = "none"  # "torch": also run the PyTorch-native way, alternating steps (benchmarks/measurement/peer.py)
 
     def __post_init__(self):
         check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
@@ -123,24 +124,6 @@ def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak_tflops(device, precision: str) -> float:
-    """Dense matmul TFLOP/s of this device in the training dtype (a stand-in for the datasheet)."""
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    n = 8192 if device.type == "cuda" else 512
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    reps, t0 = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
 def summarize(step_times, global_batch: int, step_flops: float, model_flops: float, peak_tflops: float, devices: int) -> dict:
     """Robust statistics of the measured steps and the rates derived from the median."""
     t = np.asarray(step_times, dtype=float)
@@ -161,7 +144,7 @@ def summarize(step_times, global_batch: int, step_flops: float, model_flops: flo
 def check_peer(opts: BenchOptions, layout: Layout) -> Layout:
     """`layout`, unless --peer torch asks for a native peer it has none of (bad usage, one line)."""
     if opts.peer == "torch":
-        from rsscale.benchmarks.peer import native_kind
+        from rsscale.benchmarks.measurement.peer import native_kind
 
         try:
             native_kind(layout, opts.fsdp)
@@ -181,7 +164,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from rsscale.benchmarks import analytic
+    from rsscale.benchmarks.prediction import analytic
     from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
     from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
 
@@ -203,7 +186,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
                          overlap_grad_reduce=opts.overlap_grad_reduce != "off")
     counted_stages, counted = None, {}
     if opts.trace:  # counted before any process group exists (counting builds its own fake one)
-        from rsscale.benchmarks.count import count_plan
+        from rsscale.benchmarks.prediction.count import count_plan
 
         counted_stages = count_plan(get_preset(opts.model), plan)
         counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
@@ -215,7 +198,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
     rank = dist.get_rank()
     peer, peer_recs = None, []
     if opts.peer == "torch":
-        from rsscale.benchmarks.peer import NativePeer
+        from rsscale.benchmarks.measurement.peer import NativePeer
 
         peer = NativePeer(trainer)
         log.info(f"peer: the same model the PyTorch-native way ({peer.kind}, {peer.optimizer_impl} AdamW), steps alternating with ours")
@@ -244,7 +227,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
         mine["bubble"] = float(np.median([(r["t_fwd_bwd"] - r["t_compute"]) / r["t_compute"] for r in recs]))
         mine["compute"] = float(np.median([r["t_compute"] for r in recs]))
     if opts.trace:  # after the timed steps, so the profiler does not slow them down
-        from rsscale.benchmarks.trace import trace_steps
+        from rsscale.benchmarks.measurement.trace import trace_steps
 
         mine["peak"] = max(mine["peak"], trace_steps(trainer, opts.trace, opts.trace_steps, counted_stages))
     peaks = [None] * dist.get_world_size()
@@ -424,7 +407,7 @@ def add_arguments(parser) -> None:
     add_launch_arguments(parser)
     parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
     parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "
-                        "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/trace.py)")
+                        "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/measurement/trace.py)")
     parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
     parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
     parser.add_argument("--peer", choices=("none", "torch"), default=d.peer,

@@ -8,7 +8,7 @@ every figure as PNG and SVG, fits.json, the tables as CSV and a copy of METHODS.
 Sections: runs (incomplete runs listed as such), throughput and MFU vs parameters per layout,
 memory per device vs parameters (measured beside the analytic prediction, with the error),
 pretraining loss vs parameters and vs compute, downstream metrics vs parameters with the
-published points (reports/paper.py), kernel speed over commits, and the fitted scaling exponents.
+published points (benchmarks/reporting/paper.py), kernel speed over commits, and the fitted scaling exponents.
 A section without data says "no data yet"; a value that cannot be known says "n/a" and why; a fit
 that is not meaningful says so instead of giving numbers. Every run is its own table row and its
 own dot (labelled with its run id); legends sit beside the axes; every log axis has numbers.
@@ -32,8 +32,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from rsscale.reports import fit as fitting  # noqa: E402
-from rsscale.reports.paper import PRESET_NOTE, reference_points  # noqa: E402
+from rsscale.benchmarks.reporting import fit as fitting  # noqa: E402
+from rsscale.benchmarks.reporting.paper import PRESET_NOTE, reference_points  # noqa: E402
 
 NO_DATA = "no data yet"
 GENERIC_NAMES = ("latest", "report")  # folder names that say nothing: left out of the title
@@ -251,7 +251,7 @@ def section_throughput(doc: Doc, metrics: pd.DataFrame) -> None:
                  "`rsscale bench` and `rsscale profile --measure` measure (a matmul) or take (--peak-tflops); other runs "
                  "(pretraining, the demo) record throughput only.")
     if "predicted_images_per_s" in b:
-        doc.text("Predicted images/s: benchmarks/analytic.py at the run's peak (given or measured matmul) x efficiency 0.5.")
+        doc.text("Predicted images/s: benchmarks/prediction/analytic.py at the run's peak (given or measured matmul) x efficiency 0.5.")
     for metric, label, name in (("images_per_s", "images / s", "throughput"), ("mfu", "MFU", "mfu")):
         if b[metric].isna().all():
             continue
@@ -282,7 +282,7 @@ def section_time_model(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.table(t[["run_id", "preset", "device_count", "layout", "device", "predicted_step_time_s", "step_time_median_s", "error_pct"]],
               "time_model_validation")
     err = t["error_pct"].abs()
-    doc.text(f"Calibrated time model (benchmarks/timemodel.py) over {len(t)} measured layouts: median |error| {err.median():.1f} %, "
+    doc.text(f"Calibrated time model (benchmarks/prediction/timemodel.py) over {len(t)} measured layouts: median |error| {err.median():.1f} %, "
              f"worst {err.max():.1f} %.")
     fig, ax = _loglog_axes("measured step time (s)", "predicted step time (s)")
     for n, g in t.groupby("device_count"):
@@ -307,7 +307,7 @@ def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
                  "ours_over_peer_step_time", "first_step_loss_abs_diff", "device"]], "vs_native")
     doc.text("Each row: one `rsscale bench --peer torch` launch; the same model, weights, batches and precision run our way and "
              "the PyTorch-native way (DDP, ZeroRedundancyOptimizer, DTensor TP and SP, torch.distributed.pipelining, FSDP2, fused "
-             "AdamW, SDPA; benchmarks/peer.py), steps alternating; ratio < 1: ours is faster. Step times leave out drawing the batch; "
+             "AdamW, SDPA; benchmarks/measurement/peer.py), steps alternating; ratio < 1: ours is faster. Step times leave out drawing the batch; "
              "the first-step losses of both sides agree when they train the same model.")
     fig, ax = plt.subplots(figsize=(6, max(3.5, 0.35 * len(t) + 1.2)))
     labels = [f"{r['preset']} {r['layout']} vs {r['native']} (run {r['run_id']})" for _, r in t.iterrows()]
@@ -320,7 +320,7 @@ def section_peer(doc: Doc, metrics: pd.DataFrame) -> None:
 
 def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
     doc.heading("Memory per device vs parameters")
-    from rsscale.benchmarks import analytic
+    from rsscale.benchmarks.prediction import analytic
     from rsscale.scaling.spec.config import PAPER_PRESETS, PRESETS
     from rsscale.scaling.spec.layout import Layout
 
@@ -350,7 +350,7 @@ def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
                   .sort_values(["layout", "encoder_params", "run_id"]), "memory_predicted_vs_measured")
         doc.text("Measured: allocator peak on GPU; on CPU the increase of the peak RSS over the RSS before the model was "
                  "built (allocator caching and library buffers included), so CPU errors are large for tiny models. "
-                 "Predicted: benchmarks/analytic.py, as the run recorded it or else at its layout and precision; "
+                 "Predicted: benchmarks/prediction/analytic.py, as the run recorded it or else at its layout and precision; "
                  "a run without a measurement shows the prediction alone.")
         for layout, g in m.groupby("layout"):
             g = g.sort_values("encoder_params")
@@ -367,7 +367,7 @@ def section_memory(doc: Doc, metrics: pd.DataFrame) -> None:
 def predicted_memory(r) -> float:
     """Analytic bytes per device of a run that recorded no prediction (pretraining), at its layout
     and precision (its recompute and optimizer sharding are not in the store's run columns)."""
-    from rsscale.benchmarks import analytic
+    from rsscale.benchmarks.prediction import analytic
     from rsscale.scaling.spec.config import PRESETS
     from rsscale.scaling.spec.layout import Layout
 
@@ -502,7 +502,7 @@ def section_kernels(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None
 
 
 def section_study(doc: Doc, metrics: pd.DataFrame, runs: pd.DataFrame) -> None:
-    """A study's cells (kind "study", one complete record per cell; reports/study.py)."""
+    """A study's cells (kind "study", one complete record per cell; benchmarks/reporting/study.py)."""
     study = runs[(runs["kind"] == "study") & (runs["status"] == "complete")] if not runs.empty else runs
     if study.empty:
         return

@@ -1,7 +1,7 @@
 """What N single-thread processes sharing a few CPU cores add to the step-time model.
 
-A calibration measured on CPU (`threads_per_process == 1`, benchmarks/calibrate.py) times one
-process's compute and collectives inside runs of N processes on this machine. benchmarks/timemodel.py
+A calibration measured on CPU (`threads_per_process == 1`, benchmarks/measurement/calibrate.py) times one
+process's compute and collectives inside runs of N processes on this machine. benchmarks/prediction/timemodel.py
 imports this module only for such a calibration, so a GPU or datasheet prediction never loads it.
 
   slowdowns     compute of one process when n compute at once, over alone: the calibrated

@@ -5,7 +5,7 @@ runs it, at the rates of a calibration.
     t["step_s"], t["compute_s"], t["tp_comm_s"], t["pp_comm_s"], t["bubble_s"], t["dp_comm_s"], t["sync_s"], t["optimizer_s"], t["overhead_s"]
 
 One model, two sources of rates (docs/PROFILER.md):
-  measured   `rsscale calibrate` (benchmarks/calibrate.py): GEMM and attention FLOP/s per shape
+  measured   `rsscale calibrate` (benchmarks/measurement/calibrate.py): GEMM and attention FLOP/s per shape
              (the nearest measured shape in log space serves), LayerNorm bytes/s, a latency +
              bandwidth fit per collective and group size, and fitted overheads
   datasheet  `datasheet_calibration(hw)`: GEMM and attention at peak x efficiency x rows / (rows +
@@ -13,7 +13,7 @@ One model, two sources of rates (docs/PROFILER.md):
              algorithm at the link bandwidth (the network's for a group spanning nodes), no
              latency, no overhead
 A calibration measured on CPU (one thread per process) also describes N processes sharing a few
-cores; benchmarks/cpu_sharing.py applies that, and is loaded only for such a calibration.
+cores; benchmarks/prediction/cpu_sharing.py applies that, and is loaded only for such a calibration.
 
 Per micro-batch on each pipeline stage (one TP rank):
   matmuls     every GEMM of the stage (qkv, proj, fc1, fc2 per branch and block; patch embedding,
@@ -61,7 +61,7 @@ import math
 
 import numpy as np
 
-from rsscale.benchmarks.analytic import Hardware, Plan, _local_tokens, _tokens, fsdp_units, stage_blocks, stage_params
+from rsscale.benchmarks.prediction.analytic import Hardware, Plan, _local_tokens, _tokens, fsdp_units, stage_blocks, stage_params
 from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.spec.layout import Layout
 
@@ -125,7 +125,7 @@ def _cpu(calib: dict):
     """benchmarks.cpu_sharing for a calibration measured on CPU (one thread per process), else None."""
     if calib.get("threads_per_process") != 1:
         return None
-    from rsscale.benchmarks import cpu_sharing
+    from rsscale.benchmarks.prediction import cpu_sharing
 
     return cpu_sharing
 

@@ -1,6 +1,6 @@
 """Named devices for the profiler (`rsscale profile --device NAME`): the public datasheet numbers
 of each accelerator, and the uncalibrated model's two efficiency constants that turn them into
-`analytic.Hardware` (whose rates benchmarks/timemodel.py `datasheet_calibration` gives the time model).
+`analytic.Hardware` (whose rates benchmarks/prediction/timemodel.py `datasheet_calibration` gives the time model).
 
 Per device: dense (no sparsity) peak TFLOP/s per precision, memory (GB as the datasheet states it,
 used as GiB like --memory-gb), memory bandwidth, the per-direction GPU-to-GPU bandwidth inside a
@@ -18,9 +18,10 @@ Elementwise passes run at the datasheet memory bandwidth as it stands (no effici
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from rsscale.benchmarks import analytic
+from rsscale.benchmarks.prediction import analytic
 
 MATMUL_EFFICIENCY = analytic.Hardware.efficiency  # 0.5
 COMM_EFFICIENCY = 2 / 3
@@ -73,6 +74,24 @@ DEVICES = {d.name: d for d in [
 NAMES = tuple(DEVICES) + ("cpu",)
 
 
+def matmul_peak_tflops(device, precision: str) -> float:
+    """Dense matmul TFLOP/s of this device in the training dtype, measured (a stand-in for the datasheet)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def cpu_device() -> Device:
     """This machine's CPU: the fp32 matmul peak measured here (all precisions alike), its RAM, and
     a nominal 10 GB/s for its memory and for gloo collectives in shared memory (no datasheet:
@@ -80,8 +99,6 @@ def cpu_device() -> Device:
     import os
 
     import torch
-
-    from rsscale.benchmarks.bench import matmul_peak_tflops
 
     peak = matmul_peak_tflops(torch.device("cpu"), "fp32")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

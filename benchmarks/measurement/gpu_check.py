@@ -11,7 +11,7 @@ the summary with the tail of its output, the others still run, and the command e
                    (commit it as a baseline for `rsscale kernels check`)
   bench-b12x1, bench-l12x4   MAE training steps in bf16 on one GPU (`rsscale bench --trace`):
                    img/s, TFLOP/s, MFU (against the bf16 matmul peak measured in the same run),
-                   allocator peak vs counted (benchmarks/count.py) vs analytic bytes, and the
+                   allocator peak vs counted (benchmarks/prediction/count.py) vs analytic bytes, and the
                    predicted step time beside the measured one; traces under OUT/trace-<model>/
   peer-small, peer-b12x1   ours vs the PyTorch-native peer (`rsscale bench --peer torch`, bf16,
                    one GPU: the same model, weights and batches; step times, ratio, first-step losses)

@@ -1,6 +1,6 @@
 """`rsscale study PLAN`: a scaling study as a list of cells, run in order, resumable at any point.
 
-    rsscale study cpu-ladder                 # the bundled CPU plan (reports/plans/cpu-ladder.yaml)
+    rsscale study cpu-ladder                 # the bundled CPU plan (benchmarks/reporting/plans/cpu-ladder.yaml)
     rsscale study my-plan.yaml --dry-run     # list the cells with predicted times, run nothing
     rsscale study my-plan.yaml --emit-slurm slurm/   # one sbatch script per cell + submit.sh
 
@@ -352,12 +352,12 @@ def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
 
 
 def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> float | None:
-    """Training time of a cell from the time model (benchmarks/timemodel.py), calibrated on this
+    """Training time of a cell from the time model (benchmarks/prediction/timemodel.py), calibrated on this
     machine when it is, else at the measured matmul rate and the datasheet defaults of
     analytic.Hardware (None if unknown). Both leave out process start-up, data loading and the
     held-out evaluation."""
     try:
-        from rsscale.benchmarks import analytic, timemodel
+        from rsscale.benchmarks.prediction import analytic, timemodel
         from rsscale.scaling.spec.config import get_preset
         from rsscale.scaling.spec.layout import Layout
 
@@ -378,7 +378,7 @@ def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> floa
 def calibration(plan: Plan) -> dict | None:
     """This machine's newest `rsscale calibrate` result (the plan's store, else the default one)."""
     try:
-        from rsscale.benchmarks.calibrate import latest
+        from rsscale.benchmarks.measurement.calibrate import latest
         from rsscale.scaling.runtime.store import environment
 
         device, precision = environment()["device"], plan.pretrain.get("precision", "fp32")
@@ -415,7 +415,7 @@ def _peak_flops() -> float:
     if not _PEAK:
         import torch
 
-        from rsscale.benchmarks.bench import matmul_peak_tflops
+        from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _PEAK.append(matmul_peak_tflops(dev, "bf16" if dev.type == "cuda" else "fp32") * 1e12)
@@ -608,7 +608,7 @@ def main(args) -> int:
     run_study(plan, args.max_cells, args.jobs)
     remaining = len(all_cells) - len(done_cells(plan))
     if remaining == 0 and not args.no_report:
-        from rsscale.reports.report import write_report
+        from rsscale.benchmarks.reporting.report import write_report
 
         path = write_report(plan.results, plan.out, "report")
         print(f"[study] {plan.name}: all {len(all_cells)} cells done; report {path}")

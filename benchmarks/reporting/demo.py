@@ -88,7 +88,7 @@ def main(args) -> int:
         print(f"[demo] {name:<8} {params:>14,}   {first:.4f} -> {last:.4f}   {wall:5.1f} s")
     report = None
     try:
-        from rsscale.reports.report import write_report
+        from rsscale.benchmarks.reporting.report import write_report
     except ImportError as e:
         print(f"[demo] report module unavailable ({e}); later run: rsscale report --results {results} --out {args.out}")
     else:

@@ -1,11 +1,11 @@
 """Analytic per-device memory and FLOPs of an MAE pretraining step for any layout (`estimate`
-also gives the step time of benchmarks/timemodel.py).
+also gives the step time of benchmarks/prediction/timemodel.py).
 
     est = estimate(get_preset("g12x4"), Plan(Layout(tp=4, pp=2, dp=1, micro_batch=8, global_batch=64),
                                              precision="bf16", recompute="full"))
     est.memory["total"], est.step_flops, est.step_time_s, est.mfu, est.time["bubble_s"]
 
-Every formula is written out in reports/METHODS.md; the short version:
+Every formula is written out in benchmarks/reporting/METHODS.md; the short version:
 
 Parameters per device (elements). A block branch has 4D^2 + 2DM + 3D + M elements split over TP
 (qkv, proj and fc1, fc2 weights; qkv and fc1 biases) and 6D replicated (two LayerNorms, the
@@ -26,7 +26,7 @@ sharded: 16/d; plus `gathered`: what is unsharded at the backward peak (root uni
 gradients, 2 blocks' weights + 1 block's gradients; `fsdp_gathered_bytes`).
 
 Activations: the bytes autograd saves for backward in our trainer, term by term as
-benchmarks/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
+benchmarks/prediction/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
 tests/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
 tokens, width h, MLP m, a heads, K branches, TP t, autocast bytes e (2 under bf16/fp16, 4 in fp32),
 residual-stream bytes r (4: our residual stream is fp32), weight bytes w (2 with 16-bit weights,
@@ -67,7 +67,7 @@ encoder on 1+V tokens, decoder on 1+N, x3 for forward + backward, + the block fo
 with full recompute, or their attention cores with selective). MFU counts the model's FLOPs
 (without recompute) over time x peak x devices.
 
-Step time is not modelled here: `estimate` takes it from benchmarks/timemodel.py `predict`, at a
+Step time is not modelled here: `estimate` takes it from benchmarks/prediction/timemodel.py `predict`, at a
 measured calibration's rates where one is given, else at `hw`'s datasheet rates.
 """
 

@@ -1,4 +1,4 @@
-"""`rsscale calibrate`: the speeds of this machine that the step-time model (benchmarks/timemodel.py) adds up.
+"""`rsscale calibrate`: the speeds of this machine that the step-time model (benchmarks/prediction/timemodel.py) adds up.
 
     rsscale calibrate --model small --micro-batch 2 --micro-batch 8 --nproc 2 --nproc 4   # CPU, gloo
     rsscale calibrate --model b12x1 --model l12x4 --precision bf16                          # one GPU
@@ -34,7 +34,7 @@ Measured, each as the median of timed repetitions after a warm-up:
   probe      (not stored) every collective kind and group of one world size, one round of 20
              repetitions, and one of the one-process steps again: `profile --measure` rescales
              the stored fits and compute to the probes, one before each round
-             (benchmarks/cpu_sharing.py `drift`, `rescaled`)
+             (benchmarks/prediction/cpu_sharing.py `drift`, `rescaled`)
 On CPU, compute is measured with one thread per process (torchrun's OMP_NUM_THREADS=1), as a
 multi-process run computes. The calibration is stored in the results store (kind "calibration",
 one run per calibration, its `device` column the key) and `latest(device)` reads the newest one.
@@ -143,7 +143,7 @@ def _one_process_step(model: str, micro_batch: int, global_batch: int, precision
     CPU run computes) that writes its summary to `path`; `_summary(path)` reads its median step time back."""
     import subprocess
 
-    from rsscale.benchmarks.bench import BenchOptions, bench_command
+    from rsscale.benchmarks.measurement.bench import BenchOptions, bench_command
 
     opts = BenchOptions(model=model, micro_batch=micro_batch, global_batch=global_batch, warmup=warmup, steps=steps, precision=precision,
                         recompute=recompute, fsdp=fsdp, peak_tflops=1.0, record=False, summary_json=path)
@@ -195,7 +195,7 @@ def measure_fsdp(models, micro_batch: int, precision: str, reps: int = 6, rounds
     medians kept; timemodel.fit_fsdp fits the per-unit and per-byte cost to the differences."""
     import tempfile
 
-    from rsscale.benchmarks.timemodel import fit_fsdp
+    from rsscale.benchmarks.prediction.timemodel import fit_fsdp
 
     times = {(m, f): [] for m in models for f in (False, True)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -406,7 +406,7 @@ def probe(n: int, step: dict | None = None, reps: int = 20) -> dict:
 def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bool = True, rounds: int = 2) -> dict:
     import torch
 
-    from rsscale.benchmarks.timemodel import fit_overhead
+    from rsscale.benchmarks.prediction.timemodel import fit_overhead
 
     from rsscale.scaling.spec.config import get_preset
     from rsscale.scaling.runtime.store import environment
