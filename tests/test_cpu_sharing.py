@@ -273,7 +273,7 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
     args = argparse.Namespace(gpus=2, max_measure=1, measure_spread=False, rounds=2, warmup=0, steps=1, peak_tflops=1.0, no_probe=False,
-                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None)
+                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")
     assert P.measure(cfg, tp, args, calib) == 0
     assert events == ["probe", "bench", "probe", "bench"]
     out = capsys.readouterr().out

@@ -383,7 +383,7 @@ def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:
 def estimate(cfg: ViTConfig, plan: Plan, hw: Hardware = Hardware(), calib: dict | None = None) -> Estimate:
     """Memory (worst stage), FLOPs and the time model's step time at `calib`'s measured rates,
     `hw`'s datasheet ones for what it did not measure (timemodel.calibration)."""
-    from rsscale.benchmarks import timemodel  # the time model builds on this module's counts
+    from rsscale.benchmarks.prediction import timemodel  # the time model builds on this module's counts
 
     L = plan.layout
     stages = memory_per_stage(cfg, plan)
