@@ -38,7 +38,7 @@ def test_one_process_peer_trains_the_same_model():
 
 @pytest.mark.parametrize("tp, fsdp, layout, kind", [
     (1, False, {}, "ddp"),
-    (2, False, {}, "dtensor-tp"),
+    pytest.param(2, False, {}, "dtensor-tp", marks=pytest.mark.slow),  # the TP + SP case below runs the same DTensor TP plan and more
     (2, False, {"sp": True}, "dtensor-tp-sp"),  # tiny's 1 + 16 visible tokens: padded to 18 on both sides
     (1, False, {"pp": 2}, "pipelining-1f1b"),
     pytest.param(1, False, {"pp": 2, "vpp": 2}, "pipelining-interleaved-1f1b", marks=pytest.mark.slow),  # 1F1B's stages and loss above

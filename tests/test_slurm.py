@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from distributed import free_port
 
 PLAN = """
@@ -49,6 +51,7 @@ def _standin(folder):
     return env
 
 
+@pytest.mark.slow  # (the scripts' content: test_study.py's emit test; a script running under the stand-in: the pretrain case below)
 def test_emitted_scripts_run_under_a_slurm_stand_in(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.replace("PORT", str(free_port())))
