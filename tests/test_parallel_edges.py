@@ -107,6 +107,7 @@ def _heartbeat_worker(rank, world):
     return answered, (state.unresponsive_ranks(1.0), time.perf_counter() - t0)
 
 
+@pytest.mark.slow  # (the silent rank named end to end, through the trainer: test_faults.py's frozen-rank test)
 def test_heartbeat_names_the_silent_rank():
     (all0, silent), (all1, _) = run_distributed(_heartbeat_worker, 2)
     assert all0 == all1 == "every rank answered a heartbeat afterwards (the stall was transient or inside one group)"
