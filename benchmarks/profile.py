@@ -29,11 +29,11 @@ import statistics
 import subprocess
 import tempfile
 
-from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
 from rsscale.benchmarks.measurement.bench import BenchOptions, bench_command
-from rsscale.scaling.spec.config import get_preset
+from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.runtime.config_file import check_number, check_numbers
+from rsscale.scaling.spec.config import get_preset
 
 MAX_CPU_PROCESSES = 4
 
@@ -455,8 +455,9 @@ def main(args) -> int:
     args.peak_tflops_given = args.peak_tflops is not None
     peak_measured = args.measure and not args.peak_tflops_given and not _cuda()
     if peak_measured:
-        from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
         import torch
+
+        from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
 
         args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True
     hw = analytic.Hardware(peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else analytic.Hardware.peak_flops,

@@ -20,7 +20,6 @@ import statistics
 from dataclasses import dataclass
 
 from rsscale.benchmarks import autolayout
-
 from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.spec.layout import Layout

@@ -25,15 +25,15 @@ from PIL import Image
 
 from rsscale.finetune.data.datasets import read_rgb_image
 from rsscale.finetune.data.dota_io import write_dota_submission
-from rsscale.finetune.evaluation.dota_protocol import detect_image
 from rsscale.finetune.evaluate import overrides_from
-from rsscale.finetune.rotated import obb_to_poly
+from rsscale.finetune.evaluation.dota_protocol import detect_image
 from rsscale.finetune.model.seg import slide_inference
+from rsscale.finetune.rotated import obb_to_poly
 from rsscale.finetune.train import PROTOCOL_CHOICES, protocol_options, restore, run_layout
-from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
-from rsscale.scaling.runtime.log import progress
 from rsscale.scaling.parallel import state
+from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.runtime.log import progress
+from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
 from rsscale.scaling.train.pretrain import log, run_rank
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

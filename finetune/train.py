@@ -35,21 +35,21 @@ import torch.nn.functional as F
 
 from rsscale.finetune.data import datasets as D
 from rsscale.finetune.data.checks import check_data
-from rsscale.finetune.model.fcos import RotatedFCOS, detect_images
 from rsscale.finetune.evaluation.dota_protocol import PROTOCOLS
-from rsscale.finetune.model.orcnn import OrientedRCNN
 from rsscale.finetune.evaluation.metrics import TIE_ORDERS, SegMetric, evaluate_dota, format_ap_table
-from rsscale.finetune.rotated import norm_obb
+from rsscale.finetune.model.fcos import RotatedFCOS, detect_images
+from rsscale.finetune.model.orcnn import OrientedRCNN
 from rsscale.finetune.model.seg import Segmenter, evaluate_seg
 from rsscale.finetune.model.vitdet import ViTDetBackbone, load_pretrained, param_groups_lrd
-from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
-from rsscale.scaling.train import checkpoint
-from rsscale.scaling.runtime.config_file import check_numbers
-from rsscale.scaling.runtime.log import reset_peak_memory
+from rsscale.finetune.rotated import norm_obb
 from rsscale.scaling.data.loader import default_stats
-from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
-from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
 from rsscale.scaling.parallel import state
+from rsscale.scaling.runtime.config_file import check_numbers
+from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
+from rsscale.scaling.runtime.log import reset_peak_memory
+from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
+from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.train import checkpoint
 from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}

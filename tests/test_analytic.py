@@ -6,9 +6,9 @@ import torch
 from torch.utils import flop_counter
 
 from rsscale.benchmarks.prediction import analytic as A
+from rsscale.scaling.model.mae import build_mae, masking_noise
 from rsscale.scaling.spec.config import ViTConfig, get_preset, mae_step_flops, param_count
 from rsscale.scaling.spec.layout import Layout
-from rsscale.scaling.model.mae import build_mae, masking_noise
 
 # Hand-checkable shape: 16x16 px, patch 8 -> N=4 patches, V=1 visible, widths 8 / 8.
 HAND = ViTConfig("hand", width=8, heads=2, mlp=16, depth=2, branches=2, img_size=16, patch_size=8,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from rsscale.scaling.train import checkpoint
 from rsscale.scaling.runtime.cli import main
+from rsscale.scaling.train import checkpoint
 
 ARGS = ["pretrain", "--model", "tiny", "--data", "random", "--steps", "6", "--save-every", "2", "--micro-batch", "2",
         "--global-batch", "4", "--warmup", "1", "--no-record"]

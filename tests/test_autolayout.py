@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from rsscale.benchmarks import autolayout
-
-from rsscale.benchmarks.prediction import analytic
 from rsscale.benchmarks.autolayout import device_view, enumerate_plans, rank_plans
+from rsscale.benchmarks.prediction import analytic
 from rsscale.scaling.spec.config import get_preset
 
 

@@ -91,8 +91,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_read_local_reshards_any_tp_size_from_whole_and_flat_pieces(tmp_path, writers, readers, dim, stride):
     """Slices written by `writers` TP ranks (one of them as ZeRO-style flat pieces) read back as any
     reader TP rank's slice equal `shard_tensor` of the full tensor (megatron's strided layout)."""
-    from rsscale.scaling.train import checkpoint
     from rsscale.scaling.parallel.state import shard_tensor
+    from rsscale.scaling.train import checkpoint
 
     shape = [24, 36]
     full = torch.arange(24 * 36, dtype=torch.float32).reshape(shape)

@@ -15,10 +15,10 @@ import time
 
 import pytest
 import torch
+from distributed import run_distributed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from distributed import run_distributed
 from rsscale.scaling.train import checkpoint as ck
 from rsscale.scaling.train.checkpoint import CheckpointError
 

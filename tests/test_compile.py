@@ -7,10 +7,10 @@ TP x SP x PP trainer run are marked slow."""
 
 import pytest
 import torch
-
 from distributed import run_distributed
-from rsscale.scaling.spec.layout import Layout
+
 from rsscale.scaling.model.vit import ParallelBlock
+from rsscale.scaling.spec.layout import Layout
 
 
 def _block_grads(block, x):

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed import run_distributed
-from rsscale.scaling.runtime import cli
-from rsscale.scaling.train.checkpoint import load_full_state_dict, shard_for
-from rsscale.scaling.spec.config import ViTConfig, get_preset
-from rsscale.scaling.train.convert import export_state_dict, import_state_dict, infer_config, read_state_dict
+
 from rsscale.scaling.model.mae import MaskedAutoencoder
+from rsscale.scaling.runtime import cli
+from rsscale.scaling.spec.config import ViTConfig, get_preset
+from rsscale.scaling.train.checkpoint import load_full_state_dict, shard_for
+from rsscale.scaling.train.convert import export_state_dict, import_state_dict, infer_config, read_state_dict
 
 # A small ViT shaped like ViT-B/16 (one branch, MAE decoder), fast on CPU.
 WIDTH, HEADS, MLP, DEPTH, PATCH, IMG, DEC_WIDTH, DEC_DEPTH = 64, 4, 256, 2, 8, 32, 32, 1

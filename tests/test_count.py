@@ -4,8 +4,8 @@ component at full scale on every paper preset."""
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from rsscale.benchmarks.prediction import analytic as A
 from rsscale.benchmarks.prediction.count import COMPONENTS, count_plan, count_stage
 from rsscale.scaling.spec.config import PAPER_PRESETS, get_preset

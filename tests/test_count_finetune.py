@@ -6,8 +6,8 @@ import contextlib
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from rsscale.benchmarks.prediction import analytic as A
 from rsscale.benchmarks.prediction.count import count_finetune
 from rsscale.scaling.spec.config import get_preset

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from rsscale.scaling.train.checkpoint import load_full_state_dict
 from rsscale.scaling.runtime.store import ResultsStore
+from rsscale.scaling.train.checkpoint import load_full_state_dict
 
 
 def _cmd(out, *extra):

@@ -24,9 +24,9 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from distributed import run_distributed
 from PIL import Image
 
-from distributed import run_distributed
 from rsscale.scaling.spec.layout import Layout
 
 
@@ -248,9 +248,8 @@ def test_tp_ranks_consume_the_same_batch_when_one_ranks_loader_differs(tmp_path)
 
 def _p2p_worker(rank, world):
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
     from test_pipeline import _stage_worker
+    from torch.distributed import distributed_c10d as c10d
 
     seen = {"grouped": 0, "loose": 0, "inside": False}
     real_batch = dist.batch_isend_irecv

@@ -9,8 +9,8 @@ import torch
 from rsscale.finetune.model.fcos import RotatedFCOS, giou_loss_ltrb
 from rsscale.finetune.model.seg import Segmenter, slide_inference
 from rsscale.finetune.model.vitdet import ViTDetBackbone, param_groups_lrd
-from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import get_preset
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,9 +99,9 @@ def test_detector_learns_and_predicts():
 
 @pytest.mark.parametrize("task", ["seg", "det"])
 def test_cli_end_to_end(tmp_path, task):
-    from rsscale.scaling.runtime.store import ResultsStore
-    from rsscale.scaling.runtime.cli import main
     from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
 
     data = tmp_path / "data"
     ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=5, size=64)
@@ -181,8 +181,8 @@ def test_data_check_unknown_class_and_missing_image(tmp_path):
 
 def test_model_written_before_evaluation(tmp_path, monkeypatch):
     from rsscale.finetune import train as T
-    from rsscale.scaling.runtime.cli import main
     from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.runtime.cli import main
 
     data = tmp_path / "data"
     ensure_dataset(data, num_pretrain=0, num_seg=3, num_det=3, size=64)
@@ -199,9 +199,9 @@ def test_model_written_before_evaluation(tmp_path, monkeypatch):
 
 def test_train_fraction_subsets_are_nested_and_recorded(tmp_path):
     from rsscale.finetune.train import train_subset
+    from rsscale.scaling.data.synthetic import ensure_dataset
     from rsscale.scaling.runtime.cli import main
     from rsscale.scaling.runtime.store import ResultsStore
-    from rsscale.scaling.data.synthetic import ensure_dataset
 
     full = list(range(40))
     small, large = train_subset(full, 0.05, 0), train_subset(full, 0.25, 0)

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from distributed import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -74,8 +73,8 @@ def _reference(task, data):
     """One process, no Finetuner: model.loss on the whole global batch, torch AdamW."""
     from rsscale.finetune import train as T
     from rsscale.finetune.model.vitdet import param_groups_lrd
-    from rsscale.scaling.train.optim import lr_at
     from rsscale.scaling.parallel import state
+    from rsscale.scaling.train.optim import lr_at
 
     state.init_parallel(1, 1)
     args = _args(_argv(task, data))

@@ -122,8 +122,8 @@ def test_runs_that_cannot_be_rebuilt_are_refused_in_one_line(runs, tmp_path, cap
 def test_a_finetune_records_the_pretraining_it_starts_from(runs, tmp_path):
     """Preset, pretraining steps, images and MAE compute land with the downstream metrics (store
     tags and run config), so accuracy joins pretraining compute without hand joining."""
-    from rsscale.scaling.spec.config import get_preset, mae_step_flops
     from rsscale.scaling.runtime.store import ResultsStore
+    from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
     assert cli(["pretrain", "--model", "tiny", "--data", "random", "--steps", "3", "--micro-batch", "2", "--global-batch", "2",
                 "--warmup", "1", "--out", str(tmp_path / "pt"), "--no-record"]) == 0

@@ -9,8 +9,8 @@ import re
 import pytest
 from PIL import Image
 
-from rsscale.scaling.runtime.cli import main
 from rsscale.scaling.data.synthetic import ensure_dataset
+from rsscale.scaling.runtime.cli import main
 from rsscale.scaling.runtime.store import ResultsStore
 
 
@@ -116,7 +116,8 @@ def _perfect_submission(tmp_path):
 
 
 def test_ap_table_marks_classes_without_ground_truth_and_averages_those_with(tmp_path, capsys):
-    from rsscale.finetune.evaluation.metrics import evaluate_dota, format_ap_table, main as metrics_main
+    from rsscale.finetune.evaluation.metrics import evaluate_dota, format_ap_table
+    from rsscale.finetune.evaluation.metrics import main as metrics_main
 
     dets, labels = _perfect_submission(tmp_path)
     result = evaluate_dota(dets, labels, classes=["car", "ship"])

@@ -13,8 +13,8 @@ import pytest
 
 from rsscale.benchmarks.reporting import report
 from rsscale.benchmarks.reporting.fit import Fit
-from rsscale.scaling.spec.config import CPU_LADDER, PRESETS, param_count
 from rsscale.scaling.runtime.store import ResultsStore
+from rsscale.scaling.spec.config import CPU_LADDER, PRESETS, param_count
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)
 IMAGES_PER_S = dict(tiny=229.4, mini=146.9, small=111.9, medium=57.0)  # the demo's: less than a decade
@@ -124,9 +124,9 @@ def test_measured_memory_of_the_trained_models_is_in_the_memory_figure(demo):
 
 
 def test_pretraining_records_its_peak_memory(tmp_path):
-    from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.parallel.state import destroy_parallel
-    from rsscale.scaling.train.pretrain import Trainer, TrainConfig
+    from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     db = str(tmp_path / "t.db")
     try:

@@ -13,12 +13,12 @@ import sys
 import pytest
 import torch.distributed
 
+from rsscale.benchmarks import profile
 from rsscale.benchmarks.measurement import gpu_check
 from rsscale.benchmarks.measurement import kernels as kb
-from rsscale.benchmarks import profile
-from rsscale.scaling.spec.config import CPU_LADDER
 from rsscale.scaling.runtime import log as rsscale_log
 from rsscale.scaling.runtime.cli import main as cli
+from rsscale.scaling.spec.config import CPU_LADDER
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from test_layouts import STEPS, TOL, TOTAL, _assert_same_weights, _config, _merge, _run_layouts
 

@@ -15,12 +15,12 @@ import time
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from test_layouts import _merge, _run_layouts
 from test_layouts import test_layout_matches_single_process as _matches_single_process
-from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, validate_layout
+
 from rsscale.scaling.parallel.pipeline import bubble_fraction, check_schedule, compute_order, in_flight_chunks, timetable
+from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, validate_layout
 
 TICK = 0.1  # seconds a toy chunk's forward sleeps (backward: 2 ticks)
 

@@ -2,9 +2,9 @@
 smoke run of the benchmark pipeline (do_bench and the device peaks replaced by stand-ins)."""
 
 import json
+import os
 import subprocess
 import sys
-import os
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton build any kernel (see kernels/dispatch.py)

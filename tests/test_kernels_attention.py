@@ -64,8 +64,8 @@ def test_public_attention_matches_sdpa_under_triton_backend():
 def _block_backend_diffs(rank, world_size):
     """Max |triton - torch| over a ParallelBlock's output and parameter gradients, with global
     and with window attention."""
-    from rsscale.scaling.parallel import state
     from rsscale.scaling.model.vit import ParallelBlock
+    from rsscale.scaling.parallel import state
 
     state.init_parallel(tp=world_size)
     diffs = []

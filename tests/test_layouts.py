@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout, check_layout, stage_layer_range, validate_layout
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.scaling.spec.config import ViTConfig, get_preset
 from rsscale.scaling.model.mae import MaskedAutoencoder, mask_from_noise, patchify, random_masking, unpatchify
-from rsscale.scaling.parallel import state
 from rsscale.scaling.model.vit import ParallelBlock
+from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import ViTConfig, get_preset
 
 MICRO = ViTConfig("micro", width=8, heads=2, mlp=16, depth=1, img_size=4, patch_size=2, in_chans=1, dec_width=8, dec_heads=2, dec_depth=1)
 

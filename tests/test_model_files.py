@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
 from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
 
 VIT_L16 = "width: 1024\nheads: 16\nmlp: 4096\ndepth: 24\n"
 VIT_L16_SUPERVISED = VIT_L16 + "dec_depth: 0\nmask_ratio: 0\nnum_classes: 1000\n"

@@ -20,8 +20,8 @@ import sys
 import time
 
 import pytest
-
 from distributed import free_port
+
 from rsscale.scaling.runtime.cli import main as cli
 from rsscale.scaling.runtime.store import ResultsStore
 
@@ -167,8 +167,8 @@ def _assert_same_weights(tmp_path, atol=ATOL, stray=0.0):
 
 def test_layout_line_parts_from_torchrun_env(monkeypatch):
     """The node part of init_parallel's line from torchrun's variables (no processes started)."""
-    from rsscale.scaling.runtime.launch import RENDEZVOUS
     from rsscale.scaling.parallel import state
+    from rsscale.scaling.runtime.launch import RENDEZVOUS
 
     for var in ("GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", RENDEZVOUS):
         monkeypatch.delenv(var, raising=False)

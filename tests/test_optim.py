@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from rsscale.scaling.train.optim import FlatAdamW, LossScaler, clip_grad_norm_, decays, lr_at
 
 

@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
+from test_finetune import fit, tiny_backbone
 
 from rsscale.finetune.data import datasets as D
-from rsscale.finetune.model.fcos import RotatedFCOS, evaluate_det
 from rsscale.finetune.evaluation.dota_protocol import detect_image, evaluate_protocol, unflip_boxes
-from rsscale.finetune.model.orcnn import (IGNORED, NEGATIVE, MidpointOffsetCoder, OrientedRCNN, max_iou_assign,
-                                    roi_levels, rotated_roi_align, sample_rois)
+from rsscale.finetune.model.fcos import RotatedFCOS, evaluate_det
+from rsscale.finetune.model.orcnn import IGNORED, NEGATIVE, MidpointOffsetCoder, OrientedRCNN, max_iou_assign, roi_levels, rotated_roi_align, sample_rois
 from rsscale.finetune.rotated import hbox_to_obb, norm_obb, obb_to_hbox, obb_to_poly, rotated_iou
 from rsscale.scaling.parallel import state
-from test_finetune import fit, tiny_backbone
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from rsscale.scaling.spec.layout import Layout
 
 STEPS, TOL = 3, 1e-6

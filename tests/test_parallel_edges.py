@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed import free_port, run_distributed
+
 from rsscale.scaling.parallel import mappings as mp
 from rsscale.scaling.parallel import state
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rsscale.scaling.spec.config import CPU_LADDER, branch_params, get_preset, param_count
 from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import CPU_LADDER, branch_params, get_preset, param_count
 
 
 @pytest.fixture(scope="module", autouse=True)

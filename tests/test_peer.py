@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed import run_distributed
 
 
 def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False, layout=None):
     from rsscale.benchmarks.measurement.peer import NativePeer
     from rsscale.scaling.spec.layout import Layout
-    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     layout = layout or {}
     dp = world // tp // layout.get("pp", 1)

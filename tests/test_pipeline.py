@@ -4,7 +4,6 @@ stage runs the 1F1B order (warmup forwards, then one-forward-one-backward, then 
 from __future__ import annotations
 
 import torch
-
 from distributed import run_distributed
 
 STAGES, MICRO, WIDTH, MB = 3, 5, 6, 2

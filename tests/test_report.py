@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsscale.scaling.runtime.store import ResultsStore
 from rsscale.benchmarks.reporting.report import write_report
+from rsscale.scaling.runtime.store import ResultsStore
 from rsscale.scaling.spec.config import PRESETS, param_count
 
 LAYOUT = dict(tp=1, pp=1, dp=1, sp=False)

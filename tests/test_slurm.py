@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from distributed import free_port
 
 PLAN = """

@@ -13,7 +13,6 @@ from shapely.geometry import MultiPoint, Polygon
 from rsscale.scaling.data import synthetic
 from rsscale.scaling.data.synthetic import BUILDING, DET_CLASSES, ROAD, THEMES, WATER, scene
 
-
 SCENE_KW = [{}, {"rich": True}, {"rich": True, "vocab": True}]
 
 

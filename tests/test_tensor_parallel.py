@@ -5,10 +5,10 @@ with the worker process)."""
 import numpy as np
 import pytest
 import torch
-
 from distributed import run_distributed
-from rsscale.scaling.spec.config import get_preset
+
 from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import get_preset
 
 # The CPU ladder's shapes at depth 2: 16 visible + cls = 17 encoder tokens and 65 decoder tokens,
 # so sequence parallelism pads both (to 18/66 at TP=2, 20/68 at TP=4).
@@ -46,8 +46,8 @@ def _run_model(cfg, sequence_parallel, recompute="none"):
 def _run_window_block(sequence_parallel):
     """A window-attention block on a 6x6 grid (windows of 4 pad it to 8x8);
     (loss, outputs = block output and input gradient, parameter records)."""
-    from rsscale.scaling.parallel import mappings
     from rsscale.scaling.model.vit import ParallelBlock
+    from rsscale.scaling.parallel import mappings
 
     torch.manual_seed(0)
     block = ParallelBlock(32, 4, 64, branches=2, sequence_parallel=sequence_parallel, window_size=4)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from rsscale.benchmarks.prediction import analytic as A
 from rsscale.benchmarks.measurement import calibrate as C
+from rsscale.benchmarks.prediction import analytic as A
 from rsscale.benchmarks.prediction import cpu_sharing as S
 from rsscale.benchmarks.prediction import timemodel as T
 from rsscale.scaling.spec.config import get_preset, mae_forward_flops, mae_step_flops

@@ -100,7 +100,7 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
     from PIL import Image
 
     from rsscale.scaling.data.synthetic import scene
-    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     for i in range(8):
         rgb, _, _ = scene(np.random.default_rng(i), 64)
@@ -113,7 +113,7 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
-    from rsscale.scaling.train.pretrain import Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

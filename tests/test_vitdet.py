@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsscale.finetune.model.vitdet import (ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained,
-                             param_groups_lrd, resize_pos_embed)
-from rsscale.scaling.spec.config import PRESETS, get_preset
-from rsscale.scaling.parallel import state
+from rsscale.finetune.model.vitdet import ViTDetBackbone, drop_path, even_global_blocks, layer_id, load_pretrained, param_groups_lrd, resize_pos_embed
 from rsscale.scaling.model.vit import sincos_pos_embed_2d
+from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import PRESETS, get_preset
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -46,13 +46,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from rsscale.scaling.spec.config import RECOMPUTE, get_preset
+from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
 from rsscale.scaling.runtime.config_file import check_numbers
 from rsscale.scaling.runtime.launch import add_launch_arguments, command_line, wants_launch
-from rsscale.scaling.spec.layout import Layout, add_layout_arguments, relaunch_checked
-
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
-from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
+from rsscale.scaling.spec.config import RECOMPUTE, get_preset
+from rsscale.scaling.spec.layout import Layout, add_layout_arguments, relaunch_checked
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -166,7 +165,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
 
     from rsscale.benchmarks.prediction import analytic
     from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
-    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away

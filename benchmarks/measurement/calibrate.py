@@ -407,9 +407,8 @@ def calibrate(models, micro_batches, tps, group_sizes, precision: str, steps: bo
     import torch
 
     from rsscale.benchmarks.prediction.timemodel import fit_overhead
-
-    from rsscale.scaling.spec.config import get_preset
     from rsscale.scaling.runtime.store import environment
+    from rsscale.scaling.spec.config import get_preset
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

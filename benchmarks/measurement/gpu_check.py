@@ -73,8 +73,8 @@ def fp16_step(path: str, model: str = "b12x1", n: int = 20) -> None:
     """Train `n` fp16 steps with the trainer's loss scaler; write losses, skips and the scale."""
     import math
 
-    from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.parallel.state import destroy_parallel
+    from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     tr = Trainer.build(TrainConfig(model=model, parallel=Layout(micro_batch=64, global_batch=64), precision="fp16", data="random",

@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rsscale.scaling.model.mae import mask_from_noise, patchify, random_masking
-from rsscale.scaling.train.optim import decays, lr_at
 from rsscale.scaling.model.vit import PatchEmbed
+from rsscale.scaling.train.optim import decays, lr_at
 
 
 class _Attention(nn.Module):
@@ -281,8 +281,14 @@ class NativePeer:
                     fully_shard(blk, mesh=mesh)
                 return fully_shard(model, mesh=mesh)
             from torch.distributed.tensor import Replicate, Shard
-            from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
-                                                           SequenceParallel, parallelize_module)
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                PrepareModuleInput,
+                PrepareModuleOutput,
+                RowwiseParallel,
+                SequenceParallel,
+                parallelize_module,
+            )
 
             sp = self.kind == "dtensor-tp-sp"  # the residual stream sharded over tokens between the blocks (torchtitan's way)
             col = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()

@@ -76,9 +76,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from rsscale.scaling.parallel.pipeline import in_flight_chunks
 from rsscale.scaling.spec.config import ViTConfig, mae_step_flops, recompute_mode
 from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, stage_layer_range
-from rsscale.scaling.parallel.pipeline import in_flight_chunks
 
 GIB = 2**30
 SCHEMES = ("rsscale", "megatron")

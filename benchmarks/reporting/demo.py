@@ -17,9 +17,9 @@ import os
 import shutil
 import time
 
+from rsscale.scaling.runtime.log import progress
 from rsscale.scaling.spec.config import CPU_LADDER, get_preset, param_count
 from rsscale.scaling.spec.layout import Layout
-from rsscale.scaling.runtime.log import progress
 
 
 def add_arguments(parser) -> None:
@@ -66,7 +66,7 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 def main(args) -> int:
     t0 = time.perf_counter()
     from rsscale.scaling.data.synthetic import dataset_for
-    from rsscale.scaling.train.pretrain import OptimConfig, Trainer, TrainConfig
+    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     clear_previous_demo(args.out, models, args.overwrite)

@@ -100,8 +100,8 @@ def _positive_list(path, key, values, typ) -> list:
 
 def load_plan(spec: str, out: str | None = None, results: str | None = None) -> Plan:
     """A plan from a file, or the name of a bundled plan (reports/plans/<name>.yaml); checked whole."""
-    from rsscale.scaling.spec.config import PRESETS, is_model_file
     from rsscale.scaling.runtime.config_file import load_config_file
+    from rsscale.scaling.spec.config import PRESETS, is_model_file
 
     path = Path(spec)
     if not path.exists() and (PLANS_DIR / f"{spec}.yaml").exists():
@@ -299,9 +299,9 @@ def checkpoints_of(folder: str) -> list[tuple[int, str]]:
 
 def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_s: float) -> dict:
     """Held-out loss of each checkpoint of a trained cell, then the cell's one study record."""
+    from rsscale.scaling.runtime.store import ResultsStore
     from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
     from rsscale.scaling.train.heldout import heldout_images, heldout_loss
-    from rsscale.scaling.runtime.store import ResultsStore
 
     cfg = get_preset(cell.model)
     images = heldout_images(heldout_files, cfg)
@@ -339,8 +339,8 @@ def finetune_metric(plan: Plan, cell: Cell) -> tuple[str, float]:
 
 
 def finish_finetune_cell(plan: Plan, cell: Cell, wall_s: float) -> dict:
-    from rsscale.scaling.spec.config import get_preset, param_count
     from rsscale.scaling.runtime.store import ResultsStore
+    from rsscale.scaling.spec.config import get_preset, param_count
 
     name, value = finetune_metric(plan, cell)
     config = dict(study=plan.name, cell=cell.key, cell_kind="finetune", model=cell.model, task=cell.task,
@@ -497,9 +497,7 @@ def run_study(plan: Plan, max_cells: int | None = None, jobs: int | None = None)
 def emit_slurm(plan: Plan, folder: str) -> list[str]:
     """One sbatch script per cell that is not done (scaling/runtime/launch.py `sbatch_script`), and
     submit.sh chaining them (afterok) in order."""
-    from rsscale.scaling.runtime.launch import sbatch_script
-
-    from rsscale.scaling.runtime.launch import SLURM_DEFAULTS
+    from rsscale.scaling.runtime.launch import SLURM_DEFAULTS, sbatch_script
 
     s = {**SLURM_DEFAULTS, "env": {}, **plan.slurm}
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "port"):

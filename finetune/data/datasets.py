@@ -19,13 +19,27 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from rsscale.finetune.data.dota_io import (
+    DIOR_CLASSES,
+    DOTA_V1_CLASSES,
+    DotaObject,
+    read_dota_labels,
+    read_dota_submission,
+    read_image_ids,
+    write_dota_label_file,
+    write_dota_submission,
+)
+from rsscale.finetune.rotated import (
+    batched_poly_nms,
+    batched_rotated_nms,
+    convex_intersection_points,
+    hull_area,
+    min_area_rect,
+    obb_to_poly,
+    poly_area,
+    poly_to_obb,
+)
 from rsscale.scaling.data.synthetic import LOVEDA_CLASSES
-from rsscale.finetune.rotated import (batched_poly_nms, batched_rotated_nms, convex_intersection_points,
-                              hull_area, min_area_rect, obb_to_poly, poly_area, poly_to_obb)
-
-from rsscale.finetune.data.dota_io import (DIOR_CLASSES, DOTA_V1_CLASSES, DotaObject, read_dota_labels,
-                                     read_image_ids, read_dota_submission, write_dota_label_file,
-                                     write_dota_submission)
 
 log = logging.getLogger(__name__)
 

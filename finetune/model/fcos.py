@@ -39,8 +39,8 @@ from torch import nn
 
 from rsscale.finetune.data.datasets import DotaObject, merge_detections, split_image
 from rsscale.finetune.evaluation.metrics import evaluate_dota
-from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
 from rsscale.finetune.model.vitdet import ViTDetBackbone, conv_norm_act
+from rsscale.finetune.rotated import batched_rotated_nms, decode_points, encode_points, obb_to_poly, one_thread
 from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsscale.finetune.rotated import (DeltaXYWHACoder, batched_hbox_nms, batched_rotated_nms, hbox_iou,
-                                      norm_obb, obb_to_hbox, obb_to_poly, rotated_iou)
 from rsscale.finetune.model.vitdet import ViTDetBackbone
+from rsscale.finetune.rotated import DeltaXYWHACoder, batched_hbox_nms, batched_rotated_nms, hbox_iou, norm_obb, obb_to_hbox, obb_to_poly, rotated_iou
 
 NEGATIVE, IGNORED = -1, -2  # max_iou_assign's codes for rows that match no object
 

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsscale.scaling.train.checkpoint import shard_for
-from rsscale.scaling.spec.config import ViTConfig
-from rsscale.scaling.parallel import mappings, state
 from rsscale.scaling.model.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
+from rsscale.scaling.parallel import mappings, state
+from rsscale.scaling.spec.config import ViTConfig
+from rsscale.scaling.train.checkpoint import shard_for
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from rsscale import kernels
-from rsscale.scaling.spec.config import ViTConfig, get_preset
-from rsscale.scaling.parallel import mappings, state
 from rsscale.scaling.model.vit import ParallelBlock, PatchEmbed, check_tp_divides, init_fixed_, sincos_pos_embed_2d
+from rsscale.scaling.parallel import mappings, state
+from rsscale.scaling.spec.config import ViTConfig, get_preset
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:

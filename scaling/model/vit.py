@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rsscale import kernels
-from rsscale.scaling.spec.config import recompute_mode
 from rsscale.scaling.parallel import mappings, state
+from rsscale.scaling.spec.config import recompute_mode
 
 
 def check_tp_divides(tp: int, what: str, **sizes: int) -> list[str]:

@@ -45,8 +45,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.parallel import state
+from rsscale.scaling.spec.config import ViTConfig
 
 FORMAT = "rsscale-checkpoint-2"
 _STEP = re.compile(r"^step_(\d{8})(\.replaced-[0-9a-f]+)?$")

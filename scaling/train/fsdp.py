@@ -38,9 +38,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+from rsscale.scaling.parallel import state
 from rsscale.scaling.train import checkpoint
 from rsscale.scaling.train.optim import decays
-from rsscale.scaling.parallel import state
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride")
 

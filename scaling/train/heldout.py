@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rsscale.scaling.spec.config import ViTConfig
 from rsscale.scaling.data.loader import default_stats, read_image, to_unit_float
+from rsscale.scaling.spec.config import ViTConfig
 
 
 def heldout_images(files: list[str], cfg: ViTConfig) -> torch.Tensor:
@@ -47,8 +47,8 @@ def fixed_noise(n: int, cfg: ViTConfig, seed: int) -> torch.Tensor:
 def heldout_loss(checkpoint: str, images: torch.Tensor, seed: int = 0, batch: int = 32,
                  device: str | torch.device | None = None) -> float:
     """Mean masked-patch MAE loss of a checkpoint on `images` (fp32, eval mode, fixed masks)."""
-    from rsscale.scaling.train.checkpoint import load_full_state_dict
     from rsscale.scaling.model.mae import build_mae
+    from rsscale.scaling.train.checkpoint import load_full_state_dict
 
     cfg, tensors = load_full_state_dict(checkpoint)
     if images.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):

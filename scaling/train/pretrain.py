@@ -47,17 +47,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rsscale.scaling.spec import layout as layout_mod
-from rsscale.scaling.train import checkpoint
-from rsscale.scaling.spec.config import RECOMPUTE, get_preset, param_count
 from rsscale.scaling.runtime.config_file import check_number, check_tree, load_config_file
-from rsscale.scaling.runtime.launch import (MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count,
-                                    wants_launch)
-from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.runtime.launch import MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count, wants_launch
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
-from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
 from rsscale.scaling.runtime.store import NullRun
-
+from rsscale.scaling.spec import layout as layout_mod
+from rsscale.scaling.spec.config import RECOMPUTE, get_preset, param_count
+from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.train import checkpoint
+from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
 
 # ---------------------------------------------------------------------------------------------
 # Config tree
@@ -327,8 +325,8 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
         layout_mod.check_layout(self.layout, self.cfg, world)
         self._check_precision()
-        from rsscale.scaling.parallel import state
         from rsscale import kernels
+        from rsscale.scaling.parallel import state
 
         kernels.set_backend(config.kernels)
         state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, seed=seed, timeout_s=config.timeout)
