@@ -204,15 +204,9 @@ def spread(rows: list[dict], n: int) -> list[dict]:
 
 def _peer_of(cfg, plan) -> str:
     """Empty where `bench --peer torch` has a native peer for the plan, else why not (one line)."""
-    from rsscale.benchmarks.measurement.peer import native_kind
+    from rsscale.benchmarks.measurement.peer import why_no_peer
 
-    if cfg.supervised:
-        return "the peer is an MAE"
-    try:
-        native_kind(plan.layout, plan.fsdp)
-    except ValueError as e:
-        return str(e).split(": ", 1)[-1]
-    return ""
+    return "the peer is an MAE" if cfg.supervised else why_no_peer(plan.layout, plan.fsdp) or ""
 
 
 def validation_table(table: list[dict]) -> str:

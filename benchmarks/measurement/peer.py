@@ -118,14 +118,17 @@ class NativeMAE(nn.Module):
 
     def forward(self, x, noise):
         cfg = self.cfg
+        masked = None
         if self.patch_embed is not None:  # x: images
             x = self.patch_embed(x) + self.pos_embed[:, 1:]
-            x, _, _ = random_masking(x, cfg.mask_ratio, noise)
+            x, *masked = random_masking(x, cfg.mask_ratio, noise)
             x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
         x = self._run(self.blocks.values(), x)
         if self.decoder_pred is None:
             return x, noise
-        _, mask, ids_restore = mask_from_noise(noise, x.shape[1] - 1)
+        if masked is None:  # a later pipeline chunk: the same masking again, from the noise
+            _, *masked = mask_from_noise(noise, x.shape[1] - 1)
+        mask, ids_restore = masked
         x = self.decoder_embed(self.norm(x))
         B, n_vis, Dd = x.shape
         x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, ids_restore.shape[1] + 1 - n_vis, -1)], dim=1)
@@ -160,15 +163,21 @@ def pipeline_chunk(cfg, blocks: range, first: bool, last: bool, weights: dict, d
     return m
 
 
+def why_no_peer(layout, fsdp: bool) -> str | None:
+    """Why this module has no native peer for a layout (one line), or None (module doc)."""
+    L = layout
+    if L.tp > 1 and L.dp > 1:
+        return "TP x DP has none here"
+    if L.pp > 1 and (L.tp > 1 or L.dp > 1 or fsdp):
+        return "a pipeline is compared alone (TP 1, DP 1, no FSDP)"
+    if L.pp > 1 and L.num_micro < L.pp:
+        return f"torch.distributed.pipelining's 1F1B needs at least as many micro-batches as stages ({L.num_micro} < {L.pp}); lower --micro-batch"
+    return None
+
+
 def native_kind(layout, fsdp: bool) -> str:
     """The native peer of a layout (module doc); ValueError saying why where this module has none."""
-    L, why = layout, None
-    if L.tp > 1 and L.dp > 1:
-        why = "TP x DP has none here"
-    elif L.pp > 1 and (L.tp > 1 or L.dp > 1 or fsdp):
-        why = "a pipeline is compared alone (TP 1, DP 1, no FSDP)"
-    elif L.pp > 1 and L.num_micro < L.pp:
-        why = f"torch.distributed.pipelining's 1F1B needs at least as many micro-batches as stages ({L.num_micro} < {L.pp}); lower --micro-batch"
+    L, why = layout, why_no_peer(layout, fsdp)
     if why:
         raise ValueError(f"no PyTorch-native peer for {L}: {why}")
     if L.pp > 1:
@@ -312,6 +321,7 @@ class NativePeer:
         """One optimizer step on `micro` (ours's (images, noise) per micro-batch of this rank for the
         same step): {"loss" (global batch mean), "t_step" (s, without drawing the batch)}."""
         tr, L = self.trainer, self.trainer.layout
+        batch = [torch.cat(t) for t in zip(*micro)] if self.schedule is not None else None  # the schedule splits the whole batch
         tr._sync()
         t0 = time.perf_counter()
         for c in self.chunks:
@@ -320,16 +330,17 @@ class NativePeer:
             o.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=tr.device)
         if self.schedule is not None:
-            total += self._pipeline_step(micro)
-        for i, (imgs, noise) in enumerate(micro if self.schedule is None else []):
-            last = i == len(micro) - 1
-            quiet = self.model.no_sync() if self.kind == "ddp" and not last else contextlib.nullcontext()
-            if self.kind == "fsdp2":
-                self.model.set_requires_gradient_sync(last)
-            with quiet, tr._autocast():
-                loss = mae_loss(self.model(imgs, noise), imgs, tr.cfg) / len(micro)
-            loss.backward()
-            total += loss.detach().double()
+            total += self._pipeline_step(*batch)
+        else:
+            for i, (imgs, noise) in enumerate(micro):
+                last = i == len(micro) - 1
+                quiet = self.model.no_sync() if self.kind == "ddp" and not last else contextlib.nullcontext()
+                if self.kind == "fsdp2":
+                    self.model.set_requires_gradient_sync(last)
+                with quiet, tr._autocast():
+                    loss = mae_loss(self.model(imgs, noise), imgs, tr.cfg) / len(micro)
+                loss.backward()
+                total += loss.detach().double()
         lr = lr_at(tr.step, tr.config.optim.lr, tr.config.optim.warmup, tr.config.steps, tr.config.optim.min_lr)
         for group in (g for o in self.optimizers for g in o.param_groups):
             group["lr"] = lr
@@ -347,14 +358,10 @@ class NativePeer:
             dist.all_reduce(total, group=tr.state.pp_group())
         return {"loss": float(total), "t_step": t}
 
-    def _pipeline_step(self, micro: list) -> torch.Tensor:
+    def _pipeline_step(self, imgs, noise) -> torch.Tensor:
         """The schedule's step on the whole batch (it splits it into the same micro-batches): the
         first stage feeds images and noise, the last gets the images as its loss target."""
         links, losses = self.trainer.links, []
-        imgs, noise = (torch.cat(t) for t in zip(*micro))
         with self.trainer._autocast():
-            if links.is_first:
-                self.schedule.step(imgs, noise, target=imgs if links.is_last else None, losses=losses)
-            else:
-                self.schedule.step(target=imgs if links.is_last else None, losses=losses)
+            self.schedule.step(*((imgs, noise) if links.is_first else ()), target=imgs if links.is_last else None, losses=losses)
         return torch.stack(losses).detach().double().mean() if losses else torch.zeros((), dtype=torch.float64, device=imgs.device)
