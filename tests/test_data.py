@@ -4,6 +4,7 @@ Every image is one flat colour that encodes its index, so a sample's source file
 from any crop/flip of it and the normalized value is known by hand."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,6 +196,38 @@ def test_dali_reproducible_start_and_runtime_fallback(tmp_path, capsys):
     assert loader.backend == "torch" and all(x.shape == (4, 3, 8, 8) for x in batches)
     assert loader.decode_failures >= 1
     assert "continuing with the torch DataLoader pipeline" in capsys.readouterr().out
+
+
+_FALLBACK_TWICE = """
+import pathlib, sys
+sys.path.insert(0, sys.argv[1])
+from test_data import _take, _write_flat
+from rsscale.scaling.data.loader import build_pretrain_loader
+for k in range(2):
+    folder = pathlib.Path(sys.argv[2]) / str(k)
+    folder.mkdir()
+    _write_flat(folder, 6)
+    (folder / "x.jpg").write_text("not an image")
+    loader = build_pretrain_loader(folder, 8, 4, backend="dali", validate=False, num_workers=1)
+    assert all(x.shape == (4, 3, 8, 8) for x in _take(loader, 4)) and loader.backend == "torch"
+    print("fell back", k, flush=True)
+"""
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+def test_the_torch_fallback_after_dali_runs_again_in_the_same_process(tmp_path):
+    """A worker forked from a process that ran DALI's threads could wait forever on a lock it
+    inherited: the second fallback in one process hung. In a subprocess with a time limit, so a
+    hang fails this test instead of the suite."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _FALLBACK_TWICE, str(Path(__file__).parent), str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the second fallback did not finish in 120 s: {(e.stdout or b'')[-300:]!r}")
+    assert out.returncode == 0 and "fell back 1" in out.stdout, out.stdout[-500:] + out.stderr[-1500:]
 
 
 def test_bad_arguments_are_rejected(tmp_path):
