@@ -40,7 +40,7 @@ from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, validate_layout
 GIB, MIB = 2**30, 2**20
 DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
 COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.measurement.bench", "finetune": "rsscale.finetune.train"}
-CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--sp", "--recompute", "--distributed-optimizer", "--fsdp",
+CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--recompute", "--distributed-optimizer", "--fsdp",
                                                                      "--activation-checkpointing")
 # this module's flags, removed before the command parses
 OWN = {"--gpus": int, "--device": str, "--memory-gb": float, "--reserve-gb": float, "--nodes": int, "--gpus-per-node": int}
@@ -226,15 +226,17 @@ def _run_shape(command: str, argv: list[str], gpus: int) -> dict:
     module = importlib.import_module(COMMANDS[command])
     parser = argparse.ArgumentParser(add_help=False)
     module.add_arguments(parser)
+    if hasattr(module, "config_from_args"):
+        parser.add_argument("--config")  # the CLI adds it to commands whose options are a tree
     args, _ = parser.parse_known_args(argv)
-    if command == "pretrain":
+    if command in ("pretrain", "bench"):
         config = module.config_from_args(args, world=gpus)
-        return dict(cfg=get_preset(config.model), global_batch=config.parallel.global_batch, precision=config.precision)
+        return dict(cfg=get_preset(config.model), global_batch=config.parallel.global_batch, precision=config.compute.precision)
     if command == "finetune":
         options = dict(detector=args.detector, channels=args.channels, window=args.window)
         return dict(cfg=module.load_config(args), global_batch=getattr(args, "global_batch", module.layout_from_args(args, gpus).global_batch),
                     precision=args.precision, task=args.task, img=args.crop, options=options)
-    return dict(cfg=get_preset(args.model), global_batch=args.global_batch, precision=args.precision)
+    raise ValueError(f"--layout auto: no run shape for {command!r}")
 
 
 def _reserve(view: View, reserve_gb: float | None) -> float:

@@ -30,10 +30,11 @@ import subprocess
 import tempfile
 
 from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
-from rsscale.benchmarks.measurement.bench import BenchOptions, bench_command
+from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, bench_command
 from rsscale.benchmarks.prediction import analytic, devices
 from rsscale.scaling.runtime.config_file import check_number, check_numbers
 from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.run import PRECISIONS
 
 MAX_CPU_PROCESSES = 4
 
@@ -145,13 +146,10 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
                 continue
             p = r["plan"]
             L = p.layout
-            opts = BenchOptions(model=cfg.name, tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp, micro_batch=L.micro_batch, vpp=L.vpp,
-                                global_batch=L.global_batch, warmup=args.warmup, steps=args.steps, precision=p.precision,
-                                recompute=p.recompute, distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp,
-                                peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
-                                results=args.results, record_kind="profile", summary_json=os.path.join(tmp, f"{k}-{i}.json"),
-                                predicted_step_s=r["step_s"] if r.get("calibrated") else None,
-                                peer="torch" if peers[i] == "" else "none")
+            measure = Measure(warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
+                              record_kind="profile", summary_json=os.path.join(tmp, f"{k}-{i}.json"),
+                              predicted_step_s=r["step_s"] if r.get("calibrated") else None, peer="torch" if peers[i] == "" else "none")
+            opts = BenchConfig(model=cfg.name, **p.run_sections(), measure=measure, results=args.results)
             print(f"[profile] measuring {i + 1}/{len(todo)}" + (f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else "")
                   + f": {L} {p.precision} recompute={p.recompute} zero={p.distributed_optimizer} fsdp={p.fsdp}"
                   + (f" (no PyTorch-native peer: {peers[i]})" if peers[i] else ", with its PyTorch-native peer" if peers[i] == "" else ""),
@@ -161,7 +159,7 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
                 failed.add(i)
                 print(f"[profile] layout {L} failed with exit code {rc}", flush=True)
                 continue
-            with open(opts.summary_json) as f:
+            with open(opts.measure.summary_json) as f:
                 summary = json.load(f)
             runs[i].append(summary["step_time_median_s"])
             if "ours_over_peer_step_time" in summary:
@@ -321,7 +319,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
     parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
                         "(repeatable; default 1 and every V with pp*V dividing the depth)")
-    parser.add_argument("--precision", choices=analytic.PRECISIONS, default="bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
     parser.add_argument("--layout", choices=["auto"], default=None, help="print only the layout `--layout auto` on pretrain/bench/finetune "
                         "would run: the fastest predicted whose exact count fits (benchmarks/autolayout.py)")

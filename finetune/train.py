@@ -22,6 +22,7 @@ windows over whole tiles (segmentation) or cuts DOTA-style overlapping patches (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from rsscale.scaling.runtime.config_file import check_numbers
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.runtime.log import reset_peak_memory
 from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
-from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.spec.layout import Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
 from rsscale.scaling.train import checkpoint
-from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer, check_precision, log, rank_device, run_rank
+from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+from rsscale.scaling.train.pretrain import TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
 DATASETS = ("loveda", "potsdam", "dota", "diorr", "synthetic")
@@ -194,9 +196,10 @@ def layout_from_args(args, world: int) -> Layout:
 def finetune_config(args, layout: Layout, cfg: ViTConfig, steps: int) -> TrainConfig:
     """The shared run description of a fine-tuning run: what the trainer's loop, checkpoints,
     resume and store read (the task's own options stay in `args`)."""
-    return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=layout, steps=steps, seed=args.seed, precision=args.precision,
+    return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=layout, steps=steps, seed=args.seed, compute=Compute(precision=args.precision),
                        optim=OptimConfig(lr=args.lr, warmup=min(args.warmup, max(steps // 5, 1)), weight_decay=args.weight_decay, beta2=0.999,
-                                         clip_grad=args.clip_grad, distributed_optimizer=args.distributed_optimizer),
+                                         clip_grad=args.clip_grad),
+                       data_parallel=DataParallel(distributed_optimizer=args.distributed_optimizer),
                        data=args.data, num_workers=0, out=args.out or "", save_every=args.save_every, keep=args.keep, resume=args.resume,
                        allow_schedule_change=args.allow_schedule_change, overwrite=args.overwrite, log_every=args.log_every,
                        results=args.results, tensorboard=args.tensorboard, timeout=args.timeout)
@@ -570,7 +573,7 @@ def finetune_args(task: str, **overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--task", task, "--dataset", "synthetic"])
-    layout_flags = {name for name, _, _ in LAYOUT_FLAGS.values()} | {"sp"}  # absent unless given (layout_from_args's defaults)
+    layout_flags = {f.name for f in dataclasses.fields(Layout)}  # absent unless given (layout_from_args's defaults)
     unknown = set(overrides) - set(vars(args)) - layout_flags
     if unknown:
         raise ValueError(f"not options of rsscale finetune: {', '.join(sorted(unknown))}")

@@ -43,7 +43,7 @@ def test_pretrain_runs_and_records_the_chosen_layout(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "run"), "--results", str(db)]) == 0
     run = ResultsStore(str(db)).runs(kind="pretrain").iloc[0]
     plan, _ = autolayout.choose(get_preset("tiny"), 1, 4, "fp32", device_view("fp32", 1))
-    assert (run["micro_batch"], run["config"]["recompute"]) == (plan.layout.micro_batch, plan.recompute)
+    assert (run["micro_batch"], run["config"]["compute"]["recompute"]) == (plan.layout.micro_batch, plan.recompute)
 
 
 @pytest.mark.parametrize("argv, message", [

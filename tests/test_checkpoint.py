@@ -23,7 +23,8 @@ def image_dir(tmp_path_factory):
 
 
 def _config(data, out, steps=4, resume=False):
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig
 
     return TrainConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), optim=OptimConfig(lr=2e-3, warmup=1), steps=steps,
                        data=data, num_workers=0, out=str(out), resume=resume, record=False)

@@ -270,7 +270,7 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     from rsscale.benchmarks.measurement import calibrate
 
     monkeypatch.setattr(calibrate, "probe", fake_probe)
-    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
+    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.measure.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
     args = argparse.Namespace(gpus=2, max_measure=1, measure_spread=False, rounds=2, warmup=0, steps=1, peak_tflops=1.0, no_probe=False,
                               peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")

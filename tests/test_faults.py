@@ -31,10 +31,11 @@ from rsscale.scaling.spec.layout import Layout
 
 
 def _config(out, steps=3, model="tiny", data="random", **kw):
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+    from rsscale.scaling.spec.run import DataParallel, OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig
 
     layout = kw.pop("parallel", Layout(micro_batch=2, global_batch=4))
-    return TrainConfig(model=model, parallel=layout, optim=OptimConfig(lr=2e-3, warmup=1, distributed_optimizer=kw.pop("zero", False)),
+    return TrainConfig(model=model, parallel=layout, optim=OptimConfig(lr=2e-3, warmup=1), data_parallel=DataParallel(distributed_optimizer=kw.pop("zero", False)),
                        steps=steps, data=data, num_workers=0, out=str(out), record=False, log_every=100, **kw)
 
 
@@ -150,7 +151,7 @@ def test_keep_last_n_never_deletes_the_newest_complete(tmp_path):
     os.remove(os.path.join(_ckpts(tmp_path), "step_00000005", "rank_00000.safetensors"))  # newest now incomplete
     checkpoint.prune(_ckpts(tmp_path), 1)
     assert _steps_on_disk(tmp_path) == ["step_00000004", "step_00000005"]  # 4 is the newest complete one
-    with pytest.raises(ValueError, match="--keep must be >= 0"):
+    with pytest.raises(ValueError, match=r"--keep \(config key 'keep'\) must be >= 0"):
         _trainer(tmp_path / "neg", keep=-1).fit()
 
 

@@ -198,7 +198,7 @@ def test_tp_without_nproc_suggests_it_and_exits_2(argv, tmp_path, capsys):
 
 @pytest.mark.parametrize("text, needles", [
     ("micro_batch: 4\n", ["micro_batch", "belongs under 'parallel:'", "parallel.micro_batch"]),
-    ("stepz: 3\n", ["stepz (did you mean steps?)", "known: model, in_chans, parallel, optim, steps"]),
+    ("stepz: 3\n", ["stepz (did you mean steps?)", "known: model, in_chans, parallel, compute, data_parallel, optim, steps"]),
     ("optim: {lrr: 1.0e-3}\n", ["optim.lrr (did you mean optim.lr?)", "known: optim.lr, optim.min_lr"]),
 ])
 def test_pretrain_config_key_errors_say_where_a_key_belongs(tmp_path, text, needles):
@@ -217,8 +217,8 @@ def test_pretrain_help_shows_the_defaults():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     text = " ".join(parser.format_help().split())
-    for needle in ("optimizer steps (default: 50)", "peak learning rate (default: 0.001)", "tensor-parallel size (default: 1)",
-                   "--data DATA 'synthetic' (bundled), 'random' (in-memory noise) or an image folder (default: synthetic)"):
+    for needle in ("optimizer steps (default: 50)", "peak learning rate (default: 0.001)", "tensor-parallel size: heads / MLP columns split over T ranks (default: 1)",
+                   "--data DATA 'synthetic' (bundled, generated if missing), 'random' (in-memory noise) or an image folder (default: synthetic)"):
         assert needle in text, needle
     args = parser.parse_args([])
     assert "steps" not in vars(args)  # absent flags stay absent: a config file's values survive

@@ -108,9 +108,10 @@ def test_fsdp_with_compile_and_selective_recompute_matches_single_process(refere
 
 
 def test_fsdp_refuses_zero1_and_fp16():
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+    from rsscale.scaling.spec.run import Compute, DataParallel
+    from rsscale.scaling.train.pretrain import TrainConfig
 
     with pytest.raises(ValueError, match="--fsdp already shards the optimizer state"):
-        TrainConfig(fsdp=True, optim=OptimConfig(distributed_optimizer=True))
-    with pytest.raises(ValueError, match="--fsdp already shards the optimizer state"):
-        TrainConfig(fsdp=True, precision="fp16")
+        TrainConfig(data_parallel=DataParallel(fsdp=True, distributed_optimizer=True))
+    with pytest.raises(ValueError, match="--fsdp runs fp32 or bf16"):
+        TrainConfig(data_parallel=DataParallel(fsdp=True), compute=Compute(precision="fp16"))

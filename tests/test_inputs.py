@@ -104,11 +104,11 @@ def test_pretrain_config_file_values_keep_their_meaning(tmp_path):
 
 
 def test_flat_config_file_booleans_and_repeatable_flags(tmp_path, capsys):
-    """bench/profile files: 'no-record: "yes"' is refused; a list feeds a repeatable flag."""
+    """bench/profile files: 'record: "no"' is refused; a list feeds a repeatable flag."""
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text('no_record: "yes"\n')
+    cfg.write_text('record: "no"\n')
     assert cli(["bench", "--config", str(cfg)]) == 2
-    _one_error_line(capsys, str(cfg), "no_record", "true or false")
+    _one_error_line(capsys, str(cfg), "record", "true or false")
     prof = tmp_path / "profile.yaml"
     prof.write_text("model: tiny\ngpus: 2\nglobal_batch: 8\nmicro_batch: [2, 4]\ntop: 3\n")
     assert cli(["profile", "--config", str(prof)]) == 0

@@ -39,7 +39,8 @@ def _register_model():
 
 
 def _config(out, tp=1, pp=1, vpp=1):
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig
 
     _register_model()  # also in the spawned workers, which build their trainers through here
     return TrainConfig(model=MODEL, parallel=Layout(tp=tp, pp=pp, dp=1, micro_batch=MB, global_batch=GB, vpp=vpp),

@@ -92,6 +92,9 @@ def test_bench_reads_a_config_file_through_the_cli(tmp_path, capsys):
     from rsscale.scaling.runtime import cli
 
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text("steps: ten\n")
+    cfg.write_text("measure:\n  steps: ten\n")
     assert cli.main(["bench", "--config", str(cfg)]) == 2
-    assert "key 'steps' must be int" in capsys.readouterr().err
+    assert "key 'measure.steps' must be int" in capsys.readouterr().err
+    cfg.write_text("steps: 3\n")  # a flat key of the old dialect: where it belongs
+    assert cli.main(["bench", "--config", str(cfg)]) == 2
+    assert "steps (belongs under 'measure:', as measure.steps)" in capsys.readouterr().err

@@ -25,10 +25,16 @@ TOL = 1e-5
 EPS = 1e-6
 
 
-def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, **train):
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, fsdp=False, **train):
+    """The test run's TrainConfig; `train` may hold Compute's fields (precision, recompute, compile...) and TrainConfig's."""
+    import dataclasses
 
-    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS, distributed_optimizer=zero, bucket_mb=bucket_mb),
+    from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig
+
+    compute = Compute(**{f.name: train.pop(f.name) for f in dataclasses.fields(Compute) if f.name in train})
+    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS), compute=compute,
+                       data_parallel=DataParallel(distributed_optimizer=zero, bucket_mb=bucket_mb, fsdp=fsdp),
                        steps=TOTAL, data="random", out=str(out), record=False, log_every=100, **train)
 
 
@@ -72,6 +78,7 @@ def test_invalid_layout_fails_before_any_process_group():
     code = """
 import torch.distributed as dist
 from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
 from rsscale.scaling.train.pretrain import Trainer, TrainConfig
 try:
     Trainer.build(TrainConfig(model="tiny", parallel=Layout(tp=2, pp=2), data="random", record=False))

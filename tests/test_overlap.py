@@ -25,10 +25,12 @@ VARIANTS = {  # name: (ZeRO-1, overlap, bucket MiB)
 
 
 def _config(tp=1, pp=1, dp=1, zero=False, overlap=True, bucket_mb=0.0, precision="fp32", steps=STEPS):
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig
+    from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig
 
-    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, False, 2, 8), precision=precision, steps=steps, data="random", record=False,
-                       optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6, distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_mb=bucket_mb))
+    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, False, 2, 8), compute=Compute(precision=precision), steps=steps, data="random",
+                       record=False, optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6),
+                       data_parallel=DataParallel(distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_mb=bucket_mb))
 
 
 def _variants(rank, world, pp):
@@ -78,17 +80,16 @@ def test_bf16_weights_with_fp32_master_track_fp32():
 
 
 def test_bench_reports_exposed_communication_overlap_on_and_off(capsys):
-    """`--overlap-grad-reduce both`: each measured step is paired with one whose reduction follows
+    """`--overlap-sweep`: each measured step is paired with one whose reduction follows
     backward; both medians are reported and printed side by side (here one process: nothing to
     reduce, so the plumbing is what is checked; reports/overlap.md has a 4-process run)."""
-    from rsscale.benchmarks.measurement.bench import BenchOptions, print_summary, run_bench
+    from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, print_summary, run_bench
     from rsscale.scaling.parallel.state import destroy_parallel
+    from rsscale.scaling.spec.run import DataParallel
 
-    with pytest.raises(ValueError, match="--overlap-grad-reduce must be one of on, off, both"):
-        BenchOptions(overlap_grad_reduce="sometimes")
     try:
-        s = run_bench(BenchOptions(model="tiny", micro_batch=2, global_batch=4, warmup=1, steps=2, peak_tflops=1.0, record=False,
-                                   overlap_grad_reduce="both", bucket_mb=0.01))
+        s = run_bench(BenchConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), data_parallel=DataParallel(bucket_mb=0.01),
+                                  measure=Measure(warmup=1, steps=2, peak_tflops=1.0, overlap_sweep=True), record=False))
     finally:
         destroy_parallel()
     for pre in ("", "overlap_off_"):

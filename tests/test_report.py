@@ -103,24 +103,29 @@ def test_bench_command_round_trips_through_the_cli():
     import argparse
 
     from rsscale.benchmarks.measurement import bench
+    from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.spec.run import Compute, DataParallel
 
-    opts = bench.BenchOptions(model="mini", tp=2, sp=True, micro_batch=4, global_batch=16, steps=2, record=False,
-                                record_kind="profile", recompute="selective")
+    opts = bench.BenchConfig(model="mini", parallel=Layout(tp=2, sp=True, micro_batch=4, global_batch=16), record=False,
+                             compute=Compute(recompute="selective"), data_parallel=DataParallel(overlap_grad_reduce=False, bucket_mb=2.5),
+                             measure=bench.Measure(steps=2, record_kind="profile", peak_tflops=3.5))
     cmd = bench.bench_command(opts, 2)
     assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(cmd[cmd.index("bench") + 1:])
-    assert bench.options_from_args(args) == opts
+    assert bench.config_from_args(args, world=2) == opts
 
 
 def test_harness_end_to_end_tiny(tmp_path):
-    from rsscale.benchmarks.measurement.bench import BenchOptions, run_bench
+    from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, run_bench
     from rsscale.scaling.parallel.state import destroy_parallel
+    from rsscale.scaling.spec.layout import Layout
 
     db = str(tmp_path / "b.db")
     try:
-        s = run_bench(BenchOptions(model="tiny", micro_batch=2, global_batch=4, warmup=1, steps=2, peak_tflops=1.0, results=db))
+        s = run_bench(BenchConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), measure=Measure(warmup=1, steps=2, peak_tflops=1.0),
+                                  results=db))
     finally:
         destroy_parallel()
     store = ResultsStore(db)

@@ -163,11 +163,12 @@ def _count_collectives(rank, world, specs):
     """Collectives one rank's second training step launches, by c10d op (torch.profiler)."""
     import torch
 
+    from rsscale.scaling.spec.run import Compute
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     out = []
     for layout, recompute in specs:
-        trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(**layout), recompute=recompute, precision="fp32", data="random",
+        trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(**layout), compute=Compute(recompute=recompute), data="random",
                                              record=False))
         trainer.train_step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -385,7 +386,7 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
             json.dump({"step_time_median_s": times[i][k]}, f)
         return 0
 
-    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.summary_json])
+    monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.measure.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
     args = argparse.Namespace(gpus=2, max_measure=3, measure_spread=False, rounds=3, warmup=0, steps=1, peak_tflops=1.0,
                               peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")

@@ -100,7 +100,8 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
     from PIL import Image
 
     from rsscale.scaling.data.synthetic import scene
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
+    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     for i in range(8):
         rgb, _, _ = scene(np.random.default_rng(i), 64)
@@ -113,12 +114,13 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
+    from rsscale.scaling.spec.run import Compute
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="fp16 .* needs CUDA"):
-        Trainer.build(TrainConfig(precision="fp16", data="random", record=False))
+        Trainer.build(TrainConfig(compute=Compute(precision="fp16"), data="random", record=False))
 
 
 def test_failing_rank_is_named_and_exits_nonzero(tmp_path):

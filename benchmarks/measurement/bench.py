@@ -16,7 +16,7 @@ synchronization (torch.cuda.synchronize on GPU). Reported per layout:
   RSS (resource.getrusage) and its increase over the RSS before the model was built;
   time split medians: data / forward+backward / exposed DP communication (end of backward to the
   end of the gradient-reduction wait: what the bucketed reduction did not hide behind backward)
-  / optimizer; `--overlap-grad-reduce both` follows every measured step by one with the reduction
+  / optimizer; `--overlap-sweep` follows every measured step by one with the reduction
   after backward (same trainer, so both see the same drift of a shared machine) and reports the
   two side by side;
   the analytic model's prediction for the same layout (benchmarks/prediction/analytic.py), side by side;
@@ -42,80 +42,62 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
-from rsscale.scaling.runtime.config_file import check_numbers
 from rsscale.scaling.runtime.launch import add_launch_arguments, command_line, wants_launch
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
-from rsscale.scaling.spec.config import RECOMPUTE, get_preset
-from rsscale.scaling.spec.layout import Layout, add_layout_arguments, relaunch_checked
+from rsscale.scaling.runtime.options import add_options, as_config, check, option, resolve, section, to_argv
+from rsscale.scaling.spec.config import get_preset
+from rsscale.scaling.spec.layout import Layout, relaunch_checked
+from rsscale.scaling.spec.run import Compute, DataParallel
 
 log = logging.getLogger(__name__)
-DTYPES = ("fp32", "bf16", "fp16")
-OVERLAP = ("on", "off", "both")
-NUMBER_RULES = {"--tp": dict(ge=1), "--pp": dict(ge=1), "--dp": dict(ge=1), "--vpp": dict(ge=1), "--micro-batch": dict(ge=1),
-                "--global-batch": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--peak-tflops": dict(gt=0),
-                "--bucket-mb": dict(ge=0)}
 
 
 @dataclass
-class BenchOptions:
-    model: str = "tiny"
-    tp: int = 1
-    pp: int = 1
-    dp: int | None = None  # None: world size / (tp * pp)
-    sp: bool = False
-    micro_batch: int = 8
-    global_batch: int = 8
-    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
-    vpp_sweep: str | None = None  # "1,2": measure each --vpp in turn, side by side
-    warmup: int = 3
-    steps: int = 10
-    precision: str = "fp32"
-    kernels: str = "torch"
-    recompute: str = "none"  # none | selective | full
-    distributed_optimizer: bool = False
-    bucket_mb: float = 25.0  # MiB of fp32 gradient per DP bucket (0: one bucket)
-    overlap_grad_reduce: str = "on"  # on | off | both (measure on, then off, side by side)
-    fsdp: bool = False  # ZeRO-3 over DP (FSDP2)
-    peak_tflops: float | None = None  # per device; None: measure a matmul
-    results: str | None = None
-    record: bool = True
-    record_kind: str = "bench"
-    tensorboard: str | None = None  # folder for TensorBoard scalars (rank 0)
-    trace: str | None = None  # folder for torch.profiler traces, per-operator tables, memory figures
-    trace_steps: int = 2
-    summary_json: str | None = None  # rank 0 also writes its summary here (for `rsscale gpu-check`)
-    predicted_step_s: float | None = None  # the calibrated time model's prediction (`profile --measure`), recorded beside the measurement
-    peer: str = "none"  # "torch": also run the PyTorch-native way, alternating steps (benchmarks/measurement/peer.py)
+class Measure:
+    """What `bench` times and where its outputs go."""
+    warmup: int = option(3, "steps run before timing (dropped)", ge=0)
+    steps: int = option(10, "measured steps", ge=1)
+    overlap_sweep: bool = option(False, "follow every measured step by one with the DP reduction after backward "
+                                 "(same trainer) and report overlap on vs off side by side")
+    vpp_sweep: str | None = option(None, "measure once per --vpp value in this launch (V1,V2,...), img/s and pipeline bubble side by "
+                                   "side (overrides --vpp)")
+    peak_tflops: float | None = option(None, "per-device peak for MFU (default: measure a matmul)", gt=0)
+    trace: str | None = option(None, "after the timed steps, profile --trace-steps more: a Chrome trace and per-operator table per "
+                               "rank, and on CUDA a memory snapshot (benchmarks/measurement/trace.py)")
+    trace_steps: int = option(2, "steps profiled with --trace", ge=1)
+    summary_json: str | None = option(None, "also write rank 0's summary to this JSON file")
+    peer: str = option("none", "torch: also run the same model the PyTorch-native way (one process, DDP, ZeroRedundancyOptimizer, "
+                       "DTensor TP and SP, torch.distributed.pipelining, FSDP2; fused AdamW, SDPA), steps alternating with ours; "
+                       "ratios in the summary and the store", choices=("none", "torch"))
+    predicted_step_s: float | None = option(None, "the time model's prediction (`profile --measure`), recorded beside the measurement", hidden=True)
+    record_kind: str = option("bench", "the store's run kind", choices=("bench", "profile"), hidden=True)
+
+
+@dataclass
+class BenchConfig:
+    """Every option of `rsscale bench`; the layout, compute and data-parallel sections are the trainer's own."""
+    model: str = option("tiny", "model preset (rsscale models) or a model file")
+    parallel: Layout = section(Layout)
+    compute: Compute = section(Compute)
+    data_parallel: DataParallel = section(DataParallel)
+    measure: Measure = section(Measure)
+    results: str | None = option(None, "results store (default: $RSSCALE_RESULTS or reports/results.db)")
+    record: bool = option(True, "do not write to the results store")
+    tensorboard: str | None = option(None, "write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
 
     def __post_init__(self):
-        check_numbers(NUMBER_RULES, lambda flag: getattr(self, flag[2:].replace("-", "_")))
-        if self.precision not in DTYPES:
-            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, not {self.precision!r}")
-        if self.overlap_grad_reduce not in OVERLAP:
-            raise ValueError(f"--overlap-grad-reduce must be one of {', '.join(OVERLAP)}, not {self.overlap_grad_reduce!r}")
-        if self.peer not in ("none", "torch"):
-            raise ValueError(f"--peer must be none or torch, not {self.peer!r}")
-        if self.record_kind not in ("bench", "profile"):
-            raise ValueError(f"record kind must be 'bench' or 'profile', not {self.record_kind!r}")
+        check(self)
 
 
-def bench_command(opts: BenchOptions, nproc: int) -> list[str]:
-    """The command line that runs `opts` on `nproc` local processes (torchrun when nproc > 1)."""
-    args = []
-    for f in fields(BenchOptions):
-        value, flag = getattr(opts, f.name), "--" + f.name.replace("_", "-")
-        if f.name == "record":
-            args += [] if value else ["--no-record"]
-        elif isinstance(value, bool):
-            args += [flag] if value else []
-        elif value is not None:
-            args += [flag, str(value)]
-    return command_line("bench", args, nproc)
+def bench_command(config: BenchConfig, nproc: int) -> list[str]:
+    """The command line that runs `config` on `nproc` local processes (torchrun when nproc > 1)."""
+    argv = to_argv(config)
+    return command_line("bench", argv if "--dp" in argv else argv + ["--dp", str(config.parallel.dp)], nproc)  # --dp 1 stays 1 on more ranks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,63 +122,52 @@ def summarize(step_times, global_batch: int, step_flops: float, model_flops: flo
     }
 
 
-def check_peer(opts: BenchOptions, layout: Layout) -> Layout:
-    """`layout`, unless --peer torch asks for a native peer it has none of (bad usage, one line)."""
-    if opts.peer == "torch":
+def check_peer(config: BenchConfig) -> Layout:
+    """The layout, unless --peer torch asks for a native peer it has none of (bad usage, one line)."""
+    if config.measure.peer == "torch":
         from rsscale.benchmarks.measurement.peer import native_kind
 
         try:
-            native_kind(layout, opts.fsdp)
+            native_kind(config.parallel, config.data_parallel.fsdp)
         except ValueError as e:
             raise ValueError(f"--peer torch: {e}") from None
-    return layout
+    return config.parallel
 
 
-def bench_layout(opts: BenchOptions, world: int) -> Layout:
-    """The layout `opts` measures on `world` processes (--dp defaults to world / (tp*pp))."""
-    dp = opts.dp or max(1, world // (opts.tp * opts.pp))
-    return Layout(tp=opts.tp, pp=opts.pp, dp=dp, sp=opts.sp, micro_batch=opts.micro_batch, global_batch=opts.global_batch, vpp=opts.vpp)
-
-
-def run_bench(opts: BenchOptions) -> dict | None:
+def run_bench(opts: BenchConfig) -> dict | None:
     """Measure `opts` on this process's rank; returns the summary on rank 0 (None elsewhere)."""
     import torch
     import torch.distributed as dist
 
     from rsscale.benchmarks.prediction import analytic
     from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
     store = open_store(opts)  # before measuring: a bad store must not throw a measurement away
-    layout = bench_layout(opts, world)
-    measured = opts.steps * (2 if opts.overlap_grad_reduce == "both" else 1)
-    config = TrainConfig(model=opts.model, parallel=layout, steps=opts.warmup + measured, precision=opts.precision,
-                         kernels=opts.kernels, recompute=opts.recompute, data="random",
-                         record=False, optim=OptimConfig(distributed_optimizer=opts.distributed_optimizer, bucket_mb=opts.bucket_mb,
-                                                         overlap_grad_reduce=opts.overlap_grad_reduce != "off"), fsdp=opts.fsdp)
+    layout, m = opts.parallel, opts.measure
+    measured = m.steps * (2 if m.overlap_sweep else 1)
+    config = TrainConfig(model=opts.model, parallel=layout, compute=opts.compute, data_parallel=opts.data_parallel,
+                         steps=m.warmup + measured, data="random", record=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     import rsscale.scaling.model.mae  # noqa: F401 - libraries loaded before the baseline, so the RSS increase is the run's
 
-    plan = analytic.Plan(layout, precision=opts.precision, recompute=opts.recompute,
-                         distributed_optimizer=opts.distributed_optimizer, fsdp=opts.fsdp, bucket_mb=opts.bucket_mb,
-                         overlap_grad_reduce=opts.overlap_grad_reduce != "off")
+    plan = analytic.Plan.of(opts)
     counted_stages, counted = None, {}
-    if opts.trace:  # counted before any process group exists (counting builds its own fake one)
+    if m.trace:  # counted before any process group exists (counting builds its own fake one)
         from rsscale.benchmarks.prediction.count import count_plan
 
         counted_stages = count_plan(get_preset(opts.model), plan)
         counted = {"counted_mem_bytes": max(c.total for c in counted_stages),
                    "counted_act_bytes": max(c.activations for c in counted_stages)}
-    check_peer(opts, layout)  # before any process group
+    check_peer(opts)  # before any process group
     trainer = Trainer.build(config)
     before = trainer.memory_at_start  # memory when the trainer restarted the peak count, before its model: the same window as the peak
     trainer.time_compute = layout.pp > 1  # each forward/backward timed: the measured pipeline bubble
     rank = dist.get_rank()
     peer, peer_recs = None, []
-    if opts.peer == "torch":
+    if m.peer == "torch":
         from rsscale.benchmarks.measurement.peer import NativePeer
 
         peer = NativePeer(trainer)
@@ -208,35 +179,35 @@ def run_bench(opts: BenchOptions) -> dict | None:
             peer_recs.append(peer.train_step(trainer._micro_batches()))
         return trainer.train_step()
 
-    log.info(f"{opts.model} {layout} {opts.precision}: {opts.warmup} warm-up + {opts.steps} measured steps")
-    first = [step() for _ in range(opts.warmup)]
+    log.info(f"{opts.model} {layout} {opts.compute.precision}: {m.warmup} warm-up + {m.steps} measured steps")
+    first = [step() for _ in range(m.warmup)]
     first_peer = peer_recs[:1]
     del peer_recs[:]
-    recs, other = [], ([] if opts.overlap_grad_reduce == "both" else None)
+    recs, other = [], ([] if m.overlap_sweep else None)
     with ScalarWriter(opts.tensorboard, prefix="bench") as tb:
-        for i in range(opts.steps):
+        for i in range(m.steps):
             if other is not None:
                 other.append(_step_without_overlap(trainer))
             recs.append(step())
             r = recs[-1]
             tb.add(i + 1, **{k: r[k] for k in ("t_step", "loss", "lr", "grad_norm", "images_per_s")}, peak_memory_bytes=peak_memory_bytes(trainer.device))
-            log.info(f"step {i + 1}/{opts.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
+            log.info(f"step {i + 1}/{m.steps}: {r['t_step']:.4f} s, loss {r['loss']:.4f}")
     mine = {"rank": rank, "peak": peak_memory_bytes(trainer.device), "before": before}
     if trainer.time_compute:  # this rank's idle share of forward+backward, per step
         mine["bubble"] = float(np.median([(r["t_fwd_bwd"] - r["t_compute"]) / r["t_compute"] for r in recs]))
         mine["compute"] = float(np.median([r["t_compute"] for r in recs]))
-    if opts.trace:  # after the timed steps, so the profiler does not slow them down
+    if m.trace:  # after the timed steps, so the profiler does not slow them down
         from rsscale.benchmarks.measurement.trace import trace_steps
 
-        mine["peak"] = max(mine["peak"], trace_steps(trainer, opts.trace, opts.trace_steps, counted_stages))
+        mine["peak"] = max(mine["peak"], trace_steps(trainer, m.trace, m.trace_steps, counted_stages))
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     if rank != 0:
         return None
 
     cfg = trainer.cfg
-    peak_tflops = opts.peak_tflops or matmul_peak_tflops(trainer.device, opts.precision)
-    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.recompute),
+    peak_tflops = m.peak_tflops or matmul_peak_tflops(trainer.device, opts.compute.precision)
+    summary = summarize([r["t_step"] for r in recs], layout.global_batch, mae_step_flops(cfg, opts.compute.recompute),
                         mae_step_flops(cfg, "none"), peak_tflops, layout.world_size)
     for key in ("t_data", "t_fwd_bwd", "t_dp_exposed", "t_optim"):
         summary[f"{key}_median_s"] = float(np.median([r[key] for r in recs]))
@@ -244,7 +215,7 @@ def run_bench(opts: BenchOptions) -> dict | None:
         for key in ("t_fwd_bwd", "t_dp_exposed", "t_step"):
             summary[f"overlap_off_{key}_median_s"] = float(np.median([r[key] for r in other]))
         summary["overlap_off_images_per_s"] = layout.global_batch / summary["overlap_off_t_step_median_s"]
-    if opts.trace:
+    if m.trace:
         summary.update(counted)
     if peer is not None:
         summary.update(peer_summary(peer, recs, peer_recs, (first[:1] or recs[:1])[0], (first_peer or peer_recs[:1])[0], layout.global_batch))
@@ -261,8 +232,8 @@ def run_bench(opts: BenchOptions) -> dict | None:
     summary["predicted_mem_bytes"] = est.memory["total"]
     summary["predicted_act_bytes"] = est.memory["activations"]
     summary["predicted_images_per_s"] = est.images_per_s
-    if opts.predicted_step_s is not None:
-        summary["predicted_step_time_s"] = opts.predicted_step_s
+    if m.predicted_step_s is not None:
+        summary["predicted_step_time_s"] = m.predicted_step_s
     if store is not None:
         summary["recorded"] = _record(store, opts, layout, cfg, param_count(cfg, "mae"), summary, recs, peaks, trainer.device)
     return summary
@@ -288,7 +259,7 @@ def _step_without_overlap(trainer) -> dict:
         trainer.optimizer.overlap = True
 
 
-def open_store(opts: BenchOptions):
+def open_store(opts: BenchConfig):
     """The results store this process will record into (rank 0 with recording on), opened and
     checked now; None when nothing is recorded. Raises StoreError (one line) for a bad store."""
     if not opts.record or int(os.environ.get("RANK", 0)) != 0:
@@ -307,9 +278,9 @@ def _record(store, opts, layout, cfg, params, summary, recs, peaks, device) -> b
 
         device_name = torch.cuda.get_device_name(device)
     extra = {"device": device_name} if device_name else {}
-    fields = dict(kind=opts.record_kind, preset=cfg.name, params=params, layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
-                  micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.precision,
-                  kernels=opts.kernels, config=asdict(opts), device_count=layout.world_size, **extra)
+    fields = dict(kind=opts.measure.record_kind, preset=cfg.name, params=params, layout=dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp),
+                  micro_batch=layout.micro_batch, global_batch=layout.global_batch, precision=opts.compute.precision,
+                  kernels=opts.compute.kernels, config=as_config(opts), device_count=layout.world_size, **extra)
     texts = {k: v for k, v in summary.items() if isinstance(v, str)}  # the peer's kind and optimizer: tags of its numbers
     metrics = ([(k, v, None, texts) if k.startswith(("peer_", "ours_", "first_step")) else (k, v) for k, v in summary.items() if k not in texts]
                + [("step_time_s", r["t_step"], i) for i, r in enumerate(recs)]
@@ -321,7 +292,7 @@ def _record(store, opts, layout, cfg, params, summary, recs, peaks, device) -> b
         path = save_unrecorded(store.path, dict(store=store.path, run=fields, metrics=metrics, error=str(err)))
         log.error(f"could not record in {store.path} ({err}); the record is saved in {path}")
         return False
-    log.info(f"recorded run {run.id} in {store.path} (kind={opts.record_kind})")
+    log.info(f"recorded run {run.id} in {store.path} (kind={opts.measure.record_kind})")
     return True
 
 
@@ -385,59 +356,31 @@ def sweep_table(rows: list[tuple[int, dict]]) -> str:
 
 
 def add_arguments(parser) -> None:
-    d = BenchOptions()
-    parser.add_argument("--model", default=d.model, help="model preset (rsscale models)")
-    add_layout_arguments(parser, defaults=Layout(micro_batch=d.micro_batch, global_batch=d.global_batch))
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="steps run before timing (dropped)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="measured steps")
-    parser.add_argument("--precision", choices=DTYPES, default=d.precision)
-    parser.add_argument("--kernels", choices=("torch", "triton"), default=d.kernels)
-    parser.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute, help="recompute in backward: the attention core (selective) or whole blocks (full)")
-    parser.add_argument("--distributed-optimizer", action="store_true", help="shard AdamW state over DP (ZeRO-1)")
-    parser.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="MiB of fp32 gradient per DP reduction bucket (0: one bucket)")
-    parser.add_argument("--overlap-grad-reduce", choices=OVERLAP, default=d.overlap_grad_reduce,
-                        help="reduce DP buckets during backward (on), after it (off), or measure both side by side")
-    parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state over DP (FSDP2, ZeRO-3)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measure a matmul)")
-    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
-    parser.add_argument("--no-record", action="store_true", help="do not write to the results store")
-    parser.add_argument("--record-kind", choices=("bench", "profile"), default="bench", help=argparse_hide())
-    parser.add_argument("--predicted-step-s", type=float, default=None, help=argparse_hide())
+    add_options(parser, BenchConfig)
     add_launch_arguments(parser)
-    parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (step time, loss, lr, grad norm, img/s, memory) here")
-    parser.add_argument("--trace", default=None, metavar="DIR", help="after the timed steps, profile --trace-steps more: a Chrome trace "
-                        "and per-operator table per rank, and on CUDA a memory snapshot (benchmarks/measurement/trace.py)")
-    parser.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps profiled with --trace")
-    parser.add_argument("--summary-json", default=None, help="also write rank 0's summary to this JSON file")
-    parser.add_argument("--peer", choices=("none", "torch"), default=d.peer,
-                        help="torch: also run the same model the PyTorch-native way (one process, DDP, ZeroRedundancyOptimizer, "
-                        "DTensor TP and SP, torch.distributed.pipelining, FSDP2; fused AdamW, SDPA), steps alternating with ours; "
-                        "ratios in the summary and the store")
-    parser.add_argument("--vpp-sweep", default=None, metavar="V1,V2,...", help="measure once per --vpp value in this launch, "
-                        "img/s and pipeline bubble side by side (overrides --vpp)")
 
 
-def argparse_hide():
-    import argparse
-
-    return argparse.SUPPRESS
-
-
-def options_from_args(args) -> BenchOptions:
-    names = {f.name for f in fields(BenchOptions)} - {"record"}
-    return BenchOptions(record=not args.no_record, **{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args, world: int | None = None) -> BenchConfig:
+    """Defaults <- --config file <- flags; --dp defaults to world / (tp*pp) ($WORLD_SIZE under torchrun)."""
+    def derive_dp(tree, given):
+        if "parallel.dp" not in given:
+            p = tree["parallel"]
+            p["dp"] = max(1, (world or int(os.environ.get("WORLD_SIZE", 1))) // (p["tp"] * p["pp"]))
+    return resolve(BenchConfig, args, adjust=derive_dp)
 
 
 def main(args) -> int:
-    opts = options_from_args(args)
+    config = config_from_args(args)
     if wants_launch(args):
-        return relaunch_checked("bench", args, lambda world: (check_peer(opts, bench_layout(opts, world)), get_preset(opts.model)))
-    if opts.vpp_sweep:
+        return relaunch_checked("bench", args, lambda world: (check_peer(config_from_args(args, world)), get_preset(config.model)))
+    sweep = config.measure.vpp_sweep
+    if sweep:
         try:
-            values = [int(v) for v in opts.vpp_sweep.split(",")]
+            values = [int(v) for v in sweep.split(",")]
         except ValueError:
-            raise SystemExit(f"rsscale bench: --vpp-sweep takes comma-separated integers, got {opts.vpp_sweep!r}") from None
-        rows = [(v, run_bench(dataclasses.replace(opts, vpp=v, vpp_sweep=None))) for v in values]
+            raise SystemExit(f"rsscale bench: --vpp-sweep takes comma-separated integers, got {sweep!r}") from None
+        rows = [(v, run_bench(dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, vpp=v),
+                                                  measure=dataclasses.replace(config.measure, vpp_sweep=None)))) for v in values]
         summary = rows[-1][1]
         if summary is not None:
             for v, s in rows:
@@ -445,14 +388,14 @@ def main(args) -> int:
                 print_summary(s)
             print(sweep_table(rows), flush=True)
     else:
-        summary = run_bench(opts)
+        summary = run_bench(config)
         if summary is not None:
             print_summary(summary)
     if summary is not None:
-        if opts.summary_json:
+        if config.measure.summary_json:
             import json
 
-            with open(opts.summary_json, "w") as f:
+            with open(config.measure.summary_json, "w") as f:
                 json.dump(summary, f, indent=1)
     from rsscale.scaling.parallel.state import destroy_parallel
 

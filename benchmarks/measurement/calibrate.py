@@ -143,10 +143,13 @@ def _one_process_step(model: str, micro_batch: int, global_batch: int, precision
     CPU run computes) that writes its summary to `path`; `_summary(path)` reads its median step time back."""
     import subprocess
 
-    from rsscale.benchmarks.measurement.bench import BenchOptions, bench_command
+    from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, bench_command
+    from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.spec.run import Compute, DataParallel
 
-    opts = BenchOptions(model=model, micro_batch=micro_batch, global_batch=global_batch, warmup=warmup, steps=steps, precision=precision,
-                        recompute=recompute, fsdp=fsdp, peak_tflops=1.0, record=False, summary_json=path)
+    opts = BenchConfig(model=model, parallel=Layout(micro_batch=micro_batch, global_batch=global_batch),
+                       compute=Compute(precision=precision, recompute=recompute), data_parallel=DataParallel(fsdp=fsdp),
+                       measure=Measure(warmup=warmup, steps=steps, peak_tflops=1.0, summary_json=path), record=False)
     return subprocess.Popen(bench_command(opts, 1), env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
 
 

@@ -219,7 +219,7 @@ class NativePeer:
 
     def __init__(self, trainer):
         self.trainer, L, cfg = trainer, trainer.layout, trainer.cfg
-        self.kind = native_kind(L, trainer.config.fsdp)
+        self.kind = native_kind(L, trainer.config.data_parallel.fsdp)
         if cfg.supervised:
             raise ValueError(f"no PyTorch-native peer for the supervised model {cfg.name!r} yet (the peer is an MAE)")
         full = trainer.full_state_dict()  # TP=1 names and shapes (this pipeline stage's parameters)
@@ -240,7 +240,7 @@ class NativePeer:
         groups = [[g for g in ({"params": [p for n, p in kind if decays(n, p)]},  # decay where ours does (matrices only)
                                {"params": [p for n, p in kind if not decays(n, p)], "weight_decay": 0.0}) if g["params"]]
                   for kind in kinds if kind]
-        if self.kind == "ddp" and opt.distributed_optimizer:  # ZeRO-1 the native way: AdamW state sharded over the DP group
+        if self.kind == "ddp" and trainer.config.data_parallel.distributed_optimizer:  # ZeRO-1 the native way: AdamW state sharded over the DP group
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             self.optimizers = [ZeroRedundancyOptimizer(g, optimizer_class=torch.optim.AdamW, process_group=trainer.state.dp_group(),
@@ -278,7 +278,7 @@ class NativePeer:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(model, process_group=self.trainer.state.dp_group(), bucket_cap_mb=self.trainer.config.optim.bucket_mb or 25)
+            return DistributedDataParallel(model, process_group=self.trainer.state.dp_group(), bucket_cap_mb=self.trainer.config.data_parallel.bucket_mb or 25)
         if self.kind in ("dtensor-tp", "dtensor-tp-sp", "fsdp2"):
             from torch.distributed.device_mesh import init_device_mesh
 

@@ -71,8 +71,7 @@ def trace_steps(trainer, out_dir: str, steps: int, counted_stages=None) -> int:
         torch.cuda.memory._dump_snapshot(os.path.join(out_dir, f"memory_rank{rank}.pickle"))
         torch.cuda.memory._record_memory_history(enabled=None)
     stage = trainer.state.pp_rank()
-    plan = analytic.Plan(trainer.layout, precision=trainer.config.precision, recompute=trainer.config.recompute,
-                         distributed_optimizer=trainer.config.optim.distributed_optimizer, fsdp=trainer.config.fsdp)
+    plan = analytic.Plan.of(trainer.config, trainer.layout)
     memory = {"rank": rank, "stage": stage, "device": str(trainer.device),
               "peak_allocated_bytes": peak if cuda else None,
               "analytic_bytes": analytic.memory_per_stage(trainer.cfg, plan)[stage],

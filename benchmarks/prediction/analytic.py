@@ -79,10 +79,10 @@ from dataclasses import dataclass, field
 from rsscale.scaling.parallel.pipeline import in_flight_chunks
 from rsscale.scaling.spec.config import ViTConfig, mae_step_flops, recompute_mode
 from rsscale.scaling.spec.layout import Layout, stage_chunk_ranges, stage_layer_range
+from rsscale.scaling.spec.run import PRECISIONS, Compute, DataParallel
 
 GIB = 2**30
 SCHEMES = ("rsscale", "megatron")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,20 @@ class Plan:
     scheme: str = "rsscale"
     overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/train/optim.py)
     bucket_mb: float = 25.0
+
+    @classmethod
+    def of(cls, run, layout: Layout | None = None) -> "Plan":
+        """The plan of a run description (a tree with parallel, compute and data_parallel sections:
+        pretrain's, bench's); `layout` replaces its parallel section (a derived --dp)."""
+        c, d = run.compute, run.data_parallel
+        return cls(layout or run.parallel, precision=c.precision, recompute=c.recompute, distributed_optimizer=d.distributed_optimizer,
+                   fsdp=d.fsdp, bucket_mb=d.bucket_mb, overlap_grad_reduce=d.overlap_grad_reduce)
+
+    def run_sections(self) -> dict:
+        """The plan as run-description sections (parallel, compute, data_parallel): what `bench` runs."""
+        return dict(parallel=self.layout, compute=Compute(precision=self.precision, recompute=self.recompute),
+                    data_parallel=DataParallel(distributed_optimizer=self.distributed_optimizer, fsdp=self.fsdp, bucket_mb=self.bucket_mb,
+                                               overlap_grad_reduce=self.overlap_grad_reduce))
 
     def __post_init__(self):
         object.__setattr__(self, "recompute", recompute_mode(self.recompute))

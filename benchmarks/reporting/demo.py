@@ -66,7 +66,8 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 def main(args) -> int:
     t0 = time.perf_counter()
     from rsscale.scaling.data.synthetic import dataset_for
-    from rsscale.scaling.train.pretrain import OptimConfig, TrainConfig, Trainer
+    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     clear_previous_demo(args.out, models, args.overwrite)

@@ -162,7 +162,7 @@ def lr_for(plan: Plan, model: str) -> float:
     """Peak learning rate of a size: pretrain.lr, times lr_width / width when the plan sets lr_width
     (muP-style 1/width for Adam: narrow models take larger steps, wide ones smaller)."""
     from rsscale.scaling.spec.config import get_preset
-    from rsscale.scaling.train.pretrain import OptimConfig
+    from rsscale.scaling.spec.run import OptimConfig
 
     lr = float(plan.pretrain.get("lr", OptimConfig.lr))
     return lr * plan.lr_width / get_preset(model).width if plan.lr_width else lr

@@ -1,6 +1,8 @@
 """`rsscale` command line. Each sub-command lives in the module that does the work; that module
-exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported only when their
-command runs, so `rsscale --help` stays fast and optional dependencies stay optional."""
+exposes `add_arguments(parser)` and `main(args) -> int`, and where its options are a dataclass tree
+(scaling/runtime/options.py) also `config_from_args(args)`: then the command takes `--config FILE`
+(nested like the tree) and `--print-config`. Modules are imported only when their command runs, so
+`rsscale --help` stays fast and optional dependencies stay optional."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import warnings
 from rsscale.scaling.runtime.config_file import parse_args_with_config
 from rsscale.scaling.runtime.launch import interrupted_exit_code, on_signals, raise_interrupted
 from rsscale.scaling.runtime.log import setup_logging
+from rsscale.scaling.runtime.options import as_config
 
 COMMANDS = {
     "models": ("rsscale.scaling.spec.config", "list model presets with exact parameter counts and FLOPs"),
@@ -35,8 +38,8 @@ COMMANDS = {
 
 AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
 
-# Commands whose --config file is flat (keys are flag names); pretrain has its own config tree.
-FLAT_CONFIG = ("bench", "profile", "finetune")
+# Commands whose --config file is still flat (keys are flag names); the others' files are nested like their tree.
+FLAT_CONFIG = ("profile", "finetune")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -113,9 +116,12 @@ def _run(argv: list[str]) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
+    tree = hasattr(module, "config_from_args")
     if name in FLAT_CONFIG:
         parser.add_argument("--config", help="YAML or TOML file of flag values (keys: flag names); flags override it")
-    if name in FLAT_CONFIG or hasattr(module, "resolved_config"):
+    elif tree:
+        parser.add_argument("--config", help="YAML or TOML file nested like the options (as --print-config writes it); flags override it")
+    if name in FLAT_CONFIG or tree:
         parser.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
                             help="write the resolved options as a YAML config file that --config accepts back (to FILE, or stdout), and exit")
     try:
@@ -126,8 +132,7 @@ def _run(argv: list[str]) -> int:
     args.command_argv = rest  # what a torchrun relaunch (scaling/runtime/launch.py) passes on to the ranks
     try:
         if getattr(args, "print_config", None) is not None:
-            return print_config(module.resolved_config(args) if hasattr(module, "resolved_config") else flat_config(parser, args),
-                                args.print_config)
+            return print_config(as_config(module.config_from_args(args)) if tree else flat_config(parser, args), args.print_config)
         return int(module.main(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("RSSCALE_TRACEBACK"):

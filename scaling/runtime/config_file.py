@@ -100,6 +100,7 @@ def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}  # `micro-batch:` as the flag spells it is `micro_batch`
     unknown = sorted(str(k) for k in data if k not in hints)
     if unknown:
         known = ", ".join(prefix + k for k in hints)
@@ -109,9 +110,18 @@ def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             out[key] = check_tree(path, value if value is not None else {}, typ, f"{prefix}{key}.")
+        elif _list_of(typ) is not None and value is not None:  # a repeatable flag: one value or a list of them
+            out[key] = [coerce_value(path, prefix + key, v, _list_of(typ)) for v in (value if isinstance(value, list) else [value])]
         else:
             out[key] = coerce_value(path, prefix + key, value, typ)
     return out
+
+
+def _list_of(typ):
+    """T for a `list[T]` or `list[T] | None` hint, else None."""
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typ.__args__ if t is not type(None))
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
 
 
 def _unknown_key(key: str, hints: dict, prefix: str) -> str:

@@ -24,18 +24,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from rsscale.scaling.runtime import launch
+from rsscale.scaling.runtime.options import leaves, option
 from rsscale.scaling.spec.config import ViTConfig
 
 
 @dataclass(frozen=True)
 class Layout:
-    tp: int = 1  # tensor parallel: heads / MLP columns split over T ranks
-    pp: int = 1  # pipeline parallel: encoder blocks split over P stages
-    dp: int = 1  # data parallel: the global batch split over D replicas
-    sp: bool = False  # sequence parallel inside the TP group (needs tp > 1)
-    micro_batch: int = 8  # images per forward pass on one rank
-    global_batch: int = 8  # images per optimizer step, over all DP ranks and micro-batches
-    vpp: int = 1  # virtual pipeline stages (chunks of blocks) per pipeline rank: interleaved 1F1B when > 1
+    tp: int = option(1, "tensor-parallel size: heads / MLP columns split over T ranks", ge=1)
+    pp: int = option(1, "pipeline-parallel size: encoder blocks split over P stages", ge=1)
+    dp: int = option(1, "data-parallel size (default: world size / (tp*pp))", ge=1)
+    sp: bool = option(False, "sequence parallelism inside the TP group (needs --tp >= 2)")
+    micro_batch: int = option(8, "images per micro-batch per rank", ge=1)
+    global_batch: int = option(8, "images per optimizer step (all ranks)", ge=1)
+    vpp: int = option(1, "virtual pipeline stages per rank (interleaved 1F1B; needs --pp >= 2)", ge=1)
 
     @property
     def world_size(self) -> int:
@@ -55,28 +56,22 @@ class Layout:
         return f"TP{self.tp}{sp} PP{self.pp}{vpp} DP{self.dp} mb{self.micro_batch} gb{self.global_batch}"
 
 
-# The layout flags every command that trains or measures takes: flag -> (Layout field, type, help).
-LAYOUT_FLAGS = {
-    "--tp": ("tp", int, "tensor-parallel size"),
-    "--pp": ("pp", int, "pipeline-parallel size"),
-    "--dp": ("dp", int, "data-parallel size (default: world size / (tp*pp))"),
-    "--micro-batch": ("micro_batch", int, "images per micro-batch per rank"),
-    "--global-batch": ("global_batch", int, "images per optimizer step (all ranks)"),
-    "--vpp": ("vpp", int, "virtual pipeline stages per rank (interleaved 1F1B; needs --pp >= 2)"),
-}
-SP_HELP = "sequence parallelism (needs --tp >= 2)"
+LAYOUT_FLAGS = tuple(leaf.flag for leaf in leaves(Layout))  # --tp --pp --dp --sp --micro-batch --global-batch --vpp
 
 
 def add_layout_arguments(parser, defaults: Layout | None = None) -> None:
-    """Add --tp --pp --dp --sp --micro-batch --global-batch --vpp. With `defaults`, absent flags take its
-    values (--dp stays None: derived from the world size); without, absent flags stay absent
-    (argparse.SUPPRESS), so a config file's values survive."""
+    """Add --tp --pp --dp --sp --micro-batch --global-batch --vpp (help from Layout's fields). With
+    `defaults`, absent flags take its values (--dp stays None: derived from the world size);
+    without, absent flags stay absent (argparse.SUPPRESS), so a config file's values survive."""
     import argparse
 
-    for flag, (name, typ, help_) in LAYOUT_FLAGS.items():
+    for leaf in leaves(Layout):
+        name = leaf.field.name
         default = argparse.SUPPRESS if defaults is None else (None if name == "dp" else getattr(defaults, name))
-        parser.add_argument(flag, type=typ, default=default, help=help_)
-    parser.add_argument("--sp", action="store_true", default=argparse.SUPPRESS if defaults is None else False, help=SP_HELP)
+        if leaf.type is bool:
+            parser.add_argument(leaf.flag, action="store_true", default=default, help=leaf.meta["help"])
+        else:
+            parser.add_argument(leaf.flag, type=leaf.type, default=default, help=leaf.meta["help"])
 
 
 def derive_dp(tp: int, pp: int, dp: int | None, world_size: int) -> int:

@@ -30,7 +30,6 @@ reduce-scattered, AdamW steps the shards); --recompute and --compile act inside 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -41,19 +40,21 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rsscale.scaling.runtime.config_file import check_number, check_tree, load_config_file
+from rsscale.scaling.runtime.config_file import check_tree
 from rsscale.scaling.runtime.launch import MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count, wants_launch
+from rsscale.scaling.runtime.options import add_options, as_config, build, check, leaves, option, resolve, section
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
 from rsscale.scaling.runtime.store import NullRun
 from rsscale.scaling.spec import layout as layout_mod
-from rsscale.scaling.spec.config import RECOMPUTE, get_preset, param_count
+from rsscale.scaling.spec.config import get_preset, param_count
 from rsscale.scaling.spec.layout import Layout
+from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
 from rsscale.scaling.train import checkpoint
 from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
 
@@ -63,179 +64,70 @@ from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup: int = 5  # linear warmup steps, then cosine to min_lr at the last step
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95  # MAE's betas
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # global L2 norm; 0 disables
-    distributed_optimizer: bool = False  # ZeRO-1: optimizer state (and fp32 master weights) sharded over DP ranks
-    bucket_mb: float = 25.0  # MiB of fp32 gradient per DP reduction bucket (0: one bucket)
-    overlap_grad_reduce: bool = True  # reduce each bucket during backward as soon as its gradients are final
-
-
-@dataclass
 class TrainConfig:
-    model: str = "tiny"  # preset name (scaling.config.PRESETS)
-    in_chans: int = 3  # image bands; overrides the preset's (4: RGB+NIR)
-    parallel: Layout = field(default_factory=Layout)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 50
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (16-bit weights, fp32 master weights + grads; fp16 needs CUDA)
-    recompute: str = "none"  # none | selective (attention core) | full (whole blocks), in backward
-    compile: bool = False  # torch.compile each transformer block
-    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager/eager to debug)
-    fsdp: bool = False  # ZeRO-3: parameters, gradients and optimizer state sharded over DP (scaling/train/fsdp.py)
-    kernels: str = "torch"  # torch | triton
-    data: str = "synthetic"  # "synthetic" (bundled, generated if missing) | "random" (in-memory) | image folder
-    data_backend: str = "auto"  # auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly
-    num_workers: int = 2
-    out: str = "runs/pretrain"
-    save_every: int = 0  # 0: only at the end
-    keep: int = 0  # keep only the N newest checkpoints (0: all); the newest complete one is never deleted
-    resume: bool = False
-    async_save: bool = False  # write checkpoints in a background thread from a host copy; training goes on meanwhile
-    allow_schedule_change: bool = False  # --resume with other steps/lr/warmup/min_lr than the checkpoint's run
-    overwrite: bool = False  # start over in an --out folder that holds checkpoints (deletes them)
-    log_every: int = 10
-    timeout: float = 300.0  # process-group timeout (s): a dead peer fails the step instead of hanging
-    results: str | None = None  # results store path (None: $RSSCALE_RESULTS or reports/results.db)
-    record: bool = True  # write the run and its step records into the results store
-    tensorboard: str | None = None  # folder for TensorBoard scalar curves (rank 0 writes)
+    """Every option of a pretraining run; its flags, --config file and --print-config come from these fields."""
+    model: str = option("tiny", "model preset (rsscale models) or a model file")
+    in_chans: int = option(3, "image bands; overrides the preset's (4: the RGB+NIR TIFFs of `rsscale data --bands 4`)", ge=1)
+    parallel: Layout = section(Layout)
+    compute: Compute = section(Compute)
+    data_parallel: DataParallel = section(DataParallel)
+    optim: OptimConfig = section(OptimConfig)
+    steps: int = option(50, "optimizer steps", ge=1)
+    seed: int = option(0, "seed of weights, data order, augmentation and masks", ge=0)
+    data: str = option("synthetic", "'synthetic' (bundled, generated if missing), 'random' (in-memory noise) or an image folder")
+    data_backend: str = option("auto", "auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly",
+                               choices=("auto", "torch", "dali"))
+    num_workers: int = option(2, "data loader workers per rank", ge=0)
+    out: str = option("runs/pretrain", "run folder (checkpoints under <out>/checkpoints)")
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)", ge=0)
+    keep: int = option(0, "keep only the N newest checkpoints (0: all); the newest complete one is never deleted", ge=0)
+    resume: bool = option(False, "continue from the newest complete checkpoint under <out>/checkpoints")
+    async_save: bool = option(False, "write checkpoints in a background thread from a host copy of this rank's shard (training goes on; "
+                              "the same atomic, verified checkpoint)")
+    allow_schedule_change: bool = option(False, "with --resume: accept --steps/--lr/--warmup/--min-lr other than the checkpoint's run had "
+                                         "(they change its learning-rate schedule)")
+    overwrite: bool = option(False, "start over in an --out folder that holds checkpoints (deletes them)")
+    log_every: int = option(10, "log line every N steps", ge=1)
+    timeout: float = option(300.0, "process-group timeout in seconds: a dead peer fails the step instead of hanging", gt=0)
+    results: str | None = option(None, "results store path (default: $RSSCALE_RESULTS or reports/results.db)")
+    record: bool = option(True, "do not write to the results store")
+    tensorboard: str | None = option(None, "write TensorBoard scalars (loss, lr, grad norm, img/s, memory) to this folder")
 
     def __post_init__(self):
-        for path, bounds in NUMBER_RULES.items():
-            check_number(_flag_of(path), _get(self, path), **bounds)
-        for path, allowed in CHOICES.items():
-            if _get(self, path) not in allowed:
-                raise ValueError(f"{_flag_of(path)} must be one of {', '.join(allowed)}, got {_get(self, path)!r}")
-        if self.fsdp and (self.optim.distributed_optimizer or self.precision == "fp16"):
-            raise ValueError("--fsdp already shards the optimizer state and runs fp32 or bf16: drop --distributed-optimizer / --precision fp16")
+        check(self)
+        if self.data_parallel.fsdp and self.compute.precision == "fp16":
+            raise ValueError("--fsdp runs fp32 or bf16: drop --precision fp16")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        d = check_tree(source, d, cls)  # unknown keys and mistyped values, named
-        par, opt = d.pop("parallel", {}) or {}, d.pop("optim", {}) or {}
-        return cls(parallel=Layout(**par), optim=OptimConfig(**opt), **d)
+        return build(cls, check_tree(source, d, cls))  # unknown keys and mistyped values, named
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return as_config(self)
 
 
-# CLI flag -> (config path, type, help). Flags left out keep the file's (or the default) value.
-FLAGS = [
-    ("--model", "model", str, "model preset (rsscale models)"),
-    ("--in-chans", "in_chans", int, "image bands (4: the RGB+NIR TIFFs of `rsscale data --bands 4`)"),
-    *[(flag, f"parallel.{name}", typ, help_) for flag, (name, typ, help_) in layout_mod.LAYOUT_FLAGS.items()],
-    ("--lr", "optim.lr", float, "peak learning rate"),
-    ("--min-lr", "optim.min_lr", float, "final learning rate of the cosine"),
-    ("--warmup", "optim.warmup", int, "linear warmup steps"),
-    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay (matrices only)"),
-    ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm (0: off)"),
-    ("--bucket-mb", "optim.bucket_mb", float, "MiB of fp32 gradient per data-parallel reduction bucket (0: one bucket)"),
-    ("--steps", "steps", int, "optimizer steps"),
-    ("--seed", "seed", int, "seed of weights, data order, augmentation and masks"),
-    ("--precision", "precision", str, "fp32 | bf16 | fp16: bf16/fp16 keep 16-bit weights, fp32 grads and fp32 master weights (fp16: CUDA only)"),
-    ("--recompute", "recompute", str, "none | selective (attention core) | full (whole blocks): recomputed in backward"),
-    ("--kernels", "kernels", str, "torch | triton"),
-    ("--compile-backend", "compile_backend", str, "torch.compile backend with --compile: inductor | aot_eager | eager"),
-    ("--data", "data", str, "'synthetic' (bundled), 'random' (in-memory noise) or an image folder"),
-    ("--data-backend", "data_backend", str, "auto (DALI where installed and usable, else torch) | dali | torch"),
-    ("--num-workers", "num_workers", int, "data loader workers per rank"),
-    ("--out", "out", str, "run folder (checkpoints under <out>/checkpoints)"),
-    ("--save-every", "save_every", int, "checkpoint every N steps (and always at the end)"),
-    ("--keep", "keep", int, "keep only the N newest checkpoints (0: all)"),
-    ("--log-every", "log_every", int, "log line every N steps"),
-    ("--timeout", "timeout", float, "process-group timeout in seconds"),
-    ("--results", "results", str, "results store path"),
-    ("--tensorboard", "tensorboard", str, "write TensorBoard scalars (loss, lr, grad norm, img/s, memory) to this folder"),
-]
-SWITCHES = [
-    ("--sp", "parallel.sp", layout_mod.SP_HELP),
-    ("--distributed-optimizer", "optim.distributed_optimizer", "shard optimizer state over DP ranks (ZeRO-1: reduce-scatter grads, all-gather weights)"),
-    ("--no-overlap-grad-reduce", "optim.overlap_grad_reduce", "reduce the DP gradient after backward instead of bucket by bucket during it"),
-    ("--fsdp", "fsdp", "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)"),
-    ("--compile", "compile", "torch.compile each transformer block (inductor; on CPU it needs a C++ compiler)"),
-    ("--resume", "resume", "continue from the newest complete checkpoint under <out>/checkpoints"),
-    ("--async-save", "async_save", "write checkpoints in a background thread from a host copy of this rank's shard (training goes on; "
-     "the same atomic, verified checkpoint)"),
-    ("--allow-schedule-change", "allow_schedule_change", "with --resume: accept --steps/--lr/--warmup/--min-lr other than the "
-     "checkpoint's run had (they change its learning-rate schedule)"),
-    ("--overwrite", "overwrite", "start over in an --out folder that holds checkpoints (deletes them)"),
-    ("--no-record", "record", "do not write to the results store"),
-]
-
-
-# Valid ranges of the numeric config values (config path -> bounds); errors name the flag and key.
-NUMBER_RULES = {
-    "in_chans": dict(ge=1), "parallel.tp": dict(ge=1), "parallel.pp": dict(ge=1), "parallel.dp": dict(ge=1),
-    "parallel.micro_batch": dict(ge=1), "parallel.global_batch": dict(ge=1), "parallel.vpp": dict(ge=1),
-    "optim.lr": dict(gt=0), "optim.min_lr": dict(ge=0), "optim.warmup": dict(ge=0), "optim.weight_decay": dict(ge=0),
-    "optim.beta1": dict(ge=0, lt=1), "optim.beta2": dict(ge=0, lt=1), "optim.eps": dict(gt=0), "optim.clip_grad": dict(ge=0),
-    "optim.bucket_mb": dict(ge=0),
-    "steps": dict(ge=1), "seed": dict(ge=0), "num_workers": dict(ge=0), "save_every": dict(ge=0), "log_every": dict(ge=1),
-    "timeout": dict(gt=0),
-}
 RECENT = 10  # steps whose mean loss is a run's final loss
 SCHEDULE = ("steps", "optim.lr", "optim.warmup", "optim.min_lr")  # what the learning rate of a step depends on
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model weights; grads and master stay fp32
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "recompute": RECOMPUTE, "compile_backend": ("inductor", "aot_eager", "eager"), "kernels": ("torch", "triton"), "data_backend": ("auto", "torch", "dali")}
-
-
-def _get(config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def _flag_of(path: str) -> str:
-    """'--steps (config key 'steps')': how an error names a config value."""
-    flag = next((f for f, p, *_ in FLAGS + SWITCHES if p == path), None)
-    return f"{flag} (config key {path!r})" if flag else f"config key {path!r}"
 
 
 def add_arguments(parser) -> None:
-    S = argparse.SUPPRESS  # absent flags stay out of args, so the config file's values survive
-    parser.add_argument("--config", help="YAML or TOML file with the config tree; flags override it")
     add_launch_arguments(parser)
     parser.add_argument("--emit-slurm", metavar="DIR", default=None, help="write DIR/pretrain.sbatch running this command on "
                         "--nnodes nodes x --nproc GPUs (one torchrun per node, resuming when requeued) instead of running it")
-    defaults = TrainConfig()
-    for flag, path, typ, help_ in FLAGS:
-        default = _get(defaults, path)
-        if default is not None and "default" not in help_:  # shown, though absent flags stay absent
-            help_ = f"{help_} (default: {default})"
-        parser.add_argument(flag, type=typ, default=S, help=help_)
-    for flag, _, help_ in SWITCHES:
-        parser.add_argument(flag, action="store_true", default=S, help=help_)
+    add_options(parser, TrainConfig)
 
 
 def config_from_args(args, world: int | None = None) -> TrainConfig:
     """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) (world: $WORLD_SIZE
     under torchrun, or the size about to be launched)."""
-    d = TrainConfig().to_dict()
-    path = getattr(args, "config", None)
-    from_file = check_tree(path, load_config_file(path), TrainConfig) if path else {}
-    if from_file:
-        for key, value in from_file.items():
-            d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
-    given = vars(args)
-    for flag, path, *_ in FLAGS + SWITCHES:
-        dest = flag[2:].replace("-", "_")
-        if dest in given:
-            value = not given[dest] if flag.startswith("--no-") else given[dest]
-            section, _, key = path.rpartition(".")
-            (d[section] if section else d)[key] = value
-    if "dp" not in given and "dp" not in (from_file.get("parallel") or {}):
-        world = world or int(os.environ.get("WORLD_SIZE", 1))
-        d["parallel"]["dp"] = layout_mod.derive_dp(d["parallel"]["tp"], d["parallel"]["pp"], None, world)
-    return TrainConfig.from_dict(d, source=path or "command line")
+    def derive_dp(tree, given):
+        if "parallel.dp" not in given:
+            p = tree["parallel"]
+            p["dp"] = layout_mod.derive_dp(p["tp"], p["pp"], None, world or int(os.environ.get("WORLD_SIZE", 1)))
+    return resolve(TrainConfig, args, adjust=derive_dp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,28 +185,28 @@ class Trainer:
         opt = config.optim
         self.links = self._stage_links()
         self.model = self._build_model()
-        zero = opt.distributed_optimizer and self.layout.dp > 1
-        if config.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
+        zero = config.data_parallel.distributed_optimizer and self.layout.dp > 1
+        if config.data_parallel.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
             from rsscale.scaling.train import fsdp
 
             self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
         else:
-            self.optimizer = self._flat_adamw(param_dtype=PARAM_DTYPES[config.precision])
+            self.optimizer = self._flat_adamw(param_dtype=PARAM_DTYPES[config.compute.precision])
         self._ready()
         self.loader = self._build_loader()
         log(f"model {self.cfg.name} ({param_count(self.cfg, 'mae'):,} {'supervised' if self.cfg.supervised else 'MAE'} params), layout {self.layout}, "
-            f"world {dist.get_world_size()}, precision {config.precision}, data {config.data}, "
-            f"optimizer {'FSDP (ZeRO-3) over DP' if config.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
+            f"world {dist.get_world_size()}, precision {config.compute.precision}, data {config.data}, "
+            f"optimizer {'FSDP (ZeRO-3) over DP' if config.data_parallel.fsdp else 'ZeRO-1 over DP' if zero else 'replicated'} AdamW, starting at step {self.step}")
         return self
 
     def _flat_adamw(self, **options) -> FlatAdamW:
         """AdamW over this rank's parameters (config.optim), its state ZeRO-1-sharded over DP with
         --distributed-optimizer; TP-replicated parameters count once in the gradient norm."""
-        opt, state = self.config.optim, self.state
-        zero = opt.distributed_optimizer and self.layout.dp > 1
+        opt, sync, state = self.config.optim, self.config.data_parallel, self.state
+        zero = sync.distributed_optimizer and self.layout.dp > 1
         return FlatAdamW(self.model.named_parameters(), betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
                          shards=self.layout.dp if zero else 1, shard_rank=state.dp_rank() if zero else 0, group=state.dp_group(),
-                         dp_size=self.layout.dp, bucket_mb=opt.bucket_mb, overlap=opt.overlap_grad_reduce,
+                         dp_size=self.layout.dp, bucket_mb=sync.bucket_mb, overlap=sync.overlap_grad_reduce,
                          counted=lambda n, p: state.is_tp_sharded(p) or state.tp_rank() == 0, **options)
 
     def _start(self, config: TrainConfig, cfg, seed: int | None = None) -> None:
@@ -328,7 +220,7 @@ class Trainer:
         from rsscale import kernels
         from rsscale.scaling.parallel import state
 
-        kernels.set_backend(config.kernels)
+        kernels.set_backend(config.compute.kernels)
         state.init_parallel(self.layout.tp, self.layout.pp, self.layout.dp, seed=seed, timeout_s=config.timeout)
         self.state = state
         self.device = rank_device()
@@ -336,7 +228,7 @@ class Trainer:
 
     def _ready(self) -> None:
         """After the model and optimizer: the loss scaler, step 0, and --resume."""
-        self.scaler = LossScaler(enabled=self.config.precision == "fp16")
+        self.scaler = LossScaler(enabled=self.config.compute.precision == "fp16")
         self.step = 0
         self.saved_step = None  # step of the newest checkpoint this run saved or resumed from
         self.recent_losses = []  # the last RECENT steps' losses, kept in checkpoints: a resumed run's final loss is the whole run's
@@ -354,9 +246,9 @@ class Trainer:
 
     # --- setup helpers -------------------------------------------------------------------------
     def _check_precision(self):
-        check_precision(self.config.precision)
+        check_precision(self.config.compute.precision)
         c = self.config
-        if c.compile and c.compile_backend == "inductor" and not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
+        if c.compute.compile and c.compute.compile_backend == "inductor" and not torch.cuda.is_available() and not shutil.which(os.environ.get("CXX", "g++")):
             raise ValueError(f"--compile with inductor on CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found); "
                              "install one or pass --compile-backend aot_eager")
 
@@ -372,11 +264,11 @@ class Trainer:
 
         L = self.layout
         chunks = layout_mod.stage_chunk_ranges(self.cfg.depth, L.pp, L.vpp, self.state.pp_rank())  # one per virtual stage
-        model = MaskedAutoencoder(self.cfg, sequence_parallel=L.sp, recompute=self.config.recompute,
+        model = MaskedAutoencoder(self.cfg, sequence_parallel=L.sp, recompute=self.config.compute.recompute,
                                   pre_process=self.links.is_first, post_process=self.links.is_last, layer_range=chunks, seed=self.config.seed)
-        if self.config.compile:
+        if self.config.compute.compile:
             for block in model.transformer_blocks():
-                block.compile(backend=self.config.compile_backend)  # in place: parameter names and hooks stay
+                block.compile(backend=self.config.compute.compile_backend)  # in place: parameter names and hooks stay
         return model.to(self.device)
 
     def _is_data_source(self) -> bool:
@@ -441,7 +333,7 @@ class Trainer:
         return out
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.compute.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -490,7 +382,7 @@ class Trainer:
         if not math.isfinite(loss):  # before the optimizer step: the weights and the last checkpoint stay good
             raise FloatingPointError(f"non-finite loss ({loss}) at step {self.step + 1}; stopping before its optimizer step "
                                      f"(the newest checkpoint under {self.ckpt_dir}, if any, is from an earlier step and intact)")
-        if self.config.fsdp:  # gradients arrive reduce-scattered (averaged) over DP: clip the shards
+        if self.config.data_parallel.fsdp:  # gradients arrive reduce-scattered (averaged) over DP: clip the shards
             finite, grad_norm = True, self.optimizer.clip_grad_norm_(opt.clip_grad)
         else:
             finite = self.scaler.unscale_and_check(self.optimizer.grad)
@@ -532,7 +424,7 @@ class Trainer:
     def save(self) -> str:
         """Collective: each rank writes what it owns (loadable into any layout; scaling/train/checkpoint.py)."""
         self._claim()
-        if self.config.fsdp:  # every DP rank writes its shard of each weight and moment
+        if self.config.data_parallel.fsdp:  # every DP rank writes its shard of each weight and moment
             tensors = self.optimizer.checkpoint_tensors(self.model)
         else:
             params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
@@ -644,13 +536,14 @@ class Trainer:
                 config = config.get(key) if isinstance(config, dict) else None
             return config
 
-        now = {p: _get(self.config, p) for p in SCHEDULE}
+        now = {p: get(self.config.to_dict(), p) for p in SCHEDULE}
         was = {p: now[p] if get(saved, p) is None else get(saved, p) for p in SCHEDULE}
         changed = [p for p in SCHEDULE if was[p] != now[p]]
         if not changed:
             return
         lr = {name: lr_at(step, v["optim.lr"], v["optim.warmup"], v["steps"], v["optim.min_lr"]) for name, v in (("was", was), ("now", now))}
-        what = ", ".join(f"{_flag_of(p).split()[0]} {was[p]:g} -> {now[p]:g}" for p in changed)
+        flags = {leaf.path: leaf.flag for leaf in leaves(TrainConfig)}
+        what = ", ".join(f"{flags[p]} {was[p]:g} -> {now[p]:g}" for p in changed)
         msg = f"--resume with {what} changes the run's learning-rate schedule (step {step + 1}: lr {lr['was']:.2e} -> {lr['now']:.2e})"
         if not self.config.allow_schedule_change:
             raise ValueError(f"{msg}; pass --allow-schedule-change to accept that, or resume with the run's values")
@@ -668,7 +561,7 @@ class Trainer:
         if index["model"] != asdict(self.cfg):
             raise ValueError(f"checkpoint {path} holds model {index['model']['name']!r} with another shape than {self.cfg.name!r}")
         t = index["trainer"]
-        if self.config.fsdp and not weights_only:
+        if self.config.data_parallel.fsdp and not weights_only:
             self.optimizer.load(self.model, folder, index, t["optimizer_steps"])
         else:
             params = dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
@@ -776,7 +669,7 @@ class Trainer:
         L = self.layout
         return ResultsStore(self.config.results).run(
             kind=self.KIND, enabled=dist.get_rank() == 0, layout=dict(tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp), micro_batch=L.micro_batch,
-            global_batch=L.global_batch, precision=self.config.precision, kernels=self.config.kernels, **self.run_fields())
+            global_batch=L.global_batch, precision=self.config.compute.precision, kernels=self.config.compute.kernels, **self.run_fields())
 
     def run_fields(self) -> dict:
         """The task's part of its store run: what it trains and its whole configuration."""
@@ -788,7 +681,7 @@ class Trainer:
 
         out = {}
         for name, p in self.model.named_parameters():
-            local = p.full_tensor() if self.config.fsdp else p  # FSDP: gathered over DP (tests only)
+            local = p.full_tensor() if self.config.data_parallel.fsdp else p  # FSDP: gathered over DP (tests only)
             if self.state.is_tp_sharded(p) and self.layout.tp > 1:
                 shards = [torch.empty_like(local) for _ in range(self.layout.tp)]
                 dist.all_gather(shards, local.detach().contiguous(), group=self.state.tp_group())
@@ -811,11 +704,6 @@ def summarize(records: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # `rsscale pretrain`
 # ---------------------------------------------------------------------------------------------
-
-
-def resolved_config(args) -> dict:
-    """The config tree this command line resolves to (`--print-config`; `--config` reads it back)."""
-    return config_from_args(args).to_dict()
 
 
 def main(args) -> int:
