@@ -28,11 +28,12 @@ import os
 import statistics
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 from rsscale.benchmarks.autolayout import DEFAULT_MEMORY_GB, GIB, enumerate_plans, finetune_plans, rank_finetune_plans, rank_plans, size
 from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, bench_command
 from rsscale.benchmarks.prediction import analytic, devices
-from rsscale.scaling.runtime.config_file import check_number, check_numbers
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.run import PRECISIONS
 
@@ -132,7 +133,7 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
     todo = todo[: args.max_measure] if not args.measure_spread else spread(todo, args.max_measure)
     runs, natives, failed, probes = [[] for _ in todo], [[] for _ in todo], set(), []
     peers = [_peer_of(cfg, r["plan"]) if args.peer == "torch" else None for r in todo]
-    probing = calib is not None and args.gpus > 1 and not args.no_probe and not _cuda()
+    probing = calib is not None and args.gpus > 1 and args.probe and not _cuda()
     tmp = tempfile.mkdtemp(prefix="rsscale-profile-")
     for k in range(args.rounds):
         if probing and todo:
@@ -146,7 +147,7 @@ def measure(cfg, rows: list[dict], args, calib: dict | None = None) -> int:
                 continue
             p = r["plan"]
             L = p.layout
-            measure = Measure(warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops if args.peak_tflops_given else None,
+            measure = Measure(warmup=args.warmup, steps=args.steps, peak_tflops=args.peak_tflops,
                               record_kind="profile", summary_json=os.path.join(tmp, f"{k}-{i}.json"),
                               predicted_step_s=r["step_s"] if r.get("calibrated") else None, peer="torch" if peers[i] == "" else "none")
             opts = BenchConfig(model=cfg.name, **p.run_sections(), measure=measure, results=args.results)
@@ -295,72 +296,70 @@ def load_calibration(args, named: devices.Device | None = None) -> dict | None:
     return calib
 
 
+@dataclass
+class ProfileConfig:
+    """Every option of `rsscale profile`: the device assumed, the layouts searched, what is measured."""
+    model: str | None = option(None, "model preset (rsscale models) or a model file", required=True)
+    gpus: int | None = option(None, "number of devices (tp*pp*dp); default --nodes x --gpus-per-node", ge=1)
+    device: str | None = option(None, "a named device: its datasheet peak, memory and link bandwidths (benchmarks/prediction/devices.py); "
+                                "--memory-gb, --peak-tflops, --bandwidth-gbs, --hbm-gbs still override", choices=devices.NAMES)
+    nodes: int = option(1, "nodes: collectives whose ranks span more than --gpus-per-node run at the device's inter-node bandwidth", ge=1)
+    gpus_per_node: int | None = option(None, "devices per node (default: --gpus, one node)", ge=1)
+    comm_efficiency: float = option(devices.COMM_EFFICIENCY, "with --device: fraction of the link bandwidth a ring collective reaches",
+                                    gt=0, le=1)
+    memory_gb: float | None = option(None, f"memory per device in GB (GiB) (default {DEFAULT_MEMORY_GB:g}, or --device's)", gt=0)
+    reserve_gb: float = option(2.0, "memory kept free per device (context, workspaces)", ge=0)
+    peak_tflops: float | None = option(None, f"per-device peak TFLOP/s (default {analytic.Hardware.peak_flops / 1e12:g}, "
+                                       f"{analytic.DEFAULT_DEVICE} bf16; with --measure on CPU, measured here)", gt=0)
+    efficiency: float = option(devices.MATMUL_EFFICIENCY, "fraction of peak the matmuls reach", gt=0, le=1)
+    bandwidth_gbs: float | None = option(None, "effective collective bandwidth per device, GB/s "
+                                         f"(default {analytic.Hardware.bandwidth / 1e9:g}, or --device's link x --comm-efficiency)", gt=0)
+    hbm_gbs: float | None = option(None, "memory bandwidth per device, GB/s, for the elementwise passes "
+                                   f"(default {analytic.Hardware.hbm_bytes_per_s / 1e9:g}, or --device's)", gt=0)
+    global_batch: int | None = option(None, "images per optimizer step (default 256; 16 with --task)", ge=1)
+    micro_batch: list[int] | None = option(None, "micro-batch sizes to try (repeatable; default powers of 2)", ge=1)
+    vpp: list[int] | None = option(None, "virtual pipeline sizes (interleaved 1F1B) to try (repeatable; default 1 and every V with "
+                                   "pp*V dividing the depth)", ge=1)
+    precision: str = option("bf16", "training precision of the layouts ranked", choices=PRECISIONS)
+    top: int = option(20, "fitting layouts to print", ge=1)
+    layout: str | None = option(None, "print only the layout `--layout auto` on pretrain/bench/finetune would run: the fastest "
+                                "predicted whose exact count fits (benchmarks/autolayout.py)", choices=("auto",))
+    count: bool = option(False, "also count each shown layout's memory exactly on fake tensors (benchmarks/prediction/count.py)")
+    measure: bool = option(False, "run the harness on the best fitting layouts")
+    max_measure: int = option(4, "layouts to measure", ge=1)
+    peer: str = option("none", "--measure: also run each measured layout the PyTorch-native way (bench --peer torch, steps "
+                       "alternating) and add ours / native to the table; a layout without a native peer says why in one line",
+                       choices=("none", "torch"))
+    warmup: int = option(2, "harness warm-up steps", ge=0)
+    steps: int = option(5, "harness measured steps", ge=1)
+    rounds: int = option(1, "--measure: times each layout is measured, round-robin; the table uses the median", ge=1)
+    results: str | None = option(None, "results store for --measure and the calibration")
+    probe: bool = option(True, "--measure on CPU: predict with the stored calibration alone, without re-timing the collectives and "
+                         "one step before each round")
+    measure_spread: bool = option(False, "measure layouts spread over the ranking (one per layout kind) instead of the best ones")
+    validation_out: str | None = option(None, "append the predicted-vs-measured table (Markdown) to this file")
+    calibration: bool = option(True, "ignore stored calibrations; rank with the datasheet's rates")
+    task: str | None = option(None, "profile `rsscale finetune --task` layouts (TP x DP, every layout counted exactly) instead of MAE "
+                              "pretraining", choices=("seg", "det"))
+    img: int = option(1024, "--task: fine-tuning crop in pixels", ge=1)
+    detector: str | None = option(None, "--task det: as rsscale finetune --detector", choices=("orcnn", "fcos"))
+    channels: int | None = option(None, "--task: pyramid/head channels (rsscale finetune --channels)", ge=1)
+    window: int | None = option(None, "--task: window attention size in tokens (rsscale finetune --window)", ge=1)
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model preset (rsscale models)")
-    parser.add_argument("--gpus", type=int, default=None, help="number of devices (tp*pp*dp); default --nodes x --gpus-per-node")
-    parser.add_argument("--device", choices=devices.NAMES, default=None,
-                        help="a named device: its datasheet peak, memory and link bandwidths (benchmarks/prediction/devices.py); "
-                        "--memory-gb, --peak-tflops, --bandwidth-gbs, --hbm-gbs still override")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes: collectives whose ranks span more than --gpus-per-node "
-                        "run at the device's inter-node bandwidth")
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="devices per node (default: --gpus, one node)")
-    parser.add_argument("--comm-efficiency", type=float, default=devices.COMM_EFFICIENCY,
-                        help="with --device: fraction of the link bandwidth a ring collective reaches")
-    parser.add_argument("--memory-gb", type=float, default=None, help=f"memory per device in GB (GiB) (default {DEFAULT_MEMORY_GB:g}, or --device's)")
-    parser.add_argument("--reserve-gb", type=float, default=2.0, help="memory kept free per device (context, workspaces)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help=f"per-device peak TFLOP/s (default {analytic.Hardware.peak_flops / 1e12:g}, "
-                        f"{analytic.DEFAULT_DEVICE} bf16; with --measure on CPU, measured here)")
-    parser.add_argument("--efficiency", type=float, default=devices.MATMUL_EFFICIENCY, help="fraction of peak the matmuls reach")
-    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="effective collective bandwidth per device, GB/s "
-                        f"(default {analytic.Hardware.bandwidth / 1e9:g}, or --device's link x --comm-efficiency)")
-    parser.add_argument("--hbm-gbs", type=float, default=None, help="memory bandwidth per device, GB/s, for the elementwise passes "
-                        f"(default {analytic.Hardware.hbm_bytes_per_s / 1e9:g}, or --device's)")
-    parser.add_argument("--global-batch", type=int, default=None, help="images per optimizer step (default 256; 16 with --task)")
-    parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes to try (repeatable; default powers of 2)")
-    parser.add_argument("--vpp", type=int, action="append", default=None, help="virtual pipeline sizes (interleaved 1F1B) to try "
-                        "(repeatable; default 1 and every V with pp*V dividing the depth)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--top", type=int, default=20, help="fitting layouts to print")
-    parser.add_argument("--layout", choices=["auto"], default=None, help="print only the layout `--layout auto` on pretrain/bench/finetune "
-                        "would run: the fastest predicted whose exact count fits (benchmarks/autolayout.py)")
-    parser.add_argument("--count", action="store_true", help="also count each shown layout's memory exactly on fake tensors (benchmarks/prediction/count.py)")
-    parser.add_argument("--measure", action="store_true", help="run the harness on the best fitting layouts")
-    parser.add_argument("--max-measure", type=int, default=4, help="layouts to measure")
-    parser.add_argument("--peer", choices=("none", "torch"), default="none", help="--measure: also run each measured layout the "
-                        "PyTorch-native way (bench --peer torch, steps alternating) and add ours / native to the table; a layout "
-                        "without a native peer says why in one line")
-    parser.add_argument("--warmup", type=int, default=2, help="harness warm-up steps")
-    parser.add_argument("--steps", type=int, default=5, help="harness measured steps")
-    parser.add_argument("--rounds", type=int, default=1, help="--measure: times each layout is measured, round-robin; the table uses the median")
-    parser.add_argument("--results", default=None, help="results store for --measure and the calibration")
-    parser.add_argument("--no-probe", action="store_true", help="--measure on CPU: predict with the stored calibration alone, "
-                        "without re-timing the collectives and one step before each round")
-    parser.add_argument("--measure-spread", action="store_true", help="measure layouts spread over the ranking (one per layout kind) instead of the best ones")
-    parser.add_argument("--validation-out", default=None, help="append the predicted-vs-measured table (Markdown) to this file")
-    parser.add_argument("--no-calibration", action="store_true", help="ignore stored calibrations; rank with the datasheet's rates")
-    parser.add_argument("--task", choices=["seg", "det"], default=None,
-                        help="profile `rsscale finetune --task` layouts (TP x DP, every layout counted exactly) instead of MAE pretraining")
-    parser.add_argument("--img", type=int, default=1024, help="--task: fine-tuning crop in pixels")
-    parser.add_argument("--detector", choices=["orcnn", "fcos"], default=None, help="--task det: as rsscale finetune --detector")
-    parser.add_argument("--channels", type=int, default=None, help="--task: pyramid/head channels (rsscale finetune --channels)")
-    parser.add_argument("--window", type=int, default=None, help="--task: window attention size in tokens (rsscale finetune --window)")
+    add_options(parser, ProfileConfig)
 
 
-NUMBER_RULES = {"--gpus": dict(ge=1), "--nodes": dict(ge=1), "--gpus-per-node": dict(ge=1), "--comm-efficiency": dict(gt=0, le=1), "--memory-gb": dict(gt=0), "--reserve-gb": dict(ge=0), "--peak-tflops": dict(gt=0),
-                "--efficiency": dict(gt=0, le=1), "--bandwidth-gbs": dict(gt=0), "--hbm-gbs": dict(gt=0), "--global-batch": dict(ge=1),
-                "--top": dict(ge=1), "--max-measure": dict(ge=1), "--warmup": dict(ge=0), "--steps": dict(ge=1), "--rounds": dict(ge=1)}
+def config_from_args(args) -> ProfileConfig:
+    return resolve(ProfileConfig, args)
 
 
-def check_args(args) -> None:
-    """One-line ValueError naming the first flag whose value makes no sense."""
-    check_numbers(NUMBER_RULES, lambda flag: getattr(args, flag[2:].replace("-", "_")))
-    for mb in args.micro_batch or ():
-        check_number("--micro-batch", mb, ge=1)
-    for v in args.vpp or ():
-        check_number("--vpp", v, ge=1)
-    for flag in ("img", "channels", "window"):
-        if getattr(args, flag) is not None:
-            check_number(f"--{flag}", getattr(args, flag), ge=1)
+def check_args(args: ProfileConfig) -> None:
+    """One-line ValueError for options that make no sense together; fills in --gpus/--gpus-per-node/--memory-gb."""
     if args.peer != "none" and not args.measure:
         raise ValueError("--peer torch compares measured steps; add --measure")
     if args.layout and (args.measure or args.count):
@@ -408,7 +407,7 @@ def main_auto(args, cfg, hw, dev) -> int:
     from rsscale.benchmarks import autolayout
 
     view = autolayout.View(hw, args.memory_gb, dev.label if dev else "the device assumed above", named=dev is not None)
-    calib = None if args.no_calibration else load_calibration(args, dev)
+    calib = None if not args.calibration else load_calibration(args, dev)
     if args.task:
         options = {k: getattr(args, k) for k in ("detector", "channels", "window")}
         plan, lines = autolayout.choose_finetune(cfg, args.gpus, args.global_batch, args.precision, view, args.reserve_gb, args.task, args.img,
@@ -439,19 +438,19 @@ def apply_device(args) -> devices.Device | None:
 
 
 def main(args) -> int:
+    args = config_from_args(args)
     dev = apply_device(args)
     check_args(args)
     cfg = get_preset(args.model)
     if args.global_batch is None:
         args.global_batch = 16 if args.task else 256
-    args.peak_tflops_given = args.peak_tflops is not None
-    peak_measured = args.measure and not args.peak_tflops_given and not _cuda()
+    peak_measured = args.measure and args.peak_tflops is None and not _cuda()
     if peak_measured:
         import torch
 
         from rsscale.benchmarks.prediction.devices import matmul_peak_tflops
 
-        args.peak_tflops, args.peak_tflops_given = matmul_peak_tflops(torch.device("cpu"), "fp32"), True
+        args.peak_tflops = matmul_peak_tflops(torch.device("cpu"), "fp32")
     hw = analytic.Hardware(peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else analytic.Hardware.peak_flops,
                            efficiency=args.efficiency, bandwidth=(args.bandwidth_gbs or analytic.Hardware.bandwidth / 1e9) * 1e9,
                            gpus_per_node=args.gpus_per_node or 0,
@@ -461,7 +460,7 @@ def main(args) -> int:
     budget = (args.memory_gb - args.reserve_gb) * GIB
     if args.layout:
         return main_auto(args, cfg, hw, dev)
-    calib = None if args.no_calibration else load_calibration(args, dev)
+    calib = None if not args.calibration else load_calibration(args, dev)
     if args.task:
         return main_finetune(args, cfg, hw, budget, calib)
     plans = enumerate_plans(cfg, args.gpus, args.global_batch, args.precision, args.micro_batch, args.vpp)

@@ -2,6 +2,7 @@
 processes on a few cores, collectives timed inside such a run, probes of the machine as it is now;
 and that a GPU or datasheet prediction never loads it."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -244,7 +245,6 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     """On CPU with a calibration, `profile --measure` probes before each round, predicts each
     layout with the calibration rescaled by the probes, shows the calibration's own prediction
     beside it and computes the error from the probed one; --no-probe leaves the table as before."""
-    import argparse
     import json
 
     from rsscale.benchmarks import profile as P
@@ -272,8 +272,7 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     monkeypatch.setattr(calibrate, "probe", fake_probe)
     monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.measure.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
-    args = argparse.Namespace(gpus=2, max_measure=1, measure_spread=False, rounds=2, warmup=0, steps=1, peak_tflops=1.0, no_probe=False,
-                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")
+    args = P.ProfileConfig(model="tiny", gpus=2, max_measure=1, rounds=2, warmup=0, steps=1, peak_tflops=1.0, results=str(tmp_path / "r.db"))
     assert P.measure(cfg, tp, args, calib) == 0
     assert events == ["probe", "bench", "probe", "bench"]
     out = capsys.readouterr().out
@@ -283,5 +282,5 @@ def test_profile_measure_probes_each_round_and_predicts_with_the_probed_calibrat
     assert float(cells[2]) == pytest.approx(expected, abs=1e-4) and float(cells[3]) == pytest.approx(tp[0]["step_s"], abs=1e-4)
     assert float(cells[2]) > float(cells[3]) and float(cells[6].rstrip(" %")) == pytest.approx(100 * (expected - 1), abs=0.06)
     events.clear()
-    assert P.measure(cfg, tp, argparse.Namespace(**{**vars(args), "no_probe": True}), calib) == 0
+    assert P.measure(cfg, tp, dataclasses.replace(args, probe=False), calib) == 0
     assert events == ["bench", "bench"] and "calibration only" not in capsys.readouterr().out

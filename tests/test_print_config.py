@@ -13,7 +13,8 @@ from rsscale.scaling.runtime.cli import main
     ["pretrain", "--model", "small", "--tp", "2", "--lr", "3e-4", "--recompute", "selective", "--sp"],
     ["bench", "--model", "small", "--steps", "3", "--distributed-optimizer"],
     ["finetune", "--task", "det", "--dataset", "synthetic", "--no-rel-pos", "--layer-decay", "0.9"],
-    ["profile", "--model", "small", "--gpus", "2", "--micro-batch", "4", "--micro-batch", "8"],
+    ["profile", "--model", "small", "--gpus", "2", "--micro-batch", "4", "--micro-batch", "8", "--no-probe"],
+    ["calibrate", "--model", "tiny", "--nproc", "2", "--rounds", "3"],
 ])
 def test_the_printed_config_reads_back_to_itself(argv, tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
@@ -40,3 +41,8 @@ def test_a_boolean_pair_flag_in_a_config_file_keeps_its_meaning(tmp_path):
     out = tmp_path / "o.yaml"
     assert main(["finetune", "--config", str(path), "--print-config", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["rel-pos"] is True
+
+
+def test_a_group_size_below_two_is_refused_by_calibrate_before_measuring(capsys):
+    assert main(["calibrate", "--nproc", "1"]) == 2
+    assert "--nproc (config key 'nproc') must be >= 2, got 1" in capsys.readouterr().err

@@ -367,7 +367,6 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
     """`profile --measure --rounds 3`: each layout is run once per round, layouts in turn (so a slow
     spell of the machine hits all of them), the table's measurement is the median of the rounds
     with their range, and a layout that fails is not run again and counts as failed."""
-    import argparse
     import json
 
     from rsscale.benchmarks import profile as P
@@ -388,8 +387,7 @@ def test_profile_measure_rounds_are_round_robin_and_the_table_uses_their_median(
 
     monkeypatch.setattr(P, "bench_command", lambda opts, n: [opts.measure.summary_json])
     monkeypatch.setattr(P.subprocess, "call", fake_call)
-    args = argparse.Namespace(gpus=2, max_measure=3, measure_spread=False, rounds=3, warmup=0, steps=1, peak_tflops=1.0,
-                              peak_tflops_given=True, results=str(tmp_path / "r.db"), validation_out=None, peer="none")
+    args = P.ProfileConfig(model="tiny", gpus=2, max_measure=3, rounds=3, warmup=0, steps=1, peak_tflops=1.0, results=str(tmp_path / "r.db"))
     assert P.measure(cfg, rows, args) == 1
     assert order == [0, 1, 2, 0, 1, 0, 1]
     out = capsys.readouterr().out

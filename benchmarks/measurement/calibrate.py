@@ -47,10 +47,13 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from rsscale.scaling.runtime.log import progress
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
+from rsscale.scaling.spec.run import PRECISIONS
 
 log = logging.getLogger(__name__)
 SIZES = [2**k for k in range(12, 23, 2)]  # collective message sizes, bytes
@@ -462,28 +465,37 @@ def latest(device: str, precision: str | None = None, path: str | None = None) -
     return None if runs.empty else runs.iloc[-1]["config"]
 
 
+@dataclass
+class CalibrateConfig:
+    """Every option of `rsscale calibrate`: the shapes and group sizes timed, where the result goes."""
+    model: list[str] | None = option(None, "presets whose shapes are measured (repeatable; default small on CPU, b12x1 and l12x4 on GPU)")
+    micro_batch: list[int] | None = option(None, "micro-batch sizes (repeatable; default 1 2 4 8 16)", ge=1)
+    tp: list[int] | None = option(None, "TP degrees (repeatable; default 1 2 4 8)", ge=1)
+    nproc: list[int] | None = option(None, "collective group sizes (repeatable; default 2 and 4 on CPU)", ge=2)
+    precision: str | None = option(None, "default bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
+    rounds: int = option(2, "runs of each one-process step measurement, in turn; the median is kept", ge=1)
+    results: str | None = option(None, "results store (default $RSSCALE_RESULTS or reports/results.db)")
+    json: str | None = option(None, "also write the calibration to this JSON file")
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", action="append", default=None, help="presets whose shapes are measured (repeatable; default small on CPU, b12x1 and l12x4 on GPU)")
-    parser.add_argument("--micro-batch", type=int, action="append", default=None, help="micro-batch sizes (repeatable; default 1 2 4 8 16)")
-    parser.add_argument("--tp", type=int, action="append", default=None, help="TP degrees (repeatable; default 1 2 4 8)")
-    parser.add_argument("--nproc", type=int, action="append", default=None, help="collective group sizes (repeatable; default 2 and 4 on CPU)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each one-process step measurement, in turn; the median is kept")
-    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
-    parser.add_argument("--json", default=None, help="also write the calibration to this JSON file")
+    add_options(parser, CalibrateConfig)
+
+
+def config_from_args(args) -> CalibrateConfig:
+    return resolve(CalibrateConfig, args)
 
 
 def main(args) -> int:
     import torch
 
-    from rsscale.scaling.runtime.config_file import check_number
-
+    args = config_from_args(args)
     cuda = torch.cuda.is_available()
     models = args.model or (["b12x1", "l12x4"] if cuda else ["small"])
     group_sizes = args.nproc if args.nproc is not None else ([] if cuda else [2, 4])
-    check_number("--rounds", args.rounds, ge=1)
-    if any(n < 2 for n in group_sizes):
-        raise ValueError(f"--nproc group sizes must be >= 2, got {group_sizes}")
     precision = args.precision or ("bf16" if cuda else "fp32")
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if not cuda and load > cores / 2:

@@ -39,7 +39,7 @@ COMMANDS = {
 AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
 
 # Commands whose --config file is still flat (keys are flag names); the others' files are nested like their tree.
-FLAT_CONFIG = ("profile", "finetune")
+FLAT_CONFIG = ("finetune",)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
