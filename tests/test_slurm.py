@@ -17,7 +17,7 @@ models: [tiny]
 budgets: {steps: [2]}
 synthetic: {num_pretrain: 24, num_seg: 4, num_det: 2, size: 64}
 heldout: {images: 4}
-pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
+pretrain: {parallel: {micro_batch: 4, global_batch: 4}, num_workers: 0, optim: {warmup: 1}}
 slurm: {nodes: 1, gpus_per_node: 1, cpus_per_task: 1, port: PORT}
 """
 

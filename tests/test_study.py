@@ -28,7 +28,7 @@ models: [tiny, mini]
 budgets: {steps: [3]}
 synthetic: {num_pretrain: 36, num_seg: 4, num_det: 2, size: 64}
 heldout: {images: 6}
-pretrain: {micro_batch: 4, global_batch: 4, num_workers: 0, warmup: 1}
+pretrain: {parallel: {micro_batch: 4, global_batch: 4}, num_workers: 0, optim: {warmup: 1}}
 """
 
 
@@ -52,7 +52,7 @@ def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
 
 def test_cells_from_flops_budgets_and_finetune_on_the_largest(tmp_path):
     plan = S.load_plan(str(_plan(tmp_path, "models: [tiny, small]\nbudgets: {flops: [1.0e+12, 4e12]}\n"
-                                           "pretrain: {global_batch: 16}\nfinetune: {tasks: [seg], fractions: [0.5, 1]}\n")))
+                                           "pretrain: {parallel: {global_batch: 16}}\nfinetune: {tasks: [seg], fractions: [0.5, 1]}\n")))
     cells = S.cells(plan)
     pre = [c for c in cells if c.kind == "pretrain"]
     assert [(c.model, c.budget) for c in pre] == [("tiny", 1e12), ("small", 1e12), ("tiny", 4e12), ("small", 4e12)]
@@ -65,7 +65,7 @@ def test_cells_from_flops_budgets_and_finetune_on_the_largest(tmp_path):
 
 
 def test_lr_width_gives_each_size_lr_times_lr_width_over_width(tmp_path):
-    text = "models: [w32, tiny, w96]\nbudgets: {steps: [2]}\npretrain: {lr: 3.0e-3}\n"
+    text = "models: [w32, tiny, w96]\nbudgets: {steps: [2]}\npretrain: {optim: {lr: 3.0e-3}}\n"
     for extra, expected in (("lr_width: 64\n", [6e-3, 3e-3, 2e-3]), ("", [3e-3] * 3)):
         plan = S.load_plan(str(_plan(tmp_path, text + extra)))
         lrs = [float(a[a.index("--lr") + 1]) for a in (S.pretrain_args(plan, c, "d") for c in S.cells(plan))]
@@ -118,7 +118,7 @@ def test_emit_slurm_writes_one_script_per_cell(tmp_path):
     text = (out / "pt-tiny-steps3.sbatch").read_text()
     for needle in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:00:00", "export NCCL_DEBUG=WARN",
                    "--nnodes=2 --nproc-per-node=4", "--rdzv-backend=c10d", "srun", "-m rsscale.scaling.runtime.cli pretrain",
-                   "--model tiny --steps 3", "--resume", "export RSSCALE_RESULTS=", "study ", "--finish-cell pt-tiny-steps3"):
+                   "--model tiny ", "--steps 3 ", "--resume", "export RSSCALE_RESULTS=", "study ", "--finish-cell pt-tiny-steps3"):
         assert needle in text, needle
     submit = (out / "submit.sh").read_text().splitlines()
     assert "--dependency=afterok:$job_pt_tiny_steps3" in submit[-1]

@@ -16,6 +16,7 @@ skips finished cells, resumes the half-done one and never records a cell twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -62,14 +63,15 @@ class Plan:
     budgets: list[float]
     images: list[int | None]
     heldout: dict = field(default_factory=dict)
-    pretrain: dict = field(default_factory=dict)
+    pretrain: "TrainConfig | None" = None  # every pretraining cell's options (the plan's pretrain section), before the cell's own
+    pretrain_nproc: int = 1  # processes per pretraining cell (pretrain.nproc)
     finetune: dict = field(default_factory=dict)
     data: str = "synthetic"
     out: str = ""
     results: str = ""
     slurm: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # rsscale data options when data is "synthetic"
-    lr_width: int | None = None  # per-size learning rate pretrain.lr * lr_width / width (None: one lr)
+    lr_width: int | None = None  # per-size learning rate pretrain.optim.lr * lr_width / width (None: one lr)
     env: dict = field(default_factory=dict)  # environment variables of the cells run here (e.g. OMP_NUM_THREADS)
     jobs: int = 1  # cells run at once on this machine (each its own process tree)
 
@@ -138,14 +140,33 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
     _need(path, isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, f"jobs must be an integer >= 1, got {jobs!r}")
     lr_width = raw.get("lr_width")
     _need(path, lr_width is None or (isinstance(lr_width, int) and not isinstance(lr_width, bool) and lr_width > 0),
-          f"lr_width must be a positive integer (the width that gets pretrain.lr), got {lr_width!r}")
+          f"lr_width must be a positive integer (the width that gets pretrain.optim.lr), got {lr_width!r}")
     default_out = os.path.join("runs", "study", name)
+    pretrain = dict(sections["pretrain"])
+    nproc = pretrain.pop("nproc", 1)
+    _need(path, isinstance(nproc, int) and not isinstance(nproc, bool) and nproc >= 1, f"pretrain.nproc must be an integer >= 1, got {nproc!r}")
     return Plan(name=name, path=str(path), models=list(models), budget_kind=kind, budgets=values, images=images,
-                heldout=ho, pretrain=dict(sections["pretrain"]), finetune=ft, data=str(raw.get("data", "synthetic")),
+                heldout=ho, pretrain=pretrain_config(path, pretrain), pretrain_nproc=nproc, finetune=ft, data=str(raw.get("data", "synthetic")),
                 out=out or raw.get("out") or default_out,
                 results=results or raw.get("results") or os.path.join(out or raw.get("out") or default_out, "results.db"),
                 slurm=sections["slurm"], synthetic=sections["synthetic"], lr_width=lr_width,
                 env={str(k): str(v) for k, v in sections["env"].items()}, jobs=jobs)
+
+
+def pretrain_config(path, section: dict):
+    """The plan's pretrain section as `rsscale pretrain`'s config tree (nested like its --config file:
+    parallel, compute, data_parallel, optim, ...), checked whole when the plan loads."""
+    from rsscale.scaling.runtime.config_file import check_tree
+    from rsscale.scaling.runtime.options import as_config, build
+    from rsscale.scaling.train.pretrain import TrainConfig
+
+    tree = as_config(TrainConfig())
+    for key, value in check_tree(f"{path}: pretrain", section, TrainConfig).items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
+    try:
+        return build(TrainConfig, tree)
+    except ValueError as e:
+        raise ValueError(f"{path}: pretrain: {e}") from None
 
 
 def steps_for(plan: Plan, model: str, budget: float) -> int:
@@ -154,17 +175,15 @@ def steps_for(plan: Plan, model: str, budget: float) -> int:
         return int(budget)
     from rsscale.scaling.spec.config import get_preset, mae_step_flops
 
-    batch = int(plan.pretrain.get("global_batch", 8))
-    return max(1, round(budget / (batch * mae_step_flops(get_preset(model)))))
+    return max(1, round(budget / (plan.pretrain.parallel.global_batch * mae_step_flops(get_preset(model)))))
 
 
 def lr_for(plan: Plan, model: str) -> float:
-    """Peak learning rate of a size: pretrain.lr, times lr_width / width when the plan sets lr_width
+    """Peak learning rate of a size: pretrain.optim.lr, times lr_width / width when the plan sets lr_width
     (muP-style 1/width for Adam: narrow models take larger steps, wide ones smaller)."""
     from rsscale.scaling.spec.config import get_preset
-    from rsscale.scaling.spec.run import OptimConfig
 
-    lr = float(plan.pretrain.get("lr", OptimConfig.lr))
+    lr = plan.pretrain.optim.lr
     return lr * plan.lr_width / get_preset(model).width if plan.lr_width else lr
 
 
@@ -248,21 +267,16 @@ RESUME_EVERY = 1000  # steps between checkpoints when the plan asks for no held-
 
 
 def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
-    """`rsscale pretrain` arguments of a cell (launch flags excluded)."""
-    p = {**plan.pretrain, "lr": f"{lr_for(plan, cell.model):.4g}"}
-    p.pop("nproc", None)
+    """`rsscale pretrain` arguments of a cell (launch flags excluded): the plan's options with the cell's own."""
+    from rsscale.scaling.runtime.options import to_argv
+
     every = plan.heldout["every"]
-    args = ["--model", cell.model, "--steps", str(cell.steps), "--data", data, "--out", cell_dir(plan, cell),
-            "--results", plan.results, "--resume", "--save-every", str(every or min(cell.steps, RESUME_EVERY))]
-    if not every:  # the resume points only: keep the newest two
-        args += ["--keep", "2"]
-    for key, value in p.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args += [flag] if value else []
-        else:
-            args += [flag, str(value)]
-    return args
+    config = dataclasses.replace(plan.pretrain, model=cell.model, steps=cell.steps, data=data, out=cell_dir(plan, cell),
+                                 results=plan.results, resume=True, save_every=every or min(cell.steps, RESUME_EVERY),
+                                 keep=plan.pretrain.keep if every else 2,  # no held-out curve: the resume points only, the newest two
+                                 optim=dataclasses.replace(plan.pretrain.optim, lr=float(f"{lr_for(plan, cell.model):.4g}")))
+    argv = to_argv(config)  # the values other than pretrain's defaults; the model always, so every cell's command names it
+    return argv if "--model" in argv else ["--model", cell.model, *argv]
 
 
 def finetune_args(plan: Plan, cell: Cell) -> list[str]:
@@ -311,7 +325,7 @@ def finish_pretrain_cell(plan: Plan, cell: Cell, heldout_files: list[str], wall_
              for step, path in progress(scored, desc=f"[study] held-out loss of {cell.key}", unit="checkpoint")]
     if not curve or curve[-1][0] != cell.steps:
         raise RuntimeError(f"cell {cell.key}: no checkpoint of step {cell.steps} in {cell_dir(plan, cell)} after training")
-    batch = int(plan.pretrain.get("global_batch", 8))
+    batch = plan.pretrain.parallel.global_batch
     flops = cell.steps * batch * mae_step_flops(cfg)
     config = dict(study=plan.name, cell=cell.key, cell_kind="pretrain", model=cell.model, steps=cell.steps,
                   images=cell.images, budget=cell.budget, budget_kind=plan.budget_kind, lr=lr_for(plan, cell.model), plan=plan.path)
@@ -359,12 +373,8 @@ def predicted_seconds(plan: Plan, cell: Cell, calib: dict | None = None) -> floa
     try:
         from rsscale.benchmarks.prediction import analytic, timemodel
         from rsscale.scaling.spec.config import get_preset
-        from rsscale.scaling.spec.layout import Layout
 
-        p = plan.pretrain
-        batch = int(p.get("global_batch", 8))
-        layout = Layout(micro_batch=int(p.get("micro_batch", batch)), global_batch=batch)
-        aplan = analytic.Plan(layout, precision=p.get("precision", "fp32"))
+        aplan = analytic.Plan.of(plan.pretrain, dataclasses.replace(plan.pretrain.parallel, dp=1))
         cfg = get_preset(cell.model)
         if calib:
             step_s = timemodel.predict(cfg, aplan, calib, os.cpu_count())["step_s"]
@@ -381,7 +391,7 @@ def calibration(plan: Plan) -> dict | None:
         from rsscale.benchmarks.measurement.calibrate import latest
         from rsscale.scaling.runtime.store import environment
 
-        device, precision = environment()["device"], plan.pretrain.get("precision", "fp32")
+        device, precision = environment()["device"], plan.pretrain.compute.precision
         return latest(device, precision, plan.results) or latest(device, precision)
     except Exception:  # noqa: BLE001 - no calibration: the uncalibrated time model predicts
         return None
@@ -426,7 +436,7 @@ def cell_command(plan: Plan, cell: Cell, pool: list[str]) -> list[str]:
     """The launch command of a cell (torchrun when its section sets nproc > 1)."""
     if cell.kind == "pretrain":
         args = pretrain_args(plan, cell, subset_folder(plan, pool, cell.images))
-        return command_line("pretrain", args, int(plan.pretrain.get("nproc", 1)))
+        return command_line("pretrain", args, plan.pretrain_nproc)
     return command_line("finetune", finetune_args(plan, cell), int(plan.finetune.get("nproc", 1)))
 
 
