@@ -42,6 +42,9 @@ pretrain: {parallel: {micro_batch: 4, global_batch: 4}, num_workers: 0, optim: {
     ("models: [tiny]\nbudgets: {steps: [1]}\nlr_width: 0.5\n", "lr_width must be a positive integer"),
     ("models: [tiny]\nbudgets: {steps: [1]}\nenv: [OMP_NUM_THREADS]\n", "env must be a mapping"),
     ("models: [tiny]\nbudgets: {steps: [1]}\njobs: 0\n", "jobs must be an integer >= 1"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {lr: 0.1}\n", r"pretrain: unknown config key\(s\) lr \(belongs under 'optim:'"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {parallel: {micro_batch: 0}}\n", r"pretrain: --micro-batch \(config key 'parallel.micro_batch'\) must be >= 1"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {nproc: 0}\n", "pretrain.nproc must be an integer >= 1"),
 ])
 def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
     path = _plan(tmp_path, text)
