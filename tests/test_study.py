@@ -177,6 +177,7 @@ def test_study_killed_mid_cell_restarts_with_every_cell_exactly_once(tmp_path, c
     assert "held-out" in (tmp_path / "study" / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow  # the real cells end to end; test_two_jobs_schedule_with_fake_cells checks the same order in a second
 def test_two_jobs_overlap_cells_and_finetune_waits_for_its_parent(tmp_path):
     plan = _plan(tmp_path, SMALL + "jobs: 2\nfinetune: {tasks: [seg], steps: 2}\n")
     out = subprocess.run(_study_cmd(plan, tmp_path, "--no-report"), capture_output=True, text=True, timeout=400)
@@ -199,6 +200,31 @@ def _fake_cells(monkeypatch, tmp_path, commands, finish):
     monkeypatch.setattr(S, "cell_command", lambda plan, cell, pool: [sys.executable, "-c", commands[cell.model]])
     monkeypatch.setattr(S, "finish_pretrain_cell", lambda plan, cell, held, wall: finish(cell))
     return plan
+
+
+def test_two_jobs_schedule_with_fake_cells(tmp_path, monkeypatch):
+    """Two pretraining cells run at once; each fine-tuning cell starts only after its own parent
+    has been recorded, while the other parent may still be training."""
+    plan = S.load_plan(str(_plan(tmp_path, "models: [w32, w48]\nbudgets: {steps: [1]}\njobs: 2\nfinetune: {tasks: [seg]}\n")),
+                       str(tmp_path / "s"))
+    events = []
+    slow = {"w32": 0.1, "w48": 1.2}  # w48 pretrains longest, so w32's fine-tune starts while it still runs
+    monkeypatch.setattr(S, "split_images", lambda plan: ([], []))
+    monkeypatch.setattr(S, "predicted_seconds", lambda *a: None)
+    monkeypatch.setattr(S, "calibration", lambda plan: None)
+
+    def command(plan, cell, pool):
+        events.append(f"start {cell.key}")
+        return [sys.executable, "-c", f"import time; time.sleep({slow[cell.model] if cell.kind == 'pretrain' else 0.1})"]
+
+    monkeypatch.setattr(S, "cell_command", command)
+    monkeypatch.setattr(S, "finish_pretrain_cell", lambda plan, cell, held, wall: events.append(f"done {cell.key}") or {})
+    monkeypatch.setattr(S, "finish_finetune_cell", lambda plan, cell, wall: events.append(f"done {cell.key}") or {})
+    assert S.run_study(plan) == 4
+    assert events[:2] == ["start pt-w32-steps1", "start pt-w48-steps1"]  # both at once
+    for m in ("w32", "w48"):
+        assert events.index(f"done pt-{m}-steps1") < events.index(f"start ft-seg-f1-pt-{m}-steps1")
+    assert events.index("start ft-seg-f1-pt-w32-steps1") < events.index("done pt-w48-steps1")  # not held back by the other parent
 
 
 def test_a_failed_cell_stops_new_starts_and_lets_the_running_one_record(tmp_path, monkeypatch):
