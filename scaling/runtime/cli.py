@@ -19,7 +19,7 @@ from rsscale.scaling.runtime.log import setup_logging
 from rsscale.scaling.runtime.options import as_config
 
 COMMANDS = {
-    "models": ("rsscale.scaling.spec.config", "list model presets with exact parameter counts and FLOPs"),
+    "models": ("rsscale.scaling.spec.models", "list model presets with exact parameter counts and FLOPs"),
     "data": ("rsscale.scaling.data.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
     "pretrain": ("rsscale.scaling.train.pretrain", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
     "demo": ("rsscale.benchmarks.reporting.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
@@ -39,7 +39,7 @@ COMMANDS = {
 AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
 
 # Commands whose --config file is still flat (keys are flag names); the others' files are nested like their tree.
-FLAT_CONFIG = ("finetune",)
+FLAT_CONFIG = ()
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
