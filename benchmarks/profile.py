@@ -205,7 +205,7 @@ def _peer_of(cfg, plan) -> str:
     """Empty where `bench --peer torch` has a native peer for the plan, else why not (one line)."""
     from rsscale.benchmarks.measurement.peer import why_no_peer
 
-    return "the peer is an MAE" if cfg.supervised else why_no_peer(plan.layout, plan.fsdp) or ""
+    return "the peer is an MAE" if cfg.supervised else why_no_peer(plan.layout, plan.run_sections()["data_parallel"]) or ""
 
 
 def validation_table(table: list[dict]) -> str:

@@ -1,6 +1,6 @@
 """`rsscale bench --peer torch`: the PyTorch-native peer trains the same model: from the same
 weights and batch, its first-step loss equals ours (one process, DDP, DTensor TP with and without
-SP, torch.distributed.pipelining 1F1B and interleaved, FSDP2, ZeRO-1), and a
+SP, torch.distributed.pipelining 1F1B and interleaved, FSDP2, ZeRO-1, TP x DP on a 2-D mesh), and a
 layout without a native peer is refused before anything runs. Speed is a benchmark, not tested."""
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def test_two_process_peers_train_the_same_model(tp, fsdp, layout, kind):
         assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
 
 
+@pytest.mark.slow  # four processes on two cores; the TP + SP and DDP cases above hold the same pieces
+@pytest.mark.parametrize("sp, fsdp, kind", [(True, False, "dtensor-tp-sp+replicate"), (False, True, "dtensor-tp+fsdp2")])
+def test_tp_by_dp_peers_are_dtensor_tp_on_a_2d_mesh(sp, fsdp, kind):
+    """TP2 x DP2: DTensor TP over the mesh's tp dimension, FSDP2's replicate (or fully_shard) over
+    its dp one; the same losses as ours on the first step and after each side's update."""
+    for got_kind, [(ours, native), (ours2, native2)] in run_distributed(_first_losses, 4, 2, fsdp, "fp32", False, {"sp": sp}):
+        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
+
+
 @pytest.mark.slow  # a benchmark-only path; the peer machinery (DDP, same first loss) is the default suite's DDP case above
 def test_zero1_peer_is_ddp_with_zero_redundancy_optimizer_and_updates_alike():
     """ZeRO-1 against torch's ZeroRedundancyOptimizer: the second step's loss (after each side's
@@ -68,6 +77,9 @@ def test_a_layout_without_a_native_peer_is_refused_before_anything_runs(capsys):
                  "--nproc", "2", "--no-record"]) == 2
     err = capsys.readouterr().err
     assert "no PyTorch-native peer" in err and "at least as many micro-batches as stages" in err and "Traceback" not in err
+    assert main(["bench", "--model", "tiny", "--tp", "2", "--nproc", "4", "--distributed-optimizer", "--peer", "torch", "--no-record"]) == 2
+    err = capsys.readouterr().err
+    assert "TP x DP with ZeRO-1 has none here" in err and "Traceback" not in err
 
 
 def test_qkv_rows_reordered_so_each_tp_shard_holds_its_heads():

@@ -128,7 +128,7 @@ def check_peer(config: BenchConfig) -> Layout:
         from rsscale.benchmarks.measurement.peer import native_kind
 
         try:
-            native_kind(config.parallel, config.data_parallel.fsdp)
+            native_kind(config.parallel, config.data_parallel)
         except ValueError as e:
             raise ValueError(f"--peer torch: {e}") from None
     return config.parallel

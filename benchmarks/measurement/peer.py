@@ -14,7 +14,10 @@ for free:
     FSDP                      FSDP2 fully_shard on every block and the root
     PP (tp 1, dp 1)           torch.distributed.pipelining: PipelineStage per chunk (the same blocks
                               as ours), Schedule1F1B, or ScheduleInterleaved1F1B with --vpp
-    TP x DP, PP x (TP, DP)    no native peer here: refused in one line before anything runs
+    TP x DP                   DTensor TP (and SP) over the mesh's tp dimension, replicated over its dp
+                              dimension by FSDP2's `replicate` (DDP takes no DTensor parameters), or
+                              sharded over it by `fully_shard` with --fsdp: torch's 2-D recipe
+    PP x (TP, DP), TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
 
 The peer's parameter names equal ours at TP=1, so it loads our full weights (gathered once at
 start: the bench models fit one process; under PP each stage loads its own). Under TP the qkv
@@ -163,11 +166,12 @@ def pipeline_chunk(cfg, blocks: range, first: bool, last: bool, weights: dict, d
     return m
 
 
-def why_no_peer(layout, fsdp: bool) -> str | None:
-    """Why this module has no native peer for a layout (one line), or None (module doc)."""
-    L = layout
-    if L.tp > 1 and L.dp > 1:
-        return "TP x DP has none here"
+def why_no_peer(layout, data_parallel) -> str | None:
+    """Why this module has no native peer for a layout and its DP sharing (scaling/spec/run.py
+    DataParallel), in one line, or None (module doc)."""
+    L, fsdp = layout, data_parallel.fsdp
+    if L.tp > 1 and L.dp > 1 and data_parallel.distributed_optimizer:
+        return "TP x DP with ZeRO-1 has none here (torch's ZeroRedundancyOptimizer takes no DTensor parameters)"
     if L.pp > 1 and (L.tp > 1 or L.dp > 1 or fsdp):
         return "a pipeline is compared alone (TP 1, DP 1, no FSDP)"
     if L.pp > 1 and L.num_micro < L.pp:
@@ -175,28 +179,43 @@ def why_no_peer(layout, fsdp: bool) -> str | None:
     return None
 
 
-def native_kind(layout, fsdp: bool) -> str:
+def native_kind(layout, data_parallel) -> str:
     """The native peer of a layout (module doc); ValueError saying why where this module has none."""
-    L, why = layout, why_no_peer(layout, fsdp)
+    L, why = layout, why_no_peer(layout, data_parallel)
     if why:
         raise ValueError(f"no PyTorch-native peer for {L}: {why}")
     if L.pp > 1:
         return "pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b"
-    if fsdp:
+    if L.tp > 1 and L.dp > 1:
+        return ("dtensor-tp-sp" if L.sp else "dtensor-tp") + ("+fsdp2" if data_parallel.fsdp else "+replicate")
+    if data_parallel.fsdp:
         return "fsdp2"
     if L.tp > 1:
         return "dtensor-tp-sp" if L.sp else "dtensor-tp"
     return "ddp" if L.dp > 1 else "single"
 
 
+def _by_mesh(items: list, tensor_of) -> list[list]:
+    """`items` grouped by the device mesh of their tensor (plain tensors: one group): torch's
+    foreach and fused kernels take DTensors of one mesh at a time (a 2-D TP x DP model holds 1-D
+    replicated and 2-D sharded ones)."""
+    from torch.distributed.tensor import DTensor
+
+    groups = {}
+    for item in items:
+        t = tensor_of(item)
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(item)
+    return list(groups.values())
+
+
 def _clip_grad_norm(params: list, max_norm: float, stages_group=None) -> None:
-    """torch's clip_grad_norm_ where DTensor (TP-sharded) and plain gradients mix: the two kinds'
-    norms apart (a DTensor norm is reduced over its mesh), then one scale for all. With
+    """torch's clip_grad_norm_ where DTensor (TP-sharded) and plain gradients mix: each mesh's
+    norm apart (a DTensor norm is reduced over its mesh), then one scale for all. With
     `stages_group` (pipeline stages, each holding different parameters) the squares are summed
     over it first."""
     from torch.distributed.tensor import DTensor
 
-    kinds = [[p for p in params if isinstance(p.grad, DTensor) == d] for d in (True, False)]
+    kinds = _by_mesh(params, lambda p: p.grad)
     squares = torch.zeros((), device=params[0].device if params else None)
     for group in filter(None, kinds):
         n = torch.nn.utils.get_total_norm([p.grad for p in group])
@@ -219,7 +238,7 @@ class NativePeer:
 
     def __init__(self, trainer):
         self.trainer, L, cfg = trainer, trainer.layout, trainer.cfg
-        self.kind = native_kind(L, trainer.config.data_parallel.fsdp)
+        self.kind = native_kind(L, trainer.config.data_parallel)
         if cfg.supervised:
             raise ValueError(f"no PyTorch-native peer for the supervised model {cfg.name!r} yet (the peer is an MAE)")
         full = trainer.full_state_dict()  # TP=1 names and shapes (this pipeline stage's parameters)
@@ -231,12 +250,11 @@ class NativePeer:
         else:
             self.chunks = [self._parallelize(pipeline_chunk(cfg, range(cfg.depth), True, True, full, trainer.device), L)]
         self.model = self.chunks[0]
-        from torch.distributed.tensor import DTensor
 
         named = [(n, p) for c in self.chunks for n, p in c.named_parameters() if p.requires_grad]
         opt = trainer.config.optim
         kw = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
-        kinds = [[(n, p) for n, p in named if isinstance(p, DTensor) == d] for d in (True, False)]  # a fused step takes one kind
+        kinds = _by_mesh(named, lambda item: item[1])  # a fused step takes one mesh
         groups = [[g for g in ({"params": [p for n, p in kind if decays(n, p)]},  # decay where ours does (matrices only)
                                {"params": [p for n, p in kind if not decays(n, p)], "weight_decay": 0.0}) if g["params"]]
                   for kind in kinds if kind]
@@ -279,10 +297,15 @@ class NativePeer:
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(model, process_group=self.trainer.state.dp_group(), bucket_cap_mb=self.trainer.config.data_parallel.bucket_mb or 25)
-        if self.kind in ("dtensor-tp", "dtensor-tp-sp", "fsdp2"):
+        if self.kind.startswith("dtensor-tp") or self.kind == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(self.trainer.device.type, (dist.get_world_size(),))
+            if L.tp > 1 and L.dp > 1:  # 2-D: TP over the tp dimension, then DP over the dp one
+                mesh2 = init_device_mesh(self.trainer.device.type, (L.dp, L.tp), mesh_dim_names=("dp", "tp"))
+                if dist.get_process_group_ranks(self.trainer.state.tp_group()) != mesh2["tp"].mesh.tolist():
+                    raise RuntimeError("the native 2-D mesh's tp groups differ from ours (megatron's order puts TP fastest)")
+                mesh = mesh2["tp"]
             if self.kind == "fsdp2":
                 from torch.distributed.fsdp import fully_shard
 
@@ -315,6 +338,16 @@ class NativePeer:
                                                                            use_local_output=True))
                     parallelize_module(blocks[-1], mesh, PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
                                                                              use_local_output=True))
+            if self.kind.endswith("+fsdp2"):
+                from torch.distributed.fsdp import fully_shard
+
+                for blk in list(model.blocks.values()) + list(model.decoder_blocks):
+                    fully_shard(blk, mesh=mesh2["dp"])
+                return fully_shard(model, mesh=mesh2["dp"])
+            if self.kind.endswith("+replicate"):
+                from torch.distributed._composable.replicate_with_fsdp import replicate  # FSDP2's DDP: takes DTensor parameters
+
+                return replicate(model, mesh=mesh2["dp"])
         return model
 
     def train_step(self, micro: list) -> dict:
@@ -335,7 +368,7 @@ class NativePeer:
             for i, (imgs, noise) in enumerate(micro):
                 last = i == len(micro) - 1
                 quiet = self.model.no_sync() if self.kind == "ddp" and not last else contextlib.nullcontext()
-                if self.kind == "fsdp2":
+                if self.kind == "fsdp2" or "+" in self.kind:  # FSDP2 and its replicate: accumulate, reduce on the last
                     self.model.set_requires_gradient_sync(last)
                 with quiet, tr._autocast():
                     loss = mae_loss(self.model(imgs, noise), imgs, tr.cfg) / len(micro)
