@@ -5,43 +5,27 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from rsscale.scaling.spec.layout import Layout
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return str(root)
+from builders import tiny_run
 
 
 def _config(data, out, steps=4, resume=False):
-    from rsscale.scaling.spec.run import OptimConfig
-    from rsscale.scaling.train.pretrain import TrainConfig
-
-    return TrainConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), optim=OptimConfig(lr=2e-3, warmup=1), steps=steps,
-                       data=data, num_workers=0, out=str(out), resume=resume, record=False)
+    return tiny_run(out, steps=steps, data=data, resume=resume, log_every=10)
 
 
-def test_resume_is_exact(image_dir, tmp_path):
+def test_resume_is_exact(images, tmp_path):
     from rsscale.scaling.train.pretrain import Trainer
 
-    full = Trainer.build(_config(image_dir, tmp_path / "full"))
+    full = Trainer.build(_config(images, tmp_path / "full"))
     want = [full.train_step()["loss"] for _ in range(4)]
     want_weights = full.full_state_dict()
 
-    first = Trainer.build(_config(image_dir, tmp_path / "cut"))
+    first = Trainer.build(_config(images, tmp_path / "cut"))
     got = [first.train_step()["loss"] for _ in range(2)]
     first.save()  # what a run killed after its step-2 checkpoint leaves behind
     del first
-    resumed = Trainer.build(_config(image_dir, tmp_path / "cut", resume=True))
+    resumed = Trainer.build(_config(images, tmp_path / "cut", resume=True))
     assert resumed.step == 2 and resumed.loader.step == 2 * resumed.layout.num_micro
     got += [resumed.train_step()["loss"] for _ in range(2)]
     assert got == want  # bitwise: same weights, moments, LR schedule, data position and masks

@@ -24,19 +24,14 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from builders import image_folder, tiny_run
 from distributed import run_distributed
-from PIL import Image
 
 from rsscale.scaling.spec.layout import Layout
 
 
-def _config(out, steps=3, model="tiny", data="random", **kw):
-    from rsscale.scaling.spec.run import DataParallel, OptimConfig
-    from rsscale.scaling.train.pretrain import TrainConfig
-
-    layout = kw.pop("parallel", Layout(micro_batch=2, global_batch=4))
-    return TrainConfig(model=model, parallel=layout, optim=OptimConfig(lr=2e-3, warmup=1), data_parallel=DataParallel(distributed_optimizer=kw.pop("zero", False)),
-                       steps=steps, data=data, num_workers=0, out=str(out), record=False, log_every=100, **kw)
+def _config(out, zero=False, **kw):
+    return tiny_run(out, layout=kw.pop("parallel", None), data_parallel={"distributed_optimizer": zero}, **kw)
 
 
 def _trainer(out, **kw):
@@ -233,13 +228,11 @@ def _tp_worker(rank, world, data, out):
     return [t.train_step()["loss"] for _ in range(2)]
 
 
-def test_tp_ranks_consume_the_same_batch_when_one_ranks_loader_differs(tmp_path):
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+def test_tp_ranks_consume_the_same_batch_when_one_ranks_loader_differs(tmp_path, two_processes):
+    image_folder(tmp_path, 8)
     ref = _trainer(tmp_path / "ref", data=str(tmp_path))
     want = [ref.train_step()["loss"] for _ in range(2)]
-    got = run_distributed(_tp_worker, 2, str(tmp_path), str(tmp_path / "tp2"))
+    got = two_processes(_tp_worker, str(tmp_path), str(tmp_path / "tp2"))
     assert got[0] == got[1]
     assert got[0] == pytest.approx(want, abs=1e-5)
 

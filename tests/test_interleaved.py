@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from builders import tiny_run
 from distributed import run_distributed
 from test_layouts import _merge, _run_layouts
 from test_layouts import test_layout_matches_single_process as _matches_single_process
@@ -39,12 +40,8 @@ def _register_model():
 
 
 def _config(out, tp=1, pp=1, vpp=1):
-    from rsscale.scaling.spec.run import OptimConfig
-    from rsscale.scaling.train.pretrain import TrainConfig
-
     _register_model()  # also in the spawned workers, which build their trainers through here
-    return TrainConfig(model=MODEL, parallel=Layout(tp=tp, pp=pp, dp=1, micro_batch=MB, global_batch=GB, vpp=vpp),
-                       optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS), steps=TOTAL, data="random", out=str(out), record=False, log_every=100)
+    return tiny_run(out, model=MODEL, layout=dict(tp=tp, pp=pp, micro_batch=MB, global_batch=GB, vpp=vpp), optim={"eps": EPS}, steps=TOTAL)
 
 
 # ---------------------------------------------------------------------------------------------

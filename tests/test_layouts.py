@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from builders import tiny_run
 from distributed import run_distributed
 
 from rsscale.scaling.spec.config import get_preset
@@ -29,13 +30,11 @@ def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, fsdp=Fa
     """The test run's TrainConfig; `train` may hold Compute's fields (precision, recompute, compile...) and TrainConfig's."""
     import dataclasses
 
-    from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
-    from rsscale.scaling.train.pretrain import TrainConfig
+    from rsscale.scaling.spec.run import Compute
 
-    compute = Compute(**{f.name: train.pop(f.name) for f in dataclasses.fields(Compute) if f.name in train})
-    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, sp, MB, GB), optim=OptimConfig(lr=2e-3, warmup=1, eps=EPS), compute=compute,
-                       data_parallel=DataParallel(distributed_optimizer=zero, bucket_mb=bucket_mb, fsdp=fsdp),
-                       steps=TOTAL, data="random", out=str(out), record=False, log_every=100, **train)
+    compute = {f.name: train.pop(f.name) for f in dataclasses.fields(Compute) if f.name in train}
+    return tiny_run(out, layout=dict(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=MB, global_batch=GB), optim={"eps": EPS}, compute=compute,
+                    data_parallel=dict(distributed_optimizer=zero, bucket_mb=bucket_mb, fsdp=fsdp), steps=TOTAL, **train)
 
 
 # ---------------------------------------------------------------------------------------------

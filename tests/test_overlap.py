@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import tiny_run
 from distributed import run_distributed
 
 from rsscale.scaling.spec.layout import Layout
@@ -25,12 +26,8 @@ VARIANTS = {  # name: (ZeRO-1, overlap, bucket MiB)
 
 
 def _config(tp=1, pp=1, dp=1, zero=False, overlap=True, bucket_mb=0.0, precision="fp32", steps=STEPS):
-    from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
-    from rsscale.scaling.train.pretrain import TrainConfig
-
-    return TrainConfig(model="tiny", parallel=Layout(tp, pp, dp, False, 2, 8), compute=Compute(precision=precision), steps=steps, data="random",
-                       record=False, optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6),
-                       data_parallel=DataParallel(distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_mb=bucket_mb))
+    return tiny_run(layout=dict(tp=tp, pp=pp, dp=dp, global_batch=8), compute={"precision": precision}, steps=steps, optim={"eps": 1e-6},
+                    data_parallel=dict(distributed_optimizer=zero, overlap_grad_reduce=overlap, bucket_mb=bucket_mb))
 
 
 def _variants(rank, world, pp):
