@@ -229,14 +229,14 @@ def _run_shape(command: str, argv: list[str], gpus: int) -> dict:
     if hasattr(module, "config_from_args"):
         parser.add_argument("--config")  # the CLI adds it to commands whose options are a tree
     args, _ = parser.parse_known_args(argv)
-    if command in ("pretrain", "bench"):
-        config = module.config_from_args(args, world=gpus)
-        return dict(cfg=get_preset(config.model), global_batch=config.parallel.global_batch, precision=config.compute.precision)
+    if command not in ("pretrain", "bench", "finetune"):
+        raise ValueError(f"--layout auto: no run shape for {command!r}")
+    config = module.config_from_args(args, world=gpus)
     if command == "finetune":
-        options = dict(detector=args.detector, channels=args.channels, window=args.window)
-        return dict(cfg=module.load_config(args), global_batch=getattr(args, "global_batch", module.layout_from_args(args, gpus).global_batch),
-                    precision=args.precision, task=args.task, img=args.crop, options=options)
-    raise ValueError(f"--layout auto: no run shape for {command!r}")
+        options = dict(detector=config.detector, channels=config.channels, window=config.window)
+        return dict(cfg=module.load_config(config), global_batch=config.parallel.global_batch, precision=config.precision, task=config.task,
+                    img=config.crop, options=options)
+    return dict(cfg=get_preset(config.model), global_batch=config.parallel.global_batch, precision=config.compute.precision)
 
 
 def _reserve(view: View, reserve_gb: float | None) -> float:

@@ -65,7 +65,7 @@ def compare(now: dict, trained: dict) -> list[str]:
 def evaluate_run(args, started=lambda trainer: trainer) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     tuner = started(restore(args.run, world, **overrides_from(args))[0])
-    a = tuner.args
+    a = tuner.options
     _, val_set, classes = build_datasets(tuner.task, a.dataset, a.data, (a.synthetic_count,) * 2)
     if list(classes) != tuner.classes:
         raise ValueError(f"{a.data} ({a.dataset}) has classes {list(classes)}; the model was trained on {tuner.classes}")

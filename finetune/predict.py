@@ -76,7 +76,7 @@ def predict_run(args, started=lambda trainer: trainer) -> dict:
     tuner = started(restore(args.run, world, **overrides_from(args, ("protocol", "score_thr", "precision")))[0])
     if tuner.cfg.in_chans != 3:
         raise ValueError(f"the model takes {tuner.cfg.in_chans}-band images; predict reads 3-band (RGB) images")
-    a, model, classes = tuner.args, tuner.model, tuner.classes
+    a, model, classes = tuner.options, tuner.model, tuner.classes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mine = files[state.dp_rank()::tuner.layout.dp]  # every TP rank of a replica takes the same images

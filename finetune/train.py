@@ -21,7 +21,6 @@ windows over whole tiles (segmentation) or cuts DOTA-style overlapping patches (
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -45,18 +44,140 @@ from rsscale.finetune.model.vitdet import ViTDetBackbone, load_pretrained, param
 from rsscale.finetune.rotated import norm_obb
 from rsscale.scaling.data.loader import default_stats
 from rsscale.scaling.parallel import state
-from rsscale.scaling.runtime.config_file import check_numbers
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.runtime.log import reset_peak_memory
+from rsscale.scaling.runtime.options import add_options, as_config, build, check, leaves, option, resolve, section
 from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
-from rsscale.scaling.spec.layout import Layout, add_layout_arguments, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.spec.layout import Layout, check_layout, derive_dp, relaunch_checked
+from rsscale.scaling.spec.run import PRECISIONS, Compute, DataParallel, OptimConfig
 from rsscale.scaling.train import checkpoint
-from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
 from rsscale.scaling.train.pretrain import TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
 TASKS = {"seg": ("loveda", "potsdam", "synthetic"), "det": ("dota", "diorr", "synthetic")}
 DATASETS = ("loveda", "potsdam", "dota", "diorr", "synthetic")
 PROTOCOL_CHOICES = ("crop", "dota-ss", "dota-ms")
+
+
+# ------------------------------------------------------------------------------------ options
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Every option of `rsscale finetune`; its flags, --config file and --print-config come from these fields."""
+    task: str | None = option(None, "seg (UperNet) or det (see --detector)", required=True, choices=sorted(TASKS))
+    detector: str = option("orcnn", "det: Oriented R-CNN (two-stage, as published RS tables) or rotated FCOS (one-stage)",
+                           choices=("orcnn", "fcos"))
+    dataset: str | None = option(None, "the benchmark: its layout under --data (see the module doc)", required=True, choices=DATASETS)
+    data: str = option("data/synthetic", "dataset root in its native layout (see module doc)")
+    checkpoint: str | None = option(None, "pretraining checkpoint (run folder or step folder); random init if absent")
+    model: str = option("tiny", "preset when no --checkpoint is given (rsscale models)")
+    steps: int | None = option(None, "optimizer steps (default: from --epochs)", ge=1)
+    epochs: int = option(10, "passes over the training images (one crop each)", ge=1)
+    parallel: Layout = section(Layout, dp=None, micro_batch=None)  # TP x DP (--pp, --vpp refused); None: from the world (fill_layout)
+    precision: str = option("fp32", "autocast dtype (fp16 with dynamic loss scaling, CUDA only); weights and optimizer stay fp32",
+                            choices=PRECISIONS)  # not the shared Compute's precision (16-bit weights there)
+    activation_checkpointing: bool = option(False, "recompute each block in the backward pass")
+    # a leaf, not the shared DataParallel section: its --fsdp would shard a model the Finetuner never shards
+    distributed_optimizer: bool = option(False, "shard the AdamW state over DP ranks (ZeRO-1)")
+    crop: int = option(128, "training crop / eval window (multiple of 2 x patch)", ge=1)
+    lr: float = option(1e-3, gt=0)
+    layer_decay: float = option(0.75, "layer-wise lr decay (1 = none)", gt=0, le=1)
+    weight_decay: float = option(0.05, ge=0)
+    warmup: int = option(50, "warmup steps (at most a fifth of the run)", ge=0)
+    clip_grad: float = option(1.0, "global gradient-norm clip over all model-parallel ranks (0: off)", ge=0)
+    drop_path: float = option(0.1, ge=0, lt=1)
+    drop_path_mode: str = option("sublayer", "stochastic depth per sublayer (ViTDet) or per whole block", choices=("sublayer", "block"))
+    rel_pos: bool = option(True, "drop ViTDet's decomposed relative position bias from attention")
+    global_blocks: str | None = option(None, "comma list of global-attention block indices (default: ViTDet's, 2,5,8,11 for 12 blocks)")
+    window: int = option(4, "window attention size in tokens", ge=1)
+    channels: int = option(32, "pyramid and head channels", ge=1)
+    train_fraction: float = option(1.0, "train on this fraction of the training images (nested seeded subsets; recorded in the store)",
+                                   gt=0, le=1)
+    subset_seed: int = option(0, "seed of the --train-fraction subsets (fixed across fractions)")
+    max_eval_images: int = option(0, "evaluate on at most this many val images (0: all)", ge=0)
+    score_thr: float = option(0.05, "detection: drop boxes scoring below this before merging")
+    max_per_image: int = option(2000, "detection: keep at most this many boxes per patch and per image")
+    protocol: str = option("crop", "detection evaluation: crop-sized patches as trained (crop), or DOTA's split at rate 1 (dota-ss) or "
+                           "rates 0.5/1.0/1.5 with h+v flip TTA (dota-ms); patches of --crop px, DOTA's overlap ratio",
+                           choices=sorted(PROTOCOL_CHOICES))
+    tie_order: str = option("devkit", "DOTA AP: order of equal scores (the official devkit's np.argsort, or stable)", choices=TIE_ORDERS)
+    synthetic_count: int = option(64, "seg/det tiles when writing the synthetic set", ge=1)
+    seed: int = option(0, ge=0)
+    log_every: int = option(10, ge=1)
+    tensorboard: str | None = option(None, "write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
+    out: str | None = option(None, "run folder: checkpoints/ (model, optimizer, data position; the model of evaluate/predict) "
+                             "and metrics.json; without it nothing is saved")
+    save_every: int = option(0, "also checkpoint every N steps (0: only at the end)", ge=0)
+    keep: int = option(0, "keep only the N newest checkpoints (0: all)", ge=0)
+    resume: bool = option(False, "continue the run in --out from its newest complete checkpoint")
+    allow_schedule_change: bool = option(False, "with --resume: accept --steps/--lr/--warmup other than the checkpoint's run had")
+    overwrite: bool = option(False, "start over in an --out folder that holds checkpoints (deletes them)")
+    timeout: float = option(300.0, "process-group timeout in seconds (a dead peer fails the step)", gt=0)
+    results: str | None = option(None, "results store (default $RSSCALE_RESULTS or reports/results.db)")
+
+    def __post_init__(self):
+        check(self)
+        p = self.parallel
+        if p.pp != 1 or p.vpp != 1:
+            raise ValueError(f"--pp {p.pp} --vpp {p.vpp}: fine-tuning runs tensor and data parallel only (use --pp 1, no --vpp)")
+        if self.resume and not self.out:
+            raise ValueError("--resume continues the run in --out: give its --out")
+
+
+LEAF_PATHS = {leaf.field.name: leaf.path for leaf in leaves(FinetuneConfig)}  # "tp" -> "parallel.tp": every leaf's name is unique
+SECTIONS = {path.split(".")[0] for path in LEAF_PATHS.values() if "." in path}
+
+
+def add_arguments(parser) -> None:
+    add_options(parser, FinetuneConfig)
+    add_launch_arguments(parser)  # --nproc ...: relaunch under torchrun
+
+
+def fill_layout(parallel: dict, world: int | None = None) -> None:
+    """Fine-tuning's layout defaults in a config tree's `parallel` section, where unset (None): --dp
+    is world / tp (world: $WORLD_SIZE under torchrun, or the size about to be launched), the
+    micro-batch global / dp."""
+    if parallel["dp"] is None:
+        parallel["dp"] = derive_dp(parallel["tp"], 1, None, world or int(os.environ.get("WORLD_SIZE", 1)))
+    if parallel["micro_batch"] is None:
+        parallel["micro_batch"] = max(parallel["global_batch"] // parallel["dp"], 1)
+
+
+def config_from_args(args, world: int | None = None) -> FinetuneConfig:
+    """Defaults <- --config file (nested like the tree) <- flags; the layout filled in for `world` (fill_layout)."""
+    return resolve(FinetuneConfig, args, adjust=lambda tree, given: fill_layout(tree["parallel"], world))
+
+
+def option_paths(options: dict, strict: bool = True) -> dict:
+    """{dotted config key: value} of options named by their leaves' names (flat: {"tp": 2, "lr": 0.1},
+    as checkpoints written before the options were a tree hold them) or nested like the tree
+    ({"parallel": {"tp": 2}}; a section also as its object: parallel=Layout(...)). A name that is
+    no option is a one-line ValueError (`strict`) or dropped."""
+    paths = {}
+    for key, value in options.items():
+        if key in SECTIONS:
+            paths.update({f"{key}.{k}": v for k, v in (as_config(value) if dataclasses.is_dataclass(value) else value).items()})
+        else:
+            paths[LEAF_PATHS.get(key, key)] = value
+    unknown = sorted(set(paths) - set(LEAF_PATHS.values()))
+    if unknown and strict:
+        raise ValueError(f"not options of rsscale finetune: {', '.join(unknown)}")
+    return {k: v for k, v in paths.items() if k not in unknown}
+
+
+def options_with(paths: dict, world: int | None = None) -> FinetuneConfig:
+    """The defaults with `paths` ({dotted config key: value}) set, the layout filled in for `world`."""
+    tree = as_config(FinetuneConfig())
+    for path, value in paths.items():
+        *section_, key = path.split(".")
+        (tree[section_[0]] if section_ else tree)[key] = value
+    fill_layout(tree["parallel"], world)
+    return build(FinetuneConfig, tree)
+
+
+def finetune_options(task: str, world: int | None = None, **overrides) -> FinetuneConfig:
+    """The `rsscale finetune --task TASK --dataset synthetic` options with `overrides` (option names:
+    lr=..., tp=..., or a whole section: parallel=Layout(...)) on `world` processes, e.g. for building
+    a run's model and optimizer outside the command (benchmarks/prediction/count.py)."""
+    return options_with({"task": task, "dataset": "synthetic", **option_paths(overrides)}, world)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -144,26 +265,26 @@ def draw_sample(task: str, dataset, crop: int, normalize, seed: int, step: int, 
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model(task: str, args, num_classes: int, sequence_parallel: bool = False, config=None, encoder: ViTConfig | None = None):
-    """(model, ViTConfig, init description). The preset comes from the checkpoint if given.
+def build_model(task: str, options: FinetuneConfig, num_classes: int, sequence_parallel: bool = False, config=None, encoder: ViTConfig | None = None):
+    """(model, ViTConfig, init description) of `options`. The preset comes from the checkpoint if given.
     Every rank builds it from the same seed (TP ranks keep their slices). `config`: the megatron
     ModelParallelConfig of the blocks (default: the initialized world's). `encoder`: this encoder,
     left as initialised (a fine-tuned checkpoint is loaded into it afterwards)."""
     state.ensure_initialized()
     if encoder is not None:
         cfg, full = encoder, None
-    elif args.checkpoint:
+    elif options.checkpoint:
         from rsscale.scaling.train.checkpoint import load_full_state_dict
 
-        cfg, full = load_full_state_dict(args.checkpoint)
-        log(f"pretrained encoder {cfg.name} from {args.checkpoint}")
+        cfg, full = load_full_state_dict(options.checkpoint)
+        log(f"pretrained encoder {cfg.name} from {options.checkpoint}")
     else:
-        cfg, full = get_preset(args.model), None
+        cfg, full = get_preset(options.model), None
         log(f"no --checkpoint: the {cfg.name} encoder is RANDOMLY initialised (not a pretrained result)")
-    torch.manual_seed(args.seed)
-    backbone = ViTDetBackbone(cfg, img_size=args.crop, window_size=args.window, drop_path=args.drop_path,
-                              out_channels=args.channels, activation_checkpointing=args.activation_checkpointing,
-                              sequence_parallel=sequence_parallel, config=config, **vitdet_options(args))
+    torch.manual_seed(options.seed)
+    backbone = ViTDetBackbone(cfg, img_size=options.crop, window_size=options.window, drop_path=options.drop_path,
+                              out_channels=options.channels, activation_checkpointing=options.activation_checkpointing,
+                              sequence_parallel=sequence_parallel, config=config, **vitdet_options(options))
     init = "random"
     if full is not None:
         report = load_pretrained(backbone, full, cfg)
@@ -172,37 +293,26 @@ def build_model(task: str, args, num_classes: int, sequence_parallel: bool = Fal
             f"ignored pretraining-only {len(report['ignored'])}; unexpected {len(report['unexpected'])} {report['unexpected'][:5]}")
         init = "mae"
     if task == "seg":
-        model = Segmenter(backbone, num_classes, channels=args.channels)
-    elif args.detector == "orcnn":  # --detector: Oriented R-CNN or rotated FCOS
-        model = OrientedRCNN.scaled_to(backbone, num_classes, args.crop)
+        model = Segmenter(backbone, num_classes, channels=options.channels)
+    elif options.detector == "orcnn":  # --detector: Oriented R-CNN or rotated FCOS
+        model = OrientedRCNN.scaled_to(backbone, num_classes, options.crop)
     else:
-        model = RotatedFCOS(backbone, num_classes, channels=args.channels)
+        model = RotatedFCOS(backbone, num_classes, channels=options.channels)
     return model, cfg, init
 
 
-# ------------------------------------------------------------------------------------ layout
-def layout_from_args(args, world: int) -> Layout:
-    """The fine-tuning layout: TP x DP (no pipeline); the micro-batch defaults to global / dp."""
-    tp, pp, vpp = getattr(args, "tp", 1), getattr(args, "pp", 1), getattr(args, "vpp", 1)
-    if pp != 1 or vpp != 1:
-        raise ValueError(f"--pp {pp} --vpp {vpp}: fine-tuning runs tensor and data parallel only (use --pp 1, no --vpp)")
-    dp = derive_dp(tp, 1, getattr(args, "dp", None), world)
-    gb = getattr(args, "global_batch", 8)
-    mb = getattr(args, "micro_batch", None) or max(gb // dp, 1)
-    return Layout(tp=tp, pp=1, dp=dp, sp=getattr(args, "sp", False), micro_batch=mb, global_batch=gb)
-
-
 # ------------------------------------------------------------------------------------ one rank
-def finetune_config(args, layout: Layout, cfg: ViTConfig, steps: int) -> TrainConfig:
+def trainer_config(options: FinetuneConfig, cfg: ViTConfig, steps: int) -> TrainConfig:
     """The shared run description of a fine-tuning run: what the trainer's loop, checkpoints,
-    resume and store read (the task's own options stay in `args`)."""
-    return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=layout, steps=steps, seed=args.seed, compute=Compute(precision=args.precision),
-                       optim=OptimConfig(lr=args.lr, warmup=min(args.warmup, max(steps // 5, 1)), weight_decay=args.weight_decay, beta2=0.999,
-                                         clip_grad=args.clip_grad),
-                       data_parallel=DataParallel(distributed_optimizer=args.distributed_optimizer),
-                       data=args.data, num_workers=0, out=args.out or "", save_every=args.save_every, keep=args.keep, resume=args.resume,
-                       allow_schedule_change=args.allow_schedule_change, overwrite=args.overwrite, log_every=args.log_every,
-                       results=args.results, tensorboard=args.tensorboard, timeout=args.timeout)
+    resume and store read (the task's own options stay in `options`)."""
+    return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=options.parallel, steps=steps, seed=options.seed,
+                       compute=Compute(precision=options.precision),
+                       optim=OptimConfig(lr=options.lr, warmup=min(options.warmup, max(steps // 5, 1)), weight_decay=options.weight_decay,
+                                         beta2=0.999, clip_grad=options.clip_grad),
+                       data_parallel=DataParallel(distributed_optimizer=options.distributed_optimizer),
+                       data=options.data, num_workers=0, out=options.out or "", save_every=options.save_every, keep=options.keep,
+                       resume=options.resume, allow_schedule_change=options.allow_schedule_change, overwrite=options.overwrite,
+                       log_every=options.log_every, results=options.results, tensorboard=options.tensorboard, timeout=options.timeout)
 
 
 class Finetuner(Trainer):
@@ -220,31 +330,31 @@ class Finetuner(Trainer):
 
     KIND = "finetune"
 
-    def __init__(self, args, layout: Layout, model, train_set, device, steps: int | None = None, classes=(), init: str = "random"):
-        self.args, self.layout, self.model, self.train_set, self.device = args, layout, model, train_set, device
+    def __init__(self, options: FinetuneConfig, model, train_set, device, steps: int | None = None, classes=(), init: str = "random"):
+        self.options, self.layout, self.model, self.train_set, self.device = options, options.parallel, model, train_set, device
         self.cfg, self.classes, self.init = model.backbone.cfg, list(classes), init
-        self.pretraining = pretraining_identity(args.checkpoint)  # read once: tags, store config
+        self.pretraining = pretraining_identity(options.checkpoint)  # read once: tags, store config
         self.task = "seg" if isinstance(model, Segmenter) else "det"
-        self.config = finetune_config(args, layout, self.cfg, steps or args.steps or 1)
+        self.config = trainer_config(options, self.cfg, steps or options.steps or 1)
         self.state, self.memory_at_start = state, reset_peak_memory(device)
         self.normalize = Normalize(self.cfg.in_chans)
-        groups = param_groups_lrd(model, self.cfg.depth, args.weight_decay, args.layer_decay)
+        groups = param_groups_lrd(model, self.cfg.depth, options.weight_decay, options.layer_decay)
         self.optimizer = self._flat_adamw(lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]})  # layer-wise lr decay
-        torch.manual_seed(args.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
+        torch.manual_seed(options.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
         self.results = {}
         self._ready()  # (--resume restores the weights, optimizer, step and RNG)
 
     # --- data ----------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list:
         """This rank's (images on the device, targets) per micro-batch of `step`."""
-        L, crop, chans = self.layout, self.args.crop, self.cfg.in_chans
+        L, crop, chans = self.layout, self.options.crop, self.cfg.in_chans
         per_rank = L.global_batch // L.dp
         first = state.dp_rank() * per_rank
         out = []
         for m in range(per_rank // L.micro_batch):
             lo = first + m * L.micro_batch
             if state.tp_rank() == 0:
-                imgs, targets = zip(*[draw_sample(self.task, self.train_set, crop, self.normalize, self.args.seed, step, g)
+                imgs, targets = zip(*[draw_sample(self.task, self.train_set, crop, self.normalize, self.options.seed, step, g)
                                       for g in range(lo, lo + L.micro_batch)])
                 imgs = torch.stack(imgs).to(self.device)
                 targets = torch.stack(targets).to(self.device) if self.task == "seg" else list(targets)
@@ -289,25 +399,25 @@ class Finetuner(Trainer):
 
     # --- evaluation: each DP replica takes every D-th image; metric state is reduced over DP ------
     def evaluate(self, val_set, classes) -> dict:
-        args, L = self.args, self.layout
+        options, L = self.options, self.layout
         self.model.eval()
         indices = range(state.dp_rank(), len(val_set), L.dp)
         with self._autocast():
             if self.task == "seg":
-                metric = evaluate_seg(self.model, val_set, args.crop, classes, self.normalize, indices=indices)
+                metric = evaluate_seg(self.model, val_set, options.crop, classes, self.normalize, indices=indices)
                 if L.dp > 1:
                     cm = metric.confusion.to(self.device)
                     dist.all_reduce(cm, group=state.dp_group())
                     metric.confusion = cm.cpu()
                 return {"metric": metric}
-            dets, gts = detect_images(self.model, val_set, args.crop, classes, self.normalize, indices=indices,
-                                      score_thr=args.score_thr, max_per_image=args.max_per_image, **protocol_options(args))
+            dets, gts = detect_images(self.model, val_set, options.crop, classes, self.normalize, indices=indices,
+                                      score_thr=options.score_thr, max_per_image=options.max_per_image, **protocol_options(options))
         if L.dp > 1:
             gathered = [None] * L.dp
             dist.all_gather_object(gathered, (dets, gts), group=state.dp_group())
             dets = {c: [row for d, _ in gathered for row in d[c]] for c in classes}
             gts = {k: v for _, g in gathered for k, v in g.items()}
-        return {"ap": evaluate_dota(dets, gts, classes=list(classes), tie_order=args.tie_order)}
+        return {"ap": evaluate_dota(dets, gts, classes=list(classes), tie_order=options.tie_order)}
 
     def scores(self, val_set, classes, counts=None) -> tuple[dict, dict]:
         """(headline metrics, per-class metrics) of the model now on `val_set`, printed as tables.
@@ -342,7 +452,7 @@ class Finetuner(Trainer):
         if self.config.out and dist.get_rank() == 0:
             path = Path(self.config.out) / "metrics.json"
             path.write_text(json.dumps({**self.results, "init": self.init, "preset": self.cfg.name, "steps": self.step,
-                                        "train_fraction": self.args.train_fraction, "layout": self.layout.as_dict()}, indent=1))
+                                        "train_fraction": self.options.train_fraction, "layout": self.layout.as_dict()}, indent=1))
             log(f"wrote {path}")
 
     def tb_prefix(self) -> str:
@@ -350,19 +460,15 @@ class Finetuner(Trainer):
 
     def tags(self) -> dict:
         """The metrics' tags: the benchmark, the data fraction, and the pretraining they start from."""
-        return dict(dataset=self.args.dataset, task=self.task, init=self.init, train_fraction=self.args.train_fraction,
+        return dict(dataset=self.options.dataset, task=self.task, init=self.init, train_fraction=self.options.train_fraction,
                     **self.pretraining)
 
-    def options(self) -> dict:
-        """The command's options as given (what the store's config and the checkpoint keep)."""
-        return {k: v for k, v in vars(self.args).items() if k not in ("func", "command_argv")}
-
     def run_fields(self) -> dict:
-        return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"), config={**self.options(), "pretrain": self.pretraining})
+        return dict(preset=self.cfg.name, params=param_count(self.cfg, "encoder"), config={**as_config(self.options), "pretrain": self.pretraining})
 
     def checkpoint_meta(self) -> dict:
         """What rebuilds this model from its checkpoint alone (`rsscale evaluate`, `rsscale predict`)."""
-        return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init, "args": self.options()}}
+        return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init, "options": as_config(self.options)}}
 
     def _claim(self) -> None:
         if self.config.out:
@@ -396,19 +502,19 @@ def pretraining_identity(path: str | None) -> dict:
             "pretrain_flops": float(steps * batch * mae_step_flops(ViTConfig(**index["model"])))}
 
 
-def load_config(args) -> ViTConfig:
+def load_config(options: FinetuneConfig) -> ViTConfig:
     """The encoder's ViTConfig (from the checkpoint's index, without loading its tensors)."""
-    if args.checkpoint:
+    if options.checkpoint:
         from rsscale.scaling.train.checkpoint import read_index
 
-        return ViTConfig(**read_index(args.checkpoint)[1]["model"])
-    return get_preset(args.model)
+        return ViTConfig(**read_index(options.checkpoint)[1]["model"])
+    return get_preset(options.model)
 
 
-def vitdet_options(args) -> dict:
-    """The ViTDet backbone options of the command line (each defaults to ViTDet's choice)."""
-    return dict(rel_pos=args.rel_pos, drop_path_per_sublayer=args.drop_path_mode == "sublayer",
-                global_blocks=None if args.global_blocks is None else tuple(int(i) for i in args.global_blocks.split(",") if i))
+def vitdet_options(options: FinetuneConfig) -> dict:
+    """The ViTDet backbone options (each defaults to ViTDet's choice)."""
+    return dict(rel_pos=options.rel_pos, drop_path_per_sublayer=options.drop_path_mode == "sublayer",
+                global_blocks=None if options.global_blocks is None else tuple(int(i) for i in options.global_blocks.split(",") if i))
 
 
 def val_subset(val_set, limit: int | None):
@@ -426,176 +532,91 @@ def train_subset(train_set, fraction: float, seed: int):
     return torch.utils.data.Subset(train_set, sorted(order[:max(1, math.ceil(fraction * len(order)))]))
 
 
-def run_finetune(args, started=lambda trainer: trainer) -> dict:
+def run_finetune(options: FinetuneConfig, started=lambda trainer: trainer) -> dict:
     """The whole command on one rank: checks, groups, data check, model, then the trainer's loop
     (checkpoints, --resume, store, evaluation at the end). Returns the metrics ({} when a resumed
     run had nothing left to do). `started` receives the trainer (run_rank's interrupt line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if not 0.0 < args.train_fraction <= 1.0:
-        raise ValueError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
-    if args.resume and not args.out:
-        raise ValueError("--resume continues the run in --out: give its --out")
-    cfg = load_config(args)
-    layout, device = start_groups(args, cfg, world)
+    cfg = load_config(options)
+    layout, device = start_groups(options, cfg, world)
     if dist.get_rank() == 0:  # the synthetic set is written once, before anyone reads it
-        build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
+        build_datasets(options.task, options.dataset, options.data, (options.synthetic_count,) * 2)
     dist.barrier()
-    train_set, val_set, classes = build_datasets(args.task, args.dataset, args.data, (args.synthetic_count,) * 2)
-    val_set = val_subset(val_set, args.max_eval_images)
-    counts = check_data({"train": train_set, "val": val_set}, args.task, classes, cfg.in_chans)
-    train_set = train_subset(train_set, args.train_fraction, args.subset_seed)
-    model, cfg, init = build_model(args.task, args, len(classes), sequence_parallel=layout.sp)
+    train_set, val_set, classes = build_datasets(options.task, options.dataset, options.data, (options.synthetic_count,) * 2)
+    val_set = val_subset(val_set, options.max_eval_images)
+    counts = check_data({"train": train_set, "val": val_set}, options.task, classes, cfg.in_chans)
+    train_set = train_subset(train_set, options.train_fraction, options.subset_seed)
+    model, cfg, init = build_model(options.task, options, len(classes), sequence_parallel=layout.sp)
     model = model.to(device)
-    steps = args.steps or args.epochs * math.ceil(len(train_set) / layout.global_batch)
-    log(f"task {args.task} on {args.dataset}: {len(train_set)} train ({100 * args.train_fraction:g} %) / {len(val_set)} val images, "
+    steps = options.steps or options.epochs * math.ceil(len(train_set) / layout.global_batch)
+    log(f"task {options.task} on {options.dataset}: {len(train_set)} train ({100 * options.train_fraction:g} %) / {len(val_set)} val images, "
         f"{len(classes)} classes; {cfg.name} encoder {param_count(cfg, 'encoder'):,} params, model {sum(p.numel() for p in model.parameters()):,} "
-        f"(this rank); layout {layout}, {args.precision}, {device}; {steps} steps" + ("" if args.out else "; no --out: nothing is saved"))
-    tuner = started(Finetuner(args, layout, model, train_set, device, steps=steps, classes=classes, init=init))
+        f"(this rank); layout {layout}, {options.precision}, {device}; {steps} steps" + ("" if options.out else "; no --out: nothing is saved"))
+    tuner = started(Finetuner(options, model, train_set, device, steps=steps, classes=classes, init=init))
     tuner.val_set, tuner.counts = val_set, counts
     tuner.fit()
     return tuner.results
 
 
-def start_groups(args, cfg: ViTConfig, world: int) -> tuple[Layout, torch.device]:
-    """The TP x DP layout of `args` checked, and the precision, before any process group exists
+def start_groups(options: FinetuneConfig, cfg: ViTConfig, world: int) -> tuple[Layout, torch.device]:
+    """The TP x DP layout of `options` checked, and the precision, before any process group exists
     (no hangs), then the groups and this rank's device (fine-tuning, evaluate, predict)."""
-    layout = layout_from_args(args, world)
+    layout = options.parallel
     check_layout(layout, cfg, world)
-    check_precision(args.precision)
-    state.init_parallel(layout.tp, 1, layout.dp, seed=args.seed, timeout_s=args.timeout)
+    check_precision(options.precision)
+    state.init_parallel(layout.tp, 1, layout.dp, seed=options.seed, timeout_s=options.timeout)
     return layout, rank_device()
 
 
-def protocol_options(args) -> dict:
+def protocol_options(options: FinetuneConfig) -> dict:
     """detect_images' split of `--protocol`: DOTA's rates, overlap ratio and flips on --crop-sized
     patches (the model's input size); {} for the training crops' split."""
-    if args.protocol == "crop":
+    if options.protocol == "crop":
         return {}
-    p = PROTOCOLS[args.protocol]
-    return dict(rates=p["rates"], overlap=args.crop * p["overlap"] // p["patch"], flips=("h", "v") if args.protocol == "dota-ms" else ())
+    p = PROTOCOLS[options.protocol]
+    return dict(rates=p["rates"], overlap=options.crop * p["overlap"] // p["patch"], flips=("h", "v") if options.protocol == "dota-ms" else ())
 
 
-def run_options(run: str, **overrides):
-    """(args, encoder ViTConfig, checkpoint folder, index) of a fine-tuning run's newest complete
-    checkpoint (or the step folder given): the options the run recorded there, with `overrides`."""
+def run_options(run: str, world: int | None = None, **overrides) -> tuple[FinetuneConfig, ViTConfig, str, dict]:
+    """(options, encoder ViTConfig, checkpoint folder, index) of a fine-tuning run's newest complete
+    checkpoint (or the step folder given): the options the run recorded there, with `overrides`
+    (option names), on `world` processes: --dp and the micro-batch are this launch's (fill_layout)
+    unless given."""
     folder, index = checkpoint.read_index(run)
     saved = index.get("finetune")
     if not saved:
         raise ValueError(f"{os.path.join(folder, 'index.json')}: not a fine-tuning checkpoint (no 'finetune' entry: a pretraining "
                          "checkpoint, or a run written before fine-tuning runs kept what rebuilds their model); fine-tune it again")
-    known = vars(finetune_args(saved["task"]))
-    options = {k: v for k, v in saved["args"].items() if k in known and k != "task"}  # options a later version dropped are ignored
-    args = finetune_args(saved["task"], **{**options, **overrides, "checkpoint": None, "resume": False, "out": None, "save_every": 0})
-    return args, ViTConfig(**index["model"]), folder, index
+    recorded = option_paths(saved.get("options") or saved["args"], strict=False)  # "args": older runs' flat dict; dropped options are ignored
+    recorded = {k: v for k, v in recorded.items() if k not in ("parallel.dp", "parallel.micro_batch")}
+    options = options_with({**recorded, **option_paths(overrides), "checkpoint": None, "resume": False, "out": None, "save_every": 0}, world)
+    return options, ViTConfig(**index["model"]), folder, index
 
 
 def run_layout(run: str, world: int, **overrides) -> tuple[Layout, ViTConfig]:
     """The layout a command on `world` processes gives a run's model (checked before launching)."""
-    args, cfg, _, _ = run_options(run, **overrides)
-    return layout_from_args(args, world), cfg
+    options, cfg, _, _ = run_options(run, world, **overrides)
+    return options.parallel, cfg
 
 
 def restore(run: str, world: int, **overrides) -> tuple[Finetuner, dict]:
     """A Finetuner holding the weights of a fine-tuning run's checkpoint (`run_options`), in any
     TP x DP layout, each rank reading only its slices. Creates the process groups. Returns it and
     the checkpoint's index."""
-    args, cfg, folder, index = run_options(run, **overrides)
+    options, cfg, folder, index = run_options(run, world, **overrides)
     saved = index["finetune"]
-    layout, device = start_groups(args, cfg, world)
-    model, _, _ = build_model(saved["task"], args, len(saved["classes"]), sequence_parallel=layout.sp, encoder=cfg)
-    tuner = Finetuner(args, layout, model.to(device), None, device, steps=index["trainer"]["step"], classes=saved["classes"], init=saved["init"])
+    layout, device = start_groups(options, cfg, world)
+    model, _, _ = build_model(saved["task"], options, len(saved["classes"]), sequence_parallel=layout.sp, encoder=cfg)
+    tuner = Finetuner(options, model.to(device), None, device, steps=index["trainer"]["step"], classes=saved["classes"], init=saved["init"])
     tuner.load(folder, weights_only=True)
     tuner.step = int(index["trainer"]["step"])
     log(f"{saved['task']} model of {folder} (step {tuner.step}, {cfg.name} encoder, {len(saved['classes'])} classes); layout {layout}")
     return tuner, index
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="seg (UperNet) or det (see --detector)")
-    parser.add_argument("--detector", choices=["orcnn", "fcos"], default="orcnn",
-                        help="det: Oriented R-CNN (two-stage, as published RS tables) or rotated FCOS (one-stage)")
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
-    parser.add_argument("--data", default="data/synthetic", help="dataset root in its native layout (see module doc)")
-    parser.add_argument("--checkpoint", help="pretraining checkpoint (run folder or step folder); random init if absent")
-    parser.add_argument("--model", default="tiny", help="preset when no --checkpoint is given (rsscale models)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (one crop each)")
-    add_layout_arguments(parser)  # --tp --dp --sp --micro-batch --global-batch (default 8; micro = global / dp)
-    add_launch_arguments(parser)  # --nproc ...: relaunch under torchrun
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="autocast dtype (fp16 with dynamic loss scaling, CUDA only); weights and optimizer stay fp32")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
-    parser.add_argument("--distributed-optimizer", action="store_true", help="shard the AdamW state over DP ranks (ZeRO-1)")
-    parser.add_argument("--crop", type=int, default=128, help="training crop / eval window (multiple of 2 x patch)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1 = none)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup", type=int, default=50, help="warmup steps (at most a fifth of the run)")
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip over all model-parallel ranks (0: off)")
-    parser.add_argument("--drop-path", type=float, default=0.1)
-    parser.add_argument("--drop-path-mode", choices=["sublayer", "block"], default="sublayer",
-                        help="stochastic depth per sublayer (ViTDet) or per whole block")
-    parser.add_argument("--rel-pos", action=argparse.BooleanOptionalAction, default=True,
-                        help="ViTDet's decomposed relative position bias in attention (--no-rel-pos: none)")
-    parser.add_argument("--global-blocks", help="comma list of global-attention block indices (default: ViTDet's, 2,5,8,11 for 12 blocks)")
-    parser.add_argument("--window", type=int, default=4, help="window attention size in tokens")
-    parser.add_argument("--channels", type=int, default=32, help="pyramid and head channels")
-    parser.add_argument("--train-fraction", type=float, default=1.0,
-                        help="train on this fraction of the training images (nested seeded subsets; recorded in the store)")
-    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the --train-fraction subsets (fixed across fractions)")
-    parser.add_argument("--max-eval-images", type=int, default=0, help="evaluate on at most this many val images (0: all)")
-    parser.add_argument("--score-thr", type=float, default=0.05, help="detection: drop boxes scoring below this before merging")
-    parser.add_argument("--max-per-image", type=int, default=2000, help="detection: keep at most this many boxes per patch and per image")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOL_CHOICES), default="crop",
-                        help="detection evaluation: crop-sized patches as trained (crop), or DOTA's split at rate 1 (dota-ss) or "
-                        "rates 0.5/1.0/1.5 with h+v flip TTA (dota-ms); patches of --crop px, DOTA's overlap ratio")
-    parser.add_argument("--tie-order", choices=TIE_ORDERS, default="devkit",
-                        help="DOTA AP: order of equal scores (the official devkit's np.argsort, or stable)")
-    parser.add_argument("--synthetic-count", type=int, default=64, help="seg/det tiles when writing the synthetic set")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--tensorboard", default=None, help="write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
-    parser.add_argument("--out", help="run folder: checkpoints/ (model, optimizer, data position; the model of evaluate/predict) "
-                        "and metrics.json; without it nothing is saved")
-    parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--keep", type=int, default=0, help="keep only the N newest checkpoints (0: all)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
-    parser.add_argument("--allow-schedule-change", action="store_true",
-                        help="with --resume: accept --steps/--lr/--warmup other than the checkpoint's run had")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an --out folder that holds checkpoints (deletes them)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="process-group timeout in seconds (a dead peer fails the step)")
-    parser.add_argument("--results", help="results store (default $RSSCALE_RESULTS or reports/results.db)")
-
-
-def finetune_args(task: str, **overrides) -> argparse.Namespace:
-    """The `rsscale finetune --task TASK --dataset synthetic` defaults with `overrides` (attribute
-    names), e.g. for building a run's model and optimizer outside the command (benchmarks/prediction/count.py)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--task", task, "--dataset", "synthetic"])
-    layout_flags = {f.name for f in dataclasses.fields(Layout)}  # absent unless given (layout_from_args's defaults)
-    unknown = set(overrides) - set(vars(args)) - layout_flags
-    if unknown:
-        raise ValueError(f"not options of rsscale finetune: {', '.join(sorted(unknown))}")
-    vars(args).update(overrides)
-    return args
-
-
-NUMBER_RULES = {"--steps": dict(ge=1), "--epochs": dict(ge=1), "--global-batch": dict(ge=1), "--micro-batch": dict(ge=1), "--crop": dict(ge=1), "--lr": dict(gt=0),
-                "--layer-decay": dict(gt=0, le=1), "--weight-decay": dict(ge=0), "--warmup": dict(ge=0), "--clip-grad": dict(gt=0),
-                "--drop-path": dict(ge=0, lt=1), "--window": dict(ge=1), "--channels": dict(ge=1), "--max-eval-images": dict(ge=0),
-                "--synthetic-count": dict(ge=1), "--seed": dict(ge=0), "--log-every": dict(ge=1),
-                "--save-every": dict(ge=0), "--keep": dict(ge=0), "--timeout": dict(gt=0)}
-
-
-def check_args(args) -> None:
-    """One-line ValueError naming the first flag whose value makes no sense."""
-    check_numbers(NUMBER_RULES, lambda flag: getattr(args, flag[2:].replace("-", "_"), None))
-
-
 def main(args) -> int:
-    check_args(args)
+    config = config_from_args(args)
     if wants_launch(args):
-        check_precision(args.precision)
-        return relaunch_checked("finetune", args, lambda world: (layout_from_args(args, world), load_config(args)))
-    return run_rank("finetune", lambda started: run_finetune(args, started))
+        check_precision(config.precision)
+        return relaunch_checked("finetune", args, lambda world: (config_from_args(args, world).parallel, load_config(config)))
+    return run_rank("finetune", lambda started: run_finetune(config, started))

@@ -88,7 +88,7 @@ def test_finetune_gets_the_chosen_layout_as_flags_it_accepts(tmp_path, monkeypat
     assert f"running {plan.layout}" in out and "--pp" not in argv and "--layout" not in argv
     parser = argparse.ArgumentParser()
     FT.add_arguments(parser)
-    assert FT.layout_from_args(parser.parse_args(argv), 1) == plan.layout
+    assert FT.config_from_args(parser.parse_args(argv), 1).parallel == plan.layout
 
 
 def test_profile_prints_the_choice_counted_and_as_flags(capsys):

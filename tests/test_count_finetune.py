@@ -48,9 +48,9 @@ def _real_rank_bytes(rank, world, task, layout, precision, zero):
 
     state.init_parallel(layout.tp, 1, layout.dp, seed=0)
     try:
-        args = T.finetune_args(task, model="tiny", crop=IMG, precision=precision, distributed_optimizer=zero)
-        model = T.build_model(task, args, 7 if task == "seg" else 15, sequence_parallel=layout.sp)[0]
-        tuner = T.Finetuner(args, layout, model, None, torch.device("cpu"), steps=1)
+        options = T.finetune_options(task, model="tiny", parallel=layout, crop=IMG, precision=precision, distributed_optimizer=zero)
+        model = T.build_model(task, options, 7 if task == "seg" else 15, sequence_parallel=layout.sp)[0]
+        tuner = T.Finetuner(options, model, None, torch.device("cpu"), steps=1)
         tuner.micro_batches = lambda step: [_batch(task, layout)] * layout.num_micro
         tuner.train_step()  # leaves every p.grad allocated
         opt = tuner.optimizer

@@ -19,14 +19,15 @@ def _argv(task, data, *extra):
             "--warmup", "1", "--steps", "1", "--clip-grad", "0", "--score-thr", "0.05", "--detector", "fcos", *extra]
 
 
-def _args(argv):
+def _options(argv, world=1):
+    """The options `rsscale finetune ARGV` resolves to on `world` processes."""
     import argparse
 
-    from rsscale.finetune.train import add_arguments
+    from rsscale.finetune.train import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(argv)
+    return config_from_args(parser.parse_args(argv), world)
 
 
 def _prepare(model, task):
@@ -47,13 +48,13 @@ def _run_rank(rank, world, layout_argv, data):
 
     out = {}
     for task in ("seg", "det"):
-        args = _args(_argv(task, data, *layout_argv))
-        layout = T.layout_from_args(args, world)
+        options = _options(_argv(task, data, *layout_argv), world)
+        layout = options.parallel
         state.init_parallel(layout.tp, 1, layout.dp, seed=0)
         train_set, val_set, classes = T.build_datasets(task, "synthetic", str(data))
-        model, _, _ = T.build_model(task, args, len(classes), sequence_parallel=layout.sp)
+        model, _, _ = T.build_model(task, options, len(classes), sequence_parallel=layout.sp)
         _prepare(model, task)
-        tuner = T.Finetuner(args, layout, model, train_set, torch.device("cpu"), steps=1)  # (warmup: a fifth of the run, 1)
+        tuner = T.Finetuner(options, model, train_set, torch.device("cpu"), steps=1)  # (warmup: a fifth of the run, 1)
         evaluated = _eval_value(task, tuner.evaluate(val_set, classes))
         r = tuner.train_step()
         opt = tuner.optimizer
@@ -77,27 +78,26 @@ def _reference(task, data):
     from rsscale.scaling.train.optim import lr_at
 
     state.init_parallel(1, 1)
-    args = _args(_argv(task, data))
+    options = _options(_argv(task, data))
     train_set, val_set, classes = T.build_datasets(task, "synthetic", str(data))
-    model, cfg, _ = T.build_model(task, args, len(classes))
+    model, cfg, _ = T.build_model(task, options, len(classes))
     _prepare(model, task)
-    layout = T.layout_from_args(args, 1)
-    evaluated = _eval_value(task, T.Finetuner(args, layout, model, train_set, torch.device("cpu")).evaluate(val_set, classes))
-    model, cfg, _ = T.build_model(task, args, len(classes))  # fresh weights (the Finetuner re-packed the old ones)
+    evaluated = _eval_value(task, T.Finetuner(options, model, train_set, torch.device("cpu")).evaluate(val_set, classes))
+    model, cfg, _ = T.build_model(task, options, len(classes))  # fresh weights (the Finetuner re-packed the old ones)
     _prepare(model, task)
     norm = T.Normalize(cfg.in_chans)
-    imgs, targets = zip(*(T.draw_sample(task, train_set, args.crop, norm, args.seed, 0, g) for g in range(4)))
+    imgs, targets = zip(*(T.draw_sample(task, train_set, options.crop, norm, options.seed, 0, g) for g in range(4)))
     imgs = torch.stack(imgs)
     model.train()
     loss = model.loss(model(imgs), torch.stack(targets)) if task == "seg" else model.loss(model(imgs), list(targets))["total"]
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-    groups = param_groups_lrd(model, cfg.depth, args.weight_decay, args.layer_decay)
-    lr = lr_at(0, args.lr, 1, 1)
+    groups = param_groups_lrd(model, cfg.depth, options.weight_decay, options.layer_decay)
+    lr = lr_at(0, options.lr, 1, 1)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=options.weight_decay)
     opt.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return dict(loss=float(loss.detach()), grad_norm=grad_norm, grads=grads, params=params, eval=evaluated)
@@ -167,10 +167,7 @@ def test_one_step_and_evaluation_equal_one_process(layout, data, reference):
 
 def test_pipeline_flags_are_refused_not_ignored():
     """Fine-tuning has no pipeline: --pp and --vpp other than 1 are an error, never dropped silently."""
-    import argparse
-
-    from rsscale.finetune import train as T
-
-    for flags in (dict(pp=2), dict(vpp=2)):
-        with pytest.raises(ValueError, match="tensor and data parallel only"):
-            T.layout_from_args(argparse.Namespace(tp=1, **flags), 2)
+    for flags in (["--pp", "2"], ["--vpp", "2"]):
+        with pytest.raises(ValueError, match="tensor and data parallel only") as e:
+            _options(["--task", "seg", "--dataset", "synthetic", *flags], 2)
+        assert "\n" not in str(e.value)

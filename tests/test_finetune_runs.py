@@ -96,8 +96,8 @@ def test_predict_boxes_score_what_evaluation_scored(runs, tmp_path):
 
     tuner, _ = restore(str(runs / "det"), 1)
     try:
-        want, _ = detect_images(tuner.model, data, tuner.args.crop, classes, tuner.normalize, score_thr=tuner.args.score_thr,
-                                max_per_image=tuner.args.max_per_image)
+        want, _ = detect_images(tuner.model, data, tuner.options.crop, classes, tuner.normalize, score_thr=tuner.options.score_thr,
+                                max_per_image=tuner.options.max_per_image)
     finally:
         state.destroy_parallel()
     assert sum(map(len, want.values())) > 0
@@ -106,6 +106,27 @@ def test_predict_boxes_score_what_evaluation_scored(runs, tmp_path):
         ref = sorted(want[c], key=lambda r: (r[0], -r[1]))
         assert [(i, round(s, 4)) for i, s, _ in got] == [(i, round(s, 4)) for i, s, _ in ref]
         assert all(np.allclose(p, q, atol=0.051) for (_, _, p), (_, _, q) in zip(got, ref))
+
+
+def test_a_checkpoint_with_the_older_flat_options_still_loads(runs, tmp_path):
+    """Runs written before the options were a tree kept a flat dict of argparse dests under "args"
+    (layout flags only where given, launch flags, --config): each name lands on its leaf of the
+    tree, names that are no option are dropped; the run rebuilds with the same options."""
+    import shutil
+
+    from rsscale.finetune.train import run_options
+
+    shutil.copytree(runs / "seg", tmp_path / "old")
+    for path in (tmp_path / "old" / "checkpoints").glob("step_*/index.json"):
+        index = json.loads(path.read_text())
+        tree = index["finetune"].pop("options")
+        index["finetune"]["args"] = {**{k: v for k, v in tree.items() if k != "parallel"}, "global_batch": 2, "nproc": None, "config": None}
+        path.write_text(json.dumps(index))
+    old, new = run_options(str(tmp_path / "old"), 1)[0], run_options(str(runs / "seg"), 1)[0]
+    assert old == new and (old.crop, old.parallel.global_batch, old.parallel.micro_batch, old.out) == (32, 2, 2, None)
+    assert run_options(str(tmp_path / "old"), 2, tp=2)[0].parallel.tp == 2  # overrides by name, layout included
+    with pytest.raises(ValueError, match="^not options of rsscale finetune: nproc$"):
+        run_options(str(tmp_path / "old"), 1, nproc=2)
 
 
 def test_runs_that_cannot_be_rebuilt_are_refused_in_one_line(runs, tmp_path, capsys):

@@ -132,12 +132,12 @@ def test_a_stop_request_waits_for_the_step_boundary_unless_ctrl_c_comes_twice():
 
 
 def test_keyboard_interrupt_in_any_command_is_one_line(monkeypatch, capsys):
-    from rsscale.scaling.spec import config
+    from rsscale.scaling.spec import models
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(config, "main", interrupted)
+    monkeypatch.setattr(models, "main", interrupted)
     assert cli(["models"]) == 130
     assert capsys.readouterr().err == "rsscale models: interrupted\n"
 

@@ -201,8 +201,8 @@ def test_detector_flag_chooses_the_model():
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     base = ["--task", "det", "--dataset", "synthetic", "--crop", "32", "--channels", "16"]
-    assert isinstance(train.build_model("det", parser.parse_args(base), 3)[0], OrientedRCNN)  # the default
-    fcos = train.build_model("det", parser.parse_args(base + ["--detector", "fcos"]), 3)[0]
+    assert isinstance(train.build_model("det", train.config_from_args(parser.parse_args(base)), 3)[0], OrientedRCNN)  # the default
+    fcos = train.build_model("det", train.config_from_args(parser.parse_args(base + ["--detector", "fcos"])), 3)[0]
     assert isinstance(fcos, RotatedFCOS)
 
 

@@ -12,7 +12,7 @@ from rsscale.scaling.runtime.cli import main
 @pytest.mark.parametrize("argv", [
     ["pretrain", "--model", "small", "--tp", "2", "--lr", "3e-4", "--recompute", "selective", "--sp"],
     ["bench", "--model", "small", "--steps", "3", "--distributed-optimizer"],
-    ["finetune", "--task", "det", "--dataset", "synthetic", "--no-rel-pos", "--layer-decay", "0.9"],
+    ["finetune", "--task", "det", "--dataset", "synthetic", "--no-rel-pos", "--layer-decay", "0.9", "--tp", "2"],
     ["profile", "--model", "small", "--gpus", "2", "--micro-batch", "4", "--micro-batch", "8", "--no-probe"],
     ["calibrate", "--model", "tiny", "--nproc", "2", "--rounds", "3"],
 ])
@@ -28,19 +28,20 @@ def test_printed_values_are_the_resolved_ones(tmp_path, capsys):
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["model"] == "small" and tree["parallel"]["tp"] == 2 and tree["optim"]["lr"] == 1e-3  # the default, resolved
     assert main(["finetune", "--task", "seg", "--dataset", "synthetic", "--no-rel-pos", "--print-config"]) == 0
-    flat = yaml.safe_load(capsys.readouterr().out)
-    assert flat["rel-pos"] is False and flat["task"] == "seg"
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["rel_pos"] is False and tree["task"] == "seg" and tree["parallel"]["micro_batch"] == 8  # global / dp, resolved
 
 
-def test_a_boolean_pair_flag_in_a_config_file_keeps_its_meaning(tmp_path):
-    """`rel-pos: true` in a fine-tuning config file turned relative position bias off before."""
-    from rsscale.scaling.runtime.cli import print_config  # noqa: F401 - the module under test
-
+@pytest.mark.parametrize("text, rel_pos", [("rel-pos: true\n", True), ("rel_pos: false\n", False), ("", True)])
+def test_a_negated_switch_in_a_config_file_keeps_its_meaning(text, rel_pos, tmp_path):
+    """The key of a True-by-default switch is its option's name (`rel_pos`, flag `--no-rel-pos`):
+    `rel_pos: true` keeps relative position bias on."""
     path = tmp_path / "f.yaml"
-    path.write_text("task: seg\ndataset: synthetic\nrel-pos: true\n")
+    path.write_text("task: seg\ndataset: synthetic\nparallel: {global_batch: 4}\n" + text)
     out = tmp_path / "o.yaml"
     assert main(["finetune", "--config", str(path), "--print-config", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["rel-pos"] is True
+    tree = yaml.safe_load(out.read_text())
+    assert tree["rel_pos"] is rel_pos and tree["parallel"]["micro_batch"] == 4
 
 
 def test_a_group_size_below_two_is_refused_by_calibrate_before_measuring(capsys):

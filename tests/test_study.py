@@ -45,6 +45,7 @@ pretrain: {parallel: {micro_batch: 4, global_batch: 4}, num_workers: 0, optim: {
     ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {lr: 0.1}\n", r"pretrain: unknown config key\(s\) lr \(belongs under 'optim:'"),
     ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {parallel: {micro_batch: 0}}\n", r"pretrain: --micro-batch \(config key 'parallel.micro_batch'\) must be >= 1"),
     ("models: [tiny]\nbudgets: {steps: [1]}\npretrain: {nproc: 0}\n", "pretrain.nproc must be an integer >= 1"),
+    ("models: [tiny]\nbudgets: {steps: [1]}\nfinetune: {tasks: [seg], chanels: 8}\n", "finetune: not options of rsscale finetune: chanels"),
 ])
 def test_plan_errors_name_the_file_and_key(tmp_path, text, message):
     path = _plan(tmp_path, text)
@@ -200,6 +201,18 @@ def _fake_cells(monkeypatch, tmp_path, commands, finish):
     monkeypatch.setattr(S, "cell_command", lambda plan, cell, pool: [sys.executable, "-c", commands[cell.model]])
     monkeypatch.setattr(S, "finish_pretrain_cell", lambda plan, cell, held, wall: finish(cell))
     return plan
+
+
+def test_a_fine_tuning_cell_runs_the_plans_finetune_options(tmp_path, monkeypatch):
+    """The plan's finetune section (option names, a boolean switch among them) becomes the cell's
+    flags through finetune's own options, so `rel_pos: false` is --no-rel-pos, not "--rel-pos False"."""
+    plan = S.load_plan(str(_plan(tmp_path, SMALL + "finetune: {tasks: [seg], fractions: [0.5], steps: 2, rel_pos: false, channels: 16}\n")),
+                       str(tmp_path / "s"))
+    monkeypatch.setattr(S, "data_root", lambda plan: str(tmp_path / "data"))  # no dataset is written for the flags
+    flags = " ".join(S.finetune_args(plan, next(c for c in S.cells(plan) if c.kind == "finetune")))
+    for needle in ("--task seg", "--no-rel-pos", "--channels 16", "--train-fraction 0.5", "--steps 2", f"--data {tmp_path / 'data'}"):
+        assert needle in flags, (needle, flags)
+    assert "False" not in flags
 
 
 def test_two_jobs_schedule_with_fake_cells(tmp_path, monkeypatch):

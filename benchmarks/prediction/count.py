@@ -346,7 +346,7 @@ def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes:
     are the storages autograd saves in one micro-batch's forward on fake tensors (segmentation:
     through the loss; detection: through the dense head outputs, without the loss's sampled
     anchors / RoIs / positives, which depend on the data). `options`: other `rsscale finetune`
-    flags (attribute names: detector, channels, window, rel_pos, ...). `parts`: count only the
+    options (by name: detector, channels, window, rel_pos, ...). `parts`: count only the
     allocations (params, grads, optimizer) or only the activations (and FLOPs).
 
     Returns (Counted, {"flops": forward FLOPs of one micro-batch on this rank, "block_flops": the
@@ -357,20 +357,20 @@ def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes:
     if L.pp != 1:
         raise ValueError(f"fine-tuning runs tensor and data parallel only, got pp={L.pp}")
     check_layout(L, cfg, L.world_size)
-    args = FT.finetune_args(task, model=cfg.name, crop=img, precision=plan.precision, activation_checkpointing=plan.recompute == "full",
-                            distributed_optimizer=plan.distributed_optimizer, **options)
+    run = FT.finetune_options(task, model=cfg.name, parallel=L, crop=img, precision=plan.precision,
+                              activation_checkpointing=plan.recompute == "full", distributed_optimizer=plan.distributed_optimizer, **options)
     classes = num_classes or FINETUNE_CLASSES[task]
     quiet = logging.getLogger(FT.__name__)  # build_model's progress lines are about a real run
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        return _count_finetune(cfg, plan, task, img, args, classes, parts)
+        return _count_finetune(cfg, plan, task, img, run, classes, parts)
     finally:
         quiet.setLevel(level)
 
 
-def _count_finetune(cfg, plan, task, img, args, classes, parts):
-    """count_finetune with the run's arguments built (see there)."""
+def _count_finetune(cfg, plan, task, img, run, classes, parts):
+    """count_finetune with the run's options built (see there)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -382,12 +382,12 @@ def _count_finetune(cfg, plan, task, img, args, classes, parts):
         config = state.model_parallel_config(perform_initialization=False)
 
         def build():
-            return FT.build_model(task, args, classes, sequence_parallel=L.sp, config=config)[0]
+            return FT.build_model(task, run, classes, sequence_parallel=L.sp, config=config)[0]
 
         with torch.device("meta") if "allocations" in parts else contextlib.nullcontext():  # the run's allocations: its model and its optimizer
             if "allocations" in parts:
                 model = build()
-                tuner = FT.Finetuner(args, L, model, None, torch.device("meta"))
+                tuner = FT.Finetuner(run, model, None, torch.device("meta"))
                 opt = tuner.optimizer
                 frozen = [p for p in model.parameters() if not p.requires_grad]
                 work["trainable"] = sum(p.numel() for _, p in opt.named)

@@ -25,8 +25,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsscale.scaling.runtime.launch import command_line
+
+if TYPE_CHECKING:
+    from rsscale.scaling.train.pretrain import TrainConfig
 from rsscale.scaling.runtime.log import progress
 
 log = logging.getLogger("rsscale.study")
@@ -63,7 +67,7 @@ class Plan:
     budgets: list[float]
     images: list[int | None]
     heldout: dict = field(default_factory=dict)
-    pretrain: "TrainConfig | None" = None  # every pretraining cell's options (the plan's pretrain section), before the cell's own
+    pretrain: TrainConfig | None = None  # every pretraining cell's options (the plan's pretrain section), before the cell's own
     pretrain_nproc: int = 1  # processes per pretraining cell (pretrain.nproc)
     finetune: dict = field(default_factory=dict)
     data: str = "synthetic"
@@ -136,6 +140,13 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
         _need(path, t in ("seg", "det"), f"finetune.tasks holds {t!r}; the tasks are seg and det")
     ft["fractions"] = _positive_list(path, "finetune.fractions", ft["fractions"], float)
     _need(path, all(f <= 1 for f in ft["fractions"]), "finetune.fractions must lie in (0, 1]")
+    if ft["tasks"]:  # the finetune options are checked now, not when the first fine-tuning cell starts
+        from rsscale.finetune.train import finetune_options
+
+        try:
+            finetune_options(ft["tasks"][0], **{k: v for k, v in ft.items() if k not in FINETUNE_PLAN_KEYS})
+        except ValueError as e:
+            raise ValueError(f"{path}: finetune: {e}") from None
     jobs = raw.get("jobs", 1)
     _need(path, isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1, f"jobs must be an integer >= 1, got {jobs!r}")
     lr_width = raw.get("lr_width")
@@ -279,16 +290,26 @@ def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
     return argv if "--model" in argv else ["--model", cell.model, *argv]
 
 
+FINETUNE_PLAN_KEYS = ("tasks", "fractions", "steps", "nproc")  # the plan's own keys of its finetune section; the rest are finetune options
+
+
+def finetune_options_of(plan: Plan, cell: Cell):
+    """`rsscale finetune`'s options of a fine-tuning cell: the plan's finetune section (option names,
+    or sections nested like finetune's --config) with the cell's own values."""
+    from rsscale.finetune.train import finetune_options
+
+    own = {k: v for k, v in plan.finetune.items() if k not in FINETUNE_PLAN_KEYS}
+    return finetune_options(cell.task, int(plan.finetune.get("nproc", 1)), **{
+        **own, "dataset": "synthetic" if plan.data == "synthetic" else "loveda", "data": data_root(plan),
+        "checkpoint": cell_dir(plan, Cell(cell.parent, "pretrain", cell.model, 0)), "steps": cell.steps, "out": cell_dir(plan, cell),
+        "results": plan.results, "train_fraction": cell.fraction if cell.fraction is not None else 1.0})
+
+
 def finetune_args(plan: Plan, cell: Cell) -> list[str]:
-    ft = {k: v for k, v in plan.finetune.items() if k not in ("tasks", "fractions", "steps", "nproc")}
-    args = ["--task", cell.task, "--dataset", "synthetic" if plan.data == "synthetic" else "loveda",
-            "--data", data_root(plan), "--checkpoint", cell_dir(plan, Cell(cell.parent, "pretrain", cell.model, 0)),
-            "--steps", str(cell.steps), "--out", cell_dir(plan, cell), "--results", plan.results]
-    if cell.fraction is not None and cell.fraction < 1:
-        args += ["--train-fraction", f"{cell.fraction:g}"]
-    for key, value in ft.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+    """`rsscale finetune` arguments of a cell (launch flags excluded)."""
+    from rsscale.scaling.runtime.options import to_argv
+
+    return to_argv(finetune_options_of(plan, cell))
 
 
 def done_cells(plan: Plan) -> dict[str, dict]:

@@ -5,8 +5,8 @@
     tree = check_tree("run.yaml", data, TrainConfig)   # a nested tree against its dataclasses
     check_numbers({"--steps": dict(ge=1)}, lambda flag: ...)   # one-line range errors naming the flag
 
-`pretrain` has a nested config tree (scaling/train/pretrain.py); bench, finetune and profile take a flat
-file whose keys are their long flags without dashes (`micro_batch: 8`, `tp: 2`). Every key and
+A command's file is nested like its options tree (scaling/runtime/options.py: `parallel: {tp: 2}`);
+a flat file (cli.py's FLAT_CONFIG) has its long flags without dashes as keys (`micro_batch: 8`). Every key and
 value is checked before anything runs; an error names the file, the key and what was expected.
 Bottom layer: imports nothing from the rest of rsscale.
 """
