@@ -103,7 +103,7 @@ def test_pretrain_config_file_values_keep_their_meaning(tmp_path):
     assert (c.steps, c.resume, c.parallel.sp, c.results) == (4, False, False, "x.db")
 
 
-def test_flat_config_file_booleans_and_repeatable_flags(tmp_path, capsys):
+def test_config_file_booleans_and_repeatable_flags(tmp_path, capsys):
     """bench/profile files: 'record: "no"' is refused; a list feeds a repeatable flag."""
     cfg = tmp_path / "bench.yaml"
     cfg.write_text('record: "no"\n')

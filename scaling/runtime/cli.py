@@ -13,7 +13,6 @@ import os
 import sys
 import warnings
 
-from rsscale.scaling.runtime.config_file import parse_args_with_config
 from rsscale.scaling.runtime.launch import interrupted_exit_code, on_signals, raise_interrupted
 from rsscale.scaling.runtime.log import setup_logging
 from rsscale.scaling.runtime.options import as_config
@@ -38,10 +37,6 @@ COMMANDS = {
 
 AUTO_LAYOUT = "rsscale.benchmarks.autolayout"  # named as a string like the commands: imported only when asked for
 
-# Commands whose --config file is still flat (keys are flag names); the others' files are nested like their tree.
-FLAT_CONFIG = ()
-
-
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help appends "(default: X)" to each option whose default says something: not None, a
     bool, an empty value or a hidden one, nor where the help already names its default."""
@@ -53,13 +48,6 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
             action = copy.copy(action)
             action.help = f"{help_} (default: %(default)s)".lstrip()
         return super()._format_action(action)
-
-
-def flat_config(parser, args) -> dict:
-    """A flat command's resolved options as config keys (flag names): what `--config` reads back."""
-    skip = {"help", "config", "print_config"}
-    return {a.dest.replace("_", "-"): getattr(args, a.dest) for a in parser._actions
-            if a.option_strings and a.dest not in skip and getattr(args, a.dest, None) is not None}
 
 
 def print_config(data: dict, dest: str) -> int:
@@ -117,22 +105,15 @@ def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
     tree = hasattr(module, "config_from_args")
-    if name in FLAT_CONFIG:
-        parser.add_argument("--config", help="YAML or TOML file of flag values (keys: flag names); flags override it")
-    elif tree:
+    if tree:
         parser.add_argument("--config", help="YAML or TOML file nested like the options (as --print-config writes it); flags override it")
-    if name in FLAT_CONFIG or tree:
         parser.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
                             help="write the resolved options as a YAML config file that --config accepts back (to FILE, or stdout), and exit")
-    try:
-        args = parse_args_with_config(parser, rest) if name in FLAT_CONFIG else parser.parse_args(rest)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"rsscale {name}: error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(rest)
     args.command_argv = rest  # what a torchrun relaunch (scaling/runtime/launch.py) passes on to the ranks
     try:
         if getattr(args, "print_config", None) is not None:
-            return print_config(as_config(module.config_from_args(args)) if tree else flat_config(parser, args), args.print_config)
+            return print_config(as_config(module.config_from_args(args)), args.print_config)
         return int(module.main(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("RSSCALE_TRACEBACK"):

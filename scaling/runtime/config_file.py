@@ -1,19 +1,17 @@
 """Config files for the commands: YAML or TOML, read before the flags so that flags override.
 
     load_config_file("run.yaml") -> dict
-    args = parse_args_with_config(parser, argv)   # flat commands: file keys are the flags' names
     tree = check_tree("run.yaml", data, TrainConfig)   # a nested tree against its dataclasses
-    check_numbers({"--steps": dict(ge=1)}, lambda flag: ...)   # one-line range errors naming the flag
+    check_number("--steps", value, ge=1)               # one-line range errors naming the flag
 
-A command's file is nested like its options tree (scaling/runtime/options.py: `parallel: {tp: 2}`);
-a flat file (cli.py's FLAT_CONFIG) has its long flags without dashes as keys (`micro_batch: 8`). Every key and
-value is checked before anything runs; an error names the file, the key and what was expected.
+A command's file is nested like its options tree (scaling/runtime/options.py: `parallel: {tp: 2}`;
+a key may be spelled like its flag, `micro-batch`). Every key and value is checked before anything
+runs; an error names the file, the key and what was expected.
 Bottom layer: imports nothing from the rest of rsscale.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
@@ -77,22 +75,6 @@ def _type_name(typ) -> str:
     return getattr(typ, "__name__", "valid")
 
 
-def _coerce(path, key: str, value, action: argparse.Action):
-    """`value` from the file as the flag `action` would have parsed it, or a ValueError naming key and type."""
-    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: the key is x, the value x's
-        return coerce_value(path, key, value, bool)
-    if action.nargs == 0:  # store_true / store_false switches: only real booleans
-        value = coerce_value(path, key, value, bool)
-        return value if action.const is True else not value
-    repeatable = isinstance(action, argparse._AppendAction)  # e.g. --micro-batch 4 --micro-batch 8: a list
-    values = value if repeatable and isinstance(value, list) else [value]
-    values = [coerce_value(path, key, v, action.type or str) for v in values]
-    for v in values:
-        if action.choices is not None and v not in action.choices:
-            raise ValueError(f"{path}: key {key!r} must be one of {', '.join(map(str, action.choices))}, got {v!r}")
-    return values if repeatable else values[0]
-
-
 def check_tree(path, data: dict, cls, prefix: str = "") -> dict:
     """A nested config mapping checked against dataclass `cls` (nested dataclasses are sections):
     unknown keys, non-mapping sections and mistyped values are one-line ValueErrors naming the
@@ -148,29 +130,3 @@ def check_number(name: str, value, *, ge=None, gt=None, le=None, lt=None) -> Non
     if not math.isfinite(value) or not all(ok for *_, ok in bounds):
         want = " and ".join(f"{op} {bound:g}" for op, bound, _ in bounds if bound is not None) or "finite"
         raise ValueError(f"{name} must be {want}, got {value!r}")
-
-
-def check_numbers(rules: dict, get) -> None:
-    """check_number for every (name -> bounds) of `rules`, the value of each from get(name)."""
-    for name, bounds in rules.items():
-        check_number(name, get(name), **bounds)
-
-
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse `argv`; if it has --config FILE, the file's values become the defaults first."""
-    pre = argparse.ArgumentParser(add_help=False)  # --config alone first: the file may give required flags
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if not path:
-        return parser.parse_args(argv)
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    defaults = {}
-    for key, value in load_config_file(path).items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions:
-            raise ValueError(f"{path}: unknown key {key!r}{_did_you_mean(dest, actions)} (known: {', '.join(sorted(actions))})")
-        defaults[dest] = _coerce(path, key, value, actions[dest])
-    parser.set_defaults(**defaults)
-    for dest in defaults:  # required flags given by the file are no longer required on the command line
-        actions[dest].required = False
-    return parser.parse_args(argv)
