@@ -55,3 +55,34 @@ def test_every_size_tp_must_divide_is_named():
     assert validate_layout(Layout(tp=3), odd, 3) == [
         "TP size 3 does not divide the encoder width (10)", "TP size 3 does not divide the encoder MLP size (20)",
         "TP size 3 does not divide the decoder width (5)"]
+
+
+def test_derive_dp_fills_in_only_an_absent_dp():
+    from rsscale.scaling.spec.layout import derive_dp
+
+    assert (derive_dp(2, 2, None, 8), derive_dp(2, 1, None, 2), derive_dp(4, 1, None, 2), derive_dp(1, 1, 3, 8)) == (2, 1, 1, 3)
+
+
+def test_interleaving_with_two_stages_is_valid_and_with_one_is_refused():
+    deep = SimpleNamespace(**{**vars(CFG), "depth": 4})
+    assert validate_layout(Layout(pp=2, vpp=2, micro_batch=1, global_batch=2), deep, 2) == []
+    assert validate_layout(Layout(pp=1, vpp=2), deep, 1) == ["--vpp 2 (interleaved 1F1B) needs --pp >= 2"]
+
+
+def test_relaunch_checks_the_layout_of_every_node_before_starting_torchrun(monkeypatch):
+    """--nproc 2 --nnodes 3: the layout is asked for a world of 6 and checked with its model on it;
+    then torchrun gets the command, the args and their argv. A bad layout stops it before."""
+    from rsscale.scaling.runtime import launch
+    from rsscale.scaling.spec import layout as L
+
+    asked, started = [], []
+    monkeypatch.setattr(launch, "relaunch", lambda command, args, argv: started.append((command, args, argv)) or 0)
+    args = SimpleNamespace(nproc=2, nnodes=3, command_argv=["--tp", "2"])
+    good = lambda world: asked.append(world) or (Layout(tp=2, dp=world // 2, micro_batch=1, global_batch=3), CFG)  # noqa: E731
+    assert L.relaunch_checked("bench", args, good) == 0
+    assert asked == [6] and started == [("bench", args, ["--tp", "2"])]
+    assert L.launch_layout(SimpleNamespace(nproc=None), lambda world: asked.append(world) or (Layout(), CFG)) == (Layout(), CFG)
+    assert asked[-1] == 1  # no --nproc, no --nnodes: one process
+    with pytest.raises(ValueError, match=r"invalid parallel layout .*'toy':\n  - the world size 6 must equal"):
+        L.relaunch_checked("bench", args, lambda world: (Layout(tp=2), CFG))
+    assert len(started) == 1  # the bad layout never reached torchrun
