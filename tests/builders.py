@@ -1,6 +1,6 @@
 """What many tests build: a small pretraining run's config and a folder of images. Plain
 functions, so that spawned worker processes (tests/distributed.py) can build the same thing;
-conftest.py also offers them as fixtures."""
+conftest.py also offers the first two as fixtures. tiny_backbone and fit serve the fine-tuning model tests."""
 
 from __future__ import annotations
 
@@ -33,3 +33,54 @@ def image_folder(root, count: int = 10, size=(72, 80), seed: int = 0) -> str:
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / f"{i}.png")
     return str(root)
+
+
+def tiny_backbone(size=32):
+    """A 2-block `tiny` ViTDet backbone (seed 0) with 16 output channels, for the fine-tuning model tests."""
+    import torch
+
+    from rsscale.finetune.model.vitdet import ViTDetBackbone
+    from rsscale.scaling.spec.config import get_preset
+
+    torch.manual_seed(0)
+    return ViTDetBackbone(get_preset("tiny").replace(depth=2), img_size=size, window_size=2, drop_path=0.0, out_channels=16)
+
+
+def fit(model, loss_fn, steps=8, lr=2e-3):
+    """`steps` AdamW steps (layer-wise lr decay 0.9 over 2 blocks) on loss_fn(); returns the losses."""
+    import torch
+
+    from rsscale.finetune.model.vitdet import param_groups_lrd
+
+    opt = torch.optim.AdamW(param_groups_lrd(model, 2, layer_decay=0.9), lr=lr)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def tiny_trainer(out, zero: bool = False, parallel=None, **train):
+    """A Trainer of `tiny_run(out, ...)` (`zero`: ZeRO-1; `parallel`: its Layout)."""
+    from rsscale.scaling.train.pretrain import Trainer
+
+    return Trainer.build(tiny_run(out, layout=parallel, data_parallel={"distributed_optimizer": zero}, **train))
+
+
+def checkpoints_dir(out) -> str:
+    """A run folder's checkpoints folder."""
+    import os
+
+    return os.path.join(str(out), "checkpoints")
+
+
+def steps_on_disk(out) -> list[str]:
+    """The step folders under a run folder's checkpoints, oldest first."""
+    import os
+
+    return sorted(d for d in os.listdir(checkpoints_dir(out)) if d.startswith("step_"))

@@ -27,7 +27,7 @@ gradients, 2 blocks' weights + 1 block's gradients; `fsdp_gathered_bytes`).
 
 Activations: the bytes autograd saves for backward in our trainer, term by term as
 benchmarks/prediction/count.py counts them (Korthikanti et al. 2022's accounting, redone for this code;
-tests/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
+tests/benchmarks/prediction/test_count.py holds every term within 3 % of the count at full scale). Per block on s real
 tokens, width h, MLP m, a heads, K branches, TP t, autocast bytes e (2 under bf16/fp16, 4 in fp32),
 residual-stream bytes r (4: our residual stream is fp32), weight bytes w (2 with 16-bit weights,
 4 in fp32), and s' = the tokens this rank's LayerNorms see (the padded count / t under SP, s

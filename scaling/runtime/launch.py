@@ -7,7 +7,7 @@ command under `torchrun` (torch.distributed.run), on one node or several.
 
 Several nodes: the same command on each, with its `--node-rank` and one `--rdzv-endpoint
 HOST:PORT` (see `torchrun_command`); two "nodes" on one machine work the same way
-(tests/test_multinode.py).
+(tests/system/test_multinode.py).
 
 Stopping (Ctrl-C, or SIGTERM from a scheduler before it kills): every rsscale process handles
 SIGINT and SIGTERM alike (`on_signals`); a command ends with one line and exit code 128 + the
@@ -149,7 +149,7 @@ srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes={nodes} --npr
 def sbatch_script(job: str, what: str, slurm: dict, logs: str, command: str, args: list[str], env: str = "", after: str = "") -> str:
     """An sbatch script that runs `rsscale <command> <args>` with one torchrun per node (`slurm`:
     nodes, gpus_per_node, cpus_per_task, time, port, extra #SBATCH lines), then the shell line
-    `after`. `study --emit-slurm` and `pretrain --emit-slurm` write these; tests/test_slurm.py runs
+    `after`. `study --emit-slurm` and `pretrain --emit-slurm` write these; tests/system/test_slurm.py runs
     them under a local sbatch/srun stand-in."""
     s = {**SLURM_DEFAULTS, **slurm}
     return SBATCH.format(job=job, nodes=s["nodes"], gpus=s["gpus_per_node"], cpus=s["cpus_per_task"], time=s["time"], logs=logs,

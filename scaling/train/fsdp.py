@@ -21,7 +21,7 @@ weight-decay rule, `scaling.optim.decays`; torch's default on CPU, one DTensor o
 moment, made the one-process optimizer step of `small` 36 ms where fused takes 11), the trainer's
 learning-rate schedule set per step, and the global gradient norm summed over every rank (DP shards
 are disjoint; a TP-replicated parameter counts on TP rank 0 only). Its update is FlatAdamW's
-(decoupled decay, bias-corrected moments; equal to float32 rounding, tests/test_fsdp.py).
+(decoupled decay, bias-corrected moments; equal to float32 rounding, tests/scaling/train/test_fsdp.py).
 
 Checkpoints stay layout-free: each rank writes its DP shard of each TP-local weight and moment as
 a flat piece (rows [r*c, (r+1)*c) of the TP-local tensor are a contiguous range of its elements),

@@ -25,20 +25,23 @@ FOLDERS = ("scaling", "kernels", "benchmarks", "finetune")
 # name -> (file, original text, buggy text, tests that must catch it)
 BUGS = {
     "pipeline_loss_scale": ("scaling/parallel/pipeline.py", "torch.autograd.backward(y * loss_scale)",
-                            "torch.autograd.backward(y)", ["tests/test_pipeline_scale.py"]),
+                            "torch.autograd.backward(y)", [f"tests/scaling/parallel/test_pipeline.py::test_{t}" for t in (
+                                "1f1b_with_loss_scale_clamped_warmup_and_one_stage", "interleaved_schedule_with_loss_scale_matches_a_plain_loop",
+                                "single_stage_schedule_times_only_its_compute", "stage_links_on_a_non_contiguous_rank_list",
+                                "three_stage_interleaved_cases_receive_twice_in_one_tick")]),
     "ln_stride": ("kernels/fused_layer_norm.py", "X + row * stride_x + cols", "X + row * n_cols + cols",
-                  ["tests/test_kernels_strided.py::test_layer_norm_on_row_strided_odd_input"]),
+                  ["tests/kernels/test_kernels_strided.py::test_layer_norm_on_row_strided_odd_input"]),
     "nms_at_threshold": ("finetune/rotated.py", "aligned) > iou_threshold", "aligned) >= iou_threshold",
-                         ["tests/test_thresholds.py::test_rotated_nms_keeps_a_box_exactly_at_the_threshold"]),
+                         ["tests/finetune/test_rotated.py::test_rotated_nms_keeps_a_box_exactly_at_the_threshold"]),
     "store_tag_columns": ("scaling/runtime/store.py", "while c in taken:", "while c in RUN_COLUMNS:",
-                          ["tests/test_thresholds.py::test_store_tags_named_like_columns_never_duplicate_columns"]),
+                          ["tests/scaling/runtime/test_store.py::test_store_tags_named_like_columns_never_duplicate_columns"]),
     "store_lock_retry": ("scaling/runtime/store.py", "delay = 0.01", "delay = None",
-                         ["tests/test_thresholds.py::test_store_lock_errors_environment_and_config_values"]),
+                         ["tests/scaling/runtime/test_store.py::test_store_lock_errors_environment_and_config_values"]),
     "voc07_threshold": ("finetune/evaluation/metrics.py", "precision[recall >= t].max() if (recall >= t).any()",
                         "precision[recall > t].max() if (recall > t).any()",
-                        ["tests/test_thresholds.py::test_dota_voc07_ap_hand_computed"]),
+                        ["tests/finetune/evaluation/test_metrics.py::test_dota_voc07_ap_hand_computed"]),
     "dota_match_strict": ("finetune/evaluation/metrics.py", 'iou[j] > iou_thr if mode == "dota"', 'iou[j] >= iou_thr if mode == "dota"',
-                          ["tests/test_thresholds.py::test_dota_match_exactly_at_the_threshold_follows_each_tool"]),
+                          ["tests/finetune/evaluation/test_metrics.py::test_dota_match_exactly_at_the_threshold_follows_each_tool"]),
 }
 
 

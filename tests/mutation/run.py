@@ -41,39 +41,45 @@ FOLDERS = ("scaling", "kernels", "benchmarks", "finetune")
 REPORT = ROOT / "reports" / "mutation.md"
 EQUIVALENT = Path(__file__).with_name("equivalent.txt")
 
+# boundary cases (once one file, test_thresholds.py) that the metrics, rotated and store modules all share
+THRESHOLDS = [f"tests/finetune/evaluation/test_metrics.py::test_{t}" for t in (
+    "dota_match_exactly_at_the_threshold_follows_each_tool", "dota_voc07_ap_hand_computed", "metrics_command_line_on_a_hand_made_submission",
+    "metrics_command_line_named_class_lists", "metrics_command_line_threshold_and_help", "seg_metric_with_one_class")] + [
+    f"tests/scaling/runtime/test_store.py::test_{t}" for t in (
+        "store_tags_named_like_columns_never_duplicate_columns", "store_rejects_bad_input_with_one_sentence",
+        "store_lock_errors_environment_and_config_values")] + [
+    "tests/finetune/test_rotated.py::test_rotated_nms_keeps_a_box_exactly_at_the_threshold"]
+
 # module key -> (files to mutate, relative to the repo root; test files that check them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "parallel": (["scaling/parallel/mappings.py", "scaling/parallel/state.py"],
-                 ["tests/test_tensor_parallel.py", "tests/test_params.py", "tests/test_core_parallel.py", "tests/test_parallel_edges.py"]),
-    "optim": (["scaling/train/optim.py"], ["tests/test_optim.py"] + [
-        f"tests/test_overlap.py::test_{t}" for t in (
+                 ["tests/scaling/parallel/test_tensor_parallel.py", "tests/scaling/spec/test_config.py", "tests/scaling/parallel/test_mappings.py",
+                  "tests/scaling/parallel/test_state.py"]),
+    "optim": (["scaling/train/optim.py"], ["tests/scaling/train/test_optim.py"] + [
+        f"tests/scaling/train/test_optim_overlap.py::test_{t}" for t in (
             "overlapped_and_bucketed_reduction_equal_the_plain_run[dp2]", "bf16_weights_with_fp32_master_track_fp32")]),
-    "mae": (["scaling/model/mae.py"], ["tests/test_mae.py", "tests/test_mae_edges.py", "tests/test_tensor_parallel.py"]),
-    # test_layouts.py's trainings (its `runs` fixture) take minutes: only its rule tests here
-    "layout": (["scaling/spec/layout.py"], ["tests/test_layout_edges.py"] + [
-        f"tests/test_layouts.py::test_{t}" for t in (
-            "valid_layouts_have_no_problems", "invalid_layouts_are_explained",
-            "invalid_layout_fails_before_any_process_group", "stage_layer_ranges_cover_depth_in_order")]
-        + ["tests/test_launch.py", "tests/test_interleaved.py::test_chunks_are_interleaved_over_ranks"]),  # the layout flags; chunk ranges
+    "mae": (["scaling/model/mae.py"], ["tests/scaling/model/test_mae.py", "tests/scaling/parallel/test_tensor_parallel.py"]),
+    # the trainings of tests/scaling/train/test_layouts.py (its `runs` fixture) take minutes: only its up-front check here
+    "layout": (["scaling/spec/layout.py"], ["tests/scaling/spec/test_layout.py",
+                                            "tests/scaling/train/test_layouts.py::test_invalid_layout_fails_before_any_process_group"]
+        # the layout flags; chunk ranges
+        + ["tests/scaling/runtime/test_launch.py", "tests/scaling/train/test_interleaved.py::test_chunks_are_interleaved_over_ranks"]),
     "kernels": (["kernels/fused_layer_norm.py", "kernels/flash_attention.py"],
-                ["tests/test_kernels_layernorm.py", "tests/test_kernels_attention.py", "tests/test_kernels_strided.py"]),
-    "metrics": (["finetune/evaluation/metrics.py"], ["tests/test_metrics.py", "tests/test_thresholds.py"]),
-    "rotated": (["finetune/rotated.py"], ["tests/test_rotated.py", "tests/test_rotated_edges.py", "tests/test_thresholds.py"]),
-    "fit": (["benchmarks/reporting/fit.py"], ["tests/test_fit.py"]),
+                ["tests/kernels/test_fused_layer_norm.py", "tests/kernels/test_flash_attention.py", "tests/kernels/test_kernels_strided.py"]),
+    "metrics": (["finetune/evaluation/metrics.py"], ["tests/finetune/evaluation/test_metrics.py"] + [t for t in THRESHOLDS if "test_metrics.py" not in t]),
+    "rotated": (["finetune/rotated.py"], ["tests/finetune/test_rotated.py"] + [t for t in THRESHOLDS if "test_rotated.py" not in t]),
+    "fit": (["benchmarks/reporting/fit.py"], ["tests/benchmarks/reporting/test_fit.py"]),
     # test_interleaved.py's trainings (its `runs` fixture) take minutes: only its schedule tests here
-    "pipeline": (["scaling/parallel/pipeline.py"], ["tests/test_pipeline.py", "tests/test_pipeline_scale.py"] + [
-        f"tests/test_interleaved.py::test_{t}" for t in (
+    "pipeline": (["scaling/parallel/pipeline.py"], ["tests/scaling/parallel/test_pipeline.py"] + [
+        f"tests/scaling/train/test_interleaved.py::test_{t}" for t in (
             "timetable_reaches_the_theoretical_bubble", "megatron_order_and_in_flight_by_hand", "chunks_are_interleaved_over_ranks",
             "the_schedule_refuses_what_it_cannot_take")]),
-    "checkpoint": (["scaling/train/checkpoint.py"], ["tests/test_checkpoint_edges.py", "tests/test_checkpoint.py"] + [
-        f"tests/test_faults.py::test_{t}" for t in (
-            "resume_falls_back_past_a_broken_latest_and_a_corrupt_checkpoint", "resaving_a_step_killed_midway_keeps_a_valid_checkpoint",
-            "run_folder_lock_and_no_fresh_run_over_checkpoints", "keep_last_n_never_deletes_the_newest_complete",
-            "crafted_pickles_in_checkpoint_files_are_refused_without_side_effects")]),
+    "checkpoint": (["scaling/train/checkpoint.py"], ["tests/scaling/train/test_checkpoint.py", "tests/scaling/train/test_checkpoint_resume.py"]),
     # the memory model against exact counts (supervised ViT-L/16: its head), span-aware bandwidth through the time model
-    "analytic": (["benchmarks/prediction/analytic.py"], ["tests/test_analytic.py", "tests/test_analytic_edges.py", "tests/test_devices.py",
-                 "tests/test_timemodel.py", "tests/test_count.py::test_analytic_memory_within_3pct_of_counted_supervised_vit_l16"]),
-    "store": (["scaling/runtime/store.py"], ["tests/test_store.py", "tests/test_thresholds.py"]),
+    "analytic": (["benchmarks/prediction/analytic.py"], ["tests/benchmarks/prediction/test_analytic.py", "tests/benchmarks/prediction/test_devices.py",
+                 "tests/benchmarks/prediction/test_timemodel.py",
+                 "tests/benchmarks/prediction/test_count.py::test_analytic_memory_within_3pct_of_counted_supervised_vit_l16"]),
+    "store": (["scaling/runtime/store.py"], ["tests/scaling/runtime/test_store.py"] + [t for t in THRESHOLDS if "test_store.py" not in t]),
 }
 
 KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # test failure, pytest error, timeout, crash

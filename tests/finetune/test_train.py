@@ -1,0 +1,98 @@
+"""`rsscale finetune` (finetune/train.py) end to end on a tiny synthetic set: the command line,
+the model written before evaluation, nested train-fraction subsets, and data it refuses."""
+
+import os
+
+import pytest
+from PIL import Image
+
+from rsscale.scaling.parallel import state
+from rsscale.scaling.runtime.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world():
+    state.ensure_initialized()
+
+
+@pytest.mark.parametrize("task", ["seg", "det"])
+def test_cli_end_to_end(tmp_path, task):
+    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
+
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=5, size=64)
+    results = tmp_path / "results.db"
+    argv = ["finetune", "--task", task, "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--global-batch", "2",
+            "--crop", "32", "--channels", "16", "--results", str(results), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    metrics = ResultsStore(results).metrics(kind="finetune")
+    names = set(metrics["name"])
+    assert ("mIoU" in names and "mIoU_majority_baseline" in names) if task == "seg" else {"mAP", "mAP_with_gt"} <= names
+    assert "loss" in names
+    run = ResultsStore(results).runs(kind="finetune").iloc[0]
+    assert run["preset"] == "tiny" and run["status"] == "complete"
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "checkpoints" / "step_00000002" / "index.json").exists()
+
+
+def test_model_written_before_evaluation(tmp_path, monkeypatch):
+    from rsscale.finetune import train as T
+    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.runtime.cli import main
+
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=3, num_det=3, size=64)
+
+    def broken_eval(self, *a, **k):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(T.Finetuner, "evaluate", broken_eval)
+    argv = ["finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(data), "--steps", "1", "--global-batch", "1",
+            "--crop", "32", "--channels", "16", "--results", str(tmp_path / "r.db"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 1  # "[finetune] rank 0 failed: RuntimeError: evaluation crashed"
+    assert (tmp_path / "out" / "checkpoints" / "step_00000001" / "index.json").exists()
+
+
+def test_train_fraction_subsets_are_nested_and_recorded(tmp_path):
+    from rsscale.finetune.train import train_subset
+    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.runtime.cli import main
+    from rsscale.scaling.runtime.store import ResultsStore
+
+    full = list(range(40))
+    small, large = train_subset(full, 0.05, 0), train_subset(full, 0.25, 0)
+    assert len(small.indices) == 2 and len(large.indices) == 10 and set(small.indices) <= set(large.indices)
+    assert train_subset(full, 0.25, 0).indices == large.indices  # deterministic
+    assert train_subset(full, 0.25, 1).indices != large.indices  # the seed picks the subset
+    assert train_subset(full, 1.0, 0) is full
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=5, num_det=3, size=64)
+    argv = ["finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(data), "--steps", "1", "--global-batch", "1",
+            "--crop", "32", "--channels", "16", "--results", str(tmp_path / "r.db"), "--train-fraction", "0.5"]
+    assert main(argv) == 0
+    m = ResultsStore(tmp_path / "r.db").metrics(kind="finetune")
+    assert (m[m["name"] == "mIoU"]["train_fraction"] == 0.5).all()
+    assert main(argv[:-1] + ["0"]) == 2  # bad fraction: a one-line error
+
+
+# ---------------------------------------- (formerly test_front_door_data.py)
+
+
+def _listing(root):
+    """Files under root (SQLite's -wal/-shm companions aside: reading a store may create them)."""
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                  if not f.endswith(("-wal", "-shm")))
+
+
+# ------------------------------------------------------------------------- finetune reads, never writes
+def test_finetune_refuses_a_folder_of_other_data_and_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "small" / "pretrain"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(folder / "P0.jpg")
+    argv = ["finetune", "--task", "det", "--dataset", "synthetic", "--data", str(folder), "--synthetic-count", "2",
+            "--steps", "1", "--global-batch", "1", "--crop", "32", "--channels", "16", "--results", str(tmp_path / "r.db")]
+    assert main(argv) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rsscale finetune: error:")]
+    assert len(error) == 1 and str(folder) in error[0] and "rsscale data --out" in error[0]
+    assert _listing(folder) == ["P0.jpg"]
