@@ -119,6 +119,7 @@ def test_progress_rewrites_one_line_on_a_terminal_and_is_silent_off_rank_0(capsy
     err = capsys.readouterr().err
     assert err.startswith("\r[x] done: ") and err.endswith("ETA 0 s\x1b[K\n") and err.count("\n") == 1
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)  # torchrun's RANK, whatever group an earlier test left
     list(progress(range(20), desc="[x] done", inline=False))
     assert capsys.readouterr().err == ""
 
