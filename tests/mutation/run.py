@@ -130,7 +130,7 @@ def write_config(d: Path, files: list[str], tests: list[str]) -> None:
         "timeout_multiplier = 5.0\ntimeout_constant = 20.0\n"
         # the project's pytest section (markers, warning filters), copied verbatim but for the xdist workers
         + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[1]
-        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2].replace(" -n 2", "")
+        + (ROOT / "setup.cfg").read_text().partition("[tool:pytest]")[2].replace(" -n 2 --dist loadfile", "").replace(" -n 2", "")
     )
 
 
