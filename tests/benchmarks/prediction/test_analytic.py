@@ -249,3 +249,17 @@ def test_what_sp_and_selective_recompute_save_is_what_the_counted_model_saves(pr
     assert [x - y for x, y in zip(a1, a0)] == [x - y for x, y in zip(c1, c0)]  # SP, both stages
     assert [x - y for x, y in zip(a2, a1)] == [x - y for x, y in zip(c2, c1)]  # selective recompute
     assert all(d != 0 for d in (a1[0] - a0[0], a1[1] - a0[1], a2[0] - a1[0], a2[1] - a1[1]))
+
+
+@pytest.mark.parametrize("switches", [dict(precision="fp32", recompute="selective", distributed_optimizer=True, bucket_mb=2.5, overlap_grad_reduce=False),
+                                      dict(precision="bf16", recompute="full", fsdp=True)])
+def test_a_plan_and_its_run_sections_are_one_description(switches):
+    """What `profile --measure` hands `bench` (Plan.run_sections) is read back into the same plan
+    (Plan.of, as bench predicts it): every switch crosses, none falls back to its default."""
+    from rsscale.benchmarks.measurement.bench import BenchConfig
+    from rsscale.benchmarks.prediction import analytic as A
+    from rsscale.scaling.spec.layout import Layout
+
+    plan = A.Plan(Layout(tp=2, dp=2, sp=True, micro_batch=2, global_batch=8), **switches)
+    assert A.Plan.of(BenchConfig(**plan.run_sections())) == plan
+    assert A.Plan.of(BenchConfig(**plan.run_sections()), Layout(dp=4)).layout == Layout(dp=4)
