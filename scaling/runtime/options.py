@@ -35,15 +35,13 @@ from rsscale.scaling.runtime.config_file import check_number, check_tree, load_c
 MISSING = dataclasses.MISSING
 
 
-def option(default=MISSING, help: str = "", *, factory=None, flag: str | None = None, cli: bool = True, hidden: bool = False,
+def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: bool = True, hidden: bool = False,
            required: bool = False, choices=None, ge=None, gt=None, le=None, lt=None):
     """A leaf of the tree: its default, help line, valid range or choices, and how the command line
     names it (`flag`; `cli=False`: config file only; `hidden`: a flag left out of --help;
     `required`: `resolve` refuses None, so the flag or the file must give it)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     meta = dict(help=help, flag=flag, cli=cli, hidden=hidden, required=required, choices=tuple(choices) if choices else None, bounds=bounds)
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -128,12 +126,6 @@ def _help(leaf: Leaf, default) -> str:
     if default not in (None, "", (), []) and not isinstance(default, bool) and "default" not in help_:
         help_ = f"{help_} (default: {default})"
     return help_
-
-
-def given_paths(cls, args) -> set[str]:
-    """The dotted keys whose flags are on the command line."""
-    given = vars(args)
-    return {leaf.path for leaf in leaves(cls) if leaf.meta.get("cli", True) and leaf.dest in given}
 
 
 def resolve(cls, args, adjust=None):

@@ -81,6 +81,12 @@ def test_bad_values_are_one_line_naming_flag_and_key(argv, text, message, tmp_pa
     assert "\n" not in str(e.value)
 
 
+def test_a_choice_outside_the_list_is_refused_by_the_parser_too(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--model", "m", "--mode", "c"])
+    assert "argument --mode: invalid choice: 'c'" in capsys.readouterr().err
+
+
 def test_print_config_and_argv_round_trip(tmp_path):
     c = Outer(model="m", optim=Inner(lr=0.5, warmup=50, overlap=False), sizes=[2, 4], mode="b", sp=True)
     path = tmp_path / "c.yaml"
