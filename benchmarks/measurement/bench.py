@@ -51,7 +51,7 @@ from rsscale.scaling.runtime.launch import add_launch_arguments, command_line, w
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.runtime.options import add_options, as_config, check, option, resolve, section, to_argv
 from rsscale.scaling.spec.config import get_preset
-from rsscale.scaling.spec.layout import Layout, relaunch_checked
+from rsscale.scaling.spec.layout import Layout, fill_dp, relaunch_checked
 from rsscale.scaling.spec.run import Compute, DataParallel
 
 log = logging.getLogger(__name__)
@@ -362,11 +362,7 @@ def add_arguments(parser) -> None:
 
 def config_from_args(args, world: int | None = None) -> BenchConfig:
     """Defaults <- --config file <- flags; --dp defaults to world / (tp*pp) ($WORLD_SIZE under torchrun)."""
-    def derive_dp(tree, given):
-        if "parallel.dp" not in given:
-            p = tree["parallel"]
-            p["dp"] = max(1, (world or int(os.environ.get("WORLD_SIZE", 1))) // (p["tp"] * p["pp"]))
-    return resolve(BenchConfig, args, adjust=derive_dp)
+    return resolve(BenchConfig, args, adjust=lambda tree, given: fill_dp(tree, given, world))
 
 
 def main(args) -> int:

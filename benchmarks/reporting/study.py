@@ -167,13 +167,10 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
 def pretrain_config(path, section: dict):
     """The plan's pretrain section as `rsscale pretrain`'s config tree (nested like its --config file:
     parallel, compute, data_parallel, optim, ...), checked whole when the plan loads."""
-    from rsscale.scaling.runtime.config_file import check_tree
-    from rsscale.scaling.runtime.options import as_config, build
+    from rsscale.scaling.runtime.options import build, defaults_with
     from rsscale.scaling.train.pretrain import TrainConfig
 
-    tree = as_config(TrainConfig())
-    for key, value in check_tree(f"{path}: pretrain", section, TrainConfig).items():
-        tree[key] = {**tree[key], **value} if isinstance(value, dict) else value
+    tree, _ = defaults_with(TrainConfig, section, f"{path}: pretrain")
     try:
         return build(TrainConfig, tree)
     except ValueError as e:

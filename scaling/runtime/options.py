@@ -133,10 +133,7 @@ def resolve(cls, args, adjust=None):
     given)` may fill in values that depend on others before the tree is built (and checked);
     `given` holds the dotted keys the file or the flags set."""
     path = getattr(args, "config", None)
-    tree = as_config(cls())
-    from_file = check_tree(path, load_config_file(path), cls) if path else {}
-    _merge(tree, from_file)
-    given = _paths(from_file)
+    tree, given = defaults_with(cls, load_config_file(path) if path else {}, path)
     values = vars(args)
     for leaf in leaves(cls):
         if leaf.meta.get("cli", True) and leaf.dest in values:
@@ -148,6 +145,15 @@ def resolve(cls, args, adjust=None):
     if adjust:
         adjust(tree, given)
     return build(cls, tree)
+
+
+def defaults_with(cls, data: dict, source) -> tuple[dict, set[str]]:
+    """cls's defaults as a nested mapping with `data` (nested like the tree, checked against it and
+    named `source` in errors) laid over them, and the dotted keys `data` set."""
+    tree = as_config(cls())
+    given = check_tree(source, data, cls) if data else {}
+    _merge(tree, given)
+    return tree, _paths(given)
 
 
 def build(cls, tree: dict):

@@ -21,6 +21,7 @@ divides the depth, and the micro-batches per step are a multiple of P (scaling/p
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from rsscale.scaling.runtime import launch
@@ -77,6 +78,14 @@ def add_layout_arguments(parser, defaults: Layout | None = None) -> None:
 def derive_dp(tp: int, pp: int, dp: int | None, world_size: int) -> int:
     """--dp when given, else the world size / (tp*pp) (at least 1; validation reports a mismatch)."""
     return dp if dp is not None else max(1, world_size // (tp * pp))
+
+
+def fill_dp(tree: dict, given: set[str], world: int | None = None) -> None:
+    """A config tree's `parallel.dp` where neither the file nor a flag gave it: world / (tp*pp)
+    (`world`: the size about to be launched, else $WORLD_SIZE under torchrun, else 1)."""
+    if "parallel.dp" not in given:
+        p = tree["parallel"]
+        p["dp"] = derive_dp(p["tp"], p["pp"], None, world or int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def stage_layer_range(depth: int, pp: int, stage: int) -> tuple[int, int]:

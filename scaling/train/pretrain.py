@@ -48,8 +48,8 @@ import torch.distributed as dist
 
 from rsscale.scaling.runtime.config_file import check_tree
 from rsscale.scaling.runtime.launch import MAX_RESTARTS, Interrupted, StopRequest, add_launch_arguments, note_bad_input, restart_count, wants_launch
-from rsscale.scaling.runtime.options import add_options, as_config, build, check, leaves, option, resolve, section
 from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes, reset_peak_memory
+from rsscale.scaling.runtime.options import add_options, as_config, build, check, leaves, option, resolve, section
 from rsscale.scaling.runtime.store import NullRun
 from rsscale.scaling.spec import layout as layout_mod
 from rsscale.scaling.spec.config import get_preset, param_count
@@ -123,11 +123,7 @@ def add_arguments(parser) -> None:
 def config_from_args(args, world: int | None = None) -> TrainConfig:
     """Defaults <- config file <- flags; --dp defaults to world / (tp*pp) (world: $WORLD_SIZE
     under torchrun, or the size about to be launched)."""
-    def derive_dp(tree, given):
-        if "parallel.dp" not in given:
-            p = tree["parallel"]
-            p["dp"] = layout_mod.derive_dp(p["tp"], p["pp"], None, world or int(os.environ.get("WORLD_SIZE", 1)))
-    return resolve(TrainConfig, args, adjust=derive_dp)
+    return resolve(TrainConfig, args, adjust=lambda tree, given: layout_mod.fill_dp(tree, given, world))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +532,8 @@ class Trainer:
                 config = config.get(key) if isinstance(config, dict) else None
             return config
 
-        now = {p: get(self.config.to_dict(), p) for p in SCHEDULE}
+        config = self.config.to_dict()
+        now = {p: get(config, p) for p in SCHEDULE}
         was = {p: now[p] if get(saved, p) is None else get(saved, p) for p in SCHEDULE}
         changed = [p for p in SCHEDULE if was[p] != now[p]]
         if not changed:

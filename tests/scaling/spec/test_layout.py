@@ -132,3 +132,17 @@ def test_relaunch_checks_the_layout_of_every_node_before_starting_torchrun(monke
     with pytest.raises(ValueError, match=r"invalid parallel layout .*'toy':\n  - the world size 6 must equal"):
         L.relaunch_checked("bench", args, lambda world: (Layout(tp=2), CFG))
     assert len(started) == 1  # the bad layout never reached torchrun
+
+
+def test_fill_dp_derives_only_a_dp_nobody_gave(monkeypatch):
+    from rsscale.scaling.spec.layout import fill_dp
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    tree = {"parallel": {"tp": 2, "pp": 2, "dp": 1}}
+    fill_dp(tree, set())  # under torchrun: its world
+    assert tree["parallel"]["dp"] == 2
+    fill_dp(tree, set(), world=12)  # about to launch 12
+    assert tree["parallel"]["dp"] == 3
+    tree["parallel"]["dp"] = 5
+    fill_dp(tree, {"parallel.dp"}, world=12)  # given by a flag or the file: kept
+    assert tree["parallel"]["dp"] == 5

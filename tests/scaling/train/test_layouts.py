@@ -123,6 +123,17 @@ def runs(tmp_path_factory):
     return reference, merged, root
 
 
+def _continued_from(checkpoints, out) -> list[float]:
+    """The remaining steps' losses of a one-process trainer loaded from another layout's checkpoints
+    (which must hold step STEPS)."""
+    from rsscale.scaling.train.pretrain import Trainer
+
+    trainer = Trainer.build(_config(out))
+    trainer.load(str(checkpoints))
+    assert trainer.step == STEPS
+    return [trainer.train_step()["loss"] for _ in range(TOTAL - STEPS)]
+
+
 def _assert_same_weights(got, want):
     assert set(got) == set(want)
     worst, key = max(((got[k] - want[k]).abs().max().item(), k) for k in want)
@@ -151,31 +162,21 @@ def test_distributed_optimizer_same_weights_and_sharded_state(runs, name, dp):
 def test_checkpoint_from_tp2pp2_loads_into_single_process(runs):
     """TP=2,PP=2 -> TP=1,PP=1: full weights equal, and training continues like the reference."""
     from rsscale.scaling.train.checkpoint import load_full_state_dict
-    from rsscale.scaling.train.pretrain import Trainer
 
     reference, merged, root = runs
     cfg, full = load_full_state_dict(str(root / "tp2pp2"))
     assert cfg == get_preset("tiny")
     trainable = {k: v for k, v in full.items() if k in reference["weights"]}
     _assert_same_weights(trainable, reference["weights"])
-    trainer = Trainer.build(_config(root / "back"))
-    trainer.load(str(root / "tp2pp2"))
-    assert trainer.step == STEPS
-    losses = [trainer.train_step()["loss"] for _ in range(TOTAL - STEPS)]
-    assert losses == pytest.approx(reference["losses"][STEPS:], abs=TOL)
+    assert _continued_from(root / "tp2pp2", root / "back") == pytest.approx(reference["losses"][STEPS:], abs=TOL)
 
 
 def test_checkpoint_from_zero1_small_buckets_loads_into_single_process(runs):
     """PP=2 x DP=2 ZeRO-1 with buckets smaller than a parameter (moments saved as flat pieces) ->
     one process: the continued losses equal the reference's."""
-    from rsscale.scaling.train.pretrain import Trainer
 
     reference, _, root = runs
-    trainer = Trainer.build(_config(root / "back_from_zero"))
-    trainer.load(str(root / "pp2dp2zero"))
-    assert trainer.step == STEPS
-    losses = [trainer.train_step()["loss"] for _ in range(TOTAL - STEPS)]
-    assert losses == pytest.approx(reference["losses"][STEPS:], abs=TOL)
+    assert _continued_from(root / "pp2dp2zero", root / "back_from_zero") == pytest.approx(reference["losses"][STEPS:], abs=TOL)
 
 
 def test_checkpoint_from_single_process_loads_into_tp2pp2(runs):
