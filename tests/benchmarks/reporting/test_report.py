@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from distributed import run_distributed
 from PIL import Image
 
 from rsscale.benchmarks.reporting.report import write_report
@@ -123,19 +122,17 @@ def test_bench_command_round_trips_through_the_cli():
     assert bench.config_from_args(args, world=2) == opts
 
 
-def _bench_tiny(rank, world, db):
+def test_harness_end_to_end_tiny(tmp_path):
     from rsscale.benchmarks.measurement.bench import BenchConfig, Measure, run_bench
+    from rsscale.scaling.parallel.state import destroy_parallel
     from rsscale.scaling.spec.layout import Layout
 
-    return run_bench(BenchConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), measure=Measure(warmup=1, steps=2, peak_tflops=1.0),
-                                 results=db))
-
-
-def test_harness_end_to_end_tiny(tmp_path):
-    """In a fresh process: the run's memory increase is its own, not hidden in what earlier tests
-    of the same worker freed (a process's freed heap is reused without growing its RSS)."""
     db = str(tmp_path / "b.db")
-    s = run_distributed(_bench_tiny, 1, db)[0]
+    try:
+        s = run_bench(BenchConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=4), measure=Measure(warmup=1, steps=2, peak_tflops=1.0),
+                                  results=db))
+    finally:
+        destroy_parallel()
     store = ResultsStore(db)
     runs = store.runs()
     assert runs["kind"].tolist() == ["bench"] and runs["status"].tolist() == ["complete"]
