@@ -39,7 +39,7 @@ from rsscale.scaling.spec.layout import LAYOUT_FLAGS, Layout, validate_layout
 
 GIB, MIB = 2**30, 2**20
 DEFAULT_MEMORY_GB = 80.0  # an H100's, like analytic.Hardware's defaults
-COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.measurement.bench", "finetune": "rsscale.finetune.train"}
+COMMANDS = {"pretrain": "rsscale.scaling.train.pretrain", "bench": "rsscale.benchmarks.measurement.bench", "finetune": "rsscale.finetune.finetune"}
 CHOSEN = tuple(f for f in LAYOUT_FLAGS if f != "--global-batch") + ("--recompute", "--distributed-optimizer", "--fsdp",
                                                                      "--activation-checkpointing")
 # this module's flags, removed before the command parses

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rsscale.finetune.evaluation.metrics import TIE_ORDERS
-from rsscale.finetune.train import DATASETS, PROTOCOL_CHOICES, build_datasets, restore, run_layout, val_subset
+from rsscale.finetune.finetune import DATASETS, PROTOCOL_CHOICES, build_datasets, restore, run_layout, val_subset
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
 from rsscale.scaling.train.pretrain import log, run_rank

@@ -29,7 +29,7 @@ from rsscale.finetune.evaluate import overrides_from
 from rsscale.finetune.evaluation.dota_protocol import detect_image
 from rsscale.finetune.model.seg import slide_inference
 from rsscale.finetune.rotated import obb_to_poly
-from rsscale.finetune.train import PROTOCOL_CHOICES, protocol_options, restore, run_layout
+from rsscale.finetune.finetune import PROTOCOL_CHOICES, protocol_options, restore, run_layout
 from rsscale.scaling.parallel import state
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.runtime.log import progress

@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PRELOAD = ["torch", "torch.distributed", "rsscale.scaling.train.pretrain", "rsscale.finetune.train"]
+PRELOAD = ["torch", "torch.distributed", "rsscale.scaling.train.pretrain", "rsscale.finetune.finetune"]
 
 
 def _context():

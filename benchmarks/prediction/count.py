@@ -320,7 +320,7 @@ class _LayerNormStatsFp32(TorchDispatchMode):
 
 def _finetune_saves(model, task: str, plan: Plan, img: int, skip: set, attribute: bool) -> _SavedBytes:
     """What autograd saves in one micro-batch's forward (and, for segmentation, its loss) as
-    finetune/train.py runs it; fine-tuning runs each micro-batch's backward before the next forward."""
+    finetune/finetune.py runs it; fine-tuning runs each micro-batch's backward before the next forward."""
     L = plan.layout
     saved = _SavedBytes(set(skip))
     dtype = AUTOCAST.get(plan.precision)
@@ -339,7 +339,7 @@ def _finetune_saves(model, task: str, plan: Plan, img: int, skip: set, attribute
 def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes: int | None = None,
                    parts=("allocations", "activations"), **options) -> tuple[Counted, dict]:
     """Bytes one rank (TP rank 0, DP rank 0) of an `rsscale finetune --task TASK --crop IMG` run
-    holds, counted like `count_stage`: the run's own model (finetune/train.py `build_model`: the
+    holds, counted like `count_stage`: the run's own model (finetune/finetune.py `build_model`: the
     ViTDet backbone with window and global blocks and the UperNet or detection head, this rank's
     TP slices) and its own optimizer (`Finetuner`, ZeRO-1 shard, layer-wise lr scales),
     built on the meta device inside a fake process group of the full world size; activations
@@ -351,7 +351,7 @@ def count_finetune(cfg: ViTConfig, plan: Plan, task: str, img: int, num_classes:
 
     Returns (Counted, {"flops": forward FLOPs of one micro-batch on this rank, "block_flops": the
     part in the transformer blocks, "trainable": this rank's trainable parameter count})."""
-    from rsscale.finetune import train as FT
+    from rsscale.finetune import finetune as FT
 
     L = plan.layout
     if L.pp != 1:
@@ -374,7 +374,7 @@ def _count_finetune(cfg, plan, task, img, run, classes, parts):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rsscale.finetune import train as FT
+    from rsscale.finetune import finetune as FT
 
     L = plan.layout
     out, work = Counted(), {}

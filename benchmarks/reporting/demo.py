@@ -4,7 +4,7 @@
 
 0. refuses to run over an earlier demo in <out> unless --overwrite, which deletes it first (its
    store would mix both runs into the report);
-1. writes the bundled synthetic aerial dataset if missing (scaling.synthetic.dataset_for);
+1. writes the bundled synthetic aerial dataset if missing (scaling.data.data.dataset_for);
 2. pretrains each model of the CPU ladder (tiny, mini, small, medium) for a few MAE steps in
    this process, recording loss curves and step times into <out>/results.db;
 3. writes the scaling report from that store (reports.report), and says where everything is.
@@ -65,7 +65,7 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 
 def main(args) -> int:
     t0 = time.perf_counter()
-    from rsscale.scaling.data.synthetic import dataset_for
+    from rsscale.scaling.data.data import dataset_for
     from rsscale.scaling.spec.run import OptimConfig
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 

@@ -141,7 +141,7 @@ def load_plan(spec: str, out: str | None = None, results: str | None = None) -> 
     ft["fractions"] = _positive_list(path, "finetune.fractions", ft["fractions"], float)
     _need(path, all(f <= 1 for f in ft["fractions"]), "finetune.fractions must lie in (0, 1]")
     if ft["tasks"]:  # the finetune options are checked now, not when the first fine-tuning cell starts
-        from rsscale.finetune.train import finetune_options
+        from rsscale.finetune.finetune import finetune_options
 
         try:
             finetune_options(ft["tasks"][0], **{k: v for k, v in ft.items() if k not in FINETUNE_PLAN_KEYS})
@@ -220,7 +220,7 @@ def cells(plan: Plan) -> list[Cell]:
 
 
 def data_root(plan: Plan) -> str:
-    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.data.data import ensure_dataset
 
     if plan.data == "synthetic":
         root = os.path.join(plan.out, "data")
@@ -232,7 +232,7 @@ def split_images(plan: Plan) -> tuple[list[str], list[str]]:
     """(training pool, held-out files): the held-out set is every k-th file of the sorted list, so
     it spans the scene types; the pool is the rest, in sorted order (subsets are its prefixes)."""
     from rsscale.scaling.data.loader import scan_images
-    from rsscale.scaling.data.synthetic import dataset_paths
+    from rsscale.scaling.data.data import dataset_paths
 
     root = data_root(plan)
     folder = dataset_paths(root)["pretrain"] if plan.data == "synthetic" else root
@@ -293,7 +293,7 @@ FINETUNE_PLAN_KEYS = ("tasks", "fractions", "steps", "nproc")  # the plan's own 
 def finetune_options_of(plan: Plan, cell: Cell):
     """`rsscale finetune`'s options of a fine-tuning cell: the plan's finetune section (option names,
     or sections nested like finetune's --config) with the cell's own values."""
-    from rsscale.finetune.train import finetune_options
+    from rsscale.finetune.finetune import finetune_options
 
     own = {k: v for k, v in plan.finetune.items() if k not in FINETUNE_PLAN_KEYS}
     return finetune_options(cell.task, int(plan.finetune.get("nproc", 1)), **{

@@ -39,7 +39,7 @@ from rsscale.finetune.rotated import (
     poly_area,
     poly_to_obb,
 )
-from rsscale.scaling.data.synthetic import LOVEDA_CLASSES
+from rsscale.scaling.data.scenes import LOVEDA_CLASSES
 
 log = logging.getLogger(__name__)
 

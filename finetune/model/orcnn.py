@@ -383,7 +383,7 @@ class OrientedRCNN(nn.Module):
         losses["total"] = sum(losses.values())
         return losses
 
-    # The fine-tuning loop's interface (finetune/train.py): `prepare` per micro-batch, the global
+    # The fine-tuning loop's interface (finetune/finetune.py): `prepare` per micro-batch, the global
     # batch's `normalizers`, then `loss_from`. Oriented R-CNN normalises within each image's sampled
     # anchors and RoIs, so a micro-batch's loss is weighted by its share of the global batch's
     # images: summed over micro-batches and DP ranks, that is the per-image mean (as DDP trains it).

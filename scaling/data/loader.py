@@ -85,7 +85,7 @@ def pretrain_folder(root: str) -> str:
     """root, or its pretraining split when root holds a dataset `rsscale data` wrote (its
     manifest.json says so): the segmentation masks and detection tiles beside it are no
     pretraining images."""
-    from rsscale.scaling.data.synthetic import dataset_for, finished_manifest
+    from rsscale.scaling.data.data import dataset_for, finished_manifest
 
     if finished_manifest(root) is None:
         return root

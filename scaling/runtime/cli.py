@@ -19,10 +19,10 @@ from rsscale.scaling.runtime.options import as_config
 
 COMMANDS = {
     "models": ("rsscale.scaling.spec.models", "list model presets with exact parameter counts and FLOPs"),
-    "data": ("rsscale.scaling.data.synthetic", "write the bundled procedural aerial-scene dataset to disk"),
+    "data": ("rsscale.scaling.data.data", "write the bundled procedural aerial-scene dataset to disk"),
     "pretrain": ("rsscale.scaling.train.pretrain", "MAE pretraining (launch with torchrun for TP/PP/DP layouts)"),
     "demo": ("rsscale.benchmarks.reporting.demo", "one-command demo: data, tiny-ladder pretraining, scaling report"),
-    "finetune": ("rsscale.finetune.train", "fine-tune a pretrained encoder for segmentation or rotated detection"),
+    "finetune": ("rsscale.finetune.finetune", "fine-tune a pretrained encoder for segmentation or rotated detection"),
     "evaluate": ("rsscale.finetune.evaluate", "score a fine-tuned run's saved model again (its data and options, or others)"),
     "predict": ("rsscale.finetune.predict", "apply a fine-tuned run's model to new images of any size: masks or DOTA boxes"),
     "bench": ("rsscale.benchmarks.measurement.bench", "measure throughput / memory / MFU of a preset and layout"),

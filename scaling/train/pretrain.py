@@ -277,7 +277,7 @@ class Trainer:
             return None
         root = c.data
         if c.data == "synthetic":
-            from rsscale.scaling.data.synthetic import dataset_for, dataset_paths
+            from rsscale.scaling.data.data import dataset_for, dataset_paths
 
             root = "data/synthetic"  # what `rsscale data` writes by default: used as it is, written only where missing
             if dist.get_rank() == 0:

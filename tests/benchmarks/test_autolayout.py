@@ -76,7 +76,7 @@ def test_finetune_gets_the_chosen_layout_as_flags_it_accepts(tmp_path, monkeypat
     own parser turns them into that layout (the run itself is pretrain's test above)."""
     import argparse
 
-    from rsscale.finetune import train as FT
+    from rsscale.finetune import finetune as FT
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     argv = autolayout.resolve("finetune", ["--task", "seg", "--dataset", "synthetic", "--data", str(tmp_path), "--layout", "auto",

@@ -18,7 +18,7 @@ COMMON = ["--dataset", "synthetic", "--steps", "3", "--global-batch", "2", "--cr
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from rsscale.scaling.data.synthetic import generate
+    from rsscale.scaling.data.data import generate
 
     root = tmp_path_factory.mktemp("ft")
     generate(root / "data", num_pretrain=0, num_seg=6, num_det=6, size=64)
@@ -91,7 +91,7 @@ def test_predict_boxes_score_what_evaluation_scored(runs, tmp_path):
     assert 100 * ap["mAP"] == pytest.approx(_trained(runs, "det")["mAP"], abs=0.01)  # Task1 files keep 1 decimal
     # box for box, what the evaluation's own inference finds (mAP alone is 0 after 3 steps)
     from rsscale.finetune.model.fcos import detect_images
-    from rsscale.finetune.train import restore
+    from rsscale.finetune.finetune import restore
     from rsscale.scaling.parallel import state
 
     tuner, _ = restore(str(runs / "det"), 1)
@@ -114,7 +114,7 @@ def test_a_checkpoint_with_the_older_flat_options_still_loads(runs, tmp_path):
     tree, names that are no option are dropped; the run rebuilds with the same options."""
     import shutil
 
-    from rsscale.finetune.train import run_options
+    from rsscale.finetune.finetune import run_options
 
     shutil.copytree(runs / "seg", tmp_path / "old")
     for path in (tmp_path / "old" / "checkpoints").glob("step_*/index.json"):

@@ -264,7 +264,6 @@ def test_aligned_iou_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(rotated_iou_aligned, (a, b))
 
 
-# ---------------------------------------- (formerly test_rotated_edges.py)
 
 
 PI = math.pi
@@ -389,7 +388,6 @@ def test_shape_errors_name_the_argument_and_any_leading_dims():
     assert R.poly_to_hbox(polys[0]).tolist() == [0, 0, 2, 1]
 
 
-# ---------------------------------------- (formerly test_thresholds.py)
 
 
 # Two 3 x 1 boxes one unit apart: intersection 2, union 4, IoU exactly 0.5 (all corners are

@@ -32,7 +32,6 @@ def test_demo_writes_data_runs_and_report(tmp_path):
     assert (out / "report" / "report.html").stat().st_size > 10_000
 
 
-# ---------------------------------------- (formerly test_front_door_data.py)
 
 
 def _listing(root):

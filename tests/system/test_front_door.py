@@ -36,7 +36,6 @@ def test_numeric_flags_out_of_range_are_one_line_errors(argv, flag, capsys):
     _one_error_line(capsys, flag)
 
 
-# ---------------------------------------- (formerly test_front_door_train.py)
 
 
 def test_keyboard_interrupt_in_any_command_is_one_line(monkeypatch, capsys):
@@ -50,7 +49,6 @@ def test_keyboard_interrupt_in_any_command_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "rsscale models: interrupted\n"
 
 
-# ---------------------------------------- (formerly test_front_door_tools.py)
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

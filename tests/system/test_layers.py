@@ -25,7 +25,7 @@ PARTS = ("kernels", "scaling", "benchmarks", "finetune")
 # (report, study, demo: everyone's results) on top.
 LAYERS = {
     "scaling": ("runtime", "spec", "parallel", "model", "data", "train"),
-    "finetune": ("rotated", "data", "evaluation", "model", "train", "evaluate", "predict"),
+    "finetune": ("rotated", "data", "evaluation", "model", "finetune", "evaluate", "predict"),
     "benchmarks": ("prediction", "measurement", "autolayout", "published", "profile", "reporting"),
 }
 MAY_IMPORT = {

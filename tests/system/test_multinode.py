@@ -115,9 +115,9 @@ def test_pretrain_on_two_nodes_equals_one_process(tmp_path):
     _assert_same_weights(tmp_path)
 
 
-@pytest.mark.slow  # (the launch across nodes: the pretraining test above; fine-tuning TP x DP: tests/finetune/test_train_dist.py)
+@pytest.mark.slow  # (the launch across nodes: the pretraining test above; fine-tuning TP x DP: tests/finetune/test_finetune_dist.py)
 def test_finetune_on_two_nodes_equals_one_process(tmp_path):
-    from rsscale.scaling.data.synthetic import generate
+    from rsscale.scaling.data.data import generate
 
     data = tmp_path / "data"
     generate(data, num_pretrain=0, num_seg=4, num_det=4, size=64)

@@ -121,7 +121,6 @@ def test_kernels_compile_for_h100_without_a_gpu():
     assert proc.stdout.strip() == "4"  # multi-LN; attention fp16, bf16 and fp32
 
 
-# ---------------------------------------- (formerly test_inputs.py)
 
 
 # ------------------------------------------------------------ kernel checks that could not compare
@@ -171,7 +170,6 @@ def test_kernel_check_device_mismatch_can_be_allowed_and_then_compares(tmp_path,
     assert "compared anyway" in out and "slower" in out
 
 
-# ---------------------------------------- (formerly test_front_door_tools.py)
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]

@@ -167,7 +167,6 @@ def test_profile_enumerates_valid_plans_and_ranks_fits_first():
     assert speeds == sorted(speeds, reverse=True)
 
 
-# ---------------------------------------- (formerly test_analytic_edges.py)
 
 
 def test_ring_volume_and_saturation():

@@ -150,7 +150,6 @@ def test_analytic_memory_within_3pct_of_counted_supervised_vit_l16(plan):
     _check_every_component(VIT_L16_SUPERVISED, plan)
 
 
-# ---------------------------------------- (formerly test_count_finetune.py)
 
 
 IMG = 64
@@ -183,7 +182,7 @@ def _saved_storages(model):
 def _real_finetune_rank_bytes(rank, world, task, layout, precision, zero):
     """One rank of a real fine-tuning run: the bytes its model, gradients, optimizer and masks
     hold after a step, and what autograd saves in one micro-batch's forward (+ loss for seg)."""
-    from rsscale.finetune import train as T
+    from rsscale.finetune import finetune as T
     from rsscale.scaling.parallel import state
 
     state.init_parallel(layout.tp, 1, layout.dp, seed=0)

@@ -162,7 +162,6 @@ def test_harness_under_torchrun_rank0_records_every_rank(tmp_path):
     assert sorted(ranks["rank"].astype(int)) == [0, 1] and (ranks["value"] > 0).all()
 
 
-# ---------------------------------------- (formerly test_inputs.py)
 
 
 def _one_error_line(capsys, *needles):

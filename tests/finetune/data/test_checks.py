@@ -55,7 +55,8 @@ def test_data_check_names_every_bad_file(tmp_path):
 def test_data_check_unknown_class_and_missing_image(tmp_path):
     from rsscale.finetune.data.checks import check_data
     from rsscale.finetune.data.datasets import DotaDataset
-    from rsscale.scaling.data.synthetic import DET_CLASSES, ensure_dataset
+    from rsscale.scaling.data.data import ensure_dataset
+    from rsscale.scaling.data.scenes import DET_CLASSES
 
     ensure_dataset(tmp_path / "d", num_pretrain=0, num_seg=2, num_det=10, size=64)
     val = tmp_path / "d" / "det" / "val"

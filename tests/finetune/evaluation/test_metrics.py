@@ -252,7 +252,6 @@ def test_command_line(tmp_path, capsys):
     assert len(v15["classes"]) == 16 and v15["mAP"] == pytest.approx(v1["mAP"] * 15 / 16)
 
 
-# ---------------------------------------- (formerly test_thresholds.py)
 
 
 def test_dota_match_exactly_at_the_threshold_follows_each_tool():
@@ -386,7 +385,6 @@ def test_seg_metric_with_one_class():
         SegMetric(0)
 
 
-# ---------------------------------------- (formerly test_front_door_data.py)
 
 
 # ------------------------------------------------------------------------- detection means

@@ -196,13 +196,13 @@ def test_orcnn_learns_a_tiny_batch_and_predicts():
 def test_detector_flag_chooses_the_model():
     import argparse
 
-    from rsscale.finetune import train
+    from rsscale.finetune import finetune
 
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    finetune.add_arguments(parser)
     base = ["--task", "det", "--dataset", "synthetic", "--crop", "32", "--channels", "16"]
-    assert isinstance(train.build_model("det", train.config_from_args(parser.parse_args(base)), 3)[0], OrientedRCNN)  # the default
-    fcos = train.build_model("det", train.config_from_args(parser.parse_args(base + ["--detector", "fcos"])), 3)[0]
+    assert isinstance(finetune.build_model("det", finetune.config_from_args(parser.parse_args(base)), 3)[0], OrientedRCNN)  # the default
+    fcos = finetune.build_model("det", finetune.config_from_args(parser.parse_args(base + ["--detector", "fcos"])), 3)[0]
     assert isinstance(fcos, RotatedFCOS)
 
 

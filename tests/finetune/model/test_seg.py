@@ -37,7 +37,6 @@ def test_slide_inference_matches_a_pointwise_model():
         slide_inference(model, img, 16, 20, 4)
 
 
-# ---------------------------------------- (formerly test_front_door_report.py)
 
 
 def test_segmentation_evaluation_reports_its_progress(capsys):

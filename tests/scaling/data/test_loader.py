@@ -20,7 +20,7 @@ from PIL import Image
 
 from rsscale.scaling.data import loader as data
 from rsscale.scaling.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_pretrain_loader
-from rsscale.scaling.data.synthetic import ensure_dataset
+from rsscale.scaling.data.data import ensure_dataset
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 
@@ -249,7 +249,6 @@ def test_bad_arguments_are_rejected(tmp_path):
         build_pretrain_loader(tmp_path / "missing", 8, 2)
 
 
-# ---------------------------------------- (formerly test_inputs.py)
 
 
 # ------------------------------------------------------------------- 16-bit and float imagery
@@ -373,7 +372,6 @@ def test_auto_backend_says_which_and_why(tmp_path, capsys, monkeypatch):
     assert resumed.backend == "torch" and "resuming a stream the torch loader started" in capsys.readouterr().out
 
 
-# ---------------------------------------- (formerly test_front_door_data.py)
 
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,6 @@ def test_recompute_flops_match_a_flop_counter():
     assert counted["none"] < counted["selective"] < counted["full"]
 
 
-# ---------------------------------------- (formerly test_mae_edges.py)
 
 
 def test_patchify_order_by_hand():

@@ -61,7 +61,6 @@ def test_1f1b_gradients_and_order_match_a_plain_loop():
         assert in_flight == min(STAGES - s, MICRO)  # 1F1B's memory bound (GPipe would keep all MICRO)
 
 
-# ---------------------------------------- (formerly test_pipeline_scale.py)
 
 
 WIDTH, MB = 4, 3
@@ -236,7 +235,6 @@ def test_single_stage_schedule_times_only_its_compute():
     assert run_schedule(forward_step, 3, links, (MB, WIDTH))[1] == 0.0
 
 
-# ---------------------------------------- (formerly test_faults.py)
 
 
 # --- grouped pipeline p2p ------------------------------------------------------------------------

@@ -111,7 +111,6 @@ def test_bench_reads_a_config_file_through_the_cli(tmp_path, capsys):
     assert "steps (belongs under 'measure:', as measure.steps)" in capsys.readouterr().err
 
 
-# ---------------------------------------- (formerly test_inputs.py)
 
 
 def _one_error_line(capsys, *needles):

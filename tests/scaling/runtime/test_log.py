@@ -94,7 +94,6 @@ def test_writer_is_a_no_op_without_a_folder_or_off_rank_zero(tmp_path):
     assert not (tmp_path / "tb").exists()
 
 
-# ---------------------------------------- (formerly test_front_door_report.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +123,6 @@ def test_progress_rewrites_one_line_on_a_terminal_and_is_silent_off_rank_0(capsy
     assert capsys.readouterr().err == ""
 
 
-# ---------------------------------------- (formerly test_front_door_tools.py)
 
 
 def test_rank_prefix_only_in_a_world_of_several_processes(monkeypatch, capsys):

@@ -110,7 +110,6 @@ def test_two_leaves_with_one_flag_are_refused():
     assert [leaf.path for leaf in leaves(Twice)][:3] == ["a.lr", "a.warmup", "a.overlap"]
 
 
-# ---------------------------------------- (formerly test_print_config.py)
 
 
 @pytest.mark.parametrize("argv", [

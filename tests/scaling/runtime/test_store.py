@@ -108,7 +108,6 @@ def test_killed_writer_leaves_run_incomplete(tmp_path):
     assert len(store.metrics(name="loss")) == 10
 
 
-# ---------------------------------------- (formerly test_thresholds.py)
 
 
 @pytest.mark.parametrize("tags", [

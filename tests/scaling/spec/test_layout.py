@@ -50,7 +50,6 @@ def test_stage_layer_ranges_cover_depth_in_order():
     assert [stage_layer_range(12, 5, s) for s in range(5)] == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
 
 
-# ---------------------------------------- (formerly test_layout_edges.py)
 
 
 CFG = SimpleNamespace(name="toy", heads=4, width=8, mlp=12, dec_heads=2, dec_width=4, dec_mlp=6, depth=3)

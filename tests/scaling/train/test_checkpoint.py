@@ -301,7 +301,6 @@ def test_shard_for_cuts_a_tp_parameter_like_megatron(monkeypatch):
     assert ck.shard_for(full, param).flatten().tolist() == [2, 3, 6, 7, 10, 11]
 
 
-# ---------------------------------------- (formerly test_faults.py)
 
 
 

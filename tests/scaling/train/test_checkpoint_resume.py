@@ -103,7 +103,6 @@ def test_read_local_reshards_any_tp_size_from_whole_and_flat_pieces(tmp_path, wr
         assert torch.equal(checkpoint.read_local(str(tmp_path), e, r, readers), shard_tensor(full, dim, stride, r, readers)), r
 
 
-# ---------------------------------------- (formerly test_faults.py)
 
 
 

@@ -267,7 +267,6 @@ def test_buffers_and_state_live_on_the_parameters_device():
     assert opt.state_bytes() == 12 * 12  # fp32 moments and master weights
 
 
-# ---------------------------------------- (formerly test_train.py)
 
 
 def test_flat_adamw_equals_torch_adamw_with_no_decay_groups():

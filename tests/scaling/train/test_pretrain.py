@@ -56,10 +56,10 @@ def _write(path, text):
 
 
 def test_loss_goes_down_on_synthetic_scenes(tmp_path):
-    """A few steps on bundled-style aerial scenes (scaling.synthetic) lower the MAE loss."""
+    """A few steps on bundled-style aerial scenes (scaling/data/scenes.py) lower the MAE loss."""
     from PIL import Image
 
-    from rsscale.scaling.data.synthetic import scene
+    from rsscale.scaling.data.scenes import scene
     from rsscale.scaling.spec.run import OptimConfig
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
@@ -153,7 +153,6 @@ def test_nproc_validates_the_layout_before_launching(tmp_path):
     assert "launching" not in proc.stdout and proc.stderr.count("invalid parallel layout") == 1
 
 
-# ---------------------------------------- (formerly test_inputs.py)
 
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
@@ -219,7 +218,6 @@ def test_dali_run_killed_and_resumed_logs_the_same_losses(tmp_path):
     assert "dali pipeline" in out and "reseeded" not in out
 
 
-# ---------------------------------------- (formerly test_faults.py)
 
 
 
@@ -303,7 +301,6 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert torch.isfinite(t.optimizer.flat).all()  # stopped before the bad step's update
 
 
-# ---------------------------------------- (formerly test_front_door_report.py)
 
 
 def test_pretraining_records_its_peak_memory(tmp_path):

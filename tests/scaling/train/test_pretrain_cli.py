@@ -159,7 +159,7 @@ def test_a_bad_layout_is_refused_before_launching(argv, monkeypatch, capsys):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(launch, "relaunch", never)
-    for module in ("rsscale.benchmarks.measurement.bench", "rsscale.finetune.train", "rsscale.scaling.train.pretrain"):
+    for module in ("rsscale.benchmarks.measurement.bench", "rsscale.finetune.finetune", "rsscale.scaling.train.pretrain"):
         monkeypatch.setattr(f"{module}.relaunch", never, raising=False)  # where a command held its own copy
     assert cli(argv + ["--nproc", "3"]) == 2
     err = capsys.readouterr().err

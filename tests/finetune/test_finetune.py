@@ -1,4 +1,4 @@
-"""`rsscale finetune` (finetune/train.py) end to end on a tiny synthetic set: the command line,
+"""`rsscale finetune` (finetune/finetune.py) end to end on a tiny synthetic set: the command line,
 the model written before evaluation, nested train-fraction subsets, and data it refuses."""
 
 import os
@@ -17,7 +17,7 @@ def world():
 
 @pytest.mark.parametrize("task", ["seg", "det"])
 def test_cli_end_to_end(tmp_path, task):
-    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.data.data import ensure_dataset
     from rsscale.scaling.runtime.cli import main
     from rsscale.scaling.runtime.store import ResultsStore
 
@@ -37,8 +37,8 @@ def test_cli_end_to_end(tmp_path, task):
 
 
 def test_model_written_before_evaluation(tmp_path, monkeypatch):
-    from rsscale.finetune import train as T
-    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.finetune import finetune as T
+    from rsscale.scaling.data.data import ensure_dataset
     from rsscale.scaling.runtime.cli import main
 
     data = tmp_path / "data"
@@ -55,8 +55,8 @@ def test_model_written_before_evaluation(tmp_path, monkeypatch):
 
 
 def test_train_fraction_subsets_are_nested_and_recorded(tmp_path):
-    from rsscale.finetune.train import train_subset
-    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.finetune.finetune import train_subset
+    from rsscale.scaling.data.data import ensure_dataset
     from rsscale.scaling.runtime.cli import main
     from rsscale.scaling.runtime.store import ResultsStore
 
@@ -76,7 +76,6 @@ def test_train_fraction_subsets_are_nested_and_recorded(tmp_path):
     assert main(argv[:-1] + ["0"]) == 2  # bad fraction: a one-line error
 
 
-# ---------------------------------------- (formerly test_front_door_data.py)
 
 
 def _listing(root):

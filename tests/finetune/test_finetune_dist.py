@@ -23,7 +23,7 @@ def _options(argv, world=1):
     """The options `rsscale finetune ARGV` resolves to on `world` processes."""
     import argparse
 
-    from rsscale.finetune.train import add_arguments, config_from_args
+    from rsscale.finetune.finetune import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -43,7 +43,7 @@ def _eval_value(task, r):
 
 def _run_rank(rank, world, layout_argv, data):
     """One rank: for seg and det, distributed evaluation, then one optimizer step -> its results."""
-    from rsscale.finetune import train as T
+    from rsscale.finetune import finetune as T
     from rsscale.scaling.parallel import state
 
     out = {}
@@ -72,7 +72,7 @@ def _run_rank(rank, world, layout_argv, data):
 
 def _reference(task, data):
     """One process, no Finetuner: model.loss on the whole global batch, torch AdamW."""
-    from rsscale.finetune import train as T
+    from rsscale.finetune import finetune as T
     from rsscale.finetune.model.vitdet import param_groups_lrd
     from rsscale.scaling.parallel import state
     from rsscale.scaling.train.optim import lr_at
@@ -105,7 +105,7 @@ def _reference(task, data):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from rsscale.scaling.data.synthetic import ensure_dataset
+    from rsscale.scaling.data.data import ensure_dataset
 
     root = tmp_path_factory.mktemp("ftdist") / "data"
     ensure_dataset(root, num_pretrain=0, num_seg=8, num_det=8, size=64)

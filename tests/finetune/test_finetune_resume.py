@@ -46,7 +46,7 @@ def _final_tensors(out) -> dict:
 
 
 def killed_and_resumed_finetune_agrees(tmp_path, task, *layout):
-    from rsscale.scaling.data.synthetic import generate
+    from rsscale.scaling.data.data import generate
 
     data = tmp_path / "data"
     generate(data, num_pretrain=0, num_seg=4, num_det=4, size=64)

@@ -187,7 +187,8 @@ def build_datasets(task: str, dataset: str, data: str, synthetic_counts=(64, 64)
         raise ValueError(f"dataset {dataset!r} is not a {task} benchmark; choose one of {', '.join(TASKS[task])}")
     root = Path(data)
     if dataset == "synthetic":
-        from rsscale.scaling.data.synthetic import DET_CLASSES, dataset_for
+        from rsscale.scaling.data.data import dataset_for
+        from rsscale.scaling.data.scenes import DET_CLASSES
 
         paths = dataset_for(root, task, num_seg=synthetic_counts[0], num_det=synthetic_counts[1])
         if task == "seg":
