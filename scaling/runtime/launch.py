@@ -204,7 +204,7 @@ def relaunch(command: str, args, argv: list[str]) -> int:
                 return 2
             if code == 0 or attempt == max_restarts:
                 return code
-        log.warning(f"the ranks failed (exit code {code}): restart {attempt + 1} of {max_restarts}, resuming from the newest complete checkpoint")
+            log.warning(f"the ranks failed (exit code {code}): restart {attempt + 1} of {max_restarts}, resuming from the newest complete checkpoint")
     return code
 
 

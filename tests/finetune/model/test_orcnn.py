@@ -330,7 +330,7 @@ def test_orcnn_finetunes_to_a_nontrivial_map_on_synthetic_scenes(tmp_path):
     from rsscale.scaling.runtime.cli import main
 
     argv = ["finetune", "--task", "det", "--dataset", "synthetic", "--data", str(tmp_path / "data"),
-            "--synthetic-count", "48", "--steps", "300", "--batch", "8",
+            "--synthetic-count", "48", "--steps", "300", "--global-batch", "8",
             "--results", str(tmp_path / "results.db"), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
