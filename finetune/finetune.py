@@ -49,7 +49,7 @@ from rsscale.scaling.runtime.log import reset_peak_memory
 from rsscale.scaling.runtime.options import add_options, as_config, build, check, leaves, option, resolve, section
 from rsscale.scaling.spec.config import ViTConfig, get_preset, param_count
 from rsscale.scaling.spec.layout import Layout, check_layout, derive_dp, relaunch_checked
-from rsscale.scaling.spec.run import PRECISIONS, Compute, DataParallel, OptimConfig
+from rsscale.scaling.spec.run import PRECISIONS, Checkpointing, Compute, DataParallel, OptimConfig, Recording
 from rsscale.scaling.train import checkpoint
 from rsscale.scaling.train.pretrain import TrainConfig, Trainer, check_precision, log, rank_device, run_rank
 
@@ -101,24 +101,16 @@ class FinetuneConfig:
     tie_order: str = option("devkit", "DOTA AP: order of equal scores (the official devkit's np.argsort, or stable)", choices=TIE_ORDERS)
     synthetic_count: int = option(64, "seg/det tiles when writing the synthetic set", ge=1)
     seed: int = option(0, ge=0)
-    log_every: int = option(10, ge=1)
-    tensorboard: str | None = option(None, "write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory, metrics) here")
-    out: str | None = option(None, "run folder: checkpoints/ (model, optimizer, data position; the model of evaluate/predict) "
-                             "and metrics.json; without it nothing is saved")
-    save_every: int = option(0, "also checkpoint every N steps (0: only at the end)", ge=0)
-    keep: int = option(0, "keep only the N newest checkpoints (0: all)", ge=0)
-    resume: bool = option(False, "continue the run in --out from its newest complete checkpoint")
-    allow_schedule_change: bool = option(False, "with --resume: accept --steps/--lr/--warmup other than the checkpoint's run had")
-    overwrite: bool = option(False, "start over in an --out folder that holds checkpoints (deletes them)")
+    checkpointing: Checkpointing = section(Checkpointing)  # out None: a fine-tune without --out saves nothing
     timeout: float = option(300.0, "process-group timeout in seconds (a dead peer fails the step)", gt=0)
-    results: str | None = option(None, "results store (default $RSSCALE_RESULTS or reports/results.db)")
+    recording: Recording = section(Recording)
 
     def __post_init__(self):
         check(self)
         p = self.parallel
         if p.pp != 1 or p.vpp != 1:
             raise ValueError(f"--pp {p.pp} --vpp {p.vpp}: fine-tuning runs tensor and data parallel only (use --pp 1, no --vpp)")
-        if self.resume and not self.out:
+        if self.checkpointing.resume and not self.checkpointing.out:
             raise ValueError("--resume continues the run in --out: give its --out")
 
 
@@ -311,9 +303,7 @@ def trainer_config(options: FinetuneConfig, cfg: ViTConfig, steps: int) -> Train
                        optim=OptimConfig(lr=options.lr, warmup=min(options.warmup, max(steps // 5, 1)), weight_decay=options.weight_decay,
                                          beta2=0.999, clip_grad=options.clip_grad),
                        data_parallel=DataParallel(distributed_optimizer=options.distributed_optimizer),
-                       data=options.data, num_workers=0, out=options.out or "", save_every=options.save_every, keep=options.keep,
-                       resume=options.resume, allow_schedule_change=options.allow_schedule_change, overwrite=options.overwrite,
-                       log_every=options.log_every, results=options.results, tensorboard=options.tensorboard, timeout=options.timeout)
+                       data=options.data, num_workers=0, checkpointing=options.checkpointing, recording=options.recording, timeout=options.timeout)
 
 
 class Finetuner(Trainer):
@@ -450,8 +440,8 @@ class Finetuner(Trainer):
         tb.add(self.step, **results)
         run.log_many([(k, v, None, self.tags()) for k, v in {**results, **per_class}.items()])
         self.results = {**results, **per_class}
-        if self.config.out and dist.get_rank() == 0:
-            path = Path(self.config.out) / "metrics.json"
+        if self.config.checkpointing.out and dist.get_rank() == 0:
+            path = Path(self.config.checkpointing.out) / "metrics.json"
             path.write_text(json.dumps({**self.results, "init": self.init, "preset": self.cfg.name, "steps": self.step,
                                         "train_fraction": self.options.train_fraction, "layout": self.layout.as_dict()}, indent=1))
             log(f"wrote {path}")
@@ -472,13 +462,13 @@ class Finetuner(Trainer):
         return {"finetune": {"task": self.task, "classes": self.classes, "init": self.init, "options": as_config(self.options)}}
 
     def _claim(self) -> None:
-        if self.config.out:
+        if self.config.checkpointing.out:
             super()._claim()
         else:  # no --out: nothing is saved, nothing to lock
             self._lock = False
 
     def save(self):
-        return super().save() if self.config.out else None
+        return super().save() if self.config.checkpointing.out else None
 
 
 def majority_baseline(train_counts: torch.Tensor, val_counts: torch.Tensor, class_names) -> dict:
@@ -552,7 +542,7 @@ def run_finetune(options: FinetuneConfig, started=lambda trainer: trainer) -> di
     steps = options.steps or options.epochs * math.ceil(len(train_set) / layout.global_batch)
     log(f"task {options.task} on {options.dataset}: {len(train_set)} train ({100 * options.train_fraction:g} %) / {len(val_set)} val images, "
         f"{len(classes)} classes; {cfg.name} encoder {param_count(cfg, 'encoder'):,} params, model {sum(p.numel() for p in model.parameters()):,} "
-        f"(this rank); layout {layout}, {options.precision}, {device}; {steps} steps" + ("" if options.out else "; no --out: nothing is saved"))
+        f"(this rank); layout {layout}, {options.precision}, {device}; {steps} steps" + ("" if options.checkpointing.out else "; no --out: nothing is saved"))
     tuner = started(Finetuner(options, model, train_set, device, steps=steps, classes=classes, init=init))
     tuner.val_set, tuner.counts = val_set, counts
     tuner.fit()
@@ -590,7 +580,7 @@ def run_options(run: str, world: int | None = None, **overrides) -> tuple[Finetu
                          "checkpoint, or a run written before fine-tuning runs kept what rebuilds their model); fine-tune it again")
     recorded = option_paths(saved.get("options") or saved["args"], strict=False)  # "args": older runs' flat dict; dropped options are ignored
     recorded = {k: v for k, v in recorded.items() if k not in ("parallel.dp", "parallel.micro_batch")}
-    options = options_with({**recorded, **option_paths(overrides), "checkpoint": None, "resume": False, "out": None, "save_every": 0}, world)
+    options = options_with({**recorded, **option_paths(overrides), "checkpoint": None, "checkpointing.resume": False, "checkpointing.out": None, "checkpointing.save_every": 0}, world)
     return options, ViTConfig(**index["model"]), folder, index
 
 

@@ -11,15 +11,25 @@ def tiny_run(out="unused", *, model="tiny", layout=None, compute=None, data_para
     """A TrainConfig of the `tiny` model on in-memory random images, recording nothing: micro-batch
     2, global batch 4, AdamW lr 2e-3 with one warm-up step, unless given. `layout` (a Layout, or
     overrides of its fields), `compute`, `data_parallel` and `optim` are field overrides of those
-    sections; `train` of TrainConfig's."""
+    sections; `train` of TrainConfig's, where the names of the checkpointing and recording
+    sections' fields (resume=True, log_every=1) go to those sections."""
+    import dataclasses
+
     from rsscale.scaling.spec.layout import Layout
-    from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+    from rsscale.scaling.spec.run import Checkpointing, Compute, DataParallel, OptimConfig, Recording
     from rsscale.scaling.train.pretrain import TrainConfig
 
-    fields = {**dict(steps=3, data="random", num_workers=0, record=False, log_every=100), **train}
-    return TrainConfig(model=model, out=str(out), parallel=layout if isinstance(layout, Layout) else Layout(**{"micro_batch": 2, "global_batch": 4, **(layout or {})}),
+    def pick(cls, given):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: train.pop(k) for k in list(train) if k in names}, **given)
+
+    checkpointing = pick(Checkpointing, {} if "out" in train else {"out": str(out)})
+    recording = pick(Recording, {k: v for k, v in dict(record=False, log_every=100).items() if k not in train})
+    fields = {**dict(steps=3, data="random", num_workers=0), **train}
+    return TrainConfig(model=model, parallel=layout if isinstance(layout, Layout) else Layout(**{"micro_batch": 2, "global_batch": 4, **(layout or {})}),
                        compute=Compute(**(compute or {})), data_parallel=DataParallel(**(data_parallel or {})),
-                       optim=OptimConfig(**{"lr": 2e-3, "warmup": 1, **(optim or {})}), **fields)
+                       optim=OptimConfig(**{"lr": 2e-3, "warmup": 1, **(optim or {})}), checkpointing=checkpointing, recording=recording,
+                       **fields)
 
 
 def image_folder(root, count: int = 10, size=(72, 80), seed: int = 0) -> str:

@@ -52,7 +52,7 @@ from rsscale.scaling.runtime.log import ScalarWriter, peak_memory_bytes
 from rsscale.scaling.runtime.options import add_options, as_config, check, option, resolve, section, to_argv
 from rsscale.scaling.spec.config import get_preset
 from rsscale.scaling.spec.layout import Layout, fill_dp, relaunch_checked
-from rsscale.scaling.spec.run import Compute, DataParallel
+from rsscale.scaling.spec.run import Compute, DataParallel, Recording
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run_bench(opts: BenchConfig) -> dict | None:
     layout, m = opts.parallel, opts.measure
     measured = m.steps * (2 if m.overlap_sweep else 1)
     config = TrainConfig(model=opts.model, parallel=layout, compute=opts.compute, data_parallel=opts.data_parallel,
-                         steps=m.warmup + measured, data="random", record=False)
+                         steps=m.warmup + measured, data="random", recording=Recording(record=False))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()

@@ -75,11 +75,11 @@ def fp16_step(path: str, model: str = "b12x1", n: int = 20) -> None:
 
     from rsscale.scaling.parallel.state import destroy_parallel
     from rsscale.scaling.spec.layout import Layout
-    from rsscale.scaling.spec.run import Compute
+    from rsscale.scaling.spec.run import Compute, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     tr = Trainer.build(TrainConfig(model=model, parallel=Layout(micro_batch=64, global_batch=64), compute=Compute(precision="fp16"), data="random",
-                                   record=False, steps=n))
+                                   recording=Recording(record=False), steps=n))
     recs = [tr.train_step() for _ in range(n)]
     destroy_parallel()
     losses = [r["loss"] for r in recs]

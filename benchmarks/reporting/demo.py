@@ -66,7 +66,7 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 def main(args) -> int:
     t0 = time.perf_counter()
     from rsscale.scaling.data.data import dataset_for
-    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.spec.run import Checkpointing, OptimConfig, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -79,8 +79,8 @@ def main(args) -> int:
     for name in progress(models, desc="[demo] pretrained", unit="model", inline=False):  # each model logs its steps
         config = TrainConfig(model=name, parallel=Layout(micro_batch=args.batch, global_batch=args.batch),
                              optim=OptimConfig(lr=2e-3, warmup=max(1, args.steps // 6)), steps=args.steps,
-                             data=paths["pretrain"], num_workers=1, out=os.path.join(args.out, name),
-                             results=results, log_every=max(1, args.steps // 3))
+                             data=paths["pretrain"], num_workers=1, checkpointing=Checkpointing(out=os.path.join(args.out, name)),
+                             recording=Recording(results=results, log_every=max(1, args.steps // 3)))
         t = time.perf_counter()
         records = Trainer.build(config).fit()
         summary.append((name, param_count(get_preset(name), "encoder"), records[0]["loss"], records[-1]["loss"], time.perf_counter() - t))

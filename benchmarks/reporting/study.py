@@ -279,10 +279,13 @@ def pretrain_args(plan: Plan, cell: Cell, data: str) -> list[str]:
     from rsscale.scaling.runtime.options import to_argv
 
     every = plan.heldout["every"]
-    config = dataclasses.replace(plan.pretrain, model=cell.model, steps=cell.steps, data=data, out=cell_dir(plan, cell),
-                                 results=plan.results, resume=True, save_every=every or min(cell.steps, RESUME_EVERY),
-                                 keep=plan.pretrain.keep if every else 2,  # no held-out curve: the resume points only, the newest two
-                                 optim=dataclasses.replace(plan.pretrain.optim, lr=float(f"{lr_for(plan, cell.model):.4g}")))
+    config = dataclasses.replace(
+        plan.pretrain, model=cell.model, steps=cell.steps, data=data,
+        checkpointing=dataclasses.replace(plan.pretrain.checkpointing, out=cell_dir(plan, cell), resume=True,
+                                          save_every=every or min(cell.steps, RESUME_EVERY),
+                                          keep=plan.pretrain.checkpointing.keep if every else 2),  # no held-out curve: the resume points only, the newest two
+        recording=dataclasses.replace(plan.pretrain.recording, results=plan.results),
+        optim=dataclasses.replace(plan.pretrain.optim, lr=float(f"{lr_for(plan, cell.model):.4g}")))
     argv = to_argv(config)  # the values other than pretrain's defaults; the model always, so every cell's command names it
     return argv if "--model" in argv else ["--model", cell.model, *argv]
 
@@ -363,7 +366,7 @@ def finetune_metric(plan: Plan, cell: Cell) -> tuple[str, float]:
     name = "mIoU" if cell.task == "seg" else "mAP"
     out = os.path.abspath(cell_dir(plan, cell))
     runs = store.runs(kind="finetune", status="complete")
-    mine = [r for r, c in zip(runs.get("id", []), runs.get("config", [])) if os.path.abspath(c.get("out", "")) == out]
+    mine = [r for r, c in zip(runs.get("id", []), runs.get("config", [])) if os.path.abspath((c.get("checkpointing") or {}).get("out") or c.get("out") or "") == out]  # (top-level: stores written before the sections)
     values = store.metrics(name=name, run_id=int(mine[-1])) if mine else None
     if values is None or values[values["step"].isna()].empty:
         raise RuntimeError(f"cell {cell.key}: no complete fine-tuning run in {out} recorded {name} in {plan.results}")

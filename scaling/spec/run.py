@@ -1,7 +1,9 @@
 """The sections of a run's description that several commands share: how a step computes
-(`Compute`), how its data-parallel replicas share gradients and state (`DataParallel`) and how it
-updates the weights (`OptimConfig`); the parallel layout is `Layout` (scaling/spec/layout.py). pretrain, bench and finetune hold the same section objects (and analytic.Plan is built from them), so a
-benchmark trains exactly what it was given, with nothing copied field by field.
+(`Compute`), how its data-parallel replicas share gradients and state (`DataParallel`), how it
+updates the weights (`OptimConfig`), where it keeps its checkpoints (`Checkpointing`) and what it
+reports (`Recording`); the parallel layout is `Layout` (scaling/spec/layout.py). pretrain, bench
+and finetune hold the same section objects (and analytic.Plan is built from them), so a benchmark
+trains exactly what it was given and a fine-tune hands its sections to the shared trainer whole.
 """
 
 from __future__ import annotations
@@ -48,3 +50,28 @@ class DataParallel:
     def __post_init__(self):
         if self.fsdp and self.distributed_optimizer:
             raise ValueError("--fsdp already shards the optimizer state: drop --distributed-optimizer")
+
+
+@dataclass
+class Checkpointing:
+    """Where a training run keeps its checkpoints, how often it writes them, and what a rerun does with them."""
+    out: str | None = option(None, "run folder: checkpoints under <out>/checkpoints (fine-tuning: also metrics.json; "
+                             "without it a fine-tune saves nothing)")
+    save_every: int = option(0, "also checkpoint every N steps (0: only at the end)", ge=0)
+    keep: int = option(0, "keep only the N newest checkpoints (0: all); the newest complete one is never deleted", ge=0)
+    resume: bool = option(False, "continue from the newest complete checkpoint under <out>/checkpoints")
+    async_save: bool = option(False, "write checkpoints in a background thread from a host copy of this rank's shard (training goes on; "
+                              "the same atomic, verified checkpoint)")
+    allow_schedule_change: bool = option(False, "with --resume: accept --steps/--lr/--warmup/--min-lr other than the checkpoint's run had "
+                                         "(they change its learning-rate schedule)")
+    overwrite: bool = option(False, "start over in an --out folder that holds checkpoints (deletes them)")
+
+
+@dataclass
+class Recording:
+    """What a training run reports: log lines, the results store, TensorBoard."""
+    log_every: int = option(10, "log line every N steps", ge=1)
+    results: str | None = option(None, "results store path (default: $RSSCALE_RESULTS or reports/results.db)")
+    record: bool = option(True, "do not write to the results store")
+    tensorboard: str | None = option(None, "write TensorBoard scalars (loss and its parts, lr, grad norm, img/s, memory; "
+                                     "fine-tuning: metrics) to this folder")

@@ -54,7 +54,7 @@ from rsscale.scaling.runtime.store import NullRun
 from rsscale.scaling.spec import layout as layout_mod
 from rsscale.scaling.spec.config import get_preset, param_count
 from rsscale.scaling.spec.layout import Layout
-from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+from rsscale.scaling.spec.run import Checkpointing, Compute, DataParallel, OptimConfig, Recording
 from rsscale.scaling.train import checkpoint
 from rsscale.scaling.train.optim import FlatAdamW, LossScaler, lr_at
 
@@ -78,20 +78,9 @@ class TrainConfig:
     data_backend: str = option("auto", "auto (DALI where installed and usable, else torch) | dali | torch; both resume exactly",
                                choices=("auto", "torch", "dali"))
     num_workers: int = option(2, "data loader workers per rank", ge=0)
-    out: str = option("runs/pretrain", "run folder (checkpoints under <out>/checkpoints)")
-    save_every: int = option(0, "checkpoint every N steps (0: only at the end)", ge=0)
-    keep: int = option(0, "keep only the N newest checkpoints (0: all); the newest complete one is never deleted", ge=0)
-    resume: bool = option(False, "continue from the newest complete checkpoint under <out>/checkpoints")
-    async_save: bool = option(False, "write checkpoints in a background thread from a host copy of this rank's shard (training goes on; "
-                              "the same atomic, verified checkpoint)")
-    allow_schedule_change: bool = option(False, "with --resume: accept --steps/--lr/--warmup/--min-lr other than the checkpoint's run had "
-                                         "(they change its learning-rate schedule)")
-    overwrite: bool = option(False, "start over in an --out folder that holds checkpoints (deletes them)")
-    log_every: int = option(10, "log line every N steps", ge=1)
+    checkpointing: Checkpointing = section(Checkpointing, out="runs/pretrain")
     timeout: float = option(300.0, "process-group timeout in seconds: a dead peer fails the step instead of hanging", gt=0)
-    results: str | None = option(None, "results store path (default: $RSSCALE_RESULTS or reports/results.db)")
-    record: bool = option(True, "do not write to the results store")
-    tensorboard: str | None = option(None, "write TensorBoard scalars (loss, lr, grad norm, img/s, memory) to this folder")
+    recording: Recording = section(Recording)
 
     def __post_init__(self):
         check(self)
@@ -230,12 +219,12 @@ class Trainer:
         self.recent_losses = []  # the last RECENT steps' losses, kept in checkpoints: a resumed run's final loss is the whole run's
         self.time_compute = False  # time each forward/backward (synchronized) into the step record's t_compute (bench)
         self.loader, self.loader_state = None, None  # the data loader state of the checkpoint resumed (exact stream)
-        self.ckpt_dir = os.path.join(self.config.out, "checkpoints")
+        self.ckpt_dir = os.path.join(self.config.checkpointing.out or "", "checkpoints")  # (no --out: a fine-tune that saves nothing)
         self.restarts, self.lost_steps = restart_count(), 0
-        if self.restarts and not self.config.resume:  # the launcher restarted the ranks (--max-restarts): continue, never start over
+        if self.restarts and not self.config.checkpointing.resume:  # the launcher restarted the ranks (--max-restarts): continue, never start over
             log(f"elastic restart {self.restarts}: resuming from the newest complete checkpoint under {self.ckpt_dir}")
-            self.config = dataclasses.replace(self.config, resume=True, overwrite=False)
-        if self.config.resume:
+            self.config = dataclasses.replace(self.config, checkpointing=dataclasses.replace(self.config.checkpointing, resume=True, overwrite=False))
+        if self.config.checkpointing.resume:
             self._resume()
             if self.restarts:
                 self.lost_steps = max(self._progress() - self.step, 0)
@@ -413,9 +402,10 @@ class Trainer:
     def _claim(self) -> None:
         """Collective, once: lock the run folder; refuse a fresh run over checkpoints unless --overwrite."""
         if getattr(self, "_lock", None) is None:
-            if self.config.keep < 0:
-                raise ValueError(f"--keep must be >= 0 (0 keeps every checkpoint), got {self.config.keep}")
-            self._lock = checkpoint.claim_run_folder(self.config.out, self.config.resume, self.config.overwrite) or False
+            ck = self.config.checkpointing
+            if ck.keep < 0:
+                raise ValueError(f"--keep must be >= 0 (0 keeps every checkpoint), got {ck.keep}")
+            self._lock = checkpoint.claim_run_folder(ck.out, ck.resume, ck.overwrite) or False
 
     def save(self) -> str:
         """Collective: each rank writes what it owns (loadable into any layout; scaling/train/checkpoint.py)."""
@@ -443,8 +433,8 @@ class Trainer:
         if self.device.type == "cuda":  # dropout/drop-path masks drawn on the GPU continue exactly too
             rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         rank_state["loader"] = self.loader.state_dict() if self.loader is not None else None  # JSON values: the exact stream
-        if not self.config.async_save:
-            folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.keep)
+        if not self.config.checkpointing.async_save:
+            folder = checkpoint.save_checkpoint(self.ckpt_dir, self.step, tensors, rank_state, meta, keep=self.config.checkpointing.keep)
             self.saved_step = self.step
             return folder
         return self._save_in_background(tensors, rank_state, meta)
@@ -466,7 +456,7 @@ class Trainer:
 
         def write():
             try:
-                checkpoint.save_checkpoint(self.ckpt_dir, step, host, state, meta, keep=self.config.keep, group=self._save_group)
+                checkpoint.save_checkpoint(self.ckpt_dir, step, host, state, meta, keep=self.config.checkpointing.keep, group=self._save_group)
                 self.saved_step = step
             except BaseException as e:  # noqa: BLE001 - raised on the training thread (wait_for_save)
                 self._save_error = e
@@ -510,9 +500,9 @@ class Trainer:
     def _progress(self, step: int | None = None) -> int:
         """The last step an elastic job finished (rank 0 notes it in <out>/.progress after each step),
         so that a restart can say how many steps the failure cost; with `step`, note it."""
-        if not self.config.out:  # (a fine-tune without --out saves nothing to resume from)
+        if not self.config.checkpointing.out:  # (a fine-tune without --out saves nothing to resume from)
             return step or 0
-        path = os.path.join(self.config.out, ".progress")
+        path = os.path.join(self.config.checkpointing.out, ".progress")
         if step is None:
             try:
                 with open(path) as f:
@@ -542,7 +532,7 @@ class Trainer:
         flags = {leaf.path: leaf.flag for leaf in leaves(TrainConfig)}
         what = ", ".join(f"{flags[p]} {was[p]:g} -> {now[p]:g}" for p in changed)
         msg = f"--resume with {what} changes the run's learning-rate schedule (step {step + 1}: lr {lr['was']:.2e} -> {lr['now']:.2e})"
-        if not self.config.allow_schedule_change:
+        if not self.config.checkpointing.allow_schedule_change:
             raise ValueError(f"{msg}; pass --allow-schedule-change to accept that, or resume with the run's values")
         log(f"--allow-schedule-change: {msg}")
 
@@ -584,7 +574,7 @@ class Trainer:
             if self.step >= c.steps:  # a finished run resumed: no empty run in the store
                 log(f"nothing to do: run already at step {self.step} (--steps {c.steps}); nothing recorded")
                 return records
-            with self._store_run() as run, StopRequest() as stop, ScalarWriter(c.tensorboard, prefix=self.tb_prefix()) as tb:
+            with self._store_run() as run, StopRequest() as stop, ScalarWriter(c.recording.tensorboard, prefix=self.tb_prefix()) as tb:
                 while self.step < c.steps:
                     rec = self.train_step()
                     records.append(rec)
@@ -594,12 +584,12 @@ class Trainer:
                     tb.add(rec["step"], **{k: rec[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, **parts,
                            peak_memory_bytes=peak_memory_bytes(self.device))
                     run.log_many((k, rec[k], rec["step"]) for k in ("loss", "lr", "grad_norm", "images_per_s", "t_step", "t_data", "t_fwd_bwd", "t_optim"))
-                    if rec["step"] % max(1, c.log_every) == 0 or rec["step"] in (1, c.steps):
+                    if rec["step"] % max(1, c.recording.log_every) == 0 or rec["step"] in (1, c.steps):
                         log(f"step {rec['step']}/{c.steps} loss {rec['loss']:.4f} " + "".join(f"{k} {v:.3f} " for k, v in parts.items())
                             + f"lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
                             f"img/s {rec['images_per_s']:.1f} (data {rec['t_data']:.3f}s fwd+bwd {rec['t_fwd_bwd']:.3f}s opt {rec['t_optim']:.3f}s)"
                             + (" [fp16 overflow: step skipped]" if rec["skipped"] else ""))
-                    if c.save_every and rec["step"] % c.save_every == 0 and rec["step"] < c.steps:
+                    if c.checkpointing.save_every and rec["step"] % c.checkpointing.save_every == 0 and rec["step"] < c.steps:
                         t0 = time.perf_counter()
                         self.save()
                         stalls.append(time.perf_counter() - t0)  # what the save cost the training thread
@@ -615,9 +605,9 @@ class Trainer:
                     if stalls:
                         memory["save_stall_median_s"] = float(np.median(stalls))
                         log(f"{len(stalls)} checkpoint save(s) during training stalled it a median {memory['save_stall_median_s']:.3f} s each "
-                            f"({'in the background' if c.async_save else 'written in place; --async-save writes in the background'})")
+                            f"({'in the background' if c.checkpointing.async_save else 'written in place; --async-save writes in the background'})")
                     run.log_many((k, v, None) for k, v in {**summarize(records), **memory}.items())
-                if records or c.save_every:
+                if records or c.checkpointing.save_every:
                     self.save()
                 self.after_training(run, tb, records)
             if run.id is not None:
@@ -659,12 +649,12 @@ class Trainer:
         return f"interrupted at step {self.step}; last checkpoint step {self.saved_step}; continue with --resume"
 
     def _store_run(self):
-        if not self.config.record:
+        if not self.config.recording.record:
             return contextlib.nullcontext(NullRun())
         from rsscale.scaling.runtime.store import ResultsStore
 
         L = self.layout
-        return ResultsStore(self.config.results).run(
+        return ResultsStore(self.config.recording.results).run(
             kind=self.KIND, enabled=dist.get_rank() == 0, layout=dict(tp=L.tp, pp=L.pp, dp=L.dp, sp=L.sp), micro_batch=L.micro_batch,
             global_batch=L.global_batch, precision=self.config.compute.precision, kernels=self.config.compute.kernels, **self.run_fields())
 

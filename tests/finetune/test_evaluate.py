@@ -123,7 +123,7 @@ def test_a_checkpoint_with_the_older_flat_options_still_loads(runs, tmp_path):
         index["finetune"]["args"] = {**{k: v for k, v in tree.items() if k != "parallel"}, "global_batch": 2, "nproc": None, "config": None}
         path.write_text(json.dumps(index))
     old, new = run_options(str(tmp_path / "old"), 1)[0], run_options(str(runs / "seg"), 1)[0]
-    assert old == new and (old.crop, old.parallel.global_batch, old.parallel.micro_batch, old.out) == (32, 2, 2, None)
+    assert old == new and (old.crop, old.parallel.global_batch, old.parallel.micro_batch, old.checkpointing.out) == (32, 2, 2, None)
     assert run_options(str(tmp_path / "old"), 2, tp=2)[0].parallel.tp == 2  # overrides by name, layout included
     with pytest.raises(ValueError, match="^not options of rsscale finetune: nproc$"):
         run_options(str(tmp_path / "old"), 1, nproc=2)

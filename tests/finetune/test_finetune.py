@@ -36,6 +36,26 @@ def test_cli_end_to_end(tmp_path, task):
     assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "checkpoints" / "step_00000002" / "index.json").exists()
 
 
+def test_the_shared_sections_give_async_save_and_no_record(tmp_path):
+    """finetune hands its checkpointing and recording sections to the pretraining trainer whole:
+    --async-save writes the same checkpoint as a save in place, and --no-record writes no store."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rsscale.scaling.data.data import ensure_dataset
+
+    data = tmp_path / "data"
+    ensure_dataset(data, num_pretrain=0, num_seg=3, num_det=3, size=64)
+    base = ["finetune", "--task", "seg", "--dataset", "synthetic", "--data", str(data), "--steps", "2", "--global-batch", "1",
+            "--crop", "32", "--channels", "16", "--save-every", "1", "--max-eval-images", "1", "--no-record", "--results", str(tmp_path / "r.db")]
+    assert main(base + ["--out", str(tmp_path / "async"), "--async-save"]) == 0
+    assert main(base + ["--out", str(tmp_path / "inplace")]) == 0
+    assert not (tmp_path / "r.db").exists()
+    for step in ("step_00000001", "step_00000002"):
+        a, b = (load_file(tmp_path / run / "checkpoints" / step / "rank_00000.safetensors") for run in ("async", "inplace"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_model_written_before_evaluation(tmp_path, monkeypatch):
     from rsscale.finetune import finetune as T
     from rsscale.scaling.data.data import ensure_dataset

@@ -13,13 +13,13 @@ from distributed import run_distributed
 def _first_losses(rank, world, tp, fsdp, precision="fp32", zero=False, layout=None):
     from rsscale.benchmarks.measurement.peer import NativePeer
     from rsscale.scaling.spec.layout import Layout
-    from rsscale.scaling.spec.run import Compute, DataParallel
+    from rsscale.scaling.spec.run import Compute, DataParallel, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     layout = layout or {}
     dp = world // tp // layout.get("pp", 1)
     config = TrainConfig(model="tiny", parallel=Layout(tp=tp, dp=dp, micro_batch=2, global_batch=4 * dp, **layout), data="random",
-                         record=False, compute=Compute(precision=precision), data_parallel=DataParallel(fsdp=fsdp, distributed_optimizer=zero), steps=2)
+                         recording=Recording(record=False), compute=Compute(precision=precision), data_parallel=DataParallel(fsdp=fsdp, distributed_optimizer=zero), steps=2)
     trainer = Trainer.build(config)
     peer = NativePeer(trainer)
     out = []

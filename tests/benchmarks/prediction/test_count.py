@@ -16,11 +16,11 @@ from rsscale.scaling.spec.layout import Layout
 
 def _real_rank_bytes(rank, world, precision, sp, recompute):
     """One rank of a real gloo run of the trainer: the bytes its allocations and autograd hold."""
-    from rsscale.scaling.spec.run import Compute
+    from rsscale.scaling.spec.run import Compute, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     cfg = TrainConfig(model="mini", parallel=Layout(tp=2, sp=sp, micro_batch=2, global_batch=4), compute=Compute(precision=precision, recompute=recompute),
-                      data="random", record=False)
+                      data="random", recording=Recording(record=False))
     tr = Trainer.build(cfg)
     tr.train_step()  # leaves every p.grad allocated
     opt, model = tr.optimizer, tr.model

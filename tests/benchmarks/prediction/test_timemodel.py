@@ -163,13 +163,13 @@ def _count_collectives(rank, world, specs):
     """Collectives one rank's second training step launches, by c10d op (torch.profiler)."""
     import torch
 
-    from rsscale.scaling.spec.run import Compute
+    from rsscale.scaling.spec.run import Compute, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     out = []
     for layout, recompute in specs:
         trainer = Trainer.build(TrainConfig(model="small", parallel=Layout(**layout), compute=Compute(recompute=recompute), data="random",
-                                             record=False))
+                                             recording=Recording(record=False)))
         trainer.train_step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             trainer.train_step()

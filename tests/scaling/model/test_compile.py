@@ -44,11 +44,11 @@ def _train(rank, world, compile_, layout):
     """Two optimizer steps of the trainer; (losses, full weights of this rank's stage, graphs compiled)."""
     import torch._dynamo
 
-    from rsscale.scaling.spec.run import Compute, OptimConfig
+    from rsscale.scaling.spec.run import Checkpointing, Compute, OptimConfig, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     cfg = TrainConfig(model="tiny", parallel=Layout(**layout), optim=OptimConfig(lr=2e-3, warmup=1, eps=1e-6), steps=5, data="random",
-                      record=False, compute=Compute(compile=compile_, compile_backend="aot_eager"), out="unused")
+                      checkpointing=Checkpointing(out="unused"), recording=Recording(record=False), compute=Compute(compile=compile_, compile_backend="aot_eager"))
     trainer = Trainer.build(cfg)
     losses = [trainer.train_step()["loss"] for _ in range(2)]
     return losses, {k: v.numpy() for k, v in trainer.full_state_dict().items()}, torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -72,10 +72,10 @@ def test_compiled_trainer_tp2_sp_pp2_matches_plain():
 
 
 def test_compile_without_a_cxx_compiler_is_refused(monkeypatch):
-    from rsscale.scaling.spec.run import Compute
+    from rsscale.scaling.spec.run import Compute, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     monkeypatch.setenv("CXX", "no-such-compiler-rsscale")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--compile with inductor on CPU needs a C\\+\\+ compiler"):
-        Trainer.build(TrainConfig(model="tiny", data="random", record=False, compute=Compute(compile=True)))
+        Trainer.build(TrainConfig(model="tiny", data="random", recording=Recording(record=False), compute=Compute(compile=True)))

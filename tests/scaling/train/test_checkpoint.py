@@ -369,7 +369,7 @@ def test_keep_last_n_never_deletes_the_newest_complete(tmp_path):
     os.remove(os.path.join(_ckpts(tmp_path), "step_00000005", "rank_00000.safetensors"))  # newest now incomplete
     checkpoint.prune(_ckpts(tmp_path), 1)
     assert _steps_on_disk(tmp_path) == ["step_00000004", "step_00000005"]  # 4 is the newest complete one
-    with pytest.raises(ValueError, match=r"--keep \(config key 'keep'\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"--keep \(config key 'checkpointing.keep'\) must be >= 0"):
         _trainer(tmp_path / "neg", keep=-1).fit()
 
 

@@ -48,10 +48,10 @@ def test_invalid_layout_fails_before_any_process_group():
     code = """
 import torch.distributed as dist
 from rsscale.scaling.spec.layout import Layout
-from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig
+from rsscale.scaling.spec.run import Compute, DataParallel, OptimConfig, Recording
 from rsscale.scaling.train.pretrain import Trainer, TrainConfig
 try:
-    Trainer.build(TrainConfig(model="tiny", parallel=Layout(tp=2, pp=2), data="random", record=False))
+    Trainer.build(TrainConfig(model="tiny", parallel=Layout(tp=2, pp=2), data="random", recording=Recording(record=False)))
 except ValueError as e:
     print("ValueError:", e)
 print("group created:", dist.is_initialized())

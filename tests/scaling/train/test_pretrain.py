@@ -41,7 +41,7 @@ def test_config_file_then_flags(tmp_path):
     path.write_text("model: mini\nsteps: 7\nparallel: {tp: 2, micro_batch: 4, global_batch: 16}\noptim: {lr: 0.002, warmup: 3}\n")
     c = config_from_args(_args(config=str(path), lr=5e-4, sp=True, record=False))
     assert (c.model, c.steps, c.parallel.tp, c.parallel.sp, c.parallel.global_batch) == ("mini", 7, 2, True, 16)
-    assert (c.optim.lr, c.optim.warmup, c.record) == (5e-4, 3, True)  # --no-record is store_true: False means absent
+    assert (c.optim.lr, c.optim.warmup, c.recording.record) == (5e-4, 3, True)  # --no-record is store_true: False means absent
     toml = tmp_path / "run.toml"
     toml.write_text('model = "small"\n[optim]\nclip_grad = 0.5\n')
     c = config_from_args(_args(config=str(toml), steps=2))
@@ -60,27 +60,27 @@ def test_loss_goes_down_on_synthetic_scenes(tmp_path):
     from PIL import Image
 
     from rsscale.scaling.data.scenes import scene
-    from rsscale.scaling.spec.run import OptimConfig
+    from rsscale.scaling.spec.run import Checkpointing, OptimConfig, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     for i in range(8):
         rgb, _, _ = scene(np.random.default_rng(i), 64)
         Image.fromarray(rgb).save(tmp_path / f"{i}.png")
     trainer = Trainer.build(TrainConfig(model="tiny", parallel=Layout(micro_batch=8, global_batch=8), optim=OptimConfig(lr=3e-3, warmup=2),
-                                        steps=15, data=str(tmp_path), num_workers=0, out=str(tmp_path / "run"), record=False))
+                                        steps=15, data=str(tmp_path), num_workers=0, checkpointing=Checkpointing(out=str(tmp_path / "run")), recording=Recording(record=False)))
     losses = [trainer.train_step()["loss"] for _ in range(15)]
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
 
 
 def test_fp16_on_cpu_is_refused():
-    from rsscale.scaling.spec.run import Compute
+    from rsscale.scaling.spec.run import Compute, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="fp16 .* needs CUDA"):
-        Trainer.build(TrainConfig(compute=Compute(precision="fp16"), data="random", record=False))
+        Trainer.build(TrainConfig(compute=Compute(precision="fp16"), data="random", recording=Recording(record=False)))
 
 
 def test_failing_rank_is_named_and_exits_nonzero(tmp_path):
@@ -181,7 +181,7 @@ def test_pretrain_steps_zero_exits_nonzero_without_recording(tmp_path):
 # ------------------------------------------------------------------------ mistyped config files
 @pytest.mark.parametrize("text, key, expected", [
     ("steps: ten\n", "'steps'", "int"),
-    ('resume: "no"\n', "'resume'", "true or false"),
+    ('checkpointing: {resume: "no"}\n', "'checkpointing.resume'", "true or false"),
     ('parallel: {sp: "false"}\n', "'parallel.sp'", "true or false"),
     ("optim: {lr: [1, 2]}\n", "'optim.lr'", "float"),
     ("parallel: 4\n", "parallel", "mapping"),
@@ -203,9 +203,9 @@ def test_pretrain_config_file_values_keep_their_meaning(tmp_path):
     from rsscale.scaling.train.pretrain import config_from_args
 
     path = tmp_path / "run.toml"
-    path.write_text('steps = 4.0\nresume = false\nresults = "x.db"\n[parallel]\nsp = false\n')
+    path.write_text('steps = 4.0\n[checkpointing]\nresume = false\n[recording]\nresults = "x.db"\n[parallel]\nsp = false\n')
     c = config_from_args(_args(config=str(path)))
-    assert (c.steps, c.resume, c.parallel.sp, c.results) == (4, False, False, "x.db")
+    assert (c.steps, c.checkpointing.resume, c.parallel.sp, c.recording.results) == (4, False, False, "x.db")
 
 
 # ------------------------------------------------------------------------- DALI's exact resume
@@ -306,12 +306,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_pretraining_records_its_peak_memory(tmp_path):
     from rsscale.scaling.parallel.state import destroy_parallel
     from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.spec.run import Checkpointing, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
     db = str(tmp_path / "t.db")
     try:
         Trainer.build(TrainConfig(model="tiny", parallel=Layout(micro_batch=2, global_batch=2), steps=2, data="random",
-                                  out=str(tmp_path / "run"), results=db)).fit()
+                                  checkpointing=Checkpointing(out=str(tmp_path / "run")), recording=Recording(results=db))).fit()
     finally:
         destroy_parallel()
     m = ResultsStore(db).metrics()
