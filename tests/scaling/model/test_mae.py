@@ -296,3 +296,76 @@ def test_token_init_and_seeded_forward(one_process_world):
         b = model(imgs, generator=torch.Generator().manual_seed(5))
         c = model(imgs, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a[2], b[2]) and a[0].item() == b[0].item() and not torch.equal(a[2], c[2])
+
+
+def test_build_mae_passes_options_through():
+    """build_mae(cfg, **kw) hands every option to MaskedAutoencoder: a seeded first pipeline
+    stage comes back as that stage (no decoder) with the weights of the same seed."""
+    from rsscale.scaling.model.mae import build_mae
+
+    cfg = MICRO.replace(depth=2)
+    stage = build_mae(cfg, post_process=False, layer_range=(0, 1), seed=3)
+    ref = MaskedAutoencoder(cfg, post_process=False, layer_range=(0, 1), seed=3)
+    assert not stage.post_process and list(stage.blocks) == ["0"] and not hasattr(stage, "decoder_blocks")
+    got, want = dict(stage.named_parameters()), dict(ref.named_parameters())
+    assert set(got) == set(want)
+    for name, p in got.items():
+        assert torch.equal(p, want[name]), name
+    other_seed = dict(build_mae(cfg).named_parameters())
+    assert not torch.equal(other_seed["blocks.0.attn.0.qkv.weight"], got["blocks.0.attn.0.qkv.weight"])  # seed 3, not 0
+
+
+def test_unpatchify_square_grid_without_hw():
+    """Without hw the patch grid is square: sqrt(L) x sqrt(L); a non-square L is rejected."""
+    imgs = torch.randn(2, 3, 8, 8)
+    patches = patchify(imgs, 2)  # 4x4 grid
+    assert torch.equal(unpatchify(patches, 2), imgs)
+    one = torch.randn(1, 1, 6, 6)
+    assert torch.equal(unpatchify(patchify(one, 2), 2, chans=1), one)  # 3x3 grid
+    with pytest.raises(ValueError, match="6 patches do not form a 2x2 grid"):
+        unpatchify(patchify(torch.randn(1, 3, 4, 6), 2), 2)
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_layer_norms_use_the_configured_eps(supervised):
+    """Every LayerNorm module takes cfg.ln_eps (MAE's 1e-6 by default, not torch's 1e-5), so the
+    encoder norm module normalizes exactly as encoder_output does."""
+    cfg = MICRO.replace(dec_depth=0, mask_ratio=0.0) if supervised else MICRO
+    model = MaskedAutoencoder(cfg)
+    norms = [model.norm] + ([] if supervised else [model.decoder_norm])
+    assert all(n.eps == 1e-6 for n in norms)
+    cfg = cfg.replace(ln_eps=0.5)
+    model = MaskedAutoencoder(cfg)
+    norms = [model.norm] + ([] if supervised else [model.decoder_norm])
+    assert all(n.eps == 0.5 for n in norms)
+    x = torch.randn(2, cfg.num_visible + 1, cfg.width, generator=torch.Generator().manual_seed(0)) * 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(model.norm(x), model.encoder_output(x), rtol=0, atol=1e-6)
+
+
+def test_interleaved_chunks_run_only_their_blocks():
+    """With a list of layer ranges (interleaved 1F1B), forward_stage(chunk=k) runs only chunk k's
+    blocks: two stages of two chunks each, run in schedule order, run blocks 0, 1, 2, 3 once
+    each and give the full model's loss."""
+    cfg = MICRO.replace(depth=4)
+    full = MaskedAutoencoder(cfg, seed=1)
+    a = MaskedAutoencoder(cfg, post_process=False, layer_range=[(0, 1), (2, 3)], seed=1)
+    b = MaskedAutoencoder(cfg, pre_process=False, layer_range=[(1, 2), (3, 4)], seed=1)
+    ran = []
+    for stage in (a, b):
+        for i, blk in stage.blocks.items():
+            blk.register_forward_pre_hook(lambda mod, args, i=int(i): ran.append(i))
+    gen = torch.Generator().manual_seed(0)
+    imgs, noise = torch.randn(2, 1, 4, 4, generator=gen), torch.rand(2, cfg.num_patches, generator=gen)
+    with torch.no_grad():
+        h = a.forward_stage(None, imgs, noise, chunk=0)
+        assert ran == [0] and h.shape == a.hidden_shape(2)
+        h = b.forward_stage(h, chunk=0)
+        h = a.forward_stage(h, chunk=1)
+        assert ran == [0, 1, 2] and h.shape == a.hidden_shape(2)
+        loss, pred, mask = b.forward_stage(h, imgs, noise, chunk=1)
+        assert ran == [0, 1, 2, 3]
+        ref_loss, ref_pred, ref_mask = full(imgs, noise=noise)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(pred, ref_pred, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)

@@ -190,3 +190,196 @@ def test_store_lock_errors_environment_and_config_values(tmp_path):
         holder.close()
     assert store.metrics()["value"].tolist() == [1.0]
     assert store.runs()["config"][0] == {"out": str(Path("runs") / "x")}
+
+
+def _old_store(path):
+    """A results file written before the 'interrupted' status existed: runs 1-3, run 3 deleted."""
+    import sqlite3
+
+    from rsscale.scaling.runtime import store as S
+
+    old = S.SCHEMA.replace(", 'interrupted'", "")
+    assert "'interrupted'" not in old
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(old)
+    for i in (1, 2, 3):
+        db.execute("INSERT INTO runs (kind, preset, params, started, status, config) VALUES (?, ?, ?, ?, ?, ?)",
+                   ("bench", f"p{i}", 100 * i, "2024-01-01T00:00:00.000+00:00", "complete", f'{{"i": {i}}}'))
+        db.execute("INSERT INTO metrics (run_id, name, value, step) VALUES (?, 'loss', ?, 0)", (i, i / 10))
+    db.execute("DELETE FROM metrics WHERE run_id = 3")
+    db.execute("DELETE FROM runs WHERE id = 3")
+    db.close()
+
+
+def test_store_migrates_an_older_file_keeping_runs_metrics_and_ids(tmp_path):
+    """Opening a file whose CHECK predates 'interrupted' migrates it: runs, ids and metrics survive,
+    'interrupted' can be recorded, and the id of a deleted run is never handed out again."""
+    path = str(tmp_path / "old.db")
+    _old_store(path)
+    store = ResultsStore(path)
+    runs = store.runs()
+    assert runs["id"].tolist() == [1, 2] and runs["preset"].tolist() == ["p1", "p2"]
+    assert runs["params"].tolist() == [100, 200] and runs["config"].tolist() == [{"i": 1}, {"i": 2}]
+    m = store.metrics(name="loss")
+    assert m["run_id"].tolist() == [1, 2] and m["value"].tolist() == [0.1, 0.2] and m["preset"].tolist() == ["p1", "p2"]
+    with pytest.raises(KeyboardInterrupt), store.run(kind="bench", preset="new") as run:
+        raise KeyboardInterrupt
+    assert run.id == 4  # AUTOINCREMENT: deleted run 3 keeps its id
+    assert store.runs()["status"].tolist() == ["complete", "complete", "interrupted"]
+    assert ResultsStore(path).runs()["id"].tolist() == [1, 2, 4]  # reopening does not migrate again
+
+
+def test_finish_defaults_to_complete_and_metrics_filter_by_status(tmp_path):
+    """Run.finish() without a status marks the run 'complete'; metrics(status=...) keeps only
+    the metrics of runs with that status."""
+    store = ResultsStore(tmp_path / "r.db")
+    done, failed = store.start_run("bench", preset="a"), store.start_run("bench", preset="b")
+    done.log("x", 1.0)
+    failed.log("x", 2.0)
+    done.finish()
+    failed.finish("failed")
+    assert store.runs()["status"].tolist() == ["complete", "failed"]
+    assert store.metrics(status="complete")["value"].tolist() == [1.0]
+    assert store.metrics(status="failed")["run_id"].tolist() == [failed.id]
+    assert store.metrics(status="running").empty
+
+
+def test_store_errors_name_the_file_what_failed_and_the_cause(tmp_path):
+    """A file that is not a database, or a read that fails, is a one-line StoreError naming the path,
+    whether it was opening/writing or reading, and SQLite's cause."""
+    import sqlite3
+
+    from rsscale.scaling.runtime.store import StoreError
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database\n" * 100)
+    for readonly, what in ((False, "open or write"), (True, "read")):
+        with pytest.raises(StoreError) as err:
+            ResultsStore(str(junk), readonly=readonly)
+        assert str(err.value) == f"results store {junk}: cannot {what} it (file is not a database)"
+    path = str(tmp_path / "r.db")
+    store = ResultsStore(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE metrics")  # the file changed under an open store
+    db.close()
+    with pytest.raises(StoreError) as err:
+        store.metrics()
+    msg = str(err.value)
+    assert msg.startswith(f"results store {path}: cannot read it (") and "\n" not in msg
+    assert msg.endswith("no such table: metrics)")
+
+
+def test_unknown_run_field_error_lists_what_can_be_overridden(tmp_path):
+    """Passing a run field that does not exist says which environment fields can be overridden."""
+    store = ResultsStore(tmp_path / "r.db")
+    with pytest.raises(ValueError) as err:
+        store.start_run("bench", gpu="x")
+    assert str(err.value) == ("unknown run fields ['gpu']; overridable: device, device_count, torch_version, "
+                              "triton_version, mcore_version, git_commit, host, pid")
+
+
+def test_environment_records_megatron_version_and_git_commit(tmp_path, monkeypatch):
+    """A run records the megatron-core version and the checkout's commit, and both can be overridden."""
+    from rsscale.scaling.runtime import store as S
+
+    versions = {"torch": "1.0", "triton": "2.0", "megatron-core": "9.9.9"}
+    monkeypatch.setattr(S, "_version", lambda dist: versions.get(dist))
+    monkeypatch.setattr(S, "git_commit", lambda: "0123456789ab-dirty")
+    env = S.environment()
+    assert (env["mcore_version"], env["git_commit"]) == ("9.9.9", "0123456789ab-dirty")
+    store = ResultsStore(tmp_path / "r.db")
+    store.start_run("bench")
+    store.start_run("bench", mcore_version="0.1", git_commit="abc")
+    r = store.runs()
+    assert r["mcore_version"].tolist() == ["9.9.9", "0.1"]
+    assert r["git_commit"].tolist() == ["0123456789ab-dirty", "abc"]
+
+
+def test_git_commit_is_head_plus_dirty_for_tracked_changes_only(tmp_path, monkeypatch):
+    """git_commit() of a checkout is its 12-digit HEAD, '-dirty' only once a tracked file changed
+    (an untracked file does not count); outside a checkout it is None."""
+    from rsscale.scaling.runtime import store as S
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setattr(S, "__file__", str(outside / "store.py"))
+    assert S.git_commit() is None
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a\n")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.setattr(S, "__file__", str(tmp_path / "store.py"))
+    assert S.git_commit() == head[:12]
+    (tmp_path / "untracked.txt").write_text("u\n")
+    assert S.git_commit() == head[:12]
+    (tmp_path / "a.txt").write_text("changed\n")
+    assert S.git_commit() == head[:12] + "-dirty"
+
+
+def test_git_commit_gives_up_on_a_hung_git(monkeypatch):
+    """A git that never answers (e.g. a stuck network checkout) makes git_commit() None after a bounded
+    wait instead of hanging the run that records it."""
+    from rsscale.scaling.runtime import store as S
+
+    def hung_git(cmd, **kwargs):
+        if kwargs.get("timeout") is None:
+            pytest.fail(f"{cmd} would wait forever on a hung git")
+        assert kwargs["timeout"] <= 60
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(S.subprocess, "run", hung_git)
+    assert S.git_commit() is None
+
+
+def test_cpu_name_is_the_model_name_from_proc_cpuinfo(monkeypatch):
+    """cpu_name() is 'CPU ' + the first 'model name' of /proc/cpuinfo (all of it after the first
+    colon), else the platform's processor or machine name."""
+    import io
+    import platform
+
+    from rsscale.scaling.runtime import store as S
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        model = None
+    if model is not None:
+        assert S.cpu_name() == "CPU " + model
+    info = "processor\t: 0\nmodel name\t: Acme X1: 8 cores @ 2.0GHz \nmodel name\t: Other\n"
+    monkeypatch.setattr(S, "open", lambda *a, **k: io.StringIO(info), raising=False)
+    assert S.cpu_name() == "CPU Acme X1: 8 cores @ 2.0GHz"
+
+    def no_file(*a, **k):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(S, "open", no_file, raising=False)
+    assert S.cpu_name() == "CPU " + (platform.processor() or platform.machine() or "unknown")
+
+
+def test_failed_migration_leaves_the_file_as_it_was(tmp_path):
+    """A migration that fails half-way (a run whose status the current CHECK rejects) is rolled back:
+    a one-line StoreError with SQLite's cause, and the file keeps its old table and rows, still readable."""
+    import sqlite3
+
+    from rsscale.scaling.runtime import store as S
+
+    path = str(tmp_path / "other.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(S.SCHEMA.replace("'interrupted'", "'aborted'"))
+    db.execute("INSERT INTO runs (kind, started, status) VALUES ('bench', '2024-01-01', 'aborted')")
+    before = db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    db.close()
+    with pytest.raises(S.StoreError) as err:
+        ResultsStore(path)
+    assert str(err.value).startswith(f"results store {path}: cannot open or write it (CHECK constraint failed")
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == before
+    db.close()
+    assert ResultsStore(path, readonly=True).runs()["status"].tolist() == ["aborted"]
