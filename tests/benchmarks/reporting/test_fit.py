@@ -133,3 +133,104 @@ def test_caveats_boundaries_and_their_joining():
     two = Fit("saturating", {"a": -1.0, "b": 1.0, "c": -0.5, "d": 0.5}, ci={"c": (-1.0, 0.1)}, n_points=5)
     notes = two.caveats()
     assert len(notes) == 2 and str(two).endswith(f"; caveat: {notes[0]}; caveat: {notes[1]})")
+
+
+def test_bootstrap_fits_resamples_with_three_distinct_sizes():
+    """A resample is refitted when it holds at least 3 distinct sizes (2 would pass a power law exactly
+    through them); so 4 points still give an interval: 168 of the 256 resamples of 4 are usable."""
+    from rsscale.benchmarks.reporting.fit import _bootstrap
+
+    n = np.array([1e6, 1e7, 1e8, 1e9])
+    distinct = []
+
+    def fit_once(ns, ys):
+        distinct.append(len(np.unique(ns)))
+        return {"c": 1.0}
+    _bootstrap(n, n, fit_once, 200, 0)
+    assert set(distinct) == {3, 4}
+    y = 2.0 * n**0.3 * np.array([1.0, 1.1, 0.9, 1.05])
+    lo, hi = fit_power_law(n, y, n_boot=200).ci["c"]
+    assert lo < fit_power_law(n, y, n_boot=0).params["c"] < hi
+
+
+def test_saturating_fit_that_never_converges_says_so(monkeypatch):
+    """Every start diverging (non-finite cost) is an error that names the failure."""
+    from rsscale.benchmarks.reporting import fit as F
+
+    monkeypatch.setattr(F, "_levenberg_marquardt", lambda theta, x, y: (theta, float("inf")))
+    with pytest.raises(ValueError, match="^the saturating power law did not converge$"):
+        F.fit_saturating(N, 4.0 * N**-0.5 + 1.0, n_boot=0)
+
+
+def test_problem_flags_a_runaway_exponent_interval():
+    """The exponent's 95 % interval counts as well as its value: |c| = 0.5 inside [0.1, 12] is still not meaningful."""
+    from rsscale.benchmarks.reporting.fit import Fit
+
+    ci = {"a": (0.5, 2.0), "c": (0.1, 0.9)}
+    assert Fit("power", {"a": 1.0, "c": 0.5}, ci=ci, n_points=5).problem() is None
+    for c_ci in ((0.1, 12.0), (-10.5, 0.9)):
+        problem = Fit("power", {"a": 1.0, "c": 0.5}, ci={**ci, "c": c_ci}, n_points=5).problem()
+        assert problem == "the exponent or its 95 % interval goes beyond |c| = 10: the data do not determine it"
+
+
+def test_isoflop_optimum_of_a_shallow_parabola_and_of_one_opening_down():
+    """Any upward curvature (here 0.05 per log-unit squared) has a vertex; a downward one returns the
+    best measured size, flagged as an edge; bounds clip the vertex."""
+    from rsscale.benchmarks.reporting.fit import isoflop_optimum
+
+    n = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    opt, inside = isoflop_optimum(n, 0.05 * (np.log(n) - np.log(2e6)) ** 2 + 0.5)
+    assert opt == pytest.approx(2e6, rel=1e-9) and inside
+    opt, inside = isoflop_optimum(n, 0.05 * (np.log(n) - np.log(2e6)) ** 2 + 0.5, bounds=(1e5, 1e6))
+    assert opt == pytest.approx(1e6, rel=1e-12) and not inside
+    opt, inside = isoflop_optimum(n, 2.0 - 0.05 * (np.log(n) - np.log(2e6)) ** 2)
+    assert (opt, inside) == (1e5, False)  # the lowest loss of a downward parabola, at the far end
+
+
+def _profiles(noise=0.0):
+    sizes = np.array([1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6])
+    rng = np.random.default_rng(5)
+    return {c: (sizes, (0.1 * (np.log(sizes) - np.log(0.05 * c**0.4)) ** 2 + 1.0) * (1 + rng.normal(0, noise, sizes.size)))
+            for c in (1e12, 1e13, 1e14, 1e15)}
+
+
+def test_frontier_of_exact_profiles_is_exact_with_a_point_interval():
+    """Budgets 1e12..1e15 with exact parabolas around N_opt = 0.05 C^0.4: every optimum, the law, and every
+    usable bootstrap resample (3+ distinct sizes per budget) give the same exponent."""
+    from rsscale.benchmarks.reporting.fit import fit_frontier
+
+    fit, optima = fit_frontier(_profiles(), n_boot=40, seed=1)
+    assert sorted(optima) == [1e12, 1e13, 1e14, 1e15]
+    for c, (opt, inside) in optima.items():
+        assert opt == pytest.approx(0.05 * c**0.4, rel=1e-9) and inside
+    assert fit.law == "power" and fit.n_points == 4 and fit.rmse_rel == pytest.approx(0.0, abs=1e-9)
+    assert fit.params["c"] == pytest.approx(0.4, abs=1e-9) and fit.params["a"] == pytest.approx(0.05, rel=1e-7)
+    assert set(fit.ci) == {"a", "c"}
+    assert fit.ci["c"] == pytest.approx((0.4, 0.4), abs=1e-9) and fit.ci["a"] == pytest.approx((0.05, 0.05), rel=1e-7)
+
+
+def test_default_bootstrap_settings_are_those_of_the_published_intervals():
+    """docs/STUDY.md quotes intervals of report runs, which call fit_power_law and fit_frontier with their
+    defaults (500 resamples, seed 0): the defaults must stay those for the numbers to be reproduced."""
+    from rsscale.benchmarks.reporting.fit import fit_frontier
+
+    rng = np.random.default_rng(0)
+    y = 3.0 * N**0.8 * np.exp(rng.normal(0, 0.05, N.size))
+    assert fit_power_law(N, y).ci == fit_power_law(N, y, n_boot=500, seed=0).ci
+    profiles = _profiles(noise=0.01)
+    assert fit_frontier(profiles)[0].ci == fit_frontier(profiles, n_boot=500, seed=0)[0].ci
+
+
+def test_prediction_interval_of_a_power_law():
+    """Exact data predict exactly with a point interval; noisy data give an interval around the
+    prediction of the law fitted to all points."""
+    from rsscale.benchmarks.reporting.fit import predict_with_interval
+
+    n = np.array([1e5, 1e6, 1e7, 1e8])
+    pred, lo, hi = predict_with_interval(n, 2.0 * n**0.25, 1e9, n_boot=50)
+    assert pred == pytest.approx(2.0 * 1e9**0.25, rel=1e-9)
+    assert (lo, hi) == pytest.approx((pred, pred), rel=1e-9)
+    y = 2.0 * n**0.25 * np.array([1.0, 1.1, 0.95, 1.02])
+    pred, lo, hi = predict_with_interval(n, y, 1e9, n_boot=200)
+    assert pred == pytest.approx(float(fit_power_law(n, y, n_boot=0).predict(1e9)), rel=1e-12)
+    assert lo < pred < hi

@@ -414,3 +414,58 @@ def test_ap_table_marks_classes_without_ground_truth_and_averages_those_with(tmp
     assert metrics_main([str(dets), str(labels), "--classes", "car,ship", "--json", str(out)]) == 0
     assert "| mAP over classes with GT | 100.00 | | |" in capsys.readouterr().out
     assert json.loads(out.read_text())["mAP_with_gt"] == pytest.approx(1.0)
+
+
+def test_seg_metric_recall_and_mean_accuracy_hand_computed():
+    """compute() also returns per-class recall (pixel accuracy of each class) and their mean, mAcc:
+    target 0 0 1 1 2 | pred 0 1 1 1 0 -> recall 1/2, 2/2, 0/1, NaN (class 3 absent) -> mAcc 1/2."""
+    m = SegMetric(num_classes=4, ignore_index=255)
+    m.update(torch.tensor([[0, 1, 1, 1, 0, 2]]), torch.tensor([[0, 0, 1, 1, 2, 255]]))
+    r = m.compute()
+    torch.testing.assert_close(r["recall"][:3], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    assert math.isnan(r["recall"][3])
+    assert r["mAcc"] == pytest.approx(0.5)
+    torch.testing.assert_close(r["precision"][:2], torch.tensor([0.5, 2 / 3], dtype=torch.float64))
+
+
+def test_dota_means_without_ground_truth_are_nan():
+    """With no class that has ground truth, the mean over classes with GT is NaN (null in the JSON), while
+    DOTA's official mAP scores the listed classes 0; mmrotate's mean and an empty class list are NaN."""
+    gt = {"img": [DotaObject(tuple(_rect(0, 0, 10, 10)), "car")]}
+    dets = {"ship": [("img", 0.9, _rect(0, 0, 10, 10))]}
+    r = evaluate_dota(dets, gt, classes=["ship"])
+    assert r["mAP"] == 0.0 and math.isnan(r["mAP_with_gt"])
+    mm = evaluate_dota(dets, gt, classes=["ship"], mode="mmrotate")
+    assert math.isnan(mm["mAP"]) and math.isnan(mm["mAP_with_gt"])
+    empty = evaluate_dota(dets, gt, classes=[])
+    assert empty["classes"] == {} and math.isnan(empty["mAP"]) and math.isnan(empty["mAP_with_gt"])
+
+
+def test_metrics_command_line_tie_order(tmp_path, capsys):
+    """--tie-order reaches the evaluator. One car; submission order: two misses at 0.5, the hit and a
+    miss at 0.9. A stable sort ranks the hit first (AP 1); the devkit's np.argsort(-score) puts it at
+    rank k among the equal scores, and with one object the VOC07 AP is then 1/k."""
+    from rsscale.finetune.evaluation.metrics import main
+
+    labels = tmp_path / "labelTxt"
+    labels.mkdir()
+    (labels / "img.txt").write_text(" ".join(map(str, _rect(0, 0, 10, 10))) + " car 0\n")
+    far = [_rect(100 * i, 100, 100 * i + 10, 110) for i in range(1, 4)]
+    scores = [0.5, 0.5, 0.9, 0.9]
+    write_dota_submission({"car": [("img", s, p) for s, p in zip(scores, [far[0], far[1], _rect(0, 0, 10, 10), far[2]])]},
+                          tmp_path / "dets")
+    rank = int(np.nonzero(np.argsort(-np.array(scores)) == 2)[0][0]) + 1
+    assert rank > 1  # numpy's default sort reorders the tied 0.9s (else this case could not tell the orders apart)
+    args = [str(tmp_path / "dets"), str(labels)]
+    assert main(args) == 0 and f"| car | {100 / rank:.2f} | 1 | 4 |" in capsys.readouterr().out
+    assert main(args + ["--tie-order", "devkit"]) == 0 and f"| car | {100 / rank:.2f} | 1 | 4 |" in capsys.readouterr().out
+    assert main(args + ["--tie-order", "stable"]) == 0 and "| car | 100.00 | 1 | 4 |" in capsys.readouterr().out
+
+
+def test_voc_ap_takes_recall_as_float64():
+    """Recall and precision are float64 arrays, as in the devkit: recall 0.1 held in extended precision
+    (np.longdouble 1/10, a hair below float64's 0.1) rounds to 0.1 and reaches the 0.1 threshold, so
+    thresholds 0 and 0.1 see precision 1: AP 2/11."""
+    recall = np.array([np.longdouble(1) / 10])
+    assert voc_ap(recall, np.array([1.0]), True) == pytest.approx(2 / 11, abs=1e-15)
+    assert voc_ap(recall.astype(float), np.array([1.0]), True) == pytest.approx(2 / 11, abs=1e-15)
