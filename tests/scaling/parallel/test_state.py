@@ -143,3 +143,66 @@ def test_torchrun_env_init_uses_the_timeout(fresh_world, monkeypatch):
     backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     assert backend.options._timeout == datetime.timedelta(seconds=7.5)
     assert (state.tp_size(), state.pp_size(), state.dp_size()) == (1, 1, 1)
+
+
+def test_implicit_world_gets_the_ten_minute_default_timeout(fresh_world):
+    state.ensure_initialized()  # no --timeout anywhere: init_parallel's default, 600 s
+    backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    assert backend.options._timeout == datetime.timedelta(seconds=600)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_torchrun_on_cuda_binds_the_local_rank_gpu(fresh_world, monkeypatch):
+    devices = []
+
+    def set_device(device):
+        devices.append(device)
+        raise _Stop  # before nccl: this machine may have no GPU
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(_Stop):
+        state.init_parallel()
+    assert devices == [3]
+
+
+def test_rendezvous_text_of_env_init(monkeypatch):
+    from rsscale.scaling.runtime.launch import RENDEZVOUS
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(RENDEZVOUS, raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert state._rendezvous_text() == "?:? (env://)"  # a harness that set neither: unknown, not invented
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert state._rendezvous_text() == "10.0.0.7:29500 (env://)"
+
+
+def test_heartbeat_messages_without_processes(monkeypatch):
+    """unresponsive_ranks on gloo's own monitored_barrier outcomes, faked in one process: every rank
+    arrived; ranks 1 and 3 did not (the text of ProcessGroupGloo::monitoredBarrier with
+    wait_all_ranks=True); a non-zero rank whose barrier with rank 0 broke."""
+    calls, outcome = [], []
+
+    def monitored_barrier(**kw):
+        calls.append(kw)
+        if outcome:
+            raise RuntimeError(outcome[0])
+
+    monkeypatch.setattr(state, "_HEARTBEAT", "heartbeat group")
+    monkeypatch.setattr(state.dist, "monitored_barrier", monitored_barrier)
+    assert state.unresponsive_ranks(2.0) == "every rank answered a heartbeat afterwards (the stall was transient or inside one group)"
+    assert calls == [{"group": "heartbeat group", "timeout": datetime.timedelta(seconds=2), "wait_all_ranks": True}]
+    outcome.append("[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 1500 ms")
+    assert state.unresponsive_ranks(1.5) == "rank(s) 1, 3 stopped responding (no heartbeat within 1.5 s)"
+    outcome[0] = "[Rank 0]: Rank 2 failed to pass monitoredBarrier in 1500 ms\n Original exception: \n[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+    assert state.unresponsive_ranks(1.5) == "rank(s) 2 stopped responding (no heartbeat within 1.5 s)"
+    outcome[0] = "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242\nmore"
+    assert state.unresponsive_ranks(1.5) == ("rank 0 did not confirm the heartbeat; see rank 0's message for the rank that stopped responding "
+                                             "([../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242)")
