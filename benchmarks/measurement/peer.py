@@ -12,12 +12,14 @@ for free:
     TP + SP (dp 1)            the same with SequenceParallel LayerNorms, the residual stream sharded
                               over tokens between the blocks (PrepareModuleInput/Output at the ends)
     FSDP                      FSDP2 fully_shard on every block and the root
-    PP (tp 1, dp 1)           torch.distributed.pipelining: PipelineStage per chunk (the same blocks
-                              as ours), Schedule1F1B, or ScheduleInterleaved1F1B with --vpp
+    PP (tp 1)                 torch.distributed.pipelining: PipelineStage per chunk (the same blocks
+                              as ours), Schedule1F1B, or ScheduleInterleaved1F1B with --vpp; with DP
+                              each chunk under FSDP2's replicate over its DP group, with --fsdp
+                              under fully_shard
     TP x DP                   DTensor TP (and SP) over the mesh's tp dimension, replicated over its dp
                               dimension by FSDP2's `replicate` (DDP takes no DTensor parameters), or
                               sharded over it by `fully_shard` with --fsdp: torch's 2-D recipe
-    PP x (TP, DP), TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
+    PP x TP, PP x ZeRO-1, TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
 
 The peer's parameter names equal ours at TP=1, so it loads our full weights (gathered once at
 start: the bench models fit one process; under PP each stage loads its own). Under TP the qkv
@@ -172,8 +174,10 @@ def why_no_peer(layout, data_parallel) -> str | None:
     L, fsdp = layout, data_parallel.fsdp
     if L.tp > 1 and L.dp > 1 and data_parallel.distributed_optimizer:
         return "TP x DP with ZeRO-1 has none here (torch's ZeroRedundancyOptimizer takes no DTensor parameters)"
-    if L.pp > 1 and (L.tp > 1 or L.dp > 1 or fsdp):
-        return "a pipeline is compared alone (TP 1, DP 1, no FSDP)"
+    if L.pp > 1 and L.tp > 1:
+        return "a pipeline with TP has none here (it is compared with TP 1: alone, or with DP or FSDP)"
+    if L.pp > 1 and data_parallel.distributed_optimizer:
+        return "a pipeline with ZeRO-1 has none here (it is compared with DDP or FSDP over its DP groups)"
     if L.pp > 1 and L.num_micro < L.pp:
         return f"torch.distributed.pipelining's 1F1B needs at least as many micro-batches as stages ({L.num_micro} < {L.pp}); lower --micro-batch"
     return None
@@ -185,7 +189,8 @@ def native_kind(layout, data_parallel) -> str:
     if why:
         raise ValueError(f"no PyTorch-native peer for {L}: {why}")
     if L.pp > 1:
-        return "pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b"
+        over_dp = "+fsdp2" if data_parallel.fsdp else "+replicate" if L.dp > 1 else ""
+        return ("pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b") + over_dp
     if L.tp > 1 and L.dp > 1:
         return ("dtensor-tp-sp" if L.sp else "dtensor-tp") + ("+fsdp2" if data_parallel.fsdp else "+replicate")
     if data_parallel.fsdp:
@@ -284,13 +289,33 @@ class NativePeer:
         chunks, stages = [], []
         for j in range(L.vpp):
             v = j * L.pp + rank
-            chunk = pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device)
+            chunk = self._over_dp(pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device), L)
             chunks.append(chunk)
             stages.append(PipelineStage(chunk, v, n, tr.device, group=tr.state.pp_group()))
         loss = lambda out, imgs: mae_loss(out, imgs, cfg)  # noqa: E731 (the schedule's loss_fn; it averages over micro-batches)
         self.schedule = (Schedule1F1B(stages[0], L.num_micro, loss_fn=loss) if L.vpp == 1
                          else ScheduleInterleaved1F1B(stages, L.num_micro, loss_fn=loss))
         return chunks
+
+    def _over_dp(self, chunk, L):
+        """A pipeline chunk replicated over its DP group by FSDP2's `replicate`, or sharded over it by
+        `fully_shard` (torchtitan's PP x DP): PipelineStage syncs their gradients on the last
+        micro-batch only. (DDP there fails an internal assert of its reducer: rebuilt bucket indices
+        twice the parameters after the first accumulated step.)"""
+        if not self.kind.endswith(("+replicate", "+fsdp2")):
+            return chunk
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(self.trainer.state.dp_group(), self.trainer.device.type)
+        if self.kind.endswith("+replicate"):
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+
+            return replicate(chunk, mesh=mesh)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(chunk.blocks.values()) + list(chunk.decoder_blocks or []):
+            fully_shard(block, mesh=mesh)
+        return fully_shard(chunk, mesh=mesh)
 
     def _parallelize(self, model, L):
         if self.kind == "ddp":
