@@ -317,3 +317,28 @@ def test_loss_scaler_skips_overflow_and_halves():
     g = torch.tensor([8.0])
     assert scaler.unscale_and_check(g) and g.item() == 2.0
     assert scaler.unscale_and_check(torch.tensor([1.0])) and scaler.scale == 8.0
+
+
+def test_gradient_buffer_is_fp32_whatever_torch_default_dtype_is():
+    """The fp32 gradient and master buffers do not follow torch's default dtype (a float64 default,
+    as set for reference checks, would otherwise double the gradient memory and change the sums)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = FlatAdamW([("w", torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float32)))])
+    finally:
+        torch.set_default_dtype(previous)
+    assert opt.grad.dtype == torch.float32 and opt.flat.dtype == torch.float32
+
+
+def test_more_gradients_than_announced_micro_batches_is_one_named_error():
+    """A parameter that receives a gradient after its micro-batches are all in (its bucket may be
+    reduced already) fails naming the parameter, the count announced, and the way out."""
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    opt = FlatAdamW([("block.w", w)])
+    opt.zero_grad(micro_batches=1)
+    (w * 2).sum().backward()
+    with pytest.raises(RuntimeError) as err:
+        (w * 3).sum().backward()
+    msg = str(err.value)
+    assert "block.w" in msg and "than the 1 micro-batches announced" in msg and "--no-overlap-grad-reduce" in msg and "\n" not in msg
