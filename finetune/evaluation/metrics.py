@@ -33,7 +33,7 @@ import torch
 
 from rsscale.finetune.data import dota_io
 from rsscale.finetune.data.dota_io import read_dota_labels, read_dota_submission
-from rsscale.finetune.rotated import poly_iou_aligned, poly_to_obb, rotated_iou_aligned
+from rsscale.finetune.rotated import obb_to_poly, poly_iou_aligned, poly_to_obb, rotated_iou_aligned
 
 MODES = ("dota", "mmrotate")
 TIE_ORDERS = ("devkit", "stable")
@@ -148,7 +148,14 @@ def _evaluate_class(dets, ground_truth, cls, iou_thr, use_07_metric, mode, ignor
 
 def _ious_by_image(dets, gts, mode) -> list[np.ndarray]:
     """IoU of each (score-sorted) detection with every object of its image. The candidate pairs
-    of all images (same image, overlapping enclosing boxes) go through one batched IoU call."""
+    of all images (same image, overlapping enclosing boxes of the shapes the IoU is taken of: the
+    polygons, or under mmrotate their minimum-area rectangles, which can reach past a polygon's
+    own box) go through one batched IoU call."""
+    def extent(polys: np.ndarray) -> np.ndarray:  # [n, 4, 2] corners whose min/max enclose the scored shape
+        if mode != "dota" and len(polys):
+            polys = obb_to_poly(poly_to_obb(torch.from_numpy(polys.reshape(-1, 8)))).numpy()
+        return polys.reshape(-1, 4, 2)
+
     by_image: dict[str, list[int]] = {}
     for k, (img, _, _) in enumerate(dets):
         by_image.setdefault(img, []).append(k)
@@ -157,9 +164,9 @@ def _ious_by_image(dets, gts, mode) -> list[np.ndarray]:
     pair_d, pair_g, blocks = [], [], []
     for img, ks in by_image.items():
         g = gts[img][0]
-        d = det_polys[ks].reshape(-1, 4, 2)
+        d, e = extent(det_polys[ks]), extent(g)
         lo_d, hi_d = d.min(1), d.max(1)
-        lo_g, hi_g = g.reshape(-1, 4, 2).min(1), g.reshape(-1, 4, 2).max(1)
+        lo_g, hi_g = e.min(1), e.max(1)
         overlap = ((lo_d[:, None] <= hi_g[None]) & (lo_g[None] <= hi_d[:, None])).all(-1)  # [len(ks), len(g)]
         a, b = np.nonzero(overlap)
         pair_d.append(np.asarray(ks)[a])

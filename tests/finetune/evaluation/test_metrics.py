@@ -469,3 +469,82 @@ def test_voc_ap_takes_recall_as_float64():
     recall = np.array([np.longdouble(1) / 10])
     assert voc_ap(recall, np.array([1.0]), True) == pytest.approx(2 / 11, abs=1e-15)
     assert voc_ap(recall.astype(float), np.array([1.0]), True) == pytest.approx(2 / 11, abs=1e-15)
+
+
+def test_seg_metric_table_is_the_markdown_of_the_scores():
+    """table(): a Markdown table with a right-aligned IoU/F1 header, one row per class in percent
+    (NaN for a class that never occurs), the means in bold, then the overall accuracy."""
+    m = SegMetric(num_classes=4, ignore_index=255)
+    m.update(torch.tensor([[0, 1, 1, 1, 0, 2]]), torch.tensor([[0, 0, 1, 1, 2, 255]]))  # as in the hand-computed test
+    assert m.table() == "\n".join([
+        "| class | IoU | F1 |",
+        "|---|---:|---:|",
+        "| 0 | 33.33 | 50.00 |",
+        "| 1 | 66.67 | 80.00 |",
+        "| 2 | 0.00 | 0.00 |",
+        "| 3 | nan | nan |",
+        "| **mean** | **33.33** | **43.33** |",
+        "",
+        "OA 60.00",
+    ])
+
+
+def test_integer_corners_score_as_the_same_float_corners():
+    """Detections whose corners are Python ints (a hand-made or converted submission) are scored in
+    float64 like float corners: IoU 70/100 is exactly 0.7, so it matches mmrotate's IoU >= 0.7, and both
+    modes give the same result for ints and floats."""
+    gt = {"img": [DotaObject(tuple(map(float, _rect(0, 0, 10, 10))), "car")]}
+    ints, floats = _rect(0, 0, 10, 7), [float(v) for v in _rect(0, 0, 10, 7)]
+    assert all(type(v) is int for v in ints)
+    for mode in ("dota", "mmrotate"):
+        for thr in (0.5, 0.7):
+            r_int = evaluate_dota({"car": [("img", 0.9, ints)]}, gt, iou_thr=thr, mode=mode)
+            r_float = evaluate_dota({"car": [("img", 0.9, floats)]}, gt, iou_thr=thr, mode=mode)
+            assert r_int == r_float, (mode, thr)
+    mm = evaluate_dota({"car": [("img", 0.9, ints)]}, gt, iou_thr=0.7, mode="mmrotate")["classes"]["car"]
+    assert (mm["tp"], mm["fp"]) == (1, 0)
+
+
+def test_mmrotate_iou_counts_rectangles_reaching_past_the_polygons_bounding_box():
+    """mmrotate's IoU is that of the minimum-area rectangles, which can reach beyond a polygon's own
+    axis-aligned box: a thin 45-degree parallelogram's rectangle reaches y = -0.5, so a unit square just
+    below it, whose box only touches the parallelogram's at y = 0, overlaps it with IoU 0.25 / 11.25 = 1/45
+    (shapely: minimum_rotated_rectangle); so does the mirror case, a square above touching at y = 10.
+    DOTA's polygon IoU of the same pairs is 0."""
+    gt = {"img": [DotaObject((0.0, 0.0, 1.0, 0.0, 11.0, 10.0, 10.0, 10.0), "car")]}
+    for square in (_rect(0, -1, 1, 0), _rect(10, 10, 11, 11)):
+        dets = {"car": [("img", 0.9, square)]}
+        for thr, tp in ((0.02, 1), (0.025, 0)):  # 1/45 = 0.0222
+            r = evaluate_dota(dets, gt, iou_thr=thr, mode="mmrotate")["classes"]["car"]
+            assert (r["tp"], r["fp"]) == (tp, 1 - tp), (square, thr)
+        assert evaluate_dota(dets, gt, iou_thr=0.0001)["classes"]["car"]["tp"] == 0
+
+
+def test_dota_scoring_raises_no_warnings():
+    """Scoring is warning-free (numpy deprecations included, which later numpy versions turn into
+    errors), e.g. every epsilon is float64's, asked for by that dtype."""
+    import warnings
+
+    gt = {"img": [DotaObject(tuple(map(float, _rect(0, 0, 10, 10))), "car")]}
+    dets = {"car": [("img", 0.9, _rect(0, 0, 10, 7)), ("img", 0.8, _rect(50, 50, 60, 60))]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode in ("dota", "mmrotate"):
+            r = evaluate_dota(dets, gt, mode=mode)["classes"]["car"]
+            assert (r["tp"], r["fp"], r["precision"]) == (1, 1, 0.5)
+
+
+def test_mmrotate_pairs_a_detection_with_a_quad_whose_rectangle_reaches_it():
+    """mmrotate scores the minimum-area rectangles of the quads, which can reach past a quad's own
+    bounding box: a detection there is paired and scored like rotated_iou_aligned scores it, not
+    dropped by the candidate filter (DOTA's polygon IoU of the same pair is 0)."""
+    from rsscale.finetune.evaluation.metrics import _ious_by_image
+    from rsscale.finetune.rotated import poly_to_obb, rotated_iou_aligned
+
+    gt = np.array([[0, 0, 1, 0, 11, 10, 10, 10]], dtype=np.float64)  # a thin parallelogram
+    det = _rect(0, -1.2, 1, -0.2)  # below its bounding box, inside its rectangle's reach
+    expected = float(rotated_iou_aligned(poly_to_obb(torch.tensor([det], dtype=torch.float64)), poly_to_obb(torch.from_numpy(gt)))[0])
+    assert expected > 0.005
+    [mm] = _ious_by_image([("img", 0.9, det)], {"img": (gt,)}, "mmrotate")
+    [dota] = _ious_by_image([("img", 0.9, det)], {"img": (gt,)}, "dota")
+    assert mm[0] == pytest.approx(expected, rel=1e-9) and dota[0] == 0

@@ -163,6 +163,10 @@ def test_clear_errors():
     stage = MaskedAutoencoder(cfg, pre_process=False, layer_range=(2, 4))
     with pytest.raises(ValueError, match="needs the previous stage's hidden states"):
         stage.forward_stage(None, torch.randn(1, 3, 64, 64), torch.rand(1, 64))
+    for fn in (lambda: model.forward_stage(None, torch.randn(1, 1, 4, 4), None),  # first stage, no noise
+               lambda: stage.forward_stage(torch.randn(1, 17, cfg.width), None, torch.rand(1, 64))):  # last, no imgs
+        with pytest.raises(ValueError, match="^the first and last pipeline stages need imgs and noise$"):
+            fn()
 
 
 def test_recompute_flops_match_a_flop_counter():
@@ -369,3 +373,60 @@ def test_interleaved_chunks_run_only_their_blocks():
     assert torch.equal(mask, ref_mask)
     torch.testing.assert_close(pred, ref_pred, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+
+
+def test_forward_encoder_then_decoder_and_loss_is_forward():
+    """forward_encoder(imgs, noise) -> (latent of cls + the visible patches [B, 1+V, D], mask,
+    ids_restore as mask_from_noise gives them); feeding it to forward_decoder and forward_loss
+    reproduces forward(imgs, noise=noise) (what held-out scoring and conversion checks rely on)."""
+    cfg = MICRO.replace(img_size=8, depth=2)
+    model = MaskedAutoencoder(cfg, seed=2).double()
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.rand(3, cfg.num_patches, generator=gen)
+    with torch.no_grad():
+        latent, mask, restore = model.forward_encoder(imgs, noise)
+        _, want_mask, want_restore = mask_from_noise(noise, cfg.num_visible)
+        assert latent.shape == (3, 1 + cfg.num_visible, cfg.width)
+        assert torch.equal(mask, want_mask) and torch.equal(restore, want_restore)
+        pred = model.forward_decoder(latent, restore)
+        loss, ref_pred, ref_mask = model(imgs, noise=noise)
+        torch.testing.assert_close(pred, ref_pred, rtol=0, atol=1e-12)
+        torch.testing.assert_close(model.forward_loss(imgs, pred, mask), loss, rtol=0, atol=1e-12)
+    assert torch.equal(mask, ref_mask)
+
+
+def test_supervised_loss_is_cross_entropy_on_image_labels():
+    """Supervised (dec_depth 0, mask ratio 0): logits are the head on the normed cls token, the
+    loss is the mean cross-entropy against floor(1000 * pixel mean) mod classes (by hand), and
+    the mask is all zeros."""
+    cfg = MICRO.replace(dec_depth=0, mask_ratio=0.0, num_classes=7)
+    model = MaskedAutoencoder(cfg, seed=1).double()
+    imgs = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.rand(4, cfg.num_patches)
+    with torch.no_grad():
+        loss, logits, mask = model(imgs, noise=noise)
+        torch.testing.assert_close(logits, model.head(model.forward_encoder(imgs, noise)[0][:, 0]), rtol=0, atol=1e-12)
+    labels = [int(np.floor(im.mean() * 1000)) % 7 for im in imgs.numpy()]
+    assert len(set(labels)) > 1
+    z = logits.numpy()
+    want = np.mean([np.log(np.exp(z[b]).sum()) - z[b, labels[b]] for b in range(4)])
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert mask.shape == (4, cfg.num_patches) and not mask.any()
+
+
+def test_sequence_parallel_hidden_shape_is_a_rank_chunk():
+    """Under SP a stage sends its chunk of the 1+V tokens, zero-padded to a multiple of TP:
+    ceil((1+V) / TP) of them; at TP=1 that is what the first stage really returns."""
+    cfg = get_preset("tiny")  # 16 visible + cls = 17 tokens
+    first = MaskedAutoencoder(cfg, sequence_parallel=True, post_process=False, layer_range=(0, 1))
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, cfg.num_patches)
+    with torch.no_grad():
+        hidden = first.forward_stage(None, imgs, noise)
+    assert hidden.shape == first.hidden_shape(2) == (2, 17, cfg.width)
+    for tp, n in [(2, 9), (4, 5)]:  # no blocks: builds without a TP group
+        stage = MaskedAutoencoder(cfg, sequence_parallel=True, pre_process=False, post_process=False,
+                                  layer_range=(0, 0), config=SimpleNamespace(tensor_model_parallel_size=tp))
+        assert stage.hidden_shape(3) == (3, n, cfg.width)
+        assert MaskedAutoencoder(cfg, pre_process=False, post_process=False, layer_range=(0, 0),
+                                 config=SimpleNamespace(tensor_model_parallel_size=tp)).hidden_shape(3) == (3, 17, cfg.width)

@@ -383,3 +383,75 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path):
     assert db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == before
     db.close()
     assert ResultsStore(path, readonly=True).runs()["status"].tolist() == ["aborted"]
+
+
+def test_runs_without_sp_keep_it_missing_not_false(tmp_path):
+    """A run started without a layout (or without sp in it) has no sp: it reads back as None,
+    neither False nor True, while sp=True/False round-trip as bools (runs and metrics alike)."""
+    store = ResultsStore(tmp_path / "r.db")
+    for layout in (dict(tp=1, sp=True), dict(tp=1, sp=False), dict(tp=1), None):
+        store.start_run("bench", layout=layout).log("x", 1.0)
+    assert store.runs()["sp"].tolist() == [True, False, None, None]
+    assert store.metrics(name="x")["sp"].tolist() == [True, False, None, None]
+    only_missing = ResultsStore(tmp_path / "other.db")
+    only_missing.start_run("bench")
+    assert only_missing.runs()["sp"].tolist() == [None]
+
+
+def test_environment_takes_device_and_count_from_cuda_and_the_process_group(tmp_path, monkeypatch):
+    """With CUDA up, the device is the GPU's name (not the CPU's); with a process group, the count is
+    its world size (not $WORLD_SIZE); a run records both."""
+    from rsscale.scaling.runtime import store as S
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake H100 80GB")
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 8)
+    env = S.environment()
+    assert (env["device"], env["device_count"]) == ("Fake H100 80GB", 8)
+    store = ResultsStore(tmp_path / "r.db")
+    store.start_run("bench")
+    r = store.runs().iloc[0]
+    assert (r["device"], r["device_count"]) == ("Fake H100 80GB", 8)
+
+
+def test_readonly_store_on_a_writable_folder_sees_rows_written_after_it_opened(tmp_path):
+    """Only read-only media make a read-only store immutable: on a writable folder it reads through
+    the WAL, so rows another process commits later (WAL not yet checkpointed: that process still
+    has the file open) show up in the next read."""
+    import sqlite3
+
+    path = str(tmp_path / "r.db")
+    writer = ResultsStore(path)
+    writer.start_run("bench", preset="early")
+    reader = ResultsStore(path, readonly=True)
+    assert reader.runs()["preset"].tolist() == ["early"]
+    holder = sqlite3.connect(path)  # another process with the file open: no checkpoint on close
+    try:
+        holder.execute("SELECT count(*) FROM runs").fetchall()
+        writer.start_run("bench", preset="late")
+        assert os.path.getsize(path + "-wal") > 0
+        assert reader.runs()["preset"].tolist() == ["early", "late"]
+    finally:
+        holder.close()
+
+
+def test_run_update_stores_config_as_key_sorted_json(tmp_path):
+    """A config set by Run.update is stored as the same key-sorted JSON text start_run writes, so equal
+    configs are equal text in the file (what SQL comparisons and grouping see)."""
+    import json
+    import sqlite3
+
+    store = ResultsStore(tmp_path / "r.db")
+    first = store.start_run("bench", config={"b": 1, "a": {"d": 2, "c": 3}})
+    second = store.start_run("bench")
+    second.update(config={"b": 1, "a": {"d": 2, "c": 3}})
+    db = sqlite3.connect(store.path)
+    try:
+        texts = [t for (t,) in db.execute("SELECT config FROM runs ORDER BY id")]
+    finally:
+        db.close()
+    assert texts == ['{"a": {"c": 3, "d": 2}, "b": 1}'] * 2
+    assert texts[0] == json.dumps({"a": {"c": 3, "d": 2}, "b": 1}, sort_keys=True) and first.id != second.id
