@@ -213,6 +213,15 @@ def test_interleaved_schedule_with_loss_scale_matches_a_plain_loop():
         assert all(res[c] is None for res in results[stages:])
 
 
+def test_check_schedule_refuses_no_micro_batches():
+    from rsscale.scaling.parallel.pipeline import check_schedule
+
+    check_schedule(2, 2, 2)  # the smallest interleaved schedule is fine
+    for P, V, M in ((2, 1, 0), (2, 2, 0), (0, 1, 1), (2, 0, 2)):
+        with pytest.raises(ValueError, match=rf"^pipeline size, --vpp and the micro-batch count must be >= 1, got {P}, {V}, {M}$"):
+            check_schedule(P, V, M)
+
+
 def test_single_stage_schedule_times_only_its_compute():
     """One stage, no p2p: V=1 and M=3 runs 3 forwards and 3 backwards; with a clock that advances
     by 1 per call, the compute time is exactly one unit per action (0.0 without a clock)."""

@@ -134,6 +134,46 @@ def test_single_process_world_logs_its_layout(fresh_world, caplog):
         state.init_parallel(timeout_s=0)
 
 
+def test_implicit_world_is_announced_at_debug_once(fresh_world, caplog):
+    caplog.set_level(logging.DEBUG, logger=state.__name__)
+    state.ensure_initialized()
+    state.ensure_initialized()  # already initialized: nothing to say
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert debug == ["init_parallel() was not called: starting a single-process world (tp=1, pp=1)"]
+
+
+def test_keep_freed_host_memory_raises_glibc_thresholds(monkeypatch):
+    """glibc's mallopt(M_MMAP_THRESHOLD=-3, 1 GiB), falling back to 32 MiB where glibc refuses
+    (returns 0), then mallopt(M_TRIM_THRESHOLD=-1, 1 GiB); no glibc: a no-op."""
+    import ctypes
+
+    calls, accept, opened = [], [], []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return accept.pop(0)
+
+    def cdll(name):
+        opened.append(name)
+        return Libc()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    accept[:] = [1, 1]
+    assert state.keep_freed_host_memory() is None
+    assert (opened, calls) == (["libc.so.6"], [(-3, 1 << 30), (-1, 1 << 30)])
+    calls.clear()
+    accept[:] = [0, 1, 1]  # an older glibc caps M_MMAP_THRESHOLD
+    state.keep_freed_host_memory()
+    assert calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, 1 << 30)]
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert state.keep_freed_host_memory() is None
+
+
 def test_torchrun_env_init_uses_the_timeout(fresh_world, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")

@@ -158,6 +158,15 @@ def test_index_that_is_not_ours_is_refused(tmp_path):
         ck._open(str(tmp_path / "r.safetensors"))
 
 
+def test_unreadable_safetensors_error_names_the_cause(tmp_path):
+    junk = tmp_path / "r.safetensors"
+    junk.write_bytes(b"\x80\x04\x95junk")
+    with pytest.raises(CheckpointError, match=r"r\.safetensors safely as safetensors \(SafetensorError: Error while deserializing header"):
+        ck._open(str(junk))
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors safely as safetensors \(FileNotFoundError: "):
+        ck._open(str(tmp_path / "missing.safetensors"))
+
+
 def test_resolve_from_a_folder_its_root_or_the_run(tmp_path):
     run = tmp_path / "run"
     root = run / "checkpoints"

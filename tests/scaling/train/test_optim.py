@@ -152,7 +152,7 @@ def _sharded_worker(rank, world, zero, bucket_mb):
 @pytest.mark.parametrize("zero,bucket_mb,state", [(True, 0.0, 2 * 5 * 4), (True, 2 * 4 / 2**20, 2 * 5 * 4), (False, 2 * 4 / 2**20, 2 * 9 * 4)],
                          ids=["zero-1-bucket", "zero-2-element-buckets", "allreduce-2-element-buckets"])
 def test_dp_step_equals_one_process_for_zero1_and_all_reduce_and_overflow_skips_everywhere(zero, bucket_mb, state):
-    """Two ranks with different gradients: ZeRO-1 (reduce-scatter per bucket, all-gather of the
+    """Two ranks with different gradients: ZeRO-1 (on gloo, all-reduce per bucket and keep the chunk; the reduce-scatter path has its own test below, all-gather of the
     weights) and the all-reduce path, with one bucket or 2-element buckets (smaller than either
     parameter), equal AdamW on the mean gradient; the grad norm is the mean gradient's."""
     results = run_distributed(_sharded_worker, 2, zero, bucket_mb)
@@ -173,6 +173,83 @@ def test_dp_step_equals_one_process_for_zero1_and_all_reduce_and_overflow_skips_
             full[a:b] = torch.from_numpy(t).double()
     torch.testing.assert_close(full.view_as(m[0]), m[0], rtol=1e-5, atol=1e-7)
     assert results[0]["clipped"].tolist() == pytest.approx([3 * 0.5 / (13 + 1e-6), 12 * 0.5 / (13 + 1e-6)])
+
+
+class _ReportsNccl:
+    """torch.distributed as optim.py sees it, but naming every group's backend "nccl": FlatAdamW then
+    takes its ZeRO-1 reduce-scatter path (which gloo runs too) instead of gloo's all-reduce."""
+
+    def __getattr__(self, name):
+        import torch.distributed as dist
+
+        return getattr(dist, name)
+
+    @staticmethod
+    def get_backend(group=None):
+        return "nccl"
+
+
+def _reduce_scatter_worker(rank, world):
+    import torch.distributed as dist
+
+    import rsscale.scaling.train.optim as optim
+
+    real, calls = optim.reduce_scatter_tensor, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    optim.dist, optim.reduce_scatter_tensor = _ReportsNccl(), counting
+    try:
+        out = {}
+        for overlap in (False, True):
+            named = _named()
+            opt = FlatAdamW(named, shards=world, shard_rank=rank, group=dist.group.WORLD, dp_size=world, bucket_mb=2 * 4 / 2**20,
+                            overlap=overlap)
+            opt.zero_grad()
+            _backward(named, [g + rank for g in _grads()])
+            opt.finish_grad_sync()
+            out[overlap] = {"chunks": [(b.own_lo, b.own_hi, opt.grad[b.own_lo : b.own_hi].numpy().copy()) for b in opt.buckets],
+                            "early": opt.started_in_backward}
+        return {"runs": out, "reduce_scatters": len(calls)}
+    finally:
+        optim.dist, optim.reduce_scatter_tensor = dist, real
+
+
+def test_zero1_reduce_scatter_path_leaves_each_rank_the_dp_mean_of_its_chunks():
+    """The non-gloo ZeRO-1 path (each bucket reduce-scattered into this rank's chunk), forced on 2
+    gloo ranks: with overlap off and on, every rank's chunk of every 2-element bucket holds the
+    mean of the ranks' gradients, and the chunks of the two ranks tile the padded buffer."""
+    results = run_distributed(_reduce_scatter_worker, 2)
+    bias, weight = [g + 0.5 for g in _grads()][::-1]  # the mean of g and g + 1; flat order is a.bias then a.weight
+    want = torch.cat([bias.reshape(-1), weight.reshape(-1), torch.zeros(1)])  # 9 elements padded to 10
+    for rank, r in enumerate(results):
+        assert r["reduce_scatters"] == 2 * 5, rank  # one per bucket, both runs: the reduce-scatter path was taken
+        for overlap, run in r["runs"].items():
+            assert run["early"] == (5 if overlap else 0), (rank, overlap)
+            assert [(lo, hi) for lo, hi, _ in run["chunks"]] == [(2 * k + rank, 2 * k + rank + 1) for k in range(5)]
+            for lo, hi, got in run["chunks"]:
+                torch.testing.assert_close(torch.from_numpy(got), want[lo:hi], rtol=1e-6, atol=1e-6)
+
+
+def test_flat_adamw_clip_scales_its_flat_gradient_to_max_norm():
+    """FlatAdamW.clip_grad_norm_ on one process: returns the norm before clipping (hand value 13)
+    and scales the whole flat gradient, seen through each parameter's .grad, by max_norm / norm."""
+    named = _named()
+    opt = FlatAdamW(named)
+    weight, bias = torch.zeros(3, 2), torch.tensor([0.0, 4.0, 0.0])
+    weight[0, 0], weight[2, 1] = 3.0, 12.0  # sqrt(3^2 + 12^2 + 4^2) = 13
+    opt.zero_grad()
+    _backward(named, [weight, bias])
+    opt.finish_grad_sync()
+    assert opt.clip_grad_norm_(2.0) == pytest.approx(13.0)
+    coef = 2.0 / (13.0 + 1e-6)
+    torch.testing.assert_close(named[0][1].grad, weight * coef)
+    torch.testing.assert_close(named[1][1].grad, bias * coef)
+    assert float(opt.grad.norm()) == pytest.approx(2.0, rel=1e-5)
+    assert opt.clip_grad_norm_(5.0) == pytest.approx(2.0, rel=1e-5)  # below the limit: left as it is
+    torch.testing.assert_close(named[0][1].grad, weight * coef)
 
 
 def _clip(g, counted=None, max_norm=1.0):
