@@ -370,7 +370,8 @@ def test_metrics_command_line_threshold_and_help(tmp_path, capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for phrase in ("score a DOTA Task1 submission", "folder of Task1_<class>.txt files", "DOTA labelTxt folder",
-                   "class list averaged in the mAP", "also write the full result to this file"):
+                   "class list averaged in the mAP", "also write the full result to this file", "all-point AP instead of VOC07 11-point",
+                   "usage: python -m rsscale.finetune.evaluation.metrics"):
         assert phrase in text, phrase
 
 
@@ -407,6 +408,7 @@ def test_ap_table_marks_classes_without_ground_truth_and_averages_those_with(tmp
     result = evaluate_dota(dets, labels, classes=["car", "ship"])
     assert result["mAP"] == pytest.approx(0.5) and result["mAP_with_gt"] == pytest.approx(1.0)  # the official mean is unchanged
     table = format_ap_table(result)
+    assert table.splitlines()[:2] == ["| class | AP | gt | dets |", "|---|---:|---:|---:|"]  # the header a report pastes
     assert "| car | 100.00 | 1 | 1 |" in table and "| ship (no GT) | 0.00 | 0 | 0 |" in table
     assert "| **mAP** | **50.00** | | |" in table and "| mAP over classes with GT | 100.00 | | |" in table
     assert "mAP averages 2 classes, 1 without GT scored 0" in table
