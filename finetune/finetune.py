@@ -78,11 +78,8 @@ class FinetuneConfig:
     # a leaf, not the shared DataParallel section: its --fsdp would shard a model the Finetuner never shards
     distributed_optimizer: bool = option(False, "shard the AdamW state over DP ranks (ZeRO-1)")
     crop: int = option(128, "training crop / eval window (multiple of 2 x patch)", ge=1)
-    lr: float = option(1e-3, gt=0)
+    optim: OptimConfig = section(OptimConfig, lr=1e-3, warmup=50, beta2=0.999)  # the run's warmup is capped at a fifth of it
     layer_decay: float = option(0.75, "layer-wise lr decay (1 = none)", gt=0, le=1)
-    weight_decay: float = option(0.05, ge=0)
-    warmup: int = option(50, "warmup steps (at most a fifth of the run)", ge=0)
-    clip_grad: float = option(1.0, "global gradient-norm clip over all model-parallel ranks (0: off)", ge=0)
     drop_path: float = option(0.1, ge=0, lt=1)
     drop_path_mode: str = option("sublayer", "stochastic depth per sublayer (ViTDet) or per whole block", choices=("sublayer", "block"))
     rel_pos: bool = option(True, "drop ViTDet's decomposed relative position bias from attention")
@@ -300,8 +297,7 @@ def trainer_config(options: FinetuneConfig, cfg: ViTConfig, steps: int) -> Train
     resume and store read (the task's own options stay in `options`)."""
     return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=options.parallel, steps=steps, seed=options.seed,
                        compute=Compute(precision=options.precision),
-                       optim=OptimConfig(lr=options.lr, warmup=min(options.warmup, max(steps // 5, 1)), weight_decay=options.weight_decay,
-                                         beta2=0.999, clip_grad=options.clip_grad),
+                       optim=dataclasses.replace(options.optim, warmup=min(options.optim.warmup, max(steps // 5, 1))),
                        data_parallel=DataParallel(distributed_optimizer=options.distributed_optimizer),
                        data=options.data, num_workers=0, checkpointing=options.checkpointing, recording=options.recording, timeout=options.timeout)
 
@@ -329,7 +325,7 @@ class Finetuner(Trainer):
         self.config = trainer_config(options, self.cfg, steps or options.steps or 1)
         self.state, self.memory_at_start = state, reset_peak_memory(device)
         self.normalize = Normalize(self.cfg.in_chans)
-        groups = param_groups_lrd(model, self.cfg.depth, options.weight_decay, options.layer_decay)
+        groups = param_groups_lrd(model, self.cfg.depth, options.optim.weight_decay, options.layer_decay)
         self.optimizer = self._flat_adamw(lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]})  # layer-wise lr decay
         torch.manual_seed(options.seed + 1 + state.dp_rank())  # drop-path masks: equal within a TP group
         self.results = {}

@@ -93,11 +93,11 @@ def _reference(task, data):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-    groups = param_groups_lrd(model, cfg.depth, options.weight_decay, options.layer_decay)
-    lr = lr_at(0, options.lr, 1, 1)
+    groups = param_groups_lrd(model, cfg.depth, options.optim.weight_decay, options.layer_decay)
+    lr = lr_at(0, options.optim.lr, 1, 1)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=options.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=options.optim.weight_decay)
     opt.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return dict(loss=float(loss.detach()), grad_norm=grad_norm, grads=grads, params=params, eval=evaluated)

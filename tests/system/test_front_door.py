@@ -57,7 +57,7 @@ README = (ROOT / "README.md").read_text()
 
 @pytest.mark.parametrize("argv, shown", [
     (["demo"], ["pretraining steps per model (default: 30)", f"presets to pretrain (default: {','.join(CPU_LADDER)})"]),
-    (["finetune"], ["--lr LR (default: 0.001)", "layer-wise lr decay (1 = none) (default: 0.75)"]),
+    (["finetune"], ["--lr LR peak learning rate (default: 0.001)", "--warmup WARMUP linear warmup steps, then cosine to --min-lr at the last step (default: 50)", "layer-wise lr decay (1 = none) (default: 0.75)"]),
     (["bench"], ["measured steps (default: 10)", "(fp16: CUDA only) (default: fp32)"]),
     (["kernels", "bench"], ["shape grid (default: presets)"]),
 ])
