@@ -75,8 +75,7 @@ class FinetuneConfig:
     precision: str = option("fp32", "autocast dtype (fp16 with dynamic loss scaling, CUDA only); weights and optimizer stay fp32",
                             choices=PRECISIONS)  # not the shared Compute's precision (16-bit weights there)
     activation_checkpointing: bool = option(False, "recompute each block in the backward pass")
-    # a leaf, not the shared DataParallel section: its --fsdp would shard a model the Finetuner never shards
-    distributed_optimizer: bool = option(False, "shard the AdamW state over DP ranks (ZeRO-1)")
+    data_parallel: DataParallel = section(DataParallel)  # ZeRO-1, buckets, overlap; --fsdp refused (the Finetuner does not shard)
     crop: int = option(128, "training crop / eval window (multiple of 2 x patch)", ge=1)
     optim: OptimConfig = section(OptimConfig, lr=1e-3, warmup=50, beta2=0.999)  # the run's warmup is capped at a fifth of it
     layer_decay: float = option(0.75, "layer-wise lr decay (1 = none)", gt=0, le=1)
@@ -107,6 +106,8 @@ class FinetuneConfig:
         p = self.parallel
         if p.pp != 1 or p.vpp != 1:
             raise ValueError(f"--pp {p.pp} --vpp {p.vpp}: fine-tuning runs tensor and data parallel only (use --pp 1, no --vpp)")
+        if self.data_parallel.fsdp:
+            raise ValueError("--fsdp: fine-tuning shards the optimizer state only (--distributed-optimizer), not the model")
         if self.checkpointing.resume and not self.checkpointing.out:
             raise ValueError("--resume continues the run in --out: give its --out")
 
@@ -298,7 +299,7 @@ def trainer_config(options: FinetuneConfig, cfg: ViTConfig, steps: int) -> Train
     return TrainConfig(model=cfg.name, in_chans=cfg.in_chans, parallel=options.parallel, steps=steps, seed=options.seed,
                        compute=Compute(precision=options.precision),
                        optim=dataclasses.replace(options.optim, warmup=min(options.optim.warmup, max(steps // 5, 1))),
-                       data_parallel=DataParallel(distributed_optimizer=options.distributed_optimizer),
+                       data_parallel=options.data_parallel,
                        data=options.data, num_workers=0, checkpointing=options.checkpointing, recording=options.recording, timeout=options.timeout)
 
 

@@ -115,3 +115,17 @@ def test_finetune_refuses_a_folder_of_other_data_and_writes_nothing(tmp_path, ca
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rsscale finetune: error:")]
     assert len(error) == 1 and str(folder) in error[0] and "rsscale data --out" in error[0]
     assert _listing(folder) == ["P0.jpg"]
+
+
+def test_fsdp_is_refused_and_zero1_reaches_the_trainer():
+    """The shared DataParallel section: --fsdp (sharding the model, which the Finetuner does not do)
+    is one error; ZeRO-1, buckets and overlap reach the trainer's run description as given."""
+    from rsscale.finetune.finetune import FinetuneConfig, trainer_config
+    from rsscale.scaling.spec.config import get_preset
+    from rsscale.scaling.spec.run import DataParallel
+
+    with pytest.raises(ValueError, match="--fsdp: fine-tuning shards the optimizer state only"):
+        FinetuneConfig(task="seg", dataset="synthetic", data_parallel=DataParallel(fsdp=True))
+    given = DataParallel(distributed_optimizer=True, bucket_mb=3.0, overlap_grad_reduce=False)
+    options = FinetuneConfig(task="seg", dataset="synthetic", data_parallel=given)
+    assert trainer_config(options, get_preset("tiny"), 10).data_parallel == given
