@@ -402,9 +402,7 @@ class Trainer:
     def _claim(self) -> None:
         """Collective, once: lock the run folder; refuse a fresh run over checkpoints unless --overwrite."""
         if getattr(self, "_lock", None) is None:
-            ck = self.config.checkpointing
-            if ck.keep < 0:
-                raise ValueError(f"--keep must be >= 0 (0 keeps every checkpoint), got {ck.keep}")
+            ck = self.config.checkpointing  # (--keep >= 0 is the option's own range check, made when the config is built)
             self._lock = checkpoint.claim_run_folder(ck.out, ck.resume, ck.overwrite) or False
 
     def save(self) -> str:
