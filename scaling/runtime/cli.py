@@ -64,6 +64,12 @@ def print_config(data: dict, dest: str) -> int:
     return 0
 
 
+def _action_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that take a command's options: each sub-action's (`rsscale kernels check`), or the command's own."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(subs[0].choices.values()) if subs else [parser]
+
+
 def _usage() -> str:
     lines = ["usage: rsscale <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -104,11 +110,13 @@ def _run(argv: list[str]) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"rsscale {name}", description=help_, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
-    tree = hasattr(module, "config_from_args")
-    if tree:
-        parser.add_argument("--config", help="YAML or TOML file nested like the options (as --print-config writes it); flags override it")
-        parser.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
-                            help="write the resolved options as a YAML config file that --config accepts back (to FILE, or stdout), and exit")
+    if hasattr(module, "config_from_args"):
+        for command_parser in _action_parsers(parser):
+            command_parser.add_argument("--config", help="YAML or TOML file nested like the options (as --print-config writes it); "
+                                        "flags override it")
+            command_parser.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
+                                        help="write the resolved options as a YAML config file that --config accepts back "
+                                             "(to FILE, or stdout), and exit")
     args = parser.parse_args(rest)
     args.command_argv = rest  # what a torchrun relaunch (scaling/runtime/launch.py) passes on to the ranks
     try:

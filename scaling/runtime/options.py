@@ -36,12 +36,14 @@ MISSING = dataclasses.MISSING
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: bool = True, hidden: bool = False,
-           required: bool = False, choices=None, ge=None, gt=None, le=None, lt=None):
+           required: bool = False, positional: bool = False, choices=None, ge=None, gt=None, le=None, lt=None):
     """A leaf of the tree: its default, help line, valid range or choices, and how the command line
-    names it (`flag`; `cli=False`: config file only; `hidden`: a flag left out of --help;
-    `required`: `resolve` refuses None, so the flag or the file must give it)."""
+    names it (`flag`; `positional`: a bare argument, `rsscale evaluate RUN`; `cli=False`: config file
+    only; `hidden`: a flag left out of --help; `required`: `resolve` refuses None, so the command
+    line or the file must give it)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    meta = dict(help=help, flag=flag, cli=cli, hidden=hidden, required=required, choices=tuple(choices) if choices else None, bounds=bounds)
+    meta = dict(help=help, flag=flag, cli=cli, hidden=hidden, required=required, positional=positional,
+                choices=tuple(choices) if choices else None, bounds=bounds)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -61,7 +63,14 @@ class Leaf(typing.NamedTuple):
         return self.field.metadata
 
     @property
+    def positional(self) -> bool:
+        return bool(self.meta.get("positional"))
+
+    @property
     def flag(self) -> str:
+        """`--micro-batch`; a positional's metavar, `RUN`."""
+        if self.positional:
+            return self.field.name.upper()
         if self.meta.get("flag"):
             return self.meta["flag"]
         name = self.field.name.replace("_", "-")
@@ -69,7 +78,7 @@ class Leaf(typing.NamedTuple):
 
     @property
     def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
+        return self.field.name if self.positional else self.flag[2:].replace("-", "_")
 
     @property
     def negated(self) -> bool:
@@ -77,7 +86,9 @@ class Leaf(typing.NamedTuple):
 
     def name(self) -> str:
         """How an error names this value: '--lr (config key 'optim.lr')'."""
-        return f"{self.flag} (config key {self.path!r})" if self.meta.get("cli", True) else f"config key {self.path!r}"
+        if not self.meta.get("cli", True):
+            return f"config key {self.path!r}"
+        return f"{'the argument ' if self.positional else ''}{self.flag} (config key {self.path!r})"
 
 
 def leaves(cls, prefix: str = "") -> list[Leaf]:
@@ -113,7 +124,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         help_ = argparse.SUPPRESS if leaf.meta.get("hidden") else _help(leaf, _value(defaults, leaf.path))
         kwargs = dict(dest=leaf.dest, default=argparse.SUPPRESS, help=help_)
         typ = _base(leaf.type)
-        if typ is bool:
+        if leaf.positional:  # optional on the line, so a --config file may give it instead
+            parser.add_argument(leaf.dest, nargs="?", type=typ, choices=leaf.meta.get("choices"), metavar=leaf.flag,
+                                default=argparse.SUPPRESS, help=help_)
+        elif typ is bool:
             parser.add_argument(leaf.flag, action="store_true", **kwargs)
         elif typing.get_origin(typ) is list:  # repeatable: --micro-batch 4 --micro-batch 8
             parser.add_argument(leaf.flag, type=typing.get_args(typ)[0], action="append", **kwargs)
@@ -141,7 +155,7 @@ def resolve(cls, args, adjust=None):
             given.add(leaf.path)
     for leaf in leaves(cls):
         if leaf.meta.get("required") and _get(tree, leaf.path) is None:
-            raise ValueError(f"{leaf.flag} is required (or the key {leaf.path!r} in a --config file)")
+            raise ValueError(f"{'the argument ' if leaf.positional else ''}{leaf.flag} is required (or the key {leaf.path!r} in a --config file)")
     if adjust:
         adjust(tree, given)
     return build(cls, tree)
@@ -180,20 +194,23 @@ def as_config(obj) -> dict:
 
 
 def to_argv(obj) -> list[str]:
-    """The flags that give `obj` back from the defaults (what a relaunch or a subprocess runs)."""
-    argv, defaults = [], type(obj)()
+    """The flags that give `obj` back from the defaults (what a relaunch or a subprocess runs);
+    positional values first, in field order."""
+    argv, bare, defaults = [], [], type(obj)()
     for leaf in leaves(type(obj)):
         value = _value(obj, leaf.path)
         if value == _value(defaults, leaf.path) or value is None:
             continue
         if not leaf.meta.get("cli", True):
             raise ValueError(f"{leaf.name()} = {value!r} has no command-line flag: pass it in a --config file")
-        if _base(leaf.type) is bool:
+        if leaf.positional:
+            bare.append(str(value))
+        elif _base(leaf.type) is bool:
             argv.append(leaf.flag)
         else:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 argv += [leaf.flag, str(v)]
-    return argv
+    return bare + argv
 
 
 def _value(obj, path: str):

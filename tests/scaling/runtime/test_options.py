@@ -150,3 +150,24 @@ def test_a_negated_switch_in_a_config_file_keeps_its_meaning(text, rel_pos, tmp_
 def test_a_group_size_below_two_is_refused_by_calibrate_before_measuring(capsys):
     assert main(["calibrate", "--nproc", "1"]) == 2
     assert "--nproc (config key 'nproc') must be >= 2, got 1" in capsys.readouterr().err
+
+
+@dataclass
+class WithRun:
+    run: str | None = option(None, "run folder", positional=True, required=True)
+    steps: int = option(3, "steps", ge=1)
+
+
+def test_a_positional_comes_from_the_line_or_the_file(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_options(parser, WithRun)
+    assert resolve(WithRun, parser.parse_args(["runs/a", "--steps", "4"])) == WithRun("runs/a", 4)
+    path = tmp_path / "c.yaml"
+    path.write_text("run: runs/b\n")
+    assert resolve(WithRun, parser.parse_args(["--config", str(path)])).run == "runs/b"
+    assert resolve(WithRun, parser.parse_args(["runs/c", "--config", str(path)])).run == "runs/c"  # the line wins
+    with pytest.raises(ValueError, match=r"^the argument RUN is required \(or the key 'run' in a --config file\)$"):
+        resolve(WithRun, parser.parse_args(["--steps", "2"]))
+    assert to_argv(WithRun("runs/a", 4)) == ["runs/a", "--steps", "4"]
+    assert "RUN" in parser.format_usage()
