@@ -94,6 +94,7 @@ class Plan:
     recompute: str = "none"  # none | selective (attention core) | full (whole blocks); True/False mean full/none
     distributed_optimizer: bool = False  # ZeRO-1 over DP
     fsdp: bool = False  # ZeRO-3 over DP (FSDP2, scaling/train/fsdp.py)
+    defer_fsdp_sync: bool = False  # FSDP reduce-scatters after the last micro-batch only, holding unsharded weights and grads
     flash: bool = True  # attention without materialized probabilities
     scheme: str = "rsscale"
     overlap_grad_reduce: bool = True  # DP buckets reduced during backward (scaling/train/optim.py)
@@ -105,12 +106,13 @@ class Plan:
         pretrain's, bench's); `layout` replaces its parallel section (a derived --dp)."""
         c, d = run.compute, run.data_parallel
         return cls(layout or run.parallel, precision=c.precision, recompute=c.recompute, distributed_optimizer=d.distributed_optimizer,
-                   fsdp=d.fsdp, bucket_mb=d.bucket_mb, overlap_grad_reduce=d.overlap_grad_reduce)
+                   fsdp=d.fsdp, defer_fsdp_sync=d.defer_fsdp_sync, bucket_mb=d.bucket_mb, overlap_grad_reduce=d.overlap_grad_reduce)
 
     def run_sections(self) -> dict:
         """The plan as run-description sections (parallel, compute, data_parallel): what `bench` runs."""
         return dict(parallel=self.layout, compute=Compute(precision=self.precision, recompute=self.recompute),
-                    data_parallel=DataParallel(distributed_optimizer=self.distributed_optimizer, fsdp=self.fsdp, bucket_mb=self.bucket_mb,
+                    data_parallel=DataParallel(distributed_optimizer=self.distributed_optimizer, fsdp=self.fsdp,
+                                               defer_fsdp_sync=self.defer_fsdp_sync, bucket_mb=self.bucket_mb,
                                                overlap_grad_reduce=self.overlap_grad_reduce))
 
     def __post_init__(self):
@@ -119,6 +121,8 @@ class Plan:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.fsdp and self.distributed_optimizer:
             raise ValueError("a plan shards over DP with either FSDP or ZeRO-1, not both")
+        if self.defer_fsdp_sync and not self.fsdp:
+            raise ValueError("a plan defers FSDP's sync only with fsdp")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
 
@@ -361,13 +365,16 @@ def fsdp_units(cfg: ViTConfig, tp: int, pp: int, stage: int) -> list[int]:
 def fsdp_gathered_bytes(cfg: ViTConfig, plan: Plan, stage: int) -> float:
     """What FSDP holds unsharded (fp32) at its backward peak: the root unit's weights and
     gradients (the root is not resharded between forward and backward), the running block's
-    weights and gradients and the prefetched next block's weights."""
+    weights and gradients and the prefetched next block's weights; with a deferred sync over
+    several micro-batches, every weight and gradient of the stage (an earlier backward's end)."""
     if not plan.fsdp:
         return 0.0
     L = plan.layout
     *blocks, root = fsdp_units(cfg, L.tp, L.pp, stage)
-    root_trainable = stage_params(cfg, L.tp, L.pp, stage)["trainable"] - sum(blocks)
-    return 4 * (root + root_trainable + 3 * max(blocks, default=0))
+    trainable = stage_params(cfg, L.tp, L.pp, stage)["trainable"]
+    if plan.defer_fsdp_sync and L.num_micro > 1:
+        return 4 * (sum(blocks) + root + trainable)
+    return 4 * (root + trainable - sum(blocks) + 3 * max(blocks, default=0))
 
 
 def memory_per_stage(cfg: ViTConfig, plan: Plan) -> list[dict]:

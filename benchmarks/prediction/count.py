@@ -251,7 +251,7 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
             model = build()
             frozen = [p for p in model.parameters() if not p.requires_grad]
             if plan.fsdp:
-                out = _count_fsdp(model)
+                out = _count_fsdp(model, deferred=plan.defer_fsdp_sync and L.num_micro > 1)
             else:
                 opt = FlatAdamW(model.named_parameters(), shards=L.dp if zero else 1, shard_rank=0, dp_size=L.dp,
                                 param_dtype=PARAM_DTYPES[plan.precision], bucket_mb=plan.bucket_mb)
@@ -278,10 +278,11 @@ def count_stage(cfg: ViTConfig, plan: Plan, stage: int) -> Counted:
     return out
 
 
-def _count_fsdp(model) -> Counted:
+def _count_fsdp(model, deferred: bool = False) -> Counted:
     """The trainer's FSDP allocations (scaling/train/fsdp.py) on DP rank 0 of a meta-device stage: each
     parameter's padded shard, a gradient shard per trainable one, the AdamW moments, and the
-    unsharded weights and gradients at the backward peak (the module doc of analytic.py)."""
+    unsharded weights and gradients at the backward peak (the module doc of analytic.py; `deferred`:
+    all of them, as a deferred sync holds them between micro-batches)."""
     from rsscale.scaling.train.fsdp import shard_model
 
     opt = shard_model(model)
@@ -293,8 +294,13 @@ def _count_fsdp(model) -> Counted:
     blocks = [full_bytes(b.parameters()) for b in model.transformer_blocks()]
     in_blocks = {p for b in model.transformer_blocks() for p in b.parameters()}
     root = [p for p in model.parameters() if p not in in_blocks]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if deferred:
+        gathered = full_bytes(model.parameters()) + full_bytes(trainable)
+    else:
+        gathered = full_bytes(root) + full_bytes(p for p in root if p.requires_grad) + 3 * max(blocks, default=0)
     return Counted(params=sum(shard.values()), grads=sum(n for p, n in shard.items() if p.requires_grad), optimizer=opt.state_bytes(),
-                   gathered=full_bytes(root) + full_bytes(p for p in root if p.requires_grad) + 3 * max(blocks, default=0))
+                   gathered=gathered)
 
 
 def count_plan(cfg: ViTConfig, plan: Plan) -> list[Counted]:

@@ -43,7 +43,7 @@ reduce-scatter of it; with `overlap_grad_reduce` only the last bucket or what ou
 micro-batch's backward, `exposed_reduce_s`) + the ZeRO-1 all-gather of the updated weights, + the
 step's small synchronizing all-reduces (`sync_comm_s`), + the optimizer's elementwise passes
 (about 16 fp32 values per parameter of the shard) at the LayerNorm bandwidth. Under FSDP the DP
-term is instead, per micro-batch, its all-gathers and reduce-scatters (`fsdp_micro_s`), and each
+term is instead its all-gathers and reduce-scatters over the step (`fsdp_step_s`), and each
 stage's compute carries FSDP's own work per unit (`fsdp_overhead_s`, calibrated only).
 
 What the operator sum misses on a measured device (framework dispatch and autograd bookkeeping
@@ -244,9 +244,11 @@ def dp_comm_s(plan: Plan, calib: dict, trainable: float, backward_s: float) -> f
     return reduce + gather
 
 
-def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
-    """FSDP's collectives per micro-batch on `stage`: per block an all-gather of its fp32 weights in
-    forward and again in backward and a reduce-scatter of its gradients; the root unit's once each."""
+def fsdp_step_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
+    """FSDP's collectives per step on `stage`: per micro-batch and block an all-gather of its fp32
+    weights in forward and again in backward and a reduce-scatter of its gradients, the root unit's
+    once each; with a deferred sync, per block M + 1 all-gathers (backward leaves the weights
+    gathered for the next forward) and one reduce-scatter, the root's one of each."""
     L = plan.layout
     *blocks, root = fsdp_units(cfg, L.tp, L.pp, stage)
     root_trainable = stage_params(cfg, L.tp, L.pp, stage)["trainable"] - sum(blocks)
@@ -255,8 +257,11 @@ def fsdp_micro_s(cfg: ViTConfig, plan: Plan, calib: dict, stage: int) -> float:
     def c(op, elements):
         return collective_s(calib, op, 4 * elements / L.dp, L.dp, span, L)
 
-    gather = sum(2 * c("all_gather", b) for b in blocks) + c("all_gather", root)
-    return gather + sum(c("reduce_scatter", b) for b in blocks + [root_trainable])
+    reduce = sum(c("reduce_scatter", b) for b in blocks + [root_trainable])
+    M = L.num_micro
+    if plan.defer_fsdp_sync and M > 1:
+        return (M + 1) * sum(c("all_gather", b) for b in blocks) + c("all_gather", root) + reduce
+    return M * (sum(2 * c("all_gather", b) for b in blocks) + c("all_gather", root) + reduce)
 
 
 # ------------------------------------------------------------------------------- one stage
@@ -333,7 +338,7 @@ def step_from_stages(plan: Plan, calib: dict, stages: list[dict], trainable: flo
     per = [busy * st["compute"] + st["tp_comm"] + st["pp_comm"] for st in stages]
     slow = max(range(len(stages)), key=per.__getitem__)
     st = stages[slow]
-    dp = M * fsdp_s if plan.fsdp else dp_comm_s(plan, calib, trainable, busy * st["compute"] * 2 / 3)
+    dp = fsdp_s if plan.fsdp else dp_comm_s(plan, calib, trainable, busy * st["compute"] * 2 / 3)
     shard = trainable / (L.dp if plan.distributed_optimizer or plan.fsdp else 1)
     optim = shared * 4 * 16 * shard / _rate(calib["layernorm"], (trainable // max(width, 1), width), "bytes_per_s")
     # 1F1B: the slowest stage runs every micro-batch; the others' share of one micro-batch fills and
@@ -353,7 +358,7 @@ def predict(cfg: ViTConfig, plan: Plan, calib: dict, world_cpus: int | None = No
     L = plan.layout
     stages = [stage_micro_s(cfg, plan, calib, s) for s in range(L.pp)]
     trainable = max(stage_params(cfg, L.tp, L.pp, s, L.vpp)["trainable"] for s in range(L.pp))
-    fsdp = max(fsdp_micro_s(cfg, plan, calib, s) for s in range(L.pp)) if plan.fsdp else 0.0
+    fsdp = max(fsdp_step_s(cfg, plan, calib, s) for s in range(L.pp)) if plan.fsdp else 0.0
     return step_from_stages(plan, calib, stages, trainable, cfg.width, fsdp, world_cpus)
 
 

@@ -206,13 +206,15 @@ def run_schedule(
     loss_scale: float = 1.0,
     chunks: int = 1,
     clock: Callable[[], float] | None = None,
+    before_backward: Callable[[int, int], None] | None = None,
 ) -> tuple[list[torch.Tensor], float]:
     """Run forward and backward of `num_micro` micro-batches through this rank's `chunks` chunks.
 
     `forward_step(chunk, i, x)` runs micro-batch i on this rank's chunk: x is the received
     activation (None on the first virtual stage); it returns the activation to send on, or on the
     last virtual stage the micro-batch loss, already divided by `num_micro` (the backward starts
-    from loss * loss_scale). `clock()` (e.g. synchronize, then perf_counter) times the compute.
+    from loss * loss_scale). `clock()` (e.g. synchronize, then perf_counter) times the compute;
+    `before_backward(chunk, i)` runs before each backward (the optimizer's: FSDP's deferred sync).
     Returns the last virtual stage's (detached) micro-batch losses, in micro-batch order (an
     empty list on other ranks), and the seconds spent computing (0.0 without `clock`).
 
@@ -250,6 +252,8 @@ def run_schedule(
                 return None
             return y.detach().float().contiguous()
         x, y = saved.pop(key)
+        if before_backward:
+            before_backward(a.chunk, a.micro)
         if v == last:
             torch.autograd.backward(y * loss_scale)
         else:

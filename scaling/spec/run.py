@@ -46,10 +46,15 @@ class DataParallel:
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state over DP ranks (FSDP2, ZeRO-3)")
     bucket_mb: float = option(25.0, "MiB of fp32 gradient per data-parallel reduction bucket (0: one bucket)", ge=0)
     overlap_grad_reduce: bool = option(True, "reduce the DP gradient after backward instead of bucket by bucket during it")
+    defer_fsdp_sync: bool = option(False, "with --fsdp and several micro-batches: reduce-scatter the gradients and reshard the weights "
+                                   "after the last micro-batch's backward only (torch pipelining's way: one reduce-scatter per step, "
+                                   "holding the stage's unsharded fp32 weights and gradients meanwhile; profile counts that memory)")
 
     def __post_init__(self):
         if self.fsdp and self.distributed_optimizer:
             raise ValueError("--fsdp already shards the optimizer state: drop --distributed-optimizer")
+        if self.defer_fsdp_sync and not self.fsdp:
+            raise ValueError("--defer-fsdp-sync defers FSDP's reduce-scatters: add --fsdp")
 
 
 @dataclass

@@ -16,6 +16,14 @@ Memory per trainable parameter on one rank: fp32 weights, gradients and both Ada
 divided by DP (16/d bytes), plus one block's (and the prefetched next block's) gathered weights
 and gradients at a time.
 
+Micro-batches. By default each micro-batch's backward reduce-scatters its gradients and reshards
+the weights, so M micro-batches cost M reduce-scatters and 2M all-gathers per block.
+`--defer-fsdp-sync` does what torch's PipelineStage does: the earlier backwards accumulate
+unsharded gradients and leave the weights gathered, and only the last micro-batch's backward
+reduce-scatters (one per block per step, and about M + 1 all-gathers). The price is the stage's
+unsharded fp32 weights and gradients, held from the first backward to the last (analytic.py and
+count.py count them).
+
 Optimizer: torch.optim.AdamW, fused, on the DTensor shards (parameter groups apply the repo's
 weight-decay rule, `scaling.optim.decays`; torch's default on CPU, one DTensor op per parameter and
 moment, made the one-process optimizer step of `small` 36 ms where fused takes 11), the trainer's
@@ -45,9 +53,10 @@ from rsscale.scaling.train.optim import decays
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride")
 
 
-def shard_model(model, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05) -> "ShardedAdamW":
+def shard_model(model, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, defer_sync: bool = False) -> "ShardedAdamW":
     """Shard this rank's model stage over its data-parallel group in place (one FSDP unit per
-    transformer block plus the root) and return the optimizer over the shards."""
+    transformer block plus the root) and return the optimizer over the shards (`defer_sync`:
+    --defer-fsdp-sync, the module doc)."""
     tp_attrs = {n: {a: getattr(p, a) for a in _TP_ATTRS if hasattr(p, a)} for n, p in model.named_parameters()}
     device = next(model.parameters()).device.type
     mesh = DeviceMesh.from_group(state.dp_group(), "cpu" if device == "meta" else device)  # meta: memory counting
@@ -62,7 +71,7 @@ def shard_model(model, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05) -> "Shard
     for name, p in model.named_parameters():  # megatron's TP attributes, for checkpoints and the grad norm
         for attr, value in tp_attrs[name].items():
             setattr(p, attr, value)
-    return ShardedAdamW(model.named_parameters(), mesh, betas, eps, weight_decay)
+    return ShardedAdamW(model, mesh, betas, eps, weight_decay, defer_sync)
 
 
 def _rows(p) -> tuple[int, int]:
@@ -76,8 +85,9 @@ def _rows(p) -> tuple[int, int]:
 class ShardedAdamW:
     """AdamW over FSDP2's DTensor shards with the trainer's schedule, clipping and checkpoint pieces."""
 
-    def __init__(self, named_params, mesh, betas, eps, weight_decay):
-        self.named = sorted(((n, p) for n, p in named_params if p.requires_grad), key=lambda np_: np_[0])
+    def __init__(self, model, mesh, betas, eps, weight_decay, defer_sync: bool = False):
+        self.model, self.defer_sync, self.last_micro = model, defer_sync, 0
+        self.named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda np_: np_[0])
         if not self.named:
             raise ValueError("--fsdp: the model stage has no trainable parameters")
         self.mesh = mesh
@@ -89,8 +99,24 @@ class ShardedAdamW:
             self.opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def zero_grad(self, micro_batches: int = 1) -> None:
-        """(micro_batches: FlatAdamW's signature; FSDP reduce-scatters each micro-batch's gradients itself.)"""
+        """Drop the gradients; FSDP reduce-scatters each micro-batch's gradients itself, or with
+        `defer_sync` only the last one's (its earlier backwards accumulate unsharded gradients and
+        leave the weights gathered)."""
         self.opt.zero_grad(set_to_none=True)
+        self.last_micro = micro_batches - 1
+        self._sync(not self.defer_sync or micro_batches == 1)
+
+    def before_backward(self, chunk: int, micro: int) -> None:
+        """The pipeline's hook before each backward: the last micro-batch's reduce-scatters and reshards
+        (its backwards run in micro-batch order; the trainer refuses --defer-fsdp-sync with --vpp > 1)."""
+        if self.defer_sync and micro == self.last_micro:
+            self._sync(True)
+
+    def _sync(self, on: bool) -> None:
+        """FSDP2's three switches, set as torch's PipelineStage sets them around its last backward."""
+        self.model.set_is_last_backward(on)
+        self.model.set_reshard_after_backward(on)
+        self.model.set_requires_gradient_sync(on)
 
     def finish_grad_sync(self) -> None:
         """Nothing to wait for: FSDP's reduce-scatters finished with backward."""

@@ -204,6 +204,9 @@ class FlatAdamW:
         else:  # (gloo's reduce-scatter is slower than its all-reduce: 12.6 vs 6.9 ms for 8 MB on 2 CPU processes)
             b.work = dist.all_reduce(g, group=self.group, async_op=True)
 
+    def before_backward(self, chunk: int, micro: int) -> None:
+        """(The pipeline's hook before each backward: the buckets count their micro-batches themselves.)"""
+
     def finish_grad_sync(self) -> None:
         """Start the buckets not started during backward, then wait for every bucket: afterwards this
         rank's chunks (all of the buffer without ZeRO-1) hold the DP-mean gradient."""

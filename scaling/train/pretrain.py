@@ -86,6 +86,8 @@ class TrainConfig:
         check(self)
         if self.data_parallel.fsdp and self.compute.precision == "fp16":
             raise ValueError("--fsdp runs fp32 or bf16: drop --precision fp16")
+        if self.data_parallel.defer_fsdp_sync and self.parallel.vpp > 1:
+            raise ValueError("--defer-fsdp-sync runs with --vpp 1 (each chunk's last backward would need its own sync)")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"--min-lr (config key 'optim.min_lr') must be <= --lr, got {self.optim.min_lr} > {self.optim.lr}")
 
@@ -174,7 +176,8 @@ class Trainer:
         if config.data_parallel.fsdp:  # ZeRO-3 with FSDP2: the model is sharded in place, the optimizer steps the shards
             from rsscale.scaling.train import fsdp
 
-            self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+            self.optimizer = fsdp.shard_model(self.model, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                                              defer_sync=config.data_parallel.defer_fsdp_sync)
         else:
             self.optimizer = self._flat_adamw(param_dtype=PARAM_DTYPES[config.compute.precision])
         self._ready()
@@ -348,7 +351,7 @@ class Trainer:
         self.optimizer.zero_grad(L.num_micro)  # DP buckets are reduced during the last micro-batch's backward
         clock = perf_clock(self._sync) if self.time_compute else None
         losses, t_compute = run_schedule(forward_step, L.num_micro, self.links, self.model.hidden_shape(L.micro_batch), self.device,
-                                         self.scaler.scale, chunks=L.vpp, clock=clock)
+                                         self.scaler.scale, chunks=L.vpp, clock=clock, before_backward=self.optimizer.before_backward)
         self._sync()
         t2 = time.perf_counter()
         self.optimizer.finish_grad_sync()

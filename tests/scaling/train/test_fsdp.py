@@ -5,6 +5,8 @@ same global batches and seed; losses and full (TP=1-named) weights equal the sin
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -105,6 +107,72 @@ def test_fsdp_with_compile_and_selective_recompute_matches_single_process(refere
     got = _merge(run_distributed(_run_layouts, 2, [spec], str(root), timeout=900))["fsdp_compiled"]
     assert got["losses"] == pytest.approx(ref["losses"][:STEPS], abs=TOL)
     _assert_same_weights(got["weights"], ref["weights"])
+
+
+def _reduce_scatters_per_step(rank, world, root):
+    """Worker: DP=2 --fsdp over 2 micro-batches, without and with --defer-fsdp-sync: FSDP2's
+    reduce-scatter calls per step (counted where it calls torch.distributed), losses, weights."""
+    import torch.distributed as dist
+
+    from rsscale.scaling.train.pretrain import Trainer
+
+    calls = []
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        def counted(*args, _call=getattr(dist, name), **kwargs):
+            calls.append(1)
+            return _call(*args, **kwargs)
+        setattr(dist, name, counted)
+    out = {}
+    for defer in (False, True):
+        trainer = Trainer.build(_config(f"{root}/defer_{defer}", dp=2, fsdp=True, defer_fsdp_sync=defer))
+        before = len(calls)
+        losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+        out[defer] = {"per_step": (len(calls) - before) / STEPS, "losses": losses,
+                      "weights": {k: v.numpy() for k, v in trainer.full_state_dict().items()}}
+    return out
+
+
+def test_a_deferred_fsdp_sync_reduce_scatters_once_per_step_and_trains_the_same(reference):
+    """--defer-fsdp-sync: the 2 micro-batches' gradients are reduce-scattered once per block per step
+    instead of once per micro-batch, and the run still equals one process."""
+    ref, root = reference
+    ranks = run_distributed(_reduce_scatters_per_step, 2, str(root), timeout=600)
+    for out in ranks:
+        assert out[False]["per_step"] > 0 and out[True]["per_step"] == out[False]["per_step"] / 2  # M = GB / (MB * DP) = 2
+        for defer in (False, True):
+            assert out[defer]["losses"] == pytest.approx(ref["losses"][:STEPS], abs=TOL)
+    weights = {k: torch.from_numpy(v) for out in ranks for k, v in out[True]["weights"].items()}
+    _assert_same_weights(weights, ref["weights"])
+
+
+def test_a_deferred_sync_is_counted_as_the_whole_stage_unsharded():
+    """count.py (FSDP2 on the meta device) and analytic agree on what a deferred sync holds: every
+    fp32 weight and gradient of the stage, unsharded; and with one micro-batch nothing is deferred."""
+    from rsscale.benchmarks.prediction.analytic import Plan, fsdp_gathered_bytes, stage_params
+    from rsscale.benchmarks.prediction.count import count_stage
+    from rsscale.scaling.spec.config import get_preset
+    from rsscale.scaling.spec.layout import Layout
+
+    cfg = get_preset("tiny")
+    for pp, stage in ((1, 0), (2, 1)):
+        layout = Layout(pp=pp, dp=2, micro_batch=2, global_batch=8)
+        deferred, plain = (Plan(layout, precision="fp32", fsdp=True, defer_fsdp_sync=d) for d in (True, False))
+        n = stage_params(cfg, 1, pp, stage)
+        assert count_stage(cfg, deferred, stage).gathered == fsdp_gathered_bytes(cfg, deferred, stage) == 4 * (2 * n["trainable"] + n["frozen"])
+        assert fsdp_gathered_bytes(cfg, plain, stage) < fsdp_gathered_bytes(cfg, deferred, stage)
+    one = Plan(Layout(dp=2, micro_batch=4, global_batch=8), precision="fp32", fsdp=True, defer_fsdp_sync=True)
+    assert count_stage(cfg, one, 0).gathered == fsdp_gathered_bytes(cfg, dataclasses.replace(one, defer_fsdp_sync=False), 0)
+
+
+def test_a_deferred_sync_needs_fsdp_and_one_chunk_per_stage():
+    from rsscale.scaling.spec.layout import Layout
+    from rsscale.scaling.spec.run import DataParallel
+    from rsscale.scaling.train.pretrain import TrainConfig
+
+    with pytest.raises(ValueError, match="--defer-fsdp-sync defers FSDP's reduce-scatters: add --fsdp"):
+        DataParallel(defer_fsdp_sync=True)
+    with pytest.raises(ValueError, match="--defer-fsdp-sync runs with --vpp 1"):
+        TrainConfig(parallel=Layout(pp=2, vpp=2), data_parallel=DataParallel(fsdp=True, defer_fsdp_sync=True))
 
 
 def test_fsdp_refuses_zero1_and_fp16():

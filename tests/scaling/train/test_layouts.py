@@ -27,7 +27,7 @@ TOL = 1e-5
 EPS = 1e-6
 
 
-def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, fsdp=False, **train):
+def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, fsdp=False, defer_fsdp_sync=False, **train):
     """The test run's TrainConfig; `train` may hold Compute's fields (precision, recompute, compile...) and TrainConfig's."""
     import dataclasses
 
@@ -35,7 +35,8 @@ def _config(out, tp=1, pp=1, dp=1, sp=False, zero=False, bucket_mb=25.0, fsdp=Fa
 
     compute = {f.name: train.pop(f.name) for f in dataclasses.fields(Compute) if f.name in train}
     return tiny_run(out, layout=dict(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=MB, global_batch=GB), optim={"eps": EPS}, compute=compute,
-                    data_parallel=dict(distributed_optimizer=zero, bucket_mb=bucket_mb, fsdp=fsdp), steps=TOTAL, **train)
+                    data_parallel=dict(distributed_optimizer=zero, bucket_mb=bucket_mb, fsdp=fsdp, defer_fsdp_sync=defer_fsdp_sync),
+                    steps=TOTAL, **train)
 
 
 def test_invalid_layout_fails_before_any_process_group():
