@@ -30,6 +30,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 
 EXIT_NO_GPU = 3
 
@@ -40,6 +43,7 @@ BENCHES = {  # model -> (micro-batch, global batch): sizes that fill an 80 GB GP
 
 
 PEERS = {"small": 64, "b12x1": 64}  # model -> batch of the PyTorch-native comparison (both models resident on the GPU)
+STEP_NAMES = ("kernels-test", "kernels-bench", *(f"bench-{m}" for m in BENCHES), *(f"peer-{m}" for m in PEERS), "fp16", "calibrate")  # steps()
 
 
 def _cli(*args: str) -> list[str]:
@@ -151,20 +155,28 @@ def run_step(step: dict) -> dict:
     return {**step, "status": status, "tail": tail, "seconds": time.time() - t0, "data": data}
 
 
+@dataclass
+class GpuCheckConfig:
+    """Every option of `rsscale gpu-check`."""
+    out: str = option("reports/gpu", "folder for SUMMARY.md, kernel baseline, traces, results store")
+    dry_run: bool = option(False, "list the steps and exit 0 without running them")
+    only: list[str] | None = option(None, f"run only this step (repeatable): {', '.join(STEP_NAMES)}", choices=STEP_NAMES)
+    fp16_step: str | None = option(None, "(the fp16 step's own subprocess) train fp16 steps and write their JSON here", hidden=True)
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="reports/gpu", help="folder for SUMMARY.md, kernel baseline, traces, results store")
-    parser.add_argument("--dry-run", action="store_true", help="list the steps and exit 0 without running them")
-    parser.add_argument("--only", action="append", default=None, help="run only this step (repeatable)")
-    parser.add_argument("--fp16-step", default=None, help=argparse_hide())
+    add_options(parser, GpuCheckConfig)
 
 
-def argparse_hide():
-    import argparse
-
-    return argparse.SUPPRESS
+def config_from_args(args) -> GpuCheckConfig:
+    return resolve(GpuCheckConfig, args)
 
 
 def main(args) -> int:
+    args = config_from_args(args)
     if args.fp16_step:
         fp16_step(args.fp16_step)
         return 0

@@ -18,7 +18,8 @@ positive finite number, no Triton rows, or a baseline from another (or an unreco
 --allow-skip turns "could not compare" into exit 0 with a SKIPPED line; --allow-device-mismatch
 compares across devices anyway. Without a GPU, bench and check run the correctness part under
 the Triton interpreter, then exit 3 (timing needs a GPU; bench writes no file), or 0 with
---allow-skip.
+--allow-skip. Each action's options are a dataclass tree (KernelsBench, KernelsCheck), so each
+also takes --config FILE and --print-config.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 from rsscale.scaling.spec.config import PAPER_PRESETS, PRESETS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -416,21 +418,53 @@ def print_comparison(rows: list[dict], threshold: float) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class KernelsTest:
+    """`rsscale kernels test` has no options: it runs the correctness table."""
+
+
+@dataclass
+class KernelsBench:
+    """The options of `rsscale kernels bench`."""
+    shapes: str = option("presets", "shape grid", choices=["presets", "quick"])
+    dtype: str = option("bf16", "element type of the timed inputs", choices=list(DTYPES))
+    out: str = option("reports/kernel_bench.json", "results file (.json or .csv)")
+    store: bool = option(True, "do not record in the results store")
+    allow_skip: bool = option(False, "exit 0 (with a SKIPPED line) when there is no GPU to time on")
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass
+class KernelsCheck:
+    """The options of `rsscale kernels check`."""
+    baseline: str | None = option(None, "results file written by `rsscale kernels bench`", required=True)
+    current: str | None = option(None, "compare this results file instead of re-running the benchmark")
+    threshold: float = option(0.10, "allowed slowdown (0.10 = 10%%)", ge=0)
+    allow_skip: bool = option(False, "exit 0 (with a SKIPPED line) when nothing could be compared")
+    allow_device_mismatch: bool = option(False, "compare against a baseline from another device")
+
+    def __post_init__(self):
+        check(self)
+
+
+ACTIONS = {  # sub-action -> (its options, its --help line)
+    "test": (KernelsTest, "correctness of every kernel vs a float64 torch reference"),
+    "bench": (KernelsBench, "time the kernels and their baselines (GPU)"),
+    "check": (KernelsCheck, "fail when a kernel is slower than a committed baseline"),
+}
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("test", help="correctness of every kernel vs a float64 torch reference", formatter_class=parser.formatter_class)
-    bench = sub.add_parser("bench", help="time the kernels and their baselines (GPU)", formatter_class=parser.formatter_class)
-    bench.add_argument("--shapes", choices=["presets", "quick"], default="presets", help="shape grid")
-    bench.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    bench.add_argument("--out", default="reports/kernel_bench.json", help="results file (.json or .csv)")
-    bench.add_argument("--no-store", action="store_true", help="do not record in the results store")
-    bench.add_argument("--allow-skip", action="store_true", help="exit 0 (with a SKIPPED line) when there is no GPU to time on")
-    check = sub.add_parser("check", help="fail when a kernel is slower than a committed baseline", formatter_class=parser.formatter_class)
-    check.add_argument("--baseline", required=True, help="results file written by `rsscale kernels bench`")
-    check.add_argument("--current", help="compare this results file instead of re-running the benchmark")
-    check.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown (0.10 = 10%%)")
-    check.add_argument("--allow-skip", action="store_true", help="exit 0 (with a SKIPPED line) when nothing could be compared")
-    check.add_argument("--allow-device-mismatch", action="store_true", help="compare against a baseline from another device")
+    for action, (tree, help_) in ACTIONS.items():
+        add_options(sub.add_parser(action, help=help_, formatter_class=parser.formatter_class), tree)
+
+
+def config_from_args(args) -> KernelsTest | KernelsBench | KernelsCheck:
+    """The options of the sub-action `args.action`: defaults <- --config file <- flags."""
+    return resolve(ACTIONS[args.action][0], args)
 
 
 def _prepare_device() -> str:
@@ -444,8 +478,9 @@ def _prepare_device() -> str:
 
 
 def main(args) -> int:
+    config = config_from_args(args)
     if args.action == "check":
-        return check(args)
+        return run_check(config)
     device = _prepare_device()
     if not run_correctness(device):
         return 1
@@ -453,10 +488,10 @@ def main(args) -> int:
         return 0
     if device == "cpu":
         return could_not("bench", f"timing needs a CUDA GPU and this machine has none (the correctness check above ran; "
-                                  f"nothing written to {args.out})", args.allow_skip)
-    result = run_bench(args.shapes, args.dtype)
-    save_results(result, args.out)
-    if not args.no_store:
+                                  f"nothing written to {config.out})", config.allow_skip)
+    result = run_bench(config.shapes, config.dtype)
+    save_results(result, config.out)
+    if config.store:
         record_in_store(result)
     return 0
 
@@ -479,10 +514,8 @@ def could_not(action: str, why: str, allow_skip: bool) -> int:
     return EXIT_CANNOT_COMPARE
 
 
-def check(args) -> int:
+def run_check(args: KernelsCheck) -> int:
     """`rsscale kernels check`: 0 within the threshold, 1 slower/missing/incorrect, 3 could not compare."""
-    if not (args.threshold >= 0 and math.isfinite(args.threshold)):
-        raise ValueError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     try:
         baseline = load_results(args.baseline)
         if args.current:
@@ -502,9 +535,7 @@ def check(args) -> int:
     return 0 if print_comparison(rows, args.threshold) else EXIT_SLOWER
 
 
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":  # as `rsscale kernels ...`
+    from rsscale.scaling.runtime.cli import main as cli_main
 
-    _parser = argparse.ArgumentParser(prog="rsscale kernels")
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+    sys.exit(cli_main(["kernels", *sys.argv[1:]]))

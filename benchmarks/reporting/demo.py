@@ -16,21 +16,45 @@ import contextlib
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 from rsscale.scaling.runtime.log import progress
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 from rsscale.scaling.spec.config import CPU_LADDER, get_preset, param_count
 from rsscale.scaling.spec.layout import Layout
 
 
+@dataclass
+class DemoConfig:
+    """Every option of `rsscale demo`: where it writes, the models it pretrains and for how long."""
+    out: str = option("runs/demo", "output folder (results.db, runs, report)")
+    steps: int = option(30, "pretraining steps per model", ge=1)
+    data: str = option("data/synthetic", "where the bundled dataset lives (written there if the folder is missing or empty)")
+    overwrite: bool = option(False, "delete an earlier demo in --out (its store, report and model folders) and start over")
+    models: str = option(",".join(CPU_LADDER), "comma-separated presets to pretrain")
+    batch: int = option(8, "global batch (one micro-batch)", ge=1)
+
+    def __post_init__(self):
+        check(self)
+        if not self.model_names:
+            raise ValueError(f"--models (config key 'models') names no preset, got {self.models!r}")
+        for name in self.model_names:  # refused before any data is written or model trained
+            try:
+                get_preset(name)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--models (config key 'models'): {e}") from None
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (results.db, runs, report)")
-    parser.add_argument("--steps", type=int, default=30, help="pretraining steps per model")
-    parser.add_argument("--data", default="data/synthetic",
-                        help="where the bundled dataset lives (written there if the folder is missing or empty)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an earlier demo in --out (its store, report and model folders) and start over")
-    parser.add_argument("--models", default=",".join(CPU_LADDER), help="comma-separated presets to pretrain")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch)")
+    add_options(parser, DemoConfig)
+
+
+def config_from_args(args) -> DemoConfig:
+    return resolve(DemoConfig, args)
 
 
 def previous_demo(out: str, models: list[str]) -> list[str]:
@@ -65,11 +89,12 @@ def clear_previous_demo(out: str, models: list[str], overwrite: bool) -> None:
 
 def main(args) -> int:
     t0 = time.perf_counter()
+    args = config_from_args(args)
     from rsscale.scaling.data.data import dataset_for
     from rsscale.scaling.spec.run import Checkpointing, OptimConfig, Recording
     from rsscale.scaling.train.pretrain import TrainConfig, Trainer
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = args.model_names
     clear_previous_demo(args.out, models, args.overwrite)
     print(f"[demo] dataset: {args.data} (generated on first use)", flush=True)
     paths = dataset_for(args.data, "pretrain")

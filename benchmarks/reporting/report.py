@@ -18,6 +18,7 @@ Parameters are the encoder's (the paper's sizes), from the preset when known.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -34,6 +35,7 @@ import pandas as pd  # noqa: E402
 
 from rsscale.benchmarks.reporting import fit as fitting  # noqa: E402
 from rsscale.benchmarks.reporting.paper import PRESET_NOTE, reference_points  # noqa: E402
+from rsscale.scaling.runtime.options import add_options, check, option, resolve  # noqa: E402
 
 NO_DATA = "no data yet"
 GENERIC_NAMES = ("latest", "report")  # folder names that say nothing: left out of the title
@@ -649,18 +651,32 @@ def write_report(results_path: str | None, out_dir: str = "reports", name: str =
     return md
 
 
+@dataclasses.dataclass
+class ReportConfig:
+    """Every option of `rsscale report`: the results store read and where the report goes."""
+    results: str | None = option(None, "results store (default $RSSCALE_RESULTS or reports/results.db)")
+    name: str = option("latest", "report folder name under --out")
+    out: str = option("reports", "output folder")
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--results", default=None, help="results store (default $RSSCALE_RESULTS or reports/results.db)")
-    parser.add_argument("--name", default="latest", help="report folder name under --out")
-    parser.add_argument("--out", default="reports", help="output folder")
+    add_options(parser, ReportConfig)
+
+
+def config_from_args(args) -> ReportConfig:
+    return resolve(ReportConfig, args)
 
 
 def main(args) -> int:
     from rsscale.scaling.runtime.store import resolve_path
 
-    path = resolve_path(args.results)
+    config = config_from_args(args)
+    path = resolve_path(config.results)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results store at {path}: run `rsscale demo`, `rsscale pretrain`, `rsscale bench` "
                                 "or `rsscale finetune` first, or pass --results")
-    write_report(path, args.out, args.name)
+    write_report(path, config.out, config.name)
     return 0

@@ -32,6 +32,7 @@ from rsscale.scaling.runtime.launch import command_line
 if TYPE_CHECKING:
     from rsscale.scaling.train.pretrain import TrainConfig
 from rsscale.scaling.runtime.log import progress
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 
 log = logging.getLogger("rsscale.study")
 
@@ -599,24 +600,34 @@ def dry_run(plan: Plan, jobs: int | None = None) -> None:
         print(f"  caveat: the model's own predictions were off by {scale:.2g}x on the recorded cells (shown rescaled)")
 
 
+@dataclass
+class StudyConfig:
+    """Every option of `rsscale study` (the command's own; the study itself is the PLAN file's)."""
+    plan: str | None = option(None, "plan file (YAML/TOML) or a bundled plan name (cpu-ladder)", positional=True, required=True)
+    out: str | None = option(None, "study folder (default: the plan's out, or runs/study/<name>)")
+    results: str | None = option(None, "results store (default: <out>/results.db)")
+    dry_run: bool = option(False, "list the cells and predicted times; run nothing")
+    emit_slurm: str | None = option(None, "write one sbatch script per remaining cell and DIR/submit.sh", metavar="DIR")
+    max_cells: int | None = option(None, "stop after starting this many cells", ge=0)
+    jobs: int | None = option(None, "cells run at once on this machine (default: the plan's jobs, else 1)", ge=1)
+    finish_cell: str | None = option(None, "(used by the sbatch scripts) evaluate and record one trained cell", metavar="KEY")
+    report: bool = option(True, "do not write the report at the end")
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("plan", help="plan file (YAML/TOML) or a bundled plan name (cpu-ladder)")
-    parser.add_argument("--out", default=None, help="study folder (default: the plan's out, or runs/study/<name>)")
-    parser.add_argument("--results", default=None, help="results store (default: <out>/results.db)")
-    parser.add_argument("--dry-run", action="store_true", help="list the cells and predicted times; run nothing")
-    parser.add_argument("--emit-slurm", metavar="DIR", help="write one sbatch script per remaining cell and DIR/submit.sh")
-    parser.add_argument("--max-cells", type=int, default=None, help="stop after starting this many cells")
-    parser.add_argument("--jobs", type=int, default=None, help="cells run at once on this machine (default: the plan's jobs, else 1)")
-    parser.add_argument("--finish-cell", metavar="KEY", help="(used by the sbatch scripts) evaluate and record one trained cell")
-    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    add_options(parser, StudyConfig)
+
+
+def config_from_args(args) -> StudyConfig:
+    return resolve(StudyConfig, args)
 
 
 def main(args) -> int:
+    args = config_from_args(args)
     plan = load_plan(args.plan, args.out, args.results)
-    if args.max_cells is not None and args.max_cells < 0:
-        raise ValueError(f"--max-cells must be >= 0, got {args.max_cells}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     all_cells = cells(plan)
     if args.dry_run:
         dry_run(plan, args.jobs)
@@ -636,7 +647,7 @@ def main(args) -> int:
     os.makedirs(plan.out, exist_ok=True)
     run_study(plan, args.max_cells, args.jobs)
     remaining = len(all_cells) - len(done_cells(plan))
-    if remaining == 0 and not args.no_report:
+    if remaining == 0 and args.report:
         from rsscale.benchmarks.reporting.report import write_report
 
         path = write_report(plan.results, plan.out, "report")

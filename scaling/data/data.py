@@ -30,12 +30,14 @@ import multiprocessing
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 from rsscale.scaling.data.scenes import DET_CLASSES, LOVEDA_CLASSES, SCENE_SETS, THEMES, URBAN_THEMES, box_corners, nir_band, no_data_corner, scene
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 
 GSD = 0.5  # metres per pixel at size 256, written to the DOTA header
 GENERATOR_VERSION = 3  # bump whenever a seed's pixels or labels change: old datasets get replaced
@@ -235,25 +237,37 @@ def dataset_for(root, part: str, **kwargs) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
+@dataclass
+class DataConfig:
+    """Every option of `rsscale data`: where the dataset goes, how many samples of each part, their size and seed."""
+    out: str = option("data/synthetic", "output folder")
+    num_pretrain: int = option(512, "pretraining JPEGs (MillionAID-like)", ge=0)
+    num_seg: int = option(64, "segmentation tiles (LoveDA layout)", ge=0)
+    num_det: int = option(64, "detection tiles (DOTA layout)", ge=0)
+    size: int = option(256, "tile side in pixels (pretraining images vary 0.75-1.5x)", ge=32)
+    seed: int = option(0, "sample i of a split is a pure function of (seed, split, i)", ge=0)
+    bands: int = option(3, "4: pretraining images as 16-bit RGB+NIR TIFFs (for --in-chans 4)", choices=(3, 4))
+    val_fraction: float = option(0.2, "share of seg/det tiles in the val split", ge=0, lt=1)
+    overwrite: bool = option(False, "regenerate files that already exist")
+    workers: int | None = option(None, "processes (default: min(4, CPUs))", ge=1)
+    scenes: str = option("base", "rich: regular crop rows, orchards, greenhouses and rows of houses along roads; "
+                                 "vocab: rich plus roofs with designs from a fixed Zipf-distributed vocabulary", choices=SCENE_SETS)
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="data/synthetic", help="output folder (default: data/synthetic)")
-    parser.add_argument("--num-pretrain", type=int, default=512, help="pretraining JPEGs (MillionAID-like)")
-    parser.add_argument("--num-seg", type=int, default=64, help="segmentation tiles (LoveDA layout)")
-    parser.add_argument("--num-det", type=int, default=64, help="detection tiles (DOTA layout)")
-    parser.add_argument("--size", type=int, default=256, help="tile side in pixels (pretraining images vary 0.75-1.5x)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bands", type=int, default=3, choices=(3, 4),
-                        help="4: pretraining images as 16-bit RGB+NIR TIFFs (for --in-chans 4)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of seg/det tiles in the val split")
-    parser.add_argument("--overwrite", action="store_true", help="regenerate files that already exist")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: min(4, CPUs))")
-    parser.add_argument("--scenes", choices=SCENE_SETS, default="base",
-                        help="rich: regular crop rows, orchards, greenhouses and rows of houses along roads; "
-                             "vocab: rich plus roofs with designs from a fixed Zipf-distributed vocabulary")
+    add_options(parser, DataConfig)
+
+
+def config_from_args(args) -> DataConfig:
+    return resolve(DataConfig, args)
 
 
 def main(args) -> int:
-    generate(args.out, num_pretrain=args.num_pretrain, num_seg=args.num_seg, num_det=args.num_det,
-             size=args.size, seed=args.seed, val_fraction=args.val_fraction, bands=args.bands, overwrite=args.overwrite,
-             workers=args.workers, scenes=args.scenes)
+    config = config_from_args(args)
+    generate(config.out, num_pretrain=config.num_pretrain, num_seg=config.num_seg, num_det=config.num_det, size=config.size,
+             seed=config.seed, val_fraction=config.val_fraction, bands=config.bands, overwrite=config.overwrite,
+             workers=config.workers, scenes=config.scenes)
     return 0

@@ -36,13 +36,13 @@ MISSING = dataclasses.MISSING
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: bool = True, hidden: bool = False,
-           required: bool = False, positional: bool = False, choices=None, ge=None, gt=None, le=None, lt=None):
+           required: bool = False, positional: bool = False, metavar: str | None = None, choices=None, ge=None, gt=None, le=None, lt=None):
     """A leaf of the tree: its default, help line, valid range or choices, and how the command line
     names it (`flag`; `positional`: a bare argument, `rsscale evaluate RUN`; `cli=False`: config file
     only; `hidden`: a flag left out of --help; `required`: `resolve` refuses None, so the command
-    line or the file must give it)."""
+    line or the file must give it; `metavar`: how --help names its value)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    meta = dict(help=help, flag=flag, cli=cli, hidden=hidden, required=required, positional=positional,
+    meta = dict(help=help, flag=flag, cli=cli, hidden=hidden, required=required, positional=positional, metavar=metavar,
                 choices=tuple(choices) if choices else None, bounds=bounds)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -130,9 +130,9 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         elif typ is bool:
             parser.add_argument(leaf.flag, action="store_true", **kwargs)
         elif typing.get_origin(typ) is list:  # repeatable: --micro-batch 4 --micro-batch 8
-            parser.add_argument(leaf.flag, type=typing.get_args(typ)[0], action="append", **kwargs)
+            parser.add_argument(leaf.flag, type=typing.get_args(typ)[0], action="append", metavar=leaf.meta.get("metavar"), **kwargs)
         else:
-            parser.add_argument(leaf.flag, type=typ, choices=leaf.meta.get("choices"), **kwargs)
+            parser.add_argument(leaf.flag, type=typ, choices=leaf.meta.get("choices"), metavar=leaf.meta.get("metavar"), **kwargs)
 
 
 def _help(leaf: Leaf, default) -> str:

@@ -3,13 +3,28 @@ all from scaling/spec/config.py."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 from rsscale.scaling.spec.config import PRESETS, get_preset, mae_step_flops, param_count
 
 
+@dataclass
+class ModelsConfig:
+    """Every option of `rsscale models`: which shapes the table lists, and its format."""
+    format: str = option("text", "table format", choices=("text", "csv"))
+    model: list[str] | None = option(None, "list these presets or model files (.yaml/.toml) only (repeatable; default: every preset)", metavar="NAME_OR_FILE")
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--format", choices=["text", "csv"], default="text", help="table format")
-    parser.add_argument("--model", action="append", default=None, metavar="NAME_OR_FILE",
-                        help="list these presets or model files (.yaml/.toml) only (repeatable; default: every preset)")
+    add_options(parser, ModelsConfig)
+
+
+def config_from_args(args) -> ModelsConfig:
+    return resolve(ModelsConfig, args)
 
 
 def models_table(names=None) -> list[dict]:
@@ -29,7 +44,8 @@ def models_table(names=None) -> list[dict]:
 
 
 def main(args) -> int:
-    rows = models_table(getattr(args, "model", None))
+    args = config_from_args(args)
+    rows = models_table(args.model)
     if args.format == "csv":
         print(",".join(rows[0]))
         for r in rows:

@@ -38,6 +38,7 @@ import re
 
 import torch
 
+from rsscale.scaling.runtime.options import add_options, check, option, resolve
 from rsscale.scaling.spec.config import PRESETS, ViTConfig, get_preset
 
 log = logging.getLogger(__name__)
@@ -214,20 +215,37 @@ def convert_from_rsscale(path: str, fmt: str, out: str) -> str:
     return out
 
 
+@dataclasses.dataclass
+class ConvertConfig:
+    """Every option of `rsscale convert`: the direction (exactly one of --from/--to), the source and
+    where the result goes, and the shape where the weights leave it open."""
+    src: str | None = option(None, "import SOURCE, a .pth/.safetensors file in MAE or timm naming", flag="--from", choices=("mae", "timm"))
+    dst: str | None = option(None, "export SOURCE, an rsscale checkpoint/run folder, in timm or MAE naming", flag="--to", choices=("timm", "mae"))
+    source: str | None = option(None, "weights file (--from) or rsscale checkpoint / run folder (--to)", positional=True, required=True)
+    out: str | None = option(None, "run folder to write (--from) or weights file (--to; .safetensors or .pth)", required=True)
+    model: str | None = option(None, "target preset (--from; default: read the shape off the weights)")
+    heads: int | None = option(None, "encoder attention heads, when the width is not a standard ViT's", ge=1)
+    dec_heads: int = option(DEC_HEADS, f"MAE decoder attention heads (default {DEC_HEADS}, MAE's)", ge=1)
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    way = parser.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from", dest="src", choices=("mae", "timm"), help="import SOURCE, a .pth/.safetensors file in MAE or timm naming")
-    way.add_argument("--to", dest="dst", choices=("timm", "mae"), help="export SOURCE, an rsscale checkpoint/run folder, in timm or MAE naming")
-    parser.add_argument("source", help="weights file (--from) or rsscale checkpoint / run folder (--to)")
-    parser.add_argument("--out", required=True, help="run folder to write (--from) or weights file (--to; .safetensors or .pth)")
-    parser.add_argument("--model", default=None, help="target preset (--from; default: read the shape off the weights)")
-    parser.add_argument("--heads", type=int, default=None, help="encoder attention heads, when the width is not a standard ViT's")
-    parser.add_argument("--dec-heads", type=int, default=DEC_HEADS, help=f"MAE decoder attention heads (default {DEC_HEADS}, MAE's)")
+    add_options(parser, ConvertConfig)
+
+
+def config_from_args(args) -> ConvertConfig:
+    config = resolve(ConvertConfig, args)
+    if (config.src is None) == (config.dst is None):  # argparse's old mutually exclusive, required pair
+        raise ValueError("exactly one of --from (import) and --to (export) is required" + (", not both" if config.src else ""))
+    return config
 
 
 def main(args) -> int:
-    if args.src:
-        convert_to_rsscale(args.source, args.src, args.out, args.model, args.heads, args.dec_heads)
+    config = config_from_args(args)
+    if config.src:
+        convert_to_rsscale(config.source, config.src, config.out, config.model, config.heads, config.dec_heads)
     else:
-        convert_from_rsscale(args.source, args.dst, args.out)
+        convert_from_rsscale(config.source, config.dst, config.out)
     return 0

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import yaml
 from PIL import Image
 
 from rsscale.scaling.runtime.cli import main
@@ -70,3 +71,25 @@ def test_demo_overwrite_deletes_the_earlier_demo_only(tmp_path):
     clear_previous_demo(str(out), ["tiny"], overwrite=True)  # mini: recorded in the earlier store
     assert sorted(os.listdir(out)) == ["notes.txt"]
     clear_previous_demo(str(out), ["tiny"], overwrite=False)  # nothing left: no refusal
+
+
+def test_demo_refuses_bad_options_before_writing_anything(tmp_path, capsys):
+    out, data = tmp_path / "demo", tmp_path / "data"
+    for argv, message in [(["--steps", "0"], "--steps (config key 'steps') must be >= 1, got 0"),
+                          (["--models", "tiny,huge"], "--models (config key 'models'): unknown model preset 'huge'"),
+                          (["--models", ","], "--models (config key 'models') names no preset")]:
+        assert main(["demo", "--out", str(out), "--data", str(data), *argv]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not out.exists() and not data.exists()
+
+
+def test_demo_printed_config_reads_back_to_itself(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--models", "tiny,mini", "--steps", "3", "--overwrite",
+                 "--print-config", str(first)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree["models"] == "tiny,mini" and tree["steps"] == 3 and tree["overwrite"] is True and tree["batch"] == 8
+    assert main(["demo", "--config", str(first), "--print-config", str(second)]) == 0
+    assert yaml.safe_load(second.read_text()) == tree and not (tmp_path / "demo").exists()

@@ -206,3 +206,51 @@ def test_kernels_bench_without_a_gpu_says_so_in_its_exit_code(tmp_path, monkeypa
     assert "kernels bench SKIPPED" in capsys.readouterr().out and not out.exists()
     step = gpu_check.run_step(dict(name="kernels-bench", cmd=[sys.executable, "-c", "raise SystemExit(3)"], timeout=60))
     assert step["status"] == "FAIL (exit 3)"  # gpu-check never counts such a bench as passed
+
+
+# ------------------------------------------------------------ options (scaling/runtime/options.py)
+@pytest.mark.parametrize("argv, flag", [
+    (["kernels", "check", "--baseline", "b.json", "--threshold", "-0.1"], "--threshold (config key 'threshold') must be >= 0, got -0.1"),
+    (["kernels", "check", "--baseline", "b.json", "--threshold", "inf"], "--threshold (config key 'threshold') must be >= 0, got inf"),
+    (["kernels", "check"], "--baseline is required (or the key 'baseline' in a --config file)"),
+])
+def test_a_bad_option_is_one_line_naming_its_flag(argv, flag, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert flag in err[0] and err[0].startswith("rsscale kernels: error:") and len(err) == 2  # the line + the traceback hint
+
+
+def test_a_bad_value_in_a_config_file_names_its_flag_and_key(tmp_path, capsys):
+    path = tmp_path / "bench.yaml"
+    path.write_text("dtype: int8\n")
+    assert cli(["kernels", "bench", "--config", str(path)]) == 2
+    assert "--dtype (config key 'dtype') must be one of fp32, fp16, bf16, got 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["kernels", "bench", "--shapes", "quick", "--dtype", "fp16", "--out", "k.csv", "--no-store", "--allow-skip"],
+    ["kernels", "check", "--baseline", "b.json", "--current", "c.json", "--threshold", "0.25", "--allow-device-mismatch"],
+    ["kernels", "test"],
+])
+def test_each_actions_printed_config_reads_back_to_itself(argv, tmp_path):
+    import yaml
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert cli(argv + ["--print-config", str(first)]) == 0
+    assert cli(argv[:2] + ["--config", str(first), "--print-config", str(second)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree == yaml.safe_load(second.read_text())
+    if argv[1] == "bench":
+        assert tree == dict(shapes="quick", dtype="fp16", out="k.csv", store=False, allow_skip=True)
+    if argv[1] == "check":
+        assert tree["threshold"] == 0.25 and tree["allow_device_mismatch"] is True and tree["allow_skip"] is False
+
+
+def test_check_takes_its_options_from_a_config_file(tmp_path, capsys):
+    base = _results_file(tmp_path, "base.json", [_kernel_rec(1.0)])
+    slow = _results_file(tmp_path, "slow.json", [_kernel_rec(1.3)])
+    path = tmp_path / "check.yaml"
+    path.write_text(f"baseline: {base}\ncurrent: {slow}\nthreshold: 0.5\n")
+    assert cli(["kernels", "check", "--config", str(path)]) == 0
+    assert cli(["kernels", "check", "--config", str(path), "--threshold", "0.1"]) == 1  # the flag overrides the file
+    assert "slower" in capsys.readouterr().out

@@ -222,3 +222,21 @@ def test_report_on_a_corrupt_store_is_one_line(tmp_path, capsys):
     db.write_bytes(b"\0garbage" * 500)
     assert cli(["report", "--results", str(db), "--out", str(tmp_path)]) == 2
     _one_error_line(capsys, str(db), "cannot read it")
+
+
+def test_a_bad_option_is_one_line_naming_it(tmp_path, capsys):
+    assert cli(["report", "--results", str(tmp_path / "none.db"), "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "no results store at", "--results")
+    (tmp_path / "bad.yaml").write_text("name: [a, b]\n")
+    assert cli(["report", "--config", str(tmp_path / "bad.yaml")]) == 2
+    _one_error_line(capsys, "bad.yaml", "'name' must be a single")
+
+
+def test_the_printed_config_reads_back_to_itself(tmp_path):
+    import yaml
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert cli(["report", "--results", "r.db", "--name", "study", "--print-config", str(first)]) == 0
+    assert cli(["report", "--config", str(first), "--print-config", str(second)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree == yaml.safe_load(second.read_text()) == {"results": "r.db", "name": "study", "out": "reports"}

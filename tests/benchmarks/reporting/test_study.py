@@ -128,6 +128,52 @@ def test_emit_slurm_writes_one_script_per_cell(tmp_path):
     assert "--dependency=afterok:$job_pt_tiny_steps3" in submit[-1]
 
 
+def test_the_emitted_finish_command_parses_to_its_cell(tmp_path, capsys):
+    """The `study PLAN --out --results --finish-cell KEY` line each sbatch script ends with is a
+    valid command line of `rsscale study` (its options resolve, the cell key intact)."""
+    import shlex
+
+    import yaml
+
+    from rsscale.scaling.runtime.cli import main
+
+    plan_path = _plan(tmp_path, SMALL)
+    assert S.main(_args(plan_path, tmp_path, emit_slurm=str(tmp_path / "slurm"))) == 0
+    text = (tmp_path / "slurm" / "pt-tiny-steps3.sbatch").read_text()
+    line = re.search(r"-m rsscale\.scaling\.runtime\.cli (study .*--finish-cell \S+)", text).group(1)
+    capsys.readouterr()
+    assert main(shlex.split(line) + ["--print-config"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["finish_cell"] == "pt-tiny-steps3" and tree["plan"] == os.path.abspath(plan_path) and tree["report"] is True
+
+
+@pytest.mark.parametrize("flags, message", [(["--jobs", "0"], "--jobs (config key 'jobs') must be >= 1, got 0"),
+                                            (["--max-cells", "-1"], "--max-cells (config key 'max_cells') must be >= 0, got -1")])
+def test_a_bad_option_is_one_line_naming_the_flag(tmp_path, capsys, flags, message):
+    from rsscale.scaling.runtime.cli import main
+
+    assert main(["study", str(_plan(tmp_path, SMALL)), "--out", str(tmp_path / "study"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"rsscale study: error: {message}"
+    assert not (tmp_path / "study").exists()  # refused before anything was written
+
+
+def test_the_printed_config_reads_back_to_itself(tmp_path, capsys):
+    import yaml
+
+    from rsscale.scaling.runtime.cli import main
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    plan = str(_plan(tmp_path, SMALL))
+    assert main(["study", plan, "--out", str(tmp_path / "study"), "--jobs", "2", "--max-cells", "1", "--no-report",
+                 "--print-config", str(first)]) == 0
+    assert main(["study", "--config", str(first), "--print-config", str(second)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert yaml.safe_load(second.read_text()) == tree
+    assert tree["plan"] == plan and tree["jobs"] == 2 and tree["max_cells"] == 1 and tree["report"] is False
+    assert main(["study", "--print-config"]) == 2 and "the argument PLAN is required" in capsys.readouterr().err
+
+
 def _args(plan, tmp_path, **kw):
     import argparse
 

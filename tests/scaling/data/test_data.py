@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 from PIL import Image
 
 from rsscale.scaling.data import data, scenes
@@ -153,3 +154,31 @@ def test_dataset_for_uses_a_finished_dataset_as_it_is(small_dataset, tmp_path):
     dataset_for(seg_only, "seg", num_pretrain=0, num_seg=2, num_det=0, size=64, workers=1)
     with pytest.raises(FileNotFoundError, match="has no detection tiles"):
         dataset_for(seg_only, "det")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-seg", "-1"], "--num-seg (config key 'num_seg') must be >= 0, got -1"),
+    (["--size", "16"], "--size (config key 'size') must be >= 32, got 16"),
+    (["--val-fraction", "1"], "--val-fraction (config key 'val_fraction') must be >= 0 and < 1, got 1.0"),
+    (["--workers", "0"], "--workers (config key 'workers') must be >= 1, got 0"),
+])
+def test_cli_data_bad_value_is_one_line_naming_the_flag(tmp_path, capsys, argv, message):
+    from rsscale.scaling.runtime.cli import main
+
+    assert main(["data", "--out", str(tmp_path / "d"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == [f"rsscale data: error: {message}"] and "Traceback" not in err
+    assert not (tmp_path / "d").exists()  # refused before writing anything
+
+
+def test_cli_data_printed_config_reads_back_to_itself(tmp_path):
+    from rsscale.scaling.runtime.cli import main
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert main(["data", "--out", str(tmp_path / "d"), "--num-seg", "3", "--bands", "4", "--workers", "2", "--scenes", "rich",
+                 "--print-config", str(first)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree["num_seg"] == 3 and tree["bands"] == 4 and tree["workers"] == 2 and tree["scenes"] == "rich" and tree["size"] == 256
+    assert main(["data", "--config", str(first), "--print-config", str(second)]) == 0
+    assert yaml.safe_load(second.read_text()) == tree
+    assert not (tmp_path / "d").exists()

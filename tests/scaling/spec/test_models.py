@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from rsscale.scaling.parallel import state
 from rsscale.scaling.spec.config import get_preset, mae_step_flops, param_count
@@ -125,3 +126,26 @@ def test_bench_peer_refuses_a_supervised_model_in_one_line(tmp_path, capsys):
     assert main(["bench", "--model", str(sup), "--peer", "torch", "--steps", "1", "--warmup", "0", "--micro-batch", "2",
                  "--global-batch", "2", "--no-record"]) == 2
     assert "no PyTorch-native peer for the supervised model 'sup'" in capsys.readouterr().err
+
+
+def test_models_bad_format_in_a_config_file_is_one_line(tmp_path, capsys):
+    from rsscale.scaling.runtime.cli import main
+
+    path = tmp_path / "m.yaml"
+    path.write_text("format: xml\n")
+    assert main(["models", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rsscale models: error: --format (config key 'format') must be one of text, csv, got 'xml'" in err and "Traceback" not in err
+
+
+def test_models_printed_config_reads_back_to_itself(tmp_path, capsys):
+    from rsscale.scaling.runtime.cli import main
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert main(["models", "--model", "tiny", "--model", "small", "--format", "csv", "--print-config", str(first)]) == 0
+    assert yaml.safe_load(first.read_text()) == {"format": "csv", "model": ["tiny", "small"]}
+    assert main(["models", "--config", str(first), "--print-config", str(second)]) == 0
+    assert yaml.safe_load(second.read_text()) == yaml.safe_load(first.read_text())
+    capsys.readouterr()
+    assert main(["models", "--config", str(first)]) == 0  # the file lists those two, as CSV
+    assert [line.split(",")[0] for line in capsys.readouterr().out.splitlines()] == ["name", "tiny", "small"]

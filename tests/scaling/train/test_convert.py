@@ -220,3 +220,29 @@ def test_reads_mae_training_checkpoints_and_refuses_other_objects(tmp_path):
     torch.save({"model": sd, "extra": _NotATensor()}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="_NotATensor"):
         read_state_dict(str(tmp_path / "bad.pth"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--from", "mae", "w.pth", "--out", "run", "--heads", "0"], "--heads (config key 'heads') must be >= 1, got 0"),
+    (["--from", "mae", "w.pth", "--out", "run", "--dec-heads", "-1"], "--dec-heads (config key 'dec_heads') must be >= 1"),
+    (["w.pth", "--out", "run"], "exactly one of --from (import) and --to (export) is required"),
+    (["--from", "mae", "--to", "timm", "w.pth", "--out", "run"], "not both"),
+    (["--from", "mae", "w.pth"], "--out is required"),
+])
+def test_a_bad_option_is_one_line_naming_it(argv, needle, capsys):
+    assert cli.main(["convert", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--from", "timm", "vit.safetensors", "--out", "runs/vit", "--heads", "16", "--model", "b12x1"],
+                                  ["--to", "mae", "runs/mae-b16", "--out", "mae_b16.pth"]])
+def test_the_printed_config_reads_back_to_itself(argv, tmp_path):
+    import yaml
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert cli.main(["convert", *argv, "--print-config", str(first)]) == 0
+    assert cli.main(["convert", "--config", str(first), "--print-config", str(second)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree == yaml.safe_load(second.read_text()) and tree["out"] == argv[argv.index("--out") + 1]
