@@ -13,6 +13,7 @@ with rotated NMS, written as a DOTA Task1 submission: Task1_<class>.txt, one lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from PIL import Image
 
 from rsscale.finetune.data.datasets import read_rgb_image
 from rsscale.finetune.data.dota_io import write_dota_submission
-from rsscale.finetune.evaluate import overrides_from
+from rsscale.finetune.evaluate import RUN_HELP, RunLayout, overrides_from
 from rsscale.finetune.evaluation.dota_protocol import detect_image
 from rsscale.finetune.model.seg import slide_inference
 from rsscale.finetune.rotated import obb_to_poly
@@ -33,22 +34,37 @@ from rsscale.finetune.finetune import PROTOCOL_CHOICES, protocol_options, restor
 from rsscale.scaling.parallel import state
 from rsscale.scaling.runtime.launch import add_launch_arguments, wants_launch
 from rsscale.scaling.runtime.log import progress
-from rsscale.scaling.spec.layout import add_layout_arguments, relaunch_checked
+from rsscale.scaling.runtime.options import add_options, check, option, resolve, section
+from rsscale.scaling.spec.layout import relaunch_checked
+from rsscale.scaling.spec.run import PRECISIONS
 from rsscale.scaling.train.pretrain import log, run_rank
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+@dataclasses.dataclass
+class PredictConfig:
+    """Every option of `rsscale predict`; None (a model option or a layout one): the run's own."""
+    run: str | None = option(None, RUN_HELP, positional=True, required=True)
+    images: str | None = option(None, "folder of images (PNG/JPEG/TIFF, any size) or one image file", required=True)
+    out: str | None = option(None, "folder for the masks (seg) or the Task1_<class>.txt files (det)", required=True)
+    protocol: str | None = option(None, "detection split: as trained (crop), or DOTA's single/multi-scale split with flip TTA; "
+                                  "default: the run's", choices=PROTOCOL_CHOICES)
+    score_thr: float | None = option(None, "detection: drop boxes scoring below this (default: the run's)", ge=0)
+    precision: str | None = option(None, "autocast dtype (default: the run's)", choices=PRECISIONS)
+    parallel: RunLayout = section(RunLayout)
+
+    def __post_init__(self):
+        check(self)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("run", help="fine-tuning run folder (its --out), its checkpoints/ folder or one step_* folder")
-    parser.add_argument("--images", required=True, help="folder of images (PNG/JPEG/TIFF, any size) or one image file")
-    parser.add_argument("--out", required=True, help="folder for the masks (seg) or the Task1_<class>.txt files (det)")
-    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=None,
-                        help="detection split: as trained (crop), or DOTA's single/multi-scale split with flip TTA; default: the run's")
-    parser.add_argument("--score-thr", type=float, default=None, help="detection: drop boxes scoring below this (default: the run's)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: the run's)")
-    add_layout_arguments(parser)
-    add_launch_arguments(parser)
+    add_options(parser, PredictConfig)
+    add_launch_arguments(parser)  # --nproc ...: relaunch under torchrun
+
+
+def config_from_args(args) -> PredictConfig:
+    return resolve(PredictConfig, args)
 
 
 def image_files(where: str) -> list[Path]:
@@ -70,14 +86,14 @@ def palette(n: int) -> np.ndarray:
     return (np.array([colormaps["tab20"](i % 20)[:3] for i in range(n)]) * 255).astype(np.uint8)
 
 
-def predict_run(args, started=lambda trainer: trainer) -> dict:
-    files = image_files(args.images)
+def predict_run(config: PredictConfig, started=lambda trainer: trainer) -> dict:
+    files = image_files(config.images)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    tuner = started(restore(args.run, world, **overrides_from(args, ("protocol", "score_thr", "precision")))[0])
+    tuner = started(restore(config.run, world, **overrides_from(config, ("protocol", "score_thr", "precision")))[0])
     if tuner.cfg.in_chans != 3:
         raise ValueError(f"the model takes {tuner.cfg.in_chans}-band images; predict reads 3-band (RGB) images")
     a, model, classes = tuner.options, tuner.model, tuner.classes
-    out = Path(args.out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     mine = files[state.dp_rank()::tuner.layout.dp]  # every TP rank of a replica takes the same images
     model.eval()
@@ -109,13 +125,14 @@ def predict_run(args, started=lambda trainer: trainer) -> dict:
             what = f"{sum(summary['boxes'].values())} boxes in Task1_<class>.txt ({len(summary['boxes'])} classes)"
         else:
             what = f"{len(files)} class-index masks (<name>.png) and colour previews (<name>_color.png)"
-        (out / "predict.json").write_text(json.dumps({**summary, "run": str(args.run), "classes": classes, "step": tuner.step}, indent=1))
-        log(f"predicted {len(files)} image(s) with the {tuner.task} model of {args.run} (step {tuner.step}) in {seconds:.1f} s "
+        (out / "predict.json").write_text(json.dumps({**summary, "run": str(config.run), "classes": classes, "step": tuner.step}, indent=1))
+        log(f"predicted {len(files)} image(s) with the {tuner.task} model of {config.run} (step {tuner.step}) in {seconds:.1f} s "
             f"({summary['seconds_per_image']:.2f} s/image per replica): {what} in {out}")
     return summary
 
 
 def main(args) -> int:
+    config = config_from_args(args)
     if wants_launch(args):
-        return relaunch_checked("predict", args, lambda world: run_layout(args.run, world, **overrides_from(args, ())))
-    return run_rank("predict", lambda started: predict_run(args, started))
+        return relaunch_checked("predict", args, lambda world: run_layout(config.run, world, **overrides_from(config, ())))
+    return run_rank("predict", lambda started: predict_run(config, started))

@@ -60,21 +60,6 @@ class Layout:
 LAYOUT_FLAGS = tuple(leaf.flag for leaf in leaves(Layout))  # --tp --pp --dp --sp --micro-batch --global-batch --vpp
 
 
-def add_layout_arguments(parser, defaults: Layout | None = None) -> None:
-    """Add --tp --pp --dp --sp --micro-batch --global-batch --vpp (help from Layout's fields). With
-    `defaults`, absent flags take its values (--dp stays None: derived from the world size);
-    without, absent flags stay absent (argparse.SUPPRESS), so a config file's values survive."""
-    import argparse
-
-    for leaf in leaves(Layout):
-        name = leaf.field.name
-        default = argparse.SUPPRESS if defaults is None else (None if name == "dp" else getattr(defaults, name))
-        if leaf.type is bool:
-            parser.add_argument(leaf.flag, action="store_true", default=default, help=leaf.meta["help"])
-        else:
-            parser.add_argument(leaf.flag, type=leaf.type, default=default, help=leaf.meta["help"])
-
-
 def derive_dp(tp: int, pp: int, dp: int | None, world_size: int) -> int:
     """--dp when given, else the world size / (tp*pp) (at least 1; validation reports a mismatch)."""
     return dp if dp is not None else max(1, world_size // (tp * pp))

@@ -162,3 +162,50 @@ def test_resume_without_out_is_refused_in_one_line(capsys):
     assert cli(["finetune", "--task", "seg", *COMMON, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--resume continues the run in --out" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["evaluate", "runs/x", "--max-per-image", "0"], "--max-per-image (config key 'max_per_image') must be >= 1, got 0"),
+    (["evaluate", "runs/x", "--timeout", "0"], "--timeout (config key 'timeout') must be > 0, got 0.0"),
+    (["predict", "runs/x", "--images", "i", "--out", "o", "--score-thr", "-1"], "--score-thr (config key 'score_thr') must be >= 0, got -1.0"),
+    (["predict", "runs/x", "--out", "o"], "--images is required (or the key 'images' in a --config file)"),
+    (["evaluate", "--json", "m.json"], "the argument RUN is required (or the key 'run' in a --config file)"),
+])
+def test_a_bad_option_is_one_line_naming_its_flag(argv, error, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rsscale {argv[0]}: error: {error}\n" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "runs/x", "--score-thr", "0.1", "--max-eval-images", "4", "--protocol", "dota-ms", "--tp", "2", "--sp", "--json", "m.json"],
+    ["predict", "runs/x", "--images", "scenes", "--out", "preds", "--precision", "bf16", "--dp", "2"],
+])
+def test_the_printed_config_reads_back_to_itself(argv, tmp_path):
+    import yaml
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert cli(argv + ["--print-config", str(first)]) == 0
+    assert cli([argv[0], "--config", str(first), "--print-config", str(second)]) == 0
+    tree = yaml.safe_load(first.read_text())
+    assert tree == yaml.safe_load(second.read_text()) and tree["run"] == "runs/x" and tree["parallel"]["pp"] is None
+
+
+def test_only_the_options_given_override_the_runs_own():
+    from rsscale.finetune.evaluate import EvaluateConfig, RunLayout, overrides_from
+
+    config = EvaluateConfig(run="r", score_thr=0.0, parallel=RunLayout(tp=2, sp=False))
+    assert overrides_from(config) == {"score_thr": 0.0, "tp": 2, "sp": False}
+    assert overrides_from(config, ()) == {"tp": 2, "sp": False}  # the layout always: it describes this launch
+
+
+def test_evaluate_takes_its_run_and_options_from_a_config_file(runs, tmp_path):
+    (tmp_path / "e.yaml").write_text(f"run: {runs / 'seg'}\njson: {tmp_path / 'm.json'}\nparallel: {{global_batch: 2}}\n")
+    assert cli(["evaluate", "--config", str(tmp_path / "e.yaml")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["mIoU"] == pytest.approx(_trained(runs, "seg")["mIoU"], abs=1e-9)
+
+
+def test_a_pipeline_layout_is_refused_in_one_line(runs, capsys):
+    assert cli(["evaluate", str(runs / "seg"), "--pp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--pp 2 --vpp 1: fine-tuning runs tensor and data parallel only" in err and "Traceback" not in err

@@ -16,6 +16,21 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_takes_a_config_file_and_prints_its_own(name, capsys):
+    """Each command's options are one dataclass tree: --help offers --config and --print-config
+    (on each action of `kernels`), and its module resolves the tree."""
+    import importlib
+
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    assert hasattr(module, "config_from_args"), name
+    argv = [name, "check"] if name == "kernels" else [name]
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--help"])
+    text = capsys.readouterr().out
+    assert "--config CONFIG" in text and "--print-config [FILE]" in text, name
+
+
 def test_unknown_command_is_an_error(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import pytest
 
 from rsscale.scaling.runtime import launch
 from rsscale.scaling.runtime.cli import main as cli
-from rsscale.scaling.spec.layout import Layout, add_layout_arguments
 
 
 def test_launch_flags_are_stripped_in_both_forms():
@@ -31,19 +30,16 @@ def test_torchrun_command_single_and_multi_node():
     assert launch.rendezvous_text() == "local (torchrun --standalone)"
 
 
-def _parser(defaults=None):
+def _parser():
     p = argparse.ArgumentParser()
-    add_layout_arguments(p, defaults)
     launch.add_launch_arguments(p)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--config")
     return p
 
 
 def test_wants_launch_and_its_errors(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    p = _parser(Layout())
+    p = _parser()
     assert launch.wants_launch(p.parse_args(["--nproc", "2"]))
     assert not launch.wants_launch(p.parse_args(["--nproc", "1"]))
     with pytest.raises(ValueError, match="--nproc must be >= 1"):
@@ -54,13 +50,6 @@ def test_wants_launch_and_its_errors(monkeypatch):
         launch.wants_launch(p.parse_args(["--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"]))
     monkeypatch.setenv("WORLD_SIZE", "2")  # already a rank: never launch again
     assert not launch.wants_launch(p.parse_args(["--nproc", "2"]))
-
-
-def test_layout_flags_defaults_and_suppressed():
-    args = _parser(Layout(micro_batch=4, global_batch=16)).parse_args(["--tp", "2", "--sp"])
-    assert (args.tp, args.pp, args.dp, args.sp, args.micro_batch, args.global_batch) == (2, 1, None, True, 4, 16)
-    bare = _parser(None).parse_args(["--tp", "2"])
-    assert vars(bare).get("pp") is None and "pp" not in vars(bare) and bare.tp == 2
 
 
 def _bench_config(argv):
