@@ -32,7 +32,9 @@ which would count bf16 runs in fp32). Nothing is allocated. Then:
       own saves (output, log-sum-exp), counted in a run without checkpointing, are added once.
 
 What this does not count: transient buffers (gradients of activations during backward, matmul
-workspaces, collective buffers, the allocator's fragmentation), and the CUDA context; these are
+workspaces, collective buffers, the allocator's fragmentation), the step's input batch beyond what
+the in-flight micro-batches' forwards save of it (the trainer holds every micro-batch's images, as
+views of one stacked fp32 tensor, for the whole step), and the CUDA context; these are
 what --reserve-gb in `rsscale profile` is for. The torch kernel backend is what is counted; what
 the Triton kernels save is not checked here (`rsscale bench --trace` on a GPU puts the allocator
 peak beside these counts).
