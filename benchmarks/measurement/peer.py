@@ -19,7 +19,9 @@ for free:
     TP x DP                   DTensor TP (and SP) over the mesh's tp dimension, replicated over its dp
                               dimension by FSDP2's `replicate` (DDP takes no DTensor parameters), or
                               sharded over it by `fully_shard` with --fsdp: torch's 2-D recipe
-    PP x TP, PP x ZeRO-1, TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
+    PP x TP (dp 1)            each stage's chunk made TP-parallel as above over its TP group, then
+                              staged as under PP (torchtitan's PP x TP)
+    PP x TP x DP, PP x ZeRO-1, TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
 
 The peer's parameter names equal ours at TP=1, so it loads our full weights (gathered once at
 start: the bench models fit one process; under PP each stage loads its own). Under TP the qkv
@@ -119,7 +121,7 @@ class NativeMAE(nn.Module):
         x = F.pad(x, (0, 0, 0, -n % self.pad_to))
         for blk in blocks:
             x = blk(x)
-        return x[:, :n]
+        return x[:, :n].contiguous() if x.shape[1] > n else x  # contiguous: what a pipeline stage sends on
 
     def forward(self, x, noise):
         cfg = self.cfg
@@ -174,8 +176,8 @@ def why_no_peer(layout, data_parallel) -> str | None:
     L, fsdp = layout, data_parallel.fsdp
     if L.tp > 1 and L.dp > 1 and data_parallel.distributed_optimizer:
         return "TP x DP with ZeRO-1 has none here (torch's ZeroRedundancyOptimizer takes no DTensor parameters)"
-    if L.pp > 1 and L.tp > 1:
-        return "a pipeline with TP has none here (it is compared with TP 1: alone, or with DP or FSDP)"
+    if L.pp > 1 and L.tp > 1 and L.dp > 1:
+        return "a pipeline with both TP and DP has none here (it is compared with one of them: PP x TP, or PP x DP or FSDP)"
     if L.pp > 1 and data_parallel.distributed_optimizer:
         return "a pipeline with ZeRO-1 has none here (it is compared with DDP or FSDP over its DP groups)"
     if L.pp > 1 and L.num_micro < L.pp:
@@ -190,7 +192,8 @@ def native_kind(layout, data_parallel) -> str:
         raise ValueError(f"no PyTorch-native peer for {L}: {why}")
     if L.pp > 1:
         over_dp = "+fsdp2" if data_parallel.fsdp else "+replicate" if L.dp > 1 else ""
-        return ("pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b") + over_dp
+        tp = ("+dtensor-tp-sp" if L.sp else "+dtensor-tp") if L.tp > 1 else ""
+        return ("pipelining-1f1b" if L.vpp == 1 else "pipelining-interleaved-1f1b") + tp + over_dp
     if L.tp > 1 and L.dp > 1:
         return ("dtensor-tp-sp" if L.sp else "dtensor-tp") + ("+fsdp2" if data_parallel.fsdp else "+replicate")
     if data_parallel.fsdp:
@@ -231,6 +234,39 @@ def _clip_grad_norm(params: list, max_norm: float, stages_group=None) -> None:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, squares.sqrt())
 
 
+def _tensor_parallel(model, mesh, tp: int, sp: bool):
+    """`model` (a NativeMAE or a pipeline chunk of it) made TP-parallel over the 1-D `mesh` with
+    DTensor: ColwiseParallel qkv/fc1, RowwiseParallel proj/fc2; with `sp` the LayerNorms are
+    SequenceParallel and the residual stream is sharded over tokens between the blocks
+    (torchtitan's way), gathered at the ends of each run of blocks."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    col = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
+    row = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
+    for blocks in (list(model.blocks.values()), list(model.decoder_blocks or [])):
+        for blk in blocks:
+            plan = {}
+            for k in range(len(blk.attn)):
+                plan |= {f"attn.{k}.qkv": col, f"attn.{k}.proj": row, f"mlp.{k}.fc1": col, f"mlp.{k}.fc2": row}
+                plan |= {f"{part}.{k}.norm": SequenceParallel() for part in ("attn", "mlp")} if sp else {}
+            parallelize_module(blk, mesh, plan)
+        if sp and blocks:
+            model.pad_to = tp
+            parallelize_module(blocks[0], mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                                   use_local_output=True))
+            parallelize_module(blocks[-1], mesh, PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
+                                                                     use_local_output=True))
+    return model
+
+
 def _qkv_rank_major(w: torch.Tensor, tp: int) -> torch.Tensor:
     """[q; k; v] rows (heads contiguous) -> per TP rank [q_r; k_r; v_r], so that a contiguous
     ColwiseParallel shard holds whole heads' q, k and v."""
@@ -247,7 +283,7 @@ class NativePeer:
         if cfg.supervised:
             raise ValueError(f"no PyTorch-native peer for the supervised model {cfg.name!r} yet (the peer is an MAE)")
         full = trainer.full_state_dict()  # TP=1 names and shapes (this pipeline stage's parameters)
-        if self.kind.startswith("dtensor-tp"):
+        if "dtensor-tp" in self.kind:
             full = {n: _qkv_rank_major(t, L.tp) if n.endswith("qkv.weight") or n.endswith("qkv.bias") else t for n, t in full.items()}
         self.schedule = None
         if self.kind.startswith("pipelining"):
@@ -289,7 +325,12 @@ class NativePeer:
         chunks, stages = [], []
         for j in range(L.vpp):
             v = j * L.pp + rank
-            chunk = self._over_dp(pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device), L)
+            chunk = pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device)
+            if L.tp > 1:  # torchtitan's PP x TP: each stage's chunk TP-parallel over its TP group
+                from torch.distributed.device_mesh import DeviceMesh
+
+                chunk = _tensor_parallel(chunk, DeviceMesh.from_group(tr.state.tp_group(), tr.device.type), L.tp, L.sp)
+            chunk = self._over_dp(chunk, L)
             chunks.append(chunk)
             stages.append(PipelineStage(chunk, v, n, tr.device, group=tr.state.pp_group()))
         loss = lambda out, imgs: mae_loss(out, imgs, cfg)  # noqa: E731 (the schedule's loss_fn; it averages over micro-batches)
@@ -337,32 +378,7 @@ class NativePeer:
                 for blk in list(model.blocks.values()) + list(model.decoder_blocks):
                     fully_shard(blk, mesh=mesh)
                 return fully_shard(model, mesh=mesh)
-            from torch.distributed.tensor import Replicate, Shard
-            from torch.distributed.tensor.parallel import (
-                ColwiseParallel,
-                PrepareModuleInput,
-                PrepareModuleOutput,
-                RowwiseParallel,
-                SequenceParallel,
-                parallelize_module,
-            )
-
-            sp = self.kind == "dtensor-tp-sp"  # the residual stream sharded over tokens between the blocks (torchtitan's way)
-            col = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
-            row = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
-            for blocks in (list(model.blocks.values()), list(model.decoder_blocks)):
-                for blk in blocks:
-                    plan = {}
-                    for k in range(len(blk.attn)):
-                        plan |= {f"attn.{k}.qkv": col, f"attn.{k}.proj": row, f"mlp.{k}.fc1": col, f"mlp.{k}.fc2": row}
-                        plan |= {f"{part}.{k}.norm": SequenceParallel() for part in ("attn", "mlp")} if sp else {}
-                    parallelize_module(blk, mesh, plan)
-                if sp and blocks:
-                    model.pad_to = L.tp
-                    parallelize_module(blocks[0], mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                                           use_local_output=True))
-                    parallelize_module(blocks[-1], mesh, PrepareModuleOutput(output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),),
-                                                                             use_local_output=True))
+            model = _tensor_parallel(model, mesh, L.tp, self.kind.startswith("dtensor-tp-sp"))
             if self.kind.endswith("+fsdp2"):
                 from torch.distributed.fsdp import fully_shard
 

@@ -1,6 +1,6 @@
 """`rsscale bench --peer torch`: the PyTorch-native peer trains the same model: from the same
 weights and batch, its first-step loss equals ours (one process, DDP, DTensor TP with and without
-SP, torch.distributed.pipelining 1F1B and interleaved, alone or replicated or sharded over DP, FSDP2, ZeRO-1, TP x DP on a 2-D mesh), and a
+SP, torch.distributed.pipelining 1F1B and interleaved, alone, with DTensor TP, or replicated or sharded over DP, FSDP2, ZeRO-1, TP x DP on a 2-D mesh), and a
 layout without a native peer is refused before anything runs. Speed is a benchmark, not tested."""
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def test_pp_by_dp_peers_are_pipeline_stages_under_ddp_or_fsdp(fsdp, kind):
     """PP2 x DP2: each rank's pipeline chunk under FSDP2's replicate (or fully_shard) over its DP group inside
     torch's 1F1B; the same losses as ours on the first step and after each side's update."""
     for got_kind, [(ours, native), (ours2, native2)] in run_distributed(_first_losses, 4, 1, fsdp, "fp32", False, {"pp": 2}):
+        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
+
+
+@pytest.mark.slow  # four processes on two cores; the pipeline and TP + SP cases above hold the same pieces
+@pytest.mark.parametrize("sp, kind", [(False, "pipelining-1f1b+dtensor-tp"), (True, "pipelining-1f1b+dtensor-tp-sp")])
+def test_pp_by_tp_peers_are_pipeline_stages_of_dtensor_tp_chunks(sp, kind):
+    """PP2 x TP2: each stage's chunk DTensor-TP over its TP group inside torch's 1F1B (torchtitan's
+    PP x TP); the same losses as ours on the first step and after each side's update."""
+    for got_kind, [(ours, native), (ours2, native2)] in run_distributed(_first_losses, 4, 2, False, "fp32", False, {"pp": 2, "sp": sp}):
         assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
 
 
@@ -141,8 +150,8 @@ def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):
 
 
 def test_which_pipelines_have_a_native_peer():
-    """A pipeline is compared alone or over DP (replicate / fully_shard); with TP or ZeRO-1 it has
-    none, said in one line."""
+    """A pipeline is compared alone, over DP (replicate / fully_shard) or with TP; with TP and DP
+    together or with ZeRO-1 it has none, said in one line."""
     from rsscale.benchmarks.measurement.peer import native_kind, why_no_peer
     from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.spec.run import DataParallel
@@ -151,5 +160,6 @@ def test_which_pipelines_have_a_native_peer():
     assert native_kind(Layout(dp=2, **pp), DataParallel()) == "pipelining-1f1b+replicate"
     assert native_kind(Layout(dp=2, vpp=2, **pp), DataParallel(fsdp=True)) == "pipelining-interleaved-1f1b+fsdp2"
     assert native_kind(Layout(dp=1, **pp), DataParallel()) == "pipelining-1f1b"
-    assert "with TP" in why_no_peer(Layout(tp=2, dp=1, **pp), DataParallel())
+    assert native_kind(Layout(tp=2, dp=1, sp=True, **pp), DataParallel()) == "pipelining-1f1b+dtensor-tp-sp"
+    assert "both TP and DP" in why_no_peer(Layout(tp=2, dp=2, **pp), DataParallel())
     assert "ZeRO-1" in why_no_peer(Layout(dp=2, **pp), DataParallel(distributed_optimizer=True))
