@@ -92,13 +92,16 @@ class Leaf(typing.NamedTuple):
 
 
 def leaves(cls, prefix: str = "") -> list[Leaf]:
-    """Every non-section field of the tree, depth first, with its dotted path and resolved type."""
+    """Every non-section field of the tree, depth first, with its dotted path and resolved type;
+    each must be an `option(...)` (its flag, help and checks come from there)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
             out += leaves(typ, f"{prefix}{f.name}.")
+        elif "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} is not an option(...) or a section")
         else:
             out.append(Leaf(prefix + f.name, f, typ))
     return out

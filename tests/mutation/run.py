@@ -81,7 +81,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                  "tests/benchmarks/prediction/test_count.py::test_analytic_memory_within_3pct_of_counted_supervised_vit_l16"]),
     "store": (["scaling/runtime/store.py"], ["tests/scaling/runtime/test_store.py"] + [t for t in THRESHOLDS if "test_store.py" not in t]),
     # the options trees: the mechanism's own tests, the config-file and launcher ones that drive bench's tree
-    "options": (["scaling/runtime/options.py"], ["tests/scaling/runtime/test_options.py", "tests/scaling/runtime/test_launch.py"]),
+    "options": (["scaling/runtime/options.py"], ["tests/scaling/runtime/test_options.py", "tests/scaling/runtime/test_launch.py",
+                                                 "tests/scaling/runtime/test_cli.py"]),
 }
 
 KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # test failure, pytest error, timeout, crash

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rsscale.scaling.runtime.cli import main
-from rsscale.scaling.runtime.options import add_options, as_config, check, leaves, option, resolve, section, to_argv
+from rsscale.scaling.runtime.options import add_options, as_config, check, defaults_with, leaves, option, resolve, section, to_argv
 
 
 @dataclass
@@ -152,13 +152,12 @@ def test_a_group_size_below_two_is_refused_by_calibrate_before_measuring(capsys)
     assert "--nproc (config key 'nproc') must be >= 2, got 1" in capsys.readouterr().err
 
 
-@dataclass
-class WithRun:
-    run: str | None = option(None, "run folder", positional=True, required=True)
-    steps: int = option(3, "steps", ge=1)
-
-
 def test_a_positional_comes_from_the_line_or_the_file(tmp_path):
+    @dataclass
+    class WithRun:
+        run: str | None = option(None, "run folder", positional=True, required=True)
+        steps: int = option(3, "steps", ge=1)
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     add_options(parser, WithRun)
@@ -171,3 +170,41 @@ def test_a_positional_comes_from_the_line_or_the_file(tmp_path):
         resolve(WithRun, parser.parse_args(["--steps", "2"]))
     assert to_argv(WithRun("runs/a", 4)) == ["runs/a", "--steps", "4"]
     assert "RUN" in parser.format_usage()
+
+
+def test_bounds_hidden_flags_and_metavars(tmp_path):
+    # defined here, not at import: option() runs inside the test (mutation testing switches its code per test)
+    @dataclass
+    class Knobs:
+        ratio: float = option(0.5, "a fraction below one", ge=0, lt=1)
+        share: float = option(1.0, "at most one", le=1)
+        secret: int = option(0, "an internal flag", hidden=True)
+        where: str = option("out", "output folder", metavar="DIR")
+
+        def __post_init__(self):
+            check(self)
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_options(parser, Knobs)
+    text = parser.format_help()
+    assert "--secret" not in text and "--ratio RATIO" in text and "--where DIR" in text
+    assert resolve(Knobs, parser.parse_args(["--secret", "3", "--ratio", "0.25"])) == Knobs(0.25, 1.0, 3)  # hidden, still accepted
+    with pytest.raises(ValueError, match=r"^--ratio \(config key 'ratio'\) must be >= 0 and < 1, got 1.0$"):
+        resolve(Knobs, parser.parse_args(["--ratio", "1.0"]))
+    with pytest.raises(ValueError, match=r"^--share \(config key 'share'\) must be <= 1, got 1.5$"):
+        resolve(Knobs, parser.parse_args(["--share", "1.5"]))
+
+
+def test_a_files_keys_are_named_by_their_dotted_paths():
+    tree, given = defaults_with(Outer, {"optim": {"lr": 0.5}, "steps": 4}, "c.yaml")
+    assert given == {"optim.lr", "steps"} and tree["optim"]["lr"] == 0.5 and tree["optim"]["warmup"] == 50
+
+
+def test_a_leaf_must_be_an_option():
+    @dataclass
+    class Plain:
+        steps: int = 3
+
+    with pytest.raises(TypeError, match=r"Plain\.steps is not an option\(\.\.\.\) or a section"):
+        leaves(Plain)
