@@ -10,7 +10,7 @@ parameter name (scaling/model/mae.py keeps those on every stage). Each rank writ
 its TP slice of its stage's weights (DP rank 0 only; a TP-replicated tensor on TP rank 0 only)
 and its optimizer moments (ZeRO-1: its own chunks, cut per parameter; a parameter that straddles
 chunks is stored as flat pieces). With 16-bit weights `model/<name>` holds the optimizer's fp32
-master weights, written like the moments (docs/LEAN.md). The index records, per key, the full shape,
+master weights, written like the moments (docs/OPTIMIZER.md). The index records, per key, the full shape,
 megatron's partition dim/stride and which file holds which piece, so a checkpoint loads into any
 (TP, PP, DP, SP) layout; a rank reads only the slices it needs (`safe_open(...).get_slice`).
 

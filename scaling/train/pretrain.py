@@ -19,7 +19,7 @@ For the benchmark harness:
 One step: every rank draws its DP rank's micro-batches (images + masking noise; every randomness
 is a pure function of (seed, step, sample), so any layout sees the same global batch and mask),
 runs the (interleaved with --vpp) 1F1B schedule (scaling/parallel/pipeline.py; a plain loop when PP=1) while
-the DP gradient buckets are reduced as the last micro-batch's backward fills them (docs/LEAN.md),
+the DP gradient buckets are reduced as the last micro-batch's backward fills them (docs/OPTIMIZER.md),
 waits for the rest, unscales (fp16), clips by the global norm over TP x PP, and steps AdamW
 (16-bit weights with fp32 master weights under bf16/fp16; ZeRO-1 sharded with
 --distributed-optimizer; scaling/train/optim.py). Resume is exact within a
