@@ -80,8 +80,10 @@ def four(reference):
 
 @pytest.fixture(scope="module")
 def four_more(reference):
-    """4 processes: FSDP=2 x PP=2, and FSDP=2 x TP=2 resumed from the single-process checkpoint."""
+    """4 processes: FSDP=2 x PP=2 (and with its sync deferred to the last micro-batch), and FSDP=2 x
+    TP=2 resumed from the single-process checkpoint."""
     return _four(reference, [dict(name="fsdp2_pp2", layout=dict(pp=2, dp=2, fsdp=True)),
+                             dict(name="fsdp2_pp2_deferred", layout=dict(pp=2, dp=2, fsdp=True, defer_fsdp_sync=True)),
                              dict(name="fsdp2_tp2_from_ref", layout=dict(tp=2, dp=2, fsdp=True), load=reference[0]["ckpt"], steps=TOTAL - STEPS)])
 
 
@@ -94,8 +96,9 @@ def test_fsdp2_tp2_matches_single_process(reference, four):
 @pytest.mark.slow
 def test_fsdp2_pp2_matches_and_fsdp_tp2_resumes_a_single_process_checkpoint(reference, four_more):
     ref, _ = reference
-    assert four_more["fsdp2_pp2"]["losses"] == pytest.approx(ref["losses"][:STEPS], abs=TOL)
-    _assert_same_weights(four_more["fsdp2_pp2"]["weights"], ref["weights"])
+    for name in ("fsdp2_pp2", "fsdp2_pp2_deferred"):
+        assert four_more[name]["losses"] == pytest.approx(ref["losses"][:STEPS], abs=TOL), name
+        _assert_same_weights(four_more[name]["weights"], ref["weights"])
     assert four_more["fsdp2_tp2_from_ref"]["losses"] == pytest.approx(ref["losses"][STEPS:], abs=TOL)
 
 
