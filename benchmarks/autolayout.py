@@ -48,6 +48,9 @@ MAX_COUNTED = 8  # layouts counted exactly before giving up on the analytic rank
 
 
 # ------------------------------------------------------------------------------- the search
+SHARDINGS = ("none", "zero", "fsdp", "fsdp-deferred")  # DP sharing: replicated, ZeRO-1, FSDP, FSDP synced on the last micro-batch
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -63,13 +66,14 @@ def enumerate_plans(cfg, gpus: int, global_batch: int, precision: str, micro_bat
             per_replica = global_batch // dp if global_batch % dp == 0 else 0
             mbs = micro_batches or [2**k for k in range(12) if 2**k <= max(per_replica, 1)]
             vs = vpps or [v for v in divisors(max(cfg.depth // pp, 1)) if pp > 1 or v == 1]
-            for sp, mb, vpp, recompute, shard in itertools.product((False, True), mbs, vs, RECOMPUTE, ("none", "zero", "fsdp")):
+            for sp, mb, vpp, recompute, shard in itertools.product((False, True), mbs, vs, RECOMPUTE, SHARDINGS):
                 if shard != "none" and dp == 1:
                     continue
                 layout = Layout(tp=tp, pp=pp, dp=dp, sp=sp, micro_batch=mb, global_batch=global_batch, vpp=vpp)
-                if validate_layout(layout, cfg, gpus):
-                    continue
-                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero", fsdp=shard == "fsdp"))
+                if validate_layout(layout, cfg, gpus) or (shard == "fsdp-deferred" and (vpp > 1 or layout.num_micro == 1)):
+                    continue  # a deferred sync needs several micro-batches and one chunk per stage
+                plans.append(analytic.Plan(layout, precision=precision, recompute=recompute, distributed_optimizer=shard == "zero",
+                                           fsdp=shard.startswith("fsdp"), defer_fsdp_sync=shard == "fsdp-deferred"))
     return plans
 
 
@@ -217,7 +221,7 @@ def layout_flags(plan: analytic.Plan, finetune: bool = False) -> list[str]:
                 + (["--distributed-optimizer"] if plan.distributed_optimizer else []))
     return (["--tp", str(L.tp), "--pp", str(L.pp), "--dp", str(L.dp), "--micro-batch", str(L.micro_batch), "--vpp", str(L.vpp),
              "--recompute", plan.recompute] + (["--sp"] if L.sp else []) + (["--distributed-optimizer"] if plan.distributed_optimizer else [])
-            + (["--fsdp"] if plan.fsdp else []))
+            + (["--fsdp"] if plan.fsdp else []) + (["--defer-fsdp-sync"] if plan.defer_fsdp_sync else []))
 
 
 def _run_shape(command: str, argv: list[str], gpus: int) -> dict:

@@ -81,7 +81,7 @@ def print_table(rows: list[dict], top: int) -> list[dict]:
         print(f"... {len(misfits)} layouts do not fit; the {min(3, len(misfits))} fastest of them:")
         for r in misfits[:3]:
             print(format_row(r))
-    print("memory in GiB per device (M: MiB; worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP")
+    print("memory in GiB per device (M: MiB; worst pipeline stage); R/S = full/selective recompute, Z = ZeRO-1, F = FSDP, D = FSDP synced on the last micro-batch only")
     return shown + misfits[:3]
 
 

@@ -129,8 +129,10 @@ class Plan:
 
     @property
     def flags(self) -> str:
-        """Two letters for tables: recompute (S selective, R full, - none) and DP sharding (Z ZeRO-1, F FSDP, -)."""
-        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + ("Z" if self.distributed_optimizer else "F" if self.fsdp else "-")
+        """Two letters for tables: recompute (S selective, R full, - none) and DP sharding (Z ZeRO-1, F FSDP,
+        D FSDP with its sync deferred to the last micro-batch, -)."""
+        shard = "Z" if self.distributed_optimizer else "D" if self.defer_fsdp_sync else "F" if self.fsdp else "-"
+        return {"none": "-", "selective": "S", "full": "R"}[self.recompute] + shard
 
 
 DEFAULT_DEVICE = "H100"  # what Hardware's defaults describe; `rsscale profile` names it when it assumes them
