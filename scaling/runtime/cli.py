@@ -119,9 +119,10 @@ def _run(argv: list[str]) -> int:
                                              "(to FILE, or stdout), and exit")
     args = parser.parse_args(rest)
     args.command_argv = rest  # what a torchrun relaunch (scaling/runtime/launch.py) passes on to the ranks
+    args.command = " ".join([name] + ([args.action] if getattr(args, "action", None) else []))  # `kernels check`: its own tree
     try:
-        if getattr(args, "print_config", None) is not None:
-            return print_config(as_config(module.config_from_args(args)), args.print_config)
+        if getattr(args, "print_config", None) is not None:  # the file names its command: another one reads what it shares
+            return print_config({"command": args.command, **as_config(module.config_from_args(args))}, args.print_config)
         return int(module.main(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input: one clear line, no traceback
         if os.environ.get("RSSCALE_TRACEBACK"):

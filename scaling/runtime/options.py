@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 
@@ -150,7 +151,7 @@ def resolve(cls, args, adjust=None):
     given)` may fill in values that depend on others before the tree is built (and checked);
     `given` holds the dotted keys the file or the flags set."""
     path = getattr(args, "config", None)
-    tree, given = defaults_with(cls, load_config_file(path) if path else {}, path)
+    tree, given = defaults_with(cls, _own_keys(cls, load_config_file(path), path, getattr(args, "command", None)) if path else {}, path)
     values = vars(args)
     for leaf in leaves(cls):
         if leaf.meta.get("cli", True) and leaf.dest in values:
@@ -162,6 +163,24 @@ def resolve(cls, args, adjust=None):
     if adjust:
         adjust(tree, given)
     return build(cls, tree)
+
+
+def _own_keys(cls, data: dict, path, command: str | None) -> dict:
+    """A config file's keys that `command` reads. A file --print-config wrote names its command
+    (`command: pretrain`); read by another command, the writer's keys that this tree lacks
+    (pretrain's optim, bench's measure) are left out with one line saying so, and the sections they
+    share (parallel, compute, ...) are checked as strictly as ever. Any other file: every key is
+    checked (a misspelt one is an error)."""
+    data = dict(data)
+    writer = data.pop("command", None)
+    if writer is None or writer == command or command is None:
+        return data
+    names = {f.name for f in dataclasses.fields(cls)}
+    foreign = [k for k in data if k not in names]
+    if foreign:
+        print(f"rsscale {command}: {path} was written by `rsscale {writer}`; its keys {', '.join(foreign)} are not {command}'s and "
+              f"are not read", file=sys.stderr)
+    return {k: v for k, v in data.items() if k in names}
 
 
 def defaults_with(cls, data: dict, source) -> tuple[dict, set[str]]:

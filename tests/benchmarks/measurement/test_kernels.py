@@ -241,7 +241,7 @@ def test_each_actions_printed_config_reads_back_to_itself(argv, tmp_path):
     tree = yaml.safe_load(first.read_text())
     assert tree == yaml.safe_load(second.read_text())
     if argv[1] == "bench":
-        assert tree == dict(shapes="quick", dtype="fp16", out="k.csv", store=False, allow_skip=True)
+        assert tree == dict(command="kernels bench", shapes="quick", dtype="fp16", out="k.csv", store=False, allow_skip=True)
     if argv[1] == "check":
         assert tree["threshold"] == 0.25 and tree["allow_device_mismatch"] is True and tree["allow_skip"] is False
 

@@ -239,4 +239,4 @@ def test_the_printed_config_reads_back_to_itself(tmp_path):
     assert cli(["report", "--results", "r.db", "--name", "study", "--print-config", str(first)]) == 0
     assert cli(["report", "--config", str(first), "--print-config", str(second)]) == 0
     tree = yaml.safe_load(first.read_text())
-    assert tree == yaml.safe_load(second.read_text()) == {"results": "r.db", "name": "study", "out": "reports"}
+    assert tree == yaml.safe_load(second.read_text()) == {"command": "report", "results": "r.db", "name": "study", "out": "reports"}

@@ -208,3 +208,31 @@ def test_a_leaf_must_be_an_option():
 
     with pytest.raises(TypeError, match=r"Plain\.steps is not an option\(\.\.\.\) or a section"):
         leaves(Plain)
+
+
+def test_a_printed_config_is_read_by_every_command_that_shares_its_sections(tmp_path, capsys):
+    """pretrain's printed file runs bench on the same layout and compute (pretrain's own keys left
+    out, said in one line), and bench's runs pretrain; the shared sections stay strict, and a file
+    that no command wrote is checked key by key."""
+    written = tmp_path / "pretrain.yaml"
+    assert main(["pretrain", "--model", "small", "--tp", "2", "--sp", "--recompute", "full", "--print-config", str(written)]) == 0
+    assert yaml.safe_load(written.read_text())["command"] == "pretrain"
+    capsys.readouterr()
+    assert main(["bench", "--config", str(written), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    bench = yaml.safe_load(out)
+    assert (bench["command"], bench["model"], bench["parallel"]["tp"], bench["parallel"]["sp"], bench["compute"]["recompute"]) == (
+        "bench", "small", 2, True, "full")
+    assert "was written by `rsscale pretrain`; its keys" in err and "optim" in err and "checkpointing" in err
+    from_bench = tmp_path / "bench.yaml"
+    from_bench.write_text(out)
+    assert main(["pretrain", "--config", str(from_bench), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["parallel"]["tp"] == 2
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(written.read_text().replace("  sp: true", "  spp: true"))
+    assert main(["bench", "--config", str(typo), "--print-config"]) == 2
+    assert "spp" in capsys.readouterr().err
+    hand = tmp_path / "hand.yaml"
+    hand.write_text("model: small\noptim: {lr: 0.1}\n")
+    assert main(["bench", "--config", str(hand), "--print-config"]) == 2
+    assert "unknown config key(s) optim" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def test_models_printed_config_reads_back_to_itself(tmp_path, capsys):
 
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     assert main(["models", "--model", "tiny", "--model", "small", "--format", "csv", "--print-config", str(first)]) == 0
-    assert yaml.safe_load(first.read_text()) == {"format": "csv", "model": ["tiny", "small"]}
+    assert yaml.safe_load(first.read_text()) == {"command": "models", "format": "csv", "model": ["tiny", "small"]}
     assert main(["models", "--config", str(first), "--print-config", str(second)]) == 0
     assert yaml.safe_load(second.read_text()) == yaml.safe_load(first.read_text())
     capsys.readouterr()
