@@ -233,6 +233,7 @@ def _run_shape(command: str, argv: list[str], gpus: int) -> dict:
     if hasattr(module, "config_from_args"):
         parser.add_argument("--config")  # the CLI adds it to commands whose options are a tree
     args, _ = parser.parse_known_args(argv)
+    args.command = command  # a config file another command wrote: this one's keys (options.resolve)
     if command not in ("pretrain", "bench", "finetune"):
         raise ValueError(f"--layout auto: no run shape for {command!r}")
     config = module.config_from_args(args, world=gpus)
