@@ -165,6 +165,9 @@ def resolve(cls, args, adjust=None):
     return build(cls, tree)
 
 
+_SAID: set[tuple[str, str]] = set()
+
+
 def _own_keys(cls, data: dict, path, command: str | None) -> dict:
     """A config file's keys that `command` reads. A file --print-config wrote names its command
     (`command: pretrain`); read by another command, the writer's keys that this tree lacks
@@ -177,7 +180,8 @@ def _own_keys(cls, data: dict, path, command: str | None) -> dict:
         return data
     names = {f.name for f in dataclasses.fields(cls)}
     foreign = [k for k in data if k not in names]
-    if foreign:
+    if foreign and (str(path), command) not in _SAID:  # once per file, though --layout auto resolves it twice
+        _SAID.add((str(path), command))
         print(f"rsscale {command}: {path} was written by `rsscale {writer}`; its keys {', '.join(foreign)} are not {command}'s and "
               f"are not read", file=sys.stderr)
     return {k: v for k, v in data.items() if k in names}
