@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -180,8 +181,8 @@ def _own_keys(cls, data: dict, path, command: str | None) -> dict:
         return data
     names = {f.name for f in dataclasses.fields(cls)}
     foreign = [k for k in data if k not in names]
-    if foreign and (str(path), command) not in _SAID:  # once per file, though --layout auto resolves it twice
-        _SAID.add((str(path), command))
+    if foreign and (str(path), command) not in _SAID and os.environ.get("RANK", "0") == "0":  # once per file and run
+        _SAID.add((str(path), command))  # (--layout auto resolves it twice; torchrun's ranks each read it)
         print(f"rsscale {command}: {path} was written by `rsscale {writer}`; its keys {', '.join(foreign)} are not {command}'s and "
               f"are not read", file=sys.stderr)
     return {k: v for k, v in data.items() if k in names}
