@@ -19,9 +19,10 @@ for free:
     TP x DP                   DTensor TP (and SP) over the mesh's tp dimension, replicated over its dp
                               dimension by FSDP2's `replicate` (DDP takes no DTensor parameters), or
                               sharded over it by `fully_shard` with --fsdp: torch's 2-D recipe
-    PP x TP (dp 1)            each stage's chunk made TP-parallel as above over its TP group, then
-                              staged as under PP (torchtitan's PP x TP)
-    PP x TP x DP, PP x ZeRO-1, TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
+    PP x TP (x DP)            each stage's chunk made TP-parallel as above over its TP group, then
+                              over DP as under PP x DP, and staged (torchtitan's PP x TP and 3-D:
+                              TP and DP meshes cut from one (pp, dp, tp) mesh)
+    PP x ZeRO-1, TP x DP x ZeRO-1   no native peer here: refused in one line before anything runs
 
 The peer's parameter names equal ours at TP=1, so it loads our full weights (gathered once at
 start: the bench models fit one process; under PP each stage loads its own). Under TP the qkv
@@ -176,8 +177,6 @@ def why_no_peer(layout, data_parallel) -> str | None:
     L, fsdp = layout, data_parallel.fsdp
     if L.tp > 1 and L.dp > 1 and data_parallel.distributed_optimizer:
         return "TP x DP with ZeRO-1 has none here (torch's ZeroRedundancyOptimizer takes no DTensor parameters)"
-    if L.pp > 1 and L.tp > 1 and L.dp > 1:
-        return "a pipeline with both TP and DP has none here (it is compared with one of them: PP x TP, or PP x DP or FSDP)"
     if L.pp > 1 and data_parallel.distributed_optimizer:
         return "a pipeline with ZeRO-1 has none here (it is compared with DDP or FSDP over its DP groups)"
     if L.pp > 1 and L.num_micro < L.pp:
@@ -323,14 +322,25 @@ class NativePeer:
         cfg, tr, n = self.trainer.cfg, self.trainer, L.pp * L.vpp
         rank = tr.state.pp_rank()
         chunks, stages = [], []
+        tp_mesh = dp_mesh = None
+        if L.tp > 1 and L.dp > 1:  # torchtitan's 3-D: TP and DP meshes cut from one (pp, dp, tp) mesh (FSDP2 needs one parent)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(tr.device.type, (L.pp, L.dp, L.tp), mesh_dim_names=("pp", "dp", "tp"))
+            for dim, group in (("tp", tr.state.tp_group()), ("pp", tr.state.pp_group())):
+                if dist.get_process_group_ranks(group) != mesh[dim].mesh.tolist():
+                    raise RuntimeError(f"the native 3-D mesh's {dim} groups differ from ours (megatron's order: TP fastest, PP slowest)")
+            tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+        elif L.tp > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            tp_mesh = DeviceMesh.from_group(tr.state.tp_group(), tr.device.type)
         for j in range(L.vpp):
             v = j * L.pp + rank
             chunk = pipeline_chunk(cfg, range(*stage_layer_range(cfg.depth, n, v)), v == 0, v == n - 1, full, tr.device)
-            if L.tp > 1:  # torchtitan's PP x TP: each stage's chunk TP-parallel over its TP group
-                from torch.distributed.device_mesh import DeviceMesh
-
-                chunk = _tensor_parallel(chunk, DeviceMesh.from_group(tr.state.tp_group(), tr.device.type), L.tp, L.sp)
-            chunk = self._over_dp(chunk, L)
+            if tp_mesh is not None:  # torchtitan's PP x TP: each stage's chunk TP-parallel over its TP group
+                chunk = _tensor_parallel(chunk, tp_mesh, L.tp, L.sp)
+            chunk = self._over_dp(chunk, dp_mesh)
             chunks.append(chunk)
             stages.append(PipelineStage(chunk, v, n, tr.device, group=tr.state.pp_group()))
         loss = lambda out, imgs: mae_loss(out, imgs, cfg)  # noqa: E731 (the schedule's loss_fn; it averages over micro-batches)
@@ -338,16 +348,17 @@ class NativePeer:
                          else ScheduleInterleaved1F1B(stages, L.num_micro, loss_fn=loss))
         return chunks
 
-    def _over_dp(self, chunk, L):
+    def _over_dp(self, chunk, mesh=None):
         """A pipeline chunk replicated over its DP group by FSDP2's `replicate`, or sharded over it by
         `fully_shard` (torchtitan's PP x DP): PipelineStage syncs their gradients on the last
         micro-batch only. (DDP there fails an internal assert of its reducer: rebuilt bucket indices
-        twice the parameters after the first accumulated step.)"""
+        twice the parameters after the first accumulated step.) `mesh`: the DP mesh (under TP, one
+        cut from the same 3-D mesh as the TP one); by default, one over our DP group."""
         if not self.kind.endswith(("+replicate", "+fsdp2")):
             return chunk
         from torch.distributed.device_mesh import DeviceMesh
 
-        mesh = DeviceMesh.from_group(self.trainer.state.dp_group(), self.trainer.device.type)
+        mesh = mesh or DeviceMesh.from_group(self.trainer.state.dp_group(), self.trainer.device.type)
         if self.kind.endswith("+replicate"):
             from torch.distributed._composable.replicate_with_fsdp import replicate
 

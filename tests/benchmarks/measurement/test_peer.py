@@ -78,6 +78,16 @@ def test_pp_by_tp_peers_are_pipeline_stages_of_dtensor_tp_chunks(sp, kind):
         assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
 
 
+@pytest.mark.slow  # eight processes on two cores; the PP x TP and PP x DP cases above hold the same pieces
+@pytest.mark.parametrize("fsdp, kind", [(False, "pipelining-1f1b+dtensor-tp+replicate"), (True, "pipelining-1f1b+dtensor-tp+fsdp2")])
+def test_pp_by_tp_by_dp_peers_are_torchtitans_3d(fsdp, kind):
+    """PP2 x TP2 x DP2: DTensor TP and FSDP2 replicate (or fully_shard) on meshes cut from one
+    (pp, dp, tp) mesh, staged under torch's 1F1B; the same losses as ours on the first step and after
+    each side's update."""
+    for got_kind, [(ours, native), (ours2, native2)] in run_distributed(_first_losses, 8, 2, fsdp, "fp32", False, {"pp": 2}, timeout=900):
+        assert got_kind == kind and native == pytest.approx(ours, rel=1e-5) and native2 == pytest.approx(ours2, rel=1e-5)
+
+
 @pytest.mark.slow  # a benchmark-only path; the peer machinery (DDP, same first loss) is the default suite's DDP case above
 def test_zero1_peer_is_ddp_with_zero_redundancy_optimizer_and_updates_alike():
     """ZeRO-1 against torch's ZeroRedundancyOptimizer: the second step's loss (after each side's
@@ -150,8 +160,8 @@ def test_gpu_check_runs_the_comparison_and_summarizes_it(tmp_path):
 
 
 def test_which_pipelines_have_a_native_peer():
-    """A pipeline is compared alone, over DP (replicate / fully_shard) or with TP; with TP and DP
-    together or with ZeRO-1 it has none, said in one line."""
+    """A pipeline is compared alone, over DP (replicate / fully_shard), with TP, or with both; with
+    ZeRO-1 it has none, said in one line."""
     from rsscale.benchmarks.measurement.peer import native_kind, why_no_peer
     from rsscale.scaling.spec.layout import Layout
     from rsscale.scaling.spec.run import DataParallel
@@ -161,5 +171,5 @@ def test_which_pipelines_have_a_native_peer():
     assert native_kind(Layout(dp=2, vpp=2, **pp), DataParallel(fsdp=True)) == "pipelining-interleaved-1f1b+fsdp2"
     assert native_kind(Layout(dp=1, **pp), DataParallel()) == "pipelining-1f1b"
     assert native_kind(Layout(tp=2, dp=1, sp=True, **pp), DataParallel()) == "pipelining-1f1b+dtensor-tp-sp"
-    assert "both TP and DP" in why_no_peer(Layout(tp=2, dp=2, **pp), DataParallel())
+    assert native_kind(Layout(tp=2, dp=2, **pp), DataParallel(fsdp=True)) == "pipelining-1f1b+dtensor-tp+fsdp2"
     assert "ZeRO-1" in why_no_peer(Layout(dp=2, **pp), DataParallel(distributed_optimizer=True))
