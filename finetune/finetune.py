@@ -263,22 +263,23 @@ def build_model(task: str, options: FinetuneConfig, num_classes: int, sequence_p
     left as initialised (a fine-tuned checkpoint is loaded into it afterwards)."""
     state.ensure_initialized()
     if encoder is not None:
-        cfg, full = encoder, None
+        cfg, weights = encoder, None
     elif options.checkpoint:
-        from rsscale.scaling.train.checkpoint import load_full_state_dict
+        from rsscale.scaling.train.checkpoint import ModelTensors
 
-        cfg, full = load_full_state_dict(options.checkpoint)
+        weights = ModelTensors(options.checkpoint)  # read tensor by tensor, each rank its TP slices only
+        cfg = weights.cfg
         log(f"pretrained encoder {cfg.name} from {options.checkpoint}")
     else:
-        cfg, full = get_preset(options.model), None
+        cfg, weights = get_preset(options.model), None
         log(f"no --checkpoint: the {cfg.name} encoder is RANDOMLY initialised (not a pretrained result)")
     torch.manual_seed(options.seed)
     backbone = ViTDetBackbone(cfg, img_size=options.crop, window_size=options.window, drop_path=options.drop_path,
                               out_channels=options.channels, activation_checkpointing=options.activation_checkpointing,
                               sequence_parallel=sequence_parallel, config=config, **vitdet_options(options))
     init = "random"
-    if full is not None:
-        report = load_pretrained(backbone, full, cfg)
+    if weights is not None:
+        report = load_pretrained(backbone, weights, cfg)
         log(f"loaded {len(report['loaded'])} tensors; new (random) {len(report['missing'])}: "
             f"{', '.join(report['missing'][:4])}{' ...' if len(report['missing']) > 4 else ''}; "
             f"ignored pretraining-only {len(report['ignored'])}; unexpected {len(report['unexpected'])} {report['unexpected'][:5]}")

@@ -42,7 +42,7 @@ from torch import nn
 from rsscale.scaling.model.vit import ParallelBlock, PatchEmbed, sincos_pos_embed_2d
 from rsscale.scaling.parallel import mappings, state
 from rsscale.scaling.spec.config import ViTConfig
-from rsscale.scaling.train.checkpoint import shard_for
+from rsscale.scaling.train.checkpoint import CheckpointError, shard_for
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +233,16 @@ class ViTDetBackbone(nn.Module):
         return self.pyramid(x)
 
 
-def load_pretrained(backbone: ViTDetBackbone, full_state: dict, pretrain_cfg: ViTConfig) -> dict:
-    """Copy MAE encoder weights (unsharded, TP=1 names, from scaling.checkpoint.load_full_state_dict)
-    into the backbone: TP shards are cut for this rank, the position table is resized to the
-    fine-tuning grid. Returns {"loaded", "missing", "unexpected", "ignored"} key lists (missing:
-    new fine-tuning parameters; ignored: pretraining-only keys such as the decoder) and logs them."""
+def load_pretrained(backbone: ViTDetBackbone, weights, pretrain_cfg: ViTConfig) -> dict:
+    """Copy MAE encoder weights (TP=1 names) into the backbone: from a checkpoint's
+    `scaling.train.checkpoint.ModelTensors`, each sharded parameter as only this TP rank's slice (no
+    rank reads the whole encoder), or from a mapping of full tensors (cut here). The position table
+    is resized to the fine-tuning grid. Returns {"loaded", "missing", "unexpected", "ignored"} key
+    lists (missing: new fine-tuning parameters; ignored: pretraining-only keys such as the decoder)."""
     own = dict(backbone.named_parameters())
     loaded, unexpected, ignored, problems = [], [], [], []
-    for name, full in full_state.items():
-        if full is None or name.endswith("_extra_state"):  # megatron's (empty) extra state
+    for name in weights:
+        if name.endswith("_extra_state"):  # megatron's (empty) extra state
             continue
         if name.startswith(PRETRAIN_ONLY):
             ignored.append(name)
@@ -249,11 +250,18 @@ def load_pretrained(backbone: ViTDetBackbone, full_state: dict, pretrain_cfg: Vi
         if name not in own:
             unexpected.append(name)
             continue
-        if name == "pos_embed":
-            g = pretrain_cfg.grid
-            full = resize_pos_embed(full, (g, g), backbone.grid, has_cls=full.shape[1] == g * g + 1)
         param = own[name]
-        full = shard_for(full, param)  # this TP rank's slice of a sharded parameter
+        if name == "pos_embed":  # replicated; resized to the fine-tuning grid
+            g, full = pretrain_cfg.grid, weights[name]
+            full = resize_pos_embed(full, (g, g), backbone.grid, has_cls=full.shape[1] == g * g + 1)
+        elif hasattr(weights, "local"):
+            try:
+                full = weights.local(name, param)  # this TP rank's slice, read alone
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+        else:
+            full = shard_for(weights[name], param)  # this TP rank's slice of a sharded parameter
         if full.shape != param.shape:
             problems.append(f"{name}: checkpoint shape {tuple(full.shape)} != model shape {tuple(param.shape)}")
             continue

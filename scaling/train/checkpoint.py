@@ -41,6 +41,7 @@ import shutil
 import socket
 import struct
 import uuid
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -445,6 +446,31 @@ def load_full_state_dict(path: str) -> tuple[ViTConfig, dict[str, torch.Tensor]]
     """(ViTConfig, {TP=1 parameter name: full tensor}) of the model in a checkpoint (any layout)."""
     index, tensors = load_full_tensors(path, prefix="model/")
     return ViTConfig(**index["model"]), {k[len("model/") :]: v for k, v in tensors.items()}
+
+
+class ModelTensors(Mapping):
+    """A checkpoint's model tensors by TP=1 name, read when asked for: `weights[name]` reads the
+    full tensor, `weights.local(name, param)` only the slice this TP rank holds for `param` (what a
+    fine-tuning start reads, so no rank holds the whole encoder). `cfg`: the model's ViTConfig."""
+
+    def __init__(self, path: str):
+        self.folder, self.index = read_index(path)
+        self.cfg = ViTConfig(**self.index["model"])
+        self._names = [k[len("model/") :] for k in self.index["tensors"] if k.startswith("model/")]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return read_local(self.folder, self.index["tensors"][f"model/{name}"])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def local(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        return read_for(self.folder, self.index, f"model/{name}", param)
 
 
 def load_rank_state(folder: str, rank: int) -> dict:

@@ -209,3 +209,45 @@ def test_tensor_parallel_backbone_equals_tp1():
     for outputs in run_distributed(_tp_backbone_outputs, 2, full, cfg, x.numpy()):
         for got, want in zip(outputs, expected):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _load_at_tp2(rank, world_size, ckpt):
+    """Rank of TP=2: the backbone loaded from the checkpoint's ModelTensors (recording which part of
+    each tensor entry is read) and loaded from its full tensors cut here; the two, as numpy."""
+    from rsscale.scaling.train import checkpoint
+
+    state.init_parallel(tp=world_size)
+    reads = []
+    plain = checkpoint.read_local
+
+    def recorded(folder, e, tp_rank=0, tp_size=1):
+        reads.append((e["partition_dim"], tp_size))
+        return plain(folder, e, tp_rank, tp_size)
+
+    checkpoint.read_local = recorded
+    weights = checkpoint.ModelTensors(ckpt)
+    lazy = ViTDetBackbone(weights.cfg, img_size=weights.cfg.img_size, window_size=2, drop_path=0.0, out_channels=16)
+    load_pretrained(lazy, weights, weights.cfg)
+    checkpoint.read_local = plain
+    cfg, full = checkpoint.load_full_state_dict(ckpt)
+    eager = ViTDetBackbone(cfg, img_size=cfg.img_size, window_size=2, drop_path=0.0, out_channels=16)
+    load_pretrained(eager, full, cfg)
+    own = dict(eager.named_parameters())
+    return reads, {n: (p.detach().numpy().copy(), own[n].detach().numpy().copy()) for n, p in lazy.named_parameters() if not n.startswith("pyramid")}
+
+
+def test_a_fine_tuning_start_reads_only_each_ranks_slices(tmp_path):
+    """At TP=2, loading a pretraining checkpoint reads every TP-sharded tensor as this rank's slice
+    only (never whole), and gives the same weights as cutting the full tensors."""
+    from distributed import run_distributed
+    from builders import tiny_run
+
+    from rsscale.scaling.train.pretrain import Trainer
+
+    ckpt = Trainer.build(tiny_run(tmp_path / "pre", data="random", steps=1)).save()
+    for reads, params in run_distributed(_load_at_tp2, 2, str(ckpt)):
+        assert any(dim is not None for dim, _ in reads)
+        assert all(tp_size == 2 for dim, tp_size in reads if dim is not None)  # sharded: only this rank's part
+        for name, (lazy, eager) in params.items():
+            if ".rel_pos_" not in name:  # new in fine-tuning: random, the same seed on both
+                np.testing.assert_array_equal(lazy, eager, err_msg=name)
