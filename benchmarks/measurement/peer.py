@@ -266,6 +266,28 @@ def _tensor_parallel(model, mesh, tp: int, sp: bool):
     return model
 
 
+def _fully_shard(model, mesh):
+    """FSDP2 `fully_shard` on every block (encoder and decoder) and then the root, over `mesh`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in list(model.blocks.values()) + list(model.decoder_blocks or []):
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _native_mesh(trainer, shape: tuple[int, ...], names: tuple[str, ...]):
+    """torch's DeviceMesh over the whole world with dimensions `names` (the slowest first), checked
+    against our groups: its tp and pp dimensions must hold the ranks of ours (megatron's order puts
+    TP fastest and PP slowest), or the two sides would not compute the same thing."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(trainer.device.type, shape, mesh_dim_names=names)
+    for dim, group in (("tp", trainer.state.tp_group), ("pp", trainer.state.pp_group)):
+        if dim in names and dist.get_process_group_ranks(group()) != mesh[dim].mesh.tolist():
+            raise RuntimeError(f"the native {len(names)}-D mesh's {dim} groups differ from ours (megatron's order: TP fastest, PP slowest)")
+    return mesh
+
+
 def _qkv_rank_major(w: torch.Tensor, tp: int) -> torch.Tensor:
     """[q; k; v] rows (heads contiguous) -> per TP rank [q_r; k_r; v_r], so that a contiguous
     ColwiseParallel shard holds whole heads' q, k and v."""
@@ -324,12 +346,7 @@ class NativePeer:
         chunks, stages = [], []
         tp_mesh = dp_mesh = None
         if L.tp > 1 and L.dp > 1:  # torchtitan's 3-D: TP and DP meshes cut from one (pp, dp, tp) mesh (FSDP2 needs one parent)
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(tr.device.type, (L.pp, L.dp, L.tp), mesh_dim_names=("pp", "dp", "tp"))
-            for dim, group in (("tp", tr.state.tp_group()), ("pp", tr.state.pp_group())):
-                if dist.get_process_group_ranks(group) != mesh[dim].mesh.tolist():
-                    raise RuntimeError(f"the native 3-D mesh's {dim} groups differ from ours (megatron's order: TP fastest, PP slowest)")
+            mesh = _native_mesh(tr, (L.pp, L.dp, L.tp), ("pp", "dp", "tp"))
             tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
         elif L.tp > 1:
             from torch.distributed.device_mesh import DeviceMesh
@@ -349,11 +366,12 @@ class NativePeer:
         return chunks
 
     def _over_dp(self, chunk, mesh=None):
-        """A pipeline chunk replicated over its DP group by FSDP2's `replicate`, or sharded over it by
-        `fully_shard` (torchtitan's PP x DP): PipelineStage syncs their gradients on the last
-        micro-batch only. (DDP there fails an internal assert of its reducer: rebuilt bucket indices
-        twice the parameters after the first accumulated step.) `mesh`: the DP mesh (under TP, one
-        cut from the same 3-D mesh as the TP one); by default, one over our DP group."""
+        """A pipeline chunk (or the whole TP model of TP x DP) replicated over its DP group by FSDP2's
+        `replicate`, or sharded over it by `fully_shard` (torchtitan's PP x DP and 2-D): PipelineStage
+        syncs their gradients on the last micro-batch only. (DDP fails in a pipeline, an internal
+        assert of its reducer: rebuilt bucket indices twice the parameters after the first
+        accumulated step, and takes no DTensor parameters under TP.) `mesh`: the DP mesh (under TP,
+        one cut from the same mesh as the TP one); by default, one over our DP group."""
         if not self.kind.endswith(("+replicate", "+fsdp2")):
             return chunk
         from torch.distributed.device_mesh import DeviceMesh
@@ -363,11 +381,7 @@ class NativePeer:
             from torch.distributed._composable.replicate_with_fsdp import replicate
 
             return replicate(chunk, mesh=mesh)
-        from torch.distributed.fsdp import fully_shard
-
-        for block in list(chunk.blocks.values()) + list(chunk.decoder_blocks or []):
-            fully_shard(block, mesh=mesh)
-        return fully_shard(chunk, mesh=mesh)
+        return _fully_shard(chunk, mesh)
 
     def _parallelize(self, model, L):
         if self.kind == "ddp":
@@ -378,28 +392,12 @@ class NativePeer:
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(self.trainer.device.type, (dist.get_world_size(),))
-            if L.tp > 1 and L.dp > 1:  # 2-D: TP over the tp dimension, then DP over the dp one
-                mesh2 = init_device_mesh(self.trainer.device.type, (L.dp, L.tp), mesh_dim_names=("dp", "tp"))
-                if dist.get_process_group_ranks(self.trainer.state.tp_group()) != mesh2["tp"].mesh.tolist():
-                    raise RuntimeError("the native 2-D mesh's tp groups differ from ours (megatron's order puts TP fastest)")
-                mesh = mesh2["tp"]
             if self.kind == "fsdp2":
-                from torch.distributed.fsdp import fully_shard
-
-                for blk in list(model.blocks.values()) + list(model.decoder_blocks):
-                    fully_shard(blk, mesh=mesh)
-                return fully_shard(model, mesh=mesh)
-            model = _tensor_parallel(model, mesh, L.tp, self.kind.startswith("dtensor-tp-sp"))
-            if self.kind.endswith("+fsdp2"):
-                from torch.distributed.fsdp import fully_shard
-
-                for blk in list(model.blocks.values()) + list(model.decoder_blocks):
-                    fully_shard(blk, mesh=mesh2["dp"])
-                return fully_shard(model, mesh=mesh2["dp"])
-            if self.kind.endswith("+replicate"):
-                from torch.distributed._composable.replicate_with_fsdp import replicate  # FSDP2's DDP: takes DTensor parameters
-
-                return replicate(model, mesh=mesh2["dp"])
+                return _fully_shard(model, mesh)
+            if L.tp > 1 and L.dp > 1:  # 2-D: TP over the tp dimension, then DP over the dp one (replicate: FSDP2's DDP, takes DTensors)
+                mesh2 = _native_mesh(self.trainer, (L.dp, L.tp), ("dp", "tp"))
+                return self._over_dp(_tensor_parallel(model, mesh2["tp"], L.tp, self.kind.startswith("dtensor-tp-sp")), mesh2["dp"])
+            return _tensor_parallel(model, mesh, L.tp, self.kind.startswith("dtensor-tp-sp"))
         return model
 
     def train_step(self, micro: list) -> dict:
