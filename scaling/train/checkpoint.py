@@ -442,12 +442,6 @@ def load_full_tensors(path: str, prefix: str | None = None) -> tuple[dict, dict[
     return index, {k: read_local(folder, e) for k, e in index["tensors"].items() if not prefix or k.startswith(prefix)}
 
 
-def load_full_state_dict(path: str) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(ViTConfig, {TP=1 parameter name: full tensor}) of the model in a checkpoint (any layout)."""
-    index, tensors = load_full_tensors(path, prefix="model/")
-    return ViTConfig(**index["model"]), {k[len("model/") :]: v for k, v in tensors.items()}
-
-
 class ModelTensors(Mapping):
     """A checkpoint's model tensors by TP=1 name, read when asked for: `weights[name]` reads the
     full tensor, `weights.local(name, param)` only the slice this TP rank holds for `param` (what a
@@ -459,9 +453,10 @@ class ModelTensors(Mapping):
         self._names = [k[len("model/") :] for k in self.index["tensors"] if k.startswith("model/")]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
+        entry = self.index["tensors"].get(f"model/{name}")
+        if entry is None:
             raise KeyError(name)
-        return read_local(self.folder, self.index["tensors"][f"model/{name}"])
+        return read_local(self.folder, entry)
 
     def __iter__(self):
         return iter(self._names)
@@ -471,6 +466,12 @@ class ModelTensors(Mapping):
 
     def local(self, name: str, param: torch.Tensor) -> torch.Tensor:
         return read_for(self.folder, self.index, f"model/{name}", param)
+
+
+def load_full_state_dict(path: str) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(ViTConfig, {TP=1 parameter name: full tensor}) of the model in a checkpoint (any layout)."""
+    weights = ModelTensors(path)
+    return weights.cfg, dict(weights)  # each tensor read whole
 
 
 def load_rank_state(folder: str, rank: int) -> dict:
