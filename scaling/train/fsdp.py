@@ -104,7 +104,8 @@ class ShardedAdamW:
         leave the weights gathered)."""
         self.opt.zero_grad(set_to_none=True)
         self.last_micro = micro_batches - 1
-        self._sync(not self.defer_sync or micro_batches == 1)
+        if self.defer_sync:  # (FSDP2's switches are on unless a deferred sync turned them off)
+            self._sync(micro_batches == 1)
 
     def before_backward(self, chunk: int, micro: int) -> None:
         """The pipeline's hook before each backward: the last micro-batch's reduce-scatters and reshards
